@@ -1,0 +1,66 @@
+"""Device and dtype choice.
+
+`dtype="auto"` is decided by measurement on CPU: CPUs differ wildly in how fast
+they multiply bfloat16 (with AVX512-BF16 or AMX it is several times faster than
+float32; without, it is slower). A ~50 ms micro-benchmark of the model's own MLP
+shape picks whichever is faster, once per process. On CUDA, auto is bfloat16.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_NAMED = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA device is available; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu or cuda, got {device!r}")
+    return dev
+
+
+def resolve_dtype(requested: str, device: torch.device, hidden: int, intermediate: int) -> torch.dtype:
+    if requested != "auto":
+        if requested not in _NAMED:
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {requested!r}")
+        if device.type == "cpu" and requested == "float16":
+            raise ConfigError("float16 is not supported on CPU (slow and lossy there); use float32 or bfloat16")
+        return _NAMED[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return _measure_cpu_dtype(hidden, intermediate)
+
+
+def _time_linear(dtype: torch.dtype, hidden: int, intermediate: int) -> float:
+    x = torch.randn(16, hidden).to(dtype)
+    w = torch.randn(2 * intermediate, hidden).to(dtype)
+    for _ in range(3):
+        F.linear(x, w)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(4):
+            F.linear(x, w)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@functools.lru_cache(maxsize=8)
+def _measure_cpu_dtype(hidden: int, intermediate: int) -> torch.dtype:
+    fp32 = _time_linear(torch.float32, hidden, intermediate)
+    bf16 = _time_linear(torch.bfloat16, hidden, intermediate)
+    choice = torch.bfloat16 if bf16 * 1.25 < fp32 else torch.float32
+    log.info("dtype=auto on CPU: float32 %.0f us, bfloat16 %.0f us -> %s", fp32 * 1e6, bf16 * 1e6, choice)
+    return choice

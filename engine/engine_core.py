@@ -1,0 +1,212 @@
+"""EngineCore: one engine, any role. step() = schedule -> run model -> sample -> outputs.
+
+    add_request ──validate──> Scheduler.waiting
+    step():
+        out    = scheduler.schedule()            # {request: num_new_tokens}, blocks allocated
+        logits = runner.execute(prepare(out))    # KV written for every scheduled token
+        commit computed blocks to the prefix cache (KV events queued)
+        tokens = sampler(logits, states)         # only for requests at the end of their tokens
+        append, detokenize, check stop (stop ids, eos, max_tokens, stop strings) -> StepOutput
+        finished requests free their blocks
+
+Bad input raises a typed error from `engine.errors` before anything is admitted,
+so a rejected request leaves no trace in the queues or the block pool.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Sequence
+
+import torch
+
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.device import resolve_device, resolve_dtype
+from engine.errors import InvalidRequestError, OutOfKVCacheError, PromptTooLongError
+from engine.kv_cache import KVCacheSpec, allocate_kv_cache, blocks_for_budget
+from engine.kv_cache_manager import KVCacheManager
+from engine.loader import load_model_source
+from engine.loader.source import ModelSource
+from engine.model.llama import LlamaModel
+from engine.model_runner import ModelRunner
+from engine.outputs import StepOutput
+from engine.request import FinishReason, Request, RequestStatus
+from engine.sampler import Sampler, SamplingState
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.stop_checker import find_stop
+
+log = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
+        self.config = config
+        self.source = source or load_model_source(config.model)
+        cfg = self.source.config
+        self.model_config = cfg
+        self.tokenizer = self.source.tokenizer
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, cfg.hidden_size, cfg.intermediate_size)
+        torch.manual_seed(config.seed)
+
+        self.model = LlamaModel(cfg, dtype=self.dtype, device=self.device)
+        self.model.load_weights(self.source.iter_weights())
+        self.model.eval()
+
+        cc = config.cache
+        spec = KVCacheSpec(
+            num_layers=cfg.num_layers, layer_start=0, total_layers=cfg.num_layers,
+            num_kv_heads=cfg.num_kv_heads, head_start=0, total_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim, block_size=cc.block_size, num_blocks=1, dtype=self.dtype, device=str(self.device),
+        )
+        num_blocks = cc.num_blocks or blocks_for_budget(cc.kv_cache_memory_bytes, spec.bytes_per_block)
+        self.kv_spec = KVCacheSpec(**{**spec.__dict__, "num_blocks": num_blocks})
+        self.kv_cache = allocate_kv_cache(self.kv_spec)
+        self.kv_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.kv_spec)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(config.seed)
+        self.sampler = Sampler(gen)
+        self.max_model_len = cfg.max_position_embeddings
+        self.eos_token_ids = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
+        self._ids = itertools.count()
+        log.info("engine ready: %s, %s, %d KV blocks of %d tokens", cfg.name or cfg.architecture, self.dtype,
+                 num_blocks, cc.block_size)
+
+    # ---- requests ------------------------------------------------------------------------------------------------
+
+    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None) -> str:
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        self.validate(prompt_token_ids, params, request_id)
+        req = Request(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            params=params,
+            sampling=SamplingState.create(params),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
+        )
+        self.scheduler.add(req)
+        return request_id
+
+    def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("prompt is empty: send at least one token")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if n >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {n} tokens but the model's context is {self.max_model_len}; shorten the prompt"
+            )
+        if n + params.max_tokens > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of "
+                f"{self.max_model_len}; lower max_tokens to at most {self.max_model_len - n}"
+            )
+        need = -(-(n + params.max_tokens) // self.kv_spec.block_size)
+        if need > self.kv_spec.num_blocks:
+            raise OutOfKVCacheError(
+                f"request needs {need} KV blocks but the cache has {self.kv_spec.num_blocks}; "
+                "lower max_tokens or raise kv_cache_memory_bytes"
+            )
+        if request_id in self.scheduler.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+
+    def abort_request(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self.scheduler.requests.get(request_id)
+
+    # ---- one step ------------------------------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        batch = self.runner.prepare(out)
+        logits = self.runner.execute(batch)
+        for s in batch.order:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            self.kv_manager.commit(req.request_id, req.token_ids, req.num_computed_tokens)
+        if not batch.sample:
+            return []
+        sampled = self.sampler(logits, [s.request.sampling for s in batch.sample], vocab_limit=None)
+        now = time.monotonic()
+        outputs = []
+        for s, tid, lp in zip(batch.sample, sampled.token_ids, sampled.logprobs):
+            outputs.append(self._append_token(s.request, tid, lp, now))
+        return outputs
+
+    def _append_token(self, req: Request, tid: int, lp, now: float) -> StepOutput:
+        """Append one sampled token and decide whether the request stops.
+
+        Order of the checks: stop_token_ids, then EOS (unless ignore_eos), then
+        max_tokens, then stop strings (which also cut the text). While stop
+        strings are set, the last len(longest stop) - 1 characters are held back
+        from the stream so that text later cut by a stop is never sent.
+        """
+        req.token_ids.append(tid)
+        if req.first_token_time is None:
+            req.first_token_time = now
+        if lp is not None:
+            req.logprobs.append(lp)
+        p = req.params
+        if req.detokenizer is not None:
+            req.text += req.detokenizer.push(tid)
+        reason: FinishReason | None = None
+        if tid in p.stop_token_ids:
+            reason, req.stop_reason = FinishReason.STOP, tid
+        elif not p.ignore_eos and tid in self.eos_token_ids:
+            reason, req.stop_reason = FinishReason.STOP, tid
+        elif req.num_output_tokens >= p.max_tokens:
+            reason = FinishReason.LENGTH
+        if reason is not None and req.detokenizer is not None:
+            req.text += req.detokenizer.flush()
+        if p.stop:
+            hit = find_stop(req.text, len(req.text) - req.checked_text_len, p.stop, p.include_stop_str_in_output)
+            req.checked_text_len = len(req.text)
+            if hit is not None:
+                cut, stop = hit
+                req.text = req.text[:cut]
+                reason, req.stop_reason = FinishReason.STOP, stop
+        if reason is None and p.stop:
+            visible = max(req.sent_text_len, len(req.text) - (max(map(len, p.stop)) - 1))
+        else:
+            visible = len(req.text)
+        delta = req.text[req.sent_text_len : visible]
+        req.sent_text_len = visible
+        if reason is not None:
+            status = RequestStatus.FINISHED_LENGTH if reason is FinishReason.LENGTH else RequestStatus.FINISHED_STOPPED
+            self.scheduler.finish(req, status, reason)
+        return StepOutput(
+            request_id=req.request_id,
+            new_token_ids=[tid],
+            new_text=delta,
+            finished=reason is not None,
+            finish_reason=reason.value if reason is not None else None,
+            stop_reason=req.stop_reason,
+            new_logprobs=[lp] if lp is not None else [],
+        )
+
+    # ---- checks --------------------------------------------------------------------------------------------------
+
+    def check_integrity(self) -> None:
+        self.kv_manager.check_integrity()
+
+    def leak_check(self) -> None:
+        """No request left anywhere, every block free, every ref count zero (tests call this after each scenario)."""
+        if self.scheduler.has_unfinished() or self.scheduler.requests:
+            raise AssertionError(f"requests still queued: {list(self.scheduler.requests.values())}")
+        self.kv_manager.leak_check()

@@ -1,0 +1,99 @@
+"""Attention over the paged KV cache, batched: no Python loop over tokens.
+
+A step's tokens arrive flattened, decode-like requests first:
+
+    tokens:  | d0 | d1 | ... | d{B-1} | prefill chunk 0 ......... | chunk 1 ..... |
+              one query token each       q_len tokens, context = cached + chunk
+
+* Decode group (one query token per request): the blocks of every request are
+  gathered in one indexing op ([B, max_blocks] block table), and the query heads
+  are grouped under their KV head, so one SDPA call over (B, kv_heads) with the
+  G = heads / kv_heads query heads as the "query length" does all of them with no
+  repeat of K/V. Padding beyond each context is masked.
+* Prefill chunks: one SDPA call per chunk (a loop over requests, not tokens). A
+  chunk that starts at position 0 attends to its own fresh K/V with is_causal; a
+  chunk after a cached prefix or an earlier chunk gathers its context blocks and
+  uses a causal mask shifted by the context length.
+
+`AttentionMetadata` is built once per step by the runner; every layer reuses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from engine.kv_cache import KVOrder
+
+
+@dataclass
+class PrefillChunk:
+    start: int  # first token index in the flattened batch
+    end: int
+    context_len: int  # tokens visible to the last query (cached + this chunk)
+    block_ids: torch.Tensor | None  # [n_blocks] blocks covering the context; None when the chunk is the whole context
+    mask: torch.Tensor | None  # [q_len, context_len] bool, None when is_causal suffices
+
+
+@dataclass
+class AttentionMetadata:
+    slot_block: torch.Tensor  # [T] block id of each token's KV slot
+    slot_offset: torch.Tensor  # [T] slot inside the block
+    slot_mapping: torch.Tensor  # [T] block * block_size + offset
+    num_decode: int
+    decode_block_table: torch.Tensor | None = None  # [B, max_blocks]
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool, True = attend
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def write_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             md: AttentionMetadata, order: KVOrder) -> None:
+    """Store this step's K/V ([T, kv_heads, dim]) into their slots."""
+    if order is KVOrder.NHD:
+        nb, bs, h, d = cache_k.shape
+        cache_k.view(nb * bs, h, d).index_copy_(0, md.slot_mapping, k)
+        cache_v.view(nb * bs, h, d).index_copy_(0, md.slot_mapping, v)
+    else:
+        cache_k[md.slot_block, :, md.slot_offset] = k
+        cache_v[md.slot_block, :, md.slot_offset] = v
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, order: KVOrder) -> torch.Tensor:
+    """Blocks -> [..., kv_heads, tokens, dim] (tokens = n_blocks * block_size)."""
+    g = cache[block_ids]  # NHD: [..., n, bs, h, d]   HND: [..., n, h, bs, d]
+    if order is KVOrder.NHD:
+        *lead, n, bs, h, d = g.shape
+        return g.reshape(*lead, n * bs, h, d).transpose(-3, -2)
+    *lead, n, h, bs, d = g.shape
+    return g.transpose(-4, -3).reshape(*lead, h, n * bs, d)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                    md: AttentionMetadata, order: KVOrder, scale: float) -> torch.Tensor:
+    """q: [T, heads, dim]; k, v: [T, kv_heads, dim] (already written to the cache) -> [T, heads * dim]."""
+    t, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    out = torch.empty_like(q)
+    b = md.num_decode
+    if b:
+        group = heads // kv_heads
+        qd = q[:b].view(b, kv_heads, group, dim)
+        kd = _gather(cache_k, md.decode_block_table, order)  # [B, kvh, L, d]
+        vd = _gather(cache_v, md.decode_block_table, order)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=md.decode_mask, scale=scale)
+        out[:b] = od.view(b, heads, dim)
+    for c in md.prefills:
+        qc = q[c.start : c.end].transpose(0, 1).unsqueeze(0)  # [1, heads, q, d]
+        if c.block_ids is None:
+            kc = k[c.start : c.end].transpose(0, 1).unsqueeze(0)
+            vc = v[c.start : c.end].transpose(0, 1).unsqueeze(0)
+        else:
+            kc = _gather(cache_k, c.block_ids, order)[:, : c.context_len].unsqueeze(0)
+            vc = _gather(cache_v, c.block_ids, order)[:, : c.context_len].unsqueeze(0)
+        oc = F.scaled_dot_product_attention(
+            qc, kc, vc, attn_mask=c.mask, is_causal=c.mask is None, scale=scale, enable_gqa=heads != kv_heads
+        )
+        out[c.start : c.end] = oc.squeeze(0).transpose(0, 1)
+    return out.view(t, heads * dim)

@@ -1,0 +1,55 @@
+"""Vocabulary-parallel token embedding and LM head.
+
+Each rank holds a contiguous slice of the vocabulary rows. The embedding zeroes
+rows outside its slice and all-reduces; the head computes its slice of the
+logits and all-gathers them. With one rank both are plain lookups / matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model.linear import LinearBase
+from engine.model.parallel import SINGLE_RANK, ParallelContext
+
+
+def _vocab_range(vocab_size: int, pc: ParallelContext) -> tuple[int, int]:
+    per = -(-vocab_size // pc.tp_size)  # ceil: the last rank may hold padding rows
+    return pc.tp_rank * per, (pc.tp_rank + 1) * per
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden: int, *, dtype, device, pc: ParallelContext = SINGLE_RANK):
+        super().__init__()
+        self.pc = pc
+        self.vocab_size = vocab_size
+        self.start, self.end = _vocab_range(vocab_size, pc)
+        self.weight = nn.Parameter(torch.zeros(self.end - self.start, hidden, dtype=dtype, device=device), requires_grad=False)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+        rows = loaded[self.start : min(self.end, loaded.shape[0])]
+        LinearBase._copy(param.data[: rows.shape[0]], rows, "embedding shard")
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.pc.tp_size == 1:
+            return F.embedding(token_ids, self.weight)
+        local = token_ids - self.start
+        outside = (local < 0) | (local >= self.end - self.start)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.pc.all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits over the vocabulary; may share its weight with the embedding (tied)."""
+
+    def tie_to(self, embedding: VocabParallelEmbedding) -> None:
+        self.weight = embedding.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        logits = F.linear(hidden, self.weight)
+        if self.pc.tp_size == 1:
+            return logits
+        return self.pc.all_gather_last_dim(logits)[..., : self.vocab_size]

@@ -1,0 +1,123 @@
+"""Linear layers that know which shard of the full weight they hold.
+
+Each layer allocates only its rank's slice and exposes `weight_loader(param,
+full_tensor, shard_id)`, which narrows a full checkpoint tensor to that slice.
+Loading code therefore never does sharding arithmetic, and tensor parallelism
+only changes the `ParallelContext` handed in.
+
+    ColumnParallelLinear   output dim split across ranks      (no communication)
+    MergedColumnLinear     [gate | up] fused, each part split  (shard_id 0, 1, ...)
+    QKVLinear              [q | k | v] fused by heads          (shard_id "q", "k", "v")
+    RowParallelLinear      input dim split, outputs all-reduced
+
+After loading, `finalize()` picks the fastest matmul form for the device and
+dtype (measured on CPU: an fp32 GEMV is ~1.4x faster with the weight stored
+[in, out]; bf16 goes through oneDNN and is fastest as stored [out, in]).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model.parallel import SINGLE_RANK, ParallelContext
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
+        self._weight_t: torch.Tensor | None = None  # [in, out] copy when that form is faster
+
+    def finalize(self) -> None:
+        w = self.weight
+        if w.device.type == "cpu" and w.dtype == torch.float32:
+            self._weight_t = w.t().contiguous()
+            # keep the [out, in] parameter as a transposed view of the same storage (no double memory)
+            self.weight = nn.Parameter(self._weight_t.t(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._weight_t is not None:
+            if self.bias is not None:
+                return torch.addmm(self.bias, x, self._weight_t)
+            return x @ self._weight_t
+        return F.linear(x, self.weight, self.bias)
+
+    @staticmethod
+    def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+        if dst.shape != src.shape:
+            from engine.errors import ModelLoadError
+
+            raise ModelLoadError(f"weight {what}: expected shape {tuple(dst.shape)}, checkpoint has {tuple(src.shape)}")
+        dst.copy_(src)
+
+
+class ColumnParallelLinear(LinearBase):
+    def __init__(self, in_features, out_features, bias=False, *, dtype, device, pc: ParallelContext = SINGLE_RANK):
+        self.pc = pc
+        self.out_start, self.out_end = pc.split(out_features, "output features")
+        super().__init__(in_features, self.out_end - self.out_start, bias, dtype, device)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+        self._copy(param.data, loaded[self.out_start : self.out_end], "column shard")
+
+
+class MergedColumnLinear(LinearBase):
+    """Several column-parallel outputs fused into one matmul ([gate | up])."""
+
+    def __init__(self, in_features, out_sizes: list[int], bias=False, *, dtype, device, pc: ParallelContext = SINGLE_RANK):
+        self.pc = pc
+        self.out_sizes = list(out_sizes)
+        self.local_sizes = [pc.split(n, "output features")[1] - pc.split(n, "output features")[0] for n in out_sizes]
+        super().__init__(in_features, sum(self.local_sizes), bias, dtype, device)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: int) -> None:
+        start, end = self.pc.split(self.out_sizes[shard_id], "output features")
+        offset = sum(self.local_sizes[:shard_id])
+        self._copy(param.data[offset : offset + end - start], loaded[start:end], f"merged shard {shard_id}")
+
+
+class QKVLinear(LinearBase):
+    """[q | k | v] projections fused; query heads split, KV heads split or replicated."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias=False, *, dtype, device,
+                 pc: ParallelContext = SINGLE_RANK):
+        self.pc = pc
+        self.head_dim = head_dim
+        self.q_heads = pc.split(num_heads, "num_heads")
+        self.kv_heads = pc.kv_head_range(num_kv_heads)
+        self.num_local_heads = self.q_heads[1] - self.q_heads[0]
+        self.num_local_kv_heads = self.kv_heads[1] - self.kv_heads[0]
+        out = (self.num_local_heads + 2 * self.num_local_kv_heads) * head_dim
+        super().__init__(hidden, out, bias, dtype, device)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: str) -> None:
+        d = self.head_dim
+        q = self.num_local_heads * d
+        kv = self.num_local_kv_heads * d
+        heads = self.q_heads if shard_id == "q" else self.kv_heads
+        offset = {"q": 0, "k": q, "v": q + kv}[shard_id]
+        size = q if shard_id == "q" else kv
+        self._copy(param.data[offset : offset + size], loaded[heads[0] * d : heads[1] * d], f"{shard_id} heads")
+
+
+class RowParallelLinear(LinearBase):
+    def __init__(self, in_features, out_features, bias=False, *, dtype, device, pc: ParallelContext = SINGLE_RANK):
+        self.pc = pc
+        self.in_start, self.in_end = pc.split(in_features, "input features")
+        super().__init__(self.in_end - self.in_start, out_features, bias, dtype, device)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+        if param.dim() == 1:  # bias: added once, on rank 0
+            self._copy(param.data, loaded if self.pc.tp_rank == 0 else torch.zeros_like(loaded), "row bias")
+            return
+        self._copy(param.data, loaded[:, self.in_start : self.in_end], "row shard")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pc.all_reduce(super().forward(x))

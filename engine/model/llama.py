@@ -1,0 +1,204 @@
+"""The Llama-family decoder (Llama, SmolLM2, TinyLlama, Mistral, Qwen2).
+
+One module serves all three architectures: they differ only in data (Qwen2 has
+a bias on q/k/v, Llama 3 scales rope, some tie the head to the embedding). A
+model instance holds one pipeline stage (a layer range) of one tensor-parallel
+rank; with the defaults it is the whole model on one rank.
+
+Per layer, per step (T tokens flattened):
+
+    h ── rms_norm ── qkv ── rope(q,k) ── write K,V to cache ── paged attention ── o_proj ──(+)── rms_norm ── gate|up ── silu*mul ── down ──(+)──>
+    └──────────────────────────────────────────────────────────────────────────────────────┘  └──────────────────────────────────────────────┘
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.errors import ModelLoadError
+from engine.kv_cache import KVOrder
+from engine.model.attention import AttentionMetadata, paged_attention, write_kv
+from engine.model.embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.model.linear import LinearBase, MergedColumnLinear, QKVLinear, RowParallelLinear
+from engine.model.parallel import SINGLE_RANK, ParallelContext
+from engine.model.rope import RotaryEmbedding, apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, *, dtype, device):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # HF computes the norm in float32, then casts back before scaling
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, device, pc: ParallelContext):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device, pc=pc)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.qkv_proj = QKVLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.attention_bias, **kw)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, False, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.gate_up_proj = MergedColumnLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, False, **kw)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, **kw)
+        self.num_heads = self.qkv_proj.num_local_heads
+        self.num_kv_heads = self.qkv_proj.num_local_kv_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+                md: AttentionMetadata, order: KVOrder) -> torch.Tensor:
+        t = h.shape[0]
+        d = self.head_dim
+        qkv = self.qkv_proj(self.input_layernorm(h))
+        nq, nkv = self.num_heads, self.num_kv_heads
+        qk = apply_rope(qkv[:, : (nq + nkv) * d].view(t, nq + nkv, d), cos, sin)
+        q, k = qk[:, :nq], qk[:, nq:]
+        v = qkv[:, (nq + nkv) * d :].view(t, nkv, d)
+        write_kv(cache[0], cache[1], k, v, md, order)
+        attn = paged_attention(q, k, v, cache[0], cache[1], md, order, self.scale)
+        h = h + self.o_proj(attn)
+        gu = self.gate_up_proj(self.post_attention_layernorm(h))
+        inter = gu.shape[-1] // 2
+        return h + self.down_proj(F.silu(gu[:, :inter]) * gu[:, inter:])
+
+
+class LlamaModel(nn.Module):
+    """Embedding (first stage) -> layers [layer_start, layer_end) -> norm + head (last stage)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device | str,
+                 pc: ParallelContext = SINGLE_RANK, layer_range: tuple[int, int] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_start, self.layer_end = layer_range or (0, cfg.num_layers)
+        self.is_first = self.layer_start == 0
+        self.is_last = self.layer_end == cfg.num_layers
+        self.embed_tokens = (
+            VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device, pc=pc) if self.is_first else None
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, dtype=dtype, device=device, pc=pc) for _ in range(self.layer_start, self.layer_end)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device) if self.is_last else None
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device, pc=pc) if self.is_last else None
+        if self.lm_head is not None and cfg.tie_word_embeddings and self.embed_tokens is not None:
+            self.lm_head.tie_to(self.embed_tokens)
+        self.rope = RotaryEmbedding(cfg, dtype, device)
+
+    @torch.inference_mode()
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                md: AttentionMetadata, order: KVOrder, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs: token ids [T] on the first stage, hidden states [T, H] otherwise.
+
+        Returns hidden states [T, H] on a middle stage, logits [len(logits_indices), V] on the last.
+        """
+        h = self.embed_tokens(inputs) if self.is_first else inputs
+        cos, sin = self.rope.tables(positions)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, kv_cache[i], md, order)
+        if not self.is_last:
+            return h
+        if logits_indices is not None:
+            h = h[logits_indices]
+        return self.lm_head(self.norm(h)).float()
+
+    # ---- weights -------------------------------------------------------------------------------------------------
+
+    _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+    _STACKED = {
+        "self_attn.q_proj": ("qkv_proj", "q"),
+        "self_attn.k_proj": ("qkv_proj", "k"),
+        "self_attn.v_proj": ("qkv_proj", "v"),
+        "mlp.gate_proj": ("gate_up_proj", 0),
+        "mlp.up_proj": ("gate_up_proj", 1),
+        "self_attn.o_proj": ("o_proj", None),
+        "mlp.down_proj": ("down_proj", None),
+    }
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named full tensors, keeping only this rank's shards of this stage's layers."""
+        seen: set[str] = set()
+        for name, tensor in weights:
+            target = self._route(name)
+            if target is None:
+                continue
+            module, param_name, shard_id = target
+            param = getattr(module, param_name)
+            loader = getattr(module, "weight_loader", None)
+            src = tensor.to(param.dtype)
+            if loader is not None and param_name in ("weight", "bias"):
+                loader(param, src, shard_id)
+            else:
+                LinearBase._copy(param.data, src, name)
+            seen.add(f"{id(module)}.{param_name}.{shard_id}")
+        expected = self._expected_keys()
+        missing = sorted(expected - seen)
+        if missing:
+            raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors this model needs, e.g. {missing[0]}")
+        for m in self.modules():
+            if isinstance(m, LinearBase):
+                m.finalize()
+
+    def _route(self, name: str):
+        if name == "model.embed_tokens.weight":
+            if self.embed_tokens is not None:
+                return self.embed_tokens, "weight", None
+            if self.lm_head is not None and self.cfg.tie_word_embeddings:
+                return self.lm_head, "weight", None  # tied head on a last stage without the embedding
+            return None
+        if name == "lm_head.weight":
+            return (self.lm_head, "weight", None) if self.lm_head is not None and not self.cfg.tie_word_embeddings else None
+        if name == "model.norm.weight":
+            return (self.norm, "weight", None) if self.norm is not None else None
+        m = self._LAYER.fullmatch(name)
+        if m is None:
+            return None  # e.g. rotary inv_freq buffers
+        idx = int(m.group(1))
+        if not self.layer_start <= idx < self.layer_end:
+            return None
+        layer = self.layers[idx - self.layer_start]
+        rest = m.group(2)
+        module_path, _, param_name = rest.rpartition(".")
+        if module_path in self._STACKED:
+            attr, shard = self._STACKED[module_path]
+            return getattr(layer, attr), param_name, shard
+        if module_path in ("input_layernorm", "post_attention_layernorm"):
+            return getattr(layer, module_path), param_name, None
+        raise ModelLoadError(f"unexpected tensor in checkpoint: {name}")
+
+    def _expected_keys(self) -> set[str]:
+        keys: set[str] = set()
+        if self.embed_tokens is not None:
+            keys.add(f"{id(self.embed_tokens)}.weight.None")
+        if self.lm_head is not None:
+            if not self.cfg.tie_word_embeddings:
+                keys.add(f"{id(self.lm_head)}.weight.None")
+            elif self.embed_tokens is None:
+                keys.add(f"{id(self.lm_head)}.weight.None")
+            keys.add(f"{id(self.norm)}.weight.None")
+        for layer in self.layers:
+            for shard in ("q", "k", "v"):
+                keys.add(f"{id(layer.qkv_proj)}.weight.{shard}")
+                if self.cfg.attention_bias:
+                    keys.add(f"{id(layer.qkv_proj)}.bias.{shard}")
+            for shard in (0, 1):
+                keys.add(f"{id(layer.gate_up_proj)}.weight.{shard}")
+            for mod in (layer.o_proj, layer.down_proj):
+                keys.add(f"{id(mod)}.weight.None")
+            for mod in (layer.input_layernorm, layer.post_attention_layernorm):
+                keys.add(f"{id(mod)}.weight.None")
+        return keys

@@ -1,0 +1,147 @@
+"""Token-budget scheduler: continuous batching, chunked prefill, preemption.
+
+Each step hands out `{request: num_new_tokens}` under two limits:
+`max_num_batched_tokens` (the token budget) and `max_num_seqs` (running requests).
+"Prefill" and "decode" are not separate phases: a request simply has
+`num_tokens - num_computed_tokens` tokens left to compute (1 while decoding).
+
+Order of a step:
+1. RUNNING requests, oldest first, each gets min(left, budget) tokens. If the
+   KV cache cannot hold them, the NEWEST running request is preempted (blocks
+   freed, progress reset, sent back to the head of the waiting queue) until it
+   fits; a request that has to preempt itself waits for the next step.
+2. WAITING requests, first come first served, join while budget and seats
+   remain. The first schedule of a request looks up its prefix in the cache;
+   with chunked prefill a long prompt takes what budget is left and continues
+   next step. A waiting request that does not fit stops admission (FCFS).
+
+The scheduler never touches tensors; the runner executes its output.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.config import SchedulerConfig
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import FinishReason, Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    block_ids: list[int]
+
+    @property
+    def start(self) -> int:
+        """Position of the first token computed this step."""
+        return self.request.num_computed_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    # ---- queue management ----------------------------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def finish(self, request: Request, status: RequestStatus, reason: FinishReason) -> None:
+        """Take a request out of the queues and give its blocks back (any state, idempotent)."""
+        if request.status.finished:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request.request_id)
+        request.status = status
+        request.finish_reason = reason
+        self.requests.pop(request.request_id, None)
+
+    def abort(self, request_id: str) -> Request | None:
+        request = self.requests.get(request_id)
+        if request is not None:
+            self.finish(request, RequestStatus.FINISHED_ABORTED, FinishReason.ABORT)
+        return request
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ------------------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        kept: list[Request] = []
+        queue = list(self.running)
+        while queue and budget > 0:
+            req = queue.pop(0)
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while True:
+                blocks = self.kv.allocate(req.request_id, req.token_ids, req.num_computed_tokens, n)
+                if blocks is not None:
+                    break
+                victim = queue.pop() if queue else req  # newest not-yet-scheduled running request
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            if blocks is None:
+                break
+            kept.append(req)
+            out.scheduled.append(ScheduledRequest(req, n, blocks))
+            budget -= n
+        # running requests left unscheduled (budget ran out) stay running
+        self.running = kept + [r for r in queue]
+
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hit = None
+            if req.num_computed_tokens == 0:
+                hit = self.kv.lookup_prefix(req.token_ids)
+            computed = hit.num_tokens if hit is not None else req.num_computed_tokens
+            left = req.num_tokens - computed
+            if left > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(left, budget)
+            blocks = self.kv.allocate(req.request_id, req.token_ids, computed, n, prefix_hit=hit)
+            if blocks is None:
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = computed
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = computed
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, n, blocks))
+            budget -= n
+        return out
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.PREEMPTED
+        if req in self.running:
+            self.running.remove(req)
+        self.waiting.appendleft(req)
+        out.preempted.append(req)
