@@ -1,0 +1,195 @@
+"""Scheduler + KV cache manager under random add / step / abort sequences.
+
+A fake model step stands in for the forward pass: it marks the scheduled tokens
+computed, commits them, and appends a sampled token to requests that reached the
+end of their tokens. The invariants are checked after every rule, and the run
+ends in a leak check: every block free, every ref count zero.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from engine.config import SchedulerConfig
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import FinishReason, Request, RequestStatus
+from engine.sampler import SamplingState
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+BLOCK = 4
+
+
+def make_request(rid: str, prompt: list[int], max_tokens: int) -> Request:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return Request(rid, prompt, params, SamplingState.create(params), None)
+
+
+def fake_step(sched: Scheduler, rng: random.Random, vocab: int = 8) -> list[Request]:
+    """One engine step without a model. Returns requests that finished."""
+    out = sched.schedule()
+    finished = []
+    for s in out.scheduled:
+        req = s.request
+        assert s.block_ids == sched.kv.block_ids(req.request_id)
+        assert len(s.block_ids) * BLOCK >= req.num_computed_tokens + s.num_new_tokens
+        req.num_computed_tokens += s.num_new_tokens
+        sched.kv.commit(req.request_id, req.token_ids, req.num_computed_tokens)
+    for s in out.scheduled:
+        req = s.request
+        if req.num_computed_tokens == req.num_tokens:
+            req.token_ids.append(rng.randrange(vocab))
+            if req.num_output_tokens >= req.params.max_tokens:
+                sched.finish(req, RequestStatus.FINISHED_LENGTH, FinishReason.LENGTH)
+                finished.append(req)
+    return out, finished
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rng = random.Random(0)
+        self.cfg = SchedulerConfig(max_num_batched_tokens=24, max_num_seqs=5)
+        self.kv = KVCacheManager(num_blocks=14, block_size=BLOCK)
+        self.sched = Scheduler(self.cfg, self.kv)
+        self.n = 0
+        self.live: dict[str, Request] = {}
+        self.preemptions = 0
+
+    @rule(prompt_len=st.integers(1, 30), max_tokens=st.integers(1, 12), shared=st.booleans())
+    def add(self, prompt_len: int, max_tokens: int, shared: bool) -> None:
+        if prompt_len + max_tokens > 14 * BLOCK:  # the engine refuses these up front
+            return
+        prefix = [1, 2, 3, 4, 5, 6, 7, 0] if shared else []
+        prompt = (prefix + [self.rng.randrange(8) for _ in range(prompt_len)])[:prompt_len]
+        rid = f"r{self.n}"
+        self.n += 1
+        req = make_request(rid, prompt, max_tokens)
+        self.sched.add(req)
+        self.live[rid] = req
+
+    @rule()
+    def step(self) -> None:
+        out, finished = fake_step(self.sched, self.rng)
+        assert out.num_tokens <= self.cfg.max_num_batched_tokens
+        self.preemptions += len(out.preempted)
+        for req in finished:
+            del self.live[req.request_id]
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def abort(self, data) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.live)))
+        req = self.sched.abort(rid)
+        assert req is not None and req.status is RequestStatus.FINISHED_ABORTED
+        assert self.kv.num_blocks_of(rid) == 0
+        del self.live[rid]
+
+    @invariant()
+    def consistent(self) -> None:
+        self.kv.check_integrity()
+        assert len(self.sched.running) <= self.cfg.max_num_seqs
+        running = {r.request_id for r in self.sched.running}
+        waiting = {r.request_id for r in self.sched.waiting}
+        assert not running & waiting
+        assert running | waiting == set(self.live)
+        for r in self.sched.waiting:  # waiting requests hold no KV
+            assert self.kv.num_blocks_of(r.request_id) == 0
+
+    def teardown(self) -> None:
+        # drain: every live request must finish within a bounded number of steps (no starvation, no deadlock)
+        for _ in range(2000):
+            if not self.sched.has_unfinished():
+                break
+            _, finished = fake_step(self.sched, self.rng)
+            for req in finished:
+                self.live.pop(req.request_id)
+        assert not self.sched.has_unfinished(), f"scheduler stuck with {self.sched.running + list(self.sched.waiting)}"
+        self.kv.leak_check()
+
+
+TestSchedulerMachine = SchedulerMachine.TestCase
+TestSchedulerMachine.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+def test_preemption_then_recompute_frees_and_finishes() -> None:
+    """Two long requests in a cache that holds only one: the newer is preempted, then completes."""
+    kv = KVCacheManager(num_blocks=6, block_size=BLOCK)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4), kv)
+    a = make_request("a", list(range(8)), 12)
+    b = make_request("b", list(range(8, 16)), 12)
+    sched.add(a)
+    sched.add(b)
+    rng = random.Random(1)
+    preempted = []
+    for _ in range(200):
+        if not sched.has_unfinished():
+            break
+        out, _ = fake_step(sched, rng)
+        preempted += [r.request_id for r in out.preempted]
+    assert not sched.has_unfinished()
+    assert preempted and preempted[0] == "b"  # the newest running request goes first
+    assert b.num_preemptions >= 1 and a.num_output_tokens == 12 and b.num_output_tokens == 12
+    kv.leak_check()
+
+
+def test_chunked_prefill_respects_budget_and_continues() -> None:
+    kv = KVCacheManager(num_blocks=64, block_size=BLOCK)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=10, max_num_seqs=4), kv)
+    req = make_request("long", list(range(25)), 2)
+    sched.add(req)
+    rng = random.Random(2)
+    chunks = []
+    while sched.has_unfinished():
+        out, _ = fake_step(sched, rng)
+        chunks.append([s.num_new_tokens for s in out.scheduled])
+    assert chunks == [[10], [10], [5], [1]]
+    kv.leak_check()
+
+
+def test_continuous_batching_new_request_joins_running_batch() -> None:
+    kv = KVCacheManager(num_blocks=64, block_size=BLOCK)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4), kv)
+    rng = random.Random(3)
+    sched.add(make_request("a", [1, 2, 3], 5))
+    fake_step(sched, rng)
+    sched.add(make_request("b", [4, 5, 6, 7], 5))
+    out, _ = fake_step(sched, rng)
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 4)]
+    while sched.has_unfinished():
+        fake_step(sched, rng)
+    kv.leak_check()
+
+
+def test_max_num_seqs_caps_running() -> None:
+    kv = KVCacheManager(num_blocks=64, block_size=BLOCK)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=2), kv)
+    for i in range(4):
+        sched.add(make_request(f"r{i}", [i, i + 1], 3))
+    out, _ = fake_step(sched, random.Random(4))
+    assert len(out.scheduled) == 2 and len(sched.waiting) == 2
+    for rid in ("r0", "r1", "r2", "r3"):
+        sched.abort(rid)
+    kv.leak_check()
+
+
+@pytest.mark.parametrize("when", ["waiting", "running", "mid_prefill"])
+def test_abort_at_any_point_frees_blocks(when: str) -> None:
+    kv = KVCacheManager(num_blocks=64, block_size=BLOCK)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=8 if when == "mid_prefill" else 64, max_num_seqs=4), kv)
+    req = make_request("x", list(range(20)), 4)
+    sched.add(req)
+    if when != "waiting":
+        fake_step(sched, random.Random(5))
+        assert kv.num_blocks_of("x") > 0
+    sched.abort("x")
+    assert req.status is RequestStatus.FINISHED_ABORTED and req.finish_reason is FinishReason.ABORT
+    assert not sched.has_unfinished()
+    kv.leak_check()
