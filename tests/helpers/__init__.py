@@ -1,0 +1,1 @@
+"""Test helpers shared by unit and component tests (tiny models built on the fly)."""
