@@ -75,15 +75,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: 
     """q: [T, heads, dim]; k, v: [T, kv_heads, dim] (already written to the cache) -> [T, heads * dim]."""
     t, heads, dim = q.shape
     kv_heads = k.shape[1]
-    out = torch.empty_like(q)
     b = md.num_decode
+    if b == t and b:  # decode-only step: no scatter into a shared output
+        return _decode_attention(q, cache_k, cache_v, md, order, scale, kv_heads).view(t, heads * dim)
+    out = torch.empty_like(q)
     if b:
-        group = heads // kv_heads
-        qd = q[:b].view(b, kv_heads, group, dim)
-        kd = _gather(cache_k, md.decode_block_table, order)  # [B, kvh, L, d]
-        vd = _gather(cache_v, md.decode_block_table, order)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=md.decode_mask, scale=scale)
-        out[:b] = od.view(b, heads, dim)
+        out[:b] = _decode_attention(q[:b], cache_k, cache_v, md, order, scale, kv_heads)
     for c in md.prefills:
         qc = q[c.start : c.end].transpose(0, 1).unsqueeze(0)  # [1, heads, q, d]
         if c.block_ids is None:
@@ -97,3 +94,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: 
         )
         out[c.start : c.end] = oc.squeeze(0).transpose(0, 1)
     return out.view(t, heads * dim)
+
+
+def _decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, md: AttentionMetadata,
+                      order: KVOrder, scale: float, kv_heads: int) -> torch.Tensor:
+    """One query token per request: [B, heads, dim] -> [B, heads, dim]."""
+    b, heads, dim = q.shape
+    qd = q.reshape(b, kv_heads, heads // kv_heads, dim)  # query heads grouped under their KV head
+    kd = _gather(cache_k, md.decode_block_table, order)  # [B, kv_heads, L, dim]
+    vd = _gather(cache_v, md.decode_block_table, order)
+    od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=md.decode_mask, scale=scale)
+    return od.reshape(b, heads, dim)
