@@ -16,6 +16,7 @@ so a rejected request leaves no trace in the queues or the block pool.
 from __future__ import annotations
 
 import itertools
+import numbers
 import logging
 import time
 from typing import Sequence
@@ -85,7 +86,7 @@ class EngineCore:
         self.validate(prompt_token_ids, params, request_id)
         req = Request(
             request_id=request_id,
-            prompt_token_ids=list(prompt_token_ids),
+            prompt_token_ids=[int(t) for t in prompt_token_ids],
             params=params,
             sampling=SamplingState.create(params),
             detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
@@ -98,9 +99,12 @@ class EngineCore:
         if n == 0:
             raise InvalidRequestError("prompt is empty: send at least one token")
         vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        wrong_type = next((t for t in prompt_token_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None)
+        if wrong_type is not None:
+            raise InvalidRequestError(f"prompt token ids must be integers, got {type(wrong_type).__name__} {wrong_type!r}")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+            raise InvalidRequestError(f"prompt token id {int(bad)} is outside the vocabulary [0, {vocab})")
         if n >= self.max_model_len:
             raise PromptTooLongError(
                 f"prompt has {n} tokens but the model's context is {self.max_model_len}; shorten the prompt"
