@@ -43,24 +43,41 @@ def resolve_dtype(requested: str, device: torch.device, hidden: int, intermediat
     return _measure_cpu_dtype(hidden, intermediate)
 
 
-def _time_linear(dtype: torch.dtype, hidden: int, intermediate: int) -> float:
-    x = torch.randn(16, hidden).to(dtype)
-    w = torch.randn(2 * intermediate, hidden).to(dtype)
-    for _ in range(3):
+def _cpu_has_bf16_dot() -> bool:
+    """AVX512-BF16 or AMX-BF16 present (Linux /proc/cpuinfo; elsewhere assume yes and measure)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return True
+
+
+def _time_once(x: torch.Tensor, w: torch.Tensor, reps: int = 4) -> float:
+    t = time.perf_counter()
+    for _ in range(reps):
         F.linear(x, w)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(4):
-            F.linear(x, w)
-        best = min(best, time.perf_counter() - t)
-    return best
+    return time.perf_counter() - t
 
 
 @functools.lru_cache(maxsize=8)
 def _measure_cpu_dtype(hidden: int, intermediate: int) -> torch.dtype:
-    fp32 = _time_linear(torch.float32, hidden, intermediate)
-    bf16 = _time_linear(torch.bfloat16, hidden, intermediate)
+    """Interleaved rounds, best of each: robust to another process sharing the cores."""
+    if not _cpu_has_bf16_dot():
+        log.info("dtype=auto on CPU: no bf16 dot-product instructions -> float32")
+        return torch.float32
+    x32 = torch.randn(16, hidden)
+    w32 = torch.randn(2 * intermediate, hidden)
+    x16, w16 = x32.bfloat16(), w32.bfloat16()
+    _time_once(x32, w32, 2)
+    _time_once(x16, w16, 2)
+    fp32 = bf16 = float("inf")
+    for _ in range(12):
+        fp32 = min(fp32, _time_once(x32, w32))
+        bf16 = min(bf16, _time_once(x16, w16))
     choice = torch.bfloat16 if bf16 * 1.25 < fp32 else torch.float32
     log.info("dtype=auto on CPU: float32 %.0f us, bfloat16 %.0f us -> %s", fp32 * 1e6, bf16 * 1e6, choice)
     return choice
