@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.kv_cache import KVCacheSpec
-from engine.model.attention import AttentionMetadata, PrefillChunk
+from engine.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk
 from engine.model.llama import LlamaModel
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 
@@ -29,6 +29,24 @@ class StepBatch:
     logits_indices: torch.Tensor
 
 
+def length_groups(sorted_lens: list[int], ratio: float = 1.5, min_rows: int = 4, max_groups: int = 4) -> list[tuple[int, int]]:
+    """Cut ascending context lengths into contiguous [lo, hi) groups.
+
+    A new group starts when a length exceeds `ratio` times the group's shortest
+    and the group already has `min_rows` rows, at most `max_groups` groups: every
+    attention call then pads at most ~1.5x, and tiny batches stay one call.
+    """
+    groups: list[tuple[int, int]] = []
+    lo = 0
+    for i in range(1, len(sorted_lens)):
+        if sorted_lens[i] > ratio * sorted_lens[lo] and i - lo >= min_rows and len(groups) < max_groups - 1:
+            groups.append((lo, i))
+            lo = i
+    if sorted_lens:
+        groups.append((lo, len(sorted_lens)))
+    return groups
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, spec: KVCacheSpec) -> None:
         self.model = model
@@ -38,7 +56,8 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput) -> StepBatch:
         bs = self.spec.block_size
-        decode = [s for s in out.scheduled if s.num_new_tokens == 1]
+        # decode-like rows sorted by context length, so that length groups are contiguous
+        decode = sorted((s for s in out.scheduled if s.num_new_tokens == 1), key=lambda s: s.start)
         prefill = [s for s in out.scheduled if s.num_new_tokens > 1]
         order = decode + prefill
         ids: list[int] = []
@@ -76,13 +95,14 @@ class ModelRunner:
         md = AttentionMetadata(
             slot_block=t_block, slot_offset=t_off, slot_mapping=t_block * bs + t_off, num_decode=len(decode), prefills=chunks
         )
-        if decode:
-            ctx_lens = [s.start + 1 for s in decode]
-            max_blocks = -(-max(ctx_lens) // bs)
-            table = [s.block_ids[:max_blocks] + [0] * (max_blocks - min(len(s.block_ids), max_blocks)) for s in decode]
-            md.decode_block_table = torch.tensor(table, dtype=torch.long, device=dev)
-            lens = torch.tensor(ctx_lens, dtype=torch.long, device=dev)
-            md.decode_mask = (torch.arange(max_blocks * bs, device=dev)[None, :] < lens[:, None]).view(len(decode), 1, 1, -1)
+        ctx_lens = [s.start + 1 for s in decode]
+        for lo, hi in length_groups(ctx_lens):
+            rows = decode[lo:hi]
+            max_blocks = -(-ctx_lens[hi - 1] // bs)
+            table = [s.block_ids[:max_blocks] + [0] * (max_blocks - min(len(s.block_ids), max_blocks)) for s in rows]
+            lens = torch.tensor(ctx_lens[lo:hi], dtype=torch.long, device=dev)
+            mask = (torch.arange(max_blocks * bs, device=dev)[None, :] < lens[:, None]).view(hi - lo, 1, 1, -1)
+            md.decode_groups.append(DecodeGroup(lo, hi, torch.tensor(table, dtype=torch.long, device=dev), mask))
         return StepBatch(
             order=order,
             sample=sample,
