@@ -25,6 +25,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.cpu_memory import keep_freed_memory
 from engine.device import resolve_device, resolve_dtype
 from engine.errors import InvalidRequestError, OutOfKVCacheError, PromptTooLongError
 from engine.kv_cache import KVCacheSpec, allocate_kv_cache, blocks_for_budget
@@ -51,6 +52,8 @@ class EngineCore:
         self.model_config = cfg
         self.tokenizer = self.source.tokenizer
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # temporaries reused instead of page-faulted in every step
         self.dtype = resolve_dtype(config.dtype, self.device, cfg.hidden_size, cfg.intermediate_size)
         torch.manual_seed(config.seed)
 

@@ -81,6 +81,20 @@ def ref_logits(ref, token_ids: list[int]) -> torch.Tensor:
         return ref(torch.tensor([token_ids])).logits[0].float()
 
 
+def generate_and_compare(llm: LLM, ref, prompt: list[int], n: int):
+    """Greedy-generate n tokens; every sampled-from logits row must match transformers on prompt + output."""
+    spy = LogitsSpy(llm)
+    try:
+        out = llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))[0]
+    finally:
+        spy.close()
+    rows = torch.stack(spy.rows[out.request_id])
+    full = prompt + out.token_ids
+    assert rows.shape[0] == n
+    torch.testing.assert_close(rows, ref_logits(ref, full)[len(prompt) - 1 : len(full) - 1], atol=ATOL, rtol=0)
+    return out
+
+
 def ref_greedy(ref, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     with torch.inference_mode():
@@ -113,15 +127,7 @@ def test_one_prefill_logits_close(pair):
 def test_step_by_step_decode_logits_close(pair):
     _, llm, ref = pair
     prompt = prompts(1, 1, 11, 11)[0]
-    spy = LogitsSpy(llm)
-    try:
-        out = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
-    finally:
-        spy.close()
-    rows = torch.stack(spy.rows[out.request_id])
-    full = prompt + out.token_ids
-    expected = ref_logits(ref, full)[len(prompt) - 1 : len(full) - 1]
-    torch.testing.assert_close(rows, expected, atol=ATOL, rtol=0)
+    generate_and_compare(llm, ref, prompt, 12)
     llm.engine.leak_check()
 
 
@@ -130,7 +136,6 @@ def test_chunked_prefill_logits_close(pair):
     prompt = prompts(2, 1, 150, 150)[0]
     small = LLM(llm.config.model, dtype="float32", block_size=4, num_blocks=512, max_num_batched_tokens=16,
                 enable_prefix_caching=False)
-    spy = LogitsSpy(small)
     steps = []
     inner = small.engine.scheduler.schedule
 
@@ -140,12 +145,8 @@ def test_chunked_prefill_logits_close(pair):
         return out
 
     small.engine.scheduler.schedule = schedule
-    out = small.generate([prompt], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))[0]
-    spy.close()
+    generate_and_compare(small, ref, prompt, 3)
     assert steps[:3] == [[16], [16], [16]], steps  # the prompt really went in chunks
-    rows = torch.stack(spy.rows[out.request_id])
-    full = prompt + out.token_ids
-    torch.testing.assert_close(rows, ref_logits(ref, full)[len(prompt) - 1 : len(full) - 1], atol=ATOL, rtol=0)
     small.engine.leak_check()
 
 
@@ -155,15 +156,8 @@ def test_logits_close_after_prefix_cache_hit(pair):
     first = shared + [5, 6, 7]
     second = shared + [9, 10, 11, 12, 13]
     llm.generate([first], GREEDY)
-    spy = LogitsSpy(llm)
-    try:
-        out = llm.generate([second], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0]
-    finally:
-        spy.close()
+    out = generate_and_compare(llm, ref, second, 4)
     assert out.num_cached_tokens == 40  # 10 full blocks of 4 reused
-    rows = torch.stack(spy.rows[out.request_id])
-    full = second + out.token_ids
-    torch.testing.assert_close(rows, ref_logits(ref, full)[len(second) - 1 : len(full) - 1], atol=ATOL, rtol=0)
     llm.engine.leak_check()
 
 
