@@ -87,12 +87,13 @@ class EngineCore:
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None) -> str:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         self.validate(prompt_token_ids, params, request_id)
+        ids = [int(t) for t in prompt_token_ids]  # numpy integers become plain ints once, here
         req = Request(
             request_id=request_id,
-            prompt_token_ids=[int(t) for t in prompt_token_ids],
+            prompt_token_ids=ids,
             params=params,
             sampling=SamplingState.create(params),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
         )
         self.scheduler.add(req)
         return request_id

@@ -16,8 +16,9 @@ py="${PYTHON:-python3}"
 pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 
 key=$(cat requirements/runtime.txt requirements/constraints.txt pyproject.toml | sha256sum | cut -c1-16)
-if [ "$want_test" = 1 ]; then key="$key-$(sha256sum requirements/test.txt | cut -c1-16)"; fi
-stamp=".venv/.tandem-installed-$key"
+runtime_stamp=".venv/.tandem-installed-$key"
+stamp="$runtime_stamp"
+if [ "$want_test" = 1 ]; then stamp="$stamp-test-$(sha256sum requirements/test.txt | cut -c1-16)"; fi
 if [ -f "$stamp" ] && [ -x .venv/bin/tandem ]; then
   exit 0
 fi
@@ -32,4 +33,4 @@ if [ "$want_test" = 1 ]; then
   "${pip[@]}" -r requirements/test.txt -c requirements/constraints.txt
 fi
 "${pip[@]}" --no-deps -e .
-touch "$stamp"
+touch "$runtime_stamp" "$stamp"  # a test install is a runtime install too
