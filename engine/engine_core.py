@@ -85,18 +85,25 @@ class EngineCore:
     # ---- requests ------------------------------------------------------------------------------------------------
 
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None) -> str:
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        self.validate(prompt_token_ids, params, request_id)
-        ids = [int(t) for t in prompt_token_ids]  # numpy integers become plain ints once, here
-        req = Request(
-            request_id=request_id,
-            prompt_token_ids=ids,
-            params=params,
-            sampling=SamplingState.create(params),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
-        )
-        self.scheduler.add(req)
-        return request_id
+        return self.add_requests([(prompt_token_ids, params, request_id)])[0]
+
+    def add_requests(self, batch: Sequence[tuple[Sequence[int], SamplingParams, str | None]]) -> list[str]:
+        """Admit a batch all-or-nothing: every request is validated before any is queued."""
+        ids = [rid if rid is not None else f"req-{next(self._ids)}" for _, _, rid in batch]
+        if len(set(ids)) != len(ids):
+            raise InvalidRequestError("request ids within one batch must be distinct")
+        for (prompt, params, _), rid in zip(batch, ids):
+            self.validate(prompt, params, rid)
+        for (prompt, params, _), rid in zip(batch, ids):
+            tokens = [int(t) for t in prompt]  # numpy integers become plain ints once, here
+            self.scheduler.add(Request(
+                request_id=rid,
+                prompt_token_ids=tokens,
+                params=params,
+                sampling=SamplingState.create(params),
+                detokenizer=IncrementalDetokenizer(self.tokenizer, tokens, params.skip_special_tokens),
+            ))
+        return ids
 
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str) -> None:
         n = len(prompt_token_ids)
@@ -118,8 +125,8 @@ class EngineCore:
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of "
                 f"{self.max_model_len}; lower max_tokens to at most {self.max_model_len - n}"
             )
-        need = -(-(n + params.max_tokens) // self.kv_spec.block_size)
-        if need > self.kv_spec.num_blocks:
+        if not self.kv_manager.can_fit(n + params.max_tokens):
+            need = -(-(n + params.max_tokens) // self.kv_spec.block_size)
             raise OutOfKVCacheError(
                 f"request needs {need} KV blocks but the cache has {self.kv_spec.num_blocks}; "
                 "lower max_tokens or raise kv_cache_memory_bytes"

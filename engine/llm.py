@@ -58,12 +58,8 @@ class LLM:
         params_list = self._params_for(batch, params)
         token_lists = [self.encode(p) for p in batch]
         engine = self.engine
-        for i, (ids, sp) in enumerate(zip(token_lists, params_list)):
-            engine.validate(ids, sp, f"llm-{i}")  # all-or-nothing admission
-        ids_by_req = {}
-        for i, (ids, sp) in enumerate(zip(token_lists, params_list)):
-            rid = engine.add_request(ids, sp)
-            ids_by_req[rid] = i
+        rids = engine.add_requests([(ids, sp, None) for ids, sp in zip(token_lists, params_list)])  # all or nothing
+        ids_by_req = {rid: i for i, rid in enumerate(rids)}
         results: list[CompletionOutput | None] = [None] * len(batch)
         requests = {rid: engine.get_request(rid) for rid in ids_by_req}
         try:

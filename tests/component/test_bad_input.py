@@ -248,3 +248,9 @@ def test_numpy_integer_token_ids_are_accepted_as_ints(llm: LLM, reference: list[
         llm.engine.step()
     assert req.output_token_ids == reference
     assert_engine_clean_and_correct(llm, reference)
+
+
+def test_duplicate_ids_within_one_batch_admit_nothing(llm: LLM, reference: list[int]) -> None:
+    with pytest.raises(InvalidRequestError, match="distinct"):
+        llm.engine.add_requests([(REF_PROMPT, GREEDY, "same"), ([4, 5, 6], GREEDY, "same")])
+    assert_engine_clean_and_correct(llm, reference)
