@@ -5,8 +5,8 @@ default glibc serves those from fresh `mmap`s and hands them back on free (or
 trims the heap top), so the next step page-faults the same memory in again:
 elementwise ops then run at page-fault speed. Raising glibc's mmap and trim
 thresholds keeps that memory mapped and reused. Measured on SmolLM2-135M, bf16,
-2 cores: 512-token prefill ~1,250 -> ~1,800 tok/s, batch-1 decode ~46 -> ~58 tok/s
-(`benchmarks/engine_vs_transformers.py`; see docs/BENCHMARKS.md).
+2 cores, by `benchmarks/cpu_heap.py --rounds 3`: 512-token prefill 1.14x faster,
+batch-1 decode 1.05x (docs/BENCHMARKS.md).
 
 The price: the process's resident memory does not shrink after a peak, which is
 what a long-lived serving worker wants anyway (vLLM's CPU backend asks for

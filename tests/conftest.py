@@ -2,9 +2,9 @@
 
 - `gpu` tests skip cleanly without a CUDA device.
 - torch runs single-threaded in tests: on this shared 2-core machine, OpenMP's two
-  threads make tiny-model steps 50-100x slower whenever another process is busy
-  (measured: a 6-request batch 2.4 s with 2 threads vs 0.027 s with 1), and tests
-  measure behaviour, not speed. Benchmarks run with the default thread count.
+  threads stall tiny-model steps badly whenever another process is busy (seen while
+  developing, with other jobs on the cores), and tests measure behaviour, not speed.
+  Benchmarks run with the default thread count.
 """
 
 from __future__ import annotations
