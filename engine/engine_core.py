@@ -79,16 +79,26 @@ class EngineCore:
         self.max_model_len = cfg.max_position_embeddings
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self._ids = itertools.count()
+        self.leases: dict[str, Request] = {}  # prefill role: KV_LEASED requests by id
         log.info("engine ready: %s, %s, %d KV blocks of %d tokens", cfg.name or cfg.architecture, self.dtype,
                  num_blocks, cc.block_size)
 
     # ---- requests ------------------------------------------------------------------------------------------------
 
-    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None) -> str:
-        return self.add_requests([(prompt_token_ids, params, request_id)])[0]
+    def add_request(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
+        *, kv_handoff: bool = False,
+    ) -> str:
+        return self.add_requests([(prompt_token_ids, params, request_id)], kv_handoff=kv_handoff)[0]
 
-    def add_requests(self, batch: Sequence[tuple[Sequence[int], SamplingParams, str | None]]) -> list[str]:
-        """Admit a batch all-or-nothing: every request is validated before any is queued."""
+    def add_requests(
+        self, batch: Sequence[tuple[Sequence[int], SamplingParams, str | None]], *, kv_handoff: bool = False
+    ) -> list[str]:
+        """Admit a batch all-or-nothing: every request is validated before any is queued.
+
+        kv_handoff (prefill role): after token 1 the request stops here and its blocks stay
+        leased (status KV_LEASED) until `release_kv`; its StepOutput carries the block ids.
+        """
         ids = [rid if rid is not None else f"req-{next(self._ids)}" for _, _, rid in batch]
         if len(set(ids)) != len(ids):
             raise InvalidRequestError("request ids within one batch must be distinct")
@@ -96,14 +106,18 @@ class EngineCore:
             self.validate(prompt, params, rid)
         for (prompt, params, _), rid in zip(batch, ids):
             tokens = [int(t) for t in prompt]  # numpy integers become plain ints once, here
-            self.scheduler.add(Request(
-                request_id=rid,
-                prompt_token_ids=tokens,
-                params=params,
-                sampling=SamplingState.create(params),
-                detokenizer=IncrementalDetokenizer(self.tokenizer, tokens, params.skip_special_tokens),
-            ))
+            self.scheduler.add(self._new_request(rid, tokens, params, kv_handoff))
         return ids
+
+    def _new_request(self, rid: str, tokens: list[int], params: SamplingParams, kv_handoff: bool = False) -> Request:
+        return Request(
+            request_id=rid,
+            prompt_token_ids=tokens,
+            params=params,
+            sampling=SamplingState.create(params),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, tokens, params.skip_special_tokens),
+            kv_handoff=kv_handoff,
+        )
 
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str) -> None:
         n = len(prompt_token_ids)
@@ -131,11 +145,81 @@ class EngineCore:
                 f"request needs {need} KV blocks but the cache has {self.kv_spec.num_blocks}; "
                 "lower max_tokens or raise kv_cache_memory_bytes"
             )
-        if request_id in self.scheduler.requests:
+        if request_id in self.scheduler.requests or request_id in self.leases:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
 
     def abort_request(self, request_id: str) -> bool:
-        return self.scheduler.abort(request_id) is not None
+        """Abort in any state; a KV lease is released. Frees the blocks at once.
+
+        Decode role: never abort a request whose KV transfer may still be writing into
+        its blocks (poll the transfer out of PENDING first); the blocks would be reused.
+        """
+        return self.scheduler.abort(request_id) is not None or self.release_kv(request_id)
+
+    # ---- disaggregated roles ---------------------------------------------------------------------------------------
+    #
+    #   prefill: add_request(kv_handoff=True) -> step() ... token 1 -> StepOutput(kv_block_ids=...)
+    #            -> (decode pulls) -> release_kv(id)
+    #   decode:  add_remote_request(prompt, params, id, token 1)   (token 1 replayed, not re-sent)
+    #            -> allocate_remote_kv(id) -> (transfer into those blocks) -> finish_remote_kv(id)
+    #            -> step() decodes from token 2 on
+
+    def release_kv(self, request_id: str) -> bool:
+        """Prefill role: end a KV lease (decode pulled the blocks, or the lease expired)."""
+        req = self.leases.pop(request_id, None)
+        if req is None:
+            return False
+        self.kv_manager.free(request_id)
+        req.status = RequestStatus.FINISHED_LENGTH
+        return True
+
+    def add_remote_request(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str, first_token: int,
+    ) -> StepOutput:
+        """Decode role: admit a request whose prompt was prefilled elsewhere, with its token 1.
+
+        Token 1 goes through the same stop checks and detokenizer as any token (so the
+        text and state equal a single-engine run); its StepOutput is returned for the
+        caller to inspect, not to stream (the prefill side streamed it). A seeded
+        request's generator is advanced by the one draw token 1 took.
+        Returns with the request in WAITING_FOR_REMOTE_KV, or finished if token 1 ended it.
+        """
+        self.validate(prompt_token_ids, params, request_id)
+        if not 0 <= first_token < self.model_config.vocab_size:
+            raise InvalidRequestError(f"first token id {first_token} is outside the vocabulary")
+        req = self._new_request(request_id, [int(t) for t in prompt_token_ids], params)
+        self.scheduler.add_remote(req)
+        req.sampling.advance(self.model_config.vocab_size, self.device)
+        return self._append_token(req, int(first_token), None, time.monotonic())
+
+    def allocate_remote_kv(self, request_id: str) -> tuple[list[int], int] | None:
+        """Decode role: blocks for the prompt's KV, minus what the local prefix cache holds.
+
+        Returns (block ids to fill, index of the first one in the prompt's block list),
+        or None, changing nothing, while the pool cannot hold them (retry after a step).
+        """
+        req = self.scheduler.requests[request_id]
+        if req.status is not RequestStatus.WAITING_FOR_REMOTE_KV:
+            raise InvalidRequestError(f"request {request_id!r} is {req.status.name}, not waiting for remote KV")
+        n = req.num_prompt_tokens
+        hit = self.kv_manager.lookup_prefix(req.token_ids)  # prompt + token 1: may cover every full prompt block
+        blocks = self.kv_manager.allocate(request_id, req.token_ids, hit.num_tokens, n - hit.num_tokens, hit)
+        if blocks is None:
+            return None
+        req.num_cached_tokens = hit.num_tokens
+        return blocks[hit.num_blocks :], hit.num_blocks
+
+    def finish_remote_kv(self, request_id: str) -> None:
+        """Decode role: the prompt's KV has landed; the request joins the batch at token 2."""
+        req = self.scheduler.requests[request_id]
+        req.num_computed_tokens = req.num_prompt_tokens
+        self.kv_manager.commit(request_id, req.token_ids, req.num_computed_tokens)
+        self.scheduler.resume_remote(req)
+
+    def counts(self) -> tuple[int, int, int]:
+        """(running, waiting incl. waiting for remote KV, leased) requests."""
+        s = self.scheduler
+        return len(s.running), len(s.requests) - len(s.running), len(self.leases)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -202,9 +286,14 @@ class EngineCore:
             visible = len(req.text)
         delta = req.text[req.sent_text_len : visible]
         req.sent_text_len = visible
+        kv_block_ids = None
         if reason is not None:
             status = RequestStatus.FINISHED_LENGTH if reason is FinishReason.LENGTH else RequestStatus.FINISHED_STOPPED
             self.scheduler.finish(req, status, reason)
+        elif req.kv_handoff:
+            kv_block_ids = self.kv_manager.block_ids(req.request_id)
+            self.scheduler.hand_off(req)
+            self.leases[req.request_id] = req
         return StepOutput(
             request_id=req.request_id,
             new_token_ids=[tid],
@@ -213,6 +302,8 @@ class EngineCore:
             finish_reason=reason.value if reason is not None else None,
             stop_reason=req.stop_reason,
             new_logprobs=[lp] if lp is not None else [],
+            kv_block_ids=kv_block_ids,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
         )
 
     # ---- checks --------------------------------------------------------------------------------------------------
@@ -224,4 +315,6 @@ class EngineCore:
         """No request left anywhere, every block free, every ref count zero (tests call this after each scenario)."""
         if self.scheduler.has_unfinished() or self.scheduler.requests:
             raise AssertionError(f"requests still queued: {list(self.scheduler.requests.values())}")
+        if self.leases:
+            raise AssertionError(f"KV leases still held: {list(self.leases.values())}")
         self.kv_manager.leak_check()

@@ -18,6 +18,8 @@ class StepOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    kv_block_ids: list[int] | None = None  # prefill role: the leased blocks holding the prompt's KV
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (set with token 1)
 
 
 @dataclass

@@ -6,8 +6,13 @@ Life cycle (states are `RequestStatus`):
        ^                     │
        └──── PREEMPTED <─────┘  (blocks ran out: KV dropped, recomputed later)
 
-    WAITING_FOR_REMOTE_KV is reserved for a decode-role engine whose prompt KV
-    arrives from a prefill worker (the disaggregated-serving issue).
+    Disaggregated serving adds two roles (see EngineCore):
+
+    prefill:  WAITING ─> RUNNING ─token 1─> KV_LEASED ──release_kv──> (gone, blocks freed)
+              (the prompt's blocks stay held until decode has pulled them)
+    decode:   add_remote_request ─token 1 replayed─> WAITING_FOR_REMOTE_KV
+              ─allocate_remote_kv─> (blocks allocated, transfer in flight)
+              ─finish_remote_kv─> WAITING (prompt counted as computed) ─> RUNNING ...
 
 `token_ids` is prompt + output so far. `num_computed_tokens` counts tokens whose
 KV is in the cache; the scheduler hands out the next `num_tokens - num_computed`
@@ -29,6 +34,7 @@ from engine.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"
+    KV_LEASED = "kv_leased"  # prefill role: done computing, blocks held for a decode worker to pull
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED_STOPPED = "finished_stopped"
@@ -67,6 +73,7 @@ class Request:
     checked_text_len: int = 0  # characters of `text` already searched for stop strings
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     first_token_time: float | None = None
+    kv_handoff: bool = False  # prefill role: after token 1, keep the blocks leased instead of decoding on
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

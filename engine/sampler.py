@@ -73,6 +73,18 @@ class SamplingState:
             generator.manual_seed(params.seed)
         return cls(params=params, generator=generator)
 
+    def advance(self, vocab_size: int, device: torch.device) -> None:
+        """Consume the draw one sampled token takes, without sampling.
+
+        A decode-role engine replays the first token that a prefill worker sampled;
+        advancing here keeps a seeded request's later draws identical to a run in
+        which one engine sampled every token (the sampler draws one Exp(1) row of
+        `vocab_size` per seeded random row per step). Greedy and unseeded: no-op.
+        """
+        gen = self.generator_for(device)
+        if gen is not None and not self.params.greedy:
+            torch.empty(vocab_size, device=device).exponential_(generator=gen)
+
     def generator_for(self, device: torch.device) -> torch.Generator | None:
         """This request's generator on `device` (None when unseeded)."""
         if self.generator is None or device.type == "cpu":

@@ -78,6 +78,28 @@ class Scheduler:
         request.finish_reason = reason
         self.requests.pop(request.request_id, None)
 
+    def hand_off(self, request: Request) -> None:
+        """Prefill role: take a request out of the queues but keep its blocks (they are leased).
+
+        The engine now owns the lease; `KVCacheManager.free` ends it.
+        """
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = RequestStatus.KV_LEASED
+        self.requests.pop(request.request_id, None)
+
+    def add_remote(self, request: Request) -> None:
+        """Decode role: known, but not schedulable until its prompt KV has arrived."""
+        self.requests[request.request_id] = request
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+
+    def resume_remote(self, request: Request) -> None:
+        """Decode role: the prompt KV is in place; join the queue like any waiting request."""
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
     def abort(self, request_id: str) -> Request | None:
         request = self.requests.get(request_id)
         if request is not None:

@@ -1,0 +1,105 @@
+"""Typed messages that cross process boundaries (Ray calls between router and workers).
+
+msgspec Structs, no torch: the router imports this module, so it must stay light.
+Ray pickles them; `encode`/`decode` give a versioned msgpack form for anything that
+leaves Ray (logs, tests, other transports).
+
+    router --prefill(rid, prompt_ids, params)----------> P    returns PrefillResult
+           <---------------------------------------------      (first chunk + KVHandle)
+    router --decode(rid, prompt_ids, params, result)---> D    yields StreamChunk...
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+WIRE_VERSION = 1  # 1: first version (issue 3)
+
+
+class LogprobEntry(msgspec.Struct, frozen=True):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = []  # best first
+
+
+class StreamChunk(msgspec.Struct):
+    """One or more consecutive tokens of one request, as streamed by a worker."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str  # incremental text; never splits a multi-byte character
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: str | None = None  # the stop string or str(token id) that ended it
+    logprobs: list[LogprobEntry] = []
+    prompt_tokens: int = 0  # set on the last chunk
+    cached_tokens: int = 0  # prompt tokens served from a prefix cache (last chunk)
+    kv_transfer_s: float = 0.0  # decode: time spent pulling the KV cache (last chunk)
+    error: str | None = None  # message when finish_reason == "error"
+
+    def merge(self, other: StreamChunk) -> None:
+        """Append a later chunk of the same request to this one (streams coalesce under load)."""
+        self.token_ids.extend(other.token_ids)
+        self.text += other.text
+        self.logprobs.extend(other.logprobs)
+        for name in ("finished", "finish_reason", "stop_reason", "prompt_tokens", "cached_tokens", "kv_transfer_s",
+                     "error"):
+            value = getattr(other, name)
+            if value:
+                setattr(self, name, value)
+
+
+class KVHandle(msgspec.Struct, frozen=True):
+    """Where a prefill worker keeps a request's prompt KV until decode pulls it."""
+
+    agent_name: str  # the prefill worker's transport agent
+    block_ids: list[int]  # P's blocks, in token order
+    num_tokens: int  # prompt tokens whose KV those blocks hold
+    lease_s: float  # how long P keeps them after prefill, if nobody pulls or releases
+
+
+class PrefillResult(msgspec.Struct, frozen=True):
+    first: StreamChunk  # token 1; finished=True when it already ended the request
+    kv: KVHandle | None  # None when first.finished (P freed the blocks)
+    prefill_s: float  # P's time from receipt to token 1 (its own queueing included)
+    worker_id: str
+    cached_tokens: int = 0  # prompt tokens P found in its prefix cache
+
+
+class WorkerStatus(msgspec.Struct, frozen=True):
+    worker_id: str
+    role: str  # "prefill" | "decode" | "aggregated"
+    health: str  # "SERVING" | "NOT_SERVING"
+    kv_blocks_total: int
+    kv_blocks_free: int  # cached-but-evictable blocks count as free
+    running: int
+    waiting: int
+    leased: int  # prefill: prompts whose KV waits to be pulled
+    node_id: str
+    device: str
+    block_size: int
+    dtype: str
+    transfers_in_flight: int = 0  # decode: pulls not yet done
+
+
+class ModelInfo(msgspec.Struct, frozen=True):
+    name: str
+    fingerprint: str
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: list[int]
+    kv_capacity_tokens: int  # blocks * block_size of this worker's cache
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(obj: msgspec.Struct) -> bytes:
+    return _encoder.encode((WIRE_VERSION, obj))
+
+
+def decode(data: bytes, type_: type):
+    version, _ = msgspec.msgpack.decode(data, type=tuple[int, msgspec.Raw])
+    if version != WIRE_VERSION:
+        raise ValueError(f"wire version {version} is not supported (this side speaks {WIRE_VERSION})")
+    return msgspec.msgpack.decode(data, type=tuple[int, type_])[1]
