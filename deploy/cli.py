@@ -2,10 +2,16 @@
 
     tandem generate --offline [--model PATH] [--prompt TEXT | --chat TEXT]... [--max-tokens N]
                     [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--json]
+    tandem generate --server HOST:PORT [--prompt TEXT | --chat TEXT]... [sampling flags] [--json] [--timeout S]
+    tandem serve [--model PATH] [--port N] [--mode disaggregated|aggregated] [...]   (deploy/serve_cli.py)
 
-All prompts (`--prompt` and `--chat` may repeat and mix) run together as one
-batch. With --json, one JSON object per prompt per line, in the order given.
-Errors in the input print one line on stderr and exit with status 2.
+--offline runs every prompt (`--prompt` and `--chat` may repeat and mix) together
+as one batch in this process. --server sends them, one after the other, to a
+running router over gRPC (tandem_api.client; no torch in that path) and streams
+each text to stdout as it arrives. With --json, one JSON object per prompt per
+line, in the order given (with --server it also holds timings and the workers).
+Errors in the input print one line on stderr and exit with status 2; with
+--server, a server that cannot be reached or fails exits with status 1.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import logging
 import sys
 
+from deploy.serve_cli import add_serve_parser, run_serve
 from engine.errors import EngineError
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -32,8 +39,11 @@ class _Ordered(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem: disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(sub)
     g = sub.add_parser("generate", help="generate completions")
-    g.add_argument("--offline", action="store_true", help="run the engine in this process (no cluster)")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--offline", action="store_true", help="run the engine in this process (no cluster)")
+    where.add_argument("--server", metavar="HOST:PORT", default=None, help="send the prompts to a running router")
     g.add_argument("--model", default="", help="HF directory or .gguf file (default: the shipped SmolLM2-135M-Instruct)")
     g.add_argument("--prompt", action=_Ordered, dest="prompt", help="a text prompt (repeatable)")
     g.add_argument("--chat", action=_Ordered, dest="chat", help="a user message, rendered with the chat template (repeatable)")
@@ -51,23 +61,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="KV cache budget in bytes")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    g.add_argument("--timeout", type=float, default=None, help="--server: deadline per request, in seconds")
     g.add_argument("-v", "--verbose", action="store_true")
     g.set_defaults(inputs=None)
     return parser
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
-    if not args.offline:
-        print("error: only offline generation exists so far; pass --offline", file=sys.stderr)
+    if not args.offline and not args.server:
+        print("error: pass --offline (run the engine in this process) or --server HOST:PORT (a running router)",
+              file=sys.stderr)
         return 2
     inputs = args.inputs or [("chat", DEFAULT_PROMPT)]
-    params = SamplingParams(
+    params = SamplingParams(  # checked here too with --server: bad flags fail before any connection
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         min_p=args.min_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs,
     )
+    if args.server:
+        if args.model:
+            print("error: --model applies to --offline only; the server's model is chosen when it starts",
+                  file=sys.stderr)
+            return 2
+        return _generate_remote(args, inputs, params)
+    from engine.llm import LLM  # imports torch: only on the offline path
     llm = LLM(args.model or None, dtype=args.dtype, device=args.device, block_size=args.block_size,
               kv_cache_memory_bytes=args.kv_cache_memory, seed=args.seed or 0)
     prompts = [[{"role": "user", "content": text}] if kind == "chat" else text for kind, text in inputs]
@@ -80,6 +98,60 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_remote(args: argparse.Namespace, inputs: list[tuple[str, str]], params) -> int:
+    """--server: one request per input, in order; text streamed, or one JSON line per input."""
+    import grpc
+
+    from tandem_api.client import TandemClient
+    from tandem_api.v1 import generation_pb2 as pb
+
+    sampling = {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
+                "top_k": params.top_k, "min_p": params.min_p, "seed": params.seed, "stop": list(params.stop),
+                "ignore_eos": params.ignore_eos, "logprobs": params.logprobs}
+    with TandemClient(args.server) as client:
+        for kind, text in inputs:
+            source = {"chat": [{"role": "user", "content": text}]} if kind == "chat" else {"prompt": text}
+            ids: list[int] = []
+            texts: list[str] = []
+            logprobs: list[dict] = []
+            first = last = None
+            if not args.json:
+                print(f"### {kind}: {text}", flush=True)
+            try:
+                for last in client.generate(**source, timeout=args.timeout, **sampling):
+                    first = first or last
+                    ids.extend(last.token_ids)
+                    texts.append(last.text)
+                    logprobs.extend({"token_id": lp.token_id, "logprob": lp.logprob,
+                                     "top": [[t.token_id, t.logprob] for t in lp.top]} for lp in last.logprobs)
+                    if not args.json:
+                        print(last.text, end="", flush=True)
+            except grpc.RpcError as e:
+                if not args.json:
+                    print(flush=True)
+                print(f"error: {e.details()} ({e.code().name})", file=sys.stderr)
+                bad_input = e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
+                return 2 if bad_input else 1
+            if last is None:
+                print("error: the server ended the stream without a response", file=sys.stderr)
+                return 1
+            reason = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+            if not args.json:
+                print(f"\n[{reason}, {len(ids)} tokens]\n", flush=True)
+                continue
+            t = last.timings
+            record = {"request_id": last.request_id, "token_ids": ids, "text": "".join(texts), "finish_reason": reason,
+                      "stop_reason": last.stop_reason or None, "prompt_tokens": last.usage.prompt_tokens,
+                      "completion_tokens": last.usage.completion_tokens, "cached_tokens": last.usage.cached_tokens,
+                      "timings": {"time_to_first_token_s": t.time_to_first_token_s, "total_s": t.total_s,
+                                  "queue_s": t.queue_s, "prefill_s": t.prefill_s, "kv_transfer_s": t.kv_transfer_s},
+                      "prefill_worker": first.prefill_worker, "decode_worker": first.decode_worker}
+            if params.logprobs is not None:
+                record["logprobs"] = logprobs
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
@@ -87,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            return run_serve(args)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,190 @@
+"""DecodeWorker: the Ray actor around an EngineCore in the decode role.
+
+Life cycle of a request inside a decode worker (`decode()` is a Ray streaming
+generator; the router iterates it):
+
+1. Replay. `add_remote_request` registers the request (WAITING_FOR_REMOTE_KV) and
+   runs token 1, sampled by the prefill worker, through the same detokenizer and
+   stop checks, so state and text equal a single-engine run. Token 1 is not
+   streamed again (the router already sent it).
+2. Admission. `allocate_remote_kv` takes blocks for the prompt, minus what this
+   worker's own prefix cache already holds. Blocks are taken from the pool at
+   once, so KV in flight is counted against admission. If the pool cannot hold
+   them, the request waits for a finish, up to `admission_timeout_s`.
+3. Pull. A plan (pure, from P's layout and ours) becomes one READ over the KV
+   transport, notification = request id, polled until DONE (at most
+   `transfer_timeout_s`). The notification tells P to end its lease.
+4. Join. `finish_remote_kv` counts the prompt as computed; the request joins the
+   running batch at token 2 and its chunks stream back to the router.
+5. Cancel or failure at any point: a transfer in flight is waited out of PENDING
+   (or times out) and released BEFORE the blocks are freed, so memory NIXL may
+   still write into is never handed to another request. Errors are typed
+   (`common.errors`); the router turns them into gRPC statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+
+from common.errors import AdmissionTimeoutError, KVTransferFailedError
+from common.wire import ModelInfo, PrefillResult, StreamChunk, WorkerStatus
+from engine.sampling_params import SamplingParams
+from worker_core.host import WorkerHost, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+MAX_REMEMBERED_ABORTS = 4096
+POLL_S = 0.0002  # transfer poll period (a 512-token SmolLM2 prompt moves in ~2-3 ms)
+
+
+class DecodeWorker:
+    def __init__(self, settings: WorkerSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        if settings.role not in ("decode", "aggregated"):
+            raise ValueError(f"DecodeWorker needs role 'decode' or 'aggregated', got {settings.role!r}")
+        self.host = WorkerHost(settings)
+        self.settings = settings
+        self.clock = clock
+        self._peer_layouts: dict = {}  # P's agent name -> KVLayout (from its handshake)
+        self._pulling: set[str] = set()  # request ids with a transfer in flight
+        self._aborted: OrderedDict[str, None] = OrderedDict()  # aborted while pulling or before arriving
+
+    # ---- requests -----------------------------------------------------------------------------------------------
+
+    async def decode(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prefill: PrefillResult
+    ) -> AsyncIterator[StreamChunk]:
+        await self.host.start()
+        engine = self.host.engine
+        if prefill.kv is None or prefill.first.finished:
+            return  # token 1 ended it on P: nothing to decode
+        if self._aborted.pop(request_id, 0) is None:
+            return  # the router gave up on it before this call arrived
+        stream = engine.open_stream(request_id)
+        try:
+            first = prefill.first.token_ids[0]
+            replay = await engine.call(lambda c: c.add_remote_request(prompt_ids, params, request_id, first))
+            if replay.finished:
+                return
+            t0 = self.clock()
+            await self._admit_and_pull(request_id, prefill)
+            if self._aborted.pop(request_id, 0) is None:
+                return  # aborted mid-pull: the finally frees the blocks now that the transfer is released
+            extra = {"kv_transfer_s": self.clock() - t0, "cached_tokens": prefill.cached_tokens}
+            await engine.call(lambda c: c.finish_remote_kv(request_id))
+            async for chunk in self.host.chunks(stream, len(prompt_ids), extra):
+                yield chunk
+        finally:
+            await self.host.finish_stream(request_id)
+
+    async def _admit_and_pull(self, request_id: str, prefill: PrefillResult) -> None:
+        engine = self.host.engine
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.admission_timeout_s
+        while True:
+            slots = await engine.call(lambda c: c.allocate_remote_kv(request_id))
+            if slots is not None:
+                break
+            left = deadline - loop.time()
+            if left <= 0 or not await engine.wait_capacity(left):
+                raise AdmissionTimeoutError(
+                    f"decode worker {self.host.worker_id} could not free KV blocks for {request_id} within "
+                    f"{self.settings.admission_timeout_s:.0f} s; add decode capacity or lower max_tokens"
+                )
+        dst_blocks, start = slots
+        await self._pull(request_id, prefill, prefill.kv.block_ids[start:], dst_blocks)
+
+    async def _pull(self, request_id: str, prefill: PrefillResult, src_blocks: list[int], dst_blocks: list[int]) -> None:
+        from kv_transfer import TransferOp, TransferState, plan_transfer
+
+        if not dst_blocks:
+            return  # the local prefix cache held the whole prompt
+        transport, kv = self.host.transport, prefill.kv
+        src_layout = self._peer_layouts.get(kv.agent_name)
+        if transport is None or src_layout is None:
+            raise KVTransferFailedError(
+                f"decode worker {self.host.worker_id} has no handshake with prefill agent {kv.agent_name!r}")
+        plan = plan_transfer(src_layout, self.host.layout, src_blocks, dst_blocks)
+        handle = transport.submit(plan, TransferOp.READ, kv.agent_name, notify=request_id.encode())
+        self._pulling.add(request_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.transfer_timeout_s
+        cancelled: asyncio.CancelledError | None = None
+        try:
+            state = transport.poll(handle)
+            while state is TransferState.PENDING and loop.time() < deadline:
+                try:
+                    await asyncio.sleep(POLL_S)
+                except asyncio.CancelledError as e:
+                    # Keep polling: the destination blocks must not be freed while the READ may
+                    # still write into them. Bounded by the transfer deadline.
+                    cancelled = e
+                state = transport.poll(handle)
+        finally:
+            transport.release(handle)  # before anyone can free the destination blocks
+            self._pulling.discard(request_id)
+        if cancelled is not None:
+            raise cancelled
+        if state is not TransferState.DONE:
+            what = "timed out" if state is TransferState.PENDING else "failed"
+            raise KVTransferFailedError(
+                f"KV pull of {len(dst_blocks)} blocks for {request_id} from {kv.agent_name} {what}")
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort in any state. A request mid-pull is aborted by cancelling its `decode` stream instead."""
+        await self.host.start()
+        if request_id in self._pulling:
+            self._aborted[request_id] = None  # the stream frees it once the transfer is out of PENDING
+            return True
+        aborted = await self.host.engine.abort(request_id)
+        if not aborted:  # not here (yet): refuse it if its decode call arrives later
+            self._aborted[request_id] = None
+            while len(self._aborted) > MAX_REMEMBERED_ABORTS:
+                self._aborted.popitem(last=False)
+        return aborted
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamChunk]:
+        """Aggregated mode: prefill and decode here."""
+        async for chunk in self.host.generate(request_id, prompt_ids, params):
+            yield chunk
+
+    # ---- facts, peers, checks -----------------------------------------------------------------------------------
+
+    async def ready(self) -> WorkerStatus:
+        await self.host.start()
+        return await self.status()
+
+    async def status(self) -> WorkerStatus:
+        return await self.host.status(transfers_in_flight=len(self._pulling))
+
+    async def model_info(self) -> ModelInfo:
+        return self.host.model_info()
+
+    async def get_tokenizer(self):
+        return self.host.core.tokenizer
+
+    async def handshake_payload(self) -> bytes:
+        return self.host.handshake_payload()
+
+    async def add_peer(self, payload: bytes) -> str:
+        from kv_transfer import decode_handshake
+
+        name = self.host.add_peer(payload)  # refuses an incompatible peer, naming the mismatch
+        self._peer_layouts[name] = decode_handshake(payload).layout
+        return name
+
+    async def check_integrity(self) -> None:
+        await self.host.check_integrity()
+
+    async def leak_check(self) -> None:
+        await self.host.leak_check()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        return await self.host.wait_idle(timeout_s, extra_busy=lambda: bool(self._pulling))
+
+    async def shutdown(self) -> None:
+        self.host.close()
+

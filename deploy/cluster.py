@@ -1,0 +1,197 @@
+"""Starting and stopping the worker pools on Ray.
+
+    Cluster.start(config)
+      1. ray.init(): a local Ray in this process by default, or join `ray_address`
+         / RAY_ADDRESS / "auto" (ray job submit sets it) when given
+      2. one actor per worker (PrefillWorker / DecodeWorker), placed by Ray with the
+         pool's num_cpus / num_gpus / custom resources / label_selector
+      3. ready(): every engine loaded (in parallel), model fingerprints agree
+      4. disaggregated: every (P, D) pair exchanges handshakes both ways; a pair
+         whose model, dtype or layout cannot match is refused here, before traffic
+    Cluster.shutdown(): actors killed, Ray disconnected (and stopped if we started it)
+
+Actors are owned by this driver: if the driver dies (Ctrl-C, `ray job stop`), Ray
+reclaims them, so nothing outlives the process that served.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import ray
+
+from common.wire import ModelInfo, WorkerStatus
+from deploy.config import PoolConfig, ServeConfig
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.errors import ConfigError
+from worker_core.host import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 600.0  # model load on a cold node
+
+
+@dataclass
+class WorkerHandle:
+    worker_id: str
+    role: str
+    actor: ray.actor.ActorHandle
+
+
+@dataclass
+class Cluster:
+    config: ServeConfig
+    prefill: list[WorkerHandle] = field(default_factory=list)
+    decode: list[WorkerHandle] = field(default_factory=list)
+    model: ModelInfo | None = None
+    infos: list[ModelInfo] = field(default_factory=list)
+    tokenizer: object = None
+    started_ray: bool = False
+
+    @property
+    def workers(self) -> list[WorkerHandle]:
+        return self.prefill + self.decode
+
+    # ---- start --------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, config: ServeConfig) -> Cluster:
+        config = config.validate()
+        cluster = cls(config)
+        cluster.started_ray = _init_ray(config)
+        try:
+            cluster._create_workers()
+            cluster._wait_ready()
+            if config.mode == "disaggregated":
+                cluster._handshake()
+        except BaseException:
+            cluster.shutdown()
+            raise
+        return cluster
+
+    def _create_workers(self) -> None:
+        cfg = self.config
+        disagg = cfg.mode == "disaggregated"
+        for pool_name, pool, cls_path in (("prefill", cfg.prefill, "prefill"), ("decode", cfg.decode, "decode")):
+            role = pool_name if disagg else "aggregated"
+            for i in range(pool.replicas):
+                wid = f"{pool_name}-{i}" if disagg else f"worker-{pool_name}-{i}"
+                settings = self._settings(wid, role, pool)
+                actor = _actor_class(cls_path if disagg else "decode").options(
+                    name=f"tandem-{wid}", namespace=cfg.ray_namespace, lifetime=None,
+                    num_cpus=pool.num_cpus, num_gpus=pool.gpus, resources=dict(pool.resources) or None,
+                    label_selector=dict(pool.label_selector) or None, max_concurrency=1000,
+                    runtime_env={"env_vars": _worker_env(cfg)},
+                ).remote(settings)
+                (self.prefill if pool_name == "prefill" else self.decode).append(WorkerHandle(wid, role, actor))
+
+    def _settings(self, wid: str, role: str, pool: PoolConfig) -> WorkerSettings:
+        t = self.config.transport
+        return WorkerSettings(
+            worker_id=wid, role=role,
+            engine=EngineConfig(
+                model=self.config.model, dtype=pool.dtype, device=pool.device, seed=self.config.seed,
+                cache=CacheConfig(block_size=pool.block_size, kv_cache_memory_bytes=pool.kv_cache_bytes,
+                                  enable_prefix_caching=pool.enable_prefix_caching),
+                scheduler=SchedulerConfig(max_num_batched_tokens=pool.max_num_batched_tokens,
+                                          max_num_seqs=pool.max_num_seqs),
+            ),
+            transport="nixl" if role != "aggregated" else "none",
+            nixl_backend=t.nixl_backend, nixl_progress_thread=t.progress_thread,
+            lease_s=t.lease_s, transfer_timeout_s=t.transfer_timeout_s, admission_timeout_s=t.admission_timeout_s,
+            num_threads=pool.num_threads,
+        )
+
+    def _wait_ready(self) -> None:
+        statuses: list[WorkerStatus] = ray.get([w.actor.ready.remote() for w in self.workers], timeout=READY_TIMEOUT_S)
+        infos: list[ModelInfo] = ray.get([w.actor.model_info.remote() for w in self.workers])
+        prints = {i.fingerprint for i in infos}
+        if len(prints) != 1:
+            raise ConfigError(f"workers loaded different models (fingerprints {sorted(prints)}); use one model")
+        # the router validates against the smallest cache, so every worker can hold any accepted request
+        self.infos = infos
+        self.model = min(infos, key=lambda i: i.kv_capacity_tokens)
+        self.tokenizer = ray.get(self.workers[0].actor.get_tokenizer.remote())
+        for s in statuses:
+            log.info("worker %s (%s) ready on %s: %d KV blocks of %d, %s", s.worker_id, s.role, s.device,
+                     s.kv_blocks_total, s.block_size, s.dtype)
+
+    def _handshake(self) -> None:
+        p_payloads = ray.get([p.actor.handshake_payload.remote() for p in self.prefill])
+        d_payloads = ray.get([d.actor.handshake_payload.remote() for d in self.decode])
+        calls = [d.actor.add_peer.remote(pp) for d in self.decode for pp in p_payloads]
+        calls += [p.actor.add_peer.remote(dp) for p in self.prefill for dp in d_payloads]
+        ray.get(calls)  # an incompatible pair raises IncompatiblePeerError naming the mismatch
+
+    # ---- run time -----------------------------------------------------------------------------------------------
+
+    def topology(self) -> str:
+        cfg = self.config
+        if cfg.mode == "aggregated":
+            return f"{len(self.workers)}A(tp1,pp1)"
+        return f"{len(self.prefill)}P(tp1,pp1) x {len(self.decode)}D(tp1,pp1)"
+
+    def check_pools(self, timeout_s: float = 30.0) -> None:
+        """Wait until every worker is idle, then check integrity and leaks everywhere (tests, admin)."""
+        idle = ray.get([w.actor.wait_idle.remote(timeout_s) for w in self.workers])
+        busy = [w.worker_id for w, ok in zip(self.workers, idle) if not ok]
+        if busy:
+            raise AssertionError(f"workers still busy after {timeout_s} s: {busy}")
+        ray.get([w.actor.leak_check.remote() for w in self.workers])
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            try:
+                ray.get(w.actor.shutdown.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - best effort; the kill below is what counts
+                pass
+            try:
+                ray.kill(w.actor)
+            except Exception:  # noqa: BLE001
+                pass
+        self.prefill.clear()
+        self.decode.clear()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _actor_class(role: str):
+    if role == "prefill":
+        from prefill_worker.worker import PrefillWorker
+
+        return ray.remote(PrefillWorker)
+    from decode_worker.worker import DecodeWorker
+
+    return ray.remote(DecodeWorker)
+
+
+def _worker_env(cfg: ServeConfig) -> dict[str, str]:
+    env = {"TANDEM_KEEP_HEAP": os.environ.get("TANDEM_KEEP_HEAP", "1")}
+    t = cfg.transport
+    if t.ucx_tls:
+        env["UCX_TLS"] = t.ucx_tls
+    if t.ucx_net_devices:
+        env["UCX_NET_DEVICES"] = t.ucx_net_devices
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "UCX_TLS", "UCX_NET_DEVICES"):
+        if key in os.environ and key not in env:
+            env[key] = os.environ[key]
+    return env
+
+
+def _init_ray(cfg: ServeConfig) -> bool:
+    """Connect to Ray; True when this call started a local instance (we then own its shutdown)."""
+    if ray.is_initialized():
+        return False
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=cfg.ray_namespace, logging_level=logging.WARNING)
+        return False
+    need_cpus = sum(p.num_cpus * p.replicas for p in (cfg.prefill, cfg.decode))
+    ray.init(
+        namespace=cfg.ray_namespace, include_dashboard=False, logging_level=logging.WARNING,
+        num_cpus=max(os.cpu_count() or 1, int(need_cpus + 0.999)),
+        _node_ip_address="127.0.0.1",
+    )
+    return True

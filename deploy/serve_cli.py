@@ -1,0 +1,65 @@
+"""`tandem serve` flags: every common setting without writing a file.
+
+    tandem serve [--config FILE] [--model PATH] [--host H] [--port N]
+                 [--mode disaggregated|aggregated] [--prefill-replicas N] [--decode-replicas N]
+                 [--block-size N] [--dtype D] [--kv-cache-memory SIZE] [--device D]
+                 [--policy round_robin|least_loaded] [--max-inflight N] [--lease-s S]
+                 [--ray-address HOST:PORT] [--print-config]
+
+Flags override the file; the file overrides the defaults (deploy/config.py).
+`--ray-address` (or RAY_ADDRESS) joins an existing Ray cluster instead of starting one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from deploy.config import ServeConfig, dump_config, load_config, parse_size, with_overrides
+
+
+def add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="start the cluster and the gRPC front door (Ctrl-C to stop)")
+    s.add_argument("--config", help="YAML/JSON/TOML ServeConfig file (see deploy/config.py)")
+    s.add_argument("--model", help="HF directory or .gguf file (default: the shipped SmolLM2-135M-Instruct)")
+    s.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    s.add_argument("--mode", choices=["disaggregated", "aggregated"])
+    s.add_argument("--prefill-replicas", type=int)
+    s.add_argument("--decode-replicas", type=int)
+    s.add_argument("--block-size", type=int, help="KV block size of both pools")
+    s.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    s.add_argument("--kv-cache-memory", type=parse_size, metavar="SIZE", help="KV cache per worker, e.g. 256MiB")
+    s.add_argument("--device", help="cpu or cuda (both pools)")
+    s.add_argument("--policy", choices=["round_robin", "least_loaded"])
+    s.add_argument("--max-inflight", type=int, help="requests in flight before RESOURCE_EXHAUSTED")
+    s.add_argument("--lease-s", type=float, help="seconds prefill keeps a prompt's KV for decode to pull")
+    s.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
+                   help="join an existing Ray cluster (default: $RAY_ADDRESS, else start a local one)")
+    s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    s.add_argument("-v", "--verbose", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    base = load_config(args.config) if args.config else ServeConfig()
+    return with_overrides(
+        base,
+        model=args.model, mode=args.mode, ray_address=args.ray_address,
+        **{
+            "router.host": args.host, "router.port": args.port, "router.policy": args.policy,
+            "router.max_inflight": args.max_inflight, "transport.lease_s": args.lease_s,
+            "prefill.replicas": args.prefill_replicas, "decode.replicas": args.decode_replicas,
+            "both.block_size": args.block_size, "both.dtype": args.dtype, "both.device": args.device,
+            "both.kv_cache_memory": args.kv_cache_memory,
+        },
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if args.print_config:
+        print(dump_config(config))
+        return 0
+    from deploy.serve import serve_forever  # Ray and the router load only when serving
+
+    return serve_forever(config)

@@ -1,0 +1,183 @@
+"""PrefillWorker: the Ray actor around an EngineCore in the prefill role.
+
+Life cycle of a request inside a prefill worker:
+
+1. `prefill(id, prompt_ids, params)` adds it with `kv_handoff=True`. It queues with
+   every other prompt (token budget, chunked prefill, prefix cache as usual).
+2. The step that computes the last prompt token samples token 1, through the usual
+   stop checks. If token 1 already ends the request (EOS, max_tokens=1, a stop
+   string), its blocks are freed at once and the result carries no KV handle.
+3. Otherwise the prompt's blocks become a lease (engine state KV_LEASED, blocks
+   untouchable) and `PrefillResult(token 1, KVHandle(block ids))` goes back to
+   the router, which streams token 1 to the client without waiting any further.
+4. The decode worker READs the blocks over the KV transport with notification =
+   request id. The notification ends the lease: blocks go back to the pool, the
+   full ones stay in the prefix cache.
+5. A lease nobody pulls ends after `lease_s` (default 30 s): decode died, or the
+   client went away. The router also calls `release(id)` on any failure or cancel.
+   `abort(id)` frees everything in any state.
+
+Housekeeping (notifications + lease expiry) runs as one asyncio task that polls
+only while leases exist. Time comes from an injected clock, so tests drive expiry
+by calling `reap_expired()` instead of waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from common.wire import KVHandle, ModelInfo, PrefillResult, StreamChunk, WorkerStatus
+from engine.sampling_params import SamplingParams
+from worker_core.host import WorkerHost, WorkerSettings, to_chunk
+
+log = logging.getLogger(__name__)
+
+NOTIFY_POLL_S = 0.001  # notification poll period while leases are outstanding
+
+
+class PrefillWorker:
+    def __init__(self, settings: WorkerSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        if settings.role != "prefill":
+            raise ValueError(f"PrefillWorker needs role 'prefill', got {settings.role!r}")
+        self.host = WorkerHost(settings)
+        self.clock = clock
+        self.lease_s = settings.lease_s
+        self._leases: dict[str, float] = {}  # request id -> expiry (clock time)
+        self._lease_added = asyncio.Event()
+        self._housekeeper: asyncio.Task | None = None
+        self.expired_leases = 0  # leases ended by expiry, not by a pull (observability)
+
+    async def _start(self) -> None:
+        await self.host.start()
+        if self._housekeeper is None:
+            self._lease_added = asyncio.Event()
+            self._housekeeper = asyncio.get_running_loop().create_task(self._housekeeping())
+
+    # ---- requests -----------------------------------------------------------------------------------------------
+
+    async def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> PrefillResult:
+        await self._start()
+        t0 = self.clock()
+        engine = self.host.engine
+        stream = engine.open_stream(request_id)
+        try:
+            await engine.call(lambda c: c.add_request(prompt_ids, params, request_id, kv_handoff=True))
+            out = await stream.get()
+            if isinstance(out, BaseException):
+                raise out
+        except BaseException:
+            engine.close_stream(request_id)
+            await self._abort_quietly(request_id)
+            raise
+        engine.close_stream(request_id)
+        first = to_chunk(out)
+        first.prompt_tokens = len(prompt_ids)
+        first.cached_tokens = out.num_cached_tokens
+        kv = None
+        if out.kv_block_ids is not None:
+            self._leases[request_id] = self.clock() + self.lease_s
+            self._lease_added.set()
+            kv = KVHandle(self.host.transport.agent_name, list(out.kv_block_ids), len(prompt_ids), self.lease_s)
+        return PrefillResult(first=first, kv=kv, prefill_s=self.clock() - t0, worker_id=self.host.worker_id,
+                             cached_tokens=out.num_cached_tokens)
+
+    async def release(self, request_id: str) -> bool:
+        """End a lease (idempotent); False if there was none."""
+        await self._start()
+        self._leases.pop(request_id, None)
+        released = await self.host.engine.call(lambda c: c.release_kv(request_id))
+        if released:
+            self.host.engine.notify_capacity()
+        return released
+
+    async def abort(self, request_id: str) -> bool:
+        await self._start()
+        self._leases.pop(request_id, None)
+        return await self.host.engine.abort(request_id)
+
+    async def _abort_quietly(self, request_id: str) -> None:
+        try:
+            await self.abort(request_id)
+        except Exception:  # noqa: BLE001 - cleanup after another failure; the first error is what matters
+            log.warning("abort of %s after a failed prefill failed too", request_id, exc_info=True)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamChunk]:
+        """Aggregated use of a prefill worker: the whole request here (conditional disaggregation)."""
+        await self._start()
+        async for chunk in self.host.generate(request_id, prompt_ids, params):
+            yield chunk
+
+    # ---- leases -------------------------------------------------------------------------------------------------
+
+    async def reap_expired(self) -> list[str]:
+        """Release every lease past its expiry; returns their ids."""
+        now = self.clock()
+        expired = [rid for rid, deadline in self._leases.items() if deadline <= now]
+        for rid in expired:
+            log.warning("KV lease of %s expired after %.1f s without a pull; releasing", rid, self.lease_s)
+            self.expired_leases += 1
+            await self.release(rid)
+        return expired
+
+    async def _handle_notifications(self) -> None:
+        transport = self.host.transport
+        if transport is None:
+            return
+        for _peer, payload in transport.notifications():
+            rid = payload.decode("utf-8", "replace")
+            if rid in self._leases:
+                await self.release(rid)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            try:
+                if not self._leases:
+                    self._lease_added.clear()
+                    await self._lease_added.wait()
+                await self._handle_notifications()
+                await self.reap_expired()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - housekeeping must outlive one bad notification
+                log.exception("prefill housekeeping failed; continuing")
+            await asyncio.sleep(NOTIFY_POLL_S)
+
+    # ---- facts, peers, checks -----------------------------------------------------------------------------------
+
+    async def ready(self) -> WorkerStatus:
+        await self._start()
+        return await self.status()
+
+    async def status(self) -> WorkerStatus:
+        await self._start()
+        return await self.host.status()
+
+    async def model_info(self) -> ModelInfo:
+        return self.host.model_info()
+
+    async def get_tokenizer(self):
+        return self.host.core.tokenizer
+
+    async def handshake_payload(self) -> bytes:
+        return self.host.handshake_payload()
+
+    async def add_peer(self, payload: bytes) -> str:
+        return self.host.add_peer(payload)
+
+    async def check_integrity(self) -> None:
+        await self.host.check_integrity()
+
+    async def leak_check(self) -> None:
+        await self.host.leak_check()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        await self._start()
+        return await self.host.wait_idle(timeout_s)
+
+    async def shutdown(self) -> None:
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+        self.host.close()

@@ -1,0 +1,114 @@
+"""Turning worker messages (common.wire) into tandem.v1 responses.
+
+- `chunk_response(chunk, worker_id)`: one `StreamChunk` -> one `GenerateResponse`.
+  A chunk that reports a failure (`error` set or finish_reason "error") raises
+  `WorkerFailedError` instead: failures travel as gRPC statuses, never as a
+  response with FINISH_REASON_ERROR (see router/server.py).
+- `RequestTrace`: clock readings and counters of one request; `finish()` writes
+  `usage` and `timings` into the last response.
+- `ServerFacts` (what deploy knows: model, mode, topology, versions) +
+  worker statuses -> `ServerInfo`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from common.wire import LogprobEntry, StreamChunk
+from router.errors import WorkerFailedError, one_line
+from router.pools import WorkerReport
+from tandem_api.v1 import generation_pb2 as pb
+
+API_VERSION = "tandem.v1"
+FINISH_REASONS = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "abort": pb.FINISH_REASON_ABORT,
+}
+
+
+def _logprob(entry: LogprobEntry) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=entry.token_id, logprob=entry.logprob,
+                           top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in entry.top])
+
+
+def chunk_response(chunk: StreamChunk, worker_id: str) -> pb.GenerateResponse:
+    """The response for one chunk; `WorkerFailedError` if the chunk reports a failure."""
+    if chunk.error is not None or chunk.finish_reason == "error":
+        raise WorkerFailedError(f"worker {worker_id} failed the request: {one_line(chunk.error or 'no message')}",
+                                worker_id)
+    response = pb.GenerateResponse(request_id=chunk.request_id, token_ids=chunk.token_ids, text=chunk.text,
+                                   logprobs=[_logprob(e) for e in chunk.logprobs])
+    if chunk.finished:
+        reason = FINISH_REASONS.get(chunk.finish_reason or "")
+        if reason is None:
+            raise WorkerFailedError(f"worker {worker_id} finished the request with an unknown finish_reason "
+                                    f"{chunk.finish_reason!r}", worker_id)
+        response.finish_reason = reason
+        response.stop_reason = chunk.stop_reason or ""
+    return response
+
+
+@dataclass
+class RequestTrace:
+    """What the router measured and counted for one request (all times from the injected clock)."""
+
+    received: float
+    prompt_tokens: int
+    dispatched: float | None = None  # first worker call issued
+    first_sent: float | None = None  # first response handed to gRPC
+    prefill_s: float = 0.0
+    kv_transfer_s: float = 0.0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+    def count(self, chunk: StreamChunk) -> None:
+        self.completion_tokens += len(chunk.token_ids)
+        self.kv_transfer_s = max(self.kv_transfer_s, chunk.kv_transfer_s)
+        self.cached_tokens = max(self.cached_tokens, chunk.cached_tokens)
+
+    def finish(self, response: pb.GenerateResponse, now: float) -> None:
+        first = self.first_sent if self.first_sent is not None else now
+        dispatched = self.dispatched if self.dispatched is not None else self.received
+        response.usage.CopyFrom(pb.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                                         cached_tokens=self.cached_tokens))
+        response.timings.CopyFrom(pb.Timings(
+            time_to_first_token_s=first - self.received, total_s=now - self.received,
+            queue_s=dispatched - self.received, prefill_s=self.prefill_s, kv_transfer_s=self.kv_transfer_s,
+        ))
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    """What deploy knows about the running cluster (returned by the `ServerInfoSource` callable)."""
+
+    model: str
+    model_fingerprint: str
+    mode: str  # "disaggregated" | "aggregated"
+    topology: str  # e.g. "1P(tp1,pp1) x 1D(tp1,pp1)"
+    version: str  # tandem version
+    kv_transport: str  # "nixl" | "none"
+    max_model_len: int
+    vocab_size: int
+    versions: Mapping[str, str] = field(default_factory=dict)  # component -> version
+
+
+def worker_info(report: WorkerReport) -> pb.WorkerInfo:
+    s = report.status
+    if s is None:
+        return pb.WorkerInfo(worker_id=report.worker_id, role=report.role, health="UNKNOWN")
+    return pb.WorkerInfo(
+        worker_id=s.worker_id, role=s.role, health=s.health, kv_blocks_total=s.kv_blocks_total,
+        kv_blocks_free=s.kv_blocks_free, running_requests=s.running, waiting_requests=s.waiting,
+        leased_requests=s.leased, node_id=s.node_id, device=s.device, block_size=s.block_size, dtype=s.dtype,
+    )
+
+
+def server_info(facts: ServerFacts, reports: Sequence[WorkerReport]) -> pb.ServerInfo:
+    return pb.ServerInfo(
+        model=facts.model, model_fingerprint=facts.model_fingerprint, mode=facts.mode, topology=facts.topology,
+        version=facts.version, api_version=API_VERSION, kv_transport=facts.kv_transport,
+        versions=dict(facts.versions), max_model_len=facts.max_model_len, vocab_size=facts.vocab_size,
+        workers=[worker_info(r) for r in reports],
+    )

@@ -1,0 +1,314 @@
+"""The gRPC front door: `GenerationService` (tandem.v1.Generation) and `build_server`.
+
+Life of one Generate call:
+
+    1. admission     not serving yet -> UNAVAILABLE; `max_inflight` requests already
+                     in flight -> RESOURCE_EXHAUSTED ("... retry later")
+    2. validation    RequestValidator: prompt ids + SamplingParams + request id
+                     (INVALID_ARGUMENT with a message that says what to change)
+    3. disaggregated choose P (prefill pool) and D (decode pool);
+                     P.prefill -> first chunk, streamed at once (prefill_worker and
+                     decode_worker set on it); unless it finished the request,
+                     D.decode streams the rest, from token 2.
+       aggregated    choose W; W.generate streams every chunk.
+    4. last chunk    carries usage and timings (TTFT, total, queue, prefill, KV pull)
+
+Every wait runs under one asyncio timeout: the client's deadline
+(`context.time_remaining()`) capped by `request_timeout_s`. Expiry ends the call
+with DEADLINE_EXCEEDED and a message naming the stage it was in. A client that
+goes away cancels the handler task: cleanup runs and CancelledError is re-raised.
+
+Cleanup (every non-success path: error, timeout, cancel): D.abort(rid) first, then
+P.abort(rid) if prefill had not returned or P.release(rid) if P still holds the
+prompt's KV under a lease (D first, so P never frees blocks D is still pulling
+for a live request). Each call is bounded by `cleanup_timeout_s`; errors are
+logged, never raised; the cleanup runs in its own task, shielded from a second
+cancellation.
+
+Worker-side failures (decided): a chunk with `error` set (finish_reason "error")
+ends the call with INTERNAL and the worker's one-line message; a worker that is
+gone (actor died, node lost) ends it with UNAVAILABLE and the pool marks that
+worker down. FINISH_REASON_ERROR is therefore never sent by this version: a
+client learns of failure from the status, which every gRPC client checks, not
+from a field it might ignore. Tokens already streamed stay valid output.
+See router/errors.py for the whole status table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.wire import StreamChunk
+from router.errors import AdmissionError, NotServingError, WorkerFailedError, WorkerUnavailableError, status_for
+from router.pools import WorkerPool, WorkerReport, worker_reports
+from router.responses import RequestTrace, ServerFacts, chunk_response, server_info
+from router.validation import RequestValidator, ValidatedRequest
+from router.workers import WorkerClient
+from tandem_api.v1 import generation_pb2 as pb
+from tandem_api.v1 import generation_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "tandem.v1.Generation"
+ServerInfoSource = Callable[[], ServerFacts]
+
+
+@dataclass
+class _Run:
+    """Where one request is, so that cleanup knows what to undo."""
+
+    request: ValidatedRequest
+    trace: RequestTrace
+    stage: str = "admitted"
+    p: WorkerClient | None = None
+    d: WorkerClient | None = None
+    prefill_sent: bool = False
+    prefill_done: bool = False
+    kv_leased: bool = False
+    stream_sent: bool = False  # decode / generate call issued
+    finished: bool = False
+
+
+class _Health(health.aio.HealthServicer):
+    """grpc.health.v1 that starts NOT_SERVING for "" and tandem.v1.Generation (the stock one starts "" SERVING)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("", SERVICE_NAME):
+            self._server_status[name] = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    """tandem.v1.Generation over worker pools. `prefill=None` means aggregated mode (`decode` holds W)."""
+
+    def __init__(self, *, validator: RequestValidator, decode: WorkerPool, prefill: WorkerPool | None = None,
+                 info_source: ServerInfoSource, max_inflight: int = 256, request_timeout_s: float = 600.0,
+                 cleanup_timeout_s: float = 5.0, status_timeout_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
+        self.validator, self.prefill, self.decode, self.info_source = validator, prefill, decode, info_source
+        self.max_inflight, self.request_timeout_s = max_inflight, request_timeout_s
+        self.cleanup_timeout_s, self.status_timeout_s, self._clock = cleanup_timeout_s, status_timeout_s, clock
+        self.health = _Health()
+        self.serving = False
+        self._active: dict[str, _Run] = {}
+        self._cleanups: set[asyncio.Task] = set()
+
+    @property
+    def mode(self) -> str:
+        return "aggregated" if self.prefill is None else "disaggregated"
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    async def set_serving(self, serving: bool = True) -> None:
+        """Deploy calls this once the pools are ready (and with False to drain)."""
+        self.serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    # -- Generate ---------------------------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        received = self._clock()
+        try:
+            if not self.serving:
+                raise NotServingError("the server is not serving yet (workers starting) or is draining; retry later")
+            if len(self._active) >= self.max_inflight:
+                raise AdmissionError(f"server is at its limit of {self.max_inflight} in-flight requests; retry later")
+            req = self.validator.validate(request, self._active)
+        except Exception as exc:  # noqa: BLE001 - typed errors become statuses; others INTERNAL
+            code, message = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("request refused by an unexpected error")
+            context.set_code(code)
+            context.set_details(message)
+            return
+        run = _Run(req, RequestTrace(received=received, prompt_tokens=len(req.prompt_token_ids)))
+        self._active[req.request_id] = run
+        limit = self._limit_s(context)
+        timeout = asyncio.timeout(limit)
+        failure: tuple[grpc.StatusCode, str] | None = None
+        try:
+            async with timeout:
+                if self.prefill is None:
+                    await self._aggregated(run, context)
+                else:
+                    await self._disaggregated(run, self.prefill, context)
+        except TimeoutError as exc:
+            if not timeout.expired():
+                failure = self._failed(run, exc)
+            else:
+                elapsed = self._clock() - received
+                failure = (grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f"deadline of {limit:.3f} s exceeded after {elapsed:.3f} s while {run.stage}; "
+                           "allow a longer deadline or lower max_tokens")
+                log.info("request %s: %s", req.request_id, failure[1])
+        except asyncio.CancelledError:
+            log.info("request %s cancelled by the client while %s", req.request_id, run.stage)
+            raise
+        except Exception as exc:  # noqa: BLE001
+            failure = self._failed(run, exc)
+        finally:
+            del self._active[req.request_id]
+            if not run.finished:
+                await self._cleanup(run)
+        if failure is not None:
+            context.set_code(failure[0])
+            context.set_details(failure[1])
+
+    def _limit_s(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return self.request_timeout_s if remaining is None else min(remaining, self.request_timeout_s)
+
+    def _failed(self, run: _Run, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        code, message = status_for(exc)
+        rid = run.request.request_id
+        if isinstance(exc, WorkerUnavailableError) and exc.worker_id:
+            for pool in (self.prefill, self.decode):
+                if pool is not None and any(c.worker_id == exc.worker_id for c in pool.clients):
+                    pool.set_health(exc.worker_id, False, message)
+        if code == grpc.StatusCode.INTERNAL and not isinstance(exc, WorkerFailedError):
+            log.error("request %s failed while %s", rid, run.stage, exc_info=exc)
+        else:
+            log.info("request %s failed while %s: %s %s", rid, run.stage, code.name, message)
+        return code, message
+
+    async def _disaggregated(self, run: _Run, prefill: WorkerPool, context: grpc.aio.ServicerContext) -> None:
+        req = run.request
+        run.p, _ = prefill.choose()
+        run.d, _ = self.decode.choose()
+        p, d = run.p, run.d
+        run.stage = f"prefilling on {p.worker_id}"
+        run.trace.dispatched = self._clock()
+        with prefill.track(p.worker_id):
+            run.prefill_sent = True
+            result = await p.prefill(req.request_id, req.prompt_token_ids, req.params)
+        run.prefill_done, run.kv_leased = True, result.kv is not None and not result.first.finished
+        run.trace.prefill_s, run.trace.cached_tokens = result.prefill_s, result.cached_tokens
+        done = result.first.finished
+        await self._send(context, run, result.first, p.worker_id, prefill_worker=p.worker_id,
+                         decode_worker="" if done else d.worker_id)
+        if done:
+            return
+        run.stage = f"decoding on {d.worker_id}"
+        with self.decode.track(d.worker_id):
+            run.stream_sent = True
+            await self._stream(context, run, d.decode(req.request_id, req.prompt_token_ids, req.params, result), d)
+
+    async def _aggregated(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
+        req = run.request
+        run.d, _ = self.decode.choose()
+        w = run.d
+        run.stage = f"generating on {w.worker_id}"
+        run.trace.dispatched = self._clock()
+        with self.decode.track(w.worker_id):
+            run.stream_sent = True
+            await self._stream(context, run, w.generate(req.request_id, req.prompt_token_ids, req.params), w)
+
+    async def _stream(self, context: grpc.aio.ServicerContext, run: _Run, chunks: AsyncIterator[StreamChunk],
+                      worker: WorkerClient) -> None:
+        async with aclosing(chunks) as stream:
+            async for chunk in stream:
+                await self._send(context, run, chunk, worker.worker_id, decode_worker=worker.worker_id)
+                if run.finished:
+                    return
+        raise WorkerFailedError(f"worker {worker.worker_id} ended the stream before the request finished",
+                                worker.worker_id)
+
+    async def _send(self, context: grpc.aio.ServicerContext, run: _Run, chunk: StreamChunk, worker_id: str,
+                    prefill_worker: str = "", decode_worker: str = "") -> None:
+        response = chunk_response(chunk, worker_id)
+        trace = run.trace
+        trace.count(chunk)
+        now = self._clock()
+        if trace.first_sent is None:
+            response.prefill_worker, response.decode_worker = prefill_worker, decode_worker
+            trace.first_sent = now
+        if chunk.finished:
+            trace.finish(response, now)
+            run.finished, run.kv_leased = True, False
+        await context.write(response)
+
+    # -- cleanup ----------------------------------------------------------------------------------
+
+    async def _cleanup(self, run: _Run) -> None:
+        task = asyncio.create_task(self._undo(run), name=f"cleanup-{run.request.request_id}")
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        await asyncio.shield(task)
+
+    async def _undo(self, run: _Run) -> None:
+        rid = run.request.request_id
+        if run.d is not None and run.stream_sent:
+            await self._quietly(run.d, "abort", rid)
+        if run.p is not None and run.prefill_sent and not run.prefill_done:
+            await self._quietly(run.p, "abort", rid)
+        elif run.p is not None and run.kv_leased:
+            await self._quietly(run.p, "release", rid)
+
+    async def _quietly(self, worker: WorkerClient, method: str, rid: str) -> None:
+        try:
+            async with asyncio.timeout(self.cleanup_timeout_s):
+                await getattr(worker, method)(rid)
+        except Exception as exc:  # noqa: BLE001 - cleanup never raises
+            log.warning("cleanup of %s: %s(%s) on %s failed: %s: %s", rid, method, rid, worker.worker_id,
+                        type(exc).__name__, exc)
+
+    # -- GetServerInfo ----------------------------------------------------------------------------
+
+    async def worker_reports(self) -> list[WorkerReport]:
+        """Every worker's status (None for one that did not answer within `status_timeout_s`)."""
+        return await worker_reports([p for p in (self.prefill, self.decode) if p is not None], self.status_timeout_s)
+
+    async def refresh_health(self) -> None:
+        """Marks each worker up or down by whether it answers `status()` with SERVING (deploy may poll this)."""
+        pools = {c.worker_id: pool for pool in (self.prefill, self.decode) if pool is not None for c in pool.clients}
+        for report in await self.worker_reports():
+            ok = report.status is not None and report.status.health == "SERVING"
+            pools[report.worker_id].set_health(report.worker_id, ok, "" if ok else "status check failed")
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.ServerInfo:
+        try:
+            return server_info(self.info_source(), await self.worker_reports())
+        except Exception as exc:  # noqa: BLE001 - one line to the client, the traceback to the log
+            log.exception("GetServerInfo failed")
+            code, message = status_for(exc)
+            context.set_code(code)
+            context.set_details(message)
+            return pb.ServerInfo()
+
+    async def close(self) -> None:
+        """Waits for the cleanups still running (each bounded by `cleanup_timeout_s`); call after server.stop()."""
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
+
+
+def build_server(service: GenerationService, host: str = "127.0.0.1", port: int = 0) -> grpc.aio.Server:
+    """A grpc.aio server with Generation, health checking and reflection, bound to host:port (not started).
+
+    Port 0 picks a free port; the bound one is `server.tandem_port`. SO_REUSEPORT is off,
+    so a second server cannot silently share a port with the first. Call inside the event
+    loop that will run it; then `await server.start()`.
+    """
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_GenerationServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the gRPC server to {host}:{port} (address in use or not available)")
+    server.tandem_port = bound  # type: ignore[attr-defined]
+    return server

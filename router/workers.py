@@ -1,0 +1,142 @@
+"""How the router talks to a worker: the `WorkerClient` protocol and its Ray adapter.
+
+The server only sees `WorkerClient`; `RayWorkerClient(handle, worker_id)` adapts a
+Ray actor handle of a PrefillWorker / DecodeWorker (see the worker actor methods
+in docs): unary calls are `await handle.method.remote(...)`; `decode` and
+`generate` are actor async generators, which Ray runs as streaming generators:
+
+    gen = handle.decode.remote(rid, prompt_ids, params, prefill)   # ObjectRefGenerator
+    async for ref in gen:
+        chunk = await ref                                          # StreamChunk
+
+Errors are translated at this boundary, so nothing above it knows Ray:
+- `RayTaskError` whose `.cause` is an `engine.errors.EngineError` -> that error
+  (bad input found by the worker; the server maps it to INVALID_ARGUMENT);
+- actor / node / worker death, an unreachable actor, a lost object ->
+  `WorkerUnavailableError` (UNAVAILABLE; the pool marks the worker down);
+- any other failure inside the worker -> `WorkerFailedError` (INTERNAL) with
+  one line: the exception type and message, not the remote traceback.
+
+Ray is imported lazily (only when an error must be classified; a live handle
+means it is loaded already), so importing this module stays cheap and torch-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from common.errors import WorkerError
+from common.wire import PrefillResult, StreamChunk, WorkerStatus
+from engine.errors import EngineError
+from engine.sampling_params import SamplingParams
+from router.errors import WorkerFailedError, WorkerUnavailableError, one_line
+
+
+@runtime_checkable
+class WorkerClient(Protocol):
+    """One worker as the router sees it. Every method may raise `WorkerUnavailableError`,
+    `WorkerFailedError` or an `engine.errors.EngineError` (bad input)."""
+
+    worker_id: str
+
+    async def prefill(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> PrefillResult: ...
+
+    def decode(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+               prefill: PrefillResult) -> AsyncIterator[StreamChunk]: ...
+
+    def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
+                 ) -> AsyncIterator[StreamChunk]: ...
+
+    async def abort(self, request_id: str) -> bool: ...
+
+    async def release(self, request_id: str) -> bool: ...
+
+    async def status(self) -> WorkerStatus: ...
+
+
+def _unavailable_types() -> tuple[type[BaseException], ...]:
+    import ray.exceptions as rex
+
+    return (rex.RayActorError, rex.NodeDiedError, rex.WorkerCrashedError, rex.LocalRayletDiedError,
+            rex.ObjectLostError, rex.ActorUnschedulableError)
+
+
+def translate_ray_error(exc: BaseException, worker_id: str) -> BaseException:
+    """The router-level error for an exception raised by a Ray call to `worker_id`."""
+    import ray.exceptions as rex
+
+    cause: BaseException = exc
+    if isinstance(exc, rex.RayTaskError) and exc.cause is not None:
+        cause = exc.cause
+    if isinstance(cause, (EngineError, WorkerError)):
+        return cause  # typed: status_for maps each kind (bad input, admission, transfer) to its own code
+    if isinstance(cause, _unavailable_types()):
+        return WorkerUnavailableError(f"worker {worker_id} is unavailable: {one_line(type(cause).__name__)}: "
+                                      f"{one_line(str(cause), 300)}", worker_id)
+    if isinstance(cause, (WorkerUnavailableError, WorkerFailedError)):
+        return cause
+    return WorkerFailedError(f"worker {worker_id} failed: {type(cause).__name__}: {one_line(str(cause), 300)}",
+                             worker_id)
+
+
+def _cancel_quietly(gen: Any) -> None:
+    import ray
+
+    try:
+        ray.cancel(gen)
+    except Exception:  # noqa: BLE001 - best effort; the router's abort() call is the other half
+        pass
+
+
+class RayWorkerClient:
+    """`WorkerClient` over a Ray actor handle."""
+
+    def __init__(self, handle: Any, worker_id: str) -> None:
+        self.handle = handle
+        self.worker_id = worker_id
+
+    def __repr__(self) -> str:
+        return f"RayWorkerClient({self.worker_id!r})"
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except Exception as exc:  # noqa: BLE001 - classified, never swallowed
+            raise translate_ray_error(exc, self.worker_id) from None
+
+    async def _stream(self, method: str, *args: Any) -> AsyncIterator[StreamChunk]:
+        gen = None
+        done = False
+        try:
+            gen = getattr(self.handle, method).remote(*args)
+            async for ref in gen:
+                chunk = await ref
+                yield chunk
+            done = True
+        except Exception as exc:  # noqa: BLE001
+            done = True
+            raise translate_ray_error(exc, self.worker_id) from None
+        finally:
+            if not done and gen is not None:  # the consumer went away: stop the worker's generator too
+                _cancel_quietly(gen)
+
+    async def prefill(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> PrefillResult:
+        return await self._call("prefill", request_id, list(prompt_ids), params)
+
+    def decode(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+               prefill: PrefillResult) -> AsyncIterator[StreamChunk]:
+        return self._stream("decode", request_id, list(prompt_ids), params, prefill)
+
+    def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
+                 ) -> AsyncIterator[StreamChunk]:
+        return self._stream("generate", request_id, list(prompt_ids), params)
+
+    async def abort(self, request_id: str) -> bool:
+        return await self._call("abort", request_id)
+
+    async def release(self, request_id: str) -> bool:
+        return await self._call("release", request_id)
+
+    async def status(self) -> WorkerStatus:
+        return await self._call("status")

@@ -1,0 +1,59 @@
+"""Dependency arrows, checked in fresh interpreters (this test process has torch loaded already).
+
+- The router and the Python client never load torch: they run on CPU-only gateway
+  hosts and must start fast.
+- engine, common and kv_transfer never import the router or Ray (arrows point
+  deploy -> router, workers -> engine, kv_transfer).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def loaded_after(modules: list[str]) -> set[str]:
+    """Top-level package names in sys.modules after importing `modules` in a new interpreter."""
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def all_modules(package: str) -> list[str]:
+    """Every module of `package`, found on disk (nothing is imported in this process)."""
+    root = REPO / package
+    names = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def test_router_and_client_never_load_torch() -> None:
+    loaded = loaded_after(["router.server", "router.validation", "router.pools", "router.workers",
+                           "router.responses", "router.errors", "tandem_api.client"])
+    assert "torch" not in loaded
+    assert "ray" not in loaded  # router.workers imports ray only when classifying a Ray error
+
+
+@pytest.mark.parametrize("package", ["engine", "common", "kv_transfer"])
+def test_lower_layers_never_import_router_or_ray(package: str) -> None:
+    if importlib.util.find_spec(package) is None or not (REPO / package).is_dir():
+        pytest.skip(f"{package} does not exist yet")
+    modules = [m for m in all_modules(package) if not m.endswith("__main__")]
+    loaded = loaded_after(modules)
+    assert "router" not in loaded, f"{package} imports the router"
+    assert "ray" not in loaded, f"{package} imports ray"
+    assert "tandem_api" not in loaded and "grpc" not in loaded, f"{package} imports the gRPC API"

@@ -1,0 +1,186 @@
+"""AsyncEngine: an EngineCore on its own thread, driven from asyncio.
+
+A worker actor is an asyncio program (Ray calls, transfer polling, streams), while
+`EngineCore.step()` is blocking tensor work. So the engine gets one thread that owns
+it; nothing else ever touches the EngineCore:
+
+    asyncio loop (actor)                         engine thread
+    ───────────────────                          ─────────────
+    await call(fn) ──── command queue ────────>  fn(core) between two steps
+                    <── loop.call_soon_threadsafe(future.set_result)
+    open_stream(id) -> asyncio.Queue             step() -> [StepOutput]
+                    <── call_soon_threadsafe(_deliver, outputs) ─┘
+    wait_capacity()  <── set after every step that finished something
+
+The thread sleeps on an Event while the engine has no work. A failing step is fatal
+for the engine: every open stream gets an error chunk and `healthy` turns False.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from engine.engine_core import EngineCore
+from engine.outputs import StepOutput
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (a step failed or the worker is shutting down)."""
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, name: str = "engine") -> None:
+        self.core = core
+        self.name = name
+        self.healthy = True
+        self.error: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._commands: queue.SimpleQueue[tuple[Callable[[EngineCore], Any], asyncio.Future]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = False
+        self._dead = False  # set by the engine thread as it exits
+        self._thread: threading.Thread | None = None
+        self._streams: dict[str, asyncio.Queue[StepOutput | BaseException]] = {}
+        self._capacity = asyncio.Event()
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread; call from inside the event loop that will use this object."""
+        self._loop = asyncio.get_running_loop()
+        self._capacity = asyncio.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{self.name}-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    # ---- asyncio side -------------------------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[[EngineCore], T]) -> T:
+        """Run fn(core) on the engine thread between two steps and return its result (or raise its error)."""
+        if self._dead or not self.healthy or self._loop is None:
+            raise EngineDeadError(f"{self.name}: engine is not running ({self.error or 'not started'})")
+        fut: asyncio.Future = self._loop.create_future()
+        self._commands.put((fn, fut))
+        self._wake.set()
+        if self._dead:  # the thread died between the check and the put: nobody else will answer
+            self._drain_commands(self._loop, EngineDeadError(f"{self.name}: engine is not running"))
+        return await fut
+
+    def open_stream(self, request_id: str) -> asyncio.Queue[StepOutput | BaseException]:
+        """Register for a request's StepOutputs; call before the request is added."""
+        q: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = q
+        return q
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a request in any state; an open stream gets a final "abort" output (so no reader hangs)."""
+        aborted = await self.call(lambda c: c.abort_request(request_id))
+        q = self._streams.get(request_id)
+        if q is not None:
+            q.put_nowait(StepOutput(request_id, [], "", finished=True, finish_reason="abort"))
+        if aborted:
+            self.notify_capacity()
+        return aborted
+
+    def close_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    async def wait_capacity(self, timeout_s: float) -> bool:
+        """Wait until a step finished a request (blocks may be free); False on timeout."""
+        event = self._capacity
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def _deliver(self, outputs: list[StepOutput], freed: bool) -> None:
+        for out in outputs:
+            q = self._streams.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+        if freed:
+            self.notify_capacity()
+
+    def notify_capacity(self) -> None:
+        """Wake every `wait_capacity` waiter (a finish, abort or release freed blocks)."""
+        self._capacity.set()
+        self._capacity = asyncio.Event()
+
+    def _fail_all(self, error: str) -> None:
+        self.healthy = False
+        self.error = error
+        for q in self._streams.values():
+            q.put_nowait(EngineDeadError(error))
+        self.notify_capacity()
+
+    # ---- engine thread ------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        loop = self._loop
+        assert loop is not None  # set by start()
+        try:
+            while not self._stop:
+                self._run_commands(loop)
+                if self.core.has_unfinished_requests():
+                    before = len(self.core.scheduler.requests)
+                    outputs = self.core.step()
+                    freed = len(self.core.scheduler.requests) < before or any(o.finished for o in outputs)
+                    if outputs or freed:
+                        loop.call_soon_threadsafe(self._deliver, outputs, freed)
+                else:
+                    self._wake.wait()
+                    self._wake.clear()
+        except BaseException as e:  # noqa: BLE001 - any step failure ends this engine; report, don't vanish
+            log.exception("%s: engine step failed", self.name)
+            msg = f"engine step failed: {type(e).__name__}: {e}"
+            self._dead = True
+            loop.call_soon_threadsafe(self._fail_all, msg)
+            self._drain_commands(loop, EngineDeadError(msg))
+            return
+        self._dead = True
+        self._drain_commands(loop, EngineDeadError(f"{self.name}: engine stopped"))
+
+    def _run_commands(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = fn(self.core)
+            except Exception as e:  # noqa: BLE001 - handed to the awaiting coroutine
+                loop.call_soon_threadsafe(_set_exception, fut, e)
+            else:
+                loop.call_soon_threadsafe(_set_result, fut, result)
+
+    def _drain_commands(self, loop: asyncio.AbstractEventLoop, error: BaseException) -> None:
+        while True:
+            try:
+                _, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            loop.call_soon_threadsafe(_set_exception, fut, error)
+
+
+def _set_result(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, error: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(error)
