@@ -173,7 +173,7 @@ class DecodeWorker:
         from kv_transfer import decode_handshake
 
         name = self.host.add_peer(payload)  # refuses an incompatible peer, naming the mismatch
-        self._peer_layouts[name] = decode_handshake(payload).layout
+        self._peer_layouts[name] = decode_handshake(payload, self.host.layout, self.host.transport.name).layout
         return name
 
     async def check_integrity(self) -> None:

@@ -153,8 +153,8 @@ class Cluster:
                 pass
         self.prefill.clear()
         self.decode.clear()
-        if ray.is_initialized():
-            ray.shutdown()
+        if self.started_ray and ray.is_initialized():
+            ray.shutdown()  # a Ray we joined (or that a test started) is left running
 
 
 def _actor_class(role: str):

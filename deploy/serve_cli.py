@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from deploy.config import ServeConfig, dump_config, load_config, parse_size, with_overrides
 
@@ -62,4 +63,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return 0
     from deploy.serve import serve_forever  # Ray and the router load only when serving
 
-    return serve_forever(config)
+    try:
+        return serve_forever(config)
+    except ConnectionError as e:  # Ray not reachable at --ray-address / RAY_ADDRESS
+        print(f"error: cannot join the Ray cluster ({config.ray_address or 'RAY_ADDRESS'}): {e}", file=sys.stderr)
+        return 1

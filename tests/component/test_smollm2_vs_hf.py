@@ -16,6 +16,7 @@ import torch
 from engine.llm import LLM
 from engine.loader import default_model_path
 from engine.sampling_params import SamplingParams
+from tests.helpers.reference import hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -47,27 +48,13 @@ def llm():
     return LLM(dtype="float32")
 
 
-def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    ids = torch.tensor([prompt])
-    out: list[int] = []
-    with torch.inference_mode():
-        for _ in range(n):
-            logits = model(ids, past_key_values=cache, use_cache=True).logits[0, -1]
-            out.append(int(logits.argmax()))
-            ids = torch.tensor([[out[-1]]])
-    return out
-
-
 def test_smollm2_greedy_tokens_identical_to_transformers(llm, reference):
     chats = [[{"role": "user", "content": c}] for c in CHATS]
     outs = llm.generate(chats, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
     assert len(outs) == len(CHATS)
     for chat, out in zip(chats, outs):
         assert len(out.token_ids) == NEW_TOKENS
-        expected = greedy_reference(reference, out.prompt_token_ids, NEW_TOKENS)
+        expected = hf_greedy(reference, out.prompt_token_ids, NEW_TOKENS)
         assert out.token_ids == expected, f"first difference at {next(i for i, (a, b) in enumerate(zip(out.token_ids, expected)) if a != b)}"
     llm.engine.leak_check()
 

@@ -1,0 +1,44 @@
+"""End-to-end fixtures: one local Ray for the session, clusters served over real gRPC.
+
+Ray starts once (about 4 s) and every cluster in the session runs on it; each
+`Serving` kills its own actors on exit. Clusters are module-scoped so one model load
+serves many tests, and every test that sends traffic ends with `check_pools()`:
+every worker idle, block pools intact, no leaked block or lease.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # PLATFORM.md: token auth on by default; off for tests
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, namespace="tandem-tests", _node_ip_address="127.0.0.1",
+             logging_level="WARNING", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+def serve(model: str, **overrides):
+    """A started `Serving` on a free port with small pools; overrides use with_overrides keys."""
+    from deploy.config import ServeConfig, with_overrides
+    from deploy.serve import Serving
+
+    base = {"router.port": _free_port(), "both.kv_cache_memory": "64MiB", "both.dtype": "float32",
+            "both.num_cpus": 0.5, "model": model}
+    return Serving(with_overrides(ServeConfig(), **{**base, **overrides}))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
