@@ -143,10 +143,10 @@ def _wait_serving(client: TandemClient, dashboard: str, job: str) -> None:
 
 
 def _assert_released(dashboard: str, gcs: str, port: int) -> None:
+    from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors
 
-    status = _run("job", "status", f"--address={dashboard}", "--log-style=record", f"tandem-test-{port}")
-    assert "STOPPED" in status or "SUCCEEDED" in status, status
+    assert JobSubmissionClient(dashboard).get_job_status(f"tandem-test-{port}") == JobStatus.STOPPED
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         with pytest.raises(grpc.FutureTimeoutError):
             grpc.channel_ready_future(ch).result(timeout=2)
