@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="KV cache budget in bytes")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     g.add_argument("--timeout", type=float, default=None, help="--server: deadline per request, in seconds")
+    g.add_argument("--wait", type=float, default=0.0, metavar="S",
+                   help="--server: first wait up to S seconds for the server to report SERVING (a starting cluster)")
     g.add_argument("-v", "--verbose", action="store_true")
     g.set_defaults(inputs=None)
     return parser
@@ -109,6 +111,12 @@ def _generate_remote(args: argparse.Namespace, inputs: list[tuple[str, str]], pa
                 "top_k": params.top_k, "min_p": params.min_p, "seed": params.seed, "stop": list(params.stop),
                 "ignore_eos": params.ignore_eos, "logprobs": params.logprobs}
     with TandemClient(args.server) as client:
+        if args.wait > 0:
+            try:
+                client.wait_until_serving(timeout=args.wait)
+            except TimeoutError:
+                print(f"error: {args.server} did not report SERVING within {args.wait:.0f} s", file=sys.stderr)
+                return 1
         for kind, text in inputs:
             source = {"chat": [{"role": "user", "content": text}]} if kind == "chat" else {"prompt": text}
             ids: list[int] = []
