@@ -118,8 +118,8 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(
                 f"prefill.block_size ({self.prefill.block_size}) != decode.block_size ({self.decode.block_size}): "
                 "re-blocking between pools is not supported yet; use one block size")
-        if not 0 < self.router.port < 65536:
-            raise ConfigError(f"router.port must be in 1..65535, got {self.router.port}")
+        if not 0 <= self.router.port < 65536:
+            raise ConfigError(f"router.port must be in 0..65535 (0 = any free port), got {self.router.port}")
         if self.router.max_inflight < 1:
             raise ConfigError(f"router.max_inflight must be >= 1, got {self.router.max_inflight}")
         for name in ("lease_s", "transfer_timeout_s", "admission_timeout_s"):
