@@ -26,8 +26,9 @@ def model_dir(tmp_path_factory):
     return make_tiny_hf_model(tmp_path_factory.mktemp("roles"), "llama", vocab_size=512)
 
 
-def _engine(model_dir) -> EngineCore:
-    return EngineCore(EngineConfig(model=str(model_dir), dtype="float32", cache=CacheConfig(block_size=BLOCK, num_blocks=64)))
+def _engine(model_dir, device: str = "cpu") -> EngineCore:
+    return EngineCore(EngineConfig(model=str(model_dir), dtype="float32", device=device,
+                                   cache=CacheConfig(block_size=BLOCK, num_blocks=64)))
 
 
 def _run_all(engine: EngineCore) -> dict[str, list]:
@@ -64,13 +65,14 @@ def _disaggregated(p: EngineCore, d: EngineCore, prompt, params, rid="r") -> tup
     return tokens, text
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("params", [
     SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
     SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=7, ignore_eos=True),
 ], ids=["greedy", "seeded"])
-def test_disaggregated_equals_one_engine(model_dir, params):
+def test_disaggregated_equals_one_engine(model_dir, params, device):
     torch.set_num_threads(1)
-    agg, p, d = _engine(model_dir), _engine(model_dir), _engine(model_dir)
+    agg, p, d = _engine(model_dir, device), _engine(model_dir, device), _engine(model_dir, device)
     prompts = [list(range(3, 3 + n)) for n in (1, 4, 9, 17)]
     for i, prompt in enumerate(prompts):
         agg.add_request(prompt, params, f"a{i}")
