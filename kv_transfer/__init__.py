@@ -1,0 +1,64 @@
+"""KV cache transfer between prefill and decode workers: layouts, plans, transports.
+
+Read kv_transfer/README.md first. NIXL is optional: importing this package never
+imports it; creating a `NixlTransport` does, and raises TransportUnavailableError
+(with the import error's text) where it is not installed.
+"""
+
+from kv_transfer.errors import (
+    IncompatiblePeerError,
+    InvalidLayoutError,
+    InvalidPlanError,
+    TransferError,
+    TransportUnavailableError,
+    TransportVersionError,
+    UnknownPeerError,
+    UnsupportedConversionError,
+)
+from kv_transfer.faulty import FaultPlan, FaultyTransport
+from kv_transfer.inproc import InProcessRegistry, InProcessTransport
+from kv_transfer.layout import COMPAT_FIELDS, KVLayout, check_compatible
+from kv_transfer.nixl_settings import NixlSettings
+from kv_transfer.nixl_transport import NixlTransport
+from kv_transfer.plan import Region, TransferPlan, plan_transfer
+from kv_transfer.transport import (
+    PROTOCOL_VERSION,
+    Handshake,
+    TransferHandle,
+    TransferOp,
+    TransferState,
+    Transport,
+    decode_handshake,
+    encode_handshake,
+)
+
+__all__ = [
+    "COMPAT_FIELDS",
+    "PROTOCOL_VERSION",
+    "FaultPlan",
+    "FaultyTransport",
+    "Handshake",
+    "IncompatiblePeerError",
+    "InProcessRegistry",
+    "InProcessTransport",
+    "InvalidLayoutError",
+    "InvalidPlanError",
+    "KVLayout",
+    "NixlSettings",
+    "NixlTransport",
+    "Region",
+    "TransferError",
+    "TransferHandle",
+    "TransferOp",
+    "TransferPlan",
+    "TransferState",
+    "Transport",
+    "TransportUnavailableError",
+    "TransportVersionError",
+    "UnknownPeerError",
+    "UnsupportedConversionError",
+    "check_compatible",
+    "decode_handshake",
+    "encode_handshake",
+    "plan_transfer",
+]

@@ -1,0 +1,370 @@
+"""One conformance suite for every Transport: InProcessTransport, NixlTransport (two agents
+in this process), and FaultyTransport over InProcessTransport with an empty fault plan.
+
+"local" (agent D...) initiates; "remote" (agent P...) is the peer. READ pulls remote ->
+local, WRITE pushes local -> remote. A NIXL peer in another process, and `gpu` tests for
+VRAM, close the file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from dataclasses import dataclass
+
+import msgspec
+import pytest
+import torch
+
+from kv_transfer import (
+    PROTOCOL_VERSION,
+    FaultPlan,
+    FaultyTransport,
+    Handshake,
+    IncompatiblePeerError,
+    InProcessRegistry,
+    InProcessTransport,
+    InvalidPlanError,
+    KVLayout,
+    NixlSettings,
+    NixlTransport,
+    TransferError,
+    TransferOp,
+    TransferPlan,
+    TransferState,
+    Transport,
+    TransportUnavailableError,
+    TransportVersionError,
+    UnknownPeerError,
+    encode_handshake,
+    plan_transfer,
+)
+from kv_transfer.testing import PeerSpec, RemotePeer, make_cache, wait_done
+
+TIMEOUT_S = 10.0
+IMPLS = ["inproc", "nixl", "faulty"]
+_names = itertools.count()
+
+
+def layout(num_blocks: int = 16, dtype: str = "bfloat16", device: str = "cpu", **kw) -> KVLayout:
+    base = dict(model_fingerprint="tiny", total_layers=2, layer_start=0, num_layers=2, total_kv_heads=2,
+                head_start=0, num_kv_heads=2, head_dim=8, block_size=4, order="NHD")  # fmt: skip
+    return KVLayout(**(base | kw), num_blocks=num_blocks, dtype=dtype, device=device)
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """Compare caches bytewise: random bytes hold NaNs, which torch.equal calls unequal."""
+    return t.cpu().reshape(t.shape[:3] + (-1,)).contiguous().view(torch.uint8)
+
+
+@dataclass
+class Pair:
+    local: Transport
+    remote: Transport
+    kv_local: torch.Tensor
+    kv_remote: torch.Tensor
+    l_layout: KVLayout
+    r_layout: KVLayout
+
+    def wait(self, handle) -> TransferState:
+        return wait_done(self.local, handle, TIMEOUT_S, pump=[self.remote])
+
+    def remote_notifications(self, want: int = 1) -> list[tuple[str, bytes]]:
+        got, deadline = [], time.monotonic() + TIMEOUT_S
+        while len(got) < want and time.monotonic() < deadline:
+            self.local.progress()  # both sides must make progress (transport.py, liveness)
+            got += self.remote.notifications()
+        return got
+
+
+class Factory:
+    def __init__(self, kind: str) -> None:
+        self.kind, self.registry, self.made = kind, InProcessRegistry(), []
+
+    def transport(self, role: str) -> Transport:
+        name = f"{role}{next(_names)}"
+        if self.kind == "nixl":
+            t = NixlTransport(name, NixlSettings())
+        elif self.kind == "faulty":
+            t = FaultyTransport(InProcessTransport(name, self.registry), FaultPlan())
+        else:
+            t = InProcessTransport(name, self.registry)
+        self.made.append(t)
+        return t
+
+    def endpoint(self, role: str, lay: KVLayout, seed: int | None) -> tuple[Transport, torch.Tensor]:
+        t, kv = self.transport(role), make_cache(lay, seed)
+        t.register(kv, lay)
+        return t, kv
+
+    def pair(self, l_layout=None, r_layout=None, local_seed=None, remote_seed=None, connect=True) -> Pair:
+        l_layout, r_layout = l_layout or layout(12), r_layout or layout(16)
+        local, kl = self.endpoint("D", l_layout, local_seed)
+        remote, kr = self.endpoint("P", r_layout, remote_seed)
+        if connect:
+            assert local.add_peer(remote.handshake_payload()) == remote.agent_name
+            assert remote.add_peer(local.handshake_payload()) == local.agent_name
+        return Pair(local, remote, kl, kr, l_layout, r_layout)
+
+
+@pytest.fixture(params=IMPLS)
+def factory(request):
+    f = Factory(request.param)
+    yield f
+    for t in f.made:
+        t.close()
+
+
+# ---- bytes ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_read_pulls_the_planned_blocks_and_nothing_else(factory, dtype):
+    p = factory.pair(layout(12, dtype), layout(16, dtype), remote_seed=7)
+    src_ids, dst_ids = [5, 6, 7, 1, 9, 15], [0, 1, 2, 8, 3, 11]  # runs and singles
+    h = p.local.submit(plan_transfer(p.r_layout, p.l_layout, src_ids, dst_ids), TransferOp.READ, p.remote.agent_name)
+    assert h.op is TransferOp.READ and h.nbytes == 6 * 2 * 2 * p.l_layout.block_bytes
+    assert p.wait(h) is TransferState.DONE
+    p.local.release(h)
+    got, want = as_bytes(p.kv_local), as_bytes(p.kv_remote)
+    assert torch.equal(got[:, :, dst_ids], want[:, :, src_ids])
+    untouched = [b for b in range(12) if b not in dst_ids]
+    assert not got[:, :, untouched].any()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_write_pushes_the_planned_blocks(factory, dtype):
+    p = factory.pair(layout(12, dtype), layout(16, dtype), local_seed=3)
+    src_ids, dst_ids = [0, 1, 2, 11], [13, 14, 15, 4]
+    h = p.local.submit(plan_transfer(p.l_layout, p.r_layout, src_ids, dst_ids), TransferOp.WRITE, p.remote.agent_name)
+    assert p.wait(h) is TransferState.DONE
+    p.local.release(h)
+    got = as_bytes(p.kv_remote)
+    assert torch.equal(got[:, :, dst_ids], as_bytes(p.kv_local)[:, :, src_ids])
+    assert not got[:, :, [b for b in range(16) if b not in dst_ids]].any()
+
+
+def test_empty_plan_completes_and_still_notifies(factory):
+    p = factory.pair()
+    h = p.local.submit(TransferPlan.empty(), TransferOp.READ, p.remote.agent_name, notify=b"nothing-to-copy")
+    assert p.wait(h) is TransferState.DONE and h.nbytes == 0
+    p.local.release(h)
+    assert p.remote_notifications() == [(p.local.agent_name, b"nothing-to-copy")]
+
+
+def test_notification_reaches_the_peer_with_its_payload_once(factory):
+    p = factory.pair(remote_seed=1)
+    plan = plan_transfer(p.r_layout, p.l_layout, [3, 4], [0, 1])
+    h = p.local.submit(plan, TransferOp.READ, p.remote.agent_name, notify=b"req-42")
+    assert p.wait(h) is TransferState.DONE
+    p.local.release(h)
+    assert p.remote_notifications() == [(p.local.agent_name, b"req-42")]
+    assert p.remote.notifications() == [] and p.local.notifications() == []
+
+
+def test_plan_outside_the_registered_memory_is_refused(factory):
+    p = factory.pair()
+    too_big = plan_transfer(layout(64), layout(64), [63], [0])
+    with pytest.raises(InvalidPlanError, match="outside the registered memory"):
+        p.local.submit(too_big, TransferOp.READ, p.remote.agent_name)
+
+
+# ---- failures ---------------------------------------------------------------------------------
+def test_unknown_and_removed_peers_are_refused(factory):
+    p = factory.pair(remote_seed=2)
+    plan = plan_transfer(p.r_layout, p.l_layout, [0], [0])
+    with pytest.raises(UnknownPeerError, match="nobody"):
+        p.local.submit(plan, TransferOp.READ, "nobody")
+    p.local.remove_peer(p.remote.agent_name)
+    p.local.remove_peer(p.remote.agent_name)  # idempotent
+    with pytest.raises(UnknownPeerError):
+        p.local.submit(plan, TransferOp.READ, p.remote.agent_name)
+    p.local.add_peer(p.remote.handshake_payload())  # and it can come back
+    h = p.local.submit(plan, TransferOp.READ, p.remote.agent_name)
+    assert p.wait(h) is TransferState.DONE
+    p.local.release(h)
+
+
+def test_failed_transfer_is_released_and_the_transport_keeps_working(factory):
+    p = factory.pair(remote_seed=5)
+    local = FaultyTransport(p.local, FaultPlan(fail_submits={1}, fail_polls={2}, delay_polls=2))
+    plan = plan_transfer(p.r_layout, p.l_layout, [1, 2], [1, 2])
+    with pytest.raises(TransferError, match="injected fault: submit #1"):
+        local.submit(plan, TransferOp.READ, p.remote.agent_name)
+    failed = local.submit(plan, TransferOp.READ, p.remote.agent_name, b"r2")
+    assert [local.poll(failed) for _ in range(2)] == [TransferState.PENDING] * 2  # delayed
+    assert wait_done(local, failed, TIMEOUT_S, pump=[p.remote]) is TransferState.FAILED
+    local.release(failed)
+    local.release(failed)  # idempotent, also after FAILED
+    with pytest.raises(TransferError, match="released"):
+        local.poll(failed)
+    ok = local.submit(plan, TransferOp.READ, p.remote.agent_name, b"r3")
+    assert wait_done(local, ok, TIMEOUT_S, pump=[p.remote]) is TransferState.DONE
+    local.release(ok)
+    assert torch.equal(as_bytes(p.kv_local)[:, :, [1, 2]], as_bytes(p.kv_remote)[:, :, [1, 2]])
+
+
+def test_version_mismatch_is_refused_before_the_backend(factory):
+    p = factory.pair(connect=False)
+    hs = msgspec.msgpack.decode(p.remote.handshake_payload(), type=Handshake)
+    newer = encode_handshake(msgspec.structs.replace(hs, version=PROTOCOL_VERSION + 1))
+    with pytest.raises(TransportVersionError, match=f"version {PROTOCOL_VERSION + 1}"):
+        p.local.add_peer(newer)
+    with pytest.raises(TransportVersionError, match="not a Tandem KV handshake"):
+        p.local.add_peer(b"\x00garbage")
+    with pytest.raises(UnknownPeerError):  # nothing was added
+        p.local.submit(TransferPlan.empty(), TransferOp.READ, p.remote.agent_name)
+
+
+@pytest.mark.parametrize(
+    "remote_kw, needle",
+    [
+        (dict(dtype="float32"), "dtype: local 'bfloat16' vs remote 'float32'"),
+        (dict(model_fingerprint="other-model"), "model_fingerprint: local 'tiny' vs remote 'other-model'"),
+        (dict(head_dim=16), "head_dim: local 8 vs remote 16"),
+    ],
+)
+def test_incompatible_peer_is_refused_naming_the_field(factory, remote_kw, needle):
+    p = factory.pair(layout(12), layout(16, **remote_kw), connect=False)
+    with pytest.raises(IncompatiblePeerError, match=needle):
+        p.local.add_peer(p.remote.handshake_payload())
+
+
+def test_tampered_compat_hash_is_refused(factory):
+    p = factory.pair(connect=False)
+    hs = msgspec.msgpack.decode(p.remote.handshake_payload(), type=Handshake)
+    with pytest.raises(IncompatiblePeerError, match="does not match its own layout"):
+        p.local.add_peer(encode_handshake(msgspec.structs.replace(hs, compat_hash="0" * 16)))
+
+
+def test_close_is_idempotent_and_final(factory):
+    p = factory.pair(remote_seed=4)
+    h = p.local.submit(plan_transfer(p.r_layout, p.l_layout, [0], [0]), TransferOp.READ, p.remote.agent_name)
+    assert isinstance(p.local, Transport)
+    p.local.close()  # with a handle still held: close releases it
+    p.local.close()
+    p.local.release(h)
+    with pytest.raises(TransferError, match="closed"):
+        p.local.submit(TransferPlan.empty(), TransferOp.READ, p.remote.agent_name)
+    with pytest.raises(TransferError):
+        p.local.poll(h)
+
+
+def test_unregistered_transport_has_no_handshake(factory):
+    with pytest.raises(TransferError, match="register"):
+        factory.transport("X").handshake_payload()
+
+
+# ---- NIXL specifics ------------------------------------------------------------------------------
+def test_payload_of_another_transport_kind_is_refused():
+    nixl, inproc = NixlTransport(f"N{next(_names)}"), InProcessTransport(f"I{next(_names)}", InProcessRegistry())
+    try:
+        for t in (nixl, inproc):
+            t.register(make_cache(layout(4)), layout(4))
+        with pytest.raises(IncompatiblePeerError, match="transport: local 'nixl' vs remote 'inproc'"):
+            nixl.add_peer(inproc.handshake_payload())
+    finally:
+        nixl.close(), inproc.close()
+
+
+def test_missing_nixl_raises_transport_unavailable_with_the_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nixl_cu12._api", None)
+    monkeypatch.setitem(sys.modules, "nixl._api", None)
+    monkeypatch.setitem(sys.modules, "nixl_cu13._api", None)
+    with pytest.raises(TransportUnavailableError, match=r"NIXL is not installed \(.*nixl_cu12._api"):
+        NixlTransport("absent")
+
+
+def test_ucx_env_defaults_never_override_the_user():
+    env = {"UCX_NET_DEVICES": "eth7"}
+    NixlSettings(ucx_tls="tcp,sm,self", ucx_cuda_ipc_get_zcopy=None).apply_env(env)
+    assert env == {"UCX_NET_DEVICES": "eth7", "UCX_TLS": "tcp,sm,self"}
+    NixlSettings().apply_env(env := {})
+    assert env == {"UCX_NET_DEVICES": "lo", "UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "y"}  # UCX_TLS: UCX's choice
+    NixlSettings().apply_env(env := {}, cuda=False)
+    assert env == {"UCX_NET_DEVICES": "lo"}
+
+
+GPU = pytest.mark.gpu
+
+
+@pytest.mark.parametrize(
+    "local_dev, remote_dev",
+    [("cpu", "cpu"), pytest.param("cuda:0", "cuda:0", marks=GPU), pytest.param("cuda:0", "cpu", marks=GPU)],
+)
+def test_nixl_peer_in_another_process_reads_and_writes(local_dev, remote_dev):
+    lay_p, lay_d = layout(16, device=remote_dev), layout(12, device=local_dev)
+    local = NixlTransport(f"D{next(_names)}")
+    kv = make_cache(lay_d)
+    local.register(kv, lay_d)
+    with RemotePeer(PeerSpec(f"P{next(_names)}", lay_p, seed=11)) as peer:
+        local.add_peer(peer.call("handshake"))
+        peer.call("add_peer", local.handshake_payload())
+        plan = plan_transfer(lay_p, lay_d, [2, 3, 9], [0, 1, 5])
+        read = local.submit(plan, TransferOp.READ, peer.agent_name, b"rid-1")
+        assert wait_done(local, read, TIMEOUT_S) is TransferState.DONE
+        local.release(read)
+        want = as_bytes(make_cache(lay_p, seed=11))
+        assert torch.equal(as_bytes(kv)[:, :, [0, 1, 5]], want[:, :, [2, 3, 9]])
+
+        write = local.submit(plan_transfer(lay_d, lay_p, [5], [15]), TransferOp.WRITE, peer.agent_name, b"rid-2")
+        assert wait_done(local, write, TIMEOUT_S) is TransferState.DONE
+        local.release(write)
+        off, n = lay_p.offset(1, 1, 15), lay_p.block_bytes  # last layer's V of block 15
+        mine = kv.reshape(-1).view(torch.uint8)[lay_d.offset(1, 1, 5) :][:n]
+        assert peer.call("bytes", off, n) == mine.cpu().numpy().tobytes()
+        got, deadline = [], time.monotonic() + TIMEOUT_S
+        while len(got) < 2 and time.monotonic() < deadline:
+            got += peer.call("notifications")
+        assert got == [(local.agent_name, b"rid-1"), (local.agent_name, b"rid-2")]
+    local.close()
+
+
+def test_nixl_peer_process_death_fails_cleanly_and_close_survives():
+    lay = layout(8)
+    local = NixlTransport(f"D{next(_names)}")
+    local.register(make_cache(lay), lay)
+    peer = RemotePeer(PeerSpec(f"P{next(_names)}", lay, seed=1))
+    try:
+        local.add_peer(peer.call("handshake"))
+        peer.call("add_peer", local.handshake_payload())
+        plan = plan_transfer(lay, lay, [1, 2], [1, 2])
+        warm = local.submit(plan, TransferOp.READ, peer.agent_name)
+        assert wait_done(local, warm, TIMEOUT_S) is TransferState.DONE
+        local.release(warm)
+        peer.kill()
+        for p, notify in ((TransferPlan.empty(), b"rid"), (plan, b"rid"), (plan, b"")):
+            h = local.submit(p, TransferOp.READ, peer.agent_name, notify)
+            state = wait_done(local, h, TIMEOUT_S)
+            local.release(h)
+            if p.regions:  # a lone notification may leave unnoticed; bytes cannot
+                assert state is TransferState.FAILED
+        local.remove_peer(peer.agent_name)  # after a failed transfer: used to abort inside UCX at close
+    finally:
+        local.close()
+        peer.close()
+
+
+# ---- GPU ------------------------------------------------------------------------------------------
+@GPU
+@pytest.mark.parametrize("kind", ["nixl", "inproc"])
+@pytest.mark.parametrize("local_dev, remote_dev", [("cuda:0", "cuda:0"), ("cpu", "cuda:0"), ("cuda:0", "cpu")])
+def test_vram_transfers(kind, local_dev, remote_dev):
+    f = Factory(kind)
+    try:
+        p = f.pair(layout(12, device=local_dev), layout(16, device=remote_dev), remote_seed=9)
+        h = p.local.submit(plan_transfer(p.r_layout, p.l_layout, [4, 5, 6, 0], [0, 1, 2, 7]), TransferOp.READ,
+                           p.remote.agent_name, b"gpu")  # fmt: skip
+        assert p.wait(h) is TransferState.DONE
+        p.local.release(h)
+        torch.cuda.synchronize()
+        assert torch.equal(as_bytes(p.kv_local)[:, :, [0, 1, 2, 7]], as_bytes(p.kv_remote)[:, :, [4, 5, 6, 0]])
+        plan = plan_transfer(p.l_layout, p.r_layout, [0, 1], [10, 11])
+        w = p.local.submit(plan, TransferOp.WRITE, p.remote.agent_name)
+        assert p.wait(w) is TransferState.DONE
+        p.local.release(w)
+        torch.cuda.synchronize()
+        assert torch.equal(as_bytes(p.kv_remote)[:, :, [10, 11]], as_bytes(p.kv_local)[:, :, [0, 1]])
+        assert p.remote_notifications() == [(p.local.agent_name, b"gpu")]
+    finally:
+        for t in f.made:
+            t.close()
