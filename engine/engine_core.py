@@ -189,7 +189,7 @@ class EngineCore:
             raise InvalidRequestError(f"first token id {first_token} is outside the vocabulary")
         req = self._new_request(request_id, [int(t) for t in prompt_token_ids], params)
         self.scheduler.add_remote(req)
-        req.sampling.advance(self.model_config.vocab_size, self.device)
+        req.sampling.advance(self.model_config.vocab_size, self.kv_cache.device)
         return self._append_token(req, int(first_token), None, time.monotonic())
 
     def allocate_remote_kv(self, request_id: str) -> tuple[list[int], int] | None:

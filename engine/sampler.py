@@ -89,6 +89,8 @@ class SamplingState:
         """This request's generator on `device` (None when unseeded)."""
         if self.generator is None or device.type == "cpu":
             return self.generator
+        if device.index is None:  # "cuda" and "cuda:0" must share one generator (one draw sequence)
+            device = torch.device(device.type, torch.cuda.current_device() if device.type == "cuda" else 0)
         key = str(device)
         gen = self._device_generators.get(key)
         if gen is None:

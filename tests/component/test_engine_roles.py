@@ -71,21 +71,23 @@ def _disaggregated(p: EngineCore, d: EngineCore, prompt, params, rid="r") -> tup
     SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=7, ignore_eos=True),
 ], ids=["greedy", "seeded"])
 def test_disaggregated_equals_one_engine(model_dir, params, device):
+    """Each prompt alone on one engine vs P+D. Alone, not batched: on CUDA a batch of 4 picks other
+    GEMM kernels than a batch of 1, and a random tiny model's close logits then flip greedy picks."""
     torch.set_num_threads(1)
-    agg, p, d = _engine(model_dir, device), _engine(model_dir, device), _engine(model_dir, device)
+    p, d = _engine(model_dir, device), _engine(model_dir, device)
     prompts = [list(range(3, 3 + n)) for n in (1, 4, 9, 17)]
     for i, prompt in enumerate(prompts):
-        agg.add_request(prompt, params, f"a{i}")
-    ref = _run_all(agg)
-    for i, prompt in enumerate(prompts):
-        want = [t for o in ref[f"a{i}"] for t in o.new_token_ids]
-        want_text = "".join(o.new_text for o in ref[f"a{i}"])
+        agg = _engine(model_dir, device)
+        agg.add_request(prompt, params, "a")
+        ref = _run_all(agg)["a"]
+        want, want_text = [t for o in ref for t in o.new_token_ids], "".join(o.new_text for o in ref)
         got, text = _disaggregated(p, d, prompt, params, f"r{i}")
         assert got == want and text == want_text
+        agg.leak_check()
     # the second time D's own prefix cache already holds the full prompt blocks: fewer are pulled
-    got, _ = _disaggregated(p, d, prompts[3], params, "again")
-    assert got == [t for o in ref["a3"] for t in o.new_token_ids]
-    for e in (agg, p, d):
+    got_again, _ = _disaggregated(p, d, prompts[3], params, "again")
+    assert got_again == got
+    for e in (p, d):
         e.check_integrity()
         e.leak_check()
 
