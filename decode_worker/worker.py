@@ -31,8 +31,9 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 
 from common.errors import AdmissionTimeoutError, KVTransferFailedError
-from common.wire import ModelInfo, PrefillResult, StreamChunk, WorkerStatus
+from common.wire import PrefillResult, StreamChunk, WorkerStatus
 from engine.sampling_params import SamplingParams
+from worker_core.actor import WorkerActor
 from worker_core.host import WorkerHost, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ MAX_REMEMBERED_ABORTS = 4096
 POLL_S = 0.0002  # transfer poll period (a 512-token SmolLM2 prompt moves in ~2-3 ms)
 
 
-class DecodeWorker:
+class DecodeWorker(WorkerActor):
     def __init__(self, settings: WorkerSettings, clock: Callable[[], float] = time.monotonic) -> None:
         if settings.role not in ("decode", "aggregated"):
             raise ValueError(f"DecodeWorker needs role 'decode' or 'aggregated', got {settings.role!r}")
@@ -160,27 +161,12 @@ class DecodeWorker:
     async def status(self) -> WorkerStatus:
         return await self.host.status(transfers_in_flight=len(self._pulling))
 
-    async def model_info(self) -> ModelInfo:
-        return self.host.model_info()
-
-    async def get_tokenizer(self):
-        return self.host.core.tokenizer
-
-    async def handshake_payload(self) -> bytes:
-        return self.host.handshake_payload()
-
     async def add_peer(self, payload: bytes) -> str:
         from kv_transfer import decode_handshake
 
         name = self.host.add_peer(payload)  # refuses an incompatible peer, naming the mismatch
         self._peer_layouts[name] = decode_handshake(payload, self.host.layout, self.host.transport.name).layout
         return name
-
-    async def check_integrity(self) -> None:
-        await self.host.check_integrity()
-
-    async def leak_check(self) -> None:
-        await self.host.leak_check()
 
     async def wait_idle(self, timeout_s: float) -> bool:
         return await self.host.wait_idle(timeout_s, extra_busy=lambda: bool(self._pulling))

@@ -29,8 +29,9 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from common.wire import KVHandle, ModelInfo, PrefillResult, StreamChunk, WorkerStatus
+from common.wire import KVHandle, PrefillResult, StreamChunk, WorkerStatus
 from engine.sampling_params import SamplingParams
+from worker_core.actor import WorkerActor
 from worker_core.host import WorkerHost, WorkerSettings, to_chunk
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 NOTIFY_POLL_S = 0.001  # notification poll period while leases are outstanding
 
 
-class PrefillWorker:
+class PrefillWorker(WorkerActor):
     def __init__(self, settings: WorkerSettings, clock: Callable[[], float] = time.monotonic) -> None:
         if settings.role != "prefill":
             raise ValueError(f"PrefillWorker needs role 'prefill', got {settings.role!r}")
@@ -155,23 +156,8 @@ class PrefillWorker:
         await self._start()
         return await self.host.status()
 
-    async def model_info(self) -> ModelInfo:
-        return self.host.model_info()
-
-    async def get_tokenizer(self):
-        return self.host.core.tokenizer
-
-    async def handshake_payload(self) -> bytes:
-        return self.host.handshake_payload()
-
     async def add_peer(self, payload: bytes) -> str:
         return self.host.add_peer(payload)
-
-    async def check_integrity(self) -> None:
-        await self.host.check_integrity()
-
-    async def leak_check(self) -> None:
-        await self.host.leak_check()
 
     async def wait_idle(self, timeout_s: float) -> bool:
         await self._start()

@@ -8,15 +8,13 @@ masks EOS behind our back; both sides ignore EOS and produce 32 tokens.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from engine.llm import LLM
-from engine.loader import default_model_path
 from engine.sampling_params import SamplingParams
-from tests.helpers.reference import hf_greedy
+from tests.helpers.reference import hf_greedy, smollm2_reference
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +33,7 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def reference():
-    from transformers import AutoModelForCausalLM
-
-    path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32)
-    return model.eval()
+    return smollm2_reference()
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,12 @@ tokenizer and chat template; the reference gets the same token ids.
 
 from __future__ import annotations
 
-import os
 
 import pytest
-import torch
 
 from tandem_api.client import TandemClient
 from tests.e2e.conftest import serve
-from tests.helpers.reference import hf_greedy
+from tests.helpers.reference import hf_greedy, smollm2_reference
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
@@ -24,14 +22,7 @@ NEW = 24
 
 @pytest.fixture(scope="module")
 def reference():
-    from transformers import AutoModelForCausalLM
-
-    from engine.loader import default_model_path
-
-    path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32)
-    return model.eval()
+    return smollm2_reference()
 
 
 def test_smollm2_disaggregated_equals_aggregated_equals_transformers(reference):

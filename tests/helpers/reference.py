@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def smollm2_reference():
+    """transformers' SmolLM2 from the shipped GGUF, fp32 (an exact token oracle needs fp32 on both sides)."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.loader import default_model_path
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return model.eval()
 
 
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
