@@ -1,8 +1,7 @@
 """Typed messages that cross process boundaries (Ray calls between router and workers).
 
 msgspec Structs, no torch: the router imports this module, so it must stay light.
-Ray pickles them; `encode`/`decode` give a versioned msgpack form for anything that
-leaves Ray (logs, tests, other transports).
+Ray pickles them between actors; a change to a field is a change to WIRE_VERSION.
 
     router --prefill(rid, prompt_ids, params)----------> P    returns PrefillResult
            <---------------------------------------------      (first chunk + KVHandle)
@@ -89,17 +88,3 @@ class ModelInfo(msgspec.Struct, frozen=True):
     max_model_len: int
     eos_token_ids: list[int]
     kv_capacity_tokens: int  # blocks * block_size of this worker's cache
-
-
-_encoder = msgspec.msgpack.Encoder()
-
-
-def encode(obj: msgspec.Struct) -> bytes:
-    return _encoder.encode((WIRE_VERSION, obj))
-
-
-def decode(data: bytes, type_: type):
-    version, _ = msgspec.msgpack.decode(data, type=tuple[int, msgspec.Raw])
-    if version != WIRE_VERSION:
-        raise ValueError(f"wire version {version} is not supported (this side speaks {WIRE_VERSION})")
-    return msgspec.msgpack.decode(data, type=tuple[int, type_])[1]

@@ -49,7 +49,6 @@ class DecodeWorker(WorkerActor):
         self.host = WorkerHost(settings)
         self.settings = settings
         self.clock = clock
-        self._peer_layouts: dict = {}  # P's agent name -> KVLayout (from its handshake)
         self._pulling: set[str] = set()  # request ids with a transfer in flight
         self._aborted: OrderedDict[str, None] = OrderedDict()  # aborted while pulling or before arriving
 
@@ -99,15 +98,16 @@ class DecodeWorker(WorkerActor):
         await self._pull(request_id, prefill, prefill.kv.block_ids[start:], dst_blocks)
 
     async def _pull(self, request_id: str, prefill: PrefillResult, src_blocks: list[int], dst_blocks: list[int]) -> None:
-        from kv_transfer import TransferOp, TransferState, plan_transfer
+        from kv_transfer import TransferOp, TransferState, UnknownPeerError, plan_transfer
 
         if not dst_blocks:
             return  # the local prefix cache held the whole prompt
         transport, kv = self.host.transport, prefill.kv
-        src_layout = self._peer_layouts.get(kv.agent_name)
-        if transport is None or src_layout is None:
+        try:
+            src_layout = transport.peer_layout(kv.agent_name)
+        except (AttributeError, UnknownPeerError):
             raise KVTransferFailedError(
-                f"decode worker {self.host.worker_id} has no handshake with prefill agent {kv.agent_name!r}")
+                f"decode worker {self.host.worker_id} has no handshake with prefill agent {kv.agent_name!r}") from None
         plan = plan_transfer(src_layout, self.host.layout, src_blocks, dst_blocks)
         handle = transport.submit(plan, TransferOp.READ, kv.agent_name, notify=request_id.encode())
         self._pulling.add(request_id)
@@ -162,11 +162,7 @@ class DecodeWorker(WorkerActor):
         return await self.host.status(transfers_in_flight=len(self._pulling))
 
     async def add_peer(self, payload: bytes) -> str:
-        from kv_transfer import decode_handshake
-
-        name = self.host.add_peer(payload)  # refuses an incompatible peer, naming the mismatch
-        self._peer_layouts[name] = decode_handshake(payload, self.host.layout, self.host.transport.name).layout
-        return name
+        return self.host.add_peer(payload)  # refuses an incompatible peer, naming the mismatch
 
     async def wait_idle(self, timeout_s: float) -> bool:
         return await self.host.wait_idle(timeout_s, extra_busy=lambda: bool(self._pulling))

@@ -18,8 +18,6 @@ import signal
 import threading
 from importlib import metadata
 
-import grpc
-
 from deploy.cluster import Cluster, WorkerHandle
 from deploy.config import ServeConfig
 from router.pools import WorkerPool
@@ -170,6 +168,3 @@ class Serving:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address)

@@ -73,6 +73,9 @@ class FaultyTransport:
     def add_peer(self, payload: bytes) -> str:
         return self._inner.add_peer(payload)
 
+    def peer_layout(self, peer: str) -> KVLayout:
+        return self._inner.peer_layout(peer)
+
     def remove_peer(self, peer: str) -> None:
         self._inner.remove_peer(peer)
 

@@ -99,6 +99,12 @@ class InProcessTransport:
         self._peers[hs.agent_name] = hs
         return hs.agent_name
 
+    def peer_layout(self, peer: str) -> KVLayout:
+        hs = self._peers.get(peer)
+        if hs is None:
+            raise UnknownPeerError(f"no peer {peer!r}: add_peer its handshake first")
+        return hs.layout
+
     def remove_peer(self, peer: str) -> None:
         self._peers.pop(peer, None)
 

@@ -157,6 +157,13 @@ class NixlTransport:
             self._peers[hs.agent_name] = _Peer(hs.layout, hs.base_addr, hs.device_id)
             return hs.agent_name
 
+    def peer_layout(self, peer: str) -> KVLayout:
+        with self._lock:
+            p = self._peers.get(peer)
+        if p is None:
+            raise UnknownPeerError(f"no peer {peer!r}: add_peer its handshake first")
+        return p.layout
+
     def remove_peer(self, peer: str) -> None:
         with self._lock:
             if self._peers.pop(peer, None) is not None and not self._closed:

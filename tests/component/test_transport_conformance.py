@@ -174,10 +174,13 @@ def test_unknown_and_removed_peers_are_refused(factory):
     plan = plan_transfer(p.r_layout, p.l_layout, [0], [0])
     with pytest.raises(UnknownPeerError, match="nobody"):
         p.local.submit(plan, TransferOp.READ, "nobody")
+    assert p.local.peer_layout(p.remote.agent_name) == p.r_layout
     p.local.remove_peer(p.remote.agent_name)
     p.local.remove_peer(p.remote.agent_name)  # idempotent
     with pytest.raises(UnknownPeerError):
         p.local.submit(plan, TransferOp.READ, p.remote.agent_name)
+    with pytest.raises(UnknownPeerError):
+        p.local.peer_layout(p.remote.agent_name)
     p.local.add_peer(p.remote.handshake_payload())  # and it can come back
     h = p.local.submit(plan, TransferOp.READ, p.remote.agent_name)
     assert p.wait(h) is TransferState.DONE
