@@ -76,7 +76,7 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class TransportConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backend: Literal["nixl"] = "nixl"
     nixl_backend: str = "UCX"
-    progress_thread: bool = False  # NIXL's progress thread: off is ~3x faster on small CPU hosts
+    progress_thread: bool = False  # NIXL's progress thread: off is ~3x faster on 2 cores (PLATFORM.md, NIXL on CPU)
     lease_s: float = 30.0  # prefill keeps a prompt's blocks this long for decode to pull
     transfer_timeout_s: float = 30.0
     admission_timeout_s: float = 60.0

@@ -2,13 +2,17 @@
 
 UCX reads its variables when an agent starts, so `apply_env` runs before each agent
 is created, and sets a variable only when the environment does not already set it
-(the user's value always wins). Defaults, measured here (2-core CPU VM; H100 host):
+(the user's value always wins). Defaults, measured here (2-core CPU VM; H100 host).
+Figures marked (scratch) were seen by hand while developing, not kept as results;
+the command after them reproduces the comparison (the benchmark honours UCX_* set
+in its environment, and its spawned peer inherits them).
 
 - enable_prog_thread=False: with NIXL's progress thread on, host-to-host reads reached
-  ~1.6 GB/s on 2 cores, with it off ~5-8 GB/s. The price is the liveness rule in
+  ~1.6 GB/s on 2 cores, with it off 4.5-5.4 GB/s (../shared/PLATFORM.md, "NIXL on CPU"). The price is the liveness rule in
   transport.py (both agents must keep calling in).
 - UCX_TLS is left to UCX: it picks cma for host memory within one machine (fastest
-  here: ~8 GB/s vs ~7 with "tcp,sm,self", ~1.8 with "tcp") and the cuda transports
+  here (scratch): ~8 GB/s vs ~7 with "tcp,sm,self", ~1.8 with "tcp";
+  `UCX_TLS=tcp .venv/bin/python benchmarks/kv_transfer_bandwidth.py --reps 3`) and the cuda transports
   for VRAM. A set without tcp fails with NIXL_ERR_BACKEND (UCX needs tcp for active
   messages), and on a GPU host a set without a cuda transport is refused by NIXL
   ("Invalid UCX_TLS=tcp,sm,self for NIXL UCX backend: NVIDIA GPU(s) are present, but
@@ -18,7 +22,8 @@ is created, and sets a variable only when the environment does not already set i
 - UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y (unless set): without NVLink (one PCIe GPU) UCX
   disables CUDA-IPC reads ("cuda-ipc get zcopy disabled as no nvlinks detected") and a
   VRAM READ falls back to tcp "software emulation": ~0.45 GB/s instead of ~640 GB/s
-  (H100, two processes, 360 MiB). WRITE uses CUDA IPC either way. Within ONE process
+  (scratch, H100, two processes, 360 MiB; `UCX_CUDA_IPC_ENABLE_GET_ZCOPY=n python3
+  benchmarks/kv_transfer_bandwidth.py --device cuda --blocks 1024`). WRITE uses CUDA IPC either way. Within ONE process
   CUDA IPC never applies ("cannot reach ... same process"): two agents in one process
   move VRAM over tcp, correct but slow (tests only).
 """
