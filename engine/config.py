@@ -69,10 +69,13 @@ class CacheConfig:
     kv_cache_memory_bytes: int = 1 << 30  # 1 GiB budget by default
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
+    kv_order: str = "NHD"  # "NHD" | "HND": slot-major or head-major inside a block (engine/kv_cache.py)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.kv_order not in ("NHD", "HND"):
+            raise ConfigError(f"kv_order must be NHD or HND, got {self.kv_order!r}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if self.kv_cache_memory_bytes < 1:
@@ -95,12 +98,40 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor x pipeline parallel shape of one worker: tp * pp ranks, one process each.
+
+    Global rank = pp_rank * tp + tp_rank; rank 0 (first stage, first TP rank) is the
+    leader that schedules and samples. `backend` None picks gloo on CPU, nccl on CUDA.
+    """
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    backend: str | None = None
+    collective_timeout_s: float = 300.0  # a collective that waits longer fails the step (a dead rank)
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.backend not in (None, "gloo", "nccl"):
+            raise ConfigError(f"parallel backend must be gloo or nccl, got {self.backend!r}")
+        if self.collective_timeout_s <= 0:
+            raise ConfigError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str  # path to a HF directory or a .gguf file; "" = the default SmolLM2
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
     device: str = "cpu"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -26,53 +26,55 @@ import torch
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.cpu_memory import keep_freed_memory
-from engine.device import resolve_device, resolve_dtype
-from engine.errors import InvalidRequestError, OutOfKVCacheError, PromptTooLongError
-from engine.kv_cache import KVCacheSpec, allocate_kv_cache, blocks_for_budget
+from engine.device import resolve_device
+from engine.distributed import LocalExecutor
+from engine.errors import ConfigError, InvalidRequestError, OutOfKVCacheError, PromptTooLongError
 from engine.kv_cache_manager import KVCacheManager
 from engine.loader import load_model_source
 from engine.loader.source import ModelSource
-from engine.model.llama import LlamaModel
 from engine.model_runner import ModelRunner
 from engine.outputs import StepOutput
 from engine.request import FinishReason, Request, RequestStatus
 from engine.sampler import Sampler, SamplingState
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.shard import ModelShard
 from engine.stop_checker import find_stop
 
 log = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, source: ModelSource | None = None) -> None:
+    def __init__(self, config: EngineConfig, source: ModelSource | None = None, executor=None) -> None:
+        """`executor`: a DistributedExecutor for a tp x pp worker (its ranks already started, caches
+        allocated); None builds the whole model here (tp = pp = 1)."""
         self.config = config
         self.source = source or load_model_source(config.model)
         cfg = self.source.config
         self.model_config = cfg
         self.tokenizer = self.source.tokenizer
-        self.device = resolve_device(config.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()  # temporaries reused instead of page-faulted in every step
-        self.dtype = resolve_dtype(config.dtype, self.device, cfg.hidden_size, cfg.intermediate_size)
-        torch.manual_seed(config.seed)
-
-        self.model = LlamaModel(cfg, dtype=self.dtype, device=self.device)
-        self.model.load_weights(self.source.iter_weights())
-        self.model.eval()
-
+        if executor is None:
+            if config.parallel.world_size > 1:
+                raise ConfigError(
+                    f"tp={config.parallel.tensor_parallel_size} pp={config.parallel.pipeline_parallel_size} needs "
+                    "rank processes: start it as a worker (worker_core.ranks) or pass a DistributedExecutor"
+                )
+            device = resolve_device(config.device)
+            if device.type == "cpu":
+                keep_freed_memory()  # temporaries reused instead of page-faulted in every step
+            torch.manual_seed(config.seed)
+            shard = ModelShard(config, self.source, device=device)
+            shard.allocate(shard.max_blocks())
+            executor = LocalExecutor(shard)
+        self.executor = executor
+        self.device = executor.shard.device
+        self.dtype = executor.shard.dtype
+        self.kv_spec = executor.kv_spec
+        num_blocks = self.kv_spec.num_blocks
         cc = config.cache
-        spec = KVCacheSpec(
-            num_layers=cfg.num_layers, layer_start=0, total_layers=cfg.num_layers,
-            num_kv_heads=cfg.num_kv_heads, head_start=0, total_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim, block_size=cc.block_size, num_blocks=1, dtype=self.dtype, device=str(self.device),
-        )
-        num_blocks = cc.num_blocks or blocks_for_budget(cc.kv_cache_memory_bytes, spec.bytes_per_block)
-        self.kv_spec = KVCacheSpec(**{**spec.__dict__, "num_blocks": num_blocks})
-        self.kv_cache = allocate_kv_cache(self.kv_spec)
         self.kv_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.kv_spec)
+        self.runner = ModelRunner(executor, self.kv_spec, self.device)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(config.seed)
         self.sampler = Sampler(gen)
@@ -82,6 +84,19 @@ class EngineCore:
         self.leases: dict[str, Request] = {}  # prefill role: KV_LEASED requests by id
         log.info("engine ready: %s, %s, %d KV blocks of %d tokens", cfg.name or cfg.architecture, self.dtype,
                  num_blocks, cc.block_size)
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """This process's KV cache tensor (rank 0's slice in a tp x pp worker)."""
+        return self.executor.kv_cache
+
+    @property
+    def model(self):
+        return self.executor.shard.model
+
+    def close(self) -> None:
+        """Stop the other ranks of a tp x pp worker (no-op for one rank)."""
+        self.executor.close()
 
     # ---- requests ------------------------------------------------------------------------------------------------
 
@@ -189,7 +204,7 @@ class EngineCore:
             raise InvalidRequestError(f"first token id {first_token} is outside the vocabulary")
         req = self._new_request(request_id, [int(t) for t in prompt_token_ids], params)
         self.scheduler.add_remote(req)
-        req.sampling.advance(self.model_config.vocab_size, self.kv_cache.device)
+        req.sampling.advance(self.model_config.vocab_size, self.device)
         return self._append_token(req, int(first_token), None, time.monotonic())
 
     def allocate_remote_kv(self, request_id: str) -> tuple[list[int], int] | None:

@@ -15,8 +15,8 @@ import torch
 
 from engine.kv_cache import KVCacheSpec
 from engine.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk
-from engine.model.llama import LlamaModel
 from engine.scheduler import ScheduledRequest, SchedulerOutput
+from engine.shard import ModelInputs
 
 
 @dataclass
@@ -27,6 +27,9 @@ class StepBatch:
     positions: torch.Tensor
     md: AttentionMetadata
     logits_indices: torch.Tensor
+
+    def model_inputs(self) -> ModelInputs:
+        return ModelInputs(self.input_ids, self.positions, self.md, self.logits_indices)
 
 
 def length_groups(sorted_lens: list[int], ratio: float = 1.5, min_rows: int = 4, max_groups: int = 4) -> list[tuple[int, int]]:
@@ -48,11 +51,12 @@ def length_groups(sorted_lens: list[int], ratio: float = 1.5, min_rows: int = 4,
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, spec: KVCacheSpec) -> None:
-        self.model = model
-        self.kv_cache = kv_cache
+    """Builds each step's tensors on `device`; the executor (engine/distributed.py) runs them."""
+
+    def __init__(self, executor, spec: KVCacheSpec, device: torch.device) -> None:
+        self.executor = executor
         self.spec = spec
-        self.device = kv_cache.device
+        self.device = device
 
     def prepare(self, out: SchedulerOutput) -> StepBatch:
         bs = self.spec.block_size
@@ -114,6 +118,4 @@ class ModelRunner:
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """Logits [len(batch.sample), vocab] in float32."""
-        return self.model(
-            batch.input_ids, batch.positions, self.kv_cache, batch.md, self.spec.order, batch.logits_indices
-        )
+        return self.executor.execute(batch.model_inputs())

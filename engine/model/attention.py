@@ -58,6 +58,19 @@ class AttentionMetadata:
     decode_groups: list[DecodeGroup] = field(default_factory=list)  # cover rows [0, num_decode)
     prefills: list[PrefillChunk] = field(default_factory=list)
 
+    def to(self, device: torch.device) -> AttentionMetadata:
+        """A copy on `device` (ranks of a worker on other devices receive the leader's metadata)."""
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return AttentionMetadata(
+            slot_block=self.slot_block.to(device), slot_offset=self.slot_offset.to(device),
+            slot_mapping=self.slot_mapping.to(device), num_decode=self.num_decode,
+            decode_groups=[DecodeGroup(g.start, g.end, g.block_table.to(device), g.mask.to(device))
+                           for g in self.decode_groups],
+            prefills=[PrefillChunk(c.start, c.end, c.context_len, mv(c.block_ids), mv(c.mask)) for c in self.prefills],
+        )
+
 
 def write_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              md: AttentionMetadata, order: KVOrder) -> None:
