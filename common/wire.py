@@ -51,7 +51,7 @@ class StreamChunk(msgspec.Struct):
 class KVHandle(msgspec.Struct, frozen=True):
     """Where a prefill worker keeps a request's prompt KV until decode pulls it."""
 
-    agent_name: str  # the prefill worker's transport agent
+    agent_name: str  # the prefill worker's leader (rank 0) transport agent; names the worker to its peers
     block_ids: list[int]  # P's blocks, in token order
     num_tokens: int  # prompt tokens whose KV those blocks hold
     lease_s: float  # how long P keeps them after prefill, if nobody pulls or releases

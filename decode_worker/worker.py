@@ -11,9 +11,11 @@ generator; the router iterates it):
    worker's own prefix cache already holds. Blocks are taken from the pool at
    once, so KV in flight is counted against admission. If the pool cannot hold
    them, the request waits for a finish, up to `admission_timeout_s`.
-3. Pull. A plan (pure, from P's layout and ours) becomes one READ over the KV
-   transport, notification = request id, polled until DONE (at most
-   `transfer_timeout_s`). The notification tells P to end its lease.
+3. Pull. Every rank of this worker reads its layers and heads of the prompt's
+   tokens from the prefill ranks that hold them (worker_core/rank_kv.py: a plan per
+   (P worker, rank), bound to the block tables, converting TP / PP / block size /
+   NHD-HND on the way), polled until DONE (at most `transfer_timeout_s`). The
+   router ends P's lease once this worker streams.
 4. Join. `finish_remote_kv` counts the prompt as computed; the request joins the
    running batch at token 2 and its chunks stream back to the router.
 5. Cancel or failure at any point: a transfer in flight is waited out of PENDING
@@ -39,7 +41,6 @@ from worker_core.host import WorkerHost, WorkerSettings
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED_ABORTS = 4096
-POLL_S = 0.0002  # transfer poll period (a 512-token SmolLM2 prompt moves in 3.3 ms: benchmarks/disagg_ttft.py)
 
 
 class DecodeWorker(WorkerActor):
@@ -95,44 +96,19 @@ class DecodeWorker(WorkerActor):
                     f"{self.settings.admission_timeout_s:.0f} s; add decode capacity or lower max_tokens"
                 )
         dst_blocks, start = slots
-        await self._pull(request_id, prefill, prefill.kv.block_ids[start:], dst_blocks)
+        await self._pull(request_id, prefill, start, dst_blocks)
 
-    async def _pull(self, request_id: str, prefill: PrefillResult, src_blocks: list[int], dst_blocks: list[int]) -> None:
-        from kv_transfer import TransferOp, TransferState, UnknownPeerError, plan_transfer
-
+    async def _pull(self, request_id: str, prefill: PrefillResult, first_block: int, dst_blocks: list[int]) -> None:
         if not dst_blocks:
             return  # the local prefix cache held the whole prompt
-        transport, kv = self.host.transport, prefill.kv
-        try:
-            src_layout = transport.peer_layout(kv.agent_name)
-        except (AttributeError, UnknownPeerError):
-            raise KVTransferFailedError(
-                f"decode worker {self.host.worker_id} has no handshake with prefill agent {kv.agent_name!r}") from None
-        plan = plan_transfer(src_layout, self.host.layout, src_blocks, dst_blocks)
-        handle = transport.submit(plan, TransferOp.READ, kv.agent_name, notify=request_id.encode())
+        kv = prefill.kv
+        first_token = first_block * self.host.core.kv_spec.block_size
         self._pulling.add(request_id)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.transfer_timeout_s
-        cancelled: asyncio.CancelledError | None = None
         try:
-            state = transport.poll(handle)
-            while state is TransferState.PENDING and loop.time() < deadline:
-                try:
-                    await asyncio.sleep(POLL_S)
-                except asyncio.CancelledError as e:
-                    # Keep polling: the destination blocks must not be freed while the READ may
-                    # still write into them. Bounded by the transfer deadline.
-                    cancelled = e
-                state = transport.poll(handle)
+            await self.host.pull(kv.agent_name, kv.block_ids, dst_blocks, kv.num_tokens, first_token,
+                                 self.settings.transfer_timeout_s)
         finally:
-            transport.release(handle)  # before anyone can free the destination blocks
             self._pulling.discard(request_id)
-        if cancelled is not None:
-            raise cancelled
-        if state is not TransferState.DONE:
-            what = "timed out" if state is TransferState.PENDING else "failed"
-            raise KVTransferFailedError(
-                f"KV pull of {len(dst_blocks)} blocks for {request_id} from {kv.agent_name} {what}")
 
     async def abort(self, request_id: str) -> bool:
         """Abort in any state. A request mid-pull is aborted by cancelling its `decode` stream instead."""
@@ -160,9 +136,6 @@ class DecodeWorker(WorkerActor):
 
     async def status(self) -> WorkerStatus:
         return await self.host.status(transfers_in_flight=len(self._pulling))
-
-    async def add_peer(self, payload: bytes) -> str:
-        return self.host.add_peer(payload)  # refuses an incompatible peer, naming the mismatch
 
     async def wait_idle(self, timeout_s: float) -> bool:
         return await self.host.wait_idle(timeout_s, extra_busy=lambda: bool(self._pulling))

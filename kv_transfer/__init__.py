@@ -1,10 +1,22 @@
-"""KV cache transfer between prefill and decode workers: layouts, plans, transports.
+"""KV cache transfer between prefill and decode workers: layouts, plans, conversions, transports.
 
 Read kv_transfer/README.md first. NIXL is optional: importing this package never
 imports it; creating a `NixlTransport` does, and raises TransportUnavailableError
 (with the import error's text) where it is not installed.
 """
 
+from kv_transfer.convert import (
+    ConversionPlan,
+    Piece,
+    Round,
+    RowScatter,
+    ScatterSegment,
+    apply_scatter,
+    check_pair,
+    describe_pair,
+    execute_locally,
+    plan_conversion,
+)
 from kv_transfer.errors import (
     IncompatiblePeerError,
     InvalidLayoutError,
@@ -35,6 +47,7 @@ from kv_transfer.transport import (
 __all__ = [
     "COMPAT_FIELDS",
     "PROTOCOL_VERSION",
+    "ConversionPlan",
     "FaultPlan",
     "FaultyTransport",
     "Handshake",
@@ -46,7 +59,11 @@ __all__ = [
     "KVLayout",
     "NixlSettings",
     "NixlTransport",
+    "Piece",
     "Region",
+    "Round",
+    "RowScatter",
+    "ScatterSegment",
     "TransferError",
     "TransferHandle",
     "TransferOp",
@@ -57,8 +74,13 @@ __all__ = [
     "TransportVersionError",
     "UnknownPeerError",
     "UnsupportedConversionError",
+    "apply_scatter",
     "check_compatible",
+    "check_pair",
     "decode_handshake",
+    "describe_pair",
     "encode_handshake",
+    "execute_locally",
+    "plan_conversion",
     "plan_transfer",
 ]

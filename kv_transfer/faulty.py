@@ -64,8 +64,8 @@ class FaultyTransport:
     def agent_name(self) -> str:
         return self._inner.agent_name
 
-    def register(self, kv_cache, layout: KVLayout) -> None:
-        self._inner.register(kv_cache, layout)
+    def register(self, kv_cache, layout: KVLayout, staging=None) -> None:
+        self._inner.register(kv_cache, layout, staging)
 
     def handshake_payload(self) -> bytes:
         return self._inner.handshake_payload()

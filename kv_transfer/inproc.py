@@ -3,7 +3,8 @@
 Peers live in the same process and find each other through an `InProcessRegistry`
 that the caller creates and passes in (no module-level global: two tests never share
 peers). A transfer is executed at submit time by copying through flat uint8 views of
-the two registered tensors, region by region, then the notification is queued on
+the two registered tensors (and, for the local side of a READ, the staging buffer
+registered after the cache), region by region, then the notification is queued on
 the peer; so poll returns DONE at once. It still goes through the same handshake,
 version and compatibility checks as any other transport.
 """
@@ -16,7 +17,7 @@ from collections import deque
 import torch
 
 from kv_transfer.errors import TransferError, UnknownPeerError
-from kv_transfer.layout import KVLayout, check_registrable
+from kv_transfer.layout import KVLayout, check_registrable, check_staging
 from kv_transfer.plan import TransferPlan
 from kv_transfer.transport import (
     PROTOCOL_VERSION,
@@ -59,6 +60,7 @@ class InProcessTransport:
         self.agent_name = agent_name
         self._registry = registry
         self._bytes: torch.Tensor | None = None
+        self._staging: torch.Tensor | None = None
         self._layout: KVLayout | None = None
         self._peers: dict[str, Handshake] = {}
         self._transfers: dict[int, TransferState] = {}
@@ -68,11 +70,14 @@ class InProcessTransport:
         registry.add(self)
 
     # ---- memory and peers -------------------------------------------------------------
-    def register(self, kv_cache: torch.Tensor, layout: KVLayout) -> None:
+    def register(self, kv_cache: torch.Tensor, layout: KVLayout, staging: torch.Tensor | None = None) -> None:
         self._check_open()
         if self._bytes is not None:
             raise TransferError(f"{self.agent_name}: a KV cache is already registered")
         check_registrable(kv_cache, layout)
+        if staging is not None:
+            check_staging(staging, layout)
+            self._staging = flat_bytes(staging)
         self._bytes = flat_bytes(kv_cache)  # keeps the tensor alive until close
         self._layout = layout
 
@@ -115,11 +120,17 @@ class InProcessTransport:
         if remote_t is None or remote_t._bytes is None:
             raise UnknownPeerError(f"{self.agent_name}: unknown peer {peer!r}; add_peer() its handshake first")
         remote = remote_t._bytes
-        src, dst = (remote, local) if op is TransferOp.READ else (local, remote)
-        plan.check_bounds(src.numel(), dst.numel())
-        for r in plan.regions:
-            dst[r.dst_offset : r.dst_offset + r.nbytes].copy_(src[r.src_offset : r.src_offset + r.nbytes])
-        if plan.regions and (src.is_cuda or dst.is_cuda):
+        read = op is TransferOp.READ
+        src, dst = (remote, local) if read else (local, remote)
+        staging = self._staging if read else None  # only the local side of a READ may land in staging
+        cache_n = dst.numel()
+        plan.check_bounds(src.numel(), cache_n, staging.numel() if staging is not None else 0)
+        for s, d, n in plan.as_array().tolist():
+            if d >= cache_n:
+                staging[d - cache_n : d - cache_n + n].copy_(src[s : s + n])
+            else:
+                dst[d : d + n].copy_(src[s : s + n])
+        if len(plan) and (src.is_cuda or dst.is_cuda or (staging is not None and staging.is_cuda)):
             torch.cuda.synchronize()  # DONE means the bytes are there for every stream
         if notify:
             remote_t._inbox.append((self.agent_name, bytes(notify)))
@@ -153,6 +164,7 @@ class InProcessTransport:
         self._peers.clear()
         self._registry.discard(self.agent_name)
         self._bytes = None
+        self._staging = None
 
     # ---- helpers --------------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -14,10 +14,12 @@ Byte addressing (the same for NHD and HND, see engine/kv_cache.py):
     offset(layer, kv, block) = ((layer * 2 + kv) * num_blocks + block) * block_bytes
 
 Two peers are *compatible* when the fields in `COMPAT_FIELDS` agree (`compat_hash`
-covers exactly those). Layer and head ranges are topology, not compatibility: a
-TP=2 prefill rank and a TP=1 decode rank hold different head ranges of the same
-model, and a conversion can bridge them (issue 4), so `check_compatible` accepts
-them and `plan_transfer` decides what it can copy.
+covers exactly those): same model, dtype, head_dim and model totals. Everything else
+is topology that a conversion bridges (kv_transfer/convert.py): layer and head ranges
+(a TP=2 prefill rank and a TP=1 decode rank hold different head ranges of the same
+model; PP stages hold different layer ranges), block_size (when one divides the
+other) and order (NHD vs HND). So `check_compatible` accepts those, and
+`convert.check_pair` validates a whole prefill/decode worker pair at startup.
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ DTYPE_ITEMSIZE: dict[str, int] = {
 ORDERS = ("NHD", "HND")
 
 # What must be equal between two peers, in the order messages list them.
-# num_blocks, device and the layer/head ranges are deliberately absent.
-COMPAT_FIELDS = ("model_fingerprint", "dtype", "head_dim", "block_size", "order", "total_layers", "total_kv_heads")
+# num_blocks, device, the layer/head ranges, block_size and order are deliberately
+# absent: convert.py converts between them (check_pair refuses block sizes where
+# neither divides the other).
+COMPAT_FIELDS = ("model_fingerprint", "dtype", "head_dim", "total_layers", "total_kv_heads")
 
 
 class KVLayout(msgspec.Struct, frozen=True):
@@ -168,8 +172,8 @@ def compat_mismatches(local: KVLayout, remote: KVLayout) -> list[str]:
 def check_compatible(local: KVLayout, remote: KVLayout) -> None:
     """Refuse a peer whose cache can never be exchanged with ours, naming every field.
 
-    Only what no conversion can bridge is refused; topology (layer/head ranges) and
-    capacity (num_blocks, device) may differ.
+    Only what no conversion can bridge is refused; topology (layer/head ranges, block
+    size, order) and capacity (num_blocks, device) may differ.
     """
     bad = compat_mismatches(local, remote)
     if bad:
@@ -197,3 +201,23 @@ def check_registrable(kv_cache: torch.Tensor, layout: KVLayout) -> None:
         problems.append(f"it lives on {tensor_device(kv_cache)}, the layout says {layout.device}")
     if problems:
         raise InvalidLayoutError("cannot register the KV cache: " + "; ".join(problems))
+
+
+def check_staging(staging: torch.Tensor, layout: KVLayout) -> int:
+    """Raise InvalidLayoutError unless `staging` can be registered next to the cache; its bytes.
+
+    A staging buffer receives the staged reads of a layout conversion (convert.py) and is
+    scattered into the cache on the same device, so it must be contiguous, non-empty and
+    live where the cache does. Its dtype is free (it is addressed in bytes).
+    """
+    nbytes = staging.numel() * staging.element_size()
+    problems = []
+    if not staging.is_contiguous():
+        problems.append("it is not contiguous")
+    if nbytes == 0:
+        problems.append("it is empty")
+    if tensor_device(staging) != layout.device:
+        problems.append(f"it lives on {tensor_device(staging)}, the KV cache on {layout.device}")
+    if problems:
+        raise InvalidLayoutError("cannot register the staging buffer: " + "; ".join(problems))
+    return nbytes

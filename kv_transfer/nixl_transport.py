@@ -10,6 +10,8 @@ How a READ flows (decode agent D pulls blocks from prefill agent P):
          local descs  = D.base + region.dst_offset   (D's registered memory)
          remote descs = P.base + region.src_offset   (from P's handshake)
          initialize_xfer("READ", local, remote, "P", notify) + transfer()
+         (a local offset >= region_bytes addresses D's staging buffer instead, a second
+          registration made by register(kv, layout, staging): layout conversion, convert.py)
     D: poll() -> check_xfer_state: PROC -> PENDING, DONE -> DONE, ERR -> FAILED
     D: release()              release_xfer_handle
     P: notifications()        get_new_notifs() -> [("D", request id)] -> P drops its lease
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 
 from kv_transfer.errors import TransferError, TransportUnavailableError, UnknownPeerError
-from kv_transfer.layout import KVLayout, check_registrable
+from kv_transfer.layout import KVLayout, check_registrable, check_staging
 from kv_transfer.nixl_settings import NixlSettings, load_nixl
 from kv_transfer.plan import TransferPlan
 from kv_transfer.transport import (
@@ -104,6 +106,10 @@ class NixlTransport:
         self._layout: KVLayout | None = None
         self._reg = None
         self._base = 0
+        self._staging: torch.Tensor | None = None
+        self._staging_reg = None
+        self._staging_base = 0
+        self._staging_bytes = 0
         self._device_id = 0
         self._peers: dict[str, _Peer] = {}
         self._xfers: dict[int, _Xfer] = {}
@@ -112,18 +118,30 @@ class NixlTransport:
         self._closed = False
 
     # ---- memory and peers -------------------------------------------------------------
-    def register(self, kv_cache: torch.Tensor, layout: KVLayout) -> None:
+    def register(self, kv_cache: torch.Tensor, layout: KVLayout, staging: torch.Tensor | None = None) -> None:
         check_registrable(kv_cache, layout)
+        staging_bytes = check_staging(staging, layout) if staging is not None else 0
         with self._lock:
             self._check_open()
             if self._tensor is not None:
                 raise TransferError(f"{self.agent_name}: a KV cache is already registered")
             dev = (kv_cache.device.index or 0) if kv_cache.is_cuda else 0
             addr, nbytes = kv_cache.data_ptr(), layout.region_bytes
+            mem = _mem_type(layout.device)
             try:
-                self._reg = self._agent.register_memory([(addr, nbytes, dev, "")], _mem_type(layout.device))
+                self._reg = self._agent.register_memory([(addr, nbytes, dev, "")], mem)
             except Exception as e:
                 raise TransferError(f"NIXL could not register {nbytes} bytes of {layout.device} memory: {e}") from e
+            if staging is not None:
+                try:
+                    self._staging_reg = self._agent.register_memory([(staging.data_ptr(), staging_bytes, dev, "")], mem)
+                except Exception as e:
+                    self._agent.deregister_memory(self._reg)
+                    self._reg = None
+                    raise TransferError(
+                        f"NIXL could not register the {staging_bytes}-byte staging buffer on {layout.device}: {e}"
+                    ) from e
+                self._staging, self._staging_base, self._staging_bytes = staging, staging.data_ptr(), staging_bytes
             self._tensor, self._layout, self._base, self._device_id = kv_cache, layout, addr, dev
 
     def handshake_payload(self) -> bytes:
@@ -190,8 +208,11 @@ class NixlTransport:
                 raise UnknownPeerError(f"{self.agent_name}: unknown peer {peer!r}; add_peer() its handshake first")
             read = op is TransferOp.READ
             local_size, remote_size = layout.region_bytes, p.layout.region_bytes
-            plan.check_bounds(remote_size if read else local_size, local_size if read else remote_size)
-            if plan.regions:
+            if read:  # only the local side of a READ may land in staging
+                plan.check_bounds(remote_size, local_size, self._staging_bytes)
+            else:
+                plan.check_bounds(local_size, remote_size)
+            if len(plan):
                 xfer = self._post(plan, read, p, peer, bytes(notify))
             else:
                 xfer = _Xfer(None, TransferState.DONE)
@@ -206,11 +227,16 @@ class NixlTransport:
             return handle
 
     def _post(self, plan: TransferPlan, read: bool, p: _Peer, peer: str, notify: bytes) -> _Xfer:
-        arr = np.array([(r.src_offset, r.dst_offset, r.nbytes) for r in plan.regions], dtype=np.uint64)
+        arr = plan.as_array()  # int64 offsets; addresses fit in int64 on every supported host
         local_off, remote_off = (arr[:, 1], arr[:, 0]) if read else (arr[:, 0], arr[:, 1])
         n = len(arr)
-        local = np.stack([local_off + np.uint64(self._base), arr[:, 2], np.full(n, self._device_id, np.uint64)], 1)
-        remote = np.stack([remote_off + np.uint64(p.base_addr), arr[:, 2], np.full(n, p.device_id, np.uint64)], 1)
+        local_addr = local_off + self._base
+        if read and self._staging_bytes:  # check_bounds kept these regions wholly inside staging
+            cache = self._layout.region_bytes
+            local_addr = np.where(local_off >= cache, local_off - cache + self._staging_base, local_addr)
+        nbytes = arr[:, 2].astype(np.uint64)
+        local = np.stack([local_addr.astype(np.uint64), nbytes, np.full(n, self._device_id, np.uint64)], 1)
+        remote = np.stack([(remote_off + p.base_addr).astype(np.uint64), nbytes, np.full(n, p.device_id, np.uint64)], 1)
         try:
             ldescs = self._agent.get_xfer_descs(local, _mem_type(self._layout.device))
             rdescs = self._agent.get_xfer_descs(remote, _mem_type(p.layout.device))
@@ -282,13 +308,14 @@ class NixlTransport:
                 self._forget(peer)
             self._peers.clear()
             self._pump()
-            if self._reg is not None:
-                try:
-                    self._agent.deregister_memory(self._reg)
-                except Exception as e:
-                    log.warning("NIXL deregister_memory at close failed: %s", e)
-            self._reg = None
-            self._tensor = None
+            for reg in (self._reg, self._staging_reg):
+                if reg is not None:
+                    try:
+                        self._agent.deregister_memory(reg)
+                    except Exception as e:
+                        log.warning("NIXL deregister_memory at close failed: %s", e)
+            self._reg = self._staging_reg = None
+            self._tensor = self._staging = None
             self._agent = None  # the agent (and its UCX worker) goes with its last reference
 
     # ---- helpers --------------------------------------------------------------------------

@@ -17,9 +17,14 @@ one region covers the whole run:
 So a plan has num_layers * 2 * num_runs regions. Regions are not merged across
 planes (that only pays when a run spans every block of both caches).
 
-In this issue both sides must share the topology (layer range, head range, block
-size, order); anything else raises `UnsupportedConversionError` until issue 4 adds
-conversions.
+`plan_transfer` needs both sides to share the topology (layer range, head range,
+block size, order); anything else raises `UnsupportedConversionError`, and
+`kv_transfer.convert.plan_conversion` plans it instead (its plans are made of the same
+`TransferPlan`s, some of whose destination offsets address a staging buffer).
+
+A `TransferPlan` keeps its regions as one (n, 3) int64 array [src_offset, dst_offset,
+nbytes] (`as_array()`): planners build it vectorised and NIXL posts it as is; the
+`regions` tuple of `Region`s is built on first use.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import operator
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from kv_transfer.errors import InvalidPlanError, UnsupportedConversionError
 from kv_transfer.layout import KVLayout, check_compatible
@@ -43,32 +50,104 @@ class Region:
     nbytes: int
 
 
-@dataclass(frozen=True)
 class TransferPlan:
-    """Byte regions to copy, plus totals. An empty plan (0 regions) is valid."""
+    """Byte regions to copy, plus totals. An empty plan (0 regions) is valid. Immutable, hashable.
 
-    regions: tuple[Region, ...]
-    total_bytes: int
-    num_blocks: int
+    `TransferPlan(regions, total_bytes, num_blocks)` from `Region`s, or
+    `TransferPlan.from_array(array, total_bytes, num_blocks)` from an (n, 3) int64 array of
+    [src_offset, dst_offset, nbytes] rows (what vectorised planners produce). Two plans are
+    equal when their regions (in order) and totals are.
+    """
+
+    __slots__ = ("_array", "_regions", "total_bytes", "num_blocks")
+
+    def __init__(self, regions: Sequence[Region] = (), total_bytes: int = 0, num_blocks: int = 0) -> None:
+        regions = tuple(regions)
+        arr = np.array([(r.src_offset, r.dst_offset, r.nbytes) for r in regions], dtype=np.int64).reshape(-1, 3)
+        self._init(arr, regions, total_bytes, num_blocks)
+
+    @classmethod
+    def from_array(cls, array: np.ndarray, total_bytes: int, num_blocks: int) -> TransferPlan:
+        arr = np.array(array, dtype=np.int64).reshape(-1, 3)  # a private copy: the plan is immutable
+        plan = cls.__new__(cls)
+        plan._init(arr, None, total_bytes, num_blocks)
+        return plan
 
     @classmethod
     def empty(cls) -> TransferPlan:
         return cls(regions=(), total_bytes=0, num_blocks=0)
 
-    def check_bounds(self, src_bytes: int, dst_bytes: int) -> None:
+    def _init(self, arr: np.ndarray, regions: tuple[Region, ...] | None, total_bytes: int, num_blocks: int) -> None:
+        arr.flags.writeable = False
+        object.__setattr__(self, "_array", arr)
+        object.__setattr__(self, "_regions", regions)
+        object.__setattr__(self, "total_bytes", int(total_bytes))
+        object.__setattr__(self, "num_blocks", int(num_blocks))
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"TransferPlan is immutable (cannot set {name!r})")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"TransferPlan is immutable (cannot delete {name!r})")
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        if self._regions is None:
+            object.__setattr__(self, "_regions", tuple(Region(*row) for row in self._array.tolist()))
+        return self._regions
+
+    def as_array(self) -> np.ndarray:
+        """The regions as a read-only (n, 3) int64 array: src_offset, dst_offset, nbytes."""
+        return self._array
+
+    def __len__(self) -> int:
+        return len(self._array)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TransferPlan):
+            return NotImplemented
+        return (
+            self.total_bytes == other.total_bytes
+            and self.num_blocks == other.num_blocks
+            and np.array_equal(self._array, other._array)
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.total_bytes, self.num_blocks, self._array.tobytes()))
+
+    def __repr__(self) -> str:
+        n = len(self._array)
+        return f"TransferPlan(<{n} regions>, total_bytes={self.total_bytes}, num_blocks={self.num_blocks})"
+
+    def check_bounds(self, src_bytes: int, dst_bytes: int, dst_staging_bytes: int = 0) -> None:
         """Raise InvalidPlanError unless every region lies inside both registered tensors.
 
         Transports call this before submitting, so a plan built for other layouts fails
         with a clear error instead of a backend error (or a silent out-of-range copy).
+        `dst_staging_bytes` > 0 (only for the local side of a READ, see convert.py): a
+        destination offset >= dst_bytes addresses the staging buffer registered after the
+        cache, at offset - dst_bytes; a region lies wholly in one of the two.
         """
-        for r in self.regions:
-            if r.nbytes <= 0 or r.src_offset < 0 or r.dst_offset < 0:
-                raise InvalidPlanError(f"malformed region {r}")
-            if r.src_offset + r.nbytes > src_bytes or r.dst_offset + r.nbytes > dst_bytes:
-                raise InvalidPlanError(
-                    f"region {r} falls outside the registered memory (src {src_bytes} bytes, dst {dst_bytes} bytes); "
-                    "was the plan built for these peers' layouts?"
-                )
+        a = self._array
+        if not len(a):
+            return
+        s, d, n = a[:, 0], a[:, 1], a[:, 2]
+        malformed = (n <= 0) | (s < 0) | (d < 0)
+        if malformed.any():
+            raise InvalidPlanError(f"malformed region {Region(*a[int(np.argmax(malformed))].tolist())}")
+        in_cache = d + n <= dst_bytes
+        in_staging = (d >= dst_bytes) & (d + n <= dst_bytes + dst_staging_bytes)
+        bad = (s + n > src_bytes) | ~(in_cache | in_staging)
+        if bad.any():
+            i = int(np.argmax(bad))
+            r = Region(*a[i].tolist())
+            if dst_staging_bytes and r.dst_offset < dst_bytes < r.dst_offset + r.nbytes:
+                raise InvalidPlanError(f"region {r} crosses the end of the KV cache ({dst_bytes} bytes) into staging")
+            staging = f" + {dst_staging_bytes} staging bytes" if dst_staging_bytes else ""
+            raise InvalidPlanError(
+                f"region {r} falls outside the registered memory (src {src_bytes} bytes, dst {dst_bytes} bytes"
+                f"{staging}); was the plan built for these peers' layouts?"
+            )
 
 
 def _check_block_ids(ids: Sequence[int], layout: KVLayout, side: str) -> list[int]:
@@ -116,7 +195,7 @@ def plan_transfer(src: KVLayout, dst: KVLayout, src_blocks: Sequence[int], dst_b
     if shape_diff:
         raise UnsupportedConversionError(
             "source and destination KV layouts differ (" + "; ".join(shape_diff) + "): "
-            "this needs layout conversion (issue 4)"
+            "this needs layout conversion: use kv_transfer.plan_conversion"
         )
     if len(src_blocks) != len(dst_blocks):
         raise InvalidPlanError(f"{len(src_blocks)} source blocks but {len(dst_blocks)} destination blocks")

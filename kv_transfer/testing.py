@@ -1,5 +1,5 @@
-"""Helpers for tests and benchmarks of transports: waiting with a deadline, and a peer
-that lives in another process.
+"""Helpers for tests and benchmarks of transports: waiting with a deadline, a peer that
+lives in another process, and the rank layouts of a TP x PP worker (`worker_layouts`).
 
 `RemotePeer` spawns a process that owns a NixlTransport and its own KV tensor, and
 answers commands over a pipe; between commands it keeps calling `progress()`, which a
@@ -63,6 +63,50 @@ def make_cache(layout: KVLayout, seed: int | None = None) -> torch.Tensor:
         noise = torch.randint(0, 256, (layout.region_bytes,), dtype=torch.uint8, generator=g)
         t.reshape(-1).view(torch.uint8).copy_(noise)
     return t
+
+
+def worker_layouts(
+    model_fingerprint: str,
+    total_layers: int,
+    total_kv_heads: int,
+    head_dim: int,
+    *,
+    tp: int,
+    pp: int,
+    block_size: int,
+    num_blocks: int,
+    dtype: str = "bfloat16",
+    order: str = "NHD",
+    device: str = "cpu",
+) -> list[KVLayout]:
+    """The layouts of a TP x PP worker's ranks, rank = stage * tp + tp_rank.
+
+    Layers split evenly over the pp stages, the remainder going to the first stages.
+    KV heads split evenly over the tp ranks (tp divides total_kv_heads), or are
+    replicated when tp > total_kv_heads with tp % total_kv_heads == 0: rank r holds the
+    single head r * total_kv_heads // tp. All ranks share one block pool.
+    """
+    if not 1 <= pp <= total_layers:
+        raise ValueError(f"pp must be in [1, {total_layers}], got {pp}")
+    if tp < 1 or (total_kv_heads % tp and tp % total_kv_heads):
+        raise ValueError(f"tp {tp} neither divides nor is a multiple of {total_kv_heads} KV heads")
+    base, extra = divmod(total_layers, pp)
+    stages, start = [], 0
+    for s in range(pp):
+        n = base + (1 if s < extra else 0)
+        stages.append((start, n))
+        start += n
+    if tp <= total_kv_heads:
+        heads = [(r * (total_kv_heads // tp), total_kv_heads // tp) for r in range(tp)]
+    else:
+        heads = [(r * total_kv_heads // tp, 1) for r in range(tp)]
+    return [
+        KVLayout(model_fingerprint=model_fingerprint, total_layers=total_layers, layer_start=l0, num_layers=nl,
+                 total_kv_heads=total_kv_heads, head_start=h0, num_kv_heads=nh, head_dim=head_dim,
+                 block_size=block_size, num_blocks=num_blocks, dtype=dtype, order=order, device=device)
+        for l0, nl in stages
+        for h0, nh in heads
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)

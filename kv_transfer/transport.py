@@ -58,7 +58,8 @@ __all__ = [
 # field means; peers of different versions refuse each other before any traffic.
 # History:
 #   1: first version (transport, agent_name, layout, base_addr, device_id, agent_metadata).
-PROTOCOL_VERSION = 1
+#   2: compat_hash no longer covers block_size and order (convert.py converts them).
+PROTOCOL_VERSION = 2
 
 
 class TransferOp(enum.Enum):
@@ -106,6 +107,12 @@ class Transport(Protocol):
     - One transport object is used by one thread at a time, or its calls are serialised
       by the implementation (NixlTransport holds a lock).
 
+    Staging (layout conversion, kv_transfer/convert.py): `register` may take a second,
+    local-only buffer on the cache's device. Only the LOCAL side of a READ may address
+    it: a destination offset >= layout.region_bytes means staging at offset -
+    region_bytes, and a region lies wholly in the cache or wholly in staging. Peers never
+    see it (it is not in the handshake), and a WRITE never reads from it.
+
     Errors: `submit` raises UnknownPeerError for a peer never added (or removed),
     InvalidPlanError for regions outside either registered tensor, TransferError when
     closed or when the backend refuses the request. `add_peer` raises
@@ -115,7 +122,7 @@ class Transport(Protocol):
     name: str  # implementation name ("inproc", "nixl"): travels in the handshake
     agent_name: str  # unique name of this endpoint
 
-    def register(self, kv_cache: torch.Tensor, layout: KVLayout) -> None: ...
+    def register(self, kv_cache: torch.Tensor, layout: KVLayout, staging: torch.Tensor | None = None) -> None: ...
 
     def handshake_payload(self) -> bytes: ...
 

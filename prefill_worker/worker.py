@@ -10,9 +10,10 @@ Life cycle of a request inside a prefill worker:
 3. Otherwise the prompt's blocks become a lease (engine state KV_LEASED, blocks
    untouchable) and `PrefillResult(token 1, KVHandle(block ids))` goes back to
    the router, which streams token 1 to the client without waiting any further.
-4. The decode worker READs the blocks over the KV transport with notification =
-   request id. The notification ends the lease: blocks go back to the pool, the
-   full ones stay in the prefix cache.
+4. Each rank of the decode worker READs what it needs from the ranks of this
+   worker that hold it. Once D streams, the router calls `release(id)`: blocks go
+   back to the pool, the full ones stay in the prefix cache. (A NIXL notification
+   carrying the request id ends a lease the same way.)
 5. A lease nobody pulls ends after `lease_s` (default 30 s): decode died, or the
    client went away. The router also calls `release(id)` on any failure or cancel.
    `abort(id)` frees everything in any state.
@@ -81,7 +82,7 @@ class PrefillWorker(WorkerActor):
         if out.kv_block_ids is not None:
             self._leases[request_id] = self.clock() + self.lease_s
             self._lease_added.set()
-            kv = KVHandle(self.host.transport.agent_name, list(out.kv_block_ids), len(prompt_ids), self.lease_s)
+            kv = KVHandle(self.host.kv.agent_name, list(out.kv_block_ids), len(prompt_ids), self.lease_s)
         return PrefillResult(first=first, kv=kv, prefill_s=self.clock() - t0, worker_id=self.host.worker_id,
                              cached_tokens=out.num_cached_tokens)
 
@@ -124,10 +125,9 @@ class PrefillWorker(WorkerActor):
         return expired
 
     async def _handle_notifications(self) -> None:
-        transport = self.host.transport
-        if transport is None:
+        if self.host.kv is None:
             return
-        for _peer, payload in transport.notifications():
+        for _peer, payload in self.host.kv.transport.notifications():
             rid = payload.decode("utf-8", "replace")
             if rid in self._leases:
                 await self.release(rid)
@@ -155,9 +155,6 @@ class PrefillWorker(WorkerActor):
     async def status(self) -> WorkerStatus:
         await self._start()
         return await self.host.status()
-
-    async def add_peer(self, payload: bytes) -> str:
-        return self.host.add_peer(payload)
 
     async def wait_idle(self, timeout_s: float) -> bool:
         await self._start()

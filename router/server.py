@@ -23,7 +23,8 @@ P.abort(rid) if prefill had not returned or P.release(rid) if P still holds the
 prompt's KV under a lease (D first, so P never frees blocks D is still pulling
 for a live request). Each call is bounded by `cleanup_timeout_s`; errors are
 logged, never raised; the cleanup runs in its own task, shielded from a second
-cancellation.
+cancellation. On success, P's lease is released (in the background) as soon as D's
+first chunk arrives: D streams only once every one of its ranks has pulled.
 
 Worker-side failures (decided): a chunk with `error` set (finish_reason "error")
 ends the call with INTERNAL and the worker's one-line message; a worker that is
@@ -205,7 +206,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         run.stage = f"decoding on {d.worker_id}"
         with self.decode.track(d.worker_id):
             run.stream_sent = True
-            await self._stream(context, run, d.decode(req.request_id, req.prompt_token_ids, req.params, result), d)
+            await self._stream(context, run, d.decode(req.request_id, req.prompt_token_ids, req.params, result), d,
+                               release_lease=True)
 
     async def _aggregated(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
         req = run.request
@@ -218,9 +220,13 @@ class GenerationService(pb_grpc.GenerationServicer):
             await self._stream(context, run, w.generate(req.request_id, req.prompt_token_ids, req.params), w)
 
     async def _stream(self, context: grpc.aio.ServicerContext, run: _Run, chunks: AsyncIterator[StreamChunk],
-                      worker: WorkerClient) -> None:
+                      worker: WorkerClient, release_lease: bool = False) -> None:
         async with aclosing(chunks) as stream:
             async for chunk in stream:
+                if release_lease and run.kv_leased:
+                    # D streams only after every rank pulled the prompt's KV: P may free it now
+                    run.kv_leased = False
+                    self._background(self._quietly(run.p, "release", run.request.request_id))
                 await self._send(context, run, chunk, worker.worker_id, decode_worker=worker.worker_id)
                 if run.finished:
                     return
@@ -244,10 +250,14 @@ class GenerationService(pb_grpc.GenerationServicer):
     # -- cleanup ----------------------------------------------------------------------------------
 
     async def _cleanup(self, run: _Run) -> None:
-        task = asyncio.create_task(self._undo(run), name=f"cleanup-{run.request.request_id}")
+        await asyncio.shield(self._background(self._undo(run)))
+
+    def _background(self, coro) -> asyncio.Task:
+        """A task that outlives the request's own (cancellation of the RPC must not stop it)."""
+        task = asyncio.create_task(coro)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
-        await asyncio.shield(task)
+        return task
 
     async def _undo(self, run: _Run) -> None:
         rid = run.request.request_id

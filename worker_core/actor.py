@@ -21,7 +21,11 @@ class WorkerActor:
         return self.host.core.tokenizer
 
     async def handshake_payload(self) -> bytes:
-        return self.host.handshake_payload()
+        return await self.host.handshake_payload()
+
+    async def add_peer(self, payload: bytes) -> str:
+        """Every rank of a peer worker; refuses an impossible pair, naming both sides and the field."""
+        return await self.host.add_peer(payload)
 
     async def check_integrity(self) -> None:
         await self.host.check_integrity()

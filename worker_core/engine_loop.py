@@ -50,6 +50,9 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._streams: dict[str, asyncio.Queue[StepOutput | BaseException]] = {}
         self._capacity = asyncio.Event()
+        # a worker of several ranks tells them it is alive well within their collective timeout
+        world = core.config.parallel.world_size
+        self.keepalive_s = core.config.parallel.collective_timeout_s / 4 if world > 1 else None
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -142,7 +145,8 @@ class AsyncEngine:
                     if outputs or freed:
                         loop.call_soon_threadsafe(self._deliver, outputs, freed)
                 else:
-                    self._wake.wait()
+                    if not self._wake.wait(self.keepalive_s) and not self._stop:
+                        self.core.executor.keepalive()  # idle tp x pp ranks wait on a collective with a timeout
                     self._wake.clear()
         except BaseException as e:  # noqa: BLE001 - any step failure ends this engine; report, don't vanish
             log.exception("%s: engine step failed", self.name)

@@ -1,9 +1,14 @@
-"""WorkerHost: what both worker roles share, without Ray.
+"""WorkerHost: what both worker roles share.
 
-One host = one EngineCore (on an AsyncEngine thread) + optionally one KV transport
-with the engine's cache registered. The Ray actors in `prefill_worker/` and
-`decode_worker/` compose a host and add their role's request life cycle; tests can
-build a host in-process.
+One host = one EngineCore (on an AsyncEngine thread) + optionally a KV transport
+endpoint per rank. With tp = pp = 1 everything is in this process (tests can build
+a host in-process, no Ray); with tp x pp > 1 the host starts the other ranks as Ray
+actors (worker_core/ranks.py) and the engine drives them through a
+DistributedExecutor. The Ray actors in `prefill_worker/` and `decode_worker/`
+compose a host and add their role's request life cycle.
+
+A worker's handshake is the list of its ranks' handshakes (rank order); a peer adds
+every one of them, so each decode rank can read from each prefill rank.
 
 Everything here is called from the actor's asyncio loop. The engine is started
 lazily by the first async call (a Ray async actor runs `__init__` outside its loop).
@@ -18,18 +23,24 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import msgspec
 import torch
 
 from common.wire import LogprobEntry, ModelInfo, StreamChunk, WorkerStatus
 from engine.config import EngineConfig
+from engine.device import resolve_device, resolve_dtype
 from engine.engine_core import EngineCore
+from engine.loader import load_model_source
 from engine.outputs import StepOutput
 from engine.sampling_params import SamplingParams
 from worker_core.engine_loop import AsyncEngine, EngineDeadError
+from worker_core.rank_kv import RankKV
 
 log = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode", "aggregated")
+_HANDSHAKES = msgspec.msgpack.Encoder()
+_HANDSHAKE_DECODER = msgspec.msgpack.Decoder(list[bytes])
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,8 @@ class WorkerSettings:
     admission_timeout_s: float = 60.0  # decode: waiting for free blocks before giving up
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
     env: dict[str, str] = field(default_factory=dict)  # set before the engine starts (UCX_*, OMP_*)
+    kv_staging_bytes: int = 32 << 20  # decode: landing buffer per rank for KV that must be rearranged
+    rank_options: dict = field(default_factory=dict)  # Ray options of ranks 1..n-1 (num_cpus, num_gpus, ...)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -79,18 +92,26 @@ class WorkerHost:
         self.settings = settings
         self.worker_id = settings.worker_id
         self.role = settings.role
-        self.core = EngineCore(settings.engine)
-        self.engine = AsyncEngine(self.core, settings.worker_id)
-        self.transport = None
-        self.layout = None
-        if settings.transport == "nixl":
-            from kv_transfer import KVLayout, NixlSettings, NixlTransport
+        self.ranks = None  # RankGroup when tp x pp > 1
+        self.kv: RankKV | None = None  # rank 0's transport endpoint
+        if settings.engine.parallel.world_size > 1:
+            from worker_core.ranks import RankGroup
 
-            self.layout = KVLayout.from_cache(self.core.kv_cache, self.core.kv_spec, self.core.source.fingerprint)
-            self.transport = NixlTransport(
-                settings.worker_id, NixlSettings(backend=settings.nixl_backend,
-                                                 enable_prog_thread=settings.nixl_progress_thread))
-            self.transport.register(self.core.kv_cache, self.layout)
+            cfg = settings.engine
+            source = load_model_source(cfg.model)
+            device = resolve_device(cfg.device)
+            dtype = resolve_dtype(cfg.dtype, device, source.config.hidden_size, source.config.intermediate_size)
+            self.ranks = RankGroup.start(settings, source, dtype)
+            self.core = EngineCore(cfg, source, executor=self.ranks.executor)
+            self.kv = self.ranks.member.kv
+        else:
+            self.core = EngineCore(settings.engine)
+            if settings.transport == "nixl":
+                self.kv = RankKV(settings.worker_id, self.core.kv_cache, self.core.kv_spec,
+                                 self.core.source.fingerprint, backend=settings.nixl_backend,
+                                 progress_thread=settings.nixl_progress_thread,
+                                 staging_bytes=settings.kv_staging_bytes if settings.role == "decode" else 0)
+        self.engine = AsyncEngine(self.core, settings.worker_id)
         self.node_id = _node_id()
         self._started = False
 
@@ -101,8 +122,10 @@ class WorkerHost:
 
     def close(self) -> None:
         self.engine.stop()
-        if self.transport is not None:
-            self.transport.close()
+        if self.ranks is not None:
+            self.ranks.close()
+        elif self.kv is not None:
+            self.kv.close()
 
     # ---- facts --------------------------------------------------------------------------------------------------
 
@@ -136,15 +159,52 @@ class WorkerHost:
 
     # ---- transport ------------------------------------------------------------------------------------------------
 
-    def handshake_payload(self) -> bytes:
-        if self.transport is None:
+    def _need_kv(self) -> RankKV:
+        if self.kv is None:
             raise RuntimeError(f"worker {self.worker_id} ({self.role}) has no KV transport")
-        return self.transport.handshake_payload()
+        return self.kv
 
-    def add_peer(self, payload: bytes) -> str:
-        if self.transport is None:
-            raise RuntimeError(f"worker {self.worker_id} ({self.role}) has no KV transport")
-        return self.transport.add_peer(payload)
+    async def handshake_payload(self) -> bytes:
+        """This worker's handshake: every rank's, in rank order."""
+        kv = self._need_kv()
+        payloads = await self.ranks.handshake_payloads() if self.ranks else [kv.handshake_payload()]
+        return _HANDSHAKES.encode(payloads)
+
+    async def layouts(self) -> list:
+        kv = self._need_kv()
+        return await self.ranks.layouts() if self.ranks else [kv.layout]
+
+    async def add_peer(self, payload: bytes) -> str:
+        """Add every rank of a peer worker to every rank of ours; returns the peer's leader agent.
+
+        A decode worker also checks the pair as a whole (heads, layers, block sizes) and
+        refuses, naming both sides and the field, what no conversion can bridge.
+        """
+        kv = self._need_kv()
+        try:
+            payloads = _HANDSHAKE_DECODER.decode(payload)
+        except msgspec.DecodeError as e:
+            from kv_transfer import TransportVersionError
+
+            raise TransportVersionError(f"peer payload is not a Tandem worker handshake: {e}") from None
+        if self.ranks:
+            leader = await self.ranks.add_peer_worker(payloads)
+        else:
+            leader = kv.add_peer_worker(payloads)[0]
+        if self.role == "decode":
+            from kv_transfer import check_pair
+
+            check_pair(kv.peer_layouts(leader), await self.layouts())
+        return leader
+
+    async def pull(self, leader_agent: str, src_blocks: list[int], dst_blocks: list[int], num_tokens: int,
+                   first_token: int, timeout_s: float) -> int:
+        """Every rank brings its part of tokens [first_token, num_tokens) into dst_blocks; bytes read."""
+        from worker_core.ranks import pull_on_ranks
+
+        actors = self.ranks.actors if self.ranks else []
+        return await pull_on_ranks(self._need_kv(), actors,
+                                   (leader_agent, src_blocks, dst_blocks, num_tokens, first_token, timeout_s))
 
     # ---- checks (tests and admin) -----------------------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 in this process), and FaultyTransport over InProcessTransport with an empty fault plan.
 
 "local" (agent D...) initiates; "remote" (agent P...) is the peer. READ pulls remote ->
-local, WRITE pushes local -> remote. A NIXL peer in another process, and `gpu` tests for
-VRAM, close the file.
+local, WRITE pushes local -> remote. READs whose regions land in the local staging
+buffer (layout conversion, kv_transfer/convert.py) follow the basic suite; a NIXL peer in
+another process, and `gpu` tests for VRAM, close the file.
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ import torch
 
 from kv_transfer import (
     PROTOCOL_VERSION,
+    ConversionPlan,
     FaultPlan,
     FaultyTransport,
     Handshake,
     IncompatiblePeerError,
     InProcessRegistry,
+    InvalidLayoutError,
     InProcessTransport,
     InvalidPlanError,
     KVLayout,
     NixlSettings,
     NixlTransport,
+    Region,
     TransferError,
     TransferOp,
     TransferPlan,
@@ -37,7 +41,9 @@ from kv_transfer import (
     TransportUnavailableError,
     TransportVersionError,
     UnknownPeerError,
+    apply_scatter,
     encode_handshake,
+    plan_conversion,
     plan_transfer,
 )
 from kv_transfer.testing import PeerSpec, RemotePeer, make_cache, wait_done
@@ -66,6 +72,7 @@ class Pair:
     kv_remote: torch.Tensor
     l_layout: KVLayout
     r_layout: KVLayout
+    staging: torch.Tensor | None = None
 
     def wait(self, handle) -> TransferState:
         return wait_done(self.local, handle, TIMEOUT_S, pump=[self.remote])
@@ -93,19 +100,23 @@ class Factory:
         self.made.append(t)
         return t
 
-    def endpoint(self, role: str, lay: KVLayout, seed: int | None) -> tuple[Transport, torch.Tensor]:
+    def endpoint(
+        self, role: str, lay: KVLayout, seed: int | None, staging: torch.Tensor | None = None
+    ) -> tuple[Transport, torch.Tensor]:
         t, kv = self.transport(role), make_cache(lay, seed)
-        t.register(kv, lay)
+        t.register(kv, lay, staging)
         return t, kv
 
-    def pair(self, l_layout=None, r_layout=None, local_seed=None, remote_seed=None, connect=True) -> Pair:
+    def pair(self, l_layout=None, r_layout=None, local_seed=None, remote_seed=None, connect=True,
+             staging_bytes: int = 0) -> Pair:  # fmt: skip
         l_layout, r_layout = l_layout or layout(12), r_layout or layout(16)
-        local, kl = self.endpoint("D", l_layout, local_seed)
+        staging = torch.zeros(staging_bytes, dtype=torch.uint8, device=l_layout.device) if staging_bytes else None
+        local, kl = self.endpoint("D", l_layout, local_seed, staging)
         remote, kr = self.endpoint("P", r_layout, remote_seed)
         if connect:
             assert local.add_peer(remote.handshake_payload()) == remote.agent_name
             assert remote.add_peer(local.handshake_payload()) == local.agent_name
-        return Pair(local, remote, kl, kr, l_layout, r_layout)
+        return Pair(local, remote, kl, kr, l_layout, r_layout, staging)
 
 
 @pytest.fixture(params=IMPLS)
@@ -166,6 +177,101 @@ def test_plan_outside_the_registered_memory_is_refused(factory):
     too_big = plan_transfer(layout(64), layout(64), [63], [0])
     with pytest.raises(InvalidPlanError, match="outside the registered memory"):
         p.local.submit(too_big, TransferOp.READ, p.remote.agent_name)
+
+
+# ---- staging: READs that land in the local staging buffer (layout conversion) ------------------------
+STAGING_BYTES = 4096
+SMALL_STAGING = 1000  # a few rows of 16 bytes: a request needs several rounds
+
+
+def test_read_regions_may_land_in_the_local_staging_buffer(factory):
+    p = factory.pair(layout(12), layout(16), remote_seed=7, staging_bytes=STAGING_BYTES)
+    lay, bb, cache_n = p.l_layout, p.l_layout.block_bytes, p.l_layout.region_bytes
+    regions = (
+        Region(p.r_layout.offset(0, 0, 3), cache_n + 128, bb),  # into staging at 128
+        Region(p.r_layout.offset(1, 1, 2), lay.offset(0, 1, 4), bb),  # into the cache
+        Region(p.r_layout.offset(1, 0, 9), cache_n + STAGING_BYTES - bb, bb),  # the last staging bytes
+    )
+    h = p.local.submit(TransferPlan(regions, 3 * bb, 3), TransferOp.READ, p.remote.agent_name, b"staged")
+    assert p.wait(h) is TransferState.DONE and h.nbytes == 3 * bb
+    p.local.release(h)
+    remote = p.kv_remote.reshape(-1).view(torch.uint8)
+    staging = p.staging.cpu()
+    assert torch.equal(staging[128 : 128 + bb], remote[regions[0].src_offset :][:bb].cpu())
+    assert torch.equal(staging[-bb:], remote[regions[2].src_offset :][:bb].cpu())
+    assert not staging[:128].any() and not staging[128 + bb : -bb].any()
+    got = as_bytes(p.kv_local)
+    assert torch.equal(got[0, 1, 4], as_bytes(p.kv_remote)[1, 1, 2])
+    got[0, 1, 4] = 0
+    assert not got.any()  # staged bytes never leak into the cache
+    assert p.remote_notifications() == [(p.local.agent_name, b"staged")]
+
+
+def test_staging_is_only_the_local_side_of_a_read(factory):
+    p = factory.pair(layout(12), layout(16), remote_seed=7, staging_bytes=STAGING_BYTES)
+    cache_n, peer = p.l_layout.region_bytes, p.remote.agent_name
+    past = TransferPlan((Region(0, cache_n + STAGING_BYTES - 8, 16),), 16, 1)
+    with pytest.raises(InvalidPlanError, match="outside the registered memory"):
+        p.local.submit(past, TransferOp.READ, peer)
+    across = TransferPlan((Region(0, cache_n - 8, 16),), 16, 1)
+    with pytest.raises(InvalidPlanError, match="crosses the end of the KV cache"):
+        p.local.submit(across, TransferOp.READ, peer)
+    from_staging = TransferPlan((Region(cache_n, 0, 16),), 16, 1)  # a WRITE never reads staging
+    with pytest.raises(InvalidPlanError, match="outside the registered memory"):
+        p.local.submit(from_staging, TransferOp.WRITE, peer)
+    into_peer_staging = TransferPlan((Region(0, p.r_layout.region_bytes, 16),), 16, 1)  # peers have none
+    with pytest.raises(InvalidPlanError, match="outside the registered memory"):
+        p.local.submit(into_peer_staging, TransferOp.WRITE, peer)
+
+
+def test_staging_must_be_contiguous_and_beside_the_cache(factory):
+    t, lay = factory.transport("S"), layout(4)
+    with pytest.raises(InvalidLayoutError, match="staging buffer: it is not contiguous"):
+        t.register(make_cache(lay), lay, torch.zeros(8, 8, dtype=torch.uint8).t())
+    with pytest.raises(InvalidLayoutError, match="it is empty"):
+        t.register(make_cache(lay), lay, torch.zeros(0, dtype=torch.uint8))
+
+
+def converted_read(local: Transport, peer: str, plan: ConversionPlan, kv: torch.Tensor, staging: torch.Tensor,
+                   src_blocks, dst_blocks, num_tokens: int, first_token: int, pump=()) -> int:  # fmt: skip
+    """Pull one request through `local`: each round's READ, then its scatter. Returns the round count."""
+    rounds = plan.bind(src_blocks, dst_blocks, num_tokens, first_token, staging.numel())
+    for i, rnd in enumerate(rounds):
+        [(src_index, read)] = rnd.reads
+        assert src_index == 0
+        notify = b"req-1" if i == len(rounds) - 1 else b""
+        h = local.submit(read, TransferOp.READ, peer, notify)
+        assert wait_done(local, h, TIMEOUT_S, pump=pump) is TransferState.DONE
+        local.release(h)
+        if rnd.scatter is not None:
+            apply_scatter(rnd.scatter, staging, kv)
+    return len(rounds)
+
+
+def assert_converted(src: torch.Tensor, src_l: KVLayout, dst: torch.Tensor, dst_l: KVLayout,
+                     src_blocks, dst_blocks, num_tokens: int, first_token: int) -> None:  # fmt: skip
+    """Token by token, on the caches' own shapes: src is NHD, dst HND (same heads and layers)."""
+    src, dst = src.cpu().view(torch.int16), dst.cpu().view(torch.int16)
+    for t in range(first_token, num_tokens):
+        s_blk, s_slot = src_blocks[t // src_l.block_size], t % src_l.block_size
+        d_blk, d_slot = dst_blocks[t // dst_l.block_size - first_token // dst_l.block_size], t % dst_l.block_size
+        for h in range(dst_l.num_kv_heads):
+            assert torch.equal(dst[:, :, d_blk, h, d_slot], src[:, :, s_blk, s_slot, h]), (t, h)
+
+
+def test_converted_read_through_staging_in_several_rounds(factory):
+    # prefill NHD blocks of 4 -> decode HND blocks of 8: staged reads + scatters, 1000 bytes of staging
+    p = factory.pair(layout(12, order="HND", block_size=8), layout(16), remote_seed=3, staging_bytes=SMALL_STAGING)
+    plan = plan_conversion([p.r_layout], p.l_layout)
+    assert plan.needs_staging and plan.staging_bytes(27, 8) > SMALL_STAGING
+    src_blocks, dst_blocks = [9, 3, 4, 5, 15, 0, 1], [7, 2, 10]
+    rounds = converted_read(p.local, p.remote.agent_name, plan, p.kv_local, p.staging, src_blocks, dst_blocks,
+                            27, 8, pump=[p.remote])  # fmt: skip
+    assert rounds > 1
+    assert_converted(p.kv_remote, p.r_layout, p.kv_local, p.l_layout, src_blocks, dst_blocks, 27, 8)
+    untouched = [b for b in range(12) if b not in dst_blocks]
+    assert not as_bytes(p.kv_local)[:, :, untouched].any()
+    assert p.remote_notifications() == [(p.local.agent_name, b"req-1")]
 
 
 # ---- failures ---------------------------------------------------------------------------------
@@ -322,6 +428,28 @@ def test_nixl_peer_in_another_process_reads_and_writes(local_dev, remote_dev):
     local.close()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=pytest.mark.gpu)])
+def test_nixl_peer_in_another_process_serves_a_converted_read_into_staging(device):
+    lay_p, lay_d = layout(16, device=device), layout(12, order="HND", block_size=8, device=device)
+    local = NixlTransport(f"D{next(_names)}")
+    kv, staging = make_cache(lay_d), torch.zeros(SMALL_STAGING, dtype=torch.uint8, device=device)
+    local.register(kv, lay_d, staging)
+    try:
+        with RemotePeer(PeerSpec(f"P{next(_names)}", lay_p, seed=13)) as peer:
+            local.add_peer(peer.call("handshake"))
+            peer.call("add_peer", local.handshake_payload())  # block size and order differ: still compatible
+            plan = plan_conversion([local.peer_layout(peer.agent_name)], lay_d)
+            src_blocks, dst_blocks = [2, 3, 4, 5, 11, 12], [0, 5, 6]
+            assert converted_read(local, peer.agent_name, plan, kv, staging, src_blocks, dst_blocks, 23, 0) > 1
+            assert_converted(make_cache(lay_p, seed=13), lay_p, kv, lay_d, src_blocks, dst_blocks, 23, 0)
+            got, deadline = [], time.monotonic() + TIMEOUT_S
+            while not got and time.monotonic() < deadline:
+                got += peer.call("notifications")
+            assert got == [(local.agent_name, b"req-1")]
+    finally:
+        local.close()
+
+
 def test_nixl_peer_process_death_fails_cleanly_and_close_survives():
     lay = layout(8)
     local = NixlTransport(f"D{next(_names)}")
@@ -368,6 +496,25 @@ def test_vram_transfers(kind, local_dev, remote_dev):
         torch.cuda.synchronize()
         assert torch.equal(as_bytes(p.kv_remote)[:, :, [10, 11]], as_bytes(p.kv_local)[:, :, [0, 1]])
         assert p.remote_notifications() == [(p.local.agent_name, b"gpu")]
+    finally:
+        for t in f.made:
+            t.close()
+
+
+@GPU
+@pytest.mark.parametrize("kind", ["nixl", "inproc"])
+@pytest.mark.parametrize("remote_dev", ["cuda:0", "cpu"])
+def test_vram_converted_read_through_staging(kind, remote_dev):
+    f = Factory(kind)
+    try:
+        p = f.pair(layout(12, order="HND", block_size=8, device="cuda:0"), layout(16, device=remote_dev),
+                   remote_seed=5, staging_bytes=SMALL_STAGING)  # fmt: skip
+        plan = plan_conversion([p.r_layout], p.l_layout)
+        src_blocks, dst_blocks = [9, 3, 4, 5, 15, 0, 1], [7, 2, 10]
+        assert converted_read(p.local, p.remote.agent_name, plan, p.kv_local, p.staging, src_blocks, dst_blocks,
+                              27, 8, pump=[p.remote]) > 1  # fmt: skip
+        torch.cuda.synchronize()
+        assert_converted(p.kv_remote, p.r_layout, p.kv_local, p.l_layout, src_blocks, dst_blocks, 27, 8)
     finally:
         for t in f.made:
             t.close()

@@ -46,3 +46,18 @@ def test_smollm2_disaggregated_equals_aggregated_equals_transformers(reference):
         assert last_d.usage.prompt_tokens == len(prompt)
         assert ids_d == hf_greedy(reference, prompt, NEW)
     assert "paris" in results["disaggregated"][0][0].lower()
+
+
+def test_smollm2_prefill_tp3_to_decode_tp1(reference):
+    """SmolLM2 has 3 KV heads: three prefill ranks hold one each; one decode rank merges them."""
+    with serve("", **{"prefill.tp": 3, "both.kv_cache_memory": "64MiB", "both.num_cpus": 0.25}) as s:
+        client = TandemClient(s.address)
+        from engine.loader import load_model_source
+
+        tokenizer = load_model_source("").tokenizer
+        for q in QUESTIONS[:2]:
+            _, ids, last = client.complete(chat=[("user", q)], max_tokens=NEW, temperature=0.0, ignore_eos=True)
+            prompt = tokenizer.encode_chat([{"role": "user", "content": q}])
+            assert ids == hf_greedy(reference, prompt, NEW)
+            assert last.timings.kv_transfer_s > 0
+        s.cluster.check_pools()

@@ -8,6 +8,7 @@ The oracle for a plan is tensor indexing on the cache's own shape
 from __future__ import annotations
 
 import msgspec
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -90,11 +91,12 @@ def test_layout_round_trips_through_msgpack_and_validates_on_decode():
 
 def test_compat_hash_covers_exactly_the_compat_fields():
     lay = layout()
-    # capacity, device and topology do not change it
-    same = layout(num_blocks=3, device="cuda:1", layer_start=2, num_layers=2, head_start=1, num_kv_heads=1)
+    # capacity, device and topology (ranges, block size, order: convertible) do not change it
+    same = layout(num_blocks=3, device="cuda:1", layer_start=2, num_layers=2, head_start=1, num_kv_heads=1,
+                  block_size=16, order="HND")  # fmt: skip
     assert same.compat_hash() == lay.compat_hash()
-    changes = dict(model_fingerprint="m2", dtype="float32", head_dim=16, block_size=8, order="HND",
-                   total_layers=5, total_kv_heads=4)  # fmt: skip
+    assert "block_size" not in COMPAT_FIELDS and "order" not in COMPAT_FIELDS
+    changes = dict(model_fingerprint="m2", dtype="float32", head_dim=16, total_layers=5, total_kv_heads=4)
     assert set(changes) == set(COMPAT_FIELDS)
     for f, v in changes.items():
         assert layout(**{f: v}).compat_hash() != lay.compat_hash(), f
@@ -102,13 +104,14 @@ def test_compat_hash_covers_exactly_the_compat_fields():
 
 def test_check_compatible_names_every_mismatching_field_with_both_values():
     check_compatible(layout(), layout(num_blocks=2, head_start=1, num_kv_heads=1))  # topology is fine
+    check_compatible(layout(), layout(block_size=16, order="HND"))  # convertible
     with pytest.raises(IncompatiblePeerError) as e:
-        check_compatible(layout(), layout(dtype="float32", block_size=16, model_fingerprint="other"))
+        check_compatible(layout(), layout(dtype="float32", head_dim=16, model_fingerprint="other", block_size=16))
     msg = str(e.value)
-    for part in ("dtype: local 'bfloat16' vs remote 'float32'", "block_size: local 4 vs remote 16",
+    for part in ("dtype: local 'bfloat16' vs remote 'float32'", "head_dim: local 8 vs remote 16",
                  "model_fingerprint: local 'm1' vs remote 'other'"):  # fmt: skip
         assert part in msg
-    assert "head_dim" not in msg
+    assert "block_size" not in msg and "total_layers" not in msg
 
 
 # ---- plan: properties -----------------------------------------------------------------------
@@ -207,12 +210,14 @@ def test_repeated_source_blocks_are_allowed():
     [
         (dict(head_start=1, num_kv_heads=1), "num_kv_heads: src 2 vs dst 1"),
         (dict(layer_start=2, num_layers=2), "layer_start: src 0 vs dst 2"),
+        (dict(block_size=8), "block_size: src 4 vs dst 8"),
+        (dict(order="HND"), "order: src 'NHD' vs dst 'HND'"),
     ],
 )
 def test_a_different_topology_needs_a_conversion(kw, needle):
     with pytest.raises(UnsupportedConversionError, match=needle) as e:
         plan_transfer(layout(), layout(**kw), [0], [0])
-    assert "needs layout conversion (issue 4)" in str(e.value)
+    assert "needs layout conversion: use kv_transfer.plan_conversion" in str(e.value)
 
 
 def test_incompatible_layouts_are_refused_before_planning():
@@ -225,3 +230,28 @@ def test_check_bounds_refuses_a_plan_built_for_other_layouts():
     plan.check_bounds(layout().region_bytes, layout().region_bytes)
     with pytest.raises(InvalidPlanError, match="outside the registered memory"):
         plan.check_bounds(layout(num_blocks=4).region_bytes, layout().region_bytes)
+
+
+def test_check_bounds_accepts_destination_regions_inside_staging_only():
+    staged = TransferPlan((Region(0, 1000, 24), Region(24, 0, 8)), 32, 1)
+    staged.check_bounds(100, 1000, dst_staging_bytes=24)
+    with pytest.raises(InvalidPlanError, match=r"\(src 100 bytes, dst 1000 bytes\)"):
+        staged.check_bounds(100, 1000)  # no staging registered
+    with pytest.raises(InvalidPlanError, match=r"1000 bytes \+ 16 staging bytes"):
+        staged.check_bounds(100, 1000, dst_staging_bytes=16)
+    with pytest.raises(InvalidPlanError, match="crosses the end of the KV cache"):
+        TransferPlan((Region(0, 996, 8),), 8, 1).check_bounds(100, 1000, dst_staging_bytes=64)
+    with pytest.raises(InvalidPlanError, match="malformed region"):
+        TransferPlan((Region(0, 0, 0),), 0, 1).check_bounds(100, 1000)
+
+
+def test_plans_are_immutable_values_whatever_they_were_built_from():
+    regions = (Region(1, 2, 3), Region(4, 5, 6))
+    plan = TransferPlan(regions, 9, 2)
+    same = TransferPlan.from_array(np.array([[1, 2, 3], [4, 5, 6]]), 9, 2)
+    assert plan == same and hash(plan) == hash(same) and same.regions == regions and len(same) == 2
+    assert plan != TransferPlan(regions[:1], 3, 1) and plan != TransferPlan(regions, 9, 3)
+    with pytest.raises(AttributeError):
+        plan.total_bytes = 1
+    with pytest.raises(ValueError):
+        same.as_array()[0, 0] = 7

@@ -1,0 +1,43 @@
+"""`tandem serve` shape flags land in the config exactly as pinned by the issue."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deploy.cli import build_parser, main
+from deploy.serve_cli import config_from_args
+from engine.errors import ConfigError
+
+
+def parse(*argv: str):
+    return config_from_args(build_parser().parse_args(["serve", *argv]))
+
+
+def test_shape_flags_set_each_pool():
+    cfg = parse("--prefill-tp", "2", "--prefill-pp", "2", "--decode-tp", "1", "--decode-pp", "2",
+                "--prefill-block-size", "16", "--decode-block-size", "32",
+                "--prefill-kv-order", "NHD", "--decode-kv-order", "HND")
+    p, d = cfg.prefill, cfg.decode
+    assert (p.tp, p.pp, p.block_size, p.kv_order) == (2, 2, 16, "NHD")
+    assert (d.tp, d.pp, d.block_size, d.kv_order) == (1, 2, 32, "HND")
+
+
+def test_defaults_are_one_rank_per_worker():
+    cfg = parse()
+    assert (cfg.prefill.tp, cfg.prefill.pp, cfg.decode.tp, cfg.decode.pp) == (1, 1, 1, 1)
+    assert cfg.prefill.kv_order == cfg.decode.kv_order == "NHD"
+
+
+def test_print_config_shows_the_shape(capsys: pytest.CaptureFixture[str]):
+    assert main(["serve", "--decode-tp", "2", "--decode-kv-order", "HND", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["decode"]["tp"] == 2 and cfg["decode"]["kv_order"] == "HND" and cfg["prefill"]["tp"] == 1
+
+
+def test_bad_shape_values_are_refused():
+    with pytest.raises(ConfigError, match="prefill.tp and prefill.pp must be >= 1"):
+        parse("--prefill-tp", "0")
+    with pytest.raises(SystemExit):
+        parse("--decode-kv-order", "XYZ")
