@@ -699,13 +699,13 @@ def apply_scatter(scatter: RowScatter, staging: torch.Tensor, cache: torch.Tenso
         src_plane, src_tok, dst_plane, dst_tok = upload(seg)
         k, m = len(seg.src_tok), seg.hi - seg.lo
         p0, p1, off = seg.lo // k, -(-seg.hi // k), seg.lo % k
-        si = (src_plane[p0:p1, None] + src_tok[None, :]).reshape(-1)[off : off + m]
         di = (dst_plane[p0:p1, None] + dst_tok[None, :]).reshape(-1)[off : off + m]
-        first = int(si[0])
-        if torch.equal(si, torch.arange(first, first + m, device=dev)):
-            vals = st[first : first + m]  # one range of staging: no gather
+        tok, planes = np.asarray(seg.src_tok), np.asarray(seg.src_plane)[p0:p1]
+        if (np.diff(tok) == 1).all() and (np.diff(planes) == k).all():  # one range of staging: no gather
+            first = int(planes[0] + tok[0]) + off
+            vals = st[first : first + m]
         else:
-            vals = st.index_select(0, si)
+            vals = st.index_select(0, (src_plane[p0:p1, None] + src_tok[None, :]).reshape(-1)[off : off + m])
         rows.index_copy_(0, di, vals)
     return "torch"
 

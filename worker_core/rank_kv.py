@@ -97,8 +97,7 @@ class RankKV:
         deadline = time.monotonic() + timeout_s
         moved = 0
         for rnd in rounds:
-            handles = [self.transport.submit(plan, TransferOp.READ, agents[src]) for src, plan in rnd.reads
-                       if plan.regions]
+            handles = [self.transport.submit(plan, TransferOp.READ, agents[src]) for src, plan in rnd.reads]
             try:
                 states = [self.transport.poll(h) for h in handles]
                 while TransferState.PENDING in states and time.monotonic() < deadline:
@@ -115,6 +114,10 @@ class RankKV:
             moved += sum(h.nbytes for h in handles)
             if rnd.scatter is not None:
                 apply_scatter(rnd.scatter, self.staging, self.cache)
+                if self.cache.is_cuda:
+                    # the kernel is asynchronous and NIXL's next READ into staging is not ordered
+                    # with the stream: staging is reused (and the cache handed on) only after it ran
+                    torch.cuda.current_stream(self.cache.device).synchronize()
         return moved
 
     def close(self) -> None:
