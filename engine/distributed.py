@@ -88,14 +88,23 @@ class DistEnv:
     def _peer(self, pp_rank: int, tp_rank: int | None = None) -> int:
         return pp_rank * self.pos.tp_size + (self.pos.tp_rank if tp_rank is None else tp_rank)
 
-    def send_next(self, hidden: torch.Tensor) -> None:
-        dist.send(hidden.contiguous(), dst=self._peer(self.pos.pp_rank + 1), group=self.group)
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        t = t.contiguous()
+        if self.backend == "gloo" and t.is_cuda:  # gloo's point-to-point moves host memory only
+            t = t.cpu()
+        dist.send(t, dst=dst, group=self.group)
 
-    def recv_prev(self, like: tuple[tuple[int, ...], torch.dtype, torch.device]) -> torch.Tensor:
-        shape, dtype, device = like
-        out = torch.empty(shape, dtype=dtype, device=device)
-        dist.recv(out, src=self._peer(self.pos.pp_rank - 1), group=self.group)
-        return out
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, src: int) -> torch.Tensor:
+        host = self.backend == "gloo" and device.type == "cuda"
+        out = torch.empty(shape, dtype=dtype, device="cpu" if host else device)
+        dist.recv(out, src=src, group=self.group)
+        return out.to(device) if host else out
+
+    def send_next(self, hidden: torch.Tensor) -> None:
+        self.send(hidden, self._peer(self.pos.pp_rank + 1))
+
+    def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return self.recv(shape, dtype, device, self._peer(self.pos.pp_rank - 1))
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -108,7 +117,7 @@ def run_stage(shard: ModelShard, env: DistEnv, inputs: ModelInputs) -> torch.Ten
     cfg = shard.model_config
     hidden = None
     if not pos.is_first_stage:
-        hidden = env.recv_prev(((inputs.input_ids.shape[0], cfg.hidden_size), shard.dtype, shard.device))
+        hidden = env.recv_prev((inputs.input_ids.shape[0], cfg.hidden_size), shard.dtype, shard.device)
     out = shard.forward(inputs, hidden)
     if not pos.is_last_stage:
         env.send_next(out)
@@ -117,7 +126,7 @@ def run_stage(shard: ModelShard, env: DistEnv, inputs: ModelInputs) -> torch.Ten
     if pos.rank == 0:
         return out
     if pos.tp_rank == 0 and rows:  # the last stage's first TP rank hands the (all-gathered) logits to the leader
-        dist.send(out.contiguous(), dst=0, group=env.group)
+        env.send(out, 0)
     return None
 
 
@@ -175,11 +184,11 @@ class DistributedExecutor(LocalExecutor):
         if out is not None:
             return out
         rows = inputs.logits_indices.shape[0]
-        logits = torch.empty((rows, shard.model_config.vocab_size), dtype=torch.float32, device=shard.device)
-        if rows:
-            last_stage_first_rank = (shard.pos.pp_size - 1) * shard.pos.tp_size
-            dist.recv(logits, src=last_stage_first_rank, group=env.group)
-        return logits
+        shape = (rows, shard.model_config.vocab_size)
+        if not rows:
+            return torch.empty(shape, dtype=torch.float32, device=shard.device)
+        last_stage_first_rank = (shard.pos.pp_size - 1) * shard.pos.tp_size
+        return env.recv(shape, torch.float32, shard.device, last_stage_first_rank)
 
     def keepalive(self) -> None:
         if not self._closed:
