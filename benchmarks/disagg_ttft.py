@@ -14,6 +14,11 @@ reads the timings the router returns on the last chunk:
 
 Median over --reps. Prints a table and writes benchmarks/results/disagg_ttft.json.
     python benchmarks/disagg_ttft.py [--reps 5] [--lengths 128 512 2048] [--dtype auto] [--device cpu]
+
+--shape runs several cluster shapes one after the other in the same run (config keys as
+`tandem serve` sets them, comma-separated; "" = the default), e.g. TP1 -> TP1 against
+prefill TP3 -> decode TP1 with re-blocking and NHD -> HND:
+    python benchmarks/disagg_ttft.py --shape "" "prefill.tp=3,decode.block_size=32,decode.kv_order=HND"
 """
 
 from __future__ import annotations
@@ -37,8 +42,29 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kv-cache-memory", default="512MiB")
+    ap.add_argument("--shape", nargs="+", default=[""], help='cluster shapes, e.g. "prefill.tp=3,decode.pp=2"')
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "disagg_ttft.json"))
     args = ap.parse_args()
+    results = [run_shape(args, shape) for shape in args.shape]
+    for res in results:
+        print(f"\n{res['topology']}")
+        print(f"{'prompt':>7} {'TTFT ms':>9} {'prefill ms':>11} {'KV pull ms':>11} {'pull/TTFT':>10} {'tok1->2 ms':>11}")
+        for r in res["rows"]:
+            print(f"{r['prompt_tokens']:>7} {r['ttft_ms']:>9.1f} {r['prefill_ms']:>11.1f} {r['kv_transfer_ms']:>11.2f} "
+                  f"{r['share_pct']:>9.2f}% {r['token2_gap_ms']:>11.1f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results[0] if len(results) == 1 else {"shapes": results}, indent=2))
+
+
+def _parse_shape(shape: str) -> dict:
+    out = {}
+    for item in filter(None, (x.strip() for x in shape.split(","))):
+        key, _, value = item.partition("=")
+        out[key] = int(value) if value.isdigit() else value
+    return out
+
+
+def run_shape(args, shape: str) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from deploy.config import ServeConfig, with_overrides
@@ -46,7 +72,7 @@ def main() -> None:
     from tandem_api.client import TandemClient
 
     cfg = with_overrides(ServeConfig(), **{"router.port": 0, "both.dtype": args.dtype, "both.device": args.device,
-                                           "both.kv_cache_memory": args.kv_cache_memory})
+                                           "both.kv_cache_memory": args.kv_cache_memory, **_parse_shape(shape)})
     rng = random.Random(0)
     rows = []
     with Serving(cfg) as s:
@@ -69,14 +95,8 @@ def main() -> None:
                          "kv_transfer_ms": xfer * 1e3, "share_pct": 100 * xfer / ttft, "token2_gap_ms": gap * 1e3})
         s.cluster.check_pools()
         info = client.server_info()
-    print(f"{'prompt':>7} {'TTFT ms':>9} {'prefill ms':>11} {'KV pull ms':>11} {'pull/TTFT':>10} {'tok1->2 ms':>11}")
-    for r in rows:
-        print(f"{r['prompt_tokens']:>7} {r['ttft_ms']:>9.1f} {r['prefill_ms']:>11.1f} {r['kv_transfer_ms']:>11.2f} "
-              f"{r['share_pct']:>9.2f}% {r['token2_gap_ms']:>11.1f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "reps": args.reps, "model": info.model,
-                                          "dtype": [w.dtype for w in info.workers][0], "device": args.device,
-                                          "topology": info.topology, "when": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
+    return {"rows": rows, "reps": args.reps, "model": info.model, "dtype": [w.dtype for w in info.workers][0],
+            "device": args.device, "topology": info.topology, "shape": shape, "when": time.strftime("%Y-%m-%d %H:%M")}
 
 
 if __name__ == "__main__":

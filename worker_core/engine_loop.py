@@ -50,9 +50,15 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._streams: dict[str, asyncio.Queue[StepOutput | BaseException]] = {}
         self._capacity = asyncio.Event()
+        # (free KV blocks, (running, waiting, leased)) as of the last step or command: status
+        # readers must not wait behind a long step (a 2048-token prefill can take seconds)
+        self.stats: tuple[int, tuple[int, int, int]] = self._read_stats()
         # a worker of several ranks tells them it is alive well within their collective timeout
         world = core.config.parallel.world_size
         self.keepalive_s = core.config.parallel.collective_timeout_s / 4 if world > 1 else None
+
+    def _read_stats(self) -> tuple[int, tuple[int, int, int]]:
+        return self.core.kv_manager.num_free_blocks, self.core.counts()
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -141,6 +147,7 @@ class AsyncEngine:
                 if self.core.has_unfinished_requests():
                     before = len(self.core.scheduler.requests)
                     outputs = self.core.step()
+                    self.stats = self._read_stats()
                     freed = len(self.core.scheduler.requests) < before or any(o.finished for o in outputs)
                     if outputs or freed:
                         loop.call_soon_threadsafe(self._deliver, outputs, freed)
@@ -167,8 +174,10 @@ class AsyncEngine:
             try:
                 result = fn(self.core)
             except Exception as e:  # noqa: BLE001 - handed to the awaiting coroutine
+                self.stats = self._read_stats()
                 loop.call_soon_threadsafe(_set_exception, fut, e)
             else:
+                self.stats = self._read_stats()  # before the caller resumes: it may ask for status next
                 loop.call_soon_threadsafe(_set_result, fut, result)
 
     def _drain_commands(self, loop: asyncio.AbstractEventLoop, error: BaseException) -> None:
