@@ -65,7 +65,6 @@ only the requested rows. Nothing outside the request's destination blocks is wri
 from __future__ import annotations
 
 import logging
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
@@ -74,7 +73,7 @@ import numpy as np
 
 from kv_transfer.errors import IncompatiblePeerError, InvalidPlanError, UnsupportedConversionError
 from kv_transfer.layout import KVLayout
-from kv_transfer.plan import TransferPlan
+from kv_transfer.plan import TransferPlan, as_count, check_block_ids
 
 if TYPE_CHECKING:
     import torch
@@ -408,8 +407,8 @@ class ConversionPlan:
         """
         s0, d = self.src_layouts[0], self.dst
         bs, bd = s0.block_size, d.block_size
-        n = _count(num_tokens, "num_tokens")
-        t0 = _count(first_token, "first_token")
+        n = as_count(num_tokens, "num_tokens")
+        t0 = as_count(first_token, "first_token")
         if t0 > n:
             raise InvalidPlanError(f"first_token {t0} is past num_tokens {n}")
         if t0 % bd:
@@ -561,32 +560,10 @@ class ConversionPlan:
                 scatters[r] = RowScatter(segments=segs)
 
 
-def _count(x, name: str) -> int:
-    if isinstance(x, bool):
-        raise InvalidPlanError(f"{name} {x!r} is not an integer")
-    try:
-        x = operator.index(x)
-    except TypeError:
-        raise InvalidPlanError(f"{name} {x!r} is not an integer") from None
-    if x < 0:
-        raise InvalidPlanError(f"{name} must be >= 0, got {x}")
-    return x
-
-
 def _block_ids(ids, num_blocks: int, side: str, want: int, what: str) -> np.ndarray:
-    arr = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids)
-    if arr.ndim != 1:
-        raise InvalidPlanError(f"{side} block ids must be a flat list, got shape {arr.shape}")
+    arr = check_block_ids(ids, num_blocks, side)
     if len(arr) != want:
         raise InvalidPlanError(f"{len(arr)} {side} block ids but {what} need {want}")
-    if not len(arr):
-        return np.empty(0, dtype=np.int64)
-    if arr.dtype.kind not in "iu":
-        raise InvalidPlanError(f"{side} block ids must be integers, got {arr.dtype} values such as {arr[0]!r}")
-    arr = arr.astype(np.int64, copy=False)
-    bad = (arr < 0) | (arr >= num_blocks)
-    if bad.any():
-        raise InvalidPlanError(f"{side} block id {int(arr[np.argmax(bad)])} is out of range [0, {num_blocks})")
     return arr
 
 

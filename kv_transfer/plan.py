@@ -150,19 +150,33 @@ class TransferPlan:
             )
 
 
-def _check_block_ids(ids: Sequence[int], layout: KVLayout, side: str) -> list[int]:
-    out = []
-    for b in ids:
-        if isinstance(b, bool):
-            raise InvalidPlanError(f"{side} block id {b!r} is not an integer")
-        try:
-            b = operator.index(b)
-        except TypeError:
-            raise InvalidPlanError(f"{side} block id {b!r} is not an integer") from None
-        if not 0 <= b < layout.num_blocks:
-            raise InvalidPlanError(f"{side} block id {b} is out of range [0, {layout.num_blocks})")
-        out.append(b)
-    return out
+def check_block_ids(ids, num_blocks: int, side: str) -> np.ndarray:
+    """`ids` (list, array or tensor) as int64, each a block id in [0, num_blocks); InvalidPlanError otherwise."""
+    arr = np.asarray(ids.cpu() if hasattr(ids, "cpu") else ids)
+    if arr.ndim != 1:
+        raise InvalidPlanError(f"{side} block ids must be a flat list, got shape {arr.shape}")
+    if not len(arr):
+        return np.empty(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise InvalidPlanError(f"{side} block ids must be integers: {arr[0]!r} ({arr.dtype}) is not an integer")
+    arr = arr.astype(np.int64, copy=False)
+    bad = (arr < 0) | (arr >= num_blocks)
+    if bad.any():
+        raise InvalidPlanError(f"{side} block id {int(arr[np.argmax(bad)])} is out of range [0, {num_blocks})")
+    return arr
+
+
+def as_count(x, name: str) -> int:
+    """A non-negative Python int from an int-like `x` (bools and floats refused)."""
+    if isinstance(x, bool):
+        raise InvalidPlanError(f"{name} {x!r} is not an integer")
+    try:
+        x = operator.index(x)
+    except TypeError:
+        raise InvalidPlanError(f"{name} {x!r} is not an integer") from None
+    if x < 0:
+        raise InvalidPlanError(f"{name} must be >= 0, got {x}")
+    return x
 
 
 def _runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
@@ -199,8 +213,8 @@ def plan_transfer(src: KVLayout, dst: KVLayout, src_blocks: Sequence[int], dst_b
         )
     if len(src_blocks) != len(dst_blocks):
         raise InvalidPlanError(f"{len(src_blocks)} source blocks but {len(dst_blocks)} destination blocks")
-    s_ids = _check_block_ids(src_blocks, src, "source")
-    d_ids = _check_block_ids(dst_blocks, dst, "destination")
+    s_ids = check_block_ids(src_blocks, src.num_blocks, "source").tolist()
+    d_ids = check_block_ids(dst_blocks, dst.num_blocks, "destination").tolist()
     if len(set(d_ids)) != len(d_ids):
         dup = sorted(b for b, c in Counter(d_ids).items() if c > 1)
         raise InvalidPlanError(f"destination block ids repeat: {dup}; each destination block can be written once")
