@@ -50,20 +50,11 @@ def pool_layouts(cfg: ModelConfig, fingerprint: str, pool: PoolConfig, dtype: st
     """The KVLayout of every rank of one worker of `pool` (rank order), without starting it."""
     from kv_transfer import KVLayout
 
-    check_shape(cfg.num_heads, cfg.num_kv_heads, cfg.num_layers, pool.tp, pool.pp)
-    if cfg.intermediate_size % pool.tp:
-        raise ConfigError(f"intermediate_size ({cfg.intermediate_size}) is not divisible by tp={pool.tp}")
+    check_shape(cfg.num_heads, cfg.num_kv_heads, cfg.num_layers, pool.tp, pool.pp, cfg.intermediate_size)
     engine = pool_engine_config("", pool)
-    layouts = []
-    for rank in range(pool.world_size):
-        spec = rank_kv_spec(cfg, engine, RankPosition.of(rank, pool.tp, pool.pp), getattr(torch, dtype), "cpu")
-        layouts.append(KVLayout(
-            model_fingerprint=fingerprint, total_layers=spec.total_layers, layer_start=spec.layer_start,
-            num_layers=spec.num_layers, total_kv_heads=spec.total_kv_heads, head_start=spec.head_start,
-            num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, block_size=spec.block_size, num_blocks=1,
-            dtype=dtype, order=spec.order.value, device="cpu",
-        ))
-    return layouts
+    return [KVLayout.from_spec(rank_kv_spec(cfg, engine, RankPosition.of(rank, pool.tp, pool.pp), getattr(torch, dtype),
+                                            "cpu"), fingerprint)
+            for rank in range(pool.world_size)]
 
 
 def check_pools(config: ServeConfig, cfg: ModelConfig) -> None:

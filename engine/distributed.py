@@ -59,7 +59,6 @@ class DistEnv:
         pos, group = self.pos, self.tp_group
         if pos.tp_size == 1:
             return ParallelContext()
-        ranks = pos.stage_ranks()
 
         def all_reduce(x: torch.Tensor) -> torch.Tensor:
             dist.all_reduce(x, group=group)
@@ -67,7 +66,7 @@ class DistEnv:
 
         def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
             x = x.contiguous()
-            parts = [torch.empty_like(x) for _ in ranks]
+            parts = [torch.empty_like(x) for _ in range(pos.tp_size)]
             dist.all_gather(parts, x, group=group)
             return torch.cat(parts, dim=-1)
 

@@ -69,7 +69,7 @@ class ModelShard:
         if (pos.tp_size, pos.pp_size) != (par.tensor_parallel_size, par.pipeline_parallel_size):
             raise ValueError(f"{pos.describe()} does not fit the configured tp={par.tensor_parallel_size} "
                              f"pp={par.pipeline_parallel_size}")
-        check_shape(cfg.num_heads, cfg.num_kv_heads, cfg.num_layers, pos.tp_size, pos.pp_size)
+        check_shape(cfg.num_heads, cfg.num_kv_heads, cfg.num_layers, pos.tp_size, pos.pp_size, cfg.intermediate_size)
         self.config = config
         self.pos = pos
         self.model_config = cfg

@@ -129,7 +129,6 @@ class KVLayout(msgspec.Struct, frozen=True):
         A transport registers the tensor as one region, so it must be contiguous and
         have exactly the spec's shape and dtype.
         """
-        dtype = str(spec.dtype).removeprefix("torch.")
         if tuple(kv_cache.shape) != tuple(spec.shape):
             raise InvalidLayoutError(
                 f"KV cache shape {tuple(kv_cache.shape)} does not match its spec {tuple(spec.shape)}"
@@ -138,6 +137,11 @@ class KVLayout(msgspec.Struct, frozen=True):
             raise InvalidLayoutError(f"KV cache dtype {kv_cache.dtype} does not match its spec {spec.dtype}")
         if not kv_cache.is_contiguous():
             raise InvalidLayoutError("KV cache tensor must be contiguous to be registered as one region")
+        return cls.from_spec(spec, model_fingerprint, tensor_device(kv_cache))
+
+    @classmethod
+    def from_spec(cls, spec: KVCacheSpec, model_fingerprint: str, device: str = "cpu") -> KVLayout:
+        """The layout a cache of `spec` will have (start-up validation builds these before any cache exists)."""
         return cls(
             model_fingerprint=model_fingerprint,
             total_layers=spec.total_layers,
@@ -149,9 +153,9 @@ class KVLayout(msgspec.Struct, frozen=True):
             head_dim=spec.head_dim,
             block_size=spec.block_size,
             num_blocks=spec.num_blocks,
-            dtype=dtype,
+            dtype=str(spec.dtype).removeprefix("torch."),
             order=str(getattr(spec.order, "value", spec.order)),
-            device=tensor_device(kv_cache),
+            device=device,
         )
 
     def compat_hash(self) -> str:

@@ -71,6 +71,14 @@ class WorkerSettings:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
+def apply_process_settings(settings: WorkerSettings) -> None:
+    """What every process of a worker (leader or rank actor) sets before its engine part starts."""
+    for key, value in settings.env.items():
+        os.environ.setdefault(key, value)
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+
+
 def to_chunk(out: StepOutput) -> StreamChunk:
     return StreamChunk(
         request_id=out.request_id,
@@ -85,10 +93,7 @@ def to_chunk(out: StepOutput) -> StreamChunk:
 
 class WorkerHost:
     def __init__(self, settings: WorkerSettings) -> None:
-        for key, value in settings.env.items():
-            os.environ.setdefault(key, value)
-        if settings.num_threads:
-            torch.set_num_threads(settings.num_threads)
+        apply_process_settings(settings)
         self.settings = settings
         self.worker_id = settings.worker_id
         self.role = settings.role
@@ -161,15 +166,20 @@ class WorkerHost:
             raise RuntimeError(f"worker {self.worker_id} ({self.role}) has no KV transport")
         return self.kv
 
+    @property
+    def _rank_actors(self) -> list:
+        return self.ranks.actors if self.ranks else []
+
     async def handshake_payload(self) -> bytes:
         """This worker's handshake: every rank's, in rank order."""
-        kv = self._need_kv()
-        payloads = await self.ranks.handshake_payloads() if self.ranks else [kv.handshake_payload()]
-        return _HANDSHAKES.encode(payloads)
+        from worker_core.ranks import handshake_payloads
+
+        return _HANDSHAKES.encode(await handshake_payloads(self._need_kv(), self._rank_actors))
 
     async def layouts(self) -> list:
-        kv = self._need_kv()
-        return await self.ranks.layouts() if self.ranks else [kv.layout]
+        from worker_core.ranks import rank_layouts
+
+        return await rank_layouts(self._need_kv(), self._rank_actors)
 
     async def add_peer(self, payload: bytes) -> str:
         """Add every rank of a peer worker to every rank of ours; returns the peer's leader agent.
@@ -177,6 +187,8 @@ class WorkerHost:
         A decode worker also checks the pair as a whole (heads, layers, block sizes) and
         refuses, naming both sides and the field, what no conversion can bridge.
         """
+        from worker_core.ranks import add_peer_worker
+
         kv = self._need_kv()
         try:
             payloads = _HANDSHAKE_DECODER.decode(payload)
@@ -184,10 +196,7 @@ class WorkerHost:
             from kv_transfer import TransportVersionError
 
             raise TransportVersionError(f"peer payload is not a Tandem worker handshake: {e}") from None
-        if self.ranks:
-            leader = await self.ranks.add_peer_worker(payloads)
-        else:
-            leader = kv.add_peer_worker(payloads)[0]
+        leader = await add_peer_worker(kv, self._rank_actors, payloads)
         if self.role == "decode":
             from kv_transfer import check_pair
 
@@ -199,8 +208,7 @@ class WorkerHost:
         """Every rank brings its part of tokens [first_token, num_tokens) into dst_blocks; bytes read."""
         from worker_core.ranks import pull_on_ranks
 
-        actors = self.ranks.actors if self.ranks else []
-        return await pull_on_ranks(self._need_kv(), actors,
+        return await pull_on_ranks(self._need_kv(), self._rank_actors,
                                    (leader_agent, src_blocks, dst_blocks, num_tokens, first_token, timeout_s))
 
     # ---- checks (tests and admin) -----------------------------------------------------------------------------------

@@ -64,10 +64,6 @@ class RankMember:
     """What every rank does, in the leader's process (rank 0) or in a RankActor."""
 
     def __init__(self, settings, rank: int, dtype: str) -> None:
-        for key, value in settings.env.items():
-            os.environ.setdefault(key, value)
-        if settings.num_threads:
-            torch.set_num_threads(settings.num_threads)
         par = settings.engine.parallel
         self.settings = settings
         self.pos = RankPosition.of(rank, par.tensor_parallel_size, par.pipeline_parallel_size)
@@ -100,6 +96,9 @@ class RankActor:
     """Rank 1..n-1 of a worker (a threaded Ray actor: the step loop holds one thread)."""
 
     def __init__(self, settings, rank: int, dtype: str) -> None:
+        from worker_core.host import apply_process_settings
+
+        apply_process_settings(settings)
         self.member = RankMember(settings, rank, dtype)
         self._loop: threading.Thread | None = None
         self._stop = threading.Event()
@@ -200,27 +199,6 @@ class RankGroup:
                  cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size, num_blocks)
         return group
 
-    # ---- KV transport across every rank ------------------------------------------------------------------------------
-
-    async def handshake_payloads(self) -> list[bytes]:
-        return [self.member.kv.handshake_payload()] + list(await asyncio.gather(
-            *(a.handshake_payload.remote() for a in self.actors)))
-
-    async def layouts(self) -> list:
-        return [self.member.kv.layout] + list(await asyncio.gather(*(a.layout.remote() for a in self.actors)))
-
-    async def add_peer_worker(self, payloads: list[bytes]) -> str:
-        results = await asyncio.gather(*(a.add_peer_worker.remote(payloads) for a in self.actors))
-        agents = self.member.kv.add_peer_worker(payloads)
-        if any(r != agents for r in results):
-            raise RuntimeError(f"ranks disagree on the peer's agents: {agents} vs {results}")
-        return agents[0]
-
-    async def pull(self, leader_agent: str, src_blocks: list[int], dst_blocks: list[int], num_tokens: int,
-                   first_token: int, timeout_s: float) -> int:
-        return await pull_on_ranks(self.member.kv, self.actors,
-                                   (leader_agent, src_blocks, dst_blocks, num_tokens, first_token, timeout_s))
-
     def close(self) -> None:
         if self.executor is not None:
             self.executor.close()  # the ranks leave their step loops
@@ -234,6 +212,25 @@ class RankGroup:
             self.member.kv.close()
         if self.executor is None and self.member.env is not None:
             self.member.env.close()
+
+
+# ---- KV transport across every rank of a worker: rank 0's endpoint `kv` here, ranks 1.. in `actors` ----------
+
+async def handshake_payloads(kv: RankKV, actors: list) -> list[bytes]:
+    return [kv.handshake_payload()] + list(await asyncio.gather(*(a.handshake_payload.remote() for a in actors)))
+
+
+async def rank_layouts(kv: RankKV, actors: list) -> list:
+    return [kv.layout] + list(await asyncio.gather(*(a.layout.remote() for a in actors)))
+
+
+async def add_peer_worker(kv: RankKV, actors: list, payloads: list[bytes]) -> str:
+    """Every rank adds every rank of a peer worker; returns the peer's leader agent."""
+    results = await asyncio.gather(*(a.add_peer_worker.remote(payloads) for a in actors))
+    agents = kv.add_peer_worker(payloads)
+    if any(r != agents for r in results):
+        raise RuntimeError(f"ranks disagree on the peer's agents: {agents} vs {results}")
+    return agents[0]
 
 
 async def pull_on_ranks(kv: RankKV, actors: list, args: tuple) -> int:

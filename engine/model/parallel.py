@@ -114,13 +114,16 @@ class RankPosition:
         return f"rank {self.rank} (tp {self.tp_rank}/{self.tp_size}, pp {self.pp_rank}/{self.pp_size})"
 
 
-def check_shape(num_heads: int, num_kv_heads: int, num_layers: int, tp_size: int, pp_size: int) -> None:
-    """Raise ConfigError unless a model of these head/layer counts can run as tp x pp ranks."""
+def check_shape(num_heads: int, num_kv_heads: int, num_layers: int, tp_size: int, pp_size: int,
+                intermediate_size: int | None = None) -> None:
+    """Raise ConfigError unless a model of these head/layer/MLP sizes can run as tp x pp ranks."""
     if num_heads % tp_size:
         raise ConfigError(f"num_heads ({num_heads}) is not divisible by tensor-parallel size {tp_size}")
     if num_kv_heads % tp_size and tp_size % num_kv_heads:
         raise ConfigError(
             f"num_kv_heads ({num_kv_heads}) and tensor-parallel size {tp_size}: one must divide the other"
         )
+    if intermediate_size is not None and intermediate_size % tp_size:
+        raise ConfigError(f"intermediate_size ({intermediate_size}) is not divisible by tensor-parallel size {tp_size}")
     if pp_size > num_layers:
         raise ConfigError(f"pipeline-parallel size {pp_size} exceeds the model's {num_layers} layers")

@@ -27,6 +27,7 @@ import ray
 
 from deploy.config import PoolConfig, ServeConfig, with_overrides
 from deploy.cluster import create_worker
+from deploy.topology import replace_pool
 from engine.config import CacheConfig, EngineConfig
 from engine.engine_core import EngineCore
 from engine.errors import ConfigError
@@ -87,7 +88,7 @@ def workers(tiny_dir):
     try:
         for names, role in ((PREFILL, "prefill"), (DECODE, "decode")):
             for name, shape in names.items():
-                pool = with_pool(base, **shape)
+                pool = replace_pool(base, **shape)
                 handle, pg = create_worker(cfg, name, role, pool)
                 started[name] = handle.actor
                 groups.append(pg)
@@ -106,12 +107,6 @@ def workers(tiny_dir):
         for pg in groups:
             if pg is not None:
                 ray.util.remove_placement_group(pg)
-
-
-def with_pool(base: PoolConfig, **fields) -> PoolConfig:
-    import msgspec
-
-    return msgspec.structs.replace(base, **fields)
 
 
 async def _run_pair(p, d, rid: str, ids: list[int]) -> list[int]:
