@@ -130,10 +130,15 @@ def run_stage(shard: ModelShard, env: DistEnv, inputs: ModelInputs) -> torch.Ten
 
 
 def serve_rank(shard: ModelShard, env: DistEnv) -> None:
-    """Loop of a non-leader rank: run every step the leader broadcasts, until STOP."""
+    """Loop of a non-leader rank: run every step the leader broadcasts, until STOP (then leave the group).
+
+    Leaving explicitly matters: a process that exits with its gloo group still open can
+    abort in teardown ("terminate called without an active exception").
+    """
     while True:
         kind, payload = env.receive()
         if kind == STOP:
+            env.close()
             return
         if kind == STEP:
             run_stage(shard, env, payload.to(shard.device))
