@@ -9,10 +9,12 @@ A pool emits, in order:
     AllCleared    every hash of this pool was dropped (prefix cache reset)
 
 Sequence numbers: every event carries `seq`, strictly increasing by 1 per event and
-per pool, starting at 0. A consumer remembers the next seq it expects; a gap (an event
-whose seq is larger than expected) means events were lost (a dropped batch, a pool
-whose bounded queue overflowed, a restarted worker), so the consumer must drop what
-it knows about that worker and rebuild from later events. `first_gap` finds it.
+per pool, starting at 0. A consumer remembers the next seq it expects. A larger seq
+means events were lost (a dropped batch, a bounded queue that overflowed); a smaller
+one, a replay or a restarted worker. Either way the consumer drops what it knows
+about that worker and loads a `KVSnapshot` (every hash the pool caches, and the seq
+to go on from): later events alone cannot rebuild it, because a hash already cached
+is never announced again. `first_gap` finds the break.
 
 Wire format: msgpack of the envelope `[KV_EVENTS_VERSION, KVEventBatch]`; the version
 is checked before the batch is decoded, so a version bump is reported clearly.
@@ -55,6 +57,17 @@ KVEvent = BlockStored | BlockRemoved | AllCleared
 class KVEventBatch(msgspec.Struct, frozen=True):
     worker_id: str
     events: list[KVEvent]
+
+
+class KVSnapshot(msgspec.Struct, frozen=True):
+    """Everything one pool caches, for a consumer that lost events: load `block_hashes`,
+    then apply events from seq `next_seq` on (earlier ones are already reflected)."""
+
+    worker_id: str
+    epoch: str  # the publisher instance (see worker_core/kv_publisher.py)
+    block_size: int
+    next_seq: int
+    block_hashes: list[bytes]
 
 
 class KVEventDecodeError(ValueError):

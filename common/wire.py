@@ -79,6 +79,16 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     block_size: int
     dtype: str
     transfers_in_flight: int = 0  # decode: pulls not yet done
+    prefill_tokens: int = 0  # tokens still to compute before a first token (queued + running prefill)
+    max_num_seqs: int = 0  # the scheduler's limit on running requests (0: not reported)
+
+
+class KVEventsReply(msgspec.Struct, frozen=True):
+    """One answer to a router's `kv_events(after_seq, timeout_s)` long poll."""
+
+    epoch: str  # the worker's publisher instance; a change means "re-sync from a snapshot"
+    events: bytes  # common.kv_events.encode_event_batch (versioned); may hold no event (timeout)
+    status: WorkerStatus  # the worker's load as of this reply
 
 
 class ModelInfo(msgspec.Struct, frozen=True):

@@ -12,7 +12,12 @@
       3. ready(): every engine loaded (in parallel), model fingerprints agree
       4. disaggregated: every (P, D) pair exchanges handshakes both ways; a pair
          whose model, dtype or layout cannot match is refused here, before traffic
+    Cluster.add_worker(pool) / remove_worker(id): one worker more or less while
+      serving (the admin service drains a worker in the router before removing it)
     Cluster.shutdown(): actors killed, Ray disconnected (and stopped if we started it)
+
+Worker ids are `<pool>-<n>` with n counting up per pool and never reused, so a
+removed worker's name cannot be mistaken for a new one (in the prefix index, logs).
 
 Actors are owned by this driver: if the driver dies (Ctrl-C, `ray job stop`), Ray
 reclaims them, so nothing outlives the process that served.
@@ -54,7 +59,8 @@ class Cluster:
     infos: list[ModelInfo] = field(default_factory=list)
     tokenizer: object = None
     started_ray: bool = False
-    placement_groups: list = field(default_factory=list)
+    placement_groups: dict[str, object] = field(default_factory=dict)  # worker id -> its placement group
+    _next_index: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
 
     @property
     def workers(self) -> list[WorkerHandle]:
@@ -80,15 +86,25 @@ class Cluster:
 
     def _create_workers(self) -> None:
         cfg = self.config
-        disagg = cfg.mode == "disaggregated"
         for pool_name, pool in (("prefill", cfg.prefill), ("decode", cfg.decode)):
-            role = pool_name if disagg else "aggregated"
-            for i in range(pool.replicas):
-                wid = f"{pool_name}-{i}" if disagg else f"worker-{pool_name}-{i}"
-                handle, pg = create_worker(cfg, wid, role, pool)
-                if pg is not None:
-                    self.placement_groups.append(pg)
-                (self.prefill if pool_name == "prefill" else self.decode).append(handle)
+            for _ in range(pool.replicas):
+                self.pool_workers(pool_name).append(self._create(pool_name))
+
+    def pool_workers(self, pool_name: str) -> list[WorkerHandle]:
+        if pool_name not in ("prefill", "decode"):
+            raise ConfigError(f"unknown pool {pool_name!r}: use prefill or decode")
+        return self.prefill if pool_name == "prefill" else self.decode
+
+    def _create(self, pool_name: str) -> WorkerHandle:
+        cfg = self.config
+        disagg = cfg.mode == "disaggregated"
+        i = self._next_index[pool_name]
+        self._next_index[pool_name] = i + 1
+        wid = f"{pool_name}-{i}" if disagg else f"worker-{pool_name}-{i}"
+        handle, pg = create_worker(cfg, wid, pool_name if disagg else "aggregated", getattr(cfg, pool_name))
+        if pg is not None:
+            self.placement_groups[wid] = pg
+        return handle
 
     def _wait_ready(self) -> None:
         statuses: list[WorkerStatus] = ray.get([w.actor.ready.remote() for w in self.workers], timeout=READY_TIMEOUT_S)
@@ -111,6 +127,74 @@ class Cluster:
         calls += [p.actor.add_peer.remote(dp) for p in self.prefill for dp in d_payloads]
         ray.get(calls)  # an incompatible pair raises IncompatiblePeerError naming the mismatch
 
+    # ---- growing and shrinking ------------------------------------------------------------------------------------
+
+    def add_worker(self, pool_name: str) -> WorkerHandle:
+        """Start one worker in a pool: loaded, same model, handshaken both ways with every peer (blocking).
+
+        The router learns of it only after this returns; on failure it is stopped again.
+        """
+        self.pool_workers(pool_name)  # unknown pool -> ConfigError before anything starts
+        handle = self._create(pool_name)
+        try:
+            ray.get(handle.actor.ready.remote(), timeout=READY_TIMEOUT_S)
+            info = ray.get(handle.actor.model_info.remote())
+            if self.model is not None and info.fingerprint != self.model.fingerprint:
+                raise ConfigError(f"worker {handle.worker_id} loaded another model ({info.fingerprint} vs "
+                                  f"{self.model.fingerprint})")
+            if self.config.mode == "disaggregated":
+                peers = self.decode if pool_name == "prefill" else self.prefill
+                mine = ray.get(handle.actor.handshake_payload.remote())
+                theirs = ray.get([w.actor.handshake_payload.remote() for w in peers])
+                ray.get([w.actor.add_peer.remote(mine) for w in peers]
+                        + [handle.actor.add_peer.remote(t) for t in theirs])
+        except BaseException:
+            self._stop(handle)
+            raise
+        self.pool_workers(pool_name).append(handle)
+        self.infos.append(info)
+        log.info("worker %s added: %s", handle.worker_id, self.topology())
+        return handle
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Stop one worker and make its peers forget it (blocking). Drain it in the router first."""
+        handle = self.handle(worker_id)
+        pool = self.prefill if handle in self.prefill else self.decode
+        pool.remove(handle)
+        if self.config.mode == "disaggregated":
+            peers = self.decode if pool is self.prefill else self.prefill
+            try:
+                ray.get([w.actor.remove_peer.remote(worker_id) for w in peers], timeout=30)
+            except Exception as exc:  # noqa: BLE001 - a peer that cannot answer keeps a dead entry; never blocks removal
+                log.warning("peers of %s could not forget it: %s", worker_id, exc)
+        self._stop(handle)
+        log.info("worker %s removed: %s", worker_id, self.topology())
+
+    def handle(self, worker_id: str) -> WorkerHandle:
+        for w in self.workers:
+            if w.worker_id == worker_id:
+                return w
+        raise KeyError(f"no worker {worker_id!r} (workers: {', '.join(w.worker_id for w in self.workers)})")
+
+    def pool_name(self, worker_id: str) -> str:
+        return "prefill" if self.handle(worker_id) in self.prefill else "decode"
+
+    def _stop(self, handle: WorkerHandle) -> None:
+        try:
+            ray.get(handle.actor.shutdown.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - best effort; the kill below is what counts
+            pass
+        try:
+            ray.kill(handle.actor)
+        except Exception:  # noqa: BLE001
+            pass
+        pg = self.placement_groups.pop(handle.worker_id, None)
+        if pg is not None:
+            try:
+                ray.util.remove_placement_group(pg)
+            except Exception:  # noqa: BLE001 - already gone with its job
+                pass
+
     # ---- run time -----------------------------------------------------------------------------------------------
 
     def topology(self) -> str:
@@ -130,20 +214,13 @@ class Cluster:
 
     def shutdown(self) -> None:
         for w in self.workers:
-            try:
-                ray.get(w.actor.shutdown.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - best effort; the kill below is what counts
-                pass
-            try:
-                ray.kill(w.actor)
-            except Exception:  # noqa: BLE001
-                pass
+            self._stop(w)
         self.prefill.clear()
         self.decode.clear()
-        for pg in self.placement_groups:
+        for pg in self.placement_groups.values():  # a worker that failed before it was listed
             try:
                 ray.util.remove_placement_group(pg)
-            except Exception:  # noqa: BLE001 - already gone with its job
+            except Exception:  # noqa: BLE001
                 pass
         self.placement_groups.clear()
         if self.started_ray and ray.is_initialized():

@@ -9,7 +9,7 @@ and/or built from `tandem serve` flags; unknown keys and bad values raise
     prefill: {replicas: 1, tp: 1, pp: 1, block_size: 16, kv_order: NHD, dtype: auto, kv_cache_memory: 512MiB, ...}
     decode:  {replicas: 1, tp: 1, pp: 1, ...}     # shapes may differ: KV is converted on the way
     transport: {backend: nixl, lease_s: 30, transfer_timeout_s: 30, ...}
-    router: {host: 127.0.0.1, port: 50051, policy: round_robin, max_inflight: 256}
+    router: {host: 127.0.0.1, port: 50051, policy: kv, conditional_prefill_threshold: 0, max_inflight: 256}
     ray_address: null               # or "HOST:PORT" / "auto": join an existing cluster
 
 In aggregated mode the same worker count runs (prefill.replicas + decode.replicas
@@ -98,7 +98,12 @@ class TransportConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 50051
-    policy: Literal["round_robin", "least_loaded"] = "round_robin"
+    # kv: prefix overlap + load (router/routing.py); round_robin / least_loaded are load-blind
+    policy: Literal["kv", "round-robin", "least-loaded", "round_robin", "least_loaded"] = "kv"
+    temperature: float = 0.0  # kv policy: 0 = cheapest worker; > 0 samples among near-equal ones
+    conditional_prefill_threshold: int = 0  # tokens; a prompt this short uncached on D prefills there (0: never)
+    max_prefill_queue_tokens: int = 16384  # prefill worker "saturated" at this many queued tokens (local prefill)
+    drain_timeout_s: float = 60.0  # removing a worker: how long its running requests may take to finish
     max_inflight: int = 256  # beyond this, RESOURCE_EXHAUSTED (PLATFORM.md: ~2,000 calls on one channel broke)
     max_message_bytes: int = 16 << 20
 
@@ -131,6 +136,15 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(f"router.port must be in 0..65535 (0 = any free port), got {self.router.port}")
         if self.router.max_inflight < 1:
             raise ConfigError(f"router.max_inflight must be >= 1, got {self.router.max_inflight}")
+        r = self.router
+        if r.temperature < 0 or r.conditional_prefill_threshold < 0 or r.max_prefill_queue_tokens < 1:
+            raise ConfigError("router.temperature and router.conditional_prefill_threshold must be >= 0, "
+                              "router.max_prefill_queue_tokens >= 1")
+        if r.drain_timeout_s <= 0:
+            raise ConfigError(f"router.drain_timeout_s must be > 0, got {r.drain_timeout_s}")
+        if self.mode == "aggregated" and self.prefill.block_size != self.decode.block_size:
+            raise ConfigError(f"aggregated mode serves one pool, so prefill.block_size ({self.prefill.block_size}) "
+                              f"and decode.block_size ({self.decode.block_size}) must be equal")
         for name in ("lease_s", "transfer_timeout_s", "admission_timeout_s"):
             if getattr(self.transport, name) <= 0:
                 raise ConfigError(f"transport.{name} must be > 0")

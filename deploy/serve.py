@@ -18,16 +18,20 @@ import signal
 import threading
 from importlib import metadata
 
+from deploy.admin import AdminService, ray_client
 from deploy.cluster import Cluster, WorkerHandle
 from deploy.config import ServeConfig
-from router.pools import WorkerPool
+from router.pools import Policy, WorkerPool
 from router.responses import ServerFacts
+from router.routing import RoutingConfig
 from router.server import GenerationService, build_server
 from router.validation import ModelFacts, RequestValidator
-from router.workers import RayWorkerClient
+from tandem_api.v1 import admin_pb2 as apb
+from tandem_api.v1 import admin_pb2_grpc as apb_grpc
 
 log = logging.getLogger(__name__)
 
+ADMIN_SERVICE = apb.DESCRIPTOR.services_by_name["Admin"].full_name  # "tandem.v1.Admin"
 HEALTH_REFRESH_S = 5.0
 STOP_GRACE_S = 5.0
 
@@ -50,28 +54,40 @@ def server_facts(cluster: Cluster) -> ServerFacts:
     )
 
 
+def routing_config(cfg: ServeConfig) -> RoutingConfig:
+    r = cfg.router
+    return RoutingConfig(policy=Policy.parse(r.policy), temperature=r.temperature,
+                         conditional_prefill_threshold=r.conditional_prefill_threshold,
+                         max_prefill_queue_tokens=r.max_prefill_queue_tokens)
+
+
 def build_service(cluster: Cluster) -> GenerationService:
     cfg = cluster.config
-    facts = server_facts(cluster)
+    policy = Policy.parse(cfg.router.policy)
 
-    def pool(role: str, handles: list[WorkerHandle]) -> WorkerPool:
-        return WorkerPool(role, [RayWorkerClient(h.actor, h.worker_id) for h in handles], policy=cfg.router.policy)
+    def pool(role: str, handles: list[WorkerHandle], block_size: int) -> WorkerPool:
+        return WorkerPool(role, [ray_client(h) for h in handles], policy=policy, block_size=block_size)
 
     if cfg.mode == "disaggregated":
-        prefill, decode = pool("prefill", cluster.prefill), pool("decode", cluster.decode)
+        prefill = pool("prefill", cluster.prefill, cfg.prefill.block_size)
+        decode = pool("decode", cluster.decode, cfg.decode.block_size)
     else:
-        prefill, decode = None, pool("aggregated", cluster.workers)
+        prefill, decode = None, pool("aggregated", cluster.workers, cfg.decode.block_size)
     validator = RequestValidator(ModelFacts.from_model_infos(cluster.infos), cluster.tokenizer)
-    return GenerationService(validator=validator, prefill=prefill, decode=decode, info_source=lambda: facts,
-                             max_inflight=cfg.router.max_inflight)
+    return GenerationService(validator=validator, prefill=prefill, decode=decode,
+                             info_source=lambda: server_facts(cluster), max_inflight=cfg.router.max_inflight,
+                             routing=routing_config(cfg))
 
 
 async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port: None) -> None:
     """Serve until `stop` is set; `on_ready(port)` is called once SERVING, with the port actually bound."""
     cfg = cluster.config
     service = build_service(cluster)
-    server = build_server(service, cfg.router.host, cfg.router.port)
+    admin = AdminService(cluster, service, cfg.router.drain_timeout_s)
+    server = build_server(service, cfg.router.host, cfg.router.port,
+                          extra=[(lambda srv: apb_grpc.add_AdminServicer_to_server(admin, srv), ADMIN_SERVICE)])
     await server.start()
+    await service.start_feeds()
     await service.set_serving()
     on_ready(server.tandem_port)
     log.info("serving tandem.v1.Generation on %s:%d (%s)", cfg.router.host, server.tandem_port, cluster.topology())

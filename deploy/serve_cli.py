@@ -6,7 +6,8 @@
                  [--prefill-tp N] [--prefill-pp N] [--decode-tp N] [--decode-pp N]
                  [--prefill-block-size N] [--decode-block-size N]
                  [--prefill-kv-order NHD|HND] [--decode-kv-order NHD|HND]
-                 [--policy round_robin|least_loaded] [--max-inflight N] [--lease-s S]
+                 [--router-policy kv|round-robin|least-loaded] [--conditional-prefill-threshold N]
+                 [--router-temperature T] [--max-inflight N] [--lease-s S]
                  [--ray-address HOST:PORT] [--print-config]
 
 Flags override the file; the file overrides the defaults (deploy/config.py).
@@ -40,7 +41,14 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     s.add_argument("--kv-cache-memory", type=parse_size, metavar="SIZE", help="KV cache per worker, e.g. 256MiB")
     s.add_argument("--device", help="cpu or cuda (both pools)")
-    s.add_argument("--policy", choices=["round_robin", "least_loaded"])
+    s.add_argument("--router-policy", "--policy", dest="policy",
+                   choices=["kv", "round-robin", "least-loaded", "round_robin", "least_loaded"],
+                   help="how the router picks workers: kv (prefix overlap + load, default), round-robin, least-loaded")
+    s.add_argument("--conditional-prefill-threshold", type=int, metavar="N",
+                   help="prompts with at most N tokens uncached on the chosen decode worker prefill there "
+                        "(0, the default, disables local prefill)")
+    s.add_argument("--router-temperature", type=float, metavar="T",
+                   help="kv policy: 0 picks the cheapest worker; T > 0 samples among near-equal ones")
     s.add_argument("--max-inflight", type=int, help="requests in flight before RESOURCE_EXHAUSTED")
     s.add_argument("--lease-s", type=float, help="seconds prefill keeps a prompt's KV for decode to pull")
     s.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
@@ -56,6 +64,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         model=args.model, mode=args.mode, ray_address=args.ray_address,
         **{
             "router.host": args.host, "router.port": args.port, "router.policy": args.policy,
+            "router.conditional_prefill_threshold": args.conditional_prefill_threshold,
+            "router.temperature": args.router_temperature,
             "router.max_inflight": args.max_inflight, "transport.lease_s": args.lease_s,
             "prefill.replicas": args.prefill_replicas, "decode.replicas": args.decode_replicas,
             "both.block_size": args.block_size, "both.dtype": args.dtype, "both.device": args.device,

@@ -269,6 +269,18 @@ class BlockPool:
         self._events.clear()
         return events
 
+    @property
+    def next_seq(self) -> int:
+        """The seq the next event will carry."""
+        return self._next_seq
+
+    def snapshot(self) -> tuple[int, list[BlockHash]]:
+        """(next_seq, every cached hash): what a consumer that saw events 0..next_seq-1 would know.
+
+        A consumer that lost events loads this and goes on from the event with seq next_seq.
+        """
+        return self._next_seq, list(self._cached)
+
     # ---- checks ----------------------------------------------------------------
 
     def _check_own(self, block: KVBlock) -> None:

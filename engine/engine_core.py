@@ -236,6 +236,20 @@ class EngineCore:
         s = self.scheduler
         return len(s.running), len(s.requests) - len(s.running), len(self.leases)
 
+    def pending_prefill_tokens(self) -> int:
+        """Tokens still to compute before a first (or, after preemption, next) token: the prefill load.
+
+        A request in decode computes one token per step and counts 0; so do a decode-role
+        request waiting for remote KV (its prompt arrives by transfer) and a leased one.
+        """
+        skip = (RequestStatus.WAITING_FOR_REMOTE_KV, RequestStatus.KV_LEASED)
+        total = 0
+        for r in self.scheduler.requests.values():
+            left = r.num_tokens - r.num_computed_tokens
+            if left > 1 and r.status not in skip:
+                total += left
+        return total
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

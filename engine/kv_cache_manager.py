@@ -236,6 +236,10 @@ class KVCacheManager:
     def take_events(self) -> list[KVEvent]:
         return self.pool.take_events()
 
+    def kv_snapshot(self) -> tuple[int, list[bytes]]:
+        """(next event seq, every cached block hash); see BlockPool.snapshot."""
+        return self.pool.snapshot()
+
     # ---- checks ----------------------------------------------------------------
 
     def check_integrity(self) -> None:

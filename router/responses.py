@@ -94,21 +94,26 @@ class ServerFacts:
     versions: Mapping[str, str] = field(default_factory=dict)  # component -> version
 
 
-def worker_info(report: WorkerReport) -> pb.WorkerInfo:
+def worker_info(report: WorkerReport, draining: bool = False, indexed: int = 0) -> pb.WorkerInfo:
     s = report.status
     if s is None:
-        return pb.WorkerInfo(worker_id=report.worker_id, role=report.role, health="UNKNOWN")
+        return pb.WorkerInfo(worker_id=report.worker_id, role=report.role, health="UNKNOWN", draining=draining,
+                             kv_blocks_indexed=indexed)
     return pb.WorkerInfo(
         worker_id=s.worker_id, role=s.role, health=s.health, kv_blocks_total=s.kv_blocks_total,
         kv_blocks_free=s.kv_blocks_free, running_requests=s.running, waiting_requests=s.waiting,
         leased_requests=s.leased, node_id=s.node_id, device=s.device, block_size=s.block_size, dtype=s.dtype,
+        draining=draining, prefill_tokens=s.prefill_tokens, kv_blocks_indexed=indexed,
     )
 
 
-def server_info(facts: ServerFacts, reports: Sequence[WorkerReport]) -> pb.ServerInfo:
+def server_info(facts: ServerFacts, reports: Sequence[WorkerReport],
+                extras: Mapping[str, tuple[bool, int]] | None = None) -> pb.ServerInfo:
+    """`extras`: worker -> (draining, blocks indexed by the router)."""
+    extras = extras or {}
     return pb.ServerInfo(
         model=facts.model, model_fingerprint=facts.model_fingerprint, mode=facts.mode, topology=facts.topology,
         version=facts.version, api_version=API_VERSION, kv_transport=facts.kv_transport,
         versions=dict(facts.versions), max_model_len=facts.max_model_len, vocab_size=facts.vocab_size,
-        workers=[worker_info(r) for r in reports],
+        workers=[worker_info(r, *extras.get(r.worker_id, (False, 0))) for r in reports],
     )

@@ -6,12 +6,18 @@ Life of one Generate call:
                      in flight -> RESOURCE_EXHAUSTED ("... retry later")
     2. validation    RequestValidator: prompt ids + SamplingParams + request id
                      (INVALID_ARGUMENT with a message that says what to change)
-    3. disaggregated choose P (prefill pool) and D (decode pool);
-                     P.prefill -> first chunk, streamed at once (prefill_worker and
+    3. routing       router/routing.py picks D, and P or "local" (conditional
+                     disaggregation); the first response says which and why (`route`)
+       remote        P.prefill -> first chunk, streamed at once (prefill_worker and
                      decode_worker set on it); unless it finished the request,
                      D.decode streams the rest, from token 2.
-       aggregated    choose W; W.generate streams every chunk.
+       local         D.generate streams every chunk (aggregated mode: always)
     4. last chunk    carries usage and timings (TTFT, total, queue, prefill, KV pull)
+
+The prefix indexes behind routing are fed by the workers' KV events
+(router/kv_feed.py, started by `start_feeds`); the router books what it routes
+(queued prefill tokens, KV in flight, predicted blocks) until the request's first
+decode chunk, and `close` clears a request's booking on every path.
 
 Every wait runs under one asyncio timeout: the client's deadline
 (`context.time_remaining()`) capped by `request_timeout_s`. Expiry ends the call
@@ -39,8 +45,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -50,8 +57,10 @@ from grpc_reflection.v1alpha import reflection
 
 from common.wire import StreamChunk
 from router.errors import AdmissionError, NotServingError, WorkerFailedError, WorkerUnavailableError, status_for
+from router.kv_feed import KVEventFeed
 from router.pools import WorkerPool, WorkerReport, worker_reports
 from router.responses import RequestTrace, ServerFacts, chunk_response, server_info
+from router.routing import Route, Router, RoutingConfig
 from router.validation import RequestValidator, ValidatedRequest
 from router.workers import WorkerClient
 from tandem_api.v1 import generation_pb2 as pb
@@ -69,12 +78,14 @@ class _Run:
     request: ValidatedRequest
     trace: RequestTrace
     stage: str = "admitted"
+    route: Route | None = None
     p: WorkerClient | None = None
     d: WorkerClient | None = None
     prefill_sent: bool = False
     prefill_done: bool = False
     kv_leased: bool = False
     stream_sent: bool = False  # decode / generate call issued
+    first_chunk_seen: bool = False  # the decode / generate stream has produced a chunk
     finished: bool = False
 
 
@@ -93,10 +104,14 @@ class GenerationService(pb_grpc.GenerationServicer):
     def __init__(self, *, validator: RequestValidator, decode: WorkerPool, prefill: WorkerPool | None = None,
                  info_source: ServerInfoSource, max_inflight: int = 256, request_timeout_s: float = 600.0,
                  cleanup_timeout_s: float = 5.0, status_timeout_s: float = 2.0,
+                 routing: RoutingConfig | None = None, rng: random.Random | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         self.validator, self.prefill, self.decode, self.info_source = validator, prefill, decode, info_source
+        self.router = Router(decode, prefill, routing or RoutingConfig(policy=decode.policy), rng)
+        self.feed = KVEventFeed(self._on_down)
+        self._feeding = False
         self.max_inflight, self.request_timeout_s = max_inflight, request_timeout_s
         self.cleanup_timeout_s, self.status_timeout_s, self._clock = cleanup_timeout_s, status_timeout_s, clock
         self.health = _Health()
@@ -111,6 +126,61 @@ class GenerationService(pb_grpc.GenerationServicer):
     @property
     def in_flight(self) -> int:
         return len(self._active)
+
+    @property
+    def pools(self) -> tuple[WorkerPool, ...]:
+        return tuple(p for p in (self.prefill, self.decode) if p is not None)
+
+    def _on_down(self, pool: WorkerPool, worker_id: str, reason: str) -> None:
+        """A worker failed a call or its health check: no request goes there, and its cache is forgotten."""
+        pool.set_health(worker_id, False, reason)
+        self.router.index_of(pool).forget(worker_id)
+
+    async def start_feeds(self) -> None:
+        """Follow every worker's KV events (deploy calls this once serving; tests may leave it off)."""
+        self._feeding = True
+        for pool in self.pools:
+            self.feed.follow_pool(self.router.index_of(pool))
+
+    # -- pools that grow and shrink ----------------------------------------------------------------
+
+    def pool_of(self, worker_id: str) -> WorkerPool:
+        for pool in self.pools:
+            if worker_id in pool:
+                return pool
+        raise KeyError(f"no worker {worker_id!r} in the router's pools")
+
+    def add_worker(self, pool: WorkerPool, client: WorkerClient) -> None:
+        """A new worker (loaded and handshaken) starts taking requests."""
+        slot = pool.add(client)
+        if self._feeding:
+            self.feed.follow(self.router.index_of(pool), slot)
+
+    async def drain_worker(self, worker_id: str, timeout_s: float) -> bool:
+        """Take a worker out of service: no new requests; waits up to timeout_s for its running ones
+        (then aborts them); its KV leases end; it leaves the pool and the index. True if it drained in time."""
+        pool = self.pool_of(worker_id)
+        slot = pool.drain(worker_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        drained = await pool.wait_drained(worker_id, timeout_s)
+        if not drained:
+            stuck = [rid for rid, run in self._active.items() if worker_id in (
+                run.p.worker_id if run.p else None, run.d.worker_id if run.d else None)]
+            log.warning("drain of %s timed out after %.1f s; aborting %d request(s)", worker_id, timeout_s, len(stuck))
+            for rid in stuck:
+                await self._quietly(slot.client, "abort", rid)
+            await pool.wait_drained(worker_id, self.cleanup_timeout_s)
+        try:  # a prefill worker's leases: decode may still be pulling a prompt it computed
+            wait = max(deadline - loop.time(), self.cleanup_timeout_s)
+            async with asyncio.timeout(wait + self.cleanup_timeout_s):
+                drained = await slot.client.wait_idle(wait) and drained
+        except Exception as exc:  # noqa: BLE001 - the worker is being removed either way
+            log.warning("%s did not report idle before removal: %s: %s", worker_id, type(exc).__name__, exc)
+        pool.remove(worker_id)
+        await self.feed.unfollow(worker_id)
+        self.router.index_of(pool).forget(worker_id)
+        return drained
 
     async def set_serving(self, serving: bool = True) -> None:
         """Deploy calls this once the pools are ready (and with False to drain)."""
@@ -143,10 +213,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         failure: tuple[grpc.StatusCode, str] | None = None
         try:
             async with timeout:
-                if self.prefill is None:
-                    await self._aggregated(run, context)
-                else:
-                    await self._disaggregated(run, self.prefill, context)
+                await self._routed(run, context)
         except TimeoutError as exc:
             if not timeout.expired():
                 failure = self._failed(run, exc)
@@ -163,6 +230,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             failure = self._failed(run, exc)
         finally:
             del self._active[req.request_id]
+            self.router.close(req.request_id)
             if not run.finished:
                 await self._cleanup(run)
         if failure is not None:
@@ -177,25 +245,33 @@ class GenerationService(pb_grpc.GenerationServicer):
         code, message = status_for(exc)
         rid = run.request.request_id
         if isinstance(exc, WorkerUnavailableError) and exc.worker_id:
-            for pool in (self.prefill, self.decode):
-                if pool is not None and any(c.worker_id == exc.worker_id for c in pool.clients):
-                    pool.set_health(exc.worker_id, False, message)
+            for pool in self.pools:
+                if exc.worker_id in pool:
+                    self._on_down(pool, exc.worker_id, message)
         if code == grpc.StatusCode.INTERNAL and not isinstance(exc, WorkerFailedError):
             log.error("request %s failed while %s", rid, run.stage, exc_info=exc)
         else:
             log.info("request %s failed while %s: %s %s", rid, run.stage, code.name, message)
         return code, message
 
-    async def _disaggregated(self, run: _Run, prefill: WorkerPool, context: grpc.aio.ServicerContext) -> None:
+    async def _routed(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
         req = run.request
-        run.p, _ = prefill.choose()
-        run.d, _ = self.decode.choose()
-        p, d = run.p, run.d
-        run.stage = f"prefilling on {p.worker_id}"
+        route = run.route = self.router.route(req.request_id, req.prompt_token_ids)
+        run.d = d = route.decode
         run.trace.dispatched = self._clock()
-        with prefill.track(p.worker_id):
+        if route.local:
+            run.stage = f"generating on {d.worker_id}"
+            with self.decode.track(d.worker_id):
+                run.stream_sent = True
+                await self._stream(context, run, d.generate(req.request_id, req.prompt_token_ids, req.params), d)
+            return
+        assert self.prefill is not None and route.prefill is not None  # remote routes exist only then
+        run.p = p = route.prefill
+        run.stage = f"prefilling on {p.worker_id}"
+        with self.prefill.track(p.worker_id):
             run.prefill_sent = True
             result = await p.prefill(req.request_id, req.prompt_token_ids, req.params)
+        self.router.prefill_done(req.request_id)
         run.prefill_done, run.kv_leased = True, result.kv is not None and not result.first.finished
         run.trace.prefill_s, run.trace.cached_tokens = result.prefill_s, result.cached_tokens
         done = result.first.finished
@@ -209,20 +285,13 @@ class GenerationService(pb_grpc.GenerationServicer):
             await self._stream(context, run, d.decode(req.request_id, req.prompt_token_ids, req.params, result), d,
                                release_lease=True)
 
-    async def _aggregated(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
-        req = run.request
-        run.d, _ = self.decode.choose()
-        w = run.d
-        run.stage = f"generating on {w.worker_id}"
-        run.trace.dispatched = self._clock()
-        with self.decode.track(w.worker_id):
-            run.stream_sent = True
-            await self._stream(context, run, w.generate(req.request_id, req.prompt_token_ids, req.params), w)
-
     async def _stream(self, context: grpc.aio.ServicerContext, run: _Run, chunks: AsyncIterator[StreamChunk],
                       worker: WorkerClient, release_lease: bool = False) -> None:
         async with aclosing(chunks) as stream:
             async for chunk in stream:
+                if not run.first_chunk_seen:  # D pulled (or prefilled locally): real KV events take over
+                    run.first_chunk_seen = True
+                    self.router.first_token(run.request.request_id)
                 if release_lease and run.kv_leased:
                     # D streams only after every rank pulled the prompt's KV: P may free it now
                     run.kv_leased = False
@@ -241,6 +310,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         now = self._clock()
         if trace.first_sent is None:
             response.prefill_worker, response.decode_worker = prefill_worker, decode_worker
+            response.route = run.route.reason if run.route is not None else ""
             trace.first_sent = now
         if chunk.finished:
             trace.finish(response, now)
@@ -280,19 +350,26 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def worker_reports(self) -> list[WorkerReport]:
         """Every worker's status (None for one that did not answer within `status_timeout_s`)."""
-        return await worker_reports([p for p in (self.prefill, self.decode) if p is not None], self.status_timeout_s)
+        return await worker_reports(self.pools, self.status_timeout_s)
 
     async def refresh_health(self) -> None:
-        """Marks each worker up or down by whether it answers `status()` with SERVING (deploy may poll this)."""
-        pools = {c.worker_id: pool for pool in (self.prefill, self.decode) if pool is not None for c in pool.clients}
+        """Marks each worker up or down by whether it answers `status()` with SERVING (deploy polls this)."""
+        pools = {c.worker_id: pool for pool in self.pools for c in pool.clients}
         for report in await self.worker_reports():
+            pool = pools[report.worker_id]
+            if report.worker_id not in pool:
+                continue  # removed while we asked
             ok = report.status is not None and report.status.health == "SERVING"
-            pools[report.worker_id].set_health(report.worker_id, ok, "" if ok else "status check failed")
+            if ok:
+                pool.set_status(report.worker_id, report.status)
+                pool.set_health(report.worker_id, True)
+            else:
+                self._on_down(pool, report.worker_id, "status check failed")
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ServerInfo:
         try:
-            return server_info(self.info_source(), await self.worker_reports())
+            return server_info(self.info_source(), await self.worker_reports(), self._worker_extras())
         except Exception as exc:  # noqa: BLE001 - one line to the client, the traceback to the log
             log.exception("GetServerInfo failed")
             code, message = status_for(exc)
@@ -300,14 +377,24 @@ class GenerationService(pb_grpc.GenerationServicer):
             context.set_details(message)
             return pb.ServerInfo()
 
+    def _worker_extras(self) -> dict[str, tuple[bool, int]]:
+        """worker -> (draining, blocks the router's index holds for it)."""
+        return {s.worker_id: (s.draining, self.router.index_of(pool).indexer.num_blocks(s.worker_id))
+                for pool in self.pools for s in pool.slots}
+
     async def close(self) -> None:
-        """Waits for the cleanups still running (each bounded by `cleanup_timeout_s`); call after server.stop()."""
+        """Stops the KV event feeds and waits for the cleanups still running (each bounded by
+        `cleanup_timeout_s`); call after server.stop()."""
+        await self.feed.close()
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
 
 
-def build_server(service: GenerationService, host: str = "127.0.0.1", port: int = 0) -> grpc.aio.Server:
+def build_server(service: GenerationService, host: str = "127.0.0.1", port: int = 0,
+                 extra: Sequence[tuple[Callable[[grpc.aio.Server], None], str]] = ()) -> grpc.aio.Server:
     """A grpc.aio server with Generation, health checking and reflection, bound to host:port (not started).
+
+    `extra`: (add_to_server, full service name) of more services on the same port (deploy's Admin).
 
     Port 0 picks a free port; the bound one is `server.tandem_port`. SO_REUSEPORT is off,
     so a second server cannot silently share a port with the first. Call inside the event
@@ -316,7 +403,10 @@ def build_server(service: GenerationService, host: str = "127.0.0.1", port: int 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_GenerationServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    for add, _ in extra:
+        add(server)
+    names = (SERVICE_NAME, *(name for _, name in extra), health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind the gRPC server to {host}:{port} (address in use or not available)")

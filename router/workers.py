@@ -27,7 +27,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from common.errors import WorkerError
-from common.wire import PrefillResult, StreamChunk, WorkerStatus
+from common.kv_events import KVSnapshot
+from common.wire import KVEventsReply, PrefillResult, StreamChunk, WorkerStatus
 from engine.errors import EngineError
 from engine.sampling_params import SamplingParams
 from router.errors import WorkerFailedError, WorkerUnavailableError, one_line
@@ -53,6 +54,12 @@ class WorkerClient(Protocol):
     async def release(self, request_id: str) -> bool: ...
 
     async def status(self) -> WorkerStatus: ...
+
+    async def kv_events(self, after_seq: int, timeout_s: float) -> KVEventsReply: ...
+
+    async def kv_snapshot(self) -> KVSnapshot: ...
+
+    async def wait_idle(self, timeout_s: float) -> bool: ...
 
 
 def _unavailable_types() -> tuple[type[BaseException], ...]:
@@ -140,3 +147,12 @@ class RayWorkerClient:
 
     async def status(self) -> WorkerStatus:
         return await self._call("status")
+
+    async def kv_events(self, after_seq: int, timeout_s: float) -> KVEventsReply:
+        return await self._call("kv_events", after_seq, timeout_s)
+
+    async def kv_snapshot(self) -> KVSnapshot:
+        return await self._call("kv_snapshot")
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        return await self._call("wait_idle", timeout_s)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = ROOT / "proto"
-PROTOS = ("tandem/v1/generation.proto",)
+PROTOS = ("tandem/v1/generation.proto", "tandem/v1/admin.proto")
 OUT_PACKAGE = "tandem_api"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
 V1_INIT = '"""Generated code of the tandem.v1 API (scripts/gen_proto.py writes this package; do not edit)."""\n'

@@ -6,12 +6,29 @@ role's request life cycle; deploy wraps them with `ray.remote`.
 
 from __future__ import annotations
 
-from common.wire import ModelInfo
+from common.kv_events import KVSnapshot
+from common.wire import KVEventsReply, ModelInfo, WorkerStatus
 from worker_core.host import WorkerHost
+
+MAX_POLL_S = 10.0  # a long poll never holds an actor slot longer than this
 
 
 class WorkerActor:
     host: WorkerHost
+
+    async def status(self) -> WorkerStatus:  # each role adds its own figures
+        raise NotImplementedError
+
+    async def kv_events(self, after_seq: int, timeout_s: float) -> KVEventsReply:
+        """KV events with seq >= after_seq, waiting up to timeout_s for one; with this worker's load."""
+        await self.host.start()
+        publisher = self.host.publisher
+        events = await publisher.poll(after_seq, min(max(timeout_s, 0.0), MAX_POLL_S))
+        return KVEventsReply(publisher.epoch, publisher.encode(events), await self.status())
+
+    async def kv_snapshot(self) -> KVSnapshot:
+        """What this worker caches, for a router that lost events (see worker_core/kv_publisher.py)."""
+        return await self.host.kv_snapshot()
 
     async def model_info(self) -> ModelInfo:
         return self.host.model_info()
@@ -26,6 +43,10 @@ class WorkerActor:
     async def add_peer(self, payload: bytes) -> str:
         """Every rank of a peer worker; refuses an impossible pair, naming both sides and the field."""
         return await self.host.add_peer(payload)
+
+    async def remove_peer(self, leader_agent: str) -> bool:
+        """Forget a peer worker that left the cluster; False if it was not known."""
+        return await self.host.remove_peer(leader_agent)
 
     async def check_integrity(self) -> None:
         await self.host.check_integrity()

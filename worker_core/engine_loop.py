@@ -11,6 +11,8 @@ it; nothing else ever touches the EngineCore:
     open_stream(id) -> asyncio.Queue             step() -> [StepOutput]
                     <── call_soon_threadsafe(_deliver, outputs) ─┘
     wait_capacity()  <── set after every step that finished something
+    on_kv_events(ev) <── call_soon_threadsafe: the block pool's KV events, drained
+                         after every step and command (before the command's result)
 
 The thread sleeps on an Event while the engine has no work. A failing step is fatal
 for the engine: every open stream gets an error chunk and `healthy` turns False.
@@ -23,8 +25,10 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from common.kv_events import KVEvent
 from engine.engine_core import EngineCore
 from engine.outputs import StepOutput
 
@@ -32,13 +36,26 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """Load figures as of the engine thread's last step or command."""
+
+    free_blocks: int = 0
+    running: int = 0
+    waiting: int = 0
+    leased: int = 0
+    prefill_tokens: int = 0  # tokens still to compute before a first token (EngineCore.pending_prefill_tokens)
+
+
 class EngineDeadError(RuntimeError):
     """The engine thread stopped (a step failed or the worker is shutting down)."""
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore, name: str = "engine") -> None:
+    def __init__(self, core: EngineCore, name: str = "engine",
+                 on_kv_events: Callable[[list[KVEvent]], None] | None = None) -> None:
         self.core = core
+        self.on_kv_events = on_kv_events
         self.name = name
         self.healthy = True
         self.error: str | None = None
@@ -50,15 +67,23 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._streams: dict[str, asyncio.Queue[StepOutput | BaseException]] = {}
         self._capacity = asyncio.Event()
-        # (free KV blocks, (running, waiting, leased)) as of the last step or command: status
-        # readers must not wait behind a long step (a 2048-token prefill can take seconds)
-        self.stats: tuple[int, tuple[int, int, int]] = self._read_stats()
+        # as of the last step or command: status readers must not wait behind a long step
+        # (a 2048-token prefill can take seconds)
+        self.stats: EngineStats = self._read_stats()
         # a worker of several ranks tells them it is alive well within their collective timeout
         world = core.config.parallel.world_size
         self.keepalive_s = core.config.parallel.collective_timeout_s / 4 if world > 1 else None
 
-    def _read_stats(self) -> tuple[int, tuple[int, int, int]]:
-        return self.core.kv_manager.num_free_blocks, self.core.counts()
+    def _read_stats(self) -> EngineStats:
+        core = self.core
+        return EngineStats(core.kv_manager.num_free_blocks, *core.counts(), core.pending_prefill_tokens())
+
+    def _publish(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Engine thread, after a step or command: fresh stats, and the KV events it caused to the loop."""
+        self.stats = self._read_stats()
+        events = self.core.kv_manager.take_events()
+        if events and self.on_kv_events is not None:
+            loop.call_soon_threadsafe(self.on_kv_events, events)
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -147,7 +172,7 @@ class AsyncEngine:
                 if self.core.has_unfinished_requests():
                     before = len(self.core.scheduler.requests)
                     outputs = self.core.step()
-                    self.stats = self._read_stats()
+                    self._publish(loop)
                     freed = len(self.core.scheduler.requests) < before or any(o.finished for o in outputs)
                     if outputs or freed:
                         loop.call_soon_threadsafe(self._deliver, outputs, freed)
@@ -174,10 +199,10 @@ class AsyncEngine:
             try:
                 result = fn(self.core)
             except Exception as e:  # noqa: BLE001 - handed to the awaiting coroutine
-                self.stats = self._read_stats()
+                self._publish(loop)
                 loop.call_soon_threadsafe(_set_exception, fut, e)
             else:
-                self.stats = self._read_stats()  # before the caller resumes: it may ask for status next
+                self._publish(loop)  # before the caller resumes: it may ask for status (or a snapshot) next
                 loop.call_soon_threadsafe(_set_result, fut, result)
 
     def _drain_commands(self, loop: asyncio.AbstractEventLoop, error: BaseException) -> None:

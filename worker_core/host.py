@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import msgspec
 import torch
 
+from common.kv_events import KVSnapshot
 from common.wire import LogprobEntry, ModelInfo, StreamChunk, WorkerStatus
 from engine.config import EngineConfig
 from engine.device import resolve_device, resolve_dtype
@@ -33,7 +34,8 @@ from engine.engine_core import EngineCore
 from engine.loader import load_model_source
 from engine.outputs import StepOutput
 from engine.sampling_params import SamplingParams
-from worker_core.engine_loop import AsyncEngine, EngineDeadError
+from worker_core.engine_loop import AsyncEngine, EngineDeadError, EngineStats
+from worker_core.kv_publisher import KVEventPublisher
 from worker_core.rank_kv import RankKV
 
 log = logging.getLogger(__name__)
@@ -116,7 +118,8 @@ class WorkerHost:
                                  self.core.source.fingerprint, backend=settings.nixl_backend,
                                  progress_thread=settings.nixl_progress_thread,
                                  staging_bytes=settings.kv_staging_bytes if settings.role == "decode" else 0)
-        self.engine = AsyncEngine(self.core, settings.worker_id)
+        self.publisher = KVEventPublisher(settings.worker_id)
+        self.engine = AsyncEngine(self.core, settings.worker_id, on_kv_events=self.publisher.publish)
         self.node_id = _node_id()
         self._started = False
 
@@ -149,15 +152,22 @@ class WorkerHost:
         await self.start()
         spec = self.core.kv_spec
         # the engine thread's last published figures: a status never waits behind a long step
-        free, (running, waiting, leased) = self.engine.stats if self.engine.healthy else (0, (0, 0, 0))
+        st = self.engine.stats if self.engine.healthy else EngineStats()
         return WorkerStatus(
             worker_id=self.worker_id, role=self.role,
             health="SERVING" if self.engine.healthy else "NOT_SERVING",
-            kv_blocks_total=spec.num_blocks, kv_blocks_free=free,
-            running=running, waiting=waiting, leased=leased,
+            kv_blocks_total=spec.num_blocks, kv_blocks_free=st.free_blocks,
+            running=st.running, waiting=st.waiting, leased=st.leased, prefill_tokens=st.prefill_tokens,
+            max_num_seqs=self.core.config.scheduler.max_num_seqs,
             node_id=self.node_id, device=str(self.core.device), block_size=spec.block_size,
             dtype=str(self.core.dtype).removeprefix("torch."), transfers_in_flight=transfers_in_flight,
         )
+
+    async def kv_snapshot(self) -> KVSnapshot:
+        """Every cached block hash and the event seq to go on from (taken between two steps)."""
+        await self.start()
+        next_seq, hashes = await self.engine.call(lambda c: c.kv_manager.kv_snapshot())
+        return KVSnapshot(self.worker_id, self.publisher.epoch, self.core.kv_spec.block_size, next_seq, hashes)
 
     # ---- transport ------------------------------------------------------------------------------------------------
 
@@ -202,6 +212,12 @@ class WorkerHost:
 
             check_pair(kv.peer_layouts(leader), await self.layouts())
         return leader
+
+    async def remove_peer(self, leader_agent: str) -> bool:
+        """Forget a peer worker that left the cluster (its NIXL agents on every rank)."""
+        from worker_core.ranks import remove_peer_worker
+
+        return await remove_peer_worker(self._need_kv(), self._rank_actors, leader_agent)
 
     async def pull(self, leader_agent: str, src_blocks: list[int], dst_blocks: list[int], num_tokens: int,
                    first_token: int, timeout_s: float) -> int:

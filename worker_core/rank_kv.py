@@ -61,6 +61,14 @@ class RankKV:
         self._plans.pop(agents[0], None)
         return agents
 
+    def remove_peer_worker(self, leader_agent: str) -> bool:
+        """Forget every rank of a peer worker (it left the cluster); False if it was not known."""
+        agents = self._workers.pop(leader_agent, None)
+        self._plans.pop(leader_agent, None)
+        for agent in agents or ():
+            self.transport.remove_peer(agent)
+        return agents is not None
+
     def peer_layouts(self, leader_agent: str) -> list:
         return [self.transport.peer_layout(a) for a in self._agents(leader_agent)]
 

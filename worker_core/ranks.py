@@ -146,6 +146,9 @@ class RankActor:
     def add_peer_worker(self, payloads: list[bytes]) -> list[str]:
         return self.member.kv.add_peer_worker(payloads)
 
+    def remove_peer_worker(self, leader_agent: str) -> bool:
+        return self.member.kv.remove_peer_worker(leader_agent)
+
     def pull(self, leader_agent: str, src_blocks: list[int], dst_blocks: list[int], num_tokens: int,
              first_token: int, timeout_s: float) -> int:
         return self.member.kv.pull(leader_agent, src_blocks, dst_blocks, num_tokens, first_token, timeout_s)
@@ -231,6 +234,12 @@ async def add_peer_worker(kv: RankKV, actors: list, payloads: list[bytes]) -> st
     if any(r != agents for r in results):
         raise RuntimeError(f"ranks disagree on the peer's agents: {agents} vs {results}")
     return agents[0]
+
+
+async def remove_peer_worker(kv: RankKV, actors: list, leader_agent: str) -> bool:
+    """Every rank forgets a peer worker; True if rank 0 knew it."""
+    await asyncio.gather(*(a.remove_peer_worker.remote(leader_agent) for a in actors))
+    return kv.remove_peer_worker(leader_agent)
 
 
 async def pull_on_ranks(kv: RankKV, actors: list, args: tuple) -> int:

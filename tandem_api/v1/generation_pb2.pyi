@@ -121,7 +121,7 @@ class Timings(_message.Message):
     def __init__(self, time_to_first_token_s: _Optional[float] = ..., total_s: _Optional[float] = ..., queue_s: _Optional[float] = ..., prefill_s: _Optional[float] = ..., kv_transfer_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "token_ids", "text", "finish_reason", "stop_reason", "logprobs", "usage", "timings", "prefill_worker", "decode_worker")
+    __slots__ = ("request_id", "token_ids", "text", "finish_reason", "stop_reason", "logprobs", "usage", "timings", "prefill_worker", "decode_worker", "route")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,7 @@ class GenerateResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -142,14 +143,15 @@ class GenerateResponse(_message.Message):
     timings: Timings
     prefill_worker: str
     decode_worker: str
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_reason: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ...) -> None: ...
+    route: str
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stop_reason: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., route: _Optional[str] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "health", "kv_blocks_total", "kv_blocks_free", "running_requests", "waiting_requests", "leased_requests", "node_id", "device", "block_size", "dtype")
+    __slots__ = ("worker_id", "role", "health", "kv_blocks_total", "kv_blocks_free", "running_requests", "waiting_requests", "leased_requests", "node_id", "device", "block_size", "dtype", "draining", "prefill_tokens", "kv_blocks_indexed")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +164,9 @@ class WorkerInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_INDEXED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     health: str
@@ -174,7 +179,10 @@ class WorkerInfo(_message.Message):
     device: str
     block_size: int
     dtype: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., health: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., leased_requests: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+    draining: bool
+    prefill_tokens: int
+    kv_blocks_indexed: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., health: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., leased_requests: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., draining: _Optional[bool] = ..., prefill_tokens: _Optional[int] = ..., kv_blocks_indexed: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("model", "model_fingerprint", "mode", "topology", "version", "api_version", "kv_transport", "versions", "max_model_len", "vocab_size", "workers")

@@ -65,7 +65,7 @@ def test_all_down_is_unavailable() -> None:
     p = pool(2, "least_loaded")
     p.set_health("d0", False)
     p.set_health("d1", False)
-    with pytest.raises(NoHealthyWorkerError, match="no healthy decode worker \\(2 of 2 are down\\); retry later"):
+    with pytest.raises(NoHealthyWorkerError, match="no healthy decode worker \\(2 of 2 down, 0 draining\\); retry later"):
         p.choose()
     assert not p.healthy("d0")
 
@@ -84,11 +84,12 @@ def test_decision_explains_itself(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_bad_pools() -> None:
-    with pytest.raises(ValueError, match="unknown selection policy 'random'"):
+    with pytest.raises(ValueError, match="unknown router policy 'random' \\(allowed: kv, round-robin, least-loaded\\)"):
         pool(1, "random")
     with pytest.raises(ValueError, match="at least one worker"):
         WorkerPool("prefill", [])
     with pytest.raises(ValueError, match="must be distinct"):
         WorkerPool("prefill", [Worker("p0"), Worker("p0")])
     with pytest.raises(KeyError, match="no worker 'p9' in the decode pool"):
-        pool(1, "round_robin").set_health("p9", False)
+        pool(1, "round_robin").slot("p9")
+    assert pool(1, "round_robin").set_health("p9", False) is False  # removed meanwhile: nothing to mark

@@ -1,0 +1,405 @@
+"""Where a request runs: KV-aware choice of decode and prefill workers, and conditional disaggregation.
+
+`Router.route(request_id, prompt_ids)` decides, without any I/O:
+
+    1. hash the prompt's full blocks (common/block_hash.py, per pool block size)
+    2. decode worker D: the cheapest eligible one by `decode_cost` (policy kv), or the
+       pool's round_robin / least_loaded choice
+    3. local or remote prefill (conditional disaggregation), in this order:
+         threshold 0                                  -> remote (local prefill disabled)
+         uncached prompt on D <= threshold            -> local  ("short")
+         no eligible prefill worker                   -> local  ("no prefill worker")
+         every prefill worker has >= max_prefill_queue_tokens queued -> local ("saturated")
+         otherwise                                    -> remote
+    4. remote: prefill worker P, the cheapest by `prefill_cost` (policy kv) or the
+       pool's load-blind choice
+
+and books what it sent (a `Ticket`): P's queued prefill tokens, the KV blocks in flight
+to D, and the blocks each worker will hold once it has the prompt (`PredictedBlocks`),
+so the next request of a burst sees them before any KV event arrives. The server
+reports progress: `prefill_done` (P returned token 1), `first_token` (D streamed: its
+pull or its local prefill is done; the predictions are dropped, real KV events have
+replaced them) and `close` (always; idempotent).
+
+Costs (pure functions, golden-tested; every decision can print the filled-in formula):
+
+    prefill_cost = w_uncached * uncached_tokens + w_queued * queued_tokens
+        uncached_tokens  prompt tokens minus those in the worker's longest cached prefix
+                         (at least 1: the last prompt token is always computed)
+        queued_tokens    prefill tokens this router routed to the worker and not yet done
+    decode_cost = w_kv * (used + in_flight + need) / total + w_seqs * running / max_num_seqs
+        used             total - free KV blocks, as the worker last reported
+        in_flight        KV blocks this router routed to it that it has not pulled yet
+        need             blocks this prompt takes there beyond its cached prefix
+        running          requests of this router on the worker
+
+In tokens, prefill_cost is what the worker computes before this request's first
+token on a first-come-first-served worker, so the argmin is the shortest-TTFT guess.
+
+Selection: temperature 0 picks the cheapest (ties broken by the injected random
+generator); temperature T > 0 samples with weights exp(-x / T), x the cost scaled to
+[0, 1] over the candidates, so a small T spreads load among near-equal workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from common.block_hash import BlockHash, hash_full_blocks
+from router.indexer import Indexer, PredictedBlocks
+from router.pools import Decision, Policy, WorkerPool, WorkerSlot
+from router.workers import WorkerClient
+
+decision_log = logging.getLogger("router.decisions")
+
+
+@dataclass(frozen=True)
+class CostWeights:
+    uncached: float = 1.0  # prefill, per uncached prompt token
+    queued: float = 1.0  # prefill, per token already queued on the worker
+    kv: float = 1.0  # decode, KV usage after admitting the request (fraction)
+    seqs: float = 1.0  # decode, running requests / max_num_seqs (fraction)
+
+
+@dataclass(frozen=True)
+class PrefillTerms:
+    worker_id: str
+    prompt_tokens: int
+    cached_blocks: int
+    block_size: int
+    queued_tokens: int
+
+    @property
+    def uncached_tokens(self) -> int:
+        return self.prompt_tokens - min(self.cached_blocks * self.block_size, self.prompt_tokens - 1)
+
+
+def prefill_cost(t: PrefillTerms, w: CostWeights = CostWeights()) -> float:
+    return w.uncached * t.uncached_tokens + w.queued * t.queued_tokens
+
+
+def prefill_formula(t: PrefillTerms, w: CostWeights = CostWeights()) -> str:
+    return (f"{t.worker_id}: {w.uncached:g}*uncached {t.uncached_tokens} "
+            f"({t.prompt_tokens} - {t.cached_blocks} blocks cached) + {w.queued:g}*queued {t.queued_tokens}"
+            f" = {prefill_cost(t, w):g}")
+
+
+@dataclass(frozen=True)
+class DecodeTerms:
+    worker_id: str
+    prompt_tokens: int
+    cached_blocks: int
+    block_size: int
+    total_blocks: int  # 0: the worker has not reported yet (the KV term is then 0)
+    free_blocks: int
+    in_flight_blocks: int
+    running: int
+    max_num_seqs: int
+
+    @property
+    def need_blocks(self) -> int:
+        return need_blocks(self.prompt_tokens, self.cached_blocks, self.block_size)
+
+    @property
+    def kv_usage(self) -> float:
+        if self.total_blocks <= 0:
+            return 0.0
+        used = self.total_blocks - self.free_blocks
+        return (used + self.in_flight_blocks + self.need_blocks) / self.total_blocks
+
+    @property
+    def seq_usage(self) -> float:
+        return self.running / self.max_num_seqs if self.max_num_seqs > 0 else 0.0
+
+
+def decode_cost(t: DecodeTerms, w: CostWeights = CostWeights()) -> float:
+    return w.kv * t.kv_usage + w.seqs * t.seq_usage
+
+
+def decode_formula(t: DecodeTerms, w: CostWeights = CostWeights()) -> str:
+    used = t.total_blocks - t.free_blocks
+    return (f"{t.worker_id}: {w.kv:g}*kv (used {used} + in flight {t.in_flight_blocks} + need {t.need_blocks})"
+            f"/{t.total_blocks} + {w.seqs:g}*seqs {t.running}/{t.max_num_seqs} = {decode_cost(t, w):.4g}")
+
+
+def select(costs: Sequence[float], temperature: float, rng: random.Random) -> int:
+    """Index of the chosen candidate: argmin at temperature 0 (random among ties), else softmax sampling."""
+    if not costs:
+        raise ValueError("select needs at least one candidate")
+    lo, hi = min(costs), max(costs)
+    if temperature <= 0 or hi == lo:
+        tol = 1e-9 * max(1.0, abs(lo))
+        ties = [i for i, c in enumerate(costs) if c - lo <= tol]
+        return ties[0] if len(ties) == 1 else ties[rng.randrange(len(ties))]
+    span = hi - lo
+    weights = [math.exp(-(c - lo) / span / temperature) for c in costs]
+    return rng.choices(range(len(costs)), weights=weights)[0]
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    policy: Policy = Policy.KV
+    temperature: float = 0.0
+    conditional_prefill_threshold: int = 0  # tokens; 0 disables local prefill
+    max_prefill_queue_tokens: int = 16384  # a prefill worker with this many queued is saturated
+    weights: CostWeights = CostWeights()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "policy", Policy.parse(self.policy))
+        if self.temperature < 0:
+            raise ValueError(f"router temperature must be >= 0, got {self.temperature}")
+        if self.conditional_prefill_threshold < 0:
+            raise ValueError(f"conditional_prefill_threshold must be >= 0 tokens (0 disables local prefill), "
+                             f"got {self.conditional_prefill_threshold}")
+        if self.max_prefill_queue_tokens < 1:
+            raise ValueError(f"max_prefill_queue_tokens must be >= 1, got {self.max_prefill_queue_tokens}")
+
+
+@dataclass(frozen=True)
+class KVDecision:
+    """A KV-aware choice: every candidate's filled-in formula and the pick."""
+
+    role: str
+    formulas: tuple[str, ...]
+    chosen: str
+    temperature: float
+
+    def describe(self) -> str:
+        t = f" T={self.temperature:g}" if self.temperature else ""
+        return f"{self.role} kv{t}: " + "; ".join(self.formulas) + f" -> {self.chosen}"
+
+
+@dataclass
+class Route:
+    """Where one request goes, and why."""
+
+    request_id: str
+    decode: WorkerClient
+    prefill: WorkerClient | None  # None: the decode worker prefills locally
+    reason: str  # e.g. "remote: 412 uncached tokens on decode-0 > threshold 64"
+    decode_decision: KVDecision | Decision
+    prefill_decision: KVDecision | Decision | None = None
+
+    @property
+    def local(self) -> bool:
+        return self.prefill is None
+
+    def describe(self) -> str:
+        parts = [f"{self.request_id}: {self.decode_decision.describe()}"]
+        if self.prefill_decision is not None:
+            parts.append(self.prefill_decision.describe())
+        parts.append(self.reason)
+        return " | ".join(parts)
+
+
+@dataclass
+class Ticket:
+    """What routing one request booked on the workers' router-side load."""
+
+    p_slot: WorkerSlot | None = None
+    p_tokens: int = 0
+    d_slot: WorkerSlot | None = None
+    d_blocks: int = 0  # KV in flight to D (remote prefill)
+    d_tokens: int = 0  # local prefill tokens on D
+    predicted: list[PredictedBlocks] = field(default_factory=list)
+
+    def prefill_done(self) -> None:
+        if self.p_slot is not None:
+            self.p_slot.prefill_tokens -= self.p_tokens
+            self.p_tokens = 0
+
+    def first_token(self, key: str) -> None:
+        self.prefill_done()
+        if self.d_slot is not None:
+            self.d_slot.kv_blocks_in -= self.d_blocks
+            self.d_slot.prefill_tokens -= self.d_tokens
+            self.d_blocks = self.d_tokens = 0
+        for p in self.predicted:
+            p.drop(key)
+        self.predicted.clear()
+
+
+class PoolIndex:
+    """A pool's prefix index (fed by KV events) and the blocks routed to it but not yet reported."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self.indexer = Indexer(pool.block_size)
+        self.predicted = PredictedBlocks()
+
+    def hashes(self, prompt_ids: Sequence[int], cache: dict[int, list[BlockHash]]) -> list[BlockHash]:
+        bs = self.pool.block_size
+        if bs not in cache:
+            cache[bs] = hash_full_blocks(prompt_ids, bs)
+        return cache[bs]
+
+    def overlap(self, hashes: Sequence[BlockHash]) -> dict[str, int]:
+        """worker -> leading blocks it holds or will hold (reported by events, or routed there)."""
+        held = self.indexer.find_matches(hashes)
+        for wid, n in self.predicted.find_matches(hashes).items():
+            if n > held.get(wid, 0):
+                held[wid] = n
+        return held
+
+    def forget(self, worker_id: str) -> None:
+        """A worker died or left: nothing it held can be hit any more."""
+        self.indexer.remove_worker(worker_id)
+        self.predicted.drop_worker(worker_id)
+
+
+class Router:
+    """Chooses (P, D) per request over a prefill pool (None: aggregated) and a decode pool."""
+
+    def __init__(self, decode: WorkerPool, prefill: WorkerPool | None = None,
+                 config: RoutingConfig = RoutingConfig(), rng: random.Random | None = None) -> None:
+        self.config = config
+        self.rng = rng if rng is not None else random.Random()
+        self.decode = PoolIndex(decode)
+        self.prefill = PoolIndex(prefill) if prefill is not None else None
+        self._tickets: dict[str, Ticket] = {}
+
+    @property
+    def aggregated(self) -> bool:
+        return self.prefill is None
+
+    def index_of(self, pool: WorkerPool) -> PoolIndex:
+        for ix in (self.decode, self.prefill):
+            if ix is not None and ix.pool is pool:
+                return ix
+        raise KeyError(f"no index for the {pool.role} pool")
+
+    def forget(self, worker_id: str) -> None:
+        for ix in (self.decode, self.prefill):
+            if ix is not None:
+                ix.forget(worker_id)
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    def route(self, request_id: str, prompt_ids: Sequence[int]) -> Route:
+        cfg = self.config
+        n = len(prompt_ids)
+        cache: dict[int, list[BlockHash]] = {}
+        d_ix = self.decode
+        d_hashes = d_ix.hashes(prompt_ids, cache)
+        d_overlap = d_ix.overlap(d_hashes)
+        if self.aggregated:  # every worker prefills: choose by the prefill cost
+            d_slot, d_decision = self._choose_prefill(d_ix, n, d_overlap)
+        else:
+            d_slot, d_decision = self._choose_decode(d_ix, n, d_overlap)
+        d_cached = d_overlap.get(d_slot.worker_id, 0)
+        d_uncached = PrefillTerms(d_slot.worker_id, n, d_cached, d_ix.pool.block_size, 0).uncached_tokens
+        ticket = Ticket(d_slot=d_slot, predicted=[d_ix.predicted])
+        d_ix.predicted.add(request_id, d_slot.worker_id, d_hashes)
+
+        local_reason = self._local_reason(d_slot.worker_id, d_uncached)
+        if local_reason is not None:
+            ticket.d_tokens = d_uncached
+            d_slot.prefill_tokens += d_uncached
+            route = Route(request_id, d_slot.client, None, local_reason, d_decision)
+        else:
+            p_ix = self.prefill
+            assert p_ix is not None  # _local_reason is never None in aggregated mode
+            p_hashes = p_ix.hashes(prompt_ids, cache)
+            p_overlap = p_ix.overlap(p_hashes)
+            p_slot, p_decision = self._choose_prefill(p_ix, n, p_overlap)
+            p_terms = PrefillTerms(p_slot.worker_id, n, p_overlap.get(p_slot.worker_id, 0), p_ix.pool.block_size, 0)
+            ticket.p_slot, ticket.p_tokens = p_slot, p_terms.uncached_tokens
+            p_slot.prefill_tokens += p_terms.uncached_tokens
+            ticket.d_blocks = need_blocks(n, d_cached, d_ix.pool.block_size)
+            d_slot.kv_blocks_in += ticket.d_blocks
+            p_ix.predicted.add(request_id, p_slot.worker_id, p_hashes)
+            ticket.predicted.append(p_ix.predicted)
+            threshold = cfg.conditional_prefill_threshold
+            why = (f"{d_uncached} uncached tokens on {d_slot.worker_id} > threshold {threshold}" if threshold
+                   else "local prefill disabled (threshold 0)")
+            route = Route(request_id, d_slot.client, p_slot.client, f"remote: {why}", d_decision, p_decision)
+        self._tickets[request_id] = ticket
+        if decision_log.isEnabledFor(logging.DEBUG):
+            decision_log.debug(route.describe())
+        return route
+
+    def _local_reason(self, d_id: str, d_uncached: int) -> str | None:
+        if self.prefill is None:
+            return f"local: aggregated ({d_uncached} uncached tokens on {d_id})"
+        threshold = self.config.conditional_prefill_threshold
+        if threshold == 0:
+            return None
+        if d_uncached <= threshold:
+            return f"local: {d_uncached} uncached tokens on {d_id} <= threshold {threshold}"
+        eligible = self.prefill.pool.eligible()
+        if not eligible:
+            return f"local: no healthy prefill worker ({d_uncached} uncached tokens on {d_id})"
+        limit = self.config.max_prefill_queue_tokens
+        least = min(s.prefill_tokens for s in eligible)
+        if least >= limit:
+            return f"local: prefill pool saturated (least queued {least} >= {limit} tokens)"
+        return None
+
+    def _choose_prefill(self, ix: PoolIndex, n: int, overlap: dict[str, int]) -> tuple[WorkerSlot, KVDecision | Decision]:
+        pool = ix.pool
+        if self.config.policy is not Policy.KV:
+            client, decision = pool.choose()
+            return pool.slot(client.worker_id), decision
+        slots = pool.eligible()
+        if not slots:
+            raise pool.no_worker_error()
+        w = self.config.weights
+        terms = [PrefillTerms(s.worker_id, n, overlap.get(s.worker_id, 0), pool.block_size, s.prefill_tokens)
+                 for s in slots]
+        pick = select([prefill_cost(t, w) for t in terms], self.config.temperature, self.rng)
+        return slots[pick], KVDecision(pool.role, tuple(prefill_formula(t, w) for t in terms),
+                                       slots[pick].worker_id, self.config.temperature)
+
+    def _choose_decode(self, ix: PoolIndex, n: int, overlap: dict[str, int]) -> tuple[WorkerSlot, KVDecision | Decision]:
+        pool = ix.pool
+        if self.config.policy is not Policy.KV:
+            client, decision = pool.choose()
+            return pool.slot(client.worker_id), decision
+        slots = pool.eligible()
+        if not slots:
+            raise pool.no_worker_error()
+        w = self.config.weights
+        terms = [decode_terms(s, n, overlap.get(s.worker_id, 0), pool.block_size) for s in slots]
+        pick = select([decode_cost(t, w) for t in terms], self.config.temperature, self.rng)
+        return slots[pick], KVDecision(pool.role, tuple(decode_formula(t, w) for t in terms),
+                                       slots[pick].worker_id, self.config.temperature)
+
+    # -- progress of a routed request ----------------------------------------------------------------
+
+    def prefill_done(self, request_id: str) -> None:
+        ticket = self._tickets.get(request_id)
+        if ticket is not None:
+            ticket.prefill_done()
+
+    def first_token(self, request_id: str) -> None:
+        ticket = self._tickets.get(request_id)
+        if ticket is not None:
+            ticket.first_token(request_id)
+
+    def close(self, request_id: str) -> None:
+        ticket = self._tickets.pop(request_id, None)
+        if ticket is not None:
+            ticket.first_token(request_id)
+
+    @property
+    def open_tickets(self) -> int:
+        return len(self._tickets)
+
+
+def need_blocks(prompt_tokens: int, cached_blocks: int, block_size: int) -> int:
+    """KV blocks a prompt takes on a worker beyond the prefix it has cached."""
+    return max(0, -(-prompt_tokens // block_size) - cached_blocks)
+
+
+def decode_terms(slot: WorkerSlot, prompt_tokens: int, cached_blocks: int, block_size: int) -> DecodeTerms:
+    s = slot.status
+    return DecodeTerms(
+        slot.worker_id, prompt_tokens, cached_blocks, block_size,
+        total_blocks=s.kv_blocks_total if s else 0, free_blocks=s.kv_blocks_free if s else 0,
+        in_flight_blocks=slot.kv_blocks_in, running=slot.in_flight,
+        max_num_seqs=s.max_num_seqs if s and s.max_num_seqs else 0,
+    )
