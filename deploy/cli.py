@@ -4,6 +4,7 @@
                     [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--json]
     tandem generate --server HOST:PORT [--prompt TEXT | --chat TEXT]... [sampling flags] [--json] [--timeout S]
     tandem serve [--model PATH] [--port N] [--mode disaggregated|aggregated] [...]   (deploy/serve_cli.py)
+    tandem admin [--server HOST:PORT] add|remove|scale ...                          (deploy/admin_cli.py)
 
 --offline runs every prompt (`--prompt` and `--chat` may repeat and mix) together
 as one batch in this process. --server sends them, one after the other, to a
@@ -21,6 +22,7 @@ import json
 import logging
 import sys
 
+from deploy.admin_cli import add_admin_parser, run_admin
 from deploy.serve_cli import add_serve_parser, run_serve
 from engine.errors import EngineError
 
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem: disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)
+    add_admin_parser(sub)
     g = sub.add_parser("generate", help="generate completions")
     where = g.add_mutually_exclusive_group()
     where.add_argument("--offline", action="store_true", help="run the engine in this process (no cluster)")
@@ -169,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "admin":
+            return run_admin(args)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 import threading
 from importlib import metadata
@@ -76,11 +77,11 @@ def build_service(cluster: Cluster) -> GenerationService:
     validator = RequestValidator(ModelFacts.from_model_infos(cluster.infos), cluster.tokenizer)
     return GenerationService(validator=validator, prefill=prefill, decode=decode,
                              info_source=lambda: server_facts(cluster), max_inflight=cfg.router.max_inflight,
-                             routing=routing_config(cfg))
+                             routing=routing_config(cfg), rng=random.Random(cfg.seed))
 
 
-async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port: None) -> None:
-    """Serve until `stop` is set; `on_ready(port)` is called once SERVING, with the port actually bound."""
+async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port, service: None) -> None:
+    """Serve until `stop` is set; `on_ready(port, service)` is called once SERVING, with the port actually bound."""
     cfg = cluster.config
     service = build_service(cluster)
     admin = AdminService(cluster, service, cfg.router.drain_timeout_s)
@@ -89,7 +90,7 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
     await server.start()
     await service.start_feeds()
     await service.set_serving()
-    on_ready(server.tandem_port)
+    on_ready(server.tandem_port, service)
     log.info("serving tandem.v1.Generation on %s:%d (%s)", cfg.router.host, server.tandem_port, cluster.topology())
 
     async def refresh() -> None:
@@ -127,7 +128,7 @@ async def _main(cluster: Cluster) -> None:
         loop.add_signal_handler(sig, stop.set)
     cfg = cluster.config
 
-    def announce(port: int) -> None:
+    def announce(port: int, service: GenerationService) -> None:
         print(f"tandem: serving {cluster.model.name} ({cluster.topology()}) on {cfg.router.host}:{port}; "
               "Ctrl-C to stop", flush=True)
 
@@ -143,6 +144,7 @@ class Serving:
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
         self._bound: list[int] = []
+        self.service: GenerationService | None = None  # the router, once serving
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="tandem-router", daemon=True)
@@ -158,8 +160,9 @@ class Serving:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
 
-        def ready(port: int) -> None:
+        def ready(port: int, service: GenerationService) -> None:
             self._bound.append(port)
+            self.service = service
             self._ready.set()
 
         async def main() -> None:
@@ -171,6 +174,15 @@ class Serving:
         except BaseException as e:  # noqa: BLE001 - reported to the starting thread
             self._error = e
         self._ready.set()  # also wakes the starter if the server ended before it was ready
+
+    def on_router(self, fn, timeout_s: float = 60.0):
+        """Run fn(service) on the router's event loop and return its result (fn may return a coroutine)."""
+
+        async def call():
+            out = fn(self.service)
+            return await out if asyncio.iscoroutine(out) else out
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result(timeout_s)
 
     def stop(self) -> None:
         if self._stop is not None and self._thread.is_alive():

@@ -7,6 +7,9 @@
         print(last.finish_reason, last.usage.completion_tokens, last.timings.time_to_first_token_s)
         client.server_info().workers        # every worker's status
         client.health()                     # "SERVING" | "NOT_SERVING" | ...
+        client.add_workers("prefill", 1)    # tandem.v1.Admin: grow / shrink the pools while serving
+        client.remove_worker("prefill-1", drain_timeout_s=60)
+        client.scale_pool("decode", 2)
 
 Errors are `grpc.RpcError` with `.code()` and `.details()` (INVALID_ARGUMENT for a
 bad field, RESOURCE_EXHAUSTED when the server is full, ...); the client does not
@@ -21,6 +24,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tandem_api.v1 import admin_pb2 as apb
+from tandem_api.v1 import admin_pb2_grpc as apb_grpc
 from tandem_api.v1 import generation_pb2 as pb
 from tandem_api.v1 import generation_pb2_grpc as pb_grpc
 
@@ -62,6 +67,7 @@ class TandemClient:
         self._channel = grpc.insecure_channel(target, options=list(options))
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._admin = apb_grpc.AdminStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -95,6 +101,24 @@ class TandemClient:
 
     def server_info(self, timeout: float | None = 10.0) -> pb.ServerInfo:
         return self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout)
+
+    # -- tandem.v1.Admin ---------------------------------------------------------------------------
+
+    def add_workers(self, pool: str, count: int = 1, timeout: float | None = 900.0) -> apb.AddWorkersResponse:
+        """Start `count` workers in pool "prefill" or "decode"; returns once they take requests."""
+        return self._admin.AddWorkers(apb.AddWorkersRequest(pool=pool, count=count), timeout=timeout)
+
+    def remove_worker(self, worker_id: str, drain_timeout_s: float = 0.0,
+                      timeout: float | None = 900.0) -> apb.RemoveWorkerResponse:
+        """Drain a worker (running requests finish) and stop it; drain_timeout_s 0 = the server's default."""
+        return self._admin.RemoveWorker(apb.RemoveWorkerRequest(worker_id=worker_id, drain_timeout_s=drain_timeout_s),
+                                        timeout=timeout)
+
+    def scale_pool(self, pool: str, replicas: int, drain_timeout_s: float = 0.0,
+                   timeout: float | None = 900.0) -> apb.ScalePoolResponse:
+        """Grow or shrink a pool to `replicas` workers (removing the newest first)."""
+        return self._admin.ScalePool(apb.ScalePoolRequest(pool=pool, replicas=replicas,
+                                                          drain_timeout_s=drain_timeout_s), timeout=timeout)
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """The grpc.health.v1 status name of `service` ("" = the whole server), e.g. "SERVING"."""
