@@ -161,12 +161,18 @@ class RoutingConfig:
 
 @dataclass(frozen=True)
 class KVDecision:
-    """A KV-aware choice: every candidate's filled-in formula and the pick."""
+    """A KV-aware choice: every candidate's terms (filled into the formula on demand) and the pick."""
 
     role: str
-    formulas: tuple[str, ...]
+    terms: tuple[PrefillTerms, ...] | tuple[DecodeTerms, ...]
+    weights: CostWeights
     chosen: str
     temperature: float
+
+    @property
+    def formulas(self) -> tuple[str, ...]:
+        fill = prefill_formula if self.terms and isinstance(self.terms[0], PrefillTerms) else decode_formula
+        return tuple(fill(t, self.weights) for t in self.terms)
 
     def describe(self) -> str:
         t = f" T={self.temperature:g}" if self.temperature else ""
@@ -339,7 +345,8 @@ class Router:
             return f"local: prefill pool saturated (least queued {least} >= {limit} tokens)"
         return None
 
-    def _choose_prefill(self, ix: PoolIndex, n: int, overlap: dict[str, int]) -> tuple[WorkerSlot, KVDecision | Decision]:
+    def _choose_prefill(self, ix: PoolIndex, n: int, overlap: dict[str, int]
+                        ) -> tuple[WorkerSlot, KVDecision | Decision]:
         pool = ix.pool
         if self.config.policy is not Policy.KV:
             client, decision = pool.choose()
@@ -351,10 +358,10 @@ class Router:
         terms = [PrefillTerms(s.worker_id, n, overlap.get(s.worker_id, 0), pool.block_size, s.prefill_tokens)
                  for s in slots]
         pick = select([prefill_cost(t, w) for t in terms], self.config.temperature, self.rng)
-        return slots[pick], KVDecision(pool.role, tuple(prefill_formula(t, w) for t in terms),
-                                       slots[pick].worker_id, self.config.temperature)
+        return slots[pick], KVDecision(pool.role, tuple(terms), w, slots[pick].worker_id, self.config.temperature)
 
-    def _choose_decode(self, ix: PoolIndex, n: int, overlap: dict[str, int]) -> tuple[WorkerSlot, KVDecision | Decision]:
+    def _choose_decode(self, ix: PoolIndex, n: int, overlap: dict[str, int]
+                       ) -> tuple[WorkerSlot, KVDecision | Decision]:
         pool = ix.pool
         if self.config.policy is not Policy.KV:
             client, decision = pool.choose()
@@ -365,8 +372,7 @@ class Router:
         w = self.config.weights
         terms = [decode_terms(s, n, overlap.get(s.worker_id, 0), pool.block_size) for s in slots]
         pick = select([decode_cost(t, w) for t in terms], self.config.temperature, self.rng)
-        return slots[pick], KVDecision(pool.role, tuple(decode_formula(t, w) for t in terms),
-                                       slots[pick].worker_id, self.config.temperature)
+        return slots[pick], KVDecision(pool.role, tuple(terms), w, slots[pick].worker_id, self.config.temperature)
 
     # -- progress of a routed request ----------------------------------------------------------------
 
