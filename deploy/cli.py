@@ -165,8 +165,11 @@ def _generate_remote(args: argparse.Namespace, inputs: list[tuple[str, str]], pa
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose:  # every routing decision as its filled-in cost formulas
+        logging.getLogger("router.decisions").setLevel(logging.DEBUG)
     try:
         if args.command == "generate":
             return _generate(args)

@@ -41,3 +41,25 @@ def test_bad_shape_values_are_refused():
         parse("--prefill-tp", "0")
     with pytest.raises(SystemExit):
         parse("--decode-kv-order", "XYZ")
+
+
+def test_router_flags_as_pinned_by_the_routing_issue():
+    from deploy.serve import routing_config
+    from router.pools import Policy
+
+    assert parse().router.policy == "kv" and parse().router.conditional_prefill_threshold == 0
+    for flag, policy in (("kv", Policy.KV), ("round-robin", Policy.ROUND_ROBIN), ("least-loaded", Policy.LEAST_LOADED)):
+        cfg = parse("--router-policy", flag, "--conditional-prefill-threshold", "128")
+        assert routing_config(cfg).policy is policy and routing_config(cfg).conditional_prefill_threshold == 128
+    assert parse("--policy", "round_robin").router.policy == "round_robin"  # the earlier spelling still works
+    assert routing_config(parse("--policy", "round_robin")).policy is Policy.ROUND_ROBIN
+    assert parse("--router-temperature", "0.5").router.temperature == 0.5
+    with pytest.raises(SystemExit):
+        parse("--router-policy", "random")
+    with pytest.raises(ConfigError, match="conditional_prefill_threshold must be >= 0"):
+        parse("--conditional-prefill-threshold", "-1")
+
+
+def test_aggregated_mode_needs_one_block_size():
+    with pytest.raises(ConfigError, match="aggregated mode serves one pool"):
+        parse("--mode", "aggregated", "--prefill-block-size", "16", "--decode-block-size", "32")

@@ -1,0 +1,570 @@
+"""KV-aware routing (router/routing.py): golden costs, selection, prefix affinity, burst balance,
+load bookkeeping, conditional disaggregation, load-blind policies and drain.
+
+Pure: fake workers (routing makes no calls), no Ray, no torch, seeded random generators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pytest
+
+from common.block_hash import hash_full_blocks
+from common.wire import WorkerStatus
+from router.errors import NoHealthyWorkerError
+from router.pools import Decision, Policy, WorkerPool
+from router.routing import (
+    CostWeights,
+    DecodeTerms,
+    KVDecision,
+    PrefillTerms,
+    Route,
+    Router,
+    RoutingConfig,
+    decode_cost,
+    decode_formula,
+    prefill_cost,
+    prefill_formula,
+    select,
+)
+
+BS = 16
+
+
+@dataclass
+class Worker:  # routing only reads worker_id; no calls are made
+    worker_id: str
+
+
+def status(wid: str, total: int, free: int, max_num_seqs: int = 8) -> WorkerStatus:
+    return WorkerStatus(worker_id=wid, role="decode", health="SERVING", kv_blocks_total=total, kv_blocks_free=free,
+                        running=0, waiting=0, leased=0, node_id="n", device="cpu", block_size=BS, dtype="float32",
+                        max_num_seqs=max_num_seqs)
+
+
+def make_router(n_prefill: int = 2, n_decode: int = 1, policy: str = "kv", seed: int = 0,
+                aggregated: bool = False, **cfg) -> Router:
+    pool_policy = "least_loaded" if policy == "kv" else policy
+    decode = WorkerPool("decode", [Worker(f"d{i}") for i in range(n_decode)], pool_policy, block_size=BS)
+    prefill = None if aggregated else WorkerPool("prefill", [Worker(f"p{i}") for i in range(n_prefill)], pool_policy,
+                                                 block_size=BS)
+    return Router(decode, prefill, RoutingConfig(policy=policy, **cfg), random.Random(seed))
+
+
+def tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(3, 49_000) for _ in range(n)]
+
+
+def formula_of(decision: KVDecision, worker_id: str) -> str:
+    (f,) = [f for f in decision.formulas if f.startswith(f"{worker_id}: ")]
+    return f
+
+
+def prefill_loads(r: Router) -> dict[str, int]:
+    return {s.worker_id: s.prefill_tokens for s in r.prefill.pool.slots}
+
+
+# ---- 1. prefill cost --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("terms, weights, cost, formula", [
+    (PrefillTerms("p0", 100, 0, 16, 0), CostWeights(),
+     100, "p0: 1*uncached 100 (100 - 0 blocks cached) + 1*queued 0 = 100"),
+    (PrefillTerms("p1", 100, 4, 16, 250), CostWeights(),
+     286, "p1: 1*uncached 36 (100 - 4 blocks cached) + 1*queued 250 = 286"),
+    # full-cache hit: the last prompt token is always computed, so uncached is 1, never 0
+    (PrefillTerms("p2", 64, 4, 16, 10), CostWeights(),
+     11, "p2: 1*uncached 1 (64 - 4 blocks cached) + 1*queued 10 = 11"),
+    # more cached blocks than the prompt spans (a longer cached sequence): still 1
+    (PrefillTerms("p3", 40, 7, 8, 0), CostWeights(),
+     1, "p3: 1*uncached 1 (40 - 7 blocks cached) + 1*queued 0 = 1"),
+    (PrefillTerms("p4", 100, 2, 16, 30), CostWeights(uncached=0.5, queued=2),
+     94, "p4: 0.5*uncached 68 (100 - 2 blocks cached) + 2*queued 30 = 94"),
+    (PrefillTerms("p5", 7, 0, 16, 1), CostWeights(uncached=1.5, queued=0.25),
+     10.75, "p5: 1.5*uncached 7 (7 - 0 blocks cached) + 0.25*queued 1 = 10.75"),
+])
+def test_prefill_cost_golden(terms: PrefillTerms, weights: CostWeights, cost: float, formula: str) -> None:
+    assert prefill_cost(terms, weights) == cost
+    assert prefill_formula(terms, weights) == formula
+
+
+def test_uncached_tokens_never_zero() -> None:
+    for n in range(1, 70):
+        for cached in range(0, 10):
+            u = PrefillTerms("p", n, cached, 8, 0).uncached_tokens
+            assert u == max(1, n - cached * 8), (n, cached)
+
+
+# ---- 2. decode cost ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("terms, weights, cost, formula", [
+    # need = ceil(100/16) - 2 = 5; kv = (24 + 3 + 5) / 64 = 0.5; seqs = 5/10
+    (DecodeTerms("d0", 100, 2, 16, total_blocks=64, free_blocks=40, in_flight_blocks=3, running=5, max_num_seqs=10),
+     CostWeights(), 1.0, "d0: 1*kv (used 24 + in flight 3 + need 5)/64 + 1*seqs 5/10 = 1"),
+    (DecodeTerms("d1", 100, 2, 16, total_blocks=64, free_blocks=40, in_flight_blocks=3, running=5, max_num_seqs=10),
+     CostWeights(kv=2, seqs=0.5), 1.25, "d1: 2*kv (used 24 + in flight 3 + need 5)/64 + 0.5*seqs 5/10 = 1.25"),
+    # not reported yet (total 0): the KV term is 0 whatever the need; max_num_seqs 0: the seqs term is 0
+    (DecodeTerms("d2", 100, 0, 16, total_blocks=0, free_blocks=0, in_flight_blocks=9, running=3, max_num_seqs=0),
+     CostWeights(), 0.0, "d2: 1*kv (used 0 + in flight 9 + need 7)/0 + 1*seqs 3/0 = 0"),
+    # reported KV, max_num_seqs 0: only the KV term; (10 + 0 + 0)/30; prefix covers the whole prompt
+    (DecodeTerms("d3", 32, 2, 16, total_blocks=30, free_blocks=20, in_flight_blocks=0, running=4, max_num_seqs=0),
+     CostWeights(), 1 / 3, "d3: 1*kv (used 10 + in flight 0 + need 0)/30 + 1*seqs 4/0 = 0.3333"),
+])
+def test_decode_cost_golden(terms: DecodeTerms, weights: CostWeights, cost: float, formula: str) -> None:
+    assert decode_cost(terms, weights) == pytest.approx(cost, abs=1e-12)
+    assert decode_formula(terms, weights) == formula
+
+
+def test_decode_terms_come_from_the_slot_status_and_bookings() -> None:
+    r = make_router(n_decode=2)
+    pool = r.decode.pool
+    pool.set_status("d0", status("d0", total=100, free=20))  # 80 used
+    pool.set_status("d1", status("d1", total=100, free=70))  # 30 used
+    prompt = list(range(100, 164))  # 4 blocks
+    route = r.route("a", prompt)
+    assert route.decode.worker_id == "d1"
+    assert formula_of(route.decode_decision, "d0") == "d0: 1*kv (used 80 + in flight 0 + need 4)/100 + 1*seqs 0/8 = 0.84"
+    assert formula_of(route.decode_decision, "d1") == "d1: 1*kv (used 30 + in flight 0 + need 4)/100 + 1*seqs 0/8 = 0.34"
+    # the KV in flight to d1 (remote prefill) and a running request count before d1 reports again
+    assert pool.slot("d1").kv_blocks_in == 4
+    with pool.track("d1"):
+        route = r.route("b", list(range(200, 264)))
+        assert formula_of(route.decode_decision, "d1") == \
+            "d1: 1*kv (used 30 + in flight 4 + need 4)/100 + 1*seqs 1/8 = 0.505"
+
+
+# ---- 3. select --------------------------------------------------------------------------------------------------
+
+
+def test_select_temperature_zero_is_argmin() -> None:
+    rng = random.Random(0)
+    assert select([3.0, 1.0, 2.0], 0.0, rng) == 1
+    assert select([5.0], 0.0, rng) == 0
+    assert select([2.0, 2.5, 0.5, 0.75], 0.0, rng) == 2
+
+
+def test_select_ties_go_to_the_injected_rng() -> None:
+    costs = [1.0, 5.0, 1.0, 1.0]
+    picks = {seed: select(costs, 0.0, random.Random(seed)) for seed in range(30)}
+    assert set(picks.values()) == {0, 2, 3}  # different seeds pick different tied candidates, never the costly one
+    for seed, pick in picks.items():  # the same seed always picks the same
+        assert select(costs, 0.0, random.Random(seed)) == pick
+    # successive draws from one generator spread over the ties too
+    rng = random.Random(1)
+    assert set(select(costs, 0.0, rng) for _ in range(200)) == {0, 2, 3}
+
+
+def test_select_softmax_prefers_the_cheapest() -> None:
+    rng = random.Random(7)
+    costs = [10.0, 11.0, 30.0]  # scaled to [0, 0.05, 1]; T = 0.2 -> weights 1, e^-0.25 = 0.78, e^-5 = 0.0067
+    n = 10_000
+    counts = Counter(select(costs, 0.2, rng) for _ in range(n))
+    # expected shares: 0.560, 0.436, 0.0038
+    assert counts[0] > counts[1] > counts[2]
+    assert 0.53 * n < counts[0] < 0.59 * n
+    assert 0.41 * n < counts[1] < 0.47 * n  # near-equal workers share the load (argmin would give 0)
+    assert 5 <= counts[2] < 0.01 * n  # the much costlier one is picked, but rarely
+    # a higher temperature flattens the distribution
+    hot_rng = random.Random(7)
+    hot = Counter(select(costs, 5.0, hot_rng) for _ in range(n))
+    assert 0.25 * n < hot[2] < 0.33 * n  # expected shares 0.36, 0.35, 0.29
+    assert hot[0] < 0.40 * n
+
+
+def test_select_equal_costs_at_positive_temperature_are_uniform() -> None:
+    rng = random.Random(3)
+    n = 10_000
+    counts = Counter(select([4.0, 4.0, 4.0, 4.0], 0.5, rng) for _ in range(n))
+    assert set(counts) == {0, 1, 2, 3}
+    assert all(0.22 * n < c < 0.28 * n for c in counts.values()), counts
+
+
+def test_select_rejects_nothing_and_negative_temperatures() -> None:
+    with pytest.raises(ValueError, match="at least one candidate"):
+        select([], 0.0, random.Random(0))
+    with pytest.raises(ValueError, match="router temperature must be >= 0, got -0.1"):
+        RoutingConfig(temperature=-0.1)
+    assert RoutingConfig(temperature=0.0).temperature == 0.0
+
+
+# ---- 4. prefix affinity -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights", [CostWeights(), CostWeights(uncached=2.0, queued=0.5)])
+def test_prefix_affinity_and_its_crossover(weights: CostWeights) -> None:
+    prompt = list(range(1000, 1100))  # 100 tokens, 6 full blocks
+    hashes = hash_full_blocks(prompt, BS)
+    r = make_router(weights=weights)
+    r.prefill.indexer.store("p1", hashes[:4])  # p1 holds the first 4 blocks (64 tokens)
+
+    route = r.route("warm", prompt)
+    assert route.prefill.worker_id == "p1"
+    wu, wq = f"{weights.uncached:g}", f"{weights.queued:g}"
+    text = route.describe()
+    assert f"p0: {wu}*uncached 100 (100 - 0 blocks cached) + {wq}*queued 0 = {weights.uncached * 100:g}" in text
+    assert f"p1: {wu}*uncached 36 (100 - 4 blocks cached) + {wq}*queued 0 = {weights.uncached * 36:g}" in text
+    assert text.endswith("-> p1 | remote: local prefill disabled (threshold 0)")
+    r.close("warm")
+    assert prefill_loads(r) == {"p0": 0, "p1": 0}
+
+    # queued tokens on p1 that make recomputing on p0 as cheap: w_q * q == w_u * 64 (the cached tokens)
+    crossover = prefill_cost(PrefillTerms("p0", 100, 0, BS, 0), weights) - \
+        prefill_cost(PrefillTerms("p1", 100, 4, BS, 0), weights)
+    assert crossover == weights.uncached * 64
+    q_tie = crossover / weights.queued
+    assert q_tie == int(q_tie)
+    q_tie = int(q_tie)
+
+    def choice(queued_on_p1: int, seed: int = 0) -> str:
+        r.rng = random.Random(seed)
+        r.prefill.pool.slot("p1").prefill_tokens = queued_on_p1
+        route = r.route("probe", prompt)
+        r.close("probe")
+        return route.prefill.worker_id
+
+    assert choice(q_tie - 1) == "p1"
+    assert choice(q_tie + 1) == "p0"
+    assert {choice(q_tie, seed) for seed in range(20)} == {"p0", "p1"}  # exactly at the crossover: a tie
+    # the load comes from routing too: long distinct prompts routed while p0 is draining queue on p1
+    r.prefill.pool.slot("p1").prefill_tokens = 0
+    r.prefill.pool.slot("p0").draining = True
+    rng = random.Random(5)
+    for i in range(1000):
+        if r.prefill.pool.slot("p1").prefill_tokens > q_tie:
+            break
+        assert r.route(f"long{i}", tokens(rng, 40)).prefill.worker_id == "p1"
+    r.prefill.pool.slot("p0").draining = False
+    r.rng = random.Random(0)
+    assert r.route("again", prompt).prefill.worker_id == "p0"
+
+
+# ---- 5. burst balance -------------------------------------------------------------------------------------------
+
+
+class RouterWithoutQueueBooking(Router):
+    """The failure mode: nothing remembers the prefill tokens just routed (a router that waits for reports)."""
+
+    def route(self, request_id: str, prompt_ids: Sequence[int]) -> Route:
+        route = super().route(request_id, prompt_ids)
+        for s in self.prefill.pool.slots:
+            s.prefill_tokens = 0
+        return route
+
+
+class RouterWithoutPredictions(Router):
+    """Books queued tokens but not the blocks the request will leave on its worker."""
+
+    def route(self, request_id: str, prompt_ids: Sequence[int]) -> Route:
+        route = super().route(request_id, prompt_ids)
+        self.prefill.predicted.drop(request_id)
+        self.decode.predicted.drop(request_id)
+        return route
+
+
+def burst(router_cls: type[Router] = Router, seed: int = 11) -> tuple[Router, list[Route]]:
+    rng = random.Random(seed)
+    prefix = tokens(rng, 512)  # 32 blocks
+    prompts = [prefix + tokens(rng, 32) for _ in range(64)]  # 544 tokens, 34 full blocks
+    assert len({tuple(p) for p in prompts}) == 64
+    decode = WorkerPool("decode", [Worker("d0")], block_size=BS)
+    prefill = WorkerPool("prefill", [Worker(f"p{i}") for i in range(4)], block_size=BS)
+    r = router_cls(decode, prefill, RoutingConfig(policy="kv", temperature=0.0), random.Random(seed))
+    routes = [r.route(f"r{i}", p) for i, p in enumerate(prompts)]  # back to back, no completion
+    return r, routes
+
+
+def test_burst_sharing_a_prefix_spreads_evenly() -> None:
+    r, routes = burst()
+    counts = Counter(rt.prefill.worker_id for rt in routes)
+    assert counts == {"p0": 16, "p1": 16, "p2": 16, "p3": 16}
+    # requests 1..4 each land on a worker without the prefix (one holding it costs 32 + 544 queued > 544)
+    first = [rt.prefill.worker_id for rt in routes[:4]]
+    assert sorted(first) == ["p0", "p1", "p2", "p3"]
+    for rt in routes[:4]:
+        assert "(544 - 0 blocks cached)" in formula_of(rt.prefill_decision, rt.prefill.worker_id)
+    # from request 5 on, every worker is predicted to hold the prefix: only the 32-token suffix is uncached
+    for rt in routes[4:]:
+        f = formula_of(rt.prefill_decision, rt.prefill.worker_id)
+        assert "1*uncached 32 (544 - 32 blocks cached)" in f, f
+    # every round of 4 gives each worker one request: 544 + 15 * 32 queued tokens each
+    assert prefill_loads(r) == {"p0": 1024, "p1": 1024, "p2": 1024, "p3": 1024}
+    assert r.open_tickets == 64
+    for i in range(64):
+        r.close(f"r{i}")
+    assert prefill_loads(r) == {"p0": 0, "p1": 0, "p2": 0, "p3": 0}
+    assert len(r.prefill.predicted) == len(r.decode.predicted) == 0
+
+
+def test_burst_without_queue_booking_piles_onto_one_worker() -> None:
+    _, routes = burst(RouterWithoutQueueBooking)
+    counts = Counter(rt.prefill.worker_id for rt in routes)
+    assert len(counts) == 1 and sum(counts.values()) == 64  # the prefix attracts the whole burst
+
+
+def test_burst_without_predictions_recomputes_the_prefix_everywhere() -> None:
+    r, routes = burst(RouterWithoutPredictions)
+    assert Counter(rt.prefill.worker_id for rt in routes) == {"p0": 16, "p1": 16, "p2": 16, "p3": 16}
+    for rt in routes:  # no request sees the prefix it just sent to its worker
+        assert "(544 - 0 blocks cached)" in formula_of(rt.prefill_decision, rt.prefill.worker_id)
+    assert sum(prefill_loads(r).values()) == 64 * 544  # vs 4 * 544 + 60 * 32 = 4096 with predictions
+
+
+# ---- 6. accounting ----------------------------------------------------------------------------------------------
+
+
+def test_route_books_and_progress_releases_exactly_that() -> None:
+    r = make_router(n_prefill=2, n_decode=2)
+    a = list(range(500, 600))  # 100 tokens: 6 full blocks, 7 blocks of KV
+    b = list(range(700, 740))  # 40 tokens: 2 full blocks, 3 blocks of KV
+    ra = r.route("a", a)
+    p_a, d_a = r.prefill.pool.slot(ra.prefill.worker_id), r.decode.pool.slot(ra.decode.worker_id)
+    assert p_a.prefill_tokens == 100 and d_a.kv_blocks_in == 7 and d_a.prefill_tokens == 0
+    assert r.prefill.predicted.find_matches(hash_full_blocks(a, BS)) == {p_a.worker_id: 6}
+    assert r.decode.predicted.find_matches(hash_full_blocks(a, BS)) == {d_a.worker_id: 6}
+    rb = r.route("b", b)
+    p_b, d_b = r.prefill.pool.slot(rb.prefill.worker_id), r.decode.pool.slot(rb.decode.worker_id)
+    assert p_b is not p_a  # p_a has 100 queued
+    assert r.open_tickets == 2
+
+    def booked() -> tuple[int, int, int, int, int, int]:
+        ps, ds = r.prefill.pool.slots, r.decode.pool.slots
+        return (sum(s.prefill_tokens for s in ps), sum(s.kv_blocks_in for s in ds), sum(s.prefill_tokens for s in ds),
+                len(r.prefill.predicted), len(r.decode.predicted), r.open_tickets)
+
+    assert booked() == (140, 10, 0, 2, 2, 2)
+    r.prefill_done("a")
+    assert p_a.prefill_tokens == 0 and booked() == (40, 10, 0, 2, 2, 2)
+    r.prefill_done("a")  # idempotent
+    assert booked() == (40, 10, 0, 2, 2, 2)
+    r.first_token("a")
+    assert booked() == (40, 3, 0, 1, 1, 2)
+    assert r.prefill.predicted.find_matches(hash_full_blocks(a, BS)) == {}
+    r.first_token("a")
+    assert booked() == (40, 3, 0, 1, 1, 2)
+    r.close("a")
+    assert booked() == (40, 3, 0, 1, 1, 1)
+    r.close("b")  # close alone releases everything b booked
+    assert booked() == (0, 0, 0, 0, 0, 0)
+    r.close("b")
+    r.close("never-routed")
+    r.prefill_done("b")
+    r.first_token("b")
+    assert booked() == (0, 0, 0, 0, 0, 0)
+    assert all(s.prefill_tokens == 0 and s.kv_blocks_in == 0 for s in r.decode.pool.slots + r.prefill.pool.slots)
+
+
+def test_local_route_books_prefill_tokens_on_decode() -> None:
+    r = make_router(n_decode=1, conditional_prefill_threshold=64)
+    prompt = list(range(40))
+    route = r.route("x", prompt)
+    assert route.local and route.prefill is None
+    d = r.decode.pool.slot("d0")
+    assert (d.prefill_tokens, d.kv_blocks_in) == (40, 0)
+    assert prefill_loads(r) == {"p0": 0, "p1": 0}
+    assert len(r.decode.predicted) == 1 and len(r.prefill.predicted) == 0
+    r.prefill_done("x")  # no prefill worker: nothing to release yet
+    assert d.prefill_tokens == 40
+    r.first_token("x")
+    assert d.prefill_tokens == 0 and len(r.decode.predicted) == 0
+    r.close("x")
+    assert r.open_tickets == 0 and d.prefill_tokens == 0
+
+
+def assert_nothing_booked(r: Router) -> None:
+    slots = r.decode.pool.slots + (r.prefill.pool.slots if r.prefill else ())
+    assert all((s.prefill_tokens, s.kv_blocks_in) == (0, 0) for s in slots)
+    assert len(r.decode.predicted) == 0
+    assert r.prefill is None or len(r.prefill.predicted) == 0
+    assert r.open_tickets == 0
+
+
+def test_route_without_a_decode_worker_books_nothing() -> None:
+    r = make_router(n_decode=2)
+    r.decode.pool.set_health("d0", False)
+    r.decode.pool.drain("d1")
+    with pytest.raises(NoHealthyWorkerError, match=r"no healthy decode worker \(1 of 2 down, 1 draining\)"):
+        r.route("x", list(range(50)))
+    assert_nothing_booked(r)
+
+
+def test_route_without_a_prefill_worker_books_nothing() -> None:
+    """Threshold 0 (always remote) and every prefill worker down or draining: the route fails, and must leave
+    no trace (a retry under the same request id must work once a worker is back)."""
+    r = make_router(n_prefill=2, n_decode=1)
+    r.prefill.pool.set_health("p0", False)
+    r.prefill.pool.drain("p1")
+    prompt = list(range(50))
+    with pytest.raises(NoHealthyWorkerError, match=r"no healthy prefill worker \(1 of 2 down, 1 draining\)"):
+        r.route("x", prompt)
+    assert_nothing_booked(r)
+    r.prefill.pool.set_health("p0", True)
+    assert r.route("x", prompt).prefill.worker_id == "p0"
+
+
+# ---- 7. conditional disaggregation ------------------------------------------------------------------------------
+
+
+def cd_router(threshold: int, **cfg) -> tuple[Router, list[int]]:
+    """d0 caches the whole 100-token prompt's 6 full blocks (4 tokens uncached); d1 nothing."""
+    r = make_router(n_prefill=2, n_decode=2, conditional_prefill_threshold=threshold, **cfg)
+    for d in ("d0", "d1"):
+        r.decode.pool.set_status(d, status(d, total=100, free=100))
+    prompt = list(range(2000, 2100))
+    r.decode.indexer.store("d0", hash_full_blocks(prompt, BS))
+    return r, prompt
+
+
+def test_threshold_zero_is_always_remote() -> None:
+    r, prompt = cd_router(0)
+    route = r.route("x", prompt)
+    assert route.decode.worker_id == "d0"  # need 1 block there, 7 on d1
+    assert not route.local
+    assert route.reason == "remote: local prefill disabled (threshold 0)"
+
+
+def test_short_uncached_part_on_decode_is_prefilled_locally() -> None:
+    r, prompt = cd_router(4)
+    route = r.route("x", prompt)
+    assert route.local and route.decode.worker_id == "d0"
+    assert route.reason == "local: 4 uncached tokens on d0 <= threshold 4"
+    assert route.prefill_decision is None
+    assert " | local: 4 uncached tokens on d0 <= threshold 4" in route.describe()
+
+
+def test_uncached_part_over_the_threshold_goes_remote() -> None:
+    r, prompt = cd_router(3)
+    route = r.route("x", prompt)
+    assert not route.local and route.decode.worker_id == "d0"
+    assert route.reason == "remote: 4 uncached tokens on d0 > threshold 3"
+    assert isinstance(route.prefill_decision, KVDecision)
+    # an uncached prompt is measured in full
+    r2, _ = cd_router(99)
+    route = r2.route("y", list(range(99)))
+    assert route.local and route.reason.startswith("local: 99 uncached tokens on ")
+    route = r2.route("z", list(range(3000, 3100)))
+    assert route.reason == f"remote: 100 uncached tokens on {route.decode.worker_id} > threshold 99"
+
+
+def test_no_eligible_prefill_worker_means_local() -> None:
+    r, _ = cd_router(16)
+    r.prefill.pool.set_health("p0", False)
+    r.prefill.pool.drain("p1")
+    route = r.route("x", list(range(5000, 5100)))
+    assert route.local
+    assert route.reason == f"local: no healthy prefill worker (100 uncached tokens on {route.decode.worker_id})"
+
+
+def test_saturated_prefill_pool_means_local() -> None:
+    r, _ = cd_router(16, max_prefill_queue_tokens=1000)
+    prompt = list(range(5000, 5100))
+    r.prefill.pool.slot("p0").prefill_tokens = 1000
+    r.prefill.pool.slot("p1").prefill_tokens = 999  # one below the limit: still remote, to p1
+    route = r.route("a", prompt)
+    assert not route.local and route.prefill.worker_id == "p1"
+    r.close("a")
+    r.prefill.pool.slot("p1").prefill_tokens = 1200
+    route = r.route("b", prompt)
+    assert route.local
+    assert route.reason == "local: prefill pool saturated (least queued 1000 >= 1000 tokens)"
+    assert prefill_loads(r) == {"p0": 1000, "p1": 1200}  # nothing booked on the prefill pool
+
+
+def test_aggregated_is_always_local_and_prefers_the_cached_prefix() -> None:
+    r = make_router(n_decode=3, aggregated=True, seed=4)
+    prompt = list(range(100))
+    r.decode.indexer.store("d2", hash_full_blocks(prompt, BS))
+    route = r.route("x", prompt)
+    assert route.local and route.prefill is None and route.prefill_decision is None
+    assert route.decode.worker_id == "d2"
+    assert route.reason == "local: aggregated (4 uncached tokens on d2)"
+    assert "d2: 1*uncached 4 (100 - 6 blocks cached) + 1*queued 0 = 4" in route.describe()
+    assert r.decode.pool.slot("d2").prefill_tokens == 4
+    # threshold settings do not matter without a prefill pool
+    r0 = make_router(n_decode=1, aggregated=True, conditional_prefill_threshold=0)
+    assert r0.route("y", list(range(300))).reason == "local: aggregated (300 uncached tokens on d0)"
+
+
+# ---- 8. load-blind policies -------------------------------------------------------------------------------------
+
+
+def test_round_robin_ignores_the_prefix_index() -> None:
+    prompt = list(range(100))
+    r = make_router(n_prefill=2, policy="round_robin")
+    r.prefill.indexer.store("p1", hash_full_blocks(prompt, BS))
+    routes = [r.route(f"r{i}", prompt) for i in range(4)]
+    assert [rt.prefill.worker_id for rt in routes] == ["p0", "p1", "p0", "p1"]
+    assert isinstance(routes[0].prefill_decision, Decision)
+    assert routes[0].prefill_decision.policy is Policy.ROUND_ROBIN
+    assert routes[0].prefill_decision.describe() == "prefill round_robin: p0=0 p1=0 -> p0"
+    # the same index under the kv policy attracts every request to p1
+    kv = make_router(n_prefill=2)
+    kv.prefill.indexer.store("p1", hash_full_blocks(prompt, BS))
+    assert [kv.route(f"r{i}", prompt).prefill.worker_id for i in range(4)] == ["p1"] * 4
+
+
+def test_least_loaded_ignores_the_prefix_index() -> None:
+    prompt = list(range(100))
+    r = make_router(n_prefill=2, policy="least_loaded")
+    r.prefill.indexer.store("p1", hash_full_blocks(prompt, BS))
+    with r.prefill.pool.track("p1"):
+        route = r.route("a", prompt)
+        assert route.prefill.worker_id == "p0"
+        assert route.prefill_decision.describe() == "prefill least_loaded: p0=0 p1=1 -> p0"
+    with r.prefill.pool.track("p0"):
+        assert r.route("b", prompt).prefill.worker_id == "p1"
+
+
+# ---- 9. drain ---------------------------------------------------------------------------------------------------
+
+
+def test_draining_workers_are_never_chosen() -> None:
+    prompt = list(range(100))
+    r = make_router(n_prefill=2, n_decode=2)
+    r.prefill.indexer.store("p1", hash_full_blocks(prompt, BS))  # p1 is by far the cheapest
+    r.decode.indexer.store("d1", hash_full_blocks(prompt, BS))
+    for d in ("d0", "d1"):
+        r.decode.pool.set_status(d, status(d, total=100, free=100))
+    assert r.route("warm", prompt).prefill.worker_id == "p1"
+    r.close("warm")
+    r.prefill.pool.drain("p1")
+    r.decode.pool.drain("d1")
+    for i in range(20):
+        route = r.route(f"r{i}", prompt)
+        assert (route.prefill.worker_id, route.decode.worker_id) == ("p0", "d0")
+        assert "p1:" not in route.describe()  # not even a candidate
+    rr = make_router(n_prefill=3, policy="round_robin")
+    rr.prefill.pool.drain("p1")
+    assert [rr.route(f"r{i}", prompt).prefill.worker_id for i in range(4)] == ["p0", "p2", "p0", "p2"]
+
+
+def test_wait_drained_returns_when_the_last_tracked_request_ends() -> None:
+    pool = WorkerPool("prefill", [Worker("p0"), Worker("p1")], block_size=BS)
+
+    async def scenario() -> None:
+        assert await pool.wait_drained("p1", timeout_s=5.0)  # nothing in flight: at once
+        first, second = pool.track("p1"), pool.track("p1")
+        first.__enter__()
+        second.__enter__()
+        pool.drain("p1")
+        waiter = asyncio.create_task(pool.wait_drained("p1", timeout_s=30.0))
+        for _ in range(3):
+            await asyncio.sleep(0)  # yield: let the waiter reach its wait
+        assert not waiter.done()
+        first.__exit__(None, None, None)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not waiter.done()  # one request still in flight
+        second.__exit__(None, None, None)
+        assert await asyncio.wait_for(waiter, 5.0) is True
+        assert pool.in_flight("p1") == 0
+        with pool.track("p0"):  # another worker's requests do not matter; a timeout reports False
+            pool.drain("p0")
+            assert await pool.wait_drained("p0", timeout_s=0.01) is False
+
+    asyncio.run(scenario())
