@@ -156,7 +156,8 @@ def _generate_remote(args: argparse.Namespace, inputs: list[tuple[str, str]], pa
                       "completion_tokens": last.usage.completion_tokens, "cached_tokens": last.usage.cached_tokens,
                       "timings": {"time_to_first_token_s": t.time_to_first_token_s, "total_s": t.total_s,
                                   "queue_s": t.queue_s, "prefill_s": t.prefill_s, "kv_transfer_s": t.kv_transfer_s},
-                      "prefill_worker": first.prefill_worker, "decode_worker": first.decode_worker}
+                      "prefill_worker": first.prefill_worker, "decode_worker": first.decode_worker,
+                      "route": first.route}
             if params.logprobs is not None:
                 record["logprobs"] = logprobs
             print(json.dumps(record, ensure_ascii=False), flush=True)

@@ -30,7 +30,9 @@ from collections.abc import Iterable
 
 from common.kv_events import KVEvent, KVEventBatch, encode_event_batch
 
-DEFAULT_CAPACITY = 1 << 16
+# A BlockStored of a 2048-token prefill holds its 2048 token ids (~75 KB as Python ints), so the
+# buffer is kept short: a router that falls 1024 events behind re-syncs from a snapshot instead.
+DEFAULT_CAPACITY = 1024
 MAX_EVENTS_PER_REPLY = 4096
 
 
