@@ -9,6 +9,8 @@
                                    forget its NIXL agents, actor and placement group go)
     ScalePool(pool, replicas)      the config's `replicas` at run time: adds, or removes
                                    the newest workers first
+    apply_config(config)           the same for both pools from a re-read config file
+                                   (`tandem serve --config F`, then SIGHUP)
 
 One admin operation runs at a time (a lock); requests keep flowing meanwhile. The
 composition lives here, in deploy, because starting actors is deploy's business and
@@ -22,8 +24,10 @@ import logging
 from collections.abc import Callable
 
 import grpc
+import msgspec
 
 from deploy.cluster import Cluster, WorkerHandle
+from deploy.config import ServeConfig
 from engine.errors import ConfigError
 from router.server import GenerationService
 from router.workers import RayWorkerClient, WorkerClient
@@ -106,26 +110,57 @@ class AdminService(apb_grpc.AdminServicer):
             drained = await self._remove(wid, self._drain_s(request.drain_timeout_s))
         return apb.RemoveWorkerResponse(worker_id=wid, drained=drained, topology=self.cluster.topology())
 
+    async def scale(self, pool_name: str, replicas: int, drain_timeout_s: float = 0.0) -> tuple[list[str], list[str]]:
+        """Grow or shrink a pool to `replicas` (newest removed first); (added, removed). Takes the admin lock."""
+        added: list[str] = []
+        removed: list[str] = []
+        async with self._lock:
+            workers = self.cluster.pool_workers(pool_name)
+            try:
+                while len(workers) < replicas:
+                    added.append(await self._add(pool_name))
+                while len(workers) > replicas:
+                    wid = workers[-1].worker_id
+                    await self._remove(wid, self._drain_s(drain_timeout_s))
+                    removed.append(wid)
+            except Exception as exc:
+                raise ScaleError(f"added {added or 'none'}, removed {removed or 'none'}; then failed: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        return added, removed
+
+    async def apply_config(self, config: ServeConfig) -> tuple[list[str], list[str]]:
+        """Reconcile the pools with a re-read config (SIGHUP): replicas change at run time; anything
+        else that differs from the running config is reported as needing a restart."""
+        running = self.cluster.config
+        added: list[str] = []
+        removed: list[str] = []
+        for pool_name in POOLS:
+            new, old = getattr(config, pool_name), getattr(running, pool_name)
+            if msgspec.structs.replace(new, replicas=old.replicas) != old:
+                log.warning("config reload: %s pool settings other than replicas changed; they take effect on "
+                            "restart", pool_name)
+            a, r = await self.scale(pool_name, new.replicas)
+            added += a
+            removed += r
+        if msgspec.structs.replace(config, prefill=running.prefill, decode=running.decode) != running:
+            log.warning("config reload: settings outside the pools' replicas changed; they take effect on restart")
+        log.info("config reload: added %s, removed %s: %s", added or "none", removed or "none",
+                 self.cluster.topology())
+        return added, removed
+
     async def ScalePool(self, request: apb.ScalePoolRequest, context: grpc.aio.ServicerContext
                         ) -> apb.ScalePoolResponse:
         problem = self._check_pool(request.pool) or (
             None if request.replicas >= 1 else f"replicas must be >= 1, got {request.replicas}")
         if problem:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
-        added: list[str] = []
-        removed: list[str] = []
-        async with self._lock:
-            workers = self.cluster.pool_workers(request.pool)
-            try:
-                while len(workers) < request.replicas:
-                    added.append(await self._add(request.pool))
-                while len(workers) > request.replicas:
-                    wid = workers[-1].worker_id
-                    await self._remove(wid, self._drain_s(request.drain_timeout_s))
-                    removed.append(wid)
-            except Exception as exc:  # noqa: BLE001
-                log.exception("scaling the %s pool failed", request.pool)
-                await self._refuse(context, grpc.StatusCode.INTERNAL,
-                                   f"added {added or 'none'}, removed {removed or 'none'}; then failed: "
-                                   f"{type(exc).__name__}: {exc}")
+        try:
+            added, removed = await self.scale(request.pool, request.replicas, request.drain_timeout_s)
+        except ScaleError as exc:
+            log.exception("scaling the %s pool failed", request.pool)
+            await self._refuse(context, grpc.StatusCode.INTERNAL, str(exc))
         return apb.ScalePoolResponse(added=added, removed=removed, topology=self.cluster.topology())
+
+
+class ScaleError(RuntimeError):
+    """A pool change that stopped part way (what was done is in the message)."""

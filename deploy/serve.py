@@ -17,6 +17,7 @@ import logging
 import random
 import signal
 import threading
+from collections.abc import Callable
 from importlib import metadata
 
 from deploy.admin import AdminService, ray_client
@@ -80,8 +81,10 @@ def build_service(cluster: Cluster) -> GenerationService:
                              routing=routing_config(cfg), rng=random.Random(cfg.seed))
 
 
-async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port, service: None) -> None:
-    """Serve until `stop` is set; `on_ready(port, service)` is called once SERVING, with the port actually bound."""
+async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port, service, admin: None,
+                     reload: Callable[[], ServeConfig] | None = None, reload_now: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set; `on_ready(port, service, admin)` is called once SERVING, with the port
+    actually bound. Each time `reload_now` is set, the pools follow the replicas of `reload()`."""
     cfg = cluster.config
     service = build_service(cluster)
     admin = AdminService(cluster, service, cfg.router.drain_timeout_s)
@@ -90,7 +93,7 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
     await server.start()
     await service.start_feeds()
     await service.set_serving()
-    on_ready(server.tandem_port, service)
+    on_ready(server.tandem_port, service, admin)
     log.info("serving tandem.v1.Generation on %s:%d (%s)", cfg.router.host, server.tandem_port, cluster.topology())
 
     async def refresh() -> None:
@@ -101,38 +104,55 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
             except Exception:  # noqa: BLE001 - health polling must not end the server
                 log.warning("worker health refresh failed", exc_info=True)
 
-    refresher = asyncio.get_running_loop().create_task(refresh())
+    async def reloader() -> None:
+        while reload is not None and reload_now is not None:
+            await reload_now.wait()
+            reload_now.clear()
+            try:
+                await admin.apply_config(reload())
+            except Exception:  # noqa: BLE001 - a bad edit of the file must not end the server
+                log.exception("config reload failed; the pools are as they were or as far as the log says")
+
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(refresh()), loop.create_task(reloader())]
     try:
         await stop.wait()
     finally:
-        refresher.cancel()
+        for task in tasks:
+            task.cancel()
         await service.set_serving(False)
         await server.stop(STOP_GRACE_S)
         await service.close()
 
 
-def serve_forever(config: ServeConfig) -> int:
-    """Blocking `tandem serve`: returns 0 after a clean Ctrl-C / SIGTERM shutdown."""
+def serve_forever(config: ServeConfig, reload: Callable[[], ServeConfig] | None = None) -> int:
+    """Blocking `tandem serve`: returns 0 after a clean Ctrl-C / SIGTERM shutdown.
+
+    With `reload` (the config file and flags, read again), SIGHUP makes the pools follow its replicas.
+    """
     cluster = Cluster.start(config)
     try:
-        asyncio.run(_main(cluster))
+        asyncio.run(_main(cluster, reload))
     finally:
         cluster.shutdown()
     return 0
 
 
-async def _main(cluster: Cluster) -> None:
+async def _main(cluster: Cluster, reload: Callable[[], ServeConfig] | None = None) -> None:
     stop = asyncio.Event()
+    reload_now = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload_now.set)
     cfg = cluster.config
 
-    def announce(port: int, service: GenerationService) -> None:
+    def announce(port: int, service: GenerationService, admin: AdminService) -> None:
         print(f"tandem: serving {cluster.model.name} ({cluster.topology()}) on {cfg.router.host}:{port}; "
               "Ctrl-C to stop", flush=True)
 
-    await run_server(cluster, stop, announce)
+    await run_server(cluster, stop, announce, reload, reload_now)
     print("tandem: stopped", flush=True)
 
 
@@ -145,6 +165,7 @@ class Serving:
         self._stop: asyncio.Event | None = None
         self._bound: list[int] = []
         self.service: GenerationService | None = None  # the router, once serving
+        self.admin: AdminService | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="tandem-router", daemon=True)
@@ -160,9 +181,9 @@ class Serving:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
 
-        def ready(port: int, service: GenerationService) -> None:
+        def ready(port: int, service: GenerationService, admin: AdminService) -> None:
             self._bound.append(port)
-            self.service = service
+            self.service, self.admin = service, admin
             self._ready.set()
 
         async def main() -> None:

@@ -11,6 +11,8 @@
                  [--ray-address HOST:PORT] [--print-config]
 
 Flags override the file; the file overrides the defaults (deploy/config.py).
+With --config, SIGHUP re-reads the file (and the flags) and the pools grow or shrink to its
+`replicas` while serving (other changes are logged as needing a restart).
 `--ray-address` (or RAY_ADDRESS) joins an existing Ray cluster instead of starting one.
 """
 
@@ -83,8 +85,9 @@ def run_serve(args: argparse.Namespace) -> int:
         return 0
     from deploy.serve import serve_forever  # Ray and the router load only when serving
 
+    reload = (lambda: config_from_args(args)) if args.config else None  # SIGHUP: the pools follow the file
     try:
-        return serve_forever(config)
+        return serve_forever(config, reload)
     except ConnectionError as e:  # Ray not reachable at --ray-address / RAY_ADDRESS
         print(f"error: cannot join the Ray cluster ({config.ray_address or 'RAY_ADDRESS'}): {e}", file=sys.stderr)
         return 1

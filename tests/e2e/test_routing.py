@@ -155,6 +155,26 @@ def test_admin_adds_a_worker_and_drains_one_with_a_stream_on_it(cluster, referen
     cluster.cluster.check_pools()
 
 
+def test_config_reload_grows_and_shrinks_the_pools(cluster, reference):
+    """What SIGHUP does with `tandem serve --config F`: the pools follow the file's replicas."""
+    from deploy.config import with_overrides
+
+    cfg = cluster.cluster.config
+    n = len(cluster.cluster.prefill)
+    added, removed = cluster.on_router(lambda _: cluster.admin.apply_config(
+        with_overrides(cfg, **{"prefill.replicas": n + 1, "decode.replicas": len(cluster.cluster.decode)})), 300)
+    assert len(added) == 1 and removed == [] and len(cluster.cluster.prefill) == n + 1
+    added2, removed2 = cluster.on_router(lambda _: cluster.admin.apply_config(
+        with_overrides(cfg, **{"prefill.replicas": n, "decode.replicas": len(cluster.cluster.decode)})), 300)
+    assert added2 == [] and removed2 == added  # the newest goes first
+    client = TandemClient(cluster.address)
+    assert {w.worker_id for w in client.server_info().workers if w.role == "prefill"} == {
+        h.worker_id for h in cluster.cluster.prefill}
+    ids = _tokens(24, seed=9)
+    assert _greedy(client, ids)[0] == hf_greedy(reference, ids, NEW)
+    cluster.cluster.check_pools()
+
+
 def test_admin_refuses_bad_requests_clearly(cluster):
     client = TandemClient(cluster.address)
     with pytest.raises(grpc.RpcError) as e:
