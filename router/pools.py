@@ -217,20 +217,22 @@ class WorkerPool:
 
     # -- choosing (load-blind policies) -----------------------------------------------------------
 
-    def choose(self) -> tuple[WorkerClient, Decision]:
-        """An eligible worker by round_robin or least_loaded (the KV policy counts as least_loaded here)."""
+    def choose(self, policy: Policy | None = None) -> tuple[WorkerClient, Decision]:
+        """An eligible worker by round_robin or least_loaded: `policy`, else the pool's own (the KV
+        policy, which router/routing.py implements, counts as least_loaded here)."""
+        policy = self.policy if policy is None else policy
         slots = list(self._slots.values())
         eligible = [i for i, s in enumerate(slots) if s.eligible]
         if not eligible:
             raise self.no_worker_error()
-        if self.policy is Policy.ROUND_ROBIN:
+        if policy is Policy.ROUND_ROBIN:
             n = len(slots)
             start = self._cursor % n
             pick = next(i for i in ((start + k) % n for k in range(n)) if slots[i].eligible)
             self._cursor = (pick + 1) % n
         else:
             pick = min(eligible, key=lambda i: (slots[i].in_flight, i))
-        policy = Policy.LEAST_LOADED if self.policy is Policy.KV else self.policy
+        policy = Policy.LEAST_LOADED if policy is Policy.KV else policy
         decision = Decision(self.role, policy, self.candidates(), slots[pick].worker_id)
         if decision_log.isEnabledFor(logging.DEBUG):
             decision_log.debug(decision.describe())

@@ -298,20 +298,21 @@ class Router:
             d_slot, d_decision = self._choose_decode(d_ix, n, d_overlap)
         d_cached = d_overlap.get(d_slot.worker_id, 0)
         d_uncached = PrefillTerms(d_slot.worker_id, n, d_cached, d_ix.pool.block_size, 0).uncached_tokens
+        local_reason = self._local_reason(d_slot.worker_id, d_uncached)
+        p_ix = None if local_reason is not None else self.prefill
+        if p_ix is not None:  # choose P before booking anything: choosing may raise (no eligible worker)
+            p_hashes = p_ix.hashes(prompt_ids, cache)
+            p_overlap = p_ix.overlap(p_hashes)
+            p_slot, p_decision = self._choose_prefill(p_ix, n, p_overlap)
+
         ticket = Ticket(d_slot=d_slot, predicted=[d_ix.predicted])
         d_ix.predicted.add(request_id, d_slot.worker_id, d_hashes)
-
-        local_reason = self._local_reason(d_slot.worker_id, d_uncached)
-        if local_reason is not None:
+        if p_ix is None:
+            assert local_reason is not None
             ticket.d_tokens = d_uncached
             d_slot.prefill_tokens += d_uncached
             route = Route(request_id, d_slot.client, None, local_reason, d_decision)
         else:
-            p_ix = self.prefill
-            assert p_ix is not None  # _local_reason is never None in aggregated mode
-            p_hashes = p_ix.hashes(prompt_ids, cache)
-            p_overlap = p_ix.overlap(p_hashes)
-            p_slot, p_decision = self._choose_prefill(p_ix, n, p_overlap)
             p_terms = PrefillTerms(p_slot.worker_id, n, p_overlap.get(p_slot.worker_id, 0), p_ix.pool.block_size, 0)
             ticket.p_slot, ticket.p_tokens = p_slot, p_terms.uncached_tokens
             p_slot.prefill_tokens += p_terms.uncached_tokens
@@ -349,7 +350,7 @@ class Router:
                         ) -> tuple[WorkerSlot, KVDecision | Decision]:
         pool = ix.pool
         if self.config.policy is not Policy.KV:
-            client, decision = pool.choose()
+            client, decision = pool.choose(self.config.policy)
             return pool.slot(client.worker_id), decision
         slots = pool.eligible()
         if not slots:
@@ -364,7 +365,7 @@ class Router:
                        ) -> tuple[WorkerSlot, KVDecision | Decision]:
         pool = ix.pool
         if self.config.policy is not Policy.KV:
-            client, decision = pool.choose()
+            client, decision = pool.choose(self.config.policy)
             return pool.slot(client.worker_id), decision
         slots = pool.eligible()
         if not slots:

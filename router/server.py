@@ -259,12 +259,17 @@ class GenerationService(pb_grpc.GenerationServicer):
         route = run.route = self.router.route(req.request_id, req.prompt_token_ids)
         run.d = d = route.decode
         run.trace.dispatched = self._clock()
-        if route.local:
-            run.stage = f"generating on {d.worker_id}"
-            with self.decode.track(d.worker_id):
+        # D counts the request from routing on: a drain waits for it and its decode cost sees it
+        with self.decode.track(d.worker_id):
+            if route.local:
+                run.stage = f"generating on {d.worker_id}"
                 run.stream_sent = True
                 await self._stream(context, run, d.generate(req.request_id, req.prompt_token_ids, req.params), d)
-            return
+            else:
+                await self._remote(run, route, context)
+
+    async def _remote(self, run: _Run, route: Route, context: grpc.aio.ServicerContext) -> None:
+        req, d = run.request, route.decode
         assert self.prefill is not None and route.prefill is not None  # remote routes exist only then
         run.p = p = route.prefill
         run.stage = f"prefilling on {p.worker_id}"
@@ -280,10 +285,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         if done:
             return
         run.stage = f"decoding on {d.worker_id}"
-        with self.decode.track(d.worker_id):
-            run.stream_sent = True
-            await self._stream(context, run, d.decode(req.request_id, req.prompt_token_ids, req.params, result), d,
-                               release_lease=True)
+        run.stream_sent = True
+        await self._stream(context, run, d.decode(req.request_id, req.prompt_token_ids, req.params, result), d,
+                           release_lease=True)
 
     async def _stream(self, context: grpc.aio.ServicerContext, run: _Run, chunks: AsyncIterator[StreamChunk],
                       worker: WorkerClient, release_lease: bool = False) -> None:

@@ -48,9 +48,9 @@ class KVEventPublisher:
 
     def publish(self, events: Iterable[KVEvent]) -> None:
         """Loop thread: append events (seq-contiguous, as the block pool made them) and wake pollers."""
-        before = len(self._buffer)
+        events = list(events)
         self._buffer.extend(events)
-        self.num_published += max(0, len(self._buffer) - before)
+        self.num_published += len(events)
         if self._published is not None:
             self._published.set()
 

@@ -9,12 +9,12 @@ wait for index states with `feed.wait_until`, never by sleeping.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import asyncio
 import pytest
 
 from common.block_hash import hash_full_blocks
@@ -30,6 +30,8 @@ from router.routing import PoolIndex, Router, RoutingConfig
 from tests.helpers.tiny_models import make_tiny_hf_model
 from worker_core.host import WorkerSettings
 from worker_core.kv_publisher import KVEventPublisher
+
+pytestmark = pytest.mark.timeout(120)  # a broken feed must fail, not hang
 
 BS = 4  # small blocks: short prompts make several events
 NUM_BLOCKS = 64
@@ -60,38 +62,39 @@ class InProcessClient:
         self.worker_id = worker.host.worker_id
         self.down = False
 
-    def _check(self) -> None:
+    async def _check(self) -> None:
+        await asyncio.sleep(0)  # a remote call always suspends; without it a feed that spins would starve the loop
         if self.down:
             raise WorkerUnavailableError(f"worker {self.worker_id} is unavailable: actor died (test)", self.worker_id)
 
     async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
                        ) -> AsyncIterator[StreamChunk]:
-        self._check()
+        await self._check()
         async for chunk in self.worker.generate(request_id, list(prompt_ids), params):
             yield chunk
 
     async def abort(self, request_id: str) -> bool:
-        self._check()
+        await self._check()
         return await self.worker.abort(request_id)
 
     async def release(self, request_id: str) -> bool:
-        self._check()
+        await self._check()
         return await self.worker.release(request_id)
 
     async def status(self) -> WorkerStatus:
-        self._check()
+        await self._check()
         return await self.worker.status()
 
     async def kv_events(self, after_seq: int, timeout_s: float) -> KVEventsReply:
-        self._check()
+        await self._check()
         return await self.worker.kv_events(after_seq, timeout_s)
 
     async def kv_snapshot(self) -> KVSnapshot:
-        self._check()
+        await self._check()
         return await self.worker.kv_snapshot()
 
     async def wait_idle(self, timeout_s: float) -> bool:
-        self._check()
+        await self._check()
         return await self.worker.wait_idle(timeout_s)
 
 
