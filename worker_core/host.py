@@ -266,11 +266,16 @@ class WorkerHost:
 
     async def chunks(self, stream: asyncio.Queue, prompt_tokens: int, extra: dict | None = None) -> AsyncIterator[StreamChunk]:
         """StepOutputs of one request as chunks; everything already queued is merged into one chunk."""
+        # cached_tokens counts prompt tokens not computed: on a decode worker the prefill worker's hit
+        # (passed in `extra`), not what its own cache held of the pulled prompt
+        cached = (extra or {}).get("cached_tokens")
         while True:
             item = await stream.get()
             chunk = self._chunk_of(item)
             while not chunk.finished and not stream.empty():
                 chunk.merge(self._chunk_of(stream.get_nowait()))
+            if cached is not None:
+                chunk.cached_tokens = cached
             if chunk.finished:
                 chunk.prompt_tokens = prompt_tokens
                 for key, value in (extra or {}).items():
