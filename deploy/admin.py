@@ -12,7 +12,10 @@
     apply_config(config)           the same for both pools from a re-read config file
                                    (`tandem serve --config F`, then SIGHUP)
 
-One admin operation runs at a time (a lock); requests keep flowing meanwhile. The
+One admin operation runs at a time (a lock); requests keep flowing meanwhile. Each
+runs as a task this service owns: a caller whose deadline passes (or who hangs up)
+gets its status, while the operation still completes, worker registered in the
+router included, so the router and the cluster never disagree on who exists. The
 composition lives here, in deploy, because starting actors is deploy's business and
 the router must not import it.
 """
@@ -44,6 +47,14 @@ def ray_client(handle: WorkerHandle) -> WorkerClient:
     return RayWorkerClient(handle.actor, handle.worker_id)
 
 
+class AdminError(RuntimeError):
+    """An admin operation refused or stopped part way; `code` is the gRPC status the caller gets."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class AdminService(apb_grpc.AdminServicer):
     def __init__(self, cluster: Cluster, service: GenerationService, drain_timeout_s: float = 60.0,
                  client_factory: ClientFactory = ray_client) -> None:
@@ -51,26 +62,31 @@ class AdminService(apb_grpc.AdminServicer):
         self.drain_timeout_s = drain_timeout_s
         self.client_factory = client_factory
         self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+        # the replicas the config file said last: a reload scales only the pools whose count changed in
+        # the file, so workers added or removed through this service are not undone by an unrelated SIGHUP
+        self._file_replicas = {name: getattr(cluster.config, name).replicas for name in POOLS}
+
+    # -- operations (each one a task this service owns: a caller that goes away does not cut it in half) ----
+
+    async def _owned(self, coro):
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
 
     def _router_pool(self, pool_name: str):
         s = self.service
         return s.prefill if pool_name == "prefill" and s.prefill is not None else s.decode
 
-    @staticmethod
-    async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-        await context.abort(code, message)
-
-    def _check_pool(self, pool: str) -> str | None:
-        if pool not in POOLS:
-            return f"pool must be one of {', '.join(POOLS)}, got {pool!r}"
-        return None
-
     async def _add(self, pool_name: str) -> str:
+        """Start a worker and put it in service; caller holds the lock."""
         handle = await asyncio.to_thread(self.cluster.add_worker, pool_name)
         self.service.add_worker(self._router_pool(pool_name), self.client_factory(handle))
         return handle.worker_id
 
     async def _remove(self, worker_id: str, drain_timeout_s: float) -> bool:
+        """Drain a worker out of service and stop it; caller holds the lock."""
         drained = await self.service.drain_worker(worker_id, drain_timeout_s)
         await asyncio.to_thread(self.cluster.remove_worker, worker_id)
         return drained
@@ -78,40 +94,48 @@ class AdminService(apb_grpc.AdminServicer):
     def _drain_s(self, requested: float) -> float:
         return requested if requested > 0 else self.drain_timeout_s
 
-    async def AddWorkers(self, request: apb.AddWorkersRequest, context: grpc.aio.ServicerContext
-                         ) -> apb.AddWorkersResponse:
-        problem = self._check_pool(request.pool) or (
-            None if request.count >= 1 else f"count must be >= 1, got {request.count}")
-        if problem:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+    async def add(self, pool_name: str, count: int) -> list[str]:
+        if pool_name not in POOLS:
+            raise AdminError(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"pool must be one of {', '.join(POOLS)}, got {pool_name!r}")
+        if count < 1:
+            raise AdminError(grpc.StatusCode.INVALID_ARGUMENT, f"count must be >= 1, got {count}")
         added: list[str] = []
         async with self._lock:
             try:
-                for _ in range(request.count):
-                    added.append(await self._add(request.pool))
-            except Exception as exc:  # noqa: BLE001 - one line to the operator, the traceback to the log
-                log.exception("adding a %s worker failed", request.pool)
+                for _ in range(count):
+                    added.append(await self._add(pool_name))
+            except Exception as exc:
+                log.exception("adding a %s worker failed", pool_name)
                 code = grpc.StatusCode.FAILED_PRECONDITION if isinstance(exc, ConfigError) else grpc.StatusCode.INTERNAL
-                await self._refuse(context, code, f"added {added or 'none'}; the next failed: "
-                                                  f"{type(exc).__name__}: {exc}")
-        return apb.AddWorkersResponse(worker_ids=added, topology=self.cluster.topology())
+                raise AdminError(code, f"added {added or 'none'}; the next failed: {type(exc).__name__}: {exc}"
+                                 ) from exc
+        return added
 
-    async def RemoveWorker(self, request: apb.RemoveWorkerRequest, context: grpc.aio.ServicerContext
-                           ) -> apb.RemoveWorkerResponse:
-        wid = request.worker_id
+    async def remove(self, worker_id: str, drain_timeout_s: float = 0.0) -> bool:
         async with self._lock:
             try:
-                pool_name = self.cluster.pool_name(wid)
+                pool_name = self.cluster.pool_name(worker_id)
+                router_pool = self.service.pool_of(worker_id)
             except KeyError as exc:
-                await self._refuse(context, grpc.StatusCode.NOT_FOUND, str(exc).strip("'\""))
-            if len(self.cluster.pool_workers(pool_name)) <= 1:
-                await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"{wid} is the last {pool_name} worker; add another before removing it")
-            drained = await self._remove(wid, self._drain_s(request.drain_timeout_s))
-        return apb.RemoveWorkerResponse(worker_id=wid, drained=drained, topology=self.cluster.topology())
+                raise AdminError(grpc.StatusCode.NOT_FOUND, str(exc).strip("'\"")) from None
+            if len(router_pool.slots) <= 1:
+                raise AdminError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"{worker_id} is the last {router_pool.role} worker; add another before removing it")
+            try:
+                return await self._remove(worker_id, self._drain_s(drain_timeout_s))
+            except Exception as exc:
+                log.exception("removing %s (%s pool) failed", worker_id, pool_name)
+                raise AdminError(grpc.StatusCode.INTERNAL, f"removing {worker_id} failed: {type(exc).__name__}: "
+                                                           f"{exc}") from exc
 
     async def scale(self, pool_name: str, replicas: int, drain_timeout_s: float = 0.0) -> tuple[list[str], list[str]]:
-        """Grow or shrink a pool to `replicas` (newest removed first); (added, removed). Takes the admin lock."""
+        """Grow or shrink a pool to `replicas` (newest removed first); (added, removed)."""
+        if pool_name not in POOLS:
+            raise AdminError(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"pool must be one of {', '.join(POOLS)}, got {pool_name!r}")
+        if replicas < 1:
+            raise AdminError(grpc.StatusCode.INVALID_ARGUMENT, f"replicas must be >= 1, got {replicas}")
         added: list[str] = []
         removed: list[str] = []
         async with self._lock:
@@ -124,13 +148,14 @@ class AdminService(apb_grpc.AdminServicer):
                     await self._remove(wid, self._drain_s(drain_timeout_s))
                     removed.append(wid)
             except Exception as exc:
-                raise ScaleError(f"added {added or 'none'}, removed {removed or 'none'}; then failed: "
-                                 f"{type(exc).__name__}: {exc}") from exc
+                log.exception("scaling the %s pool failed", pool_name)
+                raise AdminError(grpc.StatusCode.INTERNAL, f"added {added or 'none'}, removed {removed or 'none'}; "
+                                                           f"then failed: {type(exc).__name__}: {exc}") from exc
         return added, removed
 
     async def apply_config(self, config: ServeConfig) -> tuple[list[str], list[str]]:
-        """Reconcile the pools with a re-read config (SIGHUP): replicas change at run time; anything
-        else that differs from the running config is reported as needing a restart."""
+        """Follow a re-read config (SIGHUP): a pool whose `replicas` changed in the file is scaled to it;
+        anything else that differs from the running config is reported as needing a restart."""
         running = self.cluster.config
         added: list[str] = []
         removed: list[str] = []
@@ -139,28 +164,37 @@ class AdminService(apb_grpc.AdminServicer):
             if msgspec.structs.replace(new, replicas=old.replicas) != old:
                 log.warning("config reload: %s pool settings other than replicas changed; they take effect on "
                             "restart", pool_name)
-            a, r = await self.scale(pool_name, new.replicas)
-            added += a
-            removed += r
+            if new.replicas != self._file_replicas[pool_name]:
+                a, r = await self._owned(self.scale(pool_name, new.replicas))
+                self._file_replicas[pool_name] = new.replicas
+                added += a
+                removed += r
         if msgspec.structs.replace(config, prefill=running.prefill, decode=running.decode) != running:
             log.warning("config reload: settings outside the pools' replicas changed; they take effect on restart")
         log.info("config reload: added %s, removed %s: %s", added or "none", removed or "none",
                  self.cluster.topology())
         return added, removed
 
+    # -- RPCs ----------------------------------------------------------------------------------------
+
+    async def _rpc(self, context: grpc.aio.ServicerContext, coro):
+        try:
+            return await self._owned(coro)
+        except AdminError as exc:
+            await context.abort(exc.code, str(exc))
+
+    async def AddWorkers(self, request: apb.AddWorkersRequest, context: grpc.aio.ServicerContext
+                         ) -> apb.AddWorkersResponse:
+        added = await self._rpc(context, self.add(request.pool, request.count))
+        return apb.AddWorkersResponse(worker_ids=added, topology=self.cluster.topology())
+
+    async def RemoveWorker(self, request: apb.RemoveWorkerRequest, context: grpc.aio.ServicerContext
+                           ) -> apb.RemoveWorkerResponse:
+        drained = await self._rpc(context, self.remove(request.worker_id, request.drain_timeout_s))
+        return apb.RemoveWorkerResponse(worker_id=request.worker_id, drained=drained,
+                                        topology=self.cluster.topology())
+
     async def ScalePool(self, request: apb.ScalePoolRequest, context: grpc.aio.ServicerContext
                         ) -> apb.ScalePoolResponse:
-        problem = self._check_pool(request.pool) or (
-            None if request.replicas >= 1 else f"replicas must be >= 1, got {request.replicas}")
-        if problem:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
-        try:
-            added, removed = await self.scale(request.pool, request.replicas, request.drain_timeout_s)
-        except ScaleError as exc:
-            log.exception("scaling the %s pool failed", request.pool)
-            await self._refuse(context, grpc.StatusCode.INTERNAL, str(exc))
+        added, removed = await self._rpc(context, self.scale(request.pool, request.replicas, request.drain_timeout_s))
         return apb.ScalePoolResponse(added=added, removed=removed, topology=self.cluster.topology())
-
-
-class ScaleError(RuntimeError):
-    """A pool change that stopped part way (what was done is in the message)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 
 import ray
@@ -41,6 +42,8 @@ from worker_core.host import WorkerSettings
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 600.0  # model load on a cold node
+CALL_TIMEOUT_S = 60.0  # handshakes and other short calls to a worker
+_CREATE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -98,8 +101,9 @@ class Cluster:
     def _create(self, pool_name: str) -> WorkerHandle:
         cfg = self.config
         disagg = cfg.mode == "disaggregated"
-        i = self._next_index[pool_name]
-        self._next_index[pool_name] = i + 1
+        with _CREATE_LOCK:  # admin operations run on threads: two may never take the same id
+            i = self._next_index[pool_name]
+            self._next_index[pool_name] = i + 1
         wid = f"{pool_name}-{i}" if disagg else f"worker-{pool_name}-{i}"
         handle, pg = create_worker(cfg, wid, pool_name if disagg else "aggregated", getattr(cfg, pool_name))
         if pg is not None:
@@ -136,20 +140,21 @@ class Cluster:
         """
         self.pool_workers(pool_name)  # unknown pool -> ConfigError before anything starts
         handle = self._create(pool_name)
+        peers = (self.decode if pool_name == "prefill" else self.prefill) if self.config.mode == "disaggregated" else []
         try:
             ray.get(handle.actor.ready.remote(), timeout=READY_TIMEOUT_S)
-            info = ray.get(handle.actor.model_info.remote())
+            info = ray.get(handle.actor.model_info.remote(), timeout=CALL_TIMEOUT_S)
             if self.model is not None and info.fingerprint != self.model.fingerprint:
                 raise ConfigError(f"worker {handle.worker_id} loaded another model ({info.fingerprint} vs "
                                   f"{self.model.fingerprint})")
-            if self.config.mode == "disaggregated":
-                peers = self.decode if pool_name == "prefill" else self.prefill
-                mine = ray.get(handle.actor.handshake_payload.remote())
-                theirs = ray.get([w.actor.handshake_payload.remote() for w in peers])
+            if peers:
+                mine = ray.get(handle.actor.handshake_payload.remote(), timeout=CALL_TIMEOUT_S)
+                theirs = ray.get([w.actor.handshake_payload.remote() for w in peers], timeout=CALL_TIMEOUT_S)
                 ray.get([w.actor.add_peer.remote(mine) for w in peers]
-                        + [handle.actor.add_peer.remote(t) for t in theirs])
+                        + [handle.actor.add_peer.remote(t) for t in theirs], timeout=CALL_TIMEOUT_S)
         except BaseException:
             self._stop(handle)
+            self._forget_peer(handle.worker_id, peers)  # peers that did add it drop it again
             raise
         self.pool_workers(pool_name).append(handle)
         self.infos.append(info)
@@ -157,18 +162,25 @@ class Cluster:
         return handle
 
     def remove_worker(self, worker_id: str) -> None:
-        """Stop one worker and make its peers forget it (blocking). Drain it in the router first."""
+        """Stop one worker, then make its peers forget it (blocking). Drain it in the router first.
+
+        Stopped first: a transfer a peer may still have in flight with it (a drain that timed out)
+        then fails cleanly before its agent is removed.
+        """
         handle = self.handle(worker_id)
         pool = self.prefill if handle in self.prefill else self.decode
         pool.remove(handle)
-        if self.config.mode == "disaggregated":
-            peers = self.decode if pool is self.prefill else self.prefill
-            try:
-                ray.get([w.actor.remove_peer.remote(worker_id) for w in peers], timeout=30)
-            except Exception as exc:  # noqa: BLE001 - a peer that cannot answer keeps a dead entry; never blocks removal
-                log.warning("peers of %s could not forget it: %s", worker_id, exc)
         self._stop(handle)
+        if self.config.mode == "disaggregated":
+            self._forget_peer(worker_id, self.decode if pool is self.prefill else self.prefill)
         log.info("worker %s removed: %s", worker_id, self.topology())
+
+    @staticmethod
+    def _forget_peer(worker_id: str, peers: list[WorkerHandle]) -> None:
+        try:
+            ray.get([w.actor.remove_peer.remote(worker_id) for w in peers], timeout=CALL_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot answer keeps a dead entry; never blocks removal
+            log.warning("peers of %s could not forget it: %s", worker_id, exc)
 
     def handle(self, worker_id: str) -> WorkerHandle:
         for w in self.workers:
@@ -257,10 +269,15 @@ def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tu
             bundle_label_selector=[dict(pool.label_selector)] * pool.world_size if pool.label_selector else None)
         placement = dict(resources, scheduling_strategy=PlacementGroupSchedulingStrategy(
             pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=False))
-    actor = _actor_class(role).options(
-        name=f"tandem-{wid}", namespace=cfg.ray_namespace, lifetime=None, max_concurrency=1000,
-        runtime_env={"env_vars": env}, **placement,
-    ).remote(settings)
+    try:
+        actor = _actor_class(role).options(
+            name=f"tandem-{wid}", namespace=cfg.ray_namespace, lifetime=None, max_concurrency=1000,
+            runtime_env={"env_vars": env}, **placement,
+        ).remote(settings)
+    except BaseException:
+        if pg is not None:  # never leave a reservation behind (a taken name, a bad option)
+            ray.util.remove_placement_group(pg)
+        raise
     return WorkerHandle(wid, role, actor), pg
 
 

@@ -58,7 +58,7 @@ from grpc_reflection.v1alpha import reflection
 from common.wire import StreamChunk
 from router.errors import AdmissionError, NotServingError, WorkerFailedError, WorkerUnavailableError, status_for
 from router.kv_feed import KVEventFeed
-from router.pools import WorkerPool, WorkerReport, worker_reports
+from router.pools import WorkerPool, WorkerReport, WorkerSlot, worker_reports
 from router.responses import RequestTrace, ServerFacts, chunk_response, server_info
 from router.routing import Route, Router, RoutingConfig
 from router.validation import RequestValidator, ValidatedRequest
@@ -158,18 +158,33 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def drain_worker(self, worker_id: str, timeout_s: float) -> bool:
         """Take a worker out of service: no new requests; waits up to timeout_s for its running ones
-        (then aborts them); its KV leases end; it leaves the pool and the index. True if it drained in time."""
+        (then aborts them); its KV leases end; it leaves the pool and the index. True if it drained in time.
+        A failure part way puts the worker back in service."""
         pool = self.pool_of(worker_id)
         slot = pool.drain(worker_id)
+        try:
+            drained = await self._drain(pool, slot, timeout_s)
+        except BaseException:
+            slot.draining = False
+            raise
+        pool.remove(worker_id)
+        await self.feed.unfollow(worker_id)
+        self.router.index_of(pool).forget(worker_id)
+        return drained
+
+    async def _drain(self, pool: WorkerPool, slot: WorkerSlot, timeout_s: float) -> bool:
+        worker_id = slot.worker_id
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         drained = await pool.wait_drained(worker_id, timeout_s)
         if not drained:
-            stuck = [rid for rid, run in self._active.items() if worker_id in (
-                run.p.worker_id if run.p else None, run.d.worker_id if run.d else None)]
+            # a prefill worker: only prompts it is still computing (a leased one may be mid-pull on D,
+            # and aborting it would free blocks under the READ); a decode worker: everything on it
+            stuck = [rid for rid, run in self._active.items()
+                     if (run.d is not None and run.d.worker_id == worker_id)
+                     or (run.p is not None and run.p.worker_id == worker_id and not run.prefill_done)]
             log.warning("drain of %s timed out after %.1f s; aborting %d request(s)", worker_id, timeout_s, len(stuck))
-            for rid in stuck:
-                await self._quietly(slot.client, "abort", rid)
+            await asyncio.gather(*(self._quietly(slot.client, "abort", rid) for rid in stuck))
             await pool.wait_drained(worker_id, self.cleanup_timeout_s)
         try:  # a prefill worker's leases: decode may still be pulling a prompt it computed
             wait = max(deadline - loop.time(), self.cleanup_timeout_s)
@@ -177,9 +192,6 @@ class GenerationService(pb_grpc.GenerationServicer):
                 drained = await slot.client.wait_idle(wait) and drained
         except Exception as exc:  # noqa: BLE001 - the worker is being removed either way
             log.warning("%s did not report idle before removal: %s: %s", worker_id, type(exc).__name__, exc)
-        pool.remove(worker_id)
-        await self.feed.unfollow(worker_id)
-        self.router.index_of(pool).forget(worker_id)
         return drained
 
     async def set_serving(self, serving: bool = True) -> None:
