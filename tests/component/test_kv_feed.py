@@ -18,84 +18,22 @@ from dataclasses import dataclass
 import pytest
 
 from common.block_hash import hash_full_blocks
-from common.kv_events import KVSnapshot
-from common.wire import KVEventsReply, StreamChunk, WorkerStatus
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.sampling_params import SamplingParams
 from prefill_worker.worker import PrefillWorker
-from router.errors import WorkerUnavailableError
 from router.kv_feed import KVEventFeed
 from router.pools import WorkerPool
 from router.routing import PoolIndex, Router, RoutingConfig
+from tests.helpers.inprocess_workers import BS, NUM_BLOCKS, InProcessClient, new_worker
 from tests.helpers.tiny_models import make_tiny_hf_model
-from worker_core.host import WorkerSettings
-from worker_core.kv_publisher import KVEventPublisher
 
 pytestmark = pytest.mark.timeout(120)  # a broken feed must fail, not hang
 
-BS = 4  # small blocks: short prompts make several events
-NUM_BLOCKS = 64
 WAIT_S = 20.0
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
     return str(make_tiny_hf_model(tmp_path_factory.mktemp("kvfeed"), "llama", vocab_size=512))
-
-
-def new_worker(tiny: str, wid: str, publisher_capacity: int | None = None) -> PrefillWorker:
-    engine = EngineConfig(model=tiny, dtype="float32", cache=CacheConfig(block_size=BS, num_blocks=NUM_BLOCKS),
-                          scheduler=SchedulerConfig(max_num_batched_tokens=8))  # chunked prefill: an event per chunk
-    worker = PrefillWorker(WorkerSettings(worker_id=wid, role="prefill", transport="none", engine=engine))
-    if publisher_capacity is not None:  # a router that falls behind a small buffer loses events
-        worker.host.publisher = KVEventPublisher(wid, capacity=publisher_capacity)
-        worker.host.engine.on_kv_events = worker.host.publisher.publish
-    return worker
-
-
-class InProcessClient:
-    """The router's WorkerClient over a worker object in this process; `down` makes every call fail
-    the way a dead Ray actor does (WorkerUnavailableError)."""
-
-    def __init__(self, worker: PrefillWorker) -> None:
-        self.worker = worker
-        self.worker_id = worker.host.worker_id
-        self.down = False
-
-    async def _check(self) -> None:
-        await asyncio.sleep(0)  # a remote call always suspends; without it a feed that spins would starve the loop
-        if self.down:
-            raise WorkerUnavailableError(f"worker {self.worker_id} is unavailable: actor died (test)", self.worker_id)
-
-    async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
-                       ) -> AsyncIterator[StreamChunk]:
-        await self._check()
-        async for chunk in self.worker.generate(request_id, list(prompt_ids), params):
-            yield chunk
-
-    async def abort(self, request_id: str) -> bool:
-        await self._check()
-        return await self.worker.abort(request_id)
-
-    async def release(self, request_id: str) -> bool:
-        await self._check()
-        return await self.worker.release(request_id)
-
-    async def status(self) -> WorkerStatus:
-        await self._check()
-        return await self.worker.status()
-
-    async def kv_events(self, after_seq: int, timeout_s: float) -> KVEventsReply:
-        await self._check()
-        return await self.worker.kv_events(after_seq, timeout_s)
-
-    async def kv_snapshot(self) -> KVSnapshot:
-        await self._check()
-        return await self.worker.kv_snapshot()
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        await self._check()
-        return await self.worker.wait_idle(timeout_s)
 
 
 @dataclass

@@ -1,0 +1,99 @@
+"""Draining a worker out of the router (GenerationService.drain_worker) with real in-process workers.
+
+- a drain that times out aborts, on a prefill worker, only the prompts it is still
+  computing: a prompt already leased may be mid-pull on a decode worker, and aborting it
+  would free blocks under the READ; the worker then leaves the pool, the index and the feed
+- a drain that is cancelled part way puts the worker back in service
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+
+from router.pools import WorkerPool
+from router.responses import RequestTrace
+from router.server import GenerationService, _Run
+from tests.helpers.inprocess_workers import InProcessClient, new_worker
+from tests.helpers.tiny_models import make_tiny_hf_model
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return str(make_tiny_hf_model(tmp_path_factory.mktemp("drain"), "llama", vocab_size=512))
+
+
+class RecordingClient(InProcessClient):
+    def __init__(self, worker) -> None:
+        super().__init__(worker)
+        self.aborted: list[str] = []
+
+    async def abort(self, request_id: str) -> bool:
+        self.aborted.append(request_id)
+        return await super().abort(request_id)
+
+
+@dataclass
+class Fake:  # a decode worker; these tests make no call to it
+    worker_id: str
+
+
+@dataclass
+class Req:
+    request_id: str
+
+
+def service_with(p0: RecordingClient, p1: RecordingClient) -> GenerationService:
+    return GenerationService(validator=None, prefill=WorkerPool("prefill", [p0, p1], "kv", block_size=4),
+                             decode=WorkerPool("decode", [Fake("d0")], "kv", block_size=4),
+                             info_source=lambda: None, cleanup_timeout_s=0.2)
+
+
+def run_on(service: GenerationService, rid: str, p, d, prefill_done: bool) -> None:
+    run = _Run(Req(rid), RequestTrace(received=0.0, prompt_tokens=8), p=p, d=d, prefill_sent=True,
+               prefill_done=prefill_done, kv_leased=prefill_done)
+    service._active[rid] = run
+
+
+def test_timed_out_prefill_drain_aborts_only_prompts_still_computing(tiny):
+    async def scenario():
+        p0, p1 = RecordingClient(new_worker(tiny, "p0")), RecordingClient(new_worker(tiny, "p1"))
+        service = service_with(p0, p1)
+        d0 = service.decode.client("d0")
+        run_on(service, "computing", p0, d0, prefill_done=False)
+        run_on(service, "leased", p0, d0, prefill_done=True)  # D may be pulling it right now
+        run_on(service, "elsewhere", p1, d0, prefill_done=False)
+        with service.prefill.track("p0"):  # the computing prompt's call is open: the drain cannot finish
+            drained = await service.drain_worker("p0", timeout_s=0.05)
+        assert drained is False
+        assert p0.aborted == ["computing"] and p1.aborted == []
+        assert "p0" not in service.prefill and "p1" in service.prefill
+        assert service.prefill.eligible()[0].worker_id == "p1"
+        for w in (p0.worker, p1.worker):
+            await w.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_drain_puts_the_worker_back(tiny):
+    async def scenario():
+        p0, p1 = RecordingClient(new_worker(tiny, "p0")), RecordingClient(new_worker(tiny, "p1"))
+        service = service_with(p0, p1)
+        with service.prefill.track("p0"):
+            task = asyncio.create_task(service.drain_worker("p0", timeout_s=60))
+            while not service.prefill.slot("p0").draining:
+                await asyncio.sleep(0)  # let the drain start (one loop turn, no wall-clock wait)
+            assert [s.worker_id for s in service.prefill.eligible()] == ["p1"]
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        slot = service.prefill.slot("p0")
+        assert not slot.draining and slot.eligible and p0.aborted == []
+        for w in (p0.worker, p1.worker):
+            await w.shutdown()
+
+    asyncio.run(scenario())
