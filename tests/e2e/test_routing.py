@@ -175,6 +175,19 @@ def test_config_reload_grows_and_shrinks_the_pools(cluster, reference):
     cluster.cluster.check_pools()
 
 
+def test_admin_cli(cluster, capsys):
+    import json
+
+    from deploy.cli import main
+
+    assert main(["admin", "--server", cluster.address, "remove", "prefill-99"]) == 2
+    assert capsys.readouterr().err.startswith("error: NOT_FOUND: no worker 'prefill-99'")
+    n = len(cluster.cluster.prefill)
+    assert main(["admin", "--server", cluster.address, "scale", "--pool", "prefill", "--replicas", str(n)]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert reply["added"] == [] and reply["removed"] == [] and reply["topology"].startswith(f"{n}P")
+
+
 def test_admin_refuses_bad_requests_clearly(cluster):
     client = TandemClient(cluster.address)
     with pytest.raises(grpc.RpcError) as e:
