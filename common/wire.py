@@ -34,6 +34,7 @@ class StreamChunk(msgspec.Struct):
     prompt_tokens: int = 0  # set on the last chunk
     cached_tokens: int = 0  # prompt tokens served from a prefix cache (last chunk)
     kv_transfer_s: float = 0.0  # decode: time spent pulling the KV cache (last chunk)
+    kv_transfer_bytes: int = 0  # decode: bytes pulled (last chunk)
     error: str | None = None  # message when finish_reason == "error"
 
     def merge(self, other: StreamChunk) -> None:
@@ -42,7 +43,7 @@ class StreamChunk(msgspec.Struct):
         self.text += other.text
         self.logprobs.extend(other.logprobs)
         for name in ("finished", "finish_reason", "stop_reason", "prompt_tokens", "cached_tokens", "kv_transfer_s",
-                     "error"):
+                     "kv_transfer_bytes", "error"):
             value = getattr(other, name)
             if value:
                 setattr(self, name, value)
@@ -81,6 +82,8 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     transfers_in_flight: int = 0  # decode: pulls not yet done
     prefill_tokens: int = 0  # tokens still to compute before a first token (queued + running prefill)
     max_num_seqs: int = 0  # the scheduler's limit on running requests (0: not reported)
+    prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache since start
+    prefix_hit_tokens: int = 0  # ... of which found there (hit rate = hit / query)
 
 
 class KVEventsReply(msgspec.Struct, frozen=True):

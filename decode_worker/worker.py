@@ -71,17 +71,19 @@ class DecodeWorker(WorkerActor):
             if replay.finished:
                 return
             t0 = self.clock()
-            await self._admit_and_pull(request_id, prefill)
+            pulled = await self._admit_and_pull(request_id, prefill)
             if self._aborted.pop(request_id, 0) is None:
                 return  # aborted mid-pull: the finally frees the blocks now that the transfer is released
-            extra = {"kv_transfer_s": self.clock() - t0, "cached_tokens": prefill.cached_tokens}
+            extra = {"kv_transfer_s": self.clock() - t0, "kv_transfer_bytes": pulled,
+                     "cached_tokens": prefill.cached_tokens}
             await engine.call(lambda c: c.finish_remote_kv(request_id))
             async for chunk in self.host.chunks(stream, len(prompt_ids), extra):
                 yield chunk
         finally:
             await self.host.finish_stream(request_id)
 
-    async def _admit_and_pull(self, request_id: str, prefill: PrefillResult) -> None:
+    async def _admit_and_pull(self, request_id: str, prefill: PrefillResult) -> int:
+        """Blocks for the prompt, then its KV pulled into them; returns the bytes read."""
         engine = self.host.engine
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.admission_timeout_s
@@ -96,17 +98,17 @@ class DecodeWorker(WorkerActor):
                     f"{self.settings.admission_timeout_s:.0f} s; add decode capacity or lower max_tokens"
                 )
         dst_blocks, start = slots
-        await self._pull(request_id, prefill, start, dst_blocks)
+        return await self._pull(request_id, prefill, start, dst_blocks)
 
-    async def _pull(self, request_id: str, prefill: PrefillResult, first_block: int, dst_blocks: list[int]) -> None:
+    async def _pull(self, request_id: str, prefill: PrefillResult, first_block: int, dst_blocks: list[int]) -> int:
         if not dst_blocks:
-            return  # the local prefix cache held the whole prompt
+            return 0  # the local prefix cache held the whole prompt
         kv = prefill.kv
         first_token = first_block * self.host.core.kv_spec.block_size
         self._pulling.add(request_id)
         try:
-            await self.host.pull(kv.agent_name, kv.block_ids, dst_blocks, kv.num_tokens, first_token,
-                                 self.settings.transfer_timeout_s)
+            return await self.host.pull(kv.agent_name, kv.block_ids, dst_blocks, kv.num_tokens, first_token,
+                                        self.settings.transfer_timeout_s)
         finally:
             self._pulling.discard(request_id)
 

@@ -104,6 +104,7 @@ class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     conditional_prefill_threshold: int = 0  # tokens; a prompt this short uncached on D prefills there (0: never)
     max_prefill_queue_tokens: int = 16384  # prefill worker "saturated" at this many queued tokens (local prefill)
     drain_timeout_s: float = 60.0  # removing a worker: how long its running requests may take to finish
+    metrics_port: int | None = None  # Prometheus /metrics of the whole cluster on router.host (0: any free port)
     max_inflight: int = 256  # beyond this, RESOURCE_EXHAUSTED (PLATFORM.md: ~2,000 calls on one channel broke)
     max_message_bytes: int = 16 << 20
 
@@ -140,6 +141,8 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if r.temperature < 0 or r.conditional_prefill_threshold < 0 or r.max_prefill_queue_tokens < 1:
             raise ConfigError("router.temperature and router.conditional_prefill_threshold must be >= 0, "
                               "router.max_prefill_queue_tokens >= 1")
+        if r.metrics_port is not None and not 0 <= r.metrics_port < 65536:
+            raise ConfigError(f"router.metrics_port must be in 0..65535 (0 = any free port), got {r.metrics_port}")
         if r.drain_timeout_s <= 0:
             raise ConfigError(f"router.drain_timeout_s must be > 0, got {r.drain_timeout_s}")
         if self.mode == "aggregated" and self.prefill.block_size != self.decode.block_size:

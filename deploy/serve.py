@@ -20,6 +20,8 @@ import threading
 from collections.abc import Callable
 from importlib import metadata
 
+from prometheus_client import start_http_server
+
 from deploy.admin import AdminService, ray_client
 from deploy.cluster import Cluster, WorkerHandle
 from deploy.config import ServeConfig
@@ -81,6 +83,16 @@ def build_service(cluster: Cluster) -> GenerationService:
                              routing=routing_config(cfg), rng=random.Random(cfg.seed))
 
 
+def start_metrics_server(service: GenerationService, host: str, port: int | None):
+    """The router's Prometheus registry at http://host:port/metrics on its own thread (None: off)."""
+    if port is None:
+        return None
+    httpd, _ = start_http_server(port, addr=host, registry=service.metrics.registry)
+    service.metrics_port = httpd.server_port
+    log.info("Prometheus metrics on http://%s:%d/metrics", host, httpd.server_port)
+    return httpd
+
+
 async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port, service, admin: None,
                      reload: Callable[[], ServeConfig] | None = None, reload_now: asyncio.Event | None = None) -> None:
     """Serve until `stop` is set; `on_ready(port, service, admin)` is called once SERVING, with the port
@@ -91,6 +103,7 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
     server = build_server(service, cfg.router.host, cfg.router.port,
                           extra=[(lambda srv: apb_grpc.add_AdminServicer_to_server(admin, srv), ADMIN_SERVICE)])
     await server.start()
+    metrics_http = start_metrics_server(service, cfg.router.host, cfg.router.metrics_port)
     await service.start_feeds()
     await service.set_serving()
     on_ready(server.tandem_port, service, admin)
@@ -120,6 +133,8 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
     finally:
         for task in tasks:
             task.cancel()
+        if metrics_http is not None:
+            metrics_http.shutdown()
         await service.set_serving(False)
         await server.stop(STOP_GRACE_S)
         await service.close()
@@ -151,6 +166,9 @@ async def _main(cluster: Cluster, reload: Callable[[], ServeConfig] | None = Non
     def announce(port: int, service: GenerationService, admin: AdminService) -> None:
         print(f"tandem: serving {cluster.model.name} ({cluster.topology()}) on {cfg.router.host}:{port}; "
               "Ctrl-C to stop", flush=True)
+        if service.metrics_port is not None:
+            print(f"tandem: Prometheus metrics on http://{cfg.router.host}:{service.metrics_port}/metrics "
+                  "(dashboard: deploy/observability/)", flush=True)
 
     await run_server(cluster, stop, announce, reload, reload_now)
     print("tandem: stopped", flush=True)

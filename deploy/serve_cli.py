@@ -7,7 +7,7 @@
                  [--prefill-block-size N] [--decode-block-size N]
                  [--prefill-kv-order NHD|HND] [--decode-kv-order NHD|HND]
                  [--router-policy kv|round-robin|least-loaded] [--conditional-prefill-threshold N]
-                 [--router-temperature T] [--max-inflight N] [--lease-s S]
+                 [--router-temperature T] [--metrics-port N] [--max-inflight N] [--lease-s S]
                  [--ray-address HOST:PORT] [--print-config]
 
 Flags override the file; the file overrides the defaults (deploy/config.py).
@@ -49,6 +49,8 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--conditional-prefill-threshold", type=int, metavar="N",
                    help="prompts with at most N tokens uncached on the chosen decode worker prefill there "
                         "(0, the default, disables local prefill)")
+    s.add_argument("--metrics-port", type=int, metavar="N",
+                   help="serve Prometheus metrics of the whole cluster at http://HOST:N/metrics (0: any free port)")
     s.add_argument("--router-temperature", type=float, metavar="T",
                    help="kv policy: 0 picks the cheapest worker; T > 0 samples among near-equal ones")
     s.add_argument("--max-inflight", type=int, help="requests in flight before RESOURCE_EXHAUSTED")
@@ -67,7 +69,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         **{
             "router.host": args.host, "router.port": args.port, "router.policy": args.policy,
             "router.conditional_prefill_threshold": args.conditional_prefill_threshold,
-            "router.temperature": args.router_temperature,
+            "router.temperature": args.router_temperature, "router.metrics_port": args.metrics_port,
             "router.max_inflight": args.max_inflight, "transport.lease_s": args.lease_s,
             "prefill.replicas": args.prefill_replicas, "decode.replicas": args.decode_replicas,
             "both.block_size": args.block_size, "both.dtype": args.dtype, "both.device": args.device,

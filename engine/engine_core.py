@@ -222,6 +222,7 @@ class EngineCore:
         if blocks is None:
             return None
         req.num_cached_tokens = hit.num_tokens
+        self.scheduler.count_prefix_lookup(n, hit.num_tokens)
         return blocks[hit.num_blocks :], hit.num_blocks
 
     def finish_remote_kv(self, request_id: str) -> None:

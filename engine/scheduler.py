@@ -57,6 +57,12 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache (first schedule), since start
+        self.prefix_hit_tokens = 0  # ... of which found there
+
+    def count_prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
+        self.prefix_query_tokens += prompt_tokens
+        self.prefix_hit_tokens += hit_tokens
 
     # ---- queue management ----------------------------------------------------------------------------------------
 
@@ -152,6 +158,7 @@ class Scheduler:
             req.num_computed_tokens = computed
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = computed
+                self.count_prefix_lookup(req.num_prompt_tokens, computed)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, n, blocks))

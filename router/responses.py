@@ -52,21 +52,51 @@ def chunk_response(chunk: StreamChunk, worker_id: str) -> pb.GenerateResponse:
 
 @dataclass
 class RequestTrace:
-    """What the router measured and counted for one request (all times from the injected clock)."""
+    """What the router measured and counted for one request (all times from the injected clock).
+
+    TTFT decomposes exactly: `ttft_parts()` = queue (receipt -> routing starts: admission and
+    validation), route (the routing decision), prefill (routed -> the first worker result
+    arrives: the Ray call, the worker's queueing and compute; for a local prefill, the
+    decode worker's first chunk), return (that result -> the first response handed to gRPC).
+    In Tandem token 1 comes from the prefill worker, so the KV pull and the first decode
+    step are in token 2's latency, not in TTFT (`kv_transfer_s` is measured by decode).
+    """
 
     received: float
     prompt_tokens: int
-    dispatched: float | None = None  # first worker call issued
+    dispatched: float | None = None  # first worker call issued (= routed)
+    routing_started: float | None = None
+    first_arrived: float | None = None  # first worker result / chunk received
     first_sent: float | None = None  # first response handed to gRPC
+    last_sent: float | None = None
     prefill_s: float = 0.0
     kv_transfer_s: float = 0.0
+    kv_transfer_bytes: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    finish_reason: str = ""
+    token_gaps: list[tuple[float, int]] = field(default_factory=list)  # (seconds since last chunk, its tokens)
 
     def count(self, chunk: StreamChunk) -> None:
         self.completion_tokens += len(chunk.token_ids)
         self.kv_transfer_s = max(self.kv_transfer_s, chunk.kv_transfer_s)
+        self.kv_transfer_bytes = max(self.kv_transfer_bytes, chunk.kv_transfer_bytes)
         self.cached_tokens = max(self.cached_tokens, chunk.cached_tokens)
+
+    def sent(self, now: float, tokens: int) -> None:
+        """A response with `tokens` tokens was handed to gRPC at `now`."""
+        if self.first_sent is None:
+            self.first_sent = now
+        elif tokens:
+            self.token_gaps.append((now - (self.last_sent or now), tokens))
+        self.last_sent = now
+
+    def ttft_parts(self) -> dict[str, float] | None:
+        """queue + route + prefill + return == TTFT (None until the first response was sent)."""
+        marks = (self.received, self.routing_started, self.dispatched, self.first_arrived, self.first_sent)
+        if any(m is None for m in marks):
+            return None
+        return {name: b - a for name, a, b in zip(("queue", "route", "prefill", "return"), marks, marks[1:])}
 
     def finish(self, response: pb.GenerateResponse, now: float) -> None:
         first = self.first_sent if self.first_sent is not None else now

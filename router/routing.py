@@ -189,6 +189,8 @@ class Route:
     reason: str  # e.g. "remote: 412 uncached tokens on decode-0 > threshold 64"
     decode_decision: KVDecision | Decision
     prefill_decision: KVDecision | Decision | None = None
+    kind: str = ""  # the reason as a metric label: local short|no_prefill_worker|saturated|aggregated,
+    #                 remote long|disabled
 
     @property
     def local(self) -> bool:
@@ -298,8 +300,8 @@ class Router:
             d_slot, d_decision = self._choose_decode(d_ix, n, d_overlap)
         d_cached = d_overlap.get(d_slot.worker_id, 0)
         d_uncached = PrefillTerms(d_slot.worker_id, n, d_cached, d_ix.pool.block_size, 0).uncached_tokens
-        local_reason = self._local_reason(d_slot.worker_id, d_uncached)
-        p_ix = None if local_reason is not None else self.prefill
+        local = self._local_reason(d_slot.worker_id, d_uncached)
+        p_ix = None if local is not None else self.prefill
         if p_ix is not None:  # choose P before booking anything: choosing may raise (no eligible worker)
             p_hashes = p_ix.hashes(prompt_ids, cache)
             p_overlap = p_ix.overlap(p_hashes)
@@ -308,10 +310,10 @@ class Router:
         ticket = Ticket(d_slot=d_slot, predicted=[d_ix.predicted])
         d_ix.predicted.add(request_id, d_slot.worker_id, d_hashes)
         if p_ix is None:
-            assert local_reason is not None
+            assert local is not None
             ticket.d_tokens = d_uncached
             d_slot.prefill_tokens += d_uncached
-            route = Route(request_id, d_slot.client, None, local_reason, d_decision)
+            route = Route(request_id, d_slot.client, None, local[1], d_decision, kind=local[0])
         else:
             p_terms = PrefillTerms(p_slot.worker_id, n, p_overlap.get(p_slot.worker_id, 0), p_ix.pool.block_size, 0)
             ticket.p_slot, ticket.p_tokens = p_slot, p_terms.uncached_tokens
@@ -323,27 +325,29 @@ class Router:
             threshold = cfg.conditional_prefill_threshold
             why = (f"{d_uncached} uncached tokens on {d_slot.worker_id} > threshold {threshold}" if threshold
                    else "local prefill disabled (threshold 0)")
-            route = Route(request_id, d_slot.client, p_slot.client, f"remote: {why}", d_decision, p_decision)
+            route = Route(request_id, d_slot.client, p_slot.client, f"remote: {why}", d_decision, p_decision,
+                          kind="long" if threshold else "disabled")
         self._tickets[request_id] = ticket
         if decision_log.isEnabledFor(logging.DEBUG):
             decision_log.debug(route.describe())
         return route
 
-    def _local_reason(self, d_id: str, d_uncached: int) -> str | None:
+    def _local_reason(self, d_id: str, d_uncached: int) -> tuple[str, str] | None:
+        """(kind, reason) when D prefills locally, else None."""
         if self.prefill is None:
-            return f"local: aggregated ({d_uncached} uncached tokens on {d_id})"
+            return "aggregated", f"local: aggregated ({d_uncached} uncached tokens on {d_id})"
         threshold = self.config.conditional_prefill_threshold
         if threshold == 0:
             return None
         if d_uncached <= threshold:
-            return f"local: {d_uncached} uncached tokens on {d_id} <= threshold {threshold}"
+            return "short", f"local: {d_uncached} uncached tokens on {d_id} <= threshold {threshold}"
         eligible = self.prefill.pool.eligible()
         if not eligible:
-            return f"local: no healthy prefill worker ({d_uncached} uncached tokens on {d_id})"
+            return "no_prefill_worker", f"local: no healthy prefill worker ({d_uncached} uncached tokens on {d_id})"
         limit = self.config.max_prefill_queue_tokens
         least = min(s.prefill_tokens for s in eligible)
         if least >= limit:
-            return f"local: prefill pool saturated (least queued {least} >= {limit} tokens)"
+            return "saturated", f"local: prefill pool saturated (least queued {least} >= {limit} tokens)"
         return None
 
     def _choose_prefill(self, ix: PoolIndex, n: int, overlap: dict[str, int]

@@ -58,6 +58,7 @@ from grpc_reflection.v1alpha import reflection
 from common.wire import StreamChunk
 from router.errors import AdmissionError, NotServingError, WorkerFailedError, WorkerUnavailableError, status_for
 from router.kv_feed import KVEventFeed
+from router.metrics import RouterMetrics
 from router.pools import WorkerPool, WorkerReport, WorkerSlot, worker_reports
 from router.responses import RequestTrace, ServerFacts, chunk_response, server_info
 from router.routing import Route, Router, RoutingConfig
@@ -86,6 +87,7 @@ class _Run:
     kv_leased: bool = False
     stream_sent: bool = False  # decode / generate call issued
     first_chunk_seen: bool = False  # the decode / generate stream has produced a chunk
+    observed: bool = False  # metrics recorded
     finished: bool = False
 
 
@@ -105,13 +107,17 @@ class GenerationService(pb_grpc.GenerationServicer):
                  info_source: ServerInfoSource, max_inflight: int = 256, request_timeout_s: float = 600.0,
                  cleanup_timeout_s: float = 5.0, status_timeout_s: float = 2.0,
                  routing: RoutingConfig | None = None, rng: random.Random | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 metrics: RouterMetrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         self.validator, self.prefill, self.decode, self.info_source = validator, prefill, decode, info_source
         self.router = Router(decode, prefill, routing or RoutingConfig(policy=decode.policy), rng)
         self.feed = KVEventFeed(self._on_down)
         self._feeding = False
+        self.metrics = metrics if metrics is not None else RouterMetrics()
+        self.metrics.in_flight.set_function(lambda: len(self._active))
+        self.metrics.workers_source = self._worker_states
+        self.metrics_port: int | None = None  # set by deploy when it serves /metrics
         self.max_inflight, self.request_timeout_s = max_inflight, request_timeout_s
         self.cleanup_timeout_s, self.status_timeout_s, self._clock = cleanup_timeout_s, status_timeout_s, clock
         self.health = _Health()
@@ -130,6 +136,10 @@ class GenerationService(pb_grpc.GenerationServicer):
     @property
     def pools(self) -> tuple[WorkerPool, ...]:
         return tuple(p for p in (self.prefill, self.decode) if p is not None)
+
+    def _worker_states(self) -> list[tuple[str, str, object, bool]]:
+        """(role, worker id, last status, eligible) of every worker, for the metrics scrape."""
+        return [(pool.role, s.worker_id, s.status, s.eligible) for pool in self.pools for s in pool.slots]
 
     def _on_down(self, pool: WorkerPool, worker_id: str, reason: str) -> None:
         """A worker failed a call or its health check: no request goes there, and its cache is forgotten."""
@@ -215,6 +225,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             code, message = status_for(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("request refused by an unexpected error")
+            self.metrics.requests.labels("none", code.name).inc()
             context.set_code(code)
             context.set_details(message)
             return
@@ -240,11 +251,15 @@ class GenerationService(pb_grpc.GenerationServicer):
             raise
         except Exception as exc:  # noqa: BLE001
             failure = self._failed(run, exc)
+        except BaseException:
+            self._observe(run, "CANCELLED")
+            raise
         finally:
             del self._active[req.request_id]
             self.router.close(req.request_id)
             if not run.finished:
                 await self._cleanup(run)
+        self._observe(run, failure[0].name if failure is not None else "OK")
         if failure is not None:
             context.set_code(failure[0])
             context.set_details(failure[1])
@@ -268,9 +283,12 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def _routed(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
         req = run.request
+        run.trace.routing_started = self._clock()
         route = run.route = self.router.route(req.request_id, req.prompt_token_ids)
-        run.d = d = route.decode
         run.trace.dispatched = self._clock()
+        self.metrics.decision.observe(run.trace.dispatched - run.trace.routing_started)
+        self.metrics.decisions.labels("local" if route.local else "remote", route.kind).inc()
+        run.d = d = route.decode
         # D counts the request from routing on: a drain waits for it and its decode cost sees it
         with self.decode.track(d.worker_id):
             if route.local:
@@ -288,6 +306,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         with self.prefill.track(p.worker_id):
             run.prefill_sent = True
             result = await p.prefill(req.request_id, req.prompt_token_ids, req.params)
+        run.trace.first_arrived = self._clock()
         self.router.prefill_done(req.request_id)
         run.prefill_done, run.kv_leased = True, result.kv is not None and not result.first.finished
         run.trace.prefill_s, run.trace.cached_tokens = result.prefill_s, result.cached_tokens
@@ -307,6 +326,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             async for chunk in stream:
                 if not run.first_chunk_seen:  # D pulled (or prefilled locally): real KV events take over
                     run.first_chunk_seen = True
+                    if run.trace.first_arrived is None:
+                        run.trace.first_arrived = self._clock()
                     self.router.first_token(run.request.request_id)
                 if release_lease and run.kv_leased:
                     # D streams only after every rank pulled the prompt's KV: P may free it now
@@ -327,11 +348,38 @@ class GenerationService(pb_grpc.GenerationServicer):
         if trace.first_sent is None:
             response.prefill_worker, response.decode_worker = prefill_worker, decode_worker
             response.route = run.route.reason if run.route is not None else ""
-            trace.first_sent = now
+        trace.sent(now, len(chunk.token_ids))
         if chunk.finished:
+            trace.finish_reason = chunk.finish_reason or ""
             trace.finish(response, now)
             run.finished, run.kv_leased = True, False
         await context.write(response)
+
+    def _observe(self, run: _Run, code: str) -> None:
+        """One request's metrics, once, when it ends (any way)."""
+        if run.observed:
+            return
+        run.observed = True
+        m, t = self.metrics, run.trace
+        m.requests.labels(t.finish_reason or "none", code).inc()
+        if t.first_sent is None:
+            return  # refused or failed before its first token: counted above, nothing else to time
+        kind = "local" if run.route is not None and run.route.local else "remote"
+        m.ttft.labels(kind).observe(t.first_sent - t.received)
+        m.duration.labels(kind).observe((t.last_sent or t.first_sent) - t.received)
+        for part, seconds in (t.ttft_parts() or {}).items():
+            m.ttft_part.labels(part).observe(seconds)
+        for gap, tokens in t.token_gaps:
+            for _ in range(tokens):
+                m.itl.observe(gap / tokens)
+        if t.completion_tokens > 1 and t.last_sent is not None:
+            m.tpot.observe((t.last_sent - t.first_sent) / (t.completion_tokens - 1))
+        m.prompt_tokens.inc(t.prompt_tokens)
+        m.completion_tokens.inc(t.completion_tokens)
+        m.cached_tokens.inc(t.cached_tokens)
+        if t.kv_transfer_bytes:
+            m.kv_transfer.observe(t.kv_transfer_s)
+            m.transfer_bytes.inc(t.kv_transfer_bytes)
 
     # -- cleanup ----------------------------------------------------------------------------------
 

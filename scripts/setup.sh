@@ -19,6 +19,13 @@ key=$(cat requirements/runtime.txt requirements/constraints.txt pyproject.toml |
 runtime_stamp=".venv/.tandem-installed-$key"
 stamp="$runtime_stamp"
 if [ "$want_test" = 1 ]; then stamp="$stamp-test-$(sha256sum requirements/test.txt | cut -c1-16)"; fi
+if [ "$want_test" = 1 ] && ! command -v prometheus >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null
+then
+  # A real Prometheus server for tests/e2e/test_metrics.py (Debian's package; the test skips,
+  # saying why, where it cannot be installed). Installing does not start the service.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
+    || echo "[setup] could not install prometheus (apt); its test will be skipped" >&2
+fi
 if [ -f "$stamp" ] && [ -x .venv/bin/tandem ]; then
   exit 0
 fi

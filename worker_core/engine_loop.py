@@ -45,6 +45,8 @@ class EngineStats:
     waiting: int = 0
     leased: int = 0
     prefill_tokens: int = 0  # tokens still to compute before a first token (EngineCore.pending_prefill_tokens)
+    prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_hit_tokens: int = 0  # ... of which found there
 
 
 class EngineDeadError(RuntimeError):
@@ -76,7 +78,9 @@ class AsyncEngine:
 
     def _read_stats(self) -> EngineStats:
         core = self.core
-        return EngineStats(core.kv_manager.num_free_blocks, *core.counts(), core.pending_prefill_tokens())
+        sched = core.scheduler
+        return EngineStats(core.kv_manager.num_free_blocks, *core.counts(), core.pending_prefill_tokens(),
+                           sched.prefix_query_tokens, sched.prefix_hit_tokens)
 
     def _publish(self, loop: asyncio.AbstractEventLoop) -> None:
         """Engine thread, after a step or command: fresh stats, and the KV events it caused to the loop."""

@@ -159,6 +159,7 @@ class WorkerHost:
             kv_blocks_total=spec.num_blocks, kv_blocks_free=st.free_blocks,
             running=st.running, waiting=st.waiting, leased=st.leased, prefill_tokens=st.prefill_tokens,
             max_num_seqs=self.core.config.scheduler.max_num_seqs,
+            prefix_query_tokens=st.prefix_query_tokens, prefix_hit_tokens=st.prefix_hit_tokens,
             node_id=self.node_id, device=str(self.core.device), block_size=spec.block_size,
             dtype=str(self.core.dtype).removeprefix("torch."), transfers_in_flight=transfers_in_flight,
         )

@@ -1,0 +1,141 @@
+"""The router's Prometheus metrics: one registry per router, aggregated over every worker.
+
+Served by deploy on `--metrics-port` at /metrics (one endpoint per cluster: the router
+sees every request end to end, and it receives every worker's status with each KV
+event reply, so worker gauges come from there too; workers export nothing themselves).
+
+Names follow the OpenTelemetry GenAI semantic conventions where one exists
+(`gen_ai.server.*`, written the Prometheus way: dots as underscores, unit suffix) and
+carry a `tandem_` prefix otherwise. Every name a dashboard panel queries is listed in
+METRIC_NAMES (tests/unit/test_dashboards.py checks the dashboard against it and this
+registry against it).
+
+Request metrics are observed once per request, from the router's own clock readings
+(router/responses.py RequestTrace), when it ends (success or failure). Prompt text and
+token ids are never labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+# seconds: 1 ms .. 2 min, dense where TTFT and inter-token latency live
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                   1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 120.0)
+FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+TTFT_PARTS = ("queue", "route", "prefill", "return")  # sum = TTFT (see RequestTrace.ttft_parts)
+
+METRIC_NAMES = {
+    # histograms (Prometheus adds _bucket / _sum / _count)
+    "gen_ai_server_time_to_first_token_seconds",
+    "gen_ai_server_time_per_output_token_seconds",
+    "gen_ai_server_request_duration_seconds",
+    "tandem_inter_token_latency_seconds",
+    "tandem_ttft_part_seconds",
+    "tandem_kv_transfer_seconds",
+    "tandem_router_decision_seconds",
+    # counters (Prometheus adds _total)
+    "tandem_requests_total",
+    "tandem_prompt_tokens_total",
+    "tandem_completion_tokens_total",
+    "tandem_cached_tokens_total",
+    "tandem_routing_decisions_total",
+    "tandem_kv_transfer_bytes_total",
+    "tandem_kv_transfer_failures_total",
+    # gauges
+    "tandem_requests_in_flight",
+    "tandem_worker_requests_running",
+    "tandem_worker_requests_waiting",
+    "tandem_worker_kv_blocks",
+    "tandem_worker_kv_usage_ratio",
+    "tandem_worker_kv_leases",
+    "tandem_worker_prefix_cache_hit_ratio",
+    "tandem_worker_up",
+}
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        self.ttft = Histogram("gen_ai_server_time_to_first_token_seconds",
+                              "Time from request receipt to the first token sent", ["route"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("gen_ai_server_time_per_output_token_seconds",
+                              "Time per output token after the first (mean over the request)",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.duration = Histogram("gen_ai_server_request_duration_seconds",
+                                  "Time from request receipt to its last response", ["route"],
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("tandem_inter_token_latency_seconds",
+                             "Gap between consecutive tokens as sent by the router", buckets=LATENCY_BUCKETS,
+                             registry=r)
+        self.ttft_part = Histogram("tandem_ttft_part_seconds",
+                                   "TTFT decomposed: queue (receipt -> routed), route (the decision), prefill "
+                                   "(worker call: its queueing + compute), return (result -> first token sent)",
+                                   ["part"], buckets=LATENCY_BUCKETS, registry=r)
+        self.kv_transfer = Histogram("tandem_kv_transfer_seconds", "Decode pulling a prompt's KV (submit -> done)",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.decision = Histogram("tandem_router_decision_seconds", "Router.route: hashing, index lookups, costs",
+                                  buckets=FAST_BUCKETS, registry=r)
+        self.requests = Counter("tandem_requests", "Requests by finish reason and gRPC status code",
+                                ["finish_reason", "code"], registry=r)
+        self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.completion_tokens = Counter("tandem_completion_tokens", "Tokens generated", registry=r)
+        self.cached_tokens = Counter("tandem_cached_tokens", "Prompt tokens served from a prefix cache", registry=r)
+        self.decisions = Counter("tandem_routing_decisions", "Routing decisions: remote or local prefill, and why",
+                                 ["prefill", "reason"], registry=r)
+        self.transfer_bytes = Counter("tandem_kv_transfer_bytes", "KV bytes pulled by decode workers", registry=r)
+        self.transfer_failures = Counter("tandem_kv_transfer_failures", "KV pulls that failed", registry=r)
+        self.in_flight = Gauge("tandem_requests_in_flight", "Requests in flight through the router", registry=r)
+        # () -> [(role, worker id, last WorkerStatus or None, eligible)], called at scrape time (the service sets it)
+        self.workers_source: Callable[[], Iterable[tuple[str, str, object, bool]]] = list
+        r.register(_WorkerCollector(self))
+
+    def worker_states(self) -> list[tuple[str, str, object, bool]]:
+        for _ in range(3):  # the scrape runs on the HTTP server's thread while the loop may change the pools
+            try:
+                return list(self.workers_source())
+            except RuntimeError:  # "dictionary changed size during iteration": read again
+                continue
+        return []
+
+
+class _WorkerCollector:
+    """Per-worker gauges from the statuses the router already holds (no call at scrape time)."""
+
+    def __init__(self, metrics: RouterMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self):
+        return []  # collected lazily: the worker set changes while serving
+
+    def collect(self):
+        labels = ["role", "worker"]
+        running = GaugeMetricFamily("tandem_worker_requests_running", "Requests running on the worker", labels=labels)
+        waiting = GaugeMetricFamily("tandem_worker_requests_waiting", "Requests waiting on the worker (incl. for "
+                                    "remote KV)", labels=labels)
+        blocks = GaugeMetricFamily("tandem_worker_kv_blocks", "KV blocks by state (free includes cached-evictable)",
+                                   labels=[*labels, "state"])
+        usage = GaugeMetricFamily("tandem_worker_kv_usage_ratio", "Used KV blocks / total", labels=labels)
+        leases = GaugeMetricFamily("tandem_worker_kv_leases", "Prefill: prompts whose KV waits for a pull",
+                                   labels=labels)
+        hits = GaugeMetricFamily("tandem_worker_prefix_cache_hit_ratio", "Prompt tokens found in the worker's "
+                                 "prefix cache / prompt tokens it was given, since start", labels=labels)
+        up = GaugeMetricFamily("tandem_worker_up", "1 if the router may send the worker requests", labels=labels)
+        for role, wid, s, healthy in self.metrics.worker_states():
+            lv = [role, wid]
+            up.add_metric(lv, 1.0 if healthy else 0.0)
+            if s is None:
+                continue
+            running.add_metric(lv, s.running)
+            waiting.add_metric(lv, s.waiting)
+            blocks.add_metric([*lv, "used"], s.kv_blocks_total - s.kv_blocks_free)
+            blocks.add_metric([*lv, "free"], s.kv_blocks_free)
+            usage.add_metric(lv, (s.kv_blocks_total - s.kv_blocks_free) / s.kv_blocks_total if s.kv_blocks_total else 0)
+            leases.add_metric(lv, s.leased)
+            hits.add_metric(lv, s.prefix_hit_tokens / s.prefix_query_tokens if s.prefix_query_tokens else 0.0)
+        yield from (running, waiting, blocks, usage, leases, hits, up)
