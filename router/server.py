@@ -55,6 +55,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.errors import KVTransferFailedError
 from common.wire import StreamChunk
 from router.errors import AdmissionError, NotServingError, WorkerFailedError, WorkerUnavailableError, status_for
 from router.kv_feed import KVEventFeed
@@ -271,6 +272,8 @@ class GenerationService(pb_grpc.GenerationServicer):
     def _failed(self, run: _Run, exc: BaseException) -> tuple[grpc.StatusCode, str]:
         code, message = status_for(exc)
         rid = run.request.request_id
+        if isinstance(exc, KVTransferFailedError):
+            self.metrics.transfer_failures.inc()
         if isinstance(exc, WorkerUnavailableError) and exc.worker_id:
             for pool in self.pools:
                 if exc.worker_id in pool:
