@@ -54,11 +54,24 @@ SPAN_ROUTE = "tandem.route"
 SPAN_PREFILL = "tandem.prefill"
 SPAN_KV_TRANSFER = "tandem.kv_transfer"
 SPAN_DECODE = "tandem.decode"
+SPAN_VALIDATE = "tandem.validate"  # router: request checks and tokenization
+SPAN_PREFILL_WORKER = "tandem.prefill.worker"  # prefill actor, child of SPAN_PREFILL
+SPAN_DECODE_WORKER = "tandem.decode.worker"  # decode actor, child of SPAN_DECODE
+SPAN_DECODE_ADMISSION = "tandem.decode.admission"  # decode: waiting for KV blocks
+SPAN_GENERATE_LOCAL = "tandem.generate.local"  # a worker prefilling and decoding itself (local / aggregated)
+SPAN_ENGINE_QUEUE = "tandem.engine.queue"  # arrival -> first schedule (engine clock)
+SPAN_ENGINE_COMPUTE = "tandem.engine.compute"  # first schedule -> first token (engine clock)
+EVENT_FIRST_TOKEN = "first_token"
 
 # Attribute names: semconv names where one exists, "tandem.*" otherwise.
 ATTR_REQUEST_ID = "tandem.request.id"
 ATTR_WORKER_ID = "tandem.worker.id"
 ATTR_ROUTE_REASON = "tandem.route.reason"
+ATTR_ROUTE_KIND = "tandem.route.kind"  # local short|no_prefill_worker|saturated|aggregated, remote long|disabled
+ATTR_PREFILL_WORKER = "tandem.route.prefill_worker"
+ATTR_DECODE_WORKER = "tandem.route.decode_worker"
+ATTR_PREFILL_CACHED_BLOCKS = "tandem.route.prefill_cached_blocks"  # matched prompt blocks on the chosen P
+ATTR_DECODE_CACHED_BLOCKS = "tandem.route.decode_cached_blocks"
 ATTR_KV_BYTES = "tandem.kv.bytes"
 ATTR_KV_BLOCKS = "tandem.kv.blocks"
 ATTR_KV_GBPS = "tandem.kv.gbps"
@@ -285,6 +298,24 @@ def _exporter(config: TracingConfig) -> SpanExporter:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 
     return HttpExporter(endpoint=endpoint)
+
+
+def record_error(span, exc: BaseException) -> None:
+    """Mark a span failed: error.type and an ERROR status with the exception's one-line message."""
+    from opentelemetry.trace import Status, StatusCode
+
+    span.set_attribute(ATTR_ERROR_TYPE, type(exc).__name__)
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+
+
+def end_stream_span(span, output_tokens: int, finish_reason: str | None) -> None:
+    """End a worker's streaming span with the output token count and the finish reason. Call it on the
+    last chunk, before yielding it (so the span has ended before the router sees the end), or in the
+    stream's `finally` if it stopped early."""
+    span.set_attribute(ATTR_OUTPUT_TOKENS, output_tokens)
+    if finish_reason:
+        span.set_attribute(ATTR_FINISH_REASONS, [finish_reason])
+    span.end()
 
 
 def inject(context: Context | None = None) -> dict[str, str]:

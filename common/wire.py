@@ -56,6 +56,7 @@ class KVHandle(msgspec.Struct, frozen=True):
     block_ids: list[int]  # P's blocks, in token order
     num_tokens: int  # prompt tokens whose KV those blocks hold
     lease_s: float  # how long P keeps them after prefill, if nobody pulls or releases
+    trace_context: dict[str, str] = {}  # W3C traceparent of P's span: decode's transfer span links to it
 
 
 class PrefillResult(msgspec.Struct, frozen=True):

@@ -32,6 +32,10 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from common import telemetry as tm
 from common.errors import AdmissionTimeoutError, KVTransferFailedError
 from common.wire import PrefillResult, StreamChunk, WorkerStatus
 from engine.sampling_params import SamplingParams
@@ -56,7 +60,8 @@ class DecodeWorker(WorkerActor):
     # ---- requests -----------------------------------------------------------------------------------------------
 
     async def decode(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prefill: PrefillResult
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prefill: PrefillResult,
+        trace_ctx: dict[str, str] | None = None,
     ) -> AsyncIterator[StreamChunk]:
         await self.host.start()
         engine = self.host.engine
@@ -64,53 +69,98 @@ class DecodeWorker(WorkerActor):
             return  # token 1 ended it on P: nothing to decode
         if self._aborted.pop(request_id, 0) is None:
             return  # the router gave up on it before this call arrived
+        span = self.host.tracer.start_span(
+            tm.SPAN_DECODE_WORKER, context=tm.extract(trace_ctx), kind=SpanKind.SERVER,
+            attributes={tm.ATTR_REQUEST_ID: request_id, tm.ATTR_WORKER_ID: self.host.worker_id,
+                        tm.ATTR_INPUT_TOKENS: len(prompt_ids)})
+        context = trace.set_span_in_context(span)
         stream = engine.open_stream(request_id)
+        tokens, span_open = 1, True  # token 1 came from P
         try:
             first = prefill.first.token_ids[0]
             replay = await engine.call(lambda c: c.add_remote_request(prompt_ids, params, request_id, first))
             if replay.finished:
                 return
             t0 = self.clock()
-            pulled = await self._admit_and_pull(request_id, prefill)
+            pulled = await self._admit_and_pull(request_id, prefill, context)
             if self._aborted.pop(request_id, 0) is None:
                 return  # aborted mid-pull: the finally frees the blocks now that the transfer is released
             extra = {"kv_transfer_s": self.clock() - t0, "kv_transfer_bytes": pulled,
                      "cached_tokens": prefill.cached_tokens}
             await engine.call(lambda c: c.finish_remote_kv(request_id))
             async for chunk in self.host.chunks(stream, len(prompt_ids), extra):
+                if tokens == 1:
+                    span.add_event(tm.EVENT_FIRST_TOKEN)  # token 2, the first this worker computed
+                tokens += len(chunk.token_ids)
+                if chunk.finished:  # end the span before the router can see the last chunk
+                    tm.end_stream_span(span, tokens, chunk.finish_reason)
+                    span_open = False
                 yield chunk
+        except BaseException as exc:
+            tm.record_error(span, exc)
+            raise
         finally:
+            if span_open:
+                tm.end_stream_span(span, tokens, None)
             await self.host.finish_stream(request_id)
 
-    async def _admit_and_pull(self, request_id: str, prefill: PrefillResult) -> int:
+    async def _admit_and_pull(self, request_id: str, prefill: PrefillResult, context) -> int:
         """Blocks for the prompt, then its KV pulled into them; returns the bytes read."""
         engine = self.host.engine
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.admission_timeout_s
-        while True:
-            slots = await engine.call(lambda c: c.allocate_remote_kv(request_id))
-            if slots is not None:
-                break
-            left = deadline - loop.time()
-            if left <= 0 or not await engine.wait_capacity(left):
-                raise AdmissionTimeoutError(
-                    f"decode worker {self.host.worker_id} could not free KV blocks for {request_id} within "
-                    f"{self.settings.admission_timeout_s:.0f} s; add decode capacity or lower max_tokens"
-                )
+        admission = self.host.tracer.start_span(tm.SPAN_DECODE_ADMISSION, context=context)
+        try:
+            while True:
+                slots = await engine.call(lambda c: c.allocate_remote_kv(request_id))
+                if slots is not None:
+                    break
+                left = deadline - loop.time()
+                if left <= 0 or not await engine.wait_capacity(left):
+                    raise AdmissionTimeoutError(
+                        f"decode worker {self.host.worker_id} could not free KV blocks for {request_id} within "
+                        f"{self.settings.admission_timeout_s:.0f} s; add decode capacity or lower max_tokens"
+                    )
+        except BaseException as exc:
+            tm.record_error(admission, exc)
+            raise
+        finally:
+            admission.end()
         dst_blocks, start = slots
-        return await self._pull(request_id, prefill, start, dst_blocks)
+        return await self._pull(request_id, prefill, start, dst_blocks, context)
 
-    async def _pull(self, request_id: str, prefill: PrefillResult, first_block: int, dst_blocks: list[int]) -> int:
+    async def _pull(self, request_id: str, prefill: PrefillResult, first_block: int, dst_blocks: list[int],
+                    context=None) -> int:
         if not dst_blocks:
             return 0  # the local prefix cache held the whole prompt
         kv = prefill.kv
         first_token = first_block * self.host.core.kv_spec.block_size
+        peer = trace.get_current_span(tm.extract(kv.trace_context)).get_span_context()
+        span = self.host.tracer.start_span(
+            tm.SPAN_KV_TRANSFER, context=context, links=[trace.Link(peer)] if peer.is_valid else None,
+            attributes={tm.ATTR_KV_BLOCKS: len(dst_blocks), tm.ATTR_KV_TRANSPORT: f"{self.settings.transport}/{self.settings.nixl_backend}",
+                        tm.ATTR_WORKER_ID: self.host.worker_id})
         self._pulling.add(request_id)
+        t0 = time.perf_counter()
         try:
-            return await self.host.pull(kv.agent_name, kv.block_ids, dst_blocks, kv.num_tokens, first_token,
-                                        self.settings.transfer_timeout_s)
+            pulled = await self.host.pull(kv.agent_name, kv.block_ids, dst_blocks, kv.num_tokens, first_token,
+                                          self.settings.transfer_timeout_s)
+            seconds = time.perf_counter() - t0
+            span.set_attribute(tm.ATTR_KV_BYTES, pulled)
+            span.set_attribute(tm.ATTR_KV_GBPS, pulled / seconds / 1e9 if seconds > 0 else 0.0)
+            return pulled
+        except BaseException as exc:
+            tm.record_error(span, exc)
+            raise
         finally:
+            span.end()
             self._pulling.discard(request_id)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       trace_ctx: dict[str, str] | None = None) -> AsyncIterator[StreamChunk]:
+        """Aggregated mode, or a local prefill (conditional disaggregation): prefill and decode here."""
+        async for chunk in self.host.generate(request_id, prompt_ids, params, trace_ctx):
+            yield chunk
 
     async def abort(self, request_id: str) -> bool:
         """Abort in any state. A request mid-pull is aborted by cancelling its `decode` stream instead."""
@@ -124,11 +174,6 @@ class DecodeWorker(WorkerActor):
             while len(self._aborted) > MAX_REMEMBERED_ABORTS:
                 self._aborted.popitem(last=False)
         return aborted
-
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamChunk]:
-        """Aggregated mode: prefill and decode here."""
-        async for chunk in self.host.generate(request_id, prompt_ids, params):
-            yield chunk
 
     # ---- facts, peers, checks -----------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import ray
 
 from common.wire import ModelInfo, WorkerStatus
-from deploy.config import PoolConfig, ServeConfig
+from deploy.config import PoolConfig, ServeConfig, tracing_config
 from deploy.topology import check_pools, pool_engine_config
 from engine.errors import ConfigError
 from engine.loader import load_model_source
@@ -255,6 +255,7 @@ def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tu
         nixl_backend=t.nixl_backend, nixl_progress_thread=t.progress_thread,
         lease_s=t.lease_s, transfer_timeout_s=t.transfer_timeout_s, admission_timeout_s=t.admission_timeout_s,
         num_threads=pool.num_threads, rank_options=dict(resources, runtime_env={"env_vars": env}),
+        tracing=tracing_config(cfg, role),
     )
     pg = None
     if pool.world_size == 1:

@@ -18,6 +18,7 @@ workers, each with its own pool's settings), so the two modes compare like for l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -109,6 +110,16 @@ class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_message_bytes: int = 16 << 20
 
 
+class TracingSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """OpenTelemetry tracing; a field left unset comes from the standard OTEL_* variables, then the default."""
+
+    exporter: Literal["none", "console", "otlp", "memory"] | None = None  # OTEL_TRACES_EXPORTER; default none
+    protocol: Literal["grpc", "http/protobuf"] | None = None  # OTEL_EXPORTER_OTLP_PROTOCOL; default grpc
+    endpoint: str | None = None  # OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT
+    sample_ratio: float | None = None  # of root traces (parent-based); OTEL_TRACES_SAMPLER(_ARG)
+    service_name: str | None = None  # OTEL_SERVICE_NAME; default "tandem"; processes add -router/-prefill/-decode
+
+
 class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: str = ""
     mode: Literal["disaggregated", "aggregated"] = "disaggregated"
@@ -116,6 +127,7 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     decode: PoolConfig = PoolConfig()
     transport: TransportConfig = TransportConfig()
     router: RouterConfig = RouterConfig()
+    tracing: TracingSection = TracingSection()
     ray_address: str | None = None  # None: start a local Ray in-process (or RAY_ADDRESS if set)
     ray_namespace: str = "tandem"
     seed: int = 0
@@ -178,7 +190,7 @@ def load_config(path: str | Path) -> ServeConfig:
 def with_overrides(cfg: ServeConfig, **changes) -> ServeConfig:
     """A copy with top-level and pool fields replaced: keys like "prefill.replicas" or "both.block_size"."""
     top: dict = {}
-    pools = {"prefill": {}, "decode": {}, "router": {}, "transport": {}}
+    pools = {"prefill": {}, "decode": {}, "router": {}, "transport": {}, "tracing": {}}
     for key, value in changes.items():
         if value is None:
             continue
@@ -194,6 +206,21 @@ def with_overrides(cfg: ServeConfig, **changes) -> ServeConfig:
         if fields:
             top[section] = msgspec.structs.replace(getattr(cfg, section), **fields)
     return msgspec.structs.replace(cfg, **top).validate()
+
+
+def tracing_config(cfg: ServeConfig, process: str):
+    """The TracingConfig of one process kind ("router", "prefill", "decode", "aggregated"): the config's
+    explicit fields, then OTEL_* of this (the driver's) environment, then defaults. Resolved here once and
+    handed to the workers, so every process of a cluster exports the same way."""
+    from common.telemetry import TracingConfig, TracingConfigError
+
+    t = cfg.tracing
+    try:
+        base = TracingConfig.from_env(exporter=t.exporter, protocol=t.protocol, endpoint=t.endpoint,
+                                      sample_ratio=t.sample_ratio, service_name=t.service_name)
+    except TracingConfigError as e:
+        raise ConfigError(f"tracing: {e}") from None
+    return dataclasses.replace(base, service_name=f"{base.service_name}-{process}")
 
 
 def dump_config(cfg: ServeConfig) -> str:

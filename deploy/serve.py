@@ -24,7 +24,8 @@ from prometheus_client import start_http_server
 
 from deploy.admin import AdminService, ray_client
 from deploy.cluster import Cluster, WorkerHandle
-from deploy.config import ServeConfig
+from common.telemetry import setup_tracing
+from deploy.config import ServeConfig, tracing_config
 from router.pools import Policy, WorkerPool
 from router.responses import ServerFacts
 from router.routing import RoutingConfig
@@ -80,7 +81,8 @@ def build_service(cluster: Cluster) -> GenerationService:
     validator = RequestValidator(ModelFacts.from_model_infos(cluster.infos), cluster.tokenizer)
     return GenerationService(validator=validator, prefill=prefill, decode=decode,
                              info_source=lambda: server_facts(cluster), max_inflight=cfg.router.max_inflight,
-                             routing=routing_config(cfg), rng=random.Random(cfg.seed))
+                             routing=routing_config(cfg), rng=random.Random(cfg.seed),
+                             tracing=setup_tracing(tracing_config(cfg, "router")))
 
 
 def start_metrics_server(service: GenerationService, host: str, port: int | None):
@@ -135,6 +137,7 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
             task.cancel()
         if metrics_http is not None:
             metrics_http.shutdown()
+        service.tracing.shutdown()  # export what is queued
         await service.set_serving(False)
         await server.stop(STOP_GRACE_S)
         await service.close()

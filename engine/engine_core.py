@@ -287,7 +287,8 @@ class EngineCore:
         from the stream so that text later cut by a stop is never sent.
         """
         req.token_ids.append(tid)
-        if req.first_token_time is None:
+        first = req.first_token_time is None
+        if first:
             req.first_token_time = now
         if lp is not None:
             req.logprobs.append(lp)
@@ -334,6 +335,8 @@ class EngineCore:
             new_logprobs=[lp] if lp is not None else [],
             kv_block_ids=kv_block_ids,
             num_cached_tokens=max(req.num_cached_tokens, 0),
+            **({"arrival_time": req.arrival_time, "first_scheduled_time": req.first_scheduled_time,
+                "first_token_time": now} if first else {}),
         )
 
     # ---- checks --------------------------------------------------------------------------------------------------

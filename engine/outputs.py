@@ -20,6 +20,10 @@ class StepOutput:
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
     kv_block_ids: list[int] | None = None  # prefill role: the leased blocks holding the prompt's KV
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (set with token 1)
+    # with a request's first token: time.monotonic() of its arrival, first schedule and first token
+    arrival_time: float | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
 
 
 @dataclass

@@ -72,6 +72,7 @@ class Request:
     sent_text_len: int = 0  # characters of `text` already streamed
     checked_text_len: int = 0  # characters of `text` already searched for stop strings
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    first_scheduled_time: float | None = None  # first time the scheduler gave it tokens to compute
     first_token_time: float | None = None
     kv_handoff: bool = False  # prefill role: after token 1, keep the blocks leased instead of decoding on
 

@@ -20,6 +20,7 @@ The scheduler never touches tensors; the runner executes its output.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -158,6 +159,7 @@ class Scheduler:
             req.num_computed_tokens = computed
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = computed
+                req.first_scheduled_time = time.monotonic()
                 self.count_prefix_lookup(req.num_prompt_tokens, computed)
             req.status = RequestStatus.RUNNING
             self.running.append(req)

@@ -30,10 +30,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from common import telemetry as tm
 from common.wire import KVHandle, PrefillResult, StreamChunk, WorkerStatus
 from engine.sampling_params import SamplingParams
 from worker_core.actor import WorkerActor
-from worker_core.host import WorkerHost, WorkerSettings, to_chunk
+from worker_core.host import WorkerHost, WorkerSettings, engine_spans, to_chunk
 
 log = logging.getLogger(__name__)
 
@@ -60,29 +64,42 @@ class PrefillWorker(WorkerActor):
 
     # ---- requests -----------------------------------------------------------------------------------------------
 
-    async def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> PrefillResult:
+    async def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                      trace_ctx: dict[str, str] | None = None) -> PrefillResult:
         await self._start()
         t0 = self.clock()
         engine = self.host.engine
+        span = self.host.tracer.start_span(
+            tm.SPAN_PREFILL_WORKER, context=tm.extract(trace_ctx), kind=SpanKind.SERVER,
+            attributes={tm.ATTR_REQUEST_ID: request_id, tm.ATTR_WORKER_ID: self.host.worker_id,
+                        tm.ATTR_INPUT_TOKENS: len(prompt_ids)})
         stream = engine.open_stream(request_id)
         try:
             await engine.call(lambda c: c.add_request(prompt_ids, params, request_id, kv_handoff=True))
             out = await stream.get()
             if isinstance(out, BaseException):
                 raise out
-        except BaseException:
+        except BaseException as exc:
             engine.close_stream(request_id)
+            tm.record_error(span, exc)
+            span.end()
             await self._abort_quietly(request_id)
             raise
         engine.close_stream(request_id)
         first = to_chunk(out)
         first.prompt_tokens = len(prompt_ids)
         first.cached_tokens = out.num_cached_tokens
+        context = trace.set_span_in_context(span)
+        engine_spans(self.host.tracer, context, out)
+        span.set_attribute(tm.ATTR_CACHED_INPUT_TOKENS, out.num_cached_tokens)
         kv = None
         if out.kv_block_ids is not None:
             self._leases[request_id] = self.clock() + self.lease_s
             self._lease_added.set()
-            kv = KVHandle(self.host.kv.agent_name, list(out.kv_block_ids), len(prompt_ids), self.lease_s)
+            span.set_attribute(tm.ATTR_KV_BLOCKS, len(out.kv_block_ids))
+            kv = KVHandle(self.host.kv.agent_name, list(out.kv_block_ids), len(prompt_ids), self.lease_s,
+                          trace_context=tm.inject(context))
+        span.end()
         return PrefillResult(first=first, kv=kv, prefill_s=self.clock() - t0, worker_id=self.host.worker_id,
                              cached_tokens=out.num_cached_tokens)
 
@@ -106,10 +123,11 @@ class PrefillWorker(WorkerActor):
         except Exception:  # noqa: BLE001 - cleanup after another failure; the first error is what matters
             log.warning("abort of %s after a failed prefill failed too", request_id, exc_info=True)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamChunk]:
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       trace_ctx: dict[str, str] | None = None) -> AsyncIterator[StreamChunk]:
         """Aggregated use of a prefill worker: the whole request here (conditional disaggregation)."""
         await self._start()
-        async for chunk in self.host.generate(request_id, prompt_ids, params):
+        async for chunk in self.host.generate(request_id, prompt_ids, params, trace_ctx):
             yield chunk
 
     # ---- leases -------------------------------------------------------------------------------------------------

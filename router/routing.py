@@ -191,6 +191,8 @@ class Route:
     prefill_decision: KVDecision | Decision | None = None
     kind: str = ""  # the reason as a metric label: local short|no_prefill_worker|saturated|aggregated,
     #                 remote long|disabled
+    decode_cached_blocks: int = 0  # leading prompt blocks D holds (index or predicted)
+    prefill_cached_blocks: int = 0  # ... that P holds (remote only)
 
     @property
     def local(self) -> bool:
@@ -313,7 +315,8 @@ class Router:
             assert local is not None
             ticket.d_tokens = d_uncached
             d_slot.prefill_tokens += d_uncached
-            route = Route(request_id, d_slot.client, None, local[1], d_decision, kind=local[0])
+            route = Route(request_id, d_slot.client, None, local[1], d_decision, kind=local[0],
+                          decode_cached_blocks=d_cached)
         else:
             p_terms = PrefillTerms(p_slot.worker_id, n, p_overlap.get(p_slot.worker_id, 0), p_ix.pool.block_size, 0)
             ticket.p_slot, ticket.p_tokens = p_slot, p_terms.uncached_tokens
@@ -326,7 +329,8 @@ class Router:
             why = (f"{d_uncached} uncached tokens on {d_slot.worker_id} > threshold {threshold}" if threshold
                    else "local prefill disabled (threshold 0)")
             route = Route(request_id, d_slot.client, p_slot.client, f"remote: {why}", d_decision, p_decision,
-                          kind="long" if threshold else "disabled")
+                          kind="long" if threshold else "disabled", decode_cached_blocks=d_cached,
+                          prefill_cached_blocks=p_terms.cached_blocks)
         self._tickets[request_id] = ticket
         if decision_log.isEnabledFor(logging.DEBUG):
             decision_log.debug(route.describe())

@@ -55,7 +55,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from opentelemetry import trace as trace_api
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from common import telemetry as tm
 from common.errors import KVTransferFailedError
+from common.telemetry import Tracing, TracingConfig, setup_tracing
 from common.wire import StreamChunk
 from router.errors import AdmissionError, NotServingError, WorkerFailedError, WorkerUnavailableError, status_for
 from router.kv_feed import KVEventFeed
@@ -89,6 +94,7 @@ class _Run:
     stream_sent: bool = False  # decode / generate call issued
     first_chunk_seen: bool = False  # the decode / generate stream has produced a chunk
     observed: bool = False  # metrics recorded
+    span: object = None  # the request's SPAN_GENERATE
     finished: bool = False
 
 
@@ -108,7 +114,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                  info_source: ServerInfoSource, max_inflight: int = 256, request_timeout_s: float = 600.0,
                  cleanup_timeout_s: float = 5.0, status_timeout_s: float = 2.0,
                  routing: RoutingConfig | None = None, rng: random.Random | None = None,
-                 metrics: RouterMetrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 metrics: RouterMetrics | None = None, tracing: Tracing | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         self.validator, self.prefill, self.decode, self.info_source = validator, prefill, decode, info_source
@@ -119,6 +126,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.metrics.in_flight.set_function(lambda: len(self._active))
         self.metrics.workers_source = self._worker_states
         self.metrics_port: int | None = None  # set by deploy when it serves /metrics
+        self.tracing = tracing if tracing is not None else setup_tracing(TracingConfig())  # off: a no-op tracer
+        self.tracer = self.tracing.tracer
         self.max_inflight, self.request_timeout_s = max_inflight, request_timeout_s
         self.cleanup_timeout_s, self.status_timeout_s, self._clock = cleanup_timeout_s, status_timeout_s, clock
         self.health = _Health()
@@ -215,13 +224,30 @@ class GenerationService(pb_grpc.GenerationServicer):
     # -- Generate ---------------------------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        # one trace per request, continued from the gateway's traceparent when it sent one
+        parent = tm.extract(context.invocation_metadata())
+        with self.tracer.start_as_current_span(
+                tm.SPAN_GENERATE, context=parent, kind=SpanKind.SERVER, record_exception=False,
+                set_status_on_exception=False,
+                attributes={tm.ATTR_RPC_SYSTEM: "grpc", tm.ATTR_RPC_METHOD: "Generate",
+                            tm.ATTR_OPERATION: "text_completion"}) as span:
+            code = await self._generate(request, context, span)
+            span.set_attribute(tm.ATTR_RPC_STATUS, code)
+            if code != "OK":
+                span.set_status(Status(StatusCode.ERROR, code))
+
+    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, span) -> str:
+        """Generate's body; returns the status code name it ended with."""
         received = self._clock()
         try:
-            if not self.serving:
-                raise NotServingError("the server is not serving yet (workers starting) or is draining; retry later")
-            if len(self._active) >= self.max_inflight:
-                raise AdmissionError(f"server is at its limit of {self.max_inflight} in-flight requests; retry later")
-            req = self.validator.validate(request, self._active)
+            with self.tracer.start_as_current_span(tm.SPAN_VALIDATE):
+                if not self.serving:
+                    raise NotServingError("the server is not serving yet (workers starting) or is draining; "
+                                          "retry later")
+                if len(self._active) >= self.max_inflight:
+                    raise AdmissionError(f"server is at its limit of {self.max_inflight} in-flight requests; "
+                                         "retry later")
+                req = self.validator.validate(request, self._active)
         except Exception as exc:  # noqa: BLE001 - typed errors become statuses; others INTERNAL
             code, message = status_for(exc)
             if code == grpc.StatusCode.INTERNAL:
@@ -229,8 +255,10 @@ class GenerationService(pb_grpc.GenerationServicer):
             self.metrics.requests.labels("none", code.name).inc()
             context.set_code(code)
             context.set_details(message)
-            return
-        run = _Run(req, RequestTrace(received=received, prompt_tokens=len(req.prompt_token_ids)))
+            return code.name
+        span.set_attributes({tm.ATTR_REQUEST_ID: req.request_id, tm.ATTR_INPUT_TOKENS: len(req.prompt_token_ids),
+                             tm.ATTR_MAX_TOKENS: req.params.max_tokens})
+        run = _Run(req, RequestTrace(received=received, prompt_tokens=len(req.prompt_token_ids)), span=span)
         self._active[req.request_id] = run
         limit = self._limit_s(context)
         timeout = asyncio.timeout(limit)
@@ -249,21 +277,26 @@ class GenerationService(pb_grpc.GenerationServicer):
                 log.info("request %s: %s", req.request_id, failure[1])
         except asyncio.CancelledError:
             log.info("request %s cancelled by the client while %s", req.request_id, run.stage)
+            self._observe(run, "CANCELLED")
+            span.set_attribute(tm.ATTR_RPC_STATUS, "CANCELLED")
             raise
         except Exception as exc:  # noqa: BLE001
             failure = self._failed(run, exc)
-        except BaseException:
-            self._observe(run, "CANCELLED")
-            raise
         finally:
             del self._active[req.request_id]
             self.router.close(req.request_id)
             if not run.finished:
                 await self._cleanup(run)
-        self._observe(run, failure[0].name if failure is not None else "OK")
+        code = failure[0].name if failure is not None else "OK"
+        self._observe(run, code)
+        t = run.trace
+        span.set_attributes({tm.ATTR_OUTPUT_TOKENS: t.completion_tokens, tm.ATTR_CACHED_INPUT_TOKENS: t.cached_tokens})
+        if t.finish_reason:
+            span.set_attribute(tm.ATTR_FINISH_REASONS, [t.finish_reason])
         if failure is not None:
             context.set_code(failure[0])
             context.set_details(failure[1])
+        return code
 
     def _limit_s(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -287,7 +320,13 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def _routed(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
         req = run.request
         run.trace.routing_started = self._clock()
-        route = run.route = self.router.route(req.request_id, req.prompt_token_ids)
+        with self.tracer.start_as_current_span(tm.SPAN_ROUTE) as span:
+            route = run.route = self.router.route(req.request_id, req.prompt_token_ids)
+            span.set_attributes({tm.ATTR_ROUTE_REASON: route.reason, tm.ATTR_ROUTE_KIND: route.kind,
+                                 tm.ATTR_DECODE_WORKER: route.decode.worker_id,
+                                 tm.ATTR_PREFILL_WORKER: route.prefill.worker_id if route.prefill else "",
+                                 tm.ATTR_DECODE_CACHED_BLOCKS: route.decode_cached_blocks,
+                                 tm.ATTR_PREFILL_CACHED_BLOCKS: route.prefill_cached_blocks})
         run.trace.dispatched = self._clock()
         self.metrics.decision.observe(run.trace.dispatched - run.trace.routing_started)
         self.metrics.decisions.labels("local" if route.local else "remote", route.kind).inc()
@@ -297,7 +336,9 @@ class GenerationService(pb_grpc.GenerationServicer):
             if route.local:
                 run.stage = f"generating on {d.worker_id}"
                 run.stream_sent = True
-                await self._stream(context, run, d.generate(req.request_id, req.prompt_token_ids, req.params), d)
+                with self._client_span(tm.SPAN_DECODE, d.worker_id):
+                    await self._stream(context, run, d.generate(req.request_id, req.prompt_token_ids, req.params,
+                                                                tm.inject()), d)
             else:
                 await self._remote(run, route, context)
 
@@ -306,9 +347,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         assert self.prefill is not None and route.prefill is not None  # remote routes exist only then
         run.p = p = route.prefill
         run.stage = f"prefilling on {p.worker_id}"
-        with self.prefill.track(p.worker_id):
+        with self.prefill.track(p.worker_id), self._client_span(tm.SPAN_PREFILL, p.worker_id):
             run.prefill_sent = True
-            result = await p.prefill(req.request_id, req.prompt_token_ids, req.params)
+            result = await p.prefill(req.request_id, req.prompt_token_ids, req.params, tm.inject())
         run.trace.first_arrived = self._clock()
         self.router.prefill_done(req.request_id)
         run.prefill_done, run.kv_leased = True, result.kv is not None and not result.first.finished
@@ -320,8 +361,13 @@ class GenerationService(pb_grpc.GenerationServicer):
             return
         run.stage = f"decoding on {d.worker_id}"
         run.stream_sent = True
-        await self._stream(context, run, d.decode(req.request_id, req.prompt_token_ids, req.params, result), d,
-                           release_lease=True)
+        with self._client_span(tm.SPAN_DECODE, d.worker_id):
+            await self._stream(context, run, d.decode(req.request_id, req.prompt_token_ids, req.params, result,
+                                                      tm.inject()), d, release_lease=True)
+
+    def _client_span(self, name: str, worker_id: str):
+        """A CLIENT span around a worker call; its context goes to the worker as the call's trace_ctx."""
+        return self.tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes={tm.ATTR_WORKER_ID: worker_id})
 
     async def _stream(self, context: grpc.aio.ServicerContext, run: _Run, chunks: AsyncIterator[StreamChunk],
                       worker: WorkerClient, release_lease: bool = False) -> None:
@@ -351,6 +397,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         if trace.first_sent is None:
             response.prefill_worker, response.decode_worker = prefill_worker, decode_worker
             response.route = run.route.reason if run.route is not None else ""
+            (run.span or trace_api.get_current_span()).add_event(tm.EVENT_FIRST_TOKEN)
         trace.sent(now, len(chunk.token_ids))
         if chunk.finished:
             trace.finish_reason = chunk.finish_reason or ""

@@ -41,13 +41,16 @@ class WorkerClient(Protocol):
 
     worker_id: str
 
-    async def prefill(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> PrefillResult: ...
+    # trace_ctx: the W3C carrier (common.telemetry.inject) of the router's span for this call
+
+    async def prefill(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+                      trace_ctx: dict[str, str] | None = None) -> PrefillResult: ...
 
     def decode(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-               prefill: PrefillResult) -> AsyncIterator[StreamChunk]: ...
+               prefill: PrefillResult, trace_ctx: dict[str, str] | None = None) -> AsyncIterator[StreamChunk]: ...
 
-    def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
-                 ) -> AsyncIterator[StreamChunk]: ...
+    def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+                 trace_ctx: dict[str, str] | None = None) -> AsyncIterator[StreamChunk]: ...
 
     async def abort(self, request_id: str) -> bool: ...
 
@@ -128,16 +131,17 @@ class RayWorkerClient:
             if not done and gen is not None:  # the consumer went away: stop the worker's generator too
                 _cancel_quietly(gen)
 
-    async def prefill(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> PrefillResult:
-        return await self._call("prefill", request_id, list(prompt_ids), params)
+    async def prefill(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+                      trace_ctx: dict[str, str] | None = None) -> PrefillResult:
+        return await self._call("prefill", request_id, list(prompt_ids), params, trace_ctx)
 
     def decode(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-               prefill: PrefillResult) -> AsyncIterator[StreamChunk]:
-        return self._stream("decode", request_id, list(prompt_ids), params, prefill)
+               prefill: PrefillResult, trace_ctx: dict[str, str] | None = None) -> AsyncIterator[StreamChunk]:
+        return self._stream("decode", request_id, list(prompt_ids), params, prefill, trace_ctx)
 
-    def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
-                 ) -> AsyncIterator[StreamChunk]:
-        return self._stream("generate", request_id, list(prompt_ids), params)
+    def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+                 trace_ctx: dict[str, str] | None = None) -> AsyncIterator[StreamChunk]:
+        return self._stream("generate", request_id, list(prompt_ids), params, trace_ctx)
 
     async def abort(self, request_id: str) -> bool:
         return await self._call("abort", request_id)

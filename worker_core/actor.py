@@ -44,6 +44,12 @@ class WorkerActor:
         """Every rank of a peer worker; refuses an impossible pair, naming both sides and the field."""
         return await self.host.add_peer(payload)
 
+    async def finished_spans(self) -> list[dict]:
+        """This worker's ended spans (tracing exporter "memory": tests)."""
+        from worker_core.host import span_dicts
+
+        return span_dicts(self.host.tracing.finished_spans())
+
     async def remove_peer(self, leader_agent: str) -> bool:
         """Forget a peer worker that left the cluster; False if it was not known."""
         return await self.host.remove_peer(leader_agent)

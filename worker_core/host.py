@@ -20,13 +20,18 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import msgspec
 import torch
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from common.kv_events import KVSnapshot
+from common import telemetry as tm
+from common.telemetry import TracingConfig, setup_tracing
 from common.wire import LogprobEntry, ModelInfo, StreamChunk, WorkerStatus
 from engine.config import EngineConfig
 from engine.device import resolve_device, resolve_dtype
@@ -62,6 +67,7 @@ class WorkerSettings:
     env: dict[str, str] = field(default_factory=dict)  # set before the engine starts (UCX_*, OMP_*)
     kv_staging_bytes: int = 32 << 20  # decode: landing buffer per rank for KV that must be rearranged
     rank_options: dict = field(default_factory=dict)  # Ray options of ranks 1..n-1 (num_cpus, num_gpus, ...)
+    tracing: TracingConfig = field(default_factory=TracingConfig)  # spans of this worker (off by default)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -118,6 +124,8 @@ class WorkerHost:
                                  self.core.source.fingerprint, backend=settings.nixl_backend,
                                  progress_thread=settings.nixl_progress_thread,
                                  staging_bytes=settings.kv_staging_bytes if settings.role == "decode" else 0)
+        self.tracing = setup_tracing(settings.tracing)
+        self.tracer = self.tracing.tracer
         self.publisher = KVEventPublisher(settings.worker_id)
         self.engine = AsyncEngine(self.core, settings.worker_id, on_kv_events=self.publisher.publish)
         self.node_id = _node_id()
@@ -129,6 +137,7 @@ class WorkerHost:
             self.engine.start()
 
     def close(self) -> None:
+        self.tracing.shutdown()
         self.engine.stop()
         if self.ranks is not None:
             self.ranks.close()
@@ -254,24 +263,47 @@ class WorkerHost:
 
     # ---- aggregated generation ----------------------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamChunk]:
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       trace_ctx: dict[str, str] | None = None) -> AsyncIterator[StreamChunk]:
         """Run a request start to finish on this engine, yielding coalesced chunks."""
         await self.start()
+        span = self.tracer.start_span(tm.SPAN_GENERATE_LOCAL, context=tm.extract(trace_ctx), kind=SpanKind.SERVER,
+                                      attributes={tm.ATTR_REQUEST_ID: request_id, tm.ATTR_WORKER_ID: self.worker_id,
+                                                  tm.ATTR_INPUT_TOKENS: len(prompt_ids)})
+        context = trace.set_span_in_context(span)
         stream = self.engine.open_stream(request_id)
+        tokens, span_open = 0, True
         try:
             await self.engine.call(lambda c: c.add_request(prompt_ids, params, request_id))
-            async for chunk in self.chunks(stream, len(prompt_ids)):
+            async for chunk in self.chunks(stream, len(prompt_ids), on_first=lambda out: engine_spans(
+                    self.tracer, context, out)):
+                if tokens == 0:
+                    span.add_event(tm.EVENT_FIRST_TOKEN)
+                    span.set_attribute(tm.ATTR_CACHED_INPUT_TOKENS, chunk.cached_tokens)
+                tokens += len(chunk.token_ids)
+                if chunk.finished:  # end the span before the router can see the last chunk
+                    tm.end_stream_span(span, tokens, chunk.finish_reason)
+                    span_open = False
                 yield chunk
+        except BaseException as exc:
+            tm.record_error(span, exc)
+            raise
         finally:
+            if span_open:
+                tm.end_stream_span(span, tokens, None)
             await self.finish_stream(request_id)
 
-    async def chunks(self, stream: asyncio.Queue, prompt_tokens: int, extra: dict | None = None) -> AsyncIterator[StreamChunk]:
-        """StepOutputs of one request as chunks; everything already queued is merged into one chunk."""
+    async def chunks(self, stream: asyncio.Queue, prompt_tokens: int, extra: dict | None = None,
+                     on_first=None) -> AsyncIterator[StreamChunk]:
+        """StepOutputs of one request as chunks; everything already queued is merged into one chunk.
+        `on_first(StepOutput)` sees the output that carries the first token's engine timings."""
         # cached_tokens counts prompt tokens not computed: on a decode worker the prefill worker's hit
         # (passed in `extra`), not what its own cache held of the pulled prompt
         cached = (extra or {}).get("cached_tokens")
         while True:
             item = await stream.get()
+            if on_first is not None and isinstance(item, StepOutput) and item.first_token_time is not None:
+                on_first(item)
             chunk = self._chunk_of(item)
             while not chunk.finished and not stream.empty():
                 chunk.merge(self._chunk_of(stream.get_nowait()))
@@ -301,6 +333,30 @@ class WorkerHost:
                 await self.engine.abort(request_id)
             except EngineDeadError:
                 pass
+
+
+def wall_ns(monotonic_s: float) -> int:
+    """A time.monotonic() reading as the epoch nanoseconds OpenTelemetry spans use."""
+    return time.time_ns() - int((time.monotonic() - monotonic_s) * 1e9)
+
+
+def engine_spans(tracer, context, out: StepOutput) -> None:
+    """Children of `context` for a request's first token: queue (arrival -> first schedule) and
+    compute (first schedule -> first token), from the engine's own clock readings."""
+    if out.arrival_time is None or out.first_scheduled_time is None or out.first_token_time is None:
+        return
+    for name, start, end in ((tm.SPAN_ENGINE_QUEUE, out.arrival_time, out.first_scheduled_time),
+                             (tm.SPAN_ENGINE_COMPUTE, out.first_scheduled_time, out.first_token_time)):
+        tracer.start_span(name, context=context, start_time=wall_ns(start)).end(end_time=wall_ns(end))
+
+
+def span_dicts(spans) -> list[dict]:
+    """Finished SDK spans as plain dicts (tests read a worker's spans over Ray)."""
+    return [{"name": s.name, "trace_id": f"{s.context.trace_id:032x}", "span_id": f"{s.context.span_id:016x}",
+             "parent_id": f"{s.parent.span_id:016x}" if s.parent else None, "attributes": dict(s.attributes),
+             "start": s.start_time, "end": s.end_time,
+             "links": [f"{link.context.span_id:016x}" for link in s.links],
+             "events": [e.name for e in s.events]} for s in spans]
 
 
 def _node_id() -> str:

@@ -48,10 +48,10 @@ class InProcessClient:
         if self.down:
             raise WorkerUnavailableError(f"worker {self.worker_id} is unavailable: actor died (test)", self.worker_id)
 
-    async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams
-                       ) -> AsyncIterator[StreamChunk]:
+    async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+                       trace_ctx: dict[str, str] | None = None) -> AsyncIterator[StreamChunk]:
         await self._check()
-        async for chunk in self.worker.generate(request_id, list(prompt_ids), params):
+        async for chunk in self.worker.generate(request_id, list(prompt_ids), params, trace_ctx):
             yield chunk
 
     async def abort(self, request_id: str) -> bool:

@@ -1,0 +1,115 @@
+"""One OpenTelemetry trace per request across router, prefill, KV transfer and decode (real Ray, NIXL, gRPC).
+
+Every process of the cluster exports to its in-memory exporter (`tracing.exporter: memory`);
+the test gathers the router's spans and each worker's (`finished_spans` over Ray), and
+checks that a request sent with a gateway `traceparent` yields one trace under it, with
+the parent/child links and the attributes the issue names, and that no span carries
+prompt text or token ids.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from common import telemetry as tm
+from tandem_api.v1 import generation_pb2 as pb
+from tandem_api.v1 import generation_pb2_grpc as pb_grpc
+from tests.e2e.conftest import serve
+from tests.helpers.tiny_models import make_tiny_hf_model
+from worker_core.host import span_dicts
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+GATEWAY_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+GATEWAY_SPAN = "00f067aa0ba902b7"
+PROMPT = "xyzzy plugh secret prompt text that must never reach a span"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tiny = make_tiny_hf_model(tmp_path_factory.mktemp("tracing"), "llama", vocab_size=512)
+    with serve(str(tiny), ray_namespace="tandem-tracing", **{"both.block_size": 4, "tracing.exporter": "memory"}) as s:
+        yield s
+
+
+def all_spans(s) -> list[dict]:
+    import ray
+
+    spans = s.on_router(lambda svc: span_dicts(svc.tracing.finished_spans()))
+    for h in s.cluster.workers:
+        spans += ray.get(h.actor.finished_spans.remote())
+    return spans
+
+
+def test_one_trace_per_request_across_every_process(cluster):
+    with grpc.insecure_channel(cluster.address) as ch:
+        stub = pb_grpc.GenerationStub(ch)
+        request = pb.GenerateRequest(prompt=PROMPT, sampling=pb.SamplingOptions(max_tokens=6, temperature=0.0,
+                                                                                 ignore_eos=True))
+        traceparent = f"00-{GATEWAY_TRACE}-{GATEWAY_SPAN}-01"
+        responses = list(stub.Generate(request, metadata=(("traceparent", traceparent),), timeout=60))
+    assert sum(len(r.token_ids) for r in responses) == 6
+
+    spans = [sp for sp in all_spans(cluster) if sp["trace_id"] == GATEWAY_TRACE]
+    by_name: dict[str, list[dict]] = {}
+    for sp in spans:
+        by_name.setdefault(sp["name"], []).append(sp)
+    want = {tm.SPAN_GENERATE, tm.SPAN_VALIDATE, tm.SPAN_ROUTE, tm.SPAN_PREFILL, tm.SPAN_PREFILL_WORKER,
+            tm.SPAN_ENGINE_QUEUE, tm.SPAN_ENGINE_COMPUTE, tm.SPAN_DECODE, tm.SPAN_DECODE_WORKER,
+            tm.SPAN_DECODE_ADMISSION, tm.SPAN_KV_TRANSFER}
+    assert want <= set(by_name), f"missing spans: {want - set(by_name)}"
+    one = {name: by_name[name][0] for name in want}
+    assert all(len(by_name[name]) == 1 for name in want), {n: len(v) for n, v in by_name.items()}
+
+    def parent(child: str, of: str) -> None:
+        assert one[child]["parent_id"] == one[of]["span_id"], f"{child} is not a child of {of}"
+
+    assert one[tm.SPAN_GENERATE]["parent_id"] == GATEWAY_SPAN  # continued from the gateway
+    for child in (tm.SPAN_VALIDATE, tm.SPAN_ROUTE, tm.SPAN_PREFILL, tm.SPAN_DECODE):
+        parent(child, tm.SPAN_GENERATE)
+    parent(tm.SPAN_PREFILL_WORKER, tm.SPAN_PREFILL)  # across the Ray call to the prefill actor
+    parent(tm.SPAN_ENGINE_QUEUE, tm.SPAN_PREFILL_WORKER)
+    parent(tm.SPAN_ENGINE_COMPUTE, tm.SPAN_PREFILL_WORKER)
+    parent(tm.SPAN_DECODE_WORKER, tm.SPAN_DECODE)  # across the Ray call to the decode actor
+    parent(tm.SPAN_DECODE_ADMISSION, tm.SPAN_DECODE_WORKER)
+    parent(tm.SPAN_KV_TRANSFER, tm.SPAN_DECODE_WORKER)
+    # the transfer parameters carried P's span: the pull links to it
+    assert one[tm.SPAN_PREFILL_WORKER]["span_id"] in one[tm.SPAN_KV_TRANSFER]["links"]
+
+    route = one[tm.SPAN_ROUTE]["attributes"]
+    assert route[tm.ATTR_PREFILL_WORKER] == "prefill-0" and route[tm.ATTR_DECODE_WORKER] == "decode-0"
+    assert route[tm.ATTR_ROUTE_REASON].startswith("remote: ") and route[tm.ATTR_ROUTE_KIND] == "disabled"
+    assert tm.ATTR_PREFILL_CACHED_BLOCKS in route and tm.ATTR_DECODE_CACHED_BLOCKS in route
+    kv = one[tm.SPAN_KV_TRANSFER]["attributes"]
+    assert kv[tm.ATTR_KV_BYTES] > 0 and kv[tm.ATTR_KV_BLOCKS] > 0 and kv[tm.ATTR_KV_GBPS] > 0
+    assert kv[tm.ATTR_KV_TRANSPORT] == "nixl/UCX"
+    gen = one[tm.SPAN_GENERATE]
+    assert gen["attributes"][tm.ATTR_OUTPUT_TOKENS] == 6 and gen["attributes"][tm.ATTR_RPC_STATUS] == "OK"
+    assert list(gen["attributes"][tm.ATTR_FINISH_REASONS]) == ["length"] and tm.EVENT_FIRST_TOKEN in gen["events"]
+    assert gen["attributes"][tm.ATTR_INPUT_TOKENS] == responses[-1].usage.prompt_tokens
+    dec = one[tm.SPAN_DECODE_WORKER]["attributes"]
+    assert dec[tm.ATTR_OUTPUT_TOKENS] == 6 and list(dec[tm.ATTR_FINISH_REASONS]) == ["length"]
+    # engine timings nest inside the worker span, in order
+    q, c, w = one[tm.SPAN_ENGINE_QUEUE], one[tm.SPAN_ENGINE_COMPUTE], one[tm.SPAN_PREFILL_WORKER]
+    assert w["start"] <= q["start"] <= q["end"] <= c["start"] + 1_000_000 and c["end"] <= w["end"] + 1_000_000
+
+    # no prompt text, no token ids, anywhere in any span
+    text = repr(spans)
+    assert "xyzzy" not in text and "plugh" not in text
+    ids = [t for r in responses for t in r.token_ids]
+    for sp in spans:
+        for value in sp["attributes"].values():
+            assert not (isinstance(value, (list, tuple)) and len(value) > 1 and list(value) == ids[: len(value)])
+    cluster.cluster.check_pools()
+
+
+def test_without_a_traceparent_each_request_starts_its_own_trace(cluster):
+    with grpc.insecure_channel(cluster.address) as ch:
+        stub = pb_grpc.GenerationStub(ch)
+        for _ in range(2):
+            list(stub.Generate(pb.GenerateRequest(prompt="hello there", sampling=pb.SamplingOptions(max_tokens=2)),
+                               timeout=60))
+    roots = [sp for sp in all_spans(cluster) if sp["name"] == tm.SPAN_GENERATE and sp["parent_id"] is None]
+    assert len({sp["trace_id"] for sp in roots}) == len(roots) >= 2
+    cluster.cluster.check_pools()
