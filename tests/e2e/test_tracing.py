@@ -113,3 +113,24 @@ def test_without_a_traceparent_each_request_starts_its_own_trace(cluster):
     roots = [sp for sp in all_spans(cluster) if sp["name"] == tm.SPAN_GENERATE and sp["parent_id"] is None]
     assert len({sp["trace_id"] for sp in roots}) == len(roots) >= 2
     cluster.cluster.check_pools()
+
+
+def test_otlp_export_from_every_process_reaches_a_real_receiver(tmp_path_factory):
+    """The served cluster (router and both workers, each its own process) exporting OTLP/gRPC to a receiver
+    on loopback: one request's spans arrive from all three services under one trace."""
+    from tests.helpers.otlp_receiver import OtlpReceiver
+
+    tiny = make_tiny_hf_model(tmp_path_factory.mktemp("otlp"), "llama", vocab_size=512)
+    with OtlpReceiver() as receiver:
+        with serve(str(tiny), ray_namespace="tandem-otlp", **{
+                "both.block_size": 4, "tracing.exporter": "otlp", "tracing.endpoint": receiver.url}) as s:
+            with grpc.insecure_channel(s.address) as ch:
+                list(pb_grpc.GenerationStub(ch).Generate(
+                    pb.GenerateRequest(prompt="hello", sampling=pb.SamplingOptions(max_tokens=3)),
+                    metadata=(("traceparent", f"00-{GATEWAY_TRACE}-{GATEWAY_SPAN}-01"),), timeout=60))
+        # stopping the cluster flushed every process's batch exporter
+        spans = [sp for sp in receiver.spans if f"{sp.trace_id:032x}" == GATEWAY_TRACE]
+    services = {sp.resource.get("service.name") for sp in spans}
+    assert services == {"tandem-router", "tandem-prefill", "tandem-decode"}, services
+    names = {sp.name for sp in spans}
+    assert {tm.SPAN_GENERATE, tm.SPAN_PREFILL_WORKER, tm.SPAN_KV_TRANSFER, tm.SPAN_DECODE_WORKER} <= names
