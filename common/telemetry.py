@@ -58,6 +58,7 @@ SPAN_VALIDATE = "tandem.validate"  # router: request checks and tokenization
 SPAN_PREFILL_WORKER = "tandem.prefill.worker"  # prefill actor, child of SPAN_PREFILL
 SPAN_DECODE_WORKER = "tandem.decode.worker"  # decode actor, child of SPAN_DECODE
 SPAN_DECODE_ADMISSION = "tandem.decode.admission"  # decode: waiting for KV blocks
+SPAN_DECODE_FIRST_STEP = "tandem.decode.first_step"  # decode: KV in -> token 2 (queueing in the batch + a step)
 SPAN_GENERATE_LOCAL = "tandem.generate.local"  # a worker prefilling and decoding itself (local / aggregated)
 SPAN_ENGINE_QUEUE = "tandem.engine.queue"  # arrival -> first schedule (engine clock)
 SPAN_ENGINE_COMPUTE = "tandem.engine.compute"  # first schedule -> first token (engine clock)

@@ -40,7 +40,7 @@ from common.errors import AdmissionTimeoutError, KVTransferFailedError
 from common.wire import PrefillResult, StreamChunk, WorkerStatus
 from engine.sampling_params import SamplingParams
 from worker_core.actor import WorkerActor
-from worker_core.host import WorkerHost, WorkerSettings
+from worker_core.host import WorkerHost, WorkerSettings, wall_ns
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,12 @@ class DecodeWorker(WorkerActor):
             extra = {"kv_transfer_s": self.clock() - t0, "kv_transfer_bytes": pulled,
                      "cached_tokens": prefill.cached_tokens}
             await engine.call(lambda c: c.finish_remote_kv(request_id))
+            joined = time.monotonic()
             async for chunk in self.host.chunks(stream, len(prompt_ids), extra):
-                if tokens == 1:
-                    span.add_event(tm.EVENT_FIRST_TOKEN)  # token 2, the first this worker computed
+                if tokens == 1:  # token 2, the first this worker computed: its wait in the batch + one step
+                    span.add_event(tm.EVENT_FIRST_TOKEN)
+                    self.host.tracer.start_span(tm.SPAN_DECODE_FIRST_STEP, context=context,
+                                                start_time=wall_ns(joined)).end()
                 tokens += len(chunk.token_ids)
                 if chunk.finished:  # end the span before the router can see the last chunk
                     tm.end_stream_span(span, tokens, chunk.finish_reason)

@@ -57,7 +57,7 @@ def test_one_trace_per_request_across_every_process(cluster):
         by_name.setdefault(sp["name"], []).append(sp)
     want = {tm.SPAN_GENERATE, tm.SPAN_VALIDATE, tm.SPAN_ROUTE, tm.SPAN_PREFILL, tm.SPAN_PREFILL_WORKER,
             tm.SPAN_ENGINE_QUEUE, tm.SPAN_ENGINE_COMPUTE, tm.SPAN_DECODE, tm.SPAN_DECODE_WORKER,
-            tm.SPAN_DECODE_ADMISSION, tm.SPAN_KV_TRANSFER}
+            tm.SPAN_DECODE_ADMISSION, tm.SPAN_KV_TRANSFER, tm.SPAN_DECODE_FIRST_STEP}
     assert want <= set(by_name), f"missing spans: {want - set(by_name)}"
     one = {name: by_name[name][0] for name in want}
     assert all(len(by_name[name]) == 1 for name in want), {n: len(v) for n, v in by_name.items()}
@@ -74,6 +74,8 @@ def test_one_trace_per_request_across_every_process(cluster):
     parent(tm.SPAN_DECODE_WORKER, tm.SPAN_DECODE)  # across the Ray call to the decode actor
     parent(tm.SPAN_DECODE_ADMISSION, tm.SPAN_DECODE_WORKER)
     parent(tm.SPAN_KV_TRANSFER, tm.SPAN_DECODE_WORKER)
+    parent(tm.SPAN_DECODE_FIRST_STEP, tm.SPAN_DECODE_WORKER)
+    assert one[tm.SPAN_KV_TRANSFER]["end"] <= one[tm.SPAN_DECODE_FIRST_STEP]["start"] + 1_000_000
     # the transfer parameters carried P's span: the pull links to it
     assert one[tm.SPAN_PREFILL_WORKER]["span_id"] in one[tm.SPAN_KV_TRANSFER]["links"]
 
