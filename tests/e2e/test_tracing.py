@@ -42,7 +42,11 @@ def all_spans(s) -> list[dict]:
     return spans
 
 
-def test_one_trace_per_request_across_every_process(cluster):
+def test_one_trace_per_request_across_every_process(cluster, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="router")  # every routing decision, every request log line
+    caplog.set_level(logging.DEBUG, logger="deploy")
     with grpc.insecure_channel(cluster.address) as ch:
         stub = pb_grpc.GenerationStub(ch)
         request = pb.GenerateRequest(prompt=PROMPT, sampling=pb.SamplingOptions(max_tokens=6, temperature=0.0,
@@ -96,9 +100,12 @@ def test_one_trace_per_request_across_every_process(cluster):
     q, c, w = one[tm.SPAN_ENGINE_QUEUE], one[tm.SPAN_ENGINE_COMPUTE], one[tm.SPAN_PREFILL_WORKER]
     assert w["start"] <= q["start"] <= q["end"] <= c["start"] + 1_000_000 and c["end"] <= w["end"] + 1_000_000
 
-    # no prompt text, no token ids, anywhere in any span
+    # no prompt text, no token ids, anywhere in any span or router log line
     text = repr(spans)
     assert "xyzzy" not in text and "plugh" not in text
+    assert any("router.decisions" == r.name for r in caplog.records)  # the decision log did run
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "xyzzy" not in logged and "plugh" not in logged
     ids = [t for r in responses for t in r.token_ids]
     for sp in spans:
         for value in sp["attributes"].values():
