@@ -100,7 +100,8 @@ class DecodeWorker(WorkerActor):
                     span_open = False
                 yield chunk
         except BaseException as exc:
-            tm.record_error(span, exc)
+            if span_open:  # a GeneratorExit after the last chunk is the consumer closing the stream, not a failure
+                tm.record_error(span, exc)
             raise
         finally:
             if span_open:
