@@ -31,6 +31,7 @@ from __future__ import annotations
 import enum
 import importlib.metadata
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -290,7 +291,8 @@ def _exporter(config: TracingConfig) -> SpanExporter:
     if config.exporter is Exporter.CONSOLE:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-        return ConsoleSpanExporter(service_name=config.service_name)
+        # `out` given explicitly: the exporter's default is the sys.stdout of when the SDK was first imported
+        return ConsoleSpanExporter(service_name=config.service_name, out=sys.stdout)
     endpoint = config.endpoint or _DEFAULT_ENDPOINTS[config.protocol]
     if config.protocol is OtlpProtocol.GRPC:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
