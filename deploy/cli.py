@@ -22,7 +22,7 @@ import json
 import logging
 import sys
 
-from deploy.admin_cli import add_admin_parser, run_admin
+from deploy.admin_cli import add_admin_parser, add_connection_flags, connect, run_admin
 from deploy.serve_cli import add_serve_parser, run_serve
 from engine.errors import EngineError
 
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wait", type=float, default=0.0, metavar="S",
                    help="--server: first wait up to S seconds for the server to report SERVING (a starting cluster)")
     g.add_argument("-v", "--verbose", action="store_true")
+    add_connection_flags(g)
     g.set_defaults(inputs=None)
     return parser
 
@@ -107,13 +108,12 @@ def _generate_remote(args: argparse.Namespace, inputs: list[tuple[str, str]], pa
     """--server: one request per input, in order; text streamed, or one JSON line per input."""
     import grpc
 
-    from tandem_api.client import TandemClient
     from tandem_api.v1 import generation_pb2 as pb
 
     sampling = {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
                 "top_k": params.top_k, "min_p": params.min_p, "seed": params.seed, "stop": list(params.stop),
                 "ignore_eos": params.ignore_eos, "logprobs": params.logprobs}
-    with TandemClient(args.server) as client:
+    with connect(args) as client:
         if args.wait > 0:
             try:
                 client.wait_until_serving(timeout=args.wait)

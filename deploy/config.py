@@ -106,6 +106,10 @@ class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_prefill_queue_tokens: int = 16384  # prefill worker "saturated" at this many queued tokens (local prefill)
     drain_timeout_s: float = 60.0  # removing a worker: how long its running requests may take to finish
     metrics_port: int | None = None  # Prometheus /metrics of the whole cluster on router.host (0: any free port)
+    tls_cert: str | None = None  # PEM server certificate: the gRPC port is TLS-only (with tls_key)
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM CA: clients must present a certificate it signed (mutual TLS)
+    auth_token_file: str | None = None  # bearer tokens, one per line: every call but health must carry one
     max_inflight: int = 256  # beyond this, RESOURCE_EXHAUSTED (PLATFORM.md: ~2,000 calls on one channel broke)
     max_message_bytes: int = 16 << 20
 
@@ -155,6 +159,10 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                               "router.max_prefill_queue_tokens >= 1")
         if r.metrics_port is not None and not 0 <= r.metrics_port < 65536:
             raise ConfigError(f"router.metrics_port must be in 0..65535 (0 = any free port), got {r.metrics_port}")
+        if (r.tls_cert is None) != (r.tls_key is None):
+            raise ConfigError("router.tls_cert and router.tls_key go together: give both for TLS, or neither")
+        if r.tls_client_ca is not None and r.tls_cert is None:
+            raise ConfigError("router.tls_client_ca (mutual TLS) needs router.tls_cert and router.tls_key")
         if r.drain_timeout_s <= 0:
             raise ConfigError(f"router.drain_timeout_s must be > 0, got {r.drain_timeout_s}")
         if self.mode == "aggregated" and self.prefill.block_size != self.decode.block_size:

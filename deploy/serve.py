@@ -29,6 +29,7 @@ from deploy.config import ServeConfig, tracing_config
 from router.pools import Policy, WorkerPool
 from router.responses import ServerFacts
 from router.routing import RoutingConfig
+from router.security import TlsFiles, read_tokens
 from router.server import GenerationService, build_server
 from router.validation import ModelFacts, RequestValidator
 from tandem_api.v1 import admin_pb2 as apb
@@ -102,8 +103,12 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
     cfg = cluster.config
     service = build_service(cluster)
     admin = AdminService(cluster, service, cfg.router.drain_timeout_s)
-    server = build_server(service, cfg.router.host, cfg.router.port,
-                          extra=[(lambda srv: apb_grpc.add_AdminServicer_to_server(admin, srv), ADMIN_SERVICE)])
+    r = cfg.router
+    tls = TlsFiles(r.tls_cert, r.tls_key, r.tls_client_ca) if r.tls_cert and r.tls_key else None
+    tokens = read_tokens(r.auth_token_file) if r.auth_token_file else []
+    server = build_server(service, r.host, r.port,
+                          extra=[(lambda srv: apb_grpc.add_AdminServicer_to_server(admin, srv), ADMIN_SERVICE)],
+                          tls=tls, auth_tokens=tokens)
     await server.start()
     metrics_http = start_metrics_server(service, cfg.router.host, cfg.router.metrics_port)
     await service.start_feeds()

@@ -8,6 +8,7 @@
                  [--prefill-kv-order NHD|HND] [--decode-kv-order NHD|HND]
                  [--router-policy kv|round-robin|least-loaded] [--conditional-prefill-threshold N]
                  [--router-temperature T] [--metrics-port N] [--max-inflight N] [--lease-s S]
+                 [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--auth-token-file FILE]
                  [--ray-address HOST:PORT] [--print-config]
 
 Flags override the file; the file overrides the defaults (deploy/config.py).
@@ -51,6 +52,11 @@ def add_serve_parser(sub) -> None:
                         "(0, the default, disables local prefill)")
     s.add_argument("--metrics-port", type=int, metavar="N",
                    help="serve Prometheus metrics of the whole cluster at http://HOST:N/metrics (0: any free port)")
+    s.add_argument("--tls-cert", metavar="PEM", help="server certificate: the gRPC port is TLS-only (with --tls-key)")
+    s.add_argument("--tls-key", metavar="PEM", help="server private key")
+    s.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
+    s.add_argument("--auth-token-file", metavar="FILE",
+                   help="bearer tokens, one per line: every call except health checks must send one")
     s.add_argument("--router-temperature", type=float, metavar="T",
                    help="kv policy: 0 picks the cheapest worker; T > 0 samples among near-equal ones")
     s.add_argument("--max-inflight", type=int, help="requests in flight before RESOURCE_EXHAUSTED")
@@ -70,6 +76,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             "router.host": args.host, "router.port": args.port, "router.policy": args.policy,
             "router.conditional_prefill_threshold": args.conditional_prefill_threshold,
             "router.temperature": args.router_temperature, "router.metrics_port": args.metrics_port,
+            "router.tls_cert": args.tls_cert, "router.tls_key": args.tls_key,
+            "router.tls_client_ca": args.tls_client_ca, "router.auth_token_file": args.auth_token_file,
             "router.max_inflight": args.max_inflight, "transport.lease_s": args.lease_s,
             "prefill.replicas": args.prefill_replicas, "decode.replicas": args.decode_replicas,
             "both.block_size": args.block_size, "both.dtype": args.dtype, "both.device": args.device,
@@ -87,6 +95,17 @@ def run_serve(args: argparse.Namespace) -> int:
         return 0
     from deploy.serve import serve_forever  # Ray and the router load only when serving
 
+    try:  # unreadable TLS or token files fail here, before any actor starts
+        from router.security import TlsFiles, read_tokens
+
+        r = config.router
+        if r.tls_cert and r.tls_key:
+            TlsFiles(r.tls_cert, r.tls_key, r.tls_client_ca).credentials()
+        if r.auth_token_file:
+            read_tokens(r.auth_token_file)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     reload = (lambda: config_from_args(args)) if args.config else None  # SIGHUP: the pools follow the file
     try:
         return serve_forever(config, reload)

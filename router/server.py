@@ -68,6 +68,7 @@ from router.metrics import RouterMetrics
 from router.pools import WorkerPool, WorkerReport, WorkerSlot, worker_reports
 from router.responses import RequestTrace, ServerFacts, chunk_response, server_info
 from router.routing import Route, Router, RoutingConfig
+from router.security import BearerAuth, TlsFiles
 from router.validation import RequestValidator, ValidatedRequest
 from router.workers import WorkerClient
 from tandem_api.v1 import generation_pb2 as pb
@@ -505,23 +506,28 @@ class GenerationService(pb_grpc.GenerationServicer):
 
 
 def build_server(service: GenerationService, host: str = "127.0.0.1", port: int = 0,
-                 extra: Sequence[tuple[Callable[[grpc.aio.Server], None], str]] = ()) -> grpc.aio.Server:
+                 extra: Sequence[tuple[Callable[[grpc.aio.Server], None], str]] = (),
+                 tls: TlsFiles | None = None, auth_tokens: Sequence[str] = ()) -> grpc.aio.Server:
     """A grpc.aio server with Generation, health checking and reflection, bound to host:port (not started).
 
     `extra`: (add_to_server, full service name) of more services on the same port (deploy's Admin).
+    `tls`: TLS-only port (mutual TLS with a client CA); `auth_tokens`: every call but health needs
+    `authorization: Bearer <one of them>` (router/security.py).
 
     Port 0 picks a free port; the bound one is `server.tandem_port`. SO_REUSEPORT is off,
     so a second server cannot silently share a port with the first. Call inside the event
     loop that will run it; then `await server.start()`.
     """
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    interceptors = [BearerAuth(auth_tokens)] if auth_tokens else []
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
     pb_grpc.add_GenerationServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
     for add, _ in extra:
         add(server)
     names = (SERVICE_NAME, *(name for _, name in extra), health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot bind the gRPC server to {host}:{port} (address in use or not available)")
     server.tandem_port = bound  # type: ignore[attr-defined]

@@ -62,9 +62,20 @@ def build_request(prompt: str | None = None, token_ids: Iterable[int] | None = N
 class TandemClient:
     """A channel to one Tandem router. Thread-safe (gRPC channels are)."""
 
-    def __init__(self, target: str, *, options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(self, target: str, *, options: Sequence[tuple[str, Any]] = (), token: str | None = None,
+                 tls_ca: bytes | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None,
+                 tls: bool = False) -> None:
+        """`token`: sent as `authorization: Bearer <token>` on every call. TLS when `tls` or any tls_*
+        is given: `tls_ca` (PEM) verifies the server (None: the system roots); `tls_cert` + `tls_key` (PEM)
+        are this client's certificate for mutual TLS."""
         self.target = target
-        self._channel = grpc.insecure_channel(target, options=list(options))
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        if tls or tls_ca or tls_cert:
+            creds = grpc.ssl_channel_credentials(root_certificates=tls_ca, private_key=tls_key,
+                                                 certificate_chain=tls_cert)
+            self._channel = grpc.secure_channel(target, creds, options=list(options))
+        else:
+            self._channel = grpc.insecure_channel(target, options=list(options))
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._admin = apb_grpc.AdminStub(self._channel)
@@ -85,7 +96,7 @@ class TandemClient:
         Closing the iterator early (or dropping it) cancels the call on the server.
         """
         request = build_request(prompt, token_ids, chat, request_id, **sampling)  # bad arguments raise here
-        return _responses(self._stub.Generate(request, timeout=timeout))
+        return _responses(self._stub.Generate(request, timeout=timeout, metadata=self._metadata))
 
     def complete(self, prompt: str | None = None, **kwargs: Any) -> tuple[str, list[int], pb.GenerateResponse]:
         """(whole text, every token id, the last response) of one request."""
@@ -100,25 +111,27 @@ class TandemClient:
         return "".join(texts), ids, last
 
     def server_info(self, timeout: float | None = 10.0) -> pb.ServerInfo:
-        return self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout)
+        return self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout, metadata=self._metadata)
 
     # -- tandem.v1.Admin ---------------------------------------------------------------------------
 
     def add_workers(self, pool: str, count: int = 1, timeout: float | None = 900.0) -> apb.AddWorkersResponse:
         """Start `count` workers in pool "prefill" or "decode"; returns once they take requests."""
-        return self._admin.AddWorkers(apb.AddWorkersRequest(pool=pool, count=count), timeout=timeout)
+        return self._admin.AddWorkers(apb.AddWorkersRequest(pool=pool, count=count), timeout=timeout,
+                                      metadata=self._metadata)
 
     def remove_worker(self, worker_id: str, drain_timeout_s: float = 0.0,
                       timeout: float | None = 900.0) -> apb.RemoveWorkerResponse:
         """Drain a worker (running requests finish) and stop it; drain_timeout_s 0 = the server's default."""
         return self._admin.RemoveWorker(apb.RemoveWorkerRequest(worker_id=worker_id, drain_timeout_s=drain_timeout_s),
-                                        timeout=timeout)
+                                        timeout=timeout, metadata=self._metadata)
 
     def scale_pool(self, pool: str, replicas: int, drain_timeout_s: float = 0.0,
                    timeout: float | None = 900.0) -> apb.ScalePoolResponse:
         """Grow or shrink a pool to `replicas` workers (removing the newest first)."""
         return self._admin.ScalePool(apb.ScalePoolRequest(pool=pool, replicas=replicas,
-                                                          drain_timeout_s=drain_timeout_s), timeout=timeout)
+                                                          drain_timeout_s=drain_timeout_s), timeout=timeout,
+                                     metadata=self._metadata)
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """The grpc.health.v1 status name of `service` ("" = the whole server), e.g. "SERVING"."""

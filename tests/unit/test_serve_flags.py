@@ -63,3 +63,22 @@ def test_router_flags_as_pinned_by_the_routing_issue():
 def test_aggregated_mode_needs_one_block_size():
     with pytest.raises(ConfigError, match="aggregated mode serves one pool"):
         parse("--mode", "aggregated", "--prefill-block-size", "16", "--decode-block-size", "32")
+
+
+def test_tls_and_token_flags():
+    cfg = parse("--tls-cert", "s.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem", "--auth-token-file", "t")
+    r = cfg.router
+    assert (r.tls_cert, r.tls_key, r.tls_client_ca, r.auth_token_file) == ("s.pem", "k.pem", "ca.pem", "t")
+    assert parse().router.host == "127.0.0.1"  # bound to loopback unless told otherwise
+    with pytest.raises(ConfigError, match="tls_cert and router.tls_key go together"):
+        parse("--tls-cert", "s.pem")
+    with pytest.raises(ConfigError, match="needs router.tls_cert"):
+        parse("--tls-client-ca", "ca.pem")
+
+
+def test_unreadable_security_files_fail_before_anything_starts(tmp_path, capsys: pytest.CaptureFixture[str]):
+    assert main(["serve", "--auth-token-file", str(tmp_path / "missing")]) == 2
+    assert "cannot read the auth token file" in capsys.readouterr().err
+    (tmp_path / "empty").write_text("# no token here\n")
+    assert main(["serve", "--auth-token-file", str(tmp_path / "empty")]) == 2
+    assert "holds no token" in capsys.readouterr().err
