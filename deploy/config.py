@@ -111,7 +111,10 @@ class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tls_client_ca: str | None = None  # PEM CA: clients must present a certificate it signed (mutual TLS)
     auth_token_file: str | None = None  # bearer tokens, one per line: every call but health must carry one
     max_inflight: int = 256  # beyond this, RESOURCE_EXHAUSTED (PLATFORM.md: ~2,000 calls on one channel broke)
-    max_message_bytes: int = 16 << 20
+    max_message_bytes: int = 16 << 20  # largest request the gRPC port accepts (bigger: RESOURCE_EXHAUSTED)
+    max_prompt_tokens: int | None = None  # per-request cap (None: the model's context)
+    max_tokens: int | None = None  # per-request cap on max_tokens (None: the model's context)
+    retry_after_ms: int = 1000  # hint sent with RESOURCE_EXHAUSTED (trailer grpc-retry-pushback-ms)
 
 
 class TracingSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -163,6 +166,11 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError("router.tls_cert and router.tls_key go together: give both for TLS, or neither")
         if r.tls_client_ca is not None and r.tls_cert is None:
             raise ConfigError("router.tls_client_ca (mutual TLS) needs router.tls_cert and router.tls_key")
+        for name in ("max_prompt_tokens", "max_tokens"):
+            if getattr(r, name) is not None and getattr(r, name) < 1:
+                raise ConfigError(f"router.{name} must be >= 1 (or unset), got {getattr(r, name)}")
+        if r.max_message_bytes < 1024 or r.retry_after_ms < 0:
+            raise ConfigError("router.max_message_bytes must be >= 1024 and router.retry_after_ms >= 0")
         if r.drain_timeout_s <= 0:
             raise ConfigError(f"router.drain_timeout_s must be > 0, got {r.drain_timeout_s}")
         if self.mode == "aggregated" and self.prefill.block_size != self.decode.block_size:

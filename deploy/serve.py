@@ -79,11 +79,13 @@ def build_service(cluster: Cluster) -> GenerationService:
         decode = pool("decode", cluster.decode, cfg.decode.block_size)
     else:
         prefill, decode = None, pool("aggregated", cluster.workers, cfg.decode.block_size)
-    validator = RequestValidator(ModelFacts.from_model_infos(cluster.infos), cluster.tokenizer)
+    validator = RequestValidator(ModelFacts.from_model_infos(cluster.infos), cluster.tokenizer,
+                                 max_prompt_tokens=cfg.router.max_prompt_tokens, max_tokens=cfg.router.max_tokens)
     return GenerationService(validator=validator, prefill=prefill, decode=decode,
                              info_source=lambda: server_facts(cluster), max_inflight=cfg.router.max_inflight,
                              routing=routing_config(cfg), rng=random.Random(cfg.seed),
-                             tracing=setup_tracing(tracing_config(cfg, "router")))
+                             tracing=setup_tracing(tracing_config(cfg, "router")),
+                             retry_after_ms=cfg.router.retry_after_ms)
 
 
 def start_metrics_server(service: GenerationService, host: str, port: int | None):
@@ -108,7 +110,7 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
     tokens = read_tokens(r.auth_token_file) if r.auth_token_file else []
     server = build_server(service, r.host, r.port,
                           extra=[(lambda srv: apb_grpc.add_AdminServicer_to_server(admin, srv), ADMIN_SERVICE)],
-                          tls=tls, auth_tokens=tokens)
+                          tls=tls, auth_tokens=tokens, max_message_bytes=r.max_message_bytes)
     await server.start()
     metrics_http = start_metrics_server(service, cfg.router.host, cfg.router.metrics_port)
     await service.start_feeds()

@@ -116,7 +116,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                  cleanup_timeout_s: float = 5.0, status_timeout_s: float = 2.0,
                  routing: RoutingConfig | None = None, rng: random.Random | None = None,
                  metrics: RouterMetrics | None = None, tracing: Tracing | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 retry_after_ms: int = 1000, clock: Callable[[], float] = time.monotonic) -> None:
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         self.validator, self.prefill, self.decode, self.info_source = validator, prefill, decode, info_source
@@ -129,6 +129,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.metrics_port: int | None = None  # set by deploy when it serves /metrics
         self.tracing = tracing if tracing is not None else setup_tracing(TracingConfig())  # off: a no-op tracer
         self.tracer = self.tracing.tracer
+        self.retry_after_ms = retry_after_ms  # RESOURCE_EXHAUSTED carries it (grpc-retry-pushback-ms)
         self.max_inflight, self.request_timeout_s = max_inflight, request_timeout_s
         self.cleanup_timeout_s, self.status_timeout_s, self._clock = cleanup_timeout_s, status_timeout_s, clock
         self.health = _Health()
@@ -254,8 +255,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("request refused by an unexpected error")
             self.metrics.requests.labels("none", code.name).inc()
-            context.set_code(code)
-            context.set_details(message)
+            self._set_status(context, code, message)
             return code.name
         span.set_attributes({tm.ATTR_REQUEST_ID: req.request_id, tm.ATTR_INPUT_TOKENS: len(req.prompt_token_ids),
                              tm.ATTR_MAX_TOKENS: req.params.max_tokens})
@@ -295,9 +295,15 @@ class GenerationService(pb_grpc.GenerationServicer):
         if t.finish_reason:
             span.set_attribute(tm.ATTR_FINISH_REASONS, [t.finish_reason])
         if failure is not None:
-            context.set_code(failure[0])
-            context.set_details(failure[1])
+            self._set_status(context, *failure)
         return code
+
+    def _set_status(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # how long to back off: gRPC's retry pushback trailer
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", str(self.retry_after_ms)),))
+            message = f"{message} (retry after {self.retry_after_ms} ms)"
+        context.set_code(code)
+        context.set_details(message)
 
     def _limit_s(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -507,7 +513,8 @@ class GenerationService(pb_grpc.GenerationServicer):
 
 def build_server(service: GenerationService, host: str = "127.0.0.1", port: int = 0,
                  extra: Sequence[tuple[Callable[[grpc.aio.Server], None], str]] = (),
-                 tls: TlsFiles | None = None, auth_tokens: Sequence[str] = ()) -> grpc.aio.Server:
+                 tls: TlsFiles | None = None, auth_tokens: Sequence[str] = (),
+                 max_message_bytes: int = 16 << 20) -> grpc.aio.Server:
     """A grpc.aio server with Generation, health checking and reflection, bound to host:port (not started).
 
     `extra`: (add_to_server, full service name) of more services on the same port (deploy's Admin).
@@ -519,7 +526,8 @@ def build_server(service: GenerationService, host: str = "127.0.0.1", port: int 
     loop that will run it; then `await server.start()`.
     """
     interceptors = [BearerAuth(auth_tokens)] if auth_tokens else []
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=interceptors)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", max_message_bytes)],
+                             interceptors=interceptors)
     pb_grpc.add_GenerationServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
     for add, _ in extra:

@@ -102,17 +102,26 @@ def _f32(value: float) -> float:
 class RequestValidator:
     """Validates requests against one model's facts; `tokenizer` comes from a worker."""
 
-    def __init__(self, facts: ModelFacts, tokenizer: Tokenizer, new_request_id: Callable[[], str] | None = None):
+    def __init__(self, facts: ModelFacts, tokenizer: Tokenizer, new_request_id: Callable[[], str] | None = None,
+                 max_prompt_tokens: int | None = None, max_tokens: int | None = None):
+        """`max_prompt_tokens` / `max_tokens`: the operator's per-request caps (None: the model's limits only)."""
         self.facts = facts
         self.tokenizer = tokenizer
         self._new_id = new_request_id or _default_ids()
+        self.max_prompt_tokens, self.max_tokens = max_prompt_tokens, max_tokens
 
     def validate(self, request: pb.GenerateRequest, in_flight: Container[str] = ()) -> ValidatedRequest:
         """The request ready for the workers, or `RequestValidationError` saying what to change."""
         request_id = self._request_id(request.request_id, in_flight)
         params = self.sampling_params(request.sampling)
         kind = request.WhichOneof("input")
+        if self.max_tokens is not None and params.max_tokens > self.max_tokens:
+            raise RequestValidationError(f"max_tokens is {params.max_tokens}; this server allows at most "
+                                         f"{self.max_tokens} per request")
         prompt = self.prompt_token_ids(request)
+        if self.max_prompt_tokens is not None and len(prompt) > self.max_prompt_tokens:
+            raise RequestValidationError(f"prompt has {len(prompt)} tokens; this server allows at most "
+                                         f"{self.max_prompt_tokens} per request; shorten the prompt")
         self.check_fits(len(prompt), params.max_tokens)
         return ValidatedRequest(request_id, prompt, params, kind or "")
 

@@ -137,7 +137,8 @@ def test_queue_full_is_resource_exhausted(agg):
     next(stream)  # in flight: the router's limit (max_inflight=1) is reached
     with pytest.raises(grpc.RpcError) as e:
         client.complete(prompt="hello", max_tokens=2)
-    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in e.value.details()
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry after 1000 ms" in e.value.details()
+    assert ("grpc-retry-pushback-ms", "1000") in tuple(e.value.trailing_metadata())  # gRPC's back-off hint
     stream.close()
     agg.cluster.check_pools()
 

@@ -161,3 +161,12 @@ def test_model_facts() -> None:
 
 def _fields(info: ModelInfo) -> dict:
     return {name: getattr(info, name) for name in info.__struct_fields__}
+
+
+def test_operator_caps_on_prompt_tokens_and_max_tokens(tokenizer: Tokenizer) -> None:
+    capped = RequestValidator(ModelFacts(vocab_size=VOCAB, max_model_len=32, kv_capacity_tokens=24), tokenizer,
+                              max_prompt_tokens=4, max_tokens=3)
+    assert capped.validate(tokens(7, 8, 9, 10, max_tokens=3)).prompt_token_ids == [7, 8, 9, 10]
+    assert refused(capped, tokens(7, 8, 9, 10, 11, max_tokens=2)) == (
+        "prompt has 5 tokens; this server allows at most 4 per request; shorten the prompt")
+    assert refused(capped, tokens(7, max_tokens=4)) == "max_tokens is 4; this server allows at most 3 per request"
