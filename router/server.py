@@ -52,6 +52,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -62,7 +63,15 @@ from common import telemetry as tm
 from common.errors import KVTransferFailedError
 from common.telemetry import Tracing, TracingConfig, setup_tracing
 from common.wire import StreamChunk
-from router.errors import AdmissionError, NotServingError, WorkerFailedError, WorkerUnavailableError, status_for
+from router.errors import (
+    AdmissionError,
+    NotServingError,
+    RequestValidationError,
+    WorkerFailedError,
+    WorkerUnavailableError,
+    one_line,
+    status_for,
+)
 from router.kv_feed import KVEventFeed
 from router.metrics import RouterMetrics
 from router.pools import WorkerPool, WorkerReport, WorkerSlot, worker_reports
@@ -243,6 +252,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         received = self._clock()
         try:
             with self.tracer.start_as_current_span(tm.SPAN_VALIDATE):
+                if isinstance(request, Undecodable):
+                    raise RequestValidationError(request.message)
                 if not self.serving:
                     raise NotServingError("the server is not serving yet (workers starting) or is draining; "
                                           "retry later")
@@ -489,6 +500,8 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ServerInfo:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
             return server_info(self.info_source(), await self.worker_reports(), self._worker_extras())
         except Exception as exc:  # noqa: BLE001 - one line to the client, the traceback to the log
@@ -511,6 +524,40 @@ class GenerationService(pb_grpc.GenerationServicer):
             await asyncio.gather(*self._cleanups, return_exceptions=True)
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """Request bytes that are not a valid message (bad wire format, invalid UTF-8 in a string)."""
+
+    message: str
+
+
+def _lenient(cls):
+    """A request deserializer that hands the handler an `Undecodable` instead of failing: grpc.aio would
+    answer a DecodeError with UNKNOWN and its exception text; the handler says INVALID_ARGUMENT."""
+
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(f"the request is not a valid {cls.DESCRIPTOR.full_name}: {one_line(str(exc))}")
+
+    return parse
+
+
+def _add_generation(service: GenerationService, server: grpc.aio.Server) -> None:
+    """tandem.v1.Generation as the generated add_GenerationServicer_to_server, with lenient request parsing."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate, request_deserializer=_lenient(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetServerInfo, request_deserializer=_lenient(pb.GetServerInfoRequest),
+            response_serializer=pb.ServerInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def build_server(service: GenerationService, host: str = "127.0.0.1", port: int = 0,
                  extra: Sequence[tuple[Callable[[grpc.aio.Server], None], str]] = (),
                  tls: TlsFiles | None = None, auth_tokens: Sequence[str] = (),
@@ -528,7 +575,7 @@ def build_server(service: GenerationService, host: str = "127.0.0.1", port: int 
     interceptors = [BearerAuth(auth_tokens)] if auth_tokens else []
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", max_message_bytes)],
                              interceptors=interceptors)
-    pb_grpc.add_GenerationServicer_to_server(service, server)
+    _add_generation(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
     for add, _ in extra:
         add(server)
