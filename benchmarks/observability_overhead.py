@@ -59,6 +59,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from served_common import fmt_load, pct  # noqa: E402 - the script's own folder is on sys.path
+
 TOKEN_LO, TOKEN_HI = 100, 40000  # random prompt ids: clear of special tokens, inside the vocabulary
 TARGET_RATIO = 0.97  # the issue: under 3% throughput loss with tracing and metrics on
 CONFIGS = ("off", "on")
@@ -367,17 +369,6 @@ def drive(args, address: str, tag: str, prompts: list[list[int]]):
 # -- numbers ----------------------------------------------------------------------------------------------
 
 
-def pct(xs: list[float], q: float) -> float:
-    """Linear-interpolation percentile (numpy's default); nan for no samples."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def config_stats(runs: list[dict]) -> dict:
     tok = [r["output_tok_s"] for r in runs]
     return {
@@ -475,10 +466,6 @@ def settle(below: float = 0.2, window_s: float = 2.0, max_s: float = 60.0) -> tu
         busy = cpu_busy_over(window_s)
         if busy < below or time.perf_counter() - t0 > max_s:
             return time.perf_counter() - t0, busy
-
-
-def fmt_load(load: tuple[float, float, float]) -> str:
-    return " ".join(f"{x:.2f}" for x in load)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,6 @@ import argparse
 import json
 import os
 import random
-import socket
-import statistics
 import sys
 import threading
 import time
@@ -62,6 +60,8 @@ from collections import Counter, deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from served_common import dist, fmt_load, free_port, pct  # noqa: E402 - the script's own folder is on sys.path
 
 TOKEN_LO, TOKEN_HI = 100, 40000  # random prompt ids: clear of special tokens, inside the vocabulary
 TARGET_P50_RATIO = 0.5  # the issue: kv's p50 TTFT at most half of round-robin's
@@ -176,8 +176,8 @@ class PrefillProbe:
             client = original(handle)
             inner = client.prefill
 
-            async def prefill(request_id, prompt_ids, params):
-                result = await inner(request_id, prompt_ids, params)
+            async def prefill(request_id, *args):  # the WorkerClient call, whatever it carries after the id
+                result = await inner(request_id, *args)
                 probe.cached[request_id] = result.cached_tokens
                 probe.worker[request_id] = result.worker_id
                 return result
@@ -361,22 +361,6 @@ def drive(args, address: str, policy: str, rnd: int, workload: dict):
 # -- numbers -----------------------------------------------------------------------------------------------
 
 
-def pct(xs: list[float], q: float) -> float:
-    """Linear-interpolation percentile (numpy's default); nan for no samples."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def dist(xs: list[float]) -> dict:
-    return {"p50": pct(xs, 50), "p90": pct(xs, 90), "p99": pct(xs, 99),
-            "mean": statistics.fmean(xs) if xs else float("nan"), "n": len(xs)}
-
-
 def policy_stats(runs: list[dict]) -> dict:
     rows = [r for run in runs for r in run["rows"] if r.get("ttft_s") is not None]
     prompt = sum(r["prompt_tokens"] for r in rows)
@@ -459,16 +443,6 @@ def print_table(args, runs: list[dict], stats: dict) -> None:
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fmt_load(load: tuple[float, float, float]) -> str:
-    return " ".join(f"{x:.2f}" for x in load)
 
 
 if __name__ == "__main__":

@@ -94,12 +94,17 @@ class AdminService(apb_grpc.AdminServicer):
     def _drain_s(self, requested: float) -> float:
         return requested if requested > 0 else self.drain_timeout_s
 
-    async def add(self, pool_name: str, count: int) -> list[str]:
+    @staticmethod
+    def _check_request(pool_name: str, field: str, value: int) -> None:
+        """INVALID_ARGUMENT for an unknown pool or a count / replica number below 1."""
         if pool_name not in POOLS:
             raise AdminError(grpc.StatusCode.INVALID_ARGUMENT,
                              f"pool must be one of {', '.join(POOLS)}, got {pool_name!r}")
-        if count < 1:
-            raise AdminError(grpc.StatusCode.INVALID_ARGUMENT, f"count must be >= 1, got {count}")
+        if value < 1:
+            raise AdminError(grpc.StatusCode.INVALID_ARGUMENT, f"{field} must be >= 1, got {value}")
+
+    async def add(self, pool_name: str, count: int) -> list[str]:
+        self._check_request(pool_name, "count", count)
         added: list[str] = []
         async with self._lock:
             try:
@@ -131,11 +136,7 @@ class AdminService(apb_grpc.AdminServicer):
 
     async def scale(self, pool_name: str, replicas: int, drain_timeout_s: float = 0.0) -> tuple[list[str], list[str]]:
         """Grow or shrink a pool to `replicas` (newest removed first); (added, removed)."""
-        if pool_name not in POOLS:
-            raise AdminError(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"pool must be one of {', '.join(POOLS)}, got {pool_name!r}")
-        if replicas < 1:
-            raise AdminError(grpc.StatusCode.INVALID_ARGUMENT, f"replicas must be >= 1, got {replicas}")
+        self._check_request(pool_name, "replicas", replicas)
         added: list[str] = []
         removed: list[str] = []
         async with self._lock:

@@ -356,22 +356,17 @@ class Router:
 
     def _choose_prefill(self, ix: PoolIndex, n: int, overlap: dict[str, int]
                         ) -> tuple[WorkerSlot, KVDecision | Decision]:
-        pool = ix.pool
-        if self.config.policy is not Policy.KV:
-            client, decision = pool.choose(self.config.policy)
-            return pool.slot(client.worker_id), decision
-        slots = pool.eligible()
-        if not slots:
-            raise pool.no_worker_error()
-        w = self.config.weights
-        terms = [PrefillTerms(s.worker_id, n, overlap.get(s.worker_id, 0), pool.block_size, s.prefill_tokens)
-                 for s in slots]
-        pick = select([prefill_cost(t, w) for t in terms], self.config.temperature, self.rng)
-        return slots[pick], KVDecision(pool.role, tuple(terms), w, slots[pick].worker_id, self.config.temperature)
+        bs = ix.pool.block_size
+        return self._choose(ix.pool, lambda s: PrefillTerms(s.worker_id, n, overlap.get(s.worker_id, 0), bs,
+                                                            s.prefill_tokens), prefill_cost)
 
     def _choose_decode(self, ix: PoolIndex, n: int, overlap: dict[str, int]
                        ) -> tuple[WorkerSlot, KVDecision | Decision]:
-        pool = ix.pool
+        bs = ix.pool.block_size
+        return self._choose(ix.pool, lambda s: decode_terms(s, n, overlap.get(s.worker_id, 0), bs), decode_cost)
+
+    def _choose(self, pool: WorkerPool, terms_of, cost) -> tuple[WorkerSlot, KVDecision | Decision]:
+        """The pool's load-blind choice, or (policy kv) the cheapest eligible worker by `cost(terms_of(slot))`."""
         if self.config.policy is not Policy.KV:
             client, decision = pool.choose(self.config.policy)
             return pool.slot(client.worker_id), decision
@@ -379,8 +374,8 @@ class Router:
         if not slots:
             raise pool.no_worker_error()
         w = self.config.weights
-        terms = [decode_terms(s, n, overlap.get(s.worker_id, 0), pool.block_size) for s in slots]
-        pick = select([decode_cost(t, w) for t in terms], self.config.temperature, self.rng)
+        terms = [terms_of(s) for s in slots]
+        pick = select([cost(t, w) for t in terms], self.config.temperature, self.rng)
         return slots[pick], KVDecision(pool.role, tuple(terms), w, slots[pick].worker_id, self.config.temperature)
 
     # -- progress of a routed request ----------------------------------------------------------------

@@ -297,23 +297,26 @@ class WorkerHost:
     async def chunks(self, stream: asyncio.Queue, prompt_tokens: int, extra: dict | None = None,
                      on_first=None) -> AsyncIterator[StreamChunk]:
         """StepOutputs of one request as chunks; everything already queued is merged into one chunk.
-        `on_first(StepOutput)` sees the output that carries the first token's engine timings."""
-        # cached_tokens counts prompt tokens not computed: on a decode worker the prefill worker's hit
-        # (passed in `extra`), not what its own cache held of the pulled prompt
-        cached = (extra or {}).get("cached_tokens")
-        while True:
-            item = await stream.get()
+
+        `extra` fields are set on every chunk: a decode worker passes its pull's figures and the
+        prefill worker's cache hit as `cached_tokens` (prompt tokens not computed, which on D is
+        P's hit, not what D's own cache held of the pulled prompt). `on_first(StepOutput)` sees
+        the output that carries the first token's engine timings.
+        """
+        def convert(item) -> StreamChunk:
             if on_first is not None and isinstance(item, StepOutput) and item.first_token_time is not None:
                 on_first(item)
             chunk = self._chunk_of(item)
+            for key, value in (extra or {}).items():
+                setattr(chunk, key, value)
+            return chunk
+
+        while True:
+            chunk = convert(await stream.get())
             while not chunk.finished and not stream.empty():
-                chunk.merge(self._chunk_of(stream.get_nowait()))
-            if cached is not None:
-                chunk.cached_tokens = cached
+                chunk.merge(convert(stream.get_nowait()))
             if chunk.finished:
                 chunk.prompt_tokens = prompt_tokens
-                for key, value in (extra or {}).items():
-                    setattr(chunk, key, value)
             yield chunk
             if chunk.finished:
                 return

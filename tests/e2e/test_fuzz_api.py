@@ -397,11 +397,7 @@ def _expected_max_tokens(request: pb.GenerateRequest) -> int:
 @settings(FUZZ, max_examples=45)
 @given(request=valid_requests())
 def test_fuzz_valid_requests_all_finish(cluster, send, request):
-    note(_summary(request))
-    outcome = send(request.SerializeToString())
-    note(f"-> {outcome.code.name} {outcome.details[:300]!r}")
-    _event(outcome)
-    judge(outcome, must_succeed=True, max_tokens=_expected_max_tokens(request))
+    outcome = _send_and_judge(send, request, must_succeed=True)
     if request.request_id:
         assert outcome.responses[0].request_id == request.request_id
 
@@ -409,11 +405,16 @@ def test_fuzz_valid_requests_all_finish(cluster, send, request):
 @settings(FUZZ, max_examples=75)
 @given(request=wild_requests())
 def test_fuzz_any_request_gets_a_result_or_invalid_argument(cluster, send, request):
+    _send_and_judge(send, request)
+
+
+def _send_and_judge(send, request, must_succeed: bool = False):
     note(_summary(request))
     outcome = send(request.SerializeToString())
     note(f"-> {outcome.code.name} {outcome.details[:300]!r}")
     _event(outcome)
-    judge(outcome, max_tokens=_expected_max_tokens(request))
+    judge(outcome, must_succeed=must_succeed, max_tokens=_expected_max_tokens(request))
+    return outcome
 
 
 @settings(FUZZ, max_examples=30)
