@@ -27,11 +27,15 @@ def ray_session():
 
 
 def serve(model: str, **overrides):
-    """A started `Serving` on a free port with small pools; overrides use with_overrides keys."""
+    """A started `Serving` with small pools; overrides use with_overrides keys.
+
+    Port 0: the router binds a free port itself and `Serving.address` reports it (picking a free
+    port here and binding it later races with every other process on the machine; seen once).
+    """
     from deploy.config import ServeConfig, with_overrides
     from deploy.serve import Serving
 
-    base = {"router.port": _free_port(), "both.kv_cache_memory": "64MiB", "both.dtype": "float32",
+    base = {"router.port": 0, "both.kv_cache_memory": "64MiB", "both.dtype": "float32",
             "both.num_cpus": 0.5, "model": model}
     return Serving(with_overrides(ServeConfig(), **{**base, **overrides}))
 
