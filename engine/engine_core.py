@@ -102,8 +102,18 @@ class EngineCore:
 
     def add_request(
         self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
-        *, kv_handoff: bool = False,
+        *, kv_handoff: bool = False, prior_output_ids: Sequence[int] = (),
     ) -> str:
+        """Queue one request. `prior_output_ids`: output it already produced elsewhere (a request resumed
+        after its worker died): they are replayed (`resume`) and the prompt + them is prefilled, so the
+        next token sampled is the one an undisturbed run samples next (greedy; seeded random too)."""
+        if prior_output_ids:
+            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+            self.validate(prompt_token_ids, params, rid)
+            req = self._new_request(rid, [int(t) for t in prompt_token_ids], params, kv_handoff)
+            self.resume(req, prior_output_ids)
+            self.scheduler.add(req)
+            return rid
         return self.add_requests([(prompt_token_ids, params, request_id)], kv_handoff=kv_handoff)[0]
 
     def add_requests(
@@ -133,6 +143,30 @@ class EngineCore:
             detokenizer=IncrementalDetokenizer(self.tokenizer, tokens, params.skip_special_tokens),
             kv_handoff=kv_handoff,
         )
+
+    def resume(self, req: Request, prior_output_ids: Sequence[int]) -> None:
+        """Replay output a request already streamed (not yet in the scheduler): each token goes through
+        the detokenizer and stop checks as when it was sampled, and a seeded generator is advanced by its
+        draw, so text, state and later draws equal an undisturbed run. The tokens become part of what
+        is prefilled (like a request preempted for recompute). Refuses output that already ends it."""
+        if len(prior_output_ids) >= req.params.max_tokens:
+            raise InvalidRequestError(f"{len(prior_output_ids)} tokens already produced leave none of "
+                                      f"max_tokens={req.params.max_tokens}; nothing to resume")
+        vocab = self.model_config.vocab_size
+        handoff, req.kv_handoff = req.kv_handoff, False  # a replayed token never hands the KV off
+        now = time.monotonic()
+        try:
+            for tid in prior_output_ids:
+                if not 0 <= tid < vocab:
+                    raise InvalidRequestError(f"prior output token id {tid} is outside the vocabulary [0, {vocab})")
+                req.sampling.advance(vocab, self.device)
+                out = self._append_token(req, int(tid), None, now)
+                if out.finished:
+                    raise InvalidRequestError("the prior output already ends the request (a stop token, EOS or "
+                                              "stop string in it); nothing to resume")
+        finally:
+            req.kv_handoff = handoff
+        req.first_token_time = None  # the engine's timings describe this run's own first token
 
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str) -> None:
         n = len(prompt_token_ids)
@@ -190,6 +224,7 @@ class EngineCore:
 
     def add_remote_request(
         self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str, first_token: int,
+        prior_output_ids: Sequence[int] = (),
     ) -> StepOutput:
         """Decode role: admit a request whose prompt was prefilled elsewhere, with its token 1.
 
@@ -198,11 +233,16 @@ class EngineCore:
         caller to inspect, not to stream (the prefill side streamed it). A seeded
         request's generator is advanced by the one draw token 1 took.
         Returns with the request in WAITING_FOR_REMOTE_KV, or finished if token 1 ended it.
+
+        A resumed request (`prior_output_ids`, see `resume`) is prefilled as prompt + prior output
+        on P, so its "token 1" is the token after them and the KV pulled covers both.
         """
         self.validate(prompt_token_ids, params, request_id)
         if not 0 <= first_token < self.model_config.vocab_size:
             raise InvalidRequestError(f"first token id {first_token} is outside the vocabulary")
         req = self._new_request(request_id, [int(t) for t in prompt_token_ids], params)
+        if prior_output_ids:
+            self.resume(req, prior_output_ids)
         self.scheduler.add_remote(req)
         req.sampling.advance(self.model_config.vocab_size, self.device)
         return self._append_token(req, int(first_token), None, time.monotonic())
@@ -216,7 +256,7 @@ class EngineCore:
         req = self.scheduler.requests[request_id]
         if req.status is not RequestStatus.WAITING_FOR_REMOTE_KV:
             raise InvalidRequestError(f"request {request_id!r} is {req.status.name}, not waiting for remote KV")
-        n = req.num_prompt_tokens
+        n = req.num_tokens - 1  # the prompt (and a resumed request's prior output): all but P's token
         hit = self.kv_manager.lookup_prefix(req.token_ids)  # prompt + token 1: may cover every full prompt block
         blocks = self.kv_manager.allocate(request_id, req.token_ids, hit.num_tokens, n - hit.num_tokens, hit)
         if blocks is None:
@@ -228,7 +268,7 @@ class EngineCore:
     def finish_remote_kv(self, request_id: str) -> None:
         """Decode role: the prompt's KV has landed; the request joins the batch at token 2."""
         req = self.scheduler.requests[request_id]
-        req.num_computed_tokens = req.num_prompt_tokens
+        req.num_computed_tokens = req.num_tokens - 1
         self.kv_manager.commit(request_id, req.token_ids, req.num_computed_tokens)
         self.scheduler.resume_remote(req)
 

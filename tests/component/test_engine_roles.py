@@ -41,8 +41,8 @@ def _run_all(engine: EngineCore) -> dict[str, list]:
     return outs
 
 
-def _disaggregated(p: EngineCore, d: EngineCore, prompt, params, rid="r") -> tuple[list[int], str]:
-    p.add_request(prompt, params, rid, kv_handoff=True)
+def _disaggregated(p: EngineCore, d: EngineCore, prompt, params, rid="r", prior=()) -> tuple[list[int], str]:
+    p.add_request(prompt, params, rid, kv_handoff=True, prior_output_ids=prior)
     first = _run_all(p)[rid]
     assert len(first) == 1
     first = first[0]
@@ -51,7 +51,7 @@ def _disaggregated(p: EngineCore, d: EngineCore, prompt, params, rid="r") -> tup
         assert first.kv_block_ids is None and rid not in p.leases
         return tokens, text
     assert p.get_request(rid) is None and p.leases[rid].status is RequestStatus.KV_LEASED
-    replay = d.add_remote_request(prompt, params, rid, first.new_token_ids[0])
+    replay = d.add_remote_request(prompt, params, rid, first.new_token_ids[0], prior)
     assert replay.new_text == first.new_text and not replay.finished
     dst, start = d.allocate_remote_kv(rid)
     src = first.kv_block_ids[start:]
@@ -90,6 +90,51 @@ def test_disaggregated_equals_one_engine(model_dir, params, device):
     for e in (p, d):
         e.check_integrity()
         e.leak_check()
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+    SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=7, ignore_eos=True),
+    SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=["zz"]),
+], ids=["greedy", "seeded", "stop-string"])
+def test_resumed_request_continues_exactly(model_dir, params):
+    """A request resumed with the first k tokens it produced (its worker died) continues with exactly
+    the tokens and text deltas of an undisturbed run: on one engine, and prefilled on P, decoded on D."""
+    torch.set_num_threads(1)
+    prompt = list(range(3, 3 + 9))
+    agg = _engine(model_dir)
+    agg.add_request(prompt, params, "a")
+    ref = _run_all(agg)["a"]
+    want = [t for o in ref for t in o.new_token_ids]
+    assert len(want) == 12
+    p, d = _engine(model_dir), _engine(model_dir)
+    for k in (1, 5, 11):
+        one = _engine(model_dir)
+        one.add_request(prompt, params, "r", prior_output_ids=want[:k])
+        outs = _run_all(one)["r"]
+        assert [t for o in outs for t in o.new_token_ids] == want[k:]
+        assert "".join(o.new_text for o in outs) == "".join(o.new_text for o in ref[k:])
+        assert outs[-1].finish_reason == ref[-1].finish_reason
+        one.leak_check()
+        got, text = _disaggregated(p, d, prompt, params, f"d{k}", prior=want[:k])
+        assert got == want[k:] and text == "".join(o.new_text for o in ref[k:])
+    for e in (p, d):
+        e.check_integrity()
+        e.leak_check()
+
+
+def test_resume_refuses_output_that_already_ends_the_request(model_dir):
+    engine = _engine(model_dir)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    with pytest.raises(InvalidRequestError, match="leave none of max_tokens=3"):
+        engine.add_request([5, 6, 7], params, "r", prior_output_ids=[1, 2, 3])
+    with pytest.raises(InvalidRequestError, match="already ends the request"):
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=5, stop_token_ids=[9]), "r",
+                           prior_output_ids=[9])
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        engine.add_request([5, 6, 7], params, "r", prior_output_ids=[10**6])
+    assert not engine.has_unfinished_requests()
+    engine.leak_check()
 
 
 def test_first_token_that_ends_the_request_skips_decode(model_dir):
