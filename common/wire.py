@@ -56,6 +56,7 @@ class KVHandle(msgspec.Struct, frozen=True):
     block_ids: list[int]  # P's blocks, in token order
     num_tokens: int  # prompt tokens whose KV those blocks hold
     lease_s: float  # how long P keeps them after prefill, if nobody pulls or releases
+    issued_at: float = 0.0  # P's wall clock (time.time()) when the lease began: D ends its pull before expiry
     trace_context: dict[str, str] = {}  # W3C traceparent of P's span: decode's transfer span links to it
 
 
@@ -85,6 +86,7 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     max_num_seqs: int = 0  # the scheduler's limit on running requests (0: not reported)
     prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache since start
     prefix_hit_tokens: int = 0  # ... of which found there (hit rate = hit / query)
+    incarnation: str = ""  # this worker process (its KV publisher epoch): a new one means Ray restarted it
 
 
 class KVEventsReply(msgspec.Struct, frozen=True):

@@ -16,6 +16,10 @@ generator; the router iterates it):
    (P worker, rank), bound to the block tables, converting TP / PP / block size /
    NHD-HND on the way), polled until DONE (at most `transfer_timeout_s`). The
    router ends P's lease once this worker streams.
+   Admission and pull together end before P's lease does (the handle's `issued_at` +
+   `lease_s`, less the transit so far and a margin): past it P may have handed the
+   blocks to another request, so a late pull would read someone else's KV. Running
+   out of lease is a KVTransferFailedError, which the router retries elsewhere.
 4. Join. `finish_remote_kv` counts the prompt as computed; the request joins the
    running batch at token 2 and its chunks stream back to the router.
 5. Cancel or failure at any point: a transfer in flight is waited out of PENDING
@@ -37,14 +41,22 @@ from opentelemetry.trace import SpanKind
 
 from common import telemetry as tm
 from common.errors import AdmissionTimeoutError, KVTransferFailedError
-from common.wire import PrefillResult, StreamChunk, WorkerStatus
+from common.wire import KVHandle, PrefillResult, StreamChunk, WorkerStatus
 from engine.sampling_params import SamplingParams
 from worker_core.actor import WorkerActor
+from worker_core.faults import FaultPoint
 from worker_core.host import WorkerHost, WorkerSettings, wall_ns
 
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED_ABORTS = 4096
+LEASE_MARGIN_S = 1.0  # the pull ends this long before P's lease (or 10% of it, if shorter): clock skew, slack
+
+
+def lease_left_s(kv: KVHandle, now_wall: float) -> float:
+    """Seconds of P's lease on `kv` that this worker may still use (can be <= 0)."""
+    transit = max(0.0, now_wall - kv.issued_at) if kv.issued_at else 0.0
+    return kv.lease_s - transit - min(LEASE_MARGIN_S, 0.1 * kv.lease_s)
 
 
 class DecodeWorker(WorkerActor):
@@ -61,7 +73,7 @@ class DecodeWorker(WorkerActor):
 
     async def decode(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, prefill: PrefillResult,
-        trace_ctx: dict[str, str] | None = None,
+        trace_ctx: dict[str, str] | None = None, prior_ids: list[int] | None = None,
     ) -> AsyncIterator[StreamChunk]:
         await self.host.start()
         engine = self.host.engine
@@ -78,7 +90,8 @@ class DecodeWorker(WorkerActor):
         tokens, span_open = 1, True  # token 1 came from P
         try:
             first = prefill.first.token_ids[0]
-            replay = await engine.call(lambda c: c.add_remote_request(prompt_ids, params, request_id, first))
+            replay = await engine.call(lambda c: c.add_remote_request(prompt_ids, params, request_id, first,
+                                                                      prior_ids or ()))
             if replay.finished:
                 return
             t0 = self.clock()
@@ -99,6 +112,7 @@ class DecodeWorker(WorkerActor):
                     tm.end_stream_span(span, tokens, chunk.finish_reason)
                     span_open = False
                 yield chunk
+                await self.host.faults.at(FaultPoint.STREAM)
         except BaseException as exc:
             if span_open:  # a GeneratorExit after the last chunk is the consumer closing the stream, not a failure
                 tm.record_error(span, exc)
@@ -112,7 +126,8 @@ class DecodeWorker(WorkerActor):
         """Blocks for the prompt, then its KV pulled into them; returns the bytes read."""
         engine = self.host.engine
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.admission_timeout_s
+        lease_end = loop.time() + lease_left_s(prefill.kv, time.time())
+        deadline = min(loop.time() + self.settings.admission_timeout_s, lease_end)
         admission = self.host.tracer.start_span(tm.SPAN_DECODE_ADMISSION, context=context)
         try:
             while True:
@@ -121,6 +136,10 @@ class DecodeWorker(WorkerActor):
                     break
                 left = deadline - loop.time()
                 if left <= 0 or not await engine.wait_capacity(left):
+                    if loop.time() >= lease_end:
+                        raise KVTransferFailedError(
+                            f"decode worker {self.host.worker_id} had no free KV blocks for {request_id} before "
+                            f"the prefill worker's {prefill.kv.lease_s:.0f} s lease on its KV ran out")
                     raise AdmissionTimeoutError(
                         f"decode worker {self.host.worker_id} could not free KV blocks for {request_id} within "
                         f"{self.settings.admission_timeout_s:.0f} s; add decode capacity or lower max_tokens"
@@ -131,12 +150,16 @@ class DecodeWorker(WorkerActor):
         finally:
             admission.end()
         dst_blocks, start = slots
-        return await self._pull(request_id, prefill, start, dst_blocks, context)
+        await self.host.faults.at(FaultPoint.BEFORE_PULL)
+        return await self._pull(request_id, prefill, start, dst_blocks, lease_end - loop.time(), context)
 
     async def _pull(self, request_id: str, prefill: PrefillResult, first_block: int, dst_blocks: list[int],
-                    context=None) -> int:
+                    lease_left: float, context=None) -> int:
         if not dst_blocks:
             return 0  # the local prefix cache held the whole prompt
+        if lease_left <= 0:
+            raise KVTransferFailedError(f"the prefill worker's lease on the KV of {request_id} ran out before "
+                                        f"decode worker {self.host.worker_id} could pull it")
         kv = prefill.kv
         first_token = first_block * self.host.core.kv_spec.block_size
         peer = trace.get_current_span(tm.extract(kv.trace_context)).get_span_context()
@@ -148,7 +171,7 @@ class DecodeWorker(WorkerActor):
         t0 = time.perf_counter()
         try:
             pulled = await self.host.pull(kv.agent_name, kv.block_ids, dst_blocks, kv.num_tokens, first_token,
-                                          self.settings.transfer_timeout_s)
+                                          min(self.settings.transfer_timeout_s, lease_left))
             seconds = time.perf_counter() - t0
             span.set_attribute(tm.ATTR_KV_BYTES, pulled)
             span.set_attribute(tm.ATTR_KV_GBPS, pulled / seconds / 1e9 if seconds > 0 else 0.0)
@@ -161,9 +184,11 @@ class DecodeWorker(WorkerActor):
             self._pulling.discard(request_id)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       trace_ctx: dict[str, str] | None = None) -> AsyncIterator[StreamChunk]:
-        """Aggregated mode, or a local prefill (conditional disaggregation): prefill and decode here."""
-        async for chunk in self.host.generate(request_id, prompt_ids, params, trace_ctx):
+                       trace_ctx: dict[str, str] | None = None, prior_ids: list[int] | None = None
+                       ) -> AsyncIterator[StreamChunk]:
+        """Aggregated mode, or a local prefill (conditional disaggregation, a resumed request): prefill
+        and decode here. `prior_ids`: output already streamed elsewhere (see EngineCore.resume)."""
+        async for chunk in self.host.generate(request_id, prompt_ids, params, trace_ctx, prior_ids):
             yield chunk
 
     async def abort(self, request_id: str) -> bool:

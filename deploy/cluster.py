@@ -175,6 +175,29 @@ class Cluster:
             self._forget_peer(worker_id, self.decode if pool is self.prefill else self.prefill)
         log.info("worker %s removed: %s", worker_id, self.topology())
 
+    def rejoin_worker(self, worker_id: str) -> None:
+        """Handshake a worker Ray restarted (a new process: new NIXL agents, knows no peer) both ways with
+        every peer that answers; each peer first drops the dead process's agents under the same name
+        (blocking). A peer that is down itself is skipped: it handshakes everyone when it rejoins."""
+        handle = self.handle(worker_id)
+        ray.get(handle.actor.ready.remote(), timeout=READY_TIMEOUT_S)
+        if self.config.mode != "disaggregated":
+            return
+        peers = self.decode if handle in self.prefill else self.prefill
+        mine = ray.get(handle.actor.handshake_payload.remote(), timeout=CALL_TIMEOUT_S)
+        joined = 0
+        for peer in peers:
+            try:
+                theirs = ray.get(peer.actor.handshake_payload.remote(), timeout=CALL_TIMEOUT_S)
+                ray.get(peer.actor.remove_peer.remote(worker_id), timeout=CALL_TIMEOUT_S)
+                ray.get([peer.actor.add_peer.remote(mine), handle.actor.add_peer.remote(theirs)],
+                        timeout=CALL_TIMEOUT_S)
+                joined += 1
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                log.warning("rejoin of %s: peer %s did not answer (%s); it handshakes when it rejoins",
+                            worker_id, peer.worker_id, type(exc).__name__)
+        log.info("worker %s rejoined after a restart: handshaken with %d of %d peers", worker_id, joined, len(peers))
+
     @staticmethod
     def _forget_peer(worker_id: str, peers: list[WorkerHandle]) -> None:
         try:
@@ -255,7 +278,7 @@ def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tu
         nixl_backend=t.nixl_backend, nixl_progress_thread=t.progress_thread,
         lease_s=t.lease_s, transfer_timeout_s=t.transfer_timeout_s, admission_timeout_s=t.admission_timeout_s,
         num_threads=pool.num_threads, rank_options=dict(resources, runtime_env={"env_vars": env}),
-        tracing=tracing_config(cfg, role),
+        tracing=tracing_config(cfg, role), fault_injection=cfg.fault_injection,
     )
     pg = None
     if pool.world_size == 1:
@@ -273,6 +296,7 @@ def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tu
     try:
         actor = _actor_class(role).options(
             name=f"tandem-{wid}", namespace=cfg.ray_namespace, lifetime=None, max_concurrency=1000,
+            max_restarts=pool.max_restarts, max_task_retries=0,  # the router retries requests, Ray must not
             runtime_env={"env_vars": env}, **placement,
         ).remote(settings)
     except BaseException:

@@ -66,6 +66,7 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_threads: int | None = None  # torch threads; None: Ray's OMP_NUM_THREADS (= num_cpus)
     resources: dict[str, float] = {}  # custom Ray resources, e.g. {"prefill_node": 1} pins to such nodes
     label_selector: dict[str, str] = {}  # Ray node labels the workers must match
+    max_restarts: int = 3  # Ray restarts a dead worker this often; it then re-handshakes and rejoins its pool
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -115,6 +116,11 @@ class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_prompt_tokens: int | None = None  # per-request cap (None: the model's context)
     max_tokens: int | None = None  # per-request cap on max_tokens (None: the model's context)
     retry_after_ms: int = 1000  # hint sent with RESOURCE_EXHAUSTED (trailer grpc-retry-pushback-ms)
+    request_timeout_s: float = 600.0  # a request's deadline when the client sets none (or a longer one)
+    max_retries: int = 3  # a request resumed on other workers at most this often after workers failed it
+    failover_wait_s: float = 30.0  # a retry with no worker to take it waits this long for one to come back
+    health_check_s: float = 5.0  # every worker's status() this often: down ones marked, restarted ones rejoined
+    cleanup_timeout_s: float = 5.0  # each abort / release call to a worker after a failure or cancel
 
 
 class TracingSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -138,6 +144,7 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ray_address: str | None = None  # None: start a local Ray in-process (or RAY_ADDRESS if set)
     ray_namespace: str = "tandem"
     seed: int = 0
+    fault_injection: bool = False  # workers accept a fault plan (worker_core/faults.py): tests and chaos drills
 
     def validate(self) -> ServeConfig:
         for name, pool in (("prefill", self.prefill), ("decode", self.decode)):
@@ -149,6 +156,9 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(f"{name}.dtype must be auto, float32, bfloat16 or float16, got {pool.dtype!r}")
             if pool.num_cpus < 0 or pool.gpus < 0:
                 raise ConfigError(f"{name}.num_cpus and num_gpus must be >= 0")
+            if pool.max_restarts < 0:
+                raise ConfigError(f"{name}.max_restarts must be >= 0 (0: a dead worker stays dead), "
+                                  f"got {pool.max_restarts}")
             if pool.tp < 1 or pool.pp < 1:
                 raise ConfigError(f"{name}.tp and {name}.pp must be >= 1, got tp={pool.tp} pp={pool.pp}")
             pool.kv_cache_bytes  # noqa: B018 - raises ConfigError for a bad size
@@ -171,6 +181,12 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(f"router.{name} must be >= 1 (or unset), got {getattr(r, name)}")
         if r.max_message_bytes < 1024 or r.retry_after_ms < 0:
             raise ConfigError("router.max_message_bytes must be >= 1024 and router.retry_after_ms >= 0")
+        for name in ("request_timeout_s", "health_check_s", "cleanup_timeout_s"):
+            if getattr(r, name) <= 0:
+                raise ConfigError(f"router.{name} must be > 0, got {getattr(r, name)}")
+        if r.max_retries < 0 or r.failover_wait_s < 0:
+            raise ConfigError(f"router.max_retries and router.failover_wait_s must be >= 0, got {r.max_retries} "
+                              f"and {r.failover_wait_s}")
         if r.drain_timeout_s <= 0:
             raise ConfigError(f"router.drain_timeout_s must be > 0, got {r.drain_timeout_s}")
         if self.mode == "aggregated" and self.prefill.block_size != self.decode.block_size:

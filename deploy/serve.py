@@ -38,7 +38,6 @@ from tandem_api.v1 import admin_pb2_grpc as apb_grpc
 log = logging.getLogger(__name__)
 
 ADMIN_SERVICE = apb.DESCRIPTOR.services_by_name["Admin"].full_name  # "tandem.v1.Admin"
-HEALTH_REFRESH_S = 5.0
 STOP_GRACE_S = 5.0
 
 
@@ -85,7 +84,9 @@ def build_service(cluster: Cluster) -> GenerationService:
                              info_source=lambda: server_facts(cluster), max_inflight=cfg.router.max_inflight,
                              routing=routing_config(cfg), rng=random.Random(cfg.seed),
                              tracing=setup_tracing(tracing_config(cfg, "router")),
-                             retry_after_ms=cfg.router.retry_after_ms)
+                             retry_after_ms=cfg.router.retry_after_ms, request_timeout_s=cfg.router.request_timeout_s,
+                             max_retries=cfg.router.max_retries, failover_wait_s=cfg.router.failover_wait_s,
+                             cleanup_timeout_s=cfg.router.cleanup_timeout_s)
 
 
 def start_metrics_server(service: GenerationService, host: str, port: int | None):
@@ -111,8 +112,10 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
     server = build_server(service, r.host, r.port,
                           extra=[(lambda srv: apb_grpc.add_AdminServicer_to_server(admin, srv), ADMIN_SERVICE)],
                           tls=tls, auth_tokens=tokens, max_message_bytes=r.max_message_bytes)
+    service.rejoin = lambda worker_id: asyncio.to_thread(cluster.rejoin_worker, worker_id)
     await server.start()
     metrics_http = start_metrics_server(service, cfg.router.host, cfg.router.metrics_port)
+    await service.refresh_health()  # every worker's status and process, before the first request
     await service.start_feeds()
     await service.set_serving()
     on_ready(server.tandem_port, service, admin)
@@ -120,7 +123,7 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
 
     async def refresh() -> None:
         while True:
-            await asyncio.sleep(HEALTH_REFRESH_S)
+            await asyncio.sleep(cfg.router.health_check_s)
             try:
                 await service.refresh_health()
             except Exception:  # noqa: BLE001 - health polling must not end the server

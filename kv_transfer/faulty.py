@@ -4,7 +4,9 @@ It wraps any Transport and follows a typed `FaultPlan`:
 
     fail_submits = {2}     the 2nd submit raises TransferError (nothing is sent)
     fail_polls   = {1, 3}  the 1st and 3rd submitted transfers end FAILED
-    delay_polls  = 4       every transfer reports PENDING for its first 4 polls
+    stall_polls  = {2}     the 2nd submitted transfer stays PENDING until released (the caller's timeout)
+    delay_polls  = 4       every transfer reports PENDING for its first 4 polls (late delivery)
+    delay_only   = {3}     ... only the 3rd one (empty: every transfer)
 
 Counting is 1-based over this wrapper's submits. A transfer planned to fail is still
 executed by the inner transport and only reported FAILED once the inner transfer has
@@ -29,12 +31,15 @@ from kv_transfer.transport import TransferHandle, TransferOp, TransferState, Tra
 class FaultPlan:
     fail_submits: frozenset[int] = field(default_factory=frozenset)
     fail_polls: frozenset[int] = field(default_factory=frozenset)
+    stall_polls: frozenset[int] = field(default_factory=frozenset)
     delay_polls: int = 0
+    delay_only: frozenset[int] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fail_submits", frozenset(self.fail_submits))
-        object.__setattr__(self, "fail_polls", frozenset(self.fail_polls))
-        bad = [n for n in (*self.fail_submits, *self.fail_polls) if not isinstance(n, int) or n < 1]
+        for name in ("fail_submits", "fail_polls", "stall_polls", "delay_only"):
+            object.__setattr__(self, name, frozenset(getattr(self, name)))
+        bad = [n for n in (*self.fail_submits, *self.fail_polls, *self.stall_polls, *self.delay_only)
+               if not isinstance(n, int) or n < 1]
         if bad:
             raise ValueError(f"fault plan submit numbers are 1-based positive ints, got {bad}")
         if self.delay_polls < 0:
@@ -45,6 +50,7 @@ class FaultPlan:
 class _Tracked:
     inner: TransferHandle
     fail: bool
+    stall: bool
     delay_left: int
 
 
@@ -86,7 +92,9 @@ class FaultyTransport:
             raise TransferError(f"injected fault: submit #{n} to {peer!r} refused")
         inner = self._inner.submit(plan, op, peer, notify)
         handle = TransferHandle(next(self._ids), self.agent_name, peer, op, inner.nbytes)
-        self._tracked[handle.transfer_id] = _Tracked(inner, n in self._plan.fail_polls, self._plan.delay_polls)
+        plan = self._plan
+        delay = plan.delay_polls if not plan.delay_only or n in plan.delay_only else 0
+        self._tracked[handle.transfer_id] = _Tracked(inner, n in plan.fail_polls, n in plan.stall_polls, delay)
         return handle
 
     def poll(self, handle: TransferHandle) -> TransferState:
@@ -94,6 +102,8 @@ class FaultyTransport:
         if t is None or handle.owner != self.agent_name:
             raise TransferError(f"{self.agent_name}: unknown or released transfer handle {handle.transfer_id}")
         state = self._inner.poll(t.inner)  # always drive the inner transfer
+        if t.stall:
+            return TransferState.PENDING
         if t.delay_left > 0:
             t.delay_left -= 1
             return TransferState.PENDING

@@ -37,6 +37,7 @@ from common import telemetry as tm
 from common.wire import KVHandle, PrefillResult, StreamChunk, WorkerStatus
 from engine.sampling_params import SamplingParams
 from worker_core.actor import WorkerActor
+from worker_core.faults import FaultPoint
 from worker_core.host import WorkerHost, WorkerSettings, engine_spans, to_chunk
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,9 @@ class PrefillWorker(WorkerActor):
     # ---- requests -----------------------------------------------------------------------------------------------
 
     async def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                      trace_ctx: dict[str, str] | None = None) -> PrefillResult:
+                      trace_ctx: dict[str, str] | None = None, prior_ids: list[int] | None = None) -> PrefillResult:
+        """Token 1 and a lease on the prompt's KV. `prior_ids`: output the request already streamed
+        (resumed after a failure): prompt + them is prefilled and the token after them is returned."""
         await self._start()
         t0 = self.clock()
         engine = self.host.engine
@@ -75,7 +78,9 @@ class PrefillWorker(WorkerActor):
                         tm.ATTR_INPUT_TOKENS: len(prompt_ids)})
         stream = engine.open_stream(request_id)
         try:
-            await engine.call(lambda c: c.add_request(prompt_ids, params, request_id, kv_handoff=True))
+            await engine.call(lambda c: c.add_request(prompt_ids, params, request_id, kv_handoff=True,
+                                                      prior_output_ids=prior_ids or ()))
+            await self.host.faults.at(FaultPoint.PREFILL)
             out = await stream.get()
             if isinstance(out, BaseException):
                 raise out
@@ -97,7 +102,8 @@ class PrefillWorker(WorkerActor):
             self._leases[request_id] = self.clock() + self.lease_s
             self._lease_added.set()
             span.set_attribute(tm.ATTR_KV_BLOCKS, len(out.kv_block_ids))
-            kv = KVHandle(self.host.kv.agent_name, list(out.kv_block_ids), len(prompt_ids), self.lease_s,
+            kv = KVHandle(self.host.kv.agent_name, list(out.kv_block_ids), len(prompt_ids) + len(prior_ids or ()),
+                          self.lease_s, issued_at=time.time(),
                           trace_context=tm.inject(context))
         span.end()
         return PrefillResult(first=first, kv=kv, prefill_s=self.clock() - t0, worker_id=self.host.worker_id,
@@ -124,17 +130,19 @@ class PrefillWorker(WorkerActor):
             log.warning("abort of %s after a failed prefill failed too", request_id, exc_info=True)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       trace_ctx: dict[str, str] | None = None) -> AsyncIterator[StreamChunk]:
+                       trace_ctx: dict[str, str] | None = None, prior_ids: list[int] | None = None
+                       ) -> AsyncIterator[StreamChunk]:
         """Aggregated use of a prefill worker: the whole request here (conditional disaggregation)."""
         await self._start()
-        async for chunk in self.host.generate(request_id, prompt_ids, params, trace_ctx):
+        async for chunk in self.host.generate(request_id, prompt_ids, params, trace_ctx, prior_ids):
             yield chunk
 
     # ---- leases -------------------------------------------------------------------------------------------------
 
-    async def reap_expired(self) -> list[str]:
-        """Release every lease past its expiry; returns their ids."""
-        now = self.clock()
+    async def reap_expired(self, now: float | None = None) -> list[str]:
+        """Release every lease past its expiry as of `now` (default: the worker's clock; a test passes a
+        later time instead of waiting); returns their ids."""
+        now = self.clock() if now is None else now
         expired = [rid for rid, deadline in self._leases.items() if deadline <= now]
         for rid in expired:
             log.warning("KV lease of %s expired after %.1f s without a pull; releasing", rid, self.lease_s)

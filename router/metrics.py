@@ -46,6 +46,7 @@ METRIC_NAMES = {
     "tandem_routing_decisions_total",
     "tandem_kv_transfer_bytes_total",
     "tandem_kv_transfer_failures_total",
+    "tandem_request_retries_total",
     # gauges
     "tandem_requests_in_flight",
     "tandem_worker_requests_running",
@@ -90,6 +91,8 @@ class RouterMetrics:
                                  ["prefill", "reason"], registry=r)
         self.transfer_bytes = Counter("tandem_kv_transfer_bytes", "KV bytes pulled by decode workers", registry=r)
         self.transfer_failures = Counter("tandem_kv_transfer_failures", "KV pulls that failed", registry=r)
+        self.retries = Counter("tandem_request_retries", "Requests resumed on other workers after a worker failed "
+                               "them, by reason", ["reason"], registry=r)
         self.in_flight = Gauge("tandem_requests_in_flight", "Requests in flight through the router", registry=r)
         # () -> [(role, worker id, last WorkerStatus or None, eligible)], called at scrape time (the service sets it)
         self.workers_source: Callable[[], Iterable[tuple[str, str, object, bool]]] = list

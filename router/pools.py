@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -95,6 +95,7 @@ class WorkerSlot:
     in_flight: int = 0
     prefill_tokens: int = 0
     kv_blocks_in: int = 0
+    incarnation: str = ""  # the worker process last taken into service (WorkerStatus.incarnation; "" unknown)
     idle: asyncio.Event | None = field(default=None, repr=False)  # set when in_flight drops to 0 while draining
 
     @property
@@ -201,34 +202,38 @@ class WorkerPool:
         if slot is not None:
             slot.status = status
 
-    def eligible(self) -> list[WorkerSlot]:
-        """Workers a new request may go to: healthy and not draining, in pool order."""
-        return [s for s in self._slots.values() if s.eligible]
+    def eligible(self, exclude: Collection[str] = ()) -> list[WorkerSlot]:
+        """Workers a new request may go to: healthy, not draining and not in `exclude` (workers that
+        already failed this request), in pool order."""
+        return [s for s in self._slots.values() if s.eligible and s.worker_id not in exclude]
 
     def candidates(self) -> tuple[Candidate, ...]:
         return tuple(Candidate(s.worker_id, s.in_flight, s.eligible) for s in self._slots.values())
 
-    def no_worker_error(self) -> NoHealthyWorkerError:
+    def no_worker_error(self, exclude: Collection[str] = ()) -> NoHealthyWorkerError:
         slots = self._slots.values()
         down = sum(not s.healthy for s in slots)
         draining = sum(s.draining and s.healthy for s in slots)
+        failed = sum(s.eligible and s.worker_id in exclude for s in slots)
+        also = f", {failed} already failed this request" if failed else ""
         return NoHealthyWorkerError(
-            f"no healthy {self.role} worker ({down} of {len(slots)} down, {draining} draining); retry later")
+            f"no healthy {self.role} worker ({down} of {len(slots)} down, {draining} draining{also}); retry later")
 
     # -- choosing (load-blind policies) -----------------------------------------------------------
 
-    def choose(self, policy: Policy | None = None) -> tuple[WorkerClient, Decision]:
-        """An eligible worker by round_robin or least_loaded: `policy`, else the pool's own (the KV
-        policy, which router/routing.py implements, counts as least_loaded here)."""
+    def choose(self, policy: Policy | None = None, exclude: Collection[str] = ()) -> tuple[WorkerClient, Decision]:
+        """An eligible worker (not in `exclude`) by round_robin or least_loaded: `policy`, else the pool's
+        own (the KV policy, which router/routing.py implements, counts as least_loaded here)."""
         policy = self.policy if policy is None else policy
         slots = list(self._slots.values())
-        eligible = [i for i, s in enumerate(slots) if s.eligible]
+        ok = [s.eligible and s.worker_id not in exclude for s in slots]
+        eligible = [i for i, good in enumerate(ok) if good]
         if not eligible:
-            raise self.no_worker_error()
+            raise self.no_worker_error(exclude)
         if policy is Policy.ROUND_ROBIN:
             n = len(slots)
             start = self._cursor % n
-            pick = next(i for i in ((start + k) % n for k in range(n)) if slots[i].eligible)
+            pick = next(i for i in ((start + k) % n for k in range(n)) if ok[i])
             self._cursor = (pick + 1) % n
         else:
             pick = min(eligible, key=lambda i: (slots[i].in_flight, i))

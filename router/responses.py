@@ -74,6 +74,7 @@ class RequestTrace:
     kv_transfer_bytes: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    retries: int = 0  # times a worker failed mid-request and the router resumed it elsewhere
     finish_reason: str = ""
     token_gaps: list[tuple[float, int]] = field(default_factory=list)  # (seconds since last chunk, its tokens)
 
@@ -103,6 +104,7 @@ class RequestTrace:
         dispatched = self.dispatched if self.dispatched is not None else self.received
         response.usage.CopyFrom(pb.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
                                          cached_tokens=self.cached_tokens))
+        response.retries = self.retries
         response.timings.CopyFrom(pb.Timings(
             time_to_first_token_s=first - self.received, total_s=now - self.received,
             queue_s=dispatched - self.received, prefill_s=self.prefill_s, kv_transfer_s=self.kv_transfer_s,

@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from common.block_hash import BlockHash, hash_full_blocks
@@ -289,7 +289,8 @@ class Router:
 
     # -- routing ---------------------------------------------------------------------------------
 
-    def route(self, request_id: str, prompt_ids: Sequence[int]) -> Route:
+    def route(self, request_id: str, prompt_ids: Sequence[int], exclude: Collection[str] = ()) -> Route:
+        """Choose D, then P or local, for one request; `exclude`: workers that already failed it (a retry)."""
         cfg = self.config
         n = len(prompt_ids)
         cache: dict[int, list[BlockHash]] = {}
@@ -297,17 +298,17 @@ class Router:
         d_hashes = d_ix.hashes(prompt_ids, cache)
         d_overlap = d_ix.overlap(d_hashes)
         if self.aggregated:  # every worker prefills: choose by the prefill cost
-            d_slot, d_decision = self._choose_prefill(d_ix, n, d_overlap)
+            d_slot, d_decision = self._choose_prefill(d_ix, n, d_overlap, exclude)
         else:
-            d_slot, d_decision = self._choose_decode(d_ix, n, d_overlap)
+            d_slot, d_decision = self._choose_decode(d_ix, n, d_overlap, exclude)
         d_cached = d_overlap.get(d_slot.worker_id, 0)
         d_uncached = PrefillTerms(d_slot.worker_id, n, d_cached, d_ix.pool.block_size, 0).uncached_tokens
-        local = self._local_reason(d_slot.worker_id, d_uncached)
+        local = self._local_reason(d_slot.worker_id, d_uncached, exclude)
         p_ix = None if local is not None else self.prefill
         if p_ix is not None:  # choose P before booking anything: choosing may raise (no eligible worker)
             p_hashes = p_ix.hashes(prompt_ids, cache)
             p_overlap = p_ix.overlap(p_hashes)
-            p_slot, p_decision = self._choose_prefill(p_ix, n, p_overlap)
+            p_slot, p_decision = self._choose_prefill(p_ix, n, p_overlap, exclude)
 
         ticket = Ticket(d_slot=d_slot, predicted=[d_ix.predicted])
         d_ix.predicted.add(request_id, d_slot.worker_id, d_hashes)
@@ -336,43 +337,47 @@ class Router:
             decision_log.debug(route.describe())
         return route
 
-    def _local_reason(self, d_id: str, d_uncached: int) -> tuple[str, str] | None:
-        """(kind, reason) when D prefills locally, else None."""
+    def _local_reason(self, d_id: str, d_uncached: int, exclude: Collection[str] = ()) -> tuple[str, str] | None:
+        """(kind, reason) when D prefills locally, else None. With no prefill worker to take it (all
+        down, draining or failed this request), D prefills whatever the threshold: a request never
+        fails for want of P while a decode worker can run it whole."""
         if self.prefill is None:
             return "aggregated", f"local: aggregated ({d_uncached} uncached tokens on {d_id})"
+        eligible = self.prefill.pool.eligible(exclude)
+        if not eligible:
+            return "no_prefill_worker", f"local: no healthy prefill worker ({d_uncached} uncached tokens on {d_id})"
         threshold = self.config.conditional_prefill_threshold
         if threshold == 0:
             return None
         if d_uncached <= threshold:
             return "short", f"local: {d_uncached} uncached tokens on {d_id} <= threshold {threshold}"
-        eligible = self.prefill.pool.eligible()
-        if not eligible:
-            return "no_prefill_worker", f"local: no healthy prefill worker ({d_uncached} uncached tokens on {d_id})"
         limit = self.config.max_prefill_queue_tokens
         least = min(s.prefill_tokens for s in eligible)
         if least >= limit:
             return "saturated", f"local: prefill pool saturated (least queued {least} >= {limit} tokens)"
         return None
 
-    def _choose_prefill(self, ix: PoolIndex, n: int, overlap: dict[str, int]
+    def _choose_prefill(self, ix: PoolIndex, n: int, overlap: dict[str, int], exclude: Collection[str] = ()
                         ) -> tuple[WorkerSlot, KVDecision | Decision]:
         bs = ix.pool.block_size
         return self._choose(ix.pool, lambda s: PrefillTerms(s.worker_id, n, overlap.get(s.worker_id, 0), bs,
-                                                            s.prefill_tokens), prefill_cost)
+                                                            s.prefill_tokens), prefill_cost, exclude)
 
-    def _choose_decode(self, ix: PoolIndex, n: int, overlap: dict[str, int]
+    def _choose_decode(self, ix: PoolIndex, n: int, overlap: dict[str, int], exclude: Collection[str] = ()
                        ) -> tuple[WorkerSlot, KVDecision | Decision]:
         bs = ix.pool.block_size
-        return self._choose(ix.pool, lambda s: decode_terms(s, n, overlap.get(s.worker_id, 0), bs), decode_cost)
+        return self._choose(ix.pool, lambda s: decode_terms(s, n, overlap.get(s.worker_id, 0), bs), decode_cost,
+                            exclude)
 
-    def _choose(self, pool: WorkerPool, terms_of, cost) -> tuple[WorkerSlot, KVDecision | Decision]:
+    def _choose(self, pool: WorkerPool, terms_of, cost, exclude: Collection[str] = ()
+                ) -> tuple[WorkerSlot, KVDecision | Decision]:
         """The pool's load-blind choice, or (policy kv) the cheapest eligible worker by `cost(terms_of(slot))`."""
         if self.config.policy is not Policy.KV:
-            client, decision = pool.choose(self.config.policy)
+            client, decision = pool.choose(self.config.policy, exclude)
             return pool.slot(client.worker_id), decision
-        slots = pool.eligible()
+        slots = pool.eligible(exclude)
         if not slots:
-            raise pool.no_worker_error()
+            raise pool.no_worker_error(exclude)
         w = self.config.weights
         terms = [terms_of(s) for s in slots]
         pick = select([cost(t, w) for t in terms], self.config.temperature, self.rng)

@@ -47,9 +47,9 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -65,6 +65,7 @@ from common.telemetry import Tracing, TracingConfig, setup_tracing
 from common.wire import StreamChunk
 from router.errors import (
     AdmissionError,
+    NoHealthyWorkerError,
     NotServingError,
     RequestValidationError,
     WorkerFailedError,
@@ -89,12 +90,12 @@ ServerInfoSource = Callable[[], ServerFacts]
 
 
 @dataclass
-class _Run:
-    """Where one request is, so that cleanup knows what to undo."""
+class _Attempt:
+    """One try at a request on one (P, D) pair, so that cleanup knows what to undo. A failed attempt
+    is undone and the next one resumes after the tokens already sent (`prior`)."""
 
-    request: ValidatedRequest
-    trace: RequestTrace
-    stage: str = "admitted"
+    rid: str  # the id the workers and the router's bookkeeping see: the request id, then "<id>~retry<n>"
+    prior: list[int]  # output tokens sent to the client before this attempt
     route: Route | None = None
     p: WorkerClient | None = None
     d: WorkerClient | None = None
@@ -103,6 +104,18 @@ class _Run:
     kv_leased: bool = False
     stream_sent: bool = False  # decode / generate call issued
     first_chunk_seen: bool = False  # the decode / generate stream has produced a chunk
+
+
+@dataclass
+class _Run:
+    """Where one request is: its current attempt and what the client has been sent."""
+
+    request: ValidatedRequest
+    trace: RequestTrace
+    stage: str = "admitted"
+    attempt: _Attempt | None = None
+    route: Route | None = None  # the first attempt's (what the first response reported)
+    output_ids: list[int] = field(default_factory=list)  # every token sent to the client
     observed: bool = False  # metrics recorded
     span: object = None  # the request's SPAN_GENERATE
     finished: bool = False
@@ -125,7 +138,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                  cleanup_timeout_s: float = 5.0, status_timeout_s: float = 2.0,
                  routing: RoutingConfig | None = None, rng: random.Random | None = None,
                  metrics: RouterMetrics | None = None, tracing: Tracing | None = None,
-                 retry_after_ms: int = 1000, clock: Callable[[], float] = time.monotonic) -> None:
+                 retry_after_ms: int = 1000, max_retries: int = 3, failover_wait_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
         self.validator, self.prefill, self.decode, self.info_source = validator, prefill, decode, info_source
@@ -139,6 +153,12 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.tracing = tracing if tracing is not None else setup_tracing(TracingConfig())  # off: a no-op tracer
         self.tracer = self.tracing.tracer
         self.retry_after_ms = retry_after_ms  # RESOURCE_EXHAUSTED carries it (grpc-retry-pushback-ms)
+        if max_retries < 0 or failover_wait_s < 0:
+            raise ValueError(f"max_retries and failover_wait_s must be >= 0, got {max_retries}, {failover_wait_s}")
+        self.max_retries, self.failover_wait_s = max_retries, failover_wait_s
+        self._workers_changed = asyncio.Event()  # set (and replaced) when a worker comes up or joins
+        # deploy sets it: handshakes a worker Ray restarted with its peers (async, raises on failure)
+        self.rejoin: Callable[[str], Awaitable[None]] | None = None
         self.max_inflight, self.request_timeout_s = max_inflight, request_timeout_s
         self.cleanup_timeout_s, self.status_timeout_s, self._clock = cleanup_timeout_s, status_timeout_s, clock
         self.health = _Health()
@@ -186,6 +206,12 @@ class GenerationService(pb_grpc.GenerationServicer):
         slot = pool.add(client)
         if self._feeding:
             self.feed.follow(self.router.index_of(pool), slot)
+        self._notify_workers()
+
+    def _notify_workers(self) -> None:
+        """Wake retries waiting for a worker to resume on."""
+        changed, self._workers_changed = self._workers_changed, asyncio.Event()
+        changed.set()
 
     async def drain_worker(self, worker_id: str, timeout_s: float) -> bool:
         """Take a worker out of service: no new requests; waits up to timeout_s for its running ones
@@ -211,9 +237,10 @@ class GenerationService(pb_grpc.GenerationServicer):
         if not drained:
             # a prefill worker: only prompts it is still computing (a leased one may be mid-pull on D,
             # and aborting it would free blocks under the READ); a decode worker: everything on it
-            stuck = [rid for rid, run in self._active.items()
-                     if (run.d is not None and run.d.worker_id == worker_id)
-                     or (run.p is not None and run.p.worker_id == worker_id and not run.prefill_done)]
+            attempts = [run.attempt for run in self._active.values() if run.attempt is not None]
+            stuck = [a.rid for a in attempts
+                     if (a.d is not None and a.d.worker_id == worker_id)
+                     or (a.p is not None and a.p.worker_id == worker_id and not a.prefill_done)]
             log.warning("drain of %s timed out after %.1f s; aborting %d request(s)", worker_id, timeout_s, len(stuck))
             await asyncio.gather(*(self._quietly(slot.client, "abort", rid) for rid in stuck))
             await pool.wait_drained(worker_id, self.cleanup_timeout_s)
@@ -296,9 +323,10 @@ class GenerationService(pb_grpc.GenerationServicer):
             failure = self._failed(run, exc)
         finally:
             del self._active[req.request_id]
-            self.router.close(req.request_id)
-            if not run.finished:
-                await self._cleanup(run)
+            if run.attempt is not None:
+                self.router.close(run.attempt.rid)
+                if not run.finished:
+                    await self._cleanup(run.attempt)
         code = failure[0].name if failure is not None else "OK"
         self._observe(run, code)
         t = run.trace
@@ -325,63 +353,150 @@ class GenerationService(pb_grpc.GenerationServicer):
         rid = run.request.request_id
         if isinstance(exc, KVTransferFailedError):
             self.metrics.transfer_failures.inc()
-        if isinstance(exc, WorkerUnavailableError) and exc.worker_id:
-            for pool in self.pools:
-                if exc.worker_id in pool:
-                    self._on_down(pool, exc.worker_id, message)
+        self._mark_down(exc, message)
         if code == grpc.StatusCode.INTERNAL and not isinstance(exc, WorkerFailedError):
             log.error("request %s failed while %s", rid, run.stage, exc_info=exc)
         else:
             log.info("request %s failed while %s: %s %s", rid, run.stage, code.name, message)
         return code, message
 
+    def _mark_down(self, exc: BaseException, message: str) -> None:
+        """A worker that is gone gets no new request (its KV feed and the health check bring it back)."""
+        if isinstance(exc, WorkerUnavailableError) and exc.worker_id:
+            for pool in self.pools:
+                if exc.worker_id in pool:
+                    self._on_down(pool, exc.worker_id, message)
+
+    # -- failover ---------------------------------------------------------------------------------
+
+    def _retry_reason(self, attempt: _Attempt, exc: BaseException) -> tuple[str, str | None] | None:
+        """(reason, worker this request should avoid from now on) when a failed attempt may be resumed
+        elsewhere; None when the failure is the request's own (bad input, a full decode pool, a bug)."""
+        if isinstance(exc, WorkerUnavailableError):  # died or restarting: marked down, back once it rejoins
+            return "worker_unavailable", None
+        if isinstance(exc, KVTransferFailedError):  # P's KV never arrived: P dead, lease gone or the link down
+            return "kv_transfer_failed", attempt.p.worker_id if attempt.p is not None else None
+        return None
+
     async def _routed(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
+        """Attempts until one finishes the request. A worker that dies, or a KV transfer that fails,
+        costs a retry: the attempt is undone (in the background, bounded) and the request resumes on
+        other workers after the tokens already sent (prefilled again as prompt + those tokens), so the
+        client's stream goes on with nothing duplicated or missing. At most `max_retries` retries; with
+        no worker to take it, a retry waits up to `failover_wait_s` for one to come back."""
         req = run.request
-        run.trace.routing_started = self._clock()
+        avoid: set[str] = set()
+        failed_at: float | None = None
+        for n in range(self.max_retries + 1):
+            rid = req.request_id if n == 0 else f"{req.request_id}~retry{n}"
+            attempt = run.attempt = _Attempt(rid, list(run.output_ids))
+            try:
+                if n == 0:
+                    route = self._route(run, attempt, avoid)
+                else:
+                    route = await self._route_retry(run, attempt, avoid, failed_at)
+                await self._attempt(run, attempt, route, context)
+                return
+            except Exception as exc:  # noqa: BLE001 - classified below; anything not retryable is re-raised
+                why = self._retry_reason(attempt, exc)
+                if why is None or n == self.max_retries or run.finished:
+                    raise
+                reason, avoid_worker = why
+                self._mark_down(exc, str(exc))
+                if isinstance(exc, KVTransferFailedError):
+                    self.metrics.transfer_failures.inc()
+                if avoid_worker:
+                    avoid.add(avoid_worker)
+                failed_at = self._clock()
+                self.router.close(attempt.rid)
+                if attempt.prefill_sent or attempt.stream_sent:
+                    self._background(self._undo(attempt))
+                run.trace.retries += 1
+                self.metrics.retries.labels(reason).inc()
+                (run.span or trace_api.get_current_span()).add_event(tm.EVENT_RETRY, {
+                    tm.ATTR_RETRY_REASON: reason, tm.ATTR_RETRY_AFTER_TOKENS: len(run.output_ids)})
+                log.warning("request %s: %s while %s (%s); resuming after %d token(s) sent, retry %d of %d",
+                            req.request_id, reason, run.stage, one_line(str(exc), 200), len(run.output_ids),
+                            n + 1, self.max_retries)
+
+    def _route(self, run: _Run, attempt: _Attempt, avoid: set[str]) -> Route:
+        req = run.request
+        tokens = req.prompt_token_ids + attempt.prior  # a resumed request is prefilled with what was sent
+        started = self._clock()
+        if run.trace.routing_started is None:
+            run.trace.routing_started = started
         with self.tracer.start_as_current_span(tm.SPAN_ROUTE) as span:
-            route = run.route = self.router.route(req.request_id, req.prompt_token_ids)
+            route = attempt.route = self.router.route(attempt.rid, tokens, avoid)
             span.set_attributes({tm.ATTR_ROUTE_REASON: route.reason, tm.ATTR_ROUTE_KIND: route.kind,
                                  tm.ATTR_DECODE_WORKER: route.decode.worker_id,
                                  tm.ATTR_PREFILL_WORKER: route.prefill.worker_id if route.prefill else "",
                                  tm.ATTR_DECODE_CACHED_BLOCKS: route.decode_cached_blocks,
                                  tm.ATTR_PREFILL_CACHED_BLOCKS: route.prefill_cached_blocks})
-        run.trace.dispatched = self._clock()
-        self.metrics.decision.observe(run.trace.dispatched - run.trace.routing_started)
+        now = self._clock()
+        if run.trace.dispatched is None:
+            run.trace.dispatched = now
+            run.route = route
+        self.metrics.decision.observe(now - started)
         self.metrics.decisions.labels("local" if route.local else "remote", route.kind).inc()
-        run.d = d = route.decode
+        return route
+
+    async def _route_retry(self, run: _Run, attempt: _Attempt, avoid: set[str], failed_at: float) -> Route:
+        """A retry's route; while no worker can take it, waits (up to failover_wait_s since the failure)
+        for the pools to change: a restarted worker rejoining, one added by an operator."""
+        while True:
+            changed = self._workers_changed
+            try:
+                return self._route(run, attempt, avoid)
+            except NoHealthyWorkerError as exc:
+                left = failed_at + self.failover_wait_s - self._clock()
+                if left <= 0:
+                    raise
+                run.stage = "waiting for a healthy worker to resume on"
+                try:
+                    async with asyncio.timeout(left):
+                        await changed.wait()
+                except TimeoutError:
+                    raise exc from None
+
+    async def _attempt(self, run: _Run, attempt: _Attempt, route: Route, context: grpc.aio.ServicerContext) -> None:
+        req = run.request
+        attempt.d = d = route.decode
         # D counts the request from routing on: a drain waits for it and its decode cost sees it
         with self.decode.track(d.worker_id):
             if route.local:
                 run.stage = f"generating on {d.worker_id}"
-                run.stream_sent = True
+                attempt.stream_sent = True
                 with self._client_span(tm.SPAN_DECODE, d.worker_id):
-                    await self._stream(context, run, d.generate(req.request_id, req.prompt_token_ids, req.params,
-                                                                tm.inject()), d)
+                    await self._stream(context, run, d.generate(attempt.rid, req.prompt_token_ids, req.params,
+                                                                tm.inject(), attempt.prior), d)
             else:
-                await self._remote(run, route, context)
+                await self._remote(run, attempt, route, context)
 
-    async def _remote(self, run: _Run, route: Route, context: grpc.aio.ServicerContext) -> None:
+    async def _remote(self, run: _Run, attempt: _Attempt, route: Route, context: grpc.aio.ServicerContext) -> None:
         req, d = run.request, route.decode
         assert self.prefill is not None and route.prefill is not None  # remote routes exist only then
-        run.p = p = route.prefill
+        attempt.p = p = route.prefill
         run.stage = f"prefilling on {p.worker_id}"
         with self.prefill.track(p.worker_id), self._client_span(tm.SPAN_PREFILL, p.worker_id):
-            run.prefill_sent = True
-            result = await p.prefill(req.request_id, req.prompt_token_ids, req.params, tm.inject())
-        run.trace.first_arrived = self._clock()
-        self.router.prefill_done(req.request_id)
-        run.prefill_done, run.kv_leased = True, result.kv is not None and not result.first.finished
-        run.trace.prefill_s, run.trace.cached_tokens = result.prefill_s, result.cached_tokens
+            attempt.prefill_sent = True
+            result = await p.prefill(attempt.rid, req.prompt_token_ids, req.params, tm.inject(), attempt.prior)
+        if run.trace.first_arrived is None:
+            run.trace.first_arrived = self._clock()
+        self.router.prefill_done(attempt.rid)
+        attempt.prefill_done, attempt.kv_leased = True, result.kv is not None and not result.first.finished
+        run.trace.prefill_s += result.prefill_s
+        run.trace.cached_tokens = max(run.trace.cached_tokens, result.cached_tokens)
         done = result.first.finished
         await self._send(context, run, result.first, p.worker_id, prefill_worker=p.worker_id,
                          decode_worker="" if done else d.worker_id)
         if done:
             return
         run.stage = f"decoding on {d.worker_id}"
-        run.stream_sent = True
+        attempt.stream_sent = True
         with self._client_span(tm.SPAN_DECODE, d.worker_id):
-            await self._stream(context, run, d.decode(req.request_id, req.prompt_token_ids, req.params, result,
-                                                      tm.inject()), d, release_lease=True)
+            # D replays what was sent before P's token (the prior output) and token 1, then decodes on
+            await self._stream(context, run, d.decode(attempt.rid, req.prompt_token_ids, req.params, result,
+                                                      tm.inject(), attempt.prior), d, release_lease=True)
 
     def _client_span(self, name: str, worker_id: str):
         """A CLIENT span around a worker call; its context goes to the worker as the call's trace_ctx."""
@@ -389,17 +504,19 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def _stream(self, context: grpc.aio.ServicerContext, run: _Run, chunks: AsyncIterator[StreamChunk],
                       worker: WorkerClient, release_lease: bool = False) -> None:
+        attempt = run.attempt
+        assert attempt is not None
         async with aclosing(chunks) as stream:
             async for chunk in stream:
-                if not run.first_chunk_seen:  # D pulled (or prefilled locally): real KV events take over
-                    run.first_chunk_seen = True
+                if not attempt.first_chunk_seen:  # D pulled (or prefilled locally): real KV events take over
+                    attempt.first_chunk_seen = True
                     if run.trace.first_arrived is None:
                         run.trace.first_arrived = self._clock()
-                    self.router.first_token(run.request.request_id)
-                if release_lease and run.kv_leased:
+                    self.router.first_token(attempt.rid)
+                if release_lease and attempt.kv_leased:
                     # D streams only after every rank pulled the prompt's KV: P may free it now
-                    run.kv_leased = False
-                    self._background(self._quietly(run.p, "release", run.request.request_id))
+                    attempt.kv_leased = False
+                    self._background(self._quietly(attempt.p, "release", attempt.rid))
                 await self._send(context, run, chunk, worker.worker_id, decode_worker=worker.worker_id)
                 if run.finished:
                     return
@@ -409,6 +526,7 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def _send(self, context: grpc.aio.ServicerContext, run: _Run, chunk: StreamChunk, worker_id: str,
                     prefill_worker: str = "", decode_worker: str = "") -> None:
         response = chunk_response(chunk, worker_id)
+        response.request_id = run.request.request_id  # a retry's workers know it as "<id>~retry<n>"
         trace = run.trace
         trace.count(chunk)
         now = self._clock()
@@ -420,7 +538,10 @@ class GenerationService(pb_grpc.GenerationServicer):
         if chunk.finished:
             trace.finish_reason = chunk.finish_reason or ""
             trace.finish(response, now)
-            run.finished, run.kv_leased = True, False
+            run.finished = True
+            if run.attempt is not None:
+                run.attempt.kv_leased = False
+        run.output_ids.extend(chunk.token_ids)
         await context.write(response)
 
     def _observe(self, run: _Run, code: str) -> None:
@@ -451,8 +572,8 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     # -- cleanup ----------------------------------------------------------------------------------
 
-    async def _cleanup(self, run: _Run) -> None:
-        await asyncio.shield(self._background(self._undo(run)))
+    async def _cleanup(self, attempt: _Attempt) -> None:
+        await asyncio.shield(self._background(self._undo(attempt)))
 
     def _background(self, coro) -> asyncio.Task:
         """A task that outlives the request's own (cancellation of the RPC must not stop it)."""
@@ -461,14 +582,14 @@ class GenerationService(pb_grpc.GenerationServicer):
         task.add_done_callback(self._cleanups.discard)
         return task
 
-    async def _undo(self, run: _Run) -> None:
-        rid = run.request.request_id
-        if run.d is not None and run.stream_sent:
-            await self._quietly(run.d, "abort", rid)
-        if run.p is not None and run.prefill_sent and not run.prefill_done:
-            await self._quietly(run.p, "abort", rid)
-        elif run.p is not None and run.kv_leased:
-            await self._quietly(run.p, "release", rid)
+    async def _undo(self, attempt: _Attempt) -> None:
+        rid = attempt.rid
+        if attempt.d is not None and attempt.stream_sent:
+            await self._quietly(attempt.d, "abort", rid)
+        if attempt.p is not None and attempt.prefill_sent and not attempt.prefill_done:
+            await self._quietly(attempt.p, "abort", rid)
+        elif attempt.p is not None and attempt.kv_leased:
+            await self._quietly(attempt.p, "release", rid)
 
     async def _quietly(self, worker: WorkerClient, method: str, rid: str) -> None:
         try:
@@ -485,18 +606,39 @@ class GenerationService(pb_grpc.GenerationServicer):
         return await worker_reports(self.pools, self.status_timeout_s)
 
     async def refresh_health(self) -> None:
-        """Marks each worker up or down by whether it answers `status()` with SERVING (deploy polls this)."""
+        """Marks each worker up or down by whether it answers `status()` with SERVING (deploy polls this,
+        every `router.health_check_s`). A worker answering as a new process (Ray restarted it) first
+        rejoins: `rejoin(worker_id)` handshakes it with its peers again; until that succeeds it gets no
+        request (it is tried again on the next check)."""
         pools = {c.worker_id: pool for pool in self.pools for c in pool.clients}
         for report in await self.worker_reports():
-            pool = pools[report.worker_id]
-            if report.worker_id not in pool:
+            wid = report.worker_id
+            pool = pools[wid]
+            if wid not in pool:
                 continue  # removed while we asked
-            ok = report.status is not None and report.status.health == "SERVING"
-            if ok:
-                pool.set_status(report.worker_id, report.status)
-                pool.set_health(report.worker_id, True)
-            else:
-                self._on_down(pool, report.worker_id, "status check failed")
+            status = report.status
+            if status is None or status.health != "SERVING":
+                self._on_down(pool, wid, "status check failed")
+                continue
+            slot = pool.slot(wid)
+            if slot.incarnation and status.incarnation != slot.incarnation:
+                self._on_down(pool, wid, "restarted by Ray; re-handshaking with its peers")
+                if not await self._rejoin(wid):
+                    continue
+            slot.incarnation = status.incarnation
+            pool.set_status(wid, status)
+            if pool.set_health(wid, True):
+                self._notify_workers()
+
+    async def _rejoin(self, worker_id: str) -> bool:
+        if self.rejoin is None:
+            return True
+        try:
+            await self.rejoin(worker_id)
+            return True
+        except Exception as exc:  # noqa: BLE001 - it stays down and is tried again on the next check
+            log.warning("worker %s could not rejoin: %s: %s", worker_id, type(exc).__name__, one_line(str(exc)))
+            return False
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ServerInfo:

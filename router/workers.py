@@ -43,14 +43,19 @@ class WorkerClient(Protocol):
 
     # trace_ctx: the W3C carrier (common.telemetry.inject) of the router's span for this call
 
+    # prior_ids: output the request already streamed (resumed after a failure): the worker prefills
+    # prompt + them and continues after them (engine/engine_core.py, EngineCore.resume)
+
     async def prefill(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                      trace_ctx: dict[str, str] | None = None) -> PrefillResult: ...
+                      trace_ctx: dict[str, str] | None = None, prior_ids: Sequence[int] = ()) -> PrefillResult: ...
 
     def decode(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-               prefill: PrefillResult, trace_ctx: dict[str, str] | None = None) -> AsyncIterator[StreamChunk]: ...
+               prefill: PrefillResult, trace_ctx: dict[str, str] | None = None,
+               prior_ids: Sequence[int] = ()) -> AsyncIterator[StreamChunk]: ...
 
     def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                 trace_ctx: dict[str, str] | None = None) -> AsyncIterator[StreamChunk]: ...
+                 trace_ctx: dict[str, str] | None = None, prior_ids: Sequence[int] = ()
+                 ) -> AsyncIterator[StreamChunk]: ...
 
     async def abort(self, request_id: str) -> bool: ...
 
@@ -132,16 +137,18 @@ class RayWorkerClient:
                 _cancel_quietly(gen)
 
     async def prefill(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                      trace_ctx: dict[str, str] | None = None) -> PrefillResult:
-        return await self._call("prefill", request_id, list(prompt_ids), params, trace_ctx)
+                      trace_ctx: dict[str, str] | None = None, prior_ids: Sequence[int] = ()) -> PrefillResult:
+        return await self._call("prefill", request_id, list(prompt_ids), params, trace_ctx, list(prior_ids))
 
     def decode(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-               prefill: PrefillResult, trace_ctx: dict[str, str] | None = None) -> AsyncIterator[StreamChunk]:
-        return self._stream("decode", request_id, list(prompt_ids), params, prefill, trace_ctx)
+               prefill: PrefillResult, trace_ctx: dict[str, str] | None = None,
+               prior_ids: Sequence[int] = ()) -> AsyncIterator[StreamChunk]:
+        return self._stream("decode", request_id, list(prompt_ids), params, prefill, trace_ctx, list(prior_ids))
 
     def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                 trace_ctx: dict[str, str] | None = None) -> AsyncIterator[StreamChunk]:
-        return self._stream("generate", request_id, list(prompt_ids), params, trace_ctx)
+                 trace_ctx: dict[str, str] | None = None, prior_ids: Sequence[int] = ()
+                 ) -> AsyncIterator[StreamChunk]:
+        return self._stream("generate", request_id, list(prompt_ids), params, trace_ctx, list(prior_ids))
 
     async def abort(self, request_id: str) -> bool:
         return await self._call("abort", request_id)

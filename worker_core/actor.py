@@ -54,6 +54,21 @@ class WorkerActor:
         """Forget a peer worker that left the cluster; False if it was not known."""
         return await self.host.remove_peer(leader_agent)
 
+    # ---- fault injection (worker_core/faults.py; refused unless the cluster enables it) ------------------------
+
+    async def set_fault_plan(self, plan) -> None:
+        """Arm a WorkerFaultPlan (holds at chosen points, a faulty transport); an empty plan disarms."""
+        await self.host.start()
+        self.host.faults.set_plan(plan, self.host.kv)
+
+    async def fault_reached(self, point: str, timeout_s: float = 30.0) -> bool:
+        """True once a request is held at `point` (a FaultPoint value); False after timeout_s."""
+        return await self.host.faults.wait_reached(point, timeout_s)
+
+    async def release_faults(self) -> None:
+        """Held requests go on."""
+        self.host.faults.release()
+
     async def check_integrity(self) -> None:
         await self.host.check_integrity()
 

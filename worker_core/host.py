@@ -40,6 +40,7 @@ from engine.loader import load_model_source
 from engine.outputs import StepOutput
 from engine.sampling_params import SamplingParams
 from worker_core.engine_loop import AsyncEngine, EngineDeadError, EngineStats
+from worker_core.faults import FaultPoint, WorkerFaults
 from worker_core.kv_publisher import KVEventPublisher
 from worker_core.rank_kv import RankKV
 
@@ -68,6 +69,7 @@ class WorkerSettings:
     kv_staging_bytes: int = 32 << 20  # decode: landing buffer per rank for KV that must be rearranged
     rank_options: dict = field(default_factory=dict)  # Ray options of ranks 1..n-1 (num_cpus, num_gpus, ...)
     tracing: TracingConfig = field(default_factory=TracingConfig)  # spans of this worker (off by default)
+    fault_injection: bool = False  # accept fault plans (worker_core/faults.py): tests and chaos drills only
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -127,6 +129,7 @@ class WorkerHost:
         self.tracing = setup_tracing(settings.tracing)
         self.tracer = self.tracing.tracer
         self.publisher = KVEventPublisher(settings.worker_id)
+        self.faults = WorkerFaults(settings.fault_injection)
         self.engine = AsyncEngine(self.core, settings.worker_id, on_kv_events=self.publisher.publish)
         self.node_id = _node_id()
         self._started = False
@@ -171,6 +174,7 @@ class WorkerHost:
             prefix_query_tokens=st.prefix_query_tokens, prefix_hit_tokens=st.prefix_hit_tokens,
             node_id=self.node_id, device=str(self.core.device), block_size=spec.block_size,
             dtype=str(self.core.dtype).removeprefix("torch."), transfers_in_flight=transfers_in_flight,
+            incarnation=self.publisher.epoch,
         )
 
     async def kv_snapshot(self) -> KVSnapshot:
@@ -264,7 +268,8 @@ class WorkerHost:
     # ---- aggregated generation ----------------------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       trace_ctx: dict[str, str] | None = None) -> AsyncIterator[StreamChunk]:
+                       trace_ctx: dict[str, str] | None = None, prior_ids: list[int] | None = None
+                       ) -> AsyncIterator[StreamChunk]:
         """Run a request start to finish on this engine, yielding coalesced chunks."""
         await self.start()
         span = self.tracer.start_span(tm.SPAN_GENERATE_LOCAL, context=tm.extract(trace_ctx), kind=SpanKind.SERVER,
@@ -274,7 +279,8 @@ class WorkerHost:
         stream = self.engine.open_stream(request_id)
         tokens, span_open = 0, True
         try:
-            await self.engine.call(lambda c: c.add_request(prompt_ids, params, request_id))
+            await self.engine.call(lambda c: c.add_request(prompt_ids, params, request_id,
+                                                           prior_output_ids=prior_ids or ()))
             async for chunk in self.chunks(stream, len(prompt_ids), on_first=lambda out: engine_spans(
                     self.tracer, context, out)):
                 if tokens == 0:
@@ -285,6 +291,7 @@ class WorkerHost:
                     tm.end_stream_span(span, tokens, chunk.finish_reason)
                     span_open = False
                 yield chunk
+                await self.faults.at(FaultPoint.STREAM)
         except BaseException as exc:
             if span_open:  # a GeneratorExit after the last chunk is the consumer closing the stream, not a failure
                 tm.record_error(span, exc)

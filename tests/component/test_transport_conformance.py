@@ -312,6 +312,27 @@ def test_failed_transfer_is_released_and_the_transport_keeps_working(factory):
     assert torch.equal(as_bytes(p.kv_local)[:, :, [1, 2]], as_bytes(p.kv_remote)[:, :, [1, 2]])
 
 
+def test_stalled_and_late_transfers(factory):
+    """stall_polls: PENDING however long it is polled (the pull's timeout ends it), releasable, and the
+    bytes did land (the inner transfer ran); delay_only: only the chosen transfer is late."""
+    p = factory.pair(remote_seed=9)
+    local = FaultyTransport(p.local, FaultPlan(stall_polls={1}, delay_polls=3, delay_only={2}))
+    plan = plan_transfer(p.r_layout, p.l_layout, [1, 2], [1, 2])
+    stalled = local.submit(plan, TransferOp.READ, p.remote.agent_name)
+    for _ in range(50):
+        p.remote.progress()
+        assert local.poll(stalled) is TransferState.PENDING
+    local.release(stalled)
+    late = local.submit(plan, TransferOp.READ, p.remote.agent_name)
+    assert [local.poll(late) for _ in range(3)] == [TransferState.PENDING] * 3
+    assert wait_done(local, late, TIMEOUT_S, pump=[p.remote]) is TransferState.DONE
+    local.release(late)
+    on_time = local.submit(plan, TransferOp.READ, p.remote.agent_name)
+    assert wait_done(local, on_time, TIMEOUT_S, pump=[p.remote]) is TransferState.DONE
+    local.release(on_time)
+    assert torch.equal(as_bytes(p.kv_local)[:, :, [1, 2]], as_bytes(p.kv_remote)[:, :, [1, 2]])
+
+
 def test_version_mismatch_is_refused_before_the_backend(factory):
     p = factory.pair(connect=False)
     hs = msgspec.msgpack.decode(p.remote.handshake_payload(), type=Handshake)

@@ -49,9 +49,10 @@ class InProcessClient:
             raise WorkerUnavailableError(f"worker {self.worker_id} is unavailable: actor died (test)", self.worker_id)
 
     async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                       trace_ctx: dict[str, str] | None = None) -> AsyncIterator[StreamChunk]:
+                       trace_ctx: dict[str, str] | None = None, prior_ids: Sequence[int] = ()
+                       ) -> AsyncIterator[StreamChunk]:
         await self._check()
-        async for chunk in self.worker.generate(request_id, list(prompt_ids), params, trace_ctx):
+        async for chunk in self.worker.generate(request_id, list(prompt_ids), params, trace_ctx, list(prior_ids)):
             yield chunk
 
     async def abort(self, request_id: str) -> bool:

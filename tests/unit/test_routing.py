@@ -393,18 +393,46 @@ def test_route_without_a_decode_worker_books_nothing() -> None:
     assert_nothing_booked(r)
 
 
-def test_route_without_a_prefill_worker_books_nothing() -> None:
-    """Threshold 0 (always remote) and every prefill worker down or draining: the route fails, and must leave
-    no trace (a retry under the same request id must work once a worker is back)."""
+def test_route_without_a_prefill_worker_prefills_locally() -> None:
+    """Threshold 0 (always remote) and every prefill worker down or draining: D prefills the request itself
+    (a request never fails for want of P while a decode worker can run it); P is chosen again once back."""
     r = make_router(n_prefill=2, n_decode=1)
     r.prefill.pool.set_health("p0", False)
     r.prefill.pool.drain("p1")
     prompt = list(range(50))
-    with pytest.raises(NoHealthyWorkerError, match=r"no healthy prefill worker \(1 of 2 down, 1 draining\)"):
-        r.route("x", prompt)
+    route = r.route("x", prompt)
+    assert route.local and route.kind == "no_prefill_worker"
+    assert route.reason == "local: no healthy prefill worker (50 uncached tokens on d0)"
+    r.close("x")
     assert_nothing_booked(r)
     r.prefill.pool.set_health("p0", True)
     assert r.route("x", prompt).prefill.worker_id == "p0"
+
+
+def test_route_excludes_workers_that_failed_the_request() -> None:
+    """A retry names the workers that already failed it: they are not chosen, whatever their cost;
+    with every prefill worker excluded the retry prefills on D; with every D excluded it fails, booking nothing."""
+    r = make_router(n_prefill=2, n_decode=2)
+    prompt = list(range(50))
+    r.prefill.indexer.store("p0", hash_full_blocks(prompt, BS))  # p0 would win on cost
+    assert r.route("a", prompt).prefill.worker_id == "p0"
+    r.close("a")
+    route = r.route("b", prompt, exclude={"p0"})
+    assert route.prefill.worker_id == "p1"
+    r.close("b")
+    route = r.route("c", prompt, exclude={"p0", "p1", "d0"})
+    assert route.local and route.decode.worker_id == "d1" and route.kind == "no_prefill_worker"
+    r.close("c")
+    with pytest.raises(NoHealthyWorkerError, match=r"no healthy decode worker \(0 of 2 down, 0 draining, "
+                                                   r"2 already failed this request\)"):
+        r.route("d", prompt, exclude={"d0", "d1"})
+    assert_nothing_booked(r)
+    for policy in ("round-robin", "least-loaded"):
+        rr = make_router(n_prefill=2, n_decode=2, policy=policy)
+        for i in range(4):
+            route = rr.route(f"r{i}", prompt, exclude={"p1", "d0"})
+            assert (route.prefill.worker_id, route.decode.worker_id) == ("p0", "d1")
+            rr.close(f"r{i}")
 
 
 # ---- 7. conditional disaggregation ------------------------------------------------------------------------------

@@ -1,0 +1,341 @@
+"""Fault injection against a running cluster (real Ray actors, NIXL, gRPC): workers killed at chosen
+steps, the KV transport failing, stalling or late, leases expiring, workers restarted by Ray.
+
+Every scenario is timed by the cluster itself, never by sleeps: a worker's fault plan
+(worker_core/faults.py) holds a request at a chosen point, the test sees it held
+(`fault_reached`), then kills a worker or releases the hold. Each ends with the outcome checked
+(tokens equal the reference model's, or the documented status), the number of retries the
+router reports, and every live worker idle with its pools intact (`_pools_intact`). Workers
+killed in "restart" mode come back through Ray and rejoin (re-handshake) before the next test.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from contextlib import contextmanager
+
+import grpc
+import pytest
+import ray
+import torch
+
+from kv_transfer.faulty import FaultPlan
+from tandem_api.client import TandemClient
+from tests.e2e.conftest import serve
+from tests.helpers.reference import hf_greedy
+from tests.helpers.tiny_models import make_tiny_hf_model
+from worker_core.faults import FaultPoint, Hold, WorkerFaultPlan
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+VOCAB = 512
+BS = 4
+LEASE_S = 5.0  # short, so that the lease-bound pull test ends in seconds
+WAIT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_hf_model(tmp_path_factory.mktemp("faults"), "llama", vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_dir):
+    with serve(str(tiny_dir), ray_namespace="tandem-faults", fault_injection=True,
+               **{"both.block_size": BS, "prefill.replicas": 2, "decode.replicas": 2,
+                  "transport.lease_s": LEASE_S, "transport.transfer_timeout_s": LEASE_S,
+                  "router.failover_wait_s": WAIT_S}) as s:
+        yield s
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------------
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, VOCAB) for _ in range(n)]
+
+
+class Stream:
+    """One Generate call on its own thread; responses arrive on a queue as the client gets them."""
+
+    def __init__(self, client: TandemClient, ids: list[int], max_tokens: int, **kw) -> None:
+        self.responses: queue.Queue = queue.Queue()
+        self.error: grpc.RpcError | None = None
+
+        def run() -> None:
+            try:
+                for r in client.generate(token_ids=ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                         **kw):
+                    self.responses.put(r)
+            except grpc.RpcError as e:
+                self.error = e
+            self.responses.put(None)
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def next(self):
+        return self.responses.get(timeout=WAIT_S)
+
+    def rest(self) -> list:
+        out = []
+        while (r := self.next()) is not None:
+            out.append(r)
+        self.thread.join(WAIT_S)
+        return out
+
+
+def _tokens_of(responses) -> list[int]:
+    return [t for r in responses for t in r.token_ids]
+
+
+def _actor(s, wid: str):
+    return s.cluster.handle(wid).actor
+
+
+def _arm(s, wids, plan: WorkerFaultPlan) -> None:
+    ray.get([_actor(s, w).set_fault_plan.remote(plan) for w in wids], timeout=WAIT_S)
+
+
+def _held(s, wids, point: FaultPoint) -> str:
+    """The worker among `wids` where a request is now held at `point`."""
+    refs = {_actor(s, w).fault_reached.remote(point.value, WAIT_S): w for w in wids}
+    ready, _ = ray.wait(list(refs), num_returns=1, timeout=WAIT_S)
+    assert ready and ray.get(ready[0]), f"no request reached {point.value} on {wids}"
+    return refs[ready[0]]
+
+
+def _disarm(s, wids) -> None:
+    _arm(s, wids, WorkerFaultPlan())
+
+
+def _restarted_and_rejoined(s, wid: str) -> None:
+    """Wait for Ray to bring `wid` back, then run the router's health check: the new process is
+    re-handshaken and taken back into its pool. (Ray refuses calls while the actor restarts, so
+    this polls the restart: the one wait here on another process's progress.)"""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            ray.get(_actor(s, wid).ready.remote(), timeout=WAIT_S)
+            break
+        except ray.exceptions.ActorUnavailableError:
+            assert time.monotonic() < deadline, f"{wid} was not restarted within {WAIT_S} s"
+            time.sleep(0.2)
+    s.on_router(lambda svc: svc.refresh_health(), timeout_s=WAIT_S)
+    pool = "prefill" if wid.startswith("prefill") else "decode"
+    assert s.on_router(lambda svc: getattr(svc, pool).healthy(wid)), f"{wid} did not rejoin"
+
+
+def _seen_down(s, wid: str) -> None:
+    """Until the router has marked `wid` down: its KV event feed's long poll failed (no sleep)."""
+    pool = "prefill" if wid.startswith("prefill") else "decode"
+    s.on_router(lambda svc: svc.feed.wait_until(lambda: not getattr(svc, pool).healthy(wid), WAIT_S),
+                timeout_s=WAIT_S + 5)
+
+
+@contextmanager
+def _only(s, wid: str):
+    """Route every new request of `wid`'s pool to it (the others draining) for the block."""
+    pool = "prefill" if wid.startswith("prefill") else "decode"
+
+    def drain(svc, on: bool):
+        for slot in getattr(svc, pool).slots:
+            if slot.worker_id != wid:
+                slot.draining = on
+
+    s.on_router(lambda svc: drain(svc, True))
+    try:
+        yield
+    finally:
+        s.on_router(lambda svc: drain(svc, False))
+
+
+def _pools_intact(s, dead: tuple[str, ...] = ()) -> None:
+    """Every live worker idle (no request, lease or transfer) with its block pool intact, leak-free."""
+    live = [h for h in s.cluster.workers if h.worker_id not in dead]
+    assert all(ray.get([h.actor.wait_idle.remote(30) for h in live], timeout=WAIT_S))
+    ray.get([h.actor.leak_check.remote() for h in live], timeout=WAIT_S)
+    assert s.on_router(lambda svc: (svc.in_flight, svc.router.open_tickets)) == (0, 0)
+
+
+def _greedy(s, ids: list[int], n: int):
+    responses = list(TandemClient(s.address).generate(token_ids=ids, max_tokens=n, temperature=0.0, ignore_eos=True))
+    return _tokens_of(responses), responses
+
+
+PREFILL = ("prefill-0", "prefill-1")
+DECODE = ("decode-0", "decode-1")
+
+
+# ---- workers killed -----------------------------------------------------------------------------------------------
+
+
+def test_prefill_worker_killed_mid_prefill_is_retried_on_another(cluster, reference):
+    s = cluster
+    ids = _tokens(30, 1)
+    _arm(s, PREFILL, WorkerFaultPlan(holds=(Hold(FaultPoint.PREFILL),)))
+    stream = Stream(TandemClient(s.address), ids, 10)
+    victim = _held(s, PREFILL, FaultPoint.PREFILL)
+    _disarm(s, [w for w in PREFILL if w != victim])
+    ray.kill(_actor(s, victim), no_restart=False)
+    got = stream.rest()
+    assert stream.error is None
+    assert _tokens_of(got) == hf_greedy(reference, ids, 10)
+    assert got[0].prefill_worker != victim and got[-1].retries == 1
+    _restarted_and_rejoined(s, victim)
+    with _only(s, victim):  # the restarted process serves: D pulls from its new NIXL agent
+        tokens, responses = _greedy(s, _tokens(20, 2), 6)
+    assert responses[0].prefill_worker == victim and tokens == hf_greedy(reference, _tokens(20, 2), 6)
+    _pools_intact(s)
+
+
+def test_prefill_worker_killed_mid_transfer_resumes_after_token_one(cluster, reference):
+    """Token 1 reached the client; D is about to pull when P dies. The pull fails, D frees its blocks,
+    and the router resumes after token 1 (prefilled again as prompt + token 1 elsewhere)."""
+    s = cluster
+    ids = _tokens(30, 3)
+    _arm(s, DECODE, WorkerFaultPlan(holds=(Hold(FaultPoint.BEFORE_PULL),)))
+    stream = Stream(TandemClient(s.address), ids, 10)
+    first = stream.next()
+    held_on = _held(s, DECODE, FaultPoint.BEFORE_PULL)
+    _disarm(s, [w for w in DECODE if w != held_on])
+    victim = first.prefill_worker
+    assert first.decode_worker == held_on and len(first.token_ids) == 1
+    ray.kill(_actor(s, victim), no_restart=False)
+    _seen_down(s, victim)  # the process is gone (its KV feed's call failed), not just asked to go
+    ray.get(_actor(s, held_on).release_faults.remote())
+    got = [first, *stream.rest()]
+    assert stream.error is None
+    assert _tokens_of(got) == hf_greedy(reference, ids, 10)  # token 1 once, nothing missing
+    assert got[-1].retries == 1
+    _disarm(s, [held_on])
+    _restarted_and_rejoined(s, victim)
+    _pools_intact(s)
+
+
+def test_decode_worker_killed_mid_stream_migrates(cluster, reference):
+    """D dies after streaming some tokens: the request moves to the other D, prefilled as prompt +
+    the tokens sent, and the client's stream goes on exactly as an undisturbed run."""
+    s = cluster
+    ids = _tokens(30, 4)
+    _arm(s, DECODE, WorkerFaultPlan(holds=(Hold(FaultPoint.STREAM, nth=3),)))
+    stream = Stream(TandemClient(s.address), ids, 16)
+    victim = _held(s, DECODE, FaultPoint.STREAM)
+    _disarm(s, [w for w in DECODE if w != victim])
+    ray.kill(_actor(s, victim), no_restart=False)
+    got = stream.rest()
+    assert stream.error is None
+    assert _tokens_of(got) == hf_greedy(reference, ids, 16)
+    assert got[0].decode_worker == victim and got[-1].retries == 1
+    assert got[-1].usage.completion_tokens == 16
+    assert {r.request_id for r in got} == {got[0].request_id}
+    _restarted_and_rejoined(s, victim)
+    _pools_intact(s)
+
+
+def test_the_only_decode_worker_dies_and_the_stream_waits_for_its_restart(cluster, reference):
+    """No other D to move to: the retry waits (router.failover_wait_s) until Ray has restarted the
+    worker and it has rejoined, then resumes on it."""
+    s = cluster
+    ids = _tokens(30, 5)
+    victim = "decode-0"
+    with _only(s, victim):
+        _arm(s, [victim], WorkerFaultPlan(holds=(Hold(FaultPoint.STREAM, nth=2),)))
+        stream = Stream(TandemClient(s.address), ids, 12)
+        assert _held(s, [victim], FaultPoint.STREAM) == victim
+        ray.kill(_actor(s, victim), no_restart=False)
+        _restarted_and_rejoined(s, victim)
+        got = stream.rest()
+    assert stream.error is None
+    assert _tokens_of(got) == hf_greedy(reference, ids, 12) and got[-1].retries == 1
+    _pools_intact(s)
+
+
+def test_deadline_ends_a_stuck_request_and_frees_everything(cluster):
+    """A worker that holds a stream forever: the client's deadline ends the call with
+    DEADLINE_EXCEEDED naming the stage, and the cleanup frees the request on every worker."""
+    s = cluster
+    _arm(s, DECODE, WorkerFaultPlan(holds=(Hold(FaultPoint.STREAM),)))
+    stream = Stream(TandemClient(s.address), _tokens(30, 6), 12, timeout=3.0)
+    held_on = _held(s, DECODE, FaultPoint.STREAM)
+    got = stream.rest()
+    assert stream.error is not None and stream.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(_tokens_of(got)) >= 1 and got[0].decode_worker == held_on
+    _disarm(s, DECODE)
+    _pools_intact(s)
+
+
+# ---- the transport fails, stalls, is late -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed, plan, retries", [
+    (21, FaultPlan(fail_polls={1}), 1),  # the READ completes with an error
+    (22, FaultPlan(fail_submits={1}), 1),  # the READ is refused at submit
+    (23, FaultPlan(stall_polls={1}), 1),  # never completes: the pull's deadline (lease-bound) ends it
+    (24, FaultPlan(delay_polls=200), 0),  # late, but within the deadline: no retry
+], ids=["fail", "refused", "stall", "late"])
+def test_transport_faults(cluster, reference, seed, plan, retries):
+    s = cluster
+    ids = _tokens(26, seed)
+    failures = s.on_router(lambda svc: svc.metrics.transfer_failures._value.get())
+    with _only(s, "decode-1"):
+        _arm(s, ["decode-1"], WorkerFaultPlan(transport=plan))
+        try:
+            tokens, responses = _greedy(s, ids, 8)
+        finally:
+            _disarm(s, ["decode-1"])
+    assert tokens == hf_greedy(reference, ids, 8)
+    assert responses[-1].retries == retries
+    assert s.on_router(lambda svc: svc.metrics.transfer_failures._value.get()) == failures + retries
+    _pools_intact(s)
+
+
+# ---- leases ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_lease_nobody_pulls_expires_and_frees_its_blocks(cluster):
+    """P's side: a prompt prefilled for a decode worker that never pulls is released once its lease
+    ends (the worker's clock is advanced through the call, not waited for)."""
+    from engine.sampling_params import SamplingParams
+
+    s = cluster
+    p = _actor(s, "prefill-0")
+    result = ray.get(p.prefill.remote("orphan", _tokens(24, 9), SamplingParams(max_tokens=4, ignore_eos=True)))
+    assert result.kv is not None and not ray.get(p.wait_idle.remote(0.1))  # the lease holds the blocks
+    assert ray.get(p.reap_expired.remote(float("inf"))) == ["orphan"]
+    _pools_intact(s)
+
+
+# ---- a worker that stays dead -------------------------------------------------------------------------------------
+
+
+def test_decode_worker_killed_for_good_mid_stream(cluster, reference):
+    """Last in the module: the worker does not come back. The stream migrates, the worker stays down
+    and every later request is served by the survivors."""
+    s = cluster
+    ids = _tokens(30, 10)
+    _arm(s, DECODE, WorkerFaultPlan(holds=(Hold(FaultPoint.STREAM, nth=2),)))
+    stream = Stream(TandemClient(s.address), ids, 12)
+    victim = _held(s, DECODE, FaultPoint.STREAM)
+    survivor = next(w for w in DECODE if w != victim)
+    _disarm(s, [survivor])
+    ray.kill(_actor(s, victim))
+    got = stream.rest()
+    assert stream.error is None and _tokens_of(got) == hf_greedy(reference, ids, 12) and got[-1].retries == 1
+    s.on_router(lambda svc: svc.refresh_health(), timeout_s=WAIT_S)
+    assert not s.on_router(lambda svc: svc.decode.healthy(victim))
+    for seed in (11, 12):
+        tokens, responses = _greedy(s, _tokens(20, seed), 6)
+        assert tokens == hf_greedy(reference, _tokens(20, seed), 6) and responses[0].decode_worker == survivor
+    _pools_intact(s, dead=(victim,))
