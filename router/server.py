@@ -164,6 +164,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.health = _Health()
         self.serving = False
         self._active: dict[str, _Run] = {}
+        self._idle = asyncio.Event()  # set while no request is in flight
+        self._idle.set()
         self._cleanups: set[asyncio.Task] = set()
 
     @property
@@ -299,6 +301,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                              tm.ATTR_MAX_TOKENS: req.params.max_tokens})
         run = _Run(req, RequestTrace(received=received, prompt_tokens=len(req.prompt_token_ids)), span=span)
         self._active[req.request_id] = run
+        self._idle.clear()
         limit = self._limit_s(context)
         timeout = asyncio.timeout(limit)
         failure: tuple[grpc.StatusCode, str] | None = None
@@ -323,6 +326,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             failure = self._failed(run, exc)
         finally:
             del self._active[req.request_id]
+            if not self._active:
+                self._idle.set()
             if run.attempt is not None:
                 self.router.close(run.attempt.rid)
                 if not run.finished:
@@ -657,6 +662,17 @@ class GenerationService(pb_grpc.GenerationServicer):
         """worker -> (draining, blocks the router's index holds for it)."""
         return {s.worker_id: (s.draining, self.router.index_of(pool).indexer.num_blocks(s.worker_id))
                 for pool in self.pools for s in pool.slots}
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once no request is in flight here and every cleanup has run; False after timeout_s."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+                if self._cleanups:
+                    await asyncio.gather(*self._cleanups, return_exceptions=True)
+            return True
+        except TimeoutError:
+            return False
 
     async def close(self) -> None:
         """Stops the KV event feeds and waits for the cleanups still running (each bounded by

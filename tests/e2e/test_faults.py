@@ -124,6 +124,7 @@ def _restarted_and_rejoined(s, wid: str) -> None:
     """Wait for Ray to bring `wid` back, then run the router's health check: the new process is
     re-handshaken and taken back into its pool. (Ray refuses calls while the actor restarts, so
     this polls the restart: the one wait here on another process's progress.)"""
+    _seen_down(s, wid)  # ray.kill returns at once: until the router saw it die, the old process may answer
     deadline = time.monotonic() + WAIT_S
     while True:
         try:
@@ -166,7 +167,8 @@ def _pools_intact(s, dead: tuple[str, ...] = ()) -> None:
     live = [h for h in s.cluster.workers if h.worker_id not in dead]
     assert all(ray.get([h.actor.wait_idle.remote(30) for h in live], timeout=WAIT_S))
     ray.get([h.actor.leak_check.remote() for h in live], timeout=WAIT_S)
-    assert s.on_router(lambda svc: (svc.in_flight, svc.router.open_tickets)) == (0, 0)
+    assert s.on_router(lambda svc: svc.wait_idle(30), timeout_s=40)  # the router's side: handlers and cleanups done
+    assert s.on_router(lambda svc: svc.router.open_tickets) == 0
 
 
 def _greedy(s, ids: list[int], n: int):
@@ -284,7 +286,8 @@ def test_deadline_ends_a_stuck_request_and_frees_everything(cluster):
     (22, FaultPlan(fail_submits={1}), 1),  # the READ is refused at submit
     (23, FaultPlan(stall_polls={1}), 1),  # never completes: the pull's deadline (lease-bound) ends it
     (24, FaultPlan(delay_polls=200), 0),  # late, but within the deadline: no retry
-], ids=["fail", "refused", "stall", "late"])
+    (25, FaultPlan(fail_polls={1, 2}), 2),  # from both prefill workers: the third attempt prefills on D
+], ids=["fail", "refused", "stall", "late", "every-prefill-worker"])
 def test_transport_faults(cluster, reference, seed, plan, retries):
     s = cluster
     ids = _tokens(26, seed)
