@@ -21,6 +21,7 @@ from tests.helpers.tiny_models import make_tiny_hf_model
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
+MAX_MESSAGE = 64 << 10  # router.max_message_bytes of the secured cluster
 TOKEN = "s3cret-token-for-tests"
 
 
@@ -82,13 +83,28 @@ def secured(pki, tmp_path_factory):
     tiny = make_tiny_hf_model(tmp_path_factory.mktemp("security"), "llama", vocab_size=512)
     with serve(str(tiny), ray_namespace="tandem-security", **{
             "both.block_size": 4, "router.tls_cert": str(d / "server.pem"), "router.tls_key": str(d / "server_key.pem"),
-            "router.tls_client_ca": str(d / "ca.pem"), "router.auth_token_file": str(d / "tokens")}) as s:
+            "router.tls_client_ca": str(d / "ca.pem"), "router.auth_token_file": str(d / "tokens"),
+            "router.max_message_bytes": MAX_MESSAGE}) as s:
         yield s
 
 
 def client(s, files, token=TOKEN, ca="ca", cert=True) -> TandemClient:
     return TandemClient(s.address, token=token, tls_ca=files[ca],
                         tls_cert=files["client"] if cert else None, tls_key=files["client_key"] if cert else None)
+
+
+def test_a_request_over_max_message_bytes_is_refused(secured, pki):
+    """router.max_message_bytes caps what the port reads: a bigger request is RESOURCE_EXHAUSTED before
+    any of it is parsed, and the next request is served."""
+    _, files = pki
+    c = client(secured, files)
+    with pytest.raises(grpc.RpcError) as e:
+        c.complete(prompt="x" * (MAX_MESSAGE + 1), max_tokens=2)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in e.value.details()
+    _, ids, _ = c.complete(prompt="hello", max_tokens=2, temperature=0.0, ignore_eos=True)
+    assert len(ids) == 2
+    secured.cluster.check_pools()
 
 
 def test_certificate_and_token_get_tokens(secured, pki):
