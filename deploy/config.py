@@ -119,6 +119,7 @@ class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     request_timeout_s: float = 600.0  # a request's deadline when the client sets none (or a longer one)
     max_retries: int = 3  # a request resumed on other workers at most this often after workers failed it
     failover_wait_s: float = 30.0  # a retry with no worker to take it waits this long for one to come back
+    stream_idle_timeout_s: float = 30.0  # a stream silent this long after its first chunk: retried elsewhere (0: off)
     health_check_s: float = 5.0  # every worker's status() this often: down ones marked, restarted ones rejoined
     cleanup_timeout_s: float = 5.0  # each abort / release call to a worker after a failure or cancel
 
@@ -184,9 +185,9 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for name in ("request_timeout_s", "health_check_s", "cleanup_timeout_s"):
             if getattr(r, name) <= 0:
                 raise ConfigError(f"router.{name} must be > 0, got {getattr(r, name)}")
-        if r.max_retries < 0 or r.failover_wait_s < 0:
-            raise ConfigError(f"router.max_retries and router.failover_wait_s must be >= 0, got {r.max_retries} "
-                              f"and {r.failover_wait_s}")
+        if r.max_retries < 0 or r.failover_wait_s < 0 or r.stream_idle_timeout_s < 0:
+            raise ConfigError("router.max_retries, router.failover_wait_s and router.stream_idle_timeout_s must "
+                              f"be >= 0, got {r.max_retries}, {r.failover_wait_s} and {r.stream_idle_timeout_s}")
         if r.drain_timeout_s <= 0:
             raise ConfigError(f"router.drain_timeout_s must be > 0, got {r.drain_timeout_s}")
         if self.mode == "aggregated" and self.prefill.block_size != self.decode.block_size:

@@ -86,6 +86,7 @@ def build_service(cluster: Cluster) -> GenerationService:
                              tracing=setup_tracing(tracing_config(cfg, "router")),
                              retry_after_ms=cfg.router.retry_after_ms, request_timeout_s=cfg.router.request_timeout_s,
                              max_retries=cfg.router.max_retries, failover_wait_s=cfg.router.failover_wait_s,
+                             stream_idle_timeout_s=cfg.router.stream_idle_timeout_s,
                              cleanup_timeout_s=cfg.router.cleanup_timeout_s)
 
 

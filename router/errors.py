@@ -7,6 +7,7 @@
     AdmissionError                              RESOURCE_EXHAUSTED   yes, later
     NotServingError                             UNAVAILABLE          yes (server still starting)
     WorkerUnavailableError / NoHealthyWorker    UNAVAILABLE          yes
+    WorkerStalledError (stream idle too long)   UNAVAILABLE          yes
     WorkerFailedError (chunk.error, bad stream) INTERNAL             maybe
     TimeoutError (the request's deadline)       DEADLINE_EXCEEDED    with a longer deadline
     anything else                               INTERNAL             one line, never a stack trace
@@ -59,6 +60,10 @@ class WorkerUnavailableError(RouterError):
 
 class NoHealthyWorkerError(WorkerUnavailableError):
     """Every worker of a pool is marked unhealthy."""
+
+
+class WorkerStalledError(WorkerUnavailableError):
+    """A worker answers calls but sent nothing on a request's stream for `router.stream_idle_timeout_s`."""
 
 
 class WorkerFailedError(RouterError):

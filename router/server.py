@@ -32,13 +32,20 @@ logged, never raised; the cleanup runs in its own task, shielded from a second
 cancellation. On success, P's lease is released (in the background) as soon as D's
 first chunk arrives: D streams only once every one of its ranks has pulled.
 
-Worker-side failures (decided): a chunk with `error` set (finish_reason "error")
-ends the call with INTERNAL and the worker's one-line message; a worker that is
-gone (actor died, node lost) ends it with UNAVAILABLE and the pool marks that
-worker down. FINISH_REASON_ERROR is therefore never sent by this version: a
-client learns of failure from the status, which every gRPC client checks, not
-from a field it might ignore. Tokens already streamed stay valid output.
-See router/errors.py for the whole status table.
+Failover: the request runs as attempts. A worker that dies or restarts, a KV pull
+that fails or runs out of lease, a stream silent for `stream_idle_timeout_s`: the
+attempt is undone and the next one resumes after the tokens already sent (workers
+prefill prompt + those tokens), so the client's stream goes on with nothing
+repeated or missing; at most `max_retries`, waiting up to `failover_wait_s` for a
+worker to resume on, all inside the request's deadline (router/README.md has the
+table). Restarted workers rejoin through `refresh_health` and the `rejoin` hook.
+
+Other worker-side failures: a chunk with `error` set (finish_reason "error") ends
+the call with INTERNAL and the worker's one-line message; retries used up end it
+with the last failure's status (UNAVAILABLE for a dead worker). FINISH_REASON_ERROR
+is never sent by this version: a client learns of failure from the status, which
+every gRPC client checks, not from a field it might ignore. Tokens already
+streamed stay valid output. See router/errors.py for the whole status table.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ from router.errors import (
     AdmissionError,
     NoHealthyWorkerError,
     NotServingError,
+    WorkerStalledError,
     RequestValidationError,
     WorkerFailedError,
     WorkerUnavailableError,
@@ -139,6 +147,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                  routing: RoutingConfig | None = None, rng: random.Random | None = None,
                  metrics: RouterMetrics | None = None, tracing: Tracing | None = None,
                  retry_after_ms: int = 1000, max_retries: int = 3, failover_wait_s: float = 30.0,
+                 stream_idle_timeout_s: float = 30.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {max_inflight}")
@@ -156,6 +165,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         if max_retries < 0 or failover_wait_s < 0:
             raise ValueError(f"max_retries and failover_wait_s must be >= 0, got {max_retries}, {failover_wait_s}")
         self.max_retries, self.failover_wait_s = max_retries, failover_wait_s
+        self.stream_idle_timeout_s = stream_idle_timeout_s  # 0: off
         self._workers_changed = asyncio.Event()  # set (and replaced) when a worker comes up or joins
         # deploy sets it: handshakes a worker Ray restarted with its peers (async, raises on failure)
         self.rejoin: Callable[[str], Awaitable[None]] | None = None
@@ -367,7 +377,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     def _mark_down(self, exc: BaseException, message: str) -> None:
         """A worker that is gone gets no new request (its KV feed and the health check bring it back)."""
-        if isinstance(exc, WorkerUnavailableError) and exc.worker_id:
+        if isinstance(exc, WorkerUnavailableError) and not isinstance(exc, WorkerStalledError) and exc.worker_id:
             for pool in self.pools:
                 if exc.worker_id in pool:
                     self._on_down(pool, exc.worker_id, message)
@@ -376,7 +386,12 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     def _retry_reason(self, attempt: _Attempt, exc: BaseException) -> tuple[str, str | None] | None:
         """(reason, worker this request should avoid from now on) when a failed attempt may be resumed
-        elsewhere; None when the failure is the request's own (bad input, a full decode pool, a bug)."""
+        elsewhere; None when the failure is the request's own (bad input, a full decode pool, a bug) or
+        there was no worker to try (NoHealthyWorkerError on the first route: UNAVAILABLE at once)."""
+        if isinstance(exc, NoHealthyWorkerError):
+            return None
+        if isinstance(exc, WorkerStalledError):  # alive but silent: not marked down, avoided by this request
+            return "worker_stalled", exc.worker_id
         if isinstance(exc, WorkerUnavailableError):  # died or restarting: marked down, back once it rejoins
             return "worker_unavailable", None
         if isinstance(exc, KVTransferFailedError):  # P's KV never arrived: P dead, lease gone or the link down
@@ -511,8 +526,20 @@ class GenerationService(pb_grpc.GenerationServicer):
                       worker: WorkerClient, release_lease: bool = False) -> None:
         attempt = run.attempt
         assert attempt is not None
+        idle_s = self.stream_idle_timeout_s
         async with aclosing(chunks) as stream:
-            async for chunk in stream:
+            while True:
+                try:
+                    if attempt.first_chunk_seen and idle_s:  # the first may wait for admission and the pull
+                        async with asyncio.timeout(idle_s):
+                            chunk = await anext(stream)
+                    else:
+                        chunk = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise WorkerStalledError(f"worker {worker.worker_id} sent nothing for {idle_s:g} s "
+                                             "(router.stream_idle_timeout_s)", worker.worker_id) from None
                 if not attempt.first_chunk_seen:  # D pulled (or prefilled locally): real KV events take over
                     attempt.first_chunk_seen = True
                     if run.trace.first_arrived is None:
