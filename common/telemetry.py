@@ -65,7 +65,7 @@ SPAN_ENGINE_QUEUE = "tandem.engine.queue"  # arrival -> first schedule (engine c
 SPAN_ENGINE_COMPUTE = "tandem.engine.compute"  # first schedule -> first token (engine clock)
 EVENT_FIRST_TOKEN = "first_token"
 EVENT_RETRY = "retry"  # on the request's span: a worker failed it and the router resumed it elsewhere
-ATTR_RETRY_REASON = "tandem.retry.reason"  # worker_unavailable | worker_stalled | kv_transfer_failed
+ATTR_RETRY_REASON = "tandem.retry.reason"  # worker_unavailable | worker_stalled | kv_transfer_failed | aborted_on_worker
 ATTR_RETRY_AFTER_TOKENS = "tandem.retry.after_tokens"  # output tokens already sent when it failed
 
 # Attribute names: semconv names where one exists, "tandem.*" otherwise.

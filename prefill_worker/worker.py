@@ -34,6 +34,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from common import telemetry as tm
+from common.errors import WorkerShuttingDownError
 from common.wire import KVHandle, PrefillResult, StreamChunk, WorkerStatus
 from engine.sampling_params import SamplingParams
 from worker_core.actor import WorkerActor
@@ -56,6 +57,8 @@ class PrefillWorker(WorkerActor):
         self._lease_added = asyncio.Event()
         self._housekeeper: asyncio.Task | None = None
         self.expired_leases = 0  # leases ended by expiry, not by a pull (observability)
+        self._prefilling: set[str] = set()  # prefill() calls waiting for token 1
+        self._aborted_prefills: set[str] = set()  # ... of which aborted meanwhile
 
     async def _start(self) -> None:
         await self.host.start()
@@ -77,6 +80,7 @@ class PrefillWorker(WorkerActor):
             attributes={tm.ATTR_REQUEST_ID: request_id, tm.ATTR_WORKER_ID: self.host.worker_id,
                         tm.ATTR_INPUT_TOKENS: len(prompt_ids)})
         stream = engine.open_stream(request_id)
+        self._prefilling.add(request_id)
         try:
             await engine.call(lambda c: c.add_request(prompt_ids, params, request_id, kv_handoff=True,
                                                       prior_output_ids=prior_ids or ()))
@@ -84,12 +88,20 @@ class PrefillWorker(WorkerActor):
             out = await stream.get()
             if isinstance(out, BaseException):
                 raise out
+            # aborted here (a drain that timed out, the router's cleanup): before token 1, the engine sent
+            # an "abort" output; after it, the abort already released the lease this output announces
+            if request_id in self._aborted_prefills or out.finish_reason == "abort":
+                raise WorkerShuttingDownError(f"prefill worker {self.host.worker_id} aborted {request_id} before "
+                                              "handing its KV off (drained or cancelled); retry elsewhere")
         except BaseException as exc:
             engine.close_stream(request_id)
             tm.record_error(span, exc)
             span.end()
             await self._abort_quietly(request_id)
             raise
+        finally:
+            self._prefilling.discard(request_id)
+            self._aborted_prefills.discard(request_id)
         engine.close_stream(request_id)
         first = to_chunk(out)
         first.prompt_tokens = len(prompt_ids)
@@ -120,6 +132,8 @@ class PrefillWorker(WorkerActor):
 
     async def abort(self, request_id: str) -> bool:
         await self._start()
+        if request_id in self._prefilling:  # its prefill() must not hand off a lease this abort ends
+            self._aborted_prefills.add(request_id)
         self._leases.pop(request_id, None)
         return await self.host.engine.abort(request_id)
 

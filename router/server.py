@@ -67,7 +67,7 @@ from opentelemetry import trace as trace_api
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from common import telemetry as tm
-from common.errors import KVTransferFailedError
+from common.errors import KVTransferFailedError, WorkerShuttingDownError
 from common.telemetry import Tracing, TracingConfig, setup_tracing
 from common.wire import StreamChunk
 from router.errors import (
@@ -94,6 +94,9 @@ from tandem_api.v1 import generation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "tandem.v1.Generation"
+# ending P's lease once D streams: behind a long engine step under load this can take seconds, and
+# nothing waits for it (the lease itself is the backstop), so it gets longer than other cleanup calls
+RELEASE_TIMEOUT_S = 60.0
 ServerInfoSource = Callable[[], ServerFacts]
 
 
@@ -396,6 +399,8 @@ class GenerationService(pb_grpc.GenerationServicer):
             return "worker_unavailable", None
         if isinstance(exc, KVTransferFailedError):  # P's KV never arrived: P dead, lease gone or the link down
             return "kv_transfer_failed", attempt.p.worker_id if attempt.p is not None else None
+        if isinstance(exc, WorkerShuttingDownError):  # P aborted the prompt (a drain that timed out)
+            return "aborted_on_worker", attempt.p.worker_id if attempt.p is not None else None
         return None
 
     async def _routed(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
@@ -548,7 +553,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 if release_lease and attempt.kv_leased:
                     # D streams only after every rank pulled the prompt's KV: P may free it now
                     attempt.kv_leased = False
-                    self._background(self._quietly(attempt.p, "release", attempt.rid))
+                    self._background(self._quietly(attempt.p, "release", attempt.rid, RELEASE_TIMEOUT_S))
                 await self._send(context, run, chunk, worker.worker_id, decode_worker=worker.worker_id)
                 if run.finished:
                     return
@@ -623,10 +628,14 @@ class GenerationService(pb_grpc.GenerationServicer):
         elif attempt.p is not None and attempt.kv_leased:
             await self._quietly(attempt.p, "release", rid)
 
-    async def _quietly(self, worker: WorkerClient, method: str, rid: str) -> None:
+    async def _quietly(self, worker: WorkerClient, method: str, rid: str, timeout_s: float | None = None) -> None:
+        timeout_s = self.cleanup_timeout_s if timeout_s is None else timeout_s
         try:
-            async with asyncio.timeout(self.cleanup_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 await getattr(worker, method)(rid)
+        except TimeoutError:  # the call stays queued on the worker (behind an engine step) and lands later
+            log.warning("cleanup of %s: %s on %s not answered within %g s (a busy worker applies it later; "
+                        "a lease ends at expiry anyway)", rid, method, worker.worker_id, timeout_s)
         except Exception as exc:  # noqa: BLE001 - cleanup never raises
             log.warning("cleanup of %s: %s(%s) on %s failed: %s: %s", rid, method, rid, worker.worker_id,
                         type(exc).__name__, exc)

@@ -97,3 +97,29 @@ def test_cancelled_drain_puts_the_worker_back(tiny):
             await w.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_an_abort_racing_token_one_hands_off_no_lease(tiny):
+    """abort() lands after the step that leased the prompt's blocks but before prefill() read that
+    step's output: prefill() must not hand the (already released) blocks to a decode worker. It raises
+    WorkerShuttingDownError (the router retries elsewhere), leaves no lease to expire, leaks nothing."""
+    from common.errors import WorkerShuttingDownError
+    from engine.sampling_params import SamplingParams
+    from worker_core.faults import FaultPoint, Hold, WorkerFaultPlan
+
+    async def scenario():
+        p = new_worker(tiny, "p0", fault_injection=True)
+        await p.set_fault_plan(WorkerFaultPlan(holds=(Hold(FaultPoint.PREFILL),)))
+        call = asyncio.create_task(p.prefill("r", list(range(5, 25)), SamplingParams(max_tokens=4, ignore_eos=True)))
+        assert await p.fault_reached(FaultPoint.PREFILL.value, 10)
+        while not await p.host.engine.call(lambda c: "r" in c.leases):  # each call waits for one engine step
+            pass
+        assert await p.abort("r")
+        await p.release_faults()
+        with pytest.raises(WorkerShuttingDownError, match="aborted r before handing its KV off"):
+            await call
+        assert p._leases == {} and await p.reap_expired(float("inf")) == [] and p.expired_leases == 0
+        await p.host.leak_check()
+        await p.shutdown()
+
+    asyncio.run(scenario())

@@ -35,6 +35,7 @@ VOCAB = 512
 BS = 4
 LEASE_S = 5.0  # short, so that the lease-bound pull test ends in seconds
 WAIT_S = 60.0
+IDLE_S = 3.0  # router.stream_idle_timeout_s: a decode stream silent this long is retried elsewhere
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def cluster(tiny_dir):
     with serve(str(tiny_dir), ray_namespace="tandem-faults", fault_injection=True,
                **{"both.block_size": BS, "prefill.replicas": 2, "decode.replicas": 2,
                   "transport.lease_s": LEASE_S, "transport.transfer_timeout_s": LEASE_S,
-                  "router.failover_wait_s": WAIT_S}) as s:
+                  "router.failover_wait_s": WAIT_S, "router.stream_idle_timeout_s": IDLE_S}) as s:
         yield s
 
 
@@ -268,13 +269,30 @@ def test_deadline_ends_a_stuck_request_and_frees_everything(cluster):
     """A worker that holds a stream forever: the client's deadline ends the call with
     DEADLINE_EXCEEDED naming the stage, and the cleanup frees the request on every worker."""
     s = cluster
-    _arm(s, DECODE, WorkerFaultPlan(holds=(Hold(FaultPoint.STREAM),)))
-    stream = Stream(TandemClient(s.address), _tokens(30, 6), 12, timeout=3.0)
+    _arm(s, DECODE, WorkerFaultPlan(holds=(Hold(FaultPoint.STREAM),)))  # both hold: the retry stalls too
+    stream = Stream(TandemClient(s.address), _tokens(30, 6), 12, timeout=2 * IDLE_S + 2)
     held_on = _held(s, DECODE, FaultPoint.STREAM)
     got = stream.rest()
     assert stream.error is not None and stream.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert len(_tokens_of(got)) >= 1 and got[0].decode_worker == held_on
     _disarm(s, DECODE)
+    _pools_intact(s)
+
+
+def test_a_stalled_decode_worker_is_left_for_another(cluster, reference):
+    """A worker that is alive but stops streaming (a hung engine): after router.stream_idle_timeout_s
+    the request resumes on the other D; the stalled one is not marked down (only this request avoids it)."""
+    s = cluster
+    ids = _tokens(30, 13)
+    _arm(s, DECODE, WorkerFaultPlan(holds=(Hold(FaultPoint.STREAM, nth=2),)))
+    stream = Stream(TandemClient(s.address), ids, 12)
+    stalled = _held(s, DECODE, FaultPoint.STREAM)
+    _disarm(s, [w for w in DECODE if w != stalled])
+    got = stream.rest()
+    assert stream.error is None and _tokens_of(got) == hf_greedy(reference, ids, 12)
+    assert got[0].decode_worker == stalled and got[-1].retries == 1
+    assert s.on_router(lambda svc: svc.decode.healthy(stalled))
+    _disarm(s, [stalled])
     _pools_intact(s)
 
 

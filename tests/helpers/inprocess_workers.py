@@ -24,10 +24,12 @@ BS = 4  # small blocks: short prompts make several events
 NUM_BLOCKS = 64
 
 
-def new_worker(tiny: str, wid: str, publisher_capacity: int | None = None) -> PrefillWorker:
+def new_worker(tiny: str, wid: str, publisher_capacity: int | None = None, fault_injection: bool = False
+               ) -> PrefillWorker:
     engine = EngineConfig(model=tiny, dtype="float32", cache=CacheConfig(block_size=BS, num_blocks=NUM_BLOCKS),
                           scheduler=SchedulerConfig(max_num_batched_tokens=8))  # chunked prefill: an event per chunk
-    worker = PrefillWorker(WorkerSettings(worker_id=wid, role="prefill", transport="none", engine=engine))
+    worker = PrefillWorker(WorkerSettings(worker_id=wid, role="prefill", transport="none", engine=engine,
+                                          fault_injection=fault_injection))
     if publisher_capacity is not None:  # a router that falls behind a small buffer loses events
         worker.host.publisher = KVEventPublisher(wid, capacity=publisher_capacity)
         worker.host.engine.on_kv_events = worker.host.publisher.publish
