@@ -18,7 +18,7 @@
 The numbers: requests by status and by injected fault, hung, token mismatches, p50/p99
 end-to-end latency and p99 TTFT (client side, OK requests), wall time, the worker checks.
 
-    python benchmarks/soak.py                                  # defaults, 700 requests (~5 min on 2 cores)
+    python benchmarks/soak.py                                  # defaults: 2000 requests (~11 min on 2 cores)
     python benchmarks/soak.py --requests 200 --concurrency 32  # smoke run
     python benchmarks/soak.py --kill prefill --kill-mode permanent
 
@@ -61,7 +61,7 @@ ERRORS_KEPT = 5  # distinct messages kept per status
 
 @dataclass(frozen=True)
 class SoakOptions:
-    requests: int = 700  # ~5 min in all on 2 cores (0.3 s per request at 64 streams, + start and reruns)
+    requests: int = 2000  # ~11 min in all on 2 cores (0.3 s per request at 64 streams, + start and reruns)
     concurrency: int = 64
     prefill_replicas: int = 2
     decode_replicas: int = 2

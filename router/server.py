@@ -633,8 +633,10 @@ class GenerationService(pb_grpc.GenerationServicer):
         try:
             async with asyncio.timeout(timeout_s):
                 await getattr(worker, method)(rid)
-        except TimeoutError:  # the call stays queued on the worker (behind an engine step) and lands later
-            log.warning("cleanup of %s: %s on %s not answered within %g s (a busy worker applies it later; "
+        except TimeoutError:  # the call stays queued on the worker (behind an engine step) and lands later:
+            # expected under overload (seen in the soak), so not a warning; a worker that never answers
+            # is found by the health check
+            log.info("cleanup of %s: %s on %s not answered within %g s (a busy worker applies it later; "
                         "a lease ends at expiry anyway)", rid, method, worker.worker_id, timeout_s)
         except Exception as exc:  # noqa: BLE001 - cleanup never raises
             log.warning("cleanup of %s: %s(%s) on %s failed: %s: %s", rid, method, rid, worker.worker_id,

@@ -121,6 +121,16 @@ def _disarm(s, wids) -> None:
     _arm(s, wids, WorkerFaultPlan())
 
 
+def _start_held(s, wids, hold: Hold, ids: list[int], max_tokens: int) -> tuple[Stream, str]:
+    """Arm `hold` on every worker of `wids`, start a stream and return it with the worker it is held
+    on; the others are disarmed again, so that the request's retry is not held too."""
+    _arm(s, wids, WorkerFaultPlan(holds=(hold,)))
+    stream = Stream(TandemClient(s.address), ids, max_tokens)
+    held = _held(s, wids, hold.point)
+    _disarm(s, [w for w in wids if w != held])
+    return stream, held
+
+
 def _restarted_and_rejoined(s, wid: str) -> None:
     """Wait for Ray to bring `wid` back, then run the router's health check: the new process is
     re-handshaken and taken back into its pool. (Ray refuses calls while the actor restarts, so
@@ -187,10 +197,7 @@ DECODE = ("decode-0", "decode-1")
 def test_prefill_worker_killed_mid_prefill_is_retried_on_another(cluster, reference):
     s = cluster
     ids = _tokens(30, 1)
-    _arm(s, PREFILL, WorkerFaultPlan(holds=(Hold(FaultPoint.PREFILL),)))
-    stream = Stream(TandemClient(s.address), ids, 10)
-    victim = _held(s, PREFILL, FaultPoint.PREFILL)
-    _disarm(s, [w for w in PREFILL if w != victim])
+    stream, victim = _start_held(s, PREFILL, Hold(FaultPoint.PREFILL), ids, 10)
     ray.kill(_actor(s, victim), no_restart=False)
     got = stream.rest()
     assert stream.error is None
@@ -208,11 +215,8 @@ def test_prefill_worker_killed_mid_transfer_resumes_after_token_one(cluster, ref
     and the router resumes after token 1 (prefilled again as prompt + token 1 elsewhere)."""
     s = cluster
     ids = _tokens(30, 3)
-    _arm(s, DECODE, WorkerFaultPlan(holds=(Hold(FaultPoint.BEFORE_PULL),)))
-    stream = Stream(TandemClient(s.address), ids, 10)
+    stream, held_on = _start_held(s, DECODE, Hold(FaultPoint.BEFORE_PULL), ids, 10)
     first = stream.next()
-    held_on = _held(s, DECODE, FaultPoint.BEFORE_PULL)
-    _disarm(s, [w for w in DECODE if w != held_on])
     victim = first.prefill_worker
     assert first.decode_worker == held_on and len(first.token_ids) == 1
     ray.kill(_actor(s, victim), no_restart=False)
@@ -232,10 +236,7 @@ def test_decode_worker_killed_mid_stream_migrates(cluster, reference):
     the tokens sent, and the client's stream goes on exactly as an undisturbed run."""
     s = cluster
     ids = _tokens(30, 4)
-    _arm(s, DECODE, WorkerFaultPlan(holds=(Hold(FaultPoint.STREAM, nth=3),)))
-    stream = Stream(TandemClient(s.address), ids, 16)
-    victim = _held(s, DECODE, FaultPoint.STREAM)
-    _disarm(s, [w for w in DECODE if w != victim])
+    stream, victim = _start_held(s, DECODE, Hold(FaultPoint.STREAM, nth=3), ids, 16)
     ray.kill(_actor(s, victim), no_restart=False)
     got = stream.rest()
     assert stream.error is None
@@ -284,10 +285,7 @@ def test_a_stalled_decode_worker_is_left_for_another(cluster, reference):
     the request resumes on the other D; the stalled one is not marked down (only this request avoids it)."""
     s = cluster
     ids = _tokens(30, 13)
-    _arm(s, DECODE, WorkerFaultPlan(holds=(Hold(FaultPoint.STREAM, nth=2),)))
-    stream = Stream(TandemClient(s.address), ids, 12)
-    stalled = _held(s, DECODE, FaultPoint.STREAM)
-    _disarm(s, [w for w in DECODE if w != stalled])
+    stream, stalled = _start_held(s, DECODE, Hold(FaultPoint.STREAM, nth=2), ids, 12)
     got = stream.rest()
     assert stream.error is None and _tokens_of(got) == hf_greedy(reference, ids, 12)
     assert got[0].decode_worker == stalled and got[-1].retries == 1
@@ -346,11 +344,8 @@ def test_decode_worker_killed_for_good_mid_stream(cluster, reference):
     and every later request is served by the survivors."""
     s = cluster
     ids = _tokens(30, 10)
-    _arm(s, DECODE, WorkerFaultPlan(holds=(Hold(FaultPoint.STREAM, nth=2),)))
-    stream = Stream(TandemClient(s.address), ids, 12)
-    victim = _held(s, DECODE, FaultPoint.STREAM)
+    stream, victim = _start_held(s, DECODE, Hold(FaultPoint.STREAM, nth=2), ids, 12)
     survivor = next(w for w in DECODE if w != victim)
-    _disarm(s, [survivor])
     ray.kill(_actor(s, victim))
     got = stream.rest()
     assert stream.error is None and _tokens_of(got) == hf_greedy(reference, ids, 12) and got[-1].retries == 1
