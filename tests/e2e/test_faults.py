@@ -355,3 +355,21 @@ def test_decode_worker_killed_for_good_mid_stream(cluster, reference):
         tokens, responses = _greedy(s, _tokens(20, seed), 6)
         assert tokens == hf_greedy(reference, _tokens(20, seed), 6) and responses[0].decode_worker == survivor
     _pools_intact(s, dead=(victim,))
+
+
+# ---- aggregated mode ------------------------------------------------------------------------------------------------
+
+
+def test_aggregated_worker_killed_mid_stream_migrates(tiny_dir, reference):
+    """Aggregated mode has no prefill pool: the request resumes on the other worker with generate(prior)."""
+    with serve(str(tiny_dir), mode="aggregated", ray_namespace="tandem-faults-agg", fault_injection=True,
+               **{"both.block_size": BS}) as s:
+        workers = tuple(h.worker_id for h in s.cluster.workers)
+        ids = _tokens(30, 14)
+        stream, victim = _start_held(s, workers, Hold(FaultPoint.STREAM, nth=3), ids, 14)
+        ray.kill(_actor(s, victim), no_restart=False)
+        got = stream.rest()
+        assert stream.error is None and _tokens_of(got) == hf_greedy(reference, ids, 14)
+        assert got[0].decode_worker == victim and got[-1].retries == 1
+        _restarted_and_rejoined(s, victim)
+        _pools_intact(s)
