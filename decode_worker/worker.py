@@ -68,6 +68,9 @@ class DecodeWorker(WorkerActor):
         self.clock = clock
         self._pulling: set[str] = set()  # request ids with a transfer in flight
         self._aborted: OrderedDict[str, None] = OrderedDict()  # aborted while pulling or before arriving
+        # ran here and ended (finished, failed, cancelled): the router's cleanup abort that follows is not an
+        # abort "before arriving", and must not refuse a later request that reuses the id
+        self._ended: OrderedDict[str, None] = OrderedDict()
 
     # ---- requests -----------------------------------------------------------------------------------------------
 
@@ -121,6 +124,7 @@ class DecodeWorker(WorkerActor):
             if span_open:
                 tm.end_stream_span(span, tokens, None)
             await self.host.finish_stream(request_id)
+            self._remember(self._ended, request_id)
 
     async def _admit_and_pull(self, request_id: str, prefill: PrefillResult, context) -> int:
         """Blocks for the prompt, then its KV pulled into them; returns the bytes read."""
@@ -188,8 +192,11 @@ class DecodeWorker(WorkerActor):
                        ) -> AsyncIterator[StreamChunk]:
         """Aggregated mode, or a local prefill (conditional disaggregation, a resumed request): prefill
         and decode here. `prior_ids`: output already streamed elsewhere (see EngineCore.resume)."""
-        async for chunk in self.host.generate(request_id, prompt_ids, params, trace_ctx, prior_ids):
-            yield chunk
+        try:
+            async for chunk in self.host.generate(request_id, prompt_ids, params, trace_ctx, prior_ids):
+                yield chunk
+        finally:
+            self._remember(self._ended, request_id)
 
     async def abort(self, request_id: str) -> bool:
         """Abort in any state. A request mid-pull is aborted by cancelling its `decode` stream instead."""
@@ -198,11 +205,16 @@ class DecodeWorker(WorkerActor):
             self._aborted[request_id] = None  # the stream frees it once the transfer is out of PENDING
             return True
         aborted = await self.host.engine.abort(request_id)
-        if not aborted:  # not here (yet): refuse it if its decode call arrives later
-            self._aborted[request_id] = None
-            while len(self._aborted) > MAX_REMEMBERED_ABORTS:
-                self._aborted.popitem(last=False)
+        if not aborted and self._ended.pop(request_id, 0) is not None:  # not here yet (not ended here):
+            self._remember(self._aborted, request_id)  # refuse it if its decode call arrives later
         return aborted
+
+    @staticmethod
+    def _remember(ids: OrderedDict[str, None], request_id: str) -> None:
+        ids[request_id] = None
+        ids.move_to_end(request_id)
+        while len(ids) > MAX_REMEMBERED_ABORTS:
+            ids.popitem(last=False)
 
     # ---- facts, peers, checks -----------------------------------------------------------------------------------
 

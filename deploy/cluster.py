@@ -64,6 +64,10 @@ class Cluster:
     started_ray: bool = False
     placement_groups: dict[str, object] = field(default_factory=dict)  # worker id -> its placement group
     _next_index: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    # rejoin_worker and remove_worker run on threads (the health check's, the admin's): one at a time, so
+    # that a removal never interleaves with a rejoin re-adding the removed worker's agents on its peers
+    _membership: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _rejoined: dict[str, str] = field(default_factory=dict, repr=False)  # worker id -> process (incarnation) rejoined
 
     @property
     def workers(self) -> list[WorkerHandle]:
@@ -167,35 +171,56 @@ class Cluster:
         Stopped first: a transfer a peer may still have in flight with it (a drain that timed out)
         then fails cleanly before its agent is removed.
         """
-        handle = self.handle(worker_id)
-        pool = self.prefill if handle in self.prefill else self.decode
-        pool.remove(handle)
-        self._stop(handle)
-        if self.config.mode == "disaggregated":
-            self._forget_peer(worker_id, self.decode if pool is self.prefill else self.prefill)
+        with self._membership:  # after a rejoin of this worker in progress, never in the middle of it
+            handle = self.handle(worker_id)
+            pool = self.prefill if handle in self.prefill else self.decode
+            pool.remove(handle)
+            self._rejoined.pop(worker_id, None)
+            self._stop(handle)
+            if self.config.mode == "disaggregated":
+                self._forget_peer(worker_id, list(self.decode if pool is self.prefill else self.prefill))
         log.info("worker %s removed: %s", worker_id, self.topology())
 
     def rejoin_worker(self, worker_id: str) -> None:
         """Handshake a worker Ray restarted (a new process: new NIXL agents, knows no peer) both ways with
         every peer that answers; each peer first drops the dead process's agents under the same name
-        (blocking). A peer that is down itself is skipped: it handshakes everyone when it rejoins."""
-        handle = self.handle(worker_id)
-        ray.get(handle.actor.ready.remote(), timeout=READY_TIMEOUT_S)
-        if self.config.mode != "disaggregated":
-            return
-        peers = self.decode if handle in self.prefill else self.prefill
+        (blocking). A peer that is down itself is skipped: it handshakes everyone when it rejoins.
+
+        Safe to repeat (the router calls it again on its next health check after a failure part way):
+        each side drops what it may know of the other before adding it. A process already rejoined is
+        left alone (two health checks that both saw the restart): redoing it would make its peers drop
+        its agents while it serves. One at a time with `remove_worker`; a worker removed meanwhile raises
+        KeyError (nothing to rejoin)."""
+        with self._membership:
+            handle = self.handle(worker_id)
+            status = ray.get(handle.actor.ready.remote(), timeout=READY_TIMEOUT_S)
+            incarnation = status.incarnation  # this process (WorkerStatus.incarnation)
+            if incarnation and self._rejoined.get(worker_id) == incarnation:
+                return
+            if self.config.mode == "disaggregated":
+                self._handshake_again(handle)
+            if incarnation:
+                self._rejoined[worker_id] = incarnation
+
+    def _handshake_again(self, handle: WorkerHandle) -> None:
+        """rejoin_worker's handshakes (caller holds `_membership`)."""
+        worker_id = handle.worker_id
+        peers = list(self.decode if handle in self.prefill else self.prefill)
         mine = ray.get(handle.actor.handshake_payload.remote(), timeout=CALL_TIMEOUT_S)
         joined = 0
         for peer in peers:
             try:
                 theirs = ray.get(peer.actor.handshake_payload.remote(), timeout=CALL_TIMEOUT_S)
                 ray.get(peer.actor.remove_peer.remote(worker_id), timeout=CALL_TIMEOUT_S)
-                ray.get([peer.actor.add_peer.remote(mine), handle.actor.add_peer.remote(theirs)],
-                        timeout=CALL_TIMEOUT_S)
-                joined += 1
+                ray.get(peer.actor.add_peer.remote(mine), timeout=CALL_TIMEOUT_S)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
                 log.warning("rejoin of %s: peer %s did not answer (%s); it handshakes when it rejoins",
                             worker_id, peer.worker_id, type(exc).__name__)
+                continue
+            # the restarted worker's own side: errors end this rejoin (retried on the next check)
+            ray.get(handle.actor.remove_peer.remote(peer.worker_id), timeout=CALL_TIMEOUT_S)
+            ray.get(handle.actor.add_peer.remote(theirs), timeout=CALL_TIMEOUT_S)
+            joined += 1
         log.info("worker %s rejoined after a restart: handshaken with %d of %d peers", worker_id, joined, len(peers))
 
     @staticmethod

@@ -11,7 +11,8 @@ request that passes here is not refused by a worker for its shape:
     length     prompt < max_model_len; prompt + max_tokens <= max_model_len
     KV cache   prompt + max_tokens <= the smallest worker's KV capacity (tokens)
     sampling   every SamplingParams error, message passed through; stop_token_ids in the vocabulary
-    id         <= 256 printable characters, not already in flight (empty: the router makes one)
+    id         <= 256 printable characters, no "~retry" (retries' ids), not already in flight
+               (empty: the router makes one)
 
 Decisions:
 - Float fields arrive as proto `float` (32-bit); they are rounded to 7 significant
@@ -41,6 +42,9 @@ from tandem_api.v1 import generation_pb2 as pb
 __all__ = ["ModelFacts", "RequestValidationError", "RequestValidator", "ValidatedRequest", "MAX_REQUEST_ID_LEN"]
 
 MAX_REQUEST_ID_LEN = 256
+# A retried request's workers know it as "<id>~retry<n>" (router/server.py): a client id of that shape could
+# be another request's attempt on the same workers (its abort, bookkeeping and engine id would collide).
+RETRY_ID_MARKER = "~retry"
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -136,6 +140,9 @@ class RequestValidator:
             )
         if not request_id.isprintable():
             raise RequestValidationError("request_id must contain printable characters only (no control characters)")
+        if RETRY_ID_MARKER in request_id:
+            raise RequestValidationError(f"request_id must not contain {RETRY_ID_MARKER!r} (the router names "
+                                         "retries of a request so); choose another id (or leave it empty)")
         if request_id in in_flight:
             raise RequestValidationError(
                 f"request_id {request_id!r} is already in flight; use a unique id (or leave it empty)"

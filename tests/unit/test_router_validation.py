@@ -144,6 +144,10 @@ def test_request_ids(validator: RequestValidator) -> None:
     assert "printable" in refused(validator, tokens_with(1, request_id="a\nb"))
     message = refused(validator, tokens_with(1, request_id="busy"), in_flight={"busy"})
     assert "request_id 'busy' is already in flight; use a unique id" in message
+    # "busy"'s first retry runs on the workers as "busy~retry1": a client may not take that id
+    assert "must not contain '~retry'" in refused(validator, tokens_with(1, request_id="busy~retry1"),
+                                                  in_flight={"busy"})
+    validator.validate(tokens_with(1, request_id="a~b-retry"))  # "~" alone is fine
 
 
 def test_model_facts() -> None:
