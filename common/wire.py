@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import msgspec
 
-WIRE_VERSION = 1  # 1: first version (issue 3)
+WIRE_VERSION = 2  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVHandle.issued_at, prior_ids (issue 7)
 
 
 class LogprobEntry(msgspec.Struct, frozen=True):

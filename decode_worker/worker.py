@@ -19,7 +19,9 @@ generator; the router iterates it):
    Admission and pull together end before P's lease does (the handle's `issued_at` +
    `lease_s`, less the transit so far and a margin): past it P may have handed the
    blocks to another request, so a late pull would read someone else's KV. Running
-   out of lease is a KVTransferFailedError, which the router retries elsewhere.
+   out of lease while waiting for blocks is an AdmissionTimeoutError (a full decode
+   pool: RESOURCE_EXHAUSTED); during the pull, a KVTransferFailedError, which the
+   router retries elsewhere.
 4. Join. `finish_remote_kv` counts the prompt as computed; the request joins the
    running batch at token 2 and its chunks stream back to the router.
 5. Cancel or failure at any point: a transfer in flight is waited out of PENDING
@@ -140,10 +142,11 @@ class DecodeWorker(WorkerActor):
                     break
                 left = deadline - loop.time()
                 if left <= 0 or not await engine.wait_capacity(left):
-                    if loop.time() >= lease_end:
-                        raise KVTransferFailedError(
+                    if loop.time() >= lease_end:  # a full decode pool, like the admission timeout: not retried
+                        raise AdmissionTimeoutError(
                             f"decode worker {self.host.worker_id} had no free KV blocks for {request_id} before "
-                            f"the prefill worker's {prefill.kv.lease_s:.0f} s lease on its KV ran out")
+                            f"the prefill worker's {prefill.kv.lease_s:.0f} s lease on its KV ran out; add decode "
+                            "capacity, lower max_tokens or raise transport.lease_s")
                     raise AdmissionTimeoutError(
                         f"decode worker {self.host.worker_id} could not free KV blocks for {request_id} within "
                         f"{self.settings.admission_timeout_s:.0f} s; add decode capacity or lower max_tokens"
@@ -154,8 +157,12 @@ class DecodeWorker(WorkerActor):
         finally:
             admission.end()
         dst_blocks, start = slots
-        await self.host.faults.at(FaultPoint.BEFORE_PULL)
-        return await self._pull(request_id, prefill, start, dst_blocks, lease_end - loop.time(), context)
+        self._pulling.add(request_id)  # from here an abort lets the pull end first: the blocks stay this request's
+        try:
+            await self.host.faults.at(FaultPoint.BEFORE_PULL)
+            return await self._pull(request_id, prefill, start, dst_blocks, lease_end - loop.time(), context)
+        finally:
+            self._pulling.discard(request_id)
 
     async def _pull(self, request_id: str, prefill: PrefillResult, first_block: int, dst_blocks: list[int],
                     lease_left: float, context=None) -> int:
@@ -171,7 +178,6 @@ class DecodeWorker(WorkerActor):
             tm.SPAN_KV_TRANSFER, context=context, links=[trace.Link(peer)] if peer.is_valid else None,
             attributes={tm.ATTR_KV_BLOCKS: len(dst_blocks), tm.ATTR_KV_TRANSPORT: f"{self.settings.transport}/{self.settings.nixl_backend}",
                         tm.ATTR_WORKER_ID: self.host.worker_id})
-        self._pulling.add(request_id)
         t0 = time.perf_counter()
         try:
             pulled = await self.host.pull(kv.agent_name, kv.block_ids, dst_blocks, kv.num_tokens, first_token,
@@ -185,7 +191,6 @@ class DecodeWorker(WorkerActor):
             raise
         finally:
             span.end()
-            self._pulling.discard(request_id)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        trace_ctx: dict[str, str] | None = None, prior_ids: list[int] | None = None

@@ -82,7 +82,12 @@ class AdminService(apb_grpc.AdminServicer):
     async def _add(self, pool_name: str) -> str:
         """Start a worker and put it in service; caller holds the lock."""
         handle = await asyncio.to_thread(self.cluster.add_worker, pool_name)
-        self.service.add_worker(self._router_pool(pool_name), self.client_factory(handle))
+        client = self.client_factory(handle)
+        try:
+            incarnation = (await client.status()).incarnation  # the process just handshaken
+        except Exception:  # noqa: BLE001 - unknown: the first health check records it
+            incarnation = ""
+        self.service.add_worker(self._router_pool(pool_name), client, incarnation)
         return handle.worker_id
 
     async def _remove(self, worker_id: str, drain_timeout_s: float) -> bool:

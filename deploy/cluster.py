@@ -213,10 +213,11 @@ class Cluster:
                 theirs = ray.get(peer.actor.handshake_payload.remote(), timeout=CALL_TIMEOUT_S)
                 ray.get(peer.actor.remove_peer.remote(worker_id), timeout=CALL_TIMEOUT_S)
                 ray.get(peer.actor.add_peer.remote(mine), timeout=CALL_TIMEOUT_S)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-                log.warning("rejoin of %s: peer %s did not answer (%s); it handshakes when it rejoins",
+            except ray.exceptions.RayActorError as exc:  # dead or restarting: its own rejoin covers this pair
+                log.warning("rejoin of %s: peer %s is down (%s); it handshakes when it rejoins",
                             worker_id, peer.worker_id, type(exc).__name__)
                 continue
+            # a peer that is alive but slow (GetTimeoutError) fails the rejoin: it would never redo this pair
             # the restarted worker's own side: errors end this rejoin (retried on the next check)
             ray.get(handle.actor.remove_peer.remote(peer.worker_id), timeout=CALL_TIMEOUT_S)
             ray.get(handle.actor.add_peer.remote(theirs), timeout=CALL_TIMEOUT_S)

@@ -69,7 +69,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from common import telemetry as tm
 from common.errors import KVTransferFailedError, WorkerShuttingDownError
 from common.telemetry import Tracing, TracingConfig, setup_tracing
-from common.wire import StreamChunk
+from common.wire import StreamChunk, WorkerStatus
 from router.errors import (
     AdmissionError,
     NoHealthyWorkerError,
@@ -87,7 +87,7 @@ from router.pools import WorkerPool, WorkerReport, WorkerSlot, worker_reports
 from router.responses import RequestTrace, ServerFacts, chunk_response, server_info
 from router.routing import Route, Router, RoutingConfig
 from router.security import BearerAuth, TlsFiles
-from router.validation import RequestValidator, ValidatedRequest
+from router.validation import RETRY_ID_MARKER, RequestValidator, ValidatedRequest
 from router.workers import WorkerClient
 from tandem_api.v1 import generation_pb2 as pb
 from tandem_api.v1 import generation_pb2_grpc as pb_grpc
@@ -127,6 +127,7 @@ class _Run:
     attempt: _Attempt | None = None
     route: Route | None = None  # the first attempt's (what the first response reported)
     output_ids: list[int] = field(default_factory=list)  # every token sent to the client
+    undos: list[asyncio.Task] = field(default_factory=list)  # cleanups of failed attempts, in the background
     observed: bool = False  # metrics recorded
     span: object = None  # the request's SPAN_GENERATE
     finished: bool = False
@@ -172,6 +173,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self._workers_changed = asyncio.Event()  # set (and replaced) when a worker comes up or joins
         # deploy sets it: handshakes a worker Ray restarted with its peers (async, raises on failure)
         self.rejoin: Callable[[str], Awaitable[None]] | None = None
+        self._rejoining: dict[str, asyncio.Task] = {}  # worker id -> its rejoin under way
         self.max_inflight, self.request_timeout_s = max_inflight, request_timeout_s
         self.cleanup_timeout_s, self.status_timeout_s, self._clock = cleanup_timeout_s, status_timeout_s, clock
         self.health = _Health()
@@ -216,9 +218,11 @@ class GenerationService(pb_grpc.GenerationServicer):
                 return pool
         raise KeyError(f"no worker {worker_id!r} in the router's pools")
 
-    def add_worker(self, pool: WorkerPool, client: WorkerClient) -> None:
-        """A new worker (loaded and handshaken) starts taking requests."""
+    def add_worker(self, pool: WorkerPool, client: WorkerClient, incarnation: str = "") -> None:
+        """A new worker (loaded and handshaken) starts taking requests. `incarnation`: the process that was
+        handshaken (its WorkerStatus.incarnation), so that a restart before the first health check is seen."""
         slot = pool.add(client)
+        slot.incarnation = incarnation
         if self._feeding:
             self.feed.follow(self.router.index_of(pool), slot)
         self._notify_workers()
@@ -338,13 +342,17 @@ class GenerationService(pb_grpc.GenerationServicer):
         except Exception as exc:  # noqa: BLE001
             failure = self._failed(run, exc)
         finally:
-            del self._active[req.request_id]
-            if not self._active:
-                self._idle.set()
-            if run.attempt is not None:
-                self.router.close(run.attempt.rid)
-                if not run.finished:
-                    await self._cleanup(run.attempt)
+            try:
+                if run.attempt is not None:
+                    self.router.close(run.attempt.rid)
+                    if not run.finished:
+                        await self._cleanup(run.attempt)
+                if run.undos:  # failed attempts' cleanups (each bounded): done before the id can be reused
+                    await asyncio.shield(asyncio.gather(*run.undos, return_exceptions=True))
+            finally:
+                del self._active[req.request_id]
+                if not self._active:
+                    self._idle.set()
         code = failure[0].name if failure is not None else "OK"
         self._observe(run, code)
         t = run.trace
@@ -413,7 +421,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         avoid: set[str] = set()
         failed_at: float | None = None
         for n in range(self.max_retries + 1):
-            rid = req.request_id if n == 0 else f"{req.request_id}~retry{n}"
+            rid = req.request_id if n == 0 else f"{req.request_id}{RETRY_ID_MARKER}{n}"  # clients cannot send it
             attempt = run.attempt = _Attempt(rid, list(run.output_ids))
             try:
                 if n == 0:
@@ -435,7 +443,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 failed_at = self._clock()
                 self.router.close(attempt.rid)
                 if attempt.prefill_sent or attempt.stream_sent:
-                    self._background(self._undo(attempt))
+                    run.undos.append(self._background(self._undo(attempt)))
                 run.trace.retries += 1
                 self.metrics.retries.labels(reason).inc()
                 (run.span or trace_api.get_current_span()).add_event(tm.EVENT_RETRY, {
@@ -510,7 +518,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.router.prefill_done(attempt.rid)
         attempt.prefill_done, attempt.kv_leased = True, result.kv is not None and not result.first.finished
         run.trace.prefill_s += result.prefill_s
-        run.trace.cached_tokens = max(run.trace.cached_tokens, result.cached_tokens)
+        if not attempt.prior:  # a resumed attempt's hit covers tokens that are not the prompt's
+            run.trace.cached_tokens = result.cached_tokens
         done = result.first.finished
         await self._send(context, run, result.first, p.worker_id, prefill_worker=p.worker_id,
                          decode_worker="" if done else d.worker_id)
@@ -564,6 +573,8 @@ class GenerationService(pb_grpc.GenerationServicer):
                     prefill_worker: str = "", decode_worker: str = "") -> None:
         response = chunk_response(chunk, worker_id)
         response.request_id = run.request.request_id  # a retry's workers know it as "<id>~retry<n>"
+        if run.attempt is not None and run.attempt.prior:
+            chunk.cached_tokens = 0  # a resumed attempt's cache hit is over prompt + prior: not the prompt's
         trace = run.trace
         trace.count(chunk)
         now = self._clock()
@@ -650,9 +661,10 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def refresh_health(self) -> None:
         """Marks each worker up or down by whether it answers `status()` with SERVING (deploy polls this,
-        every `router.health_check_s`). A worker answering as a new process (Ray restarted it) first
-        rejoins: `rejoin(worker_id)` handshakes it with its peers again; until that succeeds it gets no
-        request (it is tried again on the next check)."""
+        every `router.health_check_s`). A worker answering as a new process (Ray restarted it) is kept
+        down and rejoins in the background (`rejoin(worker_id)` handshakes it with its peers again, then
+        its status is checked once more); one rejoin at a time per worker, a failed one is tried again
+        on a later check. `wait_rejoins` waits for those under way."""
         pools = {c.worker_id: pool for pool in self.pools for c in pool.clients}
         for report in await self.worker_reports():
             wid = report.worker_id
@@ -664,23 +676,42 @@ class GenerationService(pb_grpc.GenerationServicer):
                 self._on_down(pool, wid, "status check failed")
                 continue
             slot = pool.slot(wid)
+            if wid in self._rejoining:
+                continue  # its rejoin decides
             if slot.incarnation and status.incarnation != slot.incarnation:
                 self._on_down(pool, wid, "restarted by Ray; re-handshaking with its peers")
-                if not await self._rejoin(wid):
-                    continue
-            slot.incarnation = status.incarnation
-            pool.set_status(wid, status)
-            if pool.set_health(wid, True):
-                self._notify_workers()
+                task = asyncio.create_task(self._rejoin(pool, wid), name=f"rejoin-{wid}")
+                self._rejoining[wid] = task
+                task.add_done_callback(lambda _t, w=wid: self._rejoining.pop(w, None))
+                continue
+            self._take_up(pool, wid, status)
 
-    async def _rejoin(self, worker_id: str) -> bool:
-        if self.rejoin is None:
-            return True
+    def _take_up(self, pool: WorkerPool, worker_id: str, status: WorkerStatus) -> None:
+        pool.slot(worker_id).incarnation = status.incarnation
+        pool.set_status(worker_id, status)
+        if pool.set_health(worker_id, True):
+            self._notify_workers()
+
+    async def _rejoin(self, pool: WorkerPool, worker_id: str) -> None:
         try:
-            await self.rejoin(worker_id)
-            return True
-        except Exception as exc:  # noqa: BLE001 - it stays down and is tried again on the next check
+            if self.rejoin is not None:
+                await self.rejoin(worker_id)
+            async with asyncio.timeout(self.status_timeout_s):  # still the process that rejoined, and well?
+                status = await pool.client(worker_id).status()
+        except Exception as exc:  # noqa: BLE001 - it stays down and is tried again on a later check
             log.warning("worker %s could not rejoin: %s: %s", worker_id, type(exc).__name__, one_line(str(exc)))
+            return
+        if worker_id in pool and status.health == "SERVING":
+            self._take_up(pool, worker_id, status)
+
+    async def wait_rejoins(self, timeout_s: float) -> bool:
+        """True once no rejoin is under way (tests; shutdown); False after timeout_s."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._rejoining:
+                    await asyncio.gather(*self._rejoining.values(), return_exceptions=True)
+            return True
+        except TimeoutError:
             return False
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
@@ -713,9 +744,12 @@ class GenerationService(pb_grpc.GenerationServicer):
             return False
 
     async def close(self) -> None:
-        """Stops the KV event feeds and waits for the cleanups still running (each bounded by
-        `cleanup_timeout_s`); call after server.stop()."""
+        """Stops the KV event feeds and rejoins under way, and waits for the cleanups still running
+        (each bounded by `cleanup_timeout_s`); call after server.stop()."""
         await self.feed.close()
+        for task in list(self._rejoining.values()):
+            task.cancel()
+        await asyncio.gather(*self._rejoining.values(), return_exceptions=True)
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
 

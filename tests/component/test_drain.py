@@ -112,8 +112,11 @@ def test_an_abort_racing_token_one_hands_off_no_lease(tiny):
         await p.set_fault_plan(WorkerFaultPlan(holds=(Hold(FaultPoint.PREFILL),)))
         call = asyncio.create_task(p.prefill("r", list(range(5, 25)), SamplingParams(max_tokens=4, ignore_eos=True)))
         assert await p.fault_reached(FaultPoint.PREFILL.value, 10)
-        while not await p.host.engine.call(lambda c: "r" in c.leases):  # each call waits for one engine step
-            pass
+        for _ in range(100):  # each call waits for the engine's current step: the prompt's lease appears
+            if await p.host.engine.call(lambda c: "r" in c.leases):
+                break
+        else:
+            pytest.fail("the prompt was never leased")
         assert await p.abort("r")
         await p.release_faults()
         with pytest.raises(WorkerShuttingDownError, match="aborted r before handing its KV off"):

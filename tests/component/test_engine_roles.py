@@ -95,8 +95,7 @@ def test_disaggregated_equals_one_engine(model_dir, params, device):
 @pytest.mark.parametrize("params", [
     SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
     SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=7, ignore_eos=True),
-    SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=["zz"]),
-], ids=["greedy", "seeded", "stop-string"])
+], ids=["greedy", "seeded"])
 def test_resumed_request_continues_exactly(model_dir, params):
     """A request resumed with the first k tokens it produced (its worker died) continues with exactly
     the tokens and text deltas of an undisturbed run: on one engine, and prefilled on P, decoded on D."""
@@ -121,6 +120,34 @@ def test_resumed_request_continues_exactly(model_dir, params):
     for e in (p, d):
         e.check_integrity()
         e.leak_check()
+
+
+def test_resumed_request_stops_at_the_same_stop_string(model_dir):
+    """A stop string that the undisturbed run hits after token k: the resumed run (with the text held
+    back for it replayed) hits it too, at the same token, with the same text cut."""
+    torch.set_num_threads(1)
+    prompt = list(range(3, 3 + 9))
+    free = _engine(model_dir)
+    free.add_request(prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), "f")
+    outs = _run_all(free)["f"]
+    texts = [o.new_text for o in outs]
+    at = next(i for i in range(4, len(texts)) if texts[i].strip())  # a token past k with some text
+    stop = texts[at].strip()[:2]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop])
+    agg = _engine(model_dir)
+    agg.add_request(prompt, params, "a")
+    ref = _run_all(agg)["a"]
+    assert ref[-1].finish_reason == "stop" and ref[-1].stop_reason == stop
+    want = [t for o in ref for t in o.new_token_ids]
+    k = 2
+    assert len(want) > k
+    one = _engine(model_dir)
+    one.add_request(prompt, params, "r", prior_output_ids=want[:k])
+    got = _run_all(one)["r"]
+    assert [t for o in got for t in o.new_token_ids] == want[k:]
+    assert "".join(o.new_text for o in got) == "".join(o.new_text for o in ref[k:])
+    assert (got[-1].finish_reason, got[-1].stop_reason) == ("stop", stop)
+    one.leak_check()
 
 
 def test_resume_refuses_output_that_already_ends_the_request(model_dir):

@@ -54,7 +54,7 @@ def reference(tiny_dir):
 def cluster(tiny_dir):
     with serve(str(tiny_dir), ray_namespace="tandem-faults", fault_injection=True,
                **{"both.block_size": BS, "prefill.replicas": 2, "decode.replicas": 2,
-                  "transport.lease_s": LEASE_S, "transport.transfer_timeout_s": LEASE_S,
+                  "transport.lease_s": LEASE_S, "transport.transfer_timeout_s": 120,  # the lease bounds pulls
                   "router.failover_wait_s": WAIT_S, "router.stream_idle_timeout_s": IDLE_S}) as s:
         yield s
 
@@ -145,6 +145,7 @@ def _restarted_and_rejoined(s, wid: str) -> None:
             assert time.monotonic() < deadline, f"{wid} was not restarted within {WAIT_S} s"
             time.sleep(0.2)
     s.on_router(lambda svc: svc.refresh_health(), timeout_s=WAIT_S)
+    assert s.on_router(lambda svc: svc.wait_rejoins(WAIT_S), timeout_s=WAIT_S + 5)
     pool = "prefill" if wid.startswith("prefill") else "decode"
     assert s.on_router(lambda svc: getattr(svc, pool).healthy(wid)), f"{wid} did not rejoin"
 
@@ -236,7 +237,7 @@ def test_decode_worker_killed_mid_stream_migrates(cluster, reference):
     the tokens sent, and the client's stream goes on exactly as an undisturbed run."""
     s = cluster
     ids = _tokens(30, 4)
-    stream, victim = _start_held(s, DECODE, Hold(FaultPoint.STREAM, nth=3), ids, 16)
+    stream, victim = _start_held(s, DECODE, Hold(FaultPoint.STREAM), ids, 16)
     ray.kill(_actor(s, victim), no_restart=False)
     got = stream.rest()
     assert stream.error is None
@@ -255,7 +256,7 @@ def test_the_only_decode_worker_dies_and_the_stream_waits_for_its_restart(cluste
     ids = _tokens(30, 5)
     victim = "decode-0"
     with _only(s, victim):
-        _arm(s, [victim], WorkerFaultPlan(holds=(Hold(FaultPoint.STREAM, nth=2),)))
+        _arm(s, [victim], WorkerFaultPlan(holds=(Hold(FaultPoint.STREAM),)))
         stream = Stream(TandemClient(s.address), ids, 12)
         assert _held(s, [victim], FaultPoint.STREAM) == victim
         ray.kill(_actor(s, victim), no_restart=False)
@@ -285,7 +286,7 @@ def test_a_stalled_decode_worker_is_left_for_another(cluster, reference):
     the request resumes on the other D; the stalled one is not marked down (only this request avoids it)."""
     s = cluster
     ids = _tokens(30, 13)
-    stream, stalled = _start_held(s, DECODE, Hold(FaultPoint.STREAM, nth=2), ids, 12)
+    stream, stalled = _start_held(s, DECODE, Hold(FaultPoint.STREAM), ids, 12)
     got = stream.rest()
     assert stream.error is None and _tokens_of(got) == hf_greedy(reference, ids, 12)
     assert got[0].decode_worker == stalled and got[-1].retries == 1
@@ -320,6 +321,27 @@ def test_transport_faults(cluster, reference, seed, plan, retries):
     _pools_intact(s)
 
 
+def test_an_id_is_reusable_after_its_request_was_retried(cluster, reference):
+    """The router's cleanup abort of a failed attempt reaches D after D's stream ended: D must not take
+    it for an abort "before arriving" and refuse the next request that reuses the id (ids may be reused
+    once their request has ended)."""
+    s = cluster
+    first_ids, again_ids = _tokens(30, 15), _tokens(30, 16)
+    client = TandemClient(s.address)
+    with _only(s, "decode-0"):
+        _arm(s, ["decode-0"], WorkerFaultPlan(transport=FaultPlan(fail_polls={1})))
+        try:
+            first = list(client.generate(token_ids=first_ids, max_tokens=6, temperature=0.0, ignore_eos=True,
+                                         request_id="same"))
+        finally:
+            _disarm(s, ["decode-0"])
+        assert first[-1].retries == 1 and _tokens_of(first) == hf_greedy(reference, first_ids, 6)
+        again = list(client.generate(token_ids=again_ids, max_tokens=6, temperature=0.0, ignore_eos=True,
+                                     request_id="same"))
+    assert _tokens_of(again) == hf_greedy(reference, again_ids, 6) and again[-1].retries == 0
+    _pools_intact(s)
+
+
 # ---- leases ---------------------------------------------------------------------------------------------------------
 
 
@@ -344,7 +366,7 @@ def test_decode_worker_killed_for_good_mid_stream(cluster, reference):
     and every later request is served by the survivors."""
     s = cluster
     ids = _tokens(30, 10)
-    stream, victim = _start_held(s, DECODE, Hold(FaultPoint.STREAM, nth=2), ids, 12)
+    stream, victim = _start_held(s, DECODE, Hold(FaultPoint.STREAM), ids, 12)
     survivor = next(w for w in DECODE if w != victim)
     ray.kill(_actor(s, victim))
     got = stream.rest()
@@ -366,7 +388,7 @@ def test_aggregated_worker_killed_mid_stream_migrates(tiny_dir, reference):
                **{"both.block_size": BS}) as s:
         workers = tuple(h.worker_id for h in s.cluster.workers)
         ids = _tokens(30, 14)
-        stream, victim = _start_held(s, workers, Hold(FaultPoint.STREAM, nth=3), ids, 14)
+        stream, victim = _start_held(s, workers, Hold(FaultPoint.STREAM), ids, 14)
         ray.kill(_actor(s, victim), no_restart=False)
         got = stream.rest()
         assert stream.error is None and _tokens_of(got) == hf_greedy(reference, ids, 14)
