@@ -150,6 +150,17 @@ def _restarted_and_rejoined(s, wid: str) -> None:
     assert s.on_router(lambda svc: getattr(svc, pool).healthy(wid)), f"{wid} did not rejoin"
 
 
+def _kill_held(s, reference, wids, hold: Hold, ids: list[int], max_tokens: int) -> tuple[list, str]:
+    """Start a stream held at `hold` on one of `wids`, kill that worker (Ray restarts it), and return the
+    stream's responses, checked (no error, tokens equal to the reference model's), and the worker."""
+    stream, victim = _start_held(s, wids, hold, ids, max_tokens)
+    ray.kill(_actor(s, victim), no_restart=False)
+    got = stream.rest()
+    assert stream.error is None, stream.error
+    assert _tokens_of(got) == hf_greedy(reference, ids, max_tokens)
+    return got, victim
+
+
 def _seen_down(s, wid: str) -> None:
     """Until the router has marked `wid` down: its KV event feed's long poll failed (no sleep)."""
     pool = "prefill" if wid.startswith("prefill") else "decode"
@@ -197,12 +208,7 @@ DECODE = ("decode-0", "decode-1")
 
 def test_prefill_worker_killed_mid_prefill_is_retried_on_another(cluster, reference):
     s = cluster
-    ids = _tokens(30, 1)
-    stream, victim = _start_held(s, PREFILL, Hold(FaultPoint.PREFILL), ids, 10)
-    ray.kill(_actor(s, victim), no_restart=False)
-    got = stream.rest()
-    assert stream.error is None
-    assert _tokens_of(got) == hf_greedy(reference, ids, 10)
+    got, victim = _kill_held(s, reference, PREFILL, Hold(FaultPoint.PREFILL), _tokens(30, 1), 10)
     assert got[0].prefill_worker != victim and got[-1].retries == 1
     _restarted_and_rejoined(s, victim)
     with _only(s, victim):  # the restarted process serves: D pulls from its new NIXL agent
@@ -236,12 +242,7 @@ def test_decode_worker_killed_mid_stream_migrates(cluster, reference):
     """D dies after streaming some tokens: the request moves to the other D, prefilled as prompt +
     the tokens sent, and the client's stream goes on exactly as an undisturbed run."""
     s = cluster
-    ids = _tokens(30, 4)
-    stream, victim = _start_held(s, DECODE, Hold(FaultPoint.STREAM), ids, 16)
-    ray.kill(_actor(s, victim), no_restart=False)
-    got = stream.rest()
-    assert stream.error is None
-    assert _tokens_of(got) == hf_greedy(reference, ids, 16)
+    got, victim = _kill_held(s, reference, DECODE, Hold(FaultPoint.STREAM), _tokens(30, 4), 16)
     assert got[0].decode_worker == victim and got[-1].retries == 1
     assert got[-1].usage.completion_tokens == 16
     assert {r.request_id for r in got} == {got[0].request_id}
@@ -387,11 +388,7 @@ def test_aggregated_worker_killed_mid_stream_migrates(tiny_dir, reference):
     with serve(str(tiny_dir), mode="aggregated", ray_namespace="tandem-faults-agg", fault_injection=True,
                **{"both.block_size": BS}) as s:
         workers = tuple(h.worker_id for h in s.cluster.workers)
-        ids = _tokens(30, 14)
-        stream, victim = _start_held(s, workers, Hold(FaultPoint.STREAM), ids, 14)
-        ray.kill(_actor(s, victim), no_restart=False)
-        got = stream.rest()
-        assert stream.error is None and _tokens_of(got) == hf_greedy(reference, ids, 14)
+        got, victim = _kill_held(s, reference, workers, Hold(FaultPoint.STREAM), _tokens(30, 14), 14)
         assert got[0].decode_worker == victim and got[-1].retries == 1
         _restarted_and_rejoined(s, victim)
         _pools_intact(s)
