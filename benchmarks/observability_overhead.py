@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import statistics
@@ -59,7 +58,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from served_common import fmt_load, pct  # noqa: E402 - the script's own folder is on sys.path
+from served_common import ScriptRun, fmt_load, pct  # noqa: E402 - the script's own folder is on sys.path
 
 TOKEN_LO, TOKEN_HI = 100, 40000  # random prompt ids: clear of special tokens, inside the vocabulary
 TARGET_RATIO = 0.97  # the issue: under 3% throughput loss with tracing and metrics on
@@ -89,9 +88,7 @@ def main() -> None:
     for key in [k for k in os.environ if k.startswith("OTEL_")]:
         print(f"note: {key}={os.environ[key]} is set; the config's tracing.exporter overrides the exporter only")
 
-    t_start = time.perf_counter()
-    load_start = os.getloadavg()
-    print(f"load average at start: {fmt_load(load_start)} ({os.cpu_count()} cores)", flush=True)
+    frame = ScriptRun(f" ({os.cpu_count()} cores)")
     print(f"workload per run: {args.requests} requests x {args.prompt_tokens} prompt tokens -> {args.max_tokens} "
           f"tokens, {args.concurrency} client threads; {args.rounds} round(s)", flush=True)
 
@@ -139,14 +136,7 @@ def main() -> None:
     print(f"replies: {mismatch['identical']} of {mismatch['compared']} identical between on and off of the same round "
           "(bfloat16 greedy replies depend on the decode batch; information only)")
 
-    load_end = os.getloadavg()
-    total_s = time.perf_counter() - t_start
-    print(f"load average at end: {fmt_load(load_end)}; whole script {total_s:.0f} s")
-
-    out = {
-        "when": time.strftime("%Y-%m-%d %H:%M"),
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "load_avg_start": load_start, "load_avg_end": load_end, "script_s": total_s,
+    frame.finish(args.out, {
         "clusters": clusters,
         "stats": stats,
         "on_vs_off": verdict,
@@ -154,10 +144,7 @@ def main() -> None:
         "replies": mismatch,
         "runs": [{k: v for k, v in r.items() if k not in ("rows", "replies")} for r in runs],
         "rows": [row for r in runs for row in r["rows"]],
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    }, config={k: v for k, v in vars(args).items() if k != "out"})
 
 
 # -- clusters ---------------------------------------------------------------------------------------------

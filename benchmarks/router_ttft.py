@@ -50,7 +50,6 @@ Writes JSON to --out (default benchmarks/results/router_ttft.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -61,7 +60,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from served_common import dist, fmt_load, free_port, pct  # noqa: E402 - the script's own folder is on sys.path
+from served_common import ScriptRun, dist, fmt_load, free_port, pct  # noqa: E402 - the script's own folder is on sys.path
 
 TOKEN_LO, TOKEN_HI = 100, 40000  # random prompt ids: clear of special tokens, inside the vocabulary
 TARGET_P50_RATIO = 0.5  # the issue: kv's p50 TTFT at most half of round-robin's
@@ -91,9 +90,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # PLATFORM.md: Ray token auth is on by default
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-    t_start = time.perf_counter()
-    load_start = os.getloadavg()
-    print(f"load average at start: {fmt_load(load_start)}", flush=True)
+    frame = ScriptRun()
 
     workload = build_workload(args)
     print(f"workload: {args.conversations} conversations x {args.turns} turns, {args.system_prompts} system prompts "
@@ -121,24 +118,14 @@ def main() -> None:
         print(f"\nreplies: identical across all {len(runs)} runs ({sum(len(r['replies']) for r in runs[:1])} "
               "per run)")
 
-    load_end = os.getloadavg()
-    total_s = time.perf_counter() - t_start
-    print(f"load average at end: {fmt_load(load_end)}; whole script {total_s:.0f} s")
-
-    out = {
-        "when": time.strftime("%Y-%m-%d %H:%M"),
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "load_avg_start": load_start, "load_avg_end": load_end, "script_s": total_s,
+    frame.finish(args.out, {
         "cluster": {r["policy"] + f"#{r['round']}": r["cluster"] for r in runs},
         "stats": stats,
         "kv_vs_round_robin": verdict,
         "reply_mismatches": mismatches,
         "runs": [{k: v for k, v in r.items() if k not in ("rows", "replies")} for r in runs],
         "rows": [row for r in runs for row in r["rows"]],
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    }, config={k: v for k, v in vars(args).items() if k != "out"})
 
 
 # -- workload ------------------------------------------------------------------------------------------

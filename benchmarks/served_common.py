@@ -1,9 +1,33 @@
-"""Small pieces the served-cluster benchmarks share (router_ttft.py, observability_overhead.py)."""
+"""Small pieces the served-cluster benchmarks share (router_ttft.py, observability_overhead.py, soak.py)."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import statistics
+import time
+from pathlib import Path
+
+
+class ScriptRun:
+    """A benchmark script's frame: the load average at its start and end (this machine is shared), its
+    wall time, and its JSON: the run's header (when, config, load, seconds) before the results."""
+
+    def __init__(self, note: str = "") -> None:
+        self.t0 = time.perf_counter()
+        self.load_start = os.getloadavg()
+        print(f"load average at start: {fmt_load(self.load_start)}{note}", flush=True)
+
+    def finish(self, out: str | Path, results: dict, config: dict | None = None) -> None:
+        load_end = os.getloadavg()
+        script_s = time.perf_counter() - self.t0
+        print(f"load average at end: {fmt_load(load_end)}; whole script {script_s:.0f} s")
+        doc = {"when": time.strftime("%Y-%m-%d %H:%M"), **({"config": config} if config is not None else {}),
+               "load_avg_start": self.load_start, "load_avg_end": load_end, "script_s": script_s, **results}
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(doc, indent=2))
+        print(f"wrote {out}")
 
 
 def pct(xs: list[float], q: float) -> float:

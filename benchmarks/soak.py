@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -44,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from served_common import dist, fmt_load  # noqa: E402 - the script's own folder is on sys.path
+from served_common import ScriptRun, dist  # noqa: E402 - the script's own folder is on sys.path
 from soak_driver import HUNG, Outcome, StreamDriver, plan_requests  # noqa: E402
 
 if TYPE_CHECKING:
@@ -350,18 +349,11 @@ def main() -> None:
     args = ap.parse_args()
     opts = SoakOptions(**{k: v for k, v in vars(args).items() if k != "out"})
 
-    load_start = os.getloadavg()
-    print(f"load average at start: {fmt_load(load_start)}", flush=True)
-    t0 = time.perf_counter()
+    frame = ScriptRun()
     result = run_soak(opts, log=lambda msg: print(msg, flush=True))
     print_table(result)
-    load_end = os.getloadavg()
-    print(f"\nload average at end: {fmt_load(load_end)}; whole script {time.perf_counter() - t0:.0f} s")
-    out = {"when": time.strftime("%Y-%m-%d %H:%M"), "load_avg_start": load_start, "load_avg_end": load_end,
-           "script_s": time.perf_counter() - t0, **result.to_json()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    print()
+    frame.finish(args.out, result.to_json())
 
 
 if __name__ == "__main__":
