@@ -107,35 +107,35 @@ class EngineCore:
         """Queue one request. `prior_output_ids`: output it already produced elsewhere (a request resumed
         after its worker died): they are replayed (`resume`) and the prompt + them is prefilled, so the
         next token sampled is the one an undisturbed run samples next (greedy; seeded random too)."""
-        if prior_output_ids:
-            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-            self.validate(prompt_token_ids, params, rid)
-            req = self._new_request(rid, [int(t) for t in prompt_token_ids], params, kv_handoff)
-            self.resume(req, prior_output_ids)
-            self.scheduler.add(req)
-            return rid
-        return self.add_requests([(prompt_token_ids, params, request_id)], kv_handoff=kv_handoff)[0]
+        return self.add_requests([(prompt_token_ids, params, request_id)], kv_handoff=kv_handoff,
+                                 prior_output_ids=[prior_output_ids])[0]
 
     def add_requests(
-        self, batch: Sequence[tuple[Sequence[int], SamplingParams, str | None]], *, kv_handoff: bool = False
+        self, batch: Sequence[tuple[Sequence[int], SamplingParams, str | None]], *, kv_handoff: bool = False,
+        prior_output_ids: Sequence[Sequence[int]] | None = None,
     ) -> list[str]:
-        """Admit a batch all-or-nothing: every request is validated before any is queued.
+        """Admit a batch all-or-nothing: every request is validated (and resumed output replayed) before
+        any is queued.
 
         kv_handoff (prefill role): after token 1 the request stops here and its blocks stay
         leased (status KV_LEASED) until `release_kv`; its StepOutput carries the block ids.
+        prior_output_ids: per request, output it already produced elsewhere (see `add_request`).
         """
         ids = [rid if rid is not None else f"req-{next(self._ids)}" for _, _, rid in batch]
         if len(set(ids)) != len(ids):
             raise InvalidRequestError("request ids within one batch must be distinct")
         for (prompt, params, _), rid in zip(batch, ids):
             self.validate(prompt, params, rid)
-        for (prompt, params, _), rid in zip(batch, ids):
-            tokens = [int(t) for t in prompt]  # numpy integers become plain ints once, here
-            self.scheduler.add(self._new_request(rid, tokens, params, kv_handoff))
+        priors = prior_output_ids if prior_output_ids is not None else [()] * len(batch)
+        requests = [self._new_request(rid, [int(t) for t in prompt], params, kv_handoff, prior)  # plain ints, once
+                    for (prompt, params, _), rid, prior in zip(batch, ids, priors)]
+        for req in requests:
+            self.scheduler.add(req)
         return ids
 
-    def _new_request(self, rid: str, tokens: list[int], params: SamplingParams, kv_handoff: bool = False) -> Request:
-        return Request(
+    def _new_request(self, rid: str, tokens: list[int], params: SamplingParams, kv_handoff: bool = False,
+                     prior_output_ids: Sequence[int] = ()) -> Request:
+        req = Request(
             request_id=rid,
             prompt_token_ids=tokens,
             params=params,
@@ -143,6 +143,9 @@ class EngineCore:
             detokenizer=IncrementalDetokenizer(self.tokenizer, tokens, params.skip_special_tokens),
             kv_handoff=kv_handoff,
         )
+        if prior_output_ids:
+            self.resume(req, prior_output_ids)
+        return req
 
     def resume(self, req: Request, prior_output_ids: Sequence[int]) -> None:
         """Replay output a request already streamed (not yet in the scheduler): each token goes through
@@ -240,9 +243,8 @@ class EngineCore:
         self.validate(prompt_token_ids, params, request_id)
         if not 0 <= first_token < self.model_config.vocab_size:
             raise InvalidRequestError(f"first token id {first_token} is outside the vocabulary")
-        req = self._new_request(request_id, [int(t) for t in prompt_token_ids], params)
-        if prior_output_ids:
-            self.resume(req, prior_output_ids)
+        req = self._new_request(request_id, [int(t) for t in prompt_token_ids], params,
+                                prior_output_ids=prior_output_ids)
         self.scheduler.add_remote(req)
         req.sampling.advance(self.model_config.vocab_size, self.device)
         return self._append_token(req, int(first_token), None, time.monotonic())
