@@ -30,7 +30,8 @@ from router.pools import Policy, WorkerPool
 from router.responses import ServerFacts
 from router.routing import RoutingConfig
 from router.security import TlsFiles, read_tokens
-from router.server import GenerationService, build_server
+from router.grpc_port import build_server
+from router.server import GenerationService
 from router.validation import ModelFacts, RequestValidator
 from tandem_api.v1 import admin_pb2 as apb
 from tandem_api.v1 import admin_pb2_grpc as apb_grpc

@@ -1,4 +1,4 @@
-"""The gRPC front door: `GenerationService` (tandem.v1.Generation) and `build_server`.
+"""The gRPC front door: `GenerationService` (tandem.v1.Generation); router/grpc_port.py binds it to a port.
 
 Life of one Generate call:
 
@@ -54,20 +54,17 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from common import telemetry as tm
-from common.errors import KVTransferFailedError, WorkerShuttingDownError
+from common.errors import KVTransferFailedError
 from common.telemetry import Tracing, TracingConfig, setup_tracing
 from common.wire import StreamChunk, WorkerStatus
 from router.errors import (
@@ -81,56 +78,23 @@ from router.errors import (
     one_line,
     status_for,
 )
+from router.attempts import Attempt, Run, retry_reason
+from router.grpc_port import SERVICE_NAME, Undecodable
 from router.kv_feed import KVEventFeed
 from router.metrics import RouterMetrics
 from router.pools import WorkerPool, WorkerReport, WorkerSlot, worker_reports
 from router.responses import RequestTrace, ServerFacts, chunk_response, server_info
 from router.routing import Route, Router, RoutingConfig
-from router.security import BearerAuth, TlsFiles
-from router.validation import RETRY_ID_MARKER, RequestValidator, ValidatedRequest
+from router.validation import RETRY_ID_MARKER, RequestValidator
 from router.workers import WorkerClient
 from tandem_api.v1 import generation_pb2 as pb
 from tandem_api.v1 import generation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "tandem.v1.Generation"
 # ending P's lease once D streams: behind a long engine step under load this can take seconds, and
 # nothing waits for it (the lease itself is the backstop), so it gets longer than other cleanup calls
 RELEASE_TIMEOUT_S = 60.0
 ServerInfoSource = Callable[[], ServerFacts]
-
-
-@dataclass
-class _Attempt:
-    """One try at a request on one (P, D) pair, so that cleanup knows what to undo. A failed attempt
-    is undone and the next one resumes after the tokens already sent (`prior`)."""
-
-    rid: str  # the id the workers and the router's bookkeeping see: the request id, then "<id>~retry<n>"
-    prior: list[int]  # output tokens sent to the client before this attempt
-    route: Route | None = None
-    p: WorkerClient | None = None
-    d: WorkerClient | None = None
-    prefill_sent: bool = False
-    prefill_done: bool = False
-    kv_leased: bool = False
-    stream_sent: bool = False  # decode / generate call issued
-    first_chunk_seen: bool = False  # the decode / generate stream has produced a chunk
-
-
-@dataclass
-class _Run:
-    """Where one request is: its current attempt and what the client has been sent."""
-
-    request: ValidatedRequest
-    trace: RequestTrace
-    stage: str = "admitted"
-    attempt: _Attempt | None = None
-    route: Route | None = None  # the first attempt's (what the first response reported)
-    output_ids: list[int] = field(default_factory=list)  # every token sent to the client
-    undos: list[asyncio.Task] = field(default_factory=list)  # cleanups of failed attempts, in the background
-    observed: bool = False  # metrics recorded
-    span: object = None  # the request's SPAN_GENERATE
-    finished: bool = False
 
 
 class _Health(health.aio.HealthServicer):
@@ -178,7 +142,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.cleanup_timeout_s, self.status_timeout_s, self._clock = cleanup_timeout_s, status_timeout_s, clock
         self.health = _Health()
         self.serving = False
-        self._active: dict[str, _Run] = {}
+        self._active: dict[str, Run] = {}
         self._idle = asyncio.Event()  # set while no request is in flight
         self._idle.set()
         self._cleanups: set[asyncio.Task] = set()
@@ -316,7 +280,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             return code.name
         span.set_attributes({tm.ATTR_REQUEST_ID: req.request_id, tm.ATTR_INPUT_TOKENS: len(req.prompt_token_ids),
                              tm.ATTR_MAX_TOKENS: req.params.max_tokens})
-        run = _Run(req, RequestTrace(received=received, prompt_tokens=len(req.prompt_token_ids)), span=span)
+        run = Run(req, RequestTrace(received=received, prompt_tokens=len(req.prompt_token_ids)), span=span)
         self._active[req.request_id] = run
         self._idle.clear()
         limit = self._limit_s(context)
@@ -374,7 +338,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         remaining = context.time_remaining()
         return self.request_timeout_s if remaining is None else min(remaining, self.request_timeout_s)
 
-    def _failed(self, run: _Run, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    def _failed(self, run: Run, exc: BaseException) -> tuple[grpc.StatusCode, str]:
         code, message = status_for(exc)
         rid = run.request.request_id
         if isinstance(exc, KVTransferFailedError):
@@ -395,23 +359,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     # -- failover ---------------------------------------------------------------------------------
 
-    def _retry_reason(self, attempt: _Attempt, exc: BaseException) -> tuple[str, str | None] | None:
-        """(reason, worker this request should avoid from now on) when a failed attempt may be resumed
-        elsewhere; None when the failure is the request's own (bad input, a full decode pool, a bug) or
-        there was no worker to try (NoHealthyWorkerError on the first route: UNAVAILABLE at once)."""
-        if isinstance(exc, NoHealthyWorkerError):
-            return None
-        if isinstance(exc, WorkerStalledError):  # alive but silent: not marked down, avoided by this request
-            return "worker_stalled", exc.worker_id
-        if isinstance(exc, WorkerUnavailableError):  # died or restarting: marked down, back once it rejoins
-            return "worker_unavailable", None
-        if isinstance(exc, KVTransferFailedError):  # P's KV never arrived: P dead, lease gone or the link down
-            return "kv_transfer_failed", attempt.p.worker_id if attempt.p is not None else None
-        if isinstance(exc, WorkerShuttingDownError):  # P aborted the prompt (a drain that timed out)
-            return "aborted_on_worker", attempt.p.worker_id if attempt.p is not None else None
-        return None
-
-    async def _routed(self, run: _Run, context: grpc.aio.ServicerContext) -> None:
+    async def _routed(self, run: Run, context: grpc.aio.ServicerContext) -> None:
         """Attempts until one finishes the request. A worker that dies, or a KV transfer that fails,
         costs a retry: the attempt is undone (in the background, bounded) and the request resumes on
         other workers after the tokens already sent (prefilled again as prompt + those tokens), so the
@@ -422,7 +370,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         failed_at: float | None = None
         for n in range(self.max_retries + 1):
             rid = req.request_id if n == 0 else f"{req.request_id}{RETRY_ID_MARKER}{n}"  # clients cannot send it
-            attempt = run.attempt = _Attempt(rid, list(run.output_ids))
+            attempt = run.attempt = Attempt(rid, list(run.output_ids))
             try:
                 if n == 0:
                     route = self._route(run, attempt, avoid)
@@ -431,7 +379,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 await self._attempt(run, attempt, route, context)
                 return
             except Exception as exc:  # noqa: BLE001 - classified below; anything not retryable is re-raised
-                why = self._retry_reason(attempt, exc)
+                why = retry_reason(attempt, exc)
                 if why is None or n == self.max_retries or run.finished:
                     raise
                 reason, avoid_worker = why
@@ -452,7 +400,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                             req.request_id, reason, run.stage, one_line(str(exc), 200), len(run.output_ids),
                             n + 1, self.max_retries)
 
-    def _route(self, run: _Run, attempt: _Attempt, avoid: set[str]) -> Route:
+    def _route(self, run: Run, attempt: Attempt, avoid: set[str]) -> Route:
         req = run.request
         tokens = req.prompt_token_ids + attempt.prior  # a resumed request is prefilled with what was sent
         started = self._clock()
@@ -473,7 +421,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.metrics.decisions.labels("local" if route.local else "remote", route.kind).inc()
         return route
 
-    async def _route_retry(self, run: _Run, attempt: _Attempt, avoid: set[str], failed_at: float) -> Route:
+    async def _route_retry(self, run: Run, attempt: Attempt, avoid: set[str], failed_at: float) -> Route:
         """A retry's route; while no worker can take it, waits (up to failover_wait_s since the failure)
         for the pools to change: a restarted worker rejoining, one added by an operator."""
         while True:
@@ -491,7 +439,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                 except TimeoutError:
                     raise exc from None
 
-    async def _attempt(self, run: _Run, attempt: _Attempt, route: Route, context: grpc.aio.ServicerContext) -> None:
+    async def _attempt(self, run: Run, attempt: Attempt, route: Route, context: grpc.aio.ServicerContext) -> None:
         req = run.request
         attempt.d = d = route.decode
         # D counts the request from routing on: a drain waits for it and its decode cost sees it
@@ -505,7 +453,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             else:
                 await self._remote(run, attempt, route, context)
 
-    async def _remote(self, run: _Run, attempt: _Attempt, route: Route, context: grpc.aio.ServicerContext) -> None:
+    async def _remote(self, run: Run, attempt: Attempt, route: Route, context: grpc.aio.ServicerContext) -> None:
         req, d = run.request, route.decode
         assert self.prefill is not None and route.prefill is not None  # remote routes exist only then
         attempt.p = p = route.prefill
@@ -536,7 +484,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         """A CLIENT span around a worker call; its context goes to the worker as the call's trace_ctx."""
         return self.tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes={tm.ATTR_WORKER_ID: worker_id})
 
-    async def _stream(self, context: grpc.aio.ServicerContext, run: _Run, chunks: AsyncIterator[StreamChunk],
+    async def _stream(self, context: grpc.aio.ServicerContext, run: Run, chunks: AsyncIterator[StreamChunk],
                       worker: WorkerClient, release_lease: bool = False) -> None:
         attempt = run.attempt
         assert attempt is not None
@@ -569,7 +517,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         raise WorkerFailedError(f"worker {worker.worker_id} ended the stream before the request finished",
                                 worker.worker_id)
 
-    async def _send(self, context: grpc.aio.ServicerContext, run: _Run, chunk: StreamChunk, worker_id: str,
+    async def _send(self, context: grpc.aio.ServicerContext, run: Run, chunk: StreamChunk, worker_id: str,
                     prefill_worker: str = "", decode_worker: str = "") -> None:
         response = chunk_response(chunk, worker_id)
         response.request_id = run.request.request_id  # a retry's workers know it as "<id>~retry<n>"
@@ -592,7 +540,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         run.output_ids.extend(chunk.token_ids)
         await context.write(response)
 
-    def _observe(self, run: _Run, code: str) -> None:
+    def _observe(self, run: Run, code: str) -> None:
         """One request's metrics, once, when it ends (any way)."""
         if run.observed:
             return
@@ -620,7 +568,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     # -- cleanup ----------------------------------------------------------------------------------
 
-    async def _cleanup(self, attempt: _Attempt) -> None:
+    async def _cleanup(self, attempt: Attempt) -> None:
         await asyncio.shield(self._background(self._undo(attempt)))
 
     def _background(self, coro) -> asyncio.Task:
@@ -630,7 +578,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         task.add_done_callback(self._cleanups.discard)
         return task
 
-    async def _undo(self, attempt: _Attempt) -> None:
+    async def _undo(self, attempt: Attempt) -> None:
         rid = attempt.rid
         if attempt.d is not None and attempt.stream_sent:
             await self._quietly(attempt.d, "abort", rid)
@@ -752,68 +700,3 @@ class GenerationService(pb_grpc.GenerationServicer):
         await asyncio.gather(*self._rejoining.values(), return_exceptions=True)
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
-
-
-@dataclass(frozen=True)
-class Undecodable:
-    """Request bytes that are not a valid message (bad wire format, invalid UTF-8 in a string)."""
-
-    message: str
-
-
-def _lenient(cls):
-    """A request deserializer that hands the handler an `Undecodable` instead of failing: grpc.aio would
-    answer a DecodeError with UNKNOWN and its exception text; the handler says INVALID_ARGUMENT."""
-
-    def parse(data: bytes):
-        try:
-            return cls.FromString(data)
-        except DecodeError as exc:
-            return Undecodable(f"the request is not a valid {cls.DESCRIPTOR.full_name}: {one_line(str(exc))}")
-
-    return parse
-
-
-def _add_generation(service: GenerationService, server: grpc.aio.Server) -> None:
-    """tandem.v1.Generation as the generated add_GenerationServicer_to_server, with lenient request parsing."""
-    handlers = {
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            service.Generate, request_deserializer=_lenient(pb.GenerateRequest),
-            response_serializer=pb.GenerateResponse.SerializeToString),
-        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
-            service.GetServerInfo, request_deserializer=_lenient(pb.GetServerInfoRequest),
-            response_serializer=pb.ServerInfo.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
-def build_server(service: GenerationService, host: str = "127.0.0.1", port: int = 0,
-                 extra: Sequence[tuple[Callable[[grpc.aio.Server], None], str]] = (),
-                 tls: TlsFiles | None = None, auth_tokens: Sequence[str] = (),
-                 max_message_bytes: int = 16 << 20) -> grpc.aio.Server:
-    """A grpc.aio server with Generation, health checking and reflection, bound to host:port (not started).
-
-    `extra`: (add_to_server, full service name) of more services on the same port (deploy's Admin).
-    `tls`: TLS-only port (mutual TLS with a client CA); `auth_tokens`: every call but health needs
-    `authorization: Bearer <one of them>` (router/security.py).
-
-    Port 0 picks a free port; the bound one is `server.tandem_port`. SO_REUSEPORT is off,
-    so a second server cannot silently share a port with the first. Call inside the event
-    loop that will run it; then `await server.start()`.
-    """
-    interceptors = [BearerAuth(auth_tokens)] if auth_tokens else []
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", max_message_bytes)],
-                             interceptors=interceptors)
-    _add_generation(service, server)
-    health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
-    for add, _ in extra:
-        add(server)
-    names = (SERVICE_NAME, *(name for _, name in extra), health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    address = f"{host}:{port}"
-    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
-    if bound == 0:
-        raise OSError(f"cannot bind the gRPC server to {host}:{port} (address in use or not available)")
-    server.tandem_port = bound  # type: ignore[attr-defined]
-    return server

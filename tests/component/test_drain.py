@@ -15,7 +15,8 @@ import pytest
 
 from router.pools import WorkerPool
 from router.responses import RequestTrace
-from router.server import GenerationService, _Attempt, _Run
+from router.attempts import Attempt, Run
+from router.server import GenerationService
 from tests.helpers.inprocess_workers import InProcessClient, new_worker
 from tests.helpers.tiny_models import make_tiny_hf_model
 
@@ -54,8 +55,8 @@ def service_with(p0: RecordingClient, p1: RecordingClient) -> GenerationService:
 
 
 def run_on(service: GenerationService, rid: str, p, d, prefill_done: bool) -> None:
-    attempt = _Attempt(rid, [], p=p, d=d, prefill_sent=True, prefill_done=prefill_done, kv_leased=prefill_done)
-    run = _Run(Req(rid), RequestTrace(received=0.0, prompt_tokens=8), attempt=attempt)
+    attempt = Attempt(rid, [], p=p, d=d, prefill_sent=True, prefill_done=prefill_done, kv_leased=prefill_done)
+    run = Run(Req(rid), RequestTrace(received=0.0, prompt_tokens=8), attempt=attempt)
     service._active[rid] = run
 
 
