@@ -26,6 +26,26 @@ def ray_session():
     ray.shutdown()
 
 
+TINY_VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random tiny llama (vocabulary 512) per test module: loads in a second, serves in milliseconds."""
+    from tests.helpers.tiny_models import make_tiny_hf_model
+
+    return make_tiny_hf_model(tmp_path_factory.mktemp("tiny"), "llama", vocab_size=TINY_VOCAB)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    """transformers' float32 model of `tiny_dir`: what served tokens are compared with (hf_greedy)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
 def serve(model: str, **overrides):
     """A started `Serving` with small pools; overrides use with_overrides keys.
 

@@ -20,13 +20,11 @@ from contextlib import contextmanager
 import grpc
 import pytest
 import ray
-import torch
 
 from kv_transfer.faulty import FaultPlan
 from tandem_api.client import TandemClient
 from tests.e2e.conftest import serve
 from tests.helpers.reference import hf_greedy
-from tests.helpers.tiny_models import make_tiny_hf_model
 from worker_core.faults import FaultPoint, Hold, WorkerFaultPlan
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -38,16 +36,6 @@ WAIT_S = 60.0
 IDLE_S = 3.0  # router.stream_idle_timeout_s: a decode stream silent this long is retried elsewhere
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_hf_model(tmp_path_factory.mktemp("faults"), "llama", vocab_size=VOCAB)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,6 @@ from hypothesis import strategies as st
 from tandem_api.client import TandemClient
 from tandem_api.v1 import generation_pb2 as pb
 from tests.e2e.conftest import serve
-from tests.helpers.tiny_models import make_tiny_hf_model
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -61,10 +60,6 @@ FUZZ = settings(deadline=None, derandomize=True, print_blob=True,
 
 
 # -- the served cluster ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_hf_model(tmp_path_factory.mktemp("fuzz"), "llama", vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,11 @@ import threading
 
 import grpc
 import pytest
-import torch
 
 from common.block_hash import hash_full_blocks
 from tandem_api.client import TandemClient
 from tests.e2e.conftest import serve
 from tests.helpers.reference import hf_greedy
-from tests.helpers.tiny_models import make_tiny_hf_model
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -34,16 +32,6 @@ NEW = 6
 BS = 4
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_hf_model(tmp_path_factory.mktemp("routing"), "llama", vocab_size=VOCAB)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

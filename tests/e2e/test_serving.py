@@ -14,13 +14,11 @@ import threading
 
 import grpc
 import pytest
-import torch
 
 from tandem_api.client import TandemClient
 from tandem_api.v1 import generation_pb2 as pb
 from tests.e2e.conftest import serve
 from tests.helpers.reference import hf_greedy
-from tests.helpers.tiny_models import make_tiny_hf_model
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -28,16 +26,6 @@ VOCAB = 512
 NEW = 12
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_hf_model(tmp_path_factory.mktemp("e2e"), "llama", vocab_size=VOCAB)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")

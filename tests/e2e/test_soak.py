@@ -16,14 +16,9 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.soak import ALLOWED, SoakOptions, run_soak
-from tests.helpers.tiny_models import make_tiny_hf_model
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_hf_model(tmp_path_factory.mktemp("soak"), "llama", vocab_size=512)
 
 
 def test_soak_with_client_faults_and_a_killed_decode_worker(tiny_dir):

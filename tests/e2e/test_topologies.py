@@ -34,7 +34,6 @@ from engine.errors import ConfigError
 from engine.sampling_params import SamplingParams
 from tandem_api.client import TandemClient
 from tests.e2e.conftest import serve
-from tests.helpers.tiny_models import make_tiny_hf_model
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -53,10 +52,6 @@ DECODE = {
     "D-pp2": dict(pp=2, block_size=16),
 }
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_hf_model(tmp_path_factory.mktemp("topo"), "llama", vocab_size=VOCAB)
 
 
 def _prompts() -> list[list[int]]:
