@@ -58,7 +58,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from served_common import ScriptRun, fmt_load, pct  # noqa: E402 - the script's own folder is on sys.path
+from served_common import ScriptRun, fmt_load, pct, timed_greedy  # noqa: E402 - the script's own folder is on sys.path
 
 TOKEN_LO, TOKEN_HI = 100, 40000  # random prompt ids: clear of special tokens, inside the vocabulary
 TARGET_RATIO = 0.97  # the issue: under 3% throughput loss with tracing and metrics on
@@ -313,18 +313,9 @@ def drive(args, address: str, tag: str, prompts: list[list[int]]):
             row = {"request_id": rid, "index": i, "thread": k}
             reply: list[int] = []
             try:
-                t0 = time.perf_counter()
-                first_at = None
-                last = None
-                for last in client.generate(token_ids=prompt, request_id=rid, max_tokens=args.max_tokens,
-                                            temperature=0.0, ignore_eos=True, timeout=args.timeout):
-                    if first_at is None:
-                        first_at = time.perf_counter()
-                    reply.extend(last.token_ids)
-                done = time.perf_counter()
-                if last is None or first_at is None:
-                    raise RuntimeError("no response")
-                row.update(ttft_s=first_at - t0, e2e_s=done - t0, sent_at_s=t0 - t_run0,
+                r = timed_greedy(client, prompt, rid, args.max_tokens, args.timeout)
+                reply, last = r.tokens, r.last
+                row.update(ttft_s=r.ttft_s, e2e_s=r.total_s, sent_at_s=r.sent_at - t_run0,
                            completion_tokens=last.usage.completion_tokens, cached_tokens=last.usage.cached_tokens,
                            router_ttft_s=last.timings.time_to_first_token_s, route=last.route)
                 if len(reply) != args.max_tokens:

@@ -60,7 +60,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from served_common import ScriptRun, dist, fmt_load, free_port, pct  # noqa: E402 - the script's own folder is on sys.path
+from served_common import ScriptRun, dist, fmt_load, free_port, pct, timed_greedy  # noqa: E402 - the script's own folder is on sys.path
 
 TOKEN_LO, TOKEN_HI = 100, 40000  # random prompt ids: clear of special tokens, inside the vocabulary
 TARGET_P50_RATIO = 0.5  # the issue: kv's p50 TTFT at most half of round-robin's
@@ -297,19 +297,11 @@ def drive(args, address: str, policy: str, rnd: int, workload: dict):
                 reply: list[int] = []
                 ok = False
                 try:
-                    t0 = time.perf_counter()
-                    first_at = None
-                    last = None
-                    for last in client.generate(token_ids=prompt, request_id=rid, max_tokens=args.max_tokens,
-                                                temperature=0.0, ignore_eos=True, timeout=args.timeout):
-                        if first_at is None:
-                            first_at = time.perf_counter()
-                            row["prefill_worker"] = last.prefill_worker
-                            row["decode_worker"] = last.decode_worker
-                            row["route"] = last.route
-                        reply.extend(last.token_ids)
-                    done_at = time.perf_counter()
-                    row.update(ttft_s=first_at - t0, total_s=done_at - t0, sent_at_s=t0 - t_run0,
+                    r = timed_greedy(client, prompt, rid, args.max_tokens, args.timeout)
+                    reply, last = r.tokens, r.last
+                    row.update(prefill_worker=r.first.prefill_worker, decode_worker=r.first.decode_worker,
+                               route=r.first.route)
+                    row.update(ttft_s=r.ttft_s, total_s=r.total_s, sent_at_s=r.sent_at - t_run0,
                                router_ttft_s=last.timings.time_to_first_token_s,
                                prefill_s=last.timings.prefill_s, queue_s=last.timings.queue_s,
                                kv_transfer_s=last.timings.kv_transfer_s,
@@ -322,6 +314,9 @@ def drive(args, address: str, policy: str, rnd: int, workload: dict):
                 except grpc.RpcError as exc:
                     errors.append(f"{rid}: {exc.code().name} {exc.details()}")
                     row["error"] = f"{exc.code().name} {exc.details()}"
+                except RuntimeError as exc:  # an empty stream
+                    errors.append(f"{rid}: {exc}")
+                    row["error"] = str(exc)
                 with cond:
                     rows.append(row)
                     state["in_flight"] -= 1

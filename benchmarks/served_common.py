@@ -7,7 +7,37 @@ import os
 import socket
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TimedReply:
+    """One Generate call as the client saw it (perf_counter times)."""
+
+    tokens: list[int]
+    first: Any  # the first GenerateResponse (prefill_worker, decode_worker, route)
+    last: Any  # the last (usage, timings)
+    sent_at: float
+    ttft_s: float
+    total_s: float
+
+
+def timed_greedy(client, prompt: list[int], request_id: str, max_tokens: int, timeout: float) -> TimedReply:
+    """A greedy Generate call (ignore_eos), timed from the client; RuntimeError if the stream is empty."""
+    t0 = time.perf_counter()
+    first = last = None
+    first_at = t0
+    tokens: list[int] = []
+    for last in client.generate(token_ids=prompt, request_id=request_id, max_tokens=max_tokens, temperature=0.0,
+                                ignore_eos=True, timeout=timeout):
+        if first is None:
+            first, first_at = last, time.perf_counter()
+        tokens.extend(last.token_ids)
+    if first is None:
+        raise RuntimeError("no response")
+    return TimedReply(tokens, first, last, t0, first_at - t0, time.perf_counter() - t0)
 
 
 class ScriptRun:
