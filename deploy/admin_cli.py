@@ -19,6 +19,8 @@ import sys
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from tandem_api.connection import add_connection_flags, connection_settings
+
 
 def add_admin_parser(sub) -> None:
     a = sub.add_parser("admin", help="add, remove or scale workers of a running server")
@@ -37,36 +39,17 @@ def add_admin_parser(sub) -> None:
     sc.add_argument("--drain-timeout", type=float, default=0.0, metavar="S")
 
 
-def add_connection_flags(parser) -> None:
-    """How a client command reaches a server that uses TLS and / or bearer tokens."""
-    parser.add_argument("--token-file", metavar="FILE", help="send the first token in FILE as a bearer token")
-    parser.add_argument("--tls-ca", metavar="PEM", help="TLS, verifying the server with this CA bundle")
-    parser.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
-    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS, with --tls-key)")
-    parser.add_argument("--tls-key", metavar="PEM", help="client private key")
-
-
 def connect(args: argparse.Namespace):
     """A TandemClient for --server with the connection flags; ConfigError for an unreadable file."""
-    from pathlib import Path
-
-    from router.security import read_tokens
     from tandem_api.client import TandemClient
 
-    def read(path):
-        try:
-            return Path(path).read_bytes() if path else None
-        except OSError as e:
-            raise ValueError(f"cannot read {path}: {e.strerror}") from None
-
     try:
-        token = read_tokens(args.token_file)[0] if args.token_file else None
-        tls = dict(tls_ca=read(args.tls_ca), tls_cert=read(args.tls_cert), tls_key=read(args.tls_key))
+        settings = connection_settings(args)
     except ValueError as e:
         from engine.errors import ConfigError
 
         raise ConfigError(str(e)) from None
-    return TandemClient(args.server, token=token, tls=args.tls, **tls)
+    return TandemClient(args.server, **settings)
 
 
 def run_admin(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@
     tandem generate --server HOST:PORT [--prompt TEXT | --chat TEXT]... [sampling flags] [--json] [--timeout S]
     tandem serve [--model PATH] [--port N] [--mode disaggregated|aggregated] [...]   (deploy/serve_cli.py)
     tandem admin [--server HOST:PORT] add|remove|scale ...                          (deploy/admin_cli.py)
+    tandem bench --server HOST:PORT | --openai-url URL [...]                        (tandem_api/bench/cli.py)
 
 --offline runs every prompt (`--prompt` and `--chat` may repeat and mix) together
 as one batch in this process. --server sends them, one after the other, to a
@@ -25,6 +26,7 @@ import sys
 from deploy.admin_cli import add_admin_parser, add_connection_flags, connect, run_admin
 from deploy.serve_cli import add_serve_parser, run_serve
 from engine.errors import EngineError
+from tandem_api.bench.cli import add_bench_parser, run_bench
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)
     add_admin_parser(sub)
+    add_bench_parser(sub)
     g = sub.add_parser("generate", help="generate completions")
     where = g.add_mutually_exclusive_group()
     where.add_argument("--offline", action="store_true", help="run the engine in this process (no cluster)")
@@ -178,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(args)
         if args.command == "admin":
             return run_admin(args)
+        if args.command == "bench":
+            return run_bench(args)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

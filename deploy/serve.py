@@ -13,6 +13,7 @@ everything, exposes `address` and `cluster`, and `stop()` tears it down.
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import random
 import signal
@@ -26,6 +27,7 @@ from deploy.admin import AdminService, ray_client
 from deploy.cluster import Cluster, WorkerHandle
 from common.telemetry import setup_tracing
 from deploy.config import ServeConfig, tracing_config
+from engine.loader import default_model_path
 from router.pools import Policy, WorkerPool
 from router.responses import ServerFacts
 from router.routing import RoutingConfig
@@ -57,6 +59,7 @@ def server_facts(cluster: Cluster) -> ServerFacts:
         version=_version("tandem-serve"), kv_transport=cfg.transport.backend if disagg else "none",
         max_model_len=model.max_model_len, vocab_size=model.vocab_size,
         versions={d: _version(d) for d in ("ray", "torch", "nixl-cu12", "grpcio", "protobuf")},
+        model_path=os.path.abspath(cfg.model) if cfg.model else default_model_path(),
     )
 
 

@@ -124,6 +124,7 @@ class ServerFacts:
     max_model_len: int
     vocab_size: int
     versions: Mapping[str, str] = field(default_factory=dict)  # component -> version
+    model_path: str = ""  # the .gguf file or HF directory the workers loaded
 
 
 def worker_info(report: WorkerReport, draining: bool = False, indexed: int = 0) -> pb.WorkerInfo:
@@ -147,5 +148,5 @@ def server_info(facts: ServerFacts, reports: Sequence[WorkerReport],
         model=facts.model, model_fingerprint=facts.model_fingerprint, mode=facts.mode, topology=facts.topology,
         version=facts.version, api_version=API_VERSION, kv_transport=facts.kv_transport,
         versions=dict(facts.versions), max_model_len=facts.max_model_len, vocab_size=facts.vocab_size,
-        workers=[worker_info(r, *extras.get(r.worker_id, (False, 0))) for r in reports],
+        workers=[worker_info(r, *extras.get(r.worker_id, (False, 0))) for r in reports], model_path=facts.model_path,
     )

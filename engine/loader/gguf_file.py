@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-from functools import lru_cache
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,8 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import ConfigError, ModelLoadError, UnsupportedModelError
+from engine.loader.gguf_reader import gguf_metadata as _metadata
+from engine.loader.gguf_reader import open_gguf as _open
 from engine.loader.gguf_tokenizer import build_gguf_tokenizer
 from engine.loader.source import ModelSource, check_weight_shapes, compute_fingerprint
 
@@ -71,47 +72,6 @@ def hf_name(gguf_name: str) -> str | None:
     if match and match.group(2) in _BLOCK_NAMES:
         return f"model.layers.{int(match.group(1))}.{_BLOCK_NAMES[match.group(2)]}"
     return None
-
-
-def _open(path: str) -> Any:
-    """A `GGUFReader`, with every tensor checked to lie inside the file.
-
-    Parsing the metadata takes ~1.7 s for SmolLM2 (49k token strings), so the
-    last two readers are cached by (path, size, mtime): loading the source and
-    then streaming its weights parse the file once.
-    """
-    try:
-        stat = os.stat(path)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot open GGUF file {path}: {exc}") from exc
-    return _open_cached(path, stat.st_size, stat.st_mtime_ns)
-
-
-@lru_cache(maxsize=2)
-def _open_cached(path: str, size: int, mtime_ns: int) -> Any:
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError, struct/numpy errors, ... on bad bytes
-        raise ModelLoadError(f"{path} is not a readable GGUF file: {type(exc).__name__}: {exc}") from exc
-    for tensor in reader.tensors:
-        end = int(tensor.data_offset) + int(tensor.n_bytes)
-        if end > size or tensor.data.nbytes != int(tensor.n_bytes):
-            raise ModelLoadError(
-                f"{path} is truncated: tensor {tensor.name} needs bytes up to {end}, the file has {size}"
-            )
-    return reader
-
-
-def _metadata(reader: Any) -> dict[str, Any]:
-    meta = {}
-    for key, field in reader.fields.items():
-        try:
-            meta[key] = field.contents()
-        except Exception as exc:
-            raise ModelLoadError(f"{reader.data.filename}: metadata {key} is unreadable: {exc}") from exc
-    return meta
 
 
 def _key(meta: dict[str, Any], key: str, path: str, default: Any = None) -> Any:

@@ -187,7 +187,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., health: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., leased_requests: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[str] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., draining: _Optional[bool] = ..., prefill_tokens: _Optional[int] = ..., kv_blocks_indexed: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model", "model_fingerprint", "mode", "topology", "version", "api_version", "kv_transport", "versions", "max_model_len", "vocab_size", "workers")
+    __slots__ = ("model", "model_fingerprint", "mode", "topology", "version", "api_version", "kv_transport", "versions", "max_model_len", "vocab_size", "workers", "model_path")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +206,7 @@ class ServerInfo(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_fingerprint: str
     mode: str
@@ -217,4 +218,5 @@ class ServerInfo(_message.Message):
     max_model_len: int
     vocab_size: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
-    def __init__(self, model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., mode: _Optional[str] = ..., topology: _Optional[str] = ..., version: _Optional[str] = ..., api_version: _Optional[str] = ..., kv_transport: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
+    model_path: str
+    def __init__(self, model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., mode: _Optional[str] = ..., topology: _Optional[str] = ..., version: _Optional[str] = ..., api_version: _Optional[str] = ..., kv_transport: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., model_path: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,5 @@
+import sys
+
+from tandem_api.bench.cli import main
+
+sys.exit(main())
