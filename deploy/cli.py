@@ -23,10 +23,8 @@ import json
 import logging
 import sys
 
-from deploy.admin_cli import add_admin_parser, add_connection_flags, connect, run_admin
-from deploy.serve_cli import add_serve_parser, run_serve
-from engine.errors import EngineError
-from tandem_api.bench.cli import add_bench_parser, run_bench
+# Only the standard library at the top: `tandem bench` runs from a client-only install (requirements/bench.txt:
+# no torch, Ray, msgspec), so the serving commands' modules are imported when their command is parsed or run.
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 
@@ -41,6 +39,11 @@ class _Ordered(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from deploy.admin_cli import add_admin_parser
+    from deploy.serve_cli import add_serve_parser
+    from tandem_api.bench.cli import add_bench_parser
+    from tandem_api.connection import add_connection_flags
+
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem: disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)
@@ -111,6 +114,7 @@ def _generate_remote(args: argparse.Namespace, inputs: list[tuple[str, str]], pa
     """--server: one request per input, in order; text streamed, or one JSON line per input."""
     import grpc
 
+    from deploy.admin_cli import connect
     from tandem_api.v1 import generation_pb2 as pb
 
     sampling = {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
@@ -168,6 +172,13 @@ def _generate_remote(args: argparse.Namespace, inputs: list[tuple[str, str]], pa
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # before the serving stack's parsers are imported (see the imports above)
+        from tandem_api.bench.cli import main as bench_main
+
+        return bench_main(argv[1:], prog="tandem bench")
+    from engine.errors import EngineError
+
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -178,11 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return _generate(args)
         if args.command == "serve":
+            from deploy.serve_cli import run_serve
+
             return run_serve(args)
         if args.command == "admin":
+            from deploy.admin_cli import run_admin
+
             return run_admin(args)
-        if args.command == "bench":
-            return run_bench(args)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -95,8 +95,8 @@ def add_bench_parser(sub: Any) -> None:
     add_bench_arguments(p)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tandem bench", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m tandem_api.bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     add_bench_arguments(p)
     return p
 
@@ -324,5 +324,5 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_bench(build_parser().parse_args(argv))
+def main(argv: list[str] | None = None, prog: str = "python -m tandem_api.bench") -> int:
+    return run_bench(build_parser(prog).parse_args(argv))

@@ -224,6 +224,11 @@ class OpenAITarget:
             self.model = models[0]
         return {"model": self.model, "models": models, "endpoint": self.endpoint}
 
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
     def _payload(self, request: WireRequest) -> dict[str, Any]:
         payload: dict[str, Any] = {"model": self.model, "max_tokens": request.max_tokens,
                                    "temperature": request.temperature, "stream": True,

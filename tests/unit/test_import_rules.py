@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import json
 import subprocess
 import sys
@@ -19,11 +20,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def loaded_after(modules: list[str]) -> set[str]:
-    """Top-level package names in sys.modules after importing `modules` in a new interpreter."""
+def loaded_after(modules: list[str], prelude: str = "") -> set[str]:
+    """Top-level package names in sys.modules after importing `modules` (and running `prelude`) in a new
+    interpreter."""
     code = (
         "import importlib, json, sys\n"
         f"for name in {modules!r}: importlib.import_module(name)\n"
+        f"{prelude}"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -47,6 +50,16 @@ def test_router_and_client_never_load_torch() -> None:
     assert "ray" not in loaded  # router.workers imports ray only when classifying a Ray error
 
 
+def test_the_benchmark_client_needs_neither_torch_nor_ray() -> None:
+    """`tandem bench` installs without the serving stack: its modules, its targets' libraries, the
+    plotting library and the tokenizer it loads from a GGUF file, and `tandem`'s CLI module."""
+    code = ("from engine.loader import load_tokenizer; load_tokenizer(None)\n"
+            "import grpc.aio, aiohttp, matplotlib.pyplot\n")
+    modules = [m for m in all_modules("tandem_api") if not m.endswith("__main__")]
+    loaded = loaded_after([*modules, "deploy.cli"], prelude=code)
+    assert "torch" not in loaded and "ray" not in loaded
+
+
 @pytest.mark.parametrize("package", ["engine", "common", "kv_transfer"])
 def test_lower_layers_never_import_router_or_ray(package: str) -> None:
     if importlib.util.find_spec(package) is None or not (REPO / package).is_dir():
@@ -56,3 +69,24 @@ def test_lower_layers_never_import_router_or_ray(package: str) -> None:
     assert "router" not in loaded, f"{package} imports the router"
     assert "ray" not in loaded, f"{package} imports ray"
     assert "tandem_api" not in loaded and "grpc" not in loaded, f"{package} imports the gRPC API"
+
+
+def test_tandem_bench_runs_where_only_the_client_is_installed(tmp_path) -> None:
+    """requirements/bench.txt has no torch, Ray or msgspec: `tandem bench` (the console script's
+    deploy.cli.main) and the tokenizer it loads must work with those imports failing."""
+    script = tmp_path / "client_only.py"
+    script.write_text(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'ray', 'msgspec', 'nixl', 'nixl_cu12'):\n"
+        "            raise ImportError(f'{name} is not installed (client-only install)')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from engine.loader import load_tokenizer\n"
+        "assert load_tokenizer(None).encode('Hello world', add_special_tokens=False)\n"
+        "from deploy.cli import main\n"
+        "sys.exit(main(['bench', '--server', '127.0.0.1:9', '--slo', 'ttft=1']))\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2, result.stderr  # the flag error, not an ImportError
+    assert "--slo: unknown target 'ttft'" in result.stderr
