@@ -150,7 +150,7 @@ def main() -> None:
         proc, target = start(name, configs[name] or [], args, out / f"{name}.server.log")
         try:
             cmd = [*TANDEM, "bench", *target, *bench, "--label", name, "--output", str(out / name)]
-            commands[name] = shlex.join(cmd[2:])
+            commands[name] = "tandem " + shlex.join(cmd[3:])
             print(f"=== {name}: up after {time.monotonic() - t0:.0f} s; {commands[name]}", flush=True)
             subprocess.run(cmd, cwd=REPO, check=True)
         finally:

@@ -30,6 +30,7 @@ from router.routing import (
     decode_formula,
     prefill_cost,
     prefill_formula,
+    rendezvous,
     select,
 )
 
@@ -230,7 +231,10 @@ def test_prefix_affinity_and_its_crossover(weights: CostWeights) -> None:
 
     assert choice(q_tie - 1) == "p1"
     assert choice(q_tie + 1) == "p0"
-    assert {choice(q_tie, seed) for seed in range(20)} == {"p0", "p1"}  # exactly at the crossover: a tie
+    # exactly at the crossover, a tie: it goes to the prompt's rendezvous home (the first block nobody holds),
+    # whatever the random generator says
+    home = ["p0", "p1"][rendezvous(hashes[4], ["p0", "p1"])]
+    assert {choice(q_tie, seed) for seed in range(20)} == {home}
     # the load comes from routing too: long distinct prompts routed while p0 is draining queue on p1
     r.prefill.pool.slot("p1").prefill_tokens = 0
     r.prefill.pool.slot("p0").draining = True
@@ -596,3 +600,37 @@ def test_wait_drained_returns_when_the_last_tracked_request_ends() -> None:
             assert await pool.wait_drained("p0", timeout_s=0.01) is False
 
     asyncio.run(scenario())
+
+
+# ---- the cache-fill term and rendezvous homes (issue 16) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("terms, cost, formula", [
+    # the common header (2 blocks) cached on a half-full worker ...
+    (PrefillTerms("p0", 800, 2, 16, 0, total_blocks=300, content_blocks=150), 1021.44,
+     "p0: 1*uncached 768 (800 - 2 blocks cached) + 1*queued 0 + 0.5*evict 768*fill 0.66 ((150 + 48)/300) = 1021.44"),
+    # ... loses to a nearly empty one: the new document goes where it pushes nothing out
+    (PrefillTerms("p1", 800, 0, 16, 0, total_blocks=300, content_blocks=30), 906.667,
+     "p1: 1*uncached 800 (800 - 0 blocks cached) + 1*queued 0 + 0.5*evict 800*fill 0.27 ((30 + 50)/300) = 906.667"),
+    # a full cache: fill is capped at 1
+    (PrefillTerms("p2", 800, 0, 16, 100, total_blocks=300, content_blocks=280), 1300,
+     "p2: 1*uncached 800 (800 - 0 blocks cached) + 1*queued 100 + 0.5*evict 800*fill 1.00 ((280 + 50)/300) = 1300"),
+    # a long match adds little: 2 new blocks
+    (PrefillTerms("p3", 800, 48, 16, 0, total_blocks=300, content_blocks=290), 48,
+     "p3: 1*uncached 32 (800 - 48 blocks cached) + 1*queued 0 + 0.5*evict 32*fill 0.97 ((290 + 2)/300) = 47.5733"),
+])
+def test_prefill_cost_with_the_fill_term_golden(terms: PrefillTerms, cost: float, formula: str) -> None:
+    assert prefill_cost(terms) == pytest.approx(cost, abs=0.5)
+    assert prefill_formula(terms) == formula
+
+
+def test_rendezvous_homes_are_stable_and_spread() -> None:
+    workers = ["p0", "p1", "p2"]
+    keys = [bytes([i, j]) for i in range(30) for j in range(10)]
+    homes = [rendezvous(k, workers) for k in keys]
+    assert homes == [rendezvous(k, workers) for k in keys]
+    counts = Counter(homes)
+    assert min(counts.values()) > 60  # 300 keys over 3 workers
+    # a worker leaving moves only its own keys
+    moved = [k for k, h in zip(keys, homes) if h != 2 and workers[h] != ["p0", "p1"][rendezvous(k, ["p0", "p1"])]]
+    assert moved == []
