@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import msgspec
 
+from common.perf_model import PerfEstimate
+
 WIRE_VERSION = 2  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVHandle.issued_at, prior_ids (issue 7)
 
 
@@ -87,6 +89,7 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache since start
     prefix_hit_tokens: int = 0  # ... of which found there (hit rate = hit / query)
     incarnation: str = ""  # this worker process (its KV publisher epoch): a new one means Ray restarted it
+    perf: PerfEstimate = msgspec.field(default_factory=PerfEstimate)  # step times measured while serving
 
 
 class KVEventsReply(msgspec.Struct, frozen=True):

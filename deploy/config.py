@@ -105,6 +105,11 @@ class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     temperature: float = 0.0  # kv policy: 0 = cheapest worker; > 0 samples among near-equal ones
     conditional_prefill_threshold: int = 0  # tokens; a prompt this short uncached on D prefills there (0: never)
     max_prefill_queue_tokens: int = 16384  # prefill worker "saturated" at this many queued tokens (local prefill)
+    # placement by SLO (router/routing.py, place_by_slo): each request runs remote, local on D or whole on P,
+    # whichever the workers' measured step times predict meets these best; 0 and 0: the fixed placement
+    # (conditional_prefill_threshold); a threshold > 0 also keeps the fixed placement
+    slo_ttft_ms: float = 0.0
+    slo_itl_ms: float = 0.0  # judged as time per output token
     drain_timeout_s: float = 60.0  # removing a worker: how long its running requests may take to finish
     metrics_port: int | None = None  # Prometheus /metrics of the whole cluster on router.host (0: any free port)
     tls_cert: str | None = None  # PEM server certificate: the gRPC port is TLS-only (with tls_key)
@@ -171,6 +176,9 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if r.temperature < 0 or r.conditional_prefill_threshold < 0 or r.max_prefill_queue_tokens < 1:
             raise ConfigError("router.temperature and router.conditional_prefill_threshold must be >= 0, "
                               "router.max_prefill_queue_tokens >= 1")
+        if r.slo_ttft_ms < 0 or r.slo_itl_ms < 0:
+            raise ConfigError(f"router.slo_ttft_ms and router.slo_itl_ms must be >= 0 (0: no target), "
+                              f"got {r.slo_ttft_ms} and {r.slo_itl_ms}")
         if r.metrics_port is not None and not 0 <= r.metrics_port < 65536:
             raise ConfigError(f"router.metrics_port must be in 0..65535 (0 = any free port), got {r.metrics_port}")
         if (r.tls_cert is None) != (r.tls_key is None):

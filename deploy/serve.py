@@ -67,7 +67,8 @@ def routing_config(cfg: ServeConfig) -> RoutingConfig:
     r = cfg.router
     return RoutingConfig(policy=Policy.parse(r.policy), temperature=r.temperature,
                          conditional_prefill_threshold=r.conditional_prefill_threshold,
-                         max_prefill_queue_tokens=r.max_prefill_queue_tokens)
+                         max_prefill_queue_tokens=r.max_prefill_queue_tokens,
+                         slo_ttft_s=r.slo_ttft_ms / 1000, slo_tpot_s=r.slo_itl_ms / 1000)
 
 
 def build_service(cluster: Cluster) -> GenerationService:

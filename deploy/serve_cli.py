@@ -7,7 +7,7 @@
                  [--prefill-block-size N] [--decode-block-size N]
                  [--prefill-kv-order NHD|HND] [--decode-kv-order NHD|HND]
                  [--router-policy kv|round-robin|least-loaded] [--conditional-prefill-threshold N]
-                 [--router-temperature T] [--metrics-port N] [--max-inflight N] [--lease-s S]
+                 [--router-temperature T] [--slo-ttft-ms MS] [--slo-itl-ms MS] [--metrics-port N] [--max-inflight N] [--lease-s S]
                  [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--auth-token-file FILE]
                  [--ray-address HOST:PORT] [--print-config]
 
@@ -50,6 +50,10 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--conditional-prefill-threshold", type=int, metavar="N",
                    help="prompts with at most N tokens uncached on the chosen decode worker prefill there "
                         "(0, the default, disables local prefill)")
+    s.add_argument("--slo-ttft-ms", type=float, metavar="MS",
+                   help="placement by SLO: run each request remote, local on decode or whole on a prefill worker, "
+                        "whichever measured step times predict meets this TTFT (and --slo-itl-ms) best")
+    s.add_argument("--slo-itl-ms", type=float, metavar="MS", help="placement by SLO: time per output token target")
     s.add_argument("--metrics-port", type=int, metavar="N",
                    help="serve Prometheus metrics of the whole cluster at http://HOST:N/metrics (0: any free port)")
     s.add_argument("--tls-cert", metavar="PEM", help="server certificate: the gRPC port is TLS-only (with --tls-key)")
@@ -75,6 +79,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         **{
             "router.host": args.host, "router.port": args.port, "router.policy": args.policy,
             "router.conditional_prefill_threshold": args.conditional_prefill_threshold,
+            "router.slo_ttft_ms": args.slo_ttft_ms, "router.slo_itl_ms": args.slo_itl_ms,
             "router.temperature": args.router_temperature, "router.metrics_port": args.metrics_port,
             "router.tls_cert": args.tls_cert, "router.tls_key": args.tls_key,
             "router.tls_client_ca": args.tls_client_ca, "router.auth_token_file": args.auth_token_file,

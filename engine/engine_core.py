@@ -74,6 +74,7 @@ class EngineCore:
         cc = config.cache
         self.kv_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
+        self.last_step_shape: tuple[int, int] = (0, 0)  # (prompt tokens, decode sequences) of the last step
         self.runner = ModelRunner(executor, self.kv_spec, self.device)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(config.seed)
@@ -304,7 +305,11 @@ class EngineCore:
     def step(self) -> list[StepOutput]:
         out = self.scheduler.schedule()
         if not out.scheduled:
+            self.last_step_shape = (0, 0)
             return []
+        # (prompt tokens computed, decode sequences): what the worker's performance model times this step by
+        self.last_step_shape = (sum(s.num_new_tokens for s in out.scheduled if s.num_new_tokens > 1),
+                                sum(1 for s in out.scheduled if s.num_new_tokens == 1))
         batch = self.runner.prepare(out)
         logits = self.runner.execute(batch)
         for s in batch.order:

@@ -190,6 +190,47 @@ def select(costs: Sequence[float], temperature: float, rng: random.Random, home:
     return rng.choices(range(len(costs)), weights=weights)[0]
 
 
+REMAINING_TOKENS = 64  # placement by SLO: output tokens a running request is assumed to have left
+
+
+@dataclass(frozen=True)
+class PlacementOption:
+    """One way to run a request, as placement by SLO predicts it from the workers' performance models.
+
+    kind: "remote" (prefill on P, decode on D), "local" (all on D), "whole" (all on P).
+    ttft_s = per_token * (queued + uncached tokens) + one step (+ D's decode batch for local, P's for whole);
+    tpot_s = the decode worker's step at its batch + 1, over (1 - its prefill-busy share);
+    stall_s: the prefill this option puts beside `stalled` requests already decoding on that worker
+    (local only: remote and whole both prefill on P). With r = ttft / its target and t = tpot / its target,
+    score = r + t + stalled * stall_s / (REMAINING_TOKENS * tpot target) + 10 * max(0, max(r, t) - 1):
+    the slack left on both targets, the TPOT taken from the others, and a steep price for a missed target.
+    The lowest score wins; ties keep the order remote, whole, local.
+    """
+
+    kind: str
+    worker_id: str
+    ttft_s: float
+    tpot_s: float
+    stall_s: float = 0.0
+    stalled: int = 0
+
+    def score(self, ttft_target: float, tpot_target: float) -> float:
+        r = self.ttft_s / ttft_target if ttft_target else 0.0
+        t = self.tpot_s / tpot_target if tpot_target else 0.0
+        harm = self.stalled * self.stall_s / (REMAINING_TOKENS * tpot_target) if tpot_target else 0.0
+        return r + t + harm + 10.0 * max(0.0, max(r, t) - 1.0)
+
+    def describe(self, ttft_target: float, tpot_target: float) -> str:
+        stall = f", stalls {self.stalled} for {self.stall_s * 1000:.0f} ms" if self.stalled and self.stall_s else ""
+        return (f"{self.kind} on {self.worker_id}: TTFT {self.ttft_s * 1000:.0f} ms, TPOT {self.tpot_s * 1000:.0f} ms"
+                f"{stall} = {self.score(ttft_target, tpot_target):.2f}")
+
+
+def place_by_slo(options: Sequence[PlacementOption], ttft_target: float, tpot_target: float) -> PlacementOption:
+    """The option with the lowest score (see PlacementOption); the first on ties."""
+    return min(options, key=lambda o: o.score(ttft_target, tpot_target))
+
+
 @dataclass(frozen=True)
 class RoutingConfig:
     policy: Policy = Policy.KV
@@ -197,6 +238,13 @@ class RoutingConfig:
     conditional_prefill_threshold: int = 0  # tokens; 0 disables local prefill
     max_prefill_queue_tokens: int = 16384  # a prefill worker with this many queued is saturated
     weights: CostWeights = CostWeights()
+    slo_ttft_s: float = 0.0  # placement by SLO (with slo_tpot_s; 0 and 0: off): see place_by_slo
+    slo_tpot_s: float = 0.0
+
+    @property
+    def slo_placement(self) -> bool:
+        """Placement by SLO decides remote / local / whole-on-prefill unless the operator fixed it by a threshold."""
+        return (self.slo_ttft_s > 0 or self.slo_tpot_s > 0) and self.conditional_prefill_threshold == 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy.parse(self.policy))
@@ -207,6 +255,9 @@ class RoutingConfig:
                              f"got {self.conditional_prefill_threshold}")
         if self.max_prefill_queue_tokens < 1:
             raise ValueError(f"max_prefill_queue_tokens must be >= 1, got {self.max_prefill_queue_tokens}")
+        if self.slo_ttft_s < 0 or self.slo_tpot_s < 0:
+            raise ValueError(f"SLO targets must be >= 0 (0: none), got ttft {self.slo_ttft_s} s, "
+                             f"tpot {self.slo_tpot_s} s")
 
 
 @dataclass(frozen=True)
@@ -243,6 +294,7 @@ class Route:
     #                 remote long|disabled
     decode_cached_blocks: int = 0  # leading prompt blocks D holds (index or predicted)
     prefill_cached_blocks: int = 0  # ... that P holds (remote only)
+    on_prefill_pool: bool = False  # `decode` is a prefill worker running the whole request (placement by SLO)
 
     @property
     def local(self) -> bool:
@@ -360,6 +412,26 @@ class Router:
             p_overlap = p_ix.overlap(p_hashes)
             p_slot, p_decision = self._choose_prefill(p_ix, n, p_hashes, p_overlap, exclude)
 
+        placed = None
+        if p_ix is not None and cfg.slo_placement:
+            p_cached = p_overlap.get(p_slot.worker_id, 0)
+            p_uncached = PrefillTerms(p_slot.worker_id, n, p_cached, p_ix.pool.block_size, 0).uncached_tokens
+            placed = self._place(d_slot, d_uncached, p_slot, p_uncached)
+        if placed is not None and placed[0].kind == "whole":
+            option, why = placed
+            p_cached = p_overlap.get(p_slot.worker_id, 0)
+            ticket = Ticket(d_slot=p_slot, predicted=[p_ix.predicted], d_tokens=p_uncached)
+            p_slot.prefill_tokens += p_uncached
+            p_ix.predicted.add(request_id, p_slot.worker_id, p_hashes)
+            route = Route(request_id, p_slot.client, None, f"whole on {p_slot.worker_id}: {why}", p_decision,
+                          kind="slo_whole", decode_cached_blocks=p_cached, on_prefill_pool=True)
+            self._tickets[request_id] = ticket
+            if decision_log.isEnabledFor(logging.DEBUG):
+                decision_log.debug(route.describe())
+            return route
+        if placed is not None and placed[0].kind == "local":
+            p_ix = None
+            local = ("slo_local", f"local: {placed[1]}")
         ticket = Ticket(d_slot=d_slot, predicted=[d_ix.predicted])
         d_ix.predicted.add(request_id, d_slot.worker_id, d_hashes)
         if p_ix is None:
@@ -379,13 +451,40 @@ class Router:
             threshold = cfg.conditional_prefill_threshold
             why = (f"{d_uncached} uncached tokens on {d_slot.worker_id} > threshold {threshold}" if threshold
                    else "local prefill disabled (threshold 0)")
+            kind = "long" if threshold else "disabled"
+            if placed is not None:
+                why, kind = placed[1], "slo_remote"
             route = Route(request_id, d_slot.client, p_slot.client, f"remote: {why}", d_decision, p_decision,
-                          kind="long" if threshold else "disabled", decode_cached_blocks=d_cached,
-                          prefill_cached_blocks=p_terms.cached_blocks)
+                          kind=kind, decode_cached_blocks=d_cached, prefill_cached_blocks=p_terms.cached_blocks)
         self._tickets[request_id] = ticket
         if decision_log.isEnabledFor(logging.DEBUG):
             decision_log.debug(route.describe())
         return route
+
+    def _place(self, d_slot: WorkerSlot, d_uncached: int, p_slot: WorkerSlot, p_uncached: int
+               ) -> tuple[PlacementOption, str] | None:
+        """Placement by SLO: (the chosen option, the reason with every option's figures), or None while either
+        worker's performance model is not ready (the fixed choice, remote, stands)."""
+        cfg = self.config
+        pd = d_slot.status.perf if d_slot.status is not None else None
+        pp = p_slot.status.perf if p_slot.status is not None else None
+        if pd is None or pp is None or not (pd.ready and pp.ready):
+            return None
+        d_run, p_run = d_slot.in_flight, p_slot.in_flight
+        remote = PlacementOption("remote", d_slot.worker_id,
+                                 pp.per_token_s * (p_slot.prefill_tokens + p_uncached) + pp.base_s,
+                                 pd.tpot_s(d_run + 1))
+        whole = PlacementOption("whole", p_slot.worker_id,
+                                pp.per_token_s * (p_slot.prefill_tokens + p_uncached) + pp.decode_step_s(p_run),
+                                pp.tpot_s(p_run + 1))
+        local_stall = pd.per_token_s * d_uncached
+        local = PlacementOption("local", d_slot.worker_id,
+                                pd.per_token_s * (d_slot.prefill_tokens + d_uncached) + pd.decode_step_s(d_run),
+                                pd.tpot_s(d_run + 1), stall_s=local_stall, stalled=d_run)
+        options = (remote, whole, local)
+        chosen = place_by_slo(options, cfg.slo_ttft_s, cfg.slo_tpot_s)
+        why = "; ".join(o.describe(cfg.slo_ttft_s, cfg.slo_tpot_s) for o in options)
+        return chosen, f"SLO placement ({why}) -> {chosen.kind}"
 
     def _local_reason(self, d_id: str, d_uncached: int, exclude: Collection[str] = ()) -> tuple[str, str] | None:
         """(kind, reason) when D prefills locally, else None. With no prefill worker to take it (all

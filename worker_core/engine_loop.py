@@ -24,11 +24,13 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from common.kv_events import KVEvent
+from common.perf_model import StepTimes
 from engine.engine_core import EngineCore
 from engine.outputs import StepOutput
 
@@ -72,6 +74,7 @@ class AsyncEngine:
         # as of the last step or command: status readers must not wait behind a long step
         # (a 2048-token prefill can take seconds)
         self.stats: EngineStats = self._read_stats()
+        self.step_times = StepTimes()  # this worker's performance model, from its own steps (engine thread writes)
         # a worker of several ranks tells them it is alive well within their collective timeout
         world = core.config.parallel.world_size
         self.keepalive_s = core.config.parallel.collective_timeout_s / 4 if world > 1 else None
@@ -175,7 +178,10 @@ class AsyncEngine:
                 self._run_commands(loop)
                 if self.core.has_unfinished_requests():
                     before = len(self.core.scheduler.requests)
+                    t0 = time.monotonic()
                     outputs = self.core.step()
+                    t1 = time.monotonic()
+                    self.step_times.observe(*self.core.last_step_shape, t1 - t0, now=t1)
                     self._publish(loop)
                     freed = len(self.core.scheduler.requests) < before or any(o.finished for o in outputs)
                     if outputs or freed:

@@ -174,7 +174,7 @@ class WorkerHost:
             prefix_query_tokens=st.prefix_query_tokens, prefix_hit_tokens=st.prefix_hit_tokens,
             node_id=self.node_id, device=str(self.core.device), block_size=spec.block_size,
             dtype=str(self.core.dtype).removeprefix("torch."), transfers_in_flight=transfers_in_flight,
-            incarnation=self.publisher.epoch,
+            incarnation=self.publisher.epoch, perf=self.engine.step_times.estimate(time.monotonic()),
         )
 
     async def kv_snapshot(self) -> KVSnapshot:

@@ -54,6 +54,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--num-groups", type=int, default=8, help="shared-prefix: system prompts")
     data.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: tokens per system prompt")
     data.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
+    data.add_argument("--common-prefix-len", type=int, default=0, metavar="N",
+                      help="every request starts with the same N tokens (like a chat template's system prompt)")
     data.add_argument("--trace-file", metavar="FILE", help="trace: JSONL of timestamp_s, input_tokens, output_tokens")
     data.add_argument("--tokenizer", default="auto", metavar="PATH",
                       help="a .gguf file or HF directory whose tokenizer makes exact-length prompts; auto (default): "
@@ -220,6 +222,7 @@ async def _sweep(args: argparse.Namespace, target: Target, server: dict[str, Any
               file=sys.stderr)
     options = DatasetOptions(input_len=args.input_len, output_len=args.output_len, spread=args.spread,
                              num_groups=args.num_groups, prefix_len=args.prefix_len, turns=args.turns,
+                             common_prefix_len=args.common_prefix_len,
                              trace_file=args.trace_file, max_model_len=server.get("max_model_len") or None,
                              num_requests=args.num_requests or DEFAULT_NUM_REQUESTS)
     num_requests = args.num_requests if args.num_requests is not None else (

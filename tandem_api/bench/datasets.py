@@ -12,6 +12,9 @@ Datasets (`--dataset`):
   `{"timestamp_s": 0.5, "input_tokens": 812, "output_tokens": 64, "prefix_group": 3, "prefix_tokens": 512}`
   (`prefix_group` and `prefix_tokens` optional: members of a group share their first `prefix_tokens`).
 
+`--common-prefix-len N` starts every request of any dataset with the same N tokens, as a chat
+template's system prompt does (the same at every rate of a sweep).
+
 Prompts are real text: windows of an English corpus shipped with the package, tokenized with the
 served model's tokenizer when the client has one (`--tokenizer`, or the model path the server
 reports when that file exists here), so prompt lengths are exact token counts. Without a
@@ -151,12 +154,31 @@ class DatasetOptions:
     prefix_len: int = 512
     turns: int = 4
     trace_file: str | None = None
+    common_prefix_len: int = 0  # tokens every request starts with (a chat template's system prompt)
     max_model_len: int | None = None  # the server's, when known: prompts + outputs are kept inside it
     num_requests: int | None = None  # shuffles shared-prefix groups over this many (None: rounds of 4)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def build_dataset(name: str, options: DatasetOptions, prompts: PromptMaker, seed: int, salt: int = 0) -> Dataset:
+    """The named dataset (see `_build`), every request starting with --common-prefix-len shared tokens."""
+    dataset = _build(name, options, prompts, seed, salt)
+    if options.common_prefix_len < 0:
+        raise DatasetError(f"--common-prefix-len must be >= 0, got {options.common_prefix_len}")
+    if options.common_prefix_len:
+        common = prompts.make(options.common_prefix_len, random.Random(f"{seed}/common"))
+        dataset.units = _with_common(dataset.units, common)
+        dataset.params["common_prefix_len"] = options.common_prefix_len
+    return dataset
+
+
+def _with_common(units: Iterator[Unit], common: Prompt) -> Iterator[Unit]:
+    for unit in units:
+        unit.system = common if unit.system is None else common + unit.system
+        yield unit
+
+
+def _build(name: str, options: DatasetOptions, prompts: PromptMaker, seed: int, salt: int = 0) -> Dataset:
     """The named dataset; DatasetError for an unknown name or bad parameters.
 
     `seed` fixes lengths, groups and order; `salt` only the prompts' content. A sweep gives each rate its

@@ -315,3 +315,14 @@ def test_openai_urls():
         split_openai_url("http://h/v1/completions", "chat")
     with pytest.raises(TargetError, match="--openai-url"):
         split_openai_url("h:8000", None)
+
+
+def test_a_common_prefix_starts_every_request_at_every_rate():
+    prompts = PromptMaker(WordTokenizer())
+    opts = DatasetOptions(input_len=10, spread=0, common_prefix_len=6)
+    runs = [take(build_dataset("random", opts, prompts, 0, salt=salt), 3) for salt in (0, 1)]
+    commons = {u.system.ids for units in runs for u in units}
+    assert len(commons) == 1 and len(next(iter(commons))) == 6
+    shared = take(build_dataset("shared-prefix", DatasetOptions(num_groups=2, prefix_len=5, common_prefix_len=6),
+                                prompts, 0), 4)
+    assert all(len(u.system.ids) == 11 and u.system.ids[:6] == next(iter(commons)) for u in shared)

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import msgspec
 import pytest
 
 from common.block_hash import hash_full_blocks
@@ -634,3 +635,56 @@ def test_rendezvous_homes_are_stable_and_spread() -> None:
     # a worker leaving moves only its own keys
     moved = [k for k, h in zip(keys, homes) if h != 2 and workers[h] != ["p0", "p1"][rendezvous(k, ["p0", "p1"])]]
     assert moved == []
+
+
+# ---- placement by SLO (issue 16) ---------------------------------------------------------------------------------
+
+
+def perf_status(wid: str, role: str, busy: float = 0.0, per_token: float = 0.003, ready: bool = True) -> WorkerStatus:
+    from common.perf_model import PerfEstimate
+
+    return msgspec.structs.replace(status(wid, 1000, 1000), role=role, perf=PerfEstimate(
+        ready=ready, base_s=0.020, per_seq_s=0.010, per_token_s=per_token, decode_steps=50, prefill_steps=5,
+        prefill_busy=busy))
+
+
+def slo_router(**statuses) -> Router:
+    r = make_router(n_prefill=1, n_decode=1, slo_ttft_s=4.0, slo_tpot_s=0.2)
+    for wid, st in statuses.items():
+        pool = r.prefill.pool if wid.startswith("p") else r.decode.pool
+        pool.set_status(wid, st)
+    return r
+
+
+def test_slo_placement_uses_an_idle_prefill_worker_for_the_whole_request():
+    r = slo_router(p0=perf_status("p0", "prefill"), d0=perf_status("d0", "decode"))
+    r.decode.pool.slot("d0").in_flight = 4  # D decodes 4 requests; P is idle
+    route = r.route("a", list(range(1000, 1500)))
+    assert route.prefill is None and route.decode.worker_id == "p0" and route.on_prefill_pool
+    assert route.kind == "slo_whole"
+    assert route.reason == (
+        "whole on p0: SLO placement (remote on d0: TTFT 1520 ms, TPOT 70 ms = 0.73; "
+        "whole on p0: TTFT 1530 ms, TPOT 30 ms = 0.53; "
+        "local on d0: TTFT 1560 ms, TPOT 70 ms, stalls 4 for 1500 ms = 1.21) -> whole")
+    assert prefill_loads(r) == {"p0": 500}  # its prefill is booked on P, like a remote one
+    r.close("a")
+    assert prefill_loads(r) == {"p0": 0}
+
+
+def test_slo_placement_keeps_decode_off_a_busy_prefill_worker_and_prefills_locally_past_a_queue():
+    busy = slo_router(p0=perf_status("p0", "prefill", busy=0.9), d0=perf_status("d0", "decode"))
+    route = busy.route("a", list(range(1000, 1500)))
+    assert route.prefill.worker_id == "p0" and route.kind == "slo_remote"  # TPOT on P: 30 ms / (1 - 0.9)
+    queued = slo_router(p0=perf_status("p0", "prefill"), d0=perf_status("d0", "decode"))
+    queued.prefill.pool.slot("p0").prefill_tokens = 3000  # 9 s of queue on P; D is idle
+    route = queued.route("b", list(range(1000, 1500)))
+    assert route.local and route.decode.worker_id == "d0" and route.kind == "slo_local"
+
+
+def test_slo_placement_waits_for_ready_models_and_a_threshold_keeps_the_fixed_placement():
+    r = slo_router(p0=perf_status("p0", "prefill", ready=False), d0=perf_status("d0", "decode"))
+    r.decode.pool.slot("d0").in_flight = 4
+    route = r.route("a", list(range(1000, 1500)))
+    assert route.prefill.worker_id == "p0" and route.kind == "disabled"
+    fixed = make_router(n_prefill=1, n_decode=1, slo_ttft_s=4.0, slo_tpot_s=0.2, conditional_prefill_threshold=64)
+    assert not fixed.config.slo_placement

@@ -1,0 +1,53 @@
+"""The worker's performance model (common/perf_model.py): fitted from step times it is fed."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.perf_model import PerfEstimate, StepTimes
+
+
+def test_the_decode_line_and_the_prefill_rate_are_recovered():
+    st = StepTimes(warmup_steps=3)
+    for _ in range(3):
+        st.observe(0, 1, 9.0)  # warm-up steps are ignored, however slow
+    for b in [1, 2, 3, 4, 6, 8] * 4:
+        st.observe(0, b, 0.020 + 0.005 * b)
+    for tokens, seqs in [(512, 0), (128, 3), (64, 2)]:
+        st.observe(tokens, seqs, 0.020 + 0.005 * seqs + 0.0015 * tokens)
+    est = st.estimate()
+    assert est.ready and est.decode_steps == 24 and est.prefill_steps == 3
+    assert est.base_s == pytest.approx(0.020) and est.per_seq_s == pytest.approx(0.005)
+    assert est.per_token_s == pytest.approx(0.0015)
+    assert est.decode_step_s(4) == pytest.approx(0.040)
+    assert est.prefill_s(200, decoding=2) == pytest.approx(0.030 + 0.3)
+
+
+def test_recent_steps_weigh_more_and_short_prefills_are_not_prefill_samples():
+    st = StepTimes(warmup_steps=0, decay=0.9)
+    for _ in range(50):
+        st.observe(0, 2, 0.050)
+    for _ in range(50):
+        st.observe(0, 2, 0.100)  # the machine got busier
+    assert st.estimate().decode_step_s(2) == pytest.approx(0.100, rel=0.01)
+    st.observe(8, 2, 5.0)  # below min_prefill_tokens: a resumed request's few tokens, not a prefill sample
+    assert st.estimate().prefill_steps == 0 and not st.estimate().ready
+
+
+def test_an_empty_model_is_not_ready():
+    assert StepTimes().estimate() == PerfEstimate()
+
+
+def test_prefill_busy_is_the_share_of_the_window_spent_in_prefill_steps():
+    st = StepTimes(warmup_steps=0, window_s=10.0)
+    t = 100.0
+    for _ in range(10):  # 1 s of prefill, then 1 s of decode steps, over 20 s
+        t += 1.0
+        st.observe(200, 0, 1.0, now=t)
+        for _ in range(10):
+            t += 0.1
+            st.observe(0, 2, 0.1, now=t)
+    est = st.estimate(now=t)
+    assert est.prefill_busy == pytest.approx(0.5, abs=0.06)
+    assert est.tpot_s(2) == pytest.approx(est.decode_step_s(2) / (1 - est.prefill_busy))
+    assert st.estimate(now=t + 60).prefill_busy == 0.0  # nothing in the last window
