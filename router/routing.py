@@ -198,7 +198,8 @@ class PlacementOption:
     """One way to run a request, as placement by SLO predicts it from the workers' performance models.
 
     kind: "remote" (prefill on P, decode on D), "local" (all on D), "whole" (all on P).
-    ttft_s = per_token * (queued + uncached tokens) + one step (+ D's decode batch for local, P's for whole);
+    ttft_s = the worker's prefill line at (queued + uncached tokens), plus per_seq for each request decoding
+    beside it (local: on D; whole: on P);
     tpot_s = the decode worker's step at its batch + 1, over (1 - its prefill-busy share);
     stall_s: the prefill this option puts beside `stalled` requests already decoding on that worker
     (local only: remote and whole both prefill on P). With r = ttft / its target and t = tpot / its target,
@@ -466,21 +467,21 @@ class Router:
         """Placement by SLO: (the chosen option, the reason with every option's figures), or None while either
         worker's performance model is not ready (the fixed choice, remote, stands)."""
         cfg = self.config
-        pd = d_slot.status.perf if d_slot.status is not None else None
-        pp = p_slot.status.perf if p_slot.status is not None else None
-        if pd is None or pp is None or not (pd.ready and pp.ready):
+        if d_slot.status is None or p_slot.status is None:
+            return None
+        # the same model on both: a line one worker has not measured (P never decodes in a disaggregated
+        # pool, D may never prefill) comes from the other
+        pd = d_slot.status.perf.completed_by(p_slot.status.perf)
+        pp = p_slot.status.perf.completed_by(d_slot.status.perf)
+        if not (pd.ready and pp.ready):
             return None
         d_run, p_run = d_slot.in_flight, p_slot.in_flight
-        remote = PlacementOption("remote", d_slot.worker_id,
-                                 pp.per_token_s * (p_slot.prefill_tokens + p_uncached) + pp.base_s,
-                                 pd.tpot_s(d_run + 1))
-        whole = PlacementOption("whole", p_slot.worker_id,
-                                pp.per_token_s * (p_slot.prefill_tokens + p_uncached) + pp.decode_step_s(p_run),
-                                pp.tpot_s(p_run + 1))
-        local_stall = pd.per_token_s * d_uncached
+        p_ttft = pp.prefill_s(p_slot.prefill_tokens + p_uncached)
+        remote = PlacementOption("remote", d_slot.worker_id, p_ttft, pd.tpot_s(d_run + 1))
+        whole = PlacementOption("whole", p_slot.worker_id, p_ttft + pp.per_seq_s * p_run, pp.tpot_s(p_run + 1))
         local = PlacementOption("local", d_slot.worker_id,
-                                pd.per_token_s * (d_slot.prefill_tokens + d_uncached) + pd.decode_step_s(d_run),
-                                pd.tpot_s(d_run + 1), stall_s=local_stall, stalled=d_run)
+                                pd.prefill_s(d_slot.prefill_tokens + d_uncached) + pd.per_seq_s * d_run,
+                                pd.tpot_s(d_run + 1), stall_s=pd.prefill_s(d_uncached), stalled=d_run)
         options = (remote, whole, local)
         chosen = place_by_slo(options, cfg.slo_ttft_s, cfg.slo_tpot_s)
         why = "; ".join(o.describe(cfg.slo_ttft_s, cfg.slo_tpot_s) for o in options)

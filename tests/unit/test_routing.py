@@ -640,12 +640,13 @@ def test_rendezvous_homes_are_stable_and_spread() -> None:
 # ---- placement by SLO (issue 16) ---------------------------------------------------------------------------------
 
 
-def perf_status(wid: str, role: str, busy: float = 0.0, per_token: float = 0.003, ready: bool = True) -> WorkerStatus:
+def perf_status(wid: str, role: str, busy: float = 0.0, ready: bool = True) -> WorkerStatus:
+    """P measured only prefill steps, D only decode steps (each borrows the other's line)."""
     from common.perf_model import PerfEstimate
 
+    steps = dict(prefill_steps=5 if ready else 0) if role == "prefill" else dict(decode_steps=50)
     return msgspec.structs.replace(status(wid, 1000, 1000), role=role, perf=PerfEstimate(
-        ready=ready, base_s=0.020, per_seq_s=0.010, per_token_s=per_token, decode_steps=50, prefill_steps=5,
-        prefill_busy=busy))
+        decode_base_s=0.020, per_seq_s=0.010, prefill_base_s=0.020, per_token_s=0.003, prefill_busy=busy, **steps))
 
 
 def slo_router(**statuses) -> Router:
@@ -664,8 +665,8 @@ def test_slo_placement_uses_an_idle_prefill_worker_for_the_whole_request():
     assert route.kind == "slo_whole"
     assert route.reason == (
         "whole on p0: SLO placement (remote on d0: TTFT 1520 ms, TPOT 70 ms = 0.73; "
-        "whole on p0: TTFT 1530 ms, TPOT 30 ms = 0.53; "
-        "local on d0: TTFT 1560 ms, TPOT 70 ms, stalls 4 for 1500 ms = 1.21) -> whole")
+        "whole on p0: TTFT 1520 ms, TPOT 30 ms = 0.53; "
+        "local on d0: TTFT 1560 ms, TPOT 70 ms, stalls 4 for 1520 ms = 1.21) -> whole")
     assert prefill_loads(r) == {"p0": 500}  # its prefill is booked on P, like a remote one
     r.close("a")
     assert prefill_loads(r) == {"p0": 0}
