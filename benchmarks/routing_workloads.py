@@ -2,7 +2,8 @@
 
 For each pool size and policy, one `tandem serve` (N prefill + 1 decode workers, float32, local prefill
 off so that every prompt is routed to the prefill pool, --prefill-kv MiB of KV per prefill worker) is
-started, driven by `tandem bench` with each workload in turn (same order, same seeds), and stopped:
+started, driven by `tandem bench` with each workload in turn (same order; workload k uses seed
+--seed + k, so no workload finds another's prompts cached), and stopped:
 
     sequential-docs  documents after a common 32-token header (a chat template's system prompt), each asked
                      4 times in shuffled order, one request at a time; more documents than one prefill
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=["kv", "round-robin"])
     ap.add_argument("--workloads", nargs="+", default=list(workloads(2)))
     ap.add_argument("--prefill-kv", default="224MiB", help="KV cache per prefill worker")
+    ap.add_argument("--decode-kv", default="1GiB", help="KV cache of the decode worker (it holds every running request)")
     ap.add_argument("--tandem-flags", default="--dtype float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/routing_workloads")
@@ -73,15 +75,16 @@ def main() -> None:
             name = f"{size}P-{policy}"
             flags = ["--prefill-replicas", str(size), "--decode-replicas", "1", "--router-policy", policy,
                      "--conditional-prefill-threshold", "0"]
-            server_args = argparse.Namespace(tandem_flags=f"{args.tandem_flags} --kv-cache-memory {args.prefill_kv}")
-            # one KV size for both pools through --kv-cache-memory; decode holds few requests here
+            config = out / "pools.yaml"
+            config.write_text(f"prefill: {{kv_cache_memory: {args.prefill_kv}}}\ndecode: {{kv_cache_memory: {args.decode_kv}}}\n")
+            server_args = argparse.Namespace(tandem_flags=f"{args.tandem_flags} --config {config}")
             print(f"\n=== {name}: starting", flush=True)
             proc, target = start(name, flags, server_args, out / f"{name}.server.log")
             try:
-                for workload in args.workloads:
+                for k, workload in enumerate(args.workloads):
                     wl = workloads(size)[workload]
                     run_dir = out / name / workload
-                    cmd = [*TANDEM, "bench", *target, *wl, "--ignore-eos", "--seed", str(args.seed), "--quiet",
+                    cmd = [*TANDEM, "bench", *target, *wl, "--ignore-eos", "--seed", str(args.seed + k), "--quiet",
                            "--no-plots", "--label", f"{name} {workload}", "--output", str(run_dir)]
                     t0 = time.monotonic()
                     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)

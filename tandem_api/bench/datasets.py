@@ -15,8 +15,10 @@ Datasets (`--dataset`):
 `--common-prefix-len N` starts every request of any dataset with the same N tokens, as a chat
 template's system prompt does (the same at every rate of a sweep).
 
-Prompts are real text: windows of an English corpus shipped with the package, tokenized with the
-served model's tokenizer when the client has one (`--tokenizer`, or the model path the server
+Prompts are real text: windows of an English corpus shipped with the package, each opened by a few
+words drawn at random from its vocabulary so that no two prompts share a first block by accident
+(the corpus is short: windows alone collide), tokenized with the served model's tokenizer when the
+client has one (`--tokenizer`, or the model path the server
 reports when that file exists here), so prompt lengths are exact token counts. Without a
 tokenizer, token-id prompts are random ids from the server's vocabulary (gRPC reports its size)
 and text prompts are corpus words, about 1.3 tokens each (the server's usage then says how many).
@@ -36,6 +38,7 @@ from typing import Any, Protocol
 
 DATASETS = ("random", "shared-prefix", "multi-turn", "trace")
 TOKENS_PER_WORD = 1.3  # English words -> BPE tokens, for prompts made without a tokenizer
+OPENING_WORDS = 8  # random vocabulary words that open every prompt: distinct first blocks
 RANDOM_ID_LOW = 100  # random token ids start here: clear of the special tokens at the vocabulary's start
 
 
@@ -70,6 +73,7 @@ class PromptMaker:
         self.vocab_size = vocab_size
         corpus = resources.files("tandem_api.bench").joinpath("corpus.txt").read_text(encoding="utf-8")
         self.words = corpus.split()
+        self.vocabulary = sorted(set(self.words))
         self.corpus_ids = tokenizer.encode(corpus, add_special_tokens=False) if tokenizer is not None else None
         if vocab_size is not None and vocab_size <= RANDOM_ID_LOW + 1 and tokenizer is None:
             self.low = 0
@@ -81,16 +85,19 @@ class PromptMaker:
         return self.corpus_ids is not None
 
     def make(self, n: int, rng: random.Random) -> Prompt:
+        opening = [rng.choice(self.vocabulary) for _ in range(OPENING_WORDS)]
         if self.corpus_ids is not None:
+            head = self.tokenizer.encode(" ".join(opening) + ".", add_special_tokens=False)[:n]
             start = rng.randrange(len(self.corpus_ids))
-            ids = tuple(self.corpus_ids[(start + i) % len(self.corpus_ids)] for i in range(n))
+            ids = tuple(head) + tuple(self.corpus_ids[(start + i) % len(self.corpus_ids)] for i in range(n - len(head)))
             return Prompt(ids, self.tokenizer.decode(ids))
         ids = None
         if self.vocab_size is not None:
             ids = tuple(rng.randrange(self.low, self.vocab_size) for _ in range(n))
         n_words = max(1, round(n / TOKENS_PER_WORD))
         start = rng.randrange(len(self.words))
-        return Prompt(ids, " ".join(self.words[(start + i) % len(self.words)] for i in range(n_words)))
+        words = opening + [self.words[(start + i) % len(self.words)] for i in range(max(0, n_words - OPENING_WORDS))]
+        return Prompt(ids, " ".join(words[:n_words]))
 
     def head(self, prompt: Prompt, n: int) -> Prompt:
         """The first n tokens of `prompt` (its first n / 1.3 words when it has no ids)."""

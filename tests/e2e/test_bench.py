@@ -286,3 +286,17 @@ def test_bad_targets_and_flags_say_what_to_change(tmp_path, capsys):
         assert words in capsys.readouterr().err
     assert bench_main(["--quiet"]) == 2
     assert "give exactly one target" in capsys.readouterr().err
+
+
+def test_find_max_rate_writes_every_probe(openai_server, tmp_path, capsys):
+    out = tmp_path / "search"
+    rc = bench_main(["--openai-url", openai_server.url, "--input-len", "8", "--output-len", "3", "--spread", "0",
+                     "--num-requests", "4", "--request-rate", "50", "--find-max-rate", "--slo", "e2el_ms=60000",
+                     "--search-probes", "3", "--tokenizer", "none", "--output", str(out), "--no-plots", "--quiet"])
+    assert rc == 0
+    search = json.loads((out / "search.json").read_text())
+    assert [p["request_rate"] for p in search["probes"]] == [50.0, 100.0, 200.0]  # all pass: doubling
+    assert search["max_rate"] == 200.0 and search["upper"] is None
+    runs = json.loads((out / "summary.json").read_text())
+    assert [r["metadata"]["request_rate"] for r in runs] == [50.0, 100.0, 200.0]
+    assert "highest rate meeting e2el_ms=60000 for >= 90% of requests: 200 req/s" in capsys.readouterr().out

@@ -326,3 +326,10 @@ def test_a_common_prefix_starts_every_request_at_every_rate():
     shared = take(build_dataset("shared-prefix", DatasetOptions(num_groups=2, prefix_len=5, common_prefix_len=6),
                                 prompts, 0), 4)
     assert all(len(u.system.ids) == 11 and u.system.ids[:6] == next(iter(commons)) for u in shared)
+
+
+def test_prompts_do_not_share_a_first_block_by_accident():
+    prompts = PromptMaker(WordTokenizer())
+    rng = random.Random(0)
+    firsts = [prompts.make(64, rng).ids[:16] for _ in range(500)]  # the corpus alone has ~800 window starts
+    assert len(set(firsts)) == 500
