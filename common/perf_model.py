@@ -16,12 +16,14 @@ line from another worker of the same model.
 prompt tokens: a decode sequence on this worker waits that share of the time behind prefills, so
 its time per output token is about decode_step / (1 - prefill_busy).
 
-Pure and torch-free: the worker's engine thread feeds it, the worker reports `PerfEstimate` in its
-status, and the router predicts TTFT and TPOT from it (router/routing.py, placement by SLO).
+Torch-free: the worker's engine thread feeds it while its event loop reads `estimate()` for a status
+reply (a lock keeps the two apart), and the router predicts TTFT and TPOT from the `PerfEstimate` it
+gets (router/routing.py, placement by SLO).
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 
 import msgspec
@@ -118,9 +120,14 @@ class StepTimes:
         self._prefill = _Line(decay)
         self._busy: deque[tuple[float, float]] = deque()  # (end time, seconds) of recent prefill steps
         self._first: float | None = None
+        self._lock = threading.Lock()
 
     def observe(self, prefill_tokens: int, decode_seqs: int, seconds: float, now: float | None = None) -> None:
         """One step's shape and duration; `now` (its end, monotonic seconds) feeds prefill_busy."""
+        with self._lock:
+            self._observe(prefill_tokens, decode_seqs, seconds, now)
+
+    def _observe(self, prefill_tokens: int, decode_seqs: int, seconds: float, now: float | None) -> None:
         if now is not None:
             if self._first is None:
                 self._first = now - seconds
@@ -147,6 +154,10 @@ class StepTimes:
         return min(1.0, sum(sec for _, sec in self._busy) / span)
 
     def estimate(self, now: float | None = None) -> PerfEstimate:
+        with self._lock:
+            return self._estimate(now)
+
+    def _estimate(self, now: float | None) -> PerfEstimate:
         decode_base, per_seq = self._decode.fit()
         prefill_base, per_token = self._prefill.fit()
         return PerfEstimate(decode_base_s=decode_base, per_seq_s=per_seq, prefill_base_s=prefill_base,

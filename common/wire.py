@@ -14,7 +14,8 @@ import msgspec
 
 from common.perf_model import PerfEstimate
 
-WIRE_VERSION = 2  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVHandle.issued_at, prior_ids (issue 7)
+WIRE_VERSION = 3  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVHandle.issued_at, prior_ids (issue 7)
+#                  3: WorkerStatus.perf (issue 16)
 
 
 class LogprobEntry(msgspec.Struct, frozen=True):

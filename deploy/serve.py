@@ -13,8 +13,8 @@ everything, exposes `address` and `cluster`, and `stop()` tears it down.
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
+import os
 import random
 import signal
 import threading
