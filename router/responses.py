@@ -85,9 +85,12 @@ class RequestTrace:
         self.cached_tokens = max(self.cached_tokens, chunk.cached_tokens)
 
     def sent(self, now: float, tokens: int) -> None:
-        """A response with `tokens` tokens was handed to gRPC at `now`."""
+        """A response with `tokens` tokens was handed to gRPC at `now`. Tokens that arrive with the first
+        count as gaps of 0 (as `tandem bench` counts them): every token after the first is one ITL sample."""
         if self.first_sent is None:
             self.first_sent = now
+            if tokens > 1:
+                self.token_gaps.append((0.0, tokens - 1))
         elif tokens:
             self.token_gaps.append((now - (self.last_sent or now), tokens))
         self.last_sent = now

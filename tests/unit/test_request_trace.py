@@ -25,3 +25,13 @@ def test_token_gaps_skip_the_first_response_and_empty_chunks():
     t.sent(1.5, 0)  # a final chunk without tokens: no gap
     assert t.token_gaps == [(pytest.approx(0.1), 1), (pytest.approx(0.3), 3)]
     assert t.first_sent == 1.0 and t.last_sent == 1.5
+
+
+def test_tokens_that_arrive_with_the_first_are_gaps_of_zero():
+    """A local prefill's first chunk may carry tokens 1..k at once: tokens 2..k still count (ITL 0), so the
+    ITL histogram has one sample per token after the first (seen missing as a flake of test_metrics)."""
+    t = RequestTrace(received=0.0, prompt_tokens=5)
+    t.sent(1.0, 3)
+    t.sent(1.2, 2)
+    assert t.token_gaps == [(0.0, 2), (pytest.approx(0.2), 2)]
+    assert sum(n for _, n in t.token_gaps) == 3 + 2 - 1
