@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tandem_api.bench.metrics import percentile
+
 
 @dataclass
 class TimedReply:
@@ -61,14 +63,9 @@ class ScriptRun:
 
 
 def pct(xs: list[float], q: float) -> float:
-    """Linear-interpolation percentile (numpy's default); nan for no samples."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    """Linear-interpolation percentile (numpy's default); nan for no samples (tandem bench's percentile)."""
+    value = percentile(xs, q)
+    return float("nan") if value is None else value
 
 
 def dist(xs: list[float]) -> dict:

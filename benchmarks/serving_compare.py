@@ -30,7 +30,6 @@ import math
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,19 +37,16 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from served_common import free_port  # noqa: E402 - the script's own folder is on sys.path
 TANDEM = [sys.executable, "-m", "deploy.cli"]
 BUILTIN = {"disagg": [], "agg": ["--mode", "aggregated"]}
 START_TIMEOUT_S = 900
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_tandem(port: int, proc: subprocess.Popen) -> None:
-    sys.path.insert(0, str(REPO))
     from tandem_api.client import TandemClient
 
     deadline = time.monotonic() + START_TIMEOUT_S

@@ -21,215 +21,27 @@ reports progress: `prefill_done` (P returned token 1), `first_token` (D streamed
 pull or its local prefill is done; the predictions are dropped, real KV events have
 replaced them) and `close` (always; idempotent).
 
-Costs (pure functions, golden-tested; every decision can print the filled-in formula):
-
-    prefill_cost = w_uncached * uncached_tokens + w_queued * queued_tokens + w_evict * new_tokens * fill
-        uncached_tokens  prompt tokens minus those in the worker's longest cached prefix
-                         (at least 1: the last prompt token is always computed)
-        queued_tokens    prefill tokens this router routed to the worker and not yet done
-        new_tokens       what the prompt adds to the worker's cache: its uncached full blocks, in tokens
-        fill             (content + new) / total blocks, at most 1: the share of the cache that already
-                         holds something (blocks in use, or cached prefixes as the router's index has them,
-                         plus this router's queued prefill) once the prompt is in. It stands for the chance
-                         that what the prompt adds pushes out a prefix that will be asked for again.
-    decode_cost = w_kv * (used + in_flight + need) / total + w_seqs * running / max_num_seqs
-        used             total - free KV blocks, as the worker last reported
-        in_flight        KV blocks this router routed to it that it has not pulled yet
-        need             blocks this prompt takes there beyond its cached prefix
-        running          requests of this router on the worker
-
-In tokens, the first two terms are what the worker computes before this request's first
-token on a first-come-first-served worker (the shortest-TTFT guess); the third is what the
-choice may cost later requests. Without it, a short match decides: when every prompt shares a
-chat template's first block and only one worker has it cached, each new prefix goes to that
-worker while the others stay empty, and its cache thrashes (issue 16: 4.7x round-robin's TTFT).
-With it, a new prefix goes where the cache has room, so the pool caches the union of prefixes,
-one request at a time as much as under load; a long match still wins (its new_tokens are few).
-The term is 0 for a worker that has not reported its cache size.
-
-Ties (equal costs, e.g. idle workers with empty caches) go to the prompt's rendezvous home:
-the highest hash of (worker, the first block no worker holds), so a prefix placed nowhere yet
-gets a stable worker and distinct prefixes spread evenly; the injected random generator breaks
-ties of prompts shorter than a block.
-
-Selection: temperature 0 picks the cheapest (ties broken by the injected random
-generator); temperature T > 0 samples with weights exp(-x / T), x the cost scaled to
-[0, 1] over the candidates, so a small T spreads load among near-equal workers.
+Costs, selection and ties: router/costs.py. Placement by SLO: router/placement.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import random
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from common.block_hash import BlockHash, hash_full_blocks
+from router.costs import (
+    CostWeights, DecodeTerms, PrefillTerms, decode_cost, decode_formula, decode_terms, need_blocks, prefill_cost,
+    prefill_formula, prefill_terms, rendezvous, select,
+)
 from router.indexer import Indexer, PredictedBlocks
+from router.placement import PlacementOption, place_by_slo
 from router.pools import Decision, Policy, WorkerPool, WorkerSlot
 from router.workers import WorkerClient
 
 decision_log = logging.getLogger("router.decisions")
-
-
-@dataclass(frozen=True)
-class CostWeights:
-    uncached: float = 1.0  # prefill, per uncached prompt token
-    queued: float = 1.0  # prefill, per token already queued on the worker
-    evict: float = 0.5  # prefill, per token the prompt adds to the cache, times the cache's fill
-    kv: float = 1.0  # decode, KV usage after admitting the request (fraction)
-    seqs: float = 1.0  # decode, running requests / max_num_seqs (fraction)
-
-
-@dataclass(frozen=True)
-class PrefillTerms:
-    worker_id: str
-    prompt_tokens: int
-    cached_blocks: int
-    block_size: int
-    queued_tokens: int
-    total_blocks: int = 0  # the worker's KV blocks (0: not reported: no eviction term)
-    content_blocks: int = 0  # blocks in use or holding cached prefixes (+ this router's queued prefill)
-
-    @property
-    def uncached_tokens(self) -> int:
-        return self.prompt_tokens - min(self.cached_blocks * self.block_size, self.prompt_tokens - 1)
-
-    @property
-    def new_blocks(self) -> int:
-        """Full blocks the prompt adds to the worker's prefix cache."""
-        return max(0, self.prompt_tokens // self.block_size - self.cached_blocks)
-
-    @property
-    def fill(self) -> float:
-        if self.total_blocks <= 0:
-            return 0.0
-        return min(1.0, (self.content_blocks + self.new_blocks) / self.total_blocks)
-
-    @property
-    def evict_tokens(self) -> float:
-        return self.new_blocks * self.block_size * self.fill
-
-
-def prefill_cost(t: PrefillTerms, w: CostWeights = CostWeights()) -> float:
-    return w.uncached * t.uncached_tokens + w.queued * t.queued_tokens + w.evict * t.evict_tokens
-
-
-def prefill_formula(t: PrefillTerms, w: CostWeights = CostWeights()) -> str:
-    evict = ""
-    if t.total_blocks > 0:
-        evict = (f" + {w.evict:g}*evict {t.new_blocks * t.block_size}*fill {t.fill:.2f} "
-                 f"(({t.content_blocks} + {t.new_blocks})/{t.total_blocks})")
-    return (f"{t.worker_id}: {w.uncached:g}*uncached {t.uncached_tokens} "
-            f"({t.prompt_tokens} - {t.cached_blocks} blocks cached) + {w.queued:g}*queued {t.queued_tokens}"
-            f"{evict} = {prefill_cost(t, w):.6g}")
-
-
-@dataclass(frozen=True)
-class DecodeTerms:
-    worker_id: str
-    prompt_tokens: int
-    cached_blocks: int
-    block_size: int
-    total_blocks: int  # 0: the worker has not reported yet (the KV term is then 0)
-    free_blocks: int
-    in_flight_blocks: int
-    running: int
-    max_num_seqs: int
-
-    @property
-    def need_blocks(self) -> int:
-        return need_blocks(self.prompt_tokens, self.cached_blocks, self.block_size)
-
-    @property
-    def kv_usage(self) -> float:
-        if self.total_blocks <= 0:
-            return 0.0
-        used = self.total_blocks - self.free_blocks
-        return (used + self.in_flight_blocks + self.need_blocks) / self.total_blocks
-
-    @property
-    def seq_usage(self) -> float:
-        return self.running / self.max_num_seqs if self.max_num_seqs > 0 else 0.0
-
-
-def decode_cost(t: DecodeTerms, w: CostWeights = CostWeights()) -> float:
-    return w.kv * t.kv_usage + w.seqs * t.seq_usage
-
-
-def decode_formula(t: DecodeTerms, w: CostWeights = CostWeights()) -> str:
-    used = t.total_blocks - t.free_blocks
-    return (f"{t.worker_id}: {w.kv:g}*kv (used {used} + in flight {t.in_flight_blocks} + need {t.need_blocks})"
-            f"/{t.total_blocks} + {w.seqs:g}*seqs {t.running}/{t.max_num_seqs} = {decode_cost(t, w):.4g}")
-
-
-def rendezvous(key: bytes, worker_ids: Sequence[str]) -> int:
-    """Index of the worker with the highest hash of (key, worker id): highest-random-weight hashing.
-    The same key picks the same worker while it is a candidate; keys spread evenly over workers."""
-    return max(range(len(worker_ids)),
-               key=lambda i: hashlib.blake2b(key + worker_ids[i].encode(), digest_size=8).digest())
-
-
-def select(costs: Sequence[float], temperature: float, rng: random.Random, home: Callable[[list[int]], int] | None = None
-           ) -> int:
-    """Index of the chosen candidate: argmin at temperature 0, else softmax sampling. Ties at the minimum go
-    to `home(tied indices)` when given (the prompt's rendezvous home), else to the random generator."""
-    if not costs:
-        raise ValueError("select needs at least one candidate")
-    lo, hi = min(costs), max(costs)
-    if temperature <= 0 or hi == lo:
-        tol = 1e-9 * max(1.0, abs(lo))
-        ties = [i for i, c in enumerate(costs) if c - lo <= tol]
-        if len(ties) == 1:
-            return ties[0]
-        return home(ties) if home is not None else ties[rng.randrange(len(ties))]
-    span = hi - lo
-    weights = [math.exp(-(c - lo) / span / temperature) for c in costs]
-    return rng.choices(range(len(costs)), weights=weights)[0]
-
-
-REMAINING_TOKENS = 64  # placement by SLO: output tokens a running request is assumed to have left
-
-
-@dataclass(frozen=True)
-class PlacementOption:
-    """One way to run a request, as placement by SLO predicts it from the workers' performance models.
-
-    kind: "remote" (prefill on P, decode on D), "local" (all on D), "whole" (all on P).
-    ttft_s = the worker's prefill line at (queued + uncached tokens), plus per_seq for each request decoding
-    beside it (local: on D; whole: on P);
-    tpot_s = the decode worker's step at its batch + 1, over (1 - its prefill-busy share);
-    stall_s: the prefill this option puts beside `stalled` requests already decoding on that worker
-    (local only: remote and whole both prefill on P). With r = ttft / its target and t = tpot / its target,
-    score = r + t + stalled * stall_s / (REMAINING_TOKENS * tpot target) + 10 * max(0, max(r, t) - 1):
-    the slack left on both targets, the TPOT taken from the others, and a steep price for a missed target.
-    The lowest score wins; ties keep the order remote, whole, local.
-    """
-
-    kind: str
-    worker_id: str
-    ttft_s: float
-    tpot_s: float
-    stall_s: float = 0.0
-    stalled: int = 0
-
-    def score(self, ttft_target: float, tpot_target: float) -> float:
-        r = self.ttft_s / ttft_target if ttft_target else 0.0
-        t = self.tpot_s / tpot_target if tpot_target else 0.0
-        harm = self.stalled * self.stall_s / (REMAINING_TOKENS * tpot_target) if tpot_target else 0.0
-        return r + t + harm + 10.0 * max(0.0, max(r, t) - 1.0)
-
-    def describe(self, ttft_target: float, tpot_target: float) -> str:
-        stall = f", stalls {self.stalled} for {self.stall_s * 1000:.0f} ms" if self.stalled and self.stall_s else ""
-        return (f"{self.kind} on {self.worker_id}: TTFT {self.ttft_s * 1000:.0f} ms, TPOT {self.tpot_s * 1000:.0f} ms"
-                f"{stall} = {self.score(ttft_target, tpot_target):.2f}")
-
-
-def place_by_slo(options: Sequence[PlacementOption], ttft_target: float, tpot_target: float) -> PlacementOption:
-    """The option with the lowest score (see PlacementOption); the first on ties."""
-    return min(options, key=lambda o: o.score(ttft_target, tpot_target))
 
 
 @dataclass(frozen=True)
@@ -295,7 +107,6 @@ class Route:
     #                 remote long|disabled
     decode_cached_blocks: int = 0  # leading prompt blocks D holds (index or predicted)
     prefill_cached_blocks: int = 0  # ... that P holds (remote only)
-    on_prefill_pool: bool = False  # `decode` is a prefill worker running the whole request (placement by SLO)
 
     @property
     def local(self) -> bool:
@@ -407,40 +218,36 @@ class Router:
         d_cached = d_overlap.get(d_slot.worker_id, 0)
         d_uncached = PrefillTerms(d_slot.worker_id, n, d_cached, d_ix.pool.block_size, 0).uncached_tokens
         local = self._local_reason(d_slot.worker_id, d_uncached, exclude)
+        placed = remote_why = None
         p_ix = None if local is not None else self.prefill
         if p_ix is not None:  # choose P before booking anything: choosing may raise (no eligible worker)
             p_hashes = p_ix.hashes(prompt_ids, cache)
             p_overlap = p_ix.overlap(p_hashes)
             p_slot, p_decision = self._choose_prefill(p_ix, n, p_hashes, p_overlap, exclude)
 
-        placed = None
+        # where the request runs whole when it is not split: D (local prefill), or P (placement by SLO)
+        host_slot, host_ix, host_hashes, host_uncached, host_cached, host_decision = (
+            d_slot, d_ix, d_hashes, d_uncached, d_cached, d_decision)
         if p_ix is not None and cfg.slo_placement:
             p_cached = p_overlap.get(p_slot.worker_id, 0)
             p_uncached = PrefillTerms(p_slot.worker_id, n, p_cached, p_ix.pool.block_size, 0).uncached_tokens
             placed = self._place(d_slot, d_uncached, p_slot, p_uncached)
-        if placed is not None and placed[0].kind == "whole":
-            option, why = placed
-            p_cached = p_overlap.get(p_slot.worker_id, 0)
-            ticket = Ticket(d_slot=p_slot, predicted=[p_ix.predicted], d_tokens=p_uncached)
-            p_slot.prefill_tokens += p_uncached
-            p_ix.predicted.add(request_id, p_slot.worker_id, p_hashes)
-            route = Route(request_id, p_slot.client, None, f"whole on {p_slot.worker_id}: {why}", p_decision,
-                          kind="slo_whole", decode_cached_blocks=p_cached, on_prefill_pool=True)
-            self._tickets[request_id] = ticket
-            if decision_log.isEnabledFor(logging.DEBUG):
-                decision_log.debug(route.describe())
-            return route
-        if placed is not None and placed[0].kind == "local":
-            p_ix = None
-            local = ("slo_local", f"local: {placed[1]}")
-        ticket = Ticket(d_slot=d_slot, predicted=[d_ix.predicted])
-        d_ix.predicted.add(request_id, d_slot.worker_id, d_hashes)
+            if placed is not None and placed[0].kind == "local":
+                p_ix, local = None, ("slo_local", f"local: {placed[1]}")
+            elif placed is not None and placed[0].kind == "whole":
+                host_slot, host_ix, host_hashes, host_uncached, host_cached, host_decision = (
+                    p_slot, p_ix, p_hashes, p_uncached, p_cached, p_decision)
+                p_ix, local = None, ("slo_whole", f"whole on {p_slot.worker_id}: {placed[1]}")
+            elif placed is not None:
+                remote_why = ("slo_remote", placed[1])
+        ticket = Ticket(d_slot=host_slot, predicted=[host_ix.predicted])
+        host_ix.predicted.add(request_id, host_slot.worker_id, host_hashes)
         if p_ix is None:
             assert local is not None
-            ticket.d_tokens = d_uncached
-            d_slot.prefill_tokens += d_uncached
-            route = Route(request_id, d_slot.client, None, local[1], d_decision, kind=local[0],
-                          decode_cached_blocks=d_cached)
+            ticket.d_tokens = host_uncached
+            host_slot.prefill_tokens += host_uncached
+            route = Route(request_id, host_slot.client, None, local[1], host_decision, kind=local[0],
+                          decode_cached_blocks=host_cached)
         else:
             p_terms = PrefillTerms(p_slot.worker_id, n, p_overlap.get(p_slot.worker_id, 0), p_ix.pool.block_size, 0)
             ticket.p_slot, ticket.p_tokens = p_slot, p_terms.uncached_tokens
@@ -450,11 +257,11 @@ class Router:
             p_ix.predicted.add(request_id, p_slot.worker_id, p_hashes)
             ticket.predicted.append(p_ix.predicted)
             threshold = cfg.conditional_prefill_threshold
-            why = (f"{d_uncached} uncached tokens on {d_slot.worker_id} > threshold {threshold}" if threshold
-                   else "local prefill disabled (threshold 0)")
-            kind = "long" if threshold else "disabled"
-            if placed is not None:
-                why, kind = placed[1], "slo_remote"
+            kind, why = ("long" if threshold else "disabled",
+                         f"{d_uncached} uncached tokens on {d_slot.worker_id} > threshold {threshold}" if threshold
+                         else "local prefill disabled (threshold 0)")
+            if remote_why is not None:
+                kind, why = remote_why
             route = Route(request_id, d_slot.client, p_slot.client, f"remote: {why}", d_decision, p_decision,
                           kind=kind, decode_cached_blocks=d_cached, prefill_cached_blocks=p_terms.cached_blocks)
         self._tickets[request_id] = ticket
@@ -560,30 +367,3 @@ class Router:
     @property
     def open_tickets(self) -> int:
         return len(self._tickets)
-
-
-def need_blocks(prompt_tokens: int, cached_blocks: int, block_size: int) -> int:
-    """KV blocks a prompt takes on a worker beyond the prefix it has cached."""
-    return max(0, -(-prompt_tokens // block_size) - cached_blocks)
-
-
-def prefill_terms(slot: WorkerSlot, prompt_tokens: int, cached_blocks: int, block_size: int,
-                  indexed_blocks: int) -> PrefillTerms:
-    """A prefill candidate's figures: the worker's last report (total and free blocks), the blocks the router's
-    index holds for it, and this router's queued prefill on it (blocks it will cache, not yet reported)."""
-    s = slot.status
-    total = s.kv_blocks_total if s else 0
-    used = total - s.kv_blocks_free if s else 0
-    content = max(used, indexed_blocks) + slot.prefill_tokens // block_size
-    return PrefillTerms(slot.worker_id, prompt_tokens, cached_blocks, block_size, slot.prefill_tokens,
-                        total_blocks=total, content_blocks=content)
-
-
-def decode_terms(slot: WorkerSlot, prompt_tokens: int, cached_blocks: int, block_size: int) -> DecodeTerms:
-    s = slot.status
-    return DecodeTerms(
-        slot.worker_id, prompt_tokens, cached_blocks, block_size,
-        total_blocks=s.kv_blocks_total if s else 0, free_blocks=s.kv_blocks_free if s else 0,
-        in_flight_blocks=slot.kv_blocks_in, running=slot.in_flight,
-        max_num_seqs=s.max_num_seqs if s and s.max_num_seqs else 0,
-    )

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import grpc
 
+from tandem_api.connection import token_lines
+
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 AUTH_HINT = "send gRPC metadata 'authorization: Bearer <token>' with a token the server was given"
 
@@ -48,8 +50,7 @@ def _read(path: str, what: str) -> bytes:
 
 def read_tokens(path: str) -> list[str]:
     """Bearer tokens from a file: one per line, blank lines and # comments ignored."""
-    raw = _read(path, "auth token").decode("utf-8", "replace")
-    tokens = [line.strip() for line in raw.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    tokens = token_lines(_read(path, "auth token"))
     if not tokens:
         raise ValueError(f"the auth token file {path} holds no token")
     return tokens

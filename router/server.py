@@ -444,8 +444,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         attempt.d = d = route.decode
         # D counts the request from routing on: a drain waits for it and its decode cost sees it (a prefill
         # worker running a whole request by SLO placement counts it in its own pool)
-        pool = self.prefill if route.on_prefill_pool and self.prefill is not None else self.decode
-        with pool.track(d.worker_id):
+        with self.pool_of(d.worker_id).track(d.worker_id):
             if route.local:
                 run.stage = f"generating on {d.worker_id}"
                 attempt.stream_sent = True

@@ -29,13 +29,18 @@ def _read(path: str | None, flag: str, what: str = "") -> bytes | None:
         raise ValueError(f"{flag}: cannot read {what}{path}: {e.strerror}") from None
 
 
+def token_lines(raw: bytes) -> list[str]:
+    """The tokens of a token file (the server's and the client's): one per line, blanks and # comments skipped."""
+    text = raw.decode("utf-8", "replace")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
 def first_token(path: str) -> str:
-    """The first token of a token file: one per line, blank lines and # comments skipped."""
-    raw = (_read(path, "--token-file", "the auth token file ") or b"").decode("utf-8", "replace")
-    for line in raw.splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            return line.strip()
-    raise ValueError(f"--token-file: {path} holds no token")
+    """The first token of a token file."""
+    tokens = token_lines(_read(path, "--token-file", "the auth token file ") or b"")
+    if not tokens:
+        raise ValueError(f"--token-file: {path} holds no token")
+    return tokens[0]
 
 
 def connection_settings(args: argparse.Namespace) -> dict[str, Any]:

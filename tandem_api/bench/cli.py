@@ -25,7 +25,9 @@ from typing import Any
 from tandem_api.bench.arrivals import parse_rates
 from tandem_api.bench.datasets import DATASETS, DatasetError, DatasetOptions, PromptMaker, build_dataset
 from tandem_api.bench.metrics import SloError, parse_slo, summarize
-from tandem_api.bench.report import json_rate, machine_info, print_table, rate_label, tandem_version, write_outputs
+from tandem_api.bench.report import (
+    json_rate, machine_info, print_table, rate_label, slo_text, tandem_version, write_outputs,
+)
 from tandem_api.bench.runner import LoadConfig, LoadResult, Progress, find_max_rate, run_load
 from tandem_api.bench.targets import GrpcTarget, OpenAITarget, Target, TargetError
 from tandem_api.connection import add_connection_flags, connection_settings
@@ -278,7 +280,7 @@ async def _sweep(args: argparse.Namespace, target: Target, server: dict[str, Any
         search_doc = {"max_rate": found.max_rate, "upper": found.upper, "attainment_target": args.attainment,
                       "slo": slo, "probes": [{"request_rate": r, "slo_attainment": a} for r, a in found.probes]}
         upper = f" (missed at {found.upper:.3g})" if found.upper else ""
-        print(f"\nhighest rate meeting {_slo_text(slo)} for >= {args.attainment:.0%} of requests: "
+        print(f"\nhighest rate meeting {slo_text(slo)} for >= {args.attainment:.0%} of requests: "
               f"{found.max_rate:.3g} req/s{upper}")
     else:
         for rate in rates:
@@ -292,10 +294,6 @@ async def _sweep(args: argparse.Namespace, target: Target, server: dict[str, Any
             print(message, file=sys.stderr)
         print(f"wrote {Path(args.output) / 'summary.json'} and requests.jsonl" + ("" if args.no_plots else ", plots"))
     return 130 if stop.is_set() else 0
-
-
-def _slo_text(slo: dict[str, float]) -> str:
-    return ",".join(f"{k}={v:g}" for k, v in slo.items())
 
 
 def _run_summary(result: LoadResult, slo: dict[str, float], rate: float | None, dataset: str,

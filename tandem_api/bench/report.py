@@ -126,7 +126,7 @@ def plot_runs(out: Path, runs: Sequence[dict[str, Any]], records: Sequence[Seque
     ax.set_xlabel(xlabel)
     ax.set_ylabel("requests/s")
     slo = runs[0].get("slo") if runs else None
-    ax.set_title(f"goodput, SLO {_slo_text(slo)}")
+    ax.set_title(f"goodput, SLO {slo_text(slo)}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -179,7 +179,7 @@ def _x(rate: float | None, i: int) -> float:
     return float(i) if rate is None or math.isinf(rate) else rate
 
 
-def _slo_text(slo: dict[str, float] | None) -> str:
+def slo_text(slo: dict[str, float] | None) -> str:
     return ",".join(f"{k}={v:g}" for k, v in slo.items()) if slo else "(none: every completed request)"
 
 

@@ -17,7 +17,7 @@ import random
 import pytest
 import ray
 
-from router.routing import PlacementOption
+from router.placement import PlacementOption
 from tandem_api.client import TandemClient
 from tests.e2e.conftest import TINY_VOCAB, serve
 from tests.helpers.reference import hf_greedy

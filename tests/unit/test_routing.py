@@ -19,14 +19,10 @@ from common.block_hash import hash_full_blocks
 from common.wire import WorkerStatus
 from router.errors import NoHealthyWorkerError
 from router.pools import Decision, Policy, WorkerPool
-from router.routing import (
+from router.costs import (
     CostWeights,
     DecodeTerms,
-    KVDecision,
     PrefillTerms,
-    Route,
-    Router,
-    RoutingConfig,
     decode_cost,
     decode_formula,
     prefill_cost,
@@ -34,6 +30,7 @@ from router.routing import (
     rendezvous,
     select,
 )
+from router.routing import KVDecision, Route, Router, RoutingConfig
 
 BS = 16
 
@@ -661,7 +658,7 @@ def test_slo_placement_uses_an_idle_prefill_worker_for_the_whole_request():
     r = slo_router(p0=perf_status("p0", "prefill"), d0=perf_status("d0", "decode"))
     r.decode.pool.slot("d0").in_flight = 4  # D decodes 4 requests; P is idle
     route = r.route("a", list(range(1000, 1500)))
-    assert route.prefill is None and route.decode.worker_id == "p0" and route.on_prefill_pool
+    assert route.prefill is None and route.decode.worker_id == "p0"
     assert route.kind == "slo_whole"
     assert route.reason == (
         "whole on p0: SLO placement (remote on d0: TTFT 1520 ms, TPOT 70 ms = 0.73; "
