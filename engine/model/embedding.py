@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.cpu_kernels import linear_kernel
 from engine.model.linear import LinearBase
 from engine.model.parallel import SINGLE_RANK, ParallelContext
 
@@ -45,11 +46,25 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits over the vocabulary; may share its weight with the embedding (tied)."""
 
+    _kernel = None
+    _packed: torch.Tensor | None = None
+
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
+    def finalize(self) -> None:
+        """On CPU in float32, a packed copy for the CPU kernel (kept beside a tied embedding's rows)."""
+        w = self.weight
+        if w.device.type == "cpu" and w.dtype == torch.float32:
+            kernel = linear_kernel()
+            if kernel is not None:
+                self._kernel, self._packed = kernel, kernel.pack(w.data)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = F.linear(hidden, self.weight)
+        if self._kernel is not None:
+            logits = self._kernel(hidden, self._packed, None, self.weight.shape[0])
+        else:
+            logits = F.linear(hidden, self.weight)
         if self.pc.tp_size == 1:
             return logits
         return self.pc.all_gather_last_dim(logits)[..., : self.vocab_size]

@@ -11,9 +11,12 @@ only changes the `ParallelContext` handed in.
     RowParallelLinear      input dim split, outputs all-reduced
 
 After loading, `finalize()` picks the fastest matmul form for the device and
-dtype. On CPU, `benchmarks/gemv_bandwidth.py` measured a batch-1 fp32 GEMV at 26.1 GB/s
-with the weight stored [in, out] against 15.8 GB/s as [out, in]; bf16 is fastest as
-stored, [out, in], through F.linear (27.9 vs 13.7 GB/s).
+dtype. On CPU in float32 that is Tandem's own kernel (`cpu_kernels.py`): the weight is
+packed into blocks of 64 outputs that stream sequentially, which reads weights at the
+core's full bandwidth for decode-sized batches (issue 17: 26 GB/s on one thread where
+`x @ W[in, out]` reached 17.6 and `F.linear` 11) and is level with oneDNN at prefill
+sizes. Without a compiler, fp32 falls back to `x @ W` in the [in, out] layout
+(`benchmarks/gemv_bandwidth.py`); bf16 is fastest as stored, [out, in], through F.linear.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.cpu_kernels import linear_kernel
 from engine.model.parallel import SINGLE_RANK, ParallelContext
 
 
@@ -35,15 +39,25 @@ class LinearBase(nn.Module):
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         )
         self._weight_t: torch.Tensor | None = None  # [in, out] copy when that form is faster
+        self._packed: torch.Tensor | None = None  # [ceil(out / 64), in, 64] for the CPU kernel
+        self._kernel = None
 
     def finalize(self) -> None:
         w = self.weight
         if w.device.type == "cpu" and w.dtype == torch.float32:
+            kernel = linear_kernel()
+            if kernel is not None:
+                self._kernel, self._packed = kernel, kernel.pack(w.data)
+                # the packed copy is the only one kept: the parameter becomes an empty placeholder
+                self.weight = nn.Parameter(w.new_empty(0), requires_grad=False)
+                return
             self._weight_t = w.t().contiguous()
             # keep the [out, in] parameter as a transposed view of the same storage (no double memory)
             self.weight = nn.Parameter(self._weight_t.t(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is not None:
+            return self._kernel(x, self._packed, self.bias, self.out_features)
         if self._weight_t is not None:
             if self.bias is not None:
                 return torch.addmm(self.bias, x, self._weight_t)

@@ -148,7 +148,7 @@ class LlamaModel(nn.Module):
         if missing:
             raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors this model needs, e.g. {missing[0]}")
         for m in self.modules():
-            if isinstance(m, LinearBase):
+            if isinstance(m, (LinearBase, ParallelLMHead)):
                 m.finalize()
 
     def _route(self, name: str):
