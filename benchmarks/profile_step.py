@@ -34,14 +34,16 @@ from engine.sampling_params import SamplingParams  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "profile_step.json")
 
+NATIVE = ("linear", "rms_norm", "silu_mul", "rope_", "paged_decode_attention")  # engine/model/cpu_kernels.py
+
 # op name -> kind; the first matching prefix wins
 KINDS = [
     ("matmul", ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::bmm", "tandem::linear")),
-    ("attention", ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::index_select",
+    ("attention", ("tandem::paged_decode_attention", "aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::index_select",
                    "aten::index_copy", "aten::index_put", "aten::_flash_attention", "aten::masked_fill")),
-    ("norm", ("aten::rms_norm", "aten::_fused_rms_norm", "aten::rsqrt", "aten::pow", "aten::mean")),
-    ("rope", ("aten::cat", "aten::chunk", "aten::neg")),
-    ("elementwise", ("aten::add", "aten::mul", "aten::silu", "aten::sub", "aten::to", "aten::_to_copy",
+    ("norm", ("tandem::rms_norm", "aten::rms_norm", "aten::_fused_rms_norm", "aten::rsqrt", "aten::pow", "aten::mean")),
+    ("rope", ("tandem::rope_", "aten::cat", "aten::chunk", "aten::neg")),
+    ("elementwise", ("tandem::silu_mul", "aten::add", "aten::mul", "aten::silu", "aten::sub", "aten::to", "aten::_to_copy",
                      "aten::copy_", "aten::clone")),
     ("embedding/index", ("aten::embedding", "aten::index", "aten::gather")),
 ]
@@ -112,17 +114,24 @@ def op_profile(llm: LLM, prompt: list[int], decode: bool, steps: int) -> dict:
 
     from engine.model import cpu_kernels
 
-    def labelled(self, *args, _call=cpu_kernels.LinearKernel.__call__):
-        with record_function("tandem::linear_packed_f32"):
-            return _call(self, *args)
+    # the native kernels are invisible to the profiler: label each call (restored below)
+    originals = {name: getattr(cpu_kernels.CpuKernels, name) for name in NATIVE}
 
-    cpu_kernels.LinearKernel.__call__ = labelled  # the native kernel is invisible to the profiler otherwise
+    def labelled(name, fn):
+        def call(self, *args, **kwargs):
+            with record_function(f"tandem::{name}"):
+                return fn(self, *args, **kwargs)
+        return call
+
+    for name, fn in originals.items():
+        setattr(cpu_kernels.CpuKernels, name, labelled(name, fn))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             core.runner.execute(batch)
         wall = (time.perf_counter() - t0) * 1e3 / steps
-    cpu_kernels.LinearKernel.__call__ = labelled.__defaults__[0]
+    for name, fn in originals.items():
+        setattr(cpu_kernels.CpuKernels, name, fn)
     for rid_ in list(core.scheduler.requests):
         core.abort_request(rid_)
     by_kind: dict[str, float] = {}

@@ -106,7 +106,7 @@ class ModelRunner:
             table = [s.block_ids[:max_blocks] + [0] * (max_blocks - min(len(s.block_ids), max_blocks)) for s in rows]
             lens = torch.tensor(ctx_lens[lo:hi], dtype=torch.long, device=dev)
             mask = (torch.arange(max_blocks * bs, device=dev)[None, :] < lens[:, None]).view(hi - lo, 1, 1, -1)
-            md.decode_groups.append(DecodeGroup(lo, hi, torch.tensor(table, dtype=torch.long, device=dev), mask))
+            md.decode_groups.append(DecodeGroup(lo, hi, torch.tensor(table, dtype=torch.long, device=dev), mask, lens))
         return StepBatch(
             order=order,
             sample=sample,

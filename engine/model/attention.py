@@ -47,6 +47,7 @@ class DecodeGroup:
     end: int
     block_table: torch.Tensor  # [rows, max_blocks]
     mask: torch.Tensor  # [rows, 1, 1, max_blocks * block_size] bool, True = attend
+    lens: torch.Tensor | None = None  # [rows] int64 context lengths (the CPU kernel reads these, not the mask)
 
 
 @dataclass
@@ -66,7 +67,7 @@ class AttentionMetadata:
         return AttentionMetadata(
             slot_block=self.slot_block.to(device), slot_offset=self.slot_offset.to(device),
             slot_mapping=self.slot_mapping.to(device), num_decode=self.num_decode,
-            decode_groups=[DecodeGroup(g.start, g.end, g.block_table.to(device), g.mask.to(device))
+            decode_groups=[DecodeGroup(g.start, g.end, g.block_table.to(device), g.mask.to(device), mv(g.lens))
                            for g in self.decode_groups],
             prefills=[PrefillChunk(c.start, c.end, c.context_len, mv(c.block_ids), mv(c.mask)) for c in self.prefills],
         )
@@ -98,16 +99,28 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor, order: KVOrder) -> tor
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                    md: AttentionMetadata, order: KVOrder, scale: float) -> torch.Tensor:
-    """q: [T, heads, dim]; k, v: [T, kv_heads, dim] (already written to the cache) -> [T, heads * dim]."""
+                    md: AttentionMetadata, order: KVOrder, scale: float, kernels=None,
+                    q_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, heads, dim]; k, v: [T, kv_heads, dim] (already written to the cache) -> [T, heads * dim].
+
+    With `kernels` (engine/model/cpu_kernels.py, float32 on CPU) decode rows are attended by the native kernel,
+    which reads the cache blocks in place; `q_rows` [T, row] is then the tensor whose rows start with q.
+    """
     t, heads, dim = q.shape
     kv_heads = k.shape[1]
     groups = md.decode_groups
+
+    def decode(g: DecodeGroup) -> torch.Tensor:
+        if kernels is not None:
+            return _decode_attention_kernel(kernels, q_rows[g.start : g.end], cache_k, cache_v, g, order, scale,
+                                            heads, kv_heads, dim)
+        return _decode_attention(q[g.start : g.end], cache_k, cache_v, g, order, scale, kv_heads)
+
     if len(groups) == 1 and groups[0].end == t:  # decode-only step, one group: no scatter
-        return _decode_attention(q, cache_k, cache_v, groups[0], order, scale, kv_heads).view(t, heads * dim)
+        return decode(groups[0]).view(t, heads * dim)
     out = torch.empty_like(q)
     for g in groups:
-        out[g.start : g.end] = _decode_attention(q[g.start : g.end], cache_k, cache_v, g, order, scale, kv_heads)
+        out[g.start : g.end] = decode(g).view(g.end - g.start, heads, dim)
     for c in md.prefills:
         qc = q[c.start : c.end].transpose(0, 1).unsqueeze(0)  # [1, heads, q, d]
         if c.block_ids is None:
@@ -121,6 +134,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: 
         )
         out[c.start : c.end] = oc.squeeze(0).transpose(0, 1)
     return out.view(t, heads * dim)
+
+
+def _decode_attention_kernel(kernels, q_rows: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                             group: DecodeGroup, order: KVOrder, scale: float, heads: int, kv_heads: int,
+                             dim: int) -> torch.Tensor:
+    """The native decode attention: [rows, heads * dim], no gather of the blocks, no padding."""
+    sb, s1, s2 = cache_k.stride(0), cache_k.stride(1), cache_k.stride(2)
+    strides = (sb, s1, s2) if order is KVOrder.NHD else (sb, s2, s1)  # (block, slot, head)
+    block_size = cache_k.shape[1] if order is KVOrder.NHD else cache_k.shape[2]
+    return kernels.paged_decode_attention(q_rows, cache_k, cache_v, strides, group.block_table, group.lens,
+                                          block_size, heads, kv_heads, dim, scale)
 
 
 def _decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, group: DecodeGroup,

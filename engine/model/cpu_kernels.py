@@ -1,6 +1,6 @@
 """Native CPU kernels, compiled for this machine on first use.
 
-`csrc/cpu_linear.c` is built with the host C compiler (`$CC`, else gcc, else cc)
+`csrc/cpu_kernels.c` is built with the host C compiler (`$CC`, else gcc, else cc)
 and `-O3 -march=native -fopenmp` into a shared library cached under
 `$TANDEM_KERNEL_CACHE` (default `~/.cache/tandem/kernels`). The file name
 carries a hash of the source, the compiler's version and this CPU's flags, so a
@@ -10,7 +10,7 @@ workers starting together never load a half-written file.
 
 Nothing here is required: without a compiler, with a failed build, or with
 `TANDEM_CPU_KERNELS=0`, `linear_kernel()` returns None (logged once) and the
-layers keep torch's matmul.
+layers keep torch's ops (the same results within float32 rounding).
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_linear.c"
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 BLOCK = 64  # outputs per packed block; must match NB in the C source
-ABI = 1
+ABI = 2
 
 _lock = threading.Lock()
-_kernel: "LinearKernel | None | bool" = False  # False: not tried yet
+_kernel: "CpuKernels | None | bool" = False  # False: not tried yet
 
 
 def _cpu_flags() -> str:
@@ -60,7 +60,7 @@ def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256(src + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TANDEM_KERNEL_CACHE") or Path.home() / ".cache" / "tandem" / "kernels")
-    lib = cache / f"cpu_linear-{digest}.so"
+    lib = cache / f"cpu_kernels-{digest}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
@@ -75,30 +75,46 @@ def _build(cc: str) -> Path:
     return lib
 
 
-class LinearKernel:
-    """ctypes handle on the packed float32 linear."""
+_P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class CpuKernels:
+    """ctypes handles on the float32 kernels; every tensor argument must be contiguous float32 on the CPU."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         dll = ctypes.CDLL(str(path))
-        if dll.tandem_cpu_linear_abi() != ABI:
-            raise RuntimeError(f"{path}: kernel ABI {dll.tandem_cpu_linear_abi()} != {ABI}")
-        fn = dll.tandem_linear_packed_f32
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
-        fn.restype = None
-        self._fn = fn
+        if dll.tandem_cpu_kernels_abi() != ABI:
+            raise RuntimeError(f"{path}: kernel ABI {dll.tandem_cpu_kernels_abi()} != {ABI}")
+
+        def bind(name, *argtypes):
+            fn = getattr(dll, name)
+            fn.argtypes, fn.restype = list(argtypes), None
+            return fn
+
+        self._linear = bind("tandem_linear_packed_f32", _P, _P, _P, _P, _P, _L, _L, _L, _I)
+        self._rms_norm = bind("tandem_rms_norm_f32", _P, _P, _P, _L, _L, _F, _I)
+        self._silu_mul = bind("tandem_silu_mul_f32", _P, _P, _L, _L, _I)
+        self._rope = bind("tandem_rope_f32", _P, _L, _P, _P, _L, _L, _L, _I)
+        self._decode_attn = bind("tandem_paged_decode_attention_f32", _P, _L, _P, _P, _L, _L, _L, _P, _L, _P, _L,
+                                 _P, _L, _L, _L, _L, _F, _I)
 
     @staticmethod
     def pack(weight: torch.Tensor) -> torch.Tensor:
-        """[N, K] float32 -> [ceil(N / 64), K, 64], zero rows past N (see csrc/cpu_linear.c)."""
+        """[N, K] float32 -> [ceil(N / 64), K, 64], zero rows past N (see csrc/cpu_kernels.c)."""
         n, k = weight.shape
         nb = -(-n // BLOCK)
         padded = weight.new_zeros(nb * BLOCK, k)
         padded[:n] = weight
         return padded.view(nb, BLOCK, k).transpose(1, 2).contiguous()
 
-    def __call__(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-        """x [..., K] float32 -> [..., n]."""
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] -> x W^T (+ bias) (+ residual), [..., n]."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
@@ -106,13 +122,49 @@ class LinearKernel:
         m, k = x2.shape
         y = torch.empty(m, n, dtype=torch.float32)
         if m:
-            self._fn(x2.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-                     m, k, n, torch.get_num_threads())
+            self._linear(x2.data_ptr(), packed.data_ptr(), _ptr(bias), _ptr(residual), y.data_ptr(), m, k, n,
+                         torch.get_num_threads())
         return y.view(*lead, n)
 
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x [T, H] contiguous -> normalised and scaled, [T, H]."""
+        t, h = x.shape
+        out = torch.empty_like(x)
+        self._rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), t, h, eps, torch.get_num_threads())
+        return out
 
-def linear_kernel() -> LinearKernel | None:
-    """The packed float32 linear for this CPU, or None where it cannot be built (torch's matmul is used then)."""
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        """gu [T, 2I] ([gate | up]) -> silu(gate) * up, [T, I]."""
+        t, two_i = gu.shape
+        out = gu.new_empty(t, two_i // 2)
+        self._silu_mul(gu.data_ptr(), out.data_ptr(), t, two_i // 2, torch.get_num_threads())
+        return out
+
+    def rope_(self, x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate the first `heads` heads of each row of x [T, row] in place; cos, sin [T, D/2] contiguous."""
+        t, row = x.shape
+        d = cos.shape[-1] * 2
+        self._rope(x.data_ptr(), row, cos.data_ptr(), sin.data_ptr(), t, heads, d, torch.get_num_threads())
+
+    def paged_decode_attention(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                               strides: tuple[int, int, int], table: torch.Tensor, lens: torch.Tensor,
+                               block_size: int, heads: int, kv_heads: int, dim: int, scale: float) -> torch.Tensor:
+        """q: [B, row] whose first heads * dim floats are the queries -> [B, heads * dim].
+
+        strides: (block, slot, head) element strides of cache_k / cache_v (the last dim is contiguous);
+        table: [B, max_blocks] int64 block ids; lens: [B] int64 context lengths.
+        """
+        b, row = q.shape
+        out = q.new_empty(b, heads * dim)
+        sb, ss, sh = strides
+        self._decode_attn(q.data_ptr(), row, cache_k.data_ptr(), cache_v.data_ptr(), sb, ss, sh, table.data_ptr(),
+                          table.shape[1], lens.data_ptr(), block_size, out.data_ptr(), b, heads, kv_heads, dim, scale,
+                          torch.get_num_threads())
+        return out
+
+
+def cpu_kernels() -> CpuKernels | None:
+    """The float32 kernels for this CPU, or None where they cannot be built (torch's ops are used then)."""
     global _kernel
     if _kernel is not False:
         return _kernel  # type: ignore[return-value]
@@ -120,15 +172,15 @@ def linear_kernel() -> LinearKernel | None:
         if _kernel is not False:
             return _kernel  # type: ignore[return-value]
         if os.environ.get("TANDEM_CPU_KERNELS", "1") == "0":
-            log.info("TANDEM_CPU_KERNELS=0: CPU linear layers use torch's matmul")
+            log.info("TANDEM_CPU_KERNELS=0: CPU layers use torch's ops")
             _kernel = None
             return None
         cc = _compiler()
         try:
             if cc is None:
                 raise RuntimeError("no C compiler found (set CC, or install gcc)")
-            _kernel = LinearKernel(_build(cc))
+            _kernel = CpuKernels(_build(cc))
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            log.warning("CPU linear kernel unavailable, using torch's matmul (about 1.5x slower decode): %s", e)
+            log.warning("CPU kernels unavailable, using torch's ops (about 2x slower decode): %s", e)
             _kernel = None
         return _kernel  # type: ignore[return-value]

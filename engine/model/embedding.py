@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.cpu_kernels import linear_kernel
+from engine.model.cpu_kernels import cpu_kernels
 from engine.model.linear import LinearBase
 from engine.model.parallel import SINGLE_RANK, ParallelContext
 
@@ -56,13 +56,13 @@ class ParallelLMHead(VocabParallelEmbedding):
         """On CPU in float32, a packed copy for the CPU kernel (kept beside a tied embedding's rows)."""
         w = self.weight
         if w.device.type == "cpu" and w.dtype == torch.float32:
-            kernel = linear_kernel()
+            kernel = cpu_kernels()
             if kernel is not None:
                 self._kernel, self._packed = kernel, kernel.pack(w.data)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self._kernel is not None:
-            logits = self._kernel(hidden, self._packed, None, self.weight.shape[0])
+            logits = self._kernel.linear(hidden, self._packed, None, self.weight.shape[0])
         else:
             logits = F.linear(hidden, self.weight)
         if self.pc.tp_size == 1:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.cpu_kernels import linear_kernel
+from engine.model.cpu_kernels import cpu_kernels
 from engine.model.parallel import SINGLE_RANK, ParallelContext
 
 
@@ -45,7 +45,7 @@ class LinearBase(nn.Module):
     def finalize(self) -> None:
         w = self.weight
         if w.device.type == "cpu" and w.dtype == torch.float32:
-            kernel = linear_kernel()
+            kernel = cpu_kernels()
             if kernel is not None:
                 self._kernel, self._packed = kernel, kernel.pack(w.data)
                 # the packed copy is the only one kept: the parameter becomes an empty placeholder
@@ -55,14 +55,15 @@ class LinearBase(nn.Module):
             # keep the [out, in] parameter as a transposed view of the same storage (no double memory)
             self.weight = nn.Parameter(self._weight_t.t(), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T + bias, plus `residual` when given (fused into the CPU kernel's output pass)."""
         if self._kernel is not None:
-            return self._kernel(x, self._packed, self.bias, self.out_features)
+            return self._kernel.linear(x, self._packed, self.bias, self.out_features, residual)
         if self._weight_t is not None:
-            if self.bias is not None:
-                return torch.addmm(self.bias, x, self._weight_t)
-            return x @ self._weight_t
-        return F.linear(x, self.weight, self.bias)
+            y = torch.addmm(self.bias, x, self._weight_t) if self.bias is not None else x @ self._weight_t
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y if residual is None else residual + y
 
     @staticmethod
     def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
@@ -134,5 +135,8 @@ class RowParallelLinear(LinearBase):
             return
         self._copy(param.data, loaded[:, self.in_start : self.in_end], "row shard")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pc.all_reduce(super().forward(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pc.tp_size == 1:
+            return super().forward(x, residual)
+        y = self.pc.all_reduce(super().forward(x))  # the residual is added once, after the sum over ranks
+        return y if residual is None else residual + y

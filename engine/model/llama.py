@@ -23,6 +23,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.kv_cache import KVOrder
+from engine.model.cpu_kernels import cpu_kernels
 from engine.model.attention import AttentionMetadata, paged_attention, write_kv
 from engine.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.model.linear import LinearBase, MergedColumnLinear, QKVLinear, RowParallelLinear
@@ -57,9 +58,17 @@ class DecoderLayer(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_local_kv_heads
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
+        self.eps = cfg.rms_norm_eps
+        self._k = None  # CpuKernels once finalize() finds float32 on a CPU with the kernels built
+
+    def finalize(self) -> None:
+        if self.input_layernorm.weight.device.type == "cpu" and self.input_layernorm.weight.dtype == torch.float32:
+            self._k = cpu_kernels()
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
                 md: AttentionMetadata, order: KVOrder) -> torch.Tensor:
+        if self._k is not None:
+            return self._forward_cpu_kernels(h, cos, sin, cache, md, order)
         t = h.shape[0]
         d = self.head_dim
         qkv = self.qkv_proj(self.input_layernorm(h))
@@ -73,6 +82,27 @@ class DecoderLayer(nn.Module):
         gu = self.gate_up_proj(self.post_attention_layernorm(h))
         inter = gu.shape[-1] // 2
         return h + self.down_proj(F.silu(gu[:, :inter]) * gu[:, inter:])
+
+    def _forward_cpu_kernels(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+                             md: AttentionMetadata, order: KVOrder) -> torch.Tensor:
+        """The same layer on the native float32 kernels: about 10 calls where the torch form makes about 40.
+
+        Norms, SiLU * up and rope are single kernels; rope rotates q and k inside the fused qkv row; the residual
+        adds ride on o_proj and down_proj; decode rows attend over the cache blocks in place.
+        """
+        k_ = self._k
+        t, d = h.shape[0], self.head_dim
+        nq, nkv = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(k_.rms_norm(h, self.input_layernorm.weight, self.eps))
+        k_.rope_(qkv, nq + nkv, cos, sin)
+        qk = qkv[:, : (nq + nkv) * d].view(t, nq + nkv, d)
+        q, k = qk[:, :nq], qk[:, nq:]
+        v = qkv[:, (nq + nkv) * d :].view(t, nkv, d)
+        write_kv(cache[0], cache[1], k, v, md, order)
+        attn = paged_attention(q, k, v, cache[0], cache[1], md, order, self.scale, kernels=k_, q_rows=qkv)
+        h = self.o_proj(attn, residual=h)
+        gu = self.gate_up_proj(k_.rms_norm(h, self.post_attention_layernorm.weight, self.eps))
+        return self.down_proj(k_.silu_mul(gu), residual=h)
 
 
 class LlamaModel(nn.Module):
@@ -148,7 +178,7 @@ class LlamaModel(nn.Module):
         if missing:
             raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors this model needs, e.g. {missing[0]}")
         for m in self.modules():
-            if isinstance(m, (LinearBase, ParallelLMHead)):
+            if isinstance(m, (LinearBase, ParallelLMHead, DecoderLayer)):
                 m.finalize()
 
     def _route(self, name: str):

@@ -16,13 +16,13 @@ from engine.model import cpu_kernels
 from engine.model.embedding import ParallelLMHead
 from engine.model.linear import MergedColumnLinear, QKVLinear
 
-KERNEL = cpu_kernels.linear_kernel()
+KERNEL = cpu_kernels.cpu_kernels()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no C compiler: the CPU kernel could not be built")
 
 
 @pytest.fixture
 def fresh_kernel_state(monkeypatch, tmp_path):
-    """linear_kernel() as on a fresh process, building into an empty cache."""
+    """cpu_kernels() as on a fresh process, building into an empty cache."""
     monkeypatch.setattr(cpu_kernels, "_kernel", False)
     monkeypatch.setenv("TANDEM_KERNEL_CACHE", str(tmp_path))
     yield tmp_path
@@ -40,7 +40,7 @@ def test_packed_linear_matches_torch(threads, m, k, n, with_bias):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y = KERNEL(x, KERNEL.pack(w), bias, n)
+        y = KERNEL.linear(x, KERNEL.pack(w), bias, n)
     finally:
         torch.set_num_threads(old)
     ref = F.linear(x.double(), w.double(), None if bias is None else bias.double()).float()
@@ -54,12 +54,12 @@ def test_packed_linear_is_batch_invariant():
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(300, 576, generator=g), torch.randn(9, 576, generator=g)
     packed = KERNEL.pack(w)
-    full = KERNEL(x, packed, None, 300)
+    full = KERNEL.linear(x, packed, None, 300)
     old = torch.get_num_threads()
     for threads in (1, 2):
         torch.set_num_threads(threads)
         for i in range(9):
-            assert torch.equal(KERNEL(x[i : i + 1], packed, None, 300)[0], full[i])
+            assert torch.equal(KERNEL.linear(x[i : i + 1], packed, None, 300)[0], full[i])
     torch.set_num_threads(old)
 
 
@@ -84,7 +84,7 @@ def test_layers_use_the_kernel_and_keep_their_outputs():
 
 def test_disabled_by_env_falls_back_to_torch(fresh_kernel_state, monkeypatch):
     monkeypatch.setenv("TANDEM_CPU_KERNELS", "0")
-    assert cpu_kernels.linear_kernel() is None
+    assert cpu_kernels.cpu_kernels() is None
     layer = MergedColumnLinear(32, [16, 16], dtype=torch.float32, device="cpu")
     layer.weight.data.normal_()
     ref = F.linear(torch.ones(2, 32), layer.weight.data.clone())
@@ -99,16 +99,76 @@ def test_broken_compiler_is_a_warning_not_an_error(fresh_kernel_state, monkeypat
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
     with caplog.at_level(logging.WARNING, logger="engine.model.cpu_kernels"):
-        assert cpu_kernels.linear_kernel() is None
-    assert "using torch's matmul" in caplog.text and "fakecc: no" in caplog.text
+        assert cpu_kernels.cpu_kernels() is None
+    assert "using torch's ops" in caplog.text and "fakecc: no" in caplog.text
     assert not list(fresh_kernel_state.glob("*.so*"))  # nothing half-written left in the cache
 
 
 @needs_kernel
 def test_cache_key_is_per_source_and_reused(fresh_kernel_state):
-    k1 = cpu_kernels.linear_kernel()
+    k1 = cpu_kernels.cpu_kernels()
     built = sorted(p.name for p in fresh_kernel_state.iterdir())
-    assert len(built) == 1 and built[0].startswith("cpu_linear-") and built[0].endswith(".so")
+    assert len(built) == 1 and built[0].startswith("cpu_kernels-") and built[0].endswith(".so")
     cpu_kernels._kernel = False
-    k2 = cpu_kernels.linear_kernel()
+    k2 = cpu_kernels.cpu_kernels()
     assert k2.path == k1.path  # the second process reuses the build
+
+
+@needs_kernel
+def test_linear_residual_is_added_after_the_product():
+    g = torch.Generator().manual_seed(2)
+    w, x, b, r = torch.randn(70, 40, generator=g), torch.randn(3, 40, generator=g), torch.randn(70, generator=g), \
+        torch.randn(3, 70, generator=g)
+    plain = KERNEL.linear(x, KERNEL.pack(w), b, 70)
+    assert torch.equal(KERNEL.linear(x, KERNEL.pack(w), b, 70, residual=r), r + plain)
+
+
+@needs_kernel
+@pytest.mark.parametrize("t", [1, 5, 33])
+def test_rms_norm_silu_mul_and_rope_match_torch(t):
+    g = torch.Generator().manual_seed(t)
+    x, w = torch.randn(t, 576, generator=g), torch.randn(576, generator=g)
+    torch.testing.assert_close(KERNEL.rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5), rtol=1e-5, atol=1e-5)
+    gu = torch.randn(t, 2 * 96, generator=g)
+    torch.testing.assert_close(KERNEL.silu_mul(gu), F.silu(gu[:, :96]) * gu[:, 96:], rtol=1e-5, atol=1e-6)
+    from engine.model.rope import apply_rope
+
+    heads, d, row = 5, 64, 7 * 64  # rope on the first 5 heads of a 7-head row (q and k of a fused qkv)
+    qkv = torch.randn(t, row, generator=g)
+    ang = torch.rand(t, d // 2, generator=g) * 6
+    ref = apply_rope(qkv[:, : heads * d].view(t, heads, d), ang.cos().unsqueeze(1), ang.sin().unsqueeze(1))
+    out = qkv.clone()
+    KERNEL.rope_(out, heads, ang.cos().contiguous(), ang.sin().contiguous())
+    torch.testing.assert_close(out[:, : heads * d].view(t, heads, d), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:, heads * d :], qkv[:, heads * d :])  # the v part is untouched
+
+
+@needs_kernel
+@pytest.mark.parametrize("order", ["NHD", "HND"])
+@pytest.mark.parametrize("lens", [[1], [5, 16, 17, 300], [600, 2]])
+def test_paged_decode_attention_matches_sdpa_over_gathered_blocks(order, lens):
+    """Random block tables over a shared cache, contexts shorter and longer than one scratch chunk (256)."""
+    g = torch.Generator().manual_seed(sum(lens))
+    heads, kv_heads, d, bs, nb = 6, 2, 32, 16, 96
+    shape = (nb, bs, kv_heads, d) if order == "NHD" else (nb, kv_heads, bs, d)
+    ck, cv = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    b = len(lens)
+    max_blocks = -(-max(lens) // bs)
+    table = torch.stack([torch.randperm(nb, generator=g)[:max_blocks] for _ in range(b)])
+    row = (heads + 2 * kv_heads) * d
+    q_rows = torch.randn(b, row, generator=g)
+    strides = (ck.stride(0), ck.stride(1), ck.stride(2)) if order == "NHD" else (ck.stride(0), ck.stride(2), ck.stride(1))
+    out = KERNEL.paged_decode_attention(q_rows, ck, cv, strides, table, torch.tensor(lens), bs, heads, kv_heads, d,
+                                        d ** -0.5)
+    for i, n in enumerate(lens):
+        blocks = table[i, : -(-n // bs)]
+        if order == "NHD":
+            k = ck[blocks].reshape(-1, kv_heads, d)[:n].transpose(0, 1)
+            v = cv[blocks].reshape(-1, kv_heads, d)[:n].transpose(0, 1)
+        else:
+            k = ck[blocks].transpose(0, 1).reshape(kv_heads, -1, d)[:, :n]
+            v = cv[blocks].transpose(0, 1).reshape(kv_heads, -1, d)[:, :n]
+        q = q_rows[i, : heads * d].view(heads, 1, d)
+        ref = F.scaled_dot_product_attention(q, k.repeat_interleave(heads // kv_heads, 0),
+                                             v.repeat_interleave(heads // kv_heads, 0), scale=d ** -0.5)
+        torch.testing.assert_close(out[i].view(heads, d), ref.view(heads, d), rtol=1e-5, atol=1e-5)

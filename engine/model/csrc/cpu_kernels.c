@@ -1,0 +1,197 @@
+/* Tandem's CPU kernels (float32), loaded by engine/model/cpu_kernels.py.
+ *
+ * The linear: y[M, N] = x[M, K] . W[N, K]^T (+ bias[N]) (+ residual[M, N]).
+ *
+ * The weight is packed once at load time into column blocks of 64 outputs:
+ *
+ *     packed[b][k][j] = W[b * 64 + j][k]      (b < ceil(N / 64), rows past N are zero)
+ *
+ * so one block is a single sequential stream of K * 64 floats. Each step of k
+ * broadcasts x[m][k] against 64 consecutive weights (four 16-lane vectors) and
+ * accumulates into registers; up to 4 rows of x share every weight load. For
+ * decode (M = 1..16) this streams the weights at the core's read bandwidth,
+ * where the BLAS GEMV paths reach 45-65% of it (docs/BENCHMARKS.md, issue 17).
+ * Blocks are split over OpenMP threads (the caller passes torch's thread count;
+ * the library links the same libgomp that torch loaded, so one thread pool).
+ *
+ * Each output is summed in k order (k = 0, 1, ..., K-1) in float32: a plain
+ * dot product, deterministic, independent of M, of the thread count and of the
+ * other rows in the batch.
+ *
+ * The residual, when given, is added after the dot product and the bias, as `h + linear(x)` would.
+ *
+ * Built by engine/model/cpu_kernels.py with the host compiler and -march=native;
+ * GCC vector extensions become AVX-512, AVX2 or SSE code as the CPU allows.
+ */
+#include <stddef.h>
+
+#define NB 64 /* outputs per packed block */
+#define MB 4  /* rows of x sharing one pass over a block */
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+static inline v16 load16(const float *p) { v16 v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline void store16(float *p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+int tandem_cpu_kernels_abi(void) { return 2; }
+
+void tandem_linear_packed_f32(const float *restrict x, const float *restrict packed, const float *restrict bias,
+                              const float *restrict residual, float *restrict y, long M, long K, long N, int nthreads)
+{
+    const long nblk = (N + NB - 1) / NB;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long b = 0; b < nblk; b++) {
+        const float *wb = packed + b * K * NB;
+        const long n0 = b * NB;
+        const long cols = N - n0 < NB ? N - n0 : NB;
+        for (long m0 = 0; m0 < M; m0 += MB) {
+            const long rows = M - m0 < MB ? M - m0 : MB;
+            const float *xb = x + m0 * K;
+            v16 acc[MB][4];
+            for (long m = 0; m < MB; m++)
+                for (int q = 0; q < 4; q++) acc[m][q] = (v16){0};
+            for (long k = 0; k < K; k++) {
+                const float *wk = wb + k * NB;
+                const v16 w0 = load16(wk), w1 = load16(wk + 16), w2 = load16(wk + 32), w3 = load16(wk + 48);
+                for (long m = 0; m < rows; m++) {
+                    const float xv = xb[m * K + k];
+                    acc[m][0] += w0 * xv;
+                    acc[m][1] += w1 * xv;
+                    acc[m][2] += w2 * xv;
+                    acc[m][3] += w3 * xv;
+                }
+            }
+            for (long m = 0; m < rows; m++) {
+                float out[NB];
+                for (int q = 0; q < 4; q++) store16(out + 16 * q, acc[m][q]);
+                float *ym = y + (m0 + m) * N + n0;
+                if (bias)
+                    for (long j = 0; j < cols; j++) out[j] += bias[n0 + j];
+                if (residual) {
+                    const float *rm = residual + (m0 + m) * N + n0;
+                    for (long j = 0; j < cols; j++) ym[j] = rm[j] + out[j];
+                } else {
+                    for (long j = 0; j < cols; j++) ym[j] = out[j];
+                }
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Small fused ops of a decoder layer (float32). Each replaces several torch ops whose dispatch, not arithmetic,
+ * dominated a decode step (benchmarks/profile_step.py: about 180 aten calls per layer before).
+ * ------------------------------------------------------------------------------------------------------------- */
+#include <math.h>
+
+/* out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w   (HF LlamaRMSNorm in float32). */
+void tandem_rms_norm_f32(const float *restrict x, const float *restrict w, float *restrict out, long T, long H,
+                         float eps, int nthreads)
+{
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (T > 8)
+    for (long t = 0; t < T; t++) {
+        const float *xt = x + t * H;
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (long i = 0; i < H; i++) ss += xt[i] * xt[i];
+        const float r = 1.f / sqrtf(ss / (float)H + eps);
+        float *ot = out + t * H;
+#pragma omp simd
+        for (long i = 0; i < H; i++) ot[i] = w[i] * (xt[i] * r);
+    }
+}
+
+/* out[t, i] = silu(gu[t, i]) * gu[t, I + i]   (gate | up fused in one row of 2I). */
+void tandem_silu_mul_f32(const float *restrict gu, float *restrict out, long T, long I, int nthreads)
+{
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (T > 8)
+    for (long t = 0; t < T; t++) {
+        const float *g = gu + t * 2 * I, *u = g + I;
+        float *o = out + t * I;
+#pragma omp simd
+        for (long i = 0; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+}
+
+/* Rotary embedding in place, "rotate half" pairing (i, i + D/2), on `heads` heads of D starting at x[t * row]:
+ * (x1, x2) <- (x1 cos - x2 sin, x2 cos + x1 sin); cos/sin rows [T, D/2] already gathered for the positions. */
+void tandem_rope_f32(float *restrict x, long row, const float *restrict cos_t, const float *restrict sin_t, long T,
+                     long heads, long D, int nthreads)
+{
+    const long half = D / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (T > 8)
+    for (long t = 0; t < T; t++) {
+        const float *c = cos_t + t * half, *s = sin_t + t * half;
+        for (long h = 0; h < heads; h++) {
+            float *x1 = x + t * row + h * D, *x2 = x1 + half;
+#pragma omp simd
+            for (long i = 0; i < half; i++) {
+                const float a = x1[i], b = x2[i];
+                x1[i] = a * c[i] - b * s[i];
+                x2[i] = b * c[i] + a * s[i];
+            }
+        }
+    }
+}
+
+/* Decode attention over the paged cache, read in place (no gather, no padding, no mask tensor).
+ *
+ * q:      rows [B], each heads * D floats at q + b * q_row (query heads grouped G = heads / kv_heads per KV head)
+ * cache:  k and v, element (block, slot, head, d) at block * sb + slot * ss + head * sh + d
+ * table:  [B, max_blocks] block ids; lens: [B] context lengths (tokens visible, the current one included)
+ * out:    [B, heads * D]
+ *
+ * Per (row, KV head): scores of its G query heads against every context token, softmax in float32 with the
+ * maximum subtracted, then the weighted sum of V. Scratch for the scores comes from the stack in chunks. */
+#define ATT_CHUNK 256
+void tandem_paged_decode_attention_f32(const float *restrict q, long q_row, const float *restrict cache_k,
+                                       const float *restrict cache_v, long sb, long ss, long sh,
+                                       const long *restrict table, long max_blocks, const long *restrict lens,
+                                       long block_size, float *restrict out, long B, long heads, long kv_heads,
+                                       long D, float scale, int nthreads)
+{
+    const long G = heads / kv_heads;
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    for (long b = 0; b < B; b++) {
+        for (long kh = 0; kh < kv_heads; kh++) {
+            const long L = lens[b];
+            const long *blocks = table + b * max_blocks;
+            for (long g = 0; g < G; g++) {
+                const long hq = kh * G + g;
+                const float *qv = q + b * q_row + hq * D;
+                float *o = out + b * heads * D + hq * D;
+                float m = -INFINITY, l = 0.f;
+                for (long i = 0; i < D; i++) o[i] = 0.f;
+                float sc[ATT_CHUNK];
+                for (long c0 = 0; c0 < L; c0 += ATT_CHUNK) {
+                    const long n = L - c0 < ATT_CHUNK ? L - c0 : ATT_CHUNK;
+                    float cm = -INFINITY;
+                    for (long j = 0; j < n; j++) {
+                        const long t = c0 + j;
+                        const float *kv = cache_k + blocks[t / block_size] * sb + (t % block_size) * ss + kh * sh;
+                        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                        for (long i = 0; i < D; i++) dot += qv[i] * kv[i];
+                        sc[j] = dot * scale;
+                        cm = sc[j] > cm ? sc[j] : cm;
+                    }
+                    const float nm = cm > m ? cm : m;
+                    const float corr = expf(m - nm); /* 0 on the first chunk (m = -inf) */
+                    l *= corr;
+                    for (long i = 0; i < D; i++) o[i] *= corr;
+                    for (long j = 0; j < n; j++) {
+                        const long t = c0 + j;
+                        const float p = expf(sc[j] - nm);
+                        l += p;
+                        const float *vv = cache_v + blocks[t / block_size] * sb + (t % block_size) * ss + kh * sh;
+#pragma omp simd
+                        for (long i = 0; i < D; i++) o[i] += p * vv[i];
+                    }
+                    m = nm;
+                }
+                const float inv = 1.f / l;
+                for (long i = 0; i < D; i++) o[i] *= inv;
+            }
+        }
+    }
+}
