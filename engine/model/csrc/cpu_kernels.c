@@ -8,7 +8,7 @@
  *
  * so one block is a single sequential stream of K * 64 floats. Each step of k
  * broadcasts x[m][k] against 64 consecutive weights (four 16-lane vectors) and
- * accumulates into registers; up to 4 rows of x share every weight load. For
+ * accumulates into registers; up to 6 rows of x share every weight load. For
  * decode (M = 1..16) this streams the weights at the core's read bandwidth,
  * where the BLAS GEMV paths reach 45-65% of it (docs/BENCHMARKS.md, issue 17).
  * Blocks are split over OpenMP threads (the caller passes torch's thread count;
@@ -26,12 +26,29 @@
 #include <stddef.h>
 
 #define NB 64 /* outputs per packed block */
-#define MB 4  /* rows of x sharing one pass over a block */
+#define MB 6  /* rows of x sharing one pass over a block: 24 accumulators + 4 weight vectors fit 32 registers */
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
 static inline v16 load16(const float *p) { v16 v; __builtin_memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+/* One pass over a packed block for R rows of x; inlined with R a constant at every call site. */
+static inline __attribute__((always_inline)) void block_pass(const float *restrict xb, const float *restrict wb,
+                                                             long K, v16 acc[MB][4], const int R)
+{
+    for (long k = 0; k < K; k++) {
+        const float *wk = wb + k * NB;
+        const v16 w0 = load16(wk), w1 = load16(wk + 16), w2 = load16(wk + 32), w3 = load16(wk + 48);
+        for (int m = 0; m < R; m++) {
+            const float xv = xb[m * K + k];
+            acc[m][0] += w0 * xv;
+            acc[m][1] += w1 * xv;
+            acc[m][2] += w2 * xv;
+            acc[m][3] += w3 * xv;
+        }
+    }
+}
 
 int tandem_cpu_kernels_abi(void) { return 2; }
 
@@ -50,16 +67,13 @@ void tandem_linear_packed_f32(const float *restrict x, const float *restrict pac
             v16 acc[MB][4];
             for (long m = 0; m < MB; m++)
                 for (int q = 0; q < 4; q++) acc[m][q] = (v16){0};
-            for (long k = 0; k < K; k++) {
-                const float *wk = wb + k * NB;
-                const v16 w0 = load16(wk), w1 = load16(wk + 16), w2 = load16(wk + 32), w3 = load16(wk + 48);
-                for (long m = 0; m < rows; m++) {
-                    const float xv = xb[m * K + k];
-                    acc[m][0] += w0 * xv;
-                    acc[m][1] += w1 * xv;
-                    acc[m][2] += w2 * xv;
-                    acc[m][3] += w3 * xv;
-                }
+            switch (rows) { /* constant row counts: the accumulators stay in registers */
+            case 1: block_pass(xb, wb, K, acc, 1); break;
+            case 2: block_pass(xb, wb, K, acc, 2); break;
+            case 3: block_pass(xb, wb, K, acc, 3); break;
+            case 4: block_pass(xb, wb, K, acc, 4); break;
+            case 5: block_pass(xb, wb, K, acc, 5); break;
+            default: block_pass(xb, wb, K, acc, 6); break;
             }
             for (long m = 0; m < rows; m++) {
                 float out[NB];
