@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 BLOCK = 64  # outputs per packed block; must match NB in the C source
-ABI = 2
+ABI = 3
 
 _lock = threading.Lock()
 _kernel: "CpuKernels | None | bool" = False  # False: not tried yet
@@ -97,6 +97,7 @@ class CpuKernels:
             return fn
 
         self._linear = bind("tandem_linear_packed_f32", _P, _P, _P, _P, _P, _L, _L, _L, _I)
+        self._linear_bf16 = bind("tandem_linear_packed_bf16", _P, _P, _P, _P, _P, _L, _L, _L, _I)
         self._rms_norm = bind("tandem_rms_norm_f32", _P, _P, _P, _L, _L, _F, _I)
         self._silu_mul = bind("tandem_silu_mul_f32", _P, _P, _L, _L, _I)
         self._rope = bind("tandem_rope_f32", _P, _L, _P, _P, _L, _L, _L, _I)
@@ -105,7 +106,7 @@ class CpuKernels:
 
     @staticmethod
     def pack(weight: torch.Tensor) -> torch.Tensor:
-        """[N, K] float32 -> [ceil(N / 64), K, 64], zero rows past N (see csrc/cpu_kernels.c)."""
+        """[N, K] float32 or bfloat16 -> [ceil(N / 64), K, 64], zero rows past N (see csrc/cpu_kernels.c)."""
         n, k = weight.shape
         nb = -(-n // BLOCK)
         padded = weight.new_zeros(nb * BLOCK, k)
@@ -114,15 +115,16 @@ class CpuKernels:
 
     def linear(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int,
                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., K] -> x W^T (+ bias) (+ residual), [..., n]."""
+        """x [..., K] -> x W^T (+ bias) (+ residual), [..., n]; float32, or bfloat16 throughout."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         m, k = x2.shape
-        y = torch.empty(m, n, dtype=torch.float32)
+        y = torch.empty(m, n, dtype=x.dtype)
         if m:
-            self._linear(x2.data_ptr(), packed.data_ptr(), _ptr(bias), _ptr(residual), y.data_ptr(), m, k, n,
+            fn = self._linear if x.dtype == torch.float32 else self._linear_bf16
+            fn(x2.data_ptr(), packed.data_ptr(), _ptr(bias), _ptr(residual), y.data_ptr(), m, k, n,
                          torch.get_num_threads())
         return y.view(*lead, n)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.cpu_kernels import cpu_kernels
-from engine.model.linear import LinearBase
+from engine.model.linear import BF16_KERNEL_MAX_ROWS, LinearBase
 from engine.model.parallel import SINGLE_RANK, ParallelContext
 
 
@@ -53,15 +53,16 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def finalize(self) -> None:
-        """On CPU in float32, a packed copy for the CPU kernel (kept beside a tied embedding's rows)."""
+        """On CPU, a packed copy for the CPU kernel (kept beside a tied embedding's rows; bf16: decode batches only)."""
         w = self.weight
-        if w.device.type == "cpu" and w.dtype == torch.float32:
+        if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
             kernel = cpu_kernels()
             if kernel is not None:
                 self._kernel, self._packed = kernel, kernel.pack(w.data)
+                self._kernel_max_rows = float("inf") if w.dtype == torch.float32 else BF16_KERNEL_MAX_ROWS
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if self._kernel is not None:
+        if self._kernel is not None and hidden.numel() <= self._kernel_max_rows * hidden.shape[-1]:
             logits = self._kernel.linear(hidden, self._packed, None, self.weight.shape[0])
         else:
             logits = F.linear(hidden, self.weight)

@@ -16,7 +16,8 @@ packed into blocks of 64 outputs that stream sequentially, which reads weights a
 core's full bandwidth for decode-sized batches (issue 17: 26 GB/s on one thread where
 `x @ W[in, out]` reached 17.6 and `F.linear` 11) and is level with oneDNN at prefill
 sizes. Without a compiler, fp32 falls back to `x @ W` in the [in, out] layout
-(`benchmarks/gemv_bandwidth.py`); bf16 is fastest as stored, [out, in], through F.linear.
+(`benchmarks/gemv_bandwidth.py`). bf16 keeps the stored [out, in] weight for F.linear (oneDNN's
+bf16 dot products win at prefill sizes) and a packed copy for decode-sized batches.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ from torch import nn
 
 from engine.model.cpu_kernels import cpu_kernels
 from engine.model.parallel import SINGLE_RANK, ParallelContext
+
+# bfloat16: batches of at most this many rows use the packed kernel (it streams the weights faster), larger ones
+# oneDNN's bf16 dot-product kernels. Measured 2026-12-06 (AVX512-BF16 EPYC, 576x3072, 2 threads): kernel
+# 87/202/338/656 us at 1/8/16/32 rows, F.linear 297/376/446/699 us; the LM head crosses over near 16 rows
+BF16_KERNEL_MAX_ROWS = 12
 
 
 class LinearBase(nn.Module):
@@ -41,23 +47,29 @@ class LinearBase(nn.Module):
         self._weight_t: torch.Tensor | None = None  # [in, out] copy when that form is faster
         self._packed: torch.Tensor | None = None  # [ceil(out / 64), in, 64] for the CPU kernel
         self._kernel = None
+        self._kernel_max_rows = float("inf")  # bf16: rows above this go to oneDNN
 
     def finalize(self) -> None:
         w = self.weight
-        if w.device.type == "cpu" and w.dtype == torch.float32:
-            kernel = cpu_kernels()
-            if kernel is not None:
-                self._kernel, self._packed = kernel, kernel.pack(w.data)
-                # the packed copy is the only one kept: the parameter becomes an empty placeholder
-                self.weight = nn.Parameter(w.new_empty(0), requires_grad=False)
-                return
-            self._weight_t = w.t().contiguous()
-            # keep the [out, in] parameter as a transposed view of the same storage (no double memory)
-            self.weight = nn.Parameter(self._weight_t.t(), requires_grad=False)
+        if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+            return
+        kernel = cpu_kernels()
+        if w.dtype == torch.bfloat16:
+            if kernel is not None:  # decode-sized batches on the kernel, prefill on oneDNN's bf16 (both layouts kept)
+                self._kernel, self._packed, self._kernel_max_rows = kernel, kernel.pack(w.data), BF16_KERNEL_MAX_ROWS
+            return
+        if kernel is not None:
+            self._kernel, self._packed = kernel, kernel.pack(w.data)
+            # the packed copy is the only one kept: the parameter becomes an empty placeholder
+            self.weight = nn.Parameter(w.new_empty(0), requires_grad=False)
+            return
+        self._weight_t = w.t().contiguous()
+        # keep the [out, in] parameter as a transposed view of the same storage (no double memory)
+        self.weight = nn.Parameter(self._weight_t.t(), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T + bias, plus `residual` when given (fused into the CPU kernel's output pass)."""
-        if self._kernel is not None:
+        if self._kernel is not None and x.numel() <= self._kernel_max_rows * x.shape[-1]:
             return self._kernel.linear(x, self._packed, self.bias, self.out_features, residual)
         if self._weight_t is not None:
             y = torch.addmm(self.bias, x, self._weight_t) if self.bias is not None else x @ self._weight_t

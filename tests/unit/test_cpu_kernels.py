@@ -172,3 +172,37 @@ def test_paged_decode_attention_matches_sdpa_over_gathered_blocks(order, lens):
         ref = F.scaled_dot_product_attention(q, k.repeat_interleave(heads // kv_heads, 0),
                                              v.repeat_interleave(heads // kv_heads, 0), scale=d ** -0.5)
         torch.testing.assert_close(out[i].view(heads, d), ref.view(heads, d), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", [(1, 576, 1536), (5, 64, 65), (7, 130, 200)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_linear_rounds_once_like_onednn(m, k, n, with_bias):
+    """bf16 in, bf16 out: the float32 sum of bf16 products, plus the bias, rounded once to bf16."""
+    g = torch.Generator().manual_seed(m + k + n)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    x = torch.randn(m, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16() if with_bias else None
+    r = torch.randn(m, n, generator=g).bfloat16()
+    y = KERNEL.linear(x, KERNEL.pack(w), bias, n)
+    exact = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+    assert y.dtype == torch.bfloat16
+    # one rounding of a float32 sum: within a bf16 half-ulp of the exact value, plus float32 summation error
+    torch.testing.assert_close(y.double(), exact, rtol=2 ** -8, atol=1e-4 * k ** 0.5)
+    # the residual is added to the rounded product and rounded again, as `r + linear(x)` in bf16
+    assert torch.equal(KERNEL.linear(x, KERNEL.pack(w), bias, n, residual=r), r + y)
+
+
+@needs_kernel
+def test_bf16_layers_use_the_kernel_only_for_decode_sized_batches():
+    from engine.model.linear import BF16_KERNEL_MAX_ROWS
+
+    g = torch.Generator().manual_seed(3)
+    layer = MergedColumnLinear(64, [96, 96], dtype=torch.bfloat16, device="cpu")
+    layer.weight.data.copy_(torch.randn(192, 64, generator=g))
+    layer.finalize()
+    assert layer._kernel is not None and layer.weight.shape == (192, 64)  # oneDNN's layout kept for big batches
+    small = torch.randn(BF16_KERNEL_MAX_ROWS, 64, generator=g).bfloat16()
+    big = torch.randn(BF16_KERNEL_MAX_ROWS + 1, 64, generator=g).bfloat16()
+    assert torch.equal(layer(small), KERNEL.linear(small, layer._packed, None, 192))
+    assert torch.equal(layer(big), F.linear(big, layer.weight))

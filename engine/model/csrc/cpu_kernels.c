@@ -50,18 +50,21 @@ static inline __attribute__((always_inline)) void block_pass(const float *restri
     }
 }
 
-int tandem_cpu_kernels_abi(void) { return 2; }
+int tandem_cpu_kernels_abi(void) { return 3; }
 
 void tandem_linear_packed_f32(const float *restrict x, const float *restrict packed, const float *restrict bias,
                               const float *restrict residual, float *restrict y, long M, long K, long N, int nthreads)
 {
-    const long nblk = (N + NB - 1) / NB;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+    const long nblk = (N + NB - 1) / NB, ngroups = (M + MB - 1) / MB;
+    /* (block, row group) pairs in block-major order: a thread's share is a contiguous run, so it keeps
+     * re-reading the same weight block from its cache; and small-N layers still split evenly at prefill sizes */
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
     for (long b = 0; b < nblk; b++) {
-        const float *wb = packed + b * K * NB;
-        const long n0 = b * NB;
-        const long cols = N - n0 < NB ? N - n0 : NB;
-        for (long m0 = 0; m0 < M; m0 += MB) {
+        for (long g = 0; g < ngroups; g++) {
+            const float *wb = packed + b * K * NB;
+            const long n0 = b * NB;
+            const long cols = N - n0 < NB ? N - n0 : NB;
+            const long m0 = g * MB;
             const long rows = M - m0 < MB ? M - m0 : MB;
             const float *xb = x + m0 * K;
             v16 acc[MB][4];
@@ -93,6 +96,100 @@ void tandem_linear_packed_f32(const float *restrict x, const float *restrict pac
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
+ * The same linear for bfloat16 weights and activations, for decode-sized batches: weights packed the same way
+ * ([ceil(N/64)][K][64] of bf16), widened to float32 in registers (a bf16 is the top half of a float32), products
+ * summed in float32 in k order, the bias added in float32, the result rounded once to bf16 (round to nearest
+ * even) as oneDNN's bf16 linear does; a residual is added to that rounded result in float32 and rounded again,
+ * as torch's `h + linear(x)` in bf16 does. Half the bytes of float32, so decode streams twice the weights per
+ * second; at prefill sizes oneDNN's bf16 dot-product kernels are faster and the layer uses them instead.
+ * ------------------------------------------------------------------------------------------------------------- */
+typedef unsigned short bf16_t;
+typedef unsigned int v16u __attribute__((vector_size(64), aligned(4)));
+typedef unsigned short v16h __attribute__((vector_size(32), aligned(2)));
+
+static inline v16 load16_bf16(const bf16_t *p)
+{
+    v16h h;
+    __builtin_memcpy(&h, p, sizeof h);
+    return (v16)(__builtin_convertvector(h, v16u) << 16);
+}
+
+static inline float bf16_to_f32(bf16_t v)
+{
+    const unsigned u = (unsigned)v << 16;
+    float f;
+    __builtin_memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline bf16_t f32_to_bf16(float f)
+{
+    unsigned u;
+    __builtin_memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40); /* NaN stays a (quiet) NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
+static inline __attribute__((always_inline)) void block_pass_bf16(const bf16_t *restrict xb,
+                                                                  const bf16_t *restrict wb, long K,
+                                                                  v16 acc[MB][4], const int R)
+{
+    for (long k = 0; k < K; k++) {
+        const bf16_t *wk = wb + k * NB;
+        const v16 w0 = load16_bf16(wk), w1 = load16_bf16(wk + 16), w2 = load16_bf16(wk + 32),
+                  w3 = load16_bf16(wk + 48);
+        for (int m = 0; m < R; m++) {
+            const float xv = bf16_to_f32(xb[m * K + k]);
+            acc[m][0] += w0 * xv;
+            acc[m][1] += w1 * xv;
+            acc[m][2] += w2 * xv;
+            acc[m][3] += w3 * xv;
+        }
+    }
+}
+
+void tandem_linear_packed_bf16(const bf16_t *restrict x, const bf16_t *restrict packed,
+                               const bf16_t *restrict bias, const bf16_t *restrict residual, bf16_t *restrict y,
+                               long M, long K, long N, int nthreads)
+{
+    const long nblk = (N + NB - 1) / NB, ngroups = (M + MB - 1) / MB;
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    for (long b = 0; b < nblk; b++) {
+        for (long g = 0; g < ngroups; g++) {
+            const bf16_t *wb = packed + b * K * NB;
+            const long n0 = b * NB;
+            const long cols = N - n0 < NB ? N - n0 : NB;
+            const long m0 = g * MB;
+            const long rows = M - m0 < MB ? M - m0 : MB;
+            const bf16_t *xb = x + m0 * K;
+            v16 acc[MB][4];
+            for (long m = 0; m < MB; m++)
+                for (int q = 0; q < 4; q++) acc[m][q] = (v16){0};
+            switch (rows) {
+            case 1: block_pass_bf16(xb, wb, K, acc, 1); break;
+            case 2: block_pass_bf16(xb, wb, K, acc, 2); break;
+            case 3: block_pass_bf16(xb, wb, K, acc, 3); break;
+            case 4: block_pass_bf16(xb, wb, K, acc, 4); break;
+            case 5: block_pass_bf16(xb, wb, K, acc, 5); break;
+            default: block_pass_bf16(xb, wb, K, acc, 6); break;
+            }
+            for (long m = 0; m < rows; m++) {
+                float out[NB];
+                for (int q = 0; q < 4; q++) store16(out + 16 * q, acc[m][q]);
+                bf16_t *ym = y + (m0 + m) * N + n0;
+                for (long j = 0; j < cols; j++) {
+                    float o = bias ? out[j] + bf16_to_f32(bias[n0 + j]) : out[j];
+                    bf16_t r = f32_to_bf16(o);
+                    if (residual) r = f32_to_bf16(bf16_to_f32(residual[(m0 + m) * N + n0 + j]) + bf16_to_f32(r));
+                    ym[j] = r;
+                }
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
  * Small fused ops of a decoder layer (float32). Each replaces several torch ops whose dispatch, not arithmetic,
  * dominated a decode step (benchmarks/profile_step.py: about 180 aten calls per layer before).
  * ------------------------------------------------------------------------------------------------------------- */
@@ -115,6 +212,31 @@ void tandem_rms_norm_f32(const float *restrict x, const float *restrict w, float
     }
 }
 
+/* exp(x) on 16 lanes: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, and Cephes' degree-7
+ * polynomial for e^r (about 1 ulp, as libm's expf); inputs clamped to the float range. */
+typedef int v16i __attribute__((vector_size(64), aligned(4)));
+static inline v16 select16(v16i mask, v16 a, v16 b) { return (v16)(((v16i)a & mask) | ((v16i)b & ~mask)); }
+
+static inline v16 exp16(v16 x)
+{
+    const v16 hi = (v16){0} + 88.3762626647949f, lo = (v16){0} - 87.3365447504019f;
+    x = select16(x < hi, x, hi);
+    x = select16(x > lo, x, lo);
+    const v16 magic = (v16){0} + 12582912.f; /* 1.5 * 2^23: adding it rounds to the nearest integer */
+    v16 n = x * 1.44269504088896341f + magic;
+    const v16i ni = (v16i)n - (v16i)magic;
+    n -= magic;
+    v16 r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    v16 y = r * 1.9875691500E-4f + 1.3981999507E-3f;
+    y = y * r + 8.3334519073E-3f;
+    y = y * r + 4.1665795894E-2f;
+    y = y * r + 1.6666665459E-1f;
+    y = y * r + 5.0000001201E-1f;
+    y = y * r * r + r + 1.f;
+    return (v16)((v16i)y + (ni << 23)); /* y * 2^n */
+}
+
 /* out[t, i] = silu(gu[t, i]) * gu[t, I + i]   (gate | up fused in one row of 2I). */
 void tandem_silu_mul_f32(const float *restrict gu, float *restrict out, long T, long I, int nthreads)
 {
@@ -122,8 +244,12 @@ void tandem_silu_mul_f32(const float *restrict gu, float *restrict out, long T, 
     for (long t = 0; t < T; t++) {
         const float *g = gu + t * 2 * I, *u = g + I;
         float *o = out + t * I;
-#pragma omp simd
-        for (long i = 0; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        long i = 0;
+        for (; i + 16 <= I; i += 16) {
+            const v16 gv = load16(g + i);
+            store16(o + i, gv / (1.f + exp16(-gv)) * load16(u + i));
+        }
+        for (; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
     }
 }
 
