@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
 BLOCK = 64  # outputs per packed block; must match NB in the C source
-ABI = 3
+ABI = 4
 
 _lock = threading.Lock()
 _kernel: "CpuKernels | None | bool" = False  # False: not tried yet
@@ -76,6 +76,8 @@ def _build(cc: str) -> Path:
 
 
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+MAX_HEAD_DIM = 512  # the bf16 decode attention keeps a head in a stack buffer of this size
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -83,7 +85,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class CpuKernels:
-    """ctypes handles on the float32 kernels; every tensor argument must be contiguous float32 on the CPU."""
+    """ctypes handles on the kernels; tensor arguments are contiguous CPU tensors of one dtype, float32 or bfloat16."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -98,11 +100,12 @@ class CpuKernels:
 
         self._linear = bind("tandem_linear_packed_f32", _P, _P, _P, _P, _P, _L, _L, _L, _I)
         self._linear_bf16 = bind("tandem_linear_packed_bf16", _P, _P, _P, _P, _P, _L, _L, _L, _I)
-        self._rms_norm = bind("tandem_rms_norm_f32", _P, _P, _P, _L, _L, _F, _I)
-        self._silu_mul = bind("tandem_silu_mul_f32", _P, _P, _L, _L, _I)
-        self._rope = bind("tandem_rope_f32", _P, _L, _P, _P, _L, _L, _L, _I)
-        self._decode_attn = bind("tandem_paged_decode_attention_f32", _P, _L, _P, _P, _L, _L, _L, _P, _L, _P, _L,
-                                 _P, _L, _L, _L, _L, _F, _I)
+        # the fused layer ops, by dtype
+        self._rms_norm = {dt: bind(f"tandem_rms_norm_{sfx}", _P, _P, _P, _L, _L, _F, _I) for dt, sfx in _SUFFIX.items()}
+        self._silu_mul = {dt: bind(f"tandem_silu_mul_{sfx}", _P, _P, _L, _L, _I) for dt, sfx in _SUFFIX.items()}
+        self._rope = {dt: bind(f"tandem_rope_{sfx}", _P, _L, _P, _P, _L, _L, _L, _I) for dt, sfx in _SUFFIX.items()}
+        self._decode_attn = {dt: bind(f"tandem_paged_decode_attention_{sfx}", _P, _L, _P, _P, _L, _L, _L, _P, _L, _P,
+                                      _L, _P, _L, _L, _L, _L, _F, _I) for dt, sfx in _SUFFIX.items()}
 
     @staticmethod
     def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -132,21 +135,21 @@ class CpuKernels:
         """x [T, H] contiguous -> normalised and scaled, [T, H]."""
         t, h = x.shape
         out = torch.empty_like(x)
-        self._rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), t, h, eps, torch.get_num_threads())
+        self._rms_norm[x.dtype](x.data_ptr(), weight.data_ptr(), out.data_ptr(), t, h, eps, torch.get_num_threads())
         return out
 
     def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
         """gu [T, 2I] ([gate | up]) -> silu(gate) * up, [T, I]."""
         t, two_i = gu.shape
         out = gu.new_empty(t, two_i // 2)
-        self._silu_mul(gu.data_ptr(), out.data_ptr(), t, two_i // 2, torch.get_num_threads())
+        self._silu_mul[gu.dtype](gu.data_ptr(), out.data_ptr(), t, two_i // 2, torch.get_num_threads())
         return out
 
     def rope_(self, x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Rotate the first `heads` heads of each row of x [T, row] in place; cos, sin [T, D/2] contiguous."""
         t, row = x.shape
         d = cos.shape[-1] * 2
-        self._rope(x.data_ptr(), row, cos.data_ptr(), sin.data_ptr(), t, heads, d, torch.get_num_threads())
+        self._rope[x.dtype](x.data_ptr(), row, cos.data_ptr(), sin.data_ptr(), t, heads, d, torch.get_num_threads())
 
     def paged_decode_attention(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                                strides: tuple[int, int, int], table: torch.Tensor, lens: torch.Tensor,
@@ -159,7 +162,7 @@ class CpuKernels:
         b, row = q.shape
         out = q.new_empty(b, heads * dim)
         sb, ss, sh = strides
-        self._decode_attn(q.data_ptr(), row, cache_k.data_ptr(), cache_v.data_ptr(), sb, ss, sh, table.data_ptr(),
+        self._decode_attn[q.dtype](q.data_ptr(), row, cache_k.data_ptr(), cache_v.data_ptr(), sb, ss, sh, table.data_ptr(),
                           table.shape[1], lens.data_ptr(), block_size, out.data_ptr(), b, heads, kv_heads, dim, scale,
                           torch.get_num_threads())
         return out

@@ -50,7 +50,7 @@ static inline __attribute__((always_inline)) void block_pass(const float *restri
     }
 }
 
-int tandem_cpu_kernels_abi(void) { return 3; }
+int tandem_cpu_kernels_abi(void) { return 4; }
 
 void tandem_linear_packed_f32(const float *restrict x, const float *restrict packed, const float *restrict bias,
                               const float *restrict residual, float *restrict y, long M, long K, long N, int nthreads)
@@ -331,6 +331,137 @@ void tandem_paged_decode_attention_f32(const float *restrict q, long q_row, cons
                 }
                 const float inv = 1.f / l;
                 for (long i = 0; i < D; i++) o[i] *= inv;
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * The fused layer ops for bfloat16 tensors: float32 arithmetic inside, rounded to bf16 where torch's bf16 path
+ * rounds (RMSNorm: the normalised value, then its product with the weight; SiLU * up: the SiLU, then the
+ * product); rope and attention round once, at the end (torch rounds after every op there, so the two differ
+ * by bf16 rounding, the tolerance the bf16 tests allow).
+ * ------------------------------------------------------------------------------------------------------------- */
+static inline void store16_bf16(bf16_t *p, v16 v)
+{
+    v16u u = (v16u)v;
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even (finite values; NaN inputs are not expected) */
+    const v16h h = __builtin_convertvector(u >> 16, v16h);
+    __builtin_memcpy(p, &h, sizeof h);
+}
+
+static inline v16 round16_bf16(v16 v)
+{
+    v16u u = (v16u)v;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (v16)(u & 0xffff0000u);
+}
+
+void tandem_rms_norm_bf16(const bf16_t *restrict x, const bf16_t *restrict w, bf16_t *restrict out, long T, long H,
+                          float eps, int nthreads)
+{
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (T > 8)
+    for (long t = 0; t < T; t++) {
+        const bf16_t *xt = x + t * H;
+        bf16_t *ot = out + t * H;
+        float ss = 0.f;
+        long i = 0;
+        v16 acc = (v16){0};
+        for (; i + 16 <= H; i += 16) {
+            const v16 v = load16_bf16(xt + i);
+            acc += v * v;
+        }
+        for (int j = 0; j < 16; j++) ss += acc[j];
+        for (; i < H; i++) ss += bf16_to_f32(xt[i]) * bf16_to_f32(xt[i]);
+        const float r = 1.f / sqrtf(ss / (float)H + eps);
+        i = 0;
+        for (; i + 16 <= H; i += 16) store16_bf16(ot + i, load16_bf16(w + i) * round16_bf16(load16_bf16(xt + i) * r));
+        for (; i < H; i++) ot[i] = f32_to_bf16(bf16_to_f32(w[i]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(xt[i]) * r)));
+    }
+}
+
+void tandem_silu_mul_bf16(const bf16_t *restrict gu, bf16_t *restrict out, long T, long I, int nthreads)
+{
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (T > 8)
+    for (long t = 0; t < T; t++) {
+        const bf16_t *g = gu + t * 2 * I, *u = g + I;
+        bf16_t *o = out + t * I;
+        long i = 0;
+        for (; i + 16 <= I; i += 16) {
+            const v16 gv = load16_bf16(g + i);
+            store16_bf16(o + i, round16_bf16(gv / (1.f + exp16(-gv))) * load16_bf16(u + i));
+        }
+        for (; i < I; i++) {
+            const float gv = bf16_to_f32(g[i]);
+            o[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(gv / (1.f + expf(-gv)))) * bf16_to_f32(u[i]));
+        }
+    }
+}
+
+void tandem_rope_bf16(bf16_t *restrict x, long row, const bf16_t *restrict cos_t, const bf16_t *restrict sin_t,
+                      long T, long heads, long D, int nthreads)
+{
+    const long half = D / 2;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (T > 8)
+    for (long t = 0; t < T; t++) {
+        const bf16_t *c = cos_t + t * half, *s = sin_t + t * half;
+        for (long h = 0; h < heads; h++) {
+            bf16_t *x1 = x + t * row + h * D, *x2 = x1 + half;
+            for (long i = 0; i < half; i++) {
+                const float a = bf16_to_f32(x1[i]), b = bf16_to_f32(x2[i]);
+                const float cc = bf16_to_f32(c[i]), sn = bf16_to_f32(s[i]);
+                x1[i] = f32_to_bf16(a * cc - b * sn);
+                x2[i] = f32_to_bf16(b * cc + a * sn);
+            }
+        }
+    }
+}
+
+void tandem_paged_decode_attention_bf16(const bf16_t *restrict q, long q_row, const bf16_t *restrict cache_k,
+                                        const bf16_t *restrict cache_v, long sb, long ss, long sh,
+                                        const long *restrict table, long max_blocks, const long *restrict lens,
+                                        long block_size, bf16_t *restrict out, long B, long heads, long kv_heads,
+                                        long D, float scale, int nthreads)
+{
+    const long G = heads / kv_heads;
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    for (long b = 0; b < B; b++) {
+        for (long kh = 0; kh < kv_heads; kh++) {
+            const long L = lens[b];
+            const long *blocks = table + b * max_blocks;
+            for (long g = 0; g < G; g++) {
+                const long hq = kh * G + g;
+                float qv[512], o[512]; /* head dims up to 512 */
+                for (long i = 0; i < D; i++) { qv[i] = bf16_to_f32(q[b * q_row + hq * D + i]); o[i] = 0.f; }
+                float m = -INFINITY, l = 0.f;
+                float sc[ATT_CHUNK];
+                for (long c0 = 0; c0 < L; c0 += ATT_CHUNK) {
+                    const long n = L - c0 < ATT_CHUNK ? L - c0 : ATT_CHUNK;
+                    float cm = -INFINITY;
+                    for (long j = 0; j < n; j++) {
+                        const long t = c0 + j;
+                        const bf16_t *kv = cache_k + blocks[t / block_size] * sb + (t % block_size) * ss + kh * sh;
+                        float dot = 0.f;
+                        for (long i = 0; i < D; i++) dot += qv[i] * bf16_to_f32(kv[i]);
+                        sc[j] = dot * scale;
+                        cm = sc[j] > cm ? sc[j] : cm;
+                    }
+                    const float nm = cm > m ? cm : m;
+                    const float corr = expf(m - nm);
+                    l *= corr;
+                    for (long i = 0; i < D; i++) o[i] *= corr;
+                    for (long j = 0; j < n; j++) {
+                        const long t = c0 + j;
+                        const float p = expf(sc[j] - nm);
+                        l += p;
+                        const bf16_t *vv = cache_v + blocks[t / block_size] * sb + (t % block_size) * ss + kh * sh;
+                        for (long i = 0; i < D; i++) o[i] += p * bf16_to_f32(vv[i]);
+                    }
+                    m = nm;
+                }
+                const float inv = 1.f / l;
+                bf16_t *od = out + b * heads * D + hq * D;
+                for (long i = 0; i < D; i++) od[i] = f32_to_bf16(o[i] * inv);
             }
         }
     }
