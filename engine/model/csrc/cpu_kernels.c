@@ -442,7 +442,13 @@ void tandem_paged_decode_attention_bf16(const bf16_t *restrict q, long q_row, co
                         const long t = c0 + j;
                         const bf16_t *kv = cache_k + blocks[t / block_size] * sb + (t % block_size) * ss + kh * sh;
                         float dot = 0.f;
-                        for (long i = 0; i < D; i++) dot += qv[i] * bf16_to_f32(kv[i]);
+                        long i = 0;
+                        if (D >= 16) {
+                            v16 part = (v16){0};
+                            for (; i + 16 <= D; i += 16) part += load16(qv + i) * load16_bf16(kv + i);
+                            for (int j = 0; j < 16; j++) dot += part[j];
+                        }
+                        for (; i < D; i++) dot += qv[i] * bf16_to_f32(kv[i]);
                         sc[j] = dot * scale;
                         cm = sc[j] > cm ? sc[j] : cm;
                     }
@@ -455,7 +461,9 @@ void tandem_paged_decode_attention_bf16(const bf16_t *restrict q, long q_row, co
                         const float p = expf(sc[j] - nm);
                         l += p;
                         const bf16_t *vv = cache_v + blocks[t / block_size] * sb + (t % block_size) * ss + kh * sh;
-                        for (long i = 0; i < D; i++) o[i] += p * bf16_to_f32(vv[i]);
+                        long i = 0;
+                        for (; i + 16 <= D; i += 16) store16(o + i, load16(o + i) + load16_bf16(vv + i) * p);
+                        for (; i < D; i++) o[i] += p * bf16_to_f32(vv[i]);
                     }
                     m = nm;
                 }
