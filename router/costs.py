@@ -2,7 +2,7 @@
 
 Costs (pure functions, golden-tested; every decision can print the filled-in formula):
 
-    prefill_cost = w_uncached * uncached_tokens + w_queued * queued_tokens + w_evict * new_tokens * fill
+    prefill_cost = w_uncached * uncached_tokens + w_queued * queued_tokens + w_evict * new_tokens * fill * reuse
         uncached_tokens  prompt tokens minus those in the worker's longest cached prefix
                          (at least 1: the last prompt token is always computed)
         queued_tokens    prefill tokens this router routed to the worker and not yet done
@@ -11,6 +11,9 @@ Costs (pure functions, golden-tested; every decision can print the filled-in for
                          holds something (blocks in use, or cached prefixes as the router's index has them,
                          plus this router's queued prefill) once the prompt is in. It stands for the chance
                          that what the prompt adds pushes out a prefix that will be asked for again.
+        reuse            the pool's recent reuse (`ReuseMeter`): the share of recent prompts' blocks that an
+                         earlier prompt had brought. Evicting costs nothing where nothing is asked twice, so
+                         on a workload without shared prefixes the term fades and the queue decides.
     decode_cost = w_kv * (used + in_flight + need) / total + w_seqs * running / max_num_seqs
         used             total - free KV blocks, as the worker last reported
         in_flight        KV blocks this router routed to it that it has not pulled yet
@@ -41,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -65,6 +69,7 @@ class PrefillTerms:
     queued_tokens: int
     total_blocks: int = 0  # the worker's KV blocks (0: not reported: no eviction term)
     content_blocks: int = 0  # blocks in use or holding cached prefixes (+ this router's queued prefill)
+    reuse: float = 1.0  # the pool's recent block reuse, 0..1 (ReuseMeter)
 
     @property
     def uncached_tokens(self) -> int:
@@ -83,7 +88,7 @@ class PrefillTerms:
 
     @property
     def evict_tokens(self) -> float:
-        return self.new_blocks * self.block_size * self.fill
+        return self.new_blocks * self.block_size * self.fill * self.reuse
 
 
 def prefill_cost(t: PrefillTerms, w: CostWeights = CostWeights()) -> float:
@@ -94,7 +99,7 @@ def prefill_formula(t: PrefillTerms, w: CostWeights = CostWeights()) -> str:
     evict = ""
     if t.total_blocks > 0:
         evict = (f" + {w.evict:g}*evict {t.new_blocks * t.block_size}*fill {t.fill:.2f} "
-                 f"(({t.content_blocks} + {t.new_blocks})/{t.total_blocks})")
+                 f"(({t.content_blocks} + {t.new_blocks})/{t.total_blocks})*reuse {t.reuse:.2f}")
     return (f"{t.worker_id}: {w.uncached:g}*uncached {t.uncached_tokens} "
             f"({t.prompt_tokens} - {t.cached_blocks} blocks cached) + {w.queued:g}*queued {t.queued_tokens}"
             f"{evict} = {prefill_cost(t, w):.6g}")
@@ -138,6 +143,35 @@ def decode_formula(t: DecodeTerms, w: CostWeights = CostWeights()) -> str:
             f"/{t.total_blocks} + {w.seqs:g}*seqs {t.running}/{t.max_num_seqs} = {decode_cost(t, w):.4g}")
 
 
+class ReuseMeter:
+    """How much of what prompts bring was brought before: the value of keeping cached blocks, per pool.
+
+    Every routed prompt's full blocks are looked up in a bounded LRU set of the blocks that recent prompts
+    brought (wherever they went, evicted since or not). `share` is an exponential moving average, over
+    prompts, of (blocks seen before / full blocks). It starts at 1 (assume reuse until shown otherwise: the
+    costly mistake is to scatter repeated prefixes, not to keep a cache for prompts that never return).
+    """
+
+    def __init__(self, capacity: int = 1 << 16, alpha: float = 0.1, initial: float = 1.0) -> None:
+        if capacity < 1 or not 0 < alpha <= 1 or not 0 <= initial <= 1:
+            raise ValueError(f"ReuseMeter needs capacity >= 1, 0 < alpha <= 1, 0 <= initial <= 1; got "
+                             f"{capacity}, {alpha}, {initial}")
+        self.capacity, self.alpha, self.share = capacity, alpha, initial
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+
+    def observe(self, hashes: Sequence[bytes]) -> None:
+        """Count one prompt (its full blocks' hashes) into the share, then remember its blocks."""
+        if not hashes:
+            return
+        seen = sum(1 for h in hashes if h in self._seen)
+        self.share += self.alpha * (seen / len(hashes) - self.share)
+        for h in hashes:
+            self._seen[h] = None
+            self._seen.move_to_end(h)
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+
 def rendezvous(key: bytes, worker_ids: Sequence[str]) -> int:
     """Index of the worker with the highest hash of (key, worker id): highest-random-weight hashing.
     The same key picks the same worker while it is a candidate; keys spread evenly over workers."""
@@ -169,7 +203,7 @@ def need_blocks(prompt_tokens: int, cached_blocks: int, block_size: int) -> int:
 
 
 def prefill_terms(slot: WorkerSlot, prompt_tokens: int, cached_blocks: int, block_size: int,
-                  indexed_blocks: int) -> PrefillTerms:
+                  indexed_blocks: int, reuse: float = 1.0) -> PrefillTerms:
     """A prefill candidate's figures: the worker's last report (total and free blocks), the blocks the router's
     index holds for it, and this router's queued prefill on it (blocks it will cache, not yet reported)."""
     s = slot.status
@@ -177,7 +211,7 @@ def prefill_terms(slot: WorkerSlot, prompt_tokens: int, cached_blocks: int, bloc
     used = total - s.kv_blocks_free if s else 0
     content = max(used, indexed_blocks) + slot.prefill_tokens // block_size
     return PrefillTerms(slot.worker_id, prompt_tokens, cached_blocks, block_size, slot.prefill_tokens,
-                        total_blocks=total, content_blocks=content)
+                        total_blocks=total, content_blocks=content, reuse=reuse)
 
 
 def decode_terms(slot: WorkerSlot, prompt_tokens: int, cached_blocks: int, block_size: int) -> DecodeTerms:

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 from common.block_hash import BlockHash, hash_full_blocks
 from router.costs import (
-    CostWeights, DecodeTerms, PrefillTerms, decode_cost, decode_formula, decode_terms, need_blocks, prefill_cost,
-    prefill_formula, prefill_terms, rendezvous, select,
+    CostWeights, DecodeTerms, PrefillTerms, ReuseMeter, decode_cost, decode_formula, decode_terms, need_blocks,
+    prefill_cost, prefill_formula, prefill_terms, rendezvous, select,
 )
 from router.indexer import Indexer, PredictedBlocks
 from router.placement import PlacementOption, place_by_slo
@@ -154,6 +154,7 @@ class PoolIndex:
         self.pool = pool
         self.indexer = Indexer(pool.block_size)
         self.predicted = PredictedBlocks()
+        self.reuse = ReuseMeter()
 
     def hashes(self, prompt_ids: Sequence[int], cache: dict[int, list[BlockHash]]) -> list[BlockHash]:
         bs = self.pool.block_size
@@ -319,8 +320,11 @@ class Router:
         bs = ix.pool.block_size
         # the rendezvous key: the first block no worker holds (the last one if some worker holds them all)
         key = hashes[min(max(overlap.values(), default=0), len(hashes) - 1)] if hashes else None
+        reuse = ix.reuse.share  # of the prompts before this one (this one's own match is in `overlap`)
+        if not exclude:  # a retry is the same prompt again, not reuse
+            ix.reuse.observe(hashes)
         return self._choose(ix.pool, lambda s: prefill_terms(s, n, overlap.get(s.worker_id, 0), bs,
-                                                             ix.indexer.num_blocks(s.worker_id)),
+                                                             ix.indexer.num_blocks(s.worker_id), reuse),
                             prefill_cost, exclude, home_key=key)
 
     def _choose_decode(self, ix: PoolIndex, n: int, overlap: dict[str, int], exclude: Collection[str] = ()

@@ -606,20 +606,49 @@ def test_wait_drained_returns_when_the_last_tracked_request_ends() -> None:
 @pytest.mark.parametrize("terms, cost, formula", [
     # the common header (2 blocks) cached on a half-full worker ...
     (PrefillTerms("p0", 800, 2, 16, 0, total_blocks=300, content_blocks=150), 1021.44,
-     "p0: 1*uncached 768 (800 - 2 blocks cached) + 1*queued 0 + 0.5*evict 768*fill 0.66 ((150 + 48)/300) = 1021.44"),
+     "p0: 1*uncached 768 (800 - 2 blocks cached) + 1*queued 0 + 0.5*evict 768*fill 0.66 ((150 + 48)/300)*reuse 1.00 = 1021.44"),
     # ... loses to a nearly empty one: the new document goes where it pushes nothing out
     (PrefillTerms("p1", 800, 0, 16, 0, total_blocks=300, content_blocks=30), 906.667,
-     "p1: 1*uncached 800 (800 - 0 blocks cached) + 1*queued 0 + 0.5*evict 800*fill 0.27 ((30 + 50)/300) = 906.667"),
+     "p1: 1*uncached 800 (800 - 0 blocks cached) + 1*queued 0 + 0.5*evict 800*fill 0.27 ((30 + 50)/300)*reuse 1.00 = 906.667"),
     # a full cache: fill is capped at 1
     (PrefillTerms("p2", 800, 0, 16, 100, total_blocks=300, content_blocks=280), 1300,
-     "p2: 1*uncached 800 (800 - 0 blocks cached) + 1*queued 100 + 0.5*evict 800*fill 1.00 ((280 + 50)/300) = 1300"),
+     "p2: 1*uncached 800 (800 - 0 blocks cached) + 1*queued 100 + 0.5*evict 800*fill 1.00 ((280 + 50)/300)*reuse 1.00 = 1300"),
     # a long match adds little: 2 new blocks
     (PrefillTerms("p3", 800, 48, 16, 0, total_blocks=300, content_blocks=290), 48,
-     "p3: 1*uncached 32 (800 - 48 blocks cached) + 1*queued 0 + 0.5*evict 32*fill 0.97 ((290 + 2)/300) = 47.5733"),
+     "p3: 1*uncached 32 (800 - 48 blocks cached) + 1*queued 0 + 0.5*evict 32*fill 0.97 ((290 + 2)/300)*reuse 1.00 = 47.5733"),
 ])
 def test_prefill_cost_with_the_fill_term_golden(terms: PrefillTerms, cost: float, formula: str) -> None:
     assert prefill_cost(terms) == pytest.approx(cost, abs=0.5)
     assert prefill_formula(terms) == formula
+
+
+def test_the_fill_term_scales_with_the_pools_reuse() -> None:
+    """No prefix asked twice: evicting costs nothing and the queue decides; some reuse: a share of the term."""
+    busy_empty = PrefillTerms("p0", 800, 0, 16, 400, total_blocks=300, content_blocks=0, reuse=0.0)
+    idle_full = PrefillTerms("p1", 800, 0, 16, 0, total_blocks=300, content_blocks=280, reuse=0.0)
+    assert prefill_formula(idle_full) == ("p1: 1*uncached 800 (800 - 0 blocks cached) + 1*queued 0 + 0.5*evict "
+                                          "800*fill 1.00 ((280 + 50)/300)*reuse 0.00 = 800")
+    assert prefill_cost(idle_full) < prefill_cost(busy_empty)  # the idle worker wins despite its full cache
+    half = PrefillTerms("p1", 800, 0, 16, 0, total_blocks=300, content_blocks=280, reuse=0.5)
+    assert prefill_formula(half).endswith("*reuse 0.50 = 1000")
+
+
+def test_reuse_meter_measures_repeated_blocks_not_placement() -> None:
+    from router.costs import ReuseMeter
+
+    m = ReuseMeter(capacity=100, alpha=0.5, initial=1.0)
+    m.observe([b"a", b"b"])  # nothing seen before: share moves halfway to 0
+    assert m.share == pytest.approx(0.5)
+    m.observe([b"a", b"b", b"c", b"d"])  # half of it seen before
+    assert m.share == pytest.approx(0.5)
+    m.observe([b"a", b"b", b"c", b"d"])  # all of it
+    assert m.share == pytest.approx(0.75)
+    small = ReuseMeter(capacity=2, alpha=1.0)
+    small.observe([b"x", b"y", b"z"])  # x falls out of the bounded memory
+    small.observe([b"x"])
+    assert small.share == 0.0
+    with pytest.raises(ValueError, match="capacity >= 1"):
+        ReuseMeter(capacity=0)
 
 
 def test_rendezvous_homes_are_stable_and_spread() -> None:
