@@ -33,68 +33,6 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
 static inline v16 load16(const float *p) { v16 v; __builtin_memcpy(&v, p, sizeof v); return v; }
 static inline void store16(float *p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
 
-/* One pass over a packed block for R rows of x; inlined with R a constant at every call site. */
-static inline __attribute__((always_inline)) void block_pass(const float *restrict xb, const float *restrict wb,
-                                                             long K, v16 acc[MB][4], const int R)
-{
-    for (long k = 0; k < K; k++) {
-        const float *wk = wb + k * NB;
-        const v16 w0 = load16(wk), w1 = load16(wk + 16), w2 = load16(wk + 32), w3 = load16(wk + 48);
-        for (int m = 0; m < R; m++) {
-            const float xv = xb[m * K + k];
-            acc[m][0] += w0 * xv;
-            acc[m][1] += w1 * xv;
-            acc[m][2] += w2 * xv;
-            acc[m][3] += w3 * xv;
-        }
-    }
-}
-
-int tandem_cpu_kernels_abi(void) { return 4; }
-
-void tandem_linear_packed_f32(const float *restrict x, const float *restrict packed, const float *restrict bias,
-                              const float *restrict residual, float *restrict y, long M, long K, long N, int nthreads)
-{
-    const long nblk = (N + NB - 1) / NB, ngroups = (M + MB - 1) / MB;
-    /* (block, row group) pairs in block-major order: a thread's share is a contiguous run, so it keeps
-     * re-reading the same weight block from its cache; and small-N layers still split evenly at prefill sizes */
-#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
-    for (long b = 0; b < nblk; b++) {
-        for (long g = 0; g < ngroups; g++) {
-            const float *wb = packed + b * K * NB;
-            const long n0 = b * NB;
-            const long cols = N - n0 < NB ? N - n0 : NB;
-            const long m0 = g * MB;
-            const long rows = M - m0 < MB ? M - m0 : MB;
-            const float *xb = x + m0 * K;
-            v16 acc[MB][4];
-            for (long m = 0; m < MB; m++)
-                for (int q = 0; q < 4; q++) acc[m][q] = (v16){0};
-            switch (rows) { /* constant row counts: the accumulators stay in registers */
-            case 1: block_pass(xb, wb, K, acc, 1); break;
-            case 2: block_pass(xb, wb, K, acc, 2); break;
-            case 3: block_pass(xb, wb, K, acc, 3); break;
-            case 4: block_pass(xb, wb, K, acc, 4); break;
-            case 5: block_pass(xb, wb, K, acc, 5); break;
-            default: block_pass(xb, wb, K, acc, 6); break;
-            }
-            for (long m = 0; m < rows; m++) {
-                float out[NB];
-                for (int q = 0; q < 4; q++) store16(out + 16 * q, acc[m][q]);
-                float *ym = y + (m0 + m) * N + n0;
-                if (bias)
-                    for (long j = 0; j < cols; j++) out[j] += bias[n0 + j];
-                if (residual) {
-                    const float *rm = residual + (m0 + m) * N + n0;
-                    for (long j = 0; j < cols; j++) ym[j] = rm[j] + out[j];
-                } else {
-                    for (long j = 0; j < cols; j++) ym[j] = out[j];
-                }
-            }
-        }
-    }
-}
-
 /* ---------------------------------------------------------------------------------------------------------------
  * The same linear for bfloat16 weights and activations, for decode-sized batches: weights packed the same way
  * ([ceil(N/64)][K][64] of bf16), widened to float32 in registers (a bf16 is the top half of a float32), products
@@ -131,16 +69,28 @@ static inline bf16_t f32_to_bf16(float f)
     return (bf16_t)(u >> 16);
 }
 
-static inline __attribute__((always_inline)) void block_pass_bf16(const bf16_t *restrict xb,
-                                                                  const bf16_t *restrict wb, long K,
-                                                                  v16 acc[MB][4], const int R)
+/* Widen 16 weights (float32 or bf16) to float32 lanes; is_bf16 is a constant at every inlined call site. */
+static inline __attribute__((always_inline)) v16 load_w16(const void *p, long i, const int is_bf16)
+{
+    return is_bf16 ? load16_bf16((const bf16_t *)p + i) : load16((const float *)p + i);
+}
+
+static inline __attribute__((always_inline)) float load_1(const void *p, long i, const int is_bf16)
+{
+    return is_bf16 ? bf16_to_f32(((const bf16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* One pass over a packed block for R rows of x; R is a constant at every call site, so the accumulators stay
+ * in registers (a loop with a runtime count spilled them). */
+static inline __attribute__((always_inline)) void block_pass(const void *xb, const void *wb, long K,
+                                                             v16 acc[MB][4], const int R, const int is_bf16)
 {
     for (long k = 0; k < K; k++) {
-        const bf16_t *wk = wb + k * NB;
-        const v16 w0 = load16_bf16(wk), w1 = load16_bf16(wk + 16), w2 = load16_bf16(wk + 32),
-                  w3 = load16_bf16(wk + 48);
+        const long wk = k * NB;
+        const v16 w0 = load_w16(wb, wk, is_bf16), w1 = load_w16(wb, wk + 16, is_bf16),
+                  w2 = load_w16(wb, wk + 32, is_bf16), w3 = load_w16(wb, wk + 48, is_bf16);
         for (int m = 0; m < R; m++) {
-            const float xv = bf16_to_f32(xb[m * K + k]);
+            const float xv = load_1(xb, m * K + k, is_bf16);
             acc[m][0] += w0 * xv;
             acc[m][1] += w1 * xv;
             acc[m][2] += w2 * xv;
@@ -149,44 +99,66 @@ static inline __attribute__((always_inline)) void block_pass_bf16(const bf16_t *
     }
 }
 
-void tandem_linear_packed_bf16(const bf16_t *restrict x, const bf16_t *restrict packed,
-                               const bf16_t *restrict bias, const bf16_t *restrict residual, bf16_t *restrict y,
-                               long M, long K, long N, int nthreads)
+int tandem_cpu_kernels_abi(void) { return 4; }
+
+/* The linear for both dtypes (see the top of this file); is_bf16 is a constant in each exported wrapper. */
+static inline __attribute__((always_inline)) void linear_packed(const void *x, const void *packed, const void *bias,
+                                                                const void *residual, void *y, long M, long K,
+                                                                long N, int nthreads, const int is_bf16)
 {
     const long nblk = (N + NB - 1) / NB, ngroups = (M + MB - 1) / MB;
+    const long esize = is_bf16 ? 2 : 4;
+    /* (block, row group) pairs in block-major order: a thread's share is a contiguous run, so it keeps
+     * re-reading the same weight block from its cache; and small-N layers still split evenly at prefill sizes */
 #pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
     for (long b = 0; b < nblk; b++) {
         for (long g = 0; g < ngroups; g++) {
-            const bf16_t *wb = packed + b * K * NB;
+            const char *wb = (const char *)packed + b * K * NB * esize;
             const long n0 = b * NB;
             const long cols = N - n0 < NB ? N - n0 : NB;
             const long m0 = g * MB;
             const long rows = M - m0 < MB ? M - m0 : MB;
-            const bf16_t *xb = x + m0 * K;
+            const char *xb = (const char *)x + m0 * K * esize;
             v16 acc[MB][4];
             for (long m = 0; m < MB; m++)
                 for (int q = 0; q < 4; q++) acc[m][q] = (v16){0};
             switch (rows) {
-            case 1: block_pass_bf16(xb, wb, K, acc, 1); break;
-            case 2: block_pass_bf16(xb, wb, K, acc, 2); break;
-            case 3: block_pass_bf16(xb, wb, K, acc, 3); break;
-            case 4: block_pass_bf16(xb, wb, K, acc, 4); break;
-            case 5: block_pass_bf16(xb, wb, K, acc, 5); break;
-            default: block_pass_bf16(xb, wb, K, acc, 6); break;
+            case 1: block_pass(xb, wb, K, acc, 1, is_bf16); break;
+            case 2: block_pass(xb, wb, K, acc, 2, is_bf16); break;
+            case 3: block_pass(xb, wb, K, acc, 3, is_bf16); break;
+            case 4: block_pass(xb, wb, K, acc, 4, is_bf16); break;
+            case 5: block_pass(xb, wb, K, acc, 5, is_bf16); break;
+            default: block_pass(xb, wb, K, acc, 6, is_bf16); break;
             }
             for (long m = 0; m < rows; m++) {
                 float out[NB];
                 for (int q = 0; q < 4; q++) store16(out + 16 * q, acc[m][q]);
-                bf16_t *ym = y + (m0 + m) * N + n0;
+                const long row = (m0 + m) * N + n0;
                 for (long j = 0; j < cols; j++) {
-                    float o = bias ? out[j] + bf16_to_f32(bias[n0 + j]) : out[j];
-                    bf16_t r = f32_to_bf16(o);
-                    if (residual) r = f32_to_bf16(bf16_to_f32(residual[(m0 + m) * N + n0 + j]) + bf16_to_f32(r));
-                    ym[j] = r;
+                    float o = bias ? out[j] + load_1(bias, n0 + j, is_bf16) : out[j];
+                    if (is_bf16) {
+                        bf16_t r = f32_to_bf16(o);
+                        if (residual) r = f32_to_bf16(load_1(residual, row + j, 1) + bf16_to_f32(r));
+                        ((bf16_t *)y)[row + j] = r;
+                    } else {
+                        ((float *)y)[row + j] = residual ? load_1(residual, row + j, 0) + o : o;
+                    }
                 }
             }
         }
     }
+}
+
+void tandem_linear_packed_f32(const float *x, const float *packed, const float *bias, const float *residual,
+                              float *y, long M, long K, long N, int nthreads)
+{
+    linear_packed(x, packed, bias, residual, y, M, K, N, nthreads, 0);
+}
+
+void tandem_linear_packed_bf16(const bf16_t *x, const bf16_t *packed, const bf16_t *bias, const bf16_t *residual,
+                               bf16_t *y, long M, long K, long N, int nthreads)
+{
+    linear_packed(x, packed, bias, residual, y, M, K, N, nthreads, 1);
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -274,68 +246,6 @@ void tandem_rope_f32(float *restrict x, long row, const float *restrict cos_t, c
     }
 }
 
-/* Decode attention over the paged cache, read in place (no gather, no padding, no mask tensor).
- *
- * q:      rows [B], each heads * D floats at q + b * q_row (query heads grouped G = heads / kv_heads per KV head)
- * cache:  k and v, element (block, slot, head, d) at block * sb + slot * ss + head * sh + d
- * table:  [B, max_blocks] block ids; lens: [B] context lengths (tokens visible, the current one included)
- * out:    [B, heads * D]
- *
- * Per (row, KV head): scores of its G query heads against every context token, softmax in float32 with the
- * maximum subtracted, then the weighted sum of V. Scratch for the scores comes from the stack in chunks. */
-#define ATT_CHUNK 256
-void tandem_paged_decode_attention_f32(const float *restrict q, long q_row, const float *restrict cache_k,
-                                       const float *restrict cache_v, long sb, long ss, long sh,
-                                       const long *restrict table, long max_blocks, const long *restrict lens,
-                                       long block_size, float *restrict out, long B, long heads, long kv_heads,
-                                       long D, float scale, int nthreads)
-{
-    const long G = heads / kv_heads;
-#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
-    for (long b = 0; b < B; b++) {
-        for (long kh = 0; kh < kv_heads; kh++) {
-            const long L = lens[b];
-            const long *blocks = table + b * max_blocks;
-            for (long g = 0; g < G; g++) {
-                const long hq = kh * G + g;
-                const float *qv = q + b * q_row + hq * D;
-                float *o = out + b * heads * D + hq * D;
-                float m = -INFINITY, l = 0.f;
-                for (long i = 0; i < D; i++) o[i] = 0.f;
-                float sc[ATT_CHUNK];
-                for (long c0 = 0; c0 < L; c0 += ATT_CHUNK) {
-                    const long n = L - c0 < ATT_CHUNK ? L - c0 : ATT_CHUNK;
-                    float cm = -INFINITY;
-                    for (long j = 0; j < n; j++) {
-                        const long t = c0 + j;
-                        const float *kv = cache_k + blocks[t / block_size] * sb + (t % block_size) * ss + kh * sh;
-                        float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-                        for (long i = 0; i < D; i++) dot += qv[i] * kv[i];
-                        sc[j] = dot * scale;
-                        cm = sc[j] > cm ? sc[j] : cm;
-                    }
-                    const float nm = cm > m ? cm : m;
-                    const float corr = expf(m - nm); /* 0 on the first chunk (m = -inf) */
-                    l *= corr;
-                    for (long i = 0; i < D; i++) o[i] *= corr;
-                    for (long j = 0; j < n; j++) {
-                        const long t = c0 + j;
-                        const float p = expf(sc[j] - nm);
-                        l += p;
-                        const float *vv = cache_v + blocks[t / block_size] * sb + (t % block_size) * ss + kh * sh;
-#pragma omp simd
-                        for (long i = 0; i < D; i++) o[i] += p * vv[i];
-                    }
-                    m = nm;
-                }
-                const float inv = 1.f / l;
-                for (long i = 0; i < D; i++) o[i] *= inv;
-            }
-        }
-    }
-}
-
 /* ---------------------------------------------------------------------------------------------------------------
  * The fused layer ops for bfloat16 tensors: float32 arithmetic inside, rounded to bf16 where torch's bf16 path
  * rounds (RMSNorm: the normalised value, then its product with the weight; SiLU * up: the SiLU, then the
@@ -417,11 +327,24 @@ void tandem_rope_bf16(bf16_t *restrict x, long row, const bf16_t *restrict cos_t
     }
 }
 
-void tandem_paged_decode_attention_bf16(const bf16_t *restrict q, long q_row, const bf16_t *restrict cache_k,
-                                        const bf16_t *restrict cache_v, long sb, long ss, long sh,
-                                        const long *restrict table, long max_blocks, const long *restrict lens,
-                                        long block_size, bf16_t *restrict out, long B, long heads, long kv_heads,
-                                        long D, float scale, int nthreads)
+/* Decode attention over the paged cache, read in place (no gather, no padding, no mask tensor).
+ *
+ * Both dtypes: float32 arithmetic; bf16 output rounded once.
+ *
+ * q:      rows [B], each heads * D values at q + b * q_row (query heads grouped G = heads / kv_heads per KV head)
+ * cache:  k and v, element (block, slot, head, d) at block * sb + slot * ss + head * sh + d
+ * table:  [B, max_blocks] block ids; lens: [B] context lengths (tokens visible, the current one included)
+ * out:    [B, heads * D]
+ *
+ * Per (row, KV head): scores of its G query heads against every context token, softmax in float32 with the
+ * maximum subtracted, then the weighted sum of V. Scratch for the scores comes from the stack in chunks. */
+#define ATT_CHUNK 256
+#define MAX_HEAD_DIM 512 /* a head's query and output live in stack buffers */
+
+static inline __attribute__((always_inline)) void paged_decode_attention(
+    const void *q, long q_row, const void *cache_k, const void *cache_v, long sb, long ss, long sh,
+    const long *restrict table, long max_blocks, const long *restrict lens, long block_size, void *out, long B,
+    long heads, long kv_heads, long D, float scale, int nthreads, const int is_bf16)
 {
     const long G = heads / kv_heads;
 #pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
@@ -431,8 +354,8 @@ void tandem_paged_decode_attention_bf16(const bf16_t *restrict q, long q_row, co
             const long *blocks = table + b * max_blocks;
             for (long g = 0; g < G; g++) {
                 const long hq = kh * G + g;
-                float qv[512], o[512]; /* head dims up to 512 */
-                for (long i = 0; i < D; i++) { qv[i] = bf16_to_f32(q[b * q_row + hq * D + i]); o[i] = 0.f; }
+                float qv[MAX_HEAD_DIM], o[MAX_HEAD_DIM];
+                for (long i = 0; i < D; i++) { qv[i] = load_1(q, b * q_row + hq * D + i, is_bf16); o[i] = 0.f; }
                 float m = -INFINITY, l = 0.f;
                 float sc[ATT_CHUNK];
                 for (long c0 = 0; c0 < L; c0 += ATT_CHUNK) {
@@ -440,37 +363,60 @@ void tandem_paged_decode_attention_bf16(const bf16_t *restrict q, long q_row, co
                     float cm = -INFINITY;
                     for (long j = 0; j < n; j++) {
                         const long t = c0 + j;
-                        const bf16_t *kv = cache_k + blocks[t / block_size] * sb + (t % block_size) * ss + kh * sh;
+                        const long kv = blocks[t / block_size] * sb + (t % block_size) * ss + kh * sh;
                         float dot = 0.f;
                         long i = 0;
                         if (D >= 16) {
                             v16 part = (v16){0};
-                            for (; i + 16 <= D; i += 16) part += load16(qv + i) * load16_bf16(kv + i);
-                            for (int j = 0; j < 16; j++) dot += part[j];
+                            for (; i + 16 <= D; i += 16) part += load16(qv + i) * load_w16(cache_k, kv + i, is_bf16);
+                            for (int r = 0; r < 16; r++) dot += part[r];
                         }
-                        for (; i < D; i++) dot += qv[i] * bf16_to_f32(kv[i]);
+                        for (; i < D; i++) dot += qv[i] * load_1(cache_k, kv + i, is_bf16);
                         sc[j] = dot * scale;
                         cm = sc[j] > cm ? sc[j] : cm;
                     }
                     const float nm = cm > m ? cm : m;
-                    const float corr = expf(m - nm);
+                    const float corr = expf(m - nm); /* 0 on the first chunk (m = -inf) */
                     l *= corr;
                     for (long i = 0; i < D; i++) o[i] *= corr;
                     for (long j = 0; j < n; j++) {
                         const long t = c0 + j;
                         const float p = expf(sc[j] - nm);
                         l += p;
-                        const bf16_t *vv = cache_v + blocks[t / block_size] * sb + (t % block_size) * ss + kh * sh;
+                        const long vv = blocks[t / block_size] * sb + (t % block_size) * ss + kh * sh;
                         long i = 0;
-                        for (; i + 16 <= D; i += 16) store16(o + i, load16(o + i) + load16_bf16(vv + i) * p);
-                        for (; i < D; i++) o[i] += p * bf16_to_f32(vv[i]);
+                        for (; i + 16 <= D; i += 16) store16(o + i, load16(o + i) + load_w16(cache_v, vv + i, is_bf16) * p);
+                        for (; i < D; i++) o[i] += p * load_1(cache_v, vv + i, is_bf16);
                     }
                     m = nm;
                 }
                 const float inv = 1.f / l;
-                bf16_t *od = out + b * heads * D + hq * D;
-                for (long i = 0; i < D; i++) od[i] = f32_to_bf16(o[i] * inv);
+                const long od = b * heads * D + hq * D;
+                for (long i = 0; i < D; i++) {
+                    if (is_bf16)
+                        ((bf16_t *)out)[od + i] = f32_to_bf16(o[i] * inv);
+                    else
+                        ((float *)out)[od + i] = o[i] * inv;
+                }
             }
         }
     }
+}
+
+void tandem_paged_decode_attention_f32(const float *q, long q_row, const float *cache_k, const float *cache_v,
+                                       long sb, long ss, long sh, const long *table, long max_blocks,
+                                       const long *lens, long block_size, float *out, long B, long heads,
+                                       long kv_heads, long D, float scale, int nthreads)
+{
+    paged_decode_attention(q, q_row, cache_k, cache_v, sb, ss, sh, table, max_blocks, lens, block_size, out, B,
+                           heads, kv_heads, D, scale, nthreads, 0);
+}
+
+void tandem_paged_decode_attention_bf16(const bf16_t *q, long q_row, const bf16_t *cache_k, const bf16_t *cache_v,
+                                        long sb, long ss, long sh, const long *table, long max_blocks,
+                                        const long *lens, long block_size, bf16_t *out, long B, long heads,
+                                        long kv_heads, long D, float scale, int nthreads)
+{
+    paged_decode_attention(q, q_row, cache_k, cache_v, sb, ss, sh, table, max_blocks, lens, block_size, out, B,
+                           heads, kv_heads, D, scale, nthreads, 1);
 }
