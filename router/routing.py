@@ -204,8 +204,11 @@ class Router:
 
     # -- routing ---------------------------------------------------------------------------------
 
-    def route(self, request_id: str, prompt_ids: Sequence[int], exclude: Collection[str] = ()) -> Route:
-        """Choose D, then P or local, for one request; `exclude`: workers that already failed it (a retry)."""
+    def route(self, request_id: str, prompt_ids: Sequence[int], exclude: Collection[str] = (),
+              retry: bool = False) -> Route:
+        """Choose D, then P or local, for one request; `exclude`: workers that already failed it.
+
+        `retry`: a later attempt of a request routed before (its prompt is not new evidence of reuse)."""
         cfg = self.config
         n = len(prompt_ids)
         cache: dict[int, list[BlockHash]] = {}
@@ -266,6 +269,9 @@ class Router:
             route = Route(request_id, d_slot.client, p_slot.client, f"remote: {why}", d_decision, p_decision,
                           kind=kind, decode_cached_blocks=d_cached, prefill_cached_blocks=p_terms.cached_blocks)
         self._tickets[request_id] = ticket
+        if not retry:  # booked: this prompt now counts as evidence of reuse, once (not per attempt or failed try)
+            reuse_ix = self.decode if self.aggregated else self.prefill
+            reuse_ix.reuse.observe(reuse_ix.hashes(prompt_ids, cache))
         if decision_log.isEnabledFor(logging.DEBUG):
             decision_log.debug(route.describe())
         return route
@@ -321,8 +327,6 @@ class Router:
         # the rendezvous key: the first block no worker holds (the last one if some worker holds them all)
         key = hashes[min(max(overlap.values(), default=0), len(hashes) - 1)] if hashes else None
         reuse = ix.reuse.share  # of the prompts before this one (this one's own match is in `overlap`)
-        if not exclude:  # a retry is the same prompt again, not reuse
-            ix.reuse.observe(hashes)
         return self._choose(ix.pool, lambda s: prefill_terms(s, n, overlap.get(s.worker_id, 0), bs,
                                                              ix.indexer.num_blocks(s.worker_id), reuse),
                             prefill_cost, exclude, home_key=key)

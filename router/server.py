@@ -407,7 +407,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         if run.trace.routing_started is None:
             run.trace.routing_started = started
         with self.tracer.start_as_current_span(tm.SPAN_ROUTE) as span:
-            route = attempt.route = self.router.route(attempt.rid, tokens, avoid)
+            route = attempt.route = self.router.route(attempt.rid, tokens, avoid, retry=attempt.rid != req.request_id)
             span.set_attributes({tm.ATTR_ROUTE_REASON: route.reason, tm.ATTR_ROUTE_KIND: route.kind,
                                  tm.ATTR_DECODE_WORKER: route.decode.worker_id,
                                  tm.ATTR_PREFILL_WORKER: route.prefill.worker_id if route.prefill else "",

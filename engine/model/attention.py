@@ -103,7 +103,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: 
                     q_rows: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, heads, dim]; k, v: [T, kv_heads, dim] (already written to the cache) -> [T, heads * dim].
 
-    With `kernels` (engine/model/cpu_kernels.py, float32 on CPU) decode rows are attended by the native kernel,
+    With `kernels` (engine/model/cpu_kernels.py, float32 or bf16 on CPU) decode rows are attended by the native kernel,
     which reads the cache blocks in place; `q_rows` [T, row] is then the tensor whose rows start with q.
     """
     t, heads, dim = q.shape
@@ -143,7 +143,8 @@ def _decode_attention_kernel(kernels, q_rows: torch.Tensor, cache_k: torch.Tenso
     sb, s1, s2 = cache_k.stride(0), cache_k.stride(1), cache_k.stride(2)
     strides = (sb, s1, s2) if order is KVOrder.NHD else (sb, s2, s1)  # (block, slot, head)
     block_size = cache_k.shape[1] if order is KVOrder.NHD else cache_k.shape[2]
-    return kernels.paged_decode_attention(q_rows, cache_k, cache_v, strides, group.block_table, group.lens,
+    lens = group.lens if group.lens is not None else group.mask.view(group.end - group.start, -1).sum(-1)
+    return kernels.paged_decode_attention(q_rows, cache_k, cache_v, strides, group.block_table, lens,
                                           block_size, heads, kv_heads, dim, scale)
 
 

@@ -9,7 +9,7 @@ takes well under a second; it is written to a temporary name and renamed, so
 workers starting together never load a half-written file.
 
 Nothing here is required: without a compiler, with a failed build, or with
-`TANDEM_CPU_KERNELS=0`, `linear_kernel()` returns None (logged once) and the
+`TANDEM_CPU_KERNELS=0`, `cpu_kernels()` returns None (logged once) and the
 layers keep torch's ops (the same results within float32 rounding).
 """
 
@@ -58,7 +58,8 @@ def _compiler() -> str | None:
 def _build(cc: str) -> Path:
     src = SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256(src + version.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+    digest = hashlib.sha256(src + version.encode() + _cpu_flags().encode() + " ".join(flags).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TANDEM_KERNEL_CACHE") or Path.home() / ".cache" / "tandem" / "kernels")
     lib = cache / f"cpu_kernels-{digest}.so"
     if lib.exists():
@@ -66,12 +67,16 @@ def _build(cc: str) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
     os.close(fd)
-    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", str(SOURCE), "-o", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
-    os.replace(tmp, lib)
+    cmd = [cc, *flags, str(SOURCE), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
+        os.chmod(tmp, 0o755)  # mkstemp makes it 0600: a cache shared between users must stay loadable
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return lib
 
 
@@ -124,6 +129,10 @@ class CpuKernels:
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         m, k = x2.shape
+        if packed.dtype != x.dtype or (residual is not None and (residual.dtype != x.dtype
+                                                                 or not residual.is_contiguous())):
+            raise ValueError(f"linear kernel: x {x.dtype}, weights {packed.dtype} and a contiguous residual of the "
+                             f"same dtype are required")
         y = torch.empty(m, n, dtype=x.dtype)
         if m:
             fn = self._linear if x.dtype == torch.float32 else self._linear_bf16
@@ -160,6 +169,10 @@ class CpuKernels:
         table: [B, max_blocks] int64 block ids; lens: [B] int64 context lengths.
         """
         b, row = q.shape
+        if cache_k.dtype != q.dtype or dim > MAX_HEAD_DIM or heads % kv_heads or q.stride(1) != 1:
+            raise ValueError(f"decode attention kernel: q {q.dtype} rows with unit stride, a cache of the same dtype "
+                             f"(got {cache_k.dtype}), head_dim <= {MAX_HEAD_DIM} (got {dim}) and heads divisible "
+                             f"by kv_heads ({heads}, {kv_heads}) are required")
         out = q.new_empty(b, heads * dim)
         sb, ss, sh = strides
         self._decode_attn[q.dtype](q.data_ptr(), row, cache_k.data_ptr(), cache_v.data_ptr(), sb, ss, sh, table.data_ptr(),

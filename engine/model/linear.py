@@ -33,6 +33,7 @@ from engine.model.parallel import SINGLE_RANK, ParallelContext
 # oneDNN's bf16 dot-product kernels. Measured 2026-12-06 (AVX512-BF16 EPYC, 576x3072, 2 threads): kernel
 # 87/202/338/656 us at 1/8/16/32 rows, F.linear 297/376/446/699 us; the LM head crosses over near 16 rows
 BF16_KERNEL_MAX_ROWS = 12
+# (so in bf16 a row's logits can differ by bf16 rounding with the size of its batch; float32 is batch-invariant)
 
 
 class LinearBase(nn.Module):

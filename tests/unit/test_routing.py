@@ -715,3 +715,23 @@ def test_slo_placement_waits_for_ready_models_and_a_threshold_keeps_the_fixed_pl
     assert route.prefill.worker_id == "p0" and route.kind == "disabled"
     fixed = make_router(n_prefill=1, n_decode=1, slo_ttft_s=4.0, slo_tpot_s=0.2, conditional_prefill_threshold=64)
     assert not fixed.config.slo_placement
+
+
+def test_reuse_is_measured_once_per_request_not_per_retry() -> None:
+    """A retry re-routes the same prompt: it must not count as a repeated prefix (that would pull the share up
+    whenever a worker dies with requests in flight); a first try counts once it is booked."""
+    r = make_router(n_prefill=2)
+    rng = random.Random(5)
+    prompt = tokens(rng, 8 * BS)
+    r.route("a", prompt)
+    r.close("a")
+    after_first = r.prefill.reuse.share
+    for n in range(3):
+        r.route(f"a~retry{n}", prompt, retry=True)
+        r.close(f"a~retry{n}")
+    assert r.prefill.reuse.share == after_first
+    r.route("b", prompt)  # a new request with the same prompt: real reuse
+    assert r.prefill.reuse.share > after_first
+    agg = make_router(aggregated=True)
+    agg.route("c", tokens(rng, 4 * BS))  # aggregated: the decode pool's meter, which routes by the prefill cost
+    assert agg.decode.reuse.share < 1.0
