@@ -121,9 +121,9 @@ def test_events_fill_the_index_and_the_status(tiny: str) -> None:
             route = s.router.route("again", prompt)
             assert route.prefill.worker_id == "A"
             # A holds the 5 blocks of r1 (its 64-block cache 8% full); the prompt adds no new block there
-            assert ("A: 1*uncached 2 (18 - 4 blocks cached) + 1*queued 0 + 0.5*evict 0*fill 0.08 ((5 + 0)/64) = 2"
+            assert ("A: 1*uncached 2 (18 - 4 blocks cached) + 1*queued 0 + 0.5*evict 0*fill 0.08 ((5 + 0)/64)*reuse 1.00 = 2"
                     in route.describe())
-            assert "B: 1*uncached 18 (18 - 0 blocks cached) + 1*queued 0 + 0.5*evict 16*fill 0.06 ((0 + 4)/64) = 18.5" in route.describe()
+            assert "B: 1*uncached 18 (18 - 0 blocks cached) + 1*queued 0 + 0.5*evict 16*fill 0.06 ((0 + 4)/64)*reuse 1.00 = 18.5" in route.describe()
             assert s.downs == [] and s.feed.resyncs == 0
 
     asyncio.run(scenario())
