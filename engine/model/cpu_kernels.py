@@ -8,8 +8,10 @@ cache shared between machines never hands one CPU another's code. The build
 takes well under a second; it is written to a temporary name and renamed, so
 workers starting together never load a half-written file.
 
-Nothing here is required: without a compiler, with a failed build, or with
-`TANDEM_CPU_KERNELS=0`, `cpu_kernels()` returns None (logged once) and the
+Nothing here is required: on a CPU without AVX-512 (the 16-lane vectors the
+kernels are written in become code about 10x slower than torch's there: measured
+with `-march=x86-64-v3` on this machine), without a compiler, with a failed build,
+or with `TANDEM_CPU_KERNELS=0`, `cpu_kernels()` returns None (logged once) and the
 layers keep torch's ops (the same results within float32 rounding).
 """
 
@@ -191,6 +193,10 @@ def cpu_kernels() -> CpuKernels | None:
             return _kernel  # type: ignore[return-value]
         if os.environ.get("TANDEM_CPU_KERNELS", "1") == "0":
             log.info("TANDEM_CPU_KERNELS=0: CPU layers use torch's ops")
+            _kernel = None
+            return None
+        if "avx512f" not in _cpu_flags().split():
+            log.info("CPU without AVX-512: CPU layers use torch's ops (the native kernels need 16-lane vectors)")
             _kernel = None
             return None
         cc = _compiler()

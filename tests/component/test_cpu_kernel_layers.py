@@ -16,7 +16,8 @@ from engine.model import cpu_kernels
 from engine.sampling_params import SamplingParams
 from tests.helpers.tiny_models import make_tiny_hf_model
 
-pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C compiler: no CPU kernels to compare")
+pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None or "avx512f" not in cpu_kernels._cpu_flags().split(),
+                                reason="no C compiler or no AVX-512: no CPU kernels to compare")
 
 
 def _engine(model_dir, dtype: str, order: str) -> EngineCore:

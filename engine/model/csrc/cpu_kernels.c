@@ -20,8 +20,9 @@
  *
  * The residual, when given, is added after the dot product and the bias, as `h + linear(x)` would.
  *
- * Built by engine/model/cpu_kernels.py with the host compiler and -march=native;
- * GCC vector extensions become AVX-512, AVX2 or SSE code as the CPU allows.
+ * Built by engine/model/cpu_kernels.py with the host compiler and -march=native.
+ * The 16-lane vectors are AVX-512 registers; without AVX-512 GCC emulates them about 10x slower than
+ * torch, so cpu_kernels.py does not use this library there.
  */
 #include <stddef.h>
 
