@@ -9,8 +9,8 @@ takes well under a second; it is written to a temporary name and renamed, so
 workers starting together never load a half-written file.
 
 Nothing here is required: on a CPU without AVX-512 (the 16-lane vectors the
-kernels are written in become code about 10x slower than torch's there: measured
-with `-march=x86-64-v3` on this machine), without a compiler, with a failed build,
+kernels are written in become code 9-27x slower than torch's there: a
+`-march=x86-64-v3` build through `benchmarks/cpu_kernels_micro.py --lib`), without a compiler, with a failed build,
 or with `TANDEM_CPU_KERNELS=0`, `cpu_kernels()` returns None (logged once) and the
 layers keep torch's ops (the same results within float32 rounding).
 """

@@ -30,9 +30,9 @@ from engine.model.cpu_kernels import cpu_kernels
 from engine.model.parallel import SINGLE_RANK, ParallelContext
 
 # bfloat16: batches of at most this many rows use the packed kernel (it streams the weights faster), larger ones
-# oneDNN's bf16 dot-product kernels. Measured 2026-12-06 (AVX512-BF16 EPYC, 576x3072, 2 threads): kernel
-# 87/202/338/656 us at 1/8/16/32 rows, F.linear 297/376/446/699 us; the LM head crosses over near 16 rows
-BF16_KERNEL_MAX_ROWS = 12
+# oneDNN's bf16 dot products. `benchmarks/cpu_kernels_micro.py --threads 2 --dtype bfloat16` (2026-12-06 11:47,
+# AVX512-BF16 EPYC), 576x3072: kernel 74/129/254 us at 1/4/8 rows, F.linear 162/226/225; 1536x576 ties at 4 rows
+BF16_KERNEL_MAX_ROWS = 4
 # (so in bf16 a row's logits can differ by bf16 rounding with the size of its batch; float32 is batch-invariant)
 
 
