@@ -28,6 +28,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
 DEFAULT_OUT = os.path.join(HERE, "results", "engine_vs_vllm.json")
 VLLM_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
             "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
@@ -88,26 +89,14 @@ def worker(engine: str, model: str, dtype: str, seed: int) -> dict:
 
 # ---- parent ----------------------------------------------------------------------------------------------------------
 
-def read_bandwidth_gb_s() -> float:
+def weight_bytes(model: str, dtype: str) -> int:
+    """Bytes one batch-1 decode step reads (engine_vs_transformers' count, from the model's config)."""
     import torch
 
-    x = torch.ones(1 << 28)
-    best = 0.0
-    for _ in range(5):
-        t = time.perf_counter()
-        x.sum()
-        best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
-    return best
-
-
-def weight_bytes(model: str, dtype: str) -> int:
-    """Bytes one batch-1 decode step reads: every weight once (a tied embedding/head counted once)."""
-    sys.path.insert(0, ROOT)
+    from benchmarks.engine_vs_transformers import weight_bytes_per_token
     from engine.loader import load_model_source
 
-    src = load_model_source(model)
-    per = 4 if dtype == "float32" else 2
-    return sum(t.numel() for _, t in src.iter_weights()) * per
+    return weight_bytes_per_token(load_model_source(model).config, getattr(torch, dtype))
 
 
 def run_one(python: str, engine: str, a: argparse.Namespace) -> dict:
@@ -135,7 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(worker(a.worker, a.hf_model, a.dtype, a.seed)), flush=True)
         return
     engines = [("tandem", sys.executable)] + ([("vllm", a.vllm_python)] if a.vllm_python else [])
-    bw = read_bandwidth_gb_s()
+    from benchmarks.engine_vs_transformers import read_bandwidth
+
+    bw = read_bandwidth(1024) / 1e9  # best of 5 torch.sum over 1 GiB
     wbytes = weight_bytes(a.hf_model, a.dtype)
     runs: list[dict] = []
     for rep in range(a.reps):
