@@ -163,25 +163,73 @@ void tandem_linear_packed_bf16(const bf16_t *x, const bf16_t *packed, const bf16
 }
 
 /* ---------------------------------------------------------------------------------------------------------------
- * Small fused ops of a decoder layer (float32). Each replaces several torch ops whose dispatch, not arithmetic,
- * dominated a decode step (benchmarks/profile_step.py: about 180 aten calls per layer before).
+ * Small fused ops of a decoder layer. Each replaces several torch ops whose dispatch, not arithmetic, dominated a
+ * decode step (benchmarks/profile_step.py: about 180 aten calls per layer before). One body per op serves both
+ * dtypes: float32 arithmetic inside; for bf16, rounded where torch's bf16 path rounds (RMSNorm: the normalised
+ * value, then its product with the weight; SiLU * up: the SiLU, then the product), and rope once, at the end
+ * (torch rounds after every op there: the two differ by bf16 rounding, the tolerance the bf16 tests allow).
  * ------------------------------------------------------------------------------------------------------------- */
 #include <math.h>
 
-/* out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w   (HF LlamaRMSNorm in float32). */
-void tandem_rms_norm_f32(const float *restrict x, const float *restrict w, float *restrict out, long T, long H,
-                         float eps, int nthreads)
+static inline v16 round16_bf16(v16 v)
+{
+    v16u u = (v16u)v;
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even (finite values; NaN inputs are not expected) */
+    return (v16)(u & 0xffff0000u);
+}
+
+/* Round to bf16 where the dtype is bf16 (a no-op for float32). */
+static inline __attribute__((always_inline)) v16 round_as(v16 v, const int is_bf16)
+{
+    return is_bf16 ? round16_bf16(v) : v;
+}
+
+static inline __attribute__((always_inline)) float round1_as(float v, const int is_bf16)
+{
+    return is_bf16 ? bf16_to_f32(f32_to_bf16(v)) : v;
+}
+
+static inline __attribute__((always_inline)) void store_as(void *p, long i, v16 v, const int is_bf16)
+{
+    if (is_bf16) {
+        const v16h h = __builtin_convertvector((v16u)round16_bf16(v) >> 16, v16h);
+        __builtin_memcpy((bf16_t *)p + i, &h, sizeof h);
+    } else {
+        store16((float *)p + i, v);
+    }
+}
+
+static inline __attribute__((always_inline)) void store1_as(void *p, long i, float v, const int is_bf16)
+{
+    if (is_bf16)
+        ((bf16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+/* out[t] = w * (x[t] / sqrt(mean(x[t]^2) + eps))   (HF LlamaRMSNorm). */
+static inline __attribute__((always_inline)) void rms_norm(const void *x, const void *w, void *out, long T, long H,
+                                                           float eps, int nthreads, const int is_bf16)
 {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (T > 8)
     for (long t = 0; t < T; t++) {
-        const float *xt = x + t * H;
+        const long row = t * H;
+        v16 acc = (v16){0};
+        long i = 0;
+        for (; i + 16 <= H; i += 16) {
+            const v16 v = load_w16(x, row + i, is_bf16);
+            acc += v * v;
+        }
         float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-        for (long i = 0; i < H; i++) ss += xt[i] * xt[i];
+        for (int j = 0; j < 16; j++) ss += acc[j];
+        for (; i < H; i++) ss += load_1(x, row + i, is_bf16) * load_1(x, row + i, is_bf16);
         const float r = 1.f / sqrtf(ss / (float)H + eps);
-        float *ot = out + t * H;
-#pragma omp simd
-        for (long i = 0; i < H; i++) ot[i] = w[i] * (xt[i] * r);
+        for (i = 0; i + 16 <= H; i += 16)
+            store_as(out, row + i, load_w16(w, i, is_bf16) * round_as(load_w16(x, row + i, is_bf16) * r, is_bf16),
+                     is_bf16);
+        for (; i < H; i++)
+            store1_as(out, row + i, load_1(w, i, is_bf16) * round1_as(load_1(x, row + i, is_bf16) * r, is_bf16),
+                      is_bf16);
     }
 }
 
@@ -211,121 +259,81 @@ static inline v16 exp16(v16 x)
 }
 
 /* out[t, i] = silu(gu[t, i]) * gu[t, I + i]   (gate | up fused in one row of 2I). */
-void tandem_silu_mul_f32(const float *restrict gu, float *restrict out, long T, long I, int nthreads)
+static inline __attribute__((always_inline)) void silu_mul(const void *gu, void *out, long T, long I, int nthreads,
+                                                           const int is_bf16)
 {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (T > 8)
     for (long t = 0; t < T; t++) {
-        const float *g = gu + t * 2 * I, *u = g + I;
-        float *o = out + t * I;
+        const long g = t * 2 * I, u = g + I, o = t * I;
         long i = 0;
         for (; i + 16 <= I; i += 16) {
-            const v16 gv = load16(g + i);
-            store16(o + i, gv / (1.f + exp16(-gv)) * load16(u + i));
+            const v16 gv = load_w16(gu, g + i, is_bf16);
+            store_as(out, o + i, round_as(gv / (1.f + exp16(-gv)), is_bf16) * load_w16(gu, u + i, is_bf16), is_bf16);
         }
-        for (; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        for (; i < I; i++) {
+            const float gv = load_1(gu, g + i, is_bf16);
+            store1_as(out, o + i, round1_as(gv / (1.f + expf(-gv)), is_bf16) * load_1(gu, u + i, is_bf16), is_bf16);
+        }
     }
 }
 
 /* Rotary embedding in place, "rotate half" pairing (i, i + D/2), on `heads` heads of D starting at x[t * row]:
  * (x1, x2) <- (x1 cos - x2 sin, x2 cos + x1 sin); cos/sin rows [T, D/2] already gathered for the positions. */
-void tandem_rope_f32(float *restrict x, long row, const float *restrict cos_t, const float *restrict sin_t, long T,
-                     long heads, long D, int nthreads)
+static inline __attribute__((always_inline)) void rope(void *x, long row, const void *cos_t, const void *sin_t, long T,
+                                                       long heads, long D, int nthreads, const int is_bf16)
 {
     const long half = D / 2;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (T > 8)
     for (long t = 0; t < T; t++) {
-        const float *c = cos_t + t * half, *s = sin_t + t * half;
         for (long h = 0; h < heads; h++) {
-            float *x1 = x + t * row + h * D, *x2 = x1 + half;
-#pragma omp simd
-            for (long i = 0; i < half; i++) {
-                const float a = x1[i], b = x2[i];
-                x1[i] = a * c[i] - b * s[i];
-                x2[i] = b * c[i] + a * s[i];
+            const long x1 = t * row + h * D, x2 = x1 + half, cs = t * half;
+            long i = 0;
+            for (; i + 16 <= half; i += 16) {
+                const v16 a = load_w16(x, x1 + i, is_bf16), b = load_w16(x, x2 + i, is_bf16);
+                const v16 c = load_w16(cos_t, cs + i, is_bf16), sn = load_w16(sin_t, cs + i, is_bf16);
+                store_as(x, x1 + i, a * c - b * sn, is_bf16);
+                store_as(x, x2 + i, b * c + a * sn, is_bf16);
+            }
+            for (; i < half; i++) {
+                const float a = load_1(x, x1 + i, is_bf16), b = load_1(x, x2 + i, is_bf16);
+                const float c = load_1(cos_t, t * half + i, is_bf16), sn = load_1(sin_t, t * half + i, is_bf16);
+                store1_as(x, x1 + i, a * c - b * sn, is_bf16);
+                store1_as(x, x2 + i, b * c + a * sn, is_bf16);
             }
         }
     }
 }
 
-/* ---------------------------------------------------------------------------------------------------------------
- * The fused layer ops for bfloat16 tensors: float32 arithmetic inside, rounded to bf16 where torch's bf16 path
- * rounds (RMSNorm: the normalised value, then its product with the weight; SiLU * up: the SiLU, then the
- * product); rope and attention round once, at the end (torch rounds after every op there, so the two differ
- * by bf16 rounding, the tolerance the bf16 tests allow).
- * ------------------------------------------------------------------------------------------------------------- */
-static inline void store16_bf16(bf16_t *p, v16 v)
+void tandem_rms_norm_f32(const float *x, const float *w, float *out, long T, long H, float eps, int nthreads)
 {
-    v16u u = (v16u)v;
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even (finite values; NaN inputs are not expected) */
-    const v16h h = __builtin_convertvector(u >> 16, v16h);
-    __builtin_memcpy(p, &h, sizeof h);
+    rms_norm(x, w, out, T, H, eps, nthreads, 0);
 }
 
-static inline v16 round16_bf16(v16 v)
+void tandem_rms_norm_bf16(const bf16_t *x, const bf16_t *w, bf16_t *out, long T, long H, float eps, int nthreads)
 {
-    v16u u = (v16u)v;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (v16)(u & 0xffff0000u);
+    rms_norm(x, w, out, T, H, eps, nthreads, 1);
 }
 
-void tandem_rms_norm_bf16(const bf16_t *restrict x, const bf16_t *restrict w, bf16_t *restrict out, long T, long H,
-                          float eps, int nthreads)
+void tandem_silu_mul_f32(const float *gu, float *out, long T, long I, int nthreads)
 {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (T > 8)
-    for (long t = 0; t < T; t++) {
-        const bf16_t *xt = x + t * H;
-        bf16_t *ot = out + t * H;
-        float ss = 0.f;
-        long i = 0;
-        v16 acc = (v16){0};
-        for (; i + 16 <= H; i += 16) {
-            const v16 v = load16_bf16(xt + i);
-            acc += v * v;
-        }
-        for (int j = 0; j < 16; j++) ss += acc[j];
-        for (; i < H; i++) ss += bf16_to_f32(xt[i]) * bf16_to_f32(xt[i]);
-        const float r = 1.f / sqrtf(ss / (float)H + eps);
-        i = 0;
-        for (; i + 16 <= H; i += 16) store16_bf16(ot + i, load16_bf16(w + i) * round16_bf16(load16_bf16(xt + i) * r));
-        for (; i < H; i++) ot[i] = f32_to_bf16(bf16_to_f32(w[i]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(xt[i]) * r)));
-    }
+    silu_mul(gu, out, T, I, nthreads, 0);
 }
 
-void tandem_silu_mul_bf16(const bf16_t *restrict gu, bf16_t *restrict out, long T, long I, int nthreads)
+void tandem_silu_mul_bf16(const bf16_t *gu, bf16_t *out, long T, long I, int nthreads)
 {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (T > 8)
-    for (long t = 0; t < T; t++) {
-        const bf16_t *g = gu + t * 2 * I, *u = g + I;
-        bf16_t *o = out + t * I;
-        long i = 0;
-        for (; i + 16 <= I; i += 16) {
-            const v16 gv = load16_bf16(g + i);
-            store16_bf16(o + i, round16_bf16(gv / (1.f + exp16(-gv))) * load16_bf16(u + i));
-        }
-        for (; i < I; i++) {
-            const float gv = bf16_to_f32(g[i]);
-            o[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(gv / (1.f + expf(-gv)))) * bf16_to_f32(u[i]));
-        }
-    }
+    silu_mul(gu, out, T, I, nthreads, 1);
 }
 
-void tandem_rope_bf16(bf16_t *restrict x, long row, const bf16_t *restrict cos_t, const bf16_t *restrict sin_t,
-                      long T, long heads, long D, int nthreads)
+void tandem_rope_f32(float *x, long row, const float *cos_t, const float *sin_t, long T, long heads, long D,
+                     int nthreads)
 {
-    const long half = D / 2;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (T > 8)
-    for (long t = 0; t < T; t++) {
-        const bf16_t *c = cos_t + t * half, *s = sin_t + t * half;
-        for (long h = 0; h < heads; h++) {
-            bf16_t *x1 = x + t * row + h * D, *x2 = x1 + half;
-            for (long i = 0; i < half; i++) {
-                const float a = bf16_to_f32(x1[i]), b = bf16_to_f32(x2[i]);
-                const float cc = bf16_to_f32(c[i]), sn = bf16_to_f32(s[i]);
-                x1[i] = f32_to_bf16(a * cc - b * sn);
-                x2[i] = f32_to_bf16(b * cc + a * sn);
-            }
-        }
-    }
+    rope(x, row, cos_t, sin_t, T, heads, D, nthreads, 0);
+}
+
+void tandem_rope_bf16(bf16_t *x, long row, const bf16_t *cos_t, const bf16_t *sin_t, long T, long heads, long D,
+                      int nthreads)
+{
+    rope(x, row, cos_t, sin_t, T, heads, D, nthreads, 1);
 }
 
 /* Decode attention over the paged cache, read in place (no gather, no padding, no mask tensor).
