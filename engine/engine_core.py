@@ -140,7 +140,7 @@ class EngineCore:
             request_id=rid,
             prompt_token_ids=tokens,
             params=params,
-            sampling=SamplingState.create(params),
+            sampling=SamplingState.create(params, tokens),
             detokenizer=IncrementalDetokenizer(self.tokenizer, tokens, params.skip_special_tokens),
             kv_handoff=kv_handoff,
         )
@@ -334,6 +334,7 @@ class EngineCore:
         from the stream so that text later cut by a stop is never sent.
         """
         req.token_ids.append(tid)
+        req.sampling.record(tid)
         first = req.first_token_time is None
         if first:
             req.first_token_time = now

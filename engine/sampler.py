@@ -3,6 +3,7 @@
 Pipeline per batch (all tensor ops over the batch, no loop over the vocab):
 
     logits [B, V] (any device, cast to float32; cut to vocab_limit columns)
+      |-- penalized rows: repetition (prompt + output), frequency and presence (output)
       |-- every row greedy ---------------------------> argmax          (fast path)
       |-- greedy rows ---------------------------------> argmax
       '-- random rows: / temperature -> top-k mask -> top-p mask -> min-p mask
@@ -64,14 +65,25 @@ class SamplingState:
     params: SamplingParams
     generator: torch.Generator | None = None
     _device_generators: dict[str, torch.Generator] = field(default_factory=dict, repr=False)
+    # penalties only (empty otherwise): the prompt's distinct token ids, the output's token counts
+    prompt_ids: tuple[int, ...] = field(default=(), repr=False)
+    output_counts: dict[int, int] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def create(cls, params: SamplingParams) -> SamplingState:
+    def create(cls, params: SamplingParams, prompt_ids=()) -> SamplingState:
+        """`prompt_ids`: the request's prompt (kept, as distinct ids, only for a repetition penalty)."""
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(params.seed)
-        return cls(params=params, generator=generator)
+        kept = tuple(sorted(set(prompt_ids))) if params.repetition_penalty != 1.0 else ()
+        return cls(params=params, generator=generator, prompt_ids=kept)
+
+    def record(self, token_id: int) -> None:
+        """One output token (sampled here, or replayed: P's token 1 on D, a resumed request's prior output),
+        counted for the penalties; a no-op without them."""
+        if self.params.penalized:
+            self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
 
     def advance(self, vocab_size: int, device: torch.device) -> None:
         """Consume the draw one sampled token takes, without sampling.
@@ -115,9 +127,11 @@ class Sampler:
             if not 1 <= vocab_limit <= logits.shape[1]:
                 raise ValueError(f"vocab_limit must be in 1..{logits.shape[1]}, got {vocab_limit}")
             logits = logits[:, :vocab_limit]
-        logits = logits.float()
+        logits = raw = logits.float()
         params = [s.params for s in states]
         greedy = [p.greedy for p in params]
+        if any(p.penalized for p in params):
+            logits = self._penalize(logits, states)
 
         if all(greedy):
             token_ids = logits.argmax(dim=-1)
@@ -133,7 +147,32 @@ class Sampler:
                 token_ids[g_idx] = logits[g_idx].argmax(dim=-1)
                 token_ids[r_idx] = self._sample(logits[r_idx], [states[i] for i in rand_rows])
 
-        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=self._logprobs(logits, params, token_ids))
+        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=self._logprobs(raw, params, token_ids))
+
+    # ----------------------------------------------------------------- penalties
+    @staticmethod
+    def _penalize(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """A copy of `logits` with each penalized row's penalties applied (other rows untouched)."""
+        out = logits.clone()
+        device, vocab = logits.device, logits.shape[1]
+        for i, state in enumerate(states):
+            p = state.params
+            if not p.penalized:
+                continue
+            row = out[i]
+            counts = {t: c for t, c in state.output_counts.items() if t < vocab}
+            if p.repetition_penalty != 1.0:
+                seen = set(t for t in state.prompt_ids if t < vocab) | counts.keys()
+                if seen:
+                    idx = torch.tensor(sorted(seen), dtype=torch.long, device=device)
+                    vals = row[idx]
+                    rp = p.repetition_penalty
+                    row[idx] = torch.where(vals > 0, vals / rp, vals * rp)
+            if counts and (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0):
+                idx = torch.tensor(list(counts), dtype=torch.long, device=device)
+                n = torch.tensor(list(counts.values()), dtype=torch.float32, device=device)
+                row[idx] -= p.frequency_penalty * n + p.presence_penalty
+        return out
 
     # ----------------------------------------------------------------- sampling
     def _sample(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:

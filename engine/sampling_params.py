@@ -25,6 +25,7 @@ from engine.errors import InvalidSamplingParamsError
 SAMPLING_EPS = 1e-5  # temperatures below this are treated as greedy
 MAX_LOGPROBS = 20  # most top-n logprobs a request may ask for
 MAX_SEED = 2**63 - 1
+MAX_REPETITION_PENALTY = 100.0  # beyond this a seen token's logit is flattened to about 0 anyway
 
 
 def _is_int(value: Any) -> bool:
@@ -71,6 +72,13 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs per generated token; 0 => only the sampled token's
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # penalties (vLLM's and OpenAI's semantics), applied to the logits before temperature and every filter,
+    # greedy rows included: presence subtracts once for every token the output already holds, frequency
+    # once per occurrence in the output; repetition divides a positive logit (multiplies a negative one)
+    # of every token seen in the prompt or the output
+    presence_penalty: float = 0.0  # [-2, 2]; 0 disables
+    frequency_penalty: float = 0.0  # [-2, 2]; 0 disables
+    repetition_penalty: float = 1.0  # > 0; 1 disables
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens)
@@ -115,6 +123,17 @@ class SamplingParams:
         _check_bool("include_stop_str_in_output", self.include_stop_str_in_output)
         _check_bool("skip_special_tokens", self.skip_special_tokens)
 
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _check_float(name, getattr(self, name))
+            if not -2.0 <= value <= 2.0:
+                raise InvalidSamplingParamsError(f"{name} must be in [-2, 2] (0 disables it), got {value}")
+            object.__setattr__(self, name, value)
+        repetition = _check_float("repetition_penalty", self.repetition_penalty)
+        if not 0.0 < repetition <= MAX_REPETITION_PENALTY:
+            raise InvalidSamplingParamsError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] "
+                                             f"(1 disables it), got {repetition}")
+        object.__setattr__(self, "repetition_penalty", repetition)
+
     @staticmethod
     def _normalise_stop(stop: Any) -> tuple[str, ...]:
         if isinstance(stop, str):
@@ -138,6 +157,11 @@ class SamplingParams:
             if t < 0:
                 raise InvalidSamplingParamsError(f"stop_token_ids[{i}] must be >= 0, got {t}")
         return tuple(ids)
+
+    @property
+    def penalized(self) -> bool:
+        """True when any of the three penalties is on (the sampler then tracks the request's tokens)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:

@@ -154,7 +154,7 @@ class RequestValidator:
         for name in ("max_tokens", "top_k", "seed", "logprobs"):
             if s.HasField(name):
                 kwargs[name] = getattr(s, name)
-        for name in ("temperature", "top_p", "min_p"):
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             if s.HasField(name):
                 kwargs[name] = _f32(getattr(s, name))
         vocab = self.facts.vocab_size

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atandem/v1/generation.proto\x12\ttandem.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb7\x02\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xc1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.tandem.v1.SamplingOptionsB\x07\n\x05input\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"t\n\x07Timings\x12\x1d\n\x15time_to_first_token_s\x18\x01 \x01(\x01\x12\x0f\n\x07total_s\x18\x02 \x01(\x01\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x05 \x01(\x01\"\xcc\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x08 \x01(\x0b\x32\x12.tandem.v1.Timings\x12\x16\n\x0eprefill_worker\x18\t \x01(\t\x12\x15\n\rdecode_worker\x18\n \x01(\t\x12\r\n\x05route\x18\x0b \x01(\t\x12\x0f\n\x07retries\x18\x0c \x01(\r\"\x16\n\x14GetServerInfoRequest\"\xc4\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0e\n\x06health\x18\x03 \x01(\t\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\x05\x12\x18\n\x10running_requests\x18\x06 \x01(\x05\x12\x18\n\x10waiting_requests\x18\x07 \x01(\x05\x12\x17\n\x0fleased_requests\x18\x08 \x01(\x05\x12\x0f\n\x07node_id\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x12\n\nblock_size\x18\x0b \x01(\x05\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x10\n\x08\x64raining\x18\r \x01(\x08\x12\x16\n\x0eprefill_tokens\x18\x0e \x01(\x05\x12\x19\n\x11kv_blocks_indexed\x18\x0f \x01(\x05\"\xe1\x02\n\nServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x10\n\x08topology\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x06 \x01(\t\x12\x14\n\x0ckv_transport\x18\x07 \x01(\t\x12\x35\n\x08versions\x18\x08 \x03(\x0b\x32#.tandem.v1.ServerInfo.VersionsEntry\x12\x15\n\rmax_model_len\x18\t \x01(\x05\x12\x12\n\nvocab_size\x18\n \x01(\x05\x12&\n\x07workers\x18\x0b \x03(\x0b\x32\x15.tandem.v1.WorkerInfo\x12\x12\n\nmodel_path\x18\x0c \x01(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\x9c\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12G\n\rGetServerInfo\x12\x1f.tandem.v1.GetServerInfoRequest\x1a\x15.tandem.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atandem/v1/generation.proto\x12\ttandem.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd9\x03\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x05H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x02H\t\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"\xc1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.tandem.v1.SamplingOptionsB\x07\n\x05input\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"t\n\x07Timings\x12\x1d\n\x15time_to_first_token_s\x18\x01 \x01(\x01\x12\x0f\n\x07total_s\x18\x02 \x01(\x01\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\x11\n\tprefill_s\x18\x04 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x05 \x01(\x01\"\xcc\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x1f\n\x05usage\x18\x07 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x08 \x01(\x0b\x32\x12.tandem.v1.Timings\x12\x16\n\x0eprefill_worker\x18\t \x01(\t\x12\x15\n\rdecode_worker\x18\n \x01(\t\x12\r\n\x05route\x18\x0b \x01(\t\x12\x0f\n\x07retries\x18\x0c \x01(\r\"\x16\n\x14GetServerInfoRequest\"\xc4\x02\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0e\n\x06health\x18\x03 \x01(\t\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\x05\x12\x18\n\x10running_requests\x18\x06 \x01(\x05\x12\x18\n\x10waiting_requests\x18\x07 \x01(\x05\x12\x17\n\x0fleased_requests\x18\x08 \x01(\x05\x12\x0f\n\x07node_id\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x12\n\nblock_size\x18\x0b \x01(\x05\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\x10\n\x08\x64raining\x18\r \x01(\x08\x12\x16\n\x0eprefill_tokens\x18\x0e \x01(\x05\x12\x19\n\x11kv_blocks_indexed\x18\x0f \x01(\x05\"\xe1\x02\n\nServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x10\n\x08topology\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x06 \x01(\t\x12\x14\n\x0ckv_transport\x18\x07 \x01(\t\x12\x35\n\x08versions\x18\x08 \x03(\x0b\x32#.tandem.v1.ServerInfo.VersionsEntry\x12\x15\n\rmax_model_len\x18\t \x01(\x05\x12\x12\n\nvocab_size\x18\n \x01(\x05\x12&\n\x07workers\x18\x0b \x03(\x0b\x32\x15.tandem.v1.WorkerInfo\x12\x12\n\nmodel_path\x18\x0c \x01(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\x9c\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12G\n\rGetServerInfo\x12\x1f.tandem.v1.GetServerInfoRequest\x1a\x15.tandem.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SERVERINFO_VERSIONSENTRY']._loaded_options = None
   _globals['_SERVERINFO_VERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2059
-  _globals['_FINISHREASON']._serialized_end=2204
+  _globals['_FINISHREASON']._serialized_start=2221
+  _globals['_FINISHREASON']._serialized_end=2366
   _globals['_CHATMESSAGE']._serialized_start=41
   _globals['_CHATMESSAGE']._serialized_end=85
   _globals['_CHATMESSAGES']._serialized_start=87
@@ -42,27 +42,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=145
   _globals['_TOKENIDS']._serialized_end=168
   _globals['_SAMPLINGOPTIONS']._serialized_start=171
-  _globals['_SAMPLINGOPTIONS']._serialized_end=482
-  _globals['_GENERATEREQUEST']._serialized_start=485
-  _globals['_GENERATEREQUEST']._serialized_end=678
-  _globals['_TOPLOGPROB']._serialized_start=680
-  _globals['_TOPLOGPROB']._serialized_end=727
-  _globals['_TOKENLOGPROB']._serialized_start=729
-  _globals['_TOKENLOGPROB']._serialized_end=814
-  _globals['_USAGE']._serialized_start=816
-  _globals['_USAGE']._serialized_end=896
-  _globals['_TIMINGS']._serialized_start=898
-  _globals['_TIMINGS']._serialized_end=1014
-  _globals['_GENERATERESPONSE']._serialized_start=1017
-  _globals['_GENERATERESPONSE']._serialized_end=1349
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1351
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1373
-  _globals['_WORKERINFO']._serialized_start=1376
-  _globals['_WORKERINFO']._serialized_end=1700
-  _globals['_SERVERINFO']._serialized_start=1703
-  _globals['_SERVERINFO']._serialized_end=2056
-  _globals['_SERVERINFO_VERSIONSENTRY']._serialized_start=2009
-  _globals['_SERVERINFO_VERSIONSENTRY']._serialized_end=2056
-  _globals['_GENERATION']._serialized_start=2207
-  _globals['_GENERATION']._serialized_end=2363
+  _globals['_SAMPLINGOPTIONS']._serialized_end=644
+  _globals['_GENERATEREQUEST']._serialized_start=647
+  _globals['_GENERATEREQUEST']._serialized_end=840
+  _globals['_TOPLOGPROB']._serialized_start=842
+  _globals['_TOPLOGPROB']._serialized_end=889
+  _globals['_TOKENLOGPROB']._serialized_start=891
+  _globals['_TOKENLOGPROB']._serialized_end=976
+  _globals['_USAGE']._serialized_start=978
+  _globals['_USAGE']._serialized_end=1058
+  _globals['_TIMINGS']._serialized_start=1060
+  _globals['_TIMINGS']._serialized_end=1176
+  _globals['_GENERATERESPONSE']._serialized_start=1179
+  _globals['_GENERATERESPONSE']._serialized_end=1511
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1513
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1535
+  _globals['_WORKERINFO']._serialized_start=1538
+  _globals['_WORKERINFO']._serialized_end=1862
+  _globals['_SERVERINFO']._serialized_start=1865
+  _globals['_SERVERINFO']._serialized_end=2218
+  _globals['_SERVERINFO_VERSIONSENTRY']._serialized_start=2171
+  _globals['_SERVERINFO_VERSIONSENTRY']._serialized_end=2218
+  _globals['_GENERATION']._serialized_start=2369
+  _globals['_GENERATION']._serialized_end=2525
 # @@protoc_insertion_point(module_scope)

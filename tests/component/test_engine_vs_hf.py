@@ -169,3 +169,28 @@ def test_batch_of_16_greedy_tokens_identical(pair):
         assert out.token_ids == ref_greedy(ref, prompt, 10)
         assert out.finish_reason == "length"
     llm.engine.leak_check()
+
+
+def test_repetition_penalty_greedy_matches_transformers(pair):
+    """repetition_penalty as transformers' RepetitionPenaltyLogitsProcessor applies it (prompt + output,
+    a positive logit divided, a negative one multiplied), greedy, in a batch with unpenalized requests."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    _, llm, ref = pair
+    penalty = RepetitionPenaltyLogitsProcessor(1.8)
+    batch = prompts(9, 4, 2, 30)
+    want = []
+    for prompt in batch:
+        ids = list(prompt)
+        with torch.inference_mode():
+            for _ in range(10):
+                logits = ref(torch.tensor([ids])).logits[:, -1]
+                ids.append(int(penalty(torch.tensor([ids]), logits)[0].argmax()))
+        want.append(ids[len(prompt):])
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, repetition_penalty=1.8)
+    plain = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(batch + batch[:1], [params] * len(batch) + [plain])
+    assert [o.token_ids for o in outs[:-1]] == want
+    assert outs[-1].token_ids == ref_greedy(ref, batch[0], 10)
+    assert want[0] != outs[-1].token_ids  # the penalty changed something (else this test proves nothing)
+    llm.engine.leak_check()

@@ -284,3 +284,54 @@ def test_top_p_with_top_k_rows_mixed_with_unfiltered_rows() -> None:
     ranks = [{perm[t] for t in ids[j::3].tolist()} for j in range(3)]
     # top_k=4 renormalises to [0.444, 0.278, 0.167, 0.111]; top_p=0.7 keeps ranks {0, 1}.
     assert ranks == [{0, 1}, {0, 1, 2}, set(range(6))]
+
+
+# ---------------------------------------------------------------- penalties
+def test_penalties_arithmetic_and_raw_logprobs() -> None:
+    """repetition over prompt + output (positive / rp, negative * rp), then frequency per occurrence and
+    presence once over the output; logprobs stay those of the raw logits; other rows untouched."""
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25,
+                            logprobs=0)
+    state = SamplingState.create(params, [1, 2, 2])
+    for t in (3, 3, 1):
+        state.record(t)
+    logits = torch.tensor([[1.0, 2.0, -1.0, 4.0, 0.5], [1.0, 2.0, -1.0, 4.0, 0.5]])
+    plain = SamplingState.create(SamplingParams(temperature=0.0), [1, 2])
+    plain.record(3)
+    penalized = Sampler._penalize(logits, [state, plain])
+    assert penalized[0].tolist() == [1.0, 2.0 / 2 - 0.5 - 0.25, -2.0, 4.0 / 2 - 1.0 - 0.25, 0.5]
+    assert penalized[1].tolist() == logits[1].tolist()
+    out = Sampler()(logits, [state, plain])
+    assert out.token_ids == [0, 3]  # 4.0 became 0.75: token 0 (1.0) wins the penalized row
+    assert out.logprobs[0].logprob == pytest.approx(logits[0].log_softmax(-1)[0].item())
+
+
+def test_negative_penalties_favour_repeats_and_counts_start_empty() -> None:
+    state = SamplingState.create(SamplingParams(temperature=0.0, presence_penalty=-2.0), [4])
+    logits = torch.tensor([[0.0, 1.0, 0.5, 0.0, 0.0]])
+    assert Sampler()(logits, [state]).token_ids == [1]  # nothing in the output yet: the prompt does not count
+    state.record(2)
+    assert Sampler()(logits, [state]).token_ids == [2]  # 0.5 + 2
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2]"),
+    ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2]"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be in (0, 100]"),
+    ({"repetition_penalty": float("nan")}, "repetition_penalty must be a finite number"),
+    ({"presence_penalty": "1"}, "presence_penalty must be a number"),
+])
+def test_penalty_validation(kwargs, fragment) -> None:
+    from engine.errors import InvalidSamplingParamsError
+
+    with pytest.raises(InvalidSamplingParamsError) as err:
+        SamplingParams(**kwargs)
+    assert fragment in str(err.value)
+
+
+def test_only_penalized_requests_keep_token_history() -> None:
+    state = SamplingState.create(SamplingParams(), [1, 2, 3])
+    state.record(5)
+    assert state.prompt_ids == () and state.output_counts == {}
+    rep = SamplingState.create(SamplingParams(repetition_penalty=1.2), [3, 1, 3])
+    assert rep.prompt_ids == (1, 3)
