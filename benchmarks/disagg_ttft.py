@@ -71,7 +71,7 @@ def run_shape(args, shape: str) -> dict:
     from deploy.serve import Serving
     from tandem_api.client import TandemClient
 
-    cfg = with_overrides(ServeConfig(), **{"router.port": 0, "both.dtype": args.dtype, "both.device": args.device,
+    cfg = with_overrides(ServeConfig(), **{"router.port": 0, "router.http_port": 0, "both.dtype": args.dtype, "both.device": args.device,
                                            "both.kv_cache_memory": args.kv_cache_memory, **_parse_shape(shape)})
     rng = random.Random(0)
     rows = []

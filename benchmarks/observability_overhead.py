@@ -157,7 +157,7 @@ def start_cluster(args, name: str, warmup: list[list[int]]):
 
     on = name == "on"
     cfg = with_overrides(ServeConfig(), **{
-        "model": "", "router.port": 0, "ray_namespace": f"tandem-bench-{name}",
+        "model": "", "router.port": 0, "router.http_port": 0, "ray_namespace": f"tandem-bench-{name}",
         "both.num_cpus": args.num_cpus, "both.dtype": args.dtype,
         "tracing.exporter": "memory" if on else "none",
     })

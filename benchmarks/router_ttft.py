@@ -183,7 +183,7 @@ def run_policy(args, policy: str, rnd: int, workload: dict) -> dict:
 
     cfg = with_overrides(ServeConfig(), **{
         "model": "", "prefill.replicas": 2, "decode.replicas": 1, "router.policy": policy,
-        "router.conditional_prefill_threshold": 0, "router.port": free_port(),
+        "router.conditional_prefill_threshold": 0, "router.port": free_port(), "router.http_port": 0,
         "prefill.kv_cache_memory": args.prefill_kv_memory, "decode.kv_cache_memory": args.decode_kv_memory,
         "both.num_cpus": args.num_cpus, "both.dtype": args.dtype,
     })

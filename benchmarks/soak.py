@@ -119,7 +119,7 @@ def serve_config(o: SoakOptions) -> ServeConfig:
     from deploy.config import ServeConfig, with_overrides
 
     return with_overrides(ServeConfig(), **{
-        "model": o.model, "ray_namespace": o.ray_namespace, "router.port": 0,
+        "model": o.model, "ray_namespace": o.ray_namespace, "router.port": 0, "router.http_port": 0,
         "prefill.replicas": o.prefill_replicas, "decode.replicas": o.decode_replicas,
         "router.max_inflight": max(256, 4 * o.concurrency),
         "router.conditional_prefill_threshold": o.conditional_prefill_threshold,

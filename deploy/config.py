@@ -112,6 +112,8 @@ class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     slo_itl_ms: float = 0.0  # judged as time per output token
     drain_timeout_s: float = 60.0  # removing a worker: how long its running requests may take to finish
     metrics_port: int | None = None  # Prometheus /metrics of the whole cluster on router.host (0: any free port)
+    http: bool = True  # the OpenAI-compatible HTTP door (router/http_app.py) beside gRPC; false: gRPC only
+    http_port: int = 8000  # its port on router.host (0: any free port); TLS and auth_token_file apply to it too
     tls_cert: str | None = None  # PEM server certificate: the gRPC port is TLS-only (with tls_key)
     tls_key: str | None = None
     tls_client_ca: str | None = None  # PEM CA: clients must present a certificate it signed (mutual TLS)
@@ -179,6 +181,11 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if r.slo_ttft_ms < 0 or r.slo_itl_ms < 0:
             raise ConfigError(f"router.slo_ttft_ms and router.slo_itl_ms must be >= 0 (0: no target), "
                               f"got {r.slo_ttft_ms} and {r.slo_itl_ms}")
+        if not 0 <= r.http_port < 65536:
+            raise ConfigError(f"router.http_port must be in 0..65535 (0 = any free port), got {r.http_port}")
+        if r.http and r.http_port and r.http_port == r.port:
+            raise ConfigError(f"router.http_port and router.port are both {r.port}: give the HTTP door another "
+                              "port (--http-port) or turn it off (--no-http)")
         if r.metrics_port is not None and not 0 <= r.metrics_port < 65536:
             raise ConfigError(f"router.metrics_port must be in 0..65535 (0 = any free port), got {r.metrics_port}")
         if (r.tls_cert is None) != (r.tls_key is None):

@@ -1,7 +1,8 @@
-"""`tandem serve`: the cluster (Ray actors) behind the gRPC front door, until a signal.
+"""`tandem serve`: the cluster (Ray actors) behind its front doors (gRPC, OpenAI HTTP), until a signal.
 
     config (file and/or flags) -> Cluster.start (Ray, actors, handshakes)
-      -> GenerationService + grpc.aio server (health NOT_SERVING) -> start
+      -> Membership + RequestPath -> GenerationService + grpc.aio server (health NOT_SERVING)
+         and the HTTP door on the same path (router/http_app.py) -> start
       -> health SERVING -> ... -> SIGINT / SIGTERM
       -> health NOT_SERVING, server.stop(grace) (in-flight streams finish or are
          cancelled, their KV freed by the usual cleanup) -> actors killed -> Ray down
@@ -33,6 +34,9 @@ from router.responses import ServerFacts
 from router.routing import RoutingConfig
 from router.security import TlsFiles, read_tokens
 from router.grpc_port import build_server
+from router.http_app import HttpDoor, HttpServer
+from router.membership import Membership
+from router.request_path import RequestPath, RequestPathConfig
 from router.server import GenerationService
 from router.validation import ModelFacts, RequestValidator
 from tandem_api.v1 import admin_pb2 as apb
@@ -71,7 +75,16 @@ def routing_config(cfg: ServeConfig) -> RoutingConfig:
                          slo_ttft_s=r.slo_ttft_ms / 1000, slo_tpot_s=r.slo_itl_ms / 1000)
 
 
+def path_config(cfg: ServeConfig) -> RequestPathConfig:
+    r = cfg.router
+    return RequestPathConfig(max_inflight=r.max_inflight, request_timeout_s=r.request_timeout_s,
+                             cleanup_timeout_s=r.cleanup_timeout_s, retry_after_ms=r.retry_after_ms,
+                             max_retries=r.max_retries, failover_wait_s=r.failover_wait_s,
+                             stream_idle_timeout_s=r.stream_idle_timeout_s)
+
+
 def build_service(cluster: Cluster) -> GenerationService:
+    """Membership (the pools) -> RequestPath (validation, routing, failover) -> the gRPC door over it."""
     cfg = cluster.config
     policy = Policy.parse(cfg.router.policy)
 
@@ -85,14 +98,10 @@ def build_service(cluster: Cluster) -> GenerationService:
         prefill, decode = None, pool("aggregated", cluster.workers, cfg.decode.block_size)
     validator = RequestValidator(ModelFacts.from_model_infos(cluster.infos), cluster.tokenizer,
                                  max_prompt_tokens=cfg.router.max_prompt_tokens, max_tokens=cfg.router.max_tokens)
-    return GenerationService(validator=validator, prefill=prefill, decode=decode,
-                             info_source=lambda: server_facts(cluster), max_inflight=cfg.router.max_inflight,
-                             routing=routing_config(cfg), rng=random.Random(cfg.seed),
-                             tracing=setup_tracing(tracing_config(cfg, "router")),
-                             retry_after_ms=cfg.router.retry_after_ms, request_timeout_s=cfg.router.request_timeout_s,
-                             max_retries=cfg.router.max_retries, failover_wait_s=cfg.router.failover_wait_s,
-                             stream_idle_timeout_s=cfg.router.stream_idle_timeout_s,
-                             cleanup_timeout_s=cfg.router.cleanup_timeout_s)
+    membership = Membership(decode, prefill, routing=routing_config(cfg), rng=random.Random(cfg.seed),
+                            cleanup_timeout_s=cfg.router.cleanup_timeout_s)
+    path = RequestPath(membership, validator, path_config(cfg), tracing=setup_tracing(tracing_config(cfg, "router")))
+    return GenerationService(path=path, info_source=lambda: server_facts(cluster))
 
 
 def start_metrics_server(service: GenerationService, host: str, port: int | None):
@@ -119,7 +128,15 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
                           extra=[(lambda srv: apb_grpc.add_AdminServicer_to_server(admin, srv), ADMIN_SERVICE)],
                           tls=tls, auth_tokens=tokens, max_message_bytes=r.max_message_bytes)
     service.rejoin = lambda worker_id: asyncio.to_thread(cluster.rejoin_worker, worker_id)
+    http = None
+    if r.http:  # the OpenAI door: the same request path, membership, TLS files and tokens
+        door = HttpDoor(service.path, lambda: server_facts(cluster), auth_tokens=tokens)
+        http = HttpServer(door, r.host, r.http_port, tls=tls)
+        service.http_port = http.port
     await server.start()
+    if http is not None:
+        await http.start()
+        log.info("serving the OpenAI API on %s://%s:%d/v1", http.scheme, r.host, http.port)
     metrics_http = start_metrics_server(service, cfg.router.host, cfg.router.metrics_port)
     await service.refresh_health()  # every worker's status and process, before the first request
     await service.start_feeds()
@@ -155,7 +172,10 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
             metrics_http.shutdown()
         service.tracing.shutdown()  # export what is queued
         await service.set_serving(False)
-        await server.stop(STOP_GRACE_S)
+        if http is not None:
+            await asyncio.gather(server.stop(STOP_GRACE_S), http.stop())
+        else:
+            await server.stop(STOP_GRACE_S)
         await service.close()
 
 
@@ -185,6 +205,9 @@ async def _main(cluster: Cluster, reload: Callable[[], ServeConfig] | None = Non
     def announce(port: int, service: GenerationService, admin: AdminService) -> None:
         print(f"tandem: serving {cluster.model.name} ({cluster.topology()}) on {cfg.router.host}:{port}; "
               "Ctrl-C to stop", flush=True)
+        if service.http_port is not None:
+            scheme = "https" if cfg.router.tls_cert else "http"
+            print(f"tandem: OpenAI API on {scheme}://{cfg.router.host}:{service.http_port}/v1", flush=True)
         if service.metrics_port is not None:
             print(f"tandem: Prometheus metrics on http://{cfg.router.host}:{service.metrics_port}/metrics "
                   "(dashboard: deploy/observability/)", flush=True)
@@ -214,6 +237,14 @@ class Serving:
     @property
     def address(self) -> str:
         return f"{self.cluster.config.router.host}:{self._bound[0]}"
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI API's base URL (…/v1); RuntimeError when the HTTP door is off."""
+        if self.service is None or self.service.http_port is None:
+            raise RuntimeError("the HTTP door is off (router.http: false)")
+        scheme = "https" if self.cluster.config.router.tls_cert else "http"
+        return f"{scheme}://{self.cluster.config.router.host}:{self.service.http_port}/v1"
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)

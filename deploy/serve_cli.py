@@ -8,6 +8,7 @@
                  [--prefill-kv-order NHD|HND] [--decode-kv-order NHD|HND]
                  [--router-policy kv|round-robin|least-loaded] [--conditional-prefill-threshold N]
                  [--router-temperature T] [--slo-ttft-ms MS] [--slo-itl-ms MS] [--metrics-port N] [--max-inflight N] [--lease-s S]
+                 [--http-port N | --no-http]
                  [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--auth-token-file FILE]
                  [--ray-address HOST:PORT] [--print-config]
 
@@ -27,11 +28,15 @@ from deploy.config import ServeConfig, dump_config, load_config, parse_size, wit
 
 
 def add_serve_parser(sub) -> None:
-    s = sub.add_parser("serve", help="start the cluster and the gRPC front door (Ctrl-C to stop)")
+    s = sub.add_parser("serve", help="start the cluster and its front doors: gRPC, and OpenAI HTTP (Ctrl-C to stop)")
     s.add_argument("--config", help="YAML/JSON/TOML ServeConfig file (see deploy/config.py)")
     s.add_argument("--model", help="HF directory or .gguf file (default: the shipped SmolLM2-135M-Instruct)")
     s.add_argument("--host", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    s.add_argument("--http-port", type=int, metavar="N",
+                   help="OpenAI-compatible HTTP port on the same --host (default 8000; 0: any free port)")
+    s.add_argument("--no-http", dest="http", action="store_false", default=None,
+                   help="serve gRPC only (no OpenAI-compatible HTTP door)")
     s.add_argument("--mode", choices=["disaggregated", "aggregated"])
     s.add_argument("--prefill-replicas", type=int)
     s.add_argument("--decode-replicas", type=int)
@@ -78,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         model=args.model, mode=args.mode, ray_address=args.ray_address,
         **{
             "router.host": args.host, "router.port": args.port, "router.policy": args.policy,
+            "router.http": args.http, "router.http_port": args.http_port,
             "router.conditional_prefill_threshold": args.conditional_prefill_threshold,
             "router.slo_ttft_ms": args.slo_ttft_ms, "router.slo_itl_ms": args.slo_itl_ms,
             "router.temperature": args.router_temperature, "router.metrics_port": args.metrics_port,

@@ -82,8 +82,8 @@ class RouterMetrics:
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.decision = Histogram("tandem_router_decision_seconds", "Router.route: hashing, index lookups, costs",
                                   buckets=FAST_BUCKETS, registry=r)
-        self.requests = Counter("tandem_requests", "Requests by finish reason and gRPC status code",
-                                ["finish_reason", "code"], registry=r)
+        self.requests = Counter("tandem_requests", "Requests by finish reason, outcome (gRPC status code name) and "
+                                "front door (grpc | http)", ["finish_reason", "code", "door"], registry=r)
         self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.completion_tokens = Counter("tandem_completion_tokens", "Tokens generated", registry=r)
         self.cached_tokens = Counter("tandem_cached_tokens", "Prompt tokens served from a prefix cache", registry=r)

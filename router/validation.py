@@ -27,6 +27,7 @@ Decisions:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections.abc import Callable, Container, Sequence
@@ -114,8 +115,11 @@ class RequestValidator:
         self._new_id = new_request_id or _default_ids()
         self.max_prompt_tokens, self.max_tokens = max_prompt_tokens, max_tokens
 
-    def validate(self, request: pb.GenerateRequest, in_flight: Container[str] = ()) -> ValidatedRequest:
-        """The request ready for the workers, or `RequestValidationError` saying what to change."""
+    def validate(self, request: pb.GenerateRequest, in_flight: Container[str] = (),
+                 fill_max_tokens: bool = False) -> ValidatedRequest:
+        """The request ready for the workers, or `RequestValidationError` saying what to change.
+        `fill_max_tokens`: an unset max_tokens means the rest of the context (and of the smallest KV
+        cache, and the server's cap), as OpenAI's chat API has it, instead of the default 16."""
         request_id = self._request_id(request.request_id, in_flight)
         params = self.sampling_params(request.sampling)
         kind = request.WhichOneof("input")
@@ -126,6 +130,12 @@ class RequestValidator:
         if self.max_prompt_tokens is not None and len(prompt) > self.max_prompt_tokens:
             raise RequestValidationError(f"prompt has {len(prompt)} tokens; this server allows at most "
                                          f"{self.max_prompt_tokens} per request; shorten the prompt")
+        if fill_max_tokens and not request.sampling.HasField("max_tokens"):
+            room = min(self.facts.max_model_len, self.facts.kv_capacity_tokens) - len(prompt)
+            if self.max_tokens is not None:
+                room = min(room, self.max_tokens)
+            if room >= 1:
+                params = dataclasses.replace(params, max_tokens=room)
         self.check_fits(len(prompt), params.max_tokens)
         return ValidatedRequest(request_id, prompt, params, kind or "")
 

@@ -55,7 +55,7 @@ def serve(model: str, **overrides):
     from deploy.config import ServeConfig, with_overrides
     from deploy.serve import Serving
 
-    base = {"router.port": 0, "both.kv_cache_memory": "64MiB", "both.dtype": "float32",
+    base = {"router.port": 0, "router.http_port": 0, "both.kv_cache_memory": "64MiB", "both.dtype": "float32",
             "both.num_cpus": 0.5, "model": model}
     return Serving(with_overrides(ServeConfig(), **{**base, **overrides}))
 

@@ -1,0 +1,540 @@
+"""One request's way through the router, whichever front door it came in by (gRPC, HTTP).
+
+A door hands `RequestPath.run` a `tandem.v1.GenerateRequest` (the HTTP door translates the OpenAI
+body into one), a function that delivers each response, its deadline and its trace headers; `run`
+returns how the request ended (`Ended`: an `Outcome` and a one-line message). The door maps that
+through router/errors.py's OUTCOMES table and does nothing else: validation, routing, retries,
+deadlines, cleanup and metrics all live here.
+
+    1. admission     not serving yet -> UNAVAILABLE; `max_inflight` requests already
+                     in flight -> RESOURCE_EXHAUSTED ("... retry later")
+    2. validation    RequestValidator: prompt ids + SamplingParams + request id
+                     (INVALID_ARGUMENT with a message that says what to change)
+    3. routing       router/routing.py picks D, and P or "local" (conditional
+                     disaggregation); the first response says which and why (`route`)
+       remote        P.prefill -> first chunk, delivered at once (prefill_worker and
+                     decode_worker set on it); unless it finished the request,
+                     D.decode streams the rest, from token 2.
+       local         D.generate streams every chunk (aggregated mode: always)
+    4. last chunk    carries usage and timings (TTFT, total, queue, prefill, KV pull)
+
+The prefix indexes behind routing are fed by the workers' KV events (router/membership.py); the
+router books what it routes (queued prefill tokens, KV in flight, predicted blocks) until the
+request's first decode chunk, and `close` clears a request's booking on every path.
+
+Every wait runs under one asyncio timeout: the door's deadline capped by `request_timeout_s`.
+Expiry ends the request with DEADLINE_EXCEEDED and a message naming the stage it was in. A client
+that goes away cancels the task running `run`: cleanup runs and CancelledError is re-raised.
+
+Cleanup (every non-success path: error, timeout, cancel): D.abort(rid) first, then
+P.abort(rid) if prefill had not returned or P.release(rid) if P still holds the
+prompt's KV under a lease (D first, so P never frees blocks D is still pulling
+for a live request). Each call is bounded by `cleanup_timeout_s`; errors are
+logged, never raised; the cleanup runs in its own task, shielded from a second
+cancellation. On success, P's lease is released (in the background) as soon as D's
+first chunk arrives: D streams only once every one of its ranks has pulled.
+
+Failover: the request runs as attempts. A worker that dies or restarts, a KV pull
+that fails or runs out of lease, a stream silent for `stream_idle_timeout_s`: the
+attempt is undone and the next one resumes after the tokens already sent (workers
+prefill prompt + those tokens), so the client's stream goes on with nothing
+repeated or missing; at most `max_retries`, waiting up to `failover_wait_s` for a
+worker to resume on, all inside the request's deadline (router/README.md has the
+table). Restarted workers rejoin through Membership.
+
+Other worker-side failures: a chunk with `error` set (finish_reason "error") ends
+the request with INTERNAL and the worker's one-line message; retries used up end it
+with the last failure's outcome (UNAVAILABLE for a dead worker). FINISH_REASON_ERROR
+is never sent by this version: a client learns of failure from the status, which
+every client checks, not from a field it might ignore. Tokens already sent stay
+valid output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from opentelemetry import trace as trace_api
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from common import telemetry as tm
+from common.errors import KVTransferFailedError
+from common.telemetry import Tracing, TracingConfig, setup_tracing
+from common.wire import StreamChunk
+from router.attempts import Attempt, Run, retry_reason
+from router.errors import (
+    AdmissionError, NoHealthyWorkerError, NotServingError, Outcome, RequestValidationError, WorkerFailedError,
+    WorkerStalledError, one_line, outcome_for,
+)
+from router.membership import Membership
+from router.metrics import RouterMetrics
+from router.responses import RequestTrace, chunk_response
+from router.routing import Route
+from router.validation import RETRY_ID_MARKER, RequestValidator
+from router.workers import WorkerClient
+from tandem_api.v1 import generation_pb2 as pb
+
+log = logging.getLogger(__name__)
+# ending P's lease once D streams: behind a long engine step under load this can take seconds, and
+# nothing waits for it (the lease itself is the backstop), so it gets longer than other cleanup calls
+RELEASE_TIMEOUT_S = 60.0
+Emit = Callable[[pb.GenerateResponse], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class RequestPathConfig:
+    """The request path's settings (deploy builds it from `router:` in the serve config)."""
+
+    max_inflight: int = 256  # beyond this, RESOURCE_EXHAUSTED
+    request_timeout_s: float = 600.0  # a request's deadline when the client sets none (or a longer one)
+    cleanup_timeout_s: float = 5.0  # each abort / release call to a worker after a failure or cancel
+    retry_after_ms: int = 1000  # how long a RESOURCE_EXHAUSTED client should back off
+    max_retries: int = 3  # a request resumed on other workers at most this often after workers failed it
+    failover_wait_s: float = 30.0  # a retry with no worker to take it waits this long for one to come back
+    stream_idle_timeout_s: float = 30.0  # a stream silent this long after its first chunk: retried (0: off)
+
+    def __post_init__(self) -> None:
+        if self.max_inflight < 1:
+            raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
+        if self.max_retries < 0 or self.failover_wait_s < 0:
+            raise ValueError(f"max_retries and failover_wait_s must be >= 0, got {self.max_retries}, "
+                             f"{self.failover_wait_s}")
+
+
+@dataclass(frozen=True)
+class Door:
+    """A front door as the path's spans and metrics name it."""
+
+    name: str  # the `door` label of tandem_requests_total: "grpc" | "http"
+    span_name: str
+    span_attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+GRPC_DOOR = Door("grpc", tm.SPAN_GENERATE, {tm.ATTR_RPC_SYSTEM: "grpc", tm.ATTR_RPC_METHOD: "Generate"})
+
+
+@dataclass(frozen=True)
+class Ended:
+    """How a request ended: the outcome, a one-line message for the client (empty when OK), and for
+    RESOURCE_EXHAUSTED how long to back off."""
+
+    outcome: Outcome
+    message: str = ""
+    retry_after_ms: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.OK
+
+
+class RequestPath:
+    """Validate, route, run attempts with failover, deliver responses: for every front door."""
+
+    def __init__(self, membership: Membership, validator: RequestValidator | None,
+                 config: RequestPathConfig | None = None, *, metrics: RouterMetrics | None = None,
+                 tracing: Tracing | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.membership, self.validator = membership, validator
+        self.config = config = config or RequestPathConfig()
+        self.router = membership.router
+        self.metrics = metrics if metrics is not None else RouterMetrics()
+        self.metrics.in_flight.set_function(lambda: len(self._active))
+        self.metrics.workers_source = membership.worker_states
+        self.tracing = tracing if tracing is not None else setup_tracing(TracingConfig())  # off: a no-op tracer
+        self.tracer = self.tracing.tracer
+        self._clock = clock
+        self._active: dict[str, Run] = {}
+        self._idle = asyncio.Event()  # set while no request is in flight
+        self._idle.set()
+        self._cleanups: set[asyncio.Task] = set()
+        membership.attempts_source = self._attempts
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    def _attempts(self) -> list[Attempt]:
+        return [run.attempt for run in self._active.values() if run.attempt is not None]
+
+    def _pool_of(self, worker_id: str):
+        return self.membership.pool_of(worker_id)
+
+    # -- one request ------------------------------------------------------------------------------
+
+    async def run(self, request, emit: Emit, *, deadline_s: float | None = None,
+                  carrier: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+                  door: Door = GRPC_DOOR, fill_max_tokens: bool = False,
+                  on_routed: Callable[[], None] | None = None) -> Ended:
+        """Serve `request` (a GenerateRequest, or an object with `.message` for bytes that did not decode),
+        delivering each response with `emit`; `deadline_s`: seconds the client allows (None: none);
+        `carrier`: headers that may hold a traceparent; `fill_max_tokens`: see RequestValidator.validate;
+        `on_routed()`: called once the request passed admission and validation and has its first route
+        (what can still fail from then on is a worker, the deadline or the client). Re-raises
+        CancelledError after cleanup."""
+        parent = tm.extract(carrier)  # one trace per request, continued from the gateway's traceparent
+        with self.tracer.start_as_current_span(
+                door.span_name, context=parent, kind=SpanKind.SERVER, record_exception=False,
+                set_status_on_exception=False,
+                attributes={**door.span_attributes, tm.ATTR_OPERATION: "text_completion"}) as span:
+            ended = await self._run(request, emit, deadline_s, door, span, fill_max_tokens, on_routed)
+            span.set_attribute(tm.ATTR_RPC_STATUS, ended.outcome.value)
+            if not ended.ok:
+                span.set_status(Status(StatusCode.ERROR, ended.outcome.value))
+            return ended
+
+    def _refused(self, exc: BaseException, door: Door) -> Ended:
+        outcome, message = outcome_for(exc)
+        if outcome is Outcome.INTERNAL:
+            log.exception("request refused by an unexpected error")
+        self.metrics.requests.labels("none", outcome.value, door.name).inc()
+        return self._ended(outcome, message)
+
+    def _ended(self, outcome: Outcome, message: str = "") -> Ended:
+        if outcome is Outcome.RESOURCE_EXHAUSTED:
+            return Ended(outcome, f"{message} (retry after {self.config.retry_after_ms} ms)",
+                         self.config.retry_after_ms)
+        return Ended(outcome, message)
+
+    async def _run(self, request, emit: Emit, deadline_s: float | None, door: Door, span, fill_max_tokens: bool,
+                   on_routed: Callable[[], None] | None) -> Ended:
+        received = self._clock()
+        try:
+            with self.tracer.start_as_current_span(tm.SPAN_VALIDATE):
+                if not isinstance(request, pb.GenerateRequest):
+                    raise RequestValidationError(getattr(request, "message", "the request is not a GenerateRequest"))
+                if not self.membership.serving:
+                    raise NotServingError("the server is not serving yet (workers starting) or is draining; "
+                                          "retry later")
+                if len(self._active) >= self.config.max_inflight:
+                    raise AdmissionError(f"server is at its limit of {self.config.max_inflight} in-flight "
+                                         "requests; retry later")
+                req = self.validator.validate(request, self._active, fill_max_tokens)
+        except Exception as exc:  # noqa: BLE001 - typed errors become outcomes; others INTERNAL
+            return self._refused(exc, door)
+        span.set_attributes({tm.ATTR_REQUEST_ID: req.request_id, tm.ATTR_INPUT_TOKENS: len(req.prompt_token_ids),
+                             tm.ATTR_MAX_TOKENS: req.params.max_tokens})
+        run = Run(req, RequestTrace(received=received, prompt_tokens=len(req.prompt_token_ids)), span=span)
+        self._active[req.request_id] = run
+        self._idle.clear()
+        limit = self.config.request_timeout_s if deadline_s is None else min(deadline_s, self.config.request_timeout_s)
+        timeout = asyncio.timeout(limit)
+        failure: Ended | None = None
+        try:
+            async with timeout:
+                await self._routed(run, emit, on_routed)
+        except TimeoutError as exc:
+            if not timeout.expired():
+                failure = self._failed(run, exc)
+            else:
+                elapsed = self._clock() - received
+                failure = Ended(Outcome.DEADLINE_EXCEEDED,
+                                f"deadline of {limit:.3f} s exceeded after {elapsed:.3f} s while {run.stage}; "
+                                "allow a longer deadline or lower max_tokens")
+                log.info("request %s: %s", req.request_id, failure.message)
+        except asyncio.CancelledError:
+            log.info("request %s cancelled by the client while %s", req.request_id, run.stage)
+            self._observe(run, Outcome.CANCELLED, door)
+            span.set_attribute(tm.ATTR_RPC_STATUS, Outcome.CANCELLED.value)
+            raise
+        except Exception as exc:  # noqa: BLE001
+            failure = self._failed(run, exc)
+        finally:
+            try:
+                if run.attempt is not None:
+                    self.router.close(run.attempt.rid)
+                    if not run.finished:
+                        await self._cleanup(run.attempt)
+                if run.undos:  # failed attempts' cleanups (each bounded): done before the id can be reused
+                    await asyncio.shield(asyncio.gather(*run.undos, return_exceptions=True))
+            finally:
+                del self._active[req.request_id]
+                if not self._active:
+                    self._idle.set()
+        ended = failure if failure is not None else Ended(Outcome.OK)
+        self._observe(run, ended.outcome, door)
+        t = run.trace
+        span.set_attributes({tm.ATTR_OUTPUT_TOKENS: t.completion_tokens, tm.ATTR_CACHED_INPUT_TOKENS: t.cached_tokens})
+        if t.finish_reason:
+            span.set_attribute(tm.ATTR_FINISH_REASONS, [t.finish_reason])
+        return ended
+
+    def _failed(self, run: Run, exc: BaseException) -> Ended:
+        outcome, message = outcome_for(exc)
+        rid = run.request.request_id
+        if isinstance(exc, KVTransferFailedError):
+            self.metrics.transfer_failures.inc()
+        self.membership.mark_down_for(exc, message)
+        if outcome is Outcome.INTERNAL and not isinstance(exc, WorkerFailedError):
+            log.error("request %s failed while %s", rid, run.stage, exc_info=exc)
+        else:
+            log.info("request %s failed while %s: %s %s", rid, run.stage, outcome.value, message)
+        return self._ended(outcome, message)
+
+    # -- failover ---------------------------------------------------------------------------------
+
+    async def _routed(self, run: Run, emit: Emit, on_routed: Callable[[], None] | None = None) -> None:
+        """Attempts until one finishes the request. A worker that dies, or a KV transfer that fails,
+        costs a retry: the attempt is undone (in the background, bounded) and the request resumes on
+        other workers after the tokens already sent (prefilled again as prompt + those tokens), so the
+        client's stream goes on with nothing duplicated or missing. At most `max_retries` retries; with
+        no worker to take it, a retry waits up to `failover_wait_s` for one to come back."""
+        req = run.request
+        avoid: set[str] = set()
+        failed_at: float | None = None
+        max_retries = self.config.max_retries
+        for n in range(max_retries + 1):
+            rid = req.request_id if n == 0 else f"{req.request_id}{RETRY_ID_MARKER}{n}"  # clients cannot send it
+            attempt = run.attempt = Attempt(rid, list(run.output_ids))
+            try:
+                if n == 0:
+                    route = self._route(run, attempt, avoid)
+                    if on_routed is not None:
+                        on_routed()
+                else:
+                    route = await self._route_retry(run, attempt, avoid, failed_at)
+                await self._attempt(run, attempt, route, emit)
+                return
+            except Exception as exc:  # noqa: BLE001 - classified below; anything not retryable is re-raised
+                why = retry_reason(attempt, exc)
+                if why is None or n == max_retries or run.finished:
+                    raise
+                reason, avoid_worker = why
+                self.membership.mark_down_for(exc, str(exc))
+                if isinstance(exc, KVTransferFailedError):
+                    self.metrics.transfer_failures.inc()
+                if avoid_worker:
+                    avoid.add(avoid_worker)
+                failed_at = self._clock()
+                self.router.close(attempt.rid)
+                if attempt.prefill_sent or attempt.stream_sent:
+                    run.undos.append(self._background(self._undo(attempt)))
+                run.trace.retries += 1
+                self.metrics.retries.labels(reason).inc()
+                (run.span or trace_api.get_current_span()).add_event(tm.EVENT_RETRY, {
+                    tm.ATTR_RETRY_REASON: reason, tm.ATTR_RETRY_AFTER_TOKENS: len(run.output_ids)})
+                log.warning("request %s: %s while %s (%s); resuming after %d token(s) sent, retry %d of %d",
+                            req.request_id, reason, run.stage, one_line(str(exc), 200), len(run.output_ids),
+                            n + 1, max_retries)
+
+    def _route(self, run: Run, attempt: Attempt, avoid: set[str]) -> Route:
+        req = run.request
+        tokens = req.prompt_token_ids + attempt.prior  # a resumed request is prefilled with what was sent
+        started = self._clock()
+        if run.trace.routing_started is None:
+            run.trace.routing_started = started
+        with self.tracer.start_as_current_span(tm.SPAN_ROUTE) as span:
+            route = attempt.route = self.router.route(attempt.rid, tokens, avoid, retry=attempt.rid != req.request_id)
+            span.set_attributes({tm.ATTR_ROUTE_REASON: route.reason, tm.ATTR_ROUTE_KIND: route.kind,
+                                 tm.ATTR_DECODE_WORKER: route.decode.worker_id,
+                                 tm.ATTR_PREFILL_WORKER: route.prefill.worker_id if route.prefill else "",
+                                 tm.ATTR_DECODE_CACHED_BLOCKS: route.decode_cached_blocks,
+                                 tm.ATTR_PREFILL_CACHED_BLOCKS: route.prefill_cached_blocks})
+        now = self._clock()
+        if run.trace.dispatched is None:
+            run.trace.dispatched = now
+            run.route = route
+        self.metrics.decision.observe(now - started)
+        self.metrics.decisions.labels("local" if route.local else "remote", route.kind).inc()
+        return route
+
+    async def _route_retry(self, run: Run, attempt: Attempt, avoid: set[str], failed_at: float) -> Route:
+        """A retry's route; while no worker can take it, waits (up to failover_wait_s since the failure)
+        for the pools to change: a restarted worker rejoining, one added by an operator."""
+        while True:
+            changed = self.membership.workers_changed
+            try:
+                return self._route(run, attempt, avoid)
+            except NoHealthyWorkerError as exc:
+                left = failed_at + self.config.failover_wait_s - self._clock()
+                if left <= 0:
+                    raise
+                run.stage = "waiting for a healthy worker to resume on"
+                try:
+                    async with asyncio.timeout(left):
+                        await changed.wait()
+                except TimeoutError:
+                    raise exc from None
+
+    async def _attempt(self, run: Run, attempt: Attempt, route: Route, emit: Emit) -> None:
+        req = run.request
+        attempt.d = d = route.decode
+        # D counts the request from routing on: a drain waits for it and its decode cost sees it (a prefill
+        # worker running a whole request by SLO placement counts it in its own pool)
+        with self._pool_of(d.worker_id).track(d.worker_id):
+            if route.local:
+                run.stage = f"generating on {d.worker_id}"
+                attempt.stream_sent = True
+                with self._client_span(tm.SPAN_DECODE, d.worker_id):
+                    await self._stream(emit, run, d.generate(attempt.rid, req.prompt_token_ids, req.params,
+                                                             tm.inject(), attempt.prior), d)
+            else:
+                await self._remote(run, attempt, route, emit)
+
+    async def _remote(self, run: Run, attempt: Attempt, route: Route, emit: Emit) -> None:
+        req, d = run.request, route.decode
+        prefill = self.membership.prefill
+        assert prefill is not None and route.prefill is not None  # remote routes exist only then
+        attempt.p = p = route.prefill
+        run.stage = f"prefilling on {p.worker_id}"
+        with prefill.track(p.worker_id), self._client_span(tm.SPAN_PREFILL, p.worker_id):
+            attempt.prefill_sent = True
+            result = await p.prefill(attempt.rid, req.prompt_token_ids, req.params, tm.inject(), attempt.prior)
+        if run.trace.first_arrived is None:
+            run.trace.first_arrived = self._clock()
+        self.router.prefill_done(attempt.rid)
+        attempt.prefill_done, attempt.kv_leased = True, result.kv is not None and not result.first.finished
+        run.trace.prefill_s += result.prefill_s
+        if not attempt.prior:  # a resumed attempt's hit covers tokens that are not the prompt's
+            run.trace.cached_tokens = result.cached_tokens
+        done = result.first.finished
+        await self._send(emit, run, result.first, p.worker_id, prefill_worker=p.worker_id,
+                         decode_worker="" if done else d.worker_id)
+        if done:
+            return
+        run.stage = f"decoding on {d.worker_id}"
+        attempt.stream_sent = True
+        with self._client_span(tm.SPAN_DECODE, d.worker_id):
+            # D replays what was sent before P's token (the prior output) and token 1, then decodes on
+            await self._stream(emit, run, d.decode(attempt.rid, req.prompt_token_ids, req.params, result,
+                                                   tm.inject(), attempt.prior), d, release_lease=True)
+
+    def _client_span(self, name: str, worker_id: str):
+        """A CLIENT span around a worker call; its context goes to the worker as the call's trace_ctx."""
+        return self.tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes={tm.ATTR_WORKER_ID: worker_id})
+
+    async def _stream(self, emit: Emit, run: Run, chunks: AsyncIterator[StreamChunk], worker: WorkerClient,
+                      release_lease: bool = False) -> None:
+        attempt = run.attempt
+        assert attempt is not None
+        idle_s = self.config.stream_idle_timeout_s
+        async with aclosing(chunks) as stream:
+            while True:
+                try:
+                    if attempt.first_chunk_seen and idle_s:  # the first may wait for admission and the pull
+                        async with asyncio.timeout(idle_s):
+                            chunk = await anext(stream)
+                    else:
+                        chunk = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise WorkerStalledError(f"worker {worker.worker_id} sent nothing for {idle_s:g} s "
+                                             "(router.stream_idle_timeout_s)", worker.worker_id) from None
+                if not attempt.first_chunk_seen:  # D pulled (or prefilled locally): real KV events take over
+                    attempt.first_chunk_seen = True
+                    if run.trace.first_arrived is None:
+                        run.trace.first_arrived = self._clock()
+                    self.router.first_token(attempt.rid)
+                if release_lease and attempt.kv_leased:
+                    # D streams only after every rank pulled the prompt's KV: P may free it now
+                    attempt.kv_leased = False
+                    self._background(self._quietly(attempt.p, "release", attempt.rid, RELEASE_TIMEOUT_S))
+                await self._send(emit, run, chunk, worker.worker_id, decode_worker=worker.worker_id)
+                if run.finished:
+                    return
+        raise WorkerFailedError(f"worker {worker.worker_id} ended the stream before the request finished",
+                                worker.worker_id)
+
+    async def _send(self, emit: Emit, run: Run, chunk: StreamChunk, worker_id: str,
+                    prefill_worker: str = "", decode_worker: str = "") -> None:
+        response = chunk_response(chunk, worker_id)
+        response.request_id = run.request.request_id  # a retry's workers know it as "<id>~retry<n>"
+        if run.attempt is not None and run.attempt.prior:
+            chunk.cached_tokens = 0  # a resumed attempt's cache hit is over prompt + prior: not the prompt's
+        trace = run.trace
+        trace.count(chunk)
+        now = self._clock()
+        if trace.first_sent is None:
+            response.prefill_worker, response.decode_worker = prefill_worker, decode_worker
+            response.route = run.route.reason if run.route is not None else ""
+            (run.span or trace_api.get_current_span()).add_event(tm.EVENT_FIRST_TOKEN)
+        trace.sent(now, len(chunk.token_ids))
+        if chunk.finished:
+            trace.finish_reason = chunk.finish_reason or ""
+            trace.finish(response, now)
+            run.finished = True
+            if run.attempt is not None:
+                run.attempt.kv_leased = False
+        run.output_ids.extend(chunk.token_ids)
+        await emit(response)
+
+    def _observe(self, run: Run, outcome: Outcome, door: Door) -> None:
+        """One request's metrics, once, when it ends (any way)."""
+        if run.observed:
+            return
+        run.observed = True
+        m, t = self.metrics, run.trace
+        m.requests.labels(t.finish_reason or "none", outcome.value, door.name).inc()
+        if t.first_sent is None:
+            return  # refused or failed before its first token: counted above, nothing else to time
+        kind = "local" if run.route is not None and run.route.local else "remote"
+        m.ttft.labels(kind).observe(t.first_sent - t.received)
+        m.duration.labels(kind).observe((t.last_sent or t.first_sent) - t.received)
+        for part, seconds in (t.ttft_parts() or {}).items():
+            m.ttft_part.labels(part).observe(seconds)
+        for gap, tokens in t.token_gaps:
+            for _ in range(tokens):
+                m.itl.observe(gap / tokens)
+        if t.completion_tokens > 1 and t.last_sent is not None:
+            m.tpot.observe((t.last_sent - t.first_sent) / (t.completion_tokens - 1))
+        m.prompt_tokens.inc(t.prompt_tokens)
+        m.completion_tokens.inc(t.completion_tokens)
+        m.cached_tokens.inc(t.cached_tokens)
+        if t.kv_transfer_bytes:
+            m.kv_transfer.observe(t.kv_transfer_s)
+            m.transfer_bytes.inc(t.kv_transfer_bytes)
+
+    # -- cleanup ----------------------------------------------------------------------------------
+
+    async def _cleanup(self, attempt: Attempt) -> None:
+        await asyncio.shield(self._background(self._undo(attempt)))
+
+    def _background(self, coro) -> asyncio.Task:
+        """A task that outlives the request's own (cancellation of the request must not stop it)."""
+        task = asyncio.create_task(coro)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        return task
+
+    async def _undo(self, attempt: Attempt) -> None:
+        rid = attempt.rid
+        if attempt.d is not None and attempt.stream_sent:
+            await self._quietly(attempt.d, "abort", rid)
+        if attempt.p is not None and attempt.prefill_sent and not attempt.prefill_done:
+            await self._quietly(attempt.p, "abort", rid)
+        elif attempt.p is not None and attempt.kv_leased:
+            await self._quietly(attempt.p, "release", rid)
+
+    async def _quietly(self, worker: WorkerClient, method: str, rid: str, timeout_s: float | None = None) -> None:
+        timeout_s = self.config.cleanup_timeout_s if timeout_s is None else timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await getattr(worker, method)(rid)
+        except TimeoutError:  # the call stays queued on the worker (behind an engine step) and lands later:
+            # expected under overload (seen in the soak), so not a warning; a worker that never answers
+            # is found by the health check
+            log.info("cleanup of %s: %s on %s not answered within %g s (a busy worker applies it later; "
+                     "a lease ends at expiry anyway)", rid, method, worker.worker_id, timeout_s)
+        except Exception as exc:  # noqa: BLE001 - cleanup never raises
+            log.warning("cleanup of %s: %s(%s) on %s failed: %s: %s", rid, method, rid, worker.worker_id,
+                        type(exc).__name__, exc)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once no request is in flight here and every cleanup has run; False after timeout_s."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+                if self._cleanups:
+                    await asyncio.gather(*self._cleanups, return_exceptions=True)
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        """Waits for the cleanups still running (each bounded by `cleanup_timeout_s`)."""
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
