@@ -29,9 +29,7 @@ from tandem_api.v1 import admin_pb2_grpc as apb_grpc
 from tandem_api.v1 import generation_pb2 as pb
 from tandem_api.v1 import generation_pb2_grpc as pb_grpc
 
-SAMPLING_FIELDS = frozenset(
-    {"max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs"}
-)
+SAMPLING_FIELDS = frozenset(pb.SamplingOptions.DESCRIPTOR.fields_by_name)  # every tandem.v1 sampling option
 Chat = Sequence[Mapping[str, str] | tuple[str, str]]
 
 

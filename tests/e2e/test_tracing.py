@@ -143,3 +143,24 @@ def test_otlp_export_from_every_process_reaches_a_real_receiver(tmp_path_factory
     assert services == {"tandem-router", "tandem-prefill", "tandem-decode"}, services
     names = {sp.name for sp in spans}
     assert {tm.SPAN_GENERATE, tm.SPAN_PREFILL_WORKER, tm.SPAN_KV_TRANSFER, tm.SPAN_DECODE_WORKER} <= names
+
+
+def test_http_door_continues_the_traceparent_header(cluster):
+    """The OpenAI door: one trace under the gateway's traceparent, the same router and worker spans as
+    gRPC's, its SERVER span named for the endpoint."""
+    import httpx
+
+    trace_id, span_id = "5" * 32, "6" * 16
+    model = httpx.get(f"{cluster.http_url}/models", timeout=30).json()["data"][0]["id"]
+    r = httpx.post(f"{cluster.http_url}/completions", timeout=60, headers={"traceparent": f"00-{trace_id}-{span_id}-01"},
+                   json={"model": model, "prompt": "hello there", "max_tokens": 4, "ignore_eos": True})
+    assert r.status_code == 200
+    spans = {sp["name"]: sp for sp in all_spans(cluster) if sp["trace_id"] == trace_id}
+    root = spans["POST /v1/completions"]
+    assert root["parent_id"] == span_id and root["attributes"][tm.ATTR_RPC_STATUS] == "OK"
+    assert root["attributes"][tm.ATTR_OUTPUT_TOKENS] == 4
+    for name in (tm.SPAN_VALIDATE, tm.SPAN_ROUTE, tm.SPAN_PREFILL, tm.SPAN_DECODE):
+        assert spans[name]["parent_id"] == root["span_id"]
+    assert {tm.SPAN_PREFILL_WORKER, tm.SPAN_DECODE_WORKER, tm.SPAN_KV_TRANSFER} <= set(spans)
+    assert tm.SPAN_GENERATE not in spans
+    cluster.cluster.check_pools()

@@ -82,3 +82,15 @@ def test_unreadable_security_files_fail_before_anything_starts(tmp_path, capsys:
     (tmp_path / "empty").write_text("# no token here\n")
     assert main(["serve", "--auth-token-file", str(tmp_path / "empty")]) == 2
     assert "holds no token" in capsys.readouterr().err
+
+
+def test_http_door_flags_and_config_keys():
+    cfg = parse()
+    assert (cfg.router.http, cfg.router.http_port, cfg.router.host) == (True, 8000, "127.0.0.1")
+    assert parse("--http-port", "9001").router.http_port == 9001
+    assert parse("--no-http").router.http is False
+    with pytest.raises(ConfigError, match="router.http_port and router.port are both 9000"):
+        parse("--port", "9000", "--http-port", "9000")
+    with pytest.raises(ConfigError, match="router.http_port must be in 0..65535"):
+        parse("--http-port", "70000")
+    assert parse("--port", "9000", "--http-port", "9000", "--no-http").router.http is False  # off: no clash
