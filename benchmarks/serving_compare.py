@@ -105,7 +105,7 @@ def start(name: str, flags: list[str], args: argparse.Namespace, log: Path) -> t
         return proc, ["--openai-url", url, "--openai-model", "model",
                       *(["--tokenizer", args.hf_model] if args.hf_model else [])]
     port = free_port()
-    cmd = [*TANDEM, "serve", "--port", str(port), *shlex.split(args.tandem_flags), *flags]
+    cmd = [*TANDEM, "serve", "--port", str(port), "--http-port", "0", *shlex.split(args.tandem_flags), *flags]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     wait_tandem(port, proc)
     return proc, ["--server", f"127.0.0.1:{port}"]

@@ -208,6 +208,19 @@ def test_disconnect_mid_stream_frees_every_pool(cluster, model):
     assert _metric(cluster, "tandem_completion_tokens_total") - tokens < 1500
 
 
+def test_disconnect_while_waiting_for_a_whole_answer_frees_every_pool(cluster, model):
+    """Not streamed: the client gives up (its read timeout) while the answer is being generated."""
+    body = {"model": model, "prompt": list(range(3, 40)), "max_tokens": 1500, "n": 2, "temperature": 0.0,
+            "ignore_eos": True}
+    cancelled = _metric(cluster, 'tandem_requests_total{code="CANCELLED",door="http"')
+    tokens = _metric(cluster, "tandem_completion_tokens_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{cluster.http_url}/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    _idle(cluster)
+    assert _metric(cluster, 'tandem_requests_total{code="CANCELLED",door="http"') == cancelled + 2  # both choices
+    assert _metric(cluster, "tandem_completion_tokens_total") - tokens < 3000
+
+
 # -- errors ---------------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,110 @@
+"""What the OpenAI HTTP door costs against gRPC: the same cluster, the same load, both doors, alternating.
+
+One `tandem serve` (its flags: `--tandem-flags`) serves both doors. Each round runs `tandem bench` once
+per door with the same seeded load, in alternating order (gRPC first in even rounds, HTTP first in odd
+ones), for each load shape:
+
+    sequential   one request at a time (--max-concurrency 1): TTFT and ITL without queueing
+    loaded       --request-rate inf --max-concurrency C: throughput with the workers busy
+
+gRPC sends token ids; HTTP sends the same prompts as text (the server tokenizes them; the bench's
+tokenizer makes them the same length) and reads SSE. The table gives the median over rounds of TTFT
+p50, ITL p50 and output throughput per door and the ratio HTTP / gRPC.
+
+    .venv/bin/python benchmarks/http_overhead.py --tandem-flags "--dtype float32" --rounds 3
+
+Writes `--out`/http_overhead.json and each bench run's own directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.serving_compare import TANDEM, stop, wait_http, wait_tandem  # noqa: E402
+from benchmarks.served_common import free_port  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--tandem-flags", default="", help="flags for `tandem serve`")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--sequential-requests", type=int, default=12)
+    ap.add_argument("--loaded-requests", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--out", default="benchmarks/results/http_overhead")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grpc_port, http_port = free_port(), free_port()
+    serve = [*TANDEM, "serve", "--port", str(grpc_port), "--http-port", str(http_port), *shlex.split(a.tandem_flags)]
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    proc = subprocess.Popen(serve, cwd=REPO, stdout=(out / "server.log").open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{http_port}/v1"
+    targets = {"grpc": ["--server", f"127.0.0.1:{grpc_port}"], "http": ["--openai-url", f"{url}/completions"]}
+    common = ["--dataset", "random", "--input-len", str(a.input_len), "--output-len", str(a.output_len),
+              "--spread", "0", "--ignore-eos", "--seed", "7", "--warmup", "2", "--quiet"]
+    loads = {"sequential": ["--num-requests", str(a.sequential_requests), "--max-concurrency", "1"],
+             "loaded": ["--num-requests", str(a.loaded_requests), "--request-rate", "inf",
+                        "--max-concurrency", str(a.concurrency)]}
+    runs: dict[str, dict[str, list[dict]]] = {load: {"grpc": [], "http": []} for load in loads}
+    commands: dict[str, str] = {}
+    try:
+        wait_tandem(grpc_port, proc)
+        wait_http(url, proc)
+        for r in range(a.rounds):
+            for load, flags in loads.items():
+                for door in (("grpc", "http") if r % 2 == 0 else ("http", "grpc")):
+                    dest = out / f"{load}-{door}-{r}"
+                    cmd = [*TANDEM, "bench", *targets[door], *common, *flags, "--output", str(dest)]
+                    commands[f"{load}/{door}"] = "tandem " + shlex.join(cmd[3:])
+                    t0 = time.monotonic()
+                    subprocess.run(cmd, cwd=REPO, check=True)
+                    run = json.loads((dest / "summary.json").read_text())[0]
+                    runs[load][door].append(run)
+                    print(f"round {r} {load:>10} {door:>4}: TTFT p50 {run['ttft_ms']['p50']:.1f} ms, ITL p50 "
+                          f"{run['itl_ms']['p50']:.1f} ms, {run['output_throughput']:.1f} tok/s, "
+                          f"failed {run['failed'] or 0} ({time.monotonic() - t0:.0f} s)", flush=True)
+    finally:
+        stop(proc)
+    rows = []
+    print(f"\n{'load':>10} {'door':>5} {'TTFT p50 ms':>12} {'ITL p50 ms':>11} {'out tok/s':>10}   "
+          f"(median of {a.rounds} rounds)")
+    for load in loads:
+        med = {door: {"ttft_p50_ms": statistics.median(x["ttft_ms"]["p50"] for x in rs),
+                      "itl_p50_ms": statistics.median(x["itl_ms"]["p50"] for x in rs),
+                      "output_throughput": statistics.median(x["output_throughput"] for x in rs),
+                      "failed": sum(sum((x["failed"] or {}).values()) for x in rs)}
+               for door, rs in runs[load].items()}
+        for door, m in med.items():
+            print(f"{load:>10} {door:>5} {m['ttft_p50_ms']:12.1f} {m['itl_p50_ms']:11.2f} {m['output_throughput']:10.1f}")
+        ratio = {k: med["http"][k] / med["grpc"][k] if med["grpc"][k] else None
+                 for k in ("ttft_p50_ms", "itl_p50_ms", "output_throughput")}
+        print(f"{load:>10} {'h/g':>5} {ratio['ttft_p50_ms']:12.3f} {ratio['itl_p50_ms']:11.3f} "
+              f"{ratio['output_throughput']:10.3f}")
+        rows.append({"load": load, **med, "http/grpc": ratio})
+    doc = {"command": "benchmarks/http_overhead.py " + shlex.join(sys.argv[1:]), "serve": shlex.join(serve[3:]),
+           "bench_commands": commands, "rows": rows,
+           "runs": {load: {door: [{k: x[k] for k in ("ttft_ms", "itl_ms", "output_throughput", "failed")}
+                                  for x in rs] for door, rs in d.items()} for load, d in runs.items()}}
+    (out / "http_overhead.json").write_text(json.dumps(doc, indent=2))
+    print(f"wrote {out / 'http_overhead.json'}; load average at end: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
