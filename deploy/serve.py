@@ -132,7 +132,7 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
     if r.http:  # the OpenAI door: the same request path, membership, TLS files and tokens
         door = HttpDoor(service.path, lambda: server_facts(cluster), auth_tokens=tokens)
         http = HttpServer(door, r.host, r.http_port, tls=tls)
-        service.http_port = http.port
+        service.http_port, service.http_server = http.port, http
     await server.start()
     if http is not None:
         await http.start()

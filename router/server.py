@@ -83,6 +83,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.info_source = info_source
         self.metrics_port: int | None = None  # set by deploy when it serves /metrics
         self.http_port: int | None = None  # set by deploy when the HTTP door serves the same path
+        self.http_server = None  # and its router.http_app.HttpServer
         self.health = _Health()
         self.membership.on_serving(self.health.follow)
 

@@ -221,6 +221,24 @@ def test_disconnect_while_waiting_for_a_whole_answer_frees_every_pool(cluster, m
     assert _metric(cluster, "tandem_completion_tokens_total") - tokens < 3000
 
 
+def test_connections_send_without_nagle(cluster, model):
+    """Every accepted connection has TCP_NODELAY: with Nagle on, a kept-alive connection's first chunk
+    after the headers waited for the client's delayed ACK (TTFT +40 ms, seen in benchmarks/http_overhead.py)."""
+    import socket
+
+    def nodelay(svc) -> list[int]:
+        return [conn.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                for conn in svc.http_server.server.server_state.connections]
+
+    with httpx.Client(timeout=30) as http:
+        for _ in range(2):  # the second request reuses the connection
+            assert http.post(f"{cluster.http_url}/completions", json={"model": model, "prompt": "x", "max_tokens": 1,
+                                                                       "stream": True}).status_code == 200
+        flags = cluster.on_router(nodelay)
+    assert flags and all(flags)
+    _idle(cluster)
+
+
 # -- errors ---------------------------------------------------------------------------------------------------
 
 
