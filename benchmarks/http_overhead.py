@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--sequential-requests", type=int, default=12)
     ap.add_argument("--loaded-requests", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--loads", nargs="+", default=["sequential", "loaded"], choices=["sequential", "loaded"])
     ap.add_argument("--out", default="benchmarks/results/http_overhead")
     a = ap.parse_args()
     out = Path(a.out)
@@ -73,6 +74,7 @@ def main() -> None:
     loads = {"sequential": ["--num-requests", str(a.sequential_requests), "--max-concurrency", "1"],
              "loaded": ["--num-requests", str(a.loaded_requests), "--request-rate", "inf",
                         "--max-concurrency", str(a.concurrency)]}
+    loads = {name: loads[name] for name in a.loads}
     runs: dict[str, dict[str, list[dict]]] = {load: {"grpc": [], "http": []} for load in loads}
     commands: dict[str, str] = {}
     router = psutil.Process(proc.pid)

@@ -32,7 +32,7 @@ import msgspec
 from deploy.cluster import Cluster, WorkerHandle
 from deploy.config import ServeConfig
 from engine.errors import ConfigError
-from router.server import GenerationService
+from router.membership import Membership
 from router.workers import RayWorkerClient, WorkerClient
 from tandem_api.v1 import admin_pb2 as apb
 from tandem_api.v1 import admin_pb2_grpc as apb_grpc
@@ -56,9 +56,10 @@ class AdminError(RuntimeError):
 
 
 class AdminService(apb_grpc.AdminServicer):
-    def __init__(self, cluster: Cluster, service: GenerationService, drain_timeout_s: float = 60.0,
+    def __init__(self, cluster: Cluster, membership: Membership, drain_timeout_s: float = 60.0,
                  client_factory: ClientFactory = ray_client) -> None:
-        self.cluster, self.service = cluster, service
+        """`membership`: the router's pools (router/membership.py), which this service grows and shrinks."""
+        self.cluster, self.membership = cluster, membership
         self.drain_timeout_s = drain_timeout_s
         self.client_factory = client_factory
         self._lock = asyncio.Lock()
@@ -76,8 +77,8 @@ class AdminService(apb_grpc.AdminServicer):
         return await asyncio.shield(task)
 
     def _router_pool(self, pool_name: str):
-        s = self.service
-        return s.prefill if pool_name == "prefill" and s.prefill is not None else s.decode
+        m = self.membership
+        return m.prefill if pool_name == "prefill" and m.prefill is not None else m.decode
 
     async def _add(self, pool_name: str) -> str:
         """Start a worker and put it in service; caller holds the lock."""
@@ -87,12 +88,12 @@ class AdminService(apb_grpc.AdminServicer):
             incarnation = (await client.status()).incarnation  # the process just handshaken
         except Exception:  # noqa: BLE001 - unknown: the first health check records it
             incarnation = ""
-        self.service.add_worker(self._router_pool(pool_name), client, incarnation)
+        self.membership.add_worker(self._router_pool(pool_name), client, incarnation)
         return handle.worker_id
 
     async def _remove(self, worker_id: str, drain_timeout_s: float) -> bool:
         """Drain a worker out of service and stop it; caller holds the lock."""
-        drained = await self.service.drain_worker(worker_id, drain_timeout_s)
+        drained = await self.membership.drain_worker(worker_id, drain_timeout_s)
         await asyncio.to_thread(self.cluster.remove_worker, worker_id)
         return drained
 
@@ -126,7 +127,7 @@ class AdminService(apb_grpc.AdminServicer):
         async with self._lock:
             try:
                 pool_name = self.cluster.pool_name(worker_id)
-                router_pool = self.service.pool_of(worker_id)
+                router_pool = self.membership.pool_of(worker_id)
             except KeyError as exc:
                 raise AdminError(grpc.StatusCode.NOT_FOUND, str(exc).strip("'\"")) from None
             if len(router_pool.slots) <= 1:

@@ -120,14 +120,15 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
     actually bound. Each time `reload_now` is set, the pools follow the replicas of `reload()`."""
     cfg = cluster.config
     service = build_service(cluster)
-    admin = AdminService(cluster, service, cfg.router.drain_timeout_s)
+    membership = service.membership  # pools, health, drain: what deploy and the admin API talk to
+    admin = AdminService(cluster, membership, cfg.router.drain_timeout_s)
     r = cfg.router
     tls = TlsFiles(r.tls_cert, r.tls_key, r.tls_client_ca) if r.tls_cert and r.tls_key else None
     tokens = read_tokens(r.auth_token_file) if r.auth_token_file else []
     server = build_server(service, r.host, r.port,
                           extra=[(lambda srv: apb_grpc.add_AdminServicer_to_server(admin, srv), ADMIN_SERVICE)],
                           tls=tls, auth_tokens=tokens, max_message_bytes=r.max_message_bytes)
-    service.rejoin = lambda worker_id: asyncio.to_thread(cluster.rejoin_worker, worker_id)
+    membership.rejoin = lambda worker_id: asyncio.to_thread(cluster.rejoin_worker, worker_id)
     http = None
     if r.http:  # the OpenAI door: the same request path, membership, TLS files and tokens
         door = HttpDoor(service.path, lambda: server_facts(cluster), auth_tokens=tokens)
@@ -138,9 +139,9 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
         await http.start()
         log.info("serving the OpenAI API on %s://%s:%d/v1", http.scheme, r.host, http.port)
     metrics_http = start_metrics_server(service, cfg.router.host, cfg.router.metrics_port)
-    await service.refresh_health()  # every worker's status and process, before the first request
-    await service.start_feeds()
-    await service.set_serving()
+    await membership.refresh_health()  # every worker's status and process, before the first request
+    await membership.start_feeds()
+    await membership.set_serving()
     on_ready(server.tandem_port, service, admin)
     log.info("serving tandem.v1.Generation on %s:%d (%s)", cfg.router.host, server.tandem_port, cluster.topology())
 
@@ -148,7 +149,7 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
         while True:
             await asyncio.sleep(cfg.router.health_check_s)
             try:
-                await service.refresh_health()
+                await membership.refresh_health()
             except Exception:  # noqa: BLE001 - health polling must not end the server
                 log.warning("worker health refresh failed", exc_info=True)
 
@@ -171,7 +172,7 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
         if metrics_http is not None:
             metrics_http.shutdown()
         service.tracing.shutdown()  # export what is queued
-        await service.set_serving(False)
+        await membership.set_serving(False)
         if http is not None:
             await asyncio.gather(server.stop(STOP_GRACE_S), http.stop())
         else:

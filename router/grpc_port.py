@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -16,8 +16,16 @@ from router.errors import one_line
 from router.security import BearerAuth, TlsFiles
 from tandem_api.v1 import generation_pb2 as pb
 
-if TYPE_CHECKING:
-    from router.server import GenerationService
+
+class GenerationDoor(Protocol):
+    """What the port serves (router/server.py's GenerationService; named here so the two modules do not
+    import each other)."""
+
+    health: Any  # a grpc.health.v1 HealthServicer
+
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> None: ...
+
+    async def GetServerInfo(self, request: Any, context: grpc.aio.ServicerContext) -> Any: ...
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "tandem.v1.Generation"
 
@@ -42,7 +50,7 @@ def _lenient(cls):
     return parse
 
 
-def _add_generation(service: GenerationService, server: grpc.aio.Server) -> None:
+def _add_generation(service: GenerationDoor, server: grpc.aio.Server) -> None:
     """tandem.v1.Generation as the generated add_GenerationServicer_to_server, with lenient request parsing."""
     handlers = {
         "Generate": grpc.unary_stream_rpc_method_handler(
@@ -56,7 +64,7 @@ def _add_generation(service: GenerationService, server: grpc.aio.Server) -> None
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-def build_server(service: GenerationService, host: str = "127.0.0.1", port: int = 0,
+def build_server(service: GenerationDoor, host: str = "127.0.0.1", port: int = 0,
                  extra: Sequence[tuple[Callable[[grpc.aio.Server], None], str]] = (),
                  tls: TlsFiles | None = None, auth_tokens: Sequence[str] = (),
                  max_message_bytes: int = 16 << 20) -> grpc.aio.Server:

@@ -223,6 +223,7 @@ class HttpDoor:
         self.clock = clock
         self.started = int(clock())
         self.tasks: set[asyncio.Task] = set()
+        self._served: tuple[str, frozenset[str]] | None = None  # (model name, names a request may use)
         self.app = self._build()
 
     # -- the app ----------------------------------------------------------------------------------
@@ -290,10 +291,13 @@ class HttpDoor:
                          max_model_len=facts.max_model_len)
 
     def _check_model(self, name: str, param: str) -> None:
-        facts = self.facts()
-        if name not in {facts.model, facts.model_path}:
+        if self._served is None:  # once: ServerFacts reads package versions, milliseconds a request
+            facts = self.facts()
+            self._served = (facts.model, frozenset({facts.model, facts.model_path} - {""}))
+        model, names = self._served
+        if name not in names:
             raise HttpError(Outcome.NOT_FOUND, f"model {name!r} is not served here; this server serves "
-                                               f"{facts.model!r} (GET /v1/models)", param)
+                                               f"{model!r} (GET /v1/models)", param)
 
     def _authorize(self, request: Request) -> None:
         if not self.auth_tokens:

@@ -207,7 +207,8 @@ class OpenAITarget:
                 body = await response.text()
                 if response.status != 200:
                     raise TargetError(f"--openai-url {self.base}/models answered HTTP {response.status}: {body[:200]}")
-                models = [m.get("id") for m in json.loads(body).get("data", []) if isinstance(m, dict)]
+                cards = [m for m in json.loads(body).get("data", []) if isinstance(m, dict)]
+                models = [m.get("id") for m in cards]
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             await self.close()
             raise TargetError(f"--openai-url {self.base}: cannot connect ({type(e).__name__}: {e})") from None
@@ -222,7 +223,11 @@ class OpenAITarget:
                 await self.close()
                 raise TargetError(f"--openai-url {self.base} lists no model; name one with --openai-model")
             self.model = models[0]
-        return {"model": self.model, "models": models, "endpoint": self.endpoint}
+        info = {"model": self.model, "models": models, "endpoint": self.endpoint}
+        root = next((m.get("root") for m in cards if m.get("id") == self.model), None)
+        if isinstance(root, str) and root:  # vLLM and Tandem name the model's path: --tokenizer auto uses it
+            info["model_path"] = root
+        return info
 
     async def close(self) -> None:
         if self._session is not None:

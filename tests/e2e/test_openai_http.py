@@ -371,4 +371,7 @@ def test_tandem_bench_against_the_http_door(cluster, tmp_path):
         records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
         assert len(records) == 8 and {r["status"] for r in records} == {"OK"}
         assert all(r["output_tokens"] == 4 for r in records)
+        assert all(r["input_tokens"] == 24 for r in records)  # the served tokenizer, found through /v1/models
+        run = json.loads((out / "summary.json").read_text())[0]
+        assert run["metadata"]["tokenizer"] == cluster.on_router(lambda svc: svc.info_source().model_path)
     _idle(cluster)

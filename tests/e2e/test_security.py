@@ -175,3 +175,33 @@ def test_the_cli_speaks_tls_and_tokens(secured, pki, capsys):
     assert '"completion_tokens": 3' in capsys.readouterr().out
     assert main(["generate", "--server", secured.address, "--prompt", "hi", "--token-file", "/nonexistent"]) == 2
     assert "cannot read the auth token file /nonexistent" in capsys.readouterr().err
+
+
+def test_the_http_door_takes_the_same_certificates_and_tokens(secured, pki):
+    """--tls-cert/--tls-key/--tls-client-ca and --auth-token-file apply to the OpenAI door as to gRPC:
+    https only, a client certificate from the CA, a bearer token on everything but /health."""
+    import ssl
+
+    import httpx
+
+    d, _ = pki
+    url = secured.http_url
+    assert url.startswith("https://")
+    ctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
+    ctx.load_cert_chain(str(d / "client.pem"), str(d / "client_key.pem"))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(verify=ctx, timeout=30) as http:
+        model = http.get(f"{url}/models", headers=auth).json()["data"][0]["id"]
+        r = http.post(f"{url}/completions", headers=auth, json={"model": model, "prompt": "hello", "max_tokens": 3,
+                                                                 "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+            r = http.post(f"{url}/completions", headers=headers, json={"model": model, "prompt": "x"})
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert http.get(f"{url.removesuffix('/v1')}/health").status_code == 200  # no token needed
+    no_cert = ssl.create_default_context(cafile=str(d / "ca.pem"))
+    for attempt in (lambda: httpx.get(f"{url}/models", headers=auth, verify=no_cert, timeout=10),
+                    lambda: httpx.get(f"{url.replace('https://', 'http://')}/models", headers=auth, timeout=10)):
+        with pytest.raises(httpx.TransportError):
+            attempt()
+    secured.cluster.check_pools()
