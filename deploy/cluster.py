@@ -303,7 +303,7 @@ def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tu
         transport="nixl" if role != "aggregated" else "none",
         nixl_backend=t.nixl_backend, nixl_progress_thread=t.progress_thread,
         lease_s=t.lease_s, transfer_timeout_s=t.transfer_timeout_s, admission_timeout_s=t.admission_timeout_s,
-        num_threads=pool.num_threads, rank_options=dict(resources, runtime_env={"env_vars": env}),
+        num_threads=pool.num_threads, borrow_idle_cores=pool.borrow_idle_cores, rank_options=dict(resources, runtime_env={"env_vars": env}),
         tracing=tracing_config(cfg, role), fault_injection=cfg.fault_injection,
     )
     pg = None

@@ -29,10 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import torch
+
 from common.kv_events import KVEvent
 from common.perf_model import StepTimes
 from engine.engine_core import EngineCore
 from engine.outputs import StepOutput
+from worker_core.core_share import CoreShare
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,10 +58,19 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped (a step failed or the worker is shutting down)."""
 
 
+WIDEN_MIN_PREFILL_TOKENS = 128  # a step borrows idle cores only with at least this much prompt left to compute
+
+
 class AsyncEngine:
     def __init__(self, core: EngineCore, name: str = "engine",
-                 on_kv_events: Callable[[list[KVEvent]], None] | None = None) -> None:
+                 on_kv_events: Callable[[list[KVEvent]], None] | None = None,
+                 core_share: CoreShare | None = None) -> None:
+        """`core_share`: borrow idle workers' cores step by step (worker_core/core_share.py); None: the
+        torch thread count stays as the process set it."""
         self.core = core
+        self.core_share = core_share
+        self._threads = torch.get_num_threads()
+        self.widened_steps = 0  # steps that ran on borrowed cores
         self.on_kv_events = on_kv_events
         self.name = name
         self.healthy = True
@@ -106,6 +118,8 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        if self.core_share is not None:
+            self.core_share.close()
 
     # ---- asyncio side -------------------------------------------------------------------------------------------
 
@@ -173,11 +187,13 @@ class AsyncEngine:
     def _run(self) -> None:
         loop = self._loop
         assert loop is not None  # set by start()
+        self._threads = torch.get_num_threads()  # this thread's own (OpenMP keeps a count per thread)
         try:
             while not self._stop:
                 self._run_commands(loop)
                 if self.core.has_unfinished_requests():
                     before = len(self.core.scheduler.requests)
+                    self._widen(True)
                     t0 = time.monotonic()
                     outputs = self.core.step()
                     t1 = time.monotonic()
@@ -187,6 +203,7 @@ class AsyncEngine:
                     if outputs or freed:
                         loop.call_soon_threadsafe(self._deliver, outputs, freed)
                 else:
+                    self._widen(False)
                     if not self._wake.wait(self.keepalive_s) and not self._stop:
                         self.core.executor.keepalive()  # idle tp x pp ranks wait on a collective with a timeout
                     self._wake.clear()
@@ -199,6 +216,27 @@ class AsyncEngine:
             return
         self._dead = True
         self._drain_commands(loop, EngineDeadError(f"{self.name}: engine stopped"))
+
+    def _widen(self, busy: bool) -> None:
+        """Engine thread: say whether this worker has work, and take the threads the host can spare, for a
+        step with at least WIDEN_MIN_PREFILL_TOKENS to prefill. Decode steps stay at the base: their ops
+        are small, and a thread the OS has not scheduled (the router, a client) stalls every OpenMP
+        barrier (benchmarks measured a 4x576 @ 576x1536 matmul 18x slower on two threads of a busy host)."""
+        if self.core_share is None:
+            return
+        threads = self.core_share.threads(busy)
+        if busy and self.core.pending_prefill_tokens() < WIDEN_MIN_PREFILL_TOKENS:
+            threads = self.core_share.base
+        if busy and threads != self._threads:
+            torch.set_num_threads(threads)
+            self._threads = threads
+        if busy and threads > self.core_share.base:
+            self.widened_steps += 1
+
+    @property
+    def threads(self) -> int:
+        """Torch threads of the last step."""
+        return self._threads
 
     def _run_commands(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:

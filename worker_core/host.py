@@ -39,6 +39,7 @@ from engine.engine_core import EngineCore
 from engine.loader import load_model_source
 from engine.outputs import StepOutput
 from engine.sampling_params import SamplingParams
+from worker_core.core_share import CoreShare
 from worker_core.engine_loop import AsyncEngine, EngineDeadError, EngineStats
 from worker_core.faults import FaultPoint, WorkerFaults
 from worker_core.kv_publisher import KVEventPublisher
@@ -65,6 +66,8 @@ class WorkerSettings:
     transfer_timeout_s: float = 30.0  # decode: one pull, submit to done
     admission_timeout_s: float = 60.0  # decode: waiting for free blocks before giving up
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    borrow_idle_cores: bool = False  # CPU, one rank, one worker per process: widen a step onto cores idle workers
+    # on the host leave (worker_core/core_share.py); deploy turns it on (PoolConfig.borrow_idle_cores)
     env: dict[str, str] = field(default_factory=dict)  # set before the engine starts (UCX_*, OMP_*)
     kv_staging_bytes: int = 32 << 20  # decode: landing buffer per rank for KV that must be rearranged
     rank_options: dict = field(default_factory=dict)  # Ray options of ranks 1..n-1 (num_cpus, num_gpus, ...)
@@ -130,7 +133,11 @@ class WorkerHost:
         self.tracer = self.tracing.tracer
         self.publisher = KVEventPublisher(settings.worker_id)
         self.faults = WorkerFaults(settings.fault_injection)
-        self.engine = AsyncEngine(self.core, settings.worker_id, on_kv_events=self.publisher.publish)
+        share = None
+        if settings.borrow_idle_cores and settings.engine.parallel.world_size == 1 and self.core.device.type == "cpu":
+            share = CoreShare(settings.num_threads or torch.get_num_threads())
+        self.engine = AsyncEngine(self.core, settings.worker_id, on_kv_events=self.publisher.publish,
+                                  core_share=share)
         self.node_id = _node_id()
         self._started = False
 

@@ -1,0 +1,73 @@
+"""The engine thread widens its steps onto an idle peer's core and narrows back once the peer works
+(worker_core/core_share.py through worker_core/engine_loop.py), with tokens unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from engine.config import CacheConfig, EngineConfig
+from engine.engine_core import EngineCore
+from engine.sampling_params import SamplingParams
+from tests.helpers.tiny_models import make_tiny_hf_model
+from worker_core.core_share import CoreShare
+from worker_core.engine_loop import AsyncEngine
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return str(make_tiny_hf_model(tmp_path_factory.mktemp("tiny"), "llama", vocab_size=512))
+
+
+@pytest.fixture
+def peer():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def test_steps_widen_onto_an_idle_peer_and_narrow_when_it_works(tiny, tmp_path, peer):
+    table = tmp_path / "cores"
+    other = CoreShare(1, table, cpus=2, pid=peer)  # another worker on the host, idle
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+    def core() -> EngineCore:
+        return EngineCore(EngineConfig(model=tiny, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=256)))
+
+    async def generate(engine: AsyncEngine, rid: str) -> list[int]:
+        stream = engine.open_stream(rid)
+        await engine.call(lambda c: c.add_request(list(range(3, 300)), params, rid))  # a long prompt
+        tokens = []
+        while True:
+            out = await stream.get()
+            tokens += out.new_token_ids
+            if out.finished:
+                engine.close_stream(rid)
+                return tokens
+
+    async def scenario():
+        shared = AsyncEngine(core(), "shared", core_share=CoreShare(1, table, cpus=2))
+        alone = AsyncEngine(core(), "alone")
+        shared.start()
+        alone.start()
+        try:
+            widened = await generate(shared, "a")
+            steps_idle_peer = shared.widened_steps
+            assert shared.threads == 1  # its decode steps ran at the base
+            other.threads(busy=True)  # the peer has work now
+            narrowed = await generate(shared, "b")
+            steps_busy_peer = shared.widened_steps - steps_idle_peer
+            reference = await generate(alone, "c")
+        finally:
+            shared.stop()
+            alone.stop()
+        return widened, steps_idle_peer, narrowed, steps_busy_peer, reference
+
+    widened, n_idle, narrowed, n_busy, reference = asyncio.run(scenario())
+    assert n_idle >= 1 and n_busy == 0  # the prefill borrowed the idle core; not once the peer worked
+    assert widened == narrowed == reference  # two threads or one: the same tokens
+    other.close()
