@@ -64,7 +64,9 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_gpus: float | None = None  # per rank; None: 1 when device is cuda, else 0
     placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # a worker's ranks
     num_threads: int | None = None  # torch threads; None: Ray's OMP_NUM_THREADS (= num_cpus)
-    borrow_idle_cores: bool = True  # CPU: a step may also use the cores of idle workers on the host
+    # CPU: a prefill step may also use the cores of idle workers on the host (worker_core/core_share.py);
+    # off by default: on the goodput sweep it did not pay (docs/BENCHMARKS.md, "Borrowing idle cores")
+    borrow_idle_cores: bool = False
     resources: dict[str, float] = {}  # custom Ray resources, e.g. {"prefill_node": 1} pins to such nodes
     label_selector: dict[str, str] = {}  # Ray node labels the workers must match
     max_restarts: int = 3  # Ray restarts a dead worker this often; it then re-handshakes and rejoins its pool

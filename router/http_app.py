@@ -137,7 +137,7 @@ class _Job:
             self._spawn(index, request, gates.get(index), firsts[group] if j == 0 else None, after)
         for index, gate in gates.items():
             ended = await gate
-            if ended is not None:
+            if ended is not None and not ended.ok:
                 await self.cancel()
                 return ended
         return None

@@ -20,6 +20,10 @@ holds the other core. When a peer gets work during a widened prefill step, both 
 until that step ends (at most one chunk of the token budget); the next step is back at `base`. In a
 disaggregated pair a decode worker only gets a request after its prompt's prefill, so a lone
 request's prefill gets the whole host.
+
+Off by default (`PoolConfig.borrow_idle_cores`): on the goodput sweep in docs/BENCHMARKS.md
+("Borrowing idle cores") it lowered TTFT p50 at 0.2 req/s by 12% but not goodput, which it lowered
+at three of four rates.
 """
 
 from __future__ import annotations
