@@ -34,9 +34,11 @@ from router.responses import ServerFacts
 from router.routing import RoutingConfig
 from router.security import TlsFiles, read_tokens
 from router.grpc_port import build_server
-from router.http_app import HttpDoor, HttpServer
+from router.http_app import HttpDoor
+from router.http_server import HttpServer
 from router.membership import Membership
-from router.request_path import RequestPath, RequestPathConfig
+from router.config import RequestPathConfig
+from router.request_path import RequestPath
 from router.server import GenerationService
 from router.validation import ModelFacts, RequestValidator
 from tandem_api.v1 import admin_pb2 as apb

@@ -18,9 +18,13 @@ token ids are never labels.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from router.responses import RequestTrace
 
 # seconds: 1 ms .. 2 min, dense where TTFT and inter-token latency live
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
@@ -97,6 +101,29 @@ class RouterMetrics:
         # () -> [(role, worker id, last WorkerStatus or None, eligible)], called at scrape time (the service sets it)
         self.workers_source: Callable[[], Iterable[tuple[str, str, object, bool]]] = list
         r.register(_WorkerCollector(self))
+
+    def observe_request(self, t: RequestTrace, local: bool, code: str, door: str) -> None:
+        """One ended request (call once): its count by finish reason, outcome and door, and, if it sent a
+        token, its latencies and token counts from the router's clock readings."""
+        self.requests.labels(t.finish_reason or "none", code, door).inc()
+        if t.first_sent is None:
+            return  # refused or failed before its first token: counted above, nothing else to time
+        kind = "local" if local else "remote"
+        self.ttft.labels(kind).observe(t.first_sent - t.received)
+        self.duration.labels(kind).observe((t.last_sent or t.first_sent) - t.received)
+        for part, seconds in (t.ttft_parts() or {}).items():
+            self.ttft_part.labels(part).observe(seconds)
+        for gap, tokens in t.token_gaps:
+            for _ in range(tokens):
+                self.itl.observe(gap / tokens)
+        if t.completion_tokens > 1 and t.last_sent is not None:
+            self.tpot.observe((t.last_sent - t.first_sent) / (t.completion_tokens - 1))
+        self.prompt_tokens.inc(t.prompt_tokens)
+        self.completion_tokens.inc(t.completion_tokens)
+        self.cached_tokens.inc(t.cached_tokens)
+        if t.kv_transfer_bytes:
+            self.kv_transfer.observe(t.kv_transfer_s)
+            self.transfer_bytes.inc(t.kv_transfer_bytes)
 
     def worker_states(self) -> list[tuple[str, str, object, bool]]:
         for _ in range(3):  # the scrape runs on the HTTP server's thread while the loop may change the pools

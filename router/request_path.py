@@ -18,9 +18,7 @@ deadlines, cleanup and metrics all live here.
        local         D.generate streams every chunk (aggregated mode: always)
     4. last chunk    carries usage and timings (TTFT, total, queue, prefill, KV pull)
 
-The prefix indexes behind routing are fed by the workers' KV events (router/membership.py); the
-router books what it routes (queued prefill tokens, KV in flight, predicted blocks) until the
-request's first decode chunk, and `close` clears a request's booking on every path.
+Routing books what it routes until the request's first decode chunk; `close` clears it on every path.
 
 Every wait runs under one asyncio timeout: the door's deadline capped by `request_timeout_s`.
 Expiry ends the request with DEADLINE_EXCEEDED and a message naming the stage it was in. A client
@@ -42,12 +40,10 @@ repeated or missing; at most `max_retries`, waiting up to `failover_wait_s` for 
 worker to resume on, all inside the request's deadline (router/README.md has the
 table). Restarted workers rejoin through Membership.
 
-Other worker-side failures: a chunk with `error` set (finish_reason "error") ends
-the request with INTERNAL and the worker's one-line message; retries used up end it
-with the last failure's outcome (UNAVAILABLE for a dead worker). FINISH_REASON_ERROR
-is never sent by this version: a client learns of failure from the status, which
-every client checks, not from a field it might ignore. Tokens already sent stay
-valid output.
+Other worker-side failures: a chunk with `error` set ends the request with INTERNAL and the
+worker's one-line message; retries used up end it with the last failure's outcome (UNAVAILABLE
+for a dead worker). FINISH_REASON_ERROR is never sent: a client learns of failure from the
+status, which every client checks. Tokens already sent stay valid output.
 """
 
 from __future__ import annotations
@@ -67,6 +63,7 @@ from common.errors import KVTransferFailedError
 from common.telemetry import Tracing, TracingConfig, setup_tracing
 from common.wire import StreamChunk
 from router.attempts import Attempt, Run, retry_reason
+from router.config import RequestPathConfig
 from router.errors import (
     AdmissionError, NoHealthyWorkerError, NotServingError, Outcome, RequestValidationError, WorkerFailedError,
     WorkerStalledError, one_line, outcome_for,
@@ -84,26 +81,6 @@ log = logging.getLogger(__name__)
 # nothing waits for it (the lease itself is the backstop), so it gets longer than other cleanup calls
 RELEASE_TIMEOUT_S = 60.0
 Emit = Callable[[pb.GenerateResponse], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class RequestPathConfig:
-    """The request path's settings (deploy builds it from `router:` in the serve config)."""
-
-    max_inflight: int = 256  # beyond this, RESOURCE_EXHAUSTED
-    request_timeout_s: float = 600.0  # a request's deadline when the client sets none (or a longer one)
-    cleanup_timeout_s: float = 5.0  # each abort / release call to a worker after a failure or cancel
-    retry_after_ms: int = 1000  # how long a RESOURCE_EXHAUSTED client should back off
-    max_retries: int = 3  # a request resumed on other workers at most this often after workers failed it
-    failover_wait_s: float = 30.0  # a retry with no worker to take it waits this long for one to come back
-    stream_idle_timeout_s: float = 30.0  # a stream silent this long after its first chunk: retried (0: off)
-
-    def __post_init__(self) -> None:
-        if self.max_inflight < 1:
-            raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
-        if self.max_retries < 0 or self.failover_wait_s < 0:
-            raise ValueError(f"max_retries and failover_wait_s must be >= 0, got {self.max_retries}, "
-                             f"{self.failover_wait_s}")
 
 
 @dataclass(frozen=True)
@@ -464,29 +441,10 @@ class RequestPath:
 
     def _observe(self, run: Run, outcome: Outcome, door: Door) -> None:
         """One request's metrics, once, when it ends (any way)."""
-        if run.observed:
-            return
-        run.observed = True
-        m, t = self.metrics, run.trace
-        m.requests.labels(t.finish_reason or "none", outcome.value, door.name).inc()
-        if t.first_sent is None:
-            return  # refused or failed before its first token: counted above, nothing else to time
-        kind = "local" if run.route is not None and run.route.local else "remote"
-        m.ttft.labels(kind).observe(t.first_sent - t.received)
-        m.duration.labels(kind).observe((t.last_sent or t.first_sent) - t.received)
-        for part, seconds in (t.ttft_parts() or {}).items():
-            m.ttft_part.labels(part).observe(seconds)
-        for gap, tokens in t.token_gaps:
-            for _ in range(tokens):
-                m.itl.observe(gap / tokens)
-        if t.completion_tokens > 1 and t.last_sent is not None:
-            m.tpot.observe((t.last_sent - t.first_sent) / (t.completion_tokens - 1))
-        m.prompt_tokens.inc(t.prompt_tokens)
-        m.completion_tokens.inc(t.completion_tokens)
-        m.cached_tokens.inc(t.cached_tokens)
-        if t.kv_transfer_bytes:
-            m.kv_transfer.observe(t.kv_transfer_s)
-            m.transfer_bytes.inc(t.kv_transfer_bytes)
+        if not run.observed:
+            run.observed = True
+            local = run.route is not None and run.route.local
+            self.metrics.observe_request(run.trace, local, outcome.value, door.name)
 
     # -- cleanup ----------------------------------------------------------------------------------
 

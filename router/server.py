@@ -31,7 +31,8 @@ from router.grpc_port import SERVICE_NAME, Undecodable
 from router.membership import Membership
 from router.metrics import RouterMetrics
 from router.pools import WorkerPool, WorkerReport
-from router.request_path import Ended, RequestPath, RequestPathConfig
+from router.config import RequestPathConfig
+from router.request_path import Ended, RequestPath
 from router.responses import ServerFacts, server_info
 from router.routing import RoutingConfig
 from router.validation import RequestValidator

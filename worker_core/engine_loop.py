@@ -239,7 +239,9 @@ class AsyncEngine:
         return self._threads
 
     def _run_commands(self, loop: asyncio.AbstractEventLoop) -> None:
-        while True:
+        """The commands queued when this starts; one that arrives meanwhile waits for the next step, so
+        a caller that keeps calling (a poll) cannot hold the engine off its steps."""
+        for _ in range(self._commands.qsize()):
             try:
                 fn, fut = self._commands.get_nowait()
             except queue.Empty:
