@@ -68,6 +68,7 @@ class SamplingState:
     # penalties only (empty otherwise): the prompt's distinct token ids, the output's token counts
     prompt_ids: tuple[int, ...] = field(default=(), repr=False)
     output_counts: dict[int, int] = field(default_factory=dict, repr=False)
+    penalized: bool = False  # params.penalized, read once: `record` runs for every token of every request
 
     @classmethod
     def create(cls, params: SamplingParams, prompt_ids=()) -> SamplingState:
@@ -77,12 +78,12 @@ class SamplingState:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(params.seed)
         kept = tuple(sorted(set(prompt_ids))) if params.repetition_penalty != 1.0 else ()
-        return cls(params=params, generator=generator, prompt_ids=kept)
+        return cls(params=params, generator=generator, prompt_ids=kept, penalized=params.penalized)
 
     def record(self, token_id: int) -> None:
         """One output token (sampled here, or replayed: P's token 1 on D, a resumed request's prior output),
         counted for the penalties; a no-op without them."""
-        if self.params.penalized:
+        if self.penalized:
             self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
 
     def advance(self, vocab_size: int, device: torch.device) -> None:

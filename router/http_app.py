@@ -42,12 +42,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from router.errors import Outcome, RequestValidationError, one_line
 from router.openai_protocol import ChatCompletionRequest, CompletionRequest, ModelCard
 from router.request_path import Door, Ended, RequestPath
-from router.responses import ServerFacts
+from router.responses import FINISH_REASONS, ServerFacts
 from tandem_api.v1 import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-FINISH = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
+FINISH = {code: name for name, code in FINISH_REASONS.items()}  # tandem.v1 finish reason -> OpenAI's
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -184,7 +184,7 @@ class _Job:
             choice.text.append(r.text)
         choice.logprobs.extend(r.logprobs)
         if r.finish_reason:
-            choice.finish_reason = FINISH.get(r.finish_reason, "stop")
+            choice.finish_reason = FINISH[r.finish_reason]
             choice.stop_reason = r.stop_reason or None
         if r.HasField("usage"):
             choice.usage = r.usage
@@ -406,7 +406,7 @@ class HttpDoor:
                 await job.cancel()
 
     def _chunk_choice(self, choice: _Choice, r: pb.GenerateResponse, body, chat: bool) -> dict | None:
-        finish = FINISH.get(r.finish_reason) if r.finish_reason else None
+        finish = FINISH[r.finish_reason] if r.finish_reason else None
         if not r.text and finish is None and not r.logprobs and (choice.first_sent or not chat):
             return None
         item: dict = {"index": choice.index}

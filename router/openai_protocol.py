@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.sampling_params import MAX_LOGPROBS
 from router.errors import RequestValidationError
@@ -64,30 +64,20 @@ class _Common(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     user: str | None = None
-    # not implemented: accepted only at their "off" value (see UNSUPPORTED)
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    parallel_tool_calls: Any = None
-    response_format: Any = None
-    logit_bias: Any = None
-    echo: Any = None
-    suffix: Any = None
-    audio: Any = None
-    modalities: Any = None
-    prediction: Any = None
-    store: Any = None
-    metadata: Any = None
-    service_tier: Any = None
-    reasoning_effort: Any = None
-    web_search_options: Any = None
-    best_of: Any = None
-    min_tokens: Any = None
+    # the fields of UNSUPPORTED the request set, taken out before the schema is checked (set only here)
+    unsupported: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _set_aside_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            data["unsupported"] = {name: data.pop(name) for name in UNSUPPORTED if name in data}
+        return data
 
     def check_supported(self) -> None:
-        for name, off in UNSUPPORTED.items():
-            value = getattr(self, name, None)
+        for name, value in self.unsupported.items():
+            off = UNSUPPORTED[name]
             if name == "best_of" and value == self.n:
                 continue  # best_of == n is plain sampling
             if not any(value == o and type(value) is type(o) for o in off):
