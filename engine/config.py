@@ -124,6 +124,53 @@ class ParallelConfig:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
+SPECULATIVE_METHODS = ("ngram", "draft")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (engine/spec_decode/). `method` None = off.
+
+    ngram: prompt lookup: the longest suffix n-gram (prompt_lookup_max down to prompt_lookup_min tokens)
+    seen earlier in the request proposes the tokens that followed it. draft: `draft_model` (a path; any
+    model with the target's vocabulary) proposes them autoregressively from its own paged KV, which uses
+    the target's block tables. Speculation is off for a step whose decode batch exceeds
+    `disable_batch_size` (0 = never off): verifying K extra tokens per request stops being nearly free
+    once the batch's rows no longer fit the memory-bound regime.
+    """
+
+    method: str | None = None
+    num_speculative_tokens: int = 4
+    draft_model: str | None = None
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    disable_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.method is None:
+            if self.draft_model is not None:
+                raise ConfigError("draft_model is set but speculative method is not; use method 'draft'")
+            return
+        if self.method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ConfigError(f"num_speculative_tokens must be in 1..16, got {self.num_speculative_tokens}")
+        if self.method == "draft" and not self.draft_model:
+            raise ConfigError("speculative method 'draft' needs draft_model (a model directory or .gguf sharing "
+                              "the target's tokenizer)")
+        if self.method == "ngram" and self.draft_model is not None:
+            raise ConfigError("draft_model is only used by speculative method 'draft', not 'ngram'")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ConfigError(f"prompt lookup needs 1 <= prompt_lookup_min ({self.prompt_lookup_min}) <= "
+                              f"prompt_lookup_max ({self.prompt_lookup_max})")
+        if self.disable_batch_size < 0:
+            raise ConfigError(f"speculative disable_batch_size must be >= 0, got {self.disable_batch_size}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str  # path to a HF directory or a .gguf file; "" = the default SmolLM2
@@ -132,6 +179,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:

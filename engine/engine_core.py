@@ -33,12 +33,14 @@ from engine.kv_cache_manager import KVCacheManager
 from engine.loader import load_model_source
 from engine.loader.source import ModelSource
 from engine.model_runner import ModelRunner
-from engine.outputs import StepOutput
+from engine.outputs import StepOutput, merge_step_outputs
 from engine.request import FinishReason, Request, RequestStatus
 from engine.sampler import Sampler, SamplingState
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.shard import ModelShard
+from engine.spec_decode import make_proposer
+from engine.spec_decode.verify import verify
 from engine.stop_checker import find_stop
 
 log = logging.getLogger(__name__)
@@ -74,11 +76,18 @@ class EngineCore:
         cc = config.cache
         self.kv_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
+        spec = config.speculative
+        self.scheduler.spec_tokens = spec.num_speculative_tokens if spec.enabled else 0
+        self.scheduler.spec_disable_batch_size = spec.disable_batch_size
         self.last_step_shape: tuple[int, int] = (0, 0)  # (prompt tokens, decode sequences) of the last step
         self.runner = ModelRunner(executor, self.kv_spec, self.device)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(config.seed)
         self.sampler = Sampler(gen)
+        self.proposer = make_proposer(config, cfg.vocab_size, self.device, self.dtype, num_blocks, gen)
+        self.spec_steps = 0  # verification steps, tokens proposed, tokens accepted since start (all requests)
+        self.spec_proposed = 0
+        self.spec_accepted = 0
         self.max_model_len = cfg.max_position_embeddings
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self._ids = itertools.count()
@@ -307,22 +316,67 @@ class EngineCore:
         if not out.scheduled:
             self.last_step_shape = (0, 0)
             return []
+        spec = [s for s in out.scheduled if s.spec_slots]
+        if spec:
+            self.proposer.propose(spec)
+            for s in spec:
+                s.num_new_tokens = 1 + len(s.request.spec_token_ids)
         # (prompt tokens computed, decode sequences): what the worker's performance model times this step by
-        self.last_step_shape = (sum(s.num_new_tokens for s in out.scheduled if s.num_new_tokens > 1),
-                                sum(1 for s in out.scheduled if s.num_new_tokens == 1))
+        self.last_step_shape = (sum(s.num_new_tokens for s in out.scheduled if s.num_new_tokens > 1 and not s.spec_slots),
+                                sum(1 for s in out.scheduled if s.num_new_tokens == 1 or s.spec_slots))
         batch = self.runner.prepare(out)
         logits = self.runner.execute(batch)
         for s in batch.order:
+            if s.request.spec_token_ids:
+                continue  # computed tokens known after verification
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
             self.kv_manager.commit(req.request_id, req.token_ids, req.num_computed_tokens)
-        if not batch.sample:
-            return []
-        sampled = self.sampler(logits, [s.request.sampling for s in batch.sample], vocab_limit=None)
-        now = time.monotonic()
         outputs = []
-        for s, tid, lp in zip(batch.sample, sampled.token_ids, sampled.logprobs):
-            outputs.append(self._append_token(s.request, tid, lp, now))
+        if batch.sample:
+            now = time.monotonic()
+            offsets = [0]
+            for n in batch.sample_rows:
+                offsets.append(offsets[-1] + n)
+            plain = [i for i, s in enumerate(batch.sample) if not s.request.spec_token_ids]
+            if plain:
+                rows = logits if len(plain) == len(batch.sample) else logits[[offsets[i] for i in plain]]
+                sampled = self.sampler(rows, [batch.sample[i].request.sampling for i in plain], vocab_limit=None)
+                for i, tid, lp in zip(plain, sampled.token_ids, sampled.logprobs):
+                    outputs.append(self._append_token(batch.sample[i].request, tid, lp, now))
+            if len(plain) < len(batch.sample):
+                outputs.extend(self._verify(batch, logits, offsets, now))
+        for s in spec:
+            req = s.request
+            req.spec_token_ids, req.spec_draft_probs = [], None
+            if not req.status.finished:  # blocks only rejected proposals reached go back to the pool
+                self.kv_manager.trim(req.request_id, req.num_tokens)
+        return outputs
+
+    def _verify(self, batch, logits: torch.Tensor, offsets: list[int], now: float) -> list[StepOutput]:
+        """Requests that verified proposals this step: accept, emit, and advance their computed tokens."""
+        greedy_ids = None
+        todo = [(i, s.request) for i, s in enumerate(batch.sample) if s.request.spec_token_ids]
+        if any(r.params.greedy and not r.params.penalized for _, r in todo):
+            greedy_ids = logits.argmax(dim=-1).tolist()
+        outputs = []
+        for i, req in todo:
+            lo, hi = offsets[i], offsets[i + 1]
+            k = len(req.spec_token_ids)
+            start = req.num_computed_tokens
+            req.spec_steps += 1
+            req.spec_proposed += k
+            fast = greedy_ids[lo:hi] if greedy_ids is not None and req.params.greedy and not req.params.penalized else None
+            accepted, outs = verify(self.sampler, req, logits[lo:hi], fast,
+                                    lambda tid, lp, req=req: self._append_token(req, tid, lp, now))
+            self.spec_steps += 1
+            self.spec_proposed += k
+            self.spec_accepted += accepted
+            if not req.status.finished:
+                req.num_computed_tokens = start + 1 + accepted
+                self.kv_manager.commit(req.request_id, req.token_ids, req.num_computed_tokens)
+                self.proposer.verified(req, k, accepted)
+            outputs.append(merge_step_outputs(outs))
         return outputs
 
     def _append_token(self, req: Request, tid: int, lp, now: float) -> StepOutput:
@@ -383,6 +437,8 @@ class EngineCore:
             new_logprobs=[lp] if lp is not None else [],
             kv_block_ids=kv_block_ids,
             num_cached_tokens=max(req.num_cached_tokens, 0),
+            **({"spec_steps": req.spec_steps, "spec_proposed": req.spec_proposed, "spec_accepted": req.spec_accepted}
+               if reason is not None and req.spec_steps else {}),
             **({"arrival_time": req.arrival_time, "first_scheduled_time": req.first_scheduled_time,
                 "first_token_time": now} if first else {}),
         )

@@ -224,6 +224,23 @@ class KVCacheManager:
             token_ids[start * bs : full * bs],
         )
 
+    def trim(self, request_id: str, num_tokens: int) -> int:
+        """Shrink the table to the blocks that tokens [0, num_tokens) need; returns how many were freed.
+
+        Speculative decoding allocates slots for every proposed token; the blocks that only rejected
+        proposals reached go back to the pool (never cached: a block is cached only once committed full).
+        """
+        state = self._requests.get(request_id)
+        if state is None:
+            return 0
+        keep = max(-(-num_tokens // self.block_size), state.num_committed_blocks)
+        tail = state.blocks[keep:]
+        if tail:
+            del state.blocks[keep:]
+            del state.block_ids[keep:]
+            self.pool.free_blocks(reversed(tail))
+        return len(tail)
+
     def free(self, request_id: str) -> None:
         """Release the request's blocks, tail first (so its tail is evicted first). Unknown id: no-op."""
         state = self._requests.pop(request_id, None)

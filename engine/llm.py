@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Union
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from engine.engine_core import EngineCore
 from engine.errors import InvalidRequestError
 from engine.outputs import CompletionOutput
@@ -27,7 +27,8 @@ class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
                  kv_cache_memory_bytes: int = 1 << 30, num_blocks: int | None = None,
                  enable_prefix_caching: bool = True, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
-                 enable_chunked_prefill: bool = True, seed: int = 0) -> None:
+                 enable_chunked_prefill: bool = True, seed: int = 0,
+                 speculative: SpeculativeConfig | None = None) -> None:
         self.config = EngineConfig(
             model=model or "",
             dtype=dtype,
@@ -36,6 +37,7 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       enable_chunked_prefill=enable_chunked_prefill),
+            speculative=speculative or SpeculativeConfig(),
             seed=seed,
         )
         self.engine = EngineCore(self.config)
@@ -76,6 +78,7 @@ class LLM:
                             stop_reason=req.stop_reason,
                             logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
                             num_cached_tokens=max(req.num_cached_tokens, 0),
+                            acceptance_length=req.acceptance_length,
                         )
         except BaseException:
             for rid in ids_by_req:

@@ -24,6 +24,39 @@ class StepOutput:
     arrival_time: float | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # speculative decoding, with the finishing output only: the request's verification steps, tokens proposed
+    # and tokens accepted (acceptance length = 1 + accepted / steps)
+    spec_steps: int = 0
+    spec_proposed: int = 0
+    spec_accepted: int = 0
+
+    @property
+    def acceptance_length(self) -> float | None:
+        return 1.0 + self.spec_accepted / self.spec_steps if self.spec_steps else None
+
+
+def merge_step_outputs(outs: list[StepOutput]) -> StepOutput:
+    """One request's outputs of one step (speculative decoding emits several tokens) as one delta."""
+    if len(outs) == 1:
+        return outs[0]
+    first, last = outs[0], outs[-1]
+    return StepOutput(
+        request_id=first.request_id,
+        new_token_ids=[t for o in outs for t in o.new_token_ids],
+        new_text="".join(o.new_text for o in outs),
+        finished=last.finished,
+        finish_reason=last.finish_reason,
+        stop_reason=last.stop_reason,
+        new_logprobs=[lp for o in outs for lp in o.new_logprobs],
+        kv_block_ids=last.kv_block_ids,
+        num_cached_tokens=first.num_cached_tokens,
+        arrival_time=first.arrival_time,
+        first_scheduled_time=first.first_scheduled_time,
+        first_token_time=first.first_token_time,
+        spec_steps=last.spec_steps,
+        spec_proposed=last.spec_proposed,
+        spec_accepted=last.spec_accepted,
+    )
 
 
 @dataclass
@@ -38,6 +71,7 @@ class CompletionOutput:
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprobs] | None = None
     num_cached_tokens: int = 0
+    acceptance_length: float | None = None  # speculative decoding: mean tokens per verification step
 
     def to_dict(self) -> dict:
         d = {
@@ -50,6 +84,8 @@ class CompletionOutput:
             "completion_tokens": len(self.token_ids),
             "cached_tokens": self.num_cached_tokens,
         }
+        if self.acceptance_length is not None:
+            d["acceptance_length"] = round(self.acceptance_length, 4)
         if self.logprobs is not None:
             d["logprobs"] = [
                 {"token_id": lp.token_id, "logprob": lp.logprob, "top": [[t, p] for t, p in lp.top]} for lp in self.logprobs

@@ -75,9 +75,22 @@ class Request:
     first_scheduled_time: float | None = None  # first time the scheduler gave it tokens to compute
     first_token_time: float | None = None
     kv_handoff: bool = False  # prefill role: after token 1, keep the blocks leased instead of decoding on
+    # speculative decoding (engine/spec_decode/): this step's proposed tokens (not in token_ids until accepted)
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_draft_probs: object = None  # draft proposer, random rows: [len(spec_token_ids), V] the draft sampled from
+    draft_sampling: object = None  # draft proposer, seeded random requests: the draft's own SamplingState
+    draft_computed: int = 0  # draft proposer: positions whose draft KV is valid (reset by preemption)
+    spec_steps: int = 0  # verification steps, tokens proposed, tokens accepted (acceptance length =
+    spec_proposed: int = 0  # (accepted + steps) / steps tokens per verification step)
+    spec_accepted: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def acceptance_length(self) -> float | None:
+        """Mean tokens produced per verification step (1 + accepted / steps); None before any."""
+        return 1.0 + self.spec_accepted / self.spec_steps if self.spec_steps else None
 
     @property
     def num_prompt_tokens(self) -> int:

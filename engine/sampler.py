@@ -178,6 +178,35 @@ class Sampler:
     # ----------------------------------------------------------------- sampling
     def _sample(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """Sample one token per row of `logits` [R, V]; every row is non-greedy."""
+        probs = self._probs(logits, states)
+        q = self._exponential(states, probs.shape, logits.device)
+        return (probs / q).argmax(dim=-1)
+
+    def distribution(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """The distributions [R, V] that random rows sample from: penalties, temperature, top-k, top-p, min-p.
+
+        Speculative verification (engine/spec_decode/verify.py) accepts or rejects against these.
+        Every row must be non-greedy.
+        """
+        logits = logits.float()
+        if any(s.penalized for s in states):
+            logits = self._penalize(logits, states)
+        return self._probs(logits, states)
+
+    def race(self, probs: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """One token per row drawn from `probs` [R, V] (need not be normalised) by the exponential race."""
+        q = self._exponential(states, probs.shape, probs.device)
+        return (probs / q).argmax(dim=-1)
+
+    def uniform(self, state: SamplingState, device: torch.device) -> float:
+        """One U[0, 1) draw from the request's generator (the sampler's when unseeded)."""
+        gen = state.generator_for(device)
+        if gen is None:
+            gen = self.generator
+            device = gen.device if gen is not None else device
+        return float(torch.rand(1, generator=gen, device=device).item())
+
+    def _probs(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         params = [s.params for s in states]
         device, vocab = logits.device, logits.shape[1]
 
@@ -198,9 +227,7 @@ class Sampler:
             min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device).unsqueeze(1)
             x = x.masked_fill(probs < min_p * max_p, _NEG_INF)
 
-        probs = x.softmax(dim=-1)
-        q = self._exponential(states, probs.shape, device)
-        return (probs / q).argmax(dim=-1)
+        return x.softmax(dim=-1)
 
     @staticmethod
     def _top_k(x: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
@@ -268,6 +295,10 @@ class Sampler:
         return q.clamp_min_(torch.finfo(torch.float32).tiny)
 
     # ----------------------------------------------------------------- logprobs
+    def logprobs(self, logits: torch.Tensor, params: list[SamplingParams], token_ids: list[int]) -> list[TokenLogprobs | None]:
+        """Logprobs of given tokens under raw `logits` [R, V] (rows whose params ask; None elsewhere)."""
+        return self._logprobs(logits.float(), params, torch.tensor(token_ids, dtype=torch.long, device=logits.device))
+
     @staticmethod
     def _logprobs(
         logits: torch.Tensor, params: list[SamplingParams], token_ids: torch.Tensor

@@ -34,6 +34,7 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     block_ids: list[int]
+    spec_slots: int = 0  # of num_new_tokens, slots for proposed tokens (the engine shrinks to what is proposed)
 
     @property
     def start(self) -> int:
@@ -58,6 +59,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.spec_tokens = 0  # proposed tokens a decoding request may verify per step (0: no speculation)
+        self.spec_disable_batch_size = 0  # ... unless more requests than this are decoding (0: never off)
         self.prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache (first schedule), since start
         self.prefix_hit_tokens = 0  # ... of which found there
 
@@ -123,9 +126,12 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         kept: list[Request] = []
         queue = list(self.running)
+        k_max = self._spec_tokens_this_step()
         while queue and budget > 0:
             req = queue.pop(0)
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            left = req.num_tokens - req.num_computed_tokens
+            k = self._spec_slots(req, k_max, budget) if k_max and left == 1 else 0
+            n = min(left + k, budget)
             while True:
                 blocks = self.kv.allocate(req.request_id, req.token_ids, req.num_computed_tokens, n)
                 if blocks is not None:
@@ -137,7 +143,7 @@ class Scheduler:
             if blocks is None:
                 break
             kept.append(req)
-            out.scheduled.append(ScheduledRequest(req, n, blocks))
+            out.scheduled.append(ScheduledRequest(req, n, blocks, k))
             budget -= n
         # running requests left unscheduled (budget ran out) stay running
         self.running = kept + [r for r in queue]
@@ -167,9 +173,27 @@ class Scheduler:
             budget -= n
         return out
 
+    def _spec_tokens_this_step(self) -> int:
+        """Proposal slots per decoding request this step: 0 when speculation is off or the decode batch is large."""
+        k = self.spec_tokens
+        if k and self.spec_disable_batch_size:
+            decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+            if decoding > self.spec_disable_batch_size:
+                return 0
+        return k
+
+    @staticmethod
+    def _spec_slots(req: Request, k_max: int, budget: int) -> int:
+        """Slots for proposed tokens: never more than the request can still emit (one token of each step is
+        the target's own), nor past the token budget. A prefill-role request hands off after token 1."""
+        if req.kv_handoff:
+            return 0
+        return max(0, min(k_max, req.params.max_tokens - req.num_output_tokens - 1, budget - 1))
+
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
+        req.draft_computed = 0
         req.num_preemptions += 1
         req.status = RequestStatus.PREEMPTED
         if req in self.running:
