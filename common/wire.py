@@ -39,6 +39,10 @@ class StreamChunk(msgspec.Struct):
     kv_transfer_s: float = 0.0  # decode: time spent pulling the KV cache (last chunk)
     kv_transfer_bytes: int = 0  # decode: bytes pulled (last chunk)
     error: str | None = None  # message when finish_reason == "error"
+    # speculative decoding (last chunk): the request's verification steps, tokens proposed and accepted
+    spec_steps: int = 0
+    spec_proposed: int = 0
+    spec_accepted: int = 0
 
     def merge(self, other: StreamChunk) -> None:
         """Append a later chunk of the same request to this one (streams coalesce under load)."""
@@ -46,7 +50,7 @@ class StreamChunk(msgspec.Struct):
         self.text += other.text
         self.logprobs.extend(other.logprobs)
         for name in ("finished", "finish_reason", "stop_reason", "prompt_tokens", "cached_tokens", "kv_transfer_s",
-                     "kv_transfer_bytes", "error"):
+                     "kv_transfer_bytes", "error", "spec_steps", "spec_proposed", "spec_accepted"):
             value = getattr(other, name)
             if value:
                 setattr(self, name, value)
@@ -89,6 +93,9 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     max_num_seqs: int = 0  # the scheduler's limit on running requests (0: not reported)
     prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache since start
     prefix_hit_tokens: int = 0  # ... of which found there (hit rate = hit / query)
+    spec_steps: int = 0  # speculative decoding since start: verification steps, tokens proposed, accepted
+    spec_proposed: int = 0
+    spec_accepted: int = 0
     incarnation: str = ""  # this worker process (its KV publisher epoch): a new one means Ray restarted it
     perf: PerfEstimate = msgspec.field(default_factory=PerfEstimate)  # step times measured while serving
 
@@ -108,3 +115,4 @@ class ModelInfo(msgspec.Struct, frozen=True):
     max_model_len: int
     eos_token_ids: list[int]
     kv_capacity_tokens: int  # blocks * block_size of this worker's cache
+    speculative: str = ""  # EngineCore.speculative_description(): every worker of a cluster must agree

@@ -2,6 +2,7 @@
 
     tandem generate --offline [--model PATH] [--prompt TEXT | --chat TEXT]... [--max-tokens N]
                     [--temperature T] [--top-p P] [--top-k K] [--min-p P] [--seed S] [--json]
+                    [--speculative ngram|draft [--num-speculative-tokens K] [--draft-model PATH] ...]
     tandem generate --server HOST:PORT [--prompt TEXT | --chat TEXT]... [sampling flags] [--json] [--timeout S]
     tandem serve [--model PATH] [--port N] [--mode disaggregated|aggregated] [...]   (deploy/serve_cli.py)
     tandem admin [--server HOST:PORT] add|remove|scale ...                          (deploy/admin_cli.py)
@@ -40,7 +41,7 @@ class _Ordered(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     from deploy.admin_cli import add_admin_parser
-    from deploy.serve_cli import add_serve_parser
+    from deploy.serve_cli import add_serve_parser, add_speculative_flags
     from tandem_api.bench.cli import add_bench_parser
     from tandem_api.connection import add_connection_flags
 
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wait", type=float, default=0.0, metavar="S",
                    help="--server: first wait up to S seconds for the server to report SERVING (a starting cluster)")
     g.add_argument("-v", "--verbose", action="store_true")
+    add_speculative_flags(g)
     add_connection_flags(g)
     g.set_defaults(inputs=None)
     return parser
@@ -92,14 +94,18 @@ def _generate(args: argparse.Namespace) -> int:
         min_p=args.min_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs,
     )
     if args.server:
-        if args.model:
-            print("error: --model applies to --offline only; the server's model is chosen when it starts",
-                  file=sys.stderr)
+        if args.model or args.speculative or args.draft_model:
+            print("error: --model and the speculative flags apply to --offline only; the server's are chosen when "
+                  "it starts (tandem serve)", file=sys.stderr)
             return 2
         return _generate_remote(args, inputs, params)
+    from deploy.config import ServeConfig, with_overrides
+    from deploy.serve_cli import speculative_overrides
     from engine.llm import LLM  # imports torch: only on the offline path
+
+    speculative = with_overrides(ServeConfig(), **speculative_overrides(args)).speculative.engine()
     llm = LLM(args.model or None, dtype=args.dtype, device=args.device, block_size=args.block_size,
-              kv_cache_memory_bytes=args.kv_cache_memory, seed=args.seed or 0)
+              kv_cache_memory_bytes=args.kv_cache_memory, seed=args.seed or 0, speculative=speculative)
     prompts = [[{"role": "user", "content": text}] if kind == "chat" else text for kind, text in inputs]
     outputs = llm.generate(prompts, params)
     for (kind, text), out in zip(inputs, outputs):

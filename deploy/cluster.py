@@ -120,6 +120,10 @@ class Cluster:
         prints = {i.fingerprint for i in infos}
         if len(prints) != 1:
             raise ConfigError(f"workers loaded different models (fingerprints {sorted(prints)}); use one model")
+        specs = {i.speculative for i in infos}
+        if len(specs) != 1:
+            raise ConfigError(f"workers run different speculative decoding configs ({sorted(specs)}); every worker "
+                              "must speculate alike")
         # the router validates against the smallest cache, so every worker can hold any accepted request
         self.infos = infos
         self.model = min(infos, key=lambda i: i.kv_capacity_tokens)
@@ -151,6 +155,9 @@ class Cluster:
             if self.model is not None and info.fingerprint != self.model.fingerprint:
                 raise ConfigError(f"worker {handle.worker_id} loaded another model ({info.fingerprint} vs "
                                   f"{self.model.fingerprint})")
+            if self.model is not None and info.speculative != self.model.speculative:
+                raise ConfigError(f"worker {handle.worker_id} speculates with {info.speculative or 'nothing'!r}, the "
+                                  f"cluster with {self.model.speculative or 'nothing'!r}")
             if peers:
                 mine = ray.get(handle.actor.handshake_payload.remote(), timeout=CALL_TIMEOUT_S)
                 theirs = ray.get([w.actor.handshake_payload.remote() for w in peers], timeout=CALL_TIMEOUT_S)
@@ -299,7 +306,7 @@ def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tu
     env = _worker_env(cfg)
     resources = dict(num_cpus=pool.num_cpus, num_gpus=pool.gpus, resources=dict(pool.resources) or None)
     settings = WorkerSettings(
-        worker_id=wid, role=role, engine=pool_engine_config(cfg.model, pool, cfg.seed),
+        worker_id=wid, role=role, engine=pool_engine_config(cfg.model, pool, cfg.seed, cfg.speculative),
         transport="nixl" if role != "aggregated" else "none",
         nixl_backend=t.nixl_backend, nixl_progress_thread=t.progress_thread,
         lease_s=t.lease_s, transfer_timeout_s=t.transfer_timeout_s, admission_timeout_s=t.admission_timeout_s,

@@ -10,6 +10,7 @@ and/or built from `tandem serve` flags; unknown keys and bad values raise
     decode:  {replicas: 1, tp: 1, pp: 1, ...}     # shapes may differ: KV is converted on the way
     transport: {backend: nixl, lease_s: 30, transfer_timeout_s: 30, ...}
     router: {host: 127.0.0.1, port: 50051, policy: kv, conditional_prefill_threshold: 0, max_inflight: 256}
+    speculative: {method: ngram, num_speculative_tokens: 4}   # or draft + draft_model; null: off
     ray_address: null               # or "HOST:PORT" / "auto": join an existing cluster
 
 In aggregated mode the same worker count runs (prefill.replicas + decode.replicas
@@ -134,6 +135,29 @@ class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cleanup_timeout_s: float = 5.0  # each abort / release call to a worker after a failure or cancel
 
 
+class SpeculativeSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Speculative decoding on every worker (engine.config.SpeculativeConfig; null method: off).
+
+    A prefill worker samples only token 1 of a disaggregated request and never speculates on it (it
+    does on a request the router places whole on it). A decode worker's draft computes its own KV for
+    the prompt: only the target's KV is transferred, so the transfer plan and wire do not change.
+    """
+
+    method: Literal["ngram", "draft"] | None = None
+    num_speculative_tokens: int = 4
+    draft_model: str | None = None  # draft: a model directory or .gguf with the target's tokenizer
+    prompt_lookup_min: int = 2  # ngram: the shortest suffix n-gram looked up
+    prompt_lookup_max: int = 4
+    disable_batch_size: int = 8  # no speculation in a step with more requests decoding (0: never off)
+
+    def engine(self):
+        from engine.config import SpeculativeConfig
+
+        return SpeculativeConfig(method=self.method, num_speculative_tokens=self.num_speculative_tokens,
+                                 draft_model=self.draft_model, prompt_lookup_min=self.prompt_lookup_min,
+                                 prompt_lookup_max=self.prompt_lookup_max, disable_batch_size=self.disable_batch_size)
+
+
 class TracingSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """OpenTelemetry tracing; a field left unset comes from the standard OTEL_* variables, then the default."""
 
@@ -152,6 +176,7 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     transport: TransportConfig = TransportConfig()
     router: RouterConfig = RouterConfig()
     tracing: TracingSection = TracingSection()
+    speculative: SpeculativeSection = SpeculativeSection()
     ray_address: str | None = None  # None: start a local Ray in-process (or RAY_ADDRESS if set)
     ray_namespace: str = "tandem"
     seed: int = 0
@@ -211,6 +236,10 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.mode == "aggregated" and self.prefill.block_size != self.decode.block_size:
             raise ConfigError(f"aggregated mode serves one pool, so prefill.block_size ({self.prefill.block_size}) "
                               f"and decode.block_size ({self.decode.block_size}) must be equal")
+        try:
+            self.speculative.engine()
+        except ConfigError as e:
+            raise ConfigError(f"speculative: {e}") from None
         for name in ("lease_s", "transfer_timeout_s", "admission_timeout_s"):
             if getattr(self.transport, name) <= 0:
                 raise ConfigError(f"transport.{name} must be > 0")
@@ -241,7 +270,7 @@ def load_config(path: str | Path) -> ServeConfig:
 def with_overrides(cfg: ServeConfig, **changes) -> ServeConfig:
     """A copy with top-level and pool fields replaced: keys like "prefill.replicas" or "both.block_size"."""
     top: dict = {}
-    pools = {"prefill": {}, "decode": {}, "router": {}, "transport": {}, "tracing": {}}
+    pools = {"prefill": {}, "decode": {}, "router": {}, "transport": {}, "tracing": {}, "speculative": {}}
     for key, value in changes.items():
         if value is None:
             continue

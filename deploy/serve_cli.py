@@ -10,6 +10,8 @@
                  [--router-temperature T] [--slo-ttft-ms MS] [--slo-itl-ms MS] [--metrics-port N] [--max-inflight N] [--lease-s S]
                  [--http-port N | --no-http]
                  [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--auth-token-file FILE]
+                 [--speculative ngram|draft [--num-speculative-tokens K] [--draft-model PATH]
+                  [--prompt-lookup-min N] [--prompt-lookup-max N] [--speculative-disable-batch-size N]]
                  [--ray-address HOST:PORT] [--print-config]
 
 Flags override the file; the file overrides the defaults (deploy/config.py).
@@ -25,6 +27,26 @@ import os
 import sys
 
 from deploy.config import ServeConfig, dump_config, load_config, parse_size, with_overrides
+
+
+def add_speculative_flags(p) -> None:
+    """Speculative decoding flags, the same for `tandem serve` and `tandem generate --offline`."""
+    p.add_argument("--speculative", choices=["ngram", "draft"], default=None,
+                   help="speculative decoding: n-gram prompt lookup, or a draft model (--draft-model)")
+    p.add_argument("--num-speculative-tokens", type=int, metavar="K", help="tokens proposed per step (default 4)")
+    p.add_argument("--draft-model", metavar="PATH", help="--speculative draft: a model sharing the target's tokenizer")
+    p.add_argument("--prompt-lookup-min", type=int, metavar="N", help="--speculative ngram: shortest n-gram (default 2)")
+    p.add_argument("--prompt-lookup-max", type=int, metavar="N", help="--speculative ngram: longest n-gram (default 4)")
+    p.add_argument("--speculative-disable-batch-size", type=int, metavar="N",
+                   help="no speculation in a step with more than N requests decoding (default 8; 0: never off)")
+
+
+def speculative_overrides(args: argparse.Namespace) -> dict:
+    """The speculative flags as with_overrides keys (None: not given)."""
+    return {"speculative.method": args.speculative, "speculative.num_speculative_tokens": args.num_speculative_tokens,
+            "speculative.draft_model": args.draft_model, "speculative.prompt_lookup_min": args.prompt_lookup_min,
+            "speculative.prompt_lookup_max": args.prompt_lookup_max,
+            "speculative.disable_batch_size": args.speculative_disable_batch_size}
 
 
 def add_serve_parser(sub) -> None:
@@ -72,6 +94,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--lease-s", type=float, help="seconds prefill keeps a prompt's KV for decode to pull")
     s.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
                    help="join an existing Ray cluster (default: $RAY_ADDRESS, else start a local one)")
+    add_speculative_flags(s)
     s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     s.add_argument("-v", "--verbose", action="store_true")
 
@@ -95,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             "both.kv_cache_memory": args.kv_cache_memory,
             **{f"{pool}.{field}": getattr(args, f"{pool}_{field}")
                for pool in ("prefill", "decode") for field in ("tp", "pp", "block_size", "kv_order")},
+            **speculative_overrides(args),
         },
     )
 

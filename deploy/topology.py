@@ -33,11 +33,13 @@ from engine.model.parallel import RankPosition, check_shape
 from engine.shard import rank_kv_spec
 
 
-def pool_engine_config(model: str, pool: PoolConfig, seed: int = 0) -> EngineConfig:
-    """The engine config of one worker of `pool` (the one place pool fields map to engine fields)."""
-    from engine.config import SchedulerConfig
+def pool_engine_config(model: str, pool: PoolConfig, seed: int = 0, speculative=None) -> EngineConfig:
+    """The engine config of one worker of `pool` (the one place pool fields map to engine fields);
+    `speculative`: the config's SpeculativeSection (None: off)."""
+    from engine.config import SchedulerConfig, SpeculativeConfig
 
     return EngineConfig(
+        speculative=speculative.engine() if speculative is not None else SpeculativeConfig(),
         model=model, dtype=pool.dtype, device=pool.device, seed=seed,
         cache=CacheConfig(block_size=pool.block_size, kv_cache_memory_bytes=pool.kv_cache_bytes,
                           enable_prefix_caching=pool.enable_prefix_caching, kv_order=pool.kv_order),

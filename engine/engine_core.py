@@ -284,6 +284,17 @@ class EngineCore:
         self.kv_manager.commit(request_id, req.token_ids, req.num_computed_tokens)
         self.scheduler.resume_remote(req)
 
+    def speculative_description(self) -> str:
+        """What this engine speculates with, in one comparable string ("" when off): the workers of one
+        cluster must agree (checked when they start and when one joins)."""
+        spec = self.config.speculative
+        if not spec.enabled:
+            return ""
+        desc = f"{spec.method} k={spec.num_speculative_tokens} off_above={spec.disable_batch_size}"
+        if spec.method == "ngram":
+            return f"{desc} lookup={spec.prompt_lookup_min}..{spec.prompt_lookup_max}"
+        return f"{desc} draft={self.proposer.fingerprint}"
+
     def counts(self) -> tuple[int, int, int]:
         """(running, waiting incl. waiting for remote KV, leased) requests."""
         s = self.scheduler

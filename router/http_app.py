@@ -196,16 +196,24 @@ class _Job:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
     def usage(self) -> dict:
-        prompt = cached = completion = 0
+        prompt = cached = completion = steps = proposed = accepted = 0
         for c in self.choices.values():
             if c.usage is None:
                 continue
             completion += c.usage.completion_tokens
+            steps += c.usage.spec_verify_steps
+            proposed += c.usage.spec_proposed_tokens
+            accepted += c.usage.spec_accepted_tokens
             if c.index % self.n == 0:  # a prompt counts once, whatever n; its cache hit is the first choice's
                 prompt += c.usage.prompt_tokens
                 cached += c.usage.cached_tokens
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                 "prompt_tokens_details": {"cached_tokens": cached}}
+        if steps:  # speculative decoding: OpenAI's prediction counters, and tokens per verification step
+            usage["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                                  "rejected_prediction_tokens": proposed - accepted}
+            usage["acceptance_length"] = round(1.0 + accepted / steps, 4)
+        return usage
 
 
 class HttpDoor:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from router.responses import RequestTrace
@@ -42,6 +42,7 @@ METRIC_NAMES = {
     "tandem_ttft_part_seconds",
     "tandem_kv_transfer_seconds",
     "tandem_router_decision_seconds",
+    "tandem_spec_acceptance_length",
     # counters (Prometheus adds _total)
     "tandem_requests_total",
     "tandem_prompt_tokens_total",
@@ -51,6 +52,8 @@ METRIC_NAMES = {
     "tandem_kv_transfer_bytes_total",
     "tandem_kv_transfer_failures_total",
     "tandem_request_retries_total",
+    "tandem_worker_spec_tokens_total",
+    "tandem_worker_spec_verify_steps_total",
     # gauges
     "tandem_requests_in_flight",
     "tandem_worker_requests_running",
@@ -97,6 +100,10 @@ class RouterMetrics:
         self.transfer_failures = Counter("tandem_kv_transfer_failures", "KV pulls that failed", registry=r)
         self.retries = Counter("tandem_request_retries", "Requests resumed on other workers after a worker failed "
                                "them, by reason", ["reason"], registry=r)
+        self.acceptance = Histogram("tandem_spec_acceptance_length", "Speculative decoding: a finished request's "
+                                    "tokens per verification step (1 + accepted / steps)",
+                                    buckets=(1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 12.0, 17.0),
+                                    registry=r)
         self.in_flight = Gauge("tandem_requests_in_flight", "Requests in flight through the router", registry=r)
         # () -> [(role, worker id, last WorkerStatus or None, eligible)], called at scrape time (the service sets it)
         self.workers_source: Callable[[], Iterable[tuple[str, str, object, bool]]] = list
@@ -121,6 +128,8 @@ class RouterMetrics:
         self.prompt_tokens.inc(t.prompt_tokens)
         self.completion_tokens.inc(t.completion_tokens)
         self.cached_tokens.inc(t.cached_tokens)
+        if t.spec[0]:
+            self.acceptance.observe(t.acceptance_length)
         if t.kv_transfer_bytes:
             self.kv_transfer.observe(t.kv_transfer_s)
             self.transfer_bytes.inc(t.kv_transfer_bytes)
@@ -155,6 +164,10 @@ class _WorkerCollector:
                                    labels=labels)
         hits = GaugeMetricFamily("tandem_worker_prefix_cache_hit_ratio", "Prompt tokens found in the worker's "
                                  "prefix cache / prompt tokens it was given, since start", labels=labels)
+        spec_tokens = CounterMetricFamily("tandem_worker_spec_tokens", "Speculative decoding: tokens proposed and "
+                                          "accepted since the worker started", labels=[*labels, "kind"])
+        spec_steps = CounterMetricFamily("tandem_worker_spec_verify_steps", "Speculative decoding: verification "
+                                         "steps (acceptance length = 1 + accepted / steps)", labels=labels)
         up = GaugeMetricFamily("tandem_worker_up", "1 if the router may send the worker requests", labels=labels)
         for role, wid, s, healthy in self.metrics.worker_states():
             lv = [role, wid]
@@ -168,4 +181,7 @@ class _WorkerCollector:
             usage.add_metric(lv, (s.kv_blocks_total - s.kv_blocks_free) / s.kv_blocks_total if s.kv_blocks_total else 0)
             leases.add_metric(lv, s.leased)
             hits.add_metric(lv, s.prefix_hit_tokens / s.prefix_query_tokens if s.prefix_query_tokens else 0.0)
-        yield from (running, waiting, blocks, usage, leases, hits, up)
+            spec_tokens.add_metric([*lv, "proposed"], s.spec_proposed)
+            spec_tokens.add_metric([*lv, "accepted"], s.spec_accepted)
+            spec_steps.add_metric(lv, s.spec_steps)
+        yield from (running, waiting, blocks, usage, leases, hits, spec_tokens, spec_steps, up)

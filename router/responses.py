@@ -74,6 +74,7 @@ class RequestTrace:
     kv_transfer_bytes: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    spec: tuple[int, int, int] = (0, 0, 0)  # speculative decoding: (steps, proposed, accepted) of the attempts
     retries: int = 0  # times a worker failed mid-request and the router resumed it elsewhere
     finish_reason: str = ""
     token_gaps: list[tuple[float, int]] = field(default_factory=list)  # (seconds since last chunk, its tokens)
@@ -83,6 +84,14 @@ class RequestTrace:
         self.kv_transfer_s = max(self.kv_transfer_s, chunk.kv_transfer_s)
         self.kv_transfer_bytes = max(self.kv_transfer_bytes, chunk.kv_transfer_bytes)
         self.cached_tokens = max(self.cached_tokens, chunk.cached_tokens)
+        if chunk.spec_steps:  # each attempt's last chunk: a resumed request adds its new attempt's
+            s = self.spec
+            self.spec = (s[0] + chunk.spec_steps, s[1] + chunk.spec_proposed, s[2] + chunk.spec_accepted)
+
+    @property
+    def acceptance_length(self) -> float:
+        steps, _, accepted = self.spec
+        return 1.0 + accepted / steps if steps else 0.0
 
     def sent(self, now: float, tokens: int) -> None:
         """A response with `tokens` tokens was handed to gRPC at `now`. Tokens that arrive with the first
@@ -105,8 +114,11 @@ class RequestTrace:
     def finish(self, response: pb.GenerateResponse, now: float) -> None:
         first = self.first_sent if self.first_sent is not None else now
         dispatched = self.dispatched if self.dispatched is not None else self.received
+        steps, proposed, accepted = self.spec
         response.usage.CopyFrom(pb.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                                         cached_tokens=self.cached_tokens))
+                                         cached_tokens=self.cached_tokens, spec_verify_steps=steps,
+                                         spec_proposed_tokens=proposed, spec_accepted_tokens=accepted,
+                                         acceptance_length=self.acceptance_length))
         response.retries = self.retries
         response.timings.CopyFrom(pb.Timings(
             time_to_first_token_s=first - self.received, total_s=now - self.received,

@@ -52,6 +52,9 @@ class EngineStats:
     prefill_tokens: int = 0  # tokens still to compute before a first token (EngineCore.pending_prefill_tokens)
     prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache, since start
     prefix_hit_tokens: int = 0  # ... of which found there
+    spec_steps: int = 0  # speculative decoding since start: verification steps, tokens proposed, accepted
+    spec_proposed: int = 0
+    spec_accepted: int = 0
 
 
 class EngineDeadError(RuntimeError):
@@ -95,7 +98,8 @@ class AsyncEngine:
         core = self.core
         sched = core.scheduler
         return EngineStats(core.kv_manager.num_free_blocks, *core.counts(), core.pending_prefill_tokens(),
-                           sched.prefix_query_tokens, sched.prefix_hit_tokens)
+                           sched.prefix_query_tokens, sched.prefix_hit_tokens, core.spec_steps, core.spec_proposed,
+                           core.spec_accepted)
 
     def _publish(self, loop: asyncio.AbstractEventLoop) -> None:
         """Engine thread, after a step or command: fresh stats, and the KV events it caused to the loop."""

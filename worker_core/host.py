@@ -101,6 +101,7 @@ def to_chunk(out: StepOutput) -> StreamChunk:
         finish_reason=out.finish_reason,
         stop_reason=None if out.stop_reason is None else str(out.stop_reason),
         logprobs=[LogprobEntry(lp.token_id, lp.logprob, [tuple(t) for t in lp.top]) for lp in out.new_logprobs],
+        spec_steps=out.spec_steps, spec_proposed=out.spec_proposed, spec_accepted=out.spec_accepted,
     )
 
 
@@ -165,6 +166,7 @@ class WorkerHost:
             max_model_len=c.max_model_len,
             eos_token_ids=sorted(c.eos_token_ids),
             kv_capacity_tokens=c.kv_spec.num_blocks * c.kv_spec.block_size,
+            speculative=c.speculative_description(),
         )
 
     async def status(self, transfers_in_flight: int = 0) -> WorkerStatus:
@@ -179,6 +181,7 @@ class WorkerHost:
             running=st.running, waiting=st.waiting, leased=st.leased, prefill_tokens=st.prefill_tokens,
             max_num_seqs=self.core.config.scheduler.max_num_seqs,
             prefix_query_tokens=st.prefix_query_tokens, prefix_hit_tokens=st.prefix_hit_tokens,
+            spec_steps=st.spec_steps, spec_proposed=st.spec_proposed, spec_accepted=st.spec_accepted,
             node_id=self.node_id, device=str(self.core.device), block_size=spec.block_size,
             dtype=str(self.core.dtype).removeprefix("torch."), transfers_in_flight=transfers_in_flight,
             incarnation=self.publisher.epoch, perf=self.engine.step_times.estimate(time.monotonic()),

@@ -43,6 +43,7 @@ class DraftProposer:
                  num_blocks: int, generator: torch.Generator) -> None:
         path = config.speculative.draft_model
         source = load_model_source(path)
+        self.fingerprint = source.fingerprint
         if source.config.vocab_size != target_vocab:
             raise ConfigError(f"draft model {path!r} has a vocabulary of {source.config.vocab_size} tokens, the "
                               f"target {target_vocab}: a draft must share the target's tokenizer")
