@@ -117,13 +117,7 @@ class Cluster:
     def _wait_ready(self) -> None:
         statuses: list[WorkerStatus] = ray.get([w.actor.ready.remote() for w in self.workers], timeout=READY_TIMEOUT_S)
         infos: list[ModelInfo] = ray.get([w.actor.model_info.remote() for w in self.workers])
-        prints = {i.fingerprint for i in infos}
-        if len(prints) != 1:
-            raise ConfigError(f"workers loaded different models (fingerprints {sorted(prints)}); use one model")
-        specs = {i.speculative for i in infos}
-        if len(specs) != 1:
-            raise ConfigError(f"workers run different speculative decoding configs ({sorted(specs)}); every worker "
-                              "must speculate alike")
+        check_workers_agree(infos)
         # the router validates against the smallest cache, so every worker can hold any accepted request
         self.infos = infos
         self.model = min(infos, key=lambda i: i.kv_capacity_tokens)
@@ -152,12 +146,8 @@ class Cluster:
         try:
             ray.get(handle.actor.ready.remote(), timeout=READY_TIMEOUT_S)
             info = ray.get(handle.actor.model_info.remote(), timeout=CALL_TIMEOUT_S)
-            if self.model is not None and info.fingerprint != self.model.fingerprint:
-                raise ConfigError(f"worker {handle.worker_id} loaded another model ({info.fingerprint} vs "
-                                  f"{self.model.fingerprint})")
-            if self.model is not None and info.speculative != self.model.speculative:
-                raise ConfigError(f"worker {handle.worker_id} speculates with {info.speculative or 'nothing'!r}, the "
-                                  f"cluster with {self.model.speculative or 'nothing'!r}")
+            if self.model is not None:
+                check_workers_agree([self.model, info], joining=handle.worker_id)
             if peers:
                 mine = ray.get(handle.actor.handshake_payload.remote(), timeout=CALL_TIMEOUT_S)
                 theirs = ray.get([w.actor.handshake_payload.remote() for w in peers], timeout=CALL_TIMEOUT_S)
@@ -293,6 +283,19 @@ class Cluster:
         self.placement_groups.clear()
         if self.started_ray and ray.is_initialized():
             ray.shutdown()  # a Ray we joined (or that a test started) is left running
+
+
+def check_workers_agree(infos: list[ModelInfo], joining: str | None = None) -> None:
+    """Every worker of a cluster serves one model and speculates alike (ModelInfo.fingerprint and
+    .speculative); ConfigError names what differs. `joining`: the worker being added to the others."""
+    who = f"worker {joining} and the cluster" if joining else "workers"
+    prints = sorted({i.fingerprint for i in infos})
+    if len(prints) != 1:
+        raise ConfigError(f"{who} loaded different models (fingerprints {prints}); use one model")
+    specs = sorted({i.speculative or "off" for i in infos})
+    if len(specs) != 1:
+        raise ConfigError(f"{who} run different speculative decoding configs ({specs}); give every worker "
+                          "the same speculative section")
 
 
 def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tuple[WorkerHandle, object | None]:

@@ -383,6 +383,9 @@ class EngineCore:
             self.spec_steps += 1
             self.spec_proposed += k
             self.spec_accepted += accepted
+            # the next proposal's length follows this one's fate: all accepted -> twice as many (up to
+            # num_speculative_tokens), else one more than were accepted: rejected rows cost a step time
+            req.spec_k = min(self.scheduler.spec_tokens, 2 * k) if accepted == k else accepted + 1
             if not req.status.finished:
                 req.num_computed_tokens = start + 1 + accepted
                 self.kv_manager.commit(req.request_id, req.token_ids, req.num_computed_tokens)

@@ -79,6 +79,7 @@ class Request:
     spec_token_ids: list[int] = field(default_factory=list)
     spec_draft_probs: object = None  # draft proposer, random rows: [len(spec_token_ids), V] the draft sampled from
     draft_sampling: object = None  # draft proposer, seeded random requests: the draft's own SamplingState
+    spec_k: int = 0  # proposals allowed next step (adapted to what was accepted; 0: num_speculative_tokens)
     draft_computed: int = 0  # draft proposer: positions whose draft KV is valid (reset by preemption)
     spec_steps: int = 0  # verification steps, tokens proposed, tokens accepted (acceptance length =
     spec_proposed: int = 0  # (accepted + steps) / steps tokens per verification step)

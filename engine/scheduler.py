@@ -184,11 +184,13 @@ class Scheduler:
 
     @staticmethod
     def _spec_slots(req: Request, k_max: int, budget: int) -> int:
-        """Slots for proposed tokens: never more than the request can still emit (one token of each step is
-        the target's own), nor past the token budget. A prefill-role request hands off after token 1."""
+        """Slots for proposed tokens: at most the request's adapted `spec_k`, never more than it can still
+        emit (one token of each step is the target's own), nor past the token budget. A prefill-role
+        request hands off after token 1."""
         if req.kv_handoff:
             return 0
-        return max(0, min(k_max, req.params.max_tokens - req.num_output_tokens - 1, budget - 1))
+        k = min(k_max, req.spec_k) if req.spec_k else k_max
+        return max(0, min(k, req.params.max_tokens - req.num_output_tokens - 1, budget - 1))
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.kv.free(req.request_id)

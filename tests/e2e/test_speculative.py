@@ -60,13 +60,16 @@ def reference(tiny_dir):
 
 
 def _run(serving, repeat: int = 1) -> dict[tuple, list]:
-    """Each prompt `repeat` times, one after the other: (tokens, usage) per prompt per run."""
+    """Each prompt `repeat` times greedy, then once seeded at temperature 0.8: (tokens, usage) per run."""
     client = TandemClient(serving.address)
     got: dict[tuple, list] = {}
     for _ in range(repeat):
         for ids in _prompts():
             _, toks, last = client.complete(token_ids=ids, max_tokens=NEW, temperature=0.0, ignore_eos=True)
             got.setdefault(tuple(ids), []).append((toks, last.usage))
+    for ids in _prompts():
+        _, toks, last = client.complete(token_ids=ids, max_tokens=NEW, temperature=0.8, seed=11, ignore_eos=True)
+        got.setdefault(("seeded", *ids), []).append((toks, last.usage))
     serving.cluster.check_pools()
     return got
 
@@ -80,10 +83,12 @@ def disaggregated_ngram(tiny_dir):
 
 def test_disaggregated_ngram_equals_plain_greedy(disaggregated_ngram, reference):
     for ids, runs in disaggregated_ngram.items():
+        if ids[0] == "seeded":
+            continue
         for toks, usage in runs:
             assert toks == reference[ids]
             assert usage.completion_tokens == NEW
-    usages = [u for runs in disaggregated_ngram.values() for _, u in runs]
+    usages = [u for ids, runs in disaggregated_ngram.items() for _, u in runs if ids[0] != "seeded"]
     assert all(u.spec_verify_steps > 0 for u in usages), "every prompt repeats: lookup proposes"
     assert any(u.spec_accepted_tokens > 0 for u in usages)
     for u in usages:
@@ -96,7 +101,10 @@ def test_acceptance_length_aggregated_equals_disaggregated(tiny_dir, disaggregat
         aggregated = _run(s)
     for ids, runs in aggregated.items():
         toks, usage = runs[0]
-        assert toks == reference[ids]
+        if ids[0] == "seeded":  # a seeded request speculates alike in both modes: token 1 on P advances D's draw
+            assert toks == disaggregated_ngram[ids][0][0]
+        else:
+            assert toks == reference[ids]
         d_usage = disaggregated_ngram[ids][0][1]
         assert (usage.spec_verify_steps, usage.spec_proposed_tokens, usage.spec_accepted_tokens) == (
             d_usage.spec_verify_steps, d_usage.spec_proposed_tokens, d_usage.spec_accepted_tokens)
@@ -106,11 +114,14 @@ def test_acceptance_length_aggregated_equals_disaggregated(tiny_dir, disaggregat
 def test_disaggregated_draft_model_and_http_usage(tiny_dir, draft_dir, reference):
     overrides = {"speculative.method": "draft", "speculative.draft_model": str(draft_dir),
                  "speculative.num_speculative_tokens": 2, "prefill.block_size": 16, "decode.block_size": 8,
+                 "decode.tp": 2,  # the draft runs beside the leader rank of a TP2 worker
                  "ray_namespace": "tandem-spec-draft"}  # the module's n-gram cluster still runs
     with serve(str(tiny_dir), **overrides) as s:
         got = _run(s)
         for ids, runs in got.items():
             toks, usage = runs[0]
+            if ids[0] == "seeded":
+                continue
             assert toks == reference[ids]
             assert usage.spec_verify_steps > 0 and usage.spec_proposed_tokens > 0
         # the OpenAI door reports OpenAI's prediction counters and the acceptance length

@@ -94,3 +94,46 @@ def test_http_door_flags_and_config_keys():
     with pytest.raises(ConfigError, match="router.http_port must be in 0..65535"):
         parse("--http-port", "70000")
     assert parse("--port", "9000", "--http-port", "9000", "--no-http").router.http is False  # off: no clash
+
+
+def test_speculative_flags_and_config_keys(tmp_path, capsys: pytest.CaptureFixture[str]):
+    assert parse().speculative.method is None
+    cfg = parse("--speculative", "ngram", "--num-speculative-tokens", "3", "--prompt-lookup-min", "1",
+                "--prompt-lookup-max", "5", "--speculative-disable-batch-size", "0")
+    s = cfg.speculative
+    assert (s.method, s.num_speculative_tokens, s.prompt_lookup_min, s.prompt_lookup_max, s.disable_batch_size) == (
+        "ngram", 3, 1, 5, 0)
+    engine = s.engine()
+    assert engine.enabled and engine.num_speculative_tokens == 3
+    d = parse("--speculative", "draft", "--draft-model", "/models/draft").speculative
+    assert (d.method, d.draft_model) == ("draft", "/models/draft")
+    with pytest.raises(ConfigError, match="speculative: .*needs draft_model"):
+        parse("--speculative", "draft")
+    with pytest.raises(ConfigError, match="num_speculative_tokens must be in 1..16"):
+        parse("--speculative", "ngram", "--num-speculative-tokens", "0")
+    with pytest.raises(ConfigError, match="only used by speculative method 'draft'"):
+        parse("--speculative", "ngram", "--draft-model", "/m")
+    path = tmp_path / "c.yaml"
+    path.write_text("speculative:\n  method: ngram\n  num_speculative_tokens: 2\n")
+    assert parse("--config", str(path)).speculative.num_speculative_tokens == 2
+    path.write_text("speculative:\n  method: eagle\n")
+    with pytest.raises(ConfigError, match="speculative.method"):
+        parse("--config", str(path))
+    # generate --server takes no speculative flags: the server's are chosen when it starts
+    assert main(["generate", "--server", "127.0.0.1:1", "--speculative", "ngram", "--prompt", "x"]) == 2
+    assert "speculative flags apply to --offline only" in capsys.readouterr().err
+
+
+def test_workers_must_agree_on_model_and_speculation():
+    from common.wire import ModelInfo
+    from deploy.cluster import check_workers_agree
+
+    def info(fp="m1", spec=""):
+        return ModelInfo(name="x", fingerprint=fp, vocab_size=512, max_model_len=2048, eos_token_ids=[2],
+                         kv_capacity_tokens=1024, speculative=spec)
+
+    check_workers_agree([info(spec="ngram k=4"), info(spec="ngram k=4")])
+    with pytest.raises(ConfigError, match="different models"):
+        check_workers_agree([info(), info(fp="m2")])
+    with pytest.raises(ConfigError, match=r"worker decode-3 and the cluster run different speculative .*\['ngram k=4', 'off'\]"):
+        check_workers_agree([info(spec="ngram k=4"), info()], joining="decode-3")
