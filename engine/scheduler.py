@@ -130,7 +130,10 @@ class Scheduler:
         while queue and budget > 0:
             req = queue.pop(0)
             left = req.num_tokens - req.num_computed_tokens
-            k = self._spec_slots(req, k_max, budget) if k_max and left == 1 else 0
+            # a seeded random request speculates whatever the batch: its draws (hence its tokens) then depend
+            # on its seed and prompt only, never on how many others were decoding beside it
+            k_req = self.spec_tokens if req.params.seed is not None and not req.params.greedy else k_max
+            k = self._spec_slots(req, k_req, budget) if k_req and left == 1 else 0
             n = min(left + k, budget)
             while True:
                 blocks = self.kv.allocate(req.request_id, req.token_ids, req.num_computed_tokens, n)

@@ -250,3 +250,15 @@ def test_sampling_matches_the_target_distribution(target_dir, draft_dir, plain, 
     counts = Counter({ids.index(t): c for t, c in t2.items()})
     assert sum(counts.values()) >= 100
     assert chi2_pvalue(counts, probs) > 1e-3, (counts, probs)
+
+
+def test_seeded_request_does_not_depend_on_the_batch(target_dir):
+    """The batch cut-off turns speculation off for a crowded step, but never for a seeded random request:
+    its tokens are the same alone and among 11 others."""
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=3, prompt_lookup_min=1, disable_batch_size=2)
+    seeded = SamplingParams(max_tokens=20, temperature=0.9, seed=3, ignore_eos=True)
+    prompt = _prompts(1, seed=21)[0]
+    alone = _run(_engine(target_dir, spec), [("s", prompt, seeded)])["s"]["tokens"]
+    crowd = [(f"g{i}", p, GREEDY) for i, p in enumerate(_prompts(11, seed=22))]
+    among = _run(_engine(target_dir, spec), [("s", prompt, seeded), *crowd])["s"]["tokens"]
+    assert among == alone
