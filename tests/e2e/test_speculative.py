@@ -77,8 +77,8 @@ def _run(serving, repeat: int = 1) -> dict[tuple, list]:
 @pytest.fixture(scope="module")
 def disaggregated_ngram(tiny_dir):
     overrides = {**NGRAM, "prefill.block_size": 16, "decode.block_size": 8, "decode.tp": 2, "decode.kv_order": "HND"}
-    with serve(str(tiny_dir), **overrides) as s:
-        yield _run(s, repeat=2)  # the second run pulls after D's own prefix-cache hit
+    with serve(str(tiny_dir), **overrides) as s:  # stopped before the other tests start theirs
+        return _run(s, repeat=2)  # the second run pulls after D's own prefix-cache hit
 
 
 def test_disaggregated_ngram_equals_plain_greedy(disaggregated_ngram, reference):
@@ -114,8 +114,7 @@ def test_acceptance_length_aggregated_equals_disaggregated(tiny_dir, disaggregat
 def test_disaggregated_draft_model_and_http_usage(tiny_dir, draft_dir, reference):
     overrides = {"speculative.method": "draft", "speculative.draft_model": str(draft_dir),
                  "speculative.num_speculative_tokens": 2, "prefill.block_size": 16, "decode.block_size": 8,
-                 "decode.tp": 2,  # the draft runs beside the leader rank of a TP2 worker
-                 "ray_namespace": "tandem-spec-draft"}  # the module's n-gram cluster still runs
+                 "decode.tp": 2}  # the draft runs beside the leader rank of a TP2 worker
     with serve(str(tiny_dir), **overrides) as s:
         got = _run(s)
         for ids, runs in got.items():
