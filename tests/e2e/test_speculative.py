@@ -14,11 +14,9 @@ import random
 import httpx
 import pytest
 
-from engine.config import CacheConfig, EngineConfig
-from engine.engine_core import EngineCore
-from engine.sampling_params import SamplingParams
 from tandem_api.client import TandemClient
 from tests.e2e.conftest import TINY_VOCAB, serve
+from tests.helpers.reference import engine_greedy
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -47,16 +45,8 @@ def draft_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tiny_dir):
-    core = EngineCore(EngineConfig(model=str(tiny_dir), dtype="float32", cache=CacheConfig(num_blocks=128)))
-    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
-    out = {}
-    for ids in _prompts():
-        rid = core.add_request(ids, params)
-        toks = []
-        while core.has_unfinished_requests():
-            toks += [t for o in core.step() if o.request_id == rid for t in o.new_token_ids]
-        out[tuple(ids)] = toks
-    return out
+    """Greedy tokens of one plain aggregated TP1 engine, per prompt."""
+    return engine_greedy(tiny_dir, _prompts(), NEW, num_blocks=128)
 
 
 def _run(serving, repeat: int = 1) -> dict[tuple, list]:

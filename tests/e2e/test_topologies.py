@@ -28,12 +28,11 @@ import ray
 from deploy.config import PoolConfig, ServeConfig, with_overrides
 from deploy.cluster import create_worker
 from deploy.topology import replace_pool
-from engine.config import CacheConfig, EngineConfig
-from engine.engine_core import EngineCore
 from engine.errors import ConfigError
 from engine.sampling_params import SamplingParams
 from tandem_api.client import TandemClient
 from tests.e2e.conftest import serve
+from tests.helpers.reference import engine_greedy
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -62,16 +61,7 @@ def _prompts() -> list[list[int]]:
 @pytest.fixture(scope="module")
 def reference(tiny_dir):
     """Greedy tokens of one aggregated TP1 engine, per prompt."""
-    core = EngineCore(EngineConfig(model=str(tiny_dir), dtype="float32", cache=CacheConfig(num_blocks=64)))
-    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
-    out = {}
-    for ids in _prompts():
-        rid = core.add_request(ids, params)
-        toks = []
-        while core.has_unfinished_requests():
-            toks += [t for o in core.step() if o.request_id == rid for t in o.new_token_ids]
-        out[tuple(ids)] = toks
-    return out
+    return engine_greedy(tiny_dir, _prompts(), NEW, num_blocks=64)
 
 
 @pytest.fixture(scope="module")

@@ -32,3 +32,22 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
             out.append(int(logits.argmax()))
             ids = torch.tensor([[out[-1]]])
     return out
+
+
+def engine_greedy(model_dir, prompts: list[list[int]], max_tokens: int, num_blocks: int = 128) -> dict[tuple, list[int]]:
+    """Greedy tokens of one aggregated TP1 float32 engine (no speculation), per prompt, one request at a time."""
+    from engine.config import CacheConfig, EngineConfig
+    from engine.engine_core import EngineCore
+    from engine.sampling_params import SamplingParams
+
+    core = EngineCore(EngineConfig(model=str(model_dir), dtype="float32", cache=CacheConfig(num_blocks=num_blocks)))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    out = {}
+    for ids in prompts:
+        rid = core.add_request(ids, params)
+        toks: list[int] = []
+        while core.has_unfinished_requests():
+            toks += [t for o in core.step() if o.request_id == rid for t in o.new_token_ids]
+        out[tuple(ids)] = toks
+    core.leak_check()
+    return out
