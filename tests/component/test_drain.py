@@ -17,6 +17,7 @@ from router.pools import WorkerPool
 from router.responses import RequestTrace
 from router.attempts import Attempt, Run
 from router.server import GenerationService
+from tests.helpers.fake_workers import FakeWorker
 from tests.helpers.inprocess_workers import InProcessClient, new_worker
 from tests.helpers.tiny_models import make_tiny_hf_model
 
@@ -28,19 +29,9 @@ def tiny(tmp_path_factory) -> str:
     return str(make_tiny_hf_model(tmp_path_factory.mktemp("drain"), "llama", vocab_size=512))
 
 
-class RecordingClient(InProcessClient):
-    def __init__(self, worker) -> None:
-        super().__init__(worker)
-        self.aborted: list[str] = []
-
-    async def abort(self, request_id: str) -> bool:
-        self.aborted.append(request_id)
-        return await super().abort(request_id)
-
-
-@dataclass
-class Fake:  # a decode worker; these tests make no call to it
-    worker_id: str
+def recording(tiny: str, wid: str) -> FakeWorker:
+    """A real in-process prefill worker; the fake in front of it records every call (`request_ids("abort")`)."""
+    return FakeWorker(wid, "prefill", inner=InProcessClient(new_worker(tiny, wid)))
 
 
 @dataclass
@@ -48,9 +39,10 @@ class Req:
     request_id: str
 
 
-def service_with(p0: RecordingClient, p1: RecordingClient) -> GenerationService:
+def service_with(p0: FakeWorker, p1: FakeWorker) -> GenerationService:
+    # d0: a decode worker; these tests make no call to it
     return GenerationService(validator=None, prefill=WorkerPool("prefill", [p0, p1], "kv", block_size=4),
-                             decode=WorkerPool("decode", [Fake("d0")], "kv", block_size=4),
+                             decode=WorkerPool("decode", [FakeWorker("d0")], "kv", block_size=4),
                              info_source=lambda: None, cleanup_timeout_s=0.2)
 
 
@@ -62,7 +54,7 @@ def run_on(service: GenerationService, rid: str, p, d, prefill_done: bool) -> No
 
 def test_timed_out_prefill_drain_aborts_only_prompts_still_computing(tiny):
     async def scenario():
-        p0, p1 = RecordingClient(new_worker(tiny, "p0")), RecordingClient(new_worker(tiny, "p1"))
+        p0, p1 = recording(tiny, "p0"), recording(tiny, "p1")
         service = service_with(p0, p1)
         d0 = service.decode.client("d0")
         run_on(service, "computing", p0, d0, prefill_done=False)
@@ -71,10 +63,10 @@ def test_timed_out_prefill_drain_aborts_only_prompts_still_computing(tiny):
         with service.prefill.track("p0"):  # the computing prompt's call is open: the drain cannot finish
             drained = await service.drain_worker("p0", timeout_s=0.05)
         assert drained is False
-        assert p0.aborted == ["computing"] and p1.aborted == []
+        assert p0.request_ids("abort") == ["computing"] and p1.request_ids("abort") == []
         assert "p0" not in service.prefill and "p1" in service.prefill
         assert service.prefill.eligible()[0].worker_id == "p1"
-        for w in (p0.worker, p1.worker):
+        for w in (p0.inner.worker, p1.inner.worker):
             await w.shutdown()
 
     asyncio.run(scenario())
@@ -82,7 +74,7 @@ def test_timed_out_prefill_drain_aborts_only_prompts_still_computing(tiny):
 
 def test_cancelled_drain_puts_the_worker_back(tiny):
     async def scenario():
-        p0, p1 = RecordingClient(new_worker(tiny, "p0")), RecordingClient(new_worker(tiny, "p1"))
+        p0, p1 = recording(tiny, "p0"), recording(tiny, "p1")
         service = service_with(p0, p1)
         with service.prefill.track("p0"):
             task = asyncio.create_task(service.drain_worker("p0", timeout_s=60))
@@ -93,8 +85,8 @@ def test_cancelled_drain_puts_the_worker_back(tiny):
             with pytest.raises(asyncio.CancelledError):
                 await task
         slot = service.prefill.slot("p0")
-        assert not slot.draining and slot.eligible and p0.aborted == []
-        for w in (p0.worker, p1.worker):
+        assert not slot.draining and slot.eligible and p0.request_ids("abort") == []
+        for w in (p0.inner.worker, p1.inner.worker):
             await w.shutdown()
 
     asyncio.run(scenario())

@@ -23,6 +23,7 @@ from prefill_worker.worker import PrefillWorker
 from router.kv_feed import KVEventFeed
 from router.pools import WorkerPool
 from router.routing import PoolIndex, Router, RoutingConfig
+from tests.helpers.fake_workers import FakeWorker
 from tests.helpers.inprocess_workers import BS, NUM_BLOCKS, InProcessClient, new_worker
 from tests.helpers.tiny_models import make_tiny_hf_model
 
@@ -34,11 +35,6 @@ WAIT_S = 20.0
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
     return str(make_tiny_hf_model(tmp_path_factory.mktemp("kvfeed"), "llama", vocab_size=512))
-
-
-@dataclass
-class Fake:  # a decode worker the router may choose; these tests make no call to it
-    worker_id: str
 
 
 @dataclass
@@ -70,7 +66,8 @@ class Setup:
 async def setup(workers: list[PrefillWorker], follow: bool = True) -> AsyncIterator[Setup]:
     clients = {w.host.worker_id: InProcessClient(w) for w in workers}
     prefill = WorkerPool("prefill", list(clients.values()), block_size=BS)
-    router = Router(WorkerPool("decode", [Fake("d0")], block_size=BS), prefill, RoutingConfig(), random.Random(0))
+    decode = WorkerPool("decode", [FakeWorker("d0")], block_size=BS)  # the router may choose it; no call is made
+    router = Router(decode, prefill, RoutingConfig(), random.Random(0))
     downs: list[tuple[str, str, str]] = []
 
     def on_down(pool: WorkerPool, worker_id: str, reason: str) -> None:  # what GenerationService does

@@ -19,11 +19,7 @@ from common.wire import WorkerStatus
 from engine.block_pool import BlockPool
 from router.pools import WorkerPool
 from router.routing import Router, RoutingConfig
-
-
-@dataclass
-class SimClient:  # routing reads only worker_id
-    worker_id: str
+from tests.helpers.fake_workers import FakeWorker
 
 
 class SimWorker:
@@ -76,8 +72,10 @@ class SimPool:
     def __post_init__(self) -> None:
         self.workers = {f"p{i}": SimWorker(f"p{i}", self.num_blocks, self.block_size) for i in range(self.n)}
         pool_policy = "least_loaded" if self.policy == "kv" else self.policy
-        prefill = WorkerPool("prefill", [SimClient(w) for w in self.workers], pool_policy, block_size=self.block_size)
-        decode = WorkerPool("decode", [SimClient("d0")], pool_policy, block_size=self.block_size)
+        # routing reads only the clients' worker_id: no call is made to them
+        prefill = WorkerPool("prefill", [FakeWorker(w, "prefill") for w in self.workers], pool_policy,
+                             block_size=self.block_size)
+        decode = WorkerPool("decode", [FakeWorker("d0")], pool_policy, block_size=self.block_size)
         self.router = Router(decode, prefill, RoutingConfig(policy=self.policy), random.Random(self.seed))
         for w in self.workers.values():
             prefill.set_status(w.worker_id, w.status())

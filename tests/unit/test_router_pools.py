@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import pytest
 
 from router.errors import NoHealthyWorkerError
 from router.pools import Candidate, Policy, WorkerPool
+from tests.helpers.fake_workers import FakeWorker
 
 
-@dataclass
-class Worker:  # choosing only reads worker_id; no calls are made
-    worker_id: str
-
-
-def pool(n: int, policy: str) -> WorkerPool:
-    return WorkerPool("decode", [Worker(f"d{i}") for i in range(n)], policy)
+def pool(n: int, policy: str) -> WorkerPool:  # choosing only reads worker_id; no calls are made
+    return WorkerPool("decode", [FakeWorker(f"d{i}") for i in range(n)], policy)
 
 
 def picks(p: WorkerPool, k: int) -> list[str]:
@@ -89,7 +84,7 @@ def test_bad_pools() -> None:
     with pytest.raises(ValueError, match="at least one worker"):
         WorkerPool("prefill", [])
     with pytest.raises(ValueError, match="must be distinct"):
-        WorkerPool("prefill", [Worker("p0"), Worker("p0")])
+        WorkerPool("prefill", [FakeWorker("p0"), FakeWorker("p0")])
     with pytest.raises(KeyError, match="no worker 'p9' in the decode pool"):
         pool(1, "round_robin").slot("p9")
     assert pool(1, "round_robin").set_health("p9", False) is False  # removed meanwhile: nothing to mark

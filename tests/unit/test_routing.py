@@ -10,7 +10,6 @@ import asyncio
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import msgspec
 import pytest
@@ -31,13 +30,9 @@ from router.costs import (
     select,
 )
 from router.routing import KVDecision, Route, Router, RoutingConfig
+from tests.helpers.fake_workers import FakeWorker
 
 BS = 16
-
-
-@dataclass
-class Worker:  # routing only reads worker_id; no calls are made
-    worker_id: str
 
 
 def status(wid: str, total: int, free: int, max_num_seqs: int = 8) -> WorkerStatus:
@@ -49,9 +44,9 @@ def status(wid: str, total: int, free: int, max_num_seqs: int = 8) -> WorkerStat
 def make_router(n_prefill: int = 2, n_decode: int = 1, policy: str = "kv", seed: int = 0,
                 aggregated: bool = False, **cfg) -> Router:
     pool_policy = "least_loaded" if policy == "kv" else policy
-    decode = WorkerPool("decode", [Worker(f"d{i}") for i in range(n_decode)], pool_policy, block_size=BS)
-    prefill = None if aggregated else WorkerPool("prefill", [Worker(f"p{i}") for i in range(n_prefill)], pool_policy,
-                                                 block_size=BS)
+    decode = WorkerPool("decode", [FakeWorker(f"d{i}") for i in range(n_decode)], pool_policy, block_size=BS)
+    prefill = None if aggregated else WorkerPool("prefill", [FakeWorker(f"p{i}") for i in range(n_prefill)],
+                                                 pool_policy, block_size=BS)
     return Router(decode, prefill, RoutingConfig(policy=policy, **cfg), random.Random(seed))
 
 
@@ -274,8 +269,8 @@ def burst(router_cls: type[Router] = Router, seed: int = 11) -> tuple[Router, li
     prefix = tokens(rng, 512)  # 32 blocks
     prompts = [prefix + tokens(rng, 32) for _ in range(64)]  # 544 tokens, 34 full blocks
     assert len({tuple(p) for p in prompts}) == 64
-    decode = WorkerPool("decode", [Worker("d0")], block_size=BS)
-    prefill = WorkerPool("prefill", [Worker(f"p{i}") for i in range(4)], block_size=BS)
+    decode = WorkerPool("decode", [FakeWorker("d0")], block_size=BS)
+    prefill = WorkerPool("prefill", [FakeWorker(f"p{i}") for i in range(4)], block_size=BS)
     r = router_cls(decode, prefill, RoutingConfig(policy="kv", temperature=0.0), random.Random(seed))
     routes = [r.route(f"r{i}", p) for i, p in enumerate(prompts)]  # back to back, no completion
     return r, routes
@@ -574,7 +569,7 @@ def test_draining_workers_are_never_chosen() -> None:
 
 
 def test_wait_drained_returns_when_the_last_tracked_request_ends() -> None:
-    pool = WorkerPool("prefill", [Worker("p0"), Worker("p1")], block_size=BS)
+    pool = WorkerPool("prefill", [FakeWorker("p0"), FakeWorker("p1")], block_size=BS)
 
     async def scenario() -> None:
         assert await pool.wait_drained("p1", timeout_s=5.0)  # nothing in flight: at once
