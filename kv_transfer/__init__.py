@@ -5,18 +5,7 @@ imports it; creating a `NixlTransport` does, and raises TransportUnavailableErro
 (with the import error's text) where it is not installed.
 """
 
-from kv_transfer.convert import (
-    ConversionPlan,
-    Piece,
-    Round,
-    RowScatter,
-    ScatterSegment,
-    apply_scatter,
-    check_pair,
-    describe_pair,
-    execute_locally,
-    plan_conversion,
-)
+from kv_transfer.conversion_plan import ConversionPlan, Piece
 from kv_transfer.errors import (
     IncompatiblePeerError,
     InvalidLayoutError,
@@ -32,7 +21,11 @@ from kv_transfer.inproc import InProcessRegistry, InProcessTransport
 from kv_transfer.layout import COMPAT_FIELDS, KVLayout, check_compatible
 from kv_transfer.nixl_settings import NixlSettings
 from kv_transfer.nixl_transport import NixlTransport
+from kv_transfer.pair import check_pair
 from kv_transfer.plan import Region, TransferPlan, plan_transfer
+from kv_transfer.planner import describe_pair, plan_conversion
+from kv_transfer.rounds import Round, RowScatter, ScatterSegment
+from kv_transfer.scatter import apply_scatter, execute_locally
 from kv_transfer.transport import (
     PROTOCOL_VERSION,
     Handshake,
@@ -84,3 +77,5 @@ __all__ = [
     "plan_conversion",
     "plan_transfer",
 ]
+
+TANDEM_PACKAGE = "tandem-serve"  # deploy/import_names.py: this import name is Tandem's

@@ -15,11 +15,11 @@ Byte addressing (the same for NHD and HND, see engine/kv_cache.py):
 
 Two peers are *compatible* when the fields in `COMPAT_FIELDS` agree (`compat_hash`
 covers exactly those): same model, dtype, head_dim and model totals. Everything else
-is topology that a conversion bridges (kv_transfer/convert.py): layer and head ranges
+is topology that a conversion bridges (kv_transfer/planner.py): layer and head ranges
 (a TP=2 prefill rank and a TP=1 decode rank hold different head ranges of the same
 model; PP stages hold different layer ranges), block_size (when one divides the
 other) and order (NHD vs HND). So `check_compatible` accepts those, and
-`convert.check_pair` validates a whole prefill/decode worker pair at startup.
+`pair.check_pair` validates a whole prefill/decode worker pair at startup.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ ORDERS = ("NHD", "HND")
 
 # What must be equal between two peers, in the order messages list them.
 # num_blocks, device, the layer/head ranges, block_size and order are deliberately
-# absent: convert.py converts between them (check_pair refuses block sizes where
+# absent: a layout conversion (planner.py) bridges them (check_pair refuses block sizes where
 # neither divides the other).
 COMPAT_FIELDS = ("model_fingerprint", "dtype", "head_dim", "total_layers", "total_kv_heads")
 
@@ -210,7 +210,7 @@ def check_registrable(kv_cache: torch.Tensor, layout: KVLayout) -> None:
 def check_staging(staging: torch.Tensor, layout: KVLayout) -> int:
     """Raise InvalidLayoutError unless `staging` can be registered next to the cache; its bytes.
 
-    A staging buffer receives the staged reads of a layout conversion (convert.py) and is
+    A staging buffer receives the staged reads of a layout conversion (conversion_plan.py) and is
     scattered into the cache on the same device, so it must be contiguous, non-empty and
     live where the cache does. Its dtype is free (it is addressed in bytes).
     """

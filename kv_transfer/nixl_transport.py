@@ -11,7 +11,7 @@ How a READ flows (decode agent D pulls blocks from prefill agent P):
          remote descs = P.base + region.src_offset   (from P's handshake)
          initialize_xfer("READ", local, remote, "P", notify) + transfer()
          (a local offset >= region_bytes addresses D's staging buffer instead, a second
-          registration made by register(kv, layout, staging): layout conversion, convert.py)
+          registration made by register(kv, layout, staging): layout conversion, conversion_plan.py)
     D: poll() -> check_xfer_state: PROC -> PENDING, DONE -> DONE, ERR -> FAILED
     D: release()              release_xfer_handle
     P: notifications()        get_new_notifs() -> [("D", request id)] -> P drops its lease

@@ -1,9 +1,14 @@
-"""`plan_transfer`: which bytes go where, as data, computed once and never by a transport.
+"""`TransferPlan`: which bytes go where, as data, computed once and never by a transport.
 
 A plan is a tuple of byte regions, each (src_offset, dst_offset, nbytes) relative to
 the start of each side's registered tensor. Executors (transports) copy regions;
-they never do layout arithmetic.
+they never do layout arithmetic. A `TransferPlan` keeps its regions as one (n, 3)
+int64 array [src_offset, dst_offset, nbytes] (`as_array()`): planners build it
+vectorised and NIXL posts it as is; the `regions` tuple of `Region`s is built on
+first use.
 
+`plan_transfer(src, dst, src_blocks, dst_blocks)` is the plan of a plain block copy
+between two layouts of one topology (layer range, head range, block size, order).
 Runs are merged: where consecutive pairs of the block lists are consecutive on BOTH
 sides, their bytes are contiguous on both sides inside every (layer, K|V) plane, so
 one region covers the whole run:
@@ -15,16 +20,19 @@ one region covers the whole run:
         Region(src.offset(l, kv, s0), dst.offset(l, kv, d0), n * block_bytes)
 
 So a plan has num_layers * 2 * num_runs regions. Regions are not merged across
-planes (that only pays when a run spans every block of both caches).
+planes (that only pays when a run spans every block of both caches). Any other
+topology raises `UnsupportedConversionError`.
 
-`plan_transfer` needs both sides to share the topology (layer range, head range,
-block size, order); anything else raises `UnsupportedConversionError`, and
-`kv_transfer.convert.plan_conversion` plans it instead (its plans are made of the same
-`TransferPlan`s, some of whose destination offsets address a staging buffer).
-
-A `TransferPlan` keeps its regions as one (n, 3) int64 array [src_offset, dst_offset,
-nbytes] (`as_array()`): planners build it vectorised and NIXL posts it as is; the
-`regions` tuple of `Region`s is built on first use.
+The served workers never call `plan_transfer`: a decode rank plans every pull, the
+identical topology included, with `plan_conversion` (planner.py) and
+`ConversionPlan.bind` (conversion_plan.py), whose plans are the same `TransferPlan`s
+(some destination offsets addressing a staging buffer). `plan_transfer` is the
+reference those plans are checked against: for an identical topology `bind` must give
+exactly its regions, in one round without a scatter
+(tests/unit/test_kv_convert.py::test_identical_topology_binds_to_exactly_plan_transfer).
+It is also the plan the transport conformance suite
+(tests/component/test_transport_conformance.py) and benchmarks/kv_transfer_bandwidth.py
+submit, since they test transports, not conversions.
 """
 
 from __future__ import annotations
@@ -124,7 +132,7 @@ class TransferPlan:
 
         Transports call this before submitting, so a plan built for other layouts fails
         with a clear error instead of a backend error (or a silent out-of-range copy).
-        `dst_staging_bytes` > 0 (only for the local side of a READ, see convert.py): a
+        `dst_staging_bytes` > 0 (only for the local side of a READ, see conversion_plan.py): a
         destination offset >= dst_bytes addresses the staging buffer registered after the
         cache, at offset - dst_bytes; a region lies wholly in one of the two.
         """

@@ -58,7 +58,7 @@ __all__ = [
 # field means; peers of different versions refuse each other before any traffic.
 # History:
 #   1: first version (transport, agent_name, layout, base_addr, device_id, agent_metadata).
-#   2: compat_hash no longer covers block_size and order (convert.py converts them).
+#   2: compat_hash no longer covers block_size and order (a layout conversion bridges them).
 PROTOCOL_VERSION = 2
 
 
@@ -107,7 +107,7 @@ class Transport(Protocol):
     - One transport object is used by one thread at a time, or its calls are serialised
       by the implementation (NixlTransport holds a lock).
 
-    Staging (layout conversion, kv_transfer/convert.py): `register` may take a second,
+    Staging (layout conversion, kv_transfer/conversion_plan.py): `register` may take a second,
     local-only buffer on the cache's device. Only the LOCAL side of a READ may address
     it: a destination offset >= layout.region_bytes means staging at offset -
     region_bytes, and a region lies wholly in the cache or wholly in staging. Peers never

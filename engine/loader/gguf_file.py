@@ -149,7 +149,7 @@ def load_gguf_file(path: str | Path) -> ModelSource:
     with open(path, "rb") as handle:
         header = handle.read(int(reader.data_offset))  # metadata + tensor infos, tokenizer included
     fingerprint = compute_fingerprint("gguf", config, table, [path], header)
-    return ModelSource(path, "gguf", config, tokenizer, fingerprint)
+    return ModelSource(path, "gguf", config, tokenizer, fingerprint, read_weights=iter_gguf_weights)
 
 
 def _to_torch(tensor: Any) -> torch.Tensor:

@@ -56,7 +56,7 @@ def load_hf_dir(directory: str | Path) -> ModelSource:
         if (directory / name).is_file()
     )
     fingerprint = compute_fingerprint("hf", config, table, [str(f) for f in files], extra)
-    return ModelSource(str(directory), "hf", config, tokenizer, fingerprint)
+    return ModelSource(str(directory), "hf", config, tokenizer, fingerprint, read_weights=iter_hf_weights)
 
 
 def _int(raw: dict[str, Any], key: str, where: str, default: int | None = None) -> int:

@@ -14,6 +14,12 @@ Hugging Face Llama names, so the model code never sees file formats:
 
 Also here: `expected_weight_shapes(config)` (that name -> shape table, used to
 check a checkpoint before any tensor is read) and the fingerprint helper.
+
+This module knows no file format: the format modules (hf_dir.py, gguf_file.py) import
+it, never the other way round. Each builds its `ModelSource` with its own weight
+reader (`read_weights=iter_hf_weights` / `iter_gguf_weights`), which `iter_weights`
+calls; the reader is a module-level function, so a source still pickles (by reference)
+to other processes.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,6 +44,9 @@ _SAMPLES_PER_FILE = 16  # evenly spaced chunks hashed per weight file
 _SAMPLE_BYTES = 4096
 _FULL_HASH_BELOW = 32 << 20  # files smaller than this are hashed whole
 
+# a format's weight streamer: (path, config) -> (hf_name, tensor) pairs, lazily
+WeightReader = Callable[[str, ModelConfig], Iterator[tuple[str, "torch.Tensor"]]]
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -46,7 +55,8 @@ class ModelSource:
     `fingerprint` is a hex sha256 over the config, the tensor names/shapes/dtypes,
     the tokenizer, the file sizes and evenly spaced samples of the weight bytes: it
     is cheap (files over 32 MiB are sampled, not read whole) and differs between
-    two checkpoints of the same shape.
+    two checkpoints of the same shape. `read_weights` is the format module's weight
+    streamer (keyword-only; not part of equality or repr).
     """
 
     path: str
@@ -54,6 +64,7 @@ class ModelSource:
     config: ModelConfig
     tokenizer: Tokenizer = dataclasses.field(repr=False, compare=False)
     fingerprint: str = ""
+    read_weights: WeightReader = dataclasses.field(repr=False, compare=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -65,13 +76,7 @@ class ModelSource:
         Tensors keep their stored dtype (quantized GGUF tensors come out float32);
         `lm_head.weight` is not yielded when the embeddings are tied.
         """
-        if self.format == "hf":
-            from engine.loader.hf_dir import iter_hf_weights
-
-            return iter_hf_weights(self.path, self.config)
-        from engine.loader.gguf_file import iter_gguf_weights
-
-        return iter_gguf_weights(self.path, self.config)
+        return self.read_weights(self.path, self.config)
 
 
 def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -3,7 +3,7 @@ in this process), and FaultyTransport over InProcessTransport with an empty faul
 
 "local" (agent D...) initiates; "remote" (agent P...) is the peer. READ pulls remote ->
 local, WRITE pushes local -> remote. READs whose regions land in the local staging
-buffer (layout conversion, kv_transfer/convert.py) follow the basic suite; a NIXL peer in
+buffer (layout conversion, kv_transfer/conversion_plan.py) follow the basic suite; a NIXL peer in
 another process, and `gpu` tests for VRAM, close the file.
 """
 

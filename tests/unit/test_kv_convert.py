@@ -1,4 +1,4 @@
-"""Layout conversion (kv_transfer/convert.py) against a slow, obvious reference.
+"""Layout conversion (kv_transfer/planner.py, conversion_plan.py, scatter.py) against a slow, obvious reference.
 
 The reference shares no arithmetic with the planner: a request's KV values live in one
 global array truth[layer, kv, token, head, :]; each rank's cache is filled from it

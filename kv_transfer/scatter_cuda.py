@@ -1,6 +1,6 @@
-"""The CUDA row scatter of a layout conversion: one Triton kernel (see convert.apply_scatter).
+"""The CUDA row scatter of a layout conversion: one Triton kernel (see scatter.apply_scatter).
 
-Imported lazily by `convert.apply_scatter` for CUDA caches only, so CPU hosts never
+Imported lazily by `scatter.apply_scatter` for CUDA caches only, so CPU hosts never
 import triton. Importing this module without triton works (AVAILABLE is False and
 IMPORT_ERROR says why); calling `copy_rows` then raises.
 
