@@ -28,18 +28,22 @@ generator; the router iterates it):
    (or times out) and released BEFORE the blocks are freed, so memory NIXL may
    still write into is never handed to another request. Errors are typed
    (`common.errors`); the router turns them into gRPC statuses.
+
+Time comes from the two clocks injected in the constructor only: `clock` (monotonic:
+admission and lease deadlines, transfer timings, the first step's span) and `wall_clock`
+(epoch seconds: what is left of P's lease, whose `issued_at` is P's wall clock; span
+timestamps). The engine is driven through AsyncEngine's named methods
+(worker_core/engine_loop.py); the request's span through worker_core/spans.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 
 from common import telemetry as tm
 from common.errors import AdmissionTimeoutError, KVTransferFailedError
@@ -47,7 +51,9 @@ from common.wire import KVHandle, PrefillResult, StreamChunk, WorkerStatus
 from engine.sampling_params import SamplingParams
 from worker_core.actor import WorkerActor
 from worker_core.faults import FaultPoint
-from worker_core.host import WorkerHost, WorkerSettings, wall_ns
+from worker_core.host import WorkerHost
+from worker_core.settings import WorkerSettings
+from worker_core.spans import RequestSpan
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +68,20 @@ def lease_left_s(kv: KVHandle, now_wall: float) -> float:
 
 
 class DecodeWorker(WorkerActor):
-    def __init__(self, settings: WorkerSettings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`clock`: monotonic seconds (deadlines, timings); `wall_clock`: epoch seconds (P's lease, span
+        timestamps). Every time this worker reads comes from one of them."""
         if settings.role not in ("decode", "aggregated"):
             raise ValueError(f"DecodeWorker needs role 'decode' or 'aggregated', got {settings.role!r}")
         self.host = WorkerHost(settings)
         self.settings = settings
         self.clock = clock
+        self.wall_clock = wall_clock
         self._pulling: set[str] = set()  # request ids with a transfer in flight
         self._aborted: OrderedDict[str, None] = OrderedDict()  # aborted while pulling or before arriving
         # ran here and ended (finished, failed, cancelled): the router's cleanup abort that follows is not an
@@ -77,8 +91,13 @@ class DecodeWorker(WorkerActor):
     # ---- requests -----------------------------------------------------------------------------------------------
 
     async def decode(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prefill: PrefillResult,
-        trace_ctx: dict[str, str] | None = None, prior_ids: list[int] | None = None,
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prefill: PrefillResult,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: list[int] | None = None,
     ) -> AsyncIterator[StreamChunk]:
         await self.host.start()
         engine = self.host.engine
@@ -86,67 +105,68 @@ class DecodeWorker(WorkerActor):
             return  # token 1 ended it on P: nothing to decode
         if self._aborted.pop(request_id, 0) is None:
             return  # the router gave up on it before this call arrived
-        span = self.host.tracer.start_span(
-            tm.SPAN_DECODE_WORKER, context=tm.extract(trace_ctx), kind=SpanKind.SERVER,
-            attributes={tm.ATTR_REQUEST_ID: request_id, tm.ATTR_WORKER_ID: self.host.worker_id,
-                        tm.ATTR_INPUT_TOKENS: len(prompt_ids)})
-        context = trace.set_span_in_context(span)
         stream = engine.open_stream(request_id)
-        tokens, span_open = 1, True  # token 1 came from P
         try:
-            first = prefill.first.token_ids[0]
-            replay = await engine.call(lambda c: c.add_remote_request(prompt_ids, params, request_id, first,
-                                                                      prior_ids or ()))
-            if replay.finished:
-                return
-            t0 = self.clock()
-            pulled = await self._admit_and_pull(request_id, prefill, context)
-            if self._aborted.pop(request_id, 0) is None:
-                return  # aborted mid-pull: the finally frees the blocks now that the transfer is released
-            extra = {"kv_transfer_s": self.clock() - t0, "kv_transfer_bytes": pulled,
-                     "cached_tokens": prefill.cached_tokens}
-            await engine.call(lambda c: c.finish_remote_kv(request_id))
-            joined = time.monotonic()
-            async for chunk in self.host.chunks(stream, len(prompt_ids), extra):
-                if tokens == 1:  # token 2, the first this worker computed: its wait in the batch + one step
-                    span.add_event(tm.EVENT_FIRST_TOKEN)
-                    self.host.tracer.start_span(tm.SPAN_DECODE_FIRST_STEP, context=context,
-                                                start_time=wall_ns(joined)).end()
-                tokens += len(chunk.token_ids)
-                if chunk.finished:  # end the span before the router can see the last chunk
-                    tm.end_stream_span(span, tokens, chunk.finish_reason)
-                    span_open = False
-                yield chunk
-                await self.host.faults.at(FaultPoint.STREAM)
-        except BaseException as exc:
-            if span_open:  # a GeneratorExit after the last chunk is the consumer closing the stream, not a failure
-                tm.record_error(span, exc)
-            raise
+            with RequestSpan(
+                self.host.tracer,
+                tm.SPAN_DECODE_WORKER,
+                request_id,
+                self.host.worker_id,
+                len(prompt_ids),
+                trace_ctx,
+                tokens=1,
+            ) as span:  # token 1 came from P
+                first = prefill.first.token_ids[0]
+                replay = await engine.add_remote_request(prompt_ids, params, request_id, first, prior_ids or ())
+                if replay.finished:
+                    return
+                t0 = self.clock()
+                pulled = await self._admit_and_pull(request_id, prefill, span.context)
+                if self._aborted.pop(request_id, 0) is None:
+                    return  # aborted mid-pull: the finally frees the blocks now that the transfer is released
+                extra = {
+                    "kv_transfer_s": self.clock() - t0,
+                    "kv_transfer_bytes": pulled,
+                    "cached_tokens": prefill.cached_tokens,
+                }
+                await engine.finish_remote_kv(request_id)
+                joined_ns = self._wall_ns()
+                async for chunk in self.host.chunks(stream, len(prompt_ids), extra):
+                    if span.first_token():  # token 2, the first this worker computed: its wait in the batch + a step
+                        self.host.tracer.start_span(
+                            tm.SPAN_DECODE_FIRST_STEP, context=span.context, start_time=joined_ns
+                        ).end(end_time=self._wall_ns())
+                    span.count(chunk)
+                    yield chunk
+                    await self.host.faults.at(FaultPoint.STREAM)
         finally:
-            if span_open:
-                tm.end_stream_span(span, tokens, None)
             await self.host.finish_stream(request_id)
             self._remember(self._ended, request_id)
+
+    def _wall_ns(self) -> int:
+        """Now on the wall clock, as the epoch nanoseconds OpenTelemetry spans use."""
+        return int(self.wall_clock() * 1e9)
 
     async def _admit_and_pull(self, request_id: str, prefill: PrefillResult, context) -> int:
         """Blocks for the prompt, then its KV pulled into them; returns the bytes read."""
         engine = self.host.engine
-        loop = asyncio.get_running_loop()
-        lease_end = loop.time() + lease_left_s(prefill.kv, time.time())
-        deadline = min(loop.time() + self.settings.admission_timeout_s, lease_end)
+        now = self.clock()
+        lease_end = now + lease_left_s(prefill.kv, self.wall_clock())
+        deadline = min(now + self.settings.admission_timeout_s, lease_end)
         admission = self.host.tracer.start_span(tm.SPAN_DECODE_ADMISSION, context=context)
         try:
             while True:
-                slots = await engine.call(lambda c: c.allocate_remote_kv(request_id))
+                slots = await engine.allocate_remote_kv(request_id)
                 if slots is not None:
                     break
-                left = deadline - loop.time()
+                left = deadline - self.clock()
                 if left <= 0 or not await engine.wait_capacity(left):
-                    if loop.time() >= lease_end:  # a full decode pool, like the admission timeout: not retried
+                    if self.clock() >= lease_end:  # a full decode pool, like the admission timeout: not retried
                         raise AdmissionTimeoutError(
                             f"decode worker {self.host.worker_id} had no free KV blocks for {request_id} before "
                             f"the prefill worker's {prefill.kv.lease_s:.0f} s lease on its KV ran out; add decode "
-                            "capacity, lower max_tokens or raise transport.lease_s")
+                            "capacity, lower max_tokens or raise transport.lease_s"
+                        )
                     raise AdmissionTimeoutError(
                         f"decode worker {self.host.worker_id} could not free KV blocks for {request_id} within "
                         f"{self.settings.admission_timeout_s:.0f} s; add decode capacity or lower max_tokens"
@@ -160,29 +180,50 @@ class DecodeWorker(WorkerActor):
         self._pulling.add(request_id)  # from here an abort lets the pull end first: the blocks stay this request's
         try:
             await self.host.faults.at(FaultPoint.BEFORE_PULL)
-            return await self._pull(request_id, prefill, start, dst_blocks, lease_end - loop.time(), context)
+            return await self._pull(request_id, prefill, start, dst_blocks, lease_end - self.clock(), context)
         finally:
             self._pulling.discard(request_id)
 
-    async def _pull(self, request_id: str, prefill: PrefillResult, first_block: int, dst_blocks: list[int],
-                    lease_left: float, context=None) -> int:
+    async def _pull(
+        self,
+        request_id: str,
+        prefill: PrefillResult,
+        first_block: int,
+        dst_blocks: list[int],
+        lease_left: float,
+        context=None,
+    ) -> int:
         if not dst_blocks:
             return 0  # the local prefix cache held the whole prompt
         if lease_left <= 0:
-            raise KVTransferFailedError(f"the prefill worker's lease on the KV of {request_id} ran out before "
-                                        f"decode worker {self.host.worker_id} could pull it")
+            raise KVTransferFailedError(
+                f"the prefill worker's lease on the KV of {request_id} ran out before "
+                f"decode worker {self.host.worker_id} could pull it"
+            )
         kv = prefill.kv
         first_token = first_block * self.host.core.kv_spec.block_size
         peer = trace.get_current_span(tm.extract(kv.trace_context)).get_span_context()
         span = self.host.tracer.start_span(
-            tm.SPAN_KV_TRANSFER, context=context, links=[trace.Link(peer)] if peer.is_valid else None,
-            attributes={tm.ATTR_KV_BLOCKS: len(dst_blocks), tm.ATTR_KV_TRANSPORT: f"{self.settings.transport}/{self.settings.nixl_backend}",
-                        tm.ATTR_WORKER_ID: self.host.worker_id})
-        t0 = time.perf_counter()
+            tm.SPAN_KV_TRANSFER,
+            context=context,
+            links=[trace.Link(peer)] if peer.is_valid else None,
+            attributes={
+                tm.ATTR_KV_BLOCKS: len(dst_blocks),
+                tm.ATTR_KV_TRANSPORT: f"{self.settings.transport}/{self.settings.nixl_backend}",
+                tm.ATTR_WORKER_ID: self.host.worker_id,
+            },
+        )
+        t0 = self.clock()
         try:
-            pulled = await self.host.pull(kv.agent_name, kv.block_ids, dst_blocks, kv.num_tokens, first_token,
-                                          min(self.settings.transfer_timeout_s, lease_left))
-            seconds = time.perf_counter() - t0
+            pulled = await self.host.pull(
+                kv.agent_name,
+                kv.block_ids,
+                dst_blocks,
+                kv.num_tokens,
+                first_token,
+                min(self.settings.transfer_timeout_s, lease_left),
+            )
+            seconds = self.clock() - t0
             span.set_attribute(tm.ATTR_KV_BYTES, pulled)
             span.set_attribute(tm.ATTR_KV_GBPS, pulled / seconds / 1e9 if seconds > 0 else 0.0)
             return pulled
@@ -192,9 +233,14 @@ class DecodeWorker(WorkerActor):
         finally:
             span.end()
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       trace_ctx: dict[str, str] | None = None, prior_ids: list[int] | None = None
-                       ) -> AsyncIterator[StreamChunk]:
+    async def generate(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: list[int] | None = None,
+    ) -> AsyncIterator[StreamChunk]:
         """Aggregated mode, or a local prefill (conditional disaggregation, a resumed request): prefill
         and decode here. `prior_ids`: output already streamed elsewhere (see EngineCore.resume)."""
         try:
@@ -235,4 +281,3 @@ class DecodeWorker(WorkerActor):
 
     async def shutdown(self) -> None:
         self.host.close()
-

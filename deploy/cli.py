@@ -54,9 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     where = g.add_mutually_exclusive_group()
     where.add_argument("--offline", action="store_true", help="run the engine in this process (no cluster)")
     where.add_argument("--server", metavar="HOST:PORT", default=None, help="send the prompts to a running router")
-    g.add_argument("--model", default="", help="HF directory or .gguf file (default: the shipped SmolLM2-135M-Instruct)")
+    g.add_argument(
+        "--model", default="", help="HF directory or .gguf file (default: the shipped SmolLM2-135M-Instruct)"
+    )
     g.add_argument("--prompt", action=_Ordered, dest="prompt", help="a text prompt (repeatable)")
-    g.add_argument("--chat", action=_Ordered, dest="chat", help="a user message, rendered with the chat template (repeatable)")
+    g.add_argument(
+        "--chat", action=_Ordered, dest="chat", help="a user message, rendered with the chat template (repeatable)"
+    )
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -72,8 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="KV cache budget in bytes")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     g.add_argument("--timeout", type=float, default=None, help="--server: deadline per request, in seconds")
-    g.add_argument("--wait", type=float, default=0.0, metavar="S",
-                   help="--server: first wait up to S seconds for the server to report SERVING (a starting cluster)")
+    g.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="--server: first wait up to S seconds for the server to report SERVING (a starting cluster)",
+    )
     g.add_argument("-v", "--verbose", action="store_true")
     add_speculative_flags(g)
     add_connection_flags(g)
@@ -85,18 +94,30 @@ def _generate(args: argparse.Namespace) -> int:
     from engine.sampling_params import SamplingParams
 
     if not args.offline and not args.server:
-        print("error: pass --offline (run the engine in this process) or --server HOST:PORT (a running router)",
-              file=sys.stderr)
+        print(
+            "error: pass --offline (run the engine in this process) or --server HOST:PORT (a running router)",
+            file=sys.stderr,
+        )
         return 2
     inputs = args.inputs or [("chat", DEFAULT_PROMPT)]
     params = SamplingParams(  # checked here too with --server: bad flags fail before any connection
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        min_p=args.min_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, logprobs=args.logprobs,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs,
     )
     if args.server:
         if args.model or args.speculative or args.draft_model:
-            print("error: --model and the speculative flags apply to --offline only; the server's are chosen when "
-                  "it starts (tandem serve)", file=sys.stderr)
+            print(
+                "error: --model and the speculative flags apply to --offline only; the server's are chosen when "
+                "it starts (tandem serve)",
+                file=sys.stderr,
+            )
             return 2
         return _generate_remote(args, inputs, params)
     from deploy.config import ServeConfig, with_overrides
@@ -104,8 +125,15 @@ def _generate(args: argparse.Namespace) -> int:
     from engine.llm import LLM  # imports torch: only on the offline path
 
     speculative = with_overrides(ServeConfig(), **speculative_overrides(args)).speculative.engine()
-    llm = LLM(args.model or None, dtype=args.dtype, device=args.device, block_size=args.block_size,
-              kv_cache_memory_bytes=args.kv_cache_memory, seed=args.seed or 0, speculative=speculative)
+    llm = LLM(
+        args.model or None,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_memory_bytes=args.kv_cache_memory,
+        seed=args.seed or 0,
+        speculative=speculative,
+    )
     prompts = [[{"role": "user", "content": text}] if kind == "chat" else text for kind, text in inputs]
     outputs = llm.generate(prompts, params)
     for (kind, text), out in zip(inputs, outputs):
@@ -123,9 +151,17 @@ def _generate_remote(args: argparse.Namespace, inputs: list[tuple[str, str]], pa
     from deploy.admin_cli import connect
     from tandem_api.v1 import generation_pb2 as pb
 
-    sampling = {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
-                "top_k": params.top_k, "min_p": params.min_p, "seed": params.seed, "stop": list(params.stop),
-                "ignore_eos": params.ignore_eos, "logprobs": params.logprobs}
+    sampling = {
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+        "min_p": params.min_p,
+        "seed": params.seed,
+        "stop": list(params.stop),
+        "ignore_eos": params.ignore_eos,
+        "logprobs": params.logprobs,
+    }
     with connect(args) as client:
         if args.wait > 0:
             try:
@@ -146,8 +182,14 @@ def _generate_remote(args: argparse.Namespace, inputs: list[tuple[str, str]], pa
                     first = first or last
                     ids.extend(last.token_ids)
                     texts.append(last.text)
-                    logprobs.extend({"token_id": lp.token_id, "logprob": lp.logprob,
-                                     "top": [[t.token_id, t.logprob] for t in lp.top]} for lp in last.logprobs)
+                    logprobs.extend(
+                        {
+                            "token_id": lp.token_id,
+                            "logprob": lp.logprob,
+                            "top": [[t.token_id, t.logprob] for t in lp.top],
+                        }
+                        for lp in last.logprobs
+                    )
                     if not args.json:
                         print(last.text, end="", flush=True)
             except grpc.RpcError as e:
@@ -164,13 +206,26 @@ def _generate_remote(args: argparse.Namespace, inputs: list[tuple[str, str]], pa
                 print(f"\n[{reason}, {len(ids)} tokens]\n", flush=True)
                 continue
             t = last.timings
-            record = {"request_id": last.request_id, "token_ids": ids, "text": "".join(texts), "finish_reason": reason,
-                      "stop_reason": last.stop_reason or None, "prompt_tokens": last.usage.prompt_tokens,
-                      "completion_tokens": last.usage.completion_tokens, "cached_tokens": last.usage.cached_tokens,
-                      "timings": {"time_to_first_token_s": t.time_to_first_token_s, "total_s": t.total_s,
-                                  "queue_s": t.queue_s, "prefill_s": t.prefill_s, "kv_transfer_s": t.kv_transfer_s},
-                      "prefill_worker": first.prefill_worker, "decode_worker": first.decode_worker,
-                      "route": first.route}
+            record = {
+                "request_id": last.request_id,
+                "token_ids": ids,
+                "text": "".join(texts),
+                "finish_reason": reason,
+                "stop_reason": last.stop_reason or None,
+                "prompt_tokens": last.usage.prompt_tokens,
+                "completion_tokens": last.usage.completion_tokens,
+                "cached_tokens": last.usage.cached_tokens,
+                "timings": {
+                    "time_to_first_token_s": t.time_to_first_token_s,
+                    "total_s": t.total_s,
+                    "queue_s": t.queue_s,
+                    "prefill_s": t.prefill_s,
+                    "kv_transfer_s": t.kv_transfer_s,
+                },
+                "prefill_worker": first.prefill_worker,
+                "decode_worker": first.decode_worker,
+                "route": first.route,
+            }
             if params.logprobs is not None:
                 record["logprobs"] = logprobs
             print(json.dumps(record, ensure_ascii=False), flush=True)
@@ -183,12 +238,20 @@ def main(argv: list[str] | None = None) -> int:
         from tandem_api.bench.cli import main as bench_main
 
         return bench_main(argv[1:], prog="tandem bench")
+    from deploy.import_names import ImportNameCollision, check_import_names
+
+    try:
+        check_import_names()
+    except ImportNameCollision as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     from engine.errors import EngineError
 
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if verbose:  # every routing decision as its filled-in cost formulas
         logging.getLogger("router.decisions").setLevel(logging.DEBUG)
     try:

@@ -19,8 +19,11 @@ Life cycle of a request inside a prefill worker:
    `abort(id)` frees everything in any state.
 
 Housekeeping (notifications + lease expiry) runs as one asyncio task that polls
-only while leases exist. Time comes from an injected clock, so tests drive expiry
-by calling `reap_expired()` instead of waiting.
+only while leases exist. Time comes from the injected clocks only: `clock` (monotonic:
+lease expiry, prefill_s), `wall_clock` (the KV handle's `issued_at`, which the decode
+worker compares with its own wall clock), so tests drive expiry by calling
+`reap_expired()` instead of waiting. The engine is driven through AsyncEngine's named
+methods (worker_core/engine_loop.py); spans through worker_core/spans.py.
 """
 
 from __future__ import annotations
@@ -30,16 +33,15 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind
-
 from common import telemetry as tm
 from common.errors import WorkerShuttingDownError
 from common.wire import KVHandle, PrefillResult, StreamChunk, WorkerStatus
 from engine.sampling_params import SamplingParams
 from worker_core.actor import WorkerActor
 from worker_core.faults import FaultPoint
-from worker_core.host import WorkerHost, WorkerSettings, engine_spans, to_chunk
+from worker_core.host import WorkerHost, to_chunk
+from worker_core.settings import WorkerSettings
+from worker_core.spans import RequestSpan
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +49,19 @@ NOTIFY_POLL_S = 0.001  # notification poll period while leases are outstanding
 
 
 class PrefillWorker(WorkerActor):
-    def __init__(self, settings: WorkerSettings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`clock`: monotonic seconds (lease expiry, timings); `wall_clock`: epoch seconds (a KV handle's
+        `issued_at`). Every time this worker reads comes from one of them."""
         if settings.role != "prefill":
             raise ValueError(f"PrefillWorker needs role 'prefill', got {settings.role!r}")
         self.host = WorkerHost(settings)
         self.clock = clock
+        self.wall_clock = wall_clock
         self.lease_s = settings.lease_s
         self._leases: dict[str, float] = {}  # request id -> expiry (clock time)
         self._lease_added = asyncio.Event()
@@ -68,22 +78,26 @@ class PrefillWorker(WorkerActor):
 
     # ---- requests -----------------------------------------------------------------------------------------------
 
-    async def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                      trace_ctx: dict[str, str] | None = None, prior_ids: list[int] | None = None) -> PrefillResult:
+    async def prefill(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: list[int] | None = None,
+    ) -> PrefillResult:
         """Token 1 and a lease on the prompt's KV. `prior_ids`: output the request already streamed
         (resumed after a failure): prompt + them is prefilled and the token after them is returned."""
         await self._start()
         t0 = self.clock()
         engine = self.host.engine
-        span = self.host.tracer.start_span(
-            tm.SPAN_PREFILL_WORKER, context=tm.extract(trace_ctx), kind=SpanKind.SERVER,
-            attributes={tm.ATTR_REQUEST_ID: request_id, tm.ATTR_WORKER_ID: self.host.worker_id,
-                        tm.ATTR_INPUT_TOKENS: len(prompt_ids)})
+        span = RequestSpan(
+            self.host.tracer, tm.SPAN_PREFILL_WORKER, request_id, self.host.worker_id, len(prompt_ids), trace_ctx
+        )
         stream = engine.open_stream(request_id)
         self._prefilling.add(request_id)
         try:
-            await engine.call(lambda c: c.add_request(prompt_ids, params, request_id, kv_handoff=True,
-                                                      prior_output_ids=prior_ids or ()))
+            await engine.add_request(prompt_ids, params, request_id, kv_handoff=True, prior_output_ids=prior_ids or ())
             await self.host.faults.at(FaultPoint.PREFILL)
             out = await stream.get()
             if isinstance(out, BaseException):
@@ -91,12 +105,13 @@ class PrefillWorker(WorkerActor):
             # aborted here (a drain that timed out, the router's cleanup): before token 1, the engine sent
             # an "abort" output; after it, the abort already released the lease this output announces
             if request_id in self._aborted_prefills or out.finish_reason == "abort":
-                raise WorkerShuttingDownError(f"prefill worker {self.host.worker_id} aborted {request_id} before "
-                                              "handing its KV off (drained or cancelled); retry elsewhere")
+                raise WorkerShuttingDownError(
+                    f"prefill worker {self.host.worker_id} aborted {request_id} before "
+                    "handing its KV off (drained or cancelled); retry elsewhere"
+                )
         except BaseException as exc:
             engine.close_stream(request_id)
-            tm.record_error(span, exc)
-            span.end()
+            span.fail(exc)
             await self._abort_quietly(request_id)
             raise
         finally:
@@ -105,30 +120,35 @@ class PrefillWorker(WorkerActor):
         engine.close_stream(request_id)
         first = to_chunk(out)
         first.prompt_tokens = len(prompt_ids)
-        first.cached_tokens = out.num_cached_tokens
-        context = trace.set_span_in_context(span)
-        engine_spans(self.host.tracer, context, out)
+        span.engine_children(out)
         span.set_attribute(tm.ATTR_CACHED_INPUT_TOKENS, out.num_cached_tokens)
         kv = None
         if out.kv_block_ids is not None:
             self._leases[request_id] = self.clock() + self.lease_s
             self._lease_added.set()
             span.set_attribute(tm.ATTR_KV_BLOCKS, len(out.kv_block_ids))
-            kv = KVHandle(self.host.kv.agent_name, list(out.kv_block_ids), len(prompt_ids) + len(prior_ids or ()),
-                          self.lease_s, issued_at=time.time(),
-                          trace_context=tm.inject(context))
+            kv = KVHandle(
+                self.host.kv.agent_name,
+                list(out.kv_block_ids),
+                len(prompt_ids) + len(prior_ids or ()),
+                self.lease_s,
+                issued_at=self.wall_clock(),
+                trace_context=tm.inject(span.context),
+            )
         span.end()
-        return PrefillResult(first=first, kv=kv, prefill_s=self.clock() - t0, worker_id=self.host.worker_id,
-                             cached_tokens=out.num_cached_tokens)
+        return PrefillResult(
+            first=first,
+            kv=kv,
+            prefill_s=self.clock() - t0,
+            worker_id=self.host.worker_id,
+            cached_tokens=out.num_cached_tokens,
+        )
 
     async def release(self, request_id: str) -> bool:
         """End a lease (idempotent); False if there was none."""
         await self._start()
         self._leases.pop(request_id, None)
-        released = await self.host.engine.call(lambda c: c.release_kv(request_id))
-        if released:
-            self.host.engine.notify_capacity()
-        return released
+        return await self.host.engine.release_kv(request_id)
 
     async def abort(self, request_id: str) -> bool:
         await self._start()
@@ -143,9 +163,14 @@ class PrefillWorker(WorkerActor):
         except Exception:  # noqa: BLE001 - cleanup after another failure; the first error is what matters
             log.warning("abort of %s after a failed prefill failed too", request_id, exc_info=True)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       trace_ctx: dict[str, str] | None = None, prior_ids: list[int] | None = None
-                       ) -> AsyncIterator[StreamChunk]:
+    async def generate(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: list[int] | None = None,
+    ) -> AsyncIterator[StreamChunk]:
         """Aggregated use of a prefill worker: the whole request here (conditional disaggregation)."""
         await self._start()
         async for chunk in self.host.generate(request_id, prompt_ids, params, trace_ctx, prior_ids):

@@ -5,3 +5,5 @@
 
 `tandem_api/v1/` is generated from proto/tandem/v1/*.proto by scripts/gen_proto.py.
 """
+
+TANDEM_PACKAGE = "tandem-serve"  # deploy/import_names.py: this import name is Tandem's

@@ -1,7 +1,8 @@
 """The Ray-facing methods both worker roles answer the same way, by asking their WorkerHost.
 
 `PrefillWorker` and `DecodeWorker` subclass this (one level, no mixins) and add their
-role's request life cycle; deploy wraps them with `ray.remote`.
+role's request life cycle; deploy wraps them with `ray.remote`. Imports no ray itself
+(WorkerHost does).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from common.kv_events import KVSnapshot
 from common.wire import KVEventsReply, ModelInfo, WorkerStatus
 from worker_core.host import WorkerHost
+from worker_core.spans import span_dicts
 
 MAX_POLL_S = 10.0  # a long poll never holds an actor slot longer than this
 
@@ -46,8 +48,6 @@ class WorkerActor:
 
     async def finished_spans(self) -> list[dict]:
         """This worker's ended spans (tracing exporter "memory": tests)."""
-        from worker_core.host import span_dicts
-
         return span_dicts(self.host.tracing.finished_spans())
 
     async def remove_peer(self, leader_agent: str) -> bool:

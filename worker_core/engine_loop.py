@@ -6,7 +6,8 @@ it; nothing else ever touches the EngineCore:
 
     asyncio loop (actor)                         engine thread
     ───────────────────                          ─────────────
-    await call(fn) ──── command queue ────────>  fn(core) between two steps
+    await add_request(..), release_kv(id), ...  (named methods, below)
+      -> call(fn) ── command queue ───────────>  fn(core) between two steps
                     <── loop.call_soon_threadsafe(future.set_result)
     open_stream(id) -> asyncio.Queue             step() -> [StepOutput]
                     <── call_soon_threadsafe(_deliver, outputs) ─┘
@@ -14,8 +15,15 @@ it; nothing else ever touches the EngineCore:
     on_kv_events(ev) <── call_soon_threadsafe: the block pool's KV events, drained
                          after every step and command (before the command's result)
 
+The roles reach the engine only through the named methods below ("what the roles ask of
+the engine"): each is one EngineCore call, run as a command between two steps, and says
+which EngineCore method it runs. `call(fn)` is the primitive under them (tests use it to
+look at engine state directly).
+
 The thread sleeps on an Event while the engine has no work. A failing step is fatal
 for the engine: every open stream gets an error chunk and `healthy` turns False.
+
+Imports no ray.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,6 +43,7 @@ from common.kv_events import KVEvent
 from common.perf_model import StepTimes
 from engine.engine_core import EngineCore
 from engine.outputs import StepOutput
+from engine.sampling_params import SamplingParams
 from worker_core.core_share import CoreShare
 
 log = logging.getLogger(__name__)
@@ -65,9 +74,13 @@ WIDEN_MIN_PREFILL_TOKENS = 128  # a step borrows idle cores only with at least t
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore, name: str = "engine",
-                 on_kv_events: Callable[[list[KVEvent]], None] | None = None,
-                 core_share: CoreShare | None = None) -> None:
+    def __init__(
+        self,
+        core: EngineCore,
+        name: str = "engine",
+        on_kv_events: Callable[[list[KVEvent]], None] | None = None,
+        core_share: CoreShare | None = None,
+    ) -> None:
         """`core_share`: borrow idle workers' cores step by step (worker_core/core_share.py); None: the
         torch thread count stays as the process set it."""
         self.core = core
@@ -97,9 +110,16 @@ class AsyncEngine:
     def _read_stats(self) -> EngineStats:
         core = self.core
         sched = core.scheduler
-        return EngineStats(core.kv_manager.num_free_blocks, *core.counts(), core.pending_prefill_tokens(),
-                           sched.prefix_query_tokens, sched.prefix_hit_tokens, core.spec_steps, core.spec_proposed,
-                           core.spec_accepted)
+        return EngineStats(
+            core.kv_manager.num_free_blocks,
+            *core.counts(),
+            core.pending_prefill_tokens(),
+            sched.prefix_query_tokens,
+            sched.prefix_hit_tokens,
+            core.spec_steps,
+            core.spec_proposed,
+            core.spec_accepted,
+        )
 
     def _publish(self, loop: asyncio.AbstractEventLoop) -> None:
         """Engine thread, after a step or command: fresh stats, and the KV events it caused to the loop."""
@@ -128,7 +148,9 @@ class AsyncEngine:
     # ---- asyncio side -------------------------------------------------------------------------------------------
 
     async def call(self, fn: Callable[[EngineCore], T]) -> T:
-        """Run fn(core) on the engine thread between two steps and return its result (or raise its error)."""
+        """Run fn(core) on the engine thread between two steps and return its result (or raise its error).
+
+        The primitive under the named methods below; a role calls those, not this."""
         if self._dead or not self.healthy or self._loop is None:
             raise EngineDeadError(f"{self.name}: engine is not running ({self.error or 'not started'})")
         fut: asyncio.Future = self._loop.create_future()
@@ -144,9 +166,77 @@ class AsyncEngine:
         self._streams[request_id] = q
         return q
 
+    # ---- what the roles ask of the engine: one EngineCore call each, between two steps ------------------------------
+
+    async def add_request(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        kv_handoff: bool = False,
+        prior_output_ids: Sequence[int] = (),
+    ) -> str:
+        """EngineCore.add_request: queue a request to prefill here (open its stream first). `kv_handoff`
+        (prefill role): after token 1 its blocks are leased, not freed, until `release_kv`."""
+        return await self.call(
+            lambda core: core.add_request(
+                prompt_ids, params, request_id, kv_handoff=kv_handoff, prior_output_ids=prior_output_ids
+            )
+        )
+
+    async def add_remote_request(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+        first_token: int,
+        prior_output_ids: Sequence[int] = (),
+    ) -> StepOutput:
+        """EngineCore.add_remote_request (decode role): register a request prefilled elsewhere and replay
+        its token 1 through the stop checks and detokenizer; the output says whether that ended it."""
+        return await self.call(
+            lambda core: core.add_remote_request(prompt_ids, params, request_id, first_token, prior_output_ids)
+        )
+
+    async def allocate_remote_kv(self, request_id: str) -> tuple[list[int], int] | None:
+        """EngineCore.allocate_remote_kv (decode role): blocks for the prompt's KV, less the local prefix
+        cache's hit: (block ids to fill, index of the first in the prompt's block list), or None while
+        the pool cannot hold them."""
+        return await self.call(lambda core: core.allocate_remote_kv(request_id))
+
+    async def finish_remote_kv(self, request_id: str) -> None:
+        """EngineCore.finish_remote_kv (decode role): the KV has landed; the request joins the batch."""
+        await self.call(lambda core: core.finish_remote_kv(request_id))
+
+    async def release_kv(self, request_id: str) -> bool:
+        """EngineCore.release_kv (prefill role): end a KV lease; its freed blocks wake `wait_capacity`
+        waiters. False if there was no lease."""
+        released = await self.call(lambda core: core.release_kv(request_id))
+        if released:
+            self.notify_capacity()
+        return released
+
+    async def kv_snapshot(self) -> tuple[int, list[bytes]]:
+        """KVCacheManager.kv_snapshot: (next KV event seq, every cached block hash)."""
+        return await self.call(lambda core: core.kv_manager.kv_snapshot())
+
+    async def holds_work(self) -> bool:
+        """True while the engine holds any request (queued, running, waiting for KV) or KV lease."""
+        return await self.call(lambda core: bool(core.scheduler.requests or core.leases))
+
+    async def check_integrity(self) -> None:
+        """EngineCore.check_integrity: the block pool's and tables' invariants (raises if broken)."""
+        await self.call(lambda core: core.check_integrity())
+
+    async def leak_check(self) -> None:
+        """EngineCore.check_integrity, then EngineCore.leak_check: nothing held anywhere."""
+        await self.call(lambda core: (core.check_integrity(), core.leak_check()))
+
     async def abort(self, request_id: str) -> bool:
-        """Abort a request in any state; an open stream gets a final "abort" output (so no reader hangs)."""
-        aborted = await self.call(lambda c: c.abort_request(request_id))
+        """EngineCore.abort_request: abort a request in any state; an open stream gets a final "abort"
+        output (so no reader hangs)."""
+        aborted = await self.call(lambda core: core.abort_request(request_id))
         q = self._streams.get(request_id)
         if q is not None:
             q.put_nowait(StepOutput(request_id, [], "", finished=True, finish_reason="abort"))

@@ -72,7 +72,8 @@ class WorkerFaults:
         if not self.enabled:
             raise FaultInjectionDisabledError(
                 "this worker does not accept fault plans: start the cluster with fault_injection: true "
-                "(tests and chaos drills only)")
+                "(tests and chaos drills only)"
+            )
         self.release()
         self._holds = frozenset(plan.holds)
         self._arrivals.clear()

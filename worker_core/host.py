@@ -1,11 +1,13 @@
 """WorkerHost: what both worker roles share.
 
 One host = one EngineCore (on an AsyncEngine thread) + optionally a KV transport
-endpoint per rank. With tp = pp = 1 everything is in this process (tests can build
-a host in-process, no Ray); with tp x pp > 1 the host starts the other ranks as Ray
-actors (worker_core/ranks.py) and the engine drives them through a
+endpoint per rank. With tp = pp = 1 everything is in this process (tests build a
+host in-process, with no Ray cluster); with tp x pp > 1 the host starts the other
+ranks as Ray actors (worker_core/ranks.py) and the engine drives them through a
 DistributedExecutor. The Ray actors in `prefill_worker/` and `decode_worker/`
 compose a host and add their role's request life cycle.
+
+Imports ray (through ranks.py, and for the node id); never imported by ranks.py.
 
 A worker's handshake is the list of its ranks' handshakes (rank order); a peer adds
 every one of them, so each decode rank can read from each prefill rank.
@@ -18,81 +20,48 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
+import ray
 import torch
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 
-from common.kv_events import KVSnapshot
 from common import telemetry as tm
-from common.telemetry import TracingConfig, setup_tracing
+from common.kv_events import KVSnapshot
+from common.telemetry import setup_tracing
 from common.wire import LogprobEntry, ModelInfo, StreamChunk, WorkerStatus
-from engine.config import EngineConfig
 from engine.device import resolve_device, resolve_dtype
 from engine.engine_core import EngineCore
 from engine.loader import load_model_source
 from engine.outputs import StepOutput
 from engine.sampling_params import SamplingParams
+from kv_transfer import TransportVersionError, check_pair
 from worker_core.core_share import CoreShare
 from worker_core.engine_loop import AsyncEngine, EngineDeadError, EngineStats
 from worker_core.faults import FaultPoint, WorkerFaults
 from worker_core.kv_publisher import KVEventPublisher
 from worker_core.rank_kv import RankKV
+from worker_core.ranks import (
+    RankGroup,
+    add_peer_worker,
+    handshake_payloads,
+    pull_on_ranks,
+    rank_layouts,
+    remove_peer_worker,
+)
+from worker_core.settings import WorkerSettings, apply_process_settings
+from worker_core.spans import RequestSpan
 
 log = logging.getLogger(__name__)
 
-ROLES = ("prefill", "decode", "aggregated")
 _HANDSHAKES = msgspec.msgpack.Encoder()
 _HANDSHAKE_DECODER = msgspec.msgpack.Decoder(list[bytes])
 
 
-@dataclass(frozen=True)
-class WorkerSettings:
-    """Everything a worker needs to start; built by deploy from its config."""
-
-    worker_id: str
-    role: str  # one of ROLES
-    engine: EngineConfig
-    transport: str = "nixl"  # "nixl" | "none" (aggregated workers move no KV)
-    nixl_backend: str = "UCX"
-    nixl_progress_thread: bool = False  # off: ~3x the bandwidth on a 2-core host (PLATFORM.md)
-    lease_s: float = 30.0  # prefill: how long leased blocks wait for a pull
-    transfer_timeout_s: float = 30.0  # decode: one pull, submit to done
-    admission_timeout_s: float = 60.0  # decode: waiting for free blocks before giving up
-    num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
-    borrow_idle_cores: bool = False  # CPU, one rank, one worker per process: widen a step onto cores idle workers
-    # on the host leave (worker_core/core_share.py); deploy passes PoolConfig.borrow_idle_cores
-    env: dict[str, str] = field(default_factory=dict)  # set before the engine starts (UCX_*, OMP_*)
-    kv_staging_bytes: int = 32 << 20  # decode: landing buffer per rank for KV that must be rearranged
-    rank_options: dict = field(default_factory=dict)  # Ray options of ranks 1..n-1 (num_cpus, num_gpus, ...)
-    tracing: TracingConfig = field(default_factory=TracingConfig)  # spans of this worker (off by default)
-    fault_injection: bool = False  # accept fault plans (worker_core/faults.py): tests and chaos drills only
-
-    def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
-        if self.transport not in ("nixl", "none"):
-            raise ValueError(f"transport must be 'nixl' or 'none', got {self.transport!r}")
-        for name in ("lease_s", "transfer_timeout_s", "admission_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-
-
-def apply_process_settings(settings: WorkerSettings) -> None:
-    """What every process of a worker (leader or rank actor) sets before its engine part starts."""
-    for key, value in settings.env.items():
-        os.environ.setdefault(key, value)
-    if settings.num_threads:
-        torch.set_num_threads(settings.num_threads)
-
-
 def to_chunk(out: StepOutput) -> StreamChunk:
+    """An engine output as the chunk a worker streams (`cached_tokens`: the engine's prefix hit)."""
     return StreamChunk(
         request_id=out.request_id,
         token_ids=list(out.new_token_ids),
@@ -101,7 +70,10 @@ def to_chunk(out: StepOutput) -> StreamChunk:
         finish_reason=out.finish_reason,
         stop_reason=None if out.stop_reason is None else str(out.stop_reason),
         logprobs=[LogprobEntry(lp.token_id, lp.logprob, [tuple(t) for t in lp.top]) for lp in out.new_logprobs],
-        spec_steps=out.spec_steps, spec_proposed=out.spec_proposed, spec_accepted=out.spec_accepted,
+        cached_tokens=out.num_cached_tokens,
+        spec_steps=out.spec_steps,
+        spec_proposed=out.spec_proposed,
+        spec_accepted=out.spec_accepted,
     )
 
 
@@ -114,8 +86,6 @@ class WorkerHost:
         self.ranks = None  # RankGroup when tp x pp > 1
         self.kv: RankKV | None = None  # rank 0's transport endpoint
         if settings.engine.parallel.world_size > 1:
-            from worker_core.ranks import RankGroup
-
             cfg = settings.engine
             source = load_model_source(cfg.model)
             device = resolve_device(cfg.device)
@@ -126,10 +96,15 @@ class WorkerHost:
         else:
             self.core = EngineCore(settings.engine)
             if settings.transport == "nixl":
-                self.kv = RankKV(settings.worker_id, self.core.kv_cache, self.core.kv_spec,
-                                 self.core.source.fingerprint, backend=settings.nixl_backend,
-                                 progress_thread=settings.nixl_progress_thread,
-                                 staging_bytes=settings.kv_staging_bytes if settings.role == "decode" else 0)
+                self.kv = RankKV(
+                    settings.worker_id,
+                    self.core.kv_cache,
+                    self.core.kv_spec,
+                    self.core.source.fingerprint,
+                    backend=settings.nixl_backend,
+                    progress_thread=settings.nixl_progress_thread,
+                    staging_bytes=settings.kv_staging_bytes if settings.role == "decode" else 0,
+                )
         self.tracing = setup_tracing(settings.tracing)
         self.tracer = self.tracing.tracer
         self.publisher = KVEventPublisher(settings.worker_id)
@@ -137,8 +112,7 @@ class WorkerHost:
         share = None
         if settings.borrow_idle_cores and settings.engine.parallel.world_size == 1 and self.core.device.type == "cpu":
             share = CoreShare(settings.num_threads or torch.get_num_threads())
-        self.engine = AsyncEngine(self.core, settings.worker_id, on_kv_events=self.publisher.publish,
-                                  core_share=share)
+        self.engine = AsyncEngine(self.core, settings.worker_id, on_kv_events=self.publisher.publish, core_share=share)
         self.node_id = _node_id()
         self._started = False
 
@@ -175,22 +149,34 @@ class WorkerHost:
         # the engine thread's last published figures: a status never waits behind a long step
         st = self.engine.stats if self.engine.healthy else EngineStats()
         return WorkerStatus(
-            worker_id=self.worker_id, role=self.role,
+            worker_id=self.worker_id,
+            role=self.role,
             health="SERVING" if self.engine.healthy else "NOT_SERVING",
-            kv_blocks_total=spec.num_blocks, kv_blocks_free=st.free_blocks,
-            running=st.running, waiting=st.waiting, leased=st.leased, prefill_tokens=st.prefill_tokens,
+            kv_blocks_total=spec.num_blocks,
+            kv_blocks_free=st.free_blocks,
+            running=st.running,
+            waiting=st.waiting,
+            leased=st.leased,
+            prefill_tokens=st.prefill_tokens,
             max_num_seqs=self.core.config.scheduler.max_num_seqs,
-            prefix_query_tokens=st.prefix_query_tokens, prefix_hit_tokens=st.prefix_hit_tokens,
-            spec_steps=st.spec_steps, spec_proposed=st.spec_proposed, spec_accepted=st.spec_accepted,
-            node_id=self.node_id, device=str(self.core.device), block_size=spec.block_size,
-            dtype=str(self.core.dtype).removeprefix("torch."), transfers_in_flight=transfers_in_flight,
-            incarnation=self.publisher.epoch, perf=self.engine.step_times.estimate(time.monotonic()),
+            prefix_query_tokens=st.prefix_query_tokens,
+            prefix_hit_tokens=st.prefix_hit_tokens,
+            spec_steps=st.spec_steps,
+            spec_proposed=st.spec_proposed,
+            spec_accepted=st.spec_accepted,
+            node_id=self.node_id,
+            device=str(self.core.device),
+            block_size=spec.block_size,
+            dtype=str(self.core.dtype).removeprefix("torch."),
+            transfers_in_flight=transfers_in_flight,
+            incarnation=self.publisher.epoch,
+            perf=self.engine.step_times.estimate(time.monotonic()),
         )
 
     async def kv_snapshot(self) -> KVSnapshot:
         """Every cached block hash and the event seq to go on from (taken between two steps)."""
         await self.start()
-        next_seq, hashes = await self.engine.call(lambda c: c.kv_manager.kv_snapshot())
+        next_seq, hashes = await self.engine.kv_snapshot()
         return KVSnapshot(self.worker_id, self.publisher.epoch, self.core.kv_spec.block_size, next_seq, hashes)
 
     # ---- transport ------------------------------------------------------------------------------------------------
@@ -206,13 +192,9 @@ class WorkerHost:
 
     async def handshake_payload(self) -> bytes:
         """This worker's handshake: every rank's, in rank order."""
-        from worker_core.ranks import handshake_payloads
-
         return _HANDSHAKES.encode(await handshake_payloads(self._need_kv(), self._rank_actors))
 
     async def layouts(self) -> list:
-        from worker_core.ranks import rank_layouts
-
         return await rank_layouts(self._need_kv(), self._rank_actors)
 
     async def add_peer(self, payload: bytes) -> str:
@@ -221,53 +203,53 @@ class WorkerHost:
         A decode worker also checks the pair as a whole (heads, layers, block sizes) and
         refuses, naming both sides and the field, what no conversion can bridge.
         """
-        from worker_core.ranks import add_peer_worker
-
         kv = self._need_kv()
         try:
             payloads = _HANDSHAKE_DECODER.decode(payload)
         except msgspec.DecodeError as e:
-            from kv_transfer import TransportVersionError
-
             raise TransportVersionError(f"peer payload is not a Tandem worker handshake: {e}") from None
         leader = await add_peer_worker(kv, self._rank_actors, payloads)
         if self.role == "decode":
-            from kv_transfer import check_pair
-
             check_pair(kv.peer_layouts(leader), await self.layouts())
         return leader
 
     async def remove_peer(self, leader_agent: str) -> bool:
         """Forget a peer worker that left the cluster (its NIXL agents on every rank)."""
-        from worker_core.ranks import remove_peer_worker
-
         return await remove_peer_worker(self._need_kv(), self._rank_actors, leader_agent)
 
-    async def pull(self, leader_agent: str, src_blocks: list[int], dst_blocks: list[int], num_tokens: int,
-                   first_token: int, timeout_s: float) -> int:
+    async def pull(
+        self,
+        leader_agent: str,
+        src_blocks: list[int],
+        dst_blocks: list[int],
+        num_tokens: int,
+        first_token: int,
+        timeout_s: float,
+    ) -> int:
         """Every rank brings its part of tokens [first_token, num_tokens) into dst_blocks; bytes read."""
-        from worker_core.ranks import pull_on_ranks
-
-        return await pull_on_ranks(self._need_kv(), self._rank_actors,
-                                   (leader_agent, src_blocks, dst_blocks, num_tokens, first_token, timeout_s))
+        return await pull_on_ranks(
+            self._need_kv(),
+            self._rank_actors,
+            (leader_agent, src_blocks, dst_blocks, num_tokens, first_token, timeout_s),
+        )
 
     # ---- checks (tests and admin) -----------------------------------------------------------------------------------
 
     async def check_integrity(self) -> None:
         await self.start()
-        await self.engine.call(lambda c: c.check_integrity())
+        await self.engine.check_integrity()
 
     async def leak_check(self) -> None:
         await self.start()
-        await self.engine.call(lambda c: (c.check_integrity(), c.leak_check()))
+        await self.engine.leak_check()
 
-    async def wait_idle(self, timeout_s: float, extra_busy=lambda: False) -> bool:
+    async def wait_idle(self, timeout_s: float, extra_busy: Callable[[], bool] = lambda: False) -> bool:
         """True once the engine holds no request and no lease (and extra_busy() is False)."""
         await self.start()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            busy = await self.engine.call(lambda c: bool(c.scheduler.requests or c.leases))
+            busy = await self.engine.holds_work()
             if not busy and not extra_busy():
                 return True
             left = deadline - loop.time()
@@ -275,44 +257,40 @@ class WorkerHost:
                 return False
             await self.engine.wait_capacity(min(left, 0.05))
 
-    # ---- aggregated generation ----------------------------------------------------------------------------------------
+    # ---- aggregated generation ---------------------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       trace_ctx: dict[str, str] | None = None, prior_ids: list[int] | None = None
-                       ) -> AsyncIterator[StreamChunk]:
+    async def generate(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: list[int] | None = None,
+    ) -> AsyncIterator[StreamChunk]:
         """Run a request start to finish on this engine, yielding coalesced chunks."""
         await self.start()
-        span = self.tracer.start_span(tm.SPAN_GENERATE_LOCAL, context=tm.extract(trace_ctx), kind=SpanKind.SERVER,
-                                      attributes={tm.ATTR_REQUEST_ID: request_id, tm.ATTR_WORKER_ID: self.worker_id,
-                                                  tm.ATTR_INPUT_TOKENS: len(prompt_ids)})
-        context = trace.set_span_in_context(span)
         stream = self.engine.open_stream(request_id)
-        tokens, span_open = 0, True
         try:
-            await self.engine.call(lambda c: c.add_request(prompt_ids, params, request_id,
-                                                           prior_output_ids=prior_ids or ()))
-            async for chunk in self.chunks(stream, len(prompt_ids), on_first=lambda out: engine_spans(
-                    self.tracer, context, out)):
-                if tokens == 0:
-                    span.add_event(tm.EVENT_FIRST_TOKEN)
-                    span.set_attribute(tm.ATTR_CACHED_INPUT_TOKENS, chunk.cached_tokens)
-                tokens += len(chunk.token_ids)
-                if chunk.finished:  # end the span before the router can see the last chunk
-                    tm.end_stream_span(span, tokens, chunk.finish_reason)
-                    span_open = False
-                yield chunk
-                await self.faults.at(FaultPoint.STREAM)
-        except BaseException as exc:
-            if span_open:  # a GeneratorExit after the last chunk is the consumer closing the stream, not a failure
-                tm.record_error(span, exc)
-            raise
+            with RequestSpan(
+                self.tracer, tm.SPAN_GENERATE_LOCAL, request_id, self.worker_id, len(prompt_ids), trace_ctx
+            ) as span:
+                await self.engine.add_request(prompt_ids, params, request_id, prior_output_ids=prior_ids or ())
+                async for chunk in self.chunks(stream, len(prompt_ids), on_first=span.engine_children):
+                    if span.first_token():
+                        span.set_attribute(tm.ATTR_CACHED_INPUT_TOKENS, chunk.cached_tokens)
+                    span.count(chunk)
+                    yield chunk
+                    await self.faults.at(FaultPoint.STREAM)
         finally:
-            if span_open:
-                tm.end_stream_span(span, tokens, None)
             await self.finish_stream(request_id)
 
-    async def chunks(self, stream: asyncio.Queue, prompt_tokens: int, extra: dict | None = None,
-                     on_first=None) -> AsyncIterator[StreamChunk]:
+    async def chunks(
+        self,
+        stream: asyncio.Queue,
+        prompt_tokens: int,
+        extra: dict | None = None,
+        on_first: Callable[[StepOutput], None] | None = None,
+    ) -> AsyncIterator[StreamChunk]:
         """StepOutputs of one request as chunks; everything already queued is merged into one chunk.
 
         `extra` fields are set on every chunk: a decode worker passes its pull's figures and the
@@ -320,6 +298,7 @@ class WorkerHost:
         P's hit, not what D's own cache held of the pulled prompt). `on_first(StepOutput)` sees
         the output that carries the first token's engine timings.
         """
+
         def convert(item) -> StreamChunk:
             if on_first is not None and isinstance(item, StepOutput) and item.first_token_time is not None:
                 on_first(item)
@@ -342,9 +321,7 @@ class WorkerHost:
     def _chunk_of(item) -> StreamChunk:
         if isinstance(item, BaseException):
             raise item
-        chunk = to_chunk(item)
-        chunk.cached_tokens = item.num_cached_tokens
-        return chunk
+        return to_chunk(item)
 
     async def finish_stream(self, request_id: str) -> None:
         """Close a stream; abort the request if it is still live (consumer went away or failed)."""
@@ -356,34 +333,8 @@ class WorkerHost:
                 pass
 
 
-def wall_ns(monotonic_s: float) -> int:
-    """A time.monotonic() reading as the epoch nanoseconds OpenTelemetry spans use."""
-    return time.time_ns() - int((time.monotonic() - monotonic_s) * 1e9)
-
-
-def engine_spans(tracer, context, out: StepOutput) -> None:
-    """Children of `context` for a request's first token: queue (arrival -> first schedule) and
-    compute (first schedule -> first token), from the engine's own clock readings."""
-    if out.arrival_time is None or out.first_scheduled_time is None or out.first_token_time is None:
-        return
-    for name, start, end in ((tm.SPAN_ENGINE_QUEUE, out.arrival_time, out.first_scheduled_time),
-                             (tm.SPAN_ENGINE_COMPUTE, out.first_scheduled_time, out.first_token_time)):
-        tracer.start_span(name, context=context, start_time=wall_ns(start)).end(end_time=wall_ns(end))
-
-
-def span_dicts(spans) -> list[dict]:
-    """Finished SDK spans as plain dicts (tests read a worker's spans over Ray)."""
-    return [{"name": s.name, "trace_id": f"{s.context.trace_id:032x}", "span_id": f"{s.context.span_id:016x}",
-             "parent_id": f"{s.parent.span_id:016x}" if s.parent else None, "attributes": dict(s.attributes),
-             "start": s.start_time, "end": s.end_time,
-             "links": [f"{link.context.span_id:016x}" for link in s.links],
-             "events": [e.name for e in s.events]} for s in spans]
-
-
 def _node_id() -> str:
     try:
-        import ray
-
         if ray.is_initialized():
             return ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 - informational only

@@ -32,8 +32,17 @@ POLL_S = 0.0002  # transfer poll period (a 512-token SmolLM2 prompt moves in 3.3
 
 
 class RankKV:
-    def __init__(self, agent_name: str, cache: torch.Tensor, spec: KVCacheSpec, fingerprint: str, *,
-                 backend: str = "UCX", progress_thread: bool = False, staging_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        agent_name: str,
+        cache: torch.Tensor,
+        spec: KVCacheSpec,
+        fingerprint: str,
+        *,
+        backend: str = "UCX",
+        progress_thread: bool = False,
+        staging_bytes: int = 0,
+    ) -> None:
         from kv_transfer import KVLayout, NixlSettings, NixlTransport
 
         self.cache = cache
@@ -90,8 +99,15 @@ class RankKV:
     def progress(self) -> None:
         self.transport.progress()
 
-    def pull(self, leader_agent: str, src_blocks: list[int], dst_blocks: list[int], num_tokens: int,
-             first_token: int, timeout_s: float) -> int:
+    def pull(
+        self,
+        leader_agent: str,
+        src_blocks: list[int],
+        dst_blocks: list[int],
+        num_tokens: int,
+        first_token: int,
+        timeout_s: float,
+    ) -> int:
         """Bring tokens [first_token, num_tokens) of a request into our blocks; returns bytes read.
 
         Blocking. Every handle is released before returning (also on failure and timeout),
@@ -100,8 +116,9 @@ class RankKV:
         from kv_transfer import TransferOp, TransferState, apply_scatter
 
         agents = self._agents(leader_agent)
-        rounds = self.plan(leader_agent).bind(src_blocks, dst_blocks, num_tokens, first_token,
-                                              0 if self.staging is None else self.staging.numel())
+        rounds = self.plan(leader_agent).bind(
+            src_blocks, dst_blocks, num_tokens, first_token, 0 if self.staging is None else self.staging.numel()
+        )
         deadline = time.monotonic() + timeout_s
         moved = 0
         for rnd in rounds:
@@ -118,7 +135,8 @@ class RankKV:
             if bad:
                 what = "timed out" if any(s == "PENDING" for _, s in bad) else "failed"
                 raise KVTransferFailedError(
-                    f"KV pull of {len(dst_blocks)} blocks into {self.agent_name} {what} (from {sorted(set(bad))})")
+                    f"KV pull of {len(dst_blocks)} blocks into {self.agent_name} {what} (from {sorted(set(bad))})"
+                )
             moved += sum(h.nbytes for h in handles)
             if rnd.scatter is not None:
                 apply_scatter(rnd.scatter, self.staging, self.cache)

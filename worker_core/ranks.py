@@ -16,6 +16,9 @@ runs and reserves its CPUs / GPU:
         5. ranks 1..n-1 enter `serve_rank` (a thread) and run what the leader broadcasts
 
 The rank actors are owned by the leader: when it dies, Ray kills them (fate sharing).
+
+Imports ray (the one module of worker_core that creates Ray actors). Depends on
+settings.py and rank_kv.py only; host.py uses it, never the other way round.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import replace
 
 import ray
 import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from common.errors import KVTransferFailedError
 from engine.config import EngineConfig
@@ -38,6 +42,7 @@ from engine.loader.source import ModelSource
 from engine.model.parallel import RankPosition
 from engine.shard import ModelShard
 from worker_core.rank_kv import RankKV
+from worker_core.settings import WorkerSettings, apply_process_settings
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +68,7 @@ def rank_agent_name(worker_id: str, rank: int) -> str:
 class RankMember:
     """What every rank does, in the leader's process (rank 0) or in a RankActor."""
 
-    def __init__(self, settings, rank: int, dtype: str) -> None:
+    def __init__(self, settings: WorkerSettings, rank: int, dtype: str) -> None:
         par = settings.engine.parallel
         self.settings = settings
         self.pos = RankPosition.of(rank, par.tensor_parallel_size, par.pipeline_parallel_size)
@@ -87,17 +92,21 @@ class RankMember:
         s = self.settings
         if s.transport == "nixl":
             staging = s.kv_staging_bytes if s.role == "decode" else 0
-            self.kv = RankKV(rank_agent_name(s.worker_id, self.pos.rank), self.shard.kv_cache, self.shard.kv_spec,
-                             self.source.fingerprint, backend=s.nixl_backend, progress_thread=s.nixl_progress_thread,
-                             staging_bytes=staging)
+            self.kv = RankKV(
+                rank_agent_name(s.worker_id, self.pos.rank),
+                self.shard.kv_cache,
+                self.shard.kv_spec,
+                self.source.fingerprint,
+                backend=s.nixl_backend,
+                progress_thread=s.nixl_progress_thread,
+                staging_bytes=staging,
+            )
 
 
 class RankActor:
     """Rank 1..n-1 of a worker (a threaded Ray actor: the step loop holds one thread)."""
 
-    def __init__(self, settings, rank: int, dtype: str) -> None:
-        from worker_core.host import apply_process_settings
-
+    def __init__(self, settings: WorkerSettings, rank: int, dtype: str) -> None:
         apply_process_settings(settings)
         self.member = RankMember(settings, rank, dtype)
         self._loop: threading.Thread | None = None
@@ -149,8 +158,15 @@ class RankActor:
     def remove_peer_worker(self, leader_agent: str) -> bool:
         return self.member.kv.remove_peer_worker(leader_agent)
 
-    def pull(self, leader_agent: str, src_blocks: list[int], dst_blocks: list[int], num_tokens: int,
-             first_token: int, timeout_s: float) -> int:
+    def pull(
+        self,
+        leader_agent: str,
+        src_blocks: list[int],
+        dst_blocks: list[int],
+        num_tokens: int,
+        first_token: int,
+        timeout_s: float,
+    ) -> int:
         return self.member.kv.pull(leader_agent, src_blocks, dst_blocks, num_tokens, first_token, timeout_s)
 
     def shutdown(self) -> None:
@@ -162,14 +178,14 @@ class RankActor:
 class RankGroup:
     """The leader's handle on its worker's ranks; rank 0 lives in the leader's process."""
 
-    def __init__(self, settings, actors: list, member: RankMember) -> None:
+    def __init__(self, settings: WorkerSettings, actors: list, member: RankMember) -> None:
         self.settings = settings
         self.actors = actors  # ranks 1..n-1, in rank order
         self.member = member  # rank 0
         self.executor: DistributedExecutor | None = None
 
     @classmethod
-    def start(cls, settings, source: ModelSource, dtype: torch.dtype) -> RankGroup:
+    def start(cls, settings: WorkerSettings, source: ModelSource, dtype: torch.dtype) -> RankGroup:
         cfg = settings.engine
         world = cfg.parallel.world_size
         dtype_name = str(dtype).removeprefix("torch.")
@@ -180,8 +196,6 @@ class RankGroup:
         for rank in range(1, world):
             opts = dict(settings.rank_options)
             if pg is not None:
-                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
             actors.append(actor_cls.options(max_concurrency=8, name=None, **opts).remote(settings, rank, dtype_name))
         group = cls(settings, actors, RankMember(settings, 0, dtype_name))
@@ -198,8 +212,14 @@ class RankGroup:
         except BaseException:
             group.close()
             raise
-        log.info("%s: %d ranks (tp %d x pp %d) ready, %d KV blocks each", settings.worker_id, world,
-                 cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size, num_blocks)
+        log.info(
+            "%s: %d ranks (tp %d x pp %d) ready, %d KV blocks each",
+            settings.worker_id,
+            world,
+            cfg.parallel.tensor_parallel_size,
+            cfg.parallel.pipeline_parallel_size,
+            num_blocks,
+        )
         return group
 
     def close(self) -> None:
@@ -218,6 +238,7 @@ class RankGroup:
 
 
 # ---- KV transport across every rank of a worker: rank 0's endpoint `kv` here, ranks 1.. in `actors` ----------
+
 
 async def handshake_payloads(kv: RankKV, actors: list) -> list[bytes]:
     return [kv.handshake_payload()] + list(await asyncio.gather(*(a.handshake_payload.remote() for a in actors)))

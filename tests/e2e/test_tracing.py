@@ -17,7 +17,7 @@ from tandem_api.v1 import generation_pb2 as pb
 from tandem_api.v1 import generation_pb2_grpc as pb_grpc
 from tests.e2e.conftest import serve
 from tests.helpers.tiny_models import make_tiny_hf_model
-from worker_core.host import span_dicts
+from worker_core.spans import span_dicts
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -49,8 +49,9 @@ def test_one_trace_per_request_across_every_process(cluster, caplog):
     caplog.set_level(logging.DEBUG, logger="deploy")
     with grpc.insecure_channel(cluster.address) as ch:
         stub = pb_grpc.GenerationStub(ch)
-        request = pb.GenerateRequest(prompt=PROMPT, sampling=pb.SamplingOptions(max_tokens=6, temperature=0.0,
-                                                                                 ignore_eos=True))
+        request = pb.GenerateRequest(
+            prompt=PROMPT, sampling=pb.SamplingOptions(max_tokens=6, temperature=0.0, ignore_eos=True)
+        )
         traceparent = f"00-{GATEWAY_TRACE}-{GATEWAY_SPAN}-01"
         responses = list(stub.Generate(request, metadata=(("traceparent", traceparent),), timeout=60))
     assert sum(len(r.token_ids) for r in responses) == 6
@@ -59,9 +60,20 @@ def test_one_trace_per_request_across_every_process(cluster, caplog):
     by_name: dict[str, list[dict]] = {}
     for sp in spans:
         by_name.setdefault(sp["name"], []).append(sp)
-    want = {tm.SPAN_GENERATE, tm.SPAN_VALIDATE, tm.SPAN_ROUTE, tm.SPAN_PREFILL, tm.SPAN_PREFILL_WORKER,
-            tm.SPAN_ENGINE_QUEUE, tm.SPAN_ENGINE_COMPUTE, tm.SPAN_DECODE, tm.SPAN_DECODE_WORKER,
-            tm.SPAN_DECODE_ADMISSION, tm.SPAN_KV_TRANSFER, tm.SPAN_DECODE_FIRST_STEP}
+    want = {
+        tm.SPAN_GENERATE,
+        tm.SPAN_VALIDATE,
+        tm.SPAN_ROUTE,
+        tm.SPAN_PREFILL,
+        tm.SPAN_PREFILL_WORKER,
+        tm.SPAN_ENGINE_QUEUE,
+        tm.SPAN_ENGINE_COMPUTE,
+        tm.SPAN_DECODE,
+        tm.SPAN_DECODE_WORKER,
+        tm.SPAN_DECODE_ADMISSION,
+        tm.SPAN_KV_TRANSFER,
+        tm.SPAN_DECODE_FIRST_STEP,
+    }
     assert want <= set(by_name), f"missing spans: {want - set(by_name)}"
     one = {name: by_name[name][0] for name in want}
     assert all(len(by_name[name]) == 1 for name in want), {n: len(v) for n, v in by_name.items()}
@@ -117,8 +129,11 @@ def test_without_a_traceparent_each_request_starts_its_own_trace(cluster):
     with grpc.insecure_channel(cluster.address) as ch:
         stub = pb_grpc.GenerationStub(ch)
         for _ in range(2):
-            list(stub.Generate(pb.GenerateRequest(prompt="hello there", sampling=pb.SamplingOptions(max_tokens=2)),
-                               timeout=60))
+            list(
+                stub.Generate(
+                    pb.GenerateRequest(prompt="hello there", sampling=pb.SamplingOptions(max_tokens=2)), timeout=60
+                )
+            )
     roots = [sp for sp in all_spans(cluster) if sp["name"] == tm.SPAN_GENERATE and sp["parent_id"] is None]
     assert len({sp["trace_id"] for sp in roots}) == len(roots) >= 2
     cluster.cluster.check_pools()
@@ -131,12 +146,19 @@ def test_otlp_export_from_every_process_reaches_a_real_receiver(tmp_path_factory
 
     tiny = make_tiny_hf_model(tmp_path_factory.mktemp("otlp"), "llama", vocab_size=512)
     with OtlpReceiver() as receiver:
-        with serve(str(tiny), ray_namespace="tandem-otlp", **{
-                "both.block_size": 4, "tracing.exporter": "otlp", "tracing.endpoint": receiver.url}) as s:
+        with serve(
+            str(tiny),
+            ray_namespace="tandem-otlp",
+            **{"both.block_size": 4, "tracing.exporter": "otlp", "tracing.endpoint": receiver.url},
+        ) as s:
             with grpc.insecure_channel(s.address) as ch:
-                list(pb_grpc.GenerationStub(ch).Generate(
-                    pb.GenerateRequest(prompt="hello", sampling=pb.SamplingOptions(max_tokens=3)),
-                    metadata=(("traceparent", f"00-{GATEWAY_TRACE}-{GATEWAY_SPAN}-01"),), timeout=60))
+                list(
+                    pb_grpc.GenerationStub(ch).Generate(
+                        pb.GenerateRequest(prompt="hello", sampling=pb.SamplingOptions(max_tokens=3)),
+                        metadata=(("traceparent", f"00-{GATEWAY_TRACE}-{GATEWAY_SPAN}-01"),),
+                        timeout=60,
+                    )
+                )
         # stopping the cluster flushed every process's batch exporter
         spans = [sp for sp in receiver.spans if f"{sp.trace_id:032x}" == GATEWAY_TRACE]
     services = {sp.resource.get("service.name") for sp in spans}
@@ -152,8 +174,12 @@ def test_http_door_continues_the_traceparent_header(cluster):
 
     trace_id, span_id = "5" * 32, "6" * 16
     model = httpx.get(f"{cluster.http_url}/models", timeout=30).json()["data"][0]["id"]
-    r = httpx.post(f"{cluster.http_url}/completions", timeout=60, headers={"traceparent": f"00-{trace_id}-{span_id}-01"},
-                   json={"model": model, "prompt": "hello there", "max_tokens": 4, "ignore_eos": True})
+    r = httpx.post(
+        f"{cluster.http_url}/completions",
+        timeout=60,
+        headers={"traceparent": f"00-{trace_id}-{span_id}-01"},
+        json={"model": model, "prompt": "hello there", "max_tokens": 4, "ignore_eos": True},
+    )
     assert r.status_code == 200
     spans = {sp["name"]: sp for sp in all_spans(cluster) if sp["trace_id"] == trace_id}
     root = spans["POST /v1/completions"]
