@@ -1,17 +1,17 @@
 """The native CPU kernels alone against torch's ops, on SmolLM2's shapes (issue 17's kernel figures).
 
-    linear     x [M, K] times every weight of a 540 MB (float32) / 270 MB (bf16) set of SmolLM2-shaped weights,
-               so that the weights come from memory, not cache: the kernel over packed weights, `x @ W[in, out]`
-               and `F.linear(x, W[out, in])`; microseconds per call for the 576x3072 (gate|up) and 1536x576
-               (down) shapes, and read GB/s over the whole set at M = 1
-    attention  decode attention, 9 query / 3 KV heads of 64, over random blocks of a paged cache: the kernel
-               (in place) against the torch path (block gather + SDPA, engine/model/attention.py)
+linear     x [M, K] times every weight of a 540 MB (float32) / 270 MB (bf16) set of SmolLM2-shaped weights,
+           so that the weights come from memory, not cache: the kernel over packed weights, `x @ W[in, out]`
+           and `F.linear(x, W[out, in])`; microseconds per call for the 576x3072 (gate|up) and 1536x576
+           (down) shapes, and read GB/s over the whole set at M = 1
+attention  decode attention, 9 query / 3 KV heads of 64, over random blocks of a paged cache: the kernel
+           (in place) against the torch path (block gather + SDPA, engine/model/attention.py)
 
-    .venv/bin/python benchmarks/cpu_kernels_micro.py --threads 1
-    .venv/bin/python benchmarks/cpu_kernels_micro.py --threads 2 --dtype bfloat16
-    # another build of the same source, e.g. for a CPU without AVX-512:
-    gcc -O3 -march=x86-64-v3 -fopenmp -fPIC -shared -Wno-psabi engine/model/csrc/cpu_kernels.c -o /tmp/v3.so
-    .venv/bin/python benchmarks/cpu_kernels_micro.py --lib /tmp/v3.so --only linear
+.venv/bin/python benchmarks/cpu_kernels_micro.py --threads 1
+.venv/bin/python benchmarks/cpu_kernels_micro.py --threads 2 --dtype bfloat16
+# another build of the same source, e.g. for a CPU without AVX-512:
+gcc -O3 -march=x86-64-v3 -fopenmp -fPIC -shared -Wno-psabi engine/model/csrc/cpu_kernels.c -o /tmp/v3.so
+.venv/bin/python benchmarks/cpu_kernels_micro.py --lib /tmp/v3.so --only linear
 """
 
 from __future__ import annotations
@@ -68,8 +68,10 @@ def bench_linear(k, dtype: torch.dtype) -> None:
         "F.linear": lambda x, i, j, n: F.linear(x, weights[i][j]),
     }
     print(f"\nlinear, {dtype}, {torch.get_num_threads()} thread(s), {total / 1e6:.0f} MB of weights")
-    print("M=1 read GB/s over the whole set: " + ", ".join(f"{name} {total / sweep(f, 1) / 1e9:.1f}"
-                                                          for name, f in forms.items()))
+    print(
+        "M=1 read GB/s over the whole set: "
+        + ", ".join(f"{name} {total / sweep(f, 1) / 1e9:.1f}" for name, f in forms.items())
+    )
     for kk, n in ((576, 3072), (1536, 576)):
         w = weights[0][SHAPES.index((kk, n))]
         wp, wt = k.pack(w), w.t().contiguous()
@@ -77,9 +79,11 @@ def bench_linear(k, dtype: torch.dtype) -> None:
         for m in (1, 4, 8, 16, 32, 64, 512):
             x = torch.randn(m, kk).to(dtype)
             reps = 5 if m == 512 else 20
-            cells.append(f"M={m}: kernel {per_call_us(lambda: k.linear(x, wp, None, n), reps):.0f} / "
-                         f"x@W {per_call_us(lambda: x @ wt, reps):.0f} / "
-                         f"F.linear {per_call_us(lambda: F.linear(x, w), reps):.0f}")
+            cells.append(
+                f"M={m}: kernel {per_call_us(lambda: k.linear(x, wp, None, n), reps):.0f} / "
+                f"x@W {per_call_us(lambda: x @ wt, reps):.0f} / "
+                f"F.linear {per_call_us(lambda: F.linear(x, w), reps):.0f}"
+            )
         print(f"  {kk}x{n} (us per call, one weight, in cache): " + "; ".join(cells))
 
 
@@ -96,9 +100,10 @@ def bench_attention(k, dtype: torch.dtype) -> None:
         mask = (torch.arange(nbk * bs)[None, :] < lens[:, None]).view(b, 1, 1, -1)
         group = DecodeGroup(0, b, table, mask, lens)
         qv = q[:, : heads * d].view(b, heads, d)
-        kern = per_call_us(lambda: k.paged_decode_attention(q, ck, cv, strides, table, lens, bs, heads, kv_heads, d,
-                                                            d ** -0.5), 50)
-        ref = per_call_us(lambda: _decode_attention(qv, ck, cv, group, KVOrder.NHD, d ** -0.5, kv_heads), 50)
+        kern = per_call_us(
+            lambda: k.paged_decode_attention(q, ck, cv, strides, table, lens, bs, heads, kv_heads, d, d**-0.5), 50
+        )
+        ref = per_call_us(lambda: _decode_attention(qv, ck, cv, group, KVOrder.NHD, d**-0.5, kv_heads), 50)
         print(f"  batch {b} x {n} tokens: kernel {kern:.1f} us, gather + SDPA {ref:.1f} us ({ref / kern:.1f}x)")
 
 

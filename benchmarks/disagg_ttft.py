@@ -48,10 +48,14 @@ def main() -> None:
     results = [run_shape(args, shape) for shape in args.shape]
     for res in results:
         print(f"\n{res['topology']}")
-        print(f"{'prompt':>7} {'TTFT ms':>9} {'prefill ms':>11} {'KV pull ms':>11} {'pull/TTFT':>10} {'tok1->2 ms':>11}")
+        print(
+            f"{'prompt':>7} {'TTFT ms':>9} {'prefill ms':>11} {'KV pull ms':>11} {'pull/TTFT':>10} {'tok1->2 ms':>11}"
+        )
         for r in res["rows"]:
-            print(f"{r['prompt_tokens']:>7} {r['ttft_ms']:>9.1f} {r['prefill_ms']:>11.1f} {r['kv_transfer_ms']:>11.2f} "
-                  f"{r['share_pct']:>9.2f}% {r['token2_gap_ms']:>11.1f}")
+            print(
+                f"{r['prompt_tokens']:>7} {r['ttft_ms']:>9.1f} {r['prefill_ms']:>11.1f} {r['kv_transfer_ms']:>11.2f} "
+                f"{r['share_pct']:>9.2f}% {r['token2_gap_ms']:>11.1f}"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results[0] if len(results) == 1 else {"shapes": results}, indent=2))
 
@@ -71,8 +75,17 @@ def run_shape(args, shape: str) -> dict:
     from deploy.serve import Serving
     from tandem_api.client import TandemClient
 
-    cfg = with_overrides(ServeConfig(), **{"router.port": 0, "router.http_port": 0, "both.dtype": args.dtype, "both.device": args.device,
-                                           "both.kv_cache_memory": args.kv_cache_memory, **_parse_shape(shape)})
+    cfg = with_overrides(
+        ServeConfig(),
+        **{
+            "router.port": 0,
+            "router.http_port": 0,
+            "both.dtype": args.dtype,
+            "both.device": args.device,
+            "both.kv_cache_memory": args.kv_cache_memory,
+            **_parse_shape(shape),
+        },
+    )
     rng = random.Random(0)
     rows = []
     with Serving(cfg) as s:
@@ -88,15 +101,37 @@ def run_shape(args, shape: str) -> dict:
                 for last in client.generate(token_ids=ids, max_tokens=2, temperature=0.0, ignore_eos=True):
                     stamps.append(time.perf_counter() - t0)
                 t = last.timings
-                samples.append((t.time_to_first_token_s, t.kv_transfer_s, t.prefill_s,
-                                stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")))
+                samples.append(
+                    (
+                        t.time_to_first_token_s,
+                        t.kv_transfer_s,
+                        t.prefill_s,
+                        stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan"),
+                    )
+                )
             ttft, xfer, prefill, gap = (statistics.median(col) for col in zip(*samples))
-            rows.append({"prompt_tokens": n, "ttft_ms": ttft * 1e3, "prefill_ms": prefill * 1e3,
-                         "kv_transfer_ms": xfer * 1e3, "share_pct": 100 * xfer / ttft, "token2_gap_ms": gap * 1e3})
+            rows.append(
+                {
+                    "prompt_tokens": n,
+                    "ttft_ms": ttft * 1e3,
+                    "prefill_ms": prefill * 1e3,
+                    "kv_transfer_ms": xfer * 1e3,
+                    "share_pct": 100 * xfer / ttft,
+                    "token2_gap_ms": gap * 1e3,
+                }
+            )
         s.cluster.check_pools()
         info = client.server_info()
-    return {"rows": rows, "reps": args.reps, "model": info.model, "dtype": [w.dtype for w in info.workers][0],
-            "device": args.device, "topology": info.topology, "shape": shape, "when": time.strftime("%Y-%m-%d %H:%M")}
+    return {
+        "rows": rows,
+        "reps": args.reps,
+        "model": info.model,
+        "dtype": [w.dtype for w in info.workers][0],
+        "device": args.device,
+        "topology": info.topology,
+        "shape": shape,
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 if __name__ == "__main__":

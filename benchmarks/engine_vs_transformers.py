@@ -57,22 +57,49 @@ FIRST_REAL_ID = 17  # SmolLM2's ids 0..16 are special tokens
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default=None,
-                   help="default: both (bfloat16 only with --quick)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "both"],
+        default=None,
+        help="default: both (bfloat16 only with --quick)",
+    )
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON results path")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: a smoke run")
     p.add_argument("--model", default=None, help="GGUF file (default: the shipped SmolLM2-135M-Instruct)")
     p.add_argument("--reps", type=int, default=3, help="repetitions of (a) and (c)")
     p.add_argument("--reps-b", type=int, default=2, help="repetitions of (b)")
-    p.add_argument("--hf-batching", choices=["padded", "sorted"], default="padded",
-                   help="(b) transformers: one left-padded batch of all requests, or 4 batches sorted by prompt length")
+    p.add_argument(
+        "--hf-batching",
+        choices=["padded", "sorted"],
+        default="padded",
+        help="(b) transformers: one left-padded batch of all requests, or 4 batches sorted by prompt length",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     a = p.parse_args(argv)
-    size = dict(decode_tokens=16, num_requests=4, prompt_median=32, prompt_cap=64, output_median=16, output_cap=32,
-                prefill_tokens=128, bandwidth_mib=256) if a.quick else \
-        dict(decode_tokens=128, num_requests=32, prompt_median=128, prompt_cap=512, output_median=128, output_cap=256,
-             prefill_tokens=512, bandwidth_mib=1024)
+    size = (
+        dict(
+            decode_tokens=16,
+            num_requests=4,
+            prompt_median=32,
+            prompt_cap=64,
+            output_median=16,
+            output_cap=32,
+            prefill_tokens=128,
+            bandwidth_mib=256,
+        )
+        if a.quick
+        else dict(
+            decode_tokens=128,
+            num_requests=32,
+            prompt_median=128,
+            prompt_cap=512,
+            output_median=128,
+            output_cap=256,
+            prefill_tokens=512,
+            bandwidth_mib=1024,
+        )
+    )
     a.__dict__.update(size)
     if a.quick:
         a.reps, a.reps_b = 1, 1
@@ -81,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---- machine ---------------------------------------------------------------------------------------------------------
+
 
 def read_bandwidth(mib: int, reps: int = 5) -> float:
     """Best-of-`reps` bytes/s of torch .sum() over a float32 tensor far larger than the caches."""
@@ -103,8 +131,15 @@ def cpu_model() -> str:
 
 def weight_bytes_per_token(cfg, dtype: torch.dtype) -> int:
     """Every weight one decode step reads: all layers, final norm, LM head (a tied embedding counts once, as head)."""
-    h, q, kv, inter = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    per_layer = h * (q + 2 * kv) + q * h + 2 * h * inter + inter * h + 2 * h + ((q + 2 * kv) if cfg.attention_bias else 0)
+    h, q, kv, inter = (
+        cfg.hidden_size,
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+        cfg.intermediate_size,
+    )
+    per_layer = (
+        h * (q + 2 * kv) + q * h + 2 * h * inter + inter * h + 2 * h + ((q + 2 * kv) if cfg.attention_bias else 0)
+    )
     params = cfg.num_layers * per_layer + h + cfg.vocab_size * h
     return params * torch.empty((), dtype=dtype).element_size()
 
@@ -115,6 +150,7 @@ def _check(ok: bool, message: str) -> None:
 
 
 # ---- workloads -------------------------------------------------------------------------------------------------------
+
 
 def ours_decode(llm: LLM, prompt: list[int], n: int) -> tuple[float, float]:
     """(decode tok/s from first to last token, TTFT s) driving EngineCore.step() directly."""
@@ -184,11 +220,10 @@ def hf_batch(model, prompts: list[list[int]], outs: list[int], batching: str, pa
         ids = torch.full((len(g), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(g), width), dtype=torch.long)
         for row, i in enumerate(g):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
         new = max(outs[i] for i in g)
-        gc_ = GenerationConfig(do_sample=False, max_new_tokens=new, eos_token_id=None,
-                               pad_token_id=pad_id)
+        gc_ = GenerationConfig(do_sample=False, max_new_tokens=new, eos_token_id=None, pad_token_id=pad_id)
         seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc_)
         _check(seq.shape[1] == width + new, f"transformers produced {seq.shape[1] - width} tokens, expected {new}")
     return sum(outs) / (time.perf_counter() - t)
@@ -206,19 +241,26 @@ def interleaved(reps: int, ours: Callable[[int], float], theirs: Callable[[int],
     a, b = [], []
     for r in range(reps):
         if r % 2 == 0:
-            a.append(ours(r)); b.append(theirs(r))  # noqa: E702
+            a.append(ours(r))
+            b.append(theirs(r))  # noqa: E702
         else:
-            b.append(theirs(r)); a.append(ours(r))  # noqa: E702
+            b.append(theirs(r))
+            a.append(ours(r))  # noqa: E702
     return a, b
 
 
 # ---- one table -------------------------------------------------------------------------------------------------------
 
+
 def load_hf(path: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, GgufConfig
 
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype,
-                                                 quantization_config=GgufConfig(dequantize=True))
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path),
+        gguf_file=os.path.basename(path),
+        dtype=dtype,
+        quantization_config=GgufConfig(dequantize=True),
+    )
     bad = {p.dtype for p in model.parameters()} - {dtype}
     if bad:
         raise RuntimeError(f"transformers model has parameters in {bad}, expected only {dtype}")
@@ -237,23 +279,34 @@ def run_dtype(args, dtype_name: str, path: str, bandwidth: float, vocab: int) ->
 
     # warm-up: oneDNN primitives, allocator, both code paths
     w = random_prompt(rng, 32, vocab)
-    ours_decode(llm, w, 4); hf_decode(hf, w, 4); ours_prefill(llm, w); hf_prefill(hf, w)  # noqa: E702
-    ours_batch(llm, [w, w[:16]], [4, 4]); hf_batch(hf, [w, w[:16]], [4, 4], args.hf_batching, pad_id)  # noqa: E702
+    ours_decode(llm, w, 4)
+    hf_decode(hf, w, 4)
+    ours_prefill(llm, w)
+    hf_prefill(hf, w)  # noqa: E702
+    ours_batch(llm, [w, w[:16]], [4, 4])
+    hf_batch(hf, [w, w[:16]], [4, 4], args.hf_batching, pad_id)  # noqa: E702
 
     n = args.decode_tokens
-    a_ours, a_hf = interleaved(args.reps, lambda r: ours_decode(llm, chat_ids, n)[0], lambda r: hf_decode(hf, chat_ids, n)[0])
+    a_ours, a_hf = interleaved(
+        args.reps, lambda r: ours_decode(llm, chat_ids, n)[0], lambda r: hf_decode(hf, chat_ids, n)[0]
+    )
     print(f"[{dtype_name}] (a) ours {a_ours}  transformers {a_hf}", flush=True)
 
     c_prompts = [random_prompt(rng, args.prefill_tokens, vocab) for _ in range(args.reps)]
-    c_ours, c_hf = interleaved(args.reps, lambda r: ours_prefill(llm, c_prompts[r]), lambda r: hf_prefill(hf, c_prompts[r]))
+    c_ours, c_hf = interleaved(
+        args.reps, lambda r: ours_prefill(llm, c_prompts[r]), lambda r: hf_prefill(hf, c_prompts[r])
+    )
     print(f"[{dtype_name}] (c) ours {c_ours}  transformers {c_hf}", flush=True)
 
     lrng = np.random.default_rng(args.seed + 1)  # lengths identical for every dtype and repetition
     p_lens = draw_lengths(lrng, args.num_requests, args.prompt_median, args.prompt_cap, 0.8)
     o_lens = draw_lengths(lrng, args.num_requests, args.output_median, args.output_cap, 0.6)
     b_prompts = [[random_prompt(rng, L, vocab) for L in p_lens] for _ in range(args.reps_b)]
-    b_ours, b_hf = interleaved(args.reps_b, lambda r: ours_batch(llm, b_prompts[r], o_lens),
-                               lambda r: hf_batch(hf, b_prompts[r], o_lens, args.hf_batching, pad_id))
+    b_ours, b_hf = interleaved(
+        args.reps_b,
+        lambda r: ours_batch(llm, b_prompts[r], o_lens),
+        lambda r: hf_batch(hf, b_prompts[r], o_lens, args.hf_batching, pad_id),
+    )
     print(f"[{dtype_name}] (b) ours {b_ours}  transformers {b_hf}", flush=True)
 
     wbytes = weight_bytes_per_token(llm.engine.model_config, dtype)
@@ -261,28 +314,52 @@ def run_dtype(args, dtype_name: str, path: str, bandwidth: float, vocab: int) ->
     med = statistics.median
     rows = [
         row("(a) decode tok/s, batch 1", a_ours, a_hf, ">= 1.2x", 1.2),
-        {"metric": "(a) decode / bandwidth bound", "ours": med(a_ours) / bound, "transformers": med(a_hf) / bound,
-         "target": ">= 70% of bound", "pass": med(a_ours) / bound >= 0.70},
+        {
+            "metric": "(a) decode / bandwidth bound",
+            "ours": med(a_ours) / bound,
+            "transformers": med(a_hf) / bound,
+            "target": ">= 70% of bound",
+            "pass": med(a_ours) / bound >= 0.70,
+        },
         row(f"(b) output tok/s, {args.num_requests} requests", b_ours, b_hf, ">= 3x", 3.0),
         row(f"(c) prefill tok/s, {args.prefill_tokens} tokens", c_ours, c_hf, ">= 1.0x", 1.0),
     ]
-    del llm, hf
+    llm = hf = None  # drop both models before the next dtype loads (a del would hide them from the lambdas above)
     gc.collect()
-    return {"dtype": dtype_name, "weight_bytes_per_token": wbytes, "bound_tok_s": bound, "rows": rows,
-            "workload_b": {"prompt_lens": p_lens, "output_lens": o_lens, "hf_batching": args.hf_batching,
-                           "useful_output_tokens": sum(o_lens)}}
+    return {
+        "dtype": dtype_name,
+        "weight_bytes_per_token": wbytes,
+        "bound_tok_s": bound,
+        "rows": rows,
+        "workload_b": {
+            "prompt_lens": p_lens,
+            "output_lens": o_lens,
+            "hf_batching": args.hf_batching,
+            "useful_output_tokens": sum(o_lens),
+        },
+    }
 
 
 def row(metric: str, ours: list[float], theirs: list[float], target: str, need: float) -> dict:
     ratio = statistics.median(ours) / statistics.median(theirs)
-    return {"metric": metric, "ours": statistics.median(ours), "transformers": statistics.median(theirs),
-            "ratio": ratio, "target": target, "pass": ratio >= need, "samples_ours": ours, "samples_transformers": theirs}
+    return {
+        "metric": metric,
+        "ours": statistics.median(ours),
+        "transformers": statistics.median(theirs),
+        "ratio": ratio,
+        "target": target,
+        "pass": ratio >= need,
+        "samples_ours": ours,
+        "samples_transformers": theirs,
+    }
 
 
 def render(table: dict, bandwidth: float) -> str:
-    lines = [f"dtype={table['dtype']}: read bandwidth {bandwidth / 1e9:.1f} GB/s, weights/token "
-             f"{table['weight_bytes_per_token'] / 1e6:.1f} MB -> bound {table['bound_tok_s']:.1f} tok/s",
-             f"{'metric':<32}{'ours':>10}{'transformers':>14}{'ratio':>9}  {'target':<17}result"]
+    lines = [
+        f"dtype={table['dtype']}: read bandwidth {bandwidth / 1e9:.1f} GB/s, weights/token "
+        f"{table['weight_bytes_per_token'] / 1e6:.1f} MB -> bound {table['bound_tok_s']:.1f} tok/s",
+        f"{'metric':<32}{'ours':>10}{'transformers':>14}{'ratio':>9}  {'target':<17}result",
+    ]
     for r in table["rows"]:
         if "ratio" in r:
             cells = f"{r['ours']:>10.1f}{r['transformers']:>14.1f}{r['ratio']:>8.2f}x"
@@ -302,8 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = read_bandwidth(args.bandwidth_mib)
     cfg = load_model_source(path).config
     auto = resolve_dtype("auto", torch.device("cpu"), cfg.hidden_size, cfg.intermediate_size)
-    print(f"threads={torch.get_num_threads()}  read bandwidth {bandwidth / 1e9:.1f} GB/s  "
-          f"dtype='auto' on this CPU -> {str(auto).replace('torch.', '')}", flush=True)
+    print(
+        f"threads={torch.get_num_threads()}  read bandwidth {bandwidth / 1e9:.1f} GB/s  "
+        f"dtype='auto' on this CPU -> {str(auto).replace('torch.', '')}",
+        flush=True,
+    )
     dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
     tables = [run_dtype(args, d, path, bandwidth, cfg.vocab_size) for d in dtypes]
     import transformers
@@ -312,25 +392,48 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "command": " ".join([".venv/bin/python", "benchmarks/engine_vs_transformers.py", *(argv or sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-        "torch": torch.__version__, "transformers": transformers.__version__, "model": path,
-        "auto_dtype": str(auto).replace("torch.", ""), "read_bandwidth_bytes_s": bandwidth,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model": path,
+        "auto_dtype": str(auto).replace("torch.", ""),
+        "read_bandwidth_bytes_s": bandwidth,
         "read_bandwidth_end_bytes_s": bandwidth_end,
-        "method": {"a": "decode only: (N-1)/(t_last_token - t_first_token); transformers: greedy forward() loop "
-                        "with DynamicCache, logits_to_keep=1",
-                   "b": f"ours: one LLM.generate; transformers: generate(), {args.hf_batching} left-padded batches, "
-                        "max_new_tokens = longest drawn output per batch; useful tokens = drawn output lengths",
-                   "c": "ours: LLM.generate max_tokens=1 wall time; transformers: one forward(), logits_to_keep=1"},
-        "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "seconds": time.time() - started,
-        "sizes": {k: getattr(args, k) for k in ("decode_tokens", "num_requests", "prompt_median", "prompt_cap",
-                                                 "output_median", "output_cap", "prefill_tokens", "reps", "reps_b")},
+        "method": {
+            "a": "decode only: (N-1)/(t_last_token - t_first_token); transformers: greedy forward() loop "
+            "with DynamicCache, logits_to_keep=1",
+            "b": f"ours: one LLM.generate; transformers: generate(), {args.hf_batching} left-padded batches, "
+            "max_new_tokens = longest drawn output per batch; useful tokens = drawn output lengths",
+            "c": "ours: LLM.generate max_tokens=1 wall time; transformers: one forward(), logits_to_keep=1",
+        },
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "seconds": time.time() - started,
+        "sizes": {
+            k: getattr(args, k)
+            for k in (
+                "decode_tokens",
+                "num_requests",
+                "prompt_median",
+                "prompt_cap",
+                "output_median",
+                "output_cap",
+                "prefill_tokens",
+                "reps",
+                "reps_b",
+            )
+        },
     }
     print()
-    print(f"{meta['cpu']}, {meta['cpus']} CPUs, torch threads {meta['torch_threads']}, "
-          f"OMP_WAIT_POLICY {meta['omp_wait_policy']}, "
-          f"load average {load_start[0]:.1f} -> {meta['loadavg_end'][0]:.1f}; dtype='auto' picks {meta['auto_dtype']}; "
-          f"(b) transformers batching: {args.hf_batching}")
+    print(
+        f"{meta['cpu']}, {meta['cpus']} CPUs, torch threads {meta['torch_threads']}, "
+        f"OMP_WAIT_POLICY {meta['omp_wait_policy']}, "
+        f"load average {load_start[0]:.1f} -> {meta['loadavg_end'][0]:.1f}; dtype='auto' picks {meta['auto_dtype']}; "
+        f"(b) transformers batching: {args.hf_batching}"
+    )
     for t in tables:
         print()
         print(render(t, bandwidth))

@@ -30,11 +30,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 DEFAULT_OUT = os.path.join(HERE, "results", "engine_vs_vllm.json")
-VLLM_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-            "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
+VLLM_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "4",
+}
 
 
 # ---- worker side: runs inside one engine's python -------------------------------------------------------------------
+
 
 def prompts(seed: int, n: int, length: int) -> list[list[int]]:
     import random
@@ -83,11 +90,18 @@ def worker(engine: str, model: str, dtype: str, seed: int) -> dict:
     tc, _ = timed(prompts(seed + 3, 1, 512), 1)
     import torch
 
-    return {"engine": engine, "decode_tok_s": decode, "throughput_tok_s": throughput, "prefill_512_s": tc,
-            "first_tokens": out[0][:32], "threads": torch.get_num_threads()}
+    return {
+        "engine": engine,
+        "decode_tok_s": decode,
+        "throughput_tok_s": throughput,
+        "prefill_512_s": tc,
+        "first_tokens": out[0][:32],
+        "threads": torch.get_num_threads(),
+    }
 
 
 # ---- parent ----------------------------------------------------------------------------------------------------------
+
 
 def weight_bytes(model: str, dtype: str) -> int:
     """Bytes one batch-1 decode step reads (engine_vs_transformers' count, from the model's config)."""
@@ -101,13 +115,23 @@ def weight_bytes(model: str, dtype: str) -> int:
 
 def run_one(python: str, engine: str, a: argparse.Namespace) -> dict:
     env = dict(os.environ, **(VLLM_ENV if engine == "vllm" else {}))
-    cmd = [python, os.path.abspath(__file__), "--worker", engine, "--hf-model", a.hf_model, "--dtype", a.dtype,
-           "--seed", str(a.seed)]
+    cmd = [
+        python,
+        os.path.abspath(__file__),
+        "--worker",
+        engine,
+        "--hf-model",
+        a.hf_model,
+        "--dtype",
+        a.dtype,
+        "--seed",
+        str(a.seed),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{engine} worker failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,29 +154,36 @@ def main(argv: list[str] | None = None) -> None:
     wbytes = weight_bytes(a.hf_model, a.dtype)
     runs: list[dict] = []
     for rep in range(a.reps):
-        for name, py in (engines if rep % 2 == 0 else engines[::-1]):
+        for name, py in engines if rep % 2 == 0 else engines[::-1]:
             r = run_one(py, name, a)
             r["rep"] = rep
-            print(f"rep {rep} {name}: decode {r['decode_tok_s']:.1f} tok/s, throughput {r['throughput_tok_s']:.1f} "
-                  f"tok/s, prefill 512 {r['prefill_512_s']:.3f} s", flush=True)
+            print(
+                f"rep {rep} {name}: decode {r['decode_tok_s']:.1f} tok/s, throughput {r['throughput_tok_s']:.1f} "
+                f"tok/s, prefill 512 {r['prefill_512_s']:.3f} s",
+                flush=True,
+            )
             runs.append(r)
     bound = bw * 1e9 / wbytes
     summary: dict[str, dict] = {}
     for name, _ in engines:
         rs = [r for r in runs if r["engine"] == name]
-        summary[name] = {k: statistics.median(r[k] for r in rs) for k in ("decode_tok_s", "throughput_tok_s",
-                                                                           "prefill_512_s")}
+        summary[name] = {
+            k: statistics.median(r[k] for r in rs) for k in ("decode_tok_s", "throughput_tok_s", "prefill_512_s")
+        }
         summary[name]["decode_share_of_bound"] = summary[name]["decode_tok_s"] / bound
     print(f"\nread bandwidth {bw:.1f} GB/s, weights {wbytes / 1e6:.0f} MB/token -> batch-1 bound {bound:.1f} tok/s")
     print("| metric | " + " | ".join(n for n, _ in engines) + (" | Tandem / vLLM |" if len(engines) > 1 else " |"))
     print("|---|" + "---:|" * (len(engines) + (1 if len(engines) > 1 else 0)))
-    for key, label, better_low in (("decode_tok_s", "batch-1 decode tok/s", False),
-                                   ("decode_share_of_bound", "share of bound", False),
-                                   ("throughput_tok_s", "64 x (128, 64) output tok/s", False),
-                                   ("prefill_512_s", "512-token prefill s", True)):
+    for key, label, better_low in (
+        ("decode_tok_s", "batch-1 decode tok/s", False),
+        ("decode_share_of_bound", "share of bound", False),
+        ("throughput_tok_s", "64 x (128, 64) output tok/s", False),
+        ("prefill_512_s", "512-token prefill s", True),
+    ):
         vals = [summary[n][key] for n, _ in engines]
-        row = f"| {label} | " + " | ".join(f"{v:.3f}" if key in ("prefill_512_s", "decode_share_of_bound")
-                                            else f"{v:.1f}" for v in vals)
+        row = f"| {label} | " + " | ".join(
+            f"{v:.3f}" if key in ("prefill_512_s", "decode_share_of_bound") else f"{v:.1f}" for v in vals
+        )
         if len(vals) > 1:
             ratio = vals[1] / vals[0] if better_low else vals[0] / vals[1]
             row += f" | {ratio:.2f}x"
@@ -162,9 +193,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"first 32 tokens identical across engines and repetitions: {all(same)}")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"read_bandwidth_gb_s": bw, "weight_bytes": wbytes, "bound_tok_s": bound, "runs": runs,
-                   "summary": summary, "dtype": a.dtype, "load_avg": os.getloadavg(),
-                   "date": time.strftime("%Y-%m-%d %H:%M")}, f, indent=1)
+        json.dump(
+            {
+                "read_bandwidth_gb_s": bw,
+                "weight_bytes": wbytes,
+                "bound_tok_s": bound,
+                "runs": runs,
+                "summary": summary,
+                "dtype": a.dtype,
+                "load_avg": os.getloadavg(),
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+            },
+            f,
+            indent=1,
+        )
     print(f"wrote {a.out}")
 
 

@@ -65,7 +65,9 @@ def main() -> int:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for form, rate in gemv_rates(dtype).items():
-            rows.append({"dtype": str(dtype).replace("torch.", ""), "form": form, "gb_s": rate / 1e9, "of_sum": rate / bw})
+            rows.append(
+                {"dtype": str(dtype).replace("torch.", ""), "form": form, "gb_s": rate / 1e9, "of_sum": rate / bw}
+            )
     print(f"threads={torch.get_num_threads()}  sum() over 1 GiB fp32: {bw / 1e9:.1f} GB/s")
     print(f"{'dtype':10s} {'form':26s} {'GB/s':>7s} {'of sum()':>9s}")
     for r in rows:

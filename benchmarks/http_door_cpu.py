@@ -31,8 +31,16 @@ from router.request_path import Ended  # noqa: E402
 from router.responses import ServerFacts  # noqa: E402
 from tandem_api.v1 import generation_pb2 as pb  # noqa: E402
 
-FACTS = ServerFacts(model="m", model_fingerprint="", mode="disaggregated", topology="", version="", kv_transport="",
-                    max_model_len=2048, vocab_size=10)
+FACTS = ServerFacts(
+    model="m",
+    model_fingerprint="",
+    mode="disaggregated",
+    topology="",
+    version="",
+    kv_transport="",
+    max_model_len=2048,
+    vocab_size=10,
+)
 
 
 class _Membership:
@@ -82,8 +90,10 @@ with httpx.Client() as h:
         profile.disable()
     cpu = time.process_time() - cpu0
     await server.stop()
-    print(f"http={a.http}: server CPU {cpu / a.requests * 1000:.2f} ms per request, "
-          f"{cpu / a.requests / a.chunks * 1e6:.0f} us per chunk ({a.requests} requests x {a.chunks} chunks)")
+    print(
+        f"http={a.http}: server CPU {cpu / a.requests * 1000:.2f} ms per request, "
+        f"{cpu / a.requests / a.chunks * 1e6:.0f} us per chunk ({a.requests} requests x {a.chunks} chunks)"
+    )
     if profile:
         pstats.Stats(profile).sort_stats("tottime").print_stats(20)
 

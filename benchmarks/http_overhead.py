@@ -38,8 +38,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.serving_compare import TANDEM, stop, wait_http, wait_tandem  # noqa: E402
 from benchmarks.served_common import free_port  # noqa: E402
+from benchmarks.serving_compare import TANDEM, stop, wait_http, wait_tandem  # noqa: E402
 
 
 def _cpu(process: psutil.Process) -> float:
@@ -48,8 +48,9 @@ def _cpu(process: psutil.Process) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("--tandem-flags", default="", help="flags for `tandem serve`")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--input-len", type=int, default=256)
@@ -65,15 +66,36 @@ def main() -> None:
     grpc_port, http_port = free_port(), free_port()
     serve = [*TANDEM, "serve", "--port", str(grpc_port), "--http-port", str(http_port), *shlex.split(a.tandem_flags)]
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    proc = subprocess.Popen(serve, cwd=REPO, stdout=(out / "server.log").open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        serve, cwd=REPO, stdout=(out / "server.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{http_port}/v1"
     targets = {"grpc": ["--server", f"127.0.0.1:{grpc_port}"], "http": ["--openai-url", f"{url}/completions"]}
-    common = ["--dataset", "random", "--input-len", str(a.input_len), "--output-len", str(a.output_len),
-              "--spread", "0", "--ignore-eos", "--warmup", "2", "--quiet"]
-    loads = {"sequential": ["--num-requests", str(a.sequential_requests), "--max-concurrency", "1"],
-             "loaded": ["--num-requests", str(a.loaded_requests), "--request-rate", "inf",
-                        "--max-concurrency", str(a.concurrency)]}
+    common = [
+        "--dataset",
+        "random",
+        "--input-len",
+        str(a.input_len),
+        "--output-len",
+        str(a.output_len),
+        "--spread",
+        "0",
+        "--ignore-eos",
+        "--warmup",
+        "2",
+        "--quiet",
+    ]
+    loads = {
+        "sequential": ["--num-requests", str(a.sequential_requests), "--max-concurrency", "1"],
+        "loaded": [
+            "--num-requests",
+            str(a.loaded_requests),
+            "--request-rate",
+            "inf",
+            "--max-concurrency",
+            str(a.concurrency),
+        ],
+    }
     loads = {name: loads[name] for name in a.loads}
     runs: dict[str, dict[str, list[dict]]] = {load: {"grpc": [], "http": []} for load in loads}
     commands: dict[str, str] = {}
@@ -85,10 +107,20 @@ def main() -> None:
             targets["http"] += ["--tokenizer", json.load(reply)["data"][0]["root"]]
         for r in range(a.rounds):
             for li, (load, flags) in enumerate(loads.items()):
-                for door in (("grpc", "http") if r % 2 == 0 else ("http", "grpc")):
+                for door in ("grpc", "http") if r % 2 == 0 else ("http", "grpc"):
                     dest = out / f"{load}-{door}-{r}"
                     seed = 1000 * r + 10 * li + (door == "http")
-                    cmd = [*TANDEM, "bench", *targets[door], *common, *flags, "--seed", str(seed), "--output", str(dest)]
+                    cmd = [
+                        *TANDEM,
+                        "bench",
+                        *targets[door],
+                        *common,
+                        *flags,
+                        "--seed",
+                        str(seed),
+                        "--output",
+                        str(dest),
+                    ]
                     commands[f"{load}/{door}"] = "tandem " + shlex.join(cmd[3:])
                     t0 = time.monotonic()
                     router_cpu0, client_cpu0 = _cpu(router), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -97,45 +129,86 @@ def main() -> None:
                     run = json.loads((dest / "summary.json").read_text())[0]
                     n = run["completed"] + sum((run["failed"] or {}).values()) + 2  # + the warm-up requests
                     run["router_cpu_ms_per_request"] = (_cpu(router) - router_cpu0) * 1000 / n
-                    run["client_cpu_ms_per_request"] = ((client_cpu1.ru_utime + client_cpu1.ru_stime)
-                                                        - (client_cpu0.ru_utime + client_cpu0.ru_stime)) * 1000 / n
+                    run["client_cpu_ms_per_request"] = (
+                        ((client_cpu1.ru_utime + client_cpu1.ru_stime) - (client_cpu0.ru_utime + client_cpu0.ru_stime))
+                        * 1000
+                        / n
+                    )
                     runs[load][door].append(run)
-                    print(f"round {r} {load:>10} {door:>4}: TTFT p50 {run['ttft_ms']['p50']:.1f} ms, ITL p50 "
-                          f"{run['itl_ms']['p50']:.1f} ms, {run['output_throughput']:.1f} tok/s, "
-                          f"router CPU {run['router_cpu_ms_per_request']:.1f} ms/req, client CPU "
-                          f"{run['client_cpu_ms_per_request']:.1f} ms/req, failed {run['failed'] or 0} "
-                          f"({time.monotonic() - t0:.0f} s)", flush=True)
+                    print(
+                        f"round {r} {load:>10} {door:>4}: TTFT p50 {run['ttft_ms']['p50']:.1f} ms, ITL p50 "
+                        f"{run['itl_ms']['p50']:.1f} ms, {run['output_throughput']:.1f} tok/s, "
+                        f"router CPU {run['router_cpu_ms_per_request']:.1f} ms/req, client CPU "
+                        f"{run['client_cpu_ms_per_request']:.1f} ms/req, failed {run['failed'] or 0} "
+                        f"({time.monotonic() - t0:.0f} s)",
+                        flush=True,
+                    )
     finally:
         stop(proc)
     rows = []
-    print(f"\n{'load':>10} {'door':>5} {'TTFT p50 ms':>12} {'ITL p50 ms':>11} {'out tok/s':>10} "
-          f"{'router CPU':>11} {'client CPU':>11}   (median of {a.rounds} rounds; CPU in ms per request)")
+    print(
+        f"\n{'load':>10} {'door':>5} {'TTFT p50 ms':>12} {'ITL p50 ms':>11} {'out tok/s':>10} "
+        f"{'router CPU':>11} {'client CPU':>11}   (median of {a.rounds} rounds; CPU in ms per request)"
+    )
     for load in loads:
-        med = {door: {"ttft_p50_ms": statistics.median(x["ttft_ms"]["p50"] for x in rs),
-                      "itl_p50_ms": statistics.median(x["itl_ms"]["p50"] for x in rs),
-                      "output_throughput": statistics.median(x["output_throughput"] for x in rs),
-                      "router_cpu_ms_per_request": statistics.median(x["router_cpu_ms_per_request"] for x in rs),
-                      "client_cpu_ms_per_request": statistics.median(x["client_cpu_ms_per_request"] for x in rs),
-                      "failed": sum(sum((x["failed"] or {}).values()) for x in rs)}
-               for door, rs in runs[load].items()}
+        med = {
+            door: {
+                "ttft_p50_ms": statistics.median(x["ttft_ms"]["p50"] for x in rs),
+                "itl_p50_ms": statistics.median(x["itl_ms"]["p50"] for x in rs),
+                "output_throughput": statistics.median(x["output_throughput"] for x in rs),
+                "router_cpu_ms_per_request": statistics.median(x["router_cpu_ms_per_request"] for x in rs),
+                "client_cpu_ms_per_request": statistics.median(x["client_cpu_ms_per_request"] for x in rs),
+                "failed": sum(sum((x["failed"] or {}).values()) for x in rs),
+            }
+            for door, rs in runs[load].items()
+        }
         for door, m in med.items():
-            print(f"{load:>10} {door:>5} {m['ttft_p50_ms']:12.1f} {m['itl_p50_ms']:11.2f} {m['output_throughput']:10.1f} "
-                  f"{m['router_cpu_ms_per_request']:11.1f} {m['client_cpu_ms_per_request']:11.1f}")
-        keys = ("ttft_p50_ms", "itl_p50_ms", "output_throughput", "router_cpu_ms_per_request",
-                "client_cpu_ms_per_request")
+            print(
+                f"{load:>10} {door:>5} {m['ttft_p50_ms']:12.1f} {m['itl_p50_ms']:11.2f} {m['output_throughput']:10.1f} "
+                f"{m['router_cpu_ms_per_request']:11.1f} {m['client_cpu_ms_per_request']:11.1f}"
+            )
+        keys = (
+            "ttft_p50_ms",
+            "itl_p50_ms",
+            "output_throughput",
+            "router_cpu_ms_per_request",
+            "client_cpu_ms_per_request",
+        )
         ratio = {k: med["http"][k] / med["grpc"][k] if med["grpc"][k] else None for k in keys}
-        print(f"{load:>10} {'h/g':>5} {ratio['ttft_p50_ms']:12.3f} {ratio['itl_p50_ms']:11.3f} "
-              f"{ratio['output_throughput']:10.3f} {ratio['router_cpu_ms_per_request']:11.3f} "
-              f"{ratio['client_cpu_ms_per_request']:11.3f}")
+        print(
+            f"{load:>10} {'h/g':>5} {ratio['ttft_p50_ms']:12.3f} {ratio['itl_p50_ms']:11.3f} "
+            f"{ratio['output_throughput']:10.3f} {ratio['router_cpu_ms_per_request']:11.3f} "
+            f"{ratio['client_cpu_ms_per_request']:11.3f}"
+        )
         rows.append({"load": load, **med, "http/grpc": ratio})
-    doc = {"command": "benchmarks/http_overhead.py " + shlex.join(sys.argv[1:]), "serve": shlex.join(serve[3:]),
-           "bench_commands": commands, "rows": rows,
-           "runs": {load: {door: [{k: x[k] for k in ("ttft_ms", "itl_ms", "output_throughput", "failed",
-                                                     "router_cpu_ms_per_request", "client_cpu_ms_per_request")}
-                                  for x in rs] for door, rs in d.items()} for load, d in runs.items()}}
+    doc = {
+        "command": "benchmarks/http_overhead.py " + shlex.join(sys.argv[1:]),
+        "serve": shlex.join(serve[3:]),
+        "bench_commands": commands,
+        "rows": rows,
+        "runs": {
+            load: {
+                door: [
+                    {
+                        k: x[k]
+                        for k in (
+                            "ttft_ms",
+                            "itl_ms",
+                            "output_throughput",
+                            "failed",
+                            "router_cpu_ms_per_request",
+                            "client_cpu_ms_per_request",
+                        )
+                    }
+                    for x in rs
+                ]
+                for door, rs in d.items()
+            }
+            for load, d in runs.items()
+        },
+    }
     (out / "http_overhead.json").write_text(json.dumps(doc, indent=2))
-    print(f"wrote {out / 'http_overhead.json'}; load average at end: "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"wrote {out / 'http_overhead.json'}; load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

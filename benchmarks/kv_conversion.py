@@ -115,8 +115,12 @@ def main() -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--pattern", choices=["contiguous", "scattered"], default="contiguous")
     ap.add_argument("--staging-mib", type=float, default=0.0, help="cap each rank's staging (0: one round)")
-    ap.add_argument("--scatter", choices=["auto", "torch", "triton"], default="auto",
-                    help="row-scatter backend (auto: triton on CUDA when it imports)")
+    ap.add_argument(
+        "--scatter",
+        choices=["auto", "torch", "triton"],
+        default="auto",
+        help="row-scatter backend (auto: triton on CUDA when it imports)",
+    )
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
@@ -200,7 +204,9 @@ def main() -> int:
         print(f"{name:<18} {','.join(kinds):<43} {f'{len(src)}->{len(dst)}':>5} {delivered / 2**20:>9.1f} "
               f"{read / 2**20:>8.1f} {regions:>7} {row['rounds']:>6} {row['bind_ms']:>7.2f} {gbps['convert']:>12.2f} "
               f"{gbps['copy']:>9.2f} {row['ratio']:>6.2f} {gbps['scatter'] or 0:>12.2f} {backend[0]:>7}")  # fmt: skip
-        del src_caches, dst_caches, stagings, a, b
+        src_caches = dst_caches = stagings = a = b = (
+            None  # free before the next case (a del would hide them from the closures above)
+        )
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

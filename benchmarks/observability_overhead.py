@@ -76,8 +76,12 @@ def main() -> None:
     ap.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between /metrics scrapes (on)")
     ap.add_argument("--num-cpus", type=float, default=0.5, help="Ray CPUs per worker (both pools, both clusters)")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--start-first", choices=CONFIGS, default="off",
-                    help="which cluster starts first (and starts Ray); to check that a difference follows the config")
+    ap.add_argument(
+        "--start-first",
+        choices=CONFIGS,
+        default="off",
+        help="which cluster starts first (and starts Ray); to check that a difference follows the config",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=300.0, help="gRPC deadline per request, seconds")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "observability_overhead.json"))
@@ -89,14 +93,21 @@ def main() -> None:
         print(f"note: {key}={os.environ[key]} is set; the config's tracing.exporter overrides the exporter only")
 
     frame = ScriptRun(f" ({os.cpu_count()} cores)")
-    print(f"workload per run: {args.requests} requests x {args.prompt_tokens} prompt tokens -> {args.max_tokens} "
-          f"tokens, {args.concurrency} client threads; {args.rounds} round(s)", flush=True)
+    print(
+        f"workload per run: {args.requests} requests x {args.prompt_tokens} prompt tokens -> {args.max_tokens} "
+        f"tokens, {args.concurrency} client threads; {args.rounds} round(s)",
+        flush=True,
+    )
 
     rng = random.Random(args.seed)
-    prompts = [[[rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(args.prompt_tokens)] for _ in range(args.requests)]
-               for _ in range(args.rounds)]
-    warmup = {c: [[rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(args.prompt_tokens)] for _ in range(args.warmup)]
-              for c in CONFIGS}
+    prompts = [
+        [[rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(args.prompt_tokens)] for _ in range(args.requests)]
+        for _ in range(args.rounds)
+    ]
+    warmup = {
+        c: [[rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(args.prompt_tokens)] for _ in range(args.warmup)]
+        for c in CONFIGS
+    }
 
     runs: list[dict] = []
     spans: dict = {}
@@ -107,8 +118,11 @@ def main() -> None:
             servings[name], clusters[name] = start_cluster(args, name, warmup[name])
             stack.callback(servings[name].stop)
         settle_s, idle = settle()
-        print(f"both clusters up; machine CPU busy while idle: {100 * idle:.0f}% (waited {settle_s:.0f} s for it to "
-              f"settle), load {fmt_load(os.getloadavg())}", flush=True)
+        print(
+            f"both clusters up; machine CPU busy while idle: {100 * idle:.0f}% (waited {settle_s:.0f} s for it to "
+            f"settle), load {fmt_load(os.getloadavg())}",
+            flush=True,
+        )
         for c in clusters.values():
             c["idle_cpu_busy_before_runs"] = idle
         for rnd in range(args.rounds):
@@ -133,18 +147,24 @@ def main() -> None:
     verdict = compare(runs, args.rounds)
     mismatch = compare_replies(runs, args.rounds)
     print_table(runs, stats, verdict, spans, args)
-    print(f"replies: {mismatch['identical']} of {mismatch['compared']} identical between on and off of the same round "
-          "(bfloat16 greedy replies depend on the decode batch; information only)")
+    print(
+        f"replies: {mismatch['identical']} of {mismatch['compared']} identical between on and off of the same round "
+        "(bfloat16 greedy replies depend on the decode batch; information only)"
+    )
 
-    frame.finish(args.out, {
-        "clusters": clusters,
-        "stats": stats,
-        "on_vs_off": verdict,
-        "spans_on_cluster": spans,
-        "replies": mismatch,
-        "runs": [{k: v for k, v in r.items() if k not in ("rows", "replies")} for r in runs],
-        "rows": [row for r in runs for row in r["rows"]],
-    }, config={k: v for k, v in vars(args).items() if k != "out"})
+    frame.finish(
+        args.out,
+        {
+            "clusters": clusters,
+            "stats": stats,
+            "on_vs_off": verdict,
+            "spans_on_cluster": spans,
+            "replies": mismatch,
+            "runs": [{k: v for k, v in r.items() if k not in ("rows", "replies")} for r in runs],
+            "rows": [row for r in runs for row in r["rows"]],
+        },
+        config={k: v for k, v in vars(args).items() if k != "out"},
+    )
 
 
 # -- clusters ---------------------------------------------------------------------------------------------
@@ -156,15 +176,25 @@ def start_cluster(args, name: str, warmup: list[list[int]]):
     from tandem_api.client import TandemClient
 
     on = name == "on"
-    cfg = with_overrides(ServeConfig(), **{
-        "model": "", "router.port": 0, "router.http_port": 0, "ray_namespace": f"tandem-bench-{name}",
-        "both.num_cpus": args.num_cpus, "both.dtype": args.dtype,
-        "tracing.exporter": "memory" if on else "none",
-    })
+    cfg = with_overrides(
+        ServeConfig(),
+        **{
+            "model": "",
+            "router.port": 0,
+            "router.http_port": 0,
+            "ray_namespace": f"tandem-bench-{name}",
+            "both.num_cpus": args.num_cpus,
+            "both.dtype": args.dtype,
+            "tracing.exporter": "memory" if on else "none",
+        },
+    )
     if on:
         cfg = with_overrides(cfg, **{"router.metrics_port": 0})
-    print(f"\n=== starting cluster {name}: tracing {cfg.tracing.exporter}, metrics_port {cfg.router.metrics_port}, "
-          f"load {fmt_load(os.getloadavg())}", flush=True)
+    print(
+        f"\n=== starting cluster {name}: tracing {cfg.tracing.exporter}, metrics_port {cfg.router.metrics_port}, "
+        f"load {fmt_load(os.getloadavg())}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     serving = Serving(cfg)
     start_s = time.perf_counter() - t0
@@ -172,18 +202,24 @@ def start_cluster(args, name: str, warmup: list[list[int]]):
         metrics_port = serving.on_router(lambda svc: svc.metrics_port)
         tracing_on = serving.on_router(lambda svc: svc.tracing.enabled)
         if (metrics_port is not None) != on or tracing_on != on:
-            raise SystemExit(f"cluster {name}: metrics_port {metrics_port}, tracing enabled {tracing_on}: "
-                             "not the configuration asked for")
+            raise SystemExit(
+                f"cluster {name}: metrics_port {metrics_port}, tracing enabled {tracing_on}: "
+                "not the configuration asked for"
+            )
         control = TandemClient(serving.address)
         info = control.server_info()
         control.close()
         if info.vocab_size < TOKEN_HI:
             raise SystemExit(f"vocab_size {info.vocab_size} < {TOKEN_HI}: the random prompt ids would be invalid")
-        workers = {w.worker_id: {"role": w.role, "kv_blocks_total": w.kv_blocks_total, "dtype": w.dtype}
-                   for w in info.workers}
-        print(f"cluster {name} up in {start_s:.1f} s on {serving.address}: {info.topology}, "
-              + ", ".join(f"{w} {v['kv_blocks_total']} blocks ({v['dtype']})" for w, v in workers.items())
-              + (f"; metrics on :{metrics_port}" if on else ""), flush=True)
+        workers = {
+            w.worker_id: {"role": w.role, "kv_blocks_total": w.kv_blocks_total, "dtype": w.dtype} for w in info.workers
+        }
+        print(
+            f"cluster {name} up in {start_s:.1f} s on {serving.address}: {info.topology}, "
+            + ", ".join(f"{w} {v['kv_blocks_total']} blocks ({v['dtype']})" for w, v in workers.items())
+            + (f"; metrics on :{metrics_port}" if on else ""),
+            flush=True,
+        )
         warm_rows, _, warm_errors, warm_s = drive(args, serving.address, f"{name}-warmup", warmup)
         print(f"warm-up: {len(warm_rows)} requests in {warm_s:.1f} s, {len(warm_errors)} errors", flush=True)
         for e in warm_errors[:3]:
@@ -191,10 +227,18 @@ def start_cluster(args, name: str, warmup: list[list[int]]):
     except BaseException:
         serving.stop()
         raise
-    return serving, {"namespace": cfg.ray_namespace, "address": serving.address, "start_s": start_s,
-                     "topology": info.topology, "model": info.model, "workers": workers,
-                     "tracing_exporter": cfg.tracing.exporter, "metrics_port": metrics_port,
-                     "warmup_s": warm_s, "warmup_errors": warm_errors}
+    return serving, {
+        "namespace": cfg.ray_namespace,
+        "address": serving.address,
+        "start_s": start_s,
+        "topology": info.topology,
+        "model": info.model,
+        "workers": workers,
+        "tracing_exporter": cfg.tracing.exporter,
+        "metrics_port": metrics_port,
+        "warmup_s": warm_s,
+        "warmup_errors": warm_errors,
+    }
 
 
 def count_spans(serving) -> dict:
@@ -244,9 +288,13 @@ class Scraper:
         self._thread.join(10)
 
     def summary(self) -> dict:
-        return {"scrapes": self.scrapes, "bytes_per_scrape": self.bytes / self.scrapes if self.scrapes else 0,
-                "scrape_ms_p50": 1e3 * pct(self.seconds, 50), "failures": len(self.failures),
-                "first_failures": self.failures[:3]}
+        return {
+            "scrapes": self.scrapes,
+            "bytes_per_scrape": self.bytes / self.scrapes if self.scrapes else 0,
+            "scrape_ms_p50": 1e3 * pct(self.seconds, 50),
+            "failures": len(self.failures),
+            "first_failures": self.failures[:3],
+        }
 
 
 # -- one run ----------------------------------------------------------------------------------------------
@@ -265,19 +313,32 @@ def run_once(args, name: str, rnd: int, serving, prompts: list[list[int]]) -> di
     ok = [r for r in rows if "ttft_s" in r]
     out_tokens = sum(r["completion_tokens"] for r in ok)
     run = {
-        "config": name, "round": rnd, "wall_s": wall_s, "requests": len(ok), "errors": errors,
-        "output_tokens": out_tokens, "output_tok_s": out_tokens / wall_s, "req_s": len(ok) / wall_s,
-        "ttft_p50_s": pct([r["ttft_s"] for r in ok], 50), "ttft_p99_s": pct([r["ttft_s"] for r in ok], 99),
-        "e2e_p50_s": pct([r["e2e_s"] for r in ok], 50), "e2e_p99_s": pct([r["e2e_s"] for r in ok], 99),
-        "cached_tokens": sum(r["cached_tokens"] for r in ok), "cpu_busy": cpu_busy, "load_avg_before": load,
+        "config": name,
+        "round": rnd,
+        "wall_s": wall_s,
+        "requests": len(ok),
+        "errors": errors,
+        "output_tokens": out_tokens,
+        "output_tok_s": out_tokens / wall_s,
+        "req_s": len(ok) / wall_s,
+        "ttft_p50_s": pct([r["ttft_s"] for r in ok], 50),
+        "ttft_p99_s": pct([r["ttft_s"] for r in ok], 99),
+        "e2e_p50_s": pct([r["e2e_s"] for r in ok], 50),
+        "e2e_p99_s": pct([r["e2e_s"] for r in ok], 99),
+        "cached_tokens": sum(r["cached_tokens"] for r in ok),
+        "cpu_busy": cpu_busy,
+        "load_avg_before": load,
         "scrape": scraper.summary() if scraper is not None else None,
-        "rows": rows, "replies": replies,
+        "rows": rows,
+        "replies": replies,
     }
-    print(f"{name} round {rnd}: {len(ok)} requests in {wall_s:.2f} s, {run['output_tok_s']:.1f} output tok/s, "
-          f"TTFT p50 {1e3 * run['ttft_p50_s']:.0f} ms, e2e p50 {1e3 * run['e2e_p50_s']:.0f} ms, "
-          f"{len(errors)} errors, cached tokens {run['cached_tokens']}, CPU busy {100 * cpu_busy:.0f}%"
-          + (f", {run['scrape']['scrapes']} scrapes ({run['scrape']['failures']} failed)" if scraper else ""),
-          flush=True)
+    print(
+        f"{name} round {rnd}: {len(ok)} requests in {wall_s:.2f} s, {run['output_tok_s']:.1f} output tok/s, "
+        f"TTFT p50 {1e3 * run['ttft_p50_s']:.0f} ms, e2e p50 {1e3 * run['e2e_p50_s']:.0f} ms, "
+        f"{len(errors)} errors, cached tokens {run['cached_tokens']}, CPU busy {100 * cpu_busy:.0f}%"
+        + (f", {run['scrape']['scrapes']} scrapes ({run['scrape']['failures']} failed)" if scraper else ""),
+        flush=True,
+    )
     for e in errors[:5]:
         print(f"!!!   error: {e}", flush=True)
     if scraper is not None and scraper.failures:
@@ -315,9 +376,15 @@ def drive(args, address: str, tag: str, prompts: list[list[int]]):
             try:
                 r = timed_greedy(client, prompt, rid, args.max_tokens, args.timeout)
                 reply, last = r.tokens, r.last
-                row.update(ttft_s=r.ttft_s, e2e_s=r.total_s, sent_at_s=r.sent_at - t_run0,
-                           completion_tokens=last.usage.completion_tokens, cached_tokens=last.usage.cached_tokens,
-                           router_ttft_s=last.timings.time_to_first_token_s, route=last.route)
+                row.update(
+                    ttft_s=r.ttft_s,
+                    e2e_s=r.total_s,
+                    sent_at_s=r.sent_at - t_run0,
+                    completion_tokens=last.usage.completion_tokens,
+                    cached_tokens=last.usage.cached_tokens,
+                    router_ttft_s=last.timings.time_to_first_token_s,
+                    route=last.route,
+                )
                 if len(reply) != args.max_tokens:
                     errors.append(f"{rid}: {len(reply)} tokens back, expected {args.max_tokens}")
             except grpc.RpcError as exc:
@@ -352,7 +419,8 @@ def config_stats(runs: list[dict]) -> dict:
     return {
         "runs": len(runs),
         "output_tok_s_median": statistics.median(tok) if tok else float("nan"),
-        "output_tok_s_min": min(tok, default=float("nan")), "output_tok_s_max": max(tok, default=float("nan")),
+        "output_tok_s_min": min(tok, default=float("nan")),
+        "output_tok_s_max": max(tok, default=float("nan")),
         "spread_pct": 100 * (max(tok) - min(tok)) / statistics.median(tok) if tok else float("nan"),
         "req_s_median": statistics.median(r["req_s"] for r in runs) if runs else float("nan"),
         "ttft_p50_s_median": statistics.median(r["ttft_p50_s"] for r in runs) if runs else float("nan"),
@@ -366,13 +434,22 @@ def compare(runs: list[dict], rounds: int) -> dict:
     for rnd in range(rounds):
         off = next(r for r in runs if r["config"] == "off" and r["round"] == rnd)
         on = next(r for r in runs if r["config"] == "on" and r["round"] == rnd)
-        per_round.append({"round": rnd, "tok_s_ratio": on["output_tok_s"] / off["output_tok_s"],
-                          "ttft_p50_ratio": on["ttft_p50_s"] / off["ttft_p50_s"],
-                          "e2e_p50_ratio": on["e2e_p50_s"] / off["e2e_p50_s"]})
+        per_round.append(
+            {
+                "round": rnd,
+                "tok_s_ratio": on["output_tok_s"] / off["output_tok_s"],
+                "ttft_p50_ratio": on["ttft_p50_s"] / off["ttft_p50_s"],
+                "e2e_p50_ratio": on["e2e_p50_s"] / off["e2e_p50_s"],
+            }
+        )
     median = statistics.median(r["tok_s_ratio"] for r in per_round)
-    return {"per_round": per_round, "median_tok_s_ratio": median, "loss_pct": 100 * (1 - median),
-            "target": f"on/off output tok/s >= {TARGET_RATIO:g} (loss under {100 * (1 - TARGET_RATIO):.0f}%)",
-            "met": median >= TARGET_RATIO}
+    return {
+        "per_round": per_round,
+        "median_tok_s_ratio": median,
+        "loss_pct": 100 * (1 - median),
+        "target": f"on/off output tok/s >= {TARGET_RATIO:g} (loss under {100 * (1 - TARGET_RATIO):.0f}%)",
+        "met": median >= TARGET_RATIO,
+    }
 
 
 def compare_replies(runs: list[dict], rounds: int) -> dict:
@@ -388,30 +465,46 @@ def compare_replies(runs: list[dict], rounds: int) -> dict:
 
 def print_table(runs: list[dict], stats: dict, verdict: dict, spans: dict, args) -> None:
     ms = 1e3
-    print(f"\n{'run':>9} {'wall s':>7} {'out tok/s':>10} {'req/s':>6} {'TTFT p50':>9} {'p99':>7} {'e2e p50':>8} "
-          f"{'p99':>7} {'CPU':>5} {'load1':>6} {'err':>4}  scrapes")
+    print(
+        f"\n{'run':>9} {'wall s':>7} {'out tok/s':>10} {'req/s':>6} {'TTFT p50':>9} {'p99':>7} {'e2e p50':>8} "
+        f"{'p99':>7} {'CPU':>5} {'load1':>6} {'err':>4}  scrapes"
+    )
     for r in runs:
         sc = r["scrape"]
-        print(f"{r['config'] + ' #' + str(r['round']):>9} {r['wall_s']:>7.2f} {r['output_tok_s']:>10.1f} "
-              f"{r['req_s']:>6.2f} {r['ttft_p50_s'] * ms:>7.0f}ms {r['ttft_p99_s'] * ms:>5.0f}ms "
-              f"{r['e2e_p50_s'] * ms:>6.0f}ms {r['e2e_p99_s'] * ms:>5.0f}ms {100 * r['cpu_busy']:>4.0f}% "
-              f"{r['load_avg_before'][0]:>6.2f} {len(r['errors']):>4}  "
-              + (f"{sc['scrapes']} ({sc['failures']} failed, {sc['bytes_per_scrape'] / 1024:.0f} KiB, "
-                 f"{sc['scrape_ms_p50']:.1f} ms)" if sc else "-"))
+        print(
+            f"{r['config'] + ' #' + str(r['round']):>9} {r['wall_s']:>7.2f} {r['output_tok_s']:>10.1f} "
+            f"{r['req_s']:>6.2f} {r['ttft_p50_s'] * ms:>7.0f}ms {r['ttft_p99_s'] * ms:>5.0f}ms "
+            f"{r['e2e_p50_s'] * ms:>6.0f}ms {r['e2e_p99_s'] * ms:>5.0f}ms {100 * r['cpu_busy']:>4.0f}% "
+            f"{r['load_avg_before'][0]:>6.2f} {len(r['errors']):>4}  "
+            + (
+                f"{sc['scrapes']} ({sc['failures']} failed, {sc['bytes_per_scrape'] / 1024:.0f} KiB, "
+                f"{sc['scrape_ms_p50']:.1f} ms)"
+                if sc
+                else "-"
+            )
+        )
     print()
     for c, s in stats.items():
-        print(f"{c:>4}: median {s['output_tok_s_median']:.1f} output tok/s (min {s['output_tok_s_min']:.1f}, "
-              f"max {s['output_tok_s_max']:.1f}, spread {s['spread_pct']:.1f}% of the median), "
-              f"TTFT p50 {s['ttft_p50_s_median'] * ms:.0f} ms, e2e p50 {s['e2e_p50_s_median'] * ms:.0f} ms, "
-              f"{s['errors']} errors")
-    print("\non/off output tok/s per round: " + ", ".join(f"#{p['round']} {p['tok_s_ratio']:.3f}"
-                                                       for p in verdict["per_round"]))
-    print(f"median on/off {verdict['median_tok_s_ratio']:.3f} (loss {verdict['loss_pct']:.1f}%); target "
-          f"{verdict['target']} -> {'MET' if verdict['met'] else 'NOT MET'}")
+        print(
+            f"{c:>4}: median {s['output_tok_s_median']:.1f} output tok/s (min {s['output_tok_s_min']:.1f}, "
+            f"max {s['output_tok_s_max']:.1f}, spread {s['spread_pct']:.1f}% of the median), "
+            f"TTFT p50 {s['ttft_p50_s_median'] * ms:.0f} ms, e2e p50 {s['e2e_p50_s_median'] * ms:.0f} ms, "
+            f"{s['errors']} errors"
+        )
+    print(
+        "\non/off output tok/s per round: "
+        + ", ".join(f"#{p['round']} {p['tok_s_ratio']:.3f}" for p in verdict["per_round"])
+    )
+    print(
+        f"median on/off {verdict['median_tok_s_ratio']:.3f} (loss {verdict['loss_pct']:.1f}%); target "
+        f"{verdict['target']} -> {'MET' if verdict['met'] else 'NOT MET'}"
+    )
     n_req = sum(r["requests"] for r in runs if r["config"] == "on") + args.warmup
-    print(f"spans recorded by the on cluster ({n_req} requests incl. warm-up): "
-          + ", ".join(f"{k} {v}" for k, v in spans.items())
-          + (f" ({spans['total'] / n_req:.1f} per request)" if n_req else ""))
+    print(
+        f"spans recorded by the on cluster ({n_req} requests incl. warm-up): "
+        + ", ".join(f"{k} {v}" for k, v in spans.items())
+        + (f" ({spans['total'] / n_req:.1f} per request)" if n_req else "")
+    )
 
 
 # -- helpers ----------------------------------------------------------------------------------------------

@@ -39,12 +39,35 @@ NATIVE = ("linear", "rms_norm", "silu_mul", "rope_", "paged_decode_attention")  
 # op name -> kind; the first matching prefix wins
 KINDS = [
     ("matmul", ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::bmm", "tandem::linear")),
-    ("attention", ("tandem::paged_decode_attention", "aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::index_select",
-                   "aten::index_copy", "aten::index_put", "aten::_flash_attention", "aten::masked_fill")),
+    (
+        "attention",
+        (
+            "tandem::paged_decode_attention",
+            "aten::_scaled_dot_product",
+            "aten::scaled_dot_product",
+            "aten::index_select",
+            "aten::index_copy",
+            "aten::index_put",
+            "aten::_flash_attention",
+            "aten::masked_fill",
+        ),
+    ),
     ("norm", ("tandem::rms_norm", "aten::rms_norm", "aten::_fused_rms_norm", "aten::rsqrt", "aten::pow", "aten::mean")),
     ("rope", ("tandem::rope_", "aten::cat", "aten::chunk", "aten::neg")),
-    ("elementwise", ("tandem::silu_mul", "aten::add", "aten::mul", "aten::silu", "aten::sub", "aten::to", "aten::_to_copy",
-                     "aten::copy_", "aten::clone")),
+    (
+        "elementwise",
+        (
+            "tandem::silu_mul",
+            "aten::add",
+            "aten::mul",
+            "aten::silu",
+            "aten::sub",
+            "aten::to",
+            "aten::_to_copy",
+            "aten::copy_",
+            "aten::clone",
+        ),
+    ),
     ("embedding/index", ("aten::embedding", "aten::index", "aten::gather")),
 ]
 
@@ -121,6 +144,7 @@ def op_profile(llm: LLM, prompt: list[int], decode: bool, steps: int) -> dict:
         def call(self, *args, **kwargs):
             with record_function(f"tandem::{name}"):
                 return fn(self, *args, **kwargs)
+
         return call
 
     for name, fn in originals.items():

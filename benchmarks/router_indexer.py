@@ -55,6 +55,7 @@ class SimWorker:  # routing makes no calls: an id is all a simulated worker need
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
 
+
 RESULTS = Path(__file__).parent / "results" / "router_indexer.json"
 VOCAB = 50_000
 KINDS = {"full": 0.3, "partial": 0.3, "family": 0.2, "miss": 0.2}
@@ -189,9 +190,24 @@ def time_route(args, idx: Indexer, prompts: list[list[int]], rng: random.Random)
         slot.prefill_tokens = rng.randrange(0, 8192)
     for slot in decode.slots:
         total = 4096
-        decode.set_status(slot.worker_id, WorkerStatus(slot.worker_id, "decode", "SERVING", total,
-                                                       rng.randrange(total), rng.randrange(64), 0, 0, "n", "cpu",
-                                                       bs, "bfloat16", max_num_seqs=64))
+        decode.set_status(
+            slot.worker_id,
+            WorkerStatus(
+                slot.worker_id,
+                "decode",
+                "SERVING",
+                total,
+                rng.randrange(total),
+                rng.randrange(64),
+                0,
+                0,
+                "n",
+                "cpu",
+                bs,
+                "bfloat16",
+                max_num_seqs=64,
+            ),
+        )
     router = Router(decode, prefill, RoutingConfig(conditional_prefill_threshold=256), random.Random(args.seed))
     router.prefill.indexer = idx
     clock = time.perf_counter_ns

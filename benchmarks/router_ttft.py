@@ -68,8 +68,9 @@ TARGET_P50_RATIO = 0.5  # the issue: kv's p50 TTFT at most half of round-robin's
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--policies", nargs="+", default=["kv", "round-robin"],
-                    choices=["kv", "round-robin", "least-loaded"])
+    ap.add_argument(
+        "--policies", nargs="+", default=["kv", "round-robin"], choices=["kv", "round-robin", "least-loaded"]
+    )
     ap.add_argument("--rounds", type=int, default=1, help="2: kv, rr, rr, kv (alternating order)")
     ap.add_argument("--system-prompts", type=int, default=8)
     ap.add_argument("--system-tokens", type=int, default=512)
@@ -93,8 +94,11 @@ def main() -> None:
     frame = ScriptRun()
 
     workload = build_workload(args)
-    print(f"workload: {args.conversations} conversations x {args.turns} turns, {args.system_prompts} system prompts "
-          f"of {args.system_tokens} tokens, concurrency {args.concurrency}, max_tokens {args.max_tokens}", flush=True)
+    print(
+        f"workload: {args.conversations} conversations x {args.turns} turns, {args.system_prompts} system prompts "
+        f"of {args.system_tokens} tokens, concurrency {args.concurrency}, max_tokens {args.max_tokens}",
+        flush=True,
+    )
 
     runs = []
     for rnd in range(args.rounds):
@@ -108,24 +112,29 @@ def main() -> None:
     verdict = compare_policies(stats)
     if mismatches:
         first = [c for c, t in (m.split(":")[0].split()[-1].split("/") for m in mismatches) if t == "1"]
-        print(f"\n!!! REPLY MISMATCH: {len(mismatches)} (conversation, turn) replies differ between runs "
-              f"({len(first)} on turn 1, where the prompts are identical). Greedy replies should not depend on the "
-              "routing policy; in bfloat16 they do depend on the decode batch (see the docstring). First ones:",
-              flush=True)
+        print(
+            f"\n!!! REPLY MISMATCH: {len(mismatches)} (conversation, turn) replies differ between runs "
+            f"({len(first)} on turn 1, where the prompts are identical). Greedy replies should not depend on the "
+            "routing policy; in bfloat16 they do depend on the decode batch (see the docstring). First ones:",
+            flush=True,
+        )
         for m in mismatches[:10]:
             print(f"!!!   {m}")
     else:
-        print(f"\nreplies: identical across all {len(runs)} runs ({sum(len(r['replies']) for r in runs[:1])} "
-              "per run)")
+        print(f"\nreplies: identical across all {len(runs)} runs ({sum(len(r['replies']) for r in runs[:1])} per run)")
 
-    frame.finish(args.out, {
-        "cluster": {r["policy"] + f"#{r['round']}": r["cluster"] for r in runs},
-        "stats": stats,
-        "kv_vs_round_robin": verdict,
-        "reply_mismatches": mismatches,
-        "runs": [{k: v for k, v in r.items() if k not in ("rows", "replies")} for r in runs],
-        "rows": [row for r in runs for row in r["rows"]],
-    }, config={k: v for k, v in vars(args).items() if k != "out"})
+    frame.finish(
+        args.out,
+        {
+            "cluster": {r["policy"] + f"#{r['round']}": r["cluster"] for r in runs},
+            "stats": stats,
+            "kv_vs_round_robin": verdict,
+            "reply_mismatches": mismatches,
+            "runs": [{k: v for k, v in r.items() if k not in ("rows", "replies")} for r in runs],
+            "rows": [row for r in runs for row in r["rows"]],
+        },
+        config={k: v for k, v in vars(args).items() if k != "out"},
+    )
 
 
 # -- workload ------------------------------------------------------------------------------------------
@@ -133,10 +142,13 @@ def main() -> None:
 
 def build_workload(args) -> dict:
     rng = random.Random(args.seed)
-    systems = [[rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(args.system_tokens)]
-               for _ in range(args.system_prompts)]
-    users = [[[rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(rng.randint(*args.user_tokens))]
-              for _ in range(args.turns)] for _ in range(args.conversations)]
+    systems = [
+        [rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(args.system_tokens)] for _ in range(args.system_prompts)
+    ]
+    users = [
+        [[rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(rng.randint(*args.user_tokens))] for _ in range(args.turns)]
+        for _ in range(args.conversations)
+    ]
     order = list(range(args.conversations))
     rng.shuffle(order)
     warmup = [[rng.randrange(TOKEN_LO, TOKEN_HI) for _ in range(48)] for _ in range(8)]
@@ -181,12 +193,22 @@ def run_policy(args, policy: str, rnd: int, workload: dict) -> dict:
     from deploy.serve import Serving
     from tandem_api.client import TandemClient
 
-    cfg = with_overrides(ServeConfig(), **{
-        "model": "", "prefill.replicas": 2, "decode.replicas": 1, "router.policy": policy,
-        "router.conditional_prefill_threshold": 0, "router.port": free_port(), "router.http_port": 0,
-        "prefill.kv_cache_memory": args.prefill_kv_memory, "decode.kv_cache_memory": args.decode_kv_memory,
-        "both.num_cpus": args.num_cpus, "both.dtype": args.dtype,
-    })
+    cfg = with_overrides(
+        ServeConfig(),
+        **{
+            "model": "",
+            "prefill.replicas": 2,
+            "decode.replicas": 1,
+            "router.policy": policy,
+            "router.conditional_prefill_threshold": 0,
+            "router.port": free_port(),
+            "router.http_port": 0,
+            "prefill.kv_cache_memory": args.prefill_kv_memory,
+            "decode.kv_cache_memory": args.decode_kv_memory,
+            "both.num_cpus": args.num_cpus,
+            "both.dtype": args.dtype,
+        },
+    )
     print(f"\n=== policy {policy} (round {rnd}): starting cluster, load {fmt_load(os.getloadavg())}", flush=True)
     probe = PrefillProbe()
     uninstall = probe.install()
@@ -201,12 +223,23 @@ def run_policy(args, policy: str, rnd: int, workload: dict) -> dict:
         info = control.server_info()
         if info.vocab_size < TOKEN_HI:
             raise SystemExit(f"vocab_size {info.vocab_size} < {TOKEN_HI}: the random prompt ids would be invalid")
-        workers = {w.worker_id: {"role": w.role, "kv_blocks_total": w.kv_blocks_total, "block_size": w.block_size,
-                                 "dtype": w.dtype} for w in info.workers}
+        workers = {
+            w.worker_id: {
+                "role": w.role,
+                "kv_blocks_total": w.kv_blocks_total,
+                "block_size": w.block_size,
+                "dtype": w.dtype,
+            }
+            for w in info.workers
+        }
         prefill_ids = sorted(w for w, v in workers.items() if v["role"] == "prefill")
-        print(f"cluster up in {start_s:.1f} s: {info.topology}, vocab {info.vocab_size}; "
-              + ", ".join(f"{w} {v['kv_blocks_total']} blocks x {v['block_size']} ({v['dtype']})"
-                          for w, v in workers.items()), flush=True)
+        print(
+            f"cluster up in {start_s:.1f} s: {info.topology}, vocab {info.vocab_size}; "
+            + ", ".join(
+                f"{w} {v['kv_blocks_total']} blocks x {v['block_size']} ({v['dtype']})" for w, v in workers.items()
+            ),
+            flush=True,
+        )
         warm = warm_up(control, prefill_ids, workload["warmup"], args.timeout)
         print(f"warm-up: {warm}", flush=True)
 
@@ -225,14 +258,31 @@ def run_policy(args, policy: str, rnd: int, workload: dict) -> dict:
         indexed = {w.worker_id: w.kv_blocks_indexed for w in end_info.workers}
         control.close()
     per_worker = Counter(r["prefill_worker"] for r in rows if r.get("ttft_s") is not None)
-    print(f"policy {policy}: {len(rows)} requests in {wall_s:.1f} s, {len(errors)} errors; per prefill worker "
-          f"{dict(sorted(per_worker.items()))}; pools {pools_ok}", flush=True)
+    print(
+        f"policy {policy}: {len(rows)} requests in {wall_s:.1f} s, {len(errors)} errors; per prefill worker "
+        f"{dict(sorted(per_worker.items()))}; pools {pools_ok}",
+        flush=True,
+    )
     for e in errors[:5]:
         print(f"!!!   error: {e}", flush=True)
-    return {"policy": policy, "round": rnd, "wall_s": wall_s, "start_s": start_s, "errors": errors,
-            "pools": pools_ok, "per_worker": dict(per_worker), "rows": rows, "replies": replies,
-            "cluster": {"topology": info.topology, "model": info.model, "workers": workers,
-                        "kv_blocks_indexed_at_end": indexed, "warmup": warm}}
+    return {
+        "policy": policy,
+        "round": rnd,
+        "wall_s": wall_s,
+        "start_s": start_s,
+        "errors": errors,
+        "pools": pools_ok,
+        "per_worker": dict(per_worker),
+        "rows": rows,
+        "replies": replies,
+        "cluster": {
+            "topology": info.topology,
+            "model": info.model,
+            "workers": workers,
+            "kv_blocks_indexed_at_end": indexed,
+            "warmup": warm,
+        },
+    }
 
 
 def warm_up(client, prefill_ids: list[str], prompts: list[list[int]], timeout: float) -> dict:
@@ -245,8 +295,7 @@ def warm_up(client, prefill_ids: list[str], prompts: list[list[int]], timeout: f
 
         def one(i: int, ids: list[int]) -> None:
             first = None
-            for resp in client.generate(token_ids=ids, max_tokens=2, temperature=0.0, ignore_eos=True,
-                                        timeout=timeout):
+            for resp in client.generate(token_ids=ids, max_tokens=2, temperature=0.0, ignore_eos=True, timeout=timeout):
                 first = first or resp.prefill_worker
             results[i] = first
 
@@ -292,22 +341,36 @@ def drive(args, address: str, policy: str, rnd: int, workload: dict):
                     t = next_turn[c]
                     prompt = systems[c % n_sys] + history[c] + users[c][t]
                 rid = f"{policy}-r{rnd}-c{c}-t{t}"
-                row = {"policy": policy, "round": rnd, "conversation": c, "turn": t + 1, "system": c % n_sys,
-                       "request_id": rid, "prompt_tokens": len(prompt), "thread": k}
+                row = {
+                    "policy": policy,
+                    "round": rnd,
+                    "conversation": c,
+                    "turn": t + 1,
+                    "system": c % n_sys,
+                    "request_id": rid,
+                    "prompt_tokens": len(prompt),
+                    "thread": k,
+                }
                 reply: list[int] = []
                 ok = False
                 try:
                     r = timed_greedy(client, prompt, rid, args.max_tokens, args.timeout)
                     reply, last = r.tokens, r.last
-                    row.update(prefill_worker=r.first.prefill_worker, decode_worker=r.first.decode_worker,
-                               route=r.first.route)
-                    row.update(ttft_s=r.ttft_s, total_s=r.total_s, sent_at_s=r.sent_at - t_run0,
-                               router_ttft_s=last.timings.time_to_first_token_s,
-                               prefill_s=last.timings.prefill_s, queue_s=last.timings.queue_s,
-                               kv_transfer_s=last.timings.kv_transfer_s,
-                               cached_tokens=last.usage.cached_tokens,
-                               usage_prompt_tokens=last.usage.prompt_tokens,
-                               completion_tokens=last.usage.completion_tokens)
+                    row.update(
+                        prefill_worker=r.first.prefill_worker, decode_worker=r.first.decode_worker, route=r.first.route
+                    )
+                    row.update(
+                        ttft_s=r.ttft_s,
+                        total_s=r.total_s,
+                        sent_at_s=r.sent_at - t_run0,
+                        router_ttft_s=last.timings.time_to_first_token_s,
+                        prefill_s=last.timings.prefill_s,
+                        queue_s=last.timings.queue_s,
+                        kv_transfer_s=last.timings.kv_transfer_s,
+                        cached_tokens=last.usage.cached_tokens,
+                        usage_prompt_tokens=last.usage.prompt_tokens,
+                        completion_tokens=last.usage.completion_tokens,
+                    )
                     ok = len(reply) == args.max_tokens
                     if not ok:
                         errors.append(f"{rid}: {len(reply)} tokens back, expected {args.max_tokens}")
@@ -350,8 +413,10 @@ def policy_stats(runs: list[dict]) -> dict:
     per_turn = {}
     for t in sorted({r["turn"] for r in rows}):
         rt = [r for r in rows if r["turn"] == t]
-        per_turn[t] = {"ttft_p50": pct([r["ttft_s"] for r in rt], 50),
-                       "p_hit_rate": (sum(r["p_cached_tokens"] or 0 for r in rt) / sum(r["prompt_tokens"] for r in rt))}
+        per_turn[t] = {
+            "ttft_p50": pct([r["ttft_s"] for r in rt], 50),
+            "p_hit_rate": (sum(r["p_cached_tokens"] or 0 for r in rt) / sum(r["prompt_tokens"] for r in rt)),
+        }
     per_worker: Counter = Counter()
     for run in runs:
         per_worker.update(run["per_worker"])
@@ -364,8 +429,11 @@ def policy_stats(runs: list[dict]) -> dict:
         "prefill_s": dist([r["prefill_s"] for r in rows]),
         "kv_transfer_s": dist([r["kv_transfer_s"] for r in rows]),
         "hit_rate_usage": sum(r["cached_tokens"] for r in rows) / prompt if prompt else float("nan"),
-        "hit_rate_prefill": (sum(r["p_cached_tokens"] for r in p_known) / sum(r["prompt_tokens"] for r in p_known)
-                             if p_known else float("nan")),
+        "hit_rate_prefill": (
+            sum(r["p_cached_tokens"] for r in p_known) / sum(r["prompt_tokens"] for r in p_known)
+            if p_known
+            else float("nan")
+        ),
         "prompt_tokens": prompt,
         "per_worker": dict(sorted(per_worker.items())),
         "wall_s": [run["wall_s"] for run in runs],
@@ -383,8 +451,10 @@ def compare_replies(runs: list[dict]) -> list[str]:
             a, b = ref["replies"].get(key), run["replies"].get(key)
             if a != b:
                 at = next((i + 1 for i, (x, y) in enumerate(zip(a or [], b or [])) if x != y), None)
-                out.append(f"conversation/turn {key}: first differing token {at}: {ref['policy']}#{ref['round']} "
-                           f"{a} vs {run['policy']}#{run['round']} {b}")
+                out.append(
+                    f"conversation/turn {key}: first differing token {at}: {ref['policy']}#{ref['round']} "
+                    f"{a} vs {run['policy']}#{run['round']} {b}"
+                )
     return out
 
 
@@ -395,33 +465,49 @@ def compare_policies(stats: dict) -> dict | None:
     p50 = kv["ttft_s"]["p50"] / rr["ttft_s"]["p50"]
     p99 = kv["ttft_s"]["p99"] / rr["ttft_s"]["p99"]
     met = p50 <= TARGET_P50_RATIO
-    print(f"\nkv / round-robin client TTFT: p50 {p50:.2f}x, p99 {p99:.2f}x "
-          f"(router TTFT p50 {kv['router_ttft_s']['p50'] / rr['router_ttft_s']['p50']:.2f}x)")
+    print(
+        f"\nkv / round-robin client TTFT: p50 {p50:.2f}x, p99 {p99:.2f}x "
+        f"(router TTFT p50 {kv['router_ttft_s']['p50'] / rr['router_ttft_s']['p50']:.2f}x)"
+    )
     print(f"target: kv p50 TTFT at most {TARGET_P50_RATIO:g}x round-robin's -> {'MET' if met else 'NOT MET'}")
-    return {"p50_ratio": p50, "p99_ratio": p99,
-            "router_p50_ratio": kv["router_ttft_s"]["p50"] / rr["router_ttft_s"]["p50"],
-            "target": f"p50 <= {TARGET_P50_RATIO:g}x round-robin", "met": met}
+    return {
+        "p50_ratio": p50,
+        "p99_ratio": p99,
+        "router_p50_ratio": kv["router_ttft_s"]["p50"] / rr["router_ttft_s"]["p50"],
+        "target": f"p50 <= {TARGET_P50_RATIO:g}x round-robin",
+        "met": met,
+    }
 
 
 def print_table(args, runs: list[dict], stats: dict) -> None:
     print("\nper run:")
     for run in runs:
-        print(f"  {run['policy']:>13} round {run['round']}: wall {run['wall_s']:.1f} s, cluster start "
-              f"{run['start_s']:.1f} s, {len(run['errors'])} errors, pools {run['pools']}, "
-              f"per prefill worker {dict(sorted(run['per_worker'].items()))}")
+        print(
+            f"  {run['policy']:>13} round {run['round']}: wall {run['wall_s']:.1f} s, cluster start "
+            f"{run['start_s']:.1f} s, {len(run['errors'])} errors, pools {run['pools']}, "
+            f"per prefill worker {dict(sorted(run['per_worker'].items()))}"
+        )
     ms = 1e3
-    print(f"\n{'policy':>13} {'n':>4} {'TTFT p50':>9} {'p90':>7} {'p99':>7} {'mean':>7} {'router p50':>11} "
-          f"{'p99':>7} {'P comp p50':>11} {'hit P':>6} {'hit usage':>10} {'wall s':>7}  requests per prefill worker")
+    print(
+        f"\n{'policy':>13} {'n':>4} {'TTFT p50':>9} {'p90':>7} {'p99':>7} {'mean':>7} {'router p50':>11} "
+        f"{'p99':>7} {'P comp p50':>11} {'hit P':>6} {'hit usage':>10} {'wall s':>7}  requests per prefill worker"
+    )
     for p, s in stats.items():
         t, r = s["ttft_s"], s["router_ttft_s"]
-        print(f"{p:>13} {s['requests']:>4} {t['p50'] * ms:>7.0f}ms {t['p90'] * ms:>5.0f}ms {t['p99'] * ms:>5.0f}ms "
-              f"{t['mean'] * ms:>5.0f}ms {r['p50'] * ms:>9.0f}ms {r['p99'] * ms:>5.0f}ms "
-              f"{s['prefill_s']['p50'] * ms:>9.0f}ms {100 * s['hit_rate_prefill']:>5.1f}% "
-              f"{100 * s['hit_rate_usage']:>9.1f}% {sum(s['wall_s']):>7.1f}  {s['per_worker']}")
+        print(
+            f"{p:>13} {s['requests']:>4} {t['p50'] * ms:>7.0f}ms {t['p90'] * ms:>5.0f}ms {t['p99'] * ms:>5.0f}ms "
+            f"{t['mean'] * ms:>5.0f}ms {r['p50'] * ms:>9.0f}ms {r['p99'] * ms:>5.0f}ms "
+            f"{s['prefill_s']['p50'] * ms:>9.0f}ms {100 * s['hit_rate_prefill']:>5.1f}% "
+            f"{100 * s['hit_rate_usage']:>9.1f}% {sum(s['wall_s']):>7.1f}  {s['per_worker']}"
+        )
     print("\nper turn (client TTFT p50 / hit rate on P):")
     for p, s in stats.items():
-        print(f"{p:>13}  " + "  ".join(f"turn {t}: {v['ttft_p50'] * ms:.0f}ms / {100 * v['p_hit_rate']:.0f}%"
-                                       for t, v in s["per_turn"].items()))
+        print(
+            f"{p:>13}  "
+            + "  ".join(
+                f"turn {t}: {v['ttft_p50'] * ms:.0f}ms / {100 * v['p_hit_rate']:.0f}%" for t, v in s["per_turn"].items()
+            )
+        )
 
 
 # -- helpers -------------------------------------------------------------------------------------------------

@@ -41,18 +41,82 @@ REPEATING = {"sequential-docs", "prefix-heavy", "multi-turn"}  # where kv must r
 def workloads(size: int) -> dict[str, list[str]]:
     docs = 4 * size  # about 1.4 caches' worth of 800-token documents per prefill worker pool
     return {
-        "sequential-docs": ["--dataset", "shared-prefix", "--num-groups", str(docs), "--prefix-len", "768",
-                            "--input-len", "24", "--output-len", "8", "--common-prefix-len", "32",
-                            "--num-requests", str(4 * docs), "--max-concurrency", "1"],
-        "bursty": ["--dataset", "random", "--input-len", "256", "--output-len", "16", "--num-requests", "40",
-                   "--request-rate", "2", "--burstiness", "0.2"],
-        "prefix-heavy": ["--dataset", "shared-prefix", "--num-groups", str(8 * size), "--prefix-len", "512",
-                         "--input-len", "32", "--output-len", "8", "--num-requests", str(24 * size),
-                         "--request-rate", "1.5"],
-        "no-shared": ["--dataset", "random", "--input-len", "384", "--output-len", "16", "--num-requests", "40",
-                      "--request-rate", "1"],
-        "multi-turn": ["--dataset", "multi-turn", "--turns", "4", "--input-len", "128", "--output-len", "32",
-                       "--num-requests", "40", "--request-rate", "1", "--common-prefix-len", "32"],
+        "sequential-docs": [
+            "--dataset",
+            "shared-prefix",
+            "--num-groups",
+            str(docs),
+            "--prefix-len",
+            "768",
+            "--input-len",
+            "24",
+            "--output-len",
+            "8",
+            "--common-prefix-len",
+            "32",
+            "--num-requests",
+            str(4 * docs),
+            "--max-concurrency",
+            "1",
+        ],
+        "bursty": [
+            "--dataset",
+            "random",
+            "--input-len",
+            "256",
+            "--output-len",
+            "16",
+            "--num-requests",
+            "40",
+            "--request-rate",
+            "2",
+            "--burstiness",
+            "0.2",
+        ],
+        "prefix-heavy": [
+            "--dataset",
+            "shared-prefix",
+            "--num-groups",
+            str(8 * size),
+            "--prefix-len",
+            "512",
+            "--input-len",
+            "32",
+            "--output-len",
+            "8",
+            "--num-requests",
+            str(24 * size),
+            "--request-rate",
+            "1.5",
+        ],
+        "no-shared": [
+            "--dataset",
+            "random",
+            "--input-len",
+            "384",
+            "--output-len",
+            "16",
+            "--num-requests",
+            "40",
+            "--request-rate",
+            "1",
+        ],
+        "multi-turn": [
+            "--dataset",
+            "multi-turn",
+            "--turns",
+            "4",
+            "--input-len",
+            "128",
+            "--output-len",
+            "32",
+            "--num-requests",
+            "40",
+            "--request-rate",
+            "1",
+            "--common-prefix-len",
+            "32",
+        ],
     }
 
 
@@ -62,7 +126,9 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=["kv", "round-robin"])
     ap.add_argument("--workloads", nargs="+", default=list(workloads(2)))
     ap.add_argument("--prefill-kv", default="224MiB", help="KV cache per prefill worker")
-    ap.add_argument("--decode-kv", default="1GiB", help="KV cache of the decode worker (it holds every running request)")
+    ap.add_argument(
+        "--decode-kv", default="1GiB", help="KV cache of the decode worker (it holds every running request)"
+    )
     ap.add_argument("--tandem-flags", default="--dtype float32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/routing_workloads")
@@ -73,10 +139,20 @@ def main() -> None:
     for size in args.sizes:
         for policy in args.policies:
             name = f"{size}P-{policy}"
-            flags = ["--prefill-replicas", str(size), "--decode-replicas", "1", "--router-policy", policy,
-                     "--conditional-prefill-threshold", "0"]
+            flags = [
+                "--prefill-replicas",
+                str(size),
+                "--decode-replicas",
+                "1",
+                "--router-policy",
+                policy,
+                "--conditional-prefill-threshold",
+                "0",
+            ]
             config = out / "pools.yaml"
-            config.write_text(f"prefill: {{kv_cache_memory: {args.prefill_kv}}}\ndecode: {{kv_cache_memory: {args.decode_kv}}}\n")
+            config.write_text(
+                f"prefill: {{kv_cache_memory: {args.prefill_kv}}}\ndecode: {{kv_cache_memory: {args.decode_kv}}}\n"
+            )
             server_args = argparse.Namespace(tandem_flags=f"{args.tandem_flags} --config {config}")
             print(f"\n=== {name}: starting", flush=True)
             proc, target = start(name, flags, server_args, out / f"{name}.server.log")
@@ -84,19 +160,42 @@ def main() -> None:
                 for k, workload in enumerate(args.workloads):
                     wl = workloads(size)[workload]
                     run_dir = out / name / workload
-                    cmd = [*TANDEM, "bench", *target, *wl, "--ignore-eos", "--seed", str(args.seed + k), "--quiet",
-                           "--no-plots", "--label", f"{name} {workload}", "--output", str(run_dir)]
+                    cmd = [
+                        *TANDEM,
+                        "bench",
+                        *target,
+                        *wl,
+                        "--ignore-eos",
+                        "--seed",
+                        str(args.seed + k),
+                        "--quiet",
+                        "--no-plots",
+                        "--label",
+                        f"{name} {workload}",
+                        "--output",
+                        str(run_dir),
+                    ]
                     t0 = time.monotonic()
                     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
                     (run,) = json.loads((run_dir / "summary.json").read_text())
                     results["runs"].setdefault(workload, {}).setdefault(str(size), {})[policy] = {
-                        "ttft_p50_ms": run["ttft_ms"]["p50"], "ttft_p99_ms": run["ttft_ms"]["p99"],
-                        "ttft_mean_ms": run["ttft_ms"]["mean"], "completed": run["completed"], "failed": run["failed"],
-                        "cached_tokens": run["cached_tokens"], "input_tokens": run["total_input_tokens"],
-                        "command": "tandem " + shlex.join(cmd[3:]), "wall_s": time.monotonic() - t0}
+                        "ttft_p50_ms": run["ttft_ms"]["p50"],
+                        "ttft_p99_ms": run["ttft_ms"]["p99"],
+                        "ttft_mean_ms": run["ttft_ms"]["mean"],
+                        "completed": run["completed"],
+                        "failed": run["failed"],
+                        "cached_tokens": run["cached_tokens"],
+                        "input_tokens": run["total_input_tokens"],
+                        "command": "tandem " + shlex.join(cmd[3:]),
+                        "wall_s": time.monotonic() - t0,
+                    }
                     r = results["runs"][workload][str(size)][policy]
-                    print(f"{name:>16} {workload:>16}: TTFT p50 {r['ttft_p50_ms']:7.0f} ms  p99 {r['ttft_p99_ms']:7.0f} ms"
-                          f"  cached {r['cached_tokens']}/{r['input_tokens']}  ({r['wall_s']:.0f} s)", flush=True)
+                    print(
+                        f"{name:>16} {workload:>16}: TTFT p50 {r['ttft_p50_ms']:7.0f} ms  "
+                        f"p99 {r['ttft_p99_ms']:7.0f} ms"
+                        f"  cached {r['cached_tokens']}/{r['input_tokens']}  ({r['wall_s']:.0f} s)",
+                        flush=True,
+                    )
             finally:
                 stop(proc)
     report(results, args)
@@ -107,8 +206,10 @@ def main() -> None:
 def report(results: dict, args: argparse.Namespace) -> None:
     if not {"kv", "round-robin"} <= set(args.policies):
         return
-    print(f"\n{'workload':>16} {'P':>2} {'kv p50':>8} {'rr p50':>8} {'ratio':>6} {'kv p99':>8} {'rr p99':>8} {'ratio':>6}"
-          f"  target")
+    print(
+        f"\n{'workload':>16} {'P':>2} {'kv p50':>8} {'rr p50':>8} {'ratio':>6} {'kv p99':>8} {'rr p99':>8} {'ratio':>6}"
+        f"  target"
+    )
     all_met = True
     for workload, sizes in results["runs"].items():
         for size, by_policy in sizes.items():
@@ -119,9 +220,11 @@ def report(results: dict, args: argparse.Namespace) -> None:
             met = r50 <= limit and r99 <= 1.05
             all_met &= met
             by_policy["kv/round-robin"] = {"p50": r50, "p99": r99, "p50_limit": limit, "met": met}
-            print(f"{workload:>16} {size:>2} {kv['ttft_p50_ms']:8.0f} {rr['ttft_p50_ms']:8.0f} {r50:6.2f} "
-                  f"{kv['ttft_p99_ms']:8.0f} {rr['ttft_p99_ms']:8.0f} {r99:6.2f}  p50<={limit:g}x p99<=1.05x: "
-                  f"{'met' if met else 'MISSED'}")
+            print(
+                f"{workload:>16} {size:>2} {kv['ttft_p50_ms']:8.0f} {rr['ttft_p50_ms']:8.0f} {r50:6.2f} "
+                f"{kv['ttft_p99_ms']:8.0f} {rr['ttft_p99_ms']:8.0f} {r99:6.2f}  p50<={limit:g}x p99<=1.05x: "
+                f"{'met' if met else 'MISSED'}"
+            )
     results["all_targets_met"] = all_met
     print("every target met" if all_met else "some targets missed (see MISSED)")
 

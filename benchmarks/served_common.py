@@ -32,8 +32,14 @@ def timed_greedy(client, prompt: list[int], request_id: str, max_tokens: int, ti
     first = last = None
     first_at = t0
     tokens: list[int] = []
-    for last in client.generate(token_ids=prompt, request_id=request_id, max_tokens=max_tokens, temperature=0.0,
-                                ignore_eos=True, timeout=timeout):
+    for last in client.generate(
+        token_ids=prompt,
+        request_id=request_id,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        ignore_eos=True,
+        timeout=timeout,
+    ):
         if first is None:
             first, first_at = last, time.perf_counter()
         tokens.extend(last.token_ids)
@@ -55,8 +61,14 @@ class ScriptRun:
         load_end = os.getloadavg()
         script_s = time.perf_counter() - self.t0
         print(f"load average at end: {fmt_load(load_end)}; whole script {script_s:.0f} s")
-        doc = {"when": time.strftime("%Y-%m-%d %H:%M"), **({"config": config} if config is not None else {}),
-               "load_avg_start": self.load_start, "load_avg_end": load_end, "script_s": script_s, **results}
+        doc = {
+            "when": time.strftime("%Y-%m-%d %H:%M"),
+            **({"config": config} if config is not None else {}),
+            "load_avg_start": self.load_start,
+            "load_avg_end": load_end,
+            "script_s": script_s,
+            **results,
+        }
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(doc, indent=2))
         print(f"wrote {out}")
@@ -69,8 +81,13 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def dist(xs: list[float]) -> dict:
-    return {"p50": pct(xs, 50), "p90": pct(xs, 90), "p99": pct(xs, 99),
-            "mean": statistics.fmean(xs) if xs else float("nan"), "n": len(xs)}
+    return {
+        "p50": pct(xs, 50),
+        "p90": pct(xs, 90),
+        "p99": pct(xs, 99),
+        "mean": statistics.fmean(xs) if xs else float("nan"),
+        "n": len(xs),
+    }
 
 
 def free_port() -> int:

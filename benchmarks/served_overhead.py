@@ -67,8 +67,13 @@ def offline(a: argparse.Namespace) -> dict:
         if i:
             ttft.append((stamps[0] - t0) * 1e3)
             itl.extend((b - a_) * 1e3 for a_, b in zip(stamps, stamps[1:]))
-    return {"ttft_ms_p50": statistics.median(ttft), "itl_ms_p50": statistics.median(itl),
-            "itl_ms_p99": sorted(itl)[int(0.99 * (len(itl) - 1))], "dtype": dtype, "threads": a.threads}
+    return {
+        "ttft_ms_p50": statistics.median(ttft),
+        "itl_ms_p50": statistics.median(itl),
+        "itl_ms_p99": sorted(itl)[int(0.99 * (len(itl) - 1))],
+        "dtype": dtype,
+        "threads": a.threads,
+    }
 
 
 def served(name: str, a: argparse.Namespace, out_dir: Path) -> dict:
@@ -76,10 +81,34 @@ def served(name: str, a: argparse.Namespace, out_dir: Path) -> dict:
     proc, target = start(name, flags, a, out_dir / f"{name}.log")
     try:
         run_dir = out_dir / name
-        cmd = [*TANDEM, "bench", *target, "--dataset", "random", "--input-len", str(a.input_len), "--output-len",
-               str(a.output_len), "--spread", "0", "--ignore-eos", "--num-requests", str(a.requests),
-               "--max-concurrency", "1", "--request-rate", "inf", "--warmup", "1", "--seed", str(a.seed),
-               "--output", str(run_dir), "--no-plots", "--quiet"]
+        cmd = [
+            *TANDEM,
+            "bench",
+            *target,
+            "--dataset",
+            "random",
+            "--input-len",
+            str(a.input_len),
+            "--output-len",
+            str(a.output_len),
+            "--spread",
+            "0",
+            "--ignore-eos",
+            "--num-requests",
+            str(a.requests),
+            "--max-concurrency",
+            "1",
+            "--request-rate",
+            "inf",
+            "--warmup",
+            "1",
+            "--seed",
+            str(a.seed),
+            "--output",
+            str(run_dir),
+            "--no-plots",
+            "--quiet",
+        ]
         subprocess.run(cmd, cwd=REPO, check=True, timeout=3600)
     finally:
         stop(proc)
@@ -105,9 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     if a.offline_child:
         print("RESULT " + json.dumps(offline(a)), flush=True)
         return
-    child = subprocess.run([sys.executable, __file__, "--offline-child", *(argv if argv is not None else sys.argv[1:])],
-                           capture_output=True, text=True, cwd=REPO, timeout=3600)
-    lines = [l for l in child.stdout.splitlines() if l.startswith("RESULT ")]
+    child = subprocess.run(
+        [sys.executable, __file__, "--offline-child", *(argv if argv is not None else sys.argv[1:])],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=3600,
+    )
+    lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
     if child.returncode or not lines:
         raise SystemExit(f"offline run failed: {child.stderr[-2000:]}")
     results = {"offline": json.loads(lines[-1][7:])}
@@ -115,19 +149,27 @@ def main(argv: list[str] | None = None) -> None:
         for name in a.configs:
             results[name] = served(name, a, Path(tmp))
     off = results["offline"]
-    print(f"\nbatch 1, {a.input_len} prompt tokens, {a.output_len} output tokens, {a.requests} requests "
-          f"(tandem flags: {a.tandem_flags or 'none'}; offline threads {a.threads})")
+    print(
+        f"\nbatch 1, {a.input_len} prompt tokens, {a.output_len} output tokens, {a.requests} requests "
+        f"(tandem flags: {a.tandem_flags or 'none'}; offline threads {a.threads})"
+    )
     print("| | TTFT p50 | ITL p50 | ITL p99 | decode tok/s (1 / ITL p50) | served / offline decode | TTFT - offline |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         rate = 1e3 / r["itl_ms_p50"]
         rel = "" if name == "offline" else f"{off['itl_ms_p50'] / r['itl_ms_p50']:.0%}"
         dt = "" if name == "offline" else f"{r['ttft_ms_p50'] - off['ttft_ms_p50']:+.0f} ms"
-        print(f"| {name} | {r['ttft_ms_p50']:.0f} ms | {r['itl_ms_p50']:.1f} ms | {r['itl_ms_p99']:.1f} ms | "
-              f"{rate:.1f} | {rel} | {dt} |")
+        print(
+            f"| {name} | {r['ttft_ms_p50']:.0f} ms | {r['itl_ms_p50']:.1f} ms | {r['itl_ms_p99']:.1f} ms | "
+            f"{rate:.1f} | {rel} | {dt} |"
+        )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"args": vars(a), "results": results, "load_avg": os.getloadavg(),
-                                       "date": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
+    Path(a.out).write_text(
+        json.dumps(
+            {"args": vars(a), "results": results, "load_avg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")},
+            indent=1,
+        )
+    )
     print(f"wrote {a.out}")
 
 

@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from served_common import free_port  # noqa: E402 - the script's own folder is on sys.path
+
 TANDEM = [sys.executable, "-m", "deploy.cli"]
 BUILTIN = {"disagg": [], "agg": ["--mode", "aggregated"]}
 START_TIMEOUT_S = 900
@@ -93,17 +94,44 @@ def start(name: str, flags: list[str], args: argparse.Namespace, log: Path) -> t
         if not args.vllm_python or not args.hf_model:
             raise SystemExit("the vllm configuration needs --vllm-python and --hf-model")
         port = free_port()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-               "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-               "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib)}
-        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.hf_model,
-               "--served-model-name", "model", "--host", "127.0.0.1", "--port", str(port), "--dtype", args.vllm_dtype,
-               "--max-model-len", "2048", "--enforce-eager", *shlex.split(args.vllm_flags)]
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "VLLM_HOST_IP": "127.0.0.1",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib),
+        }
+        cmd = [
+            args.vllm_python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            args.hf_model,
+            "--served-model-name",
+            "model",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            args.vllm_dtype,
+            "--max-model-len",
+            "2048",
+            "--enforce-eager",
+            *shlex.split(args.vllm_flags),
+        ]
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         url = f"http://127.0.0.1:{port}/v1"
         wait_http(url, proc)
-        return proc, ["--openai-url", url, "--openai-model", "model",
-                      *(["--tokenizer", args.hf_model] if args.hf_model else [])]
+        return proc, [
+            "--openai-url",
+            url,
+            "--openai-model",
+            "model",
+            *(["--tokenizer", args.hf_model] if args.hf_model else []),
+        ]
     port = free_port()
     cmd = [*TANDEM, "serve", "--port", str(port), "--http-port", "0", *shlex.split(args.tandem_flags), *flags]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -112,8 +140,9 @@ def start(name: str, flags: list[str], args: argparse.Namespace, log: Path) -> t
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("--configs", nargs="+", default=["disagg", "agg"])
     ap.add_argument("--custom", action="append", default=[], metavar='NAME="FLAGS"')
     ap.add_argument("--tandem-flags", default="", help="flags for every `tandem serve`")
@@ -173,27 +202,40 @@ def write_comparison(out: Path, results: dict[str, list[dict]], commands: dict[s
             if not match:
                 continue
             r = match[0]
-            row[name] = {"goodput": r["goodput"], "slo_attainment": r["slo_attainment"],
-                         "completed": r["completed"], "failed": r["failed"],
-                         "ttft_p50_ms": r["ttft_ms"]["p50"], "ttft_p99_ms": r["ttft_ms"]["p99"],
-                         "tpot_p50_ms": r["tpot_ms"]["p50"], "itl_p50_ms": r["itl_ms"]["p50"],
-                         "itl_p99_ms": r["itl_ms"]["p99"], "output_throughput": r["output_throughput"]}
+            row[name] = {
+                "goodput": r["goodput"],
+                "slo_attainment": r["slo_attainment"],
+                "completed": r["completed"],
+                "failed": r["failed"],
+                "ttft_p50_ms": r["ttft_ms"]["p50"],
+                "ttft_p99_ms": r["ttft_ms"]["p99"],
+                "tpot_p50_ms": r["tpot_ms"]["p50"],
+                "itl_p50_ms": r["itl_ms"]["p50"],
+                "itl_p99_ms": r["itl_ms"]["p99"],
+                "output_throughput": r["output_throughput"],
+            }
         for name in names[1:]:
             if name in row:
-                row[f"{name}/{base}"] = {k: _ratio(row[name][k], row[base][k]) for k in
-                                         ("goodput", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "itl_p99_ms")}
+                row[f"{name}/{base}"] = {
+                    k: _ratio(row[name][k], row[base][k])
+                    for k in ("goodput", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "itl_p99_ms")
+                }
         rows.append(row)
     (out / "compare.json").write_text(json.dumps({"commands": commands, "rows": rows}, indent=2))
-    print(f"\n{'rate':>6} {'config':>10} {'goodput':>8} {'attain':>7} {'TTFT p50':>9} {'p99':>8} "
-          f"{'TPOT p50':>9} {'ITL p50':>8} {'p99':>8}")
+    print(
+        f"\n{'rate':>6} {'config':>10} {'goodput':>8} {'attain':>7} {'TTFT p50':>9} {'p99':>8} "
+        f"{'TPOT p50':>9} {'ITL p50':>8} {'p99':>8}"
+    )
     for row in rows:
         for name in names:
             if name not in row:
                 continue
             r = row[name]
-            print(f"{str(row['request_rate']):>6} {name:>10} {r['goodput']:8.3f} {_pct(r['slo_attainment']):>7} "
-                  f"{_f(r['ttft_p50_ms']):>9} {_f(r['ttft_p99_ms']):>8} {_f(r['tpot_p50_ms'], 1):>9} "
-                  f"{_f(r['itl_p50_ms'], 1):>8} {_f(r['itl_p99_ms'], 1):>8}")
+            print(
+                f"{str(row['request_rate']):>6} {name:>10} {r['goodput']:8.3f} {_pct(r['slo_attainment']):>7} "
+                f"{_f(r['ttft_p50_ms']):>9} {_f(r['ttft_p99_ms']):>8} {_f(r['tpot_p50_ms'], 1):>9} "
+                f"{_f(r['itl_p50_ms'], 1):>8} {_f(r['itl_p99_ms'], 1):>8}"
+            )
     plot(out, results)
     print(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
 
@@ -217,10 +259,12 @@ def plot(out: Path, results: dict[str, list[dict]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-    panels = [(axes[0][0], "goodput", None, "goodput (req/s meeting the SLO)"),
-              (axes[0][1], "ttft_ms", ("p50", "p99"), "TTFT (ms)"),
-              (axes[1][0], "tpot_ms", ("p50", "p99"), "TPOT (ms)"),
-              (axes[1][1], "itl_ms", ("p50", "p99"), "ITL (ms)")]
+    panels = [
+        (axes[0][0], "goodput", None, "goodput (req/s meeting the SLO)"),
+        (axes[0][1], "ttft_ms", ("p50", "p99"), "TTFT (ms)"),
+        (axes[1][0], "tpot_ms", ("p50", "p99"), "TPOT (ms)"),
+        (axes[1][1], "itl_ms", ("p50", "p99"), "ITL (ms)"),
+    ]
     for k, (name, runs) in enumerate(results.items()):
         runs = sorted((r for r in runs if math.isfinite(_rate(r))), key=_rate)
         xs = [_rate(r) for r in runs]
@@ -231,8 +275,7 @@ def plot(out: Path, results: dict[str, list[dict]]) -> None:
             else:
                 for q, style in zip(qs, ("o-", "^:")):
                     ys = [r[key][q] for r in runs]
-                    ax.plot(xs, [float("nan") if y is None else y for y in ys], style, color=color,
-                            label=f"{name} {q}")
+                    ax.plot(xs, [float("nan") if y is None else y for y in ys], style, color=color, label=f"{name} {q}")
             ax.set_title(title)
             ax.set_xlabel("request rate (req/s)")
             ax.grid(alpha=0.3)

@@ -35,10 +35,10 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -118,14 +118,24 @@ class SoakResult:
 def serve_config(o: SoakOptions) -> ServeConfig:
     from deploy.config import ServeConfig, with_overrides
 
-    return with_overrides(ServeConfig(), **{
-        "model": o.model, "ray_namespace": o.ray_namespace, "router.port": 0, "router.http_port": 0,
-        "prefill.replicas": o.prefill_replicas, "decode.replicas": o.decode_replicas,
-        "router.max_inflight": max(256, 4 * o.concurrency),
-        "router.conditional_prefill_threshold": o.conditional_prefill_threshold,
-        "prefill.kv_cache_memory": o.prefill_kv_memory, "decode.kv_cache_memory": o.decode_kv_memory,
-        "both.dtype": o.dtype, "both.block_size": o.block_size, "both.num_cpus": o.num_cpus,
-    })
+    return with_overrides(
+        ServeConfig(),
+        **{
+            "model": o.model,
+            "ray_namespace": o.ray_namespace,
+            "router.port": 0,
+            "router.http_port": 0,
+            "prefill.replicas": o.prefill_replicas,
+            "decode.replicas": o.decode_replicas,
+            "router.max_inflight": max(256, 4 * o.concurrency),
+            "router.conditional_prefill_threshold": o.conditional_prefill_threshold,
+            "prefill.kv_cache_memory": o.prefill_kv_memory,
+            "decode.kv_cache_memory": o.decode_kv_memory,
+            "both.dtype": o.dtype,
+            "both.block_size": o.block_size,
+            "both.num_cpus": o.num_cpus,
+        },
+    )
 
 
 def run_soak(o: SoakOptions, log: Log = lambda msg: None) -> SoakResult:
@@ -140,28 +150,48 @@ def run_soak(o: SoakOptions, log: Log = lambda msg: None) -> SoakResult:
         with TandemClient(serving.address) as control:
             vocab = control.server_info().vocab_size
         token_range = (100, min(vocab, 40000)) if vocab > 1000 else (3, vocab)  # clear of special tokens
-        plans = plan_requests(o.requests, o.seed, token_range, prompt_tokens=o.prompt_tokens,
-                              max_tokens=o.max_tokens, cancel_rate=o.cancel_rate, deadline_rate=o.deadline_rate)
-        log(f"cluster up in {start_s:.1f} s ({serving.cluster.topology()}, vocab {vocab}); "
-            f"{o.requests} requests over {o.concurrency} streams")
+        plans = plan_requests(
+            o.requests,
+            o.seed,
+            token_range,
+            prompt_tokens=o.prompt_tokens,
+            max_tokens=o.max_tokens,
+            cancel_rate=o.cancel_rate,
+            deadline_rate=o.deadline_rate,
+        )
+        log(
+            f"cluster up in {start_s:.1f} s ({serving.cluster.topology()}, vocab {vocab}); "
+            f"{o.requests} requests over {o.concurrency} streams"
+        )
         kill: dict[str, Any] = {}
-        driver = StreamDriver(serving.address, plans, o.concurrency, o.hang_s,
-                              on_dispatch=lambda i: _maybe_kill(serving, o, i, kill, driver, log))
+        driver = StreamDriver(
+            serving.address,
+            plans,
+            o.concurrency,
+            o.hang_s,
+            on_dispatch=lambda i: _maybe_kill(serving, o, i, kill, driver, log),
+        )
         outcomes = driver.run()
         log(f"run done in {driver.wall_s:.1f} s: {dict(Counter(x.status for x in outcomes))}")
         t_settle = time.perf_counter()
         workers = check_workers(serving.cluster, o.settle_s)
         settle_s = time.perf_counter() - t_settle
         log(f"workers after the run ({settle_s:.1f} s to idle + leak check): {workers}")
-        sample = [x for x in outcomes if x.status != HUNG and (x.tokens or x.status == "OK")
-                  and (x.plan.index % o.sample_every == 0 or x.in_flight_at_kill)]
+        sample = [
+            x
+            for x in outcomes
+            if x.status != HUNG
+            and (x.tokens or x.status == "OK")
+            and (x.plan.index % o.sample_every == 0 or x.in_flight_at_kill)
+        ]
         mismatches, ref_errors = compare_with_reference(serving.address, sample, o.ref_concurrency)
         log(f"reference: {len(sample)} rerun, {len(mismatches)} mismatches, {len(ref_errors)} errors")
     return summarize(o, outcomes, driver, kill, workers, len(sample), mismatches, ref_errors, start_s, settle_s)
 
 
-def _maybe_kill(serving: Serving, o: SoakOptions, index: int, kill: dict[str, Any], driver: StreamDriver,
-                log: Log) -> None:
+def _maybe_kill(
+    serving: Serving, o: SoakOptions, index: int, kill: dict[str, Any], driver: StreamDriver, log: Log
+) -> None:
     """On the dispatch of request N/2: kill the busiest worker of the chosen pool (once)."""
     if o.kill == "none" or index != o.requests // 2:
         return
@@ -181,10 +211,19 @@ def _maybe_kill(serving: Serving, o: SoakOptions, index: int, kill: dict[str, An
         ray.kill(victim.actor, no_restart=o.kill_mode == "permanent")
         for i in open_now:
             driver.outcomes[i].in_flight_at_kill = True
-        kill.update(worker=victim.worker_id, pool=pool_name, mode=o.kill_mode, at_request=index,
-                    at_s=round(driver.now(), 3), router_in_flight=in_flight, open_requests=len(open_now))
-        log(f"killed {victim.worker_id} ({o.kill_mode}) at request {index}, {driver.now():.1f} s; "
-            f"router in flight {in_flight}, {len(open_now)} requests open")
+        kill.update(
+            worker=victim.worker_id,
+            pool=pool_name,
+            mode=o.kill_mode,
+            at_request=index,
+            at_s=round(driver.now(), 3),
+            router_in_flight=in_flight,
+            open_requests=len(open_now),
+        )
+        log(
+            f"killed {victim.worker_id} ({o.kill_mode}) at request {index}, {driver.now():.1f} s; "
+            f"router in flight {in_flight}, {len(open_now)} requests open"
+        )
     except Exception as exc:  # noqa: BLE001 - the soak goes on; the report says the kill failed
         kill.update(error=f"{type(exc).__name__}: {exc}")
         log(f"!!! kill failed: {kill['error']}")
@@ -226,19 +265,27 @@ def compare_with_reference(address: str, sample: list[Outcome], concurrency: int
     def one(x: Outcome) -> tuple[str, str]:
         p = x.plan
         try:
-            _, ref, _ = client.complete(token_ids=p.prompt, request_id=f"{p.request_id}-ref", max_tokens=p.max_tokens,
-                                        temperature=0.0, ignore_eos=True, timeout=REFERENCE_TIMEOUT_S)
+            _, ref, _ = client.complete(
+                token_ids=p.prompt,
+                request_id=f"{p.request_id}-ref",
+                max_tokens=p.max_tokens,
+                temperature=0.0,
+                ignore_eos=True,
+                timeout=REFERENCE_TIMEOUT_S,
+            )
         except grpc.RpcError as exc:
             return "error", f"{p.request_id}: {exc.code().name} {exc.details()}"
-        got = x.tokens if x.status == "OK" else x.tokens[:len(ref)]
-        want = ref if x.status == "OK" else ref[:len(x.tokens)]
+        got = x.tokens if x.status == "OK" else x.tokens[: len(ref)]
+        want = ref if x.status == "OK" else ref[: len(x.tokens)]
         if got == want:
             return "ok", ""
         at = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
         where = f"P {x.prefill_worker or '?'}, D {x.decode_worker or '?'}"
         killed = ", in flight at the kill" if x.in_flight_at_kill else ""
-        return "mismatch", (f"{p.request_id} ({x.status}, {where}{killed}): first difference at token {at}: "
-                            f"soak {got[at:at + 4]} vs rerun {want[at:at + 4]} ({len(got)} vs {len(want)} tokens)")
+        return "mismatch", (
+            f"{p.request_id} ({x.status}, {where}{killed}): first difference at token {at}: "
+            f"soak {got[at : at + 4]} vs rerun {want[at : at + 4]} ({len(got)} vs {len(want)} tokens)"
+        )
 
     try:
         with ThreadPoolExecutor(concurrency) as pool:
@@ -248,9 +295,18 @@ def compare_with_reference(address: str, sample: list[Outcome], concurrency: int
     return [m for k, m in results if k == "mismatch"], [m for k, m in results if k == "error"]
 
 
-def summarize(o: SoakOptions, outcomes: list[Outcome], driver: StreamDriver, kill: dict[str, Any],
-              workers: dict[str, str], checked: int, mismatches: list[str], ref_errors: list[str],
-              start_s: float, settle_s: float) -> SoakResult:
+def summarize(
+    o: SoakOptions,
+    outcomes: list[Outcome],
+    driver: StreamDriver,
+    kill: dict[str, Any],
+    workers: dict[str, str],
+    checked: int,
+    mismatches: list[str],
+    ref_errors: list[str],
+    start_s: float,
+    settle_s: float,
+) -> SoakResult:
     def fault(x: Outcome) -> str:
         return "cancel" if x.plan.cancel_after is not None else "deadline" if x.plan.deadline_s is not None else "none"
 
@@ -265,28 +321,61 @@ def summarize(o: SoakOptions, outcomes: list[Outcome], driver: StreamDriver, kil
         if len(kept) < ERRORS_KEPT and not any(k.endswith(f": {x.detail}") for k in kept):
             kept.append(f"{x.plan.request_id}: {x.detail}")
     if "worker" in kill:  # where the first response said it ran (a resumed request keeps its first workers)
-        on_victim = [x for x in outcomes
-                     if x.in_flight_at_kill and kill["worker"] in (x.prefill_worker, x.decode_worker)]
+        on_victim = [
+            x for x in outcomes if x.in_flight_at_kill and kill["worker"] in (x.prefill_worker, x.decode_worker)
+        ]
         kill["on_victim"] = dict(Counter(x.status or "NONE" for x in on_victim))
     ok = [x for x in outcomes if x.status == "OK"]
-    short = [f"{x.plan.request_id}: {len(x.tokens)} of {x.plan.max_tokens} tokens, {x.finish_reason}"
-             for x in ok if len(x.tokens) != x.plan.max_tokens or x.finish_reason != "FINISH_REASON_LENGTH"]
-    rows = [{"request_id": x.plan.request_id, "fault": fault(x), "status": x.status, "detail": x.detail,
-             "prompt_tokens": len(x.plan.prompt), "max_tokens": x.plan.max_tokens, "tokens": len(x.tokens),
-             "deadline_s": x.plan.deadline_s, "cancel_after": x.plan.cancel_after, "started_s": x.started_s,
-             "ttft_s": x.ttft_s, "latency_s": x.latency_s, "prefill_worker": x.prefill_worker,
-             "decode_worker": x.decode_worker, "in_flight_at_kill": x.in_flight_at_kill} for x in outcomes]
+    short = [
+        f"{x.plan.request_id}: {len(x.tokens)} of {x.plan.max_tokens} tokens, {x.finish_reason}"
+        for x in ok
+        if len(x.tokens) != x.plan.max_tokens or x.finish_reason != "FINISH_REASON_LENGTH"
+    ]
+    rows = [
+        {
+            "request_id": x.plan.request_id,
+            "fault": fault(x),
+            "status": x.status,
+            "detail": x.detail,
+            "prompt_tokens": len(x.plan.prompt),
+            "max_tokens": x.plan.max_tokens,
+            "tokens": len(x.tokens),
+            "deadline_s": x.plan.deadline_s,
+            "cancel_after": x.plan.cancel_after,
+            "started_s": x.started_s,
+            "ttft_s": x.ttft_s,
+            "latency_s": x.latency_s,
+            "prefill_worker": x.prefill_worker,
+            "decode_worker": x.decode_worker,
+            "in_flight_at_kill": x.in_flight_at_kill,
+        }
+        for x in outcomes
+    ]
     return SoakResult(
-        options=dataclasses.asdict(o), requests=len(outcomes),
+        options=dataclasses.asdict(o),
+        requests=len(outcomes),
         by_status=dict(Counter(x.status or "NONE" for x in outcomes).most_common()),
         by_fault={f: dict(c.most_common()) for f, c in sorted(by_fault.items())},
         hung=sum(x.status == HUNG for x in outcomes),
-        faults={"cancels": sum(x.plan.cancel_after is not None for x in outcomes),
-                "deadlines": sum(x.plan.deadline_s is not None for x in outcomes), "kill": kill or None},
-        checked=checked, mismatches=mismatches, reference_errors=ref_errors, short_ok=short,
-        latency_ok_s=dist([x.latency_s for x in ok]), ttft_ok_s=dist([x.ttft_s for x in ok if x.ttft_s is not None]),
-        wall_s=driver.wall_s, start_s=start_s, settle_s=settle_s, workers=workers, errors=errors,
-        stuck_threads=driver.stuck_threads, rows=rows)
+        faults={
+            "cancels": sum(x.plan.cancel_after is not None for x in outcomes),
+            "deadlines": sum(x.plan.deadline_s is not None for x in outcomes),
+            "kill": kill or None,
+        },
+        checked=checked,
+        mismatches=mismatches,
+        reference_errors=ref_errors,
+        short_ok=short,
+        latency_ok_s=dist([x.latency_s for x in ok]),
+        ttft_ok_s=dist([x.ttft_s for x in ok if x.ttft_s is not None]),
+        wall_s=driver.wall_s,
+        start_s=start_s,
+        settle_s=settle_s,
+        workers=workers,
+        errors=errors,
+        stuck_threads=driver.stuck_threads,
+        rows=rows,
+    )
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
@@ -295,20 +384,29 @@ def summarize(o: SoakOptions, outcomes: list[Outcome], driver: StreamDriver, kil
 def print_table(r: SoakResult) -> None:
     ms = 1e3
     kill = r.faults["kill"] or {}
-    kill_s = (f"{kill['worker']} ({kill['mode']}) at request {kill['at_request']}, {kill['at_s']:.1f} s, "
-              f"{kill['open_requests']} open, of which on it: {kill['on_victim']}" if "worker" in kill
-              else kill.get("error", "none"))
+    kill_s = (
+        f"{kill['worker']} ({kill['mode']}) at request {kill['at_request']}, {kill['at_s']:.1f} s, "
+        f"{kill['open_requests']} open, of which on it: {kill['on_victim']}"
+        if "worker" in kill
+        else kill.get("error", "none")
+    )
     lines = [
         ("requests", f"{r.requests} ({r.options['concurrency']} streams)"),
         ("by status", ", ".join(f"{s} {n}" for s, n in r.by_status.items())),
         *((f"  fault {f}", ", ".join(f"{s} {n}" for s, n in c.items())) for f, c in r.by_fault.items()),
         ("hung", f"{r.hung}" + (f" (threads stuck: {r.stuck_threads})" if r.stuck_threads else "")),
         ("faults injected", f"{r.faults['cancels']} cancels, {r.faults['deadlines']} deadlines, kill {kill_s}"),
-        ("token mismatches", f"{len(r.mismatches)} of {r.checked} checked"
-                             + (f" ({len(r.reference_errors)} reruns failed)" if r.reference_errors else "")),
+        (
+            "token mismatches",
+            f"{len(r.mismatches)} of {r.checked} checked"
+            + (f" ({len(r.reference_errors)} reruns failed)" if r.reference_errors else ""),
+        ),
         ("short OK streams", f"{len(r.short_ok)}"),
-        ("OK latency", f"p50 {r.latency_ok_s['p50'] * ms:.0f} ms, p99 {r.latency_ok_s['p99'] * ms:.0f} ms "
-                       f"(n {r.latency_ok_s['n']})"),
+        (
+            "OK latency",
+            f"p50 {r.latency_ok_s['p50'] * ms:.0f} ms, p99 {r.latency_ok_s['p99'] * ms:.0f} ms "
+            f"(n {r.latency_ok_s['n']})",
+        ),
         ("OK TTFT", f"p50 {r.ttft_ok_s['p50'] * ms:.0f} ms, p99 {r.ttft_ok_s['p99'] * ms:.0f} ms"),
         ("wall", f"{r.wall_s:.1f} s (cluster start {r.start_s:.1f} s)"),
         ("workers after", ", ".join(f"{w} {s}" for w, s in r.workers.items()) + f" (settled in {r.settle_s:.1f} s)"),

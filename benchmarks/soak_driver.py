@@ -71,11 +71,20 @@ class Outcome:
         return None if self.first_s is None or self.started_s is None else self.first_s - self.started_s
 
 
-def plan_requests(n: int, seed: int, token_range: tuple[int, int], *, prefix_pools: int = 4,
-                  prompt_tokens: tuple[int, int] = (8, 200), max_tokens: tuple[int, int] = (1, 32),
-                  cancel_rate: float = 0.05, deadline_rate: float = 0.05,
-                  deadline_s: tuple[float, float] = (0.05, 2.0), shared_share: float = 0.75,
-                  id_prefix: str = "soak") -> list[RequestPlan]:
+def plan_requests(
+    n: int,
+    seed: int,
+    token_range: tuple[int, int],
+    *,
+    prefix_pools: int = 4,
+    prompt_tokens: tuple[int, int] = (8, 200),
+    max_tokens: tuple[int, int] = (1, 32),
+    cancel_rate: float = 0.05,
+    deadline_rate: float = 0.05,
+    deadline_s: tuple[float, float] = (0.05, 2.0),
+    shared_share: float = 0.75,
+    id_prefix: str = "soak",
+) -> list[RequestPlan]:
     """`n` seeded requests. `shared_share` of the prompts start with one of `prefix_pools` shared
     prefixes (each up to 128 tokens, cut to a random length), the rest is random; every prompt's
     length is drawn from `prompt_tokens`. Faults are exclusive: cancel, else deadline, else none."""
@@ -92,7 +101,7 @@ def plan_requests(n: int, seed: int, token_range: tuple[int, int], *, prefix_poo
         length = rng.randint(short, long_)
         head: list[int] = []
         if prefixes and rng.random() < shared_share:
-            head = rng.choice(prefixes)[:rng.randint(1, length)]
+            head = rng.choice(prefixes)[: rng.randint(1, length)]
         prompt = head + ids(length - len(head))
         new = rng.randint(*max_tokens)
         cancel_after = deadline = None
@@ -106,9 +115,15 @@ def plan_requests(n: int, seed: int, token_range: tuple[int, int], *, prefix_poo
 
 
 class StreamDriver:
-    def __init__(self, address: str, plans: list[RequestPlan], concurrency: int, hang_s: float,
-                 on_dispatch: Callable[[int], None] = lambda index: None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        address: str,
+        plans: list[RequestPlan],
+        concurrency: int,
+        hang_s: float,
+        on_dispatch: Callable[[int], None] = lambda index: None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.address, self.plans, self.concurrency, self.hang_s = address, plans, concurrency, hang_s
         self.on_dispatch, self.clock = on_dispatch, clock
         self.outcomes = [Outcome(p) for p in plans]
@@ -124,8 +139,9 @@ class StreamDriver:
 
     def run(self) -> list[Outcome]:
         self._t0 = self.clock()
-        threads = [threading.Thread(target=self._worker, name=f"soak-{k}", daemon=True)
-                   for k in range(self.concurrency)]
+        threads = [
+            threading.Thread(target=self._worker, name=f"soak-{k}", daemon=True) for k in range(self.concurrency)
+        ]
         watchdog = threading.Thread(target=self._watchdog, name="soak-watchdog", daemon=True)
         for t in threads:
             t.start()
@@ -175,8 +191,14 @@ class StreamDriver:
     def _one(self, client: TandemClient, out: Outcome) -> None:
         p = out.plan
         try:
-            stream = client.generate(token_ids=p.prompt, request_id=p.request_id, max_tokens=p.max_tokens,
-                                     temperature=0.0, ignore_eos=True, timeout=p.deadline_s)
+            stream = client.generate(
+                token_ids=p.prompt,
+                request_id=p.request_id,
+                max_tokens=p.max_tokens,
+                temperature=0.0,
+                ignore_eos=True,
+                timeout=p.deadline_s,
+            )
             for resp in stream:
                 if out.first_s is None:
                     out.first_s = self.now()

@@ -3,9 +3,9 @@
 Tandem's variants (plain, n-gram, n-gram without the batch cut-off) share one engine and process and run
 interleaved, request by request at batch 1 and group by group above, rotating the order (this VM's
 speed drifts by 20-30% between minutes, which a process per configuration mistakes for an effect).
-vLLM runs one process per configuration, one after the other. Tokens are timed as the engine emits them (EngineCore.step); a step that emits n
-tokens of a request after a gap g counts n inter-token latencies of g / n (as `tandem bench` counts
-tokens that arrive together). Greedy, EOS ignored, 128 output tokens.
+vLLM runs one process per configuration, one after the other. Tokens are timed as the engine emits
+them (EngineCore.step); a step that emits n tokens of a request after a gap g counts n inter-token
+latencies of g / n (as `tandem bench` counts tokens that arrive together). Greedy, EOS ignored, 128 output tokens.
 
 Workloads (chat-templated SmolLM2-135M-Instruct prompts, fixed texts in this file):
     edit    "rewrite this text, ..." over a given ~200-token passage: the answer copies spans of the
@@ -39,8 +39,14 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 DEFAULT_OUT = os.path.join(HERE, "results", "spec_decode.json")
-VLLM_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-            "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
+VLLM_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "4",
+}
 
 PASSAGES = [
     "The lighthouse stood on a rock at the mouth of the bay. Every evening the keeper climbed the ninety "
@@ -154,8 +160,14 @@ def tandem_worker(dtype: str, max_tokens: int, batch: int, prompts: list[list[in
     from engine.engine_core import EngineCore
     from engine.sampling_params import SamplingParams
 
-    core = EngineCore(EngineConfig(model="", dtype=dtype, cache=CacheConfig(kv_cache_memory_bytes=2 << 30),
-                                   speculative=SpeculativeConfig(method="ngram", num_speculative_tokens=4)))
+    core = EngineCore(
+        EngineConfig(
+            model="",
+            dtype=dtype,
+            cache=CacheConfig(kv_cache_memory_bytes=2 << 30),
+            speculative=SpeculativeConfig(method="ngram", num_speculative_tokens=4),
+        )
+    )
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
     def step():
@@ -167,10 +179,9 @@ def tandem_worker(dtype: str, max_tokens: int, batch: int, prompts: list[list[in
     timed_run(add, step, core.has_unfinished_requests, [prompts[0]])  # warm-up
     variants = [v for v in TANDEM_VARIANTS if batch > 1 or v != "ngram-always"]
     acc = {v: {"itl": [], "tpot": [], "wall": 0.0, "tokens": 0, "spec": [0, 0, 0]} for v in variants}
-    groups = [[p] for p in prompts] * reps if batch == 1 else \
-        [[prompts[i % len(prompts)] for i in range(batch)]] * reps
+    groups = [[p] for p in prompts] * reps if batch == 1 else [[prompts[i % len(prompts)] for i in range(batch)]] * reps
     for i, group in enumerate(groups):
-        for v in variants[i % len(variants):] + variants[: i % len(variants)]:
+        for v in variants[i % len(variants) :] + variants[: i % len(variants)]:
             core.scheduler.spec_tokens, core.scheduler.spec_disable_batch_size = TANDEM_VARIANTS[v]
             before = (core.spec_steps, core.spec_proposed, core.spec_accepted)
             itl, tpot, wall, tokens = timed_run(add, step, core.has_unfinished_requests, group)
@@ -185,14 +196,29 @@ def tandem_worker(dtype: str, max_tokens: int, batch: int, prompts: list[list[in
 
 
 def summarize(itl, tpot, wall, tokens, steps, proposed, accepted) -> dict:
-    return {"itl_p50_ms": 1e3 * statistics.median(itl), "itl_p90_ms": 1e3 * _pct(itl, 0.9),
-            "tpot_mean_ms": 1e3 * statistics.fmean(tpot), "tokens_per_s": tokens / wall, "requests": len(tpot),
-            "acceptance_length": 1 + accepted / steps if steps else None,
-            "proposed": proposed, "accepted": accepted, "verify_steps": steps}
+    return {
+        "itl_p50_ms": 1e3 * statistics.median(itl),
+        "itl_p90_ms": 1e3 * _pct(itl, 0.9),
+        "tpot_mean_ms": 1e3 * statistics.fmean(tpot),
+        "tokens_per_s": tokens / wall,
+        "requests": len(tpot),
+        "acceptance_length": 1 + accepted / steps if steps else None,
+        "proposed": proposed,
+        "accepted": accepted,
+        "verify_steps": steps,
+    }
 
 
-def worker(config: str, dtype: str, max_tokens: int, batch: int, workload: str, prompts_path: str,
-           hf_model: str | None, reps: int) -> dict:
+def worker(
+    config: str,
+    dtype: str,
+    max_tokens: int,
+    batch: int,
+    workload: str,
+    prompts_path: str,
+    hf_model: str | None,
+    reps: int,
+) -> dict:
     """One process: "tandem" (every Tandem variant, interleaved) or a vLLM configuration."""
     with open(prompts_path) as f:
         prompts = json.load(f)[workload]
@@ -200,8 +226,14 @@ def worker(config: str, dtype: str, max_tokens: int, batch: int, workload: str, 
         from vllm import LLM, SamplingParams
 
         spec = CONFIGS[config]
-        llm = LLM(model=hf_model, dtype=dtype, enforce_eager=True, max_model_len=2048, seed=0,
-                  **({"speculative_config": spec} if spec else {}))
+        llm = LLM(
+            model=hf_model,
+            dtype=dtype,
+            enforce_eager=True,
+            max_model_len=2048,
+            seed=0,
+            **({"speculative_config": spec} if spec else {}),
+        )
         eng = llm.llm_engine
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         seen: dict[str, int] = {}
@@ -246,6 +278,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 # ---- driver ------------------------------------------------------------------------------------------------------
 
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="float32")
@@ -262,7 +295,9 @@ def main() -> None:
         return
     if args.worker:
         config, batch, workload, prompts_path = args.worker
-        result = worker(config, args.dtype, args.max_tokens, int(batch), workload, prompts_path, args.hf_model, args.reps)
+        result = worker(
+            config, args.dtype, args.max_tokens, int(batch), workload, prompts_path, args.hf_model, args.reps
+        )
         print(RESULT + json.dumps(result), flush=True)  # engines log to stdout too: the driver looks for RESULT
         return
     if args.vllm_python and not args.hf_model:
@@ -277,39 +312,72 @@ def main() -> None:
         for config in procs:
             python = args.vllm_python if config.startswith("vllm") else sys.executable
             env = {**os.environ, **(VLLM_ENV if config.startswith("vllm") else {})}
-            out = subprocess.run([python, __file__, "--dtype", args.dtype, "--max-tokens", str(args.max_tokens),
-                                  "--reps", str(args.reps), *(["--hf-model", args.hf_model] if args.hf_model else []),
-                                  "--worker", config, str(batch), workload, prompts_path],
-                                 capture_output=True, text=True, env=env)
+            out = subprocess.run(
+                [
+                    python,
+                    __file__,
+                    "--dtype",
+                    args.dtype,
+                    "--max-tokens",
+                    str(args.max_tokens),
+                    "--reps",
+                    str(args.reps),
+                    *(["--hf-model", args.hf_model] if args.hf_model else []),
+                    "--worker",
+                    config,
+                    str(batch),
+                    workload,
+                    prompts_path,
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             if out.returncode:
                 raise SystemExit(f"{config} {workload} b{batch} failed:\n{out.stderr[-3000:]}")
             line = next((ln for ln in reversed(out.stdout.splitlines()) if ln.startswith(RESULT)), None)
             if line is None:
                 raise SystemExit(f"{config} {workload} b{batch} printed no result:\n{out.stdout[-2000:]}")
-            for name, r in json.loads(line[len(RESULT):]).items():
+            for name, r in json.loads(line[len(RESULT) :]).items():
                 results.setdefault(f"{workload} b{batch}", {})[name] = r
-                print(f"{workload:4s} b{batch:<2d} {name:12s} ITL p50 {r['itl_p50_ms']:6.1f} ms  p90 "
-                      f"{r['itl_p90_ms']:6.1f}  TPOT {r['tpot_mean_ms']:6.1f}  {r['tokens_per_s']:6.1f} tok/s  "
-                      f"accept {r['acceptance_length']}", flush=True)
+                print(
+                    f"{workload:4s} b{batch:<2d} {name:12s} ITL p50 {r['itl_p50_ms']:6.1f} ms  p90 "
+                    f"{r['itl_p90_ms']:6.1f}  TPOT {r['tpot_mean_ms']:6.1f}  {r['tokens_per_s']:6.1f} tok/s  "
+                    f"accept {r['acceptance_length']}",
+                    flush=True,
+                )
     table = []
     for case, by_config in results.items():
         for config, r in by_config.items():
             base = by_config["vllm-plain" if config.startswith("vllm") else "plain"]
-            table.append({"case": case, "config": config, **r,
-                          "itl_p50_speedup": base["itl_p50_ms"] / r["itl_p50_ms"],
-                          "tpot_speedup": base["tpot_mean_ms"] / r["tpot_mean_ms"],
-                          "throughput_ratio": r["tokens_per_s"] / base["tokens_per_s"]})
-    print(f"\n{'case':9s} {'config':12s} {'ITL p50':>8s} {'ITL p90':>8s} {'TPOT':>7s} {'tok/s':>7s} {'accept':>6s} "
-          f"{'ITL p50 x':>9s} {'TPOT x':>7s} {'tput x':>7s}")
+            table.append(
+                {
+                    "case": case,
+                    "config": config,
+                    **r,
+                    "itl_p50_speedup": base["itl_p50_ms"] / r["itl_p50_ms"],
+                    "tpot_speedup": base["tpot_mean_ms"] / r["tpot_mean_ms"],
+                    "throughput_ratio": r["tokens_per_s"] / base["tokens_per_s"],
+                }
+            )
+    print(
+        f"\n{'case':9s} {'config':12s} {'ITL p50':>8s} {'ITL p90':>8s} {'TPOT':>7s} {'tok/s':>7s} {'accept':>6s} "
+        f"{'ITL p50 x':>9s} {'TPOT x':>7s} {'tput x':>7s}"
+    )
     for r in table:
         acc = f"{r['acceptance_length']:.2f}" if r["acceptance_length"] else "-"
-        print(f"{r['case']:9s} {r['config']:12s} {r['itl_p50_ms']:8.1f} {r['itl_p90_ms']:8.1f} {r['tpot_mean_ms']:7.1f} "
-              f"{r['tokens_per_s']:7.1f} {acc:>6s} {r['itl_p50_speedup']:9.2f} {r['tpot_speedup']:7.2f} "
-              f"{r['throughput_ratio']:7.2f}")
+        print(
+            f"{r['case']:9s} {r['config']:12s} {r['itl_p50_ms']:8.1f} {r['itl_p90_ms']:8.1f} {r['tpot_mean_ms']:7.1f} "
+            f"{r['tokens_per_s']:7.1f} {acc:>6s} {r['itl_p50_speedup']:9.2f} {r['tpot_speedup']:7.2f} "
+            f"{r['throughput_ratio']:7.2f}"
+        )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"dtype": args.dtype, "max_tokens": args.max_tokens, "reps": args.reps, "table": table,
-                   "runs": results}, f, indent=1)
+        json.dump(
+            {"dtype": args.dtype, "max_tokens": args.max_tokens, "reps": args.reps, "table": table, "runs": results},
+            f,
+            indent=1,
+        )
     print(f"wrote {args.out}")
 
 

@@ -70,11 +70,16 @@ class PerfEstimate(msgspec.Struct, frozen=True):
         """This worker's model with the line it has not measured taken from `other` (same model)."""
         mine = self
         if not mine.decode_ready and other.decode_ready:
-            mine = msgspec.structs.replace(mine, decode_base_s=other.decode_base_s, per_seq_s=other.per_seq_s,
-                                           decode_steps=other.decode_steps)
+            mine = msgspec.structs.replace(
+                mine, decode_base_s=other.decode_base_s, per_seq_s=other.per_seq_s, decode_steps=other.decode_steps
+            )
         if not mine.prefill_ready and other.prefill_ready:
-            mine = msgspec.structs.replace(mine, prefill_base_s=other.prefill_base_s, per_token_s=other.per_token_s,
-                                           prefill_steps=other.prefill_steps)
+            mine = msgspec.structs.replace(
+                mine,
+                prefill_base_s=other.prefill_base_s,
+                per_token_s=other.per_token_s,
+                prefill_steps=other.prefill_steps,
+            )
         return mine
 
 
@@ -110,8 +115,9 @@ class _Line:
 
 
 class StepTimes:
-    def __init__(self, decay: float = 0.98, warmup_steps: int = 8, min_prefill_tokens: int = 16,
-                 window_s: float = 30.0) -> None:
+    def __init__(
+        self, decay: float = 0.98, warmup_steps: int = 8, min_prefill_tokens: int = 16, window_s: float = 30.0
+    ) -> None:
         self.warmup_steps = warmup_steps
         self.min_prefill_tokens = min_prefill_tokens
         self.window_s = window_s
@@ -160,6 +166,12 @@ class StepTimes:
     def _estimate(self, now: float | None) -> PerfEstimate:
         decode_base, per_seq = self._decode.fit()
         prefill_base, per_token = self._prefill.fit()
-        return PerfEstimate(decode_base_s=decode_base, per_seq_s=per_seq, prefill_base_s=prefill_base,
-                            per_token_s=per_token, decode_steps=self._decode.n, prefill_steps=self._prefill.n,
-                            prefill_busy=self.busy(now) if now is not None else 0.0)
+        return PerfEstimate(
+            decode_base_s=decode_base,
+            per_seq_s=per_seq,
+            prefill_base_s=prefill_base,
+            per_token_s=per_token,
+            decode_steps=self._decode.n,
+            prefill_steps=self._prefill.n,
+            prefill_busy=self.busy(now) if now is not None else 0.0,
+        )

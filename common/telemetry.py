@@ -65,7 +65,9 @@ SPAN_ENGINE_QUEUE = "tandem.engine.queue"  # arrival -> first schedule (engine c
 SPAN_ENGINE_COMPUTE = "tandem.engine.compute"  # first schedule -> first token (engine clock)
 EVENT_FIRST_TOKEN = "first_token"
 EVENT_RETRY = "retry"  # on the request's span: a worker failed it and the router resumed it elsewhere
-ATTR_RETRY_REASON = "tandem.retry.reason"  # worker_unavailable | worker_stalled | kv_transfer_failed | aborted_on_worker
+ATTR_RETRY_REASON = (
+    "tandem.retry.reason"  # worker_unavailable | worker_stalled | kv_transfer_failed | aborted_on_worker
+)
 ATTR_RETRY_AFTER_TOKENS = "tandem.retry.after_tokens"  # output tokens already sent when it failed
 
 # Attribute names: semconv names where one exists, "tandem.*" otherwise.
@@ -97,10 +99,15 @@ ATTR_ERROR_TYPE = ERROR_TYPE
 ATTRIBUTE_NAMES = tuple(value for name, value in sorted(globals().items()) if name.startswith("ATTR_"))
 
 # Message content: the semconv names Tandem never sets on a span.
-CONTENT_ATTRIBUTES = frozenset({
-    gen_ai.GEN_AI_PROMPT, gen_ai.GEN_AI_COMPLETION, gen_ai.GEN_AI_INPUT_MESSAGES,
-    gen_ai.GEN_AI_OUTPUT_MESSAGES, gen_ai.GEN_AI_SYSTEM_INSTRUCTIONS,
-})
+CONTENT_ATTRIBUTES = frozenset(
+    {
+        gen_ai.GEN_AI_PROMPT,
+        gen_ai.GEN_AI_COMPLETION,
+        gen_ai.GEN_AI_INPUT_MESSAGES,
+        gen_ai.GEN_AI_OUTPUT_MESSAGES,
+        gen_ai.GEN_AI_SYSTEM_INSTRUCTIONS,
+    }
+)
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _FIELDS = frozenset(_PROPAGATOR.fields)
@@ -343,4 +350,3 @@ def extract(carrier: Mapping[str, str] | Iterable[tuple[str, str]] | None) -> Co
         if isinstance(key, str) and isinstance(value, str) and key.lower() in _FIELDS:
             headers.setdefault(key.lower(), []).append(value)
     return _PROPAGATOR.extract(headers, context=Context()) if headers else Context()
-

@@ -49,8 +49,19 @@ class StreamChunk(msgspec.Struct):
         self.token_ids.extend(other.token_ids)
         self.text += other.text
         self.logprobs.extend(other.logprobs)
-        for name in ("finished", "finish_reason", "stop_reason", "prompt_tokens", "cached_tokens", "kv_transfer_s",
-                     "kv_transfer_bytes", "error", "spec_steps", "spec_proposed", "spec_accepted"):
+        for name in (
+            "finished",
+            "finish_reason",
+            "stop_reason",
+            "prompt_tokens",
+            "cached_tokens",
+            "kv_transfer_s",
+            "kv_transfer_bytes",
+            "error",
+            "spec_steps",
+            "spec_proposed",
+            "spec_accepted",
+        ):
             value = getattr(other, name)
             if value:
                 setattr(self, name, value)

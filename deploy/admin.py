@@ -56,8 +56,13 @@ class AdminError(RuntimeError):
 
 
 class AdminService(apb_grpc.AdminServicer):
-    def __init__(self, cluster: Cluster, membership: Membership, drain_timeout_s: float = 60.0,
-                 client_factory: ClientFactory = ray_client) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        membership: Membership,
+        drain_timeout_s: float = 60.0,
+        client_factory: ClientFactory = ray_client,
+    ) -> None:
         """`membership`: the router's pools (router/membership.py), which this service grows and shrinks."""
         self.cluster, self.membership = cluster, membership
         self.drain_timeout_s = drain_timeout_s
@@ -104,8 +109,9 @@ class AdminService(apb_grpc.AdminServicer):
     def _check_request(pool_name: str, field: str, value: int) -> None:
         """INVALID_ARGUMENT for an unknown pool or a count / replica number below 1."""
         if pool_name not in POOLS:
-            raise AdminError(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"pool must be one of {', '.join(POOLS)}, got {pool_name!r}")
+            raise AdminError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"pool must be one of {', '.join(POOLS)}, got {pool_name!r}"
+            )
         if value < 1:
             raise AdminError(grpc.StatusCode.INVALID_ARGUMENT, f"{field} must be >= 1, got {value}")
 
@@ -119,8 +125,9 @@ class AdminService(apb_grpc.AdminServicer):
             except Exception as exc:
                 log.exception("adding a %s worker failed", pool_name)
                 code = grpc.StatusCode.FAILED_PRECONDITION if isinstance(exc, ConfigError) else grpc.StatusCode.INTERNAL
-                raise AdminError(code, f"added {added or 'none'}; the next failed: {type(exc).__name__}: {exc}"
-                                 ) from exc
+                raise AdminError(
+                    code, f"added {added or 'none'}; the next failed: {type(exc).__name__}: {exc}"
+                ) from exc
         return added
 
     async def remove(self, worker_id: str, drain_timeout_s: float = 0.0) -> bool:
@@ -131,14 +138,17 @@ class AdminService(apb_grpc.AdminServicer):
             except KeyError as exc:
                 raise AdminError(grpc.StatusCode.NOT_FOUND, str(exc).strip("'\"")) from None
             if len(router_pool.slots) <= 1:
-                raise AdminError(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"{worker_id} is the last {router_pool.role} worker; add another before removing it")
+                raise AdminError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{worker_id} is the last {router_pool.role} worker; add another before removing it",
+                )
             try:
                 return await self._remove(worker_id, self._drain_s(drain_timeout_s))
             except Exception as exc:
                 log.exception("removing %s (%s pool) failed", worker_id, pool_name)
-                raise AdminError(grpc.StatusCode.INTERNAL, f"removing {worker_id} failed: {type(exc).__name__}: "
-                                                           f"{exc}") from exc
+                raise AdminError(
+                    grpc.StatusCode.INTERNAL, f"removing {worker_id} failed: {type(exc).__name__}: {exc}"
+                ) from exc
 
     async def scale(self, pool_name: str, replicas: int, drain_timeout_s: float = 0.0) -> tuple[list[str], list[str]]:
         """Grow or shrink a pool to `replicas` (newest removed first); (added, removed)."""
@@ -156,8 +166,10 @@ class AdminService(apb_grpc.AdminServicer):
                     removed.append(wid)
             except Exception as exc:
                 log.exception("scaling the %s pool failed", pool_name)
-                raise AdminError(grpc.StatusCode.INTERNAL, f"added {added or 'none'}, removed {removed or 'none'}; "
-                                                           f"then failed: {type(exc).__name__}: {exc}") from exc
+                raise AdminError(
+                    grpc.StatusCode.INTERNAL,
+                    f"added {added or 'none'}, removed {removed or 'none'}; then failed: {type(exc).__name__}: {exc}",
+                ) from exc
         return added, removed
 
     async def apply_config(self, config: ServeConfig) -> tuple[list[str], list[str]]:
@@ -169,8 +181,10 @@ class AdminService(apb_grpc.AdminServicer):
         for pool_name in POOLS:
             new, old = getattr(config, pool_name), getattr(running, pool_name)
             if msgspec.structs.replace(new, replicas=old.replicas) != old:
-                log.warning("config reload: %s pool settings other than replicas changed; they take effect on "
-                            "restart", pool_name)
+                log.warning(
+                    "config reload: %s pool settings other than replicas changed; they take effect on restart",
+                    pool_name,
+                )
             if new.replicas != self._file_replicas[pool_name]:
                 a, r = await self._owned(self.scale(pool_name, new.replicas))
                 self._file_replicas[pool_name] = new.replicas
@@ -178,8 +192,7 @@ class AdminService(apb_grpc.AdminServicer):
                 removed += r
         if msgspec.structs.replace(config, prefill=running.prefill, decode=running.decode) != running:
             log.warning("config reload: settings outside the pools' replicas changed; they take effect on restart")
-        log.info("config reload: added %s, removed %s: %s", added or "none", removed or "none",
-                 self.cluster.topology())
+        log.info("config reload: added %s, removed %s: %s", added or "none", removed or "none", self.cluster.topology())
         return added, removed
 
     # -- RPCs ----------------------------------------------------------------------------------------
@@ -190,18 +203,20 @@ class AdminService(apb_grpc.AdminServicer):
         except AdminError as exc:
             await context.abort(exc.code, str(exc))
 
-    async def AddWorkers(self, request: apb.AddWorkersRequest, context: grpc.aio.ServicerContext
-                         ) -> apb.AddWorkersResponse:
+    async def AddWorkers(
+        self, request: apb.AddWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> apb.AddWorkersResponse:
         added = await self._rpc(context, self.add(request.pool, request.count))
         return apb.AddWorkersResponse(worker_ids=added, topology=self.cluster.topology())
 
-    async def RemoveWorker(self, request: apb.RemoveWorkerRequest, context: grpc.aio.ServicerContext
-                           ) -> apb.RemoveWorkerResponse:
+    async def RemoveWorker(
+        self, request: apb.RemoveWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> apb.RemoveWorkerResponse:
         drained = await self._rpc(context, self.remove(request.worker_id, request.drain_timeout_s))
-        return apb.RemoveWorkerResponse(worker_id=request.worker_id, drained=drained,
-                                        topology=self.cluster.topology())
+        return apb.RemoveWorkerResponse(worker_id=request.worker_id, drained=drained, topology=self.cluster.topology())
 
-    async def ScalePool(self, request: apb.ScalePoolRequest, context: grpc.aio.ServicerContext
-                        ) -> apb.ScalePoolResponse:
+    async def ScalePool(
+        self, request: apb.ScalePoolRequest, context: grpc.aio.ServicerContext
+    ) -> apb.ScalePoolResponse:
         added, removed = await self._rpc(context, self.scale(request.pool, request.replicas, request.drain_timeout_s))
         return apb.ScalePoolResponse(added=added, removed=removed, topology=self.cluster.topology())

@@ -123,8 +123,15 @@ class Cluster:
         self.model = min(infos, key=lambda i: i.kv_capacity_tokens)
         self.tokenizer = ray.get(self.workers[0].actor.get_tokenizer.remote())
         for s in statuses:
-            log.info("worker %s (%s) ready on %s: %d KV blocks of %d, %s", s.worker_id, s.role, s.device,
-                     s.kv_blocks_total, s.block_size, s.dtype)
+            log.info(
+                "worker %s (%s) ready on %s: %d KV blocks of %d, %s",
+                s.worker_id,
+                s.role,
+                s.device,
+                s.kv_blocks_total,
+                s.block_size,
+                s.dtype,
+            )
 
     def _handshake(self) -> None:
         p_payloads = ray.get([p.actor.handshake_payload.remote() for p in self.prefill])
@@ -151,8 +158,10 @@ class Cluster:
             if peers:
                 mine = ray.get(handle.actor.handshake_payload.remote(), timeout=CALL_TIMEOUT_S)
                 theirs = ray.get([w.actor.handshake_payload.remote() for w in peers], timeout=CALL_TIMEOUT_S)
-                ray.get([w.actor.add_peer.remote(mine) for w in peers]
-                        + [handle.actor.add_peer.remote(t) for t in theirs], timeout=CALL_TIMEOUT_S)
+                ray.get(
+                    [w.actor.add_peer.remote(mine) for w in peers] + [handle.actor.add_peer.remote(t) for t in theirs],
+                    timeout=CALL_TIMEOUT_S,
+                )
         except BaseException:
             self._stop(handle)
             self._forget_peer(handle.worker_id, peers)  # peers that did add it drop it again
@@ -211,8 +220,12 @@ class Cluster:
                 ray.get(peer.actor.remove_peer.remote(worker_id), timeout=CALL_TIMEOUT_S)
                 ray.get(peer.actor.add_peer.remote(mine), timeout=CALL_TIMEOUT_S)
             except ray.exceptions.RayActorError as exc:  # dead or restarting: its own rejoin covers this pair
-                log.warning("rejoin of %s: peer %s is down (%s); it handshakes when it rejoins",
-                            worker_id, peer.worker_id, type(exc).__name__)
+                log.warning(
+                    "rejoin of %s: peer %s is down (%s); it handshakes when it rejoins",
+                    worker_id,
+                    peer.worker_id,
+                    type(exc).__name__,
+                )
                 continue
             # a peer that is alive but slow (GetTimeoutError) fails the rejoin: it would never redo this pair
             # the restarted worker's own side: errors end this rejoin (retried on the next check)
@@ -294,8 +307,10 @@ def check_workers_agree(infos: list[ModelInfo], joining: str | None = None) -> N
         raise ConfigError(f"{who} loaded different models (fingerprints {prints}); use one model")
     specs = sorted({i.speculative or "off" for i in infos})
     if len(specs) != 1:
-        raise ConfigError(f"{who} run different speculative decoding configs ({specs}); give every worker "
-                          "the same speculative section")
+        raise ConfigError(
+            f"{who} run different speculative decoding configs ({specs}); give every worker "
+            "the same speculative section"
+        )
 
 
 def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tuple[WorkerHandle, object | None]:
@@ -309,12 +324,20 @@ def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tu
     env = _worker_env(cfg)
     resources = dict(num_cpus=pool.num_cpus, num_gpus=pool.gpus, resources=dict(pool.resources) or None)
     settings = WorkerSettings(
-        worker_id=wid, role=role, engine=pool_engine_config(cfg.model, pool, cfg.seed, cfg.speculative),
+        worker_id=wid,
+        role=role,
+        engine=pool_engine_config(cfg.model, pool, cfg.seed, cfg.speculative),
         transport="nixl" if role != "aggregated" else "none",
-        nixl_backend=t.nixl_backend, nixl_progress_thread=t.progress_thread,
-        lease_s=t.lease_s, transfer_timeout_s=t.transfer_timeout_s, admission_timeout_s=t.admission_timeout_s,
-        num_threads=pool.num_threads, borrow_idle_cores=pool.borrow_idle_cores, rank_options=dict(resources, runtime_env={"env_vars": env}),
-        tracing=tracing_config(cfg, role), fault_injection=cfg.fault_injection,
+        nixl_backend=t.nixl_backend,
+        nixl_progress_thread=t.progress_thread,
+        lease_s=t.lease_s,
+        transfer_timeout_s=t.transfer_timeout_s,
+        admission_timeout_s=t.admission_timeout_s,
+        num_threads=pool.num_threads,
+        borrow_idle_cores=pool.borrow_idle_cores,
+        rank_options=dict(resources, runtime_env={"env_vars": env}),
+        tracing=tracing_config(cfg, role),
+        fault_injection=cfg.fault_injection,
     )
     pg = None
     if pool.world_size == 1:
@@ -325,16 +348,32 @@ def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tu
 
         bundle = {"CPU": pool.num_cpus, **({"GPU": pool.gpus} if pool.gpus else {}), **pool.resources}
         pg = placement_group(
-            [bundle] * pool.world_size, strategy=pool.placement_strategy, name=f"tandem-{wid}",
-            bundle_label_selector=[dict(pool.label_selector)] * pool.world_size if pool.label_selector else None)
-        placement = dict(resources, scheduling_strategy=PlacementGroupSchedulingStrategy(
-            pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=False))
+            [bundle] * pool.world_size,
+            strategy=pool.placement_strategy,
+            name=f"tandem-{wid}",
+            bundle_label_selector=[dict(pool.label_selector)] * pool.world_size if pool.label_selector else None,
+        )
+        placement = dict(
+            resources,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=False
+            ),
+        )
     try:
-        actor = _actor_class(role).options(
-            name=f"tandem-{wid}", namespace=cfg.ray_namespace, lifetime=None, max_concurrency=1000,
-            max_restarts=pool.max_restarts, max_task_retries=0,  # the router retries requests, Ray must not
-            runtime_env={"env_vars": env}, **placement,
-        ).remote(settings)
+        actor = (
+            _actor_class(role)
+            .options(
+                name=f"tandem-{wid}",
+                namespace=cfg.ray_namespace,
+                lifetime=None,
+                max_concurrency=1000,
+                max_restarts=pool.max_restarts,
+                max_task_retries=0,  # the router retries requests, Ray must not
+                runtime_env={"env_vars": env},
+                **placement,
+            )
+            .remote(settings)
+        )
     except BaseException:
         if pg is not None:  # never leave a reservation behind (a taken name, a bad option)
             ray.util.remove_placement_group(pg)
@@ -375,7 +414,9 @@ def _init_ray(cfg: ServeConfig) -> bool:
         return False
     need_cpus = sum(p.num_cpus * p.replicas * p.world_size for p in (cfg.prefill, cfg.decode))
     ray.init(
-        namespace=cfg.ray_namespace, include_dashboard=False, logging_level=logging.WARNING,
+        namespace=cfg.ray_namespace,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
         num_cpus=max(os.cpu_count() or 1, int(need_cpus + 0.999)),
         _node_ip_address="127.0.0.1",
     )

@@ -30,9 +30,26 @@ import msgspec
 from engine.errors import ConfigError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "KIB": 1 << 10, "KI": 1 << 10, "M": 1000**2, "MB": 1000**2,
-          "MIB": 1 << 20, "MI": 1 << 20, "G": 1000**3, "GB": 1000**3, "GIB": 1 << 30, "GI": 1 << 30,
-          "T": 1000**4, "TB": 1000**4, "TIB": 1 << 40, "TI": 1 << 40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "KB": 1000,
+    "KIB": 1 << 10,
+    "KI": 1 << 10,
+    "M": 1000**2,
+    "MB": 1000**2,
+    "MIB": 1 << 20,
+    "MI": 1 << 20,
+    "G": 1000**3,
+    "GB": 1000**3,
+    "GIB": 1 << 30,
+    "GI": 1 << 30,
+    "T": 1000**4,
+    "TB": 1000**4,
+    "TIB": 1 << 40,
+    "TI": 1 << 40,
+}
 
 
 def parse_size(value: int | str) -> int:
@@ -153,9 +170,14 @@ class SpeculativeSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True
     def engine(self):
         from engine.config import SpeculativeConfig
 
-        return SpeculativeConfig(method=self.method, num_speculative_tokens=self.num_speculative_tokens,
-                                 draft_model=self.draft_model, prompt_lookup_min=self.prompt_lookup_min,
-                                 prompt_lookup_max=self.prompt_lookup_max, disable_batch_size=self.disable_batch_size)
+        return SpeculativeConfig(
+            method=self.method,
+            num_speculative_tokens=self.num_speculative_tokens,
+            draft_model=self.draft_model,
+            prompt_lookup_min=self.prompt_lookup_min,
+            prompt_lookup_max=self.prompt_lookup_max,
+            disable_batch_size=self.disable_batch_size,
+        )
 
 
 class TracingSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -193,8 +215,9 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             if pool.num_cpus < 0 or pool.gpus < 0:
                 raise ConfigError(f"{name}.num_cpus and num_gpus must be >= 0")
             if pool.max_restarts < 0:
-                raise ConfigError(f"{name}.max_restarts must be >= 0 (0: a dead worker stays dead), "
-                                  f"got {pool.max_restarts}")
+                raise ConfigError(
+                    f"{name}.max_restarts must be >= 0 (0: a dead worker stays dead), got {pool.max_restarts}"
+                )
             if pool.tp < 1 or pool.pp < 1:
                 raise ConfigError(f"{name}.tp and {name}.pp must be >= 1, got tp={pool.tp} pp={pool.pp}")
             pool.kv_cache_bytes  # noqa: B018 - raises ConfigError for a bad size
@@ -204,16 +227,22 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ConfigError(f"router.max_inflight must be >= 1, got {self.router.max_inflight}")
         r = self.router
         if r.temperature < 0 or r.conditional_prefill_threshold < 0 or r.max_prefill_queue_tokens < 1:
-            raise ConfigError("router.temperature and router.conditional_prefill_threshold must be >= 0, "
-                              "router.max_prefill_queue_tokens >= 1")
+            raise ConfigError(
+                "router.temperature and router.conditional_prefill_threshold must be >= 0, "
+                "router.max_prefill_queue_tokens >= 1"
+            )
         if r.slo_ttft_ms < 0 or r.slo_itl_ms < 0:
-            raise ConfigError(f"router.slo_ttft_ms and router.slo_itl_ms must be >= 0 (0: no target), "
-                              f"got {r.slo_ttft_ms} and {r.slo_itl_ms}")
+            raise ConfigError(
+                f"router.slo_ttft_ms and router.slo_itl_ms must be >= 0 (0: no target), "
+                f"got {r.slo_ttft_ms} and {r.slo_itl_ms}"
+            )
         if not 0 <= r.http_port < 65536:
             raise ConfigError(f"router.http_port must be in 0..65535 (0 = any free port), got {r.http_port}")
         if r.http and r.http_port and r.http_port == r.port:
-            raise ConfigError(f"router.http_port and router.port are both {r.port}: give the HTTP door another "
-                              "port (--http-port) or turn it off (--no-http)")
+            raise ConfigError(
+                f"router.http_port and router.port are both {r.port}: give the HTTP door another "
+                "port (--http-port) or turn it off (--no-http)"
+            )
         if r.metrics_port is not None and not 0 <= r.metrics_port < 65536:
             raise ConfigError(f"router.metrics_port must be in 0..65535 (0 = any free port), got {r.metrics_port}")
         if (r.tls_cert is None) != (r.tls_key is None):
@@ -229,13 +258,17 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             if getattr(r, name) <= 0:
                 raise ConfigError(f"router.{name} must be > 0, got {getattr(r, name)}")
         if r.max_retries < 0 or r.failover_wait_s < 0 or r.stream_idle_timeout_s < 0:
-            raise ConfigError("router.max_retries, router.failover_wait_s and router.stream_idle_timeout_s must "
-                              f"be >= 0, got {r.max_retries}, {r.failover_wait_s} and {r.stream_idle_timeout_s}")
+            raise ConfigError(
+                "router.max_retries, router.failover_wait_s and router.stream_idle_timeout_s must "
+                f"be >= 0, got {r.max_retries}, {r.failover_wait_s} and {r.stream_idle_timeout_s}"
+            )
         if r.drain_timeout_s <= 0:
             raise ConfigError(f"router.drain_timeout_s must be > 0, got {r.drain_timeout_s}")
         if self.mode == "aggregated" and self.prefill.block_size != self.decode.block_size:
-            raise ConfigError(f"aggregated mode serves one pool, so prefill.block_size ({self.prefill.block_size}) "
-                              f"and decode.block_size ({self.decode.block_size}) must be equal")
+            raise ConfigError(
+                f"aggregated mode serves one pool, so prefill.block_size ({self.prefill.block_size}) "
+                f"and decode.block_size ({self.decode.block_size}) must be equal"
+            )
         try:
             self.speculative.engine()
         except ConfigError as e:
@@ -296,8 +329,13 @@ def tracing_config(cfg: ServeConfig, process: str):
 
     t = cfg.tracing
     try:
-        base = TracingConfig.from_env(exporter=t.exporter, protocol=t.protocol, endpoint=t.endpoint,
-                                      sample_ratio=t.sample_ratio, service_name=t.service_name)
+        base = TracingConfig.from_env(
+            exporter=t.exporter,
+            protocol=t.protocol,
+            endpoint=t.endpoint,
+            sample_ratio=t.sample_ratio,
+            service_name=t.service_name,
+        )
     except TracingConfigError as e:
         raise ConfigError(f"tracing: {e}") from None
     return dataclasses.replace(base, service_name=f"{base.service_name}-{process}")

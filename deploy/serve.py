@@ -24,21 +24,21 @@ from importlib import metadata
 
 from prometheus_client import start_http_server
 
+from common.telemetry import setup_tracing
 from deploy.admin import AdminService, ray_client
 from deploy.cluster import Cluster, WorkerHandle
-from common.telemetry import setup_tracing
 from deploy.config import ServeConfig, tracing_config
 from engine.loader import default_model_path
-from router.pools import Policy, WorkerPool
-from router.responses import ServerFacts
-from router.routing import RoutingConfig
-from router.security import TlsFiles, read_tokens
+from router.config import RequestPathConfig
 from router.grpc_port import build_server
 from router.http_app import HttpDoor
 from router.http_server import HttpServer
 from router.membership import Membership
-from router.config import RequestPathConfig
+from router.pools import Policy, WorkerPool
 from router.request_path import RequestPath
+from router.responses import ServerFacts
+from router.routing import RoutingConfig
+from router.security import TlsFiles, read_tokens
 from router.server import GenerationService
 from router.validation import ModelFacts, RequestValidator
 from tandem_api.v1 import admin_pb2 as apb
@@ -61,9 +61,14 @@ def server_facts(cluster: Cluster) -> ServerFacts:
     cfg, model = cluster.config, cluster.model
     disagg = cfg.mode == "disaggregated"
     return ServerFacts(
-        model=model.name, model_fingerprint=model.fingerprint, mode=cfg.mode, topology=cluster.topology(),
-        version=_version("tandem-serve"), kv_transport=cfg.transport.backend if disagg else "none",
-        max_model_len=model.max_model_len, vocab_size=model.vocab_size,
+        model=model.name,
+        model_fingerprint=model.fingerprint,
+        mode=cfg.mode,
+        topology=cluster.topology(),
+        version=_version("tandem-serve"),
+        kv_transport=cfg.transport.backend if disagg else "none",
+        max_model_len=model.max_model_len,
+        vocab_size=model.vocab_size,
         versions={d: _version(d) for d in ("ray", "torch", "nixl-cu12", "grpcio", "protobuf")},
         model_path=os.path.abspath(cfg.model) if cfg.model else default_model_path(),
     )
@@ -71,18 +76,27 @@ def server_facts(cluster: Cluster) -> ServerFacts:
 
 def routing_config(cfg: ServeConfig) -> RoutingConfig:
     r = cfg.router
-    return RoutingConfig(policy=Policy.parse(r.policy), temperature=r.temperature,
-                         conditional_prefill_threshold=r.conditional_prefill_threshold,
-                         max_prefill_queue_tokens=r.max_prefill_queue_tokens,
-                         slo_ttft_s=r.slo_ttft_ms / 1000, slo_tpot_s=r.slo_itl_ms / 1000)
+    return RoutingConfig(
+        policy=Policy.parse(r.policy),
+        temperature=r.temperature,
+        conditional_prefill_threshold=r.conditional_prefill_threshold,
+        max_prefill_queue_tokens=r.max_prefill_queue_tokens,
+        slo_ttft_s=r.slo_ttft_ms / 1000,
+        slo_tpot_s=r.slo_itl_ms / 1000,
+    )
 
 
 def path_config(cfg: ServeConfig) -> RequestPathConfig:
     r = cfg.router
-    return RequestPathConfig(max_inflight=r.max_inflight, request_timeout_s=r.request_timeout_s,
-                             cleanup_timeout_s=r.cleanup_timeout_s, retry_after_ms=r.retry_after_ms,
-                             max_retries=r.max_retries, failover_wait_s=r.failover_wait_s,
-                             stream_idle_timeout_s=r.stream_idle_timeout_s)
+    return RequestPathConfig(
+        max_inflight=r.max_inflight,
+        request_timeout_s=r.request_timeout_s,
+        cleanup_timeout_s=r.cleanup_timeout_s,
+        retry_after_ms=r.retry_after_ms,
+        max_retries=r.max_retries,
+        failover_wait_s=r.failover_wait_s,
+        stream_idle_timeout_s=r.stream_idle_timeout_s,
+    )
 
 
 def build_service(cluster: Cluster) -> GenerationService:
@@ -98,10 +112,19 @@ def build_service(cluster: Cluster) -> GenerationService:
         decode = pool("decode", cluster.decode, cfg.decode.block_size)
     else:
         prefill, decode = None, pool("aggregated", cluster.workers, cfg.decode.block_size)
-    validator = RequestValidator(ModelFacts.from_model_infos(cluster.infos), cluster.tokenizer,
-                                 max_prompt_tokens=cfg.router.max_prompt_tokens, max_tokens=cfg.router.max_tokens)
-    membership = Membership(decode, prefill, routing=routing_config(cfg), rng=random.Random(cfg.seed),
-                            cleanup_timeout_s=cfg.router.cleanup_timeout_s)
+    validator = RequestValidator(
+        ModelFacts.from_model_infos(cluster.infos),
+        cluster.tokenizer,
+        max_prompt_tokens=cfg.router.max_prompt_tokens,
+        max_tokens=cfg.router.max_tokens,
+    )
+    membership = Membership(
+        decode,
+        prefill,
+        routing=routing_config(cfg),
+        rng=random.Random(cfg.seed),
+        cleanup_timeout_s=cfg.router.cleanup_timeout_s,
+    )
     path = RequestPath(membership, validator, path_config(cfg), tracing=setup_tracing(tracing_config(cfg, "router")))
     return GenerationService(path=path, info_source=lambda: server_facts(cluster))
 
@@ -116,8 +139,13 @@ def start_metrics_server(service: GenerationService, host: str, port: int | None
     return httpd
 
 
-async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port, service, admin: None,
-                     reload: Callable[[], ServeConfig] | None = None, reload_now: asyncio.Event | None = None) -> None:
+async def run_server(
+    cluster: Cluster,
+    stop: asyncio.Event,
+    on_ready=lambda port, service, admin: None,
+    reload: Callable[[], ServeConfig] | None = None,
+    reload_now: asyncio.Event | None = None,
+) -> None:
     """Serve until `stop` is set; `on_ready(port, service, admin)` is called once SERVING, with the port
     actually bound. Each time `reload_now` is set, the pools follow the replicas of `reload()`."""
     cfg = cluster.config
@@ -127,9 +155,15 @@ async def run_server(cluster: Cluster, stop: asyncio.Event, on_ready=lambda port
     r = cfg.router
     tls = TlsFiles(r.tls_cert, r.tls_key, r.tls_client_ca) if r.tls_cert and r.tls_key else None
     tokens = read_tokens(r.auth_token_file) if r.auth_token_file else []
-    server = build_server(service, r.host, r.port,
-                          extra=[(lambda srv: apb_grpc.add_AdminServicer_to_server(admin, srv), ADMIN_SERVICE)],
-                          tls=tls, auth_tokens=tokens, max_message_bytes=r.max_message_bytes)
+    server = build_server(
+        service,
+        r.host,
+        r.port,
+        extra=[(lambda srv: apb_grpc.add_AdminServicer_to_server(admin, srv), ADMIN_SERVICE)],
+        tls=tls,
+        auth_tokens=tokens,
+        max_message_bytes=r.max_message_bytes,
+    )
     membership.rejoin = lambda worker_id: asyncio.to_thread(cluster.rejoin_worker, worker_id)
     http = None
     if r.http:  # the OpenAI door: the same request path, membership, TLS files and tokens
@@ -206,14 +240,19 @@ async def _main(cluster: Cluster, reload: Callable[[], ServeConfig] | None = Non
     cfg = cluster.config
 
     def announce(port: int, service: GenerationService, admin: AdminService) -> None:
-        print(f"tandem: serving {cluster.model.name} ({cluster.topology()}) on {cfg.router.host}:{port}; "
-              "Ctrl-C to stop", flush=True)
+        print(
+            f"tandem: serving {cluster.model.name} ({cluster.topology()}) on {cfg.router.host}:{port}; Ctrl-C to stop",
+            flush=True,
+        )
         if service.http_port is not None:
             scheme = "https" if cfg.router.tls_cert else "http"
             print(f"tandem: OpenAI API on {scheme}://{cfg.router.host}:{service.http_port}/v1", flush=True)
         if service.metrics_port is not None:
-            print(f"tandem: Prometheus metrics on http://{cfg.router.host}:{service.metrics_port}/metrics "
-                  "(dashboard: deploy/observability/)", flush=True)
+            print(
+                f"tandem: Prometheus metrics on http://{cfg.router.host}:{service.metrics_port}/metrics "
+                "(dashboard: deploy/observability/)",
+                flush=True,
+            )
 
     await run_server(cluster, stop, announce, reload, reload_now)
     print("tandem: stopped", flush=True)
@@ -287,4 +326,3 @@ class Serving:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-

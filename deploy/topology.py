@@ -40,9 +40,16 @@ def pool_engine_config(model: str, pool: PoolConfig, seed: int = 0, speculative=
 
     return EngineConfig(
         speculative=speculative.engine() if speculative is not None else SpeculativeConfig(),
-        model=model, dtype=pool.dtype, device=pool.device, seed=seed,
-        cache=CacheConfig(block_size=pool.block_size, kv_cache_memory_bytes=pool.kv_cache_bytes,
-                          enable_prefix_caching=pool.enable_prefix_caching, kv_order=pool.kv_order),
+        model=model,
+        dtype=pool.dtype,
+        device=pool.device,
+        seed=seed,
+        cache=CacheConfig(
+            block_size=pool.block_size,
+            kv_cache_memory_bytes=pool.kv_cache_bytes,
+            enable_prefix_caching=pool.enable_prefix_caching,
+            kv_order=pool.kv_order,
+        ),
         scheduler=SchedulerConfig(max_num_batched_tokens=pool.max_num_batched_tokens, max_num_seqs=pool.max_num_seqs),
         parallel=ParallelConfig(tensor_parallel_size=pool.tp, pipeline_parallel_size=pool.pp),
     )
@@ -54,9 +61,13 @@ def pool_layouts(cfg: ModelConfig, fingerprint: str, pool: PoolConfig, dtype: st
 
     check_shape(cfg.num_heads, cfg.num_kv_heads, cfg.num_layers, pool.tp, pool.pp, cfg.intermediate_size)
     engine = pool_engine_config("", pool)
-    return [KVLayout.from_spec(rank_kv_spec(cfg, engine, RankPosition.of(rank, pool.tp, pool.pp), getattr(torch, dtype),
-                                            "cpu"), fingerprint)
-            for rank in range(pool.world_size)]
+    return [
+        KVLayout.from_spec(
+            rank_kv_spec(cfg, engine, RankPosition.of(rank, pool.tp, pool.pp), getattr(torch, dtype), "cpu"),
+            fingerprint,
+        )
+        for rank in range(pool.world_size)
+    ]
 
 
 def check_pools(config: ServeConfig, cfg: ModelConfig) -> None:
@@ -92,13 +103,33 @@ MATRIX_END = "<!-- support-matrix:end -->"
 # the geometries the matrix is computed for: the test model of the e2e matrix and SmolLM2-135M
 MATRIX_MODELS = {
     "tiny test llama (4 layers, 8 heads, 4 KV heads)": ModelConfig(
-        architecture="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=8,
-        num_kv_heads=4, head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048,
-        tie_word_embeddings=False),
+        architecture="llama",
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    ),
     "SmolLM2-135M (30 layers, 9 heads, 3 KV heads)": ModelConfig(
-        architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-        num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192,
-        tie_word_embeddings=True),
+        architecture="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
 }
 SHAPES = [(1, 1), (2, 1), (3, 1), (4, 1), (8, 1), (1, 2), (2, 2), (1, 3)]
 
@@ -131,8 +162,13 @@ def support_matrix() -> str:
                 ok.append((tp, pp))
             except ConfigError as e:
                 refused.append(f"- tp{tp} pp{pp}: refused, {e}")
-        lines += [f"### {title}", "", "Prefill shape (rows) x decode shape (columns), block size 16 and NHD on both "
-                  "sides; each cell lists the conversions a decode rank's pull performs.", ""]
+        lines += [
+            f"### {title}",
+            "",
+            "Prefill shape (rows) x decode shape (columns), block size 16 and NHD on both "
+            "sides; each cell lists the conversions a decode rank's pull performs.",
+            "",
+        ]
         lines += ["| P \\ D | " + " | ".join(f"tp{t} pp{q}" for t, q in ok) + " |", "|" + "---|" * (len(ok) + 1)]
         for tp, pp in ok:
             p = replace_pool(base, tp=tp, pp=pp)
@@ -140,11 +176,21 @@ def support_matrix() -> str:
             lines.append(f"| tp{tp} pp{pp} | " + " | ".join(row) + " |")
         lines += ["", "Shapes this model cannot take (either side):", "", *refused, ""]
     cfg = MATRIX_MODELS["tiny test llama (4 layers, 8 heads, 4 KV heads)"]
-    lines += ["### Block size and order (tiny test llama, prefill tp2 -> decode tp1)", "",
-              "| prefill block, order | decode block, order | result |", "|---|---|---|"]
-    for (pb, po), (db, do) in [((16, "NHD"), (16, "NHD")), ((16, "NHD"), (32, "NHD")), ((32, "NHD"), (8, "NHD")),
-                               ((16, "NHD"), (16, "HND")), ((16, "HND"), (16, "NHD")), ((8, "HND"), (32, "NHD")),
-                               ((16, "NHD"), (12, "NHD"))]:
+    lines += [
+        "### Block size and order (tiny test llama, prefill tp2 -> decode tp1)",
+        "",
+        "| prefill block, order | decode block, order | result |",
+        "|---|---|---|",
+    ]
+    for (pb, po), (db, do) in [
+        ((16, "NHD"), (16, "NHD")),
+        ((16, "NHD"), (32, "NHD")),
+        ((32, "NHD"), (8, "NHD")),
+        ((16, "NHD"), (16, "HND")),
+        ((16, "HND"), (16, "NHD")),
+        ((8, "HND"), (32, "NHD")),
+        ((16, "NHD"), (12, "NHD")),
+    ]:
         p = replace_pool(base, tp=2, block_size=pb, kv_order=po)
         d = replace_pool(base, block_size=db, kv_order=do)
         lines.append(f"| {pb}, {po} | {db}, {do} | {_cell(cfg, p, d)} |")

@@ -130,7 +130,9 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
     plain: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise InvalidRequestError(f"message {index} must be a dict with role and content, got {type(message).__name__}")
+            raise InvalidRequestError(
+                f"message {index} must be a dict with role and content, got {type(message).__name__}"
+            )
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 found = "missing" if key not in message else type(message[key]).__name__
@@ -160,14 +162,10 @@ def render_chat_template(
     to token strings; None values are left undefined, as in transformers.
     """
     if not source:
-        raise InvalidRequestError(
-            "this model has no chat template; send a plain text prompt instead of chat messages"
-        )
+        raise InvalidRequestError("this model has no chat template; send a plain text prompt instead of chat messages")
     plain = validate_messages(messages)
     template = compile_chat_template(source)
-    variables: dict[str, Any] = {
-        name: value for name, value in (special_tokens or {}).items() if value is not None
-    }
+    variables: dict[str, Any] = {name: value for name, value in (special_tokens or {}).items() if value is not None}
     try:
         return template.render(
             messages=plain, tools=None, documents=None, add_generation_prompt=bool(add_generation_prompt), **variables

@@ -52,13 +52,19 @@ class ModelConfig:
             raise ConfigError(
                 f"architecture {self.architecture!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model config {name} must be >= 1, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
-            )
+            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
 
 
 @dataclass(frozen=True)
@@ -152,17 +158,23 @@ class SpeculativeConfig:
                 raise ConfigError("draft_model is set but speculative method is not; use method 'draft'")
             return
         if self.method not in SPECULATIVE_METHODS:
-            raise ConfigError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}")
+            raise ConfigError(
+                f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}"
+            )
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ConfigError(f"num_speculative_tokens must be in 1..16, got {self.num_speculative_tokens}")
         if self.method == "draft" and not self.draft_model:
-            raise ConfigError("speculative method 'draft' needs draft_model (a model directory or .gguf sharing "
-                              "the target's tokenizer)")
+            raise ConfigError(
+                "speculative method 'draft' needs draft_model (a model directory or .gguf sharing "
+                "the target's tokenizer)"
+            )
         if self.method == "ngram" and self.draft_model is not None:
             raise ConfigError("draft_model is only used by speculative method 'draft', not 'ngram'")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
-            raise ConfigError(f"prompt lookup needs 1 <= prompt_lookup_min ({self.prompt_lookup_min}) <= "
-                              f"prompt_lookup_max ({self.prompt_lookup_max})")
+            raise ConfigError(
+                f"prompt lookup needs 1 <= prompt_lookup_min ({self.prompt_lookup_min}) <= "
+                f"prompt_lookup_max ({self.prompt_lookup_max})"
+            )
         if self.disable_batch_size < 0:
             raise ConfigError(f"speculative disable_batch_size must be >= 0, got {self.disable_batch_size}")
 

@@ -45,8 +45,9 @@ class DistEnv:
         self.pos = pos
         self.backend = backend
         self.timeout = timedelta(seconds=timeout_s)
-        dist.init_process_group(backend, init_method=init_method, world_size=pos.world_size, rank=pos.rank,
-                                timeout=self.timeout)
+        dist.init_process_group(
+            backend, init_method=init_method, world_size=pos.world_size, rank=pos.rank, timeout=self.timeout
+        )
         self.group = dist.group.WORLD
         self.cpu_group = self.group if backend == "gloo" else dist.new_group(backend="gloo", timeout=self.timeout)
         self.tp_group = None

@@ -16,16 +16,16 @@ so a rejected request leaves no trace in the queues or the block pool.
 from __future__ import annotations
 
 import itertools
-import numbers
 import logging
+import numbers
 import time
 from typing import Sequence
 
 import torch
 
 from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
 from engine.cpu_memory import keep_freed_memory
+from engine.detokenizer import IncrementalDetokenizer
 from engine.device import resolve_device
 from engine.distributed import LocalExecutor
 from engine.errors import ConfigError, InvalidRequestError, OutOfKVCacheError, PromptTooLongError
@@ -92,8 +92,13 @@ class EngineCore:
         self.eos_token_ids = frozenset(cfg.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
         self._ids = itertools.count()
         self.leases: dict[str, Request] = {}  # prefill role: KV_LEASED requests by id
-        log.info("engine ready: %s, %s, %d KV blocks of %d tokens", cfg.name or cfg.architecture, self.dtype,
-                 num_blocks, cc.block_size)
+        log.info(
+            "engine ready: %s, %s, %d KV blocks of %d tokens",
+            cfg.name or cfg.architecture,
+            self.dtype,
+            num_blocks,
+            cc.block_size,
+        )
 
     @property
     def kv_cache(self) -> torch.Tensor:
@@ -111,17 +116,26 @@ class EngineCore:
     # ---- requests ------------------------------------------------------------------------------------------------
 
     def add_request(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
-        *, kv_handoff: bool = False, prior_output_ids: Sequence[int] = (),
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        *,
+        kv_handoff: bool = False,
+        prior_output_ids: Sequence[int] = (),
     ) -> str:
         """Queue one request. `prior_output_ids`: output it already produced elsewhere (a request resumed
         after its worker died): they are replayed (`resume`) and the prompt + them is prefilled, so the
         next token sampled is the one an undisturbed run samples next (greedy; seeded random too)."""
-        return self.add_requests([(prompt_token_ids, params, request_id)], kv_handoff=kv_handoff,
-                                 prior_output_ids=[prior_output_ids])[0]
+        return self.add_requests(
+            [(prompt_token_ids, params, request_id)], kv_handoff=kv_handoff, prior_output_ids=[prior_output_ids]
+        )[0]
 
     def add_requests(
-        self, batch: Sequence[tuple[Sequence[int], SamplingParams, str | None]], *, kv_handoff: bool = False,
+        self,
+        batch: Sequence[tuple[Sequence[int], SamplingParams, str | None]],
+        *,
+        kv_handoff: bool = False,
         prior_output_ids: Sequence[Sequence[int]] | None = None,
     ) -> list[str]:
         """Admit a batch all-or-nothing: every request is validated (and resumed output replayed) before
@@ -137,14 +151,22 @@ class EngineCore:
         for (prompt, params, _), rid in zip(batch, ids):
             self.validate(prompt, params, rid)
         priors = prior_output_ids if prior_output_ids is not None else [()] * len(batch)
-        requests = [self._new_request(rid, [int(t) for t in prompt], params, kv_handoff, prior)  # plain ints, once
-                    for (prompt, params, _), rid, prior in zip(batch, ids, priors)]
+        requests = [
+            self._new_request(rid, [int(t) for t in prompt], params, kv_handoff, prior)  # plain ints, once
+            for (prompt, params, _), rid, prior in zip(batch, ids, priors)
+        ]
         for req in requests:
             self.scheduler.add(req)
         return ids
 
-    def _new_request(self, rid: str, tokens: list[int], params: SamplingParams, kv_handoff: bool = False,
-                     prior_output_ids: Sequence[int] = ()) -> Request:
+    def _new_request(
+        self,
+        rid: str,
+        tokens: list[int],
+        params: SamplingParams,
+        kv_handoff: bool = False,
+        prior_output_ids: Sequence[int] = (),
+    ) -> Request:
         req = Request(
             request_id=rid,
             prompt_token_ids=tokens,
@@ -163,8 +185,10 @@ class EngineCore:
         draw, so text, state and later draws equal an undisturbed run. The tokens become part of what
         is prefilled (like a request preempted for recompute). Refuses output that already ends it."""
         if len(prior_output_ids) >= req.params.max_tokens:
-            raise InvalidRequestError(f"{len(prior_output_ids)} tokens already produced leave none of "
-                                      f"max_tokens={req.params.max_tokens}; nothing to resume")
+            raise InvalidRequestError(
+                f"{len(prior_output_ids)} tokens already produced leave none of "
+                f"max_tokens={req.params.max_tokens}; nothing to resume"
+            )
         vocab = self.model_config.vocab_size
         handoff, req.kv_handoff = req.kv_handoff, False  # a replayed token never hands the KV off
         now = time.monotonic()
@@ -175,8 +199,10 @@ class EngineCore:
                 req.sampling.advance(vocab, self.device)
                 out = self._append_token(req, int(tid), None, now)
                 if out.finished:
-                    raise InvalidRequestError("the prior output already ends the request (a stop token, EOS or "
-                                              "stop string in it); nothing to resume")
+                    raise InvalidRequestError(
+                        "the prior output already ends the request (a stop token, EOS or "
+                        "stop string in it); nothing to resume"
+                    )
         finally:
             req.kv_handoff = handoff
         req.first_token_time = None  # the engine's timings describe this run's own first token
@@ -186,9 +212,13 @@ class EngineCore:
         if n == 0:
             raise InvalidRequestError("prompt is empty: send at least one token")
         vocab = self.model_config.vocab_size
-        wrong_type = next((t for t in prompt_token_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None)
+        wrong_type = next(
+            (t for t in prompt_token_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)), None
+        )
         if wrong_type is not None:
-            raise InvalidRequestError(f"prompt token ids must be integers, got {type(wrong_type).__name__} {wrong_type!r}")
+            raise InvalidRequestError(
+                f"prompt token ids must be integers, got {type(wrong_type).__name__} {wrong_type!r}"
+            )
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"prompt token id {int(bad)} is outside the vocabulary [0, {vocab})")
@@ -236,7 +266,11 @@ class EngineCore:
         return True
 
     def add_remote_request(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str, first_token: int,
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str,
+        first_token: int,
         prior_output_ids: Sequence[int] = (),
     ) -> StepOutput:
         """Decode role: admit a request whose prompt was prefilled elsewhere, with its token 1.
@@ -253,8 +287,9 @@ class EngineCore:
         self.validate(prompt_token_ids, params, request_id)
         if not 0 <= first_token < self.model_config.vocab_size:
             raise InvalidRequestError(f"first token id {first_token} is outside the vocabulary")
-        req = self._new_request(request_id, [int(t) for t in prompt_token_ids], params,
-                                prior_output_ids=prior_output_ids)
+        req = self._new_request(
+            request_id, [int(t) for t in prompt_token_ids], params, prior_output_ids=prior_output_ids
+        )
         self.scheduler.add_remote(req)
         req.sampling.advance(self.model_config.vocab_size, self.device)
         return self._append_token(req, int(first_token), None, time.monotonic())
@@ -293,7 +328,7 @@ class EngineCore:
         desc = f"{spec.method} k={spec.num_speculative_tokens} off_above={spec.disable_batch_size}"
         if spec.method == "ngram":
             return f"{desc} lookup={spec.prompt_lookup_min}..{spec.prompt_lookup_max}"
-        return f"{desc} draft={self.proposer.fingerprint}"
+        return f"{desc} draft={getattr(self.proposer, 'fingerprint', '')}"
 
     def counts(self) -> tuple[int, int, int]:
         """(running, waiting incl. waiting for remote KV, leased) requests."""
@@ -328,13 +363,15 @@ class EngineCore:
             self.last_step_shape = (0, 0)
             return []
         spec = [s for s in out.scheduled if s.spec_slots]
-        if spec:
+        if spec and self.proposer is not None:  # slots are only handed out when speculation is configured
             self.proposer.propose(spec)
             for s in spec:
                 s.num_new_tokens = 1 + len(s.request.spec_token_ids)
         # (prompt tokens computed, decode sequences): what the worker's performance model times this step by
-        self.last_step_shape = (sum(s.num_new_tokens for s in out.scheduled if s.num_new_tokens > 1 and not s.spec_slots),
-                                sum(1 for s in out.scheduled if s.num_new_tokens == 1 or s.spec_slots))
+        self.last_step_shape = (
+            sum(s.num_new_tokens for s in out.scheduled if s.num_new_tokens > 1 and not s.spec_slots),
+            sum(1 for s in out.scheduled if s.num_new_tokens == 1 or s.spec_slots),
+        )
         batch = self.runner.prepare(out)
         logits = self.runner.execute(batch)
         for s in batch.order:
@@ -377,9 +414,12 @@ class EngineCore:
             start = req.num_computed_tokens
             req.spec_steps += 1
             req.spec_proposed += k
-            fast = greedy_ids[lo:hi] if greedy_ids is not None and req.params.greedy and not req.params.penalized else None
-            accepted, outs = verify(self.sampler, req, logits[lo:hi], fast,
-                                    lambda tid, lp, req=req: self._append_token(req, tid, lp, now))
+            fast = (
+                greedy_ids[lo:hi] if greedy_ids is not None and req.params.greedy and not req.params.penalized else None
+            )
+            accepted, outs = verify(
+                self.sampler, req, logits[lo:hi], fast, lambda tid, lp, req=req: self._append_token(req, tid, lp, now)
+            )
             self.spec_steps += 1
             self.spec_proposed += k
             self.spec_accepted += accepted
@@ -389,7 +429,8 @@ class EngineCore:
             if not req.status.finished:
                 req.num_computed_tokens = start + 1 + accepted
                 self.kv_manager.commit(req.request_id, req.token_ids, req.num_computed_tokens)
-                self.proposer.verified(req, k, accepted)
+                if self.proposer is not None:
+                    self.proposer.verified(req, k, accepted)
             outputs.append(merge_step_outputs(outs))
         return outputs
 
@@ -451,10 +492,20 @@ class EngineCore:
             new_logprobs=[lp] if lp is not None else [],
             kv_block_ids=kv_block_ids,
             num_cached_tokens=max(req.num_cached_tokens, 0),
-            **({"spec_steps": req.spec_steps, "spec_proposed": req.spec_proposed, "spec_accepted": req.spec_accepted}
-               if reason is not None and req.spec_steps else {}),
-            **({"arrival_time": req.arrival_time, "first_scheduled_time": req.first_scheduled_time,
-                "first_token_time": now} if first else {}),
+            **(
+                {"spec_steps": req.spec_steps, "spec_proposed": req.spec_proposed, "spec_accepted": req.spec_accepted}
+                if reason is not None and req.spec_steps
+                else {}
+            ),
+            **(
+                {
+                    "arrival_time": req.arrival_time,
+                    "first_scheduled_time": req.first_scheduled_time,
+                    "first_token_time": now,
+                }
+                if first
+                else {}
+            ),
         )
 
     # ---- checks --------------------------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ def blocks_for_budget(memory_bytes: int, bytes_per_block: int) -> int:
     n = memory_bytes // bytes_per_block
     if n < 1:
         raise ConfigError(
-            f"KV cache budget of {memory_bytes} bytes holds no block of {bytes_per_block} bytes; raise kv_cache_memory_bytes"
+            f"KV cache budget of {memory_bytes} bytes holds no block of {bytes_per_block} bytes; "
+            "raise kv_cache_memory_bytes"
         )
     return n
 

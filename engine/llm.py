@@ -24,19 +24,37 @@ PromptInput = Union[str, Sequence[int], Sequence[Mapping[str, str]]]
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
-                 kv_cache_memory_bytes: int = 1 << 30, num_blocks: int | None = None,
-                 enable_prefix_caching: bool = True, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
-                 enable_chunked_prefill: bool = True, seed: int = 0,
-                 speculative: SpeculativeConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        device: str = "cpu",
+        block_size: int = 16,
+        kv_cache_memory_bytes: int = 1 << 30,
+        num_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 64,
+        enable_chunked_prefill: bool = True,
+        seed: int = 0,
+        speculative: SpeculativeConfig | None = None,
+    ) -> None:
         self.config = EngineConfig(
             model=model or "",
             dtype=dtype,
             device=device,
-            cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes, num_blocks=num_blocks,
-                              enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                      enable_chunked_prefill=enable_chunked_prefill),
+            cache=CacheConfig(
+                block_size=block_size,
+                kv_cache_memory_bytes=kv_cache_memory_bytes,
+                num_blocks=num_blocks,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_num_seqs=max_num_seqs,
+                enable_chunked_prefill=enable_chunked_prefill,
+            ),
             speculative=speculative or SpeculativeConfig(),
             seed=seed,
         )
@@ -54,8 +72,11 @@ class LLM:
             "each prompt must be a string, a list of token ids, or a list of chat messages {'role', 'content'}"
         )
 
-    def generate(self, prompts: PromptInput | Sequence[PromptInput],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[CompletionOutput]:
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[CompletionOutput]:
         batch = self._as_batch(prompts)
         params_list = self._params_for(batch, params)
         token_lists = [self.encode(p) for p in batch]

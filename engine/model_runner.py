@@ -2,9 +2,10 @@
 
 Requests with exactly one token this step (decoding, or a prefill with one token
 left) and requests verifying proposed tokens (one row per token) go first and share
-the batched decode attention path; prefill chunks follow, one attention call each. Logits are computed only for requests whose
-scheduled tokens reach the end of their known tokens (the others are partway
-through a chunked prefill and sample nothing this step).
+the batched decode attention path; prefill chunks follow, one attention call each.
+Logits are computed only for requests whose scheduled tokens reach the end of their
+known tokens (the others are partway through a chunked prefill and sample nothing
+this step).
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def scheduled_span(s: ScheduledRequest) -> Span:
     return Span(s, req.token_ids, s.start, s.num_new_tokens, s.block_ids, s.num_new_tokens == 1, wants)
 
 
-def length_groups(sorted_lens: list[int], ratio: float = 1.5, min_rows: int = 4, max_groups: int = 4) -> list[tuple[int, int]]:
+def length_groups(
+    sorted_lens: list[int], ratio: float = 1.5, min_rows: int = 4, max_groups: int = 4
+) -> list[tuple[int, int]]:
     """Cut ascending context lengths into contiguous [lo, hi) groups.
 
     A new group starts when a length exceeds `ratio` times the group's shortest
@@ -93,8 +96,9 @@ class ModelRunner:
     def prepare_spans(self, spans: list[Span]) -> StepBatch:
         bs = self.spec.block_size
         # decode-like rows sorted by context length, so that length groups are contiguous
-        rows = sorted(((sp, p) for sp in spans if sp.rows for p in range(sp.start, sp.start + sp.n)),
-                      key=lambda r: r[1])
+        rows = sorted(
+            ((sp, p) for sp in spans if sp.rows for p in range(sp.start, sp.start + sp.n)), key=lambda r: r[1]
+        )
         prefill = [sp for sp in spans if not sp.rows]
         ids: list[int] = []
         pos: list[int] = []
@@ -140,14 +144,19 @@ class ModelRunner:
         t_block = torch.tensor(slot_block, dtype=torch.long, device=dev)
         t_off = torch.tensor(slot_off, dtype=torch.long, device=dev)
         md = AttentionMetadata(
-            slot_block=t_block, slot_offset=t_off, slot_mapping=t_block * bs + t_off, num_decode=len(rows), prefills=chunks
+            slot_block=t_block,
+            slot_offset=t_off,
+            slot_mapping=t_block * bs + t_off,
+            num_decode=len(rows),
+            prefills=chunks,
         )
         ctx_lens = [p + 1 for _, p in rows]
         for lo, hi in length_groups(ctx_lens):
             group = rows[lo:hi]
             max_blocks = -(-ctx_lens[hi - 1] // bs)
-            table = [sp.block_ids[:max_blocks] + [0] * (max_blocks - min(len(sp.block_ids), max_blocks))
-                     for sp, _ in group]
+            table = [
+                sp.block_ids[:max_blocks] + [0] * (max_blocks - min(len(sp.block_ids), max_blocks)) for sp, _ in group
+            ]
             lens = torch.tensor(ctx_lens[lo:hi], dtype=torch.long, device=dev)
             mask = (torch.arange(max_blocks * bs, device=dev)[None, :] < lens[:, None]).view(hi - lo, 1, 1, -1)
             md.decode_groups.append(DecodeGroup(lo, hi, torch.tensor(table, dtype=torch.long, device=dev), mask, lens))

@@ -88,6 +88,7 @@ class CompletionOutput:
             d["acceptance_length"] = round(self.acceptance_length, 4)
         if self.logprobs is not None:
             d["logprobs"] = [
-                {"token_id": lp.token_id, "logprob": lp.logprob, "top": [[t, p] for t, p in lp.top]} for lp in self.logprobs
+                {"token_id": lp.token_id, "logprob": lp.logprob, "top": [[t, p] for t, p in lp.top]}
+                for lp in self.logprobs
             ]
         return d

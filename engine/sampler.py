@@ -295,7 +295,9 @@ class Sampler:
         return q.clamp_min_(torch.finfo(torch.float32).tiny)
 
     # ----------------------------------------------------------------- logprobs
-    def logprobs(self, logits: torch.Tensor, params: list[SamplingParams], token_ids: list[int]) -> list[TokenLogprobs | None]:
+    def logprobs(
+        self, logits: torch.Tensor, params: list[SamplingParams], token_ids: list[int]
+    ) -> list[TokenLogprobs | None]:
         """Logprobs of given tokens under raw `logits` [R, V] (rows whose params ask; None elsewhere)."""
         return self._logprobs(logits.float(), params, torch.tensor(token_ids, dtype=torch.long, device=logits.device))
 

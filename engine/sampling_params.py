@@ -130,8 +130,9 @@ class SamplingParams:
             object.__setattr__(self, name, value)
         repetition = _check_float("repetition_penalty", self.repetition_penalty)
         if not 0.0 < repetition <= MAX_REPETITION_PENALTY:
-            raise InvalidSamplingParamsError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] "
-                                             f"(1 disables it), got {repetition}")
+            raise InvalidSamplingParamsError(
+                f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1 disables it), got {repetition}"
+            )
         object.__setattr__(self, "repetition_penalty", repetition)
 
     @staticmethod

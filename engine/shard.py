@@ -41,34 +41,52 @@ class ModelInputs:
     def to(self, device: torch.device) -> ModelInputs:
         if self.input_ids.device == device:
             return self
-        return ModelInputs(self.input_ids.to(device), self.positions.to(device), self.md.to(device),
-                           self.logits_indices.to(device))
+        return ModelInputs(
+            self.input_ids.to(device), self.positions.to(device), self.md.to(device), self.logits_indices.to(device)
+        )
 
 
-def rank_kv_spec(cfg: ModelConfig, config: EngineConfig, pos: RankPosition, dtype: torch.dtype, device: str,
-                 num_blocks: int = 1) -> KVCacheSpec:
+def rank_kv_spec(
+    cfg: ModelConfig, config: EngineConfig, pos: RankPosition, dtype: torch.dtype, device: str, num_blocks: int = 1
+) -> KVCacheSpec:
     """The KV cache descriptor of the rank at `pos` (pure: start-up validation calls it too)."""
     layer_start, layer_end = stage_layers(cfg.num_layers, pos.pp_size, pos.pp_rank)
     head_start, head_end = ParallelContext(pos.tp_rank, pos.tp_size).kv_head_range(cfg.num_kv_heads)
     return KVCacheSpec(
-        num_layers=layer_end - layer_start, layer_start=layer_start, total_layers=cfg.num_layers,
-        num_kv_heads=head_end - head_start, head_start=head_start, total_kv_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, block_size=config.cache.block_size, num_blocks=num_blocks, dtype=dtype,
-        order=KVOrder(config.cache.kv_order), device=device,
+        num_layers=layer_end - layer_start,
+        layer_start=layer_start,
+        total_layers=cfg.num_layers,
+        num_kv_heads=head_end - head_start,
+        head_start=head_start,
+        total_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        block_size=config.cache.block_size,
+        num_blocks=num_blocks,
+        dtype=dtype,
+        order=KVOrder(config.cache.kv_order),
+        device=device,
     )
 
 
 class ModelShard:
     """One rank's model slice and KV cache. `allocate(num_blocks)` before `forward`."""
 
-    def __init__(self, config: EngineConfig, source: ModelSource, pos: RankPosition = RankPosition(),
-                 pc: ParallelContext = SINGLE_RANK, device: torch.device | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        source: ModelSource,
+        pos: RankPosition = RankPosition(),
+        pc: ParallelContext = SINGLE_RANK,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         cfg = source.config
         par = config.parallel
         if (pos.tp_size, pos.pp_size) != (par.tensor_parallel_size, par.pipeline_parallel_size):
-            raise ValueError(f"{pos.describe()} does not fit the configured tp={par.tensor_parallel_size} "
-                             f"pp={par.pipeline_parallel_size}")
+            raise ValueError(
+                f"{pos.describe()} does not fit the configured tp={par.tensor_parallel_size} "
+                f"pp={par.pipeline_parallel_size}"
+            )
         check_shape(cfg.num_heads, cfg.num_kv_heads, cfg.num_layers, pos.tp_size, pos.pp_size, cfg.intermediate_size)
         self.config = config
         self.pos = pos

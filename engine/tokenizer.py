@@ -72,7 +72,9 @@ class Tokenizer:
         eos_ids = ([self.eos_token_id] if self.eos_token_id is not None else []) + [int(i) for i in extra_eos_token_ids]
         for token_id in eos_ids:
             if not 0 <= token_id < self.vocab_size:
-                raise ModelLoadError(f"end-of-sequence id {token_id} is outside the vocabulary (size {self.vocab_size})")
+                raise ModelLoadError(
+                    f"end-of-sequence id {token_id} is outside the vocabulary (size {self.vocab_size})"
+                )
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos_ids))
         if add_bos_token is not None or add_eos_token is not None:
             self._install_post_processor(bool(add_bos_token), bool(add_eos_token))
@@ -100,8 +102,12 @@ class Tokenizer:
         single = " ".join(
             ([f"{self.bos_token}:0"] if add_bos else []) + ["$A:0"] + ([f"{self.eos_token}:0"] if add_eos else [])
         )
-        pair = single + " " + " ".join(
-            ([f"{self.bos_token}:1"] if add_bos else []) + ["$B:1"] + ([f"{self.eos_token}:1"] if add_eos else [])
+        pair = (
+            single
+            + " "
+            + " ".join(
+                ([f"{self.bos_token}:1"] if add_bos else []) + ["$B:1"] + ([f"{self.eos_token}:1"] if add_eos else [])
+            )
         )
         special: list[tuple[str, int]] = []
         if add_bos:

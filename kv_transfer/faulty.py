@@ -38,8 +38,11 @@ class FaultPlan:
     def __post_init__(self) -> None:
         for name in ("fail_submits", "fail_polls", "stall_polls", "delay_only"):
             object.__setattr__(self, name, frozenset(getattr(self, name)))
-        bad = [n for n in (*self.fail_submits, *self.fail_polls, *self.stall_polls, *self.delay_only)
-               if not isinstance(n, int) or n < 1]
+        bad = [
+            n
+            for n in (*self.fail_submits, *self.fail_polls, *self.stall_polls, *self.delay_only)
+            if not isinstance(n, int) or n < 1
+        ]
         if bad:
             raise ValueError(f"fault plan submit numbers are 1-based positive ints, got {bad}")
         if self.delay_polls < 0:

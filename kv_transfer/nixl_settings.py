@@ -8,8 +8,8 @@ the command after them reproduces the comparison (the benchmark honours UCX_* se
 in its environment, and its spawned peer inherits them).
 
 - enable_prog_thread=False: with NIXL's progress thread on, host-to-host reads reached
-  ~1.6 GB/s on 2 cores, with it off 4.5-5.4 GB/s (../shared/PLATFORM.md, "NIXL on CPU"). The price is the liveness rule in
-  transport.py (both agents must keep calling in).
+  ~1.6 GB/s on 2 cores, with it off 4.5-5.4 GB/s (../shared/PLATFORM.md, "NIXL on CPU").
+  The price is the liveness rule in transport.py (both agents must keep calling in).
 - UCX_TLS is left to UCX: it picks cma for host memory within one machine (fastest
   here (scratch): ~8 GB/s vs ~7 with "tcp,sm,self", ~1.8 with "tcp";
   `UCX_TLS=tcp .venv/bin/python benchmarks/kv_transfer_bandwidth.py --reps 3`) and the cuda transports

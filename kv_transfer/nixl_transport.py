@@ -18,8 +18,8 @@ How a READ flows (decode agent D pulls blocks from prefill agent P):
 
 Decisions (measured on a 2-core host; ../shared/PLATFORM.md has the platform facts):
 - The UCX progress thread is off by default: with it on, NIXL reached ~1.6 GB/s, with
-  it off 4.5-5.4 GB/s (../shared/PLATFORM.md, "NIXL on CPU"). The price: an agent makes progress only inside its own calls, so
-  the TARGET side must call `notifications()`/`progress()` regularly. Until a
+  it off 4.5-5.4 GB/s (../shared/PLATFORM.md, "NIXL on CPU"). The price: an agent makes
+  progress only inside its own calls, so the TARGET side must call `notifications()`/`progress()` regularly. Until a
   connection is warm, and whenever a notification is attached, the initiator's
   transfer stays "PROC" for as long as the target never calls into NIXL.
 - UCX environment defaults and their reasons: nixl_settings.py.

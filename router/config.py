@@ -22,5 +22,6 @@ class RequestPathConfig:
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
         if self.max_retries < 0 or self.failover_wait_s < 0:
-            raise ValueError(f"max_retries and failover_wait_s must be >= 0, got {self.max_retries}, "
-                             f"{self.failover_wait_s}")
+            raise ValueError(
+                f"max_retries and failover_wait_s must be >= 0, got {self.max_retries}, {self.failover_wait_s}"
+            )

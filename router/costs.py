@@ -98,11 +98,15 @@ def prefill_cost(t: PrefillTerms, w: CostWeights = CostWeights()) -> float:
 def prefill_formula(t: PrefillTerms, w: CostWeights = CostWeights()) -> str:
     evict = ""
     if t.total_blocks > 0:
-        evict = (f" + {w.evict:g}*evict {t.new_blocks * t.block_size}*fill {t.fill:.2f} "
-                 f"(({t.content_blocks} + {t.new_blocks})/{t.total_blocks})*reuse {t.reuse:.2f}")
-    return (f"{t.worker_id}: {w.uncached:g}*uncached {t.uncached_tokens} "
-            f"({t.prompt_tokens} - {t.cached_blocks} blocks cached) + {w.queued:g}*queued {t.queued_tokens}"
-            f"{evict} = {prefill_cost(t, w):.6g}")
+        evict = (
+            f" + {w.evict:g}*evict {t.new_blocks * t.block_size}*fill {t.fill:.2f} "
+            f"(({t.content_blocks} + {t.new_blocks})/{t.total_blocks})*reuse {t.reuse:.2f}"
+        )
+    return (
+        f"{t.worker_id}: {w.uncached:g}*uncached {t.uncached_tokens} "
+        f"({t.prompt_tokens} - {t.cached_blocks} blocks cached) + {w.queued:g}*queued {t.queued_tokens}"
+        f"{evict} = {prefill_cost(t, w):.6g}"
+    )
 
 
 @dataclass(frozen=True)
@@ -139,8 +143,10 @@ def decode_cost(t: DecodeTerms, w: CostWeights = CostWeights()) -> float:
 
 def decode_formula(t: DecodeTerms, w: CostWeights = CostWeights()) -> str:
     used = t.total_blocks - t.free_blocks
-    return (f"{t.worker_id}: {w.kv:g}*kv (used {used} + in flight {t.in_flight_blocks} + need {t.need_blocks})"
-            f"/{t.total_blocks} + {w.seqs:g}*seqs {t.running}/{t.max_num_seqs} = {decode_cost(t, w):.4g}")
+    return (
+        f"{t.worker_id}: {w.kv:g}*kv (used {used} + in flight {t.in_flight_blocks} + need {t.need_blocks})"
+        f"/{t.total_blocks} + {w.seqs:g}*seqs {t.running}/{t.max_num_seqs} = {decode_cost(t, w):.4g}"
+    )
 
 
 class ReuseMeter:
@@ -154,8 +160,9 @@ class ReuseMeter:
 
     def __init__(self, capacity: int = 1 << 16, alpha: float = 0.1, initial: float = 1.0) -> None:
         if capacity < 1 or not 0 < alpha <= 1 or not 0 <= initial <= 1:
-            raise ValueError(f"ReuseMeter needs capacity >= 1, 0 < alpha <= 1, 0 <= initial <= 1; got "
-                             f"{capacity}, {alpha}, {initial}")
+            raise ValueError(
+                f"ReuseMeter needs capacity >= 1, 0 < alpha <= 1, 0 <= initial <= 1; got {capacity}, {alpha}, {initial}"
+            )
         self.capacity, self.alpha, self.share = capacity, alpha, initial
         self._seen: OrderedDict[bytes, None] = OrderedDict()
 
@@ -175,12 +182,14 @@ class ReuseMeter:
 def rendezvous(key: bytes, worker_ids: Sequence[str]) -> int:
     """Index of the worker with the highest hash of (key, worker id): highest-random-weight hashing.
     The same key picks the same worker while it is a candidate; keys spread evenly over workers."""
-    return max(range(len(worker_ids)),
-               key=lambda i: hashlib.blake2b(key + worker_ids[i].encode(), digest_size=8).digest())
+    return max(
+        range(len(worker_ids)), key=lambda i: hashlib.blake2b(key + worker_ids[i].encode(), digest_size=8).digest()
+    )
 
 
-def select(costs: Sequence[float], temperature: float, rng: random.Random, home: Callable[[list[int]], int] | None = None
-           ) -> int:
+def select(
+    costs: Sequence[float], temperature: float, rng: random.Random, home: Callable[[list[int]], int] | None = None
+) -> int:
     """Index of the chosen candidate: argmin at temperature 0, else softmax sampling. Ties at the minimum go
     to `home(tied indices)` when given (the prompt's rendezvous home), else to the random generator."""
     if not costs:
@@ -202,23 +211,37 @@ def need_blocks(prompt_tokens: int, cached_blocks: int, block_size: int) -> int:
     return max(0, -(-prompt_tokens // block_size) - cached_blocks)
 
 
-def prefill_terms(slot: WorkerSlot, prompt_tokens: int, cached_blocks: int, block_size: int,
-                  indexed_blocks: int, reuse: float = 1.0) -> PrefillTerms:
+def prefill_terms(
+    slot: WorkerSlot, prompt_tokens: int, cached_blocks: int, block_size: int, indexed_blocks: int, reuse: float = 1.0
+) -> PrefillTerms:
     """A prefill candidate's figures: the worker's last report (total and free blocks), the blocks the router's
     index holds for it, and this router's queued prefill on it (blocks it will cache, not yet reported)."""
     s = slot.status
     total = s.kv_blocks_total if s else 0
     used = total - s.kv_blocks_free if s else 0
     content = max(used, indexed_blocks) + slot.prefill_tokens // block_size
-    return PrefillTerms(slot.worker_id, prompt_tokens, cached_blocks, block_size, slot.prefill_tokens,
-                        total_blocks=total, content_blocks=content, reuse=reuse)
+    return PrefillTerms(
+        slot.worker_id,
+        prompt_tokens,
+        cached_blocks,
+        block_size,
+        slot.prefill_tokens,
+        total_blocks=total,
+        content_blocks=content,
+        reuse=reuse,
+    )
 
 
 def decode_terms(slot: WorkerSlot, prompt_tokens: int, cached_blocks: int, block_size: int) -> DecodeTerms:
     s = slot.status
     return DecodeTerms(
-        slot.worker_id, prompt_tokens, cached_blocks, block_size,
-        total_blocks=s.kv_blocks_total if s else 0, free_blocks=s.kv_blocks_free if s else 0,
-        in_flight_blocks=slot.kv_blocks_in, running=slot.in_flight,
+        slot.worker_id,
+        prompt_tokens,
+        cached_blocks,
+        block_size,
+        total_blocks=s.kv_blocks_total if s else 0,
+        free_blocks=s.kv_blocks_free if s else 0,
+        in_flight_blocks=slot.kv_blocks_in,
+        running=slot.in_flight,
         max_num_seqs=s.max_num_seqs if s and s.max_num_seqs else 0,
     )

@@ -27,6 +27,7 @@ class GenerationDoor(Protocol):
 
     async def GetServerInfo(self, request: Any, context: grpc.aio.ServicerContext) -> Any: ...
 
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "tandem.v1.Generation"
 
 
@@ -54,20 +55,29 @@ def _add_generation(service: GenerationDoor, server: grpc.aio.Server) -> None:
     """tandem.v1.Generation as the generated add_GenerationServicer_to_server, with lenient request parsing."""
     handlers = {
         "Generate": grpc.unary_stream_rpc_method_handler(
-            service.Generate, request_deserializer=_lenient(pb.GenerateRequest),
-            response_serializer=pb.GenerateResponse.SerializeToString),
+            service.Generate,
+            request_deserializer=_lenient(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        ),
         "GetServerInfo": grpc.unary_unary_rpc_method_handler(
-            service.GetServerInfo, request_deserializer=_lenient(pb.GetServerInfoRequest),
-            response_serializer=pb.ServerInfo.SerializeToString),
+            service.GetServerInfo,
+            request_deserializer=_lenient(pb.GetServerInfoRequest),
+            response_serializer=pb.ServerInfo.SerializeToString,
+        ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
-def build_server(service: GenerationDoor, host: str = "127.0.0.1", port: int = 0,
-                 extra: Sequence[tuple[Callable[[grpc.aio.Server], None], str]] = (),
-                 tls: TlsFiles | None = None, auth_tokens: Sequence[str] = (),
-                 max_message_bytes: int = 16 << 20) -> grpc.aio.Server:
+def build_server(
+    service: GenerationDoor,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    extra: Sequence[tuple[Callable[[grpc.aio.Server], None], str]] = (),
+    tls: TlsFiles | None = None,
+    auth_tokens: Sequence[str] = (),
+    max_message_bytes: int = 16 << 20,
+) -> grpc.aio.Server:
     """A grpc.aio server with Generation, health checking and reflection, bound to host:port (not started).
 
     `extra`: (add_to_server, full service name) of more services on the same port (deploy's Admin).
@@ -79,8 +89,10 @@ def build_server(service: GenerationDoor, host: str = "127.0.0.1", port: int = 0
     loop that will run it; then `await server.start()`.
     """
     interceptors = [BearerAuth(auth_tokens)] if auth_tokens else []
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", max_message_bytes)],
-                             interceptors=interceptors)
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", max_message_bytes)],
+        interceptors=interceptors,
+    )
     _add_generation(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
     for add, _ in extra:

@@ -64,8 +64,9 @@ def error_body(outcome: Outcome, message: str, param: str | None = None) -> dict
     return {"error": {"message": message, "type": status.openai_type, "param": param, "code": status.http_status}}
 
 
-def error_response(outcome: Outcome, message: str, param: str | None = None,
-                   retry_after_ms: int | None = None) -> JSONResponse:
+def error_response(
+    outcome: Outcome, message: str, param: str | None = None, retry_after_ms: int | None = None
+) -> JSONResponse:
     headers = {}
     if retry_after_ms is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after_ms / 1000)))
@@ -79,8 +80,12 @@ def _pydantic_message(exc: pydantic.ValidationError) -> tuple[str, str | None]:
     err = exc.errors()[0]
     loc = [str(x) for x in err.get("loc", ())]
     # union members add their type names to the location ("prompt.str"); keep the field path only
-    path = ".".join(x for x in loc if not x.startswith(("str", "list[", "int", "float", "bool", "ContentPart"))
-                    and x not in ("function-after", "tagged-union"))
+    path = ".".join(
+        x
+        for x in loc
+        if not x.startswith(("str", "list[", "int", "float", "bool", "ContentPart"))
+        and x not in ("function-after", "tagged-union")
+    )
     if err.get("type") == "extra_forbidden":
         return f"unknown field {path!r}; remove it (Tandem rejects fields it does not implement)", path or None
     if err.get("type") == "missing":
@@ -107,8 +112,16 @@ class _Choice:
 class _Job:
     """The choices of one HTTP request, running on the request path; events arrive on one queue."""
 
-    def __init__(self, path: RequestPath, subs: Sequence[tuple[int, pb.GenerateRequest]], n: int, door: Door,
-                 carrier, chat: bool, tasks: set[asyncio.Task]) -> None:
+    def __init__(
+        self,
+        path: RequestPath,
+        subs: Sequence[tuple[int, pb.GenerateRequest]],
+        n: int,
+        door: Door,
+        carrier,
+        chat: bool,
+        tasks: set[asyncio.Task],
+    ) -> None:
         self.path, self.door, self.carrier, self.chat = path, door, carrier, chat
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices = {index: _Choice(index, index // n) for index, _ in subs}
@@ -137,8 +150,14 @@ class _Job:
                 return ended
         return None
 
-    def _spawn(self, index: int, request: pb.GenerateRequest, gate: asyncio.Future | None,
-               first: asyncio.Event | None, after: asyncio.Event | None) -> None:
+    def _spawn(
+        self,
+        index: int,
+        request: pb.GenerateRequest,
+        gate: asyncio.Future | None,
+        first: asyncio.Event | None,
+        after: asyncio.Event | None,
+    ) -> None:
         def routed() -> None:
             if gate is not None and not gate.done():
                 gate.set_result(None)
@@ -153,8 +172,9 @@ class _Job:
             try:
                 if after is not None:
                     await after.wait()
-                ended = await self.path.run(request, emit, carrier=self.carrier, door=self.door,
-                                            fill_max_tokens=self.chat, on_routed=routed)
+                ended = await self.path.run(
+                    request, emit, carrier=self.carrier, door=self.door, fill_max_tokens=self.chat, on_routed=routed
+                )
             finally:
                 if gate is not None and not gate.done():
                     gate.set_result(ended)
@@ -207,11 +227,17 @@ class _Job:
             if c.index % self.n == 0:  # a prompt counts once, whatever n; its cache hit is the first choice's
                 prompt += c.usage.prompt_tokens
                 cached += c.usage.cached_tokens
-        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                 "prompt_tokens_details": {"cached_tokens": cached}}
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
         if steps:  # speculative decoding: OpenAI's prediction counters, and tokens per verification step
-            usage["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
-                                                  "rejected_prediction_tokens": proposed - accepted}
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": accepted,
+                "rejected_prediction_tokens": proposed - accepted,
+            }
             usage["acceptance_length"] = round(1.0 + accepted / steps, 4)
         return usage
 
@@ -219,8 +245,14 @@ class _Job:
 class HttpDoor:
     """The FastAPI app over a request path; `serve()` runs it with uvicorn on the running event loop."""
 
-    def __init__(self, path: RequestPath, facts: Callable[[], ServerFacts], *, auth_tokens: Sequence[str] = (),
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: RequestPath,
+        facts: Callable[[], ServerFacts],
+        *,
+        auth_tokens: Sequence[str] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.path, self.membership, self.facts = path, path.membership, facts
         self.auth_tokens = frozenset(auth_tokens)
         self.clock = clock
@@ -245,8 +277,10 @@ class HttpDoor:
 
         @app.exception_handler(405)
         async def _bad_method(request: Request, _exc) -> JSONResponse:
-            return JSONResponse(error_body(Outcome.INVALID_ARGUMENT, f"{request.method} is not allowed on "
-                                           f"{request.url.path}"), status_code=405)
+            return JSONResponse(
+                error_body(Outcome.INVALID_ARGUMENT, f"{request.method} is not allowed on {request.url.path}"),
+                status_code=405,
+            )
 
         @app.post("/v1/completions")
         async def completions(request: Request) -> Response:
@@ -290,8 +324,9 @@ class HttpDoor:
 
     def _card(self) -> ModelCard:
         facts = self.facts()
-        return ModelCard(id=facts.model, created=self.started, root=facts.model_path or None,
-                         max_model_len=facts.max_model_len)
+        return ModelCard(
+            id=facts.model, created=self.started, root=facts.model_path or None, max_model_len=facts.max_model_len
+        )
 
     def _check_model(self, name: str, param: str) -> None:
         if self._served is None:  # once: ServerFacts reads package versions, milliseconds a request
@@ -299,8 +334,11 @@ class HttpDoor:
             self._served = (facts.model, frozenset({facts.model, facts.model_path} - {""}))
         model, names = self._served
         if name not in names:
-            raise HttpError(Outcome.NOT_FOUND, f"model {name!r} is not served here; this server serves "
-                                               f"{model!r} (GET /v1/models)", param)
+            raise HttpError(
+                Outcome.NOT_FOUND,
+                f"model {name!r} is not served here; this server serves {model!r} (GET /v1/models)",
+                param,
+            )
 
     def _authorize(self, request: Request) -> None:
         if not self.auth_tokens:
@@ -308,8 +346,9 @@ class HttpDoor:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = token.strip().encode()
         if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, t.encode()) for t in self.auth_tokens):
-            raise HttpError(Outcome.UNAUTHENTICATED, "a valid bearer token is required "
-                                                     "(header 'Authorization: Bearer <token>')")
+            raise HttpError(
+                Outcome.UNAUTHENTICATED, "a valid bearer token is required (header 'Authorization: Bearer <token>')"
+            )
 
     async def _parse(self, request: Request, chat: bool) -> CompletionRequest | ChatCompletionRequest:
         raw = await request.body()
@@ -344,8 +383,9 @@ class HttpDoor:
             return error_response(failed.outcome, failed.message, retry_after_ms=failed.retry_after_ms)
         head = {"id": request_id, "created": int(self.clock()), "model": body.model}
         if body.stream:
-            return StreamingResponse(self._stream(job, head, body, chat), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
+            return StreamingResponse(
+                self._stream(job, head, body, chat), media_type="text/event-stream", headers=SSE_HEADERS
+            )
         return await self._complete(job, head, body, chat, request)
 
     async def _complete(self, job: _Job, head: dict, body, chat: bool, request: Request) -> Response:
@@ -384,8 +424,14 @@ class HttpDoor:
                 item["text"] = text
                 item["logprobs"] = self._completion_logprobs(c.logprobs, 0) if body.logprobs is not None else None
             choices.append(item)
-        return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion",
-                             "choices": choices, "usage": job.usage()})
+        return JSONResponse(
+            {
+                **head,
+                "object": "chat.completion" if chat else "text_completion",
+                "choices": choices,
+                "usage": job.usage(),
+            }
+        )
 
     async def _stream(self, job: _Job, head: dict, body, chat: bool) -> AsyncIterator[bytes]:
         kind = "chat.completion.chunk" if chat else "text_completion"
@@ -426,8 +472,9 @@ class HttpDoor:
             item["logprobs"] = self._chat_logprobs(r.logprobs) if body.logprobs else None
         else:
             item["text"] = r.text
-            item["logprobs"] = (self._completion_logprobs(r.logprobs, choice.text_len)
-                                if body.logprobs is not None else None)
+            item["logprobs"] = (
+                self._completion_logprobs(r.logprobs, choice.text_len) if body.logprobs is not None else None
+            )
         choice.first_sent = True
         choice.text_len += len(r.text)
         item["finish_reason"] = finish
@@ -444,9 +491,17 @@ class HttpDoor:
         content = []
         for e in entries:
             token = self._token(e.token_id)
-            content.append({"token": token, "logprob": e.logprob, "bytes": list(token.encode()),
-                            "top_logprobs": [{"token": (t := self._token(x.token_id)), "logprob": x.logprob,
-                                              "bytes": list(t.encode())} for x in e.top]})
+            content.append(
+                {
+                    "token": token,
+                    "logprob": e.logprob,
+                    "bytes": list(token.encode()),
+                    "top_logprobs": [
+                        {"token": (t := self._token(x.token_id)), "logprob": x.logprob, "bytes": list(t.encode())}
+                        for x in e.top
+                    ],
+                }
+            )
         return {"content": content}
 
     def _completion_logprobs(self, entries: Sequence[pb.TokenLogprob], offset: int) -> dict:

@@ -42,8 +42,10 @@ class HttpServer:
             self.sock.bind((host, port))
         except OSError as exc:
             self.sock.close()
-            raise OSError(f"cannot bind the HTTP server to {host}:{port} ({exc.strerror}); choose another "
-                          "--http-port, or --no-http") from None
+            raise OSError(
+                f"cannot bind the HTTP server to {host}:{port} ({exc.strerror}); choose another "
+                "--http-port, or --no-http"
+            ) from None
         self.sock.listen(2048)
         self.port = self.sock.getsockname()[1]
         kwargs = {}
@@ -51,8 +53,9 @@ class HttpServer:
             kwargs = {"ssl_certfile": tls.cert, "ssl_keyfile": tls.key}
             if tls.client_ca:
                 kwargs |= {"ssl_ca_certs": tls.client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
-        config = uvicorn.Config(door.app, log_level="warning", lifespan="off", access_log=False,
-                                timeout_graceful_shutdown=5, **kwargs)
+        config = uvicorn.Config(
+            door.app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=5, **kwargs
+        )
         self.server = _Server(config)
         self._task: asyncio.Task | None = None
 

@@ -87,12 +87,18 @@ class KVEventFeed:
                 if stale:
                     snap = await client.kv_snapshot()
                     if snap.block_size != ix.pool.block_size:
-                        raise ValueError(f"snapshot block size {snap.block_size} != the {ix.pool.role} pool's "
-                                         f"{ix.pool.block_size}")
+                        raise ValueError(
+                            f"snapshot block size {snap.block_size} != the {ix.pool.role} pool's {ix.pool.block_size}"
+                        )
                     indexer.load_snapshot(wid, snap.block_hashes, snap.next_seq)
                     self.resyncs += 1
-                    log.info("%s worker %s re-synced from a snapshot: %d blocks, next seq %d", ix.pool.role, wid,
-                             len(snap.block_hashes), snap.next_seq)
+                    log.info(
+                        "%s worker %s re-synced from a snapshot: %d blocks, next seq %d",
+                        ix.pool.role,
+                        wid,
+                        len(snap.block_hashes),
+                        snap.next_seq,
+                    )
                     epoch = snap.epoch
                 else:
                     epoch = reply.epoch

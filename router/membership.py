@@ -33,9 +33,16 @@ log = logging.getLogger(__name__)
 class Membership:
     """Worker pools (`prefill=None`: aggregated mode, `decode` holds every worker) and their state."""
 
-    def __init__(self, decode: WorkerPool, prefill: WorkerPool | None = None, *,
-                 routing: RoutingConfig | None = None, rng: random.Random | None = None,
-                 status_timeout_s: float = 2.0, cleanup_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        decode: WorkerPool,
+        prefill: WorkerPool | None = None,
+        *,
+        routing: RoutingConfig | None = None,
+        rng: random.Random | None = None,
+        status_timeout_s: float = 2.0,
+        cleanup_timeout_s: float = 5.0,
+    ) -> None:
         self.prefill, self.decode = prefill, decode
         self.router = Router(decode, prefill, routing or RoutingConfig(policy=decode.policy), rng)
         self.feed = KVEventFeed(self.mark_down)
@@ -144,9 +151,12 @@ class Membership:
         if not drained:
             # a prefill worker: only prompts it is still computing (a leased one may be mid-pull on D,
             # and aborting it would free blocks under the READ); a decode worker: everything on it
-            stuck = [a.rid for a in self.attempts_source()
-                     if (a.d is not None and a.d.worker_id == worker_id)
-                     or (a.p is not None and a.p.worker_id == worker_id and not a.prefill_done)]
+            stuck = [
+                a.rid
+                for a in self.attempts_source()
+                if (a.d is not None and a.d.worker_id == worker_id)
+                or (a.p is not None and a.p.worker_id == worker_id and not a.prefill_done)
+            ]
             log.warning("drain of %s timed out after %.1f s; aborting %d request(s)", worker_id, timeout_s, len(stuck))
             await asyncio.gather(*(self._abort_quietly(slot.client, rid) for rid in stuck))
             await pool.wait_drained(worker_id, self.cleanup_timeout_s)
@@ -228,8 +238,11 @@ class Membership:
 
     def worker_extras(self) -> dict[str, tuple[bool, int]]:
         """worker -> (draining, blocks the router's index holds for it)."""
-        return {s.worker_id: (s.draining, self.router.index_of(pool).indexer.num_blocks(s.worker_id))
-                for pool in self.pools for s in pool.slots}
+        return {
+            s.worker_id: (s.draining, self.router.index_of(pool).indexer.num_blocks(s.worker_id))
+            for pool in self.pools
+            for s in pool.slots
+        }
 
     async def close(self) -> None:
         """Stops the KV event feeds and the rejoins under way."""

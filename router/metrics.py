@@ -27,8 +27,34 @@ if TYPE_CHECKING:
     from router.responses import RequestTrace
 
 # seconds: 1 ms .. 2 min, dense where TTFT and inter-token latency live
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
-                   1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 120.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    120.0,
+)
 FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 TTFT_PARTS = ("queue", "route", "prefill", "return")  # sum = TTFT (see RequestTrace.ttft_parts)
@@ -69,41 +95,81 @@ METRIC_NAMES = {
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry if registry is not None else CollectorRegistry()
-        self.ttft = Histogram("gen_ai_server_time_to_first_token_seconds",
-                              "Time from request receipt to the first token sent", ["route"],
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("gen_ai_server_time_per_output_token_seconds",
-                              "Time per output token after the first (mean over the request)",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.duration = Histogram("gen_ai_server_request_duration_seconds",
-                                  "Time from request receipt to its last response", ["route"],
-                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("tandem_inter_token_latency_seconds",
-                             "Gap between consecutive tokens as sent by the router", buckets=LATENCY_BUCKETS,
-                             registry=r)
-        self.ttft_part = Histogram("tandem_ttft_part_seconds",
-                                   "TTFT decomposed: queue (receipt -> routed), route (the decision), prefill "
-                                   "(worker call: its queueing + compute), return (result -> first token sent)",
-                                   ["part"], buckets=LATENCY_BUCKETS, registry=r)
-        self.kv_transfer = Histogram("tandem_kv_transfer_seconds", "Decode pulling a prompt's KV (submit -> done)",
-                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.decision = Histogram("tandem_router_decision_seconds", "Router.route: hashing, index lookups, costs",
-                                  buckets=FAST_BUCKETS, registry=r)
-        self.requests = Counter("tandem_requests", "Requests by finish reason, outcome (gRPC status code name) and "
-                                "front door (grpc | http)", ["finish_reason", "code", "door"], registry=r)
+        self.ttft = Histogram(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Time from request receipt to the first token sent",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "gen_ai_server_time_per_output_token_seconds",
+            "Time per output token after the first (mean over the request)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "gen_ai_server_request_duration_seconds",
+            "Time from request receipt to its last response",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "tandem_inter_token_latency_seconds",
+            "Gap between consecutive tokens as sent by the router",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft_part = Histogram(
+            "tandem_ttft_part_seconds",
+            "TTFT decomposed: queue (receipt -> routed), route (the decision), prefill "
+            "(worker call: its queueing + compute), return (result -> first token sent)",
+            ["part"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.kv_transfer = Histogram(
+            "tandem_kv_transfer_seconds",
+            "Decode pulling a prompt's KV (submit -> done)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decision = Histogram(
+            "tandem_router_decision_seconds",
+            "Router.route: hashing, index lookups, costs",
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "tandem_requests",
+            "Requests by finish reason, outcome (gRPC status code name) and front door (grpc | http)",
+            ["finish_reason", "code", "door"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.completion_tokens = Counter("tandem_completion_tokens", "Tokens generated", registry=r)
         self.cached_tokens = Counter("tandem_cached_tokens", "Prompt tokens served from a prefix cache", registry=r)
-        self.decisions = Counter("tandem_routing_decisions", "Routing decisions: remote or local prefill, and why",
-                                 ["prefill", "reason"], registry=r)
+        self.decisions = Counter(
+            "tandem_routing_decisions",
+            "Routing decisions: remote or local prefill, and why",
+            ["prefill", "reason"],
+            registry=r,
+        )
         self.transfer_bytes = Counter("tandem_kv_transfer_bytes", "KV bytes pulled by decode workers", registry=r)
         self.transfer_failures = Counter("tandem_kv_transfer_failures", "KV pulls that failed", registry=r)
-        self.retries = Counter("tandem_request_retries", "Requests resumed on other workers after a worker failed "
-                               "them, by reason", ["reason"], registry=r)
-        self.acceptance = Histogram("tandem_spec_acceptance_length", "Speculative decoding: a finished request's "
-                                    "tokens per verification step (1 + accepted / steps)",
-                                    buckets=(1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 12.0, 17.0),
-                                    registry=r)
+        self.retries = Counter(
+            "tandem_request_retries",
+            "Requests resumed on other workers after a worker failed them, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.acceptance = Histogram(
+            "tandem_spec_acceptance_length",
+            "Speculative decoding: a finished request's tokens per verification step (1 + accepted / steps)",
+            buckets=(1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 12.0, 17.0),
+            registry=r,
+        )
         self.in_flight = Gauge("tandem_requests_in_flight", "Requests in flight through the router", registry=r)
         # () -> [(role, worker id, last WorkerStatus or None, eligible)], called at scrape time (the service sets it)
         self.workers_source: Callable[[], Iterable[tuple[str, str, object, bool]]] = list
@@ -155,19 +221,31 @@ class _WorkerCollector:
     def collect(self):
         labels = ["role", "worker"]
         running = GaugeMetricFamily("tandem_worker_requests_running", "Requests running on the worker", labels=labels)
-        waiting = GaugeMetricFamily("tandem_worker_requests_waiting", "Requests waiting on the worker (incl. for "
-                                    "remote KV)", labels=labels)
-        blocks = GaugeMetricFamily("tandem_worker_kv_blocks", "KV blocks by state (free includes cached-evictable)",
-                                   labels=[*labels, "state"])
+        waiting = GaugeMetricFamily(
+            "tandem_worker_requests_waiting", "Requests waiting on the worker (incl. for remote KV)", labels=labels
+        )
+        blocks = GaugeMetricFamily(
+            "tandem_worker_kv_blocks", "KV blocks by state (free includes cached-evictable)", labels=[*labels, "state"]
+        )
         usage = GaugeMetricFamily("tandem_worker_kv_usage_ratio", "Used KV blocks / total", labels=labels)
-        leases = GaugeMetricFamily("tandem_worker_kv_leases", "Prefill: prompts whose KV waits for a pull",
-                                   labels=labels)
-        hits = GaugeMetricFamily("tandem_worker_prefix_cache_hit_ratio", "Prompt tokens found in the worker's "
-                                 "prefix cache / prompt tokens it was given, since start", labels=labels)
-        spec_tokens = CounterMetricFamily("tandem_worker_spec_tokens", "Speculative decoding: tokens proposed and "
-                                          "accepted since the worker started", labels=[*labels, "kind"])
-        spec_steps = CounterMetricFamily("tandem_worker_spec_verify_steps", "Speculative decoding: verification "
-                                         "steps (acceptance length = 1 + accepted / steps)", labels=labels)
+        leases = GaugeMetricFamily(
+            "tandem_worker_kv_leases", "Prefill: prompts whose KV waits for a pull", labels=labels
+        )
+        hits = GaugeMetricFamily(
+            "tandem_worker_prefix_cache_hit_ratio",
+            "Prompt tokens found in the worker's prefix cache / prompt tokens it was given, since start",
+            labels=labels,
+        )
+        spec_tokens = CounterMetricFamily(
+            "tandem_worker_spec_tokens",
+            "Speculative decoding: tokens proposed and accepted since the worker started",
+            labels=[*labels, "kind"],
+        )
+        spec_steps = CounterMetricFamily(
+            "tandem_worker_spec_verify_steps",
+            "Speculative decoding: verification steps (acceptance length = 1 + accepted / steps)",
+            labels=labels,
+        )
         up = GaugeMetricFamily("tandem_worker_up", "1 if the router may send the worker requests", labels=labels)
         for role, wid, s, healthy in self.metrics.worker_states():
             lv = [role, wid]

@@ -31,11 +31,25 @@ from tandem_api.v1 import generation_pb2 as pb
 
 # OpenAI fields Tandem does not implement -> the values that mean "off" (accepted, as clients send them)
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "parallel_tool_calls": (None,), "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
-    "echo": (None, False), "suffix": (None,), "audio": (None,), "modalities": (None, ["text"]),
-    "prediction": (None,), "store": (None, False), "metadata": (None,), "service_tier": (None, "auto", "default"),
-    "reasoning_effort": (None,), "web_search_options": (None,), "best_of": (None,), "min_tokens": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "echo": (None, False),
+    "suffix": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "store": (None, False),
+    "metadata": (None,),
+    "service_tier": (None, "auto", "default"),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "best_of": (None,),
+    "min_tokens": (None, 0),
 }
 
 
@@ -95,8 +109,15 @@ class _Common(BaseModel):
         s = pb.SamplingOptions(ignore_eos=self.ignore_eos)
         if max_tokens is not None:
             s.max_tokens = max_tokens
-        for name in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
-                     "repetition_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "frequency_penalty",
+            "presence_penalty",
+            "repetition_penalty",
+        ):
             value = getattr(self, name)
             if value is not None:
                 setattr(s, name, value)
@@ -124,7 +145,9 @@ class CompletionRequest(_Common):
         """(choice index, GenerateRequest) for every prompt x n."""
         self.check_supported()
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise RequestValidationError(f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}", param="logprobs")
+            raise RequestValidationError(
+                f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}", param="logprobs"
+            )
         prompts: list[str | list[int]]
         p = self.prompt
         if isinstance(p, str):
@@ -139,9 +162,10 @@ class CompletionRequest(_Common):
         for i, prompt in enumerate(prompts):
             for j in range(self.n):
                 index = i * self.n + j
-                r = pb.GenerateRequest(request_id=f"{request_id}-{index}",
-                                       sampling=self.sampling(self.max_tokens if self.max_tokens is not None else 16,
-                                                              self.logprobs, j))
+                r = pb.GenerateRequest(
+                    request_id=f"{request_id}-{index}",
+                    sampling=self.sampling(self.max_tokens if self.max_tokens is not None else 16, self.logprobs, j),
+                )
                 if isinstance(prompt, str):
                     r.prompt = prompt
                 else:
@@ -178,16 +202,19 @@ class ChatCompletionRequest(_Common):
             if not self.logprobs:
                 raise RequestValidationError("top_logprobs needs logprobs: true", param="top_logprobs")
             if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
-                raise RequestValidationError(f"top_logprobs must be in 0..{MAX_LOGPROBS}, got {self.top_logprobs}",
-                                             param="top_logprobs")
+                raise RequestValidationError(
+                    f"top_logprobs must be in 0..{MAX_LOGPROBS}, got {self.top_logprobs}", param="top_logprobs"
+                )
         if not self.messages:
             raise RequestValidationError("messages is empty: send at least one message", param="messages")
         chat = pb.ChatMessages()
         for i, m in enumerate(self.messages):
             role = CHAT_ROLES.get(m.role)
             if role is None:
-                raise RequestValidationError(f"messages[{i}].role {m.role!r} is not supported (allowed: "
-                                             f"{', '.join(CHAT_ROLES)})", param=f"messages[{i}].role")
+                raise RequestValidationError(
+                    f"messages[{i}].role {m.role!r} is not supported (allowed: {', '.join(CHAT_ROLES)})",
+                    param=f"messages[{i}].role",
+                )
             chat.messages.add(role=role, content=self._text(i, m))
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
@@ -207,8 +234,11 @@ class ChatCompletionRequest(_Common):
         texts = []
         for k, part in enumerate(m.content):
             if part.type != "text" or part.text is None:
-                raise RequestValidationError(f"messages[{i}].content[{k}] is of type {part.type!r}; Tandem serves "
-                                             "text only (parts of type 'text')", param=f"messages[{i}].content")
+                raise RequestValidationError(
+                    f"messages[{i}].content[{k}] is of type {part.type!r}; Tandem serves "
+                    "text only (parts of type 'text')",
+                    param=f"messages[{i}].content",
+                )
             texts.append(part.text)
         return "".join(texts)
 

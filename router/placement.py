@@ -40,8 +40,10 @@ class PlacementOption:
 
     def describe(self, ttft_target: float, tpot_target: float) -> str:
         stall = f", stalls {self.stalled} for {self.stall_s * 1000:.0f} ms" if self.stalled and self.stall_s else ""
-        return (f"{self.kind} on {self.worker_id}: TTFT {self.ttft_s * 1000:.0f} ms, TPOT {self.tpot_s * 1000:.0f} ms"
-                f"{stall} = {self.score(ttft_target, tpot_target):.2f}")
+        return (
+            f"{self.kind} on {self.worker_id}: TTFT {self.ttft_s * 1000:.0f} ms, TPOT {self.tpot_s * 1000:.0f} ms"
+            f"{stall} = {self.score(ttft_target, tpot_target):.2f}"
+        )
 
 
 def place_by_slo(options: Sequence[PlacementOption], ttft_target: float, tpot_target: float) -> PlacementOption:

@@ -110,8 +110,13 @@ class WorkerSlot:
 class WorkerPool:
     """The workers of one role and how to choose among them (load-blind policies)."""
 
-    def __init__(self, role: str, clients: Sequence[WorkerClient], policy: Policy | str = Policy.LEAST_LOADED,
-                 block_size: int = 16):
+    def __init__(
+        self,
+        role: str,
+        clients: Sequence[WorkerClient],
+        policy: Policy | str = Policy.LEAST_LOADED,
+        block_size: int = 16,
+    ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.policy = Policy.parse(policy)
@@ -192,8 +197,13 @@ class WorkerPool:
         slot = self._slots.get(worker_id)
         if slot is None or slot.healthy == healthy:
             return False
-        log.warning("%s worker %s is now %s%s", self.role, worker_id, "healthy" if healthy else "down",
-                    f": {reason}" if reason else "")
+        log.warning(
+            "%s worker %s is now %s%s",
+            self.role,
+            worker_id,
+            "healthy" if healthy else "down",
+            f": {reason}" if reason else "",
+        )
         slot.healthy = healthy
         return True
 
@@ -217,7 +227,8 @@ class WorkerPool:
         failed = sum(s.eligible and s.worker_id in exclude for s in slots)
         also = f", {failed} already failed this request" if failed else ""
         return NoHealthyWorkerError(
-            f"no healthy {self.role} worker ({down} of {len(slots)} down, {draining} draining{also}); retry later")
+            f"no healthy {self.role} worker ({down} of {len(slots)} down, {draining} draining{also}); retry later"
+        )
 
     # -- choosing (load-blind policies) -----------------------------------------------------------
 

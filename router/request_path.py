@@ -65,8 +65,15 @@ from common.wire import StreamChunk
 from router.attempts import Attempt, Run, retry_reason
 from router.config import RequestPathConfig
 from router.errors import (
-    AdmissionError, NoHealthyWorkerError, NotServingError, Outcome, RequestValidationError, WorkerFailedError,
-    WorkerStalledError, one_line, outcome_for,
+    AdmissionError,
+    NoHealthyWorkerError,
+    NotServingError,
+    Outcome,
+    RequestValidationError,
+    WorkerFailedError,
+    WorkerStalledError,
+    one_line,
+    outcome_for,
 )
 from router.membership import Membership
 from router.metrics import RouterMetrics
@@ -112,9 +119,16 @@ class Ended:
 class RequestPath:
     """Validate, route, run attempts with failover, deliver responses: for every front door."""
 
-    def __init__(self, membership: Membership, validator: RequestValidator | None,
-                 config: RequestPathConfig | None = None, *, metrics: RouterMetrics | None = None,
-                 tracing: Tracing | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        membership: Membership,
+        validator: RequestValidator | None,
+        config: RequestPathConfig | None = None,
+        *,
+        metrics: RouterMetrics | None = None,
+        tracing: Tracing | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.membership, self.validator = membership, validator
         self.config = config = config or RequestPathConfig()
         self.router = membership.router
@@ -142,10 +156,17 @@ class RequestPath:
 
     # -- one request ------------------------------------------------------------------------------
 
-    async def run(self, request, emit: Emit, *, deadline_s: float | None = None,
-                  carrier: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
-                  door: Door = GRPC_DOOR, fill_max_tokens: bool = False,
-                  on_routed: Callable[[], None] | None = None) -> Ended:
+    async def run(
+        self,
+        request,
+        emit: Emit,
+        *,
+        deadline_s: float | None = None,
+        carrier: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
+        door: Door = GRPC_DOOR,
+        fill_max_tokens: bool = False,
+        on_routed: Callable[[], None] | None = None,
+    ) -> Ended:
         """Serve `request` (a GenerateRequest, or an object with `.message` for bytes that did not decode),
         delivering each response with `emit`; `deadline_s`: seconds the client allows (None: none);
         `carrier`: headers that may hold a traceparent; `fill_max_tokens`: see RequestValidator.validate;
@@ -154,9 +175,13 @@ class RequestPath:
         CancelledError after cleanup."""
         parent = tm.extract(carrier)  # one trace per request, continued from the gateway's traceparent
         with self.tracer.start_as_current_span(
-                door.span_name, context=parent, kind=SpanKind.SERVER, record_exception=False,
-                set_status_on_exception=False,
-                attributes={**door.span_attributes, tm.ATTR_OPERATION: "text_completion"}) as span:
+            door.span_name,
+            context=parent,
+            kind=SpanKind.SERVER,
+            record_exception=False,
+            set_status_on_exception=False,
+            attributes={**door.span_attributes, tm.ATTR_OPERATION: "text_completion"},
+        ) as span:
             ended = await self._run(request, emit, deadline_s, door, span, fill_max_tokens, on_routed)
             span.set_attribute(tm.ATTR_RPC_STATUS, ended.outcome.value)
             if not ended.ok:
@@ -172,28 +197,44 @@ class RequestPath:
 
     def _ended(self, outcome: Outcome, message: str = "") -> Ended:
         if outcome is Outcome.RESOURCE_EXHAUSTED:
-            return Ended(outcome, f"{message} (retry after {self.config.retry_after_ms} ms)",
-                         self.config.retry_after_ms)
+            return Ended(
+                outcome, f"{message} (retry after {self.config.retry_after_ms} ms)", self.config.retry_after_ms
+            )
         return Ended(outcome, message)
 
-    async def _run(self, request, emit: Emit, deadline_s: float | None, door: Door, span, fill_max_tokens: bool,
-                   on_routed: Callable[[], None] | None) -> Ended:
+    async def _run(
+        self,
+        request,
+        emit: Emit,
+        deadline_s: float | None,
+        door: Door,
+        span,
+        fill_max_tokens: bool,
+        on_routed: Callable[[], None] | None,
+    ) -> Ended:
         received = self._clock()
         try:
             with self.tracer.start_as_current_span(tm.SPAN_VALIDATE):
                 if not isinstance(request, pb.GenerateRequest):
                     raise RequestValidationError(getattr(request, "message", "the request is not a GenerateRequest"))
                 if not self.membership.serving:
-                    raise NotServingError("the server is not serving yet (workers starting) or is draining; "
-                                          "retry later")
+                    raise NotServingError(
+                        "the server is not serving yet (workers starting) or is draining; retry later"
+                    )
                 if len(self._active) >= self.config.max_inflight:
-                    raise AdmissionError(f"server is at its limit of {self.config.max_inflight} in-flight "
-                                         "requests; retry later")
+                    raise AdmissionError(
+                        f"server is at its limit of {self.config.max_inflight} in-flight requests; retry later"
+                    )
                 req = self.validator.validate(request, self._active, fill_max_tokens)
         except Exception as exc:  # noqa: BLE001 - typed errors become outcomes; others INTERNAL
             return self._refused(exc, door)
-        span.set_attributes({tm.ATTR_REQUEST_ID: req.request_id, tm.ATTR_INPUT_TOKENS: len(req.prompt_token_ids),
-                             tm.ATTR_MAX_TOKENS: req.params.max_tokens})
+        span.set_attributes(
+            {
+                tm.ATTR_REQUEST_ID: req.request_id,
+                tm.ATTR_INPUT_TOKENS: len(req.prompt_token_ids),
+                tm.ATTR_MAX_TOKENS: req.params.max_tokens,
+            }
+        )
         run = Run(req, RequestTrace(received=received, prompt_tokens=len(req.prompt_token_ids)), span=span)
         self._active[req.request_id] = run
         self._idle.clear()
@@ -208,9 +249,11 @@ class RequestPath:
                 failure = self._failed(run, exc)
             else:
                 elapsed = self._clock() - received
-                failure = Ended(Outcome.DEADLINE_EXCEEDED,
-                                f"deadline of {limit:.3f} s exceeded after {elapsed:.3f} s while {run.stage}; "
-                                "allow a longer deadline or lower max_tokens")
+                failure = Ended(
+                    Outcome.DEADLINE_EXCEEDED,
+                    f"deadline of {limit:.3f} s exceeded after {elapsed:.3f} s while {run.stage}; "
+                    "allow a longer deadline or lower max_tokens",
+                )
                 log.info("request %s: %s", req.request_id, failure.message)
         except asyncio.CancelledError:
             log.info("request %s cancelled by the client while %s", req.request_id, run.stage)
@@ -291,11 +334,19 @@ class RequestPath:
                     run.undos.append(self._background(self._undo(attempt)))
                 run.trace.retries += 1
                 self.metrics.retries.labels(reason).inc()
-                (run.span or trace_api.get_current_span()).add_event(tm.EVENT_RETRY, {
-                    tm.ATTR_RETRY_REASON: reason, tm.ATTR_RETRY_AFTER_TOKENS: len(run.output_ids)})
-                log.warning("request %s: %s while %s (%s); resuming after %d token(s) sent, retry %d of %d",
-                            req.request_id, reason, run.stage, one_line(str(exc), 200), len(run.output_ids),
-                            n + 1, max_retries)
+                (run.span or trace_api.get_current_span()).add_event(
+                    tm.EVENT_RETRY, {tm.ATTR_RETRY_REASON: reason, tm.ATTR_RETRY_AFTER_TOKENS: len(run.output_ids)}
+                )
+                log.warning(
+                    "request %s: %s while %s (%s); resuming after %d token(s) sent, retry %d of %d",
+                    req.request_id,
+                    reason,
+                    run.stage,
+                    one_line(str(exc), 200),
+                    len(run.output_ids),
+                    n + 1,
+                    max_retries,
+                )
 
     def _route(self, run: Run, attempt: Attempt, avoid: set[str]) -> Route:
         req = run.request
@@ -305,11 +356,16 @@ class RequestPath:
             run.trace.routing_started = started
         with self.tracer.start_as_current_span(tm.SPAN_ROUTE) as span:
             route = attempt.route = self.router.route(attempt.rid, tokens, avoid, retry=attempt.rid != req.request_id)
-            span.set_attributes({tm.ATTR_ROUTE_REASON: route.reason, tm.ATTR_ROUTE_KIND: route.kind,
-                                 tm.ATTR_DECODE_WORKER: route.decode.worker_id,
-                                 tm.ATTR_PREFILL_WORKER: route.prefill.worker_id if route.prefill else "",
-                                 tm.ATTR_DECODE_CACHED_BLOCKS: route.decode_cached_blocks,
-                                 tm.ATTR_PREFILL_CACHED_BLOCKS: route.prefill_cached_blocks})
+            span.set_attributes(
+                {
+                    tm.ATTR_ROUTE_REASON: route.reason,
+                    tm.ATTR_ROUTE_KIND: route.kind,
+                    tm.ATTR_DECODE_WORKER: route.decode.worker_id,
+                    tm.ATTR_PREFILL_WORKER: route.prefill.worker_id if route.prefill else "",
+                    tm.ATTR_DECODE_CACHED_BLOCKS: route.decode_cached_blocks,
+                    tm.ATTR_PREFILL_CACHED_BLOCKS: route.prefill_cached_blocks,
+                }
+            )
         now = self._clock()
         if run.trace.dispatched is None:
             run.trace.dispatched = now
@@ -346,8 +402,12 @@ class RequestPath:
                 run.stage = f"generating on {d.worker_id}"
                 attempt.stream_sent = True
                 with self._client_span(tm.SPAN_DECODE, d.worker_id):
-                    await self._stream(emit, run, d.generate(attempt.rid, req.prompt_token_ids, req.params,
-                                                             tm.inject(), attempt.prior), d)
+                    await self._stream(
+                        emit,
+                        run,
+                        d.generate(attempt.rid, req.prompt_token_ids, req.params, tm.inject(), attempt.prior),
+                        d,
+                    )
             else:
                 await self._remote(run, attempt, route, emit)
 
@@ -368,23 +428,35 @@ class RequestPath:
         if not attempt.prior:  # a resumed attempt's hit covers tokens that are not the prompt's
             run.trace.cached_tokens = result.cached_tokens
         done = result.first.finished
-        await self._send(emit, run, result.first, p.worker_id, prefill_worker=p.worker_id,
-                         decode_worker="" if done else d.worker_id)
+        await self._send(
+            emit, run, result.first, p.worker_id, prefill_worker=p.worker_id, decode_worker="" if done else d.worker_id
+        )
         if done:
             return
         run.stage = f"decoding on {d.worker_id}"
         attempt.stream_sent = True
         with self._client_span(tm.SPAN_DECODE, d.worker_id):
             # D replays what was sent before P's token (the prior output) and token 1, then decodes on
-            await self._stream(emit, run, d.decode(attempt.rid, req.prompt_token_ids, req.params, result,
-                                                   tm.inject(), attempt.prior), d, release_lease=True)
+            await self._stream(
+                emit,
+                run,
+                d.decode(attempt.rid, req.prompt_token_ids, req.params, result, tm.inject(), attempt.prior),
+                d,
+                release_lease=True,
+            )
 
     def _client_span(self, name: str, worker_id: str):
         """A CLIENT span around a worker call; its context goes to the worker as the call's trace_ctx."""
         return self.tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes={tm.ATTR_WORKER_ID: worker_id})
 
-    async def _stream(self, emit: Emit, run: Run, chunks: AsyncIterator[StreamChunk], worker: WorkerClient,
-                      release_lease: bool = False) -> None:
+    async def _stream(
+        self,
+        emit: Emit,
+        run: Run,
+        chunks: AsyncIterator[StreamChunk],
+        worker: WorkerClient,
+        release_lease: bool = False,
+    ) -> None:
         attempt = run.attempt
         assert attempt is not None
         idle_s = self.config.stream_idle_timeout_s
@@ -399,8 +471,10 @@ class RequestPath:
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
-                    raise WorkerStalledError(f"worker {worker.worker_id} sent nothing for {idle_s:g} s "
-                                             "(router.stream_idle_timeout_s)", worker.worker_id) from None
+                    raise WorkerStalledError(
+                        f"worker {worker.worker_id} sent nothing for {idle_s:g} s (router.stream_idle_timeout_s)",
+                        worker.worker_id,
+                    ) from None
                 if not attempt.first_chunk_seen:  # D pulled (or prefilled locally): real KV events take over
                     attempt.first_chunk_seen = True
                     if run.trace.first_arrived is None:
@@ -413,11 +487,19 @@ class RequestPath:
                 await self._send(emit, run, chunk, worker.worker_id, decode_worker=worker.worker_id)
                 if run.finished:
                     return
-        raise WorkerFailedError(f"worker {worker.worker_id} ended the stream before the request finished",
-                                worker.worker_id)
+        raise WorkerFailedError(
+            f"worker {worker.worker_id} ended the stream before the request finished", worker.worker_id
+        )
 
-    async def _send(self, emit: Emit, run: Run, chunk: StreamChunk, worker_id: str,
-                    prefill_worker: str = "", decode_worker: str = "") -> None:
+    async def _send(
+        self,
+        emit: Emit,
+        run: Run,
+        chunk: StreamChunk,
+        worker_id: str,
+        prefill_worker: str = "",
+        decode_worker: str = "",
+    ) -> None:
         response = chunk_response(chunk, worker_id)
         response.request_id = run.request.request_id  # a retry's workers know it as "<id>~retry<n>"
         if run.attempt is not None and run.attempt.prior:
@@ -475,11 +557,24 @@ class RequestPath:
         except TimeoutError:  # the call stays queued on the worker (behind an engine step) and lands later:
             # expected under overload (seen in the soak), so not a warning; a worker that never answers
             # is found by the health check
-            log.info("cleanup of %s: %s on %s not answered within %g s (a busy worker applies it later; "
-                     "a lease ends at expiry anyway)", rid, method, worker.worker_id, timeout_s)
+            log.info(
+                "cleanup of %s: %s on %s not answered within %g s (a busy worker applies it later; "
+                "a lease ends at expiry anyway)",
+                rid,
+                method,
+                worker.worker_id,
+                timeout_s,
+            )
         except Exception as exc:  # noqa: BLE001 - cleanup never raises
-            log.warning("cleanup of %s: %s(%s) on %s failed: %s: %s", rid, method, rid, worker.worker_id,
-                        type(exc).__name__, exc)
+            log.warning(
+                "cleanup of %s: %s(%s) on %s failed: %s: %s",
+                rid,
+                method,
+                rid,
+                worker.worker_id,
+                type(exc).__name__,
+                exc,
+            )
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once no request is in flight here and every cleanup has run; False after timeout_s."""

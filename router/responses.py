@@ -29,22 +29,32 @@ FINISH_REASONS = {
 
 
 def _logprob(entry: LogprobEntry) -> pb.TokenLogprob:
-    return pb.TokenLogprob(token_id=entry.token_id, logprob=entry.logprob,
-                           top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in entry.top])
+    return pb.TokenLogprob(
+        token_id=entry.token_id,
+        logprob=entry.logprob,
+        top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in entry.top],
+    )
 
 
 def chunk_response(chunk: StreamChunk, worker_id: str) -> pb.GenerateResponse:
     """The response for one chunk; `WorkerFailedError` if the chunk reports a failure."""
     if chunk.error is not None or chunk.finish_reason == "error":
-        raise WorkerFailedError(f"worker {worker_id} failed the request: {one_line(chunk.error or 'no message')}",
-                                worker_id)
-    response = pb.GenerateResponse(request_id=chunk.request_id, token_ids=chunk.token_ids, text=chunk.text,
-                                   logprobs=[_logprob(e) for e in chunk.logprobs])
+        raise WorkerFailedError(
+            f"worker {worker_id} failed the request: {one_line(chunk.error or 'no message')}", worker_id
+        )
+    response = pb.GenerateResponse(
+        request_id=chunk.request_id,
+        token_ids=chunk.token_ids,
+        text=chunk.text,
+        logprobs=[_logprob(e) for e in chunk.logprobs],
+    )
     if chunk.finished:
         reason = FINISH_REASONS.get(chunk.finish_reason or "")
         if reason is None:
-            raise WorkerFailedError(f"worker {worker_id} finished the request with an unknown finish_reason "
-                                    f"{chunk.finish_reason!r}", worker_id)
+            raise WorkerFailedError(
+                f"worker {worker_id} finished the request with an unknown finish_reason {chunk.finish_reason!r}",
+                worker_id,
+            )
         response.finish_reason = reason
         response.stop_reason = chunk.stop_reason or ""
     return response
@@ -115,15 +125,27 @@ class RequestTrace:
         first = self.first_sent if self.first_sent is not None else now
         dispatched = self.dispatched if self.dispatched is not None else self.received
         steps, proposed, accepted = self.spec
-        response.usage.CopyFrom(pb.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                                         cached_tokens=self.cached_tokens, spec_verify_steps=steps,
-                                         spec_proposed_tokens=proposed, spec_accepted_tokens=accepted,
-                                         acceptance_length=self.acceptance_length))
+        response.usage.CopyFrom(
+            pb.Usage(
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens,
+                cached_tokens=self.cached_tokens,
+                spec_verify_steps=steps,
+                spec_proposed_tokens=proposed,
+                spec_accepted_tokens=accepted,
+                acceptance_length=self.acceptance_length,
+            )
+        )
         response.retries = self.retries
-        response.timings.CopyFrom(pb.Timings(
-            time_to_first_token_s=first - self.received, total_s=now - self.received,
-            queue_s=dispatched - self.received, prefill_s=self.prefill_s, kv_transfer_s=self.kv_transfer_s,
-        ))
+        response.timings.CopyFrom(
+            pb.Timings(
+                time_to_first_token_s=first - self.received,
+                total_s=now - self.received,
+                queue_s=dispatched - self.received,
+                prefill_s=self.prefill_s,
+                kv_transfer_s=self.kv_transfer_s,
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -145,23 +167,44 @@ class ServerFacts:
 def worker_info(report: WorkerReport, draining: bool = False, indexed: int = 0) -> pb.WorkerInfo:
     s = report.status
     if s is None:
-        return pb.WorkerInfo(worker_id=report.worker_id, role=report.role, health="UNKNOWN", draining=draining,
-                             kv_blocks_indexed=indexed)
+        return pb.WorkerInfo(
+            worker_id=report.worker_id, role=report.role, health="UNKNOWN", draining=draining, kv_blocks_indexed=indexed
+        )
     return pb.WorkerInfo(
-        worker_id=s.worker_id, role=s.role, health=s.health, kv_blocks_total=s.kv_blocks_total,
-        kv_blocks_free=s.kv_blocks_free, running_requests=s.running, waiting_requests=s.waiting,
-        leased_requests=s.leased, node_id=s.node_id, device=s.device, block_size=s.block_size, dtype=s.dtype,
-        draining=draining, prefill_tokens=s.prefill_tokens, kv_blocks_indexed=indexed,
+        worker_id=s.worker_id,
+        role=s.role,
+        health=s.health,
+        kv_blocks_total=s.kv_blocks_total,
+        kv_blocks_free=s.kv_blocks_free,
+        running_requests=s.running,
+        waiting_requests=s.waiting,
+        leased_requests=s.leased,
+        node_id=s.node_id,
+        device=s.device,
+        block_size=s.block_size,
+        dtype=s.dtype,
+        draining=draining,
+        prefill_tokens=s.prefill_tokens,
+        kv_blocks_indexed=indexed,
     )
 
 
-def server_info(facts: ServerFacts, reports: Sequence[WorkerReport],
-                extras: Mapping[str, tuple[bool, int]] | None = None) -> pb.ServerInfo:
+def server_info(
+    facts: ServerFacts, reports: Sequence[WorkerReport], extras: Mapping[str, tuple[bool, int]] | None = None
+) -> pb.ServerInfo:
     """`extras`: worker -> (draining, blocks indexed by the router)."""
     extras = extras or {}
     return pb.ServerInfo(
-        model=facts.model, model_fingerprint=facts.model_fingerprint, mode=facts.mode, topology=facts.topology,
-        version=facts.version, api_version=API_VERSION, kv_transport=facts.kv_transport,
-        versions=dict(facts.versions), max_model_len=facts.max_model_len, vocab_size=facts.vocab_size,
-        workers=[worker_info(r, *extras.get(r.worker_id, (False, 0))) for r in reports], model_path=facts.model_path,
+        model=facts.model,
+        model_fingerprint=facts.model_fingerprint,
+        mode=facts.mode,
+        topology=facts.topology,
+        version=facts.version,
+        api_version=API_VERSION,
+        kv_transport=facts.kv_transport,
+        versions=dict(facts.versions),
+        max_model_len=facts.max_model_len,
+        vocab_size=facts.vocab_size,
+        workers=[worker_info(r, *extras.get(r.worker_id, (False, 0))) for r in reports],
+        model_path=facts.model_path,
     )

@@ -33,8 +33,19 @@ from dataclasses import dataclass, field
 
 from common.block_hash import BlockHash, hash_full_blocks
 from router.costs import (
-    CostWeights, DecodeTerms, PrefillTerms, ReuseMeter, decode_cost, decode_formula, decode_terms, need_blocks,
-    prefill_cost, prefill_formula, prefill_terms, rendezvous, select,
+    CostWeights,
+    DecodeTerms,
+    PrefillTerms,
+    ReuseMeter,
+    decode_cost,
+    decode_formula,
+    decode_terms,
+    need_blocks,
+    prefill_cost,
+    prefill_formula,
+    prefill_terms,
+    rendezvous,
+    select,
 )
 from router.indexer import Indexer, PredictedBlocks
 from router.placement import PlacementOption, place_by_slo
@@ -64,13 +75,16 @@ class RoutingConfig:
         if self.temperature < 0:
             raise ValueError(f"router temperature must be >= 0, got {self.temperature}")
         if self.conditional_prefill_threshold < 0:
-            raise ValueError(f"conditional_prefill_threshold must be >= 0 tokens (0 disables local prefill), "
-                             f"got {self.conditional_prefill_threshold}")
+            raise ValueError(
+                f"conditional_prefill_threshold must be >= 0 tokens (0 disables local prefill), "
+                f"got {self.conditional_prefill_threshold}"
+            )
         if self.max_prefill_queue_tokens < 1:
             raise ValueError(f"max_prefill_queue_tokens must be >= 1, got {self.max_prefill_queue_tokens}")
         if self.slo_ttft_s < 0 or self.slo_tpot_s < 0:
-            raise ValueError(f"SLO targets must be >= 0 (0: none), got ttft {self.slo_ttft_s} s, "
-                             f"tpot {self.slo_tpot_s} s")
+            raise ValueError(
+                f"SLO targets must be >= 0 (0: none), got ttft {self.slo_ttft_s} s, tpot {self.slo_tpot_s} s"
+            )
 
 
 @dataclass(frozen=True)
@@ -179,8 +193,13 @@ class PoolIndex:
 class Router:
     """Chooses (P, D) per request over a prefill pool (None: aggregated) and a decode pool."""
 
-    def __init__(self, decode: WorkerPool, prefill: WorkerPool | None = None,
-                 config: RoutingConfig = RoutingConfig(), rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        decode: WorkerPool,
+        prefill: WorkerPool | None = None,
+        config: RoutingConfig = RoutingConfig(),
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
         self.rng = rng if rng is not None else random.Random()
         self.decode = PoolIndex(decode)
@@ -204,8 +223,9 @@ class Router:
 
     # -- routing ---------------------------------------------------------------------------------
 
-    def route(self, request_id: str, prompt_ids: Sequence[int], exclude: Collection[str] = (),
-              retry: bool = False) -> Route:
+    def route(
+        self, request_id: str, prompt_ids: Sequence[int], exclude: Collection[str] = (), retry: bool = False
+    ) -> Route:
         """Choose D, then P or local, for one request; `exclude`: workers that already failed it.
 
         `retry`: a later attempt of a request routed before (its prompt is not new evidence of reuse)."""
@@ -231,7 +251,13 @@ class Router:
 
         # where the request runs whole when it is not split: D (local prefill), or P (placement by SLO)
         host_slot, host_ix, host_hashes, host_uncached, host_cached, host_decision = (
-            d_slot, d_ix, d_hashes, d_uncached, d_cached, d_decision)
+            d_slot,
+            d_ix,
+            d_hashes,
+            d_uncached,
+            d_cached,
+            d_decision,
+        )
         if p_ix is not None and cfg.slo_placement:
             p_cached = p_overlap.get(p_slot.worker_id, 0)
             p_uncached = PrefillTerms(p_slot.worker_id, n, p_cached, p_ix.pool.block_size, 0).uncached_tokens
@@ -240,7 +266,13 @@ class Router:
                 p_ix, local = None, ("slo_local", f"local: {placed[1]}")
             elif placed is not None and placed[0].kind == "whole":
                 host_slot, host_ix, host_hashes, host_uncached, host_cached, host_decision = (
-                    p_slot, p_ix, p_hashes, p_uncached, p_cached, p_decision)
+                    p_slot,
+                    p_ix,
+                    p_hashes,
+                    p_uncached,
+                    p_cached,
+                    p_decision,
+                )
                 p_ix, local = None, ("slo_whole", f"whole on {p_slot.worker_id}: {placed[1]}")
             elif placed is not None:
                 remote_why = ("slo_remote", placed[1])
@@ -250,8 +282,15 @@ class Router:
             assert local is not None
             ticket.d_tokens = host_uncached
             host_slot.prefill_tokens += host_uncached
-            route = Route(request_id, host_slot.client, None, local[1], host_decision, kind=local[0],
-                          decode_cached_blocks=host_cached)
+            route = Route(
+                request_id,
+                host_slot.client,
+                None,
+                local[1],
+                host_decision,
+                kind=local[0],
+                decode_cached_blocks=host_cached,
+            )
         else:
             p_terms = PrefillTerms(p_slot.worker_id, n, p_overlap.get(p_slot.worker_id, 0), p_ix.pool.block_size, 0)
             ticket.p_slot, ticket.p_tokens = p_slot, p_terms.uncached_tokens
@@ -261,13 +300,25 @@ class Router:
             p_ix.predicted.add(request_id, p_slot.worker_id, p_hashes)
             ticket.predicted.append(p_ix.predicted)
             threshold = cfg.conditional_prefill_threshold
-            kind, why = ("long" if threshold else "disabled",
-                         f"{d_uncached} uncached tokens on {d_slot.worker_id} > threshold {threshold}" if threshold
-                         else "local prefill disabled (threshold 0)")
+            kind, why = (
+                "long" if threshold else "disabled",
+                f"{d_uncached} uncached tokens on {d_slot.worker_id} > threshold {threshold}"
+                if threshold
+                else "local prefill disabled (threshold 0)",
+            )
             if remote_why is not None:
                 kind, why = remote_why
-            route = Route(request_id, d_slot.client, p_slot.client, f"remote: {why}", d_decision, p_decision,
-                          kind=kind, decode_cached_blocks=d_cached, prefill_cached_blocks=p_terms.cached_blocks)
+            route = Route(
+                request_id,
+                d_slot.client,
+                p_slot.client,
+                f"remote: {why}",
+                d_decision,
+                p_decision,
+                kind=kind,
+                decode_cached_blocks=d_cached,
+                prefill_cached_blocks=p_terms.cached_blocks,
+            )
         self._tickets[request_id] = ticket
         if not retry:  # booked: this prompt now counts as evidence of reuse, once (not per attempt or failed try)
             reuse_ix = self.decode if self.aggregated else self.prefill
@@ -276,8 +327,9 @@ class Router:
             decision_log.debug(route.describe())
         return route
 
-    def _place(self, d_slot: WorkerSlot, d_uncached: int, p_slot: WorkerSlot, p_uncached: int
-               ) -> tuple[PlacementOption, str] | None:
+    def _place(
+        self, d_slot: WorkerSlot, d_uncached: int, p_slot: WorkerSlot, p_uncached: int
+    ) -> tuple[PlacementOption, str] | None:
         """Placement by SLO: (the chosen option, the reason with every option's figures), or None while either
         worker's performance model is not ready (the fixed choice, remote, stands)."""
         cfg = self.config
@@ -293,9 +345,14 @@ class Router:
         p_ttft = pp.prefill_s(p_slot.prefill_tokens + p_uncached)
         remote = PlacementOption("remote", d_slot.worker_id, p_ttft, pd.tpot_s(d_run + 1))
         whole = PlacementOption("whole", p_slot.worker_id, p_ttft + pp.per_seq_s * p_run, pp.tpot_s(p_run + 1))
-        local = PlacementOption("local", d_slot.worker_id,
-                                pd.prefill_s(d_slot.prefill_tokens + d_uncached) + pd.per_seq_s * d_run,
-                                pd.tpot_s(d_run + 1), stall_s=pd.prefill_s(d_uncached), stalled=d_run)
+        local = PlacementOption(
+            "local",
+            d_slot.worker_id,
+            pd.prefill_s(d_slot.prefill_tokens + d_uncached) + pd.per_seq_s * d_run,
+            pd.tpot_s(d_run + 1),
+            stall_s=pd.prefill_s(d_uncached),
+            stalled=d_run,
+        )
         options = (remote, whole, local)
         chosen = place_by_slo(options, cfg.slo_ttft_s, cfg.slo_tpot_s)
         why = "; ".join(o.describe(cfg.slo_ttft_s, cfg.slo_tpot_s) for o in options)
@@ -321,24 +378,32 @@ class Router:
             return "saturated", f"local: prefill pool saturated (least queued {least} >= {limit} tokens)"
         return None
 
-    def _choose_prefill(self, ix: PoolIndex, n: int, hashes: Sequence[BlockHash], overlap: dict[str, int],
-                        exclude: Collection[str] = ()) -> tuple[WorkerSlot, KVDecision | Decision]:
+    def _choose_prefill(
+        self, ix: PoolIndex, n: int, hashes: Sequence[BlockHash], overlap: dict[str, int], exclude: Collection[str] = ()
+    ) -> tuple[WorkerSlot, KVDecision | Decision]:
         bs = ix.pool.block_size
         # the rendezvous key: the first block no worker holds (the last one if some worker holds them all)
         key = hashes[min(max(overlap.values(), default=0), len(hashes) - 1)] if hashes else None
         reuse = ix.reuse.share  # of the prompts before this one (this one's own match is in `overlap`)
-        return self._choose(ix.pool, lambda s: prefill_terms(s, n, overlap.get(s.worker_id, 0), bs,
-                                                             ix.indexer.num_blocks(s.worker_id), reuse),
-                            prefill_cost, exclude, home_key=key)
+        return self._choose(
+            ix.pool,
+            lambda s: prefill_terms(s, n, overlap.get(s.worker_id, 0), bs, ix.indexer.num_blocks(s.worker_id), reuse),
+            prefill_cost,
+            exclude,
+            home_key=key,
+        )
 
-    def _choose_decode(self, ix: PoolIndex, n: int, overlap: dict[str, int], exclude: Collection[str] = ()
-                       ) -> tuple[WorkerSlot, KVDecision | Decision]:
+    def _choose_decode(
+        self, ix: PoolIndex, n: int, overlap: dict[str, int], exclude: Collection[str] = ()
+    ) -> tuple[WorkerSlot, KVDecision | Decision]:
         bs = ix.pool.block_size
-        return self._choose(ix.pool, lambda s: decode_terms(s, n, overlap.get(s.worker_id, 0), bs), decode_cost,
-                            exclude)
+        return self._choose(
+            ix.pool, lambda s: decode_terms(s, n, overlap.get(s.worker_id, 0), bs), decode_cost, exclude
+        )
 
-    def _choose(self, pool: WorkerPool, terms_of, cost, exclude: Collection[str] = (), home_key: bytes | None = None
-                ) -> tuple[WorkerSlot, KVDecision | Decision]:
+    def _choose(
+        self, pool: WorkerPool, terms_of, cost, exclude: Collection[str] = (), home_key: bytes | None = None
+    ) -> tuple[WorkerSlot, KVDecision | Decision]:
         """The pool's load-blind choice, or (policy kv) the cheapest eligible worker by `cost(terms_of(slot))`."""
         if self.config.policy is not Policy.KV:
             client, decision = pool.choose(self.config.policy, exclude)
@@ -350,8 +415,10 @@ class Router:
         terms = [terms_of(s) for s in slots]
         home = None
         if home_key is not None:
+
             def home(tied: list[int]) -> int:
                 return tied[rendezvous(home_key, [slots[i].worker_id for i in tied])]
+
         pick = select([cost(t, w) for t in terms], self.config.temperature, self.rng, home)
         return slots[pick], KVDecision(pool.role, tuple(terms), w, slots[pick].worker_id, self.config.temperature)
 

@@ -26,12 +26,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from common.telemetry import Tracing
+from router.config import RequestPathConfig
 from router.errors import status_for
 from router.grpc_port import SERVICE_NAME, Undecodable
 from router.membership import Membership
 from router.metrics import RouterMetrics
 from router.pools import WorkerPool, WorkerReport
-from router.config import RequestPathConfig
 from router.request_path import Ended, RequestPath
 from router.responses import ServerFacts, server_info
 from router.routing import RoutingConfig
@@ -61,24 +61,48 @@ class _Health(health.aio.HealthServicer):
 class GenerationService(pb_grpc.GenerationServicer):
     """tandem.v1.Generation over a request path. `prefill=None` means aggregated mode (`decode` holds W)."""
 
-    def __init__(self, *, validator: RequestValidator | None = None, decode: WorkerPool | None = None,
-                 prefill: WorkerPool | None = None, info_source: ServerInfoSource | None = None,
-                 max_inflight: int = 256, request_timeout_s: float = 600.0,
-                 cleanup_timeout_s: float = 5.0, status_timeout_s: float = 2.0,
-                 routing: RoutingConfig | None = None, rng: random.Random | None = None,
-                 metrics: RouterMetrics | None = None, tracing: Tracing | None = None,
-                 retry_after_ms: int = 1000, max_retries: int = 3, failover_wait_s: float = 30.0,
-                 stream_idle_timeout_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
-                 path: RequestPath | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        validator: RequestValidator | None = None,
+        decode: WorkerPool | None = None,
+        prefill: WorkerPool | None = None,
+        info_source: ServerInfoSource | None = None,
+        max_inflight: int = 256,
+        request_timeout_s: float = 600.0,
+        cleanup_timeout_s: float = 5.0,
+        status_timeout_s: float = 2.0,
+        routing: RoutingConfig | None = None,
+        rng: random.Random | None = None,
+        metrics: RouterMetrics | None = None,
+        tracing: Tracing | None = None,
+        retry_after_ms: int = 1000,
+        max_retries: int = 3,
+        failover_wait_s: float = 30.0,
+        stream_idle_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        path: RequestPath | None = None,
+    ) -> None:
         if path is None:
             if decode is None:
                 raise ValueError("GenerationService needs a request path, or the pools (decode=...) to build one")
-            membership = Membership(decode, prefill, routing=routing, rng=rng, status_timeout_s=status_timeout_s,
-                                    cleanup_timeout_s=cleanup_timeout_s)
+            membership = Membership(
+                decode,
+                prefill,
+                routing=routing,
+                rng=rng,
+                status_timeout_s=status_timeout_s,
+                cleanup_timeout_s=cleanup_timeout_s,
+            )
             config = RequestPathConfig(
-                max_inflight=max_inflight, request_timeout_s=request_timeout_s, cleanup_timeout_s=cleanup_timeout_s,
-                retry_after_ms=retry_after_ms, max_retries=max_retries, failover_wait_s=failover_wait_s,
-                stream_idle_timeout_s=stream_idle_timeout_s)
+                max_inflight=max_inflight,
+                request_timeout_s=request_timeout_s,
+                cleanup_timeout_s=cleanup_timeout_s,
+                retry_after_ms=retry_after_ms,
+                max_retries=max_retries,
+                failover_wait_s=failover_wait_s,
+                stream_idle_timeout_s=stream_idle_timeout_s,
+            )
             path = RequestPath(membership, validator, config, metrics=metrics, tracing=tracing, clock=clock)
         self.path, self.membership = path, path.membership
         self.info_source = info_source
@@ -182,8 +206,9 @@ class GenerationService(pb_grpc.GenerationServicer):
     # -- Generate ---------------------------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
-        ended = await self.path.run(request, context.write, deadline_s=context.time_remaining(),
-                                    carrier=context.invocation_metadata())
+        ended = await self.path.run(
+            request, context.write, deadline_s=context.time_remaining(), carrier=context.invocation_metadata()
+        )
         if not ended.ok:
             self._set_status(context, ended)
 
@@ -196,13 +221,13 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     # -- GetServerInfo ----------------------------------------------------------------------------
 
-    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
-                            ) -> pb.ServerInfo:
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
         if isinstance(request, Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
-            return server_info(self.info_source(), await self.membership.worker_reports(),
-                               self.membership.worker_extras())
+            return server_info(
+                self.info_source(), await self.membership.worker_reports(), self.membership.worker_extras()
+            )
         except Exception as exc:  # noqa: BLE001 - one line to the client, the traceback to the log
             log.exception("GetServerInfo failed")
             code, message = status_for(exc)

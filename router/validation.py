@@ -71,7 +71,9 @@ class ModelFacts:
         first = infos[0]
         for info in infos[1:]:
             if (info.fingerprint, info.vocab_size, info.max_model_len) != (
-                first.fingerprint, first.vocab_size, first.max_model_len
+                first.fingerprint,
+                first.vocab_size,
+                first.max_model_len,
             ):
                 raise ValueError(
                     f"workers serve different models: {first.name} ({first.fingerprint}, vocab {first.vocab_size}, "
@@ -89,9 +91,11 @@ class ValidatedRequest:
     input_kind: str  # "prompt" | "token_ids" | "chat" (for logs; never the prompt itself)
 
     def __repr__(self) -> str:  # lengths only: prompts are user data
-        return (f"ValidatedRequest(id={self.request_id!r}, {self.input_kind}, "
-                f"prompt_tokens={len(self.prompt_token_ids)}, "
-                f"max_tokens={self.params.max_tokens})")
+        return (
+            f"ValidatedRequest(id={self.request_id!r}, {self.input_kind}, "
+            f"prompt_tokens={len(self.prompt_token_ids)}, "
+            f"max_tokens={self.params.max_tokens})"
+        )
 
 
 def _default_ids() -> Callable[[], str]:
@@ -107,16 +111,23 @@ def _f32(value: float) -> float:
 class RequestValidator:
     """Validates requests against one model's facts; `tokenizer` comes from a worker."""
 
-    def __init__(self, facts: ModelFacts, tokenizer: Tokenizer, new_request_id: Callable[[], str] | None = None,
-                 max_prompt_tokens: int | None = None, max_tokens: int | None = None):
+    def __init__(
+        self,
+        facts: ModelFacts,
+        tokenizer: Tokenizer,
+        new_request_id: Callable[[], str] | None = None,
+        max_prompt_tokens: int | None = None,
+        max_tokens: int | None = None,
+    ):
         """`max_prompt_tokens` / `max_tokens`: the operator's per-request caps (None: the model's limits only)."""
         self.facts = facts
         self.tokenizer = tokenizer
         self._new_id = new_request_id or _default_ids()
         self.max_prompt_tokens, self.max_tokens = max_prompt_tokens, max_tokens
 
-    def validate(self, request: pb.GenerateRequest, in_flight: Container[str] = (),
-                 fill_max_tokens: bool = False) -> ValidatedRequest:
+    def validate(
+        self, request: pb.GenerateRequest, in_flight: Container[str] = (), fill_max_tokens: bool = False
+    ) -> ValidatedRequest:
         """The request ready for the workers, or `RequestValidationError` saying what to change.
         `fill_max_tokens`: an unset max_tokens means the rest of the context (and of the smallest KV
         cache, and the server's cap), as OpenAI's chat API has it, instead of the default 16."""
@@ -124,12 +135,15 @@ class RequestValidator:
         params = self.sampling_params(request.sampling)
         kind = request.WhichOneof("input")
         if self.max_tokens is not None and params.max_tokens > self.max_tokens:
-            raise RequestValidationError(f"max_tokens is {params.max_tokens}; this server allows at most "
-                                         f"{self.max_tokens} per request")
+            raise RequestValidationError(
+                f"max_tokens is {params.max_tokens}; this server allows at most {self.max_tokens} per request"
+            )
         prompt = self.prompt_token_ids(request)
         if self.max_prompt_tokens is not None and len(prompt) > self.max_prompt_tokens:
-            raise RequestValidationError(f"prompt has {len(prompt)} tokens; this server allows at most "
-                                         f"{self.max_prompt_tokens} per request; shorten the prompt")
+            raise RequestValidationError(
+                f"prompt has {len(prompt)} tokens; this server allows at most "
+                f"{self.max_prompt_tokens} per request; shorten the prompt"
+            )
         if fill_max_tokens and not request.sampling.HasField("max_tokens"):
             room = min(self.facts.max_model_len, self.facts.kv_capacity_tokens) - len(prompt)
             if self.max_tokens is not None:
@@ -151,8 +165,10 @@ class RequestValidator:
         if not request_id.isprintable():
             raise RequestValidationError("request_id must contain printable characters only (no control characters)")
         if RETRY_ID_MARKER in request_id:
-            raise RequestValidationError(f"request_id must not contain {RETRY_ID_MARKER!r} (the router names "
-                                         "retries of a request so); choose another id (or leave it empty)")
+            raise RequestValidationError(
+                f"request_id must not contain {RETRY_ID_MARKER!r} (the router names "
+                "retries of a request so); choose another id (or leave it empty)"
+            )
         if request_id in in_flight:
             raise RequestValidationError(
                 f"request_id {request_id!r} is already in flight; use a unique id (or leave it empty)"
@@ -174,8 +190,9 @@ class RequestValidator:
                     f"sampling.stop_token_ids[{i}] = {token_id} is outside the vocabulary [0, {vocab})"
                 )
         try:
-            return SamplingParams(stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
-                                  ignore_eos=s.ignore_eos, **kwargs)
+            return SamplingParams(
+                stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos, **kwargs
+            )
         except InvalidSamplingParamsError as exc:
             raise RequestValidationError(f"sampling: {exc}") from None
 

@@ -46,16 +46,33 @@ class WorkerClient(Protocol):
     # prior_ids: output the request already streamed (resumed after a failure): the worker prefills
     # prompt + them and continues after them (engine/engine_core.py, EngineCore.resume)
 
-    async def prefill(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                      trace_ctx: dict[str, str] | None = None, prior_ids: Sequence[int] = ()) -> PrefillResult: ...
+    async def prefill(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: Sequence[int] = (),
+    ) -> PrefillResult: ...
 
-    def decode(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-               prefill: PrefillResult, trace_ctx: dict[str, str] | None = None,
-               prior_ids: Sequence[int] = ()) -> AsyncIterator[StreamChunk]: ...
+    def decode(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        prefill: PrefillResult,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: Sequence[int] = (),
+    ) -> AsyncIterator[StreamChunk]: ...
 
-    def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                 trace_ctx: dict[str, str] | None = None, prior_ids: Sequence[int] = ()
-                 ) -> AsyncIterator[StreamChunk]: ...
+    def generate(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: Sequence[int] = (),
+    ) -> AsyncIterator[StreamChunk]: ...
 
     async def abort(self, request_id: str) -> bool: ...
 
@@ -73,8 +90,14 @@ class WorkerClient(Protocol):
 def _unavailable_types() -> tuple[type[BaseException], ...]:
     import ray.exceptions as rex
 
-    return (rex.RayActorError, rex.NodeDiedError, rex.WorkerCrashedError, rex.LocalRayletDiedError,
-            rex.ObjectLostError, rex.ActorUnschedulableError)
+    return (
+        rex.RayActorError,
+        rex.NodeDiedError,
+        rex.WorkerCrashedError,
+        rex.LocalRayletDiedError,
+        rex.ObjectLostError,
+        rex.ActorUnschedulableError,
+    )
 
 
 def translate_ray_error(exc: BaseException, worker_id: str) -> BaseException:
@@ -87,12 +110,15 @@ def translate_ray_error(exc: BaseException, worker_id: str) -> BaseException:
     if isinstance(cause, (EngineError, WorkerError)):
         return cause  # typed: status_for maps each kind (bad input, admission, transfer) to its own code
     if isinstance(cause, _unavailable_types()):
-        return WorkerUnavailableError(f"worker {worker_id} is unavailable: {one_line(type(cause).__name__)}: "
-                                      f"{one_line(str(cause), 300)}", worker_id)
+        return WorkerUnavailableError(
+            f"worker {worker_id} is unavailable: {one_line(type(cause).__name__)}: {one_line(str(cause), 300)}",
+            worker_id,
+        )
     if isinstance(cause, (WorkerUnavailableError, WorkerFailedError)):
         return cause
-    return WorkerFailedError(f"worker {worker_id} failed: {type(cause).__name__}: {one_line(str(cause), 300)}",
-                             worker_id)
+    return WorkerFailedError(
+        f"worker {worker_id} failed: {type(cause).__name__}: {one_line(str(cause), 300)}", worker_id
+    )
 
 
 def _cancel_quietly(gen: Any) -> None:
@@ -136,18 +162,35 @@ class RayWorkerClient:
             if not done and gen is not None:  # the consumer went away: stop the worker's generator too
                 _cancel_quietly(gen)
 
-    async def prefill(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                      trace_ctx: dict[str, str] | None = None, prior_ids: Sequence[int] = ()) -> PrefillResult:
+    async def prefill(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: Sequence[int] = (),
+    ) -> PrefillResult:
         return await self._call("prefill", request_id, list(prompt_ids), params, trace_ctx, list(prior_ids))
 
-    def decode(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-               prefill: PrefillResult, trace_ctx: dict[str, str] | None = None,
-               prior_ids: Sequence[int] = ()) -> AsyncIterator[StreamChunk]:
+    def decode(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        prefill: PrefillResult,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: Sequence[int] = (),
+    ) -> AsyncIterator[StreamChunk]:
         return self._stream("decode", request_id, list(prompt_ids), params, prefill, trace_ctx, list(prior_ids))
 
-    def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                 trace_ctx: dict[str, str] | None = None, prior_ids: Sequence[int] = ()
-                 ) -> AsyncIterator[StreamChunk]:
+    def generate(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: Sequence[int] = (),
+    ) -> AsyncIterator[StreamChunk]:
         return self._stream("generate", request_id, list(prompt_ids), params, trace_ctx, list(prior_ids))
 
     async def abort(self, request_id: str) -> bool:

@@ -84,10 +84,17 @@ def stale(files: dict[str, str], package_dir: Path) -> list[str]:
         path = package_dir / rel
         committed = path.read_text(encoding="utf-8") if path.exists() else ""
         if committed != fresh:
-            diffs.append("".join(difflib.unified_diff(
-                committed.splitlines(keepends=True), fresh.splitlines(keepends=True),
-                fromfile=f"committed/{OUT_PACKAGE}/{rel}", tofile=f"generated/{OUT_PACKAGE}/{rel}",
-            )) or f"{OUT_PACKAGE}/{rel} differs\n")
+            diffs.append(
+                "".join(
+                    difflib.unified_diff(
+                        committed.splitlines(keepends=True),
+                        fresh.splitlines(keepends=True),
+                        fromfile=f"committed/{OUT_PACKAGE}/{rel}",
+                        tofile=f"generated/{OUT_PACKAGE}/{rel}",
+                    )
+                )
+                or f"{OUT_PACKAGE}/{rel} differs\n"
+            )
     return diffs
 
 
@@ -101,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         diffs = stale(files, args.out)
         if diffs:
             sys.stdout.write("".join(diffs))
-            print(f"\n{len(diffs)} generated file(s) under {args.out} are stale: run scripts/gen_proto.py",
-                  file=sys.stderr)
+            print(
+                f"\n{len(diffs)} generated file(s) under {args.out} are stale: run scripts/gen_proto.py",
+                file=sys.stderr,
+            )
             return 1
         print(f"{len(files)} generated files under {args.out} are up to date")
         return 0

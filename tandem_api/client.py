@@ -33,8 +33,13 @@ SAMPLING_FIELDS = frozenset(pb.SamplingOptions.DESCRIPTOR.fields_by_name)  # eve
 Chat = Sequence[Mapping[str, str] | tuple[str, str]]
 
 
-def build_request(prompt: str | None = None, token_ids: Iterable[int] | None = None, chat: Chat | None = None,
-                  request_id: str = "", **sampling: Any) -> pb.GenerateRequest:
+def build_request(
+    prompt: str | None = None,
+    token_ids: Iterable[int] | None = None,
+    chat: Chat | None = None,
+    request_id: str = "",
+    **sampling: Any,
+) -> pb.GenerateRequest:
     """A GenerateRequest from exactly one of prompt / token_ids / chat plus sampling keywords."""
     inputs = (("prompt", prompt), ("token_ids", token_ids), ("chat", chat))
     given = [name for name, value in inputs if value is not None]
@@ -60,17 +65,26 @@ def build_request(prompt: str | None = None, token_ids: Iterable[int] | None = N
 class TandemClient:
     """A channel to one Tandem router. Thread-safe (gRPC channels are)."""
 
-    def __init__(self, target: str, *, options: Sequence[tuple[str, Any]] = (), token: str | None = None,
-                 tls_ca: bytes | None = None, tls_cert: bytes | None = None, tls_key: bytes | None = None,
-                 tls: bool = False) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        options: Sequence[tuple[str, Any]] = (),
+        token: str | None = None,
+        tls_ca: bytes | None = None,
+        tls_cert: bytes | None = None,
+        tls_key: bytes | None = None,
+        tls: bool = False,
+    ) -> None:
         """`token`: sent as `authorization: Bearer <token>` on every call. TLS when `tls` or any tls_*
         is given: `tls_ca` (PEM) verifies the server (None: the system roots); `tls_cert` + `tls_key` (PEM)
         are this client's certificate for mutual TLS."""
         self.target = target
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         if tls or tls_ca or tls_cert:
-            creds = grpc.ssl_channel_credentials(root_certificates=tls_ca, private_key=tls_key,
-                                                 certificate_chain=tls_cert)
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=tls_ca, private_key=tls_key, certificate_chain=tls_cert
+            )
             self._channel = grpc.secure_channel(target, creds, options=list(options))
         else:
             self._channel = grpc.insecure_channel(target, options=list(options))
@@ -87,8 +101,16 @@ class TandemClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def generate(self, prompt: str | None = None, *, token_ids: Iterable[int] | None = None, chat: Chat | None = None,
-                 request_id: str = "", timeout: float | None = None, **sampling: Any) -> Iterator[pb.GenerateResponse]:
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        token_ids: Iterable[int] | None = None,
+        chat: Chat | None = None,
+        request_id: str = "",
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> Iterator[pb.GenerateResponse]:
         """Streams the responses of one request; the last has finish_reason, usage and timings.
 
         Closing the iterator early (or dropping it) cancels the call on the server.
@@ -115,21 +137,29 @@ class TandemClient:
 
     def add_workers(self, pool: str, count: int = 1, timeout: float | None = 900.0) -> apb.AddWorkersResponse:
         """Start `count` workers in pool "prefill" or "decode"; returns once they take requests."""
-        return self._admin.AddWorkers(apb.AddWorkersRequest(pool=pool, count=count), timeout=timeout,
-                                      metadata=self._metadata)
+        return self._admin.AddWorkers(
+            apb.AddWorkersRequest(pool=pool, count=count), timeout=timeout, metadata=self._metadata
+        )
 
-    def remove_worker(self, worker_id: str, drain_timeout_s: float = 0.0,
-                      timeout: float | None = 900.0) -> apb.RemoveWorkerResponse:
+    def remove_worker(
+        self, worker_id: str, drain_timeout_s: float = 0.0, timeout: float | None = 900.0
+    ) -> apb.RemoveWorkerResponse:
         """Drain a worker (running requests finish) and stop it; drain_timeout_s 0 = the server's default."""
-        return self._admin.RemoveWorker(apb.RemoveWorkerRequest(worker_id=worker_id, drain_timeout_s=drain_timeout_s),
-                                        timeout=timeout, metadata=self._metadata)
+        return self._admin.RemoveWorker(
+            apb.RemoveWorkerRequest(worker_id=worker_id, drain_timeout_s=drain_timeout_s),
+            timeout=timeout,
+            metadata=self._metadata,
+        )
 
-    def scale_pool(self, pool: str, replicas: int, drain_timeout_s: float = 0.0,
-                   timeout: float | None = 900.0) -> apb.ScalePoolResponse:
+    def scale_pool(
+        self, pool: str, replicas: int, drain_timeout_s: float = 0.0, timeout: float | None = 900.0
+    ) -> apb.ScalePoolResponse:
         """Grow or shrink a pool to `replicas` workers (removing the newest first)."""
-        return self._admin.ScalePool(apb.ScalePoolRequest(pool=pool, replicas=replicas,
-                                                          drain_timeout_s=drain_timeout_s), timeout=timeout,
-                                     metadata=self._metadata)
+        return self._admin.ScalePool(
+            apb.ScalePoolRequest(pool=pool, replicas=replicas, drain_timeout_s=drain_timeout_s),
+            timeout=timeout,
+            metadata=self._metadata,
+        )
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         """The grpc.health.v1 status name of `service` ("" = the whole server), e.g. "SERVING"."""
@@ -138,8 +168,7 @@ class TandemClient:
 
     def wait_until_serving(self, timeout: float = 60.0, service: str = "") -> None:
         """Blocks until health reports SERVING (watching it, no polling); TimeoutError after `timeout` s."""
-        watch = self._health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=timeout,
-                                   wait_for_ready=True)
+        watch = self._health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=True)
         try:
             for response in watch:
                 if response.status == health_pb2.HealthCheckResponse.SERVING:

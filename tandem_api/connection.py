@@ -45,6 +45,10 @@ def first_token(path: str) -> str:
 
 def connection_settings(args: argparse.Namespace) -> dict[str, Any]:
     """TandemClient / GrpcTarget keywords from the flags; ValueError naming an unreadable file."""
-    return {"token": first_token(args.token_file) if args.token_file else None, "tls": bool(args.tls),
-            "tls_ca": _read(args.tls_ca, "--tls-ca"), "tls_cert": _read(args.tls_cert, "--tls-cert"),
-            "tls_key": _read(args.tls_key, "--tls-key")}
+    return {
+        "token": first_token(args.token_file) if args.token_file else None,
+        "tls": bool(args.tls),
+        "tls_ca": _read(args.tls_ca, "--tls-ca"),
+        "tls_cert": _read(args.tls_cert, "--tls-cert"),
+        "tls_key": _read(args.tls_key, "--tls-key"),
+    }

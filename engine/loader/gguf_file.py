@@ -90,7 +90,9 @@ def _check_architecture(meta: dict[str, Any], path: str) -> str:
     return str(arch)
 
 
-def parse_gguf_config(meta: dict[str, Any], tensor_names: set[str], path: str, eos_token_ids: tuple[int, ...]) -> ModelConfig:
+def parse_gguf_config(
+    meta: dict[str, Any], tensor_names: set[str], path: str, eos_token_ids: tuple[int, ...]
+) -> ModelConfig:
     """`ModelConfig` from GGUF metadata (`path` names the file in errors)."""
     arch = _check_architecture(meta, path)
     hidden = int(_key(meta, f"{arch}.embedding_length", path))
@@ -98,11 +100,15 @@ def parse_gguf_config(meta: dict[str, Any], tensor_names: set[str], path: str, e
     head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // max(heads, 1)))
     rope_dim = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
     if rope_dim != head_dim:
-        raise UnsupportedModelError(f"{path}: partial rotary (rope dim {rope_dim} of head dim {head_dim}) is not supported")
+        raise UnsupportedModelError(
+            f"{path}: partial rotary (rope dim {rope_dim} of head dim {head_dim}) is not supported"
+        )
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", None) or "rope_freqs.weight" in tensor_names:
         kind = scaling if scaling not in ("none", None) else "rope_freqs (Llama 3.1 style)"
-        raise UnsupportedModelError(f"{path}: GGUF rope scaling {kind!r} is not supported; load the HF directory instead")
+        raise UnsupportedModelError(
+            f"{path}: GGUF rope scaling {kind!r} is not supported; load the HF directory instead"
+        )
     tokens = meta.get("tokenizer.ggml.tokens") or []
     try:
         return ModelConfig(
@@ -119,7 +125,9 @@ def parse_gguf_config(meta: dict[str, Any], tensor_names: set[str], path: str, e
             max_position_embeddings=int(_key(meta, f"{arch}.context_length", path)),
             tie_word_embeddings="output.weight" not in tensor_names,
             attention_bias=arch == "qwen2",
-            bos_token_id=int(meta["tokenizer.ggml.bos_token_id"]) if meta.get("tokenizer.ggml.bos_token_id") is not None else None,
+            bos_token_id=int(meta["tokenizer.ggml.bos_token_id"])
+            if meta.get("tokenizer.ggml.bos_token_id") is not None
+            else None,
             eos_token_ids=eos_token_ids,
             name=str(meta.get("general.name", Path(path).stem)),
         )
@@ -142,7 +150,9 @@ def load_gguf_file(path: str | Path) -> ModelSource:
     for tensor in reader.tensors:
         name = hf_name(str(tensor.name))
         if name is None:
-            raise UnsupportedModelError(f"{path}: tensor {tensor.name} has no counterpart in a {config.architecture} model")
+            raise UnsupportedModelError(
+                f"{path}: tensor {tensor.name} has no counterpart in a {config.architecture} model"
+            )
         found[name] = tuple(int(d) for d in reversed(tensor.shape.tolist()))
     check_weight_shapes(found, config, path)
     table = [(str(t.name), tuple(int(d) for d in t.shape.tolist()), t.tensor_type.name) for t in reader.tensors]

@@ -69,7 +69,9 @@ _QWEN2_PRES = frozenset({"qwen2", "deepseek-r1-qwen", "megrez"})
 @lru_cache(maxsize=1)
 def byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table = {b: chr(b) for b in printable}
     shift = 0
     for b in range(256):
@@ -214,7 +216,9 @@ def _sentencepiece_backend(
         merges = derive_merges(tokens, scores)
     unk_id = _meta(meta, "unknown_token_id")
     unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
-    backend = BackendTokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None))
+    backend = BackendTokenizer(
+        BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None)
+    )
     prefix = bool(_meta(meta, "add_space_prefix", True))
     backend.normalizer = None
     backend.pre_tokenizer = pre_tokenizers.Metaspace(

@@ -44,7 +44,9 @@ def load_hf_dir(directory: str | Path) -> ModelSource:
     tensors = {}
     for file in files:
         tensors.update(_read_header(file))
-    extra_eos = _eos_ids(raw.get("eos_token_id"), config_file) + _eos_ids(generation.get("eos_token_id"), generation_file)
+    extra_eos = _eos_ids(raw.get("eos_token_id"), config_file) + _eos_ids(
+        generation.get("eos_token_id"), generation_file
+    )
     tokenizer = load_hf_tokenizer(directory, extra_eos)
     config = parse_hf_config(raw, str(config_file), eos_token_ids=tokenizer.eos_token_ids, name=directory.name)
     found = {name: shape for name, (shape, _) in tensors.items() if _keep(name, config)}
@@ -80,11 +82,15 @@ def _eos_ids(value: Any, where: Path) -> list[int]:
 def _architecture(raw: dict[str, Any], where: str) -> str:
     architectures = raw.get("architectures") or []
     model_type = raw.get("model_type")
-    supported = f"supported: {', '.join(HF_ARCHITECTURES)} (model_type {', '.join(sorted(set(HF_ARCHITECTURES.values())))})"
+    supported = (
+        f"supported: {', '.join(HF_ARCHITECTURES)} (model_type {', '.join(sorted(set(HF_ARCHITECTURES.values())))})"
+    )
     if architectures:
         if isinstance(architectures, list) and architectures[0] in HF_ARCHITECTURES:
             return HF_ARCHITECTURES[architectures[0]]
-        raise UnsupportedModelError(f"{where}: architecture {architectures!r} (model_type {model_type!r}) is not supported; {supported}")
+        raise UnsupportedModelError(
+            f"{where}: architecture {architectures!r} (model_type {model_type!r}) is not supported; {supported}"
+        )
     if model_type in HF_ARCHITECTURES.values():
         return str(model_type)
     raise UnsupportedModelError(f"{where}: model_type {model_type!r} is not supported; {supported}")

@@ -79,7 +79,10 @@ def load_hf_tokenizer(directory: Path, extra_eos_token_ids: Iterable[int] = ()) 
         raise ModelLoadError(f"{tokenizer_file} cannot be loaded: {exc}") from exc
     config_file = directory / "tokenizer_config.json"
     config = read_json(config_file)
-    tokens = {key: _token_string(config.get(key), key, config_file) for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    tokens = {
+        key: _token_string(config.get(key), key, config_file)
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+    }
     return Tokenizer(
         backend,
         **tokens,

@@ -119,9 +119,7 @@ def check_weight_shapes(found: Mapping[str, tuple[int, ...]], config: ModelConfi
         )
     missing = sorted(set(expected) - set(found), key=_natural_key)
     if missing:
-        raise ModelLoadError(
-            f"{where} lacks {len(missing)} tensor(s) the config needs, e.g. {', '.join(missing[:5])}"
-        )
+        raise ModelLoadError(f"{where} lacks {len(missing)} tensor(s) the config needs, e.g. {', '.join(missing[:5])}")
     for name, shape in expected.items():
         if tuple(found[name]) != shape:
             raise ModelLoadError(
@@ -134,7 +132,11 @@ def _natural_key(name: str) -> list[object]:
 
 
 def compute_fingerprint(
-    fmt: str, config: ModelConfig, tensors: Iterable[tuple[str, tuple[int, ...], str]], files: Iterable[str], extra: bytes = b""
+    fmt: str,
+    config: ModelConfig,
+    tensors: Iterable[tuple[str, tuple[int, ...], str]],
+    files: Iterable[str],
+    extra: bytes = b"",
 ) -> str:
     """sha256 over config, tensor table, `extra` bytes, and size + bytes of each file
     (all bytes below 32 MiB, else 16 evenly spaced 4 KiB samples)."""

@@ -61,20 +61,31 @@ class AttentionMetadata:
 
     def to(self, device: torch.device) -> AttentionMetadata:
         """A copy on `device` (ranks of a worker on other devices receive the leader's metadata)."""
+
         def mv(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
         return AttentionMetadata(
-            slot_block=self.slot_block.to(device), slot_offset=self.slot_offset.to(device),
-            slot_mapping=self.slot_mapping.to(device), num_decode=self.num_decode,
-            decode_groups=[DecodeGroup(g.start, g.end, g.block_table.to(device), g.mask.to(device), mv(g.lens))
-                           for g in self.decode_groups],
+            slot_block=self.slot_block.to(device),
+            slot_offset=self.slot_offset.to(device),
+            slot_mapping=self.slot_mapping.to(device),
+            num_decode=self.num_decode,
+            decode_groups=[
+                DecodeGroup(g.start, g.end, g.block_table.to(device), g.mask.to(device), mv(g.lens))
+                for g in self.decode_groups
+            ],
             prefills=[PrefillChunk(c.start, c.end, c.context_len, mv(c.block_ids), mv(c.mask)) for c in self.prefills],
         )
 
 
-def write_kv(cache_k: torch.Tensor, cache_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             md: AttentionMetadata, order: KVOrder) -> None:
+def write_kv(
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    md: AttentionMetadata,
+    order: KVOrder,
+) -> None:
     """Store this step's K/V ([T, kv_heads, dim]) into their slots."""
     if order is KVOrder.NHD:
         nb, bs, h, d = cache_k.shape
@@ -98,9 +109,18 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor, order: KVOrder) -> tor
     return g.transpose(-4, -3).reshape(*lead, h, n * bs, d)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                    md: AttentionMetadata, order: KVOrder, scale: float, kernels=None,
-                    q_rows: torch.Tensor | None = None) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    md: AttentionMetadata,
+    order: KVOrder,
+    scale: float,
+    kernels=None,
+    q_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """q: [T, heads, dim]; k, v: [T, kv_heads, dim] (already written to the cache) -> [T, heads * dim].
 
     With `kernels` (engine/model/cpu_kernels.py, float32 or bf16 on CPU) decode rows are attended by the native kernel,
@@ -112,8 +132,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: 
 
     def decode(g: DecodeGroup) -> torch.Tensor:
         if kernels is not None:
-            return _decode_attention_kernel(kernels, q_rows[g.start : g.end], cache_k, cache_v, g, order, scale,
-                                            heads, kv_heads, dim)
+            return _decode_attention_kernel(
+                kernels, q_rows[g.start : g.end], cache_k, cache_v, g, order, scale, heads, kv_heads, dim
+            )
         return _decode_attention(q[g.start : g.end], cache_k, cache_v, g, order, scale, kv_heads)
 
     if len(groups) == 1 and groups[0].end == t:  # decode-only step, one group: no scatter
@@ -136,20 +157,37 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: 
     return out.view(t, heads * dim)
 
 
-def _decode_attention_kernel(kernels, q_rows: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                             group: DecodeGroup, order: KVOrder, scale: float, heads: int, kv_heads: int,
-                             dim: int) -> torch.Tensor:
+def _decode_attention_kernel(
+    kernels,
+    q_rows: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    group: DecodeGroup,
+    order: KVOrder,
+    scale: float,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+) -> torch.Tensor:
     """The native decode attention: [rows, heads * dim], no gather of the blocks, no padding."""
     sb, s1, s2 = cache_k.stride(0), cache_k.stride(1), cache_k.stride(2)
     strides = (sb, s1, s2) if order is KVOrder.NHD else (sb, s2, s1)  # (block, slot, head)
     block_size = cache_k.shape[1] if order is KVOrder.NHD else cache_k.shape[2]
     lens = group.lens if group.lens is not None else group.mask.view(group.end - group.start, -1).sum(-1)
-    return kernels.paged_decode_attention(q_rows, cache_k, cache_v, strides, group.block_table, lens,
-                                          block_size, heads, kv_heads, dim, scale)
+    return kernels.paged_decode_attention(
+        q_rows, cache_k, cache_v, strides, group.block_table, lens, block_size, heads, kv_heads, dim, scale
+    )
 
 
-def _decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, group: DecodeGroup,
-                      order: KVOrder, scale: float, kv_heads: int) -> torch.Tensor:
+def _decode_attention(
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    group: DecodeGroup,
+    order: KVOrder,
+    scale: float,
+    kv_heads: int,
+) -> torch.Tensor:
     """One query token per request: [B, heads, dim] -> [B, heads, dim]."""
     b, heads, dim = q.shape
     qd = q.reshape(b, kv_heads, heads // kv_heads, dim)  # query heads grouped under their KV head

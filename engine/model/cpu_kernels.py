@@ -111,8 +111,30 @@ class CpuKernels:
         self._rms_norm = {dt: bind(f"tandem_rms_norm_{sfx}", _P, _P, _P, _L, _L, _F, _I) for dt, sfx in _SUFFIX.items()}
         self._silu_mul = {dt: bind(f"tandem_silu_mul_{sfx}", _P, _P, _L, _L, _I) for dt, sfx in _SUFFIX.items()}
         self._rope = {dt: bind(f"tandem_rope_{sfx}", _P, _L, _P, _P, _L, _L, _L, _I) for dt, sfx in _SUFFIX.items()}
-        self._decode_attn = {dt: bind(f"tandem_paged_decode_attention_{sfx}", _P, _L, _P, _P, _L, _L, _L, _P, _L, _P,
-                                      _L, _P, _L, _L, _L, _L, _F, _I) for dt, sfx in _SUFFIX.items()}
+        self._decode_attn = {
+            dt: bind(
+                f"tandem_paged_decode_attention_{sfx}",
+                _P,
+                _L,
+                _P,
+                _P,
+                _L,
+                _L,
+                _L,
+                _P,
+                _L,
+                _P,
+                _L,
+                _P,
+                _L,
+                _L,
+                _L,
+                _L,
+                _F,
+                _I,
+            )
+            for dt, sfx in _SUFFIX.items()
+        }
 
     @staticmethod
     def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -123,23 +145,41 @@ class CpuKernels:
         padded[:n] = weight
         return padded.view(nb, BLOCK, k).transpose(1, 2).contiguous()
 
-    def linear(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        bias: torch.Tensor | None,
+        n: int,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x [..., K] -> x W^T (+ bias) (+ residual), [..., n]; float32, or bfloat16 throughout."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         m, k = x2.shape
-        if packed.dtype != x.dtype or (residual is not None and (residual.dtype != x.dtype
-                                                                 or not residual.is_contiguous())):
-            raise ValueError(f"linear kernel: x {x.dtype}, weights {packed.dtype} and a contiguous residual of the "
-                             f"same dtype are required")
+        if packed.dtype != x.dtype or (
+            residual is not None and (residual.dtype != x.dtype or not residual.is_contiguous())
+        ):
+            raise ValueError(
+                f"linear kernel: x {x.dtype}, weights {packed.dtype} and a contiguous residual of the "
+                f"same dtype are required"
+            )
         y = torch.empty(m, n, dtype=x.dtype)
         if m:
             fn = self._linear if x.dtype == torch.float32 else self._linear_bf16
-            fn(x2.data_ptr(), packed.data_ptr(), _ptr(bias), _ptr(residual), y.data_ptr(), m, k, n,
-                         torch.get_num_threads())
+            fn(
+                x2.data_ptr(),
+                packed.data_ptr(),
+                _ptr(bias),
+                _ptr(residual),
+                y.data_ptr(),
+                m,
+                k,
+                n,
+                torch.get_num_threads(),
+            )
         return y.view(*lead, n)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -162,9 +202,20 @@ class CpuKernels:
         d = cos.shape[-1] * 2
         self._rope[x.dtype](x.data_ptr(), row, cos.data_ptr(), sin.data_ptr(), t, heads, d, torch.get_num_threads())
 
-    def paged_decode_attention(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                               strides: tuple[int, int, int], table: torch.Tensor, lens: torch.Tensor,
-                               block_size: int, heads: int, kv_heads: int, dim: int, scale: float) -> torch.Tensor:
+    def paged_decode_attention(
+        self,
+        q: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        strides: tuple[int, int, int],
+        table: torch.Tensor,
+        lens: torch.Tensor,
+        block_size: int,
+        heads: int,
+        kv_heads: int,
+        dim: int,
+        scale: float,
+    ) -> torch.Tensor:
         """q: [B, row] whose first heads * dim floats are the queries -> [B, heads * dim].
 
         strides: (block, slot, head) element strides of cache_k / cache_v (the last dim is contiguous);
@@ -172,14 +223,33 @@ class CpuKernels:
         """
         b, row = q.shape
         if cache_k.dtype != q.dtype or dim > MAX_HEAD_DIM or heads % kv_heads or q.stride(1) != 1:
-            raise ValueError(f"decode attention kernel: q {q.dtype} rows with unit stride, a cache of the same dtype "
-                             f"(got {cache_k.dtype}), head_dim <= {MAX_HEAD_DIM} (got {dim}) and heads divisible "
-                             f"by kv_heads ({heads}, {kv_heads}) are required")
+            raise ValueError(
+                f"decode attention kernel: q {q.dtype} rows with unit stride, a cache of the same dtype "
+                f"(got {cache_k.dtype}), head_dim <= {MAX_HEAD_DIM} (got {dim}) and heads divisible "
+                f"by kv_heads ({heads}, {kv_heads}) are required"
+            )
         out = q.new_empty(b, heads * dim)
         sb, ss, sh = strides
-        self._decode_attn[q.dtype](q.data_ptr(), row, cache_k.data_ptr(), cache_v.data_ptr(), sb, ss, sh, table.data_ptr(),
-                          table.shape[1], lens.data_ptr(), block_size, out.data_ptr(), b, heads, kv_heads, dim, scale,
-                          torch.get_num_threads())
+        self._decode_attn[q.dtype](
+            q.data_ptr(),
+            row,
+            cache_k.data_ptr(),
+            cache_v.data_ptr(),
+            sb,
+            ss,
+            sh,
+            table.data_ptr(),
+            table.shape[1],
+            lens.data_ptr(),
+            block_size,
+            out.data_ptr(),
+            b,
+            heads,
+            kv_heads,
+            dim,
+            scale,
+            torch.get_num_threads(),
+        )
         return out
 
 

@@ -27,7 +27,9 @@ class VocabParallelEmbedding(nn.Module):
         self.pc = pc
         self.vocab_size = vocab_size
         self.start, self.end = _vocab_range(vocab_size, pc)
-        self.weight = nn.Parameter(torch.zeros(self.end - self.start, hidden, dtype=dtype, device=device), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.zeros(self.end - self.start, hidden, dtype=dtype, device=device), requires_grad=False
+        )
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
         rows = loaded[self.start : min(self.end, loaded.shape[0])]

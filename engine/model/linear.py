@@ -37,11 +37,15 @@ BF16_KERNEL_MAX_ROWS = 4
 
 
 class LinearBase(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=dtype, device=device), requires_grad=False
+        )
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         )
@@ -100,7 +104,9 @@ class ColumnParallelLinear(LinearBase):
 class MergedColumnLinear(LinearBase):
     """Several column-parallel outputs fused into one matmul ([gate | up])."""
 
-    def __init__(self, in_features, out_sizes: list[int], bias=False, *, dtype, device, pc: ParallelContext = SINGLE_RANK):
+    def __init__(
+        self, in_features, out_sizes: list[int], bias=False, *, dtype, device, pc: ParallelContext = SINGLE_RANK
+    ):
         self.pc = pc
         self.out_sizes = list(out_sizes)
         self.local_sizes = [pc.split(n, "output features")[1] - pc.split(n, "output features")[0] for n in out_sizes]
@@ -115,8 +121,18 @@ class MergedColumnLinear(LinearBase):
 class QKVLinear(LinearBase):
     """[q | k | v] projections fused; query heads split, KV heads split or replicated."""
 
-    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias=False, *, dtype, device,
-                 pc: ParallelContext = SINGLE_RANK):
+    def __init__(
+        self,
+        hidden: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias=False,
+        *,
+        dtype,
+        device,
+        pc: ParallelContext = SINGLE_RANK,
+    ):
         self.pc = pc
         self.head_dim = head_dim
         self.q_heads = pc.split(num_heads, "num_heads")

@@ -23,8 +23,8 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.kv_cache import KVOrder
-from engine.model.cpu_kernels import MAX_HEAD_DIM, cpu_kernels
 from engine.model.attention import AttentionMetadata, paged_attention, write_kv
+from engine.model.cpu_kernels import MAX_HEAD_DIM, cpu_kernels
 from engine.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.model.linear import LinearBase, MergedColumnLinear, QKVLinear, RowParallelLinear
 from engine.model.parallel import SINGLE_RANK, ParallelContext
@@ -49,7 +49,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         kw = dict(dtype=dtype, device=device, pc=pc)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
-        self.qkv_proj = QKVLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.attention_bias, **kw)
+        self.qkv_proj = QKVLinear(
+            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.attention_bias, **kw
+        )
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, False, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
         self.gate_up_proj = MergedColumnLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, False, **kw)
@@ -57,7 +59,7 @@ class DecoderLayer(nn.Module):
         self.num_heads = self.qkv_proj.num_local_heads
         self.num_kv_heads = self.qkv_proj.num_local_kv_heads
         self.head_dim = cfg.head_dim
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.head_dim**-0.5
         self.eps = cfg.rms_norm_eps
         self._k = None  # CpuKernels once finalize() finds float32 on a CPU with the kernels built
 
@@ -66,8 +68,15 @@ class DecoderLayer(nn.Module):
         if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and self.head_dim <= MAX_HEAD_DIM:
             self._k = cpu_kernels()
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-                md: AttentionMetadata, order: KVOrder) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: torch.Tensor,
+        md: AttentionMetadata,
+        order: KVOrder,
+    ) -> torch.Tensor:
         if self._k is not None:
             return self._forward_cpu_kernels(h, cos, sin, cache, md, order)
         t = h.shape[0]
@@ -84,8 +93,15 @@ class DecoderLayer(nn.Module):
         inter = gu.shape[-1] // 2
         return h + self.down_proj(F.silu(gu[:, :inter]) * gu[:, inter:])
 
-    def _forward_cpu_kernels(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-                             md: AttentionMetadata, order: KVOrder) -> torch.Tensor:
+    def _forward_cpu_kernels(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: torch.Tensor,
+        md: AttentionMetadata,
+        order: KVOrder,
+    ) -> torch.Tensor:
         """The same layer on the native CPU kernels (float32 or bfloat16): about 10 calls where torch makes about 40.
 
         Norms, SiLU * up and rope are single kernels; rope rotates q and k inside the fused qkv row; the residual
@@ -109,28 +125,46 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding (first stage) -> layers [layer_start, layer_end) -> norm + head (last stage)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device | str,
-                 pc: ParallelContext = SINGLE_RANK, layer_range: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        pc: ParallelContext = SINGLE_RANK,
+        layer_range: tuple[int, int] | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         self.layer_start, self.layer_end = layer_range or (0, cfg.num_layers)
         self.is_first = self.layer_start == 0
         self.is_last = self.layer_end == cfg.num_layers
         self.embed_tokens = (
-            VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device, pc=pc) if self.is_first else None
+            VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device, pc=pc)
+            if self.is_first
+            else None
         )
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, dtype=dtype, device=device, pc=pc) for _ in range(self.layer_start, self.layer_end)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device) if self.is_last else None
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device, pc=pc) if self.is_last else None
+        self.lm_head = (
+            ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device, pc=pc) if self.is_last else None
+        )
         if self.lm_head is not None and cfg.tie_word_embeddings and self.embed_tokens is not None:
             self.lm_head.tie_to(self.embed_tokens)
         self.rope = RotaryEmbedding(cfg, dtype, device)
 
     @torch.inference_mode()
-    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                md: AttentionMetadata, order: KVOrder, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: AttentionMetadata,
+        order: KVOrder,
+        logits_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """inputs: token ids [T] on the first stage, hidden states [T, H] otherwise.
 
         Returns hidden states [T, H] on a middle stage, logits [len(logits_indices), V] on the last.
@@ -190,7 +224,11 @@ class LlamaModel(nn.Module):
                 return self.lm_head, "weight", None  # tied head on a last stage without the embedding
             return None
         if name == "lm_head.weight":
-            return (self.lm_head, "weight", None) if self.lm_head is not None and not self.cfg.tie_word_embeddings else None
+            return (
+                (self.lm_head, "weight", None)
+                if self.lm_head is not None and not self.cfg.tie_word_embeddings
+                else None
+            )
         if name == "model.norm.weight":
             return (self.norm, "weight", None) if self.norm is not None else None
         m = self._LAYER.fullmatch(name)

@@ -51,7 +51,8 @@ class ParallelContext:
             return self.split(num_kv_heads, "num_kv_heads")
         if self.tp_size % num_kv_heads:
             raise ConfigError(
-                f"tensor-parallel size {self.tp_size} must be a multiple of num_kv_heads ({num_kv_heads}) to replicate them"
+                f"tensor-parallel size {self.tp_size} must be a multiple of num_kv_heads ({num_kv_heads}) "
+                "to replicate them"
             )
         head = self.tp_rank * num_kv_heads // self.tp_size
         return head, head + 1
@@ -114,8 +115,9 @@ class RankPosition:
         return f"rank {self.rank} (tp {self.tp_rank}/{self.tp_size}, pp {self.pp_rank}/{self.pp_size})"
 
 
-def check_shape(num_heads: int, num_kv_heads: int, num_layers: int, tp_size: int, pp_size: int,
-                intermediate_size: int | None = None) -> None:
+def check_shape(
+    num_heads: int, num_kv_heads: int, num_layers: int, tp_size: int, pp_size: int, intermediate_size: int | None = None
+) -> None:
     """Raise ConfigError unless a model of these head/layer/MLP sizes can run as tp x pp ranks."""
     if num_heads % tp_size:
         raise ConfigError(f"num_heads ({num_heads}) is not divisible by tensor-parallel size {tp_size}")

@@ -39,14 +39,23 @@ _DRAFT_SEED_OFFSET = 0x5EED  # a seeded request's draft draws come from their ow
 
 
 class DraftProposer:
-    def __init__(self, config: EngineConfig, target_vocab: int, device: torch.device, dtype: torch.dtype,
-                 num_blocks: int, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        target_vocab: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_blocks: int,
+        generator: torch.Generator,
+    ) -> None:
         path = config.speculative.draft_model
         source = load_model_source(path)
         self.fingerprint = source.fingerprint
         if source.config.vocab_size != target_vocab:
-            raise ConfigError(f"draft model {path!r} has a vocabulary of {source.config.vocab_size} tokens, the "
-                              f"target {target_vocab}: a draft must share the target's tokenizer")
+            raise ConfigError(
+                f"draft model {path!r} has a vocabulary of {source.config.vocab_size} tokens, the "
+                f"target {target_vocab}: a draft must share the target's tokenizer"
+            )
         draft_config = dataclasses.replace(config, model=path, parallel=ParallelConfig())
         self.shard = ModelShard(draft_config, source, device=device, dtype=dtype)
         self.shard.allocate(num_blocks)
@@ -68,8 +77,11 @@ class DraftProposer:
             req.draft_computed = n_tok
         self._draw(spans, props, probs)
         for i in range(1, max(k for _, k, _ in items)):
-            spans = [Span(req, req.token_ids + props[id(req)], req.num_tokens - 1 + i, 1, blocks, True, 1)
-                     for req, k, blocks in items if k > i]
+            spans = [
+                Span(req, req.token_ids + props[id(req)], req.num_tokens - 1 + i, 1, blocks, True, 1)
+                for req, k, blocks in items
+                if k > i
+            ]
             self._draw(spans, props, probs)
         for req, _, _ in items:
             req.spec_token_ids = props[id(req)]

@@ -29,8 +29,14 @@ class Proposer(Protocol):
     def verified(self, req: Request, num_proposed: int, num_accepted: int) -> None: ...
 
 
-def make_proposer(config: EngineConfig, target_vocab: int, device: torch.device, dtype: torch.dtype,
-                  num_blocks: int, generator: torch.Generator) -> Proposer | None:
+def make_proposer(
+    config: EngineConfig,
+    target_vocab: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    num_blocks: int,
+    generator: torch.Generator,
+) -> Proposer | None:
     spec = config.speculative
     if spec.method is None:
         return None

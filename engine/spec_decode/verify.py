@@ -28,7 +28,9 @@ from engine.sampler import Sampler, TokenLogprobs
 Emit = Callable[[int, "TokenLogprobs | None"], StepOutput]
 
 
-def verify(sampler: Sampler, req, logits: torch.Tensor, greedy_ids: list[int] | None, emit: Emit) -> tuple[int, list[StepOutput]]:
+def verify(
+    sampler: Sampler, req, logits: torch.Tensor, greedy_ids: list[int] | None, emit: Emit
+) -> tuple[int, list[StepOutput]]:
     """Emit the accepted proposals and the target's own token; returns (proposals accepted, outputs).
 
     `greedy_ids`: argmax of each row, precomputed for a greedy request without penalties (else None).

@@ -101,7 +101,7 @@ class PromptMaker:
 
     def head(self, prompt: Prompt, n: int) -> Prompt:
         """The first n tokens of `prompt` (its first n / 1.3 words when it has no ids)."""
-        words = " ".join(prompt.text.split()[:max(1, round(n / TOKENS_PER_WORD))])
+        words = " ".join(prompt.text.split()[: max(1, round(n / TOKENS_PER_WORD))])
         if prompt.ids is None:
             return Prompt(None, words)
         ids = prompt.ids[:n]
@@ -211,21 +211,34 @@ def _build(name: str, options: DatasetOptions, prompts: PromptMaker, seed: int, 
         if o.num_groups < 1 or o.prefix_len < 1:
             raise DatasetError(f"--num-groups and --prefix-len must be at least 1, got {o.num_groups}, {o.prefix_len}")
         inp = LengthDist(o.input_len, o.spread, _input_cap(o, o.output_len, used=o.prefix_len))
-        params = {**base, "num_groups": o.num_groups, "prefix_len": o.prefix_len, "input_len": o.input_len,
-                  "output_len": o.output_len, "spread": o.spread}
+        params = {
+            **base,
+            "num_groups": o.num_groups,
+            "prefix_len": o.prefix_len,
+            "input_len": o.input_len,
+            "output_len": o.output_len,
+            "spread": o.spread,
+        }
         return Dataset(name, params, _shared_prefix_units(rng, content, prompts, o, inp, out))
     if name == "multi-turn":
         if o.turns < 1:
             raise DatasetError(f"--turns must be at least 1, got {o.turns}")
         inp = LengthDist(o.input_len, o.spread, None)
         params = {**base, "turns": o.turns, "input_len": o.input_len, "output_len": o.output_len, "spread": o.spread}
-        return Dataset(name, params, _multi_turn_units(rng, content, prompts, o.turns, inp, out), requests_per_unit=o.turns)
+        return Dataset(
+            name, params, _multi_turn_units(rng, content, prompts, o.turns, inp, out), requests_per_unit=o.turns
+        )
     if not o.trace_file:
         raise DatasetError("--dataset trace needs --trace-file FILE (JSONL: timestamp_s, input_tokens, output_tokens)")
     entries = read_trace(o.trace_file)
     params = {**base, "trace_file": str(o.trace_file), "trace_requests": len(entries)}
-    return Dataset(name, params, _trace_units(entries, prompts, f"{seed}/content/{salt}"), timestamps=[e.timestamp_s for e in entries],
-                   size=len(entries))
+    return Dataset(
+        name,
+        params,
+        _trace_units(entries, prompts, f"{seed}/content/{salt}"),
+        timestamps=[e.timestamp_s for e in entries],
+        size=len(entries),
+    )
 
 
 def _input_cap(o: DatasetOptions, output_median: int, used: int = 0) -> int | None:
@@ -234,7 +247,9 @@ def _input_cap(o: DatasetOptions, output_median: int, used: int = 0) -> int | No
     return max(1, o.max_model_len - used - 4 * output_median)
 
 
-def _random_units(rng: random.Random, content: random.Random, prompts: PromptMaker, inp: LengthDist, out: LengthDist) -> Iterator[Unit]:
+def _random_units(
+    rng: random.Random, content: random.Random, prompts: PromptMaker, inp: LengthDist, out: LengthDist
+) -> Iterator[Unit]:
     index = 0
     while True:
         n_in, n_out = inp.draw(rng), out.draw(rng)
@@ -242,8 +257,14 @@ def _random_units(rng: random.Random, content: random.Random, prompts: PromptMak
         index += 1
 
 
-def _shared_prefix_units(rng: random.Random, content: random.Random, prompts: PromptMaker, o: DatasetOptions, inp: LengthDist,
-                         out: LengthDist) -> Iterator[Unit]:
+def _shared_prefix_units(
+    rng: random.Random,
+    content: random.Random,
+    prompts: PromptMaker,
+    o: DatasetOptions,
+    inp: LengthDist,
+    out: LengthDist,
+) -> Iterator[Unit]:
     systems = [prompts.make(o.prefix_len, content) for _ in range(o.num_groups)]
     per_round = math.ceil(o.num_requests / o.num_groups) if o.num_requests else 4
     index = 0
@@ -256,8 +277,9 @@ def _shared_prefix_units(rng: random.Random, content: random.Random, prompts: Pr
             index += 1
 
 
-def _multi_turn_units(rng: random.Random, content: random.Random, prompts: PromptMaker, turns: int, inp: LengthDist,
-                      out: LengthDist) -> Iterator[Unit]:
+def _multi_turn_units(
+    rng: random.Random, content: random.Random, prompts: PromptMaker, turns: int, inp: LengthDist, out: LengthDist
+) -> Iterator[Unit]:
     index = 0
     while True:
         yield Unit(index, [Turn(prompts.make(inp.draw(rng), content), out.draw(rng)) for _ in range(turns)])
@@ -294,8 +316,9 @@ def read_trace(path: str | Path) -> list[TraceEntry]:
         except json.JSONDecodeError as e:
             raise DatasetError(f"{where}: not JSON ({e.msg})") from None
         if not isinstance(doc, dict):
-            raise DatasetError(f"{where}: expected an object like "
-                               '{"timestamp_s": 0.0, "input_tokens": 128, "output_tokens": 32}')
+            raise DatasetError(
+                f'{where}: expected an object like {{"timestamp_s": 0.0, "input_tokens": 128, "output_tokens": 32}}'
+            )
         entries.append(_trace_entry(doc, where))
     if not entries:
         raise DatasetError(f"--trace-file {path}: no requests in it")
@@ -318,9 +341,13 @@ def _trace_entry(doc: dict[str, Any], where: str) -> TraceEntry:
             raise DatasetError(f"{where}: {key} must be {what} >= {low:g}, got {value!r}")
         return kind(value)
 
-    entry = TraceEntry(number("timestamp_s", float, 0), number("input_tokens", int, 1),
-                       number("output_tokens", int, 1), number("prefix_group", int, 0, required=False),
-                       number("prefix_tokens", int, 0, required=False) or 0)
+    entry = TraceEntry(
+        number("timestamp_s", float, 0),
+        number("input_tokens", int, 1),
+        number("output_tokens", int, 1),
+        number("prefix_group", int, 0, required=False),
+        number("prefix_tokens", int, 0, required=False) or 0,
+    )
     if entry.prefix_tokens > entry.input_tokens:
         raise DatasetError(f"{where}: prefix_tokens {entry.prefix_tokens} > input_tokens {entry.input_tokens}")
     if entry.prefix_tokens and entry.prefix_group is None:
@@ -342,5 +369,4 @@ def _trace_units(entries: list[TraceEntry], prompts: PromptMaker, content_seed: 
             user = cut + prompts.make(rest, rng) if rest > 0 else cut
             yield Unit(index, [Turn(user, e.output_tokens)], prefix_group=e.prefix_group)
         else:
-            yield Unit(index, [Turn(prompts.make(e.input_tokens, rng), e.output_tokens)],
-                       prefix_group=e.prefix_group)
+            yield Unit(index, [Turn(prompts.make(e.input_tokens, rng), e.output_tokens)], prefix_group=e.prefix_group)

@@ -81,8 +81,12 @@ def distribution(values: Sequence[float]) -> dict[str, float | None]:
     """mean, std (population), p50, p90, p95, p99, max; every field None without values."""
     if not values:
         return {"mean": None, "std": None, **{f"p{q}": None for q in PERCENTILES}, "max": None}
-    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values),
-            **{f"p{q}": percentile(values, q) for q in PERCENTILES}, "max": max(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.pstdev(values),
+        **{f"p{q}": percentile(values, q) for q in PERCENTILES},
+        "max": max(values),
+    }
 
 
 @dataclass
@@ -152,19 +156,32 @@ class RequestRecord:
     def meets(self, slo: Mapping[str, float]) -> bool:
         if not self.ok:
             return False
-        checks = {"ttft_ms": self.ttft_s, "tpot_ms": self.tpot_s, "e2el_ms": self.e2el_s,
-                  "itl_ms": percentile(self.itl_s(), 99)}
+        checks = {
+            "ttft_ms": self.ttft_s,
+            "tpot_ms": self.tpot_s,
+            "e2el_ms": self.e2el_s,
+            "itl_ms": percentile(self.itl_s(), 99),
+        }
         return all(checks[k] is None or checks[k] * 1000.0 <= target for k, target in slo.items())
 
     def to_json(self) -> dict[str, Any]:
         """The requests.jsonl line: every token's arrival time and the derived latencies in ms."""
         doc = asdict(self)
         doc.pop("chunks")
-        ms = (lambda s: None if s is None else s * 1000.0)
-        doc.update(first_token_s=self.chunks[0][0] if self.chunks else None,
-                   token_times_s=self.token_times(), chunk_tokens=[n for _, n in self.chunks],
-                   output_tokens=self.n_output, ttft_ms=ms(self.ttft_s), tpot_ms=ms(self.tpot_s),
-                   e2el_ms=ms(self.e2el_s), itl_ms=[s * 1000.0 for s in self.itl_s()])
+
+        def ms(s: float | None) -> float | None:
+            return None if s is None else s * 1000.0
+
+        doc.update(
+            first_token_s=self.chunks[0][0] if self.chunks else None,
+            token_times_s=self.token_times(),
+            chunk_tokens=[n for _, n in self.chunks],
+            output_tokens=self.n_output,
+            ttft_ms=ms(self.ttft_s),
+            tpot_ms=ms(self.tpot_s),
+            e2el_ms=ms(self.e2el_s),
+            itl_ms=[s * 1000.0 for s in self.itl_s()],
+        )
         return doc
 
 

@@ -46,17 +46,42 @@ def print_table(runs: Sequence[dict[str, Any]], out: Any = None) -> None:
     import sys
 
     out = out or sys.stdout
-    cols = [("rate", 6), ("ok", 5), ("fail", 5), ("req/s", 7), ("tok/s", 7), ("goodput", 8), ("attain", 7),
-            ("TTFT p50", 9), ("p99", 8), ("TPOT p50", 9), ("p99", 8), ("ITL p50", 8), ("p99", 8), ("E2E p50", 9)]
+    cols = [
+        ("rate", 6),
+        ("ok", 5),
+        ("fail", 5),
+        ("req/s", 7),
+        ("tok/s", 7),
+        ("goodput", 8),
+        ("attain", 7),
+        ("TTFT p50", 9),
+        ("p99", 8),
+        ("TPOT p50", 9),
+        ("p99", 8),
+        ("ITL p50", 8),
+        ("p99", 8),
+        ("E2E p50", 9),
+    ]
     print(" ".join(f"{name:>{w}}" for name, w in cols), file=out)
     for run in runs:
         failed = sum(run["failed"].values())
         att = run["slo_attainment"]
-        row = [rate_label(_rate_of(run)), str(run["completed"]), str(failed), _fmt(run["request_throughput"], 3),
-               _fmt(run["output_throughput"], 1), _fmt(run["goodput"], 3), "-" if att is None else f"{att:.0%}",
-               _fmt(run["ttft_ms"]["p50"], 0), _fmt(run["ttft_ms"]["p99"], 0), _fmt(run["tpot_ms"]["p50"], 1),
-               _fmt(run["tpot_ms"]["p99"], 1), _fmt(run["itl_ms"]["p50"], 1), _fmt(run["itl_ms"]["p99"], 1),
-               _fmt(run["e2el_ms"]["p50"], 0)]
+        row = [
+            rate_label(_rate_of(run)),
+            str(run["completed"]),
+            str(failed),
+            _fmt(run["request_throughput"], 3),
+            _fmt(run["output_throughput"], 1),
+            _fmt(run["goodput"], 3),
+            "-" if att is None else f"{att:.0%}",
+            _fmt(run["ttft_ms"]["p50"], 0),
+            _fmt(run["ttft_ms"]["p99"], 0),
+            _fmt(run["tpot_ms"]["p50"], 1),
+            _fmt(run["tpot_ms"]["p99"], 1),
+            _fmt(run["itl_ms"]["p50"], 1),
+            _fmt(run["itl_ms"]["p99"], 1),
+            _fmt(run["e2el_ms"]["p50"], 0),
+        ]
         print(" ".join(f"{v:>{w}}" for v, (_, w) in zip(row, cols)), file=out)
     for run in runs:
         if run["failed"]:
@@ -64,8 +89,10 @@ def print_table(runs: Sequence[dict[str, Any]], out: Any = None) -> None:
             first = run.get("first_errors", {})
             detail = "; ".join(f"{code}: {msg}" for code, msg in first.items() if msg)
             print(f"rate {rate_label(_rate_of(run))}: failed {reasons}" + (f" ({detail})" if detail else ""), file=out)
-    print("(latencies in ms; goodput in requests/s meeting every --slo target; attain = that share of all requests)",
-          file=out)
+    print(
+        "(latencies in ms; goodput in requests/s meeting every --slo target; attain = that share of all requests)",
+        file=out,
+    )
 
 
 def _rate_of(run: dict[str, Any]) -> float | None:
@@ -73,8 +100,13 @@ def _rate_of(run: dict[str, Any]) -> float | None:
     return math.inf if rate == "inf" else rate
 
 
-def write_outputs(out_dir: str | Path, runs: Sequence[dict[str, Any]], records: Sequence[Sequence[RequestRecord]],
-                  search: dict[str, Any] | None = None, plots: bool = True) -> list[str]:
+def write_outputs(
+    out_dir: str | Path,
+    runs: Sequence[dict[str, Any]],
+    records: Sequence[Sequence[RequestRecord]],
+    search: dict[str, Any] | None = None,
+    plots: bool = True,
+) -> list[str]:
     """Writes the files (see the module docstring); returns messages about what was skipped."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,8 +114,16 @@ def write_outputs(out_dir: str | Path, runs: Sequence[dict[str, Any]], records: 
     with (out / "requests.jsonl").open("w") as f:
         for rate_index, recs in enumerate(records):
             for r in recs:
-                f.write(json.dumps({"rate_index": rate_index, "request_rate": runs[rate_index]["metadata"]["request_rate"],
-                                    **r.to_json()}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "rate_index": rate_index,
+                            "request_rate": runs[rate_index]["metadata"]["request_rate"],
+                            **r.to_json(),
+                        }
+                    )
+                    + "\n"
+                )
     if search is not None:
         (out / "search.json").write_text(json.dumps(search, indent=2))
     if not plots:
@@ -137,8 +177,10 @@ def plot_runs(out: Path, runs: Sequence[dict[str, Any]], records: Sequence[Seque
     for i in order:
         done = [r for r in records[i] if r.ok]
         label = f"{rate_label(_rate_of(runs[i]))} req/s"
-        for ax, values in ((axes[0], [r.ttft_s * 1000 for r in done]),
-                           (axes[1], [s * 1000 for r in done for s in r.itl_s()])):
+        for ax, values in (
+            (axes[0], [r.ttft_s * 1000 for r in done]),
+            (axes[1], [s * 1000 for r in done for s in r.itl_s()]),
+        ):
             if values:
                 values = sorted(values)
                 ax.plot(values, [(k + 1) / len(values) for k in range(len(values))], label=label)
@@ -198,8 +240,12 @@ def machine_info() -> dict[str, Any]:
         pass
     gpus: list[str] = []
     try:
-        result = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=10)
+        result = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if result.returncode == 0:
             gpus = [g.strip() for g in result.stdout.splitlines() if g.strip()]
     except (OSError, subprocess.TimeoutExpired):
@@ -209,8 +255,14 @@ def machine_info() -> dict[str, Any]:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         pass
-    return {"cpu_model": cpu, "cores": os.cpu_count(), "memory_bytes": memory, "gpus": gpus,
-            "hostname": platform.node(), "python": platform.python_version()}
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "memory_bytes": memory,
+        "gpus": gpus,
+        "hostname": platform.node(),
+        "python": platform.python_version(),
+    }
 
 
 def tandem_version() -> dict[str, str | None]:
@@ -224,12 +276,17 @@ def tandem_version() -> dict[str, str | None]:
     commit = None
     here = Path(__file__).resolve().parent
     try:
-        result = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
+        result = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if result.returncode == 0:
             commit = result.stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10)
+            dirty = subprocess.run(
+                ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             if dirty.returncode == 0 and dirty.stdout.strip():
                 commit += "-dirty"
     except (OSError, subprocess.TimeoutExpired):

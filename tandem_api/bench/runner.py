@@ -83,18 +83,19 @@ def arrival_times(dataset: Dataset, cfg: LoadConfig) -> Iterator[float]:
     return gamma_arrivals(per_unit, cfg.burstiness, cfg.seed)
 
 
-def _turn_request(request_id: str, unit: Unit, turn: int, history: list[tuple[Prompt, Prompt]],
-                  max_tokens: int, cfg: LoadConfig) -> WireRequest:
+def _turn_request(
+    request_id: str, unit: Unit, turn: int, history: list[tuple[Prompt, Prompt]], max_tokens: int, cfg: LoadConfig
+) -> WireRequest:
     """Turn `turn` of `unit`: system prompt, earlier (user, reply) pairs, then this turn's user prompt."""
     user = unit.turns[turn].user
-    parts: list[Prompt] = ([unit.system] if unit.system is not None else [])
+    parts: list[Prompt] = [unit.system] if unit.system is not None else []
     for asked, answered in history:
         parts.extend((asked, answered))
     parts.append(user)
     ids = None if any(p.ids is None for p in parts) else tuple(i for p in parts for i in p.ids)
     messages = None
     if unit.system is not None or history:
-        messages = ([{"role": "system", "content": unit.system.text}] if unit.system is not None else [])
+        messages = [{"role": "system", "content": unit.system.text}] if unit.system is not None else []
         for asked, answered in history:
             messages += [{"role": "user", "content": asked.text}, {"role": "assistant", "content": answered.text}]
         messages.append({"role": "user", "content": user.text})
@@ -102,8 +103,14 @@ def _turn_request(request_id: str, unit: Unit, turn: int, history: list[tuple[Pr
     return WireRequest(request_id, ids, text, messages, max_tokens, cfg.ignore_eos, cfg.temperature)
 
 
-async def run_load(target: Target, dataset: Dataset, cfg: LoadConfig, *, stop: asyncio.Event | None = None,
-                   progress: Progress | None = None) -> LoadResult:
+async def run_load(
+    target: Target,
+    dataset: Dataset,
+    cfg: LoadConfig,
+    *,
+    stop: asyncio.Event | None = None,
+    progress: Progress | None = None,
+) -> LoadResult:
     """Runs one load to its stop rule (see the module docstring); never raises for a failed request."""
     stop = stop or asyncio.Event()
     started_at = time.time()
@@ -124,11 +131,15 @@ async def run_load(target: Target, dataset: Dataset, cfg: LoadConfig, *, stop: a
             history: list[tuple[Prompt, Prompt]] = []
             for k in range(turns):
                 turn = unit.turns[k]
-                record = RequestRecord(index=len(records), request_id=f"bench-{run_id}-{unit.index}-{k}",
-                                       arrival_s=arrival if k == 0 else clock(),
-                                       expected_output_tokens=turn.output_tokens, prefix_group=unit.prefix_group,
-                                       conversation=unit.index if len(unit.turns) > 1 else None,
-                                       turn=k if len(unit.turns) > 1 else None)
+                record = RequestRecord(
+                    index=len(records),
+                    request_id=f"bench-{run_id}-{unit.index}-{k}",
+                    arrival_s=arrival if k == 0 else clock(),
+                    expected_output_tokens=turn.output_tokens,
+                    prefix_group=unit.prefix_group,
+                    conversation=unit.index if len(unit.turns) > 1 else None,
+                    turn=k if len(unit.turns) > 1 else None,
+                )
                 request = _turn_request(record.request_id, unit, k, history, turn.output_tokens, cfg)
                 record.input_tokens = len(request.ids) if request.ids is not None else 0
                 records.append(record)
@@ -200,9 +211,15 @@ class SearchResult:
     probes: list[tuple[float, float]]  # (rate, attainment) in the order probed
 
 
-async def find_max_rate(evaluate: Callable[[float], Awaitable[float]], *, start: float = 1.0,
-                        attainment: float = 0.9, rel_tol: float = 0.1, max_probes: int = 8,
-                        min_rate: float = 1e-3) -> SearchResult:
+async def find_max_rate(
+    evaluate: Callable[[float], Awaitable[float]],
+    *,
+    start: float = 1.0,
+    attainment: float = 0.9,
+    rel_tol: float = 0.1,
+    max_probes: int = 8,
+    min_rate: float = 1e-3,
+) -> SearchResult:
     """Doubling (or halving) from `start` until the target attainment is bracketed, then bisection
     in log space until the bracket is within `rel_tol` or `max_probes` runs were spent."""
     if not (0 < attainment <= 1):

@@ -65,9 +65,18 @@ class GrpcTarget:
 
     kind = "grpc"
 
-    def __init__(self, address: str, *, token: str | None = None, tls_ca: bytes | None = None,
-                 tls_cert: bytes | None = None, tls_key: bytes | None = None, tls: bool = False,
-                 chat: bool = False, request_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        tls_ca: bytes | None = None,
+        tls_cert: bytes | None = None,
+        tls_key: bytes | None = None,
+        tls: bool = False,
+        chat: bool = False,
+        request_timeout_s: float | None = None,
+    ) -> None:
         self.address = address
         self.description = f"grpc://{address}"
         self.chat = chat
@@ -92,21 +101,40 @@ class GrpcTarget:
             self._channel = grpc.aio.insecure_channel(self.address, options=options)
         self._stub = pb_grpc.GenerationStub(self._channel)
         try:
-            info = await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=CONNECT_TIMEOUT_S,
-                                                  metadata=self._metadata)
+            info = await self._stub.GetServerInfo(
+                pb.GetServerInfoRequest(), timeout=CONNECT_TIMEOUT_S, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as e:
             await self.close()
             raise TargetError(f"--server {self.address}: {e.code().name}: {e.details()}") from None
-        workers = [{"id": w.worker_id, "role": w.role, "health": w.health, "device": w.device, "dtype": w.dtype,
-                    "block_size": w.block_size, "kv_blocks_total": w.kv_blocks_total, "node_id": w.node_id}
-                   for w in info.workers]
-        return {"model": info.model, "model_path": info.model_path, "model_fingerprint": info.model_fingerprint,
-                "mode": info.mode,
-                "topology": info.topology, "server_version": info.version, "kv_transport": info.kv_transport,
-                "max_model_len": info.max_model_len, "vocab_size": info.vocab_size,
-                "dtype": ",".join(sorted({w["dtype"] for w in workers})) or None,
-                "device": ",".join(sorted({w["device"] for w in workers})) or None,
-                "versions": dict(info.versions), "workers": workers}
+        workers = [
+            {
+                "id": w.worker_id,
+                "role": w.role,
+                "health": w.health,
+                "device": w.device,
+                "dtype": w.dtype,
+                "block_size": w.block_size,
+                "kv_blocks_total": w.kv_blocks_total,
+                "node_id": w.node_id,
+            }
+            for w in info.workers
+        ]
+        return {
+            "model": info.model,
+            "model_path": info.model_path,
+            "model_fingerprint": info.model_fingerprint,
+            "mode": info.mode,
+            "topology": info.topology,
+            "server_version": info.version,
+            "kv_transport": info.kv_transport,
+            "max_model_len": info.max_model_len,
+            "vocab_size": info.vocab_size,
+            "dtype": ",".join(sorted({w["dtype"] for w in workers})) or None,
+            "device": ",".join(sorted({w["device"] for w in workers})) or None,
+            "versions": dict(info.versions),
+            "workers": workers,
+        }
 
     async def send(self, request: WireRequest, record: RequestRecord, clock: Clock) -> Reply:
         import grpc
@@ -119,8 +147,13 @@ class GrpcTarget:
             source = {"token_ids": list(request.ids)}
         else:
             source = {"prompt": request.text}
-        message = build_request(**source, request_id=request.request_id, max_tokens=request.max_tokens,
-                                temperature=request.temperature, ignore_eos=request.ignore_eos)
+        message = build_request(
+            **source,
+            request_id=request.request_id,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            ignore_eos=request.ignore_eos,
+        )
         ids: list[int] = []
         texts: list[str] = []
         record.send_s = clock()
@@ -142,9 +175,13 @@ class GrpcTarget:
                     record.output_tokens = response.usage.completion_tokens
                     record.cached_tokens = response.usage.cached_tokens
                     t = response.timings
-                    record.server_timings = {"time_to_first_token_s": t.time_to_first_token_s, "total_s": t.total_s,
-                                             "queue_s": t.queue_s, "prefill_s": t.prefill_s,
-                                             "kv_transfer_s": t.kv_transfer_s}
+                    record.server_timings = {
+                        "time_to_first_token_s": t.time_to_first_token_s,
+                        "total_s": t.total_s,
+                        "queue_s": t.queue_s,
+                        "prefill_s": t.prefill_s,
+                        "kv_transfer_s": t.kv_transfer_s,
+                    }
                     record.retries = response.retries
             record.status = OK
         except grpc.aio.AioRpcError as e:
@@ -186,8 +223,15 @@ class OpenAITarget:
 
     kind = "openai"
 
-    def __init__(self, url: str, *, model: str | None = None, endpoint: str | None = None,
-                 api_key: str | None = None, request_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str | None = None,
+        endpoint: str | None = None,
+        api_key: str | None = None,
+        request_timeout_s: float | None = None,
+    ) -> None:
         self.base, self.endpoint = split_openai_url(url, endpoint)
         self.description = f"{self.base}/{'chat/completions' if self.endpoint == 'chat' else 'completions'}"
         self.model = model
@@ -199,11 +243,13 @@ class OpenAITarget:
         import aiohttp
 
         timeout = aiohttp.ClientTimeout(total=self.request_timeout_s, connect=CONNECT_TIMEOUT_S)
-        self._session = aiohttp.ClientSession(timeout=timeout, headers=self._headers,
-                                              connector=aiohttp.TCPConnector(limit=0))
+        self._session = aiohttp.ClientSession(
+            timeout=timeout, headers=self._headers, connector=aiohttp.TCPConnector(limit=0)
+        )
         try:
-            async with self._session.get(f"{self.base}/models",
-                                         timeout=aiohttp.ClientTimeout(total=CONNECT_TIMEOUT_S)) as response:
+            async with self._session.get(
+                f"{self.base}/models", timeout=aiohttp.ClientTimeout(total=CONNECT_TIMEOUT_S)
+            ) as response:
                 body = await response.text()
                 if response.status != 200:
                     raise TargetError(f"--openai-url {self.base}/models answered HTTP {response.status}: {body[:200]}")
@@ -235,9 +281,14 @@ class OpenAITarget:
             self._session = None
 
     def _payload(self, request: WireRequest) -> dict[str, Any]:
-        payload: dict[str, Any] = {"model": self.model, "max_tokens": request.max_tokens,
-                                   "temperature": request.temperature, "stream": True,
-                                   "stream_options": {"include_usage": True}, "ignore_eos": request.ignore_eos}
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": request.ignore_eos,
+        }
         if self.endpoint == "chat":
             payload["messages"] = request.messages or [{"role": "user", "content": request.text}]
         else:
@@ -284,7 +335,9 @@ class OpenAITarget:
                 record.error = json.dumps(doc["error"])[:500]
                 return "STREAM_ERROR"
             for choice in doc.get("choices") or []:
-                text = choice.get("text") if self.endpoint == "completions" else (choice.get("delta") or {}).get("content")
+                text = (
+                    choice.get("text") if self.endpoint == "completions" else (choice.get("delta") or {}).get("content")
+                )
                 if text:
                     record.chunks.append((now, 1))
                     texts.append(text)

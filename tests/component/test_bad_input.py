@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine.errors import (
     EngineError,
@@ -39,8 +38,9 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_hf_model(tmp_path_factory.mktemp("bad-input"), "llama", vocab_size=VOCAB,
-                              max_position_embeddings=CONTEXT)
+    return make_tiny_hf_model(
+        tmp_path_factory.mktemp("bad-input"), "llama", vocab_size=VOCAB, max_position_embeddings=CONTEXT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,44 +75,99 @@ CASES: list[tuple[str, BadCall, type[EngineError], tuple[str, ...]]] = [
     ("empty-text", lambda llm: llm.generate(""), InvalidRequestError, ("empty",)),
     ("empty-ids-in-batch", lambda llm: llm.generate([[]]), InvalidRequestError, ("empty",)),
     ("empty-batch", lambda llm: llm.generate([]), InvalidRequestError, ("at least one prompt",)),
-    ("prompt-longer-than-context", lambda llm: llm.generate(long_ids(CONTEXT + 40)), PromptTooLongError,
-     (str(CONTEXT + 40), str(CONTEXT), "shorten")),
-    ("prompt-equal-to-context", lambda llm: llm.generate(long_ids(CONTEXT)), PromptTooLongError,
-     (str(CONTEXT), "shorten")),
-    ("prompt-plus-max-tokens", lambda llm: llm.generate(long_ids(200), SamplingParams(max_tokens=100)),
-     PromptTooLongError, ("max_tokens", "at most 56")),
-    ("max-tokens-0", lambda llm: llm.generate("hi", SamplingParams(max_tokens=0)), InvalidSamplingParamsError,
-     ("max_tokens", ">= 1")),
-    ("max-tokens-negative", lambda llm: llm.generate("hi", SamplingParams(max_tokens=-3)),
-     InvalidSamplingParamsError, ("max_tokens", ">= 1")),
-    ("temperature-negative", lambda llm: llm.generate("hi", SamplingParams(temperature=-0.5)),
-     InvalidSamplingParamsError, ("temperature", ">= 0")),
-    ("top-p-0", lambda llm: llm.generate("hi", SamplingParams(top_p=0.0)), InvalidSamplingParamsError,
-     ("top_p", "(0, 1]")),
-    ("top-p-1.5", lambda llm: llm.generate("hi", SamplingParams(top_p=1.5)), InvalidSamplingParamsError,
-     ("top_p", "(0, 1]")),
-    ("top-k-negative", lambda llm: llm.generate("hi", SamplingParams(top_k=-1)), InvalidSamplingParamsError,
-     ("top_k", ">= 0")),
-    ("token-id-too-big", lambda llm: llm.generate([1, 2, VOCAB]), InvalidRequestError,
-     (str(VOCAB), "vocabulary")),
+    (
+        "prompt-longer-than-context",
+        lambda llm: llm.generate(long_ids(CONTEXT + 40)),
+        PromptTooLongError,
+        (str(CONTEXT + 40), str(CONTEXT), "shorten"),
+    ),
+    (
+        "prompt-equal-to-context",
+        lambda llm: llm.generate(long_ids(CONTEXT)),
+        PromptTooLongError,
+        (str(CONTEXT), "shorten"),
+    ),
+    (
+        "prompt-plus-max-tokens",
+        lambda llm: llm.generate(long_ids(200), SamplingParams(max_tokens=100)),
+        PromptTooLongError,
+        ("max_tokens", "at most 56"),
+    ),
+    (
+        "max-tokens-0",
+        lambda llm: llm.generate("hi", SamplingParams(max_tokens=0)),
+        InvalidSamplingParamsError,
+        ("max_tokens", ">= 1"),
+    ),
+    (
+        "max-tokens-negative",
+        lambda llm: llm.generate("hi", SamplingParams(max_tokens=-3)),
+        InvalidSamplingParamsError,
+        ("max_tokens", ">= 1"),
+    ),
+    (
+        "temperature-negative",
+        lambda llm: llm.generate("hi", SamplingParams(temperature=-0.5)),
+        InvalidSamplingParamsError,
+        ("temperature", ">= 0"),
+    ),
+    (
+        "top-p-0",
+        lambda llm: llm.generate("hi", SamplingParams(top_p=0.0)),
+        InvalidSamplingParamsError,
+        ("top_p", "(0, 1]"),
+    ),
+    (
+        "top-p-1.5",
+        lambda llm: llm.generate("hi", SamplingParams(top_p=1.5)),
+        InvalidSamplingParamsError,
+        ("top_p", "(0, 1]"),
+    ),
+    (
+        "top-k-negative",
+        lambda llm: llm.generate("hi", SamplingParams(top_k=-1)),
+        InvalidSamplingParamsError,
+        ("top_k", ">= 0"),
+    ),
+    ("token-id-too-big", lambda llm: llm.generate([1, 2, VOCAB]), InvalidRequestError, (str(VOCAB), "vocabulary")),
     ("token-id-negative", lambda llm: llm.generate([[5, -1, 6]]), InvalidRequestError, ("-1", "vocabulary")),
     ("token-id-not-int", lambda llm: llm.generate([[5, 2.5, 6]]), InvalidRequestError, ("token ids",)),
-    ("engine-token-id-bool", lambda llm: llm.engine.add_request([True, 6], GREEDY), InvalidRequestError,
-     ("integers", "bool")),
-    ("params-count-mismatch", lambda llm: llm.generate(["a", "b"], [GREEDY]), InvalidRequestError,
-     ("2 prompts", "1 sampling params")),
-    ("batch-last-too-long", lambda llm: llm.generate(["hello there", REF_PROMPT, long_ids(CONTEXT + 1)], GREEDY),
-     PromptTooLongError, ("shorten",)),
-    ("batch-last-bad-token", lambda llm: llm.generate([REF_PROMPT, "fine", [3, VOCAB + 7]], GREEDY),
-     InvalidRequestError, (str(VOCAB + 7), "vocabulary")),
+    (
+        "engine-token-id-bool",
+        lambda llm: llm.engine.add_request([True, 6], GREEDY),
+        InvalidRequestError,
+        ("integers", "bool"),
+    ),
+    (
+        "params-count-mismatch",
+        lambda llm: llm.generate(["a", "b"], [GREEDY]),
+        InvalidRequestError,
+        ("2 prompts", "1 sampling params"),
+    ),
+    (
+        "batch-last-too-long",
+        lambda llm: llm.generate(["hello there", REF_PROMPT, long_ids(CONTEXT + 1)], GREEDY),
+        PromptTooLongError,
+        ("shorten",),
+    ),
+    (
+        "batch-last-bad-token",
+        lambda llm: llm.generate([REF_PROMPT, "fine", [3, VOCAB + 7]], GREEDY),
+        InvalidRequestError,
+        (str(VOCAB + 7), "vocabulary"),
+    ),
     ("batch-last-empty", lambda llm: llm.generate([REF_PROMPT, [4, 5], ""], GREEDY), InvalidRequestError, ("empty",)),
 ]
 
 
 @pytest.mark.parametrize(("bad", "error", "needles"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_request_raises_typed_error_and_admits_nothing(
-    llm: LLM, reference: list[int], monkeypatch: pytest.MonkeyPatch,
-    bad: BadCall, error: type[EngineError], needles: tuple[str, ...],
+    llm: LLM,
+    reference: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+    bad: BadCall,
+    error: type[EngineError],
+    needles: tuple[str, ...],
 ) -> None:
     admitted: list[str] = []
     real_add = llm.engine.scheduler.add

@@ -18,11 +18,9 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from deploy.cli import main
 from engine.llm import LLM
@@ -36,8 +34,9 @@ ARGS = [arg for kind, text in INPUTS for arg in (f"--{kind}", text)]
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "deploy.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def as_llm_input(kind: str, text: str):
@@ -81,8 +80,19 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_json_lines_in_order_on_tiny_model(tiny_dir: Path) -> None:
-    proc = run_cli("generate", "--offline", "--json", "--model", str(tiny_dir), *ARGS, "--max-tokens", "6",
-                   "--dtype", "float32", "--ignore-eos")
+    proc = run_cli(
+        "generate",
+        "--offline",
+        "--json",
+        "--model",
+        str(tiny_dir),
+        *ARGS,
+        "--max-tokens",
+        "6",
+        "--dtype",
+        "float32",
+        "--ignore-eos",
+    )
     assert proc.returncode == 0, proc.stderr
     records = check_json_lines(proc.stdout, LLM(str(tiny_dir), dtype="float32", num_blocks=64), 6)
     assert all(len(r["token_ids"]) == 6 and r["finish_reason"] == "length" for r in records)  # --ignore-eos
@@ -103,16 +113,20 @@ def test_without_offline_exits_2() -> None:
     assert_one_error_line(run_cli("generate", "--prompt", "hi"), "--offline")
 
 
-@pytest.mark.parametrize(("flag", "value", "needle"), [
-    ("--temperature", "-1", "temperature"),
-    ("--top-p", "1.5", "top_p"),
-    ("--top-k", "-2", "top_k"),
-    ("--min-p", "2", "min_p"),
-    ("--logprobs", "99", "logprobs"),
-    ("--seed", "-1", "seed"),
-])
-def test_bad_sampling_flag_exits_2_in_process(capsys: pytest.CaptureFixture[str], flag: str, value: str,
-                                              needle: str) -> None:
+@pytest.mark.parametrize(
+    ("flag", "value", "needle"),
+    [
+        ("--temperature", "-1", "temperature"),
+        ("--top-p", "1.5", "top_p"),
+        ("--top-k", "-2", "top_k"),
+        ("--min-p", "2", "min_p"),
+        ("--logprobs", "99", "logprobs"),
+        ("--seed", "-1", "seed"),
+    ],
+)
+def test_bad_sampling_flag_exits_2_in_process(
+    capsys: pytest.CaptureFixture[str], flag: str, value: str, needle: str
+) -> None:
     """Same contract, checked through `main()` so that no process (or model) is started per flag."""
     assert main(["generate", "--offline", "--prompt", "hi", flag, value]) == 2
     captured = capsys.readouterr()

@@ -16,14 +16,21 @@ from engine.model import cpu_kernels
 from engine.sampling_params import SamplingParams
 from tests.helpers.tiny_models import make_tiny_hf_model
 
-pytestmark = pytest.mark.skipif(cpu_kernels._compiler() is None or "avx512f" not in cpu_kernels._cpu_flags().split(),
-                                reason="no C compiler or no AVX-512: no CPU kernels to compare")
+pytestmark = pytest.mark.skipif(
+    cpu_kernels._compiler() is None or "avx512f" not in cpu_kernels._cpu_flags().split(),
+    reason="no C compiler or no AVX-512: no CPU kernels to compare",
+)
 
 
 def _engine(model_dir, dtype: str, order: str) -> EngineCore:
-    return EngineCore(EngineConfig(model=str(model_dir), dtype=dtype,
-                                   cache=CacheConfig(block_size=4, num_blocks=96, kv_order=order),
-                                   scheduler=SchedulerConfig(max_num_batched_tokens=24, max_num_seqs=8)))
+    return EngineCore(
+        EngineConfig(
+            model=str(model_dir),
+            dtype=dtype,
+            cache=CacheConfig(block_size=4, num_blocks=96, kv_order=order),
+            scheduler=SchedulerConfig(max_num_batched_tokens=24, max_num_seqs=8),
+        )
+    )
 
 
 def _layers(core: EngineCore):
@@ -61,9 +68,15 @@ def _run(core: EngineCore, kernels: bool) -> tuple[dict[str, list[int]], list[to
             layer._k = k
 
 
-@pytest.mark.parametrize("arch, dtype, order", [
-    ("llama", "float32", "NHD"), ("llama", "float32", "HND"), ("qwen2", "float32", "NHD"), ("llama", "bfloat16", "HND"),
-])
+@pytest.mark.parametrize(
+    "arch, dtype, order",
+    [
+        ("llama", "float32", "NHD"),
+        ("llama", "float32", "HND"),
+        ("qwen2", "float32", "NHD"),
+        ("llama", "bfloat16", "HND"),
+    ],
+)
 def test_kernel_layers_match_torch_layers(tmp_path, arch, dtype, order):
     model_dir = make_tiny_hf_model(tmp_path, arch, vocab_size=512, num_attention_heads=8, num_key_value_heads=2)
     with_kernels, without = _engine(model_dir, dtype, order), _engine(model_dir, dtype, order)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from router.attempts import Attempt, Run
 from router.pools import WorkerPool
 from router.responses import RequestTrace
-from router.attempts import Attempt, Run
 from router.server import GenerationService
 from tests.helpers.fake_workers import FakeWorker
 from tests.helpers.inprocess_workers import InProcessClient, new_worker
@@ -41,9 +41,13 @@ class Req:
 
 def service_with(p0: FakeWorker, p1: FakeWorker) -> GenerationService:
     # d0: a decode worker; these tests make no call to it
-    return GenerationService(validator=None, prefill=WorkerPool("prefill", [p0, p1], "kv", block_size=4),
-                             decode=WorkerPool("decode", [FakeWorker("d0")], "kv", block_size=4),
-                             info_source=lambda: None, cleanup_timeout_s=0.2)
+    return GenerationService(
+        validator=None,
+        prefill=WorkerPool("prefill", [p0, p1], "kv", block_size=4),
+        decode=WorkerPool("decode", [FakeWorker("d0")], "kv", block_size=4),
+        info_source=lambda: None,
+        cleanup_timeout_s=0.2,
+    )
 
 
 def run_on(service: GenerationService, rid: str, p, d, prefill_done: bool) -> None:

@@ -25,10 +25,14 @@ NEW = 10
 
 
 def _config(model: str, tp: int, pp: int, device: str) -> EngineConfig:
-    return EngineConfig(model=model, dtype="float32", device=device,
-                        cache=CacheConfig(num_blocks=64, block_size=8),
-                        scheduler=SchedulerConfig(max_num_batched_tokens=24),  # the long prompt is chunked
-                        parallel=ParallelConfig(tp, pp, backend="gloo", collective_timeout_s=120))
+    return EngineConfig(
+        model=model,
+        dtype="float32",
+        device=device,
+        cache=CacheConfig(num_blocks=64, block_size=8),
+        scheduler=SchedulerConfig(max_num_batched_tokens=24),  # the long prompt is chunked
+        parallel=ParallelConfig(tp, pp, backend="gloo", collective_timeout_s=120),
+    )
 
 
 def _greedy(core: EngineCore) -> list[list[int]]:

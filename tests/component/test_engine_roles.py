@@ -27,8 +27,11 @@ def model_dir(tmp_path_factory):
 
 
 def _engine(model_dir, device: str = "cpu") -> EngineCore:
-    return EngineCore(EngineConfig(model=str(model_dir), dtype="float32", device=device,
-                                   cache=CacheConfig(block_size=BLOCK, num_blocks=64)))
+    return EngineCore(
+        EngineConfig(
+            model=str(model_dir), dtype="float32", device=device, cache=CacheConfig(block_size=BLOCK, num_blocks=64)
+        )
+    )
 
 
 def _run_all(engine: EngineCore) -> dict[str, list]:
@@ -66,12 +69,22 @@ def _disaggregated(p: EngineCore, d: EngineCore, prompt, params, rid="r", prior=
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("params", [
-    SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
-    SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=7, ignore_eos=True),
-    SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.5, frequency_penalty=0.7,
-                   presence_penalty=0.4),
-], ids=["greedy", "seeded", "penalized"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=7, ignore_eos=True),
+        SamplingParams(
+            max_tokens=12,
+            temperature=0.0,
+            ignore_eos=True,
+            repetition_penalty=1.5,
+            frequency_penalty=0.7,
+            presence_penalty=0.4,
+        ),
+    ],
+    ids=["greedy", "seeded", "penalized"],
+)
 def test_disaggregated_equals_one_engine(model_dir, params, device):
     """Each prompt alone on one engine vs P+D. Alone, not batched: on CUDA a batch of 4 picks other
     GEMM kernels than a batch of 1, and a random tiny model's close logits then flip greedy picks."""
@@ -94,12 +107,22 @@ def test_disaggregated_equals_one_engine(model_dir, params, device):
         e.leak_check()
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
-    SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=7, ignore_eos=True),
-    SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.5, frequency_penalty=0.7,
-                   presence_penalty=0.4),
-], ids=["greedy", "seeded", "penalized"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=7, ignore_eos=True),
+        SamplingParams(
+            max_tokens=12,
+            temperature=0.0,
+            ignore_eos=True,
+            repetition_penalty=1.5,
+            frequency_penalty=0.7,
+            presence_penalty=0.4,
+        ),
+    ],
+    ids=["greedy", "seeded", "penalized"],
+)
 def test_resumed_request_continues_exactly(model_dir, params):
     """A request resumed with the first k tokens it produced (its worker died) continues with exactly
     the tokens and text deltas of an undisturbed run: on one engine, and prefilled on P, decoded on D."""
@@ -160,8 +183,7 @@ def test_resume_refuses_output_that_already_ends_the_request(model_dir):
     with pytest.raises(InvalidRequestError, match="leave none of max_tokens=3"):
         engine.add_request([5, 6, 7], params, "r", prior_output_ids=[1, 2, 3])
     with pytest.raises(InvalidRequestError, match="already ends the request"):
-        engine.add_request([5, 6, 7], SamplingParams(max_tokens=5, stop_token_ids=[9]), "r",
-                           prior_output_ids=[9])
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=5, stop_token_ids=[9]), "r", prior_output_ids=[9])
     with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
         engine.add_request([5, 6, 7], params, "r", prior_output_ids=[10**6])
     assert not engine.has_unfinished_requests()
@@ -193,7 +215,9 @@ def test_abort_releases_a_lease_and_remote_waiting_request(model_dir):
 
 
 def test_decode_admission_waits_when_the_pool_is_full(model_dir):
-    d = EngineCore(EngineConfig(model=str(model_dir), dtype="float32", cache=CacheConfig(block_size=BLOCK, num_blocks=4)))
+    d = EngineCore(
+        EngineConfig(model=str(model_dir), dtype="float32", cache=CacheConfig(block_size=BLOCK, num_blocks=4))
+    )
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     d.add_remote_request(list(range(3, 14)), params, "a", 9)  # 11 tokens: 3 blocks
     d.add_remote_request(list(range(20, 31)), params, "b", 9)

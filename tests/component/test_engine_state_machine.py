@@ -21,12 +21,11 @@ deterministic witness that those paths are actually taken by this config.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
@@ -89,8 +88,15 @@ class GreedyReference:
 
 
 def cramped_engine(model_dir: Path) -> LLM:
-    return LLM(str(model_dir), dtype="float32", block_size=BLOCK, num_blocks=NUM_BLOCKS,
-               max_num_batched_tokens=BUDGET, max_num_seqs=8, enable_prefix_caching=True)
+    return LLM(
+        str(model_dir),
+        dtype="float32",
+        block_size=BLOCK,
+        num_blocks=NUM_BLOCKS,
+        max_num_batched_tokens=BUDGET,
+        max_num_seqs=8,
+        enable_prefix_caching=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +135,12 @@ class EngineMachine(RuleBasedStateMachine):
         self.finished: dict[str, Request] = {}
         self.streamed: dict[str, list[int]] = {}
 
-    @rule(prefix=st.sampled_from([None, 0, 1, 2]), suffix=st.lists(st.integers(0, VOCAB - 1), max_size=MAX_PROMPT),
-          length=st.integers(1, MAX_PROMPT), max_tokens=st.integers(1, MAX_TOKENS))
+    @rule(
+        prefix=st.sampled_from([None, 0, 1, 2]),
+        suffix=st.lists(st.integers(0, VOCAB - 1), max_size=MAX_PROMPT),
+        length=st.integers(1, MAX_PROMPT),
+        max_tokens=st.integers(1, MAX_TOKENS),
+    )
     def add(self, prefix: int | None, suffix: list[int], length: int, max_tokens: int) -> None:
         prompt = (list(PREFIXES[prefix]) if prefix is not None else []) + suffix
         prompt = prompt[:length] or [1]
@@ -200,8 +210,14 @@ def test_engine_state_machine(model_dir: Path, reference: GreedyReference) -> No
     stats = ScheduleStats()
     run_state_machine_as_test(
         lambda: EngineMachine(model_dir, reference, stats),
-        settings=settings(max_examples=50, stateful_step_count=40, deadline=None, database=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]),
+        settings=settings(
+            max_examples=50,
+            stateful_step_count=40,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        ),
     )
     assert stats.max_step_tokens <= BUDGET
     # derandomized, so these are facts about a fixed set of examples, not luck

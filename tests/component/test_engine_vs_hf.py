@@ -39,8 +39,12 @@ def pair(request, tmp_path_factory):
     overrides = {"vocab_size": VOCAB}
     if arch == "llama":  # exercise llama3 rope scaling too
         overrides["rope_parameters"] = {
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
         }
     if arch == "qwen2":
         overrides["tie_word_embeddings"] = True
@@ -134,8 +138,14 @@ def test_step_by_step_decode_logits_close(pair):
 def test_chunked_prefill_logits_close(pair):
     _, llm, ref = pair
     prompt = prompts(2, 1, 150, 150)[0]
-    small = LLM(llm.config.model, dtype="float32", block_size=4, num_blocks=512, max_num_batched_tokens=16,
-                enable_prefix_caching=False)
+    small = LLM(
+        llm.config.model,
+        dtype="float32",
+        block_size=4,
+        num_blocks=512,
+        max_num_batched_tokens=16,
+        enable_prefix_caching=False,
+    )
     steps = []
     inner = small.engine.scheduler.schedule
 
@@ -186,7 +196,7 @@ def test_repetition_penalty_greedy_matches_transformers(pair):
             for _ in range(10):
                 logits = ref(torch.tensor([ids])).logits[:, -1]
                 ids.append(int(penalty(torch.tensor([ids]), logits)[0].argmax()))
-        want.append(ids[len(prompt):])
+        want.append(ids[len(prompt) :])
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, repetition_penalty=1.8)
     plain = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     outs = llm.generate(batch + batch[:1], [params] * len(batch) + [plain])

@@ -118,9 +118,14 @@ def test_events_fill_the_index_and_the_status(tiny: str) -> None:
             route = s.router.route("again", prompt)
             assert route.prefill.worker_id == "A"
             # A holds the 5 blocks of r1 (its 64-block cache 8% full); the prompt adds no new block there
-            assert ("A: 1*uncached 2 (18 - 4 blocks cached) + 1*queued 0 + 0.5*evict 0*fill 0.08 ((5 + 0)/64)*reuse 1.00 = 2"
-                    in route.describe())
-            assert "B: 1*uncached 18 (18 - 0 blocks cached) + 1*queued 0 + 0.5*evict 16*fill 0.06 ((0 + 4)/64)*reuse 1.00 = 18.5" in route.describe()
+            assert (
+                "A: 1*uncached 2 (18 - 4 blocks cached) + 1*queued 0 "
+                "+ 0.5*evict 0*fill 0.08 ((5 + 0)/64)*reuse 1.00 = 2" in route.describe()
+            )
+            assert (
+                "B: 1*uncached 18 (18 - 0 blocks cached) + 1*queued 0 "
+                "+ 0.5*evict 16*fill 0.06 ((0 + 4)/64)*reuse 1.00 = 18.5" in route.describe()
+            )
             assert s.downs == [] and s.feed.resyncs == 0
 
     asyncio.run(scenario())
@@ -147,8 +152,10 @@ def test_lost_events_are_recovered_from_a_snapshot(tiny: str) -> None:
             await s.run("A", "r2", second, max_tokens=3)
             snap2 = await a.kv_snapshot()
             assert snap2.next_seq > snap.next_seq
-            await s.feed.wait_until(lambda: s.holds_exactly("A", snap2.block_hashes)
-                                    and s.ix.indexer.expected_seq("A") == snap2.next_seq, WAIT_S)
+            await s.feed.wait_until(
+                lambda: s.holds_exactly("A", snap2.block_hashes) and s.ix.indexer.expected_seq("A") == snap2.next_seq,
+                WAIT_S,
+            )
             assert s.ix.indexer.find_matches(hash_full_blocks(second, BS)) == {"A": 10}
             assert s.downs == []
 
@@ -189,8 +196,9 @@ def test_an_unavailable_worker_is_reported_down_and_forgotten(tiny: str) -> None
             await s.run("B", "rb", pb, max_tokens=1)
             ha, hb = hash_full_blocks(pa, BS), hash_full_blocks(pb, BS)
             ind = s.ix.indexer
-            await s.feed.wait_until(lambda: ind.find_matches(ha) == {"A": 4} and ind.find_matches(hb) == {"B": 4},
-                                    WAIT_S)
+            await s.feed.wait_until(
+                lambda: ind.find_matches(ha) == {"A": 4} and ind.find_matches(hb) == {"B": 4}, WAIT_S
+            )
             s.router.route("burst", pa)  # a prediction on A too: it must go with A's entries
             assert s.ix.predicted.find_matches(ha) == {"A": 4}
             s.clients["A"].down = True

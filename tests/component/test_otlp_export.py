@@ -25,11 +25,18 @@ def emit_request(config: TracingConfig) -> tuple[int, int, int]:
         gateway = extract([("traceparent", f"00-{GATEWAY_TRACE:032x}-{GATEWAY_SPAN:016x}-01")])
         tracer = tracing.tracer
         with tracer.start_as_current_span(telemetry.SPAN_GENERATE, context=gateway, kind=SpanKind.SERVER) as root:
-            root.set_attributes({telemetry.ATTR_MODEL: "tiny", telemetry.ATTR_INPUT_TOKENS: 12,
-                                 telemetry.ATTR_FINISH_REASONS: ["stop"], telemetry.ATTR_RPC_SYSTEM: "grpc"})
+            root.set_attributes(
+                {
+                    telemetry.ATTR_MODEL: "tiny",
+                    telemetry.ATTR_INPUT_TOKENS: 12,
+                    telemetry.ATTR_FINISH_REASONS: ["stop"],
+                    telemetry.ATTR_RPC_SYSTEM: "grpc",
+                }
+            )
             with tracer.start_as_current_span(telemetry.SPAN_KV_TRANSFER) as kv:
-                kv.set_attributes({telemetry.ATTR_KV_BYTES: 1 << 20, telemetry.ATTR_KV_BLOCKS: 4,
-                                   telemetry.ATTR_KV_GBPS: 1.5})
+                kv.set_attributes(
+                    {telemetry.ATTR_KV_BYTES: 1 << 20, telemetry.ATTR_KV_BLOCKS: 4, telemetry.ATTR_KV_GBPS: 1.5}
+                )
         assert tracing.force_flush(5_000)
     finally:
         tracing.shutdown()
@@ -44,8 +51,12 @@ def check_request(spans: list[ReceivedSpan], ids: tuple[int, int, int], service_
     assert trace_id == GATEWAY_TRACE and {root.trace_id, kv.trace_id} == {GATEWAY_TRACE}
     assert (root.span_id, root.parent_span_id, root.kind) == (root_id, GATEWAY_SPAN, ProtoSpan.SPAN_KIND_SERVER)
     assert (kv.span_id, kv.parent_span_id) == (kv_id, root_id)
-    assert root.attributes == {"gen_ai.request.model": "tiny", "gen_ai.usage.input_tokens": 12,
-                               "gen_ai.response.finish_reasons": ["stop"], "rpc.system.name": "grpc"}
+    assert root.attributes == {
+        "gen_ai.request.model": "tiny",
+        "gen_ai.usage.input_tokens": 12,
+        "gen_ai.response.finish_reasons": ["stop"],
+        "rpc.system.name": "grpc",
+    }
     assert kv.attributes == {"tandem.kv.bytes": 1 << 20, "tandem.kv.blocks": 4, "tandem.kv.gbps": 1.5}
     for span in spans:
         assert span.resource["service.name"] == service_name
@@ -57,20 +68,30 @@ def check_request(spans: list[ReceivedSpan], ids: tuple[int, int, int], service_
 def test_otlp_grpc(endpoint: str) -> None:
     with OtlpReceiver() as receiver:
         if endpoint == "url":  # http:// scheme: plaintext
-            config = TracingConfig(exporter="otlp", protocol="grpc", endpoint=receiver.url,
-                                   service_name="tandem-router")
+            config = TracingConfig(
+                exporter="otlp", protocol="grpc", endpoint=receiver.url, service_name="tandem-router"
+            )
         else:  # a bare host:port is TLS unless told otherwise
-            config = TracingConfig(exporter="otlp", protocol="grpc", endpoint=receiver.endpoint, insecure=True,
-                                   service_name="tandem-router")
+            config = TracingConfig(
+                exporter="otlp",
+                protocol="grpc",
+                endpoint=receiver.endpoint,
+                insecure=True,
+                service_name="tandem-router",
+            )
         ids = emit_request(config)
         check_request(receiver.wait_for_spans(2, timeout=10), ids, "tandem-router")
 
 
 def test_otlp_grpc_from_env() -> None:
     with OtlpReceiver() as receiver:
-        config = TracingConfig.from_env(environ={"OTEL_TRACES_EXPORTER": "otlp",
-                                                 "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
-                                                 "OTEL_SERVICE_NAME": "tandem-decode"})
+        config = TracingConfig.from_env(
+            environ={
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+                "OTEL_SERVICE_NAME": "tandem-decode",
+            }
+        )
         ids = emit_request(config)
         check_request(receiver.wait_for_spans(2, timeout=10), ids, "tandem-decode")
 
@@ -78,10 +99,14 @@ def test_otlp_grpc_from_env() -> None:
 def test_otlp_http_protobuf_from_env() -> None:
     with OtlpHttpReceiver() as receiver:
         base = receiver.url.removesuffix("/v1/traces")  # the general variable is a base URL
-        config = TracingConfig.from_env(environ={"OTEL_TRACES_EXPORTER": "otlp",
-                                                 "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-                                                 "OTEL_EXPORTER_OTLP_ENDPOINT": base,
-                                                 "OTEL_SERVICE_NAME": "tandem-prefill"})
+        config = TracingConfig.from_env(
+            environ={
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": base,
+                "OTEL_SERVICE_NAME": "tandem-prefill",
+            }
+        )
         assert config.endpoint == receiver.url
         ids = emit_request(config)
         check_request(receiver.wait_for_spans(2, timeout=10), ids, "tandem-prefill")

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from engine.llm import LLM
 from engine.outputs import CompletionOutput
@@ -108,8 +106,11 @@ def test_stop_string_cuts_the_text(llm: LLM, greedy_run: CompletionOutput) -> No
 
 def test_include_stop_str_in_output_keeps_it(llm: LLM, greedy_run: CompletionOutput) -> None:
     stop, at = _stop_string(greedy_run.text)
-    out = one(llm, PROMPT, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, stop=[stop],
-                                          include_stop_str_in_output=True))
+    out = one(
+        llm,
+        PROMPT,
+        SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, stop=[stop], include_stop_str_in_output=True),
+    )
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == greedy_run.text[: at + len(stop)]
 

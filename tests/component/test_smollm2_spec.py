@@ -13,12 +13,19 @@ from engine.config import SpeculativeConfig
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 
-TEXT = ("The committee met on Tuesday to review the budget for the new library. The architect presented three "
-        "designs: a single large reading room, a building of four floors with smaller rooms, and a renovation of "
-        "the old post office.")
+TEXT = (
+    "The committee met on Tuesday to review the budget for the new library. The architect presented three "
+    "designs: a single large reading room, a building of four floors with smaller rooms, and a renovation of "
+    "the old post office."
+)
 PROMPTS = [
     [{"role": "user", "content": f"{TEXT}\n\nRewrite the text above word for word, correcting any mistakes."}],
-    [{"role": "user", "content": f"{TEXT}\n\nCopy the text above, replacing every number written in words with digits."}],
+    [
+        {
+            "role": "user",
+            "content": f"{TEXT}\n\nCopy the text above, replacing every number written in words with digits.",
+        }
+    ],
     [{"role": "user", "content": "Explain why the sky is blue to a ten-year-old."}],
 ]
 

@@ -8,9 +8,7 @@ masks EOS behind our back; both sides ignore EOS and produce 32 tokens.
 
 from __future__ import annotations
 
-
 import pytest
-import torch
 
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
@@ -48,7 +46,9 @@ def test_smollm2_greedy_tokens_identical_to_transformers(llm, reference):
     for chat, out in zip(chats, outs):
         assert len(out.token_ids) == NEW_TOKENS
         expected = hf_greedy(reference, out.prompt_token_ids, NEW_TOKENS)
-        assert out.token_ids == expected, f"first difference at {next(i for i, (a, b) in enumerate(zip(out.token_ids, expected)) if a != b)}"
+        assert out.token_ids == expected, (
+            f"first difference at {next(i for i, (a, b) in enumerate(zip(out.token_ids, expected)) if a != b)}"
+        )
     llm.engine.leak_check()
 
 

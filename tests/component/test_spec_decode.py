@@ -28,9 +28,17 @@ def target_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def draft_dir(tmp_path_factory):
-    return make_tiny_hf_model(tmp_path_factory.mktemp("spec_draft"), "llama", vocab_size=VOCAB, seed=1,
-                              num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                              intermediate_size=64)
+    return make_tiny_hf_model(
+        tmp_path_factory.mktemp("spec_draft"),
+        "llama",
+        vocab_size=VOCAB,
+        seed=1,
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+    )
 
 
 SPEC_KINDS = ["ngram", "draft-self", "draft-other"]
@@ -38,19 +46,25 @@ SPEC_KINDS = ["ngram", "draft-self", "draft-other"]
 
 def _spec(kind: str, target_dir, draft_dir, k: int = 4) -> SpeculativeConfig:
     if kind == "ngram":
-        return SpeculativeConfig(method="ngram", num_speculative_tokens=k, prompt_lookup_min=1, prompt_lookup_max=3,
-                                 disable_batch_size=0)
+        return SpeculativeConfig(
+            method="ngram", num_speculative_tokens=k, prompt_lookup_min=1, prompt_lookup_max=3, disable_batch_size=0
+        )
     draft = target_dir if kind == "draft-self" else draft_dir
     return SpeculativeConfig(method="draft", draft_model=str(draft), num_speculative_tokens=k, disable_batch_size=0)
 
 
-def _engine(target_dir, spec: SpeculativeConfig | None = None, num_blocks: int = 256, budget: int = 2048,
-            prefix: bool = True) -> EngineCore:
-    return EngineCore(EngineConfig(
-        model=str(target_dir), dtype="float32",
-        cache=CacheConfig(block_size=BLOCK, num_blocks=num_blocks, enable_prefix_caching=prefix),
-        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=16),
-        speculative=spec or SpeculativeConfig()))
+def _engine(
+    target_dir, spec: SpeculativeConfig | None = None, num_blocks: int = 256, budget: int = 2048, prefix: bool = True
+) -> EngineCore:
+    return EngineCore(
+        EngineConfig(
+            model=str(target_dir),
+            dtype="float32",
+            cache=CacheConfig(block_size=BLOCK, num_blocks=num_blocks, enable_prefix_caching=prefix),
+            scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=16),
+            speculative=spec or SpeculativeConfig(),
+        )
+    )
 
 
 def _run(engine: EngineCore, requests, abort_after: dict[str, int] | None = None) -> dict[str, dict]:
@@ -180,8 +194,10 @@ def test_abort_mid_run_and_penalties_and_logprobs(target_dir, draft_dir, plain, 
 
 
 def test_speculation_switches_off_for_large_batches(target_dir):
-    spec = _engine(target_dir, SpeculativeConfig(method="ngram", num_speculative_tokens=4, prompt_lookup_min=1,
-                                                 disable_batch_size=2))
+    spec = _engine(
+        target_dir,
+        SpeculativeConfig(method="ngram", num_speculative_tokens=4, prompt_lookup_min=1, disable_batch_size=2),
+    )
     reqs = [(f"r{i}", p, GREEDY) for i, p in enumerate(_prompts(4, seed=11))]
     for rid, p, sp in reqs:
         spec.add_request(p, sp, rid)
@@ -198,10 +214,14 @@ def test_seeded_random_reproducible(target_dir, draft_dir):
     params = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=42, ignore_eos=True)
     prompts = _prompts(3, seed=13)
     for kind in ("ngram", "draft-other"):
-        a = _run(_engine(target_dir, _spec(kind, target_dir, draft_dir)),
-                 [(f"r{i}", p, params) for i, p in enumerate(prompts)])
-        b = _run(_engine(target_dir, _spec(kind, target_dir, draft_dir)),
-                 [(f"r{i}", p, params) for i, p in enumerate(prompts[::-1])])
+        a = _run(
+            _engine(target_dir, _spec(kind, target_dir, draft_dir)),
+            [(f"r{i}", p, params) for i, p in enumerate(prompts)],
+        )
+        b = _run(
+            _engine(target_dir, _spec(kind, target_dir, draft_dir)),
+            [(f"r{i}", p, params) for i, p in enumerate(prompts[::-1])],
+        )
         for i in range(3):
             assert a[f"r{i}"]["tokens"] == b[f"r{2 - i}"]["tokens"]
 
@@ -225,17 +245,18 @@ def test_sampling_matches_the_target_distribution(target_dir, draft_dir, plain, 
     """temperature 1, top_k 4: token 2 comes out of verification (token 1 out of the prefill). Over 600
     seeds, among the runs whose token 1 is the most common one, token 2 must follow the target's exact
     distribution: softmax over its 4 best raw logits (read from a plain run's logprobs)."""
+    import random
     from collections import Counter
 
     from tests.unit.test_spec_verify import chi2_pvalue
 
-    import random
-
     prompt = list(range(3, VOCAB))  # every token appears: lookup always proposes what followed token 1
     random.Random(17).shuffle(prompt)
     n = 600
-    reqs = [(f"s{i}", prompt, SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=i, ignore_eos=True))
-            for i in range(n)]
+    reqs = [
+        (f"s{i}", prompt, SamplingParams(max_tokens=3, temperature=1.0, top_k=4, seed=i, ignore_eos=True))
+        for i in range(n)
+    ]
     spec = _engine(target_dir, _spec(kind, target_dir, draft_dir, k=2), num_blocks=2048)
     got = _run(spec, reqs)
     assert spec.spec_steps > n // 2, "most runs must verify a proposal at token 2"

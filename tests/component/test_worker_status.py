@@ -24,8 +24,14 @@ def tiny(tmp_path_factory):
 
 
 def test_status_does_not_wait_for_a_step(tiny):
-    host = WorkerHost(WorkerSettings(worker_id="w", role="aggregated", transport="none",
-                                     engine=EngineConfig(model=tiny, dtype="float32", cache=CacheConfig(num_blocks=32))))
+    host = WorkerHost(
+        WorkerSettings(
+            worker_id="w",
+            role="aggregated",
+            transport="none",
+            engine=EngineConfig(model=tiny, dtype="float32", cache=CacheConfig(num_blocks=32)),
+        )
+    )
     in_step, release = threading.Event(), threading.Event()
     real_step = host.core.step
 

@@ -20,8 +20,14 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 def ray_session():
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, namespace="tandem-tests", _node_ip_address="127.0.0.1",
-             logging_level="WARNING", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        namespace="tandem-tests",
+        _node_ip_address="127.0.0.1",
+        logging_level="WARNING",
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+    )
     yield ray
     ray.shutdown()
 
@@ -55,8 +61,14 @@ def serve(model: str, **overrides):
     from deploy.config import ServeConfig, with_overrides
     from deploy.serve import Serving
 
-    base = {"router.port": 0, "router.http_port": 0, "both.kv_cache_memory": "64MiB", "both.dtype": "float32",
-            "both.num_cpus": 0.5, "model": model}
+    base = {
+        "router.port": 0,
+        "router.http_port": 0,
+        "both.kv_cache_memory": "64MiB",
+        "both.dtype": "float32",
+        "both.num_cpus": 0.5,
+        "model": model,
+    }
     return Serving(with_overrides(ServeConfig(), **{**base, **overrides}))
 
 

@@ -28,8 +28,21 @@ from tests.e2e.conftest import serve
 
 REPO = Path(__file__).resolve().parents[2]
 DIST_KEYS = {"mean", "std", "p50", "p90", "p95", "p99", "max"}
-PINNED = {"completed", "failed", "duration_s", "request_throughput", "output_throughput", "total_token_throughput",
-          "goodput", "slo_attainment", "ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "metadata"}
+PINNED = {
+    "completed",
+    "failed",
+    "duration_s",
+    "request_throughput",
+    "output_throughput",
+    "total_token_throughput",
+    "goodput",
+    "slo_attainment",
+    "ttft_ms",
+    "tpot_ms",
+    "itl_ms",
+    "e2el_ms",
+    "metadata",
+}
 
 
 def check_summary(out: Path, rates: list, num_requests: int) -> list[dict]:
@@ -61,10 +74,36 @@ def test_grpc_sweep_against_a_served_cluster(tiny_dir, tmp_path, capsys):
     with serve(str(tiny_dir), **{"router.max_tokens": 6}) as s:
         out = tmp_path / "grpc"
         # --output-len 4 with a wide spread: some requests ask for more than router.max_tokens allows
-        rc = bench_main(["--server", s.address, "--dataset", "random", "--input-len", "24", "--output-len", "4",
-                         "--spread", "0.8", "--ignore-eos", "--num-requests", "12", "--request-rate", "40,inf",
-                         "--max-concurrency", "4", "--seed", "5", "--slo", "ttft_ms=60000,tpot_ms=60000",
-                         "--warmup", "2", "--output", str(out), "--quiet"])
+        rc = bench_main(
+            [
+                "--server",
+                s.address,
+                "--dataset",
+                "random",
+                "--input-len",
+                "24",
+                "--output-len",
+                "4",
+                "--spread",
+                "0.8",
+                "--ignore-eos",
+                "--num-requests",
+                "12",
+                "--request-rate",
+                "40,inf",
+                "--max-concurrency",
+                "4",
+                "--seed",
+                "5",
+                "--slo",
+                "ttft_ms=60000,tpot_ms=60000",
+                "--warmup",
+                "2",
+                "--output",
+                str(out),
+                "--quiet",
+            ]
+        )
         assert rc == 0
         s.cluster.check_pools()
     runs = check_summary(out, [40.0, "inf"], 12)
@@ -85,8 +124,9 @@ def test_grpc_sweep_against_a_served_cluster(tiny_dir, tmp_path, capsys):
             assert r["server_timings"]["time_to_first_token_s"] > 0
         else:
             assert r["expected_output_tokens"] > 6 and "max_tokens" in r["error"]
-    assert [r["input_tokens"] for r in records if r["rate_index"] == 0] == \
-        [r["input_tokens"] for r in records if r["rate_index"] == 1]  # same seed: same lengths at every rate
+    assert [r["input_tokens"] for r in records if r["rate_index"] == 0] == [
+        r["input_tokens"] for r in records if r["rate_index"] == 1
+    ]  # same seed: same lengths at every rate
     check_plots(out, ["latency_vs_rate.png", "goodput_vs_rate.png", "cdf.png", "ttft_breakdown.png"])
     table = capsys.readouterr().out
     assert "goodput" in table and "failed INVALID_ARGUMENT" in table
@@ -142,8 +182,7 @@ class OpenAIServer:
         self.bodies.append(body)
         n = body["max_tokens"]
         if n > self.limit:
-            return web.json_response({"error": {"message": f"max_tokens {n} > {self.limit}", "code": 400}},
-                                     status=400)
+            return web.json_response({"error": {"message": f"max_tokens {n} > {self.limit}", "code": 400}}, status=400)
         chat = request.path.endswith("/chat/completions")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -178,9 +217,32 @@ def openai_server():
 
 def test_openai_completions_count_tokens_and_http_failures(openai_server, tmp_path):
     out = tmp_path / "openai"
-    rc = bench_main(["--openai-url", openai_server.url, "--dataset", "random", "--input-len", "16",
-                     "--output-len", "4", "--spread", "0.8", "--ignore-eos", "--num-requests", "10",
-                     "--request-rate", "200", "--seed", "5", "--tokenizer", "none", "--output", str(out), "--quiet"])
+    rc = bench_main(
+        [
+            "--openai-url",
+            openai_server.url,
+            "--dataset",
+            "random",
+            "--input-len",
+            "16",
+            "--output-len",
+            "4",
+            "--spread",
+            "0.8",
+            "--ignore-eos",
+            "--num-requests",
+            "10",
+            "--request-rate",
+            "200",
+            "--seed",
+            "5",
+            "--tokenizer",
+            "none",
+            "--output",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     (run,) = check_summary(out, [200.0], 10)
     records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
@@ -202,10 +264,33 @@ def test_openai_chat_with_multi_token_chunks(tmp_path):
     server = OpenAIServer(limit=100, pairs=True)
     try:
         out = tmp_path / "chat"
-        rc = bench_main(["--openai-url", f"{server.url}/chat/completions", "--dataset", "shared-prefix",
-                         "--num-groups", "2", "--prefix-len", "20", "--input-len", "8", "--output-len", "5",
-                         "--spread", "0", "--ignore-eos", "--num-requests", "4", "--seed", "5", "--output", str(out),
-                         "--no-plots", "--quiet"])
+        rc = bench_main(
+            [
+                "--openai-url",
+                f"{server.url}/chat/completions",
+                "--dataset",
+                "shared-prefix",
+                "--num-groups",
+                "2",
+                "--prefix-len",
+                "20",
+                "--input-len",
+                "8",
+                "--output-len",
+                "5",
+                "--spread",
+                "0",
+                "--ignore-eos",
+                "--num-requests",
+                "4",
+                "--seed",
+                "5",
+                "--output",
+                str(out),
+                "--no-plots",
+                "--quiet",
+            ]
+        )
         assert rc == 0
     finally:
         server.stop()
@@ -222,13 +307,23 @@ def test_openai_chat_with_multi_token_chunks(tmp_path):
 
 def test_ctrl_c_writes_what_was_measured(openai_server, tmp_path):
     trace = tmp_path / "trace.jsonl"
-    trace.write_text(json.dumps({"timestamp_s": 0, "input_tokens": 5, "output_tokens": 2}) + "\n"
-                     + json.dumps({"timestamp_s": 0.01, "input_tokens": 5, "output_tokens": 3}) + "\n")
+    trace.write_text(
+        json.dumps({"timestamp_s": 0, "input_tokens": 5, "output_tokens": 2})
+        + "\n"
+        + json.dumps({"timestamp_s": 0.01, "input_tokens": 5, "output_tokens": 3})
+        + "\n"
+    )
     out = tmp_path / "interrupted"
     # the second request's prompt says HANG: the server streams one token and waits for the client
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", _HANG_SCRIPT, openai_server.url, str(trace), str(out)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HANG_SCRIPT, openai_server.url, str(trace), str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert openai_server.hanging.wait(60), proc.stderr.read() if proc.poll() is not None else "no request hung"
         proc.send_signal(signal.SIGINT)
@@ -276,12 +371,14 @@ def test_bad_targets_and_flags_say_what_to_change(tmp_path, capsys):
         assert f"--trace-file {bad_trace} line 2: missing 'input_tokens'" in capsys.readouterr().err
     finally:
         server.stop()
-    for argv, words in ((["--dataset", "sharegpt"], "unknown dataset 'sharegpt'"),
-                        (["--slo", "ttft=1"], "--slo: unknown target 'ttft'"),
-                        (["--request-rate", "fast"], "--request-rate: 'fast' is not a number"),
-                        (["--find-max-rate", "--request-rate", "1"], "--find-max-rate needs --slo"),
-                        (["--duration", "5"], "--duration with --request-rate inf needs"),
-                        (["--token-file", "/nonexistent"], "cannot read the auth token file /nonexistent")):
+    for argv, words in (
+        (["--dataset", "sharegpt"], "unknown dataset 'sharegpt'"),
+        (["--slo", "ttft=1"], "--slo: unknown target 'ttft'"),
+        (["--request-rate", "fast"], "--request-rate: 'fast' is not a number"),
+        (["--find-max-rate", "--request-rate", "1"], "--find-max-rate needs --slo"),
+        (["--duration", "5"], "--duration with --request-rate inf needs"),
+        (["--token-file", "/nonexistent"], "cannot read the auth token file /nonexistent"),
+    ):
         assert bench_main(["--server", "127.0.0.1:9", *argv]) == 2, argv
         assert words in capsys.readouterr().err
     assert bench_main(["--quiet"]) == 2
@@ -290,9 +387,33 @@ def test_bad_targets_and_flags_say_what_to_change(tmp_path, capsys):
 
 def test_find_max_rate_writes_every_probe(openai_server, tmp_path, capsys):
     out = tmp_path / "search"
-    rc = bench_main(["--openai-url", openai_server.url, "--input-len", "8", "--output-len", "3", "--spread", "0",
-                     "--num-requests", "4", "--request-rate", "50", "--find-max-rate", "--slo", "e2el_ms=60000",
-                     "--search-probes", "3", "--tokenizer", "none", "--output", str(out), "--no-plots", "--quiet"])
+    rc = bench_main(
+        [
+            "--openai-url",
+            openai_server.url,
+            "--input-len",
+            "8",
+            "--output-len",
+            "3",
+            "--spread",
+            "0",
+            "--num-requests",
+            "4",
+            "--request-rate",
+            "50",
+            "--find-max-rate",
+            "--slo",
+            "e2el_ms=60000",
+            "--search-probes",
+            "3",
+            "--tokenizer",
+            "none",
+            "--output",
+            str(out),
+            "--no-plots",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     search = json.loads((out / "search.json").read_text())
     assert [p["request_rate"] for p in search["probes"]] == [50.0, 100.0, 200.0]  # all pass: doubling

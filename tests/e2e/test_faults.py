@@ -36,14 +36,22 @@ WAIT_S = 60.0
 IDLE_S = 3.0  # router.stream_idle_timeout_s: a decode stream silent this long is retried elsewhere
 
 
-
-
 @pytest.fixture(scope="module")
 def cluster(tiny_dir):
-    with serve(str(tiny_dir), ray_namespace="tandem-faults", fault_injection=True,
-               **{"both.block_size": BS, "prefill.replicas": 2, "decode.replicas": 2,
-                  "transport.lease_s": LEASE_S, "transport.transfer_timeout_s": 120,  # the lease bounds pulls
-                  "router.failover_wait_s": WAIT_S, "router.stream_idle_timeout_s": IDLE_S}) as s:
+    with serve(
+        str(tiny_dir),
+        ray_namespace="tandem-faults",
+        fault_injection=True,
+        **{
+            "both.block_size": BS,
+            "prefill.replicas": 2,
+            "decode.replicas": 2,
+            "transport.lease_s": LEASE_S,
+            "transport.transfer_timeout_s": 120,  # the lease bounds pulls
+            "router.failover_wait_s": WAIT_S,
+            "router.stream_idle_timeout_s": IDLE_S,
+        },
+    ) as s:
         yield s
 
 
@@ -64,8 +72,7 @@ class Stream:
 
         def run() -> None:
             try:
-                for r in client.generate(token_ids=ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                                         **kw):
+                for r in client.generate(token_ids=ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw):
                     self.responses.put(r)
             except grpc.RpcError as e:
                 self.error = e
@@ -152,8 +159,9 @@ def _kill_held(s, reference, wids, hold: Hold, ids: list[int], max_tokens: int) 
 def _seen_down(s, wid: str) -> None:
     """Until the router has marked `wid` down: its KV event feed's long poll failed (no sleep)."""
     pool = "prefill" if wid.startswith("prefill") else "decode"
-    s.on_router(lambda svc: svc.feed.wait_until(lambda: not getattr(svc, pool).healthy(wid), WAIT_S),
-                timeout_s=WAIT_S + 5)
+    s.on_router(
+        lambda svc: svc.feed.wait_until(lambda: not getattr(svc, pool).healthy(wid), WAIT_S), timeout_s=WAIT_S + 5
+    )
 
 
 @contextmanager
@@ -287,13 +295,17 @@ def test_a_stalled_decode_worker_is_left_for_another(cluster, reference):
 # ---- the transport fails, stalls, is late -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed, plan, retries", [
-    (21, FaultPlan(fail_polls={1}), 1),  # the READ completes with an error
-    (22, FaultPlan(fail_submits={1}), 1),  # the READ is refused at submit
-    (23, FaultPlan(stall_polls={1}), 1),  # never completes: the pull's deadline (lease-bound) ends it
-    (24, FaultPlan(delay_polls=200), 0),  # late, but within the deadline: no retry
-    (25, FaultPlan(fail_polls={1, 2}), 2),  # from both prefill workers: the third attempt prefills on D
-], ids=["fail", "refused", "stall", "late", "every-prefill-worker"])
+@pytest.mark.parametrize(
+    "seed, plan, retries",
+    [
+        (21, FaultPlan(fail_polls={1}), 1),  # the READ completes with an error
+        (22, FaultPlan(fail_submits={1}), 1),  # the READ is refused at submit
+        (23, FaultPlan(stall_polls={1}), 1),  # never completes: the pull's deadline (lease-bound) ends it
+        (24, FaultPlan(delay_polls=200), 0),  # late, but within the deadline: no retry
+        (25, FaultPlan(fail_polls={1, 2}), 2),  # from both prefill workers: the third attempt prefills on D
+    ],
+    ids=["fail", "refused", "stall", "late", "every-prefill-worker"],
+)
 def test_transport_faults(cluster, reference, seed, plan, retries):
     s = cluster
     ids = _tokens(26, seed)
@@ -320,13 +332,15 @@ def test_an_id_is_reusable_after_its_request_was_retried(cluster, reference):
     with _only(s, "decode-0"):
         _arm(s, ["decode-0"], WorkerFaultPlan(transport=FaultPlan(fail_polls={1})))
         try:
-            first = list(client.generate(token_ids=first_ids, max_tokens=6, temperature=0.0, ignore_eos=True,
-                                         request_id="same"))
+            first = list(
+                client.generate(token_ids=first_ids, max_tokens=6, temperature=0.0, ignore_eos=True, request_id="same")
+            )
         finally:
             _disarm(s, ["decode-0"])
         assert first[-1].retries == 1 and _tokens_of(first) == hf_greedy(reference, first_ids, 6)
-        again = list(client.generate(token_ids=again_ids, max_tokens=6, temperature=0.0, ignore_eos=True,
-                                     request_id="same"))
+        again = list(
+            client.generate(token_ids=again_ids, max_tokens=6, temperature=0.0, ignore_eos=True, request_id="same")
+        )
     assert _tokens_of(again) == hf_greedy(reference, again_ids, 6) and again[-1].retries == 0
     _pools_intact(s)
 
@@ -373,8 +387,13 @@ def test_decode_worker_killed_for_good_mid_stream(cluster, reference):
 
 def test_aggregated_worker_killed_mid_stream_migrates(tiny_dir, reference):
     """Aggregated mode has no prefill pool: the request resumes on the other worker with generate(prior)."""
-    with serve(str(tiny_dir), mode="aggregated", ray_namespace="tandem-faults-agg", fault_injection=True,
-               **{"both.block_size": BS}) as s:
+    with serve(
+        str(tiny_dir),
+        mode="aggregated",
+        ray_namespace="tandem-faults-agg",
+        fault_injection=True,
+        **{"both.block_size": BS},
+    ) as s:
         workers = tuple(h.worker_id for h in s.cluster.workers)
         got, victim = _kill_held(s, reference, workers, Hold(FaultPoint.STREAM), _tokens(30, 14), 14)
         assert got[0].decode_worker == victim and got[-1].retries == 1

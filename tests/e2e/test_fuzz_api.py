@@ -54,9 +54,12 @@ F32_TINY = 1.401298464324817e-45  # smallest positive float32 (subnormal)
 SENTINEL = "Zq9SENTINEL9qZ"  # replaced by invalid UTF-8 of the same length in the serialized bytes
 BASELINE_IDS = list(range(3, 19))
 
-FUZZ = settings(deadline=None, derandomize=True, print_blob=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                       HealthCheck.data_too_large])
+FUZZ = settings(
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 # -- the served cluster ---------------------------------------------------------------------------
@@ -72,7 +75,8 @@ def cluster(tiny_dir):
 def baseline(cluster):
     """Greedy tokens of one plain request before any fuzz (the survival check compares with them)."""
     _, tokens, last = TandemClient(cluster.address).complete(
-        token_ids=BASELINE_IDS, max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, timeout=DEADLINE_S)
+        token_ids=BASELINE_IDS, max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, timeout=DEADLINE_S
+    )
     assert len(tokens) == MAX_NEW and last.finish_reason == pb.FINISH_REASON_LENGTH
     return tokens
 
@@ -81,8 +85,9 @@ def baseline(cluster):
 def send(cluster, baseline):
     """`send(raw bytes) -> Outcome` over a generic channel (no client-side serialization or checks)."""
     with grpc.insecure_channel(cluster.address) as channel:
-        call = channel.unary_stream(METHOD, request_serializer=lambda b: b,
-                                    response_deserializer=pb.GenerateResponse.FromString)
+        call = channel.unary_stream(
+            METHOD, request_serializer=lambda b: b, response_deserializer=pb.GenerateResponse.FromString
+        )
 
         def send(raw: bytes) -> Outcome:
             started = time.monotonic()
@@ -96,6 +101,7 @@ def send(cluster, baseline):
 
 
 # -- judging one outcome --------------------------------------------------------------------------
+
 
 @dataclass
 class Outcome:
@@ -129,7 +135,8 @@ def judge(outcome: Outcome, *, must_succeed: bool = False, max_tokens: int | Non
         return  # the server is full (not a crash)
     assert not must_succeed, f"a valid request was refused: {code.name}: {details[:500]}"
     assert code == grpc.StatusCode.INVALID_ARGUMENT, (
-        f"{code.name} after {outcome.elapsed_s:.1f} s (want a result or INVALID_ARGUMENT): {details[:500]}")
+        f"{code.name} after {outcome.elapsed_s:.1f} s (want a result or INVALID_ARGUMENT): {details[:500]}"
+    )
     assert details.strip(), "INVALID_ARGUMENT without a message saying what to change"
     assert "\n" not in details, f"multi-line status message: {details[:500]}"
 
@@ -139,7 +146,8 @@ def _judge_stream(responses: list, max_tokens: int | None) -> None:
     *chunks, last = responses
     assert all(r.finish_reason == pb.FINISH_REASON_UNSPECIFIED for r in chunks), "finish reason before the last chunk"
     assert last.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH), (
-        f"stream ended with finish_reason {pb.FinishReason.Name(last.finish_reason)}")
+        f"stream ended with finish_reason {pb.FinishReason.Name(last.finish_reason)}"
+    )
     generated = sum(len(r.token_ids) for r in responses)
     assert last.usage.completion_tokens == generated >= 1, (last.usage, generated)
     assert last.usage.prompt_tokens >= 1, last.usage
@@ -173,6 +181,7 @@ def _summary(message, limit: int = 60) -> str:
 
 # -- strategies: requests the server must accept --------------------------------------------------
 
+
 def _opt(strategy):
     return st.one_of(st.none(), strategy)
 
@@ -196,8 +205,9 @@ def valid_sampling(draw) -> pb.SamplingOptions:
     s = pb.SamplingOptions()
     values = {
         "max_tokens": draw(_opt(st.integers(1, MAX_NEW))),
-        "temperature": draw(_opt(st.sampled_from([0.0, -0.0, F32_TINY, 1e-6, 0.7, 1.0, 2.0, 1e30, F32_MAX])
-                                 | _f32(0.0, 100.0))),
+        "temperature": draw(
+            _opt(st.sampled_from([0.0, -0.0, F32_TINY, 1e-6, 0.7, 1.0, 2.0, 1e30, F32_MAX]) | _f32(0.0, 100.0))
+        ),
         "top_p": draw(_opt(st.sampled_from([F32_TINY, 1e-3, 0.5, 1.0]) | _f32(0.0, 1.0, exclude_min=True))),
         "top_k": draw(_opt(st.sampled_from([0, 1, VOCAB - 1, VOCAB, I32_MAX]) | st.integers(0, 2 * VOCAB))),
         "min_p": draw(_opt(st.sampled_from([0.0, 1.0, F32_TINY]) | _f32(0.0, 1.0))),
@@ -207,15 +217,23 @@ def valid_sampling(draw) -> pb.SamplingOptions:
     for name, value in values.items():
         if value is not None:
             setattr(s, name, value)
-    s.stop.extend(draw(st.one_of(
-        st.lists(st.text(min_size=1, max_size=12), max_size=4),
-        st.just(["\u00e9" * 100_000]),  # one huge stop string (~200 KB)
-        st.just([f"stop-{i}" for i in range(1000)]),  # many
-    )))
-    s.stop_token_ids.extend(draw(st.one_of(
-        st.lists(st.integers(0, VOCAB - 1), max_size=6),
-        st.just(list(range(VOCAB))),  # every token stops
-    )))
+    s.stop.extend(
+        draw(
+            st.one_of(
+                st.lists(st.text(min_size=1, max_size=12), max_size=4),
+                st.just(["\u00e9" * 100_000]),  # one huge stop string (~200 KB)
+                st.just([f"stop-{i}" for i in range(1000)]),  # many
+            )
+        )
+    )
+    s.stop_token_ids.extend(
+        draw(
+            st.one_of(
+                st.lists(st.integers(0, VOCAB - 1), max_size=6),
+                st.just(list(range(VOCAB))),  # every token stops
+            )
+        )
+    )
     s.ignore_eos = draw(st.booleans())
     return s
 
@@ -224,15 +242,24 @@ def valid_sampling(draw) -> pb.SamplingOptions:
 def valid_inputs(draw, request: pb.GenerateRequest) -> None:
     kind = draw(st.sampled_from(["prompt", "token_ids", "chat"]))
     if kind == "prompt":
-        request.prompt = draw(st.one_of(
-            st.text(min_size=1, max_size=200),
-            st.sampled_from(["\x00", "\x00" * 50, "<|im_start|>", "<|endoftext|>", " ", "\u200b", "\U0001f600" * 40]),
-        ))
+        request.prompt = draw(
+            st.one_of(
+                st.text(min_size=1, max_size=200),
+                st.sampled_from(
+                    ["\x00", "\x00" * 50, "<|im_start|>", "<|endoftext|>", " ", "\u200b", "\U0001f600" * 40]
+                ),
+            )
+        )
     elif kind == "token_ids":
         request.token_ids.ids.extend(draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=64)))
     else:
-        messages = draw(st.lists(st.tuples(st.sampled_from(["system", "user", "assistant"]),
-                                           st.text(max_size=40)), min_size=1, max_size=8))
+        messages = draw(
+            st.lists(
+                st.tuples(st.sampled_from(["system", "user", "assistant"]), st.text(max_size=40)),
+                min_size=1,
+                max_size=8,
+            )
+        )
         request.chat.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in messages)
 
 
@@ -257,7 +284,8 @@ wild_i32 = st.sampled_from(_NASTY_I32) | st.integers(I32_MIN, I32_MAX)
 wild_request_ids = st.one_of(
     valid_request_ids,
     st.sampled_from(["\x00", "a\nb", "\t", "\u200b", "\u2028", "id\x7f", "\x1b[31mred"]),
-    st.just("r" * 257), st.just("r" * 10_000),
+    st.just("r" * 257),
+    st.just("r" * 10_000),
     st.text(max_size=40),
 )
 
@@ -267,24 +295,37 @@ def wild_sampling(draw) -> pb.SamplingOptions:
     s = draw(valid_sampling())
     wild = {
         "max_tokens": st.sampled_from([0, -1, I32_MIN, I32_MAX, CONTEXT, CONTEXT + 1, 10**6]),
-        "temperature": wild_floats, "top_p": wild_floats, "min_p": wild_floats,
-        "top_k": wild_i32, "seed": st.sampled_from([-1, I64_MIN, I64_MAX]) | st.integers(I64_MIN, I64_MAX),
+        "temperature": wild_floats,
+        "top_p": wild_floats,
+        "min_p": wild_floats,
+        "top_k": wild_i32,
+        "seed": st.sampled_from([-1, I64_MIN, I64_MAX]) | st.integers(I64_MIN, I64_MAX),
         "logprobs": st.sampled_from([-1, 21, I32_MIN, I32_MAX]) | st.integers(I32_MIN, I32_MAX),
     }
     for name in draw(st.sets(st.sampled_from(sorted(wild)), min_size=1, max_size=3)):
         setattr(s, name, draw(wild[name]))
     if draw(st.booleans()):
         del s.stop[:]
-        s.stop.extend(draw(st.one_of(
-            st.just([""]), st.just(["a", ""]), st.lists(st.text(max_size=3), max_size=5),
-            st.just(["x" * 1_000_000]),  # one ~1 MB stop string
-        )))
+        s.stop.extend(
+            draw(
+                st.one_of(
+                    st.just([""]),
+                    st.just(["a", ""]),
+                    st.lists(st.text(max_size=3), max_size=5),
+                    st.just(["x" * 1_000_000]),  # one ~1 MB stop string
+                )
+            )
+        )
     if draw(st.booleans()):
         del s.stop_token_ids[:]
-        s.stop_token_ids.extend(draw(st.one_of(
-            st.sampled_from([[-1], [VOCAB], [I32_MAX], [I32_MIN], [0, VOCAB * 2]]),
-            st.lists(wild_i32, max_size=6),
-        )))
+        s.stop_token_ids.extend(
+            draw(
+                st.one_of(
+                    st.sampled_from([[-1], [VOCAB], [I32_MAX], [I32_MIN], [0, VOCAB * 2]]),
+                    st.lists(wild_i32, max_size=6),
+                )
+            )
+        )
     return s
 
 
@@ -298,27 +339,37 @@ def wild_requests(draw) -> pb.GenerateRequest:
     if kind == "valid":
         draw(valid_inputs(request))
     elif kind == "prompt":
-        request.prompt = draw(st.one_of(
-            st.just(""),
-            st.just("a" * 200_000), st.just("\U0001f600\x00é" * 70_000),  # huge (~200k chars)
-            st.text(max_size=100),
-        ))
+        request.prompt = draw(
+            st.one_of(
+                st.just(""),
+                st.just("a" * 200_000),
+                st.just("\U0001f600\x00é" * 70_000),  # huge (~200k chars)
+                st.text(max_size=100),
+            )
+        )
     elif kind == "token_ids":
-        ids = draw(st.one_of(
-            st.just([]), st.just([5] * 100_000), st.just([5] * (CONTEXT - 1)), st.just([5] * CONTEXT),
-            st.lists(wild_i32, min_size=1, max_size=10),
-            st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=10).map(lambda v: v + [I32_MIN]),
-        ))
+        ids = draw(
+            st.one_of(
+                st.just([]),
+                st.just([5] * 100_000),
+                st.just([5] * (CONTEXT - 1)),
+                st.just([5] * CONTEXT),
+                st.lists(wild_i32, min_size=1, max_size=10),
+                st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=10).map(lambda v: v + [I32_MIN]),
+            )
+        )
         request.token_ids.SetInParent()  # an empty list is still "token_ids set"
         request.token_ids.ids.extend(ids)
     elif kind == "chat":
         roles = st.sampled_from(["system", "user", "assistant", "", "wizard", "USER", "user\x00", "tool", " user"])
-        messages = draw(st.one_of(
-            st.just([]),
-            st.lists(st.tuples(roles, st.text(max_size=20)), min_size=1, max_size=6),
-            st.just([("user", "hi")] * 500),  # many (too long for the context)
-            st.just([("user", "hi"), ("assistant", "yo")] * 40),  # many, short enough to run
-        ))
+        messages = draw(
+            st.one_of(
+                st.just([]),
+                st.lists(st.tuples(roles, st.text(max_size=20)), min_size=1, max_size=6),
+                st.just([("user", "hi")] * 500),  # many (too long for the context)
+                st.just([("user", "hi"), ("assistant", "yo")] * 40),  # many, short enough to run
+            )
+        )
         request.chat.SetInParent()
         request.chat.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in messages)
     sampling = draw(st.sampled_from(["none", "valid", "wild"]))
@@ -368,8 +419,9 @@ def raw_requests(draw) -> bytes:
     if kind == "truncated":
         return base[: draw(st.integers(0, max(len(base) - 1, 0)))]
     if kind == "bad_utf8":
-        return _with_bad_utf8(draw(st.sampled_from(["prompt", "request_id", "role", "content", "stop"])),
-                              draw(st.sampled_from(_BAD_UTF8)))
+        return _with_bad_utf8(
+            draw(st.sampled_from(["prompt", "request_id", "role", "content", "stop"])), draw(st.sampled_from(_BAD_UTF8))
+        )
     if kind == "unknown_fields":  # proto3 keeps and ignores them: the request must run as if absent
         number = draw(st.sampled_from([6, 99, 536_870_911]))
         extra = _varint(number << 3) + _varint(draw(st.integers(0, I64_MAX)))
@@ -383,6 +435,7 @@ def raw_requests(draw) -> bytes:
 
 
 # -- the fuzz -------------------------------------------------------------------------------------
+
 
 def _expected_max_tokens(request: pb.GenerateRequest) -> int:
     s = request.sampling
@@ -428,10 +481,13 @@ def test_fuzz_raw_bytes(cluster, send, raw):
     judge(outcome, max_tokens=_expected_max_tokens(request))
 
 
-@pytest.mark.parametrize("raw", [
-    pytest.param(b"\xff", id="garbage"),
-    pytest.param(_with_bad_utf8("prompt", b"\xff"), id="prompt-invalid-utf8"),
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"\xff", id="garbage"),
+        pytest.param(_with_bad_utf8("prompt", b"\xff"), id="prompt-invalid-utf8"),
+    ],
+)
 def test_undecodable_request_is_invalid_argument(send, raw):
     outcome = send(raw)
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (outcome.code.name, outcome.details)
@@ -440,8 +496,16 @@ def test_undecodable_request_is_invalid_argument(send, raw):
 
 def test_duplicate_request_id_in_flight_is_invalid_argument(cluster, send):
     client = TandemClient(cluster.address)
-    stream = iter(client.generate(token_ids=[5, 6, 7], request_id="fuzz-dup", max_tokens=1500,
-                                  temperature=0.0, ignore_eos=True, timeout=DEADLINE_S))
+    stream = iter(
+        client.generate(
+            token_ids=[5, 6, 7],
+            request_id="fuzz-dup",
+            max_tokens=1500,
+            temperature=0.0,
+            ignore_eos=True,
+            timeout=DEADLINE_S,
+        )
+    )
     next(stream)  # in flight
     try:
         outcome = send(pb.GenerateRequest(request_id="fuzz-dup", prompt="x").SerializeToString())
@@ -457,8 +521,9 @@ def test_the_workers_survive_the_fuzz(cluster, baseline):
     cluster.cluster.check_pools()
     client = TandemClient(cluster.address)
     assert sorted(w.health for w in client.server_info().workers) == ["SERVING", "SERVING"]
-    _, tokens, last = client.complete(token_ids=BASELINE_IDS, max_tokens=MAX_NEW, temperature=0.0,
-                                      ignore_eos=True, timeout=DEADLINE_S)
+    _, tokens, last = client.complete(
+        token_ids=BASELINE_IDS, max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True, timeout=DEADLINE_S
+    )
     assert tokens == baseline and last.usage.completion_tokens == MAX_NEW
     assert last.finish_reason == pb.FINISH_REASON_LENGTH
     cluster.cluster.check_pools()
@@ -466,24 +531,34 @@ def test_the_workers_survive_the_fuzz(cluster, baseline):
 
 # -- the judge itself can fail --------------------------------------------------------------------
 
+
 def _finished(n: int = 2, reason=pb.FINISH_REASON_LENGTH) -> list:
-    return [pb.GenerateResponse(token_ids=[5]), pb.GenerateResponse(
-        token_ids=[6] * (n - 1), finish_reason=reason, usage=pb.Usage(prompt_tokens=3, completion_tokens=n))]
+    return [
+        pb.GenerateResponse(token_ids=[5]),
+        pb.GenerateResponse(
+            token_ids=[6] * (n - 1), finish_reason=reason, usage=pb.Usage(prompt_tokens=3, completion_tokens=n)
+        ),
+    ]
 
 
-@pytest.mark.parametrize("outcome", [
-    pytest.param(Outcome(grpc.StatusCode.INTERNAL, "internal error: KeyError: 'x'"), id="internal"),
-    pytest.param(Outcome(grpc.StatusCode.UNKNOWN, "Unexpected <class 'ValueError'>"), id="unknown"),
-    pytest.param(Outcome(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", elapsed_s=30), id="hang"),
-    pytest.param(Outcome(grpc.StatusCode.UNAVAILABLE, "worker decode-0 is gone"), id="dead-worker"),
-    pytest.param(Outcome(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max"), id="exhausted"),
-    pytest.param(Outcome(grpc.StatusCode.INVALID_ARGUMENT, "Traceback (most recent call last): ..."), id="traceback"),
-    pytest.param(Outcome(grpc.StatusCode.INVALID_ARGUMENT, ""), id="no-message"),
-    pytest.param(Outcome(grpc.StatusCode.OK, "", []), id="empty-stream"),
-    pytest.param(Outcome(grpc.StatusCode.OK, "", [pb.GenerateResponse(token_ids=[5])]), id="no-finish-reason"),
-    pytest.param(Outcome(grpc.StatusCode.OK, "", _finished(reason=pb.FINISH_REASON_ABORT)), id="aborted"),
-    pytest.param(Outcome(grpc.StatusCode.OK, "", _finished(n=9)), id="too-many-tokens"),
-])
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        pytest.param(Outcome(grpc.StatusCode.INTERNAL, "internal error: KeyError: 'x'"), id="internal"),
+        pytest.param(Outcome(grpc.StatusCode.UNKNOWN, "Unexpected <class 'ValueError'>"), id="unknown"),
+        pytest.param(Outcome(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", elapsed_s=30), id="hang"),
+        pytest.param(Outcome(grpc.StatusCode.UNAVAILABLE, "worker decode-0 is gone"), id="dead-worker"),
+        pytest.param(Outcome(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max"), id="exhausted"),
+        pytest.param(
+            Outcome(grpc.StatusCode.INVALID_ARGUMENT, "Traceback (most recent call last): ..."), id="traceback"
+        ),
+        pytest.param(Outcome(grpc.StatusCode.INVALID_ARGUMENT, ""), id="no-message"),
+        pytest.param(Outcome(grpc.StatusCode.OK, "", []), id="empty-stream"),
+        pytest.param(Outcome(grpc.StatusCode.OK, "", [pb.GenerateResponse(token_ids=[5])]), id="no-finish-reason"),
+        pytest.param(Outcome(grpc.StatusCode.OK, "", _finished(reason=pb.FINISH_REASON_ABORT)), id="aborted"),
+        pytest.param(Outcome(grpc.StatusCode.OK, "", _finished(n=9)), id="too-many-tokens"),
+    ],
+)
 def test_judge_rejects_crashes_hangs_and_broken_streams(outcome):
     with pytest.raises(AssertionError):
         judge(outcome, max_tokens=MAX_NEW)

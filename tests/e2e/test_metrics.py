@@ -34,8 +34,11 @@ SECRET = [401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412]  # must ne
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tiny = make_tiny_hf_model(tmp_path_factory.mktemp("metrics"), "llama", vocab_size=VOCAB)
-    with serve(str(tiny), ray_namespace="tandem-metrics", **{
-            "both.block_size": BS, "router.metrics_port": 0, "router.conditional_prefill_threshold": 8}) as s:
+    with serve(
+        str(tiny),
+        ray_namespace="tandem-metrics",
+        **{"both.block_size": BS, "router.metrics_port": 0, "router.conditional_prefill_threshold": 8},
+    ) as s:
         yield s
 
 
@@ -66,8 +69,9 @@ def test_request_metrics_add_up(cluster):
         client.complete(token_ids=SECRET + [20 + i] * 20, max_tokens=5, temperature=0.0, ignore_eos=True)
     prompt = [30 + j for j in range(33)]
     client.complete(token_ids=prompt, max_tokens=5, temperature=0.0, ignore_eos=True)
-    cluster.on_router(lambda svc: svc.feed.wait_until(
-        lambda: svc.router.decode.indexer.num_blocks("decode-0") >= 8, 60), timeout_s=90)
+    cluster.on_router(
+        lambda svc: svc.feed.wait_until(lambda: svc.router.decode.indexer.num_blocks("decode-0") >= 8, 60), timeout_s=90
+    )
     client.complete(token_ids=prompt + [7, 8], max_tokens=5, temperature=0.0, ignore_eos=True)  # local: D holds it
     with pytest.raises(grpc.RpcError):
         client.complete(token_ids=[VOCAB + 1], max_tokens=2)
@@ -111,10 +115,18 @@ def test_a_real_prometheus_scrapes_the_cluster(cluster, tmp_path):
     web = _free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        f"scrape_configs: [{{job_name: tandem, static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]}}]\n")
-    proc = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{web}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        f"scrape_configs: [{{job_name: tandem, static_configs: [{{targets: ['127.0.0.1:{metrics_port}']}}]}}]\n"
+    )
+    proc = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{web}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         for i in range(4):
             client.complete(token_ids=[50 + i] * 24, max_tokens=4, temperature=0.0, ignore_eos=True)

@@ -60,7 +60,7 @@ def _sse_events(raw: bytes) -> list[str]:
     events = text.split("\n\n")[:-1]
     for e in events:
         assert re.fullmatch(r"data: [^\n]+", e), repr(e)
-    return [e[len("data: "):] for e in events]
+    return [e[len("data: ") :] for e in events]
 
 
 # -- tokens and text ------------------------------------------------------------------------------------
@@ -75,8 +75,11 @@ def test_greedy_completion_equals_grpc_and_transformers(client, model, grpc_clie
         r = client.completions.create(model=model, prompt=ids, max_tokens=NEW, **GREEDY)
         assert r.choices[0].text == text_g == tokenizer.decode(want)
         assert r.choices[0].finish_reason == "length"
-        assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), NEW,
-                                                                                              len(ids) + NEW)
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+            len(ids),
+            NEW,
+            len(ids) + NEW,
+        )
         assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == model
         streamed = client.completions.create(model=model, prompt=ids, max_tokens=NEW, stream=True, **GREEDY)
         assert "".join(c.choices[0].text for c in streamed if c.choices) == text_g
@@ -85,21 +88,32 @@ def test_greedy_completion_equals_grpc_and_transformers(client, model, grpc_clie
 
 def test_chat_streaming_and_not_equal_grpc_chat(client, model, grpc_client, cluster):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
-    text_g, _, last = grpc_client.complete(chat=[(m["role"], m["content"]) for m in messages], max_tokens=NEW,
-                                           temperature=0.0, ignore_eos=True)
+    text_g, _, last = grpc_client.complete(
+        chat=[(m["role"], m["content"]) for m in messages], max_tokens=NEW, temperature=0.0, ignore_eos=True
+    )
     r = client.chat.completions.create(model=model, messages=messages, max_completion_tokens=NEW, **GREEDY)
     assert r.choices[0].message.content == text_g and r.choices[0].message.role == "assistant"
     assert r.object == "chat.completion" and r.usage.prompt_tokens == last.usage.prompt_tokens
-    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=NEW, stream=True,
-                                                 stream_options={"include_usage": True}, **GREEDY))
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=NEW,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text_g
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == NEW  # the usage chunk, last
     assert all(c.usage is None for c in chunks[:-1])
     # content as text parts, and "developer" as a system message, render the same prompt
-    parts = [{"role": "developer", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
-             messages[1]]
+    parts = [
+        {"role": "developer", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
+        messages[1],
+    ]
     r2 = client.chat.completions.create(model=model, messages=parts, max_tokens=NEW, **GREEDY)
     assert r2.choices[0].message.content == text_g
     _idle(cluster)
@@ -107,8 +121,9 @@ def test_chat_streaming_and_not_equal_grpc_chat(client, model, grpc_client, clus
 
 def test_chat_without_max_tokens_runs_to_the_context(client, model, cluster):
     """OpenAI's chat default: no max_tokens means the rest of the context (not tandem.v1's 16)."""
-    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], temperature=0.0,
-                                       extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], temperature=0.0, extra_body={"ignore_eos": True}
+    )
     ctx = cluster.on_router(lambda svc: svc.validator.facts.max_model_len)
     assert r.usage.prompt_tokens + r.usage.completion_tokens == ctx and r.choices[0].finish_reason == "length"
     _idle(cluster)
@@ -117,19 +132,28 @@ def test_chat_without_max_tokens_runs_to_the_context(client, model, cluster):
 def test_n_choices_seeds_and_prefix_sharing(client, model, grpc_client, cluster):
     prompt = list(range(3, 40))  # 9 full blocks of 4: choices 2..n find them cached
     before = _metric(cluster, "tandem_cached_tokens_total")
-    r = client.completions.create(model=model, prompt=prompt, max_tokens=8, n=3, temperature=0.9, seed=5,
-                                  extra_body={"top_k": 40, "ignore_eos": True})
+    r = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=8,
+        n=3,
+        temperature=0.9,
+        seed=5,
+        extra_body={"top_k": 40, "ignore_eos": True},
+    )
     assert sorted(c.index for c in r.choices) == [0, 1, 2]
     for c in r.choices:  # choice j samples as a single request seeded seed + j
-        text, _, _ = grpc_client.complete(token_ids=prompt, max_tokens=8, temperature=0.9, seed=5 + c.index,
-                                          top_k=40, ignore_eos=True)
+        text, _, _ = grpc_client.complete(
+            token_ids=prompt, max_tokens=8, temperature=0.9, seed=5 + c.index, top_k=40, ignore_eos=True
+        )
         assert c.text == text
     assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == 24
     assert _metric(cluster, "tandem_cached_tokens_total") - before >= 2 * 36  # two choices hit the first's blocks
     # several prompts x n: index = prompt * n + j, streamed
     seen: dict[int, str] = {}
-    for chunk in client.completions.create(model=model, prompt=["one", "two words"], max_tokens=4, n=2,
-                                           stream=True, **GREEDY):
+    for chunk in client.completions.create(
+        model=model, prompt=["one", "two words"], max_tokens=4, n=2, stream=True, **GREEDY
+    ):
         for c in chunk.choices:
             seen[c.index] = seen.get(c.index, "") + c.text
     assert sorted(seen) == [0, 1, 2, 3] and seen[0] == seen[1] and seen[2] == seen[3]
@@ -141,29 +165,40 @@ def test_stop_logprobs_and_penalties_equal_grpc(client, model, grpc_client, clus
     text_g, ids_g, _ = grpc_client.complete(token_ids=prompt, max_tokens=NEW, temperature=0.0, ignore_eos=True)
     stop = text_g[3:6]
     r = client.completions.create(model=model, prompt=prompt, max_tokens=NEW, stop=[stop], **GREEDY)
-    want, _, last = grpc_client.complete(token_ids=prompt, max_tokens=NEW, temperature=0.0, ignore_eos=True,
-                                         stop=[stop])
+    want, _, last = grpc_client.complete(
+        token_ids=prompt, max_tokens=NEW, temperature=0.0, ignore_eos=True, stop=[stop]
+    )
     assert r.choices[0].text == want and r.choices[0].finish_reason == "stop" and stop not in want
     # logprobs: the gRPC path's numbers, token by token
     _, _, _ = grpc_client.complete(token_ids=prompt, max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=3)
-    lp_g = [lp for resp in grpc_client.generate(token_ids=prompt, max_tokens=4, temperature=0.0, ignore_eos=True,
-                                               logprobs=3) for lp in resp.logprobs]
+    lp_g = [
+        lp
+        for resp in grpc_client.generate(token_ids=prompt, max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=3)
+        for lp in resp.logprobs
+    ]
     r = client.completions.create(model=model, prompt=prompt, max_tokens=4, logprobs=3, **GREEDY)
     got = r.choices[0].logprobs
     assert got.token_logprobs == pytest.approx([e.logprob for e in lp_g], abs=1e-6)
     assert [len(t) for t in got.top_logprobs] == [3] * 4
     assert got.text_offset[0] == 0
-    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                                          logprobs=True, top_logprobs=2, **GREEDY)
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, logprobs=True, top_logprobs=2, **GREEDY
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
     assert "".join(c.token for c in content) == chat.choices[0].message.content
     # penalties: the same numbers as tandem.v1's, and they change the output
     pen = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "repetition_penalty": 1.8}
     text_p, _, _ = grpc_client.complete(token_ids=prompt, max_tokens=NEW, temperature=0.0, ignore_eos=True, **pen)
-    r = client.completions.create(model=model, prompt=prompt, max_tokens=NEW, temperature=0.0,
-                                  frequency_penalty=1.5, presence_penalty=0.5,
-                                  extra_body={"ignore_eos": True, "repetition_penalty": 1.8})
+    r = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=NEW,
+        temperature=0.0,
+        frequency_penalty=1.5,
+        presence_penalty=0.5,
+        extra_body={"ignore_eos": True, "repetition_penalty": 1.8},
+    )
     assert r.choices[0].text == text_p != text_g
     _idle(cluster)
 
@@ -172,8 +207,7 @@ def test_stop_logprobs_and_penalties_equal_grpc(client, model, grpc_client, clus
 
 
 def test_sse_framing_done_and_usage_only_when_asked(cluster, model):
-    body = {"model": model, "prompt": "hello", "max_tokens": 5, "stream": True, "temperature": 0.0,
-            "ignore_eos": True}
+    body = {"model": model, "prompt": "hello", "max_tokens": 5, "stream": True, "temperature": 0.0, "ignore_eos": True}
     with httpx.Client(timeout=60) as http:
         r = http.post(f"{cluster.http_url}/completions", json=body)
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -187,13 +221,21 @@ def test_sse_framing_done_and_usage_only_when_asked(cluster, model):
         docs = [json.loads(e) for e in _sse_events(r.content)[:-1]]
         assert [d["usage"] for d in docs[:-1]] == [None] * (len(docs) - 1)
         assert docs[-1]["choices"] == [] and docs[-1]["usage"]["completion_tokens"] == 5
-        assert docs[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": docs[-1]["usage"]["prompt_tokens_details"]["cached_tokens"]}
+        assert docs[-1]["usage"]["prompt_tokens_details"] == {
+            "cached_tokens": docs[-1]["usage"]["prompt_tokens_details"]["cached_tokens"]
+        }
     _idle(cluster)
 
 
 def test_disconnect_mid_stream_frees_every_pool(cluster, model):
-    body = {"model": model, "prompt": list(range(3, 40)), "max_tokens": 1500, "stream": True, "temperature": 0.0,
-            "ignore_eos": True}
+    body = {
+        "model": model,
+        "prompt": list(range(3, 40)),
+        "max_tokens": 1500,
+        "stream": True,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
     cancelled = _metric(cluster, 'tandem_requests_total{code="CANCELLED",door="http"')
     tokens = _metric(cluster, "tandem_completion_tokens_total")
     with httpx.Client(timeout=60) as http:
@@ -210,8 +252,14 @@ def test_disconnect_mid_stream_frees_every_pool(cluster, model):
 
 def test_disconnect_while_waiting_for_a_whole_answer_frees_every_pool(cluster, model):
     """Not streamed: the client gives up (its read timeout) while the answer is being generated."""
-    body = {"model": model, "prompt": list(range(3, 40)), "max_tokens": 1500, "n": 2, "temperature": 0.0,
-            "ignore_eos": True}
+    body = {
+        "model": model,
+        "prompt": list(range(3, 40)),
+        "max_tokens": 1500,
+        "n": 2,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
     cancelled = _metric(cluster, 'tandem_requests_total{code="CANCELLED",door="http"')
     tokens = _metric(cluster, "tandem_completion_tokens_total")
     with pytest.raises(httpx.ReadTimeout):
@@ -227,13 +275,20 @@ def test_connections_send_without_nagle(cluster, model):
     import socket
 
     def nodelay(svc) -> list[int]:
-        return [conn.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-                for conn in svc.http_server.server.server_state.connections]
+        return [
+            conn.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            for conn in svc.http_server.server.server_state.connections
+        ]
 
     with httpx.Client(timeout=30) as http:
         for _ in range(2):  # the second request reuses the connection
-            assert http.post(f"{cluster.http_url}/completions", json={"model": model, "prompt": "x", "max_tokens": 1,
-                                                                       "stream": True}).status_code == 200
+            assert (
+                http.post(
+                    f"{cluster.http_url}/completions",
+                    json={"model": model, "prompt": "x", "max_tokens": 1, "stream": True},
+                ).status_code
+                == 200
+            )
         flags = cluster.on_router(nodelay)
     assert flags and all(flags)
     _idle(cluster)
@@ -242,21 +297,41 @@ def test_connections_send_without_nagle(cluster, model):
 # -- errors ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body, param, fragment", [
-    ({"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools is not supported"),
-    ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias", "logit_bias is not supported"),
-    ({"prompt": "x", "echo": True}, "echo", "echo is not supported"),
-    ({"prompt": "x", "frobnicate": 1}, "frobnicate", "unknown field 'frobnicate'"),
-    ({"prompt": "x", "max_tokens": "5"}, "max_tokens", "max_tokens"),
-    ({}, "prompt", "prompt is required"),
-    ({"prompt": "x", "temperature": -1}, None, "temperature must be >= 0"),
-    ({"prompt": "x", "max_tokens": 100000}, None, "exceeds the model's context"),
-    ({"prompt": [3, 99999]}, None, "outside the vocabulary"),
-    ({"prompt": "x", "presence_penalty": 3}, None, "presence_penalty must be in [-2, 2]"),
-    ({"prompt": "x", "n": 0}, "n", "n must be >= 1"),
-    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", "only allowed with stream"),
-], ids=["tools", "logit_bias", "echo", "unknown", "string-int", "missing", "temperature", "context", "vocab",
-        "penalty", "n", "stream_options"])
+@pytest.mark.parametrize(
+    "body, param, fragment",
+    [
+        (
+            {"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]},
+            "tools",
+            "tools is not supported",
+        ),
+        ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias", "logit_bias is not supported"),
+        ({"prompt": "x", "echo": True}, "echo", "echo is not supported"),
+        ({"prompt": "x", "frobnicate": 1}, "frobnicate", "unknown field 'frobnicate'"),
+        ({"prompt": "x", "max_tokens": "5"}, "max_tokens", "max_tokens"),
+        ({}, "prompt", "prompt is required"),
+        ({"prompt": "x", "temperature": -1}, None, "temperature must be >= 0"),
+        ({"prompt": "x", "max_tokens": 100000}, None, "exceeds the model's context"),
+        ({"prompt": [3, 99999]}, None, "outside the vocabulary"),
+        ({"prompt": "x", "presence_penalty": 3}, None, "presence_penalty must be in [-2, 2]"),
+        ({"prompt": "x", "n": 0}, "n", "n must be >= 1"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", "only allowed with stream"),
+    ],
+    ids=[
+        "tools",
+        "logit_bias",
+        "echo",
+        "unknown",
+        "string-int",
+        "missing",
+        "temperature",
+        "context",
+        "vocab",
+        "penalty",
+        "n",
+        "stream_options",
+    ],
+)
 def test_bad_completion_fields_are_400_naming_the_field(cluster, model, body, param, fragment):
     r = httpx.post(f"{cluster.http_url}/completions", json={"model": model, **body}, timeout=30)
     assert r.status_code == 400, r.text
@@ -268,8 +343,10 @@ def test_bad_completion_fields_are_400_naming_the_field(cluster, model, body, pa
 
 def test_bad_chat_and_unknown_model(client, model, cluster):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=model, messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
+        )
     assert "text only" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=model, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
@@ -277,8 +354,9 @@ def test_bad_chat_and_unknown_model(client, model, cluster):
         client.chat.completions.create(model=model, messages=[], max_tokens=3)
     assert e.value.body["param"] == "messages"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
-                                       response_format={"type": "json_object"})
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"}
+        )
     assert e.value.body["param"] == "response_format"
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-4o", prompt="x", max_tokens=2)
@@ -321,8 +399,11 @@ def _metric(cluster, name: str) -> float:
 def guarded(tiny_dir, tmp_path_factory):
     tokens = tmp_path_factory.mktemp("auth") / "tokens"
     tokens.write_text("# operators\nsecret-one\n")
-    with serve(str(tiny_dir), mode="aggregated", **{"router.auth_token_file": str(tokens),
-                                                    "router.max_inflight": 1, "router.request_timeout_s": 1.0}) as s:
+    with serve(
+        str(tiny_dir),
+        mode="aggregated",
+        **{"router.auth_token_file": str(tokens), "router.max_inflight": 1, "router.request_timeout_s": 1.0},
+    ) as s:
         yield s
 
 
@@ -344,11 +425,14 @@ def test_bearer_token_queue_full_and_deadline(guarded):
             assert next(lines).startswith("data: ")  # in flight: the queue of one is full
             r = http.post(f"{url}/completions", json={"model": model, "prompt": "x", "max_tokens": 2})
             assert r.status_code == 429 and r.headers["retry-after"] == "1"
-            assert r.json()["error"]["type"] == "rate_limit_error" and "retry after 1000 ms" in r.json()["error"]["message"]
+            assert (
+                r.json()["error"]["type"] == "rate_limit_error"
+                and "retry after 1000 ms" in r.json()["error"]["message"]
+            )
             # the stream runs into the 1 s deadline: an error event, then [DONE]
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]"
-        err = json.loads(rest[-2][len("data: "):])["error"]
+        err = json.loads(rest[-2][len("data: ") :])["error"]
         assert err["code"] == 504 and "deadline" in err["message"]
         r = http.post(f"{url}/completions", json=long)  # not streamed: the status itself
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
@@ -363,10 +447,32 @@ def test_tandem_bench_against_the_http_door(cluster, tmp_path):
 
     for endpoint in ("completions", "chat/completions"):
         out = tmp_path / endpoint.replace("/", "-")
-        rc = bench_main(["--openai-url", f"{cluster.http_url}/{endpoint}", "--dataset", "random", "--input-len", "24",
-                         "--output-len", "4", "--spread", "0", "--ignore-eos", "--num-requests", "8",
-                         "--request-rate", "inf", "--max-concurrency", "4", "--seed", "3", "--output", str(out),
-                         "--quiet"])
+        rc = bench_main(
+            [
+                "--openai-url",
+                f"{cluster.http_url}/{endpoint}",
+                "--dataset",
+                "random",
+                "--input-len",
+                "24",
+                "--output-len",
+                "4",
+                "--spread",
+                "0",
+                "--ignore-eos",
+                "--num-requests",
+                "8",
+                "--request-rate",
+                "inf",
+                "--max-concurrency",
+                "4",
+                "--seed",
+                "3",
+                "--output",
+                str(out),
+                "--quiet",
+            ]
+        )
         assert rc == 0
         records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
         assert len(records) == 8 and {r["status"] for r in records} == {"OK"}

@@ -27,8 +27,9 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 @pytest.fixture(scope="module")
 def cluster(tiny_dir):
-    with serve(str(tiny_dir), ray_namespace="tandem-placement",
-               **{"router.slo_ttft_ms": 4000, "router.slo_itl_ms": 200}) as s:
+    with serve(
+        str(tiny_dir), ray_namespace="tandem-placement", **{"router.slo_ttft_ms": 4000, "router.slo_itl_ms": 200}
+    ) as s:
         yield s
 
 
@@ -46,8 +47,11 @@ def _pools_clean(s) -> None:
     s.cluster.check_pools()
     assert s.on_router(lambda svc: svc.wait_idle(30), timeout_s=40)
     assert s.on_router(lambda svc: svc.router.open_tickets) == 0
-    loads = s.on_router(lambda svc: [(sl.worker_id, sl.in_flight, sl.prefill_tokens, sl.kv_blocks_in)
-                                     for p in svc.pools for sl in p.slots])
+    loads = s.on_router(
+        lambda svc: [
+            (sl.worker_id, sl.in_flight, sl.prefill_tokens, sl.kv_blocks_in) for p in svc.pools for sl in p.slots
+        ]
+    )
     assert all(tuple(rest) == (0, 0, 0) for _, *rest in loads), loads
 
 
@@ -66,11 +70,14 @@ def test_workers_measure_their_step_times_while_serving(cluster, reference):
     _pools_clean(cluster)
 
 
-@pytest.mark.parametrize("kind, worker, route", [
-    ("whole", "prefill-0", "whole on prefill-0: pinned"),
-    ("local", "decode-0", "local: pinned"),
-    ("remote", "decode-0", "remote: pinned"),
-])
+@pytest.mark.parametrize(
+    "kind, worker, route",
+    [
+        ("whole", "prefill-0", "whole on prefill-0: pinned"),
+        ("local", "decode-0", "local: pinned"),
+        ("remote", "decode-0", "remote: pinned"),
+    ],
+)
 def test_each_placement_runs_whole_and_exact(cluster, reference, kind, worker, route):
     def pin(d_slot, d_uncached, p_slot, p_uncached):
         where = p_slot.worker_id if kind == "whole" else d_slot.worker_id

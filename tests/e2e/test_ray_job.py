@@ -36,8 +36,9 @@ RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     # (that variable at 0 keeps Ray single-node: a second `ray start --address` is then refused)
-    env.update(RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1",
-               RAY_JOB_STOP_WAIT_TIME_S="30")  # SIGTERM, then this long for the graceful drain before SIGKILL
+    env.update(
+        RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", RAY_JOB_STOP_WAIT_TIME_S="30"
+    )  # SIGTERM, then this long for the graceful drain before SIGKILL
     return env
 
 
@@ -71,12 +72,30 @@ def ray_cluster(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dash, client = _free_port(), _free_port(), _free_port()
     try:
-        _run("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--include-dashboard=true",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-             "--num-cpus=2", f"--temp-dir={temp_dir}", '--resources={"prefill_node": 1}', "--disable-usage-stats",
-             *_node_ports())
-        _run("start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-             '--resources={"decode_node": 1}', "--disable-usage-stats", *_node_ports())
+        _run(
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--ray-client-server-port={client}",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            '--resources={"prefill_node": 1}',
+            "--disable-usage-stats",
+            *_node_ports(),
+        )
+        _run(
+            "start",
+            f"--address=127.0.0.1:{gcs}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=2",
+            '--resources={"decode_node": 1}',
+            "--disable-usage-stats",
+            *_node_ports(),
+        )
         yield f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
     finally:
         procs = _ray_processes_since(before)
@@ -90,8 +109,12 @@ def ray_cluster(tmp_path):
 
 def _node_ports() -> list[str]:
     """Two nodes on one host must not share the agents' fixed default ports (52365 and friends)."""
-    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+    return [
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+    ]
 
 
 def test_ray_job_submit_serves_on_two_nodes_and_stop_releases_everything(ray_cluster, tmp_path):
@@ -152,8 +175,11 @@ def _assert_released(dashboard: str, gcs: str, port: int) -> None:
             grpc.channel_ready_future(ch).result(timeout=2)
     deadline = time.monotonic() + 60
     while True:  # the driver is gone; Ray reclaims its actors asynchronously
-        alive = [a for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")])
-                 if (a.get("name") or "").startswith("tandem-")]
+        alive = [
+            a
+            for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")])
+            if (a.get("name") or "").startswith("tandem-")
+        ]
         if not alive or time.monotonic() > deadline:
             break  # each list_actors call is a round trip to the dashboard: no sleep needed between them
     assert alive == []

@@ -32,12 +32,11 @@ NEW = 6
 BS = 4
 
 
-
-
 @pytest.fixture(scope="module")
 def cluster(tiny_dir):
-    with serve(str(tiny_dir), **{"both.block_size": BS, "prefill.replicas": 2,
-                                 "router.conditional_prefill_threshold": 8}) as s:
+    with serve(
+        str(tiny_dir), **{"both.block_size": BS, "prefill.replicas": 2, "router.conditional_prefill_threshold": 8}
+    ) as s:
         yield s
 
 
@@ -149,15 +148,24 @@ def test_config_reload_grows_and_shrinks_the_pools(cluster, reference):
 
     cfg = cluster.cluster.config
     n = len(cluster.cluster.prefill)
-    added, removed = cluster.on_router(lambda _: cluster.admin.apply_config(
-        with_overrides(cfg, **{"prefill.replicas": n + 1, "decode.replicas": len(cluster.cluster.decode)})), 300)
+    added, removed = cluster.on_router(
+        lambda _: cluster.admin.apply_config(
+            with_overrides(cfg, **{"prefill.replicas": n + 1, "decode.replicas": len(cluster.cluster.decode)})
+        ),
+        300,
+    )
     assert len(added) == 1 and removed == [] and len(cluster.cluster.prefill) == n + 1
-    added2, removed2 = cluster.on_router(lambda _: cluster.admin.apply_config(
-        with_overrides(cfg, **{"prefill.replicas": n, "decode.replicas": len(cluster.cluster.decode)})), 300)
+    added2, removed2 = cluster.on_router(
+        lambda _: cluster.admin.apply_config(
+            with_overrides(cfg, **{"prefill.replicas": n, "decode.replicas": len(cluster.cluster.decode)})
+        ),
+        300,
+    )
     assert added2 == [] and removed2 == added  # the newest goes first
     client = TandemClient(cluster.address)
     assert {w.worker_id for w in client.server_info().workers if w.role == "prefill"} == {
-        h.worker_id for h in cluster.cluster.prefill}
+        h.worker_id for h in cluster.cluster.prefill
+    }
     ids = _tokens(24, seed=9)
     assert _greedy(client, ids)[0] == hf_greedy(reference, ids, NEW)
     cluster.cluster.check_pools()
@@ -201,8 +209,9 @@ def test_dead_prefill_worker_is_marked_down_and_forgotten(tiny_dir, reference):
     import ray
 
     # its own Ray namespace: the module's cluster holds the actor names meanwhile
-    with serve(str(tiny_dir), ray_namespace="tandem-dead-worker",
-               **{"both.block_size": BS, "prefill.replicas": 2}) as s:
+    with serve(
+        str(tiny_dir), ray_namespace="tandem-dead-worker", **{"both.block_size": BS, "prefill.replicas": 2}
+    ) as s:
         client = TandemClient(s.address)
         owners = set()
         for seed in range(11, 41):  # fresh prompts cost the same everywhere: ties break at random
@@ -210,8 +219,10 @@ def test_dead_prefill_worker_is_marked_down_and_forgotten(tiny_dir, reference):
             if len(owners) == 2:
                 break
         assert owners == {"prefill-0", "prefill-1"}
-        s.on_router(lambda svc: svc.feed.wait_until(lambda: svc.router.prefill.indexer.num_blocks("prefill-1") > 0,
-                                                    60), timeout_s=90)
+        s.on_router(
+            lambda svc: svc.feed.wait_until(lambda: svc.router.prefill.indexer.num_blocks("prefill-1") > 0, 60),
+            timeout_s=90,
+        )
         victim = next(h for h in s.cluster.prefill if h.worker_id == "prefill-1")
         ray.kill(victim.actor)
 

@@ -34,8 +34,9 @@ def _key():
 def _pem_key(key) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _cert(subject: str, key, issuer=None, issuer_key=None, ca: bool = False, server: bool = False):
@@ -45,14 +46,21 @@ def _cert(subject: str, key, issuer=None, issuer_key=None, ca: bool = False, ser
 
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     now = datetime.datetime.now(datetime.timezone.utc)
-    b = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer.subject if issuer else name)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject if issuer else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if server:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                            critical=False)
+        b = b.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     elif not ca:
         b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
@@ -69,8 +77,14 @@ def pki(tmp_path_factory):
     server_key, client_key = _key(), _key()
     _, server_pem = _cert("tandem router", server_key, ca, ca_key, server=True)
     _, client_pem = _cert("a gateway", client_key, ca, ca_key)
-    files = {"ca": ca_pem, "other_ca": other_pem, "server": server_pem, "server_key": _pem_key(server_key),
-             "client": client_pem, "client_key": _pem_key(client_key)}
+    files = {
+        "ca": ca_pem,
+        "other_ca": other_pem,
+        "server": server_pem,
+        "server_key": _pem_key(server_key),
+        "client": client_pem,
+        "client_key": _pem_key(client_key),
+    }
     for name, data in files.items():
         (d / f"{name}.pem").write_bytes(data)
     (d / "tokens").write_text(f"# tokens of the tests\n{TOKEN}\nsecond-valid-token\n")
@@ -81,16 +95,29 @@ def pki(tmp_path_factory):
 def secured(pki, tmp_path_factory):
     d, _ = pki
     tiny = make_tiny_hf_model(tmp_path_factory.mktemp("security"), "llama", vocab_size=512)
-    with serve(str(tiny), ray_namespace="tandem-security", **{
-            "both.block_size": 4, "router.tls_cert": str(d / "server.pem"), "router.tls_key": str(d / "server_key.pem"),
-            "router.tls_client_ca": str(d / "ca.pem"), "router.auth_token_file": str(d / "tokens"),
-            "router.max_message_bytes": MAX_MESSAGE}) as s:
+    with serve(
+        str(tiny),
+        ray_namespace="tandem-security",
+        **{
+            "both.block_size": 4,
+            "router.tls_cert": str(d / "server.pem"),
+            "router.tls_key": str(d / "server_key.pem"),
+            "router.tls_client_ca": str(d / "ca.pem"),
+            "router.auth_token_file": str(d / "tokens"),
+            "router.max_message_bytes": MAX_MESSAGE,
+        },
+    ) as s:
         yield s
 
 
 def client(s, files, token=TOKEN, ca="ca", cert=True) -> TandemClient:
-    return TandemClient(s.address, token=token, tls_ca=files[ca],
-                        tls_cert=files["client"] if cert else None, tls_key=files["client_key"] if cert else None)
+    return TandemClient(
+        s.address,
+        token=token,
+        tls_ca=files[ca],
+        tls_cert=files["client"] if cert else None,
+        tls_key=files["client_key"] if cert else None,
+    )
 
 
 def test_a_request_over_max_message_bytes_is_refused(secured, pki):
@@ -111,8 +138,9 @@ def test_certificate_and_token_get_tokens(secured, pki):
     _, files = pki
     _, ids, last = client(secured, files).complete(prompt="hello", max_tokens=4, temperature=0.0, ignore_eos=True)
     assert len(ids) == 4 and last.usage.completion_tokens == 4
-    _, ids2, _ = client(secured, files, token="second-valid-token").complete(prompt="hello", max_tokens=4,
-                                                                              temperature=0.0, ignore_eos=True)
+    _, ids2, _ = client(secured, files, token="second-valid-token").complete(
+        prompt="hello", max_tokens=4, temperature=0.0, ignore_eos=True
+    )
     assert ids2 == ids
     secured.cluster.check_pools()
 
@@ -121,8 +149,7 @@ def test_certificate_and_token_get_tokens(secured, pki):
 def test_a_missing_or_wrong_token_is_unauthenticated(secured, pki, token):
     _, files = pki
     c = client(secured, files, token=token)
-    for call in (lambda: c.complete(prompt="hello", max_tokens=2), c.server_info,
-                 lambda: c.scale_pool("prefill", 1)):
+    for call in (lambda: c.complete(prompt="hello", max_tokens=2), c.server_info, lambda: c.scale_pool("prefill", 1)):
         with pytest.raises(grpc.RpcError) as e:
             call()
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -137,8 +164,9 @@ def test_a_non_bearer_scheme_is_refused(secured, pki):
 
     with grpc.secure_channel(secured.address, creds) as ch:
         with pytest.raises(grpc.RpcError) as e:
-            pb_grpc.GenerationStub(ch).GetServerInfo(pb.GetServerInfoRequest(), timeout=10,
-                                                     metadata=(("authorization", f"Basic {TOKEN}"),))
+            pb_grpc.GenerationStub(ch).GetServerInfo(
+                pb.GetServerInfoRequest(), timeout=10, metadata=(("authorization", f"Basic {TOKEN}"),)
+            )
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -168,10 +196,17 @@ def test_the_cli_speaks_tls_and_tokens(secured, pki, capsys):
     from deploy.cli import main
 
     d, _ = pki
-    flags = ["--token-file", str(d / "tokens"), "--tls-ca", str(d / "ca.pem"), "--tls-cert", str(d / "client.pem"),
-             "--tls-key", str(d / "client_key.pem")]
-    assert main(["generate", "--server", secured.address, "--prompt", "hi", "--max-tokens", "3", "--json",
-                 *flags]) == 0
+    flags = [
+        "--token-file",
+        str(d / "tokens"),
+        "--tls-ca",
+        str(d / "ca.pem"),
+        "--tls-cert",
+        str(d / "client.pem"),
+        "--tls-key",
+        str(d / "client_key.pem"),
+    ]
+    assert main(["generate", "--server", secured.address, "--prompt", "hi", "--max-tokens", "3", "--json", *flags]) == 0
     assert '"completion_tokens": 3' in capsys.readouterr().out
     assert main(["generate", "--server", secured.address, "--prompt", "hi", "--token-file", "/nonexistent"]) == 2
     assert "cannot read the auth token file /nonexistent" in capsys.readouterr().err
@@ -192,16 +227,21 @@ def test_the_http_door_takes_the_same_certificates_and_tokens(secured, pki):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with httpx.Client(verify=ctx, timeout=30) as http:
         model = http.get(f"{url}/models", headers=auth).json()["data"][0]["id"]
-        r = http.post(f"{url}/completions", headers=auth, json={"model": model, "prompt": "hello", "max_tokens": 3,
-                                                                 "ignore_eos": True})
+        r = http.post(
+            f"{url}/completions",
+            headers=auth,
+            json={"model": model, "prompt": "hello", "max_tokens": 3, "ignore_eos": True},
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
             r = http.post(f"{url}/completions", headers=headers, json={"model": model, "prompt": "x"})
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         assert http.get(f"{url.removesuffix('/v1')}/health").status_code == 200  # no token needed
     no_cert = ssl.create_default_context(cafile=str(d / "ca.pem"))
-    for attempt in (lambda: httpx.get(f"{url}/models", headers=auth, verify=no_cert, timeout=10),
-                    lambda: httpx.get(f"{url.replace('https://', 'http://')}/models", headers=auth, timeout=10)):
+    for attempt in (
+        lambda: httpx.get(f"{url}/models", headers=auth, verify=no_cert, timeout=10),
+        lambda: httpx.get(f"{url.replace('https://', 'http://')}/models", headers=auth, timeout=10),
+    ):
         with pytest.raises(httpx.TransportError):
             attempt()
     secured.cluster.check_pools()

@@ -26,8 +26,6 @@ VOCAB = 512
 NEW = 12
 
 
-
-
 @pytest.fixture(scope="module")
 def disagg(tiny_dir):
     with serve(str(tiny_dir), **{"both.block_size": 4}) as s:

@@ -7,7 +7,6 @@ tokenizer and chat template; the reference gets the same token ids.
 
 from __future__ import annotations
 
-
 import pytest
 
 from tandem_api.client import TandemClient
@@ -31,12 +30,13 @@ def test_smollm2_disaggregated_equals_aggregated_equals_transformers(reference):
         with serve("", mode=mode, **{"both.kv_cache_memory": "128MiB"}) as s:
             client = TandemClient(s.address)
             results[mode] = [
-                client.complete(chat=[("user", q)], max_tokens=NEW, temperature=0.0, ignore_eos=True)
-                for q in QUESTIONS
+                client.complete(chat=[("user", q)], max_tokens=NEW, temperature=0.0, ignore_eos=True) for q in QUESTIONS
             ]
             s.cluster.check_pools()
     tokenizer = None
-    for (text_d, ids_d, last_d), (text_a, ids_a, _), q in zip(results["disaggregated"], results["aggregated"], QUESTIONS):
+    for (text_d, ids_d, last_d), (text_a, ids_a, _), q in zip(
+        results["disaggregated"], results["aggregated"], QUESTIONS
+    ):
         assert (text_d, ids_d) == (text_a, ids_a)
         if tokenizer is None:
             from engine.loader import load_model_source

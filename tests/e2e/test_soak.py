@@ -20,11 +20,20 @@ from benchmarks.soak import ALLOWED, SoakOptions, run_soak
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
-
 def test_soak_with_client_faults_and_a_killed_decode_worker(tiny_dir):
-    options = SoakOptions(requests=200, concurrency=32, model=str(tiny_dir), block_size=4,
-                          prefill_kv_memory="64MiB", decode_kv_memory="64MiB", kill="decode", kill_mode="restart",
-                          hang_s=30.0, settle_s=30.0, ray_namespace="tandem-soak-test")
+    options = SoakOptions(
+        requests=200,
+        concurrency=32,
+        model=str(tiny_dir),
+        block_size=4,
+        prefill_kv_memory="64MiB",
+        decode_kv_memory="64MiB",
+        kill="decode",
+        kill_mode="restart",
+        hang_s=30.0,
+        settle_s=30.0,
+        ray_namespace="tandem-soak-test",
+    )
     r = run_soak(options)
 
     kill = r.faults["kill"] or {}

@@ -21,8 +21,12 @@ from tests.helpers.reference import engine_greedy
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 NEW = 20
-NGRAM = {"speculative.method": "ngram", "speculative.num_speculative_tokens": 3,
-         "speculative.prompt_lookup_min": 1, "speculative.prompt_lookup_max": 3}
+NGRAM = {
+    "speculative.method": "ngram",
+    "speculative.num_speculative_tokens": 3,
+    "speculative.prompt_lookup_min": 1,
+    "speculative.prompt_lookup_max": 3,
+}
 
 
 def _prompts() -> list[list[int]]:
@@ -38,9 +42,17 @@ def _prompts() -> list[list[int]]:
 def draft_dir(tmp_path_factory):
     from tests.helpers.tiny_models import make_tiny_hf_model
 
-    return make_tiny_hf_model(tmp_path_factory.mktemp("draft"), "llama", vocab_size=TINY_VOCAB, seed=3,
-                              num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                              intermediate_size=64)
+    return make_tiny_hf_model(
+        tmp_path_factory.mktemp("draft"),
+        "llama",
+        vocab_size=TINY_VOCAB,
+        seed=3,
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +109,22 @@ def test_acceptance_length_aggregated_equals_disaggregated(tiny_dir, disaggregat
             assert toks == reference[ids]
         d_usage = disaggregated_ngram[ids][0][1]
         assert (usage.spec_verify_steps, usage.spec_proposed_tokens, usage.spec_accepted_tokens) == (
-            d_usage.spec_verify_steps, d_usage.spec_proposed_tokens, d_usage.spec_accepted_tokens)
+            d_usage.spec_verify_steps,
+            d_usage.spec_proposed_tokens,
+            d_usage.spec_accepted_tokens,
+        )
         assert usage.acceptance_length == d_usage.acceptance_length
 
 
 def test_disaggregated_draft_model_and_http_usage(tiny_dir, draft_dir, reference):
-    overrides = {"speculative.method": "draft", "speculative.draft_model": str(draft_dir),
-                 "speculative.num_speculative_tokens": 2, "prefill.block_size": 16, "decode.block_size": 8,
-                 "decode.tp": 2}  # the draft runs beside the leader rank of a TP2 worker
+    overrides = {
+        "speculative.method": "draft",
+        "speculative.draft_model": str(draft_dir),
+        "speculative.num_speculative_tokens": 2,
+        "prefill.block_size": 16,
+        "decode.block_size": 8,
+        "decode.tp": 2,
+    }  # the draft runs beside the leader rank of a TP2 worker
     with serve(str(tiny_dir), **overrides) as s:
         got = _run(s)
         for ids, runs in got.items():
@@ -116,13 +136,17 @@ def test_disaggregated_draft_model_and_http_usage(tiny_dir, draft_dir, reference
         # the OpenAI door reports OpenAI's prediction counters and the acceptance length
         ids = _prompts()[0]
         model = httpx.get(f"{s.http_url}/models", timeout=10).json()["data"][0]["id"]
-        r = httpx.post(f"{s.http_url}/completions", timeout=60,
-                       json={"model": model, "prompt": ids, "max_tokens": NEW, "temperature": 0, "ignore_eos": True})
+        r = httpx.post(
+            f"{s.http_url}/completions",
+            timeout=60,
+            json={"model": model, "prompt": ids, "max_tokens": NEW, "temperature": 0, "ignore_eos": True},
+        )
         assert r.status_code == 200, r.text
         usage = r.json()["usage"]
         details = usage["completion_tokens_details"]
         assert details["accepted_prediction_tokens"] == got[tuple(ids)][0][1].spec_accepted_tokens
-        assert details["rejected_prediction_tokens"] == (got[tuple(ids)][0][1].spec_proposed_tokens
-                                                         - details["accepted_prediction_tokens"])
+        assert details["rejected_prediction_tokens"] == (
+            got[tuple(ids)][0][1].spec_proposed_tokens - details["accepted_prediction_tokens"]
+        )
         assert usage["acceptance_length"] == pytest.approx(got[tuple(ids)][0][1].acceptance_length, abs=1e-4)
         s.cluster.check_pools()

@@ -25,8 +25,8 @@ import random
 import pytest
 import ray
 
-from deploy.config import PoolConfig, ServeConfig, with_overrides
 from deploy.cluster import create_worker
+from deploy.config import PoolConfig, ServeConfig, with_overrides
 from deploy.topology import replace_pool
 from engine.errors import ConfigError
 from engine.sampling_params import SamplingParams
@@ -50,7 +50,6 @@ DECODE = {
     "D-tp2": dict(tp=2, block_size=8, kv_order="HND"),
     "D-pp2": dict(pp=2, block_size=16),
 }
-
 
 
 def _prompts() -> list[list[int]]:
@@ -79,8 +78,10 @@ def workers(tiny_dir):
                 groups.append(pg)
         ray.get([a.ready.remote() for a in started.values()], timeout=600)
         payloads = {n: ray.get(started[n].handshake_payload.remote()) for n in started}
-        ray.get([started[d].add_peer.remote(payloads[p]) for d in DECODE for p in PREFILL]
-                + [started[p].add_peer.remote(payloads[d]) for d in DECODE for p in PREFILL])
+        ray.get(
+            [started[d].add_peer.remote(payloads[p]) for d in DECODE for p in PREFILL]
+            + [started[p].add_peer.remote(payloads[d]) for d in DECODE for p in PREFILL]
+        )
         yield started
     finally:
         for actor in started.values():
@@ -122,8 +123,15 @@ def test_pair_equals_aggregated_tp1(workers, reference, p_name, d_name):
 
 def test_served_heterogeneous_pair_through_grpc(tiny_dir, reference):
     """TP2xPP2 (bs16 NHD) prefill -> TP2 (bs8 HND) decode behind the router, config keys as the CLI sets them."""
-    overrides = {"prefill.tp": 2, "prefill.pp": 2, "decode.tp": 2, "decode.block_size": 8, "decode.kv_order": "HND",
-                 "both.kv_cache_memory": "4MiB", "both.num_cpus": 0.25}
+    overrides = {
+        "prefill.tp": 2,
+        "prefill.pp": 2,
+        "decode.tp": 2,
+        "decode.block_size": 8,
+        "decode.kv_order": "HND",
+        "both.kv_cache_memory": "4MiB",
+        "both.num_cpus": 0.25,
+    }
     with serve(str(tiny_dir), **overrides) as s:
         client = TandemClient(s.address)
         for ids in _prompts():

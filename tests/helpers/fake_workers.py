@@ -46,9 +46,21 @@ PASS = object()  # a scripted outcome: answer this call as if nothing were scrip
 
 def worker_status(worker_id: str, role: str = "decode", **fields: Any) -> WorkerStatus:
     """A WorkerStatus of an idle, SERVING worker with a 64-block cache; `fields` override any field."""
-    idle = WorkerStatus(worker_id=worker_id, role=role, health="SERVING", kv_blocks_total=64, kv_blocks_free=64,
-                        running=0, waiting=0, leased=0, node_id="fake", device="cpu", block_size=16, dtype="float32",
-                        max_num_seqs=8)
+    idle = WorkerStatus(
+        worker_id=worker_id,
+        role=role,
+        health="SERVING",
+        kv_blocks_total=64,
+        kv_blocks_free=64,
+        running=0,
+        waiting=0,
+        leased=0,
+        node_id="fake",
+        device="cpu",
+        block_size=16,
+        dtype="float32",
+        max_num_seqs=8,
+    )
     return msgspec.structs.replace(idle, **fields)
 
 
@@ -163,18 +175,35 @@ class FakeWorker:
 
     # -- the WorkerClient protocol ---------------------------------------------------------------
 
-    async def prefill(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                      trace_ctx: dict[str, str] | None = None, prior_ids: Sequence[int] = ()) -> PrefillResult:
+    async def prefill(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: Sequence[int] = (),
+    ) -> PrefillResult:
         return await self._unary("prefill", request_id, prompt_ids, params, trace_ctx, prior_ids)
 
-    def decode(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-               prefill: PrefillResult, trace_ctx: dict[str, str] | None = None,
-               prior_ids: Sequence[int] = ()) -> AsyncIterator[StreamChunk]:
+    def decode(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        prefill: PrefillResult,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: Sequence[int] = (),
+    ) -> AsyncIterator[StreamChunk]:
         return self._stream("decode", request_id, prompt_ids, params, prefill, trace_ctx, prior_ids)
 
-    def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                 trace_ctx: dict[str, str] | None = None, prior_ids: Sequence[int] = ()
-                 ) -> AsyncIterator[StreamChunk]:
+    def generate(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: Sequence[int] = (),
+    ) -> AsyncIterator[StreamChunk]:
         return self._stream("generate", request_id, prompt_ids, params, trace_ctx, prior_ids)
 
     async def abort(self, request_id: str) -> bool:

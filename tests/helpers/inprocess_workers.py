@@ -24,12 +24,18 @@ BS = 4  # small blocks: short prompts make several events
 NUM_BLOCKS = 64
 
 
-def new_worker(tiny: str, wid: str, publisher_capacity: int | None = None, fault_injection: bool = False
-               ) -> PrefillWorker:
-    engine = EngineConfig(model=tiny, dtype="float32", cache=CacheConfig(block_size=BS, num_blocks=NUM_BLOCKS),
-                          scheduler=SchedulerConfig(max_num_batched_tokens=8))  # chunked prefill: an event per chunk
-    worker = PrefillWorker(WorkerSettings(worker_id=wid, role="prefill", transport="none", engine=engine,
-                                          fault_injection=fault_injection))
+def new_worker(
+    tiny: str, wid: str, publisher_capacity: int | None = None, fault_injection: bool = False
+) -> PrefillWorker:
+    engine = EngineConfig(
+        model=tiny,
+        dtype="float32",
+        cache=CacheConfig(block_size=BS, num_blocks=NUM_BLOCKS),
+        scheduler=SchedulerConfig(max_num_batched_tokens=8),
+    )  # chunked prefill: an event per chunk
+    worker = PrefillWorker(
+        WorkerSettings(worker_id=wid, role="prefill", transport="none", engine=engine, fault_injection=fault_injection)
+    )
     if publisher_capacity is not None:  # a router that falls behind a small buffer loses events
         worker.host.publisher = KVEventPublisher(wid, capacity=publisher_capacity)
         worker.host.engine.on_kv_events = worker.host.publisher.publish
@@ -50,9 +56,14 @@ class InProcessClient:
         if self.down:
             raise WorkerUnavailableError(f"worker {self.worker_id} is unavailable: actor died (test)", self.worker_id)
 
-    async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                       trace_ctx: dict[str, str] | None = None, prior_ids: Sequence[int] = ()
-                       ) -> AsyncIterator[StreamChunk]:
+    async def generate(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: Sequence[int] = (),
+    ) -> AsyncIterator[StreamChunk]:
         await self._check()
         async for chunk in self.worker.generate(request_id, list(prompt_ids), params, trace_ctx, list(prior_ids)):
             yield chunk

@@ -14,8 +14,9 @@ def smollm2_reference():
     from engine.loader import default_model_path
 
     path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
     return model.eval()
 
 
@@ -34,7 +35,9 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-def engine_greedy(model_dir, prompts: list[list[int]], max_tokens: int, num_blocks: int = 128) -> dict[tuple, list[int]]:
+def engine_greedy(
+    model_dir, prompts: list[list[int]], max_tokens: int, num_blocks: int = 128
+) -> dict[tuple, list[int]]:
     """Greedy tokens of one aggregated TP1 float32 engine (no speculation), per prompt, one request at a time."""
     from engine.config import CacheConfig, EngineConfig
     from engine.engine_core import EngineCore

@@ -35,7 +35,7 @@ class SimWorker:
         hashes = hash_full_blocks(prompt, bs)
         hit = []
         for i, h in enumerate(hashes[: (len(prompt) - 1) // bs]):  # the last token is always computed
-            block = self.pool.get_cached_block(h, prompt[i * bs:(i + 1) * bs])
+            block = self.pool.get_cached_block(h, prompt[i * bs : (i + 1) * bs])
             if block is None:
                 break
             hit.append(block)
@@ -44,17 +44,29 @@ class SimWorker:
         full = len(prompt) // bs - len(hit)
         parent = hashes[len(hit) - 1] if hit else None
         if full > 0:
-            self.pool.cache_blocks(new[:full], hashes[len(hit):len(hit) + full], parent,
-                                   prompt[len(hit) * bs:(len(hit) + full) * bs])
+            self.pool.cache_blocks(
+                new[:full], hashes[len(hit) : len(hit) + full], parent, prompt[len(hit) * bs : (len(hit) + full) * bs]
+            )
         self.pool.free_blocks(list(reversed(hit + new)))  # the tail first: evicted before the prefix
         self.requests += 1
         return len(hit)
 
     def status(self) -> WorkerStatus:
-        return WorkerStatus(worker_id=self.worker_id, role="prefill", health="SERVING",
-                            kv_blocks_total=self.pool.num_blocks, kv_blocks_free=self.pool.num_free_blocks,
-                            running=0, waiting=0, leased=0, node_id="sim", device="cpu", block_size=self.block_size,
-                            dtype="float32", max_num_seqs=8)
+        return WorkerStatus(
+            worker_id=self.worker_id,
+            role="prefill",
+            health="SERVING",
+            kv_blocks_total=self.pool.num_blocks,
+            kv_blocks_free=self.pool.num_free_blocks,
+            running=0,
+            waiting=0,
+            leased=0,
+            node_id="sim",
+            device="cpu",
+            block_size=self.block_size,
+            dtype="float32",
+            max_num_seqs=8,
+        )
 
 
 @dataclass
@@ -73,8 +85,9 @@ class SimPool:
         self.workers = {f"p{i}": SimWorker(f"p{i}", self.num_blocks, self.block_size) for i in range(self.n)}
         pool_policy = "least_loaded" if self.policy == "kv" else self.policy
         # routing reads only the clients' worker_id: no call is made to them
-        prefill = WorkerPool("prefill", [FakeWorker(w, "prefill") for w in self.workers], pool_policy,
-                             block_size=self.block_size)
+        prefill = WorkerPool(
+            "prefill", [FakeWorker(w, "prefill") for w in self.workers], pool_policy, block_size=self.block_size
+        )
         decode = WorkerPool("decode", [FakeWorker("d0")], pool_policy, block_size=self.block_size)
         self.router = Router(decode, prefill, RoutingConfig(policy=self.policy), random.Random(self.seed))
         for w in self.workers.values():

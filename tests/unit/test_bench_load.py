@@ -15,7 +15,11 @@ import pytest
 
 from tandem_api.bench.arrivals import gamma_arrivals, parse_rates, trace_times
 from tandem_api.bench.datasets import (
-    DatasetError, DatasetOptions, PromptMaker, build_dataset, read_trace,
+    DatasetError,
+    DatasetOptions,
+    PromptMaker,
+    build_dataset,
+    read_trace,
 )
 from tandem_api.bench.metrics import OK
 from tandem_api.bench.runner import INTERRUPTED, LoadConfig, find_max_rate, run_load
@@ -149,12 +153,15 @@ def write_trace(tmp_path, lines):
 
 
 def test_trace_requests_have_their_lengths_times_and_shared_prefixes(tmp_path):
-    path = write_trace(tmp_path, [
-        {"timestamp_s": 2.0, "input_tokens": 30, "output_tokens": 4, "prefix_group": 1, "prefix_tokens": 20},
-        {"timestamp_s": 1.0, "input_tokens": 25, "output_tokens": 3, "prefix_group": 1, "prefix_tokens": 12},
-        "",
-        {"timestamp_s": 3.5, "input_tokens": 7, "output_tokens": 2},
-    ])
+    path = write_trace(
+        tmp_path,
+        [
+            {"timestamp_s": 2.0, "input_tokens": 30, "output_tokens": 4, "prefix_group": 1, "prefix_tokens": 20},
+            {"timestamp_s": 1.0, "input_tokens": 25, "output_tokens": 3, "prefix_group": 1, "prefix_tokens": 12},
+            "",
+            {"timestamp_s": 3.5, "input_tokens": 7, "output_tokens": 2},
+        ],
+    )
     d = build_dataset("trace", DatasetOptions(trace_file=str(path)), PromptMaker(WordTokenizer()), 0)
     assert d.timestamps == [1.0, 2.0, 3.5] and d.size == 3  # sorted by time
     units = list(d.units)
@@ -164,16 +171,21 @@ def test_trace_requests_have_their_lengths_times_and_shared_prefixes(tmp_path):
     assert a[:12] == b[:12]  # the group's members share min(prefix_tokens) tokens
 
 
-@pytest.mark.parametrize("line, words", [
-    ("{not json", "line 2: not JSON"),
-    ('{"timestamp_s": 1, "input_tokens": 5}', "line 2: missing 'output_tokens'"),
-    ('{"timestamp_s": -1, "input_tokens": 5, "output_tokens": 1}', "line 2: timestamp_s must be a number >= 0"),
-    ('{"timestamp_s": 1, "input_tokens": 2.5, "output_tokens": 1}', "line 2: input_tokens must be an integer"),
-    ('{"timestamp_s": 1, "input_tokens": 5, "output_tokens": 1, "prefix_tokens": 3}', "prefix_tokens without"),
-    ('{"timestamp_s": 1, "input_tokens": 5, "output_tokens": 1, "prefix_group": 0, "prefix_tokens": 9}',
-     "prefix_tokens 9 > input_tokens 5"),
-    ("[1, 2]", "line 2: expected an object"),
-])
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ("{not json", "line 2: not JSON"),
+        ('{"timestamp_s": 1, "input_tokens": 5}', "line 2: missing 'output_tokens'"),
+        ('{"timestamp_s": -1, "input_tokens": 5, "output_tokens": 1}', "line 2: timestamp_s must be a number >= 0"),
+        ('{"timestamp_s": 1, "input_tokens": 2.5, "output_tokens": 1}', "line 2: input_tokens must be an integer"),
+        ('{"timestamp_s": 1, "input_tokens": 5, "output_tokens": 1, "prefix_tokens": 3}', "prefix_tokens without"),
+        (
+            '{"timestamp_s": 1, "input_tokens": 5, "output_tokens": 1, "prefix_group": 0, "prefix_tokens": 9}',
+            "prefix_tokens 9 > input_tokens 5",
+        ),
+        ("[1, 2]", "line 2: expected an object"),
+    ],
+)
 def test_a_malformed_trace_line_is_named(tmp_path, line, words):
     path = write_trace(tmp_path, [{"timestamp_s": 0, "input_tokens": 3, "output_tokens": 1}, line])
     with pytest.raises(DatasetError, match=words):
@@ -323,8 +335,9 @@ def test_a_common_prefix_starts_every_request_at_every_rate():
     runs = [take(build_dataset("random", opts, prompts, 0, salt=salt), 3) for salt in (0, 1)]
     commons = {u.system.ids for units in runs for u in units}
     assert len(commons) == 1 and len(next(iter(commons))) == 6
-    shared = take(build_dataset("shared-prefix", DatasetOptions(num_groups=2, prefix_len=5, common_prefix_len=6),
-                                prompts, 0), 4)
+    shared = take(
+        build_dataset("shared-prefix", DatasetOptions(num_groups=2, prefix_len=5, common_prefix_len=6), prompts, 0), 4
+    )
     assert all(len(u.system.ids) == 11 and u.system.ids[:6] == next(iter(commons)) for u in shared)
 
 

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 
 from tandem_api.bench.metrics import (
-    RequestRecord, SloError, distribution, parse_slo, percentile, summarize, ttft_breakdown,
+    RequestRecord,
+    SloError,
+    distribution,
+    parse_slo,
+    percentile,
+    summarize,
+    ttft_breakdown,
 )
 
 
@@ -25,8 +31,9 @@ def test_percentiles_interpolate_linearly():
     assert percentile([7], 99) == 7
     assert percentile([], 50) is None
     d = distribution([1.0, 2.0, 3.0, 4.0])
-    assert d == pytest.approx({"mean": 2.5, "std": 1.118033988749895, "p50": 2.5, "p90": 3.7, "p95": 3.85,
-                               "p99": 3.97, "max": 4.0})
+    assert d == pytest.approx(
+        {"mean": 2.5, "std": 1.118033988749895, "p50": 2.5, "p90": 3.7, "p95": 3.85, "p99": 3.97, "max": 4.0}
+    )
     assert set(distribution([])) == {"mean", "std", "p50", "p90", "p95", "p99", "max"}
 
 
@@ -85,17 +92,22 @@ def test_summary_counts_goodput_and_attainment():
 
 def test_ttft_breakdown_from_server_timings():
     r = record(0.0, [(0.5, 1)], server_timings={"time_to_first_token_s": 0.45, "queue_s": 0.05, "prefill_s": 0.3})
-    assert ttft_breakdown([r]) == pytest.approx({"router_queue": 50.0, "prefill": 300.0, "server_other": 100.0,
-                                                 "client_network": 50.0})
+    assert ttft_breakdown([r]) == pytest.approx(
+        {"router_queue": 50.0, "prefill": 300.0, "server_other": 100.0, "client_network": 50.0}
+    )
     assert ttft_breakdown([record(0.0, [(0.5, 1)])]) is None
 
 
 def test_parse_slo():
     assert parse_slo("ttft_ms=500, itl_ms=50") == {"ttft_ms": 500.0, "itl_ms": 50.0}
     assert parse_slo(None) == {} and parse_slo("") == {}
-    for bad, words in (("ttft=5", "unknown target 'ttft'"), ("ttft_ms", "not KEY=VALUE"),
-                       ("ttft_ms=fast", "not a number"), ("ttft_ms=-1", "positive"),
-                       ("ttft_ms=1,ttft_ms=2", "given twice")):
+    for bad, words in (
+        ("ttft=5", "unknown target 'ttft'"),
+        ("ttft_ms", "not KEY=VALUE"),
+        ("ttft_ms=fast", "not a number"),
+        ("ttft_ms=-1", "positive"),
+        ("ttft_ms=1,ttft_ms=2", "given twice"),
+    ):
         with pytest.raises(SloError, match=words):
             parse_slo(bad)
 

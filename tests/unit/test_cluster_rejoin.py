@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 import ray
 
-from deploy import cluster as cluster_mod
 from deploy.cluster import Cluster, WorkerHandle
 from deploy.config import ServeConfig
 

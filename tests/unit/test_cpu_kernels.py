@@ -17,8 +17,10 @@ from engine.model.embedding import ParallelLMHead
 from engine.model.linear import MergedColumnLinear, QKVLinear
 
 KERNEL = cpu_kernels.cpu_kernels()
-needs_kernel = pytest.mark.skipif(cpu_kernels._compiler() is None or "avx512f" not in cpu_kernels._cpu_flags().split(),
-                                  reason="no C compiler or no AVX-512: the CPU kernels are not used here")
+needs_kernel = pytest.mark.skipif(
+    cpu_kernels._compiler() is None or "avx512f" not in cpu_kernels._cpu_flags().split(),
+    reason="no C compiler or no AVX-512: the CPU kernels are not used here",
+)
 
 
 @needs_kernel
@@ -52,7 +54,7 @@ def test_packed_linear_matches_torch(threads, m, k, n, with_bias):
         torch.set_num_threads(old)
     ref = F.linear(x.double(), w.double(), None if bias is None else bias.double()).float()
     assert y.shape == (m, n)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * (k ** 0.5))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * (k**0.5))
 
 
 @needs_kernel
@@ -102,7 +104,9 @@ def test_disabled_by_env_falls_back_to_torch(fresh_kernel_state, monkeypatch):
 
 def test_broken_compiler_is_a_warning_not_an_error(fresh_kernel_state, monkeypatch, caplog, tmp_path):
     fake = tmp_path / "fakecc"
-    fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo fake 1.0; exit 0; fi\necho 'fakecc: no' >&2; exit 1\n")
+    fake.write_text(
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then echo fake 1.0; exit 0; fi\necho 'fakecc: no' >&2; exit 1\n"
+    )
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
     with caplog.at_level(logging.WARNING, logger="engine.model.cpu_kernels"):
@@ -124,8 +128,12 @@ def test_cache_key_is_per_source_and_reused(fresh_kernel_state):
 @needs_kernel
 def test_linear_residual_is_added_after_the_product():
     g = torch.Generator().manual_seed(2)
-    w, x, b, r = torch.randn(70, 40, generator=g), torch.randn(3, 40, generator=g), torch.randn(70, generator=g), \
-        torch.randn(3, 70, generator=g)
+    w, x, b, r = (
+        torch.randn(70, 40, generator=g),
+        torch.randn(3, 40, generator=g),
+        torch.randn(70, generator=g),
+        torch.randn(3, 70, generator=g),
+    )
     plain = KERNEL.linear(x, KERNEL.pack(w), b, 70)
     assert torch.equal(KERNEL.linear(x, KERNEL.pack(w), b, 70, residual=r), r + plain)
 
@@ -164,9 +172,12 @@ def test_paged_decode_attention_matches_sdpa_over_gathered_blocks(order, lens):
     table = torch.stack([torch.randperm(nb, generator=g)[:max_blocks] for _ in range(b)])
     row = (heads + 2 * kv_heads) * d
     q_rows = torch.randn(b, row, generator=g)
-    strides = (ck.stride(0), ck.stride(1), ck.stride(2)) if order == "NHD" else (ck.stride(0), ck.stride(2), ck.stride(1))
-    out = KERNEL.paged_decode_attention(q_rows, ck, cv, strides, table, torch.tensor(lens), bs, heads, kv_heads, d,
-                                        d ** -0.5)
+    strides = (
+        (ck.stride(0), ck.stride(1), ck.stride(2)) if order == "NHD" else (ck.stride(0), ck.stride(2), ck.stride(1))
+    )
+    out = KERNEL.paged_decode_attention(
+        q_rows, ck, cv, strides, table, torch.tensor(lens), bs, heads, kv_heads, d, d**-0.5
+    )
     for i, n in enumerate(lens):
         blocks = table[i, : -(-n // bs)]
         if order == "NHD":
@@ -176,8 +187,9 @@ def test_paged_decode_attention_matches_sdpa_over_gathered_blocks(order, lens):
             k = ck[blocks].transpose(0, 1).reshape(kv_heads, -1, d)[:, :n]
             v = cv[blocks].transpose(0, 1).reshape(kv_heads, -1, d)[:, :n]
         q = q_rows[i, : heads * d].view(heads, 1, d)
-        ref = F.scaled_dot_product_attention(q, k.repeat_interleave(heads // kv_heads, 0),
-                                             v.repeat_interleave(heads // kv_heads, 0), scale=d ** -0.5)
+        ref = F.scaled_dot_product_attention(
+            q, k.repeat_interleave(heads // kv_heads, 0), v.repeat_interleave(heads // kv_heads, 0), scale=d**-0.5
+        )
         torch.testing.assert_close(out[i].view(heads, d), ref.view(heads, d), rtol=1e-5, atol=1e-5)
 
 
@@ -195,7 +207,7 @@ def test_bf16_linear_rounds_once_like_onednn(m, k, n, with_bias):
     exact = F.linear(x.double(), w.double(), None if bias is None else bias.double())
     assert y.dtype == torch.bfloat16
     # one rounding of a float32 sum: within a bf16 half-ulp of the exact value, plus float32 summation error
-    torch.testing.assert_close(y.double(), exact, rtol=2 ** -8, atol=1e-4 * k ** 0.5)
+    torch.testing.assert_close(y.double(), exact, rtol=2**-8, atol=1e-4 * k**0.5)
     # the residual is added to the rounded product and rounded again, as `r + linear(x)` in bf16
     assert torch.equal(KERNEL.linear(x, KERNEL.pack(w), bias, n, residual=r), r + y)
 
@@ -226,9 +238,9 @@ def test_bf16_layer_ops_match_torchs_bf16_path(t):
     norm = RMSNorm(576, 1e-5, dtype=torch.bfloat16, device="cpu")
     norm.weight.data.copy_(torch.randn(576, generator=g))
     x = torch.randn(t, 576, generator=g).bfloat16()
-    torch.testing.assert_close(KERNEL.rms_norm(x, norm.weight, 1e-5), norm(x), rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(KERNEL.rms_norm(x, norm.weight, 1e-5), norm(x), rtol=2**-7, atol=1e-6)
     gu = torch.randn(t, 2 * 96, generator=g).bfloat16()
-    torch.testing.assert_close(KERNEL.silu_mul(gu), F.silu(gu[:, :96]) * gu[:, 96:], rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(KERNEL.silu_mul(gu), F.silu(gu[:, :96]) * gu[:, 96:], rtol=2**-7, atol=1e-6)
     heads, d, row = 5, 64, 7 * 64
     qkv = torch.randn(t, row, generator=g).bfloat16()
     ang = torch.rand(t, d // 2, generator=g) * 6
@@ -236,23 +248,37 @@ def test_bf16_layer_ops_match_torchs_bf16_path(t):
     ref = apply_rope(qkv[:, : heads * d].view(t, heads, d), cos.unsqueeze(1), sin.unsqueeze(1))
     out = qkv.clone()
     KERNEL.rope_(out, heads, cos, sin)
-    torch.testing.assert_close(out[:, : heads * d].view(t, heads, d), ref, rtol=2 ** -6, atol=2e-2)
+    torch.testing.assert_close(out[:, : heads * d].view(t, heads, d), ref, rtol=2**-6, atol=2e-2)
 
 
 @needs_kernel
 def test_bf16_paged_decode_attention_is_close_to_sdpa():
     g = torch.Generator().manual_seed(5)
     heads, kv_heads, d, bs, nb, n = 6, 2, 64, 16, 40, 300
-    ck, cv = torch.randn(nb, bs, kv_heads, d, generator=g).bfloat16(), torch.randn(nb, bs, kv_heads, d, generator=g).bfloat16()
+    ck, cv = (
+        torch.randn(nb, bs, kv_heads, d, generator=g).bfloat16(),
+        torch.randn(nb, bs, kv_heads, d, generator=g).bfloat16(),
+    )
     table = torch.randperm(nb, generator=g)[: -(-n // bs)].unsqueeze(0)
     q_rows = torch.randn(1, (heads + 2 * kv_heads) * d, generator=g).bfloat16()
-    out = KERNEL.paged_decode_attention(q_rows, ck, cv, (ck.stride(0), ck.stride(1), ck.stride(2)), table,
-                                        torch.tensor([n]), bs, heads, kv_heads, d, d ** -0.5)
+    out = KERNEL.paged_decode_attention(
+        q_rows,
+        ck,
+        cv,
+        (ck.stride(0), ck.stride(1), ck.stride(2)),
+        table,
+        torch.tensor([n]),
+        bs,
+        heads,
+        kv_heads,
+        d,
+        d**-0.5,
+    )
     k = ck[table[0]].reshape(-1, kv_heads, d)[:n].transpose(0, 1).float().repeat_interleave(3, 0)
     v = cv[table[0]].reshape(-1, kv_heads, d)[:n].transpose(0, 1).float().repeat_interleave(3, 0)
-    ref = F.scaled_dot_product_attention(q_rows[0, : heads * d].float().view(heads, 1, d), k, v, scale=d ** -0.5)
+    ref = F.scaled_dot_product_attention(q_rows[0, : heads * d].float().view(heads, 1, d), k, v, scale=d**-0.5)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float().view(heads, d), ref.view(heads, d), rtol=2 ** -7, atol=2 ** -8)
+    torch.testing.assert_close(out.float().view(heads, d), ref.view(heads, d), rtol=2**-7, atol=2**-8)
 
 
 def test_cpus_without_avx512_keep_torchs_ops(fresh_kernel_state, monkeypatch):

@@ -10,7 +10,9 @@ def _run(code: str, env_extra: dict[str, str]) -> str:
     import os
 
     env = {**os.environ, **env_extra}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout.strip()
 
 
 def test_applied_on_glibc_and_idempotent():
@@ -23,4 +25,6 @@ def test_applied_on_glibc_and_idempotent():
 
 
 def test_opt_out():
-    assert _run("from engine.cpu_memory import keep_freed_memory as k; print(k())", {"TANDEM_KEEP_HEAP": "0"}) == "False"
+    assert (
+        _run("from engine.cpu_memory import keep_freed_memory as k; print(k())", {"TANDEM_KEEP_HEAP": "0"}) == "False"
+    )

@@ -31,13 +31,45 @@ SUFFIXES = ("_bucket", "_sum", "_count", "_total")
 
 # Names in PromQL that are not metrics: a function or an aggregation is followed by "(" and never
 # reaches the check; these are the ones that can stand without a parenthesis after them.
-PROMQL_WORDS = frozenset({
-    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset",
-    "and", "or", "unless", "atan2", "inf", "nan",
-    "sum", "avg", "min", "max", "count", "group", "stddev", "stdvar", "topk", "bottomk", "quantile",
-    "count_values", "limitk", "limit_ratio",
-    "rate", "irate", "increase", "delta", "idelta", "histogram_quantile", "le",
-})
+PROMQL_WORDS = frozenset(
+    {
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "offset",
+        "and",
+        "or",
+        "unless",
+        "atan2",
+        "inf",
+        "nan",
+        "sum",
+        "avg",
+        "min",
+        "max",
+        "count",
+        "group",
+        "stddev",
+        "stdvar",
+        "topk",
+        "bottomk",
+        "quantile",
+        "count_values",
+        "limitk",
+        "limit_ratio",
+        "rate",
+        "irate",
+        "increase",
+        "delta",
+        "idelta",
+        "histogram_quantile",
+        "le",
+    }
+)
 # Everything that is not a metric reference is removed before names are picked out.
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _COMMENT = re.compile(r"#[^\n]*")
@@ -112,20 +144,23 @@ def load_dashboard() -> dict:
 # -- the checker itself --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("expr", "expected"), [
-    ("histogram_quantile(0.99, sum by (le) (rate(a_seconds_bucket[$__rate_interval])))", {"a_seconds_bucket"}),
-    ("sum by (part) (rate(x_sum[$__rate_interval])) / sum by (part) (rate(x_count[5m]))", {"x_sum", "x_count"}),
-    ('sum by (code) (rate(tandem_requests_total{code!="OK"}[1m]))', {"tandem_requests_total"}),
-    ('tandem_worker_up{worker=~"$worker"}', {"tandem_worker_up"}),
-    ("tandem_requests_in_flight", {"tandem_requests_in_flight"}),  # at the end: no "{", "[" or ")" after it
-    ("sum(g) by (worker)", {"g"}),  # label list after the aggregation
-    ("max(a) without(role) > on(worker) group_left(state) b", {"a", "b"}),
-    ("clamp_min(a, 0) + b offset 5m", {"a", "b"}),  # an argument before ","; a duration
-    ("rate(a[${__rate_interval}]) * 1e3 and bool c", {"a", "c"}),
-    ('label_replace(a, "dst", "$1", "src", "(.*)")', {"a"}),  # string arguments are not names
-    ("sum(rate(a:recorded:rate5m[1h:5m]))", {"a:recorded:rate5m"}),  # recording-rule names; subquery
-    ("sum(\n  rate(a_total[$__rate_interval])  # comment naming not_a_metric\n)", {"a_total"}),
-])
+@pytest.mark.parametrize(
+    ("expr", "expected"),
+    [
+        ("histogram_quantile(0.99, sum by (le) (rate(a_seconds_bucket[$__rate_interval])))", {"a_seconds_bucket"}),
+        ("sum by (part) (rate(x_sum[$__rate_interval])) / sum by (part) (rate(x_count[5m]))", {"x_sum", "x_count"}),
+        ('sum by (code) (rate(tandem_requests_total{code!="OK"}[1m]))', {"tandem_requests_total"}),
+        ('tandem_worker_up{worker=~"$worker"}', {"tandem_worker_up"}),
+        ("tandem_requests_in_flight", {"tandem_requests_in_flight"}),  # at the end: no "{", "[" or ")" after it
+        ("sum(g) by (worker)", {"g"}),  # label list after the aggregation
+        ("max(a) without(role) > on(worker) group_left(state) b", {"a", "b"}),
+        ("clamp_min(a, 0) + b offset 5m", {"a", "b"}),  # an argument before ","; a duration
+        ("rate(a[${__rate_interval}]) * 1e3 and bool c", {"a", "c"}),
+        ('label_replace(a, "dst", "$1", "src", "(.*)")', {"a"}),  # string arguments are not names
+        ("sum(rate(a:recorded:rate5m[1h:5m]))", {"a:recorded:rate5m"}),  # recording-rule names; subquery
+        ("sum(\n  rate(a_total[$__rate_interval])  # comment naming not_a_metric\n)", {"a_total"}),
+    ],
+)
 def test_series_in_picks_out_metric_names(expr, expected):
     assert series_in(expr) == expected
 
@@ -139,8 +174,10 @@ def test_checker_catches_a_metric_that_does_not_exist():
     problems = dashboard_problems(bogus)
     assert len(problems) == 1 and "tandem_bogus_seconds_bucket" in problems[0], problems
     # hidden among known ones, inside a label list or a matcher does not hide a bad name either
-    panel["targets"][0]["expr"] = ("histogram_quantile(0.5, sum by (le) (rate(tandem_kv_transfer_seconds_bucket"
-                                   "[$__rate_interval]))) / on() tandem_nope")
+    panel["targets"][0]["expr"] = (
+        "histogram_quantile(0.5, sum by (le) (rate(tandem_kv_transfer_seconds_bucket"
+        "[$__rate_interval]))) / on() tandem_nope"
+    )
     assert any("tandem_nope" in p for p in dashboard_problems(bogus))
     # a query that names no metric at all is a problem too (the checker must see something)
     panel["targets"][0]["expr"] = "vector(1)"
@@ -163,9 +200,22 @@ def _fresh_registry_samples() -> dict[str, set[str]]:
             child.observe(0.01)
         elif hasattr(child, "inc"):
             child.inc()
-    status = WorkerStatus(worker_id="d0", role="decode", health="SERVING", kv_blocks_total=100, kv_blocks_free=60,
-                          running=2, waiting=1, leased=0, node_id="n0", device="cpu", block_size=16, dtype="float32",
-                          prefix_query_tokens=10, prefix_hit_tokens=5)
+    status = WorkerStatus(
+        worker_id="d0",
+        role="decode",
+        health="SERVING",
+        kv_blocks_total=100,
+        kv_blocks_free=60,
+        running=2,
+        waiting=1,
+        leased=0,
+        node_id="n0",
+        device="cpu",
+        block_size=16,
+        dtype="float32",
+        prefix_query_tokens=10,
+        prefix_hit_tokens=5,
+    )
     rows = [("decode", "d0", status, True)]
     if hasattr(metrics, "set_workers"):
         metrics.set_workers(rows)
@@ -303,8 +353,11 @@ def test_collector_config():
     assert "batch" in config["processors"]
     assert "spanmetrics" in config["connectors"]
     exporters = config["exporters"]
-    tempo = [name for name, c in exporters.items()
-             if name.split("/")[0] in ("otlp", "otlp_grpc") and c["endpoint"] == "tempo:4317"]
+    tempo = [
+        name
+        for name, c in exporters.items()
+        if name.split("/")[0] in ("otlp", "otlp_grpc") and c["endpoint"] == "tempo:4317"
+    ]
     assert len(tempo) == 1 and exporters[tempo[0]]["tls"]["insecure"] is True
     assert exporters["prometheus"]["endpoint"] == "0.0.0.0:8889"
 

@@ -52,8 +52,11 @@ def test_defaults_scripts_and_the_call_log() -> None:
 def test_streams_failures_and_down() -> None:
     async def scenario() -> None:
         w = FakeWorker("d0")
-        w.script("decode", [chunk("r", 1), chunk("r", 2, finished=True)],
-                 [chunk("r", 1), WorkerFailedError("mid-stream", "d0")])
+        w.script(
+            "decode",
+            [chunk("r", 1), chunk("r", 2, finished=True)],
+            [chunk("r", 1), WorkerFailedError("mid-stream", "d0")],
+        )
         assert await drain(w.decode("r", [5], PARAMS, None)) == [1, 2]
         got: list[int] = []
         with pytest.raises(WorkerFailedError, match="mid-stream"):

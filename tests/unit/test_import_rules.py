@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,8 +53,9 @@ def test_router_and_client_never_load_torch() -> None:
 def test_the_benchmark_client_needs_neither_torch_nor_ray() -> None:
     """`tandem bench` installs without the serving stack: its modules, its targets' libraries, the
     plotting library and the tokenizer it loads from a GGUF file, and `tandem`'s CLI module."""
-    code = ("from engine.loader import load_tokenizer; load_tokenizer(None)\n"
-            "import grpc.aio, aiohttp, matplotlib.pyplot\n")
+    code = (
+        "from engine.loader import load_tokenizer; load_tokenizer(None)\nimport grpc.aio, aiohttp, matplotlib.pyplot\n"
+    )
     modules = [m for m in all_modules("tandem_api") if not m.endswith("__main__")]
     loaded = loaded_after([*modules, "deploy.cli"], prelude=code)
     assert "torch" not in loaded and "ray" not in loaded
@@ -85,8 +86,15 @@ def test_tandem_bench_runs_where_only_the_client_is_installed(tmp_path) -> None:
         "from engine.loader import load_tokenizer\n"
         "assert load_tokenizer(None).encode('Hello world', add_special_tokens=False)\n"
         "from deploy.cli import main\n"
-        "sys.exit(main(['bench', '--server', '127.0.0.1:9', '--slo', 'ttft=1']))\n")
-    result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+        "sys.exit(main(['bench', '--server', '127.0.0.1:9', '--slo', 'ttft=1']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 2, result.stderr  # the flag error, not an ImportError
     assert "--slo: unknown target 'ttft'" in result.stderr

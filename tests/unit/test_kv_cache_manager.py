@@ -428,8 +428,6 @@ def test_state_machine_catches_broken_managers(broken: type[KVCacheManager]) -> 
     class Broken(KVCacheMachine):
         manager_cls = broken
 
-    quick = settings(
-        max_examples=200, stateful_step_count=30, deadline=None, phases=[Phase.generate], database=None
-    )
+    quick = settings(max_examples=200, stateful_step_count=30, deadline=None, phases=[Phase.generate], database=None)
     with pytest.raises((AssertionError, BlockPoolError)):
         run_state_machine_as_test(Broken, settings=quick)

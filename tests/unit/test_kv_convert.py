@@ -128,7 +128,7 @@ def check_rounds(rounds, plan, staging_bytes: int, requested_rows: np.ndarray, b
 def run_case(src_layouts, dst_layouts, n, t0, src_blocks, dst_blocks, staging_choice, seed, dtype) -> None:
     """Plan, bind, check and execute every decode rank; compare with the reference."""
     rng = np.random.default_rng(seed)
-    s0, d0 = src_layouts[0], dst_layouts[0]
+    s0 = src_layouts[0]
     truth = random_ints(rng, (s0.total_layers, 2, max(n, 1), s0.total_kv_heads, s0.head_dim), dtype)
     src_caches = []
     for lay in src_layouts:  # garbage everywhere, the request's tokens from the truth

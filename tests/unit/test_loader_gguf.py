@@ -35,7 +35,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "llama": make_tiny_gguf_model(base, "llama", num_key_value_heads=2, vocab_size=small),
         "qwen2-q8": make_tiny_gguf_model(base, "qwen2", ggml_type="Q8_0", vocab_size=small),
-        "llama-tied": make_tiny_gguf_model(base, "llama", tie_word_embeddings=True, num_hidden_layers=2, vocab_size=small),
+        "llama-tied": make_tiny_gguf_model(
+            base, "llama", tie_word_embeddings=True, num_hidden_layers=2, vocab_size=small
+        ),
     }
 
 
@@ -47,9 +49,22 @@ def test_llama_gguf_equals_its_hf_weights_after_unpermuting(tiny: dict[str, Path
     source = load_model_source(str(tiny["llama"]))
     twin = load_model_source(str(_hf_twin(tiny["llama"])))
     assert source.format == "gguf" and twin.format == "hf"
-    for field in ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                  "num_kv_heads", "head_dim", "rope_theta", "max_position_embeddings", "tie_word_embeddings",
-                  "attention_bias", "bos_token_id", "eos_token_ids"):
+    for field in (
+        "architecture",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "rope_theta",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "attention_bias",
+        "bos_token_id",
+        "eos_token_ids",
+    ):
         assert getattr(source.config, field) == getattr(twin.config, field), field
     assert source.config.rms_norm_eps == pytest.approx(twin.config.rms_norm_eps, rel=1e-6)  # stored as f32
     ours, reference = dict(source.iter_weights()), dict(twin.iter_weights())
@@ -74,13 +89,16 @@ def test_quantized_qwen2_gguf(tiny: dict[str, Path]) -> None:
             assert not torch.equal(ours[name], tensor), name
 
 
-@pytest.mark.parametrize(("key", "ggml_type", "stored"), [
-    ("llama", "F32", torch.float32),
-    ("qwen2-q8", "Q8_0", torch.float32),
-    (None, "F16", torch.float16),
-    (None, "BF16", torch.bfloat16),
-    (None, "Q4_1", torch.float32),
-])
+@pytest.mark.parametrize(
+    ("key", "ggml_type", "stored"),
+    [
+        ("llama", "F32", torch.float32),
+        ("qwen2-q8", "Q8_0", torch.float32),
+        (None, "F16", torch.float16),
+        (None, "BF16", torch.bfloat16),
+        (None, "Q4_1", torch.float32),
+    ],
+)
 def test_tiny_ggufs_match_transformers_gguf_loader(
     tiny: dict[str, Path], tmp_path: Path, key: str | None, ggml_type: str, stored: torch.dtype
 ) -> None:
@@ -152,7 +170,9 @@ def test_unsupported_tokenizer_model(tiny: dict[str, Path], tmp_path: Path) -> N
         ({"llama.rope.dimension_count": (4, VT.UINT32)}, (), "partial rotary"),
     ],
 )
-def test_unsupported_features(tiny: dict[str, Path], tmp_path: Path, set_kv: dict, drop_tensors: tuple, match: str) -> None:
+def test_unsupported_features(
+    tiny: dict[str, Path], tmp_path: Path, set_kv: dict, drop_tensors: tuple, match: str
+) -> None:
     path = rewrite_gguf(tiny["llama-tied"], tmp_path / "x.gguf", set_kv=set_kv, drop_tensors=drop_tensors)
     with pytest.raises(UnsupportedModelError, match=match):
         load_model_source(str(path))
@@ -264,7 +284,15 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(tmp_path: Path, merge
     _write_metadata_gguf(tmp_path / "sp.gguf", meta)
     ours = build_gguf_tokenizer(meta, "sp.gguf")
     reference = AutoTokenizer.from_pretrained(tmp_path, gguf_file="sp.gguf")
-    texts = ["Hello world", "The quick brown fox", "  two leading", "unknown: 你好 😀 Ω", "<s>hello</s> there", "", "a\nb\tc"]
+    texts = [
+        "Hello world",
+        "The quick brown fox",
+        "  two leading",
+        "unknown: 你好 😀 Ω",
+        "<s>hello</s> there",
+        "",
+        "a\nb\tc",
+    ]
     for text in texts:
         assert ours.encode(text) == reference.encode(text), text
         ids = ours.encode(text)

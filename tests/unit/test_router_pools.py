@@ -60,7 +60,9 @@ def test_all_down_is_unavailable() -> None:
     p = pool(2, "least_loaded")
     p.set_health("d0", False)
     p.set_health("d1", False)
-    with pytest.raises(NoHealthyWorkerError, match="no healthy decode worker \\(2 of 2 down, 0 draining\\); retry later"):
+    with pytest.raises(
+        NoHealthyWorkerError, match="no healthy decode worker \\(2 of 2 down, 0 draining\\); retry later"
+    ):
         p.choose()
     assert not p.healthy("d0")
 
@@ -72,8 +74,12 @@ def test_decision_explains_itself(caplog: pytest.LogCaptureFixture) -> None:
         with caplog.at_level(logging.DEBUG, logger="router.decisions"):
             client, decision = p.choose()
     assert client.worker_id == decision.chosen == "d1"
-    assert decision.candidates == (Candidate("d0", 2, True), Candidate("d1", 0, True), Candidate("d2", 1, True),
-                                   Candidate("d3", 0, False))
+    assert decision.candidates == (
+        Candidate("d0", 2, True),
+        Candidate("d1", 0, True),
+        Candidate("d2", 1, True),
+        Candidate("d3", 0, False),
+    )
     assert decision.describe() == "decode least_loaded: d0=2 d1=0 d2=1 (d3 down) -> d1"
     assert decision.describe() in caplog.messages
 

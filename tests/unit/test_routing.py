@@ -16,8 +16,6 @@ import pytest
 
 from common.block_hash import hash_full_blocks
 from common.wire import WorkerStatus
-from router.errors import NoHealthyWorkerError
-from router.pools import Decision, Policy, WorkerPool
 from router.costs import (
     CostWeights,
     DecodeTerms,
@@ -29,6 +27,8 @@ from router.costs import (
     rendezvous,
     select,
 )
+from router.errors import NoHealthyWorkerError
+from router.pools import Decision, Policy, WorkerPool
 from router.routing import KVDecision, Route, Router, RoutingConfig
 from tests.helpers.fake_workers import FakeWorker
 
@@ -36,17 +36,33 @@ BS = 16
 
 
 def status(wid: str, total: int, free: int, max_num_seqs: int = 8) -> WorkerStatus:
-    return WorkerStatus(worker_id=wid, role="decode", health="SERVING", kv_blocks_total=total, kv_blocks_free=free,
-                        running=0, waiting=0, leased=0, node_id="n", device="cpu", block_size=BS, dtype="float32",
-                        max_num_seqs=max_num_seqs)
+    return WorkerStatus(
+        worker_id=wid,
+        role="decode",
+        health="SERVING",
+        kv_blocks_total=total,
+        kv_blocks_free=free,
+        running=0,
+        waiting=0,
+        leased=0,
+        node_id="n",
+        device="cpu",
+        block_size=BS,
+        dtype="float32",
+        max_num_seqs=max_num_seqs,
+    )
 
 
-def make_router(n_prefill: int = 2, n_decode: int = 1, policy: str = "kv", seed: int = 0,
-                aggregated: bool = False, **cfg) -> Router:
+def make_router(
+    n_prefill: int = 2, n_decode: int = 1, policy: str = "kv", seed: int = 0, aggregated: bool = False, **cfg
+) -> Router:
     pool_policy = "least_loaded" if policy == "kv" else policy
     decode = WorkerPool("decode", [FakeWorker(f"d{i}") for i in range(n_decode)], pool_policy, block_size=BS)
-    prefill = None if aggregated else WorkerPool("prefill", [FakeWorker(f"p{i}") for i in range(n_prefill)],
-                                                 pool_policy, block_size=BS)
+    prefill = (
+        None
+        if aggregated
+        else WorkerPool("prefill", [FakeWorker(f"p{i}") for i in range(n_prefill)], pool_policy, block_size=BS)
+    )
     return Router(decode, prefill, RoutingConfig(policy=policy, **cfg), random.Random(seed))
 
 
@@ -66,22 +82,44 @@ def prefill_loads(r: Router) -> dict[str, int]:
 # ---- 1. prefill cost --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("terms, weights, cost, formula", [
-    (PrefillTerms("p0", 100, 0, 16, 0), CostWeights(),
-     100, "p0: 1*uncached 100 (100 - 0 blocks cached) + 1*queued 0 = 100"),
-    (PrefillTerms("p1", 100, 4, 16, 250), CostWeights(),
-     286, "p1: 1*uncached 36 (100 - 4 blocks cached) + 1*queued 250 = 286"),
-    # full-cache hit: the last prompt token is always computed, so uncached is 1, never 0
-    (PrefillTerms("p2", 64, 4, 16, 10), CostWeights(),
-     11, "p2: 1*uncached 1 (64 - 4 blocks cached) + 1*queued 10 = 11"),
-    # more cached blocks than the prompt spans (a longer cached sequence): still 1
-    (PrefillTerms("p3", 40, 7, 8, 0), CostWeights(),
-     1, "p3: 1*uncached 1 (40 - 7 blocks cached) + 1*queued 0 = 1"),
-    (PrefillTerms("p4", 100, 2, 16, 30), CostWeights(uncached=0.5, queued=2),
-     94, "p4: 0.5*uncached 68 (100 - 2 blocks cached) + 2*queued 30 = 94"),
-    (PrefillTerms("p5", 7, 0, 16, 1), CostWeights(uncached=1.5, queued=0.25),
-     10.75, "p5: 1.5*uncached 7 (7 - 0 blocks cached) + 0.25*queued 1 = 10.75"),
-])
+@pytest.mark.parametrize(
+    "terms, weights, cost, formula",
+    [
+        (
+            PrefillTerms("p0", 100, 0, 16, 0),
+            CostWeights(),
+            100,
+            "p0: 1*uncached 100 (100 - 0 blocks cached) + 1*queued 0 = 100",
+        ),
+        (
+            PrefillTerms("p1", 100, 4, 16, 250),
+            CostWeights(),
+            286,
+            "p1: 1*uncached 36 (100 - 4 blocks cached) + 1*queued 250 = 286",
+        ),
+        # full-cache hit: the last prompt token is always computed, so uncached is 1, never 0
+        (
+            PrefillTerms("p2", 64, 4, 16, 10),
+            CostWeights(),
+            11,
+            "p2: 1*uncached 1 (64 - 4 blocks cached) + 1*queued 10 = 11",
+        ),
+        # more cached blocks than the prompt spans (a longer cached sequence): still 1
+        (PrefillTerms("p3", 40, 7, 8, 0), CostWeights(), 1, "p3: 1*uncached 1 (40 - 7 blocks cached) + 1*queued 0 = 1"),
+        (
+            PrefillTerms("p4", 100, 2, 16, 30),
+            CostWeights(uncached=0.5, queued=2),
+            94,
+            "p4: 0.5*uncached 68 (100 - 2 blocks cached) + 2*queued 30 = 94",
+        ),
+        (
+            PrefillTerms("p5", 7, 0, 16, 1),
+            CostWeights(uncached=1.5, queued=0.25),
+            10.75,
+            "p5: 1.5*uncached 7 (7 - 0 blocks cached) + 0.25*queued 1 = 10.75",
+        ),
+    ],
+)
 def test_prefill_cost_golden(terms: PrefillTerms, weights: CostWeights, cost: float, formula: str) -> None:
     assert prefill_cost(terms, weights) == cost
     assert prefill_formula(terms, weights) == formula
@@ -97,19 +135,44 @@ def test_uncached_tokens_never_zero() -> None:
 # ---- 2. decode cost ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("terms, weights, cost, formula", [
-    # need = ceil(100/16) - 2 = 5; kv = (24 + 3 + 5) / 64 = 0.5; seqs = 5/10
-    (DecodeTerms("d0", 100, 2, 16, total_blocks=64, free_blocks=40, in_flight_blocks=3, running=5, max_num_seqs=10),
-     CostWeights(), 1.0, "d0: 1*kv (used 24 + in flight 3 + need 5)/64 + 1*seqs 5/10 = 1"),
-    (DecodeTerms("d1", 100, 2, 16, total_blocks=64, free_blocks=40, in_flight_blocks=3, running=5, max_num_seqs=10),
-     CostWeights(kv=2, seqs=0.5), 1.25, "d1: 2*kv (used 24 + in flight 3 + need 5)/64 + 0.5*seqs 5/10 = 1.25"),
-    # not reported yet (total 0): the KV term is 0 whatever the need; max_num_seqs 0: the seqs term is 0
-    (DecodeTerms("d2", 100, 0, 16, total_blocks=0, free_blocks=0, in_flight_blocks=9, running=3, max_num_seqs=0),
-     CostWeights(), 0.0, "d2: 1*kv (used 0 + in flight 9 + need 7)/0 + 1*seqs 3/0 = 0"),
-    # reported KV, max_num_seqs 0: only the KV term; (10 + 0 + 0)/30; prefix covers the whole prompt
-    (DecodeTerms("d3", 32, 2, 16, total_blocks=30, free_blocks=20, in_flight_blocks=0, running=4, max_num_seqs=0),
-     CostWeights(), 1 / 3, "d3: 1*kv (used 10 + in flight 0 + need 0)/30 + 1*seqs 4/0 = 0.3333"),
-])
+@pytest.mark.parametrize(
+    "terms, weights, cost, formula",
+    [
+        # need = ceil(100/16) - 2 = 5; kv = (24 + 3 + 5) / 64 = 0.5; seqs = 5/10
+        (
+            DecodeTerms(
+                "d0", 100, 2, 16, total_blocks=64, free_blocks=40, in_flight_blocks=3, running=5, max_num_seqs=10
+            ),
+            CostWeights(),
+            1.0,
+            "d0: 1*kv (used 24 + in flight 3 + need 5)/64 + 1*seqs 5/10 = 1",
+        ),
+        (
+            DecodeTerms(
+                "d1", 100, 2, 16, total_blocks=64, free_blocks=40, in_flight_blocks=3, running=5, max_num_seqs=10
+            ),
+            CostWeights(kv=2, seqs=0.5),
+            1.25,
+            "d1: 2*kv (used 24 + in flight 3 + need 5)/64 + 0.5*seqs 5/10 = 1.25",
+        ),
+        # not reported yet (total 0): the KV term is 0 whatever the need; max_num_seqs 0: the seqs term is 0
+        (
+            DecodeTerms("d2", 100, 0, 16, total_blocks=0, free_blocks=0, in_flight_blocks=9, running=3, max_num_seqs=0),
+            CostWeights(),
+            0.0,
+            "d2: 1*kv (used 0 + in flight 9 + need 7)/0 + 1*seqs 3/0 = 0",
+        ),
+        # reported KV, max_num_seqs 0: only the KV term; (10 + 0 + 0)/30; prefix covers the whole prompt
+        (
+            DecodeTerms(
+                "d3", 32, 2, 16, total_blocks=30, free_blocks=20, in_flight_blocks=0, running=4, max_num_seqs=0
+            ),
+            CostWeights(),
+            1 / 3,
+            "d3: 1*kv (used 10 + in flight 0 + need 0)/30 + 1*seqs 4/0 = 0.3333",
+        ),
+    ],
+)
 def test_decode_cost_golden(terms: DecodeTerms, weights: CostWeights, cost: float, formula: str) -> None:
     assert decode_cost(terms, weights) == pytest.approx(cost, abs=1e-12)
     assert decode_formula(terms, weights) == formula
@@ -123,14 +186,20 @@ def test_decode_terms_come_from_the_slot_status_and_bookings() -> None:
     prompt = list(range(100, 164))  # 4 blocks
     route = r.route("a", prompt)
     assert route.decode.worker_id == "d1"
-    assert formula_of(route.decode_decision, "d0") == "d0: 1*kv (used 80 + in flight 0 + need 4)/100 + 1*seqs 0/8 = 0.84"
-    assert formula_of(route.decode_decision, "d1") == "d1: 1*kv (used 30 + in flight 0 + need 4)/100 + 1*seqs 0/8 = 0.34"
+    assert (
+        formula_of(route.decode_decision, "d0") == "d0: 1*kv (used 80 + in flight 0 + need 4)/100 + 1*seqs 0/8 = 0.84"
+    )
+    assert (
+        formula_of(route.decode_decision, "d1") == "d1: 1*kv (used 30 + in flight 0 + need 4)/100 + 1*seqs 0/8 = 0.34"
+    )
     # the KV in flight to d1 (remote prefill) and a running request count before d1 reports again
     assert pool.slot("d1").kv_blocks_in == 4
     with pool.track("d1"):
         route = r.route("b", list(range(200, 264)))
-        assert formula_of(route.decode_decision, "d1") == \
-            "d1: 1*kv (used 30 + in flight 4 + need 4)/100 + 1*seqs 1/8 = 0.505"
+        assert (
+            formula_of(route.decode_decision, "d1")
+            == "d1: 1*kv (used 30 + in flight 4 + need 4)/100 + 1*seqs 1/8 = 0.505"
+        )
 
 
 # ---- 3. select --------------------------------------------------------------------------------------------------
@@ -208,8 +277,9 @@ def test_prefix_affinity_and_its_crossover(weights: CostWeights) -> None:
     assert prefill_loads(r) == {"p0": 0, "p1": 0}
 
     # queued tokens on p1 that make recomputing on p0 as cheap: w_q * q == w_u * 64 (the cached tokens)
-    crossover = prefill_cost(PrefillTerms("p0", 100, 0, BS, 0), weights) - \
-        prefill_cost(PrefillTerms("p1", 100, 4, BS, 0), weights)
+    crossover = prefill_cost(PrefillTerms("p0", 100, 0, BS, 0), weights) - prefill_cost(
+        PrefillTerms("p1", 100, 4, BS, 0), weights
+    )
     assert crossover == weights.uncached * 64
     q_tie = crossover / weights.queued
     assert q_tie == int(q_tie)
@@ -325,14 +395,20 @@ def test_route_books_and_progress_releases_exactly_that() -> None:
     assert r.prefill.predicted.find_matches(hash_full_blocks(a, BS)) == {p_a.worker_id: 6}
     assert r.decode.predicted.find_matches(hash_full_blocks(a, BS)) == {d_a.worker_id: 6}
     rb = r.route("b", b)
-    p_b, d_b = r.prefill.pool.slot(rb.prefill.worker_id), r.decode.pool.slot(rb.decode.worker_id)
+    p_b = r.prefill.pool.slot(rb.prefill.worker_id)
     assert p_b is not p_a  # p_a has 100 queued
     assert r.open_tickets == 2
 
     def booked() -> tuple[int, int, int, int, int, int]:
         ps, ds = r.prefill.pool.slots, r.decode.pool.slots
-        return (sum(s.prefill_tokens for s in ps), sum(s.kv_blocks_in for s in ds), sum(s.prefill_tokens for s in ds),
-                len(r.prefill.predicted), len(r.decode.predicted), r.open_tickets)
+        return (
+            sum(s.prefill_tokens for s in ps),
+            sum(s.kv_blocks_in for s in ds),
+            sum(s.prefill_tokens for s in ds),
+            len(r.prefill.predicted),
+            len(r.decode.predicted),
+            r.open_tickets,
+        )
 
     assert booked() == (140, 10, 0, 2, 2, 2)
     r.prefill_done("a")
@@ -420,8 +496,11 @@ def test_route_excludes_workers_that_failed_the_request() -> None:
     route = r.route("c", prompt, exclude={"p0", "p1", "d0"})
     assert route.local and route.decode.worker_id == "d1" and route.kind == "no_prefill_worker"
     r.close("c")
-    with pytest.raises(NoHealthyWorkerError, match=r"no healthy decode worker \(0 of 2 down, 0 draining, "
-                                                   r"2 already failed this request\)"):
+    with pytest.raises(
+        NoHealthyWorkerError,
+        match=r"no healthy decode worker \(0 of 2 down, 0 draining, "
+        r"2 already failed this request\)",
+    ):
         r.route("d", prompt, exclude={"d0", "d1"})
     assert_nothing_booked(r)
     for policy in ("round-robin", "least-loaded"):
@@ -598,20 +677,39 @@ def test_wait_drained_returns_when_the_last_tracked_request_ends() -> None:
 # ---- the cache-fill term and rendezvous homes (issue 16) ------------------------------------------------------
 
 
-@pytest.mark.parametrize("terms, cost, formula", [
-    # the common header (2 blocks) cached on a half-full worker ...
-    (PrefillTerms("p0", 800, 2, 16, 0, total_blocks=300, content_blocks=150), 1021.44,
-     "p0: 1*uncached 768 (800 - 2 blocks cached) + 1*queued 0 + 0.5*evict 768*fill 0.66 ((150 + 48)/300)*reuse 1.00 = 1021.44"),
-    # ... loses to a nearly empty one: the new document goes where it pushes nothing out
-    (PrefillTerms("p1", 800, 0, 16, 0, total_blocks=300, content_blocks=30), 906.667,
-     "p1: 1*uncached 800 (800 - 0 blocks cached) + 1*queued 0 + 0.5*evict 800*fill 0.27 ((30 + 50)/300)*reuse 1.00 = 906.667"),
-    # a full cache: fill is capped at 1
-    (PrefillTerms("p2", 800, 0, 16, 100, total_blocks=300, content_blocks=280), 1300,
-     "p2: 1*uncached 800 (800 - 0 blocks cached) + 1*queued 100 + 0.5*evict 800*fill 1.00 ((280 + 50)/300)*reuse 1.00 = 1300"),
-    # a long match adds little: 2 new blocks
-    (PrefillTerms("p3", 800, 48, 16, 0, total_blocks=300, content_blocks=290), 48,
-     "p3: 1*uncached 32 (800 - 48 blocks cached) + 1*queued 0 + 0.5*evict 32*fill 0.97 ((290 + 2)/300)*reuse 1.00 = 47.5733"),
-])
+@pytest.mark.parametrize(
+    "terms, cost, formula",
+    [
+        # the common header (2 blocks) cached on a half-full worker ...
+        (
+            PrefillTerms("p0", 800, 2, 16, 0, total_blocks=300, content_blocks=150),
+            1021.44,
+            "p0: 1*uncached 768 (800 - 2 blocks cached) + 1*queued 0 "
+            "+ 0.5*evict 768*fill 0.66 ((150 + 48)/300)*reuse 1.00 = 1021.44",
+        ),
+        # ... loses to a nearly empty one: the new document goes where it pushes nothing out
+        (
+            PrefillTerms("p1", 800, 0, 16, 0, total_blocks=300, content_blocks=30),
+            906.667,
+            "p1: 1*uncached 800 (800 - 0 blocks cached) + 1*queued 0 "
+            "+ 0.5*evict 800*fill 0.27 ((30 + 50)/300)*reuse 1.00 = 906.667",
+        ),
+        # a full cache: fill is capped at 1
+        (
+            PrefillTerms("p2", 800, 0, 16, 100, total_blocks=300, content_blocks=280),
+            1300,
+            "p2: 1*uncached 800 (800 - 0 blocks cached) + 1*queued 100 "
+            "+ 0.5*evict 800*fill 1.00 ((280 + 50)/300)*reuse 1.00 = 1300",
+        ),
+        # a long match adds little: 2 new blocks
+        (
+            PrefillTerms("p3", 800, 48, 16, 0, total_blocks=300, content_blocks=290),
+            48,
+            "p3: 1*uncached 32 (800 - 48 blocks cached) + 1*queued 0 "
+            "+ 0.5*evict 32*fill 0.97 ((290 + 2)/300)*reuse 1.00 = 47.5733",
+        ),
+    ],
+)
 def test_prefill_cost_with_the_fill_term_golden(terms: PrefillTerms, cost: float, formula: str) -> None:
     assert prefill_cost(terms) == pytest.approx(cost, abs=0.5)
     assert prefill_formula(terms) == formula
@@ -621,8 +719,10 @@ def test_the_fill_term_scales_with_the_pools_reuse() -> None:
     """No prefix asked twice: evicting costs nothing and the queue decides; some reuse: a share of the term."""
     busy_empty = PrefillTerms("p0", 800, 0, 16, 400, total_blocks=300, content_blocks=0, reuse=0.0)
     idle_full = PrefillTerms("p1", 800, 0, 16, 0, total_blocks=300, content_blocks=280, reuse=0.0)
-    assert prefill_formula(idle_full) == ("p1: 1*uncached 800 (800 - 0 blocks cached) + 1*queued 0 + 0.5*evict "
-                                          "800*fill 1.00 ((280 + 50)/300)*reuse 0.00 = 800")
+    assert prefill_formula(idle_full) == (
+        "p1: 1*uncached 800 (800 - 0 blocks cached) + 1*queued 0 + 0.5*evict "
+        "800*fill 1.00 ((280 + 50)/300)*reuse 0.00 = 800"
+    )
     assert prefill_cost(idle_full) < prefill_cost(busy_empty)  # the idle worker wins despite its full cache
     half = PrefillTerms("p1", 800, 0, 16, 0, total_blocks=300, content_blocks=280, reuse=0.5)
     assert prefill_formula(half).endswith("*reuse 0.50 = 1000")
@@ -666,8 +766,13 @@ def perf_status(wid: str, role: str, busy: float = 0.0, ready: bool = True) -> W
     from common.perf_model import PerfEstimate
 
     steps = dict(prefill_steps=5 if ready else 0) if role == "prefill" else dict(decode_steps=50)
-    return msgspec.structs.replace(status(wid, 1000, 1000), role=role, perf=PerfEstimate(
-        decode_base_s=0.020, per_seq_s=0.010, prefill_base_s=0.020, per_token_s=0.003, prefill_busy=busy, **steps))
+    return msgspec.structs.replace(
+        status(wid, 1000, 1000),
+        role=role,
+        perf=PerfEstimate(
+            decode_base_s=0.020, per_seq_s=0.010, prefill_base_s=0.020, per_token_s=0.003, prefill_busy=busy, **steps
+        ),
+    )
 
 
 def slo_router(**statuses) -> Router:
@@ -687,7 +792,8 @@ def test_slo_placement_uses_an_idle_prefill_worker_for_the_whole_request():
     assert route.reason == (
         "whole on p0: SLO placement (remote on d0: TTFT 1520 ms, TPOT 70 ms = 0.73; "
         "whole on p0: TTFT 1520 ms, TPOT 30 ms = 0.53; "
-        "local on d0: TTFT 1560 ms, TPOT 70 ms, stalls 4 for 1520 ms = 1.21) -> whole")
+        "local on d0: TTFT 1560 ms, TPOT 70 ms, stalls 4 for 1520 ms = 1.21) -> whole"
+    )
     assert prefill_loads(r) == {"p0": 500}  # its prefill is booked on P, like a remote one
     r.close("a")
     assert prefill_loads(r) == {"p0": 0}

@@ -82,5 +82,5 @@ def test_a_long_match_still_wins_over_an_emptier_worker():
     pool = SimPool(2, WORKER_BLOCKS, BS, policy="kv")
     doc, prompt = requests[0]
     first, _ = pool.run("a", prompt)
-    again, hit = pool.run("b", prompt[:HEADER + DOC] + [7, 8, 9])
+    again, hit = pool.run("b", prompt[: HEADER + DOC] + [7, 8, 9])
     assert again == first and hit == (HEADER + DOC) // BS

@@ -276,8 +276,13 @@ def test_top_p_with_top_k_rows_mixed_with_unfiltered_rows() -> None:
     n = 3000
     logits = row.unsqueeze(0).expand(n, -1).contiguous()
     states = [
-        SamplingState.create(SamplingParams(top_k=4, top_p=0.7) if i % 3 == 0 else
-                             SamplingParams(top_k=3) if i % 3 == 1 else SamplingParams())
+        SamplingState.create(
+            SamplingParams(top_k=4, top_p=0.7)
+            if i % 3 == 0
+            else SamplingParams(top_k=3)
+            if i % 3 == 1
+            else SamplingParams()
+        )
         for i in range(n)
     ]
     ids = torch.tensor(Sampler(torch.Generator().manual_seed(0))(logits, states).token_ids)
@@ -290,8 +295,9 @@ def test_top_p_with_top_k_rows_mixed_with_unfiltered_rows() -> None:
 def test_penalties_arithmetic_and_raw_logprobs() -> None:
     """repetition over prompt + output (positive / rp, negative * rp), then frequency per occurrence and
     presence once over the output; logprobs stay those of the raw logits; other rows untouched."""
-    params = SamplingParams(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25,
-                            logprobs=0)
+    params = SamplingParams(
+        temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25, logprobs=0
+    )
     state = SamplingState.create(params, [1, 2, 2])
     for t in (3, 3, 1):
         state.record(t)
@@ -314,13 +320,16 @@ def test_negative_penalties_favour_repeats_and_counts_start_empty() -> None:
     assert Sampler()(logits, [state]).token_ids == [2]  # 0.5 + 2
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2]"),
-    ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2]"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty must be in (0, 100]"),
-    ({"repetition_penalty": float("nan")}, "repetition_penalty must be a finite number"),
-    ({"presence_penalty": "1"}, "presence_penalty must be a number"),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2]"),
+        ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2]"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be in (0, 100]"),
+        ({"repetition_penalty": float("nan")}, "repetition_penalty must be a finite number"),
+        ({"presence_penalty": "1"}, "presence_penalty must be a number"),
+    ],
+)
 def test_penalty_validation(kwargs, fragment) -> None:
     from engine.errors import InvalidSamplingParamsError
 

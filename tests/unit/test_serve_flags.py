@@ -16,9 +16,24 @@ def parse(*argv: str):
 
 
 def test_shape_flags_set_each_pool():
-    cfg = parse("--prefill-tp", "2", "--prefill-pp", "2", "--decode-tp", "1", "--decode-pp", "2",
-                "--prefill-block-size", "16", "--decode-block-size", "32",
-                "--prefill-kv-order", "NHD", "--decode-kv-order", "HND")
+    cfg = parse(
+        "--prefill-tp",
+        "2",
+        "--prefill-pp",
+        "2",
+        "--decode-tp",
+        "1",
+        "--decode-pp",
+        "2",
+        "--prefill-block-size",
+        "16",
+        "--decode-block-size",
+        "32",
+        "--prefill-kv-order",
+        "NHD",
+        "--decode-kv-order",
+        "HND",
+    )
     p, d = cfg.prefill, cfg.decode
     assert (p.tp, p.pp, p.block_size, p.kv_order) == (2, 2, 16, "NHD")
     assert (d.tp, d.pp, d.block_size, d.kv_order) == (1, 2, 32, "HND")
@@ -98,11 +113,26 @@ def test_http_door_flags_and_config_keys():
 
 def test_speculative_flags_and_config_keys(tmp_path, capsys: pytest.CaptureFixture[str]):
     assert parse().speculative.method is None
-    cfg = parse("--speculative", "ngram", "--num-speculative-tokens", "3", "--prompt-lookup-min", "1",
-                "--prompt-lookup-max", "5", "--speculative-disable-batch-size", "0")
+    cfg = parse(
+        "--speculative",
+        "ngram",
+        "--num-speculative-tokens",
+        "3",
+        "--prompt-lookup-min",
+        "1",
+        "--prompt-lookup-max",
+        "5",
+        "--speculative-disable-batch-size",
+        "0",
+    )
     s = cfg.speculative
     assert (s.method, s.num_speculative_tokens, s.prompt_lookup_min, s.prompt_lookup_max, s.disable_batch_size) == (
-        "ngram", 3, 1, 5, 0)
+        "ngram",
+        3,
+        1,
+        5,
+        0,
+    )
     engine = s.engine()
     assert engine.enabled and engine.num_speculative_tokens == 3
     d = parse("--speculative", "draft", "--draft-model", "/models/draft").speculative
@@ -129,11 +159,20 @@ def test_workers_must_agree_on_model_and_speculation():
     from deploy.cluster import check_workers_agree
 
     def info(fp="m1", spec=""):
-        return ModelInfo(name="x", fingerprint=fp, vocab_size=512, max_model_len=2048, eos_token_ids=[2],
-                         kv_capacity_tokens=1024, speculative=spec)
+        return ModelInfo(
+            name="x",
+            fingerprint=fp,
+            vocab_size=512,
+            max_model_len=2048,
+            eos_token_ids=[2],
+            kv_capacity_tokens=1024,
+            speculative=spec,
+        )
 
     check_workers_agree([info(spec="ngram k=4"), info(spec="ngram k=4")])
     with pytest.raises(ConfigError, match="different models"):
         check_workers_agree([info(), info(fp="m2")])
-    with pytest.raises(ConfigError, match=r"worker decode-3 and the cluster run different speculative .*\['ngram k=4', 'off'\]"):
+    with pytest.raises(
+        ConfigError, match=r"worker decode-3 and the cluster run different speculative .*\['ngram k=4', 'off'\]"
+    ):
         check_workers_agree([info(spec="ngram k=4"), info()], joining="decode-3")

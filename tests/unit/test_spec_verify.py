@@ -22,11 +22,10 @@ from engine.spec_decode.ngram import ngram_lookup
 from engine.spec_decode.verify import verify
 
 V = 6
-P = torch.tensor([[0.05, 0.40, 0.25, 0.10, 0.15, 0.05],
-                  [0.30, 0.05, 0.05, 0.35, 0.20, 0.05],
-                  [0.10, 0.10, 0.50, 0.10, 0.10, 0.10]])
-Q = torch.tensor([[0.30, 0.10, 0.30, 0.10, 0.10, 0.10],
-                  [0.10, 0.40, 0.10, 0.10, 0.20, 0.10]])
+P = torch.tensor(
+    [[0.05, 0.40, 0.25, 0.10, 0.15, 0.05], [0.30, 0.05, 0.05, 0.35, 0.20, 0.05], [0.10, 0.10, 0.50, 0.10, 0.10, 0.10]]
+)
+Q = torch.tensor([[0.30, 0.10, 0.30, 0.10, 0.10, 0.10], [0.10, 0.40, 0.10, 0.10, 0.20, 0.10]])
 
 
 def chi2_pvalue(counts: Counter, probs: torch.Tensor) -> float:
@@ -46,8 +45,9 @@ def _run(drafts_of, q_rows, n: int, seed: int) -> tuple[Counter, Counter]:
     for i in range(n):
         drafts = drafts_of(i)
         state = SamplingState.create(SamplingParams(temperature=1.0, seed=seed * 100_000 + i))
-        req = SimpleNamespace(spec_token_ids=drafts, spec_draft_probs=q_rows, params=state.params, sampling=state,
-                              spec_accepted=0)
+        req = SimpleNamespace(
+            spec_token_ids=drafts, spec_draft_probs=q_rows, params=state.params, sampling=state, spec_accepted=0
+        )
         emitted: list[int] = []
 
         def emit(tok, lp):
@@ -82,35 +82,46 @@ def test_point_mass_proposals_keep_target_distribution():
 @pytest.mark.parametrize("drafts, emitted", [([1, 3], [1, 3, 2]), ([1, 0], [1, 3]), ([4, 3], [1]), ([], [1])])
 def test_greedy_acceptance(drafts, emitted):
     state = SamplingState.create(SamplingParams(temperature=0.0))
-    req = SimpleNamespace(spec_token_ids=drafts, spec_draft_probs=None, params=state.params, sampling=state,
-                          spec_accepted=0)
+    req = SimpleNamespace(
+        spec_token_ids=drafts, spec_draft_probs=None, params=state.params, sampling=state, spec_accepted=0
+    )
     out: list[int] = []
     rows = P[: len(drafts) + 1].log()
     for greedy_ids in (rows.argmax(-1).tolist(), None):  # the batched argmax and the per-row sampler agree
         out.clear()
-        accepted, _ = verify(Sampler(), req, rows, greedy_ids,
-                             lambda tok, lp: (out.append(tok), StepOutput("r", [tok], "", finished=False))[1])
+        accepted, _ = verify(
+            Sampler(),
+            req,
+            rows,
+            greedy_ids,
+            lambda tok, lp: (out.append(tok), StepOutput("r", [tok], "", finished=False))[1],
+        )
         assert out == emitted and accepted == len(emitted) - 1
 
 
 def test_greedy_stops_when_a_token_finishes():
     state = SamplingState.create(SamplingParams(temperature=0.0))
-    req = SimpleNamespace(spec_token_ids=[1, 3], spec_draft_probs=None, params=state.params, sampling=state,
-                          spec_accepted=0)
+    req = SimpleNamespace(
+        spec_token_ids=[1, 3], spec_draft_probs=None, params=state.params, sampling=state, spec_accepted=0
+    )
     out: list[int] = []
-    accepted, outs = verify(Sampler(), req, P.log(), None,
-                            lambda tok, lp: (out.append(tok), StepOutput("r", [tok], "", finished=True))[1])
+    accepted, outs = verify(
+        Sampler(), req, P.log(), None, lambda tok, lp: (out.append(tok), StepOutput("r", [tok], "", finished=True))[1]
+    )
     assert out == [1] and accepted == 1 and len(outs) == 1
 
 
-@pytest.mark.parametrize("tokens, k, lo, hi, expected", [
-    ([1, 2, 3, 4, 1, 2, 3], 3, 1, 3, [4, 1, 2]),  # longest suffix "1 2 3" seen at 0: what followed it
-    ([1, 2, 9, 5, 2, 7, 1, 2], 2, 1, 3, [9, 5]),  # "1 2" at 0 (the later "2" at 4 is only a 1-gram)
-    ([5, 6, 5, 7, 5], 2, 1, 1, [7, 5]),  # latest earlier occurrence of "5" wins
-    ([1, 2, 3, 4], 3, 1, 3, []),  # nothing repeats
-    ([1, 2, 1, 2], 3, 3, 4, []),  # a 2-gram repeats, but min is 3
-    ([7], 2, 1, 3, []),
-    ([3, 3, 3], 4, 1, 2, [3]),  # the match ends one before the last token: one token follows
-])
+@pytest.mark.parametrize(
+    "tokens, k, lo, hi, expected",
+    [
+        ([1, 2, 3, 4, 1, 2, 3], 3, 1, 3, [4, 1, 2]),  # longest suffix "1 2 3" seen at 0: what followed it
+        ([1, 2, 9, 5, 2, 7, 1, 2], 2, 1, 3, [9, 5]),  # "1 2" at 0 (the later "2" at 4 is only a 1-gram)
+        ([5, 6, 5, 7, 5], 2, 1, 1, [7, 5]),  # latest earlier occurrence of "5" wins
+        ([1, 2, 3, 4], 3, 1, 3, []),  # nothing repeats
+        ([1, 2, 1, 2], 3, 3, 4, []),  # a 2-gram repeats, but min is 3
+        ([7], 2, 1, 3, []),
+        ([3, 3, 3], 4, 1, 2, [3]),  # the match ends one before the last token: one token follows
+    ],
+)
 def test_ngram_lookup(tokens, k, lo, hi, expected):
     assert ngram_lookup(tokens, k, lo, hi) == expected

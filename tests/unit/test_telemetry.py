@@ -39,29 +39,37 @@ def test_default_is_off() -> None:
 
 
 def test_env_is_read() -> None:
-    config = TracingConfig.from_env(environ={
-        "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
-        "OTEL_SERVICE_NAME": "tandem-router",
-        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-        "OTEL_TRACES_SAMPLER_ARG": "0.25",
-    })
-    assert config == TracingConfig(exporter="otlp", protocol="http/protobuf",
-                                   endpoint="http://collector:4318/v1/traces", service_name="tandem-router",
-                                   sample_ratio=0.25)
+    config = TracingConfig.from_env(
+        environ={
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
+            "OTEL_SERVICE_NAME": "tandem-router",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.25",
+        }
+    )
+    assert config == TracingConfig(
+        exporter="otlp",
+        protocol="http/protobuf",
+        endpoint="http://collector:4318/v1/traces",
+        service_name="tandem-router",
+        sample_ratio=0.25,
+    )
 
 
 def test_traces_variables_win_over_general_ones() -> None:
-    config = TracingConfig.from_env(environ={
-        "OTEL_TRACES_EXPORTER": "otlp",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://general:4317",
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://traces:4317",
-        "OTEL_EXPORTER_OTLP_INSECURE": "false",
-        "OTEL_EXPORTER_OTLP_TRACES_INSECURE": "true",
-    })
+    config = TracingConfig.from_env(
+        environ={
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://general:4317",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://traces:4317",
+            "OTEL_EXPORTER_OTLP_INSECURE": "false",
+            "OTEL_EXPORTER_OTLP_TRACES_INSECURE": "true",
+        }
+    )
     assert (config.protocol, config.endpoint, config.insecure) == (OtlpProtocol.GRPC, "http://traces:4317", True)
 
 
@@ -74,8 +82,11 @@ def test_general_endpoint_is_a_base_url_for_http_only() -> None:
 
 
 def test_explicit_values_win_and_none_means_unset() -> None:
-    env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "from-env",
-           "OTEL_EXPORTER_OTLP_ENDPOINT": "http://env:4317"}
+    env = {
+        "OTEL_TRACES_EXPORTER": "console",
+        "OTEL_SERVICE_NAME": "from-env",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://env:4317",
+    }
     config = TracingConfig.from_env(environ=env, exporter="otlp", service_name="explicit", endpoint=None)
     assert (config.exporter, config.service_name, config.endpoint) == (Exporter.OTLP, "explicit", "http://env:4317")
 
@@ -91,15 +102,18 @@ def test_service_name_from_resource_attributes() -> None:
     assert TracingConfig.from_env(environ={**env, "OTEL_SERVICE_NAME": "wins"}).service_name == "wins"
 
 
-@pytest.mark.parametrize(("env", "overrides"), [
-    ({"OTEL_TRACES_EXPORTER": "jaeger"}, {}),
-    ({"OTEL_TRACES_EXPORTER": "otlp,console"}, {}),
-    ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, {}),
-    ({"OTEL_TRACES_SAMPLER": "xray"}, {}),
-    ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "half"}, {}),
-    ({}, {"sample_ratio": 1.5}),
-    ({}, {"service_name": ""}),
-])
+@pytest.mark.parametrize(
+    ("env", "overrides"),
+    [
+        ({"OTEL_TRACES_EXPORTER": "jaeger"}, {}),
+        ({"OTEL_TRACES_EXPORTER": "otlp,console"}, {}),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, {}),
+        ({"OTEL_TRACES_SAMPLER": "xray"}, {}),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "half"}, {}),
+        ({}, {"sample_ratio": 1.5}),
+        ({}, {"service_name": ""}),
+    ],
+)
 def test_invalid_settings_raise(env: dict[str, str], overrides: dict) -> None:
     with pytest.raises(TracingConfigError):
         TracingConfig.from_env(environ=env, **overrides)
@@ -133,9 +147,11 @@ def test_none_passes_the_gateway_context_on() -> None:
 
 
 def test_none_loads_no_sdk() -> None:
-    code = ("import sys\nfrom common.telemetry import TracingConfig, setup_tracing\n"
-            "setup_tracing(TracingConfig.from_env(environ={}))\n"
-            "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk', 'opentelemetry.exporter', 'grpc'))))")
+    code = (
+        "import sys\nfrom common.telemetry import TracingConfig, setup_tracing\n"
+        "setup_tracing(TracingConfig.from_env(environ={}))\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk', 'opentelemetry.exporter', 'grpc'))))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -181,15 +197,21 @@ def test_tracestate_travels(memory: telemetry.Tracing) -> None:
     carrier = {"traceparent": GATEWAY_TRACEPARENT, "tracestate": "vendor=abc"}
     with memory.tracer.start_as_current_span("x", context=extract(carrier)) as span:
         forwarded = inject()
-    assert forwarded == {"traceparent": f"00-{GATEWAY_TRACE:032x}-{span.get_span_context().span_id:016x}-01",
-                         "tracestate": "vendor=abc"}
+    assert forwarded == {
+        "traceparent": f"00-{GATEWAY_TRACE:032x}-{span.get_span_context().span_id:016x}-01",
+        "tracestate": "vendor=abc",
+    }
 
 
-@pytest.mark.parametrize("metadata", [
-    (("user-agent", "grpc-python"), ("traceparent", GATEWAY_TRACEPARENT), ("x-bin", b"\x00\x01")),
-    grpc.aio.Metadata(("traceparent", GATEWAY_TRACEPARENT), ("authorization", "secret")),
-    {"Traceparent": GATEWAY_TRACEPARENT},  # an HTTP-style key case
-], ids=["tuples", "aio-metadata", "mixed-case-dict"])
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        (("user-agent", "grpc-python"), ("traceparent", GATEWAY_TRACEPARENT), ("x-bin", b"\x00\x01")),
+        grpc.aio.Metadata(("traceparent", GATEWAY_TRACEPARENT), ("authorization", "secret")),
+        {"Traceparent": GATEWAY_TRACEPARENT},  # an HTTP-style key case
+    ],
+    ids=["tuples", "aio-metadata", "mixed-case-dict"],
+)
 def test_extract_from_grpc_metadata(memory: telemetry.Tracing, metadata) -> None:
     with memory.tracer.start_as_current_span(telemetry.SPAN_GENERATE, context=extract(metadata)):
         pass
@@ -198,14 +220,17 @@ def test_extract_from_grpc_metadata(memory: telemetry.Tracing, metadata) -> None
     assert span.parent.span_id == GATEWAY_SPAN and span.parent.is_remote
 
 
-@pytest.mark.parametrize("traceparent", [
-    "garbage",
-    "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # all-zero trace id
-    f"00-{GATEWAY_TRACE:032x}-0000000000000000-01",  # all-zero span id
-    f"ff-{GATEWAY_TRACE:032x}-{GATEWAY_SPAN:016x}-01",  # version ff is invalid
-    f"00-{GATEWAY_TRACE:032x}-{GATEWAY_SPAN:016x}-01-extra",  # version 00 allows no extra field
-    f"00-{GATEWAY_TRACE:032X}-{GATEWAY_SPAN:016x}-01",  # upper-case hex
-])
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        "garbage",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # all-zero trace id
+        f"00-{GATEWAY_TRACE:032x}-0000000000000000-01",  # all-zero span id
+        f"ff-{GATEWAY_TRACE:032x}-{GATEWAY_SPAN:016x}-01",  # version ff is invalid
+        f"00-{GATEWAY_TRACE:032x}-{GATEWAY_SPAN:016x}-01-extra",  # version 00 allows no extra field
+        f"00-{GATEWAY_TRACE:032X}-{GATEWAY_SPAN:016x}-01",  # upper-case hex
+    ],
+)
 def test_malformed_traceparent_starts_a_new_trace(memory: telemetry.Tracing, traceparent: str) -> None:
     context = extract([("traceparent", traceparent)])
     with memory.tracer.start_as_current_span(telemetry.SPAN_GENERATE, context=context):
@@ -245,6 +270,13 @@ def test_attribute_names_never_carry_content() -> None:
     assert not set(telemetry.ATTRIBUTE_NAMES) & telemetry.CONTENT_ATTRIBUTES
     for name in telemetry.ATTRIBUTE_NAMES:
         assert not any(word in name for word in ("prompt", "messages", "completion", "text", "token_ids")), name
-    assert {"tandem.route.reason", "tandem.kv.bytes", "tandem.kv.blocks", "tandem.kv.gbps", "gen_ai.request.model",
-            "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens",
-            "gen_ai.response.finish_reasons"} <= set(telemetry.ATTRIBUTE_NAMES)
+    assert {
+        "tandem.route.reason",
+        "tandem.kv.bytes",
+        "tandem.kv.blocks",
+        "tandem.kv.gbps",
+        "gen_ai.request.model",
+        "gen_ai.usage.input_tokens",
+        "gen_ai.usage.output_tokens",
+        "gen_ai.response.finish_reasons",
+    } <= set(telemetry.ATTRIBUTE_NAMES)

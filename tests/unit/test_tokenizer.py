@@ -120,7 +120,9 @@ def test_smollm2_special_tokens(smol: Tokenizer) -> None:
 def test_smollm2_encode_chat_is_render_then_encode_without_specials(smol: Tokenizer) -> None:
     messages = CONVERSATIONS[1]
     text = smol.apply_chat_template(messages)
-    assert text.startswith("<|im_start|>system\nYou are terse.<|im_end|>\n") and text.endswith("<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>system\nYou are terse.<|im_end|>\n") and text.endswith(
+        "<|im_start|>assistant\n"
+    )
     ids = smol.encode_chat(messages)
     assert ids == smol.encode(text, add_special_tokens=False) and ids.count(1) == 5
     assert not smol.apply_chat_template(messages, add_generation_prompt=False).endswith("assistant\n")
@@ -206,7 +208,7 @@ def test_template_features_match_transformers(tiny_dir: Path) -> None:
     ours = load_model_source(str(tiny_dir)).tokenizer
     reference = _reference(tiny_dir)
     messages = [
-        {"role": "user", "content": "<b>&\"quoted\" 😀</b>", "name": "ann"},
+        {"role": "user", "content": '<b>&"quoted" 😀</b>', "name": "ann"},
         {"role": "skip", "content": "x"},
         {"role": "assistant", "content": "ok"},
     ]
@@ -222,7 +224,9 @@ def test_template_features_match_transformers(tiny_dir: Path) -> None:
 
 def test_template_errors_are_invalid_requests(tiny_dir: Path) -> None:
     ours = load_model_source(str(tiny_dir)).tokenizer
-    ours.chat_template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('first must be system') }}{% endif %}"
+    ours.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('first must be system') }}{% endif %}"
+    )
     with pytest.raises(InvalidRequestError, match="first must be system"):
         ours.apply_chat_template(CONVERSATIONS[0])
     ours.chat_template = "{% for m in messages %}"
@@ -237,7 +241,9 @@ def test_template_errors_are_invalid_requests(tiny_dir: Path) -> None:
 
 
 def test_no_chat_template(tmp_path: Path) -> None:
-    ours = load_model_source(str(make_tiny_hf_model(tmp_path, "qwen2", num_hidden_layers=1, chat_template=None))).tokenizer
+    ours = load_model_source(
+        str(make_tiny_hf_model(tmp_path, "qwen2", num_hidden_layers=1, chat_template=None))
+    ).tokenizer
     assert ours.chat_template is None
     with pytest.raises(InvalidRequestError, match="no chat template"):
         ours.encode_chat(CONVERSATIONS[0])

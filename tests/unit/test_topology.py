@@ -9,11 +9,18 @@ import pytest
 import torch
 
 from deploy.config import PoolConfig, ServeConfig
-from deploy.topology import MATRIX_BEGIN, MATRIX_END, MATRIX_MODELS, check_pools, pool_layouts, support_matrix
+from deploy.topology import (
+    MATRIX_BEGIN,
+    MATRIX_END,
+    MATRIX_MODELS,
+    check_pools,
+    pool_engine_config,
+    pool_layouts,
+    support_matrix,
+)
 from engine.errors import ConfigError
 from engine.model.parallel import RankPosition, stage_layers
 from engine.shard import rank_kv_spec
-from deploy.topology import pool_engine_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = MATRIX_MODELS["tiny test llama (4 layers, 8 heads, 4 KV heads)"]
@@ -21,8 +28,9 @@ SMOL = MATRIX_MODELS["SmolLM2-135M (30 layers, 9 heads, 3 KV heads)"]
 
 
 def pools(p: dict, d: dict, **top) -> ServeConfig:
-    return ServeConfig(prefill=msgspec.structs.replace(PoolConfig(), **p),
-                       decode=msgspec.structs.replace(PoolConfig(), **d), **top)
+    return ServeConfig(
+        prefill=msgspec.structs.replace(PoolConfig(), **p), decode=msgspec.structs.replace(PoolConfig(), **d), **top
+    )
 
 
 def test_stage_layers_split_evenly_with_the_remainder_first():
@@ -39,7 +47,13 @@ def test_pool_layouts_are_the_engine_rank_specs():
     for rank, lay in enumerate(layouts):
         spec = rank_kv_spec(TINY, engine, RankPosition.of(rank, 2, 2), torch.float32, "cpu")
         assert (lay.layer_start, lay.num_layers, lay.head_start, lay.num_kv_heads, lay.block_size, lay.order) == (
-            spec.layer_start, spec.num_layers, spec.head_start, spec.num_kv_heads, spec.block_size, spec.order.value)
+            spec.layer_start,
+            spec.num_layers,
+            spec.head_start,
+            spec.num_kv_heads,
+            spec.block_size,
+            spec.order.value,
+        )
     # rank order is stage-major: ranks 0, 1 hold layers [0, 2), heads split 2 + 2
     assert [(x.layer_start, x.head_start) for x in layouts] == [(0, 0), (0, 2), (2, 0), (2, 2)]
 
@@ -50,11 +64,18 @@ def test_kv_heads_are_replicated_when_tp_exceeds_them():
     assert {x.num_kv_heads for x in layouts} == {1}
 
 
-@pytest.mark.parametrize(("p", "d", "message"), [
-    ({"tp": 3}, {}, r"prefill pool \(tp3,pp1,bs16,NHD\): num_heads \(8\) is not divisible by tensor-parallel size 3"),
-    ({}, {"pp": 5}, r"decode pool \(tp1,pp5,bs16,NHD\): pipeline-parallel size 5 exceeds the model's 4 layers"),
-    ({"dtype": "bfloat16"}, {"dtype": "float32"}, "dtype: prefill bfloat16 vs decode float32"),
-])
+@pytest.mark.parametrize(
+    ("p", "d", "message"),
+    [
+        (
+            {"tp": 3},
+            {},
+            r"prefill pool \(tp3,pp1,bs16,NHD\): num_heads \(8\) is not divisible by tensor-parallel size 3",
+        ),
+        ({}, {"pp": 5}, r"decode pool \(tp1,pp5,bs16,NHD\): pipeline-parallel size 5 exceeds the model's 4 layers"),
+        ({"dtype": "bfloat16"}, {"dtype": "float32"}, "dtype: prefill bfloat16 vs decode float32"),
+    ],
+)
 def test_impossible_shapes_are_refused_naming_side_and_field(p, d, message):
     with pytest.raises(ConfigError, match=message):
         check_pools(pools(p, d), TINY)
