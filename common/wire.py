@@ -14,8 +14,10 @@ import msgspec
 
 from common.perf_model import PerfEstimate
 
-WIRE_VERSION = 3  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVHandle.issued_at, prior_ids (issue 7)
+WIRE_VERSION = 4  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVHandle.issued_at, prior_ids (issue 7)
 #                  3: WorkerStatus.perf (issue 16)
+#                  4: speculative counters on StreamChunk / WorkerStatus, ModelInfo.speculative and .wire_version
+#                     (issue 19); checked when workers start and join (deploy.cluster.check_workers_agree)
 
 
 class LogprobEntry(msgspec.Struct, frozen=True):
@@ -127,3 +129,4 @@ class ModelInfo(msgspec.Struct, frozen=True):
     eos_token_ids: list[int]
     kv_capacity_tokens: int  # blocks * block_size of this worker's cache
     speculative: str = ""  # EngineCore.speculative_description(): every worker of a cluster must agree
+    wire_version: int = 0  # the worker's WIRE_VERSION (0: older than version 4, which added this field)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from common.wire import ModelInfo, WorkerStatus
+from common.wire import WIRE_VERSION, ModelInfo, WorkerStatus
 from deploy.config import PoolConfig, ServeConfig, tracing_config
 from deploy.topology import check_pools, pool_engine_config
 from engine.errors import ConfigError
@@ -302,6 +302,12 @@ def check_workers_agree(infos: list[ModelInfo], joining: str | None = None) -> N
     """Every worker of a cluster serves one model and speculates alike (ModelInfo.fingerprint and
     .speculative); ConfigError names what differs. `joining`: the worker being added to the others."""
     who = f"worker {joining} and the cluster" if joining else "workers"
+    for info in infos:
+        if info.wire_version != WIRE_VERSION:
+            raise ConfigError(
+                f"a worker speaks wire version {info.wire_version or '< 4'}, this router "
+                f"{WIRE_VERSION}: run one Tandem version on every node (common/wire.py)"
+            )
     prints = sorted({i.fingerprint for i in infos})
     if len(prints) != 1:
         raise ConfigError(f"{who} loaded different models (fingerprints {prints}); use one model")

@@ -31,7 +31,7 @@ import torch
 from common import telemetry as tm
 from common.kv_events import KVSnapshot
 from common.telemetry import setup_tracing
-from common.wire import LogprobEntry, ModelInfo, StreamChunk, WorkerStatus
+from common.wire import WIRE_VERSION, LogprobEntry, ModelInfo, StreamChunk, WorkerStatus
 from engine.device import resolve_device, resolve_dtype
 from engine.engine_core import EngineCore
 from engine.loader import load_model_source
@@ -141,6 +141,7 @@ class WorkerHost:
             eos_token_ids=sorted(c.eos_token_ids),
             kv_capacity_tokens=c.kv_spec.num_blocks * c.kv_spec.block_size,
             speculative=c.speculative_description(),
+            wire_version=WIRE_VERSION,
         )
 
     async def status(self, transfers_in_flight: int = 0) -> WorkerStatus:

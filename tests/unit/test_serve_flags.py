@@ -154,11 +154,11 @@ def test_speculative_flags_and_config_keys(tmp_path, capsys: pytest.CaptureFixtu
     assert "speculative flags apply to --offline only" in capsys.readouterr().err
 
 
-def test_workers_must_agree_on_model_and_speculation():
-    from common.wire import ModelInfo
+def test_workers_must_agree_on_model_speculation_and_wire_version():
+    from common.wire import WIRE_VERSION, ModelInfo
     from deploy.cluster import check_workers_agree
 
-    def info(fp="m1", spec=""):
+    def info(fp="m1", spec="", wire=WIRE_VERSION):
         return ModelInfo(
             name="x",
             fingerprint=fp,
@@ -167,9 +167,12 @@ def test_workers_must_agree_on_model_and_speculation():
             eos_token_ids=[2],
             kv_capacity_tokens=1024,
             speculative=spec,
+            wire_version=wire,
         )
 
     check_workers_agree([info(spec="ngram k=4"), info(spec="ngram k=4")])
+    with pytest.raises(ConfigError, match=rf"a worker speaks wire version 3, this router {WIRE_VERSION}"):
+        check_workers_agree([info(), info(wire=3)])
     with pytest.raises(ConfigError, match="different models"):
         check_workers_agree([info(), info(fp="m2")])
     with pytest.raises(
