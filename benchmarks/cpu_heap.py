@@ -20,7 +20,7 @@ import sys
 WORKER = r"""
 import json, sys, time
 from engine.llm import LLM
-from engine.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 llm = LLM(dtype=sys.argv[1])
 one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 base = list(range(1000, 1512))

@@ -45,10 +45,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common.sampling_params import SamplingParams  # noqa: E402
 from engine.device import resolve_dtype  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.loader import default_model_path, load_model_source  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "engine_vs_transformers.json")
 CHAT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]

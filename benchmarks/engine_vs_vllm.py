@@ -53,8 +53,8 @@ def prompts(seed: int, n: int, length: int) -> list[list[int]]:
 def worker(engine: str, model: str, dtype: str, seed: int) -> dict:
     if engine == "tandem":
         sys.path.insert(0, ROOT)
+        from common.sampling_params import SamplingParams
         from engine.llm import LLM
-        from engine.sampling_params import SamplingParams
 
         llm = LLM(model, dtype=dtype, kv_cache_memory_bytes=2 << 30)
 

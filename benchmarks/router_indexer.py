@@ -43,8 +43,8 @@ import time
 from pathlib import Path
 
 from common.block_hash import hash_full_blocks
+from common.contract import WorkerStatus
 from common.kv_events import BlockStored, KVEventBatch
-from common.wire import WorkerStatus
 from router.indexer import Indexer
 from router.indexer_reference import NaiveIndexer
 from router.pools import WorkerPool

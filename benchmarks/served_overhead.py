@@ -42,8 +42,8 @@ def offline(a: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(a.threads)
+    from common.sampling_params import SamplingParams
     from engine.llm import LLM
-    from engine.sampling_params import SamplingParams
 
     toks = shlex.split(a.tandem_flags)
 

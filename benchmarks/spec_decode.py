@@ -156,9 +156,9 @@ def tandem_worker(dtype: str, max_tokens: int, batch: int, prompts: list[list[in
     (batch 1) or group by group, rotating the order: the machine's slow and fast phases hit all alike.
     A variant sets the scheduler's proposal slots and batch cut-off; plain gives no slots, so its steps
     are plain decode steps."""
+    from common.sampling_params import SamplingParams
     from engine.config import CacheConfig, EngineConfig, SpeculativeConfig
     from engine.engine_core import EngineCore
-    from engine.sampling_params import SamplingParams
 
     core = EngineCore(
         EngineConfig(

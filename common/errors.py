@@ -1,10 +1,45 @@
-"""Errors a worker raises to the router (torch-free, so the router can import them).
+"""The errors that cross between processes: the engine's typed errors for bad input or unusable
+models, and the errors a worker raises to the router. Torch-free, so the router can import them.
 
-Ray wraps a worker's exception in RayTaskError; `.cause` is one of these (or an
-`engine.errors.EngineError` for bad input). The router maps each to a gRPC status.
+Every error says what was found and what to change. Engine errors derive from `EngineError` (bad
+input or configuration: the router maps them to INVALID_ARGUMENT-style statuses); worker errors from
+`WorkerError` (the request failed inside a worker for a reason that is not the client's input). Ray
+wraps a worker's exception in RayTaskError; `.cause` is one of these.
 """
 
 from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class ModelLoadError(EngineError):
+    """The model could not be loaded (missing path or file, corrupt file)."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The model's architecture or a feature of it is not supported."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request (prompt or sampling parameters) is invalid; nothing was admitted."""
+
+
+class InvalidSamplingParamsError(InvalidRequestError):
+    """A sampling parameter is out of range."""
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt, or prompt plus max_tokens, does not fit the model's context."""
+
+
+class ConfigError(EngineError, ValueError):
+    """An engine configuration value is invalid."""
+
+
+class OutOfKVCacheError(EngineError):
+    """The KV cache cannot hold even one request of this size."""
 
 
 class WorkerError(RuntimeError):

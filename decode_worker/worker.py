@@ -46,9 +46,9 @@ from collections.abc import AsyncIterator, Callable
 from opentelemetry import trace
 
 from common import telemetry as tm
+from common.contract import KVHandle, PrefillResult, StreamChunk, WorkerStatus
 from common.errors import AdmissionTimeoutError, KVTransferFailedError
-from common.wire import KVHandle, PrefillResult, StreamChunk, WorkerStatus
-from engine.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from worker_core.actor import WorkerActor
 from worker_core.faults import FaultPoint
 from worker_core.host import WorkerHost

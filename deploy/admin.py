@@ -29,9 +29,9 @@ from collections.abc import Callable
 import grpc
 import msgspec
 
+from common.errors import ConfigError
 from deploy.cluster import Cluster, WorkerHandle
 from deploy.config import ServeConfig
-from engine.errors import ConfigError
 from router.membership import Membership
 from router.workers import RayWorkerClient, WorkerClient
 from tandem_api.v1 import admin_pb2 as apb

@@ -46,7 +46,7 @@ def connect(args: argparse.Namespace):
     try:
         settings = connection_settings(args)
     except ValueError as e:
-        from engine.errors import ConfigError
+        from common.errors import ConfigError
 
         raise ConfigError(str(e)) from None
     return TandemClient(args.server, **settings)

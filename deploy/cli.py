@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from engine.sampling_params import SamplingParams
+    from common.sampling_params import SamplingParams
 
     if not args.offline and not args.server:
         print(
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportNameCollision as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from engine.errors import EngineError
+    from common.errors import EngineError
 
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 
 import ray
 
-from common.wire import WIRE_VERSION, ModelInfo, WorkerStatus
+from common.contract import ModelInfo, Role, WorkerStatus, check_wire_version
+from common.errors import ConfigError
 from deploy.config import PoolConfig, ServeConfig, tracing_config
 from deploy.topology import check_pools, pool_engine_config
-from engine.errors import ConfigError
 from engine.loader import load_model_source
 from worker_core.host import WorkerSettings
 
@@ -303,11 +303,7 @@ def check_workers_agree(infos: list[ModelInfo], joining: str | None = None) -> N
     .speculative); ConfigError names what differs. `joining`: the worker being added to the others."""
     who = f"worker {joining} and the cluster" if joining else "workers"
     for info in infos:
-        if info.wire_version != WIRE_VERSION:
-            raise ConfigError(
-                f"a worker speaks wire version {info.wire_version or '< 4'}, this router "
-                f"{WIRE_VERSION}: run one Tandem version on every node (common/wire.py)"
-            )
+        check_wire_version(info.wire_version)
     prints = sorted({i.fingerprint for i in infos})
     if len(prints) != 1:
         raise ConfigError(f"{who} loaded different models (fingerprints {prints}); use one model")
@@ -333,7 +329,7 @@ def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tu
         worker_id=wid,
         role=role,
         engine=pool_engine_config(cfg.model, pool, cfg.seed, cfg.speculative),
-        transport="nixl" if role != "aggregated" else "none",
+        transport="nixl" if role != Role.AGGREGATED else "none",
         nixl_backend=t.nixl_backend,
         nixl_progress_thread=t.progress_thread,
         lease_s=t.lease_s,
@@ -388,7 +384,7 @@ def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tu
 
 
 def _actor_class(role: str):
-    if role == "prefill":
+    if role == Role.PREFILL:
         from prefill_worker.worker import PrefillWorker
 
         return ray.remote(PrefillWorker)

@@ -27,7 +27,7 @@ from typing import Literal
 
 import msgspec
 
-from engine.errors import ConfigError
+from common.errors import ConfigError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {

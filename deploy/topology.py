@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
+from common.errors import ConfigError
 from deploy.config import PoolConfig, ServeConfig
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
-from engine.errors import ConfigError
 from engine.model.parallel import RankPosition, check_shape
 from engine.shard import rank_kv_spec
 

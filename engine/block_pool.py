@@ -21,8 +21,8 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 
 from common.block_hash import BlockHash
+from common.errors import EngineError
 from common.kv_events import AllCleared, BlockRemoved, BlockStored, KVEvent
-from engine.errors import EngineError
 
 
 class BlockPoolError(EngineError):

@@ -33,7 +33,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from engine.errors import InvalidRequestError
+from common.errors import InvalidRequestError
 
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
 

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine.errors import ConfigError
+from common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@
         append, detokenize, check stop (stop ids, eos, max_tokens, stop strings) -> StepOutput
         finished requests free their blocks
 
-Bad input raises a typed error from `engine.errors` before anything is admitted,
+Bad input raises a typed error from `common.errors` before anything is admitted,
 so a rejected request leaves no trace in the queues or the block pool.
 """
 
@@ -23,12 +23,13 @@ from typing import Sequence
 
 import torch
 
+from common.errors import ConfigError, InvalidRequestError, OutOfKVCacheError, PromptTooLongError
+from common.sampling_params import SamplingParams
 from engine.config import EngineConfig
 from engine.cpu_memory import keep_freed_memory
 from engine.detokenizer import IncrementalDetokenizer
 from engine.device import resolve_device
 from engine.distributed import LocalExecutor
-from engine.errors import ConfigError, InvalidRequestError, OutOfKVCacheError, PromptTooLongError
 from engine.kv_cache_manager import KVCacheManager
 from engine.loader import load_model_source
 from engine.loader.source import ModelSource
@@ -36,7 +37,6 @@ from engine.model_runner import ModelRunner
 from engine.outputs import StepOutput, merge_step_outputs
 from engine.request import FinishReason, Request, RequestStatus
 from engine.sampler import Sampler, SamplingState
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.shard import ModelShard
 from engine.spec_decode import make_proposer

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.errors import ConfigError
+from common.errors import ConfigError
 
 
 class KVOrder(str, enum.Enum):

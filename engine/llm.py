@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Union
 
+from common.errors import InvalidRequestError
+from common.sampling_params import SamplingParams
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from engine.engine_core import EngineCore
-from engine.errors import InvalidRequestError
 from engine.outputs import CompletionOutput
-from engine.sampling_params import SamplingParams
 
 PromptInput = Union[str, Sequence[int], Sequence[Mapping[str, str]]]
 

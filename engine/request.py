@@ -26,9 +26,9 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from common.sampling_params import SamplingParams
 from engine.detokenizer import IncrementalDetokenizer
 from engine.sampler import SamplingState, TokenLogprobs
-from engine.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
 

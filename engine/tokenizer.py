@@ -24,8 +24,8 @@ from typing import Any
 import tokenizers
 from tokenizers import processors
 
+from common.errors import InvalidRequestError, ModelLoadError
 from engine.chat_template import render_chat_template
-from engine.errors import InvalidRequestError, ModelLoadError
 
 
 class Tokenizer:

@@ -34,9 +34,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from common import telemetry as tm
+from common.contract import KVHandle, PrefillResult, Role, StreamChunk, WorkerStatus
 from common.errors import WorkerShuttingDownError
-from common.wire import KVHandle, PrefillResult, StreamChunk, WorkerStatus
-from engine.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from worker_core.actor import WorkerActor
 from worker_core.faults import FaultPoint
 from worker_core.host import WorkerHost, to_chunk
@@ -57,7 +57,7 @@ class PrefillWorker(WorkerActor):
     ) -> None:
         """`clock`: monotonic seconds (lease expiry, timings); `wall_clock`: epoch seconds (a KV handle's
         `issued_at`). Every time this worker reads comes from one of them."""
-        if settings.role != "prefill":
+        if settings.role != Role.PREFILL:
             raise ValueError(f"PrefillWorker needs role 'prefill', got {settings.role!r}")
         self.host = WorkerHost(settings)
         self.clock = clock

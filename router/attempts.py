@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from common.errors import KVTransferFailedError, WorkerShuttingDownError
+from common.contract import KVTransferFailedError, WorkerShuttingDownError
 from router.errors import NoHealthyWorkerError, WorkerStalledError, WorkerUnavailableError
 from router.responses import RequestTrace
 from router.routing import Route

@@ -6,8 +6,8 @@ error object's `type`). Neither door maps errors itself.
 
     exception                                   status               retry?
     RequestValidationError                      INVALID_ARGUMENT     no: change the request
-    engine.errors.InvalidRequestError (worker)  INVALID_ARGUMENT     no
-    engine.errors.OutOfKVCacheError (worker)    INVALID_ARGUMENT     no: the request can never fit
+    common.errors.InvalidRequestError (worker)  INVALID_ARGUMENT     no
+    common.errors.OutOfKVCacheError (worker)    INVALID_ARGUMENT     no: the request can never fit
     AdmissionError                              RESOURCE_EXHAUSTED   yes, later
     NotServingError                             UNAVAILABLE          yes (server still starting)
     WorkerUnavailableError / NoHealthyWorker    UNAVAILABLE          yes
@@ -27,8 +27,14 @@ from dataclasses import dataclass
 
 import grpc
 
-from common.errors import AdmissionTimeoutError, KVTransferFailedError, WorkerShuttingDownError
-from engine.errors import EngineError, InvalidRequestError, OutOfKVCacheError
+from common.contract import (
+    AdmissionTimeoutError,
+    EngineError,
+    InvalidRequestError,
+    KVTransferFailedError,
+    OutOfKVCacheError,
+    WorkerShuttingDownError,
+)
 
 
 class Outcome(enum.Enum):

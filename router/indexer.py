@@ -52,7 +52,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from common.kv_events import AllCleared, BlockRemoved, BlockStored, KVEventBatch
+from common.contract import AllCleared, BlockRemoved, BlockStored, KVEventBatch
 
 log = logging.getLogger(__name__)
 

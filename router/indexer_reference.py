@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from common.kv_events import AllCleared, BlockRemoved, BlockStored, KVEventBatch, first_gap
+from common.contract import AllCleared, BlockRemoved, BlockStored, KVEventBatch, first_gap
 from router.indexer import StaleWorker
 
 

@@ -23,7 +23,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from common.kv_events import KVEventDecodeError, decode_event_batch
+from common.contract import Health, KVEventDecodeError, decode_event_batch
 from router.errors import WorkerUnavailableError
 from router.pools import WorkerPool, WorkerSlot
 from router.routing import PoolIndex
@@ -79,7 +79,7 @@ class KVEventFeed:
             try:
                 reply = await client.kv_events(indexer.expected_seq(wid), self.poll_timeout_s)
                 ix.pool.set_status(wid, reply.status)
-                if reply.status.health != "SERVING":
+                if reply.status.health != Health.SERVING:
                     raise WorkerUnavailableError(f"worker {wid} reports {reply.status.health}", wid)
                 batch = decode_event_batch(reply.events)
                 # a new publisher under the same name (restarted worker): its seqs mean nothing to us

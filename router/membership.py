@@ -19,7 +19,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
 
-from common.wire import WorkerStatus
+from common.contract import Health, WorkerStatus
 from router.attempts import Attempt
 from router.errors import WorkerStalledError, WorkerUnavailableError, one_line
 from router.kv_feed import KVEventFeed
@@ -194,7 +194,7 @@ class Membership:
             if wid not in pool:
                 continue  # removed while we asked
             status = report.status
-            if status is None or status.health != "SERVING":
+            if status is None or status.health != Health.SERVING:
                 self.mark_down(pool, wid, "status check failed")
                 continue
             slot = pool.slot(wid)
@@ -223,7 +223,7 @@ class Membership:
         except Exception as exc:  # noqa: BLE001 - it stays down and is tried again on a later check
             log.warning("worker %s could not rejoin: %s: %s", worker_id, type(exc).__name__, one_line(str(exc)))
             return
-        if worker_id in pool and status.health == "SERVING":
+        if worker_id in pool and status.health == Health.SERVING:
             self._take_up(pool, worker_id, status)
 
     async def wait_rejoins(self, timeout_s: float) -> bool:

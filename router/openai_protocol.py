@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.sampling_params import MAX_LOGPROBS
+from common.contract import MAX_LOGPROBS
 from router.errors import RequestValidationError
 from tandem_api.v1 import generation_pb2 as pb
 

@@ -39,7 +39,7 @@ from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from common.wire import WorkerStatus
+from common.contract import WorkerStatus
 from router.errors import NoHealthyWorkerError
 from router.workers import WorkerClient
 

@@ -59,9 +59,8 @@ from opentelemetry import trace as trace_api
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from common import telemetry as tm
-from common.errors import KVTransferFailedError
+from common.contract import KVTransferFailedError, StreamChunk
 from common.telemetry import Tracing, TracingConfig, setup_tracing
-from common.wire import StreamChunk
 from router.attempts import Attempt, Run, retry_reason
 from router.config import RequestPathConfig
 from router.errors import (

@@ -1,4 +1,4 @@
-"""Turning worker messages (common.wire) into tandem.v1 responses.
+"""Turning worker messages (common.contract) into tandem.v1 responses.
 
 - `chunk_response(chunk, worker_id)`: one `StreamChunk` -> one `GenerateResponse`.
   A chunk that reports a failure (`error` set or finish_reason "error") raises
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from common.wire import LogprobEntry, StreamChunk
+from common.contract import Health, LogprobEntry, StreamChunk
 from router.errors import WorkerFailedError, one_line
 from router.pools import WorkerReport
 from tandem_api.v1 import generation_pb2 as pb
@@ -168,7 +168,11 @@ def worker_info(report: WorkerReport, draining: bool = False, indexed: int = 0) 
     s = report.status
     if s is None:
         return pb.WorkerInfo(
-            worker_id=report.worker_id, role=report.role, health="UNKNOWN", draining=draining, kv_blocks_indexed=indexed
+            worker_id=report.worker_id,
+            role=report.role,
+            health=Health.UNKNOWN,
+            draining=draining,
+            kv_blocks_indexed=indexed,
         )
     return pb.WorkerInfo(
         worker_id=s.worker_id,

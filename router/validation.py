@@ -33,10 +33,7 @@ import os
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
-from common.wire import ModelInfo
-from engine.errors import InvalidRequestError, InvalidSamplingParamsError
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
+from common.contract import InvalidRequestError, InvalidSamplingParamsError, ModelInfo, PromptTokenizer, SamplingParams
 from router.errors import RequestValidationError
 from tandem_api.v1 import generation_pb2 as pb
 
@@ -114,7 +111,7 @@ class RequestValidator:
     def __init__(
         self,
         facts: ModelFacts,
-        tokenizer: Tokenizer,
+        tokenizer: PromptTokenizer,
         new_request_id: Callable[[], str] | None = None,
         max_prompt_tokens: int | None = None,
         max_tokens: int | None = None,

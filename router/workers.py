@@ -1,16 +1,17 @@
 """How the router talks to a worker: the `WorkerClient` protocol and its Ray adapter.
 
 The server only sees `WorkerClient`; `RayWorkerClient(handle, worker_id)` adapts a
-Ray actor handle of a PrefillWorker / DecodeWorker (see the worker actor methods
-in docs): unary calls are `await handle.method.remote(...)`; `decode` and
-`generate` are actor async generators, which Ray runs as streaming generators:
+Ray actor handle of a PrefillWorker / DecodeWorker (its remote methods are
+`common.contract.WorkerAPI`, called by attribute, never by a name in a string): unary
+calls are `await handle.method.remote(...)`; `decode` and `generate` are actor async
+generators, which Ray runs as streaming generators:
 
     gen = handle.decode.remote(rid, prompt_ids, params, prefill)   # ObjectRefGenerator
     async for ref in gen:
         chunk = await ref                                          # StreamChunk
 
 Errors are translated at this boundary, so nothing above it knows Ray:
-- `RayTaskError` whose `.cause` is an `engine.errors.EngineError` -> that error
+- `RayTaskError` whose `.cause` is an `common.errors.EngineError` -> that error
   (bad input found by the worker; the server maps it to INVALID_ARGUMENT);
 - actor / node / worker death, an unreachable actor, a lost object ->
   `WorkerUnavailableError` (UNAVAILABLE; the pool marks the worker down);
@@ -26,18 +27,23 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from common.errors import WorkerError
-from common.kv_events import KVSnapshot
-from common.wire import KVEventsReply, PrefillResult, StreamChunk, WorkerStatus
-from engine.errors import EngineError
-from engine.sampling_params import SamplingParams
+from common.contract import (
+    EngineError,
+    KVEventsReply,
+    KVSnapshot,
+    PrefillResult,
+    SamplingParams,
+    StreamChunk,
+    WorkerError,
+    WorkerStatus,
+)
 from router.errors import WorkerFailedError, WorkerUnavailableError, one_line
 
 
 @runtime_checkable
 class WorkerClient(Protocol):
     """One worker as the router sees it. Every method may raise `WorkerUnavailableError`,
-    `WorkerFailedError` or an `engine.errors.EngineError` (bad input)."""
+    `WorkerFailedError` or an `common.errors.EngineError` (bad input)."""
 
     worker_id: str
 
@@ -140,17 +146,18 @@ class RayWorkerClient:
     def __repr__(self) -> str:
         return f"RayWorkerClient({self.worker_id!r})"
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def _call(self, method: Any, *args: Any) -> Any:
+        """`method`: one of the handle's remote methods (`self.handle.prefill`), named as in WorkerAPI."""
         try:
-            return await getattr(self.handle, method).remote(*args)
+            return await method.remote(*args)
         except Exception as exc:  # noqa: BLE001 - classified, never swallowed
             raise translate_ray_error(exc, self.worker_id) from None
 
-    async def _stream(self, method: str, *args: Any) -> AsyncIterator[StreamChunk]:
+    async def _stream(self, method: Any, *args: Any) -> AsyncIterator[StreamChunk]:
         gen = None
         done = False
         try:
-            gen = getattr(self.handle, method).remote(*args)
+            gen = method.remote(*args)
             async for ref in gen:
                 chunk = await ref
                 yield chunk
@@ -170,7 +177,7 @@ class RayWorkerClient:
         trace_ctx: dict[str, str] | None = None,
         prior_ids: Sequence[int] = (),
     ) -> PrefillResult:
-        return await self._call("prefill", request_id, list(prompt_ids), params, trace_ctx, list(prior_ids))
+        return await self._call(self.handle.prefill, request_id, list(prompt_ids), params, trace_ctx, list(prior_ids))
 
     def decode(
         self,
@@ -181,7 +188,9 @@ class RayWorkerClient:
         trace_ctx: dict[str, str] | None = None,
         prior_ids: Sequence[int] = (),
     ) -> AsyncIterator[StreamChunk]:
-        return self._stream("decode", request_id, list(prompt_ids), params, prefill, trace_ctx, list(prior_ids))
+        return self._stream(
+            self.handle.decode, request_id, list(prompt_ids), params, prefill, trace_ctx, list(prior_ids)
+        )
 
     def generate(
         self,
@@ -191,22 +200,22 @@ class RayWorkerClient:
         trace_ctx: dict[str, str] | None = None,
         prior_ids: Sequence[int] = (),
     ) -> AsyncIterator[StreamChunk]:
-        return self._stream("generate", request_id, list(prompt_ids), params, trace_ctx, list(prior_ids))
+        return self._stream(self.handle.generate, request_id, list(prompt_ids), params, trace_ctx, list(prior_ids))
 
     async def abort(self, request_id: str) -> bool:
-        return await self._call("abort", request_id)
+        return await self._call(self.handle.abort, request_id)
 
     async def release(self, request_id: str) -> bool:
-        return await self._call("release", request_id)
+        return await self._call(self.handle.release, request_id)
 
     async def status(self) -> WorkerStatus:
-        return await self._call("status")
+        return await self._call(self.handle.status)
 
     async def kv_events(self, after_seq: int, timeout_s: float) -> KVEventsReply:
-        return await self._call("kv_events", after_seq, timeout_s)
+        return await self._call(self.handle.kv_events, after_seq, timeout_s)
 
     async def kv_snapshot(self) -> KVSnapshot:
-        return await self._call("kv_snapshot")
+        return await self._call(self.handle.kv_snapshot)
 
     async def wait_idle(self, timeout_s: float) -> bool:
-        return await self._call("wait_idle", timeout_s)
+        return await self._call(self.handle.wait_idle, timeout_s)

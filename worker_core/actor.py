@@ -7,8 +7,8 @@ role's request life cycle; deploy wraps them with `ray.remote`. Imports no ray i
 
 from __future__ import annotations
 
+from common.contract import KVEventsReply, ModelInfo, WorkerStatus
 from common.kv_events import KVSnapshot
-from common.wire import KVEventsReply, ModelInfo, WorkerStatus
 from worker_core.host import WorkerHost
 from worker_core.spans import span_dicts
 

@@ -41,9 +41,9 @@ import torch
 
 from common.kv_events import KVEvent
 from common.perf_model import StepTimes
+from common.sampling_params import SamplingParams
 from engine.engine_core import EngineCore
 from engine.outputs import StepOutput
-from engine.sampling_params import SamplingParams
 from worker_core.core_share import CoreShare
 
 log = logging.getLogger(__name__)

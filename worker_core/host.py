@@ -29,14 +29,14 @@ import ray
 import torch
 
 from common import telemetry as tm
+from common.contract import WIRE_VERSION, Health, LogprobEntry, ModelInfo, Role, StreamChunk, WorkerStatus
 from common.kv_events import KVSnapshot
+from common.sampling_params import SamplingParams
 from common.telemetry import setup_tracing
-from common.wire import WIRE_VERSION, LogprobEntry, ModelInfo, StreamChunk, WorkerStatus
 from engine.device import resolve_device, resolve_dtype
 from engine.engine_core import EngineCore
 from engine.loader import load_model_source
 from engine.outputs import StepOutput
-from engine.sampling_params import SamplingParams
 from kv_transfer import TransportVersionError, check_pair
 from worker_core.core_share import CoreShare
 from worker_core.engine_loop import AsyncEngine, EngineDeadError, EngineStats
@@ -103,7 +103,7 @@ class WorkerHost:
                     self.core.source.fingerprint,
                     backend=settings.nixl_backend,
                     progress_thread=settings.nixl_progress_thread,
-                    staging_bytes=settings.kv_staging_bytes if settings.role == "decode" else 0,
+                    staging_bytes=settings.kv_staging_bytes if settings.role == Role.DECODE else 0,
                 )
         self.tracing = setup_tracing(settings.tracing)
         self.tracer = self.tracing.tracer
@@ -152,7 +152,7 @@ class WorkerHost:
         return WorkerStatus(
             worker_id=self.worker_id,
             role=self.role,
-            health="SERVING" if self.engine.healthy else "NOT_SERVING",
+            health=Health.SERVING if self.engine.healthy else Health.NOT_SERVING,
             kv_blocks_total=spec.num_blocks,
             kv_blocks_free=st.free_blocks,
             running=st.running,
@@ -210,7 +210,7 @@ class WorkerHost:
         except msgspec.DecodeError as e:
             raise TransportVersionError(f"peer payload is not a Tandem worker handshake: {e}") from None
         leader = await add_peer_worker(kv, self._rank_actors, payloads)
-        if self.role == "decode":
+        if self.role == Role.DECODE:
             check_pair(kv.peer_layouts(leader), await self.layouts())
         return leader
 

@@ -34,6 +34,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from common.contract import Role
 from common.errors import KVTransferFailedError
 from engine.config import EngineConfig
 from engine.distributed import DistEnv, DistributedExecutor, serve_rank
@@ -91,7 +92,7 @@ class RankMember:
         self.shard.allocate(num_blocks)
         s = self.settings
         if s.transport == "nixl":
-            staging = s.kv_staging_bytes if s.role == "decode" else 0
+            staging = s.kv_staging_bytes if s.role == Role.DECODE else 0
             self.kv = RankKV(
                 rank_agent_name(s.worker_id, self.pos.rank),
                 self.shard.kv_cache,
@@ -123,7 +124,7 @@ class RankActor:
         m = self.member
         self._loop = threading.Thread(target=self._serve, name=f"rank{m.pos.rank}-steps", daemon=True)
         self._loop.start()
-        if m.kv is not None and m.settings.role == "prefill":
+        if m.kv is not None and m.settings.role == Role.PREFILL:
             self._progress = threading.Thread(target=self._pump, name=f"rank{m.pos.rank}-nixl", daemon=True)
             self._progress.start()
 

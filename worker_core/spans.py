@@ -31,7 +31,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from common import telemetry as tm
-from common.wire import StreamChunk
+from common.contract import StreamChunk
 from engine.outputs import StepOutput
 
 

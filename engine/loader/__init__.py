@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from engine.errors import ModelLoadError
+from common.errors import ModelLoadError
 from engine.loader.source import ModelSource
 from engine.tokenizer import Tokenizer
 

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.errors import ConfigError, ModelLoadError, UnsupportedModelError
 from engine.config import ModelConfig
-from engine.errors import ConfigError, ModelLoadError, UnsupportedModelError
 from engine.loader.gguf_reader import gguf_metadata as _metadata
 from engine.loader.gguf_reader import open_gguf as _open
 from engine.loader.gguf_tokenizer import build_gguf_tokenizer

@@ -10,7 +10,7 @@ import os
 from functools import lru_cache
 from typing import Any
 
-from engine.errors import ModelLoadError
+from common.errors import ModelLoadError
 
 
 def open_gguf(path: str) -> Any:

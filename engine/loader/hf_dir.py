@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from common.errors import ConfigError, ModelLoadError, UnsupportedModelError
 from engine.config import ModelConfig, RopeScaling
-from engine.errors import ConfigError, ModelLoadError, UnsupportedModelError
 from engine.loader.hf_tokenizer import load_hf_tokenizer, read_json
 from engine.loader.source import ModelSource, check_weight_shapes, compute_fingerprint
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import tokenizers
 
-from engine.errors import ModelLoadError
+from common.errors import ModelLoadError
 from engine.tokenizer import Tokenizer
 
 

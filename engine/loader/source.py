@@ -32,8 +32,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from common.errors import ModelLoadError, UnsupportedModelError
 from engine.config import ModelConfig
-from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:

@@ -85,7 +85,7 @@ class LinearBase(nn.Module):
     @staticmethod
     def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
         if dst.shape != src.shape:
-            from engine.errors import ModelLoadError
+            from common.errors import ModelLoadError
 
             raise ModelLoadError(f"weight {what}: expected shape {tuple(dst.shape)}, checkpoint has {tuple(src.shape)}")
         dst.copy_(src)

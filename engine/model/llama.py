@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import ModelLoadError
 from engine.config import ModelConfig
-from engine.errors import ModelLoadError
 from engine.kv_cache import KVOrder
 from engine.model.attention import AttentionMetadata, paged_attention, write_kv
 from engine.model.cpu_kernels import MAX_HEAD_DIM, cpu_kernels

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from engine.errors import ConfigError
+from common.errors import ConfigError
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,9 @@ import dataclasses
 
 import torch
 
+from common.errors import ConfigError
 from engine.config import EngineConfig, ParallelConfig
 from engine.distributed import LocalExecutor
-from engine.errors import ConfigError
 from engine.loader import load_model_source
 from engine.model_runner import ModelRunner, Span
 from engine.sampler import Sampler, SamplingState

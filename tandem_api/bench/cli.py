@@ -230,7 +230,7 @@ def resolve_tokenizer(spec: str, server: dict[str, Any]) -> tuple[Any, str | Non
         if spec == "auto":
             return None, None
         raise UsageError("--tokenizer needs the tandem-serve package's engine.loader (tokenizers, gguf)") from None
-    from engine.errors import EngineError
+    from common.errors import EngineError
 
     try:
         return load_tokenizer(path), path

@@ -1,6 +1,6 @@
 """Bad input through the real engine: a typed error that says what to change, and no trace left.
 
-Every bad call must raise the typed error from `engine.errors` (message naming
+Every bad call must raise the typed error from `common.errors` (message naming
 the problem and the fix), admit nothing, and leave the engine exactly as
 usable as before: the same greedy output for a reference prompt and a clean
 `leak_check()` (no request queued, every KV block free).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import (
+from common.errors import (
     EngineError,
     InvalidRequestError,
     InvalidSamplingParamsError,
@@ -26,8 +26,8 @@ from engine.errors import (
     PromptTooLongError,
     UnsupportedModelError,
 )
+from common.sampling_params import SamplingParams
 from engine.llm import LLM
-from engine.sampling_params import SamplingParams
 from tests.helpers.tiny_models import make_tiny_gguf_model, make_tiny_hf_model
 
 CONTEXT = 256

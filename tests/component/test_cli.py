@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from common.sampling_params import SamplingParams
 from deploy.cli import main
 from engine.llm import LLM
-from engine.sampling_params import SamplingParams
 from tests.helpers.tiny_models import make_tiny_hf_model
 
 REPO = Path(__file__).resolve().parents[2]

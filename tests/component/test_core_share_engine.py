@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from common.sampling_params import SamplingParams
 from engine.config import CacheConfig, EngineConfig
 from engine.engine_core import EngineCore
-from engine.sampling_params import SamplingParams
 from tests.helpers.tiny_models import make_tiny_hf_model
 from worker_core.core_share import CoreShare
 from worker_core.engine_loop import AsyncEngine

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.sampling_params import SamplingParams
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.engine_core import EngineCore
 from engine.model import cpu_kernels
-from engine.sampling_params import SamplingParams
 from tests.helpers.tiny_models import make_tiny_hf_model
 
 pytestmark = pytest.mark.skipif(

@@ -101,7 +101,7 @@ def test_an_abort_racing_token_one_hands_off_no_lease(tiny):
     step's output: prefill() must not hand the (already released) blocks to a decode worker. It raises
     WorkerShuttingDownError (the router retries elsewhere), leaves no lease to expire, leaks nothing."""
     from common.errors import WorkerShuttingDownError
-    from engine.sampling_params import SamplingParams
+    from common.sampling_params import SamplingParams
     from worker_core.faults import FaultPoint, Hold, WorkerFaultPlan
 
     async def scenario():

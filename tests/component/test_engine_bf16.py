@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 
+from common.sampling_params import SamplingParams
 from engine.llm import LLM
-from engine.sampling_params import SamplingParams
 from tests.helpers.tiny_models import make_tiny_hf_model
 
 VOCAB = 1024

@@ -15,9 +15,9 @@ import socket
 import pytest
 import torch
 
+from common.sampling_params import SamplingParams
 from engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from engine.engine_core import EngineCore
-from engine.sampling_params import SamplingParams
 from tests.helpers.tiny_models import make_tiny_hf_model
 
 PROMPTS = [list(range(5, 45)), list(range(100, 107))]
@@ -100,7 +100,7 @@ def test_parallel_engine_equals_one_rank(tiny, tp, pp):
 
 
 def test_one_rank_config_refuses_a_parallel_shape_without_ranks(tiny):
-    from engine.errors import ConfigError
+    from common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="tp=2 pp=1 needs rank processes"):
         EngineCore(_config(tiny, 2, 1, "cpu"))

@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.errors import InvalidRequestError
+from common.sampling_params import SamplingParams
 from engine.config import CacheConfig, EngineConfig
 from engine.engine_core import EngineCore
-from engine.errors import InvalidRequestError
 from engine.request import RequestStatus
-from engine.sampling_params import SamplingParams
 from tests.helpers.tiny_models import make_tiny_hf_model
 
 BLOCK = 4

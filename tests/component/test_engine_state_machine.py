@@ -30,10 +30,10 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
+from common.sampling_params import SamplingParams
 from engine.engine_core import EngineCore
 from engine.llm import LLM
 from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from tests.helpers.tiny_models import make_tiny_hf_model
 

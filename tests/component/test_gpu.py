@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from common.sampling_params import SamplingParams
 from engine.llm import LLM
-from engine.sampling_params import SamplingParams
 from tests.helpers.tiny_models import make_tiny_hf_model
 
 pytestmark = pytest.mark.gpu

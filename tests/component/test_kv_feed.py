@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 
 from common.block_hash import hash_full_blocks
-from engine.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from prefill_worker.worker import PrefillWorker
 from router.kv_feed import KVEventFeed
 from router.pools import WorkerPool

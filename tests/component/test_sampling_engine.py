@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from common.sampling_params import SamplingParams
 from engine.llm import LLM
 from engine.outputs import CompletionOutput
-from engine.sampling_params import SamplingParams
 from tests.helpers.tiny_models import make_tiny_hf_model
 
 VOCAB = 512

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
+from common.sampling_params import SamplingParams
 from engine.config import SpeculativeConfig
 from engine.llm import LLM
-from engine.sampling_params import SamplingParams
 
 TEXT = (
     "The committee met on Tuesday to review the budget for the new library. The architect presented three "

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
+from common.sampling_params import SamplingParams
 from engine.llm import LLM
-from engine.sampling_params import SamplingParams
 from tests.helpers.reference import hf_greedy, smollm2_reference
 
 pytestmark = pytest.mark.slow

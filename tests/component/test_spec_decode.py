@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.errors import ConfigError
+from common.sampling_params import SamplingParams
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from engine.engine_core import EngineCore
-from engine.errors import ConfigError
-from engine.sampling_params import SamplingParams
 from tests.helpers.tiny_models import make_tiny_hf_model
 
 VOCAB = 512

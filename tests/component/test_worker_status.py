@@ -12,8 +12,8 @@ import threading
 
 import pytest
 
+from common.sampling_params import SamplingParams
 from engine.config import CacheConfig, EngineConfig
-from engine.sampling_params import SamplingParams
 from tests.helpers.tiny_models import make_tiny_hf_model
 from worker_core.host import WorkerHost, WorkerSettings
 

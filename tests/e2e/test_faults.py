@@ -351,7 +351,7 @@ def test_an_id_is_reusable_after_its_request_was_retried(cluster, reference):
 def test_a_lease_nobody_pulls_expires_and_frees_its_blocks(cluster):
     """P's side: a prompt prefilled for a decode worker that never pulls is released once its lease
     ends (the worker's clock is advanced through the call, not waited for)."""
-    from engine.sampling_params import SamplingParams
+    from common.sampling_params import SamplingParams
 
     s = cluster
     p = _actor(s, "prefill-0")

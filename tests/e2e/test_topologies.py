@@ -25,11 +25,11 @@ import random
 import pytest
 import ray
 
+from common.errors import ConfigError
+from common.sampling_params import SamplingParams
 from deploy.cluster import create_worker
 from deploy.config import PoolConfig, ServeConfig, with_overrides
 from deploy.topology import replace_pool
-from engine.errors import ConfigError
-from engine.sampling_params import SamplingParams
 from tandem_api.client import TandemClient
 from tests.e2e.conftest import serve
 from tests.helpers.reference import engine_greedy

@@ -36,9 +36,9 @@ from typing import Any
 
 import msgspec
 
+from common.contract import KVEventsReply, PrefillResult, StreamChunk, WorkerStatus
 from common.kv_events import KVEventBatch, KVSnapshot, encode_event_batch
-from common.wire import KVEventsReply, PrefillResult, StreamChunk, WorkerStatus
-from engine.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from router.errors import WorkerUnavailableError
 
 PASS = object()  # a scripted outcome: answer this call as if nothing were scripted (inner or default)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 
+from common.contract import KVEventsReply, StreamChunk, WorkerStatus
 from common.kv_events import KVSnapshot
-from common.wire import KVEventsReply, StreamChunk, WorkerStatus
+from common.sampling_params import SamplingParams
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.sampling_params import SamplingParams
 from prefill_worker.worker import PrefillWorker
 from router.errors import WorkerUnavailableError
 from worker_core.host import WorkerSettings

@@ -39,9 +39,9 @@ def engine_greedy(
     model_dir, prompts: list[list[int]], max_tokens: int, num_blocks: int = 128
 ) -> dict[tuple, list[int]]:
     """Greedy tokens of one aggregated TP1 float32 engine (no speculation), per prompt, one request at a time."""
+    from common.sampling_params import SamplingParams
     from engine.config import CacheConfig, EngineConfig
     from engine.engine_core import EngineCore
-    from engine.sampling_params import SamplingParams
 
     core = EngineCore(EngineConfig(model=str(model_dir), dtype="float32", cache=CacheConfig(num_blocks=num_blocks)))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from common.block_hash import hash_full_blocks
+from common.contract import WorkerStatus
 from common.kv_events import KVEventBatch
-from common.wire import WorkerStatus
 from engine.block_pool import BlockPool
 from router.pools import WorkerPool
 from router.routing import Router, RoutingConfig

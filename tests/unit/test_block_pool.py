@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.block_hash import hash_block_tokens, hash_full_blocks
+from common.errors import EngineError
 from common.kv_events import (
     KV_EVENTS_VERSION,
     AllCleared,
@@ -24,7 +25,6 @@ from engine.block_pool import (
     KVBlock,
     NoFreeBlocksError,
 )
-from engine.errors import EngineError
 
 BS = 2
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from common.wire import WorkerStatus
+from common.contract import WorkerStatus
 from router.metrics import METRIC_NAMES, RouterMetrics
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.errors import ConfigError
 from engine import device as dev
-from engine.errors import ConfigError
 
 
 def test_explicit_dtypes_and_refusals():

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
+from common.contract import StreamChunk
 from common.kv_events import decode_event_batch
-from common.wire import StreamChunk
-from engine.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from router.errors import WorkerFailedError, WorkerUnavailableError
 from router.workers import WorkerClient
 from tests.helpers.fake_workers import PASS, Call, FakeWorker, worker_status

@@ -19,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.errors import ModelLoadError, UnsupportedModelError
+from common.errors import ModelLoadError, UnsupportedModelError
 from engine.loader import default_model_path, load_model_source
 from engine.loader.gguf_file import unpermute_rows
 from engine.loader.gguf_tokenizer import build_gguf_tokenizer

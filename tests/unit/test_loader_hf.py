@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import ModelLoadError, UnsupportedModelError
 from engine.config import RopeScaling
-from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.loader import default_model_path, load_model_source
 from engine.loader.hf_dir import parse_hf_config
 from tests.helpers.tiny_models import make_tiny_hf_model

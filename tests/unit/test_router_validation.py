@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import models, pre_tokenizers
 
-from common.wire import ModelInfo
+from common.contract import ModelInfo
 from engine.tokenizer import Tokenizer
 from router.validation import MAX_REQUEST_ID_LEN, ModelFacts, RequestValidationError, RequestValidator
 from tandem_api.v1 import generation_pb2 as pb

@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from common.block_hash import hash_full_blocks
-from common.wire import WorkerStatus
+from common.contract import WorkerStatus
 from router.costs import (
     CostWeights,
     DecodeTerms,

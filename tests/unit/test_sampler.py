@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from common.sampling_params import SamplingParams
 from engine.sampler import Sampler, SamplingState
-from engine.sampling_params import SamplingParams
 
 
 def _states(n: int, **kwargs: object) -> list[SamplingState]:
@@ -331,7 +331,7 @@ def test_negative_penalties_favour_repeats_and_counts_start_empty() -> None:
     ],
 )
 def test_penalty_validation(kwargs, fragment) -> None:
-    from engine.errors import InvalidSamplingParamsError
+    from common.errors import InvalidSamplingParamsError
 
     with pytest.raises(InvalidSamplingParamsError) as err:
         SamplingParams(**kwargs)

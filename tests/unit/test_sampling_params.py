@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from engine.errors import InvalidRequestError, InvalidSamplingParamsError
-from engine.sampling_params import MAX_LOGPROBS, MAX_SEED, SamplingParams
+from common.errors import InvalidRequestError, InvalidSamplingParamsError
+from common.sampling_params import MAX_LOGPROBS, MAX_SEED, SamplingParams
 
 BAD = [
     ("max_tokens", 0),

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from common.sampling_params import SamplingParams
 from engine.config import SchedulerConfig
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import FinishReason, Request, RequestStatus
 from engine.sampler import SamplingState
-from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 
 BLOCK = 4

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from common.errors import ConfigError
 from deploy.cli import build_parser, main
 from deploy.serve_cli import config_from_args
-from engine.errors import ConfigError
 
 
 def parse(*argv: str):
@@ -155,7 +155,7 @@ def test_speculative_flags_and_config_keys(tmp_path, capsys: pytest.CaptureFixtu
 
 
 def test_workers_must_agree_on_model_speculation_and_wire_version():
-    from common.wire import WIRE_VERSION, ModelInfo
+    from common.contract import WIRE_VERSION, ModelInfo
     from deploy.cluster import check_workers_agree
 
     def info(fp="m1", spec="", wire=WIRE_VERSION):

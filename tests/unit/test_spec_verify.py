@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from common.sampling_params import SamplingParams
 from engine.outputs import StepOutput
 from engine.sampler import Sampler, SamplingState
-from engine.sampling_params import SamplingParams
 from engine.spec_decode.ngram import ngram_lookup
 from engine.spec_decode.verify import verify
 

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import processors
 
-from engine.errors import InvalidRequestError
+from common.errors import InvalidRequestError
 from engine.loader import default_model_path, load_model_source
 from engine.tokenizer import Tokenizer
 from tests.helpers.tiny_models import make_tiny_hf_model

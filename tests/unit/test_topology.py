@@ -8,6 +8,7 @@ import msgspec
 import pytest
 import torch
 
+from common.errors import ConfigError
 from deploy.config import PoolConfig, ServeConfig
 from deploy.topology import (
     MATRIX_BEGIN,
@@ -18,7 +19,6 @@ from deploy.topology import (
     pool_layouts,
     support_matrix,
 )
-from engine.errors import ConfigError
 from engine.model.parallel import RankPosition, stage_layers
 from engine.shard import rank_kv_spec
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import InvalidSamplingParamsError
+from common.errors import InvalidSamplingParamsError
 
 SAMPLING_EPS = 1e-5  # temperatures below this are treated as greedy
 MAX_LOGPROBS = 20  # most top-n logprobs a request may ask for
