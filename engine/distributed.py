@@ -141,7 +141,7 @@ def serve_rank(shard: ModelShard, env: DistEnv) -> None:
         if kind == STOP:
             env.close()
             return
-        if kind == STEP:
+        if kind == STEP and isinstance(payload, ModelInputs):
             run_stage(shard, env, payload.to(shard.device))
 
 
@@ -159,6 +159,8 @@ class LocalExecutor:
 
     @property
     def kv_cache(self) -> torch.Tensor:
+        if self.shard.kv_cache is None:
+            raise RuntimeError("the shard's KV cache is not allocated yet")
         return self.shard.kv_cache
 
     def execute(self, inputs: ModelInputs) -> torch.Tensor:

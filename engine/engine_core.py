@@ -15,6 +15,7 @@ so a rejected request leaves no trace in the queues or the block pool.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import numbers
@@ -418,7 +419,7 @@ class EngineCore:
                 greedy_ids[lo:hi] if greedy_ids is not None and req.params.greedy and not req.params.penalized else None
             )
             accepted, outs = verify(
-                self.sampler, req, logits[lo:hi], fast, lambda tid, lp, req=req: self._append_token(req, tid, lp, now)
+                self.sampler, req, logits[lo:hi], fast, functools.partial(self._append_token, req, now=now)
             )
             self.spec_steps += 1
             self.spec_proposed += k
@@ -492,20 +493,14 @@ class EngineCore:
             new_logprobs=[lp] if lp is not None else [],
             kv_block_ids=kv_block_ids,
             num_cached_tokens=max(req.num_cached_tokens, 0),
-            **(
-                {"spec_steps": req.spec_steps, "spec_proposed": req.spec_proposed, "spec_accepted": req.spec_accepted}
-                if reason is not None and req.spec_steps
-                else {}
-            ),
-            **(
-                {
-                    "arrival_time": req.arrival_time,
-                    "first_scheduled_time": req.first_scheduled_time,
-                    "first_token_time": now,
-                }
-                if first
-                else {}
-            ),
+            # the request's speculative counters with its last output only
+            spec_steps=req.spec_steps if reason is not None else 0,
+            spec_proposed=req.spec_proposed if reason is not None else 0,
+            spec_accepted=req.spec_accepted if reason is not None else 0,
+            # engine timings with its first token only
+            arrival_time=req.arrival_time if first else None,
+            first_scheduled_time=req.first_scheduled_time if first else None,
+            first_token_time=now if first else None,
         )
 
     # ---- checks --------------------------------------------------------------------------------------------------

@@ -65,9 +65,9 @@ class LLM:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
-            return self.tokenizer.encode_chat([dict(m) for m in prompt])
+            return self.tokenizer.encode_chat([dict(m) for m in prompt if isinstance(m, Mapping)])
         if isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return list(prompt)
+            return [t for t in prompt if isinstance(t, int)]
         raise InvalidRequestError(
             "each prompt must be a string, a list of token ids, or a list of chat messages {'role', 'content'}"
         )
@@ -84,7 +84,7 @@ class LLM:
         rids = engine.add_requests([(ids, sp, None) for ids, sp in zip(token_lists, params_list)])  # all or nothing
         ids_by_req = {rid: i for i, rid in enumerate(rids)}
         results: list[CompletionOutput | None] = [None] * len(batch)
-        requests = {rid: engine.get_request(rid) for rid in ids_by_req}
+        requests = {rid: engine.scheduler.requests[rid] for rid in ids_by_req}  # all admitted just now
         try:
             while engine.has_unfinished_requests():
                 for out in engine.step():

@@ -74,7 +74,7 @@ class CompletionOutput:
     acceptance_length: float | None = None  # speculative decoding: mean tokens per verification step
 
     def to_dict(self) -> dict:
-        d = {
+        d: dict[str, object] = {
             "request_id": self.request_id,
             "token_ids": self.token_ids,
             "text": self.text,

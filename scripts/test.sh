@@ -8,4 +8,6 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # lint and format first (pyproject.toml [tool.ruff]): a finding fails the run before any test
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+# type check (pyproject.toml [tool.mypy]) of the packages that are clean so far
+.venv/bin/mypy common engine
 exec .venv/bin/python -m pytest "$@"

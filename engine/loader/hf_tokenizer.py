@@ -79,13 +79,16 @@ def load_hf_tokenizer(directory: Path, extra_eos_token_ids: Iterable[int] = ()) 
         raise ModelLoadError(f"{tokenizer_file} cannot be loaded: {exc}") from exc
     config_file = directory / "tokenizer_config.json"
     config = read_json(config_file)
-    tokens = {
-        key: _token_string(config.get(key), key, config_file)
-        for key in ("bos_token", "eos_token", "unk_token", "pad_token")
-    }
+
+    def token(key: str) -> str | None:
+        return _token_string(config.get(key), key, config_file)
+
     return Tokenizer(
         backend,
-        **tokens,
+        bos_token=token("bos_token"),
+        eos_token=token("eos_token"),
+        unk_token=token("unk_token"),
+        pad_token=token("pad_token"),
         extra_eos_token_ids=extra_eos_token_ids,
         chat_template=_chat_template(directory, config),
     )

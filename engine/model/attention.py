@@ -131,7 +131,7 @@ def paged_attention(
     groups = md.decode_groups
 
     def decode(g: DecodeGroup) -> torch.Tensor:
-        if kernels is not None:
+        if kernels is not None and q_rows is not None:
             return _decode_attention_kernel(
                 kernels, q_rows[g.start : g.end], cache_k, cache_v, g, order, scale, heads, kv_heads, dim
             )

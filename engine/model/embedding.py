@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.cpu_kernels import cpu_kernels
+from engine.model.cpu_kernels import CpuKernels, cpu_kernels
 from engine.model.linear import BF16_KERNEL_MAX_ROWS, LinearBase
 from engine.model.parallel import SINGLE_RANK, ParallelContext
 
@@ -48,7 +48,7 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits over the vocabulary; may share its weight with the embedding (tied)."""
 
-    _kernel = None
+    _kernel: CpuKernels | None = None
     _packed: torch.Tensor | None = None
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
@@ -64,8 +64,13 @@ class ParallelLMHead(VocabParallelEmbedding):
                 self._kernel_max_rows = float("inf") if w.dtype == torch.float32 else BF16_KERNEL_MAX_ROWS
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if self._kernel is not None and hidden.numel() <= self._kernel_max_rows * hidden.shape[-1]:
-            logits = self._kernel.linear(hidden, self._packed, None, self.weight.shape[0])
+        packed = self._packed
+        if (
+            self._kernel is not None
+            and packed is not None
+            and hidden.numel() <= self._kernel_max_rows * hidden.shape[-1]
+        ):
+            logits = self._kernel.linear(hidden, packed, None, self.weight.shape[0])
         else:
             logits = F.linear(hidden, self.weight)
         if self.pc.tp_size == 1:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.cpu_kernels import cpu_kernels
+from engine.model.cpu_kernels import CpuKernels, cpu_kernels
 from engine.model.parallel import SINGLE_RANK, ParallelContext
 
 # bfloat16: batches of at most this many rows use the packed kernel (it streams the weights faster), larger ones
@@ -51,7 +51,7 @@ class LinearBase(nn.Module):
         )
         self._weight_t: torch.Tensor | None = None  # [in, out] copy when that form is faster
         self._packed: torch.Tensor | None = None  # [ceil(out / 64), in, 64] for the CPU kernel
-        self._kernel = None
+        self._kernel: CpuKernels | None = None
         self._kernel_max_rows = float("inf")  # bf16: rows above this go to oneDNN
 
     def finalize(self) -> None:
@@ -74,8 +74,9 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T + bias, plus `residual` when given (fused into the CPU kernel's output pass)."""
-        if self._kernel is not None and x.numel() <= self._kernel_max_rows * x.shape[-1]:
-            return self._kernel.linear(x, self._packed, self.bias, self.out_features, residual)
+        packed = self._packed
+        if self._kernel is not None and packed is not None and x.numel() <= self._kernel_max_rows * x.shape[-1]:
+            return self._kernel.linear(x, packed, self.bias, self.out_features, residual)
         if self._weight_t is not None:
             y = torch.addmm(self.bias, x, self._weight_t) if self.bias is not None else x @ self._weight_t
         else:

@@ -24,7 +24,7 @@ from common.errors import ModelLoadError
 from engine.config import ModelConfig
 from engine.kv_cache import KVOrder
 from engine.model.attention import AttentionMetadata, paged_attention, write_kv
-from engine.model.cpu_kernels import MAX_HEAD_DIM, cpu_kernels
+from engine.model.cpu_kernels import MAX_HEAD_DIM, CpuKernels, cpu_kernels
 from engine.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.model.linear import LinearBase, MergedColumnLinear, QKVLinear, RowParallelLinear
 from engine.model.parallel import SINGLE_RANK, ParallelContext
@@ -61,7 +61,7 @@ class DecoderLayer(nn.Module):
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.eps = cfg.rms_norm_eps
-        self._k = None  # CpuKernels once finalize() finds float32 on a CPU with the kernels built
+        self._k: CpuKernels | None = None  # once finalize() finds float32 on a CPU with the kernels built
 
     def finalize(self) -> None:
         w = self.input_layernorm.weight
@@ -108,6 +108,8 @@ class DecoderLayer(nn.Module):
         adds ride on o_proj and down_proj; decode rows attend over the cache blocks in place.
         """
         k_ = self._k
+        if k_ is None:
+            raise RuntimeError("the native layer path runs only after finalize() found the CPU kernels")
         t, d = h.shape[0], self.head_dim
         nq, nkv = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(k_.rms_norm(h, self.input_layernorm.weight, self.eps))
@@ -169,11 +171,11 @@ class LlamaModel(nn.Module):
 
         Returns hidden states [T, H] on a middle stage, logits [len(logits_indices), V] on the last.
         """
-        h = self.embed_tokens(inputs) if self.is_first else inputs
+        h = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs  # None: not the first stage
         cos, sin = self.rope.tables(positions)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, kv_cache[i], md, order)
-        if not self.is_last:
+        if self.norm is None or self.lm_head is None:  # not the last stage
             return h
         if logits_indices is not None:
             h = h[logits_indices]
@@ -262,8 +264,8 @@ class LlamaModel(nn.Module):
                 keys.add(f"{id(layer.qkv_proj)}.weight.{shard}")
                 if self.cfg.attention_bias:
                     keys.add(f"{id(layer.qkv_proj)}.bias.{shard}")
-            for shard in (0, 1):
-                keys.add(f"{id(layer.gate_up_proj)}.weight.{shard}")
+            for part in (0, 1):
+                keys.add(f"{id(layer.gate_up_proj)}.weight.{part}")
             for mod in (layer.o_proj, layer.down_proj):
                 keys.add(f"{id(mod)}.weight.None")
             for mod in (layer.input_layernorm, layer.post_attention_layernorm):

@@ -49,6 +49,8 @@ class DraftProposer:
         generator: torch.Generator,
     ) -> None:
         path = config.speculative.draft_model
+        if path is None:
+            raise ConfigError("speculative method 'draft' needs draft_model")
         source = load_model_source(path)
         self.fingerprint = source.fingerprint
         if source.config.vocab_size != target_vocab:
