@@ -95,9 +95,9 @@ class FaultyTransport:
             raise TransferError(f"injected fault: submit #{n} to {peer!r} refused")
         inner = self._inner.submit(plan, op, peer, notify)
         handle = TransferHandle(next(self._ids), self.agent_name, peer, op, inner.nbytes)
-        plan = self._plan
-        delay = plan.delay_polls if not plan.delay_only or n in plan.delay_only else 0
-        self._tracked[handle.transfer_id] = _Tracked(inner, n in plan.fail_polls, n in plan.stall_polls, delay)
+        faults = self._plan
+        delay = faults.delay_polls if not faults.delay_only or n in faults.delay_only else 0
+        self._tracked[handle.transfer_id] = _Tracked(inner, n in faults.fail_polls, n in faults.stall_polls, delay)
         return handle
 
     def poll(self, handle: TransferHandle) -> TransferState:

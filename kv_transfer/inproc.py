@@ -126,7 +126,7 @@ class InProcessTransport:
         cache_n = dst.numel()
         plan.check_bounds(src.numel(), cache_n, staging.numel() if staging is not None else 0)
         for s, d, n in plan.as_array().tolist():
-            if d >= cache_n:
+            if d >= cache_n and staging is not None:  # check_bounds admits offsets past the cache only with staging
                 staging[d - cache_n : d - cache_n + n].copy_(src[s : s + n])
             else:
                 dst[d : d + n].copy_(src[s : s + n])

@@ -227,18 +227,21 @@ class NixlTransport:
             return handle
 
     def _post(self, plan: TransferPlan, read: bool, p: _Peer, peer: str, notify: bytes) -> _Xfer:
+        layout = self._layout
+        if layout is None:
+            raise TransferError("submit before register(): this agent has no KV cache registered")
         arr = plan.as_array()  # int64 offsets; addresses fit in int64 on every supported host
         local_off, remote_off = (arr[:, 1], arr[:, 0]) if read else (arr[:, 0], arr[:, 1])
         n = len(arr)
         local_addr = local_off + self._base
         if read and self._staging_bytes:  # check_bounds kept these regions wholly inside staging
-            cache = self._layout.region_bytes
+            cache = layout.region_bytes
             local_addr = np.where(local_off >= cache, local_off - cache + self._staging_base, local_addr)
         nbytes = arr[:, 2].astype(np.uint64)
         local = np.stack([local_addr.astype(np.uint64), nbytes, np.full(n, self._device_id, np.uint64)], 1)
         remote = np.stack([(remote_off + p.base_addr).astype(np.uint64), nbytes, np.full(n, p.device_id, np.uint64)], 1)
         try:
-            ldescs = self._agent.get_xfer_descs(local, _mem_type(self._layout.device))
+            ldescs = self._agent.get_xfer_descs(local, _mem_type(layout.device))
             rdescs = self._agent.get_xfer_descs(remote, _mem_type(p.layout.device))
             handle = self._agent.initialize_xfer("READ" if read else "WRITE", ldescs, rdescs, peer, notify)
         except Exception as e:  # nixlNotFoundError, nixlBackendError, ...

@@ -68,6 +68,10 @@ class TransferPlan:
     """
 
     __slots__ = ("_array", "_regions", "total_bytes", "num_blocks")
+    _array: np.ndarray
+    _regions: tuple[Region, ...] | None
+    total_bytes: int
+    num_blocks: int
 
     def __init__(self, regions: Sequence[Region] = (), total_bytes: int = 0, num_blocks: int = 0) -> None:
         regions = tuple(regions)
@@ -100,9 +104,11 @@ class TransferPlan:
 
     @property
     def regions(self) -> tuple[Region, ...]:
-        if self._regions is None:
-            object.__setattr__(self, "_regions", tuple(Region(*row) for row in self._array.tolist()))
-        return self._regions
+        regions = self._regions
+        if regions is None:
+            regions = tuple(Region(*row) for row in self._array.tolist())
+            object.__setattr__(self, "_regions", regions)
+        return regions
 
     def as_array(self) -> np.ndarray:
         """The regions as a read-only (n, 3) int64 array: src_offset, dst_offset, nbytes."""

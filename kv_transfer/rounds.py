@@ -79,7 +79,7 @@ class RowScatter:
                 raise InvalidPlanError(f"row scatter has {len(src)} source rows but {len(dst)} destination rows")
             zero = np.zeros(1, dtype=np.int64)
             segments = (ScatterSegment(zero, src, zero, dst, 0, len(src)),) if len(src) else ()
-            self._rows = (src, dst)
+            self._rows: tuple[np.ndarray, np.ndarray] | None = (src, dst)
         else:
             self._rows = None
         self.segments = tuple(segments)

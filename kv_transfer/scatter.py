@@ -142,7 +142,7 @@ def execute_locally(
             src = flat(src_caches[src_index])
             plan.check_bounds(len(src), cache_n, st_n)
             for s, d, nb in plan.as_array().tolist():
-                if d >= cache_n:
+                if d >= cache_n and st is not None:  # check_bounds admits offsets past the cache only with staging
                     copy(st[d - cache_n : d - cache_n + nb], src[s : s + nb])
                 else:
                     copy(dst[d : d + nb], src[s : s + nb])

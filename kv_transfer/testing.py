@@ -19,6 +19,7 @@ import multiprocessing as mp
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -125,7 +126,7 @@ def _serve(conn, spec: PeerSpec) -> None:
     transport = NixlTransport(spec.agent_name, spec.settings)
     transport.register(kv, spec.layout)
     flat = kv.reshape(-1).view(torch.uint8)
-    commands = {
+    commands: dict[str, Callable[..., Any]] = {
         "handshake": transport.handshake_payload,
         "add_peer": transport.add_peer,
         "remove_peer": transport.remove_peer,
