@@ -150,6 +150,8 @@ class DecodeWorker(WorkerActor):
     async def _admit_and_pull(self, request_id: str, prefill: PrefillResult, context) -> int:
         """Blocks for the prompt, then its KV pulled into them; returns the bytes read."""
         engine = self.host.engine
+        if prefill.kv is None:
+            raise KVTransferFailedError(f"{request_id}: the prefill result carries no KV handle (token 1 ended it)")
         now = self.clock()
         lease_end = now + lease_left_s(prefill.kv, self.wall_clock())
         deadline = min(now + self.settings.admission_timeout_s, lease_end)
@@ -201,6 +203,8 @@ class DecodeWorker(WorkerActor):
                 f"decode worker {self.host.worker_id} could pull it"
             )
         kv = prefill.kv
+        if kv is None:
+            raise KVTransferFailedError(f"{request_id}: the prefill result carries no KV handle (token 1 ended it)")
         first_token = first_block * self.host.core.kv_spec.block_size
         peer = trace.get_current_span(tm.extract(kv.trace_context)).get_span_context()
         span = self.host.tracer.start_span(

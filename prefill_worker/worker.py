@@ -128,7 +128,7 @@ class PrefillWorker(WorkerActor):
             self._lease_added.set()
             span.set_attribute(tm.ATTR_KV_BLOCKS, len(out.kv_block_ids))
             kv = KVHandle(
-                self.host.kv.agent_name,
+                self.host._need_kv().agent_name,
                 list(out.kv_block_ids),
                 len(prompt_ids) + len(prior_ids or ()),
                 self.lease_s,

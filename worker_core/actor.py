@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from common.contract import KVEventsReply, ModelInfo, WorkerStatus
 from common.kv_events import KVSnapshot
+from worker_core.faults import FaultPoint
 from worker_core.host import WorkerHost
 from worker_core.spans import span_dicts
 
@@ -63,7 +64,7 @@ class WorkerActor:
 
     async def fault_reached(self, point: str, timeout_s: float = 30.0) -> bool:
         """True once a request is held at `point` (a FaultPoint value); False after timeout_s."""
-        return await self.host.faults.wait_reached(point, timeout_s)
+        return await self.host.faults.wait_reached(FaultPoint(point), timeout_s)
 
     async def release_faults(self) -> None:
         """Held requests go on."""

@@ -231,7 +231,12 @@ class AsyncEngine:
 
     async def leak_check(self) -> None:
         """EngineCore.check_integrity, then EngineCore.leak_check: nothing held anywhere."""
-        await self.call(lambda core: (core.check_integrity(), core.leak_check()))
+
+        def check(core: EngineCore) -> None:
+            core.check_integrity()
+            core.leak_check()
+
+        await self.call(check)
 
     async def abort(self, request_id: str) -> bool:
         """EngineCore.abort_request: abort a request in any state; an open stream gets a final "abort"

@@ -69,7 +69,7 @@ def to_chunk(out: StepOutput) -> StreamChunk:
         finished=out.finished,
         finish_reason=out.finish_reason,
         stop_reason=None if out.stop_reason is None else str(out.stop_reason),
-        logprobs=[LogprobEntry(lp.token_id, lp.logprob, [tuple(t) for t in lp.top]) for lp in out.new_logprobs],
+        logprobs=[LogprobEntry(lp.token_id, lp.logprob, [(t, p) for t, p in lp.top]) for lp in out.new_logprobs],
         cached_tokens=out.num_cached_tokens,
         spec_steps=out.spec_steps,
         spec_proposed=out.spec_proposed,

@@ -139,6 +139,8 @@ class RankKV:
                 )
             moved += sum(h.nbytes for h in handles)
             if rnd.scatter is not None:
+                if self.staging is None:
+                    raise KVTransferFailedError(f"{self.agent_name}: a staged conversion needs a staging buffer")
                 apply_scatter(rnd.scatter, self.staging, self.cache)
                 if self.cache.is_cuda:
                     # the kernel is asynchronous and NIXL's next READ into staging is not ordered

@@ -29,6 +29,7 @@ import os
 import socket
 import threading
 from dataclasses import replace
+from typing import Any
 
 import ray
 import torch
@@ -88,16 +89,31 @@ class RankMember:
         self.shard = ModelShard(cfg, self.source, self.pos, self.env.parallel_context(), dtype=self.dtype)
         return self.shard.max_blocks()
 
+    def joined(self) -> tuple[DistEnv, ModelShard, ModelSource]:
+        """The group, shard and model source `join` made (RuntimeError before it)."""
+        if self.env is None or self.shard is None or self.source is None:
+            raise RuntimeError(f"{self.pos.describe()}: used before join()")
+        return self.env, self.shard, self.source
+
+    def need_kv(self) -> RankKV:
+        if self.kv is None:
+            raise RuntimeError(f"{self.pos.describe()} has no KV transport (transport 'none', or before allocate())")
+        return self.kv
+
     def allocate(self, num_blocks: int) -> None:
-        self.shard.allocate(num_blocks)
+        _, shard, source = self.joined()
+        shard.allocate(num_blocks)
         s = self.settings
         if s.transport == "nixl":
             staging = s.kv_staging_bytes if s.role == Role.DECODE else 0
+            cache = shard.kv_cache
+            if cache is None:
+                raise RuntimeError(f"{self.pos.describe()}: the KV cache was not allocated")
             self.kv = RankKV(
                 rank_agent_name(s.worker_id, self.pos.rank),
-                self.shard.kv_cache,
-                self.shard.kv_spec,
-                self.source.fingerprint,
+                cache,
+                shard.kv_spec,
+                source.fingerprint,
                 backend=s.nixl_backend,
                 progress_thread=s.nixl_progress_thread,
                 staging_bytes=staging,
@@ -130,14 +146,15 @@ class RankActor:
 
     def _serve(self) -> None:
         try:
-            serve_rank(self.member.shard, self.member.env)
+            env, shard, _ = self.member.joined()
+            serve_rank(shard, env)
         except BaseException:  # noqa: BLE001 - the leader's next collective fails within its timeout
             log.exception("%s: step loop failed", self.member.pos.describe())
         finally:
             self._stop.set()
 
     def _pump(self) -> None:
-        kv = self.member.kv
+        kv = self.member.need_kv()
         while not self._stop.wait(PROGRESS_S):
             try:
                 kv.progress()
@@ -148,16 +165,16 @@ class RankActor:
         return not self._stop.is_set()
 
     def handshake_payload(self) -> bytes:
-        return self.member.kv.handshake_payload()
+        return self.member.need_kv().handshake_payload()
 
     def layout(self):
-        return self.member.kv.layout
+        return self.member.need_kv().layout
 
     def add_peer_worker(self, payloads: list[bytes]) -> list[str]:
-        return self.member.kv.add_peer_worker(payloads)
+        return self.member.need_kv().add_peer_worker(payloads)
 
     def remove_peer_worker(self, leader_agent: str) -> bool:
-        return self.member.kv.remove_peer_worker(leader_agent)
+        return self.member.need_kv().remove_peer_worker(leader_agent)
 
     def pull(
         self,
@@ -168,7 +185,7 @@ class RankActor:
         first_token: int,
         timeout_s: float,
     ) -> int:
-        return self.member.kv.pull(leader_agent, src_blocks, dst_blocks, num_tokens, first_token, timeout_s)
+        return self.member.need_kv().pull(leader_agent, src_blocks, dst_blocks, num_tokens, first_token, timeout_s)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -193,7 +210,7 @@ class RankGroup:
         settings = replace(settings, engine=replace(cfg, dtype=dtype_name))  # every rank: the leader's dtype
         pg = ray.util.get_current_placement_group()
         actor_cls = ray.remote(RankActor)
-        actors = []
+        actors: list[Any] = []  # Ray actor handles
         for rank in range(1, world):
             opts = dict(settings.rank_options)
             if pg is not None:
@@ -209,7 +226,8 @@ class RankGroup:
             _get([a.allocate.remote(num_blocks) for a in actors])
             group.member.allocate(num_blocks)
             _get([a.start.remote() for a in actors])
-            group.executor = DistributedExecutor(group.member.shard, group.member.env)
+            env, shard, _ = group.member.joined()
+            group.executor = DistributedExecutor(shard, env)
         except BaseException:
             group.close()
             raise
@@ -283,7 +301,7 @@ async def pull_on_ranks(kv: RankKV, actors: list, args: tuple) -> int:
             raise r
         if isinstance(r, BaseException):  # a rank actor died, or a plan refused the block tables
             raise KVTransferFailedError(f"KV pull on {kv.agent_name}'s worker failed: {type(r).__name__}: {r}") from r
-    return sum(results)
+    return sum(r for r in results if isinstance(r, int))
 
 
 def _get(refs: list, timeout: float | None = None) -> list:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from types import TracebackType
+from typing import Literal
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
@@ -116,7 +117,7 @@ class RequestSpan:
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool:
+    ) -> Literal[False]:
         """A stream that stopped before its last chunk: the error recorded (any BaseException: a
         cancel too), the span ended with the tokens so far. A GeneratorExit after the last chunk is
         the consumer closing the stream, not a failure: the span has ended already."""
