@@ -26,7 +26,7 @@ The router imports worker-facing types from this module only (tests/unit/test_co
 from __future__ import annotations
 
 import enum
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Protocol, Sequence
 
 import msgspec
 
@@ -99,7 +99,9 @@ class PromptTokenizer(Protocol):
 
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
-    def apply_chat_template(self, messages: Any, add_generation_prompt: bool = ...) -> Any: ...
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = ...) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
 
 
 class LogprobEntry(msgspec.Struct, frozen=True):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.contract import KVTransferFailedError, WorkerShuttingDownError
 from router.errors import NoHealthyWorkerError, WorkerStalledError, WorkerUnavailableError
@@ -48,7 +49,7 @@ class Run:
     output_ids: list[int] = field(default_factory=list)  # every token sent to the client
     undos: list[asyncio.Task] = field(default_factory=list)  # cleanups of failed attempts, in the background
     observed: bool = False  # metrics recorded
-    span: object = None  # the request's SPAN_GENERATE
+    span: Any = None  # the request's SPAN_GENERATE (an OpenTelemetry Span)
     finished: bool = False
 
 

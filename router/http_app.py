@@ -485,7 +485,10 @@ class HttpDoor:
     # -- logprobs ---------------------------------------------------------------------------------
 
     def _token(self, token_id: int) -> str:
-        return self.path.validator.tokenizer.decode([token_id], skip_special_tokens=False)
+        validator = self.path.validator
+        if validator is None:  # a request got this far only once the model facts were known
+            raise RuntimeError("no tokenizer before the model facts are known")
+        return validator.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _chat_logprobs(self, entries: Sequence[pb.TokenLogprob]) -> dict:
         content = []

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from typing import Any
 
 import uvicorn
 
@@ -48,7 +49,7 @@ class HttpServer:
             ) from None
         self.sock.listen(2048)
         self.port = self.sock.getsockname()[1]
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if tls is not None:
             kwargs = {"ssl_certfile": tls.cert, "ssl_keyfile": tls.key}
             if tls.client_ca:

@@ -111,7 +111,7 @@ def _walk(masks: dict[bytes, int], ids: list[str | None], hashes: Iterable[bytes
             gone = active ^ still  # matched exactly n
             while gone:
                 low = gone & -gone
-                out[ids[low.bit_length() - 1]] = n
+                out[ids[low.bit_length() - 1]] = n  # type: ignore[index]  # a set bit names a live worker
                 gone ^= low
             if not still:
                 return out
@@ -119,7 +119,7 @@ def _walk(masks: dict[bytes, int], ids: list[str | None], hashes: Iterable[bytes
         n += 1
     while active:
         low = active & -active
-        out[ids[low.bit_length() - 1]] = n
+        out[ids[low.bit_length() - 1]] = n  # type: ignore[index]  # a set bit names a live worker
         active ^= low
     return out
 
@@ -221,12 +221,11 @@ class Indexer:
                 st.expected = expected
                 self._mark_stale(st, batch.worker_id, seq)
                 return True
-            kind = type(ev)
-            if kind is BlockStored:
+            if type(ev) is BlockStored:
                 self.store(batch.worker_id, ev.block_hashes)
-            elif kind is BlockRemoved:
+            elif type(ev) is BlockRemoved:
                 self.remove(batch.worker_id, ev.block_hashes)
-            elif kind is AllCleared:
+            elif type(ev) is AllCleared:
                 self.clear(batch.worker_id)
             else:  # pragma: no cover - KVEvent is a closed union
                 raise TypeError(f"unknown KV event {ev!r}")

@@ -15,6 +15,7 @@ its peers again); once it is back, retries waiting for a worker (`workers_change
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
@@ -204,9 +205,12 @@ class Membership:
                 self.mark_down(pool, wid, "restarted by Ray; re-handshaking with its peers")
                 task = asyncio.create_task(self._rejoin(pool, wid), name=f"rejoin-{wid}")
                 self._rejoining[wid] = task
-                task.add_done_callback(lambda _t, w=wid: self._rejoining.pop(w, None))
+                task.add_done_callback(functools.partial(self._forget_rejoin, wid))
                 continue
             self._take_up(pool, wid, status)
+
+    def _forget_rejoin(self, worker_id: str, _task: asyncio.Task) -> None:
+        self._rejoining.pop(worker_id, None)
 
     def _take_up(self, pool: WorkerPool, worker_id: str, status: WorkerStatus) -> None:
         pool.slot(worker_id).incarnation = status.incarnation

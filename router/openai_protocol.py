@@ -153,9 +153,9 @@ class CompletionRequest(_Common):
         if isinstance(p, str):
             prompts = [p]
         elif p and all(isinstance(x, int) for x in p):
-            prompts = [list(p)]
+            prompts = [[x for x in p if isinstance(x, int)]]
         else:
-            prompts = list(p)
+            prompts = [x for x in p if isinstance(x, (str, list))]
         if not prompts:
             raise RequestValidationError("prompt is an empty list: send at least one prompt", param="prompt")
         out = []

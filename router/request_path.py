@@ -51,7 +51,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -224,6 +224,8 @@ class RequestPath:
                     raise AdmissionError(
                         f"server is at its limit of {self.config.max_inflight} in-flight requests; retry later"
                     )
+                if self.validator is None:
+                    raise AdmissionError("the server is starting: no model facts yet; retry later")
                 req = self.validator.validate(request, self._active, fill_max_tokens)
         except Exception as exc:  # noqa: BLE001 - typed errors become outcomes; others INTERNAL
             return self._refused(exc, door)
@@ -303,7 +305,7 @@ class RequestPath:
         no worker to take it, a retry waits up to `failover_wait_s` for one to come back."""
         req = run.request
         avoid: set[str] = set()
-        failed_at: float | None = None
+        failed_at = self._clock()  # set again by every failed attempt; read only from the second on
         max_retries = self.config.max_retries
         for n in range(max_retries + 1):
             rid = req.request_id if n == 0 else f"{req.request_id}{RETRY_ID_MARKER}{n}"  # clients cannot send it
@@ -452,7 +454,7 @@ class RequestPath:
         self,
         emit: Emit,
         run: Run,
-        chunks: AsyncIterator[StreamChunk],
+        chunks: AsyncGenerator[StreamChunk, None],
         worker: WorkerClient,
         release_lease: bool = False,
     ) -> None:
@@ -482,7 +484,8 @@ class RequestPath:
                 if release_lease and attempt.kv_leased:
                     # D streams only after every rank pulled the prompt's KV: P may free it now
                     attempt.kv_leased = False
-                    self._background(self._quietly(attempt.p, "release", attempt.rid, RELEASE_TIMEOUT_S))
+                    if attempt.p is not None:
+                        self._background(self._quietly(attempt.p, "release", attempt.rid, RELEASE_TIMEOUT_S))
                 await self._send(emit, run, chunk, worker.worker_id, decode_worker=worker.worker_id)
                 if run.finished:
                     return

@@ -116,9 +116,10 @@ class RequestTrace:
 
     def ttft_parts(self) -> dict[str, float] | None:
         """queue + route + prefill + return == TTFT (None until the first response was sent)."""
-        marks = (self.received, self.routing_started, self.dispatched, self.first_arrived, self.first_sent)
-        if any(m is None for m in marks):
+        r, d, f, s = self.routing_started, self.dispatched, self.first_arrived, self.first_sent
+        if r is None or d is None or f is None or s is None:
             return None
+        marks = (self.received, r, d, f, s)
         return {name: b - a for name, a, b in zip(("queue", "route", "prefill", "return"), marks, marks[1:])}
 
     def finish(self, response: pb.GenerateResponse, now: float) -> None:

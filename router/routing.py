@@ -99,8 +99,10 @@ class KVDecision:
 
     @property
     def formulas(self) -> tuple[str, ...]:
-        fill = prefill_formula if self.terms and isinstance(self.terms[0], PrefillTerms) else decode_formula
-        return tuple(fill(t, self.weights) for t in self.terms)
+        return tuple(
+            prefill_formula(t, self.weights) if isinstance(t, PrefillTerms) else decode_formula(t, self.weights)
+            for t in self.terms
+        )
 
     def describe(self) -> str:
         t = f" T={self.temperature:g}" if self.temperature else ""
@@ -322,7 +324,8 @@ class Router:
         self._tickets[request_id] = ticket
         if not retry:  # booked: this prompt now counts as evidence of reuse, once (not per attempt or failed try)
             reuse_ix = self.decode if self.aggregated else self.prefill
-            reuse_ix.reuse.observe(reuse_ix.hashes(prompt_ids, cache))
+            if reuse_ix is not None:
+                reuse_ix.reuse.observe(reuse_ix.hashes(prompt_ids, cache))
         if decision_log.isEnabledFor(logging.DEBUG):
             decision_log.debug(route.describe())
         return route

@@ -225,6 +225,8 @@ class GenerationService(pb_grpc.GenerationServicer):
         if isinstance(request, Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
+            if self.info_source is None:
+                raise RuntimeError("no server facts source was given to this service")
             return server_info(
                 self.info_source(), await self.membership.worker_reports(), self.membership.worker_extras()
             )

@@ -24,7 +24,7 @@ means it is loaded already), so importing this module stays cheap and torch-free
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from common.contract import (
@@ -69,7 +69,7 @@ class WorkerClient(Protocol):
         prefill: PrefillResult,
         trace_ctx: dict[str, str] | None = None,
         prior_ids: Sequence[int] = (),
-    ) -> AsyncIterator[StreamChunk]: ...
+    ) -> AsyncGenerator[StreamChunk, None]: ...
 
     def generate(
         self,
@@ -78,7 +78,7 @@ class WorkerClient(Protocol):
         params: SamplingParams,
         trace_ctx: dict[str, str] | None = None,
         prior_ids: Sequence[int] = (),
-    ) -> AsyncIterator[StreamChunk]: ...
+    ) -> AsyncGenerator[StreamChunk, None]: ...
 
     async def abort(self, request_id: str) -> bool: ...
 
@@ -153,7 +153,7 @@ class RayWorkerClient:
         except Exception as exc:  # noqa: BLE001 - classified, never swallowed
             raise translate_ray_error(exc, self.worker_id) from None
 
-    async def _stream(self, method: Any, *args: Any) -> AsyncIterator[StreamChunk]:
+    async def _stream(self, method: Any, *args: Any) -> AsyncGenerator[StreamChunk, None]:
         gen = None
         done = False
         try:
@@ -187,7 +187,7 @@ class RayWorkerClient:
         prefill: PrefillResult,
         trace_ctx: dict[str, str] | None = None,
         prior_ids: Sequence[int] = (),
-    ) -> AsyncIterator[StreamChunk]:
+    ) -> AsyncGenerator[StreamChunk, None]:
         return self._stream(
             self.handle.decode, request_id, list(prompt_ids), params, prefill, trace_ctx, list(prior_ids)
         )
@@ -199,7 +199,7 @@ class RayWorkerClient:
         params: SamplingParams,
         trace_ctx: dict[str, str] | None = None,
         prior_ids: Sequence[int] = (),
-    ) -> AsyncIterator[StreamChunk]:
+    ) -> AsyncGenerator[StreamChunk, None]:
         return self._stream(self.handle.generate, request_id, list(prompt_ids), params, trace_ctx, list(prior_ids))
 
     async def abort(self, request_id: str) -> bool:

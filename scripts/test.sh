@@ -9,5 +9,5 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 # type check (pyproject.toml [tool.mypy]) of the packages that are clean so far
-.venv/bin/mypy common engine kv_transfer worker_core prefill_worker decode_worker
+.venv/bin/mypy common engine kv_transfer worker_core prefill_worker decode_worker router
 exec .venv/bin/python -m pytest "$@"
