@@ -198,7 +198,7 @@ def _generate_remote(args: argparse.Namespace, inputs: list[tuple[str, str]], pa
                 print(f"error: {e.details()} ({e.code().name})", file=sys.stderr)
                 bad_input = e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE)
                 return 2 if bad_input else 1
-            if last is None:
+            if last is None or first is None:
                 print("error: the server ended the stream without a response", file=sys.stderr)
                 return 1
             reason = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()

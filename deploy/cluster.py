@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import ray
 
@@ -134,8 +135,8 @@ class Cluster:
             )
 
     def _handshake(self) -> None:
-        p_payloads = ray.get([p.actor.handshake_payload.remote() for p in self.prefill])
-        d_payloads = ray.get([d.actor.handshake_payload.remote() for d in self.decode])
+        p_payloads: list[bytes] = ray.get([p.actor.handshake_payload.remote() for p in self.prefill])
+        d_payloads: list[bytes] = ray.get([d.actor.handshake_payload.remote() for d in self.decode])
         calls = [d.actor.add_peer.remote(pp) for d in self.decode for pp in p_payloads]
         calls += [p.actor.add_peer.remote(dp) for p in self.prefill for dp in d_payloads]
         ray.get(calls)  # an incompatible pair raises IncompatiblePeerError naming the mismatch
@@ -199,7 +200,7 @@ class Cluster:
         KeyError (nothing to rejoin)."""
         with self._membership:
             handle = self.handle(worker_id)
-            status = ray.get(handle.actor.ready.remote(), timeout=READY_TIMEOUT_S)
+            status = cast(WorkerStatus, ray.get(handle.actor.ready.remote(), timeout=READY_TIMEOUT_S))
             incarnation = status.incarnation  # this process (WorkerStatus.incarnation)
             if incarnation and self._rejoined.get(worker_id) == incarnation:
                 return
@@ -212,7 +213,7 @@ class Cluster:
         """rejoin_worker's handshakes (caller holds `_membership`)."""
         worker_id = handle.worker_id
         peers = list(self.decode if handle in self.prefill else self.prefill)
-        mine = ray.get(handle.actor.handshake_payload.remote(), timeout=CALL_TIMEOUT_S)
+        mine = cast(bytes, ray.get(handle.actor.handshake_payload.remote(), timeout=CALL_TIMEOUT_S))
         joined = 0
         for peer in peers:
             try:
@@ -277,7 +278,7 @@ class Cluster:
 
     def check_pools(self, timeout_s: float = 30.0) -> None:
         """Wait until every worker is idle, then check integrity and leaks everywhere (tests, admin)."""
-        idle = ray.get([w.actor.wait_idle.remote(timeout_s) for w in self.workers])
+        idle: list[bool] = ray.get([w.actor.wait_idle.remote(timeout_s) for w in self.workers])
         busy = [w.worker_id for w, ok in zip(self.workers, idle) if not ok]
         if busy:
             raise AssertionError(f"workers still busy after {timeout_s} s: {busy}")
@@ -343,7 +344,7 @@ def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tu
     )
     pg = None
     if pool.world_size == 1:
-        placement = dict(resources, label_selector=dict(pool.label_selector) or None)
+        placement: dict[str, Any] = dict(resources, label_selector=dict(pool.label_selector) or None)
     else:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

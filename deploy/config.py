@@ -303,7 +303,14 @@ def load_config(path: str | Path) -> ServeConfig:
 def with_overrides(cfg: ServeConfig, **changes) -> ServeConfig:
     """A copy with top-level and pool fields replaced: keys like "prefill.replicas" or "both.block_size"."""
     top: dict = {}
-    pools = {"prefill": {}, "decode": {}, "router": {}, "transport": {}, "tracing": {}, "speculative": {}}
+    pools: dict[str, dict[str, object]] = {
+        "prefill": {},
+        "decode": {},
+        "router": {},
+        "transport": {},
+        "tracing": {},
+        "speculative": {},
+    }
     for key, value in changes.items():
         if value is None:
             continue

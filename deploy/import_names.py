@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Mapping
 from importlib.metadata import packages_distributions
 
 DISTRIBUTION = "tandem-serve"
@@ -40,13 +41,13 @@ class ImportNameCollision(ImportError):
     pass
 
 
-def check_import_names(claims: dict[str, list[str]] | None = None, names: tuple[str, ...] = TOP_LEVEL) -> None:
+def check_import_names(claims: Mapping[str, list[str]] | None = None, names: tuple[str, ...] = TOP_LEVEL) -> None:
     """Raise ImportNameCollision if another distribution claims one of Tandem's import names, or one of
     them resolves to a package that is not Tandem's. `claims`: top-level name -> distributions (tests)."""
-    claims = packages_distributions() if claims is None else claims
+    found = packages_distributions() if claims is None else claims
     problems = []
     for name in names:
-        others = sorted({d for d in claims.get(name, []) if d.lower().replace("_", "-") != DISTRIBUTION})
+        others = sorted({d for d in found.get(name, []) if d.lower().replace("_", "-") != DISTRIBUTION})
         if others:
             problems.append(f"{name!r} is also installed by {', '.join(others)}")
             continue

@@ -21,9 +21,11 @@ import signal
 import threading
 from collections.abc import Callable
 from importlib import metadata
+from typing import cast
 
 from prometheus_client import start_http_server
 
+from common.contract import PromptTokenizer
 from common.telemetry import setup_tracing
 from deploy.admin import AdminService, ray_client
 from deploy.cluster import Cluster, WorkerHandle
@@ -59,6 +61,8 @@ def _version(dist: str) -> str:
 
 def server_facts(cluster: Cluster) -> ServerFacts:
     cfg, model = cluster.config, cluster.model
+    if model is None:
+        raise RuntimeError("server facts asked for before the cluster started")
     disagg = cfg.mode == "disaggregated"
     return ServerFacts(
         model=model.name,
@@ -114,7 +118,7 @@ def build_service(cluster: Cluster) -> GenerationService:
         prefill, decode = None, pool("aggregated", cluster.workers, cfg.decode.block_size)
     validator = RequestValidator(
         ModelFacts.from_model_infos(cluster.infos),
-        cluster.tokenizer,
+        cast(PromptTokenizer, cluster.tokenizer),  # the engine's Tokenizer, pickled by a worker
         max_prompt_tokens=cfg.router.max_prompt_tokens,
         max_tokens=cfg.router.max_tokens,
     )
@@ -165,7 +169,7 @@ async def run_server(
         max_message_bytes=r.max_message_bytes,
     )
     membership.rejoin = lambda worker_id: asyncio.to_thread(cluster.rejoin_worker, worker_id)
-    http = None
+    http: HttpServer | None = None
     if r.http:  # the OpenAI door: the same request path, membership, TLS files and tokens
         door = HttpDoor(service.path, lambda: server_facts(cluster), auth_tokens=tokens)
         http = HttpServer(door, r.host, r.http_port, tls=tls)
@@ -240,8 +244,9 @@ async def _main(cluster: Cluster, reload: Callable[[], ServeConfig] | None = Non
     cfg = cluster.config
 
     def announce(port: int, service: GenerationService, admin: AdminService) -> None:
+        name = cluster.model.name if cluster.model is not None else cfg.model
         print(
-            f"tandem: serving {cluster.model.name} ({cluster.topology()}) on {cfg.router.host}:{port}; Ctrl-C to stop",
+            f"tandem: serving {name} ({cluster.topology()}) on {cfg.router.host}:{port}; Ctrl-C to stop",
             flush=True,
         )
         if service.http_port is not None:

@@ -21,6 +21,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -108,7 +109,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.info_source = info_source
         self.metrics_port: int | None = None  # set by deploy when it serves /metrics
         self.http_port: int | None = None  # set by deploy when the HTTP door serves the same path
-        self.http_server = None  # and its router.http_app.HttpServer
+        self.http_server: Any = None  # and its router.http_server.HttpServer (deploy sets both)
         self.health = _Health()
         self.membership.on_serving(self.health.follow)
 

@@ -218,7 +218,7 @@ def resolve_tokenizer(spec: str, server: dict[str, Any]) -> tuple[Any, str | Non
     """(tokenizer or None, where it came from). `auto`: the model path the server reports, if it is here."""
     if spec == "none":
         return None, None
-    path = spec
+    path: str | None = spec
     if spec == "auto":
         candidates = [server.get("model_path"), server.get("model")]
         path = next((c for c in candidates if c and os.path.exists(c)), None)
@@ -386,7 +386,7 @@ async def _sweep(
 
         found = await find_max_rate(
             evaluate,
-            start=rates[0],
+            start=rates[0] if rates[0] is not None else 1.0,  # --find-max-rate parses one rate (not a trace)
             attainment=args.attainment,
             rel_tol=args.search_tolerance,
             max_probes=args.search_probes,

@@ -86,12 +86,15 @@ class PromptMaker:
 
     def make(self, n: int, rng: random.Random) -> Prompt:
         opening = [rng.choice(self.vocabulary) for _ in range(OPENING_WORDS)]
-        if self.corpus_ids is not None:
-            head = self.tokenizer.encode(" ".join(opening) + ".", add_special_tokens=False)[:n]
+        tok = self.tokenizer
+        if self.corpus_ids is not None and tok is not None:  # exact: the corpus was tokenized with it
+            head = tok.encode(" ".join(opening) + ".", add_special_tokens=False)[:n]
             start = rng.randrange(len(self.corpus_ids))
-            ids = tuple(head) + tuple(self.corpus_ids[(start + i) % len(self.corpus_ids)] for i in range(n - len(head)))
-            return Prompt(ids, self.tokenizer.decode(ids))
-        ids = None
+            exact = tuple(head) + tuple(
+                self.corpus_ids[(start + i) % len(self.corpus_ids)] for i in range(n - len(head))
+            )
+            return Prompt(exact, tok.decode(exact))
+        ids: tuple[int, ...] | None = None
         if self.vocab_size is not None:
             ids = tuple(rng.randrange(self.low, self.vocab_size) for _ in range(n))
         n_words = max(1, round(n / TOKENS_PER_WORD))
@@ -202,7 +205,7 @@ def _build(name: str, options: DatasetOptions, prompts: PromptMaker, seed: int, 
     rng = random.Random(seed)
     content = random.Random(f"{seed}/content/{salt}")
     out = LengthDist(o.output_len, o.spread, cap=None)
-    base = {"seed": seed, "salt": salt, "exact_token_lengths": prompts.exact}
+    base: dict[str, Any] = {"seed": seed, "salt": salt, "exact_token_lengths": prompts.exact}
     if name == "random":
         inp = LengthDist(o.input_len, o.spread, _input_cap(o, o.output_len))
         params = {**base, "input_len": o.input_len, "output_len": o.output_len, "spread": o.spread}

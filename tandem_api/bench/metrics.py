@@ -133,10 +133,10 @@ class RequestRecord:
 
     @property
     def tpot_s(self) -> float | None:
-        n = self.n_output
-        if not self.ok or n < 2:
+        n, e2el, ttft = self.n_output, self.e2el_s, self.ttft_s
+        if not self.ok or n < 2 or e2el is None or ttft is None:
             return None
-        return (self.e2el_s - self.ttft_s) / (n - 1)
+        return (e2el - ttft) / (n - 1)
 
     def itl_s(self) -> list[float]:
         """One sample per token after the first (see the module docstring)."""
@@ -162,7 +162,7 @@ class RequestRecord:
             "e2el_ms": self.e2el_s,
             "itl_ms": percentile(self.itl_s(), 99),
         }
-        return all(checks[k] is None or checks[k] * 1000.0 <= target for k, target in slo.items())
+        return all((v := checks[k]) is None or v * 1000.0 <= target for k, target in slo.items())
 
     def to_json(self) -> dict[str, Any]:
         """The requests.jsonl line: every token's arrival time and the derived latencies in ms."""
@@ -238,5 +238,5 @@ def ttft_breakdown(done: Sequence[RequestRecord]) -> dict[str, float] | None:
         parts["router_queue"] += queue
         parts["prefill"] += prefill
         parts["server_other"] += max(server - queue - prefill, 0.0)
-        parts["client_network"] += max(r.ttft_s - server, 0.0)
+        parts["client_network"] += max((r.ttft_s or 0.0) - server, 0.0)
     return {k: v * 1000.0 / len(rows) for k, v in parts.items()}

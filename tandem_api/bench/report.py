@@ -178,7 +178,7 @@ def plot_runs(out: Path, runs: Sequence[dict[str, Any]], records: Sequence[Seque
         done = [r for r in records[i] if r.ok]
         label = f"{rate_label(_rate_of(runs[i]))} req/s"
         for ax, values in (
-            (axes[0], [r.ttft_s * 1000 for r in done]),
+            (axes[0], [r.ttft_s * 1000 for r in done if r.ttft_s is not None]),
             (axes[1], [s * 1000 for r in done for s in r.itl_s()]),
         ):
             if values:

@@ -92,7 +92,7 @@ def _turn_request(
     for asked, answered in history:
         parts.extend((asked, answered))
     parts.append(user)
-    ids = None if any(p.ids is None for p in parts) else tuple(i for p in parts for i in p.ids)
+    ids = None if any(p.ids is None for p in parts) else tuple(i for p in parts for i in p.ids or ())
     messages = None
     if unit.system is not None or history:
         messages = [{"role": "system", "content": unit.system.text}] if unit.system is not None else []

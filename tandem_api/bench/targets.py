@@ -84,7 +84,7 @@ class GrpcTarget:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._tls = (tls_ca, tls_cert, tls_key) if (tls or tls_ca or tls_cert) else None
         self._channel = None
-        self._stub = None
+        self._stub: Any = None  # pb_grpc.GenerationStub once started
 
     async def open(self) -> dict[str, Any]:
         import grpc
@@ -237,7 +237,7 @@ class OpenAITarget:
         self.model = model
         self.request_timeout_s = request_timeout_s
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._session = None
+        self._session: Any = None  # aiohttp.ClientSession once started
 
     async def open(self) -> dict[str, Any]:
         import aiohttp
