@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from router.delivery import Ended  # noqa: E402
 from router.errors import Outcome  # noqa: E402
 from router.http_app import HttpDoor  # noqa: E402
 from router.http_server import HttpServer  # noqa: E402
 from router.metrics import RouterMetrics  # noqa: E402
-from router.request_path import Ended  # noqa: E402
 from router.responses import ServerFacts  # noqa: E402
 from tandem_api.v1 import generation_pb2 as pb  # noqa: E402
 

@@ -15,7 +15,6 @@ so a rejected request leaves no trace in the queues or the block pool.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import numbers
@@ -35,13 +34,13 @@ from engine.kv_cache_manager import KVCacheManager
 from engine.loader import load_model_source
 from engine.loader.source import ModelSource
 from engine.model_runner import ModelRunner
-from engine.outputs import StepOutput, merge_step_outputs
+from engine.outputs import StepOutput
 from engine.request import FinishReason, Request, RequestStatus
 from engine.sampler import Sampler, SamplingState
 from engine.scheduler import Scheduler
 from engine.shard import ModelShard
 from engine.spec_decode import make_proposer
-from engine.spec_decode.verify import verify
+from engine.spec_decode.verify import verify_step
 from engine.stop_checker import find_stop
 
 log = logging.getLogger(__name__)
@@ -394,45 +393,19 @@ class EngineCore:
                 for i, tid, lp in zip(plain, sampled.token_ids, sampled.logprobs):
                     outputs.append(self._append_token(batch.sample[i].request, tid, lp, now))
             if len(plain) < len(batch.sample):
-                outputs.extend(self._verify(batch, logits, offsets, now))
+                verified, steps, proposed, accepted = verify_step(
+                    self.sampler, self.kv_manager, self.proposer, self.scheduler.spec_tokens, self._append_token,
+                    batch, logits, offsets, now,
+                )  # fmt: skip
+                outputs.extend(verified)
+                self.spec_steps += steps
+                self.spec_proposed += proposed
+                self.spec_accepted += accepted
         for s in spec:
             req = s.request
             req.spec_token_ids, req.spec_draft_probs = [], None
             if not req.status.finished:  # blocks only rejected proposals reached go back to the pool
                 self.kv_manager.trim(req.request_id, req.num_tokens)
-        return outputs
-
-    def _verify(self, batch, logits: torch.Tensor, offsets: list[int], now: float) -> list[StepOutput]:
-        """Requests that verified proposals this step: accept, emit, and advance their computed tokens."""
-        greedy_ids = None
-        todo = [(i, s.request) for i, s in enumerate(batch.sample) if s.request.spec_token_ids]
-        if any(r.params.greedy and not r.params.penalized for _, r in todo):
-            greedy_ids = logits.argmax(dim=-1).tolist()
-        outputs = []
-        for i, req in todo:
-            lo, hi = offsets[i], offsets[i + 1]
-            k = len(req.spec_token_ids)
-            start = req.num_computed_tokens
-            req.spec_steps += 1
-            req.spec_proposed += k
-            fast = (
-                greedy_ids[lo:hi] if greedy_ids is not None and req.params.greedy and not req.params.penalized else None
-            )
-            accepted, outs = verify(
-                self.sampler, req, logits[lo:hi], fast, functools.partial(self._append_token, req, now=now)
-            )
-            self.spec_steps += 1
-            self.spec_proposed += k
-            self.spec_accepted += accepted
-            # the next proposal's length follows this one's fate: all accepted -> twice as many (up to
-            # num_speculative_tokens), else one more than were accepted: rejected rows cost a step time
-            req.spec_k = min(self.scheduler.spec_tokens, 2 * k) if accepted == k else accepted + 1
-            if not req.status.finished:
-                req.num_computed_tokens = start + 1 + accepted
-                self.kv_manager.commit(req.request_id, req.token_ids, req.num_computed_tokens)
-                if self.proposer is not None:
-                    self.proposer.verified(req, k, accepted)
-            outputs.append(merge_step_outputs(outs))
         return outputs
 
     def _append_token(self, req: Request, tid: int, lp, now: float) -> StepOutput:

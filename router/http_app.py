@@ -32,22 +32,22 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 
 import pydantic
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from router.delivery import Door, Ended
 from router.errors import Outcome, RequestValidationError, one_line
+from router.http_jobs import FINISH, Choice, Job
 from router.openai_protocol import ChatCompletionRequest, CompletionRequest, ModelCard
-from router.request_path import Door, Ended, RequestPath
-from router.responses import FINISH_REASONS, ServerFacts
+from router.request_path import RequestPath
+from router.responses import ServerFacts
 from tandem_api.v1 import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-FINISH = {code: name for name, code in FINISH_REASONS.items()}  # tandem.v1 finish reason -> OpenAI's
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -91,155 +91,6 @@ def _pydantic_message(exc: pydantic.ValidationError) -> tuple[str, str | None]:
     if err.get("type") == "missing":
         return f"{path} is required", path or None
     return f"{path or 'body'}: {err.get('msg', 'invalid value')}", path or None
-
-
-@dataclass
-class _Choice:
-    """What one choice has produced so far (for the non-streaming answer, usage and logprobs offsets)."""
-
-    index: int
-    group: int  # the prompt it belongs to (usage counts a prompt once, whatever n)
-    text: list[str] = field(default_factory=list)
-    text_len: int = 0
-    first_sent: bool = False
-    finish_reason: str | None = None
-    stop_reason: str | None = None
-    logprobs: list[pb.TokenLogprob] = field(default_factory=list)
-    usage: pb.Usage | None = None
-    ended: Ended | None = None
-
-
-class _Job:
-    """The choices of one HTTP request, running on the request path; events arrive on one queue."""
-
-    def __init__(
-        self,
-        path: RequestPath,
-        subs: Sequence[tuple[int, pb.GenerateRequest]],
-        n: int,
-        door: Door,
-        carrier,
-        chat: bool,
-        tasks: set[asyncio.Task],
-    ) -> None:
-        self.path, self.door, self.carrier, self.chat = path, door, carrier, chat
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.choices = {index: _Choice(index, index // n) for index, _ in subs}
-        self.subs, self.n = subs, n
-        self.tasks: list[asyncio.Task] = []
-        self._all_tasks = tasks  # the door's: keeps each task referenced until it is done
-        self.pending = len(subs)
-
-    async def start(self) -> Ended | None:
-        """Start every choice that does not wait for another; None once each of them is routed, else the
-        first failure (the others are cancelled)."""
-        gates: dict[int, asyncio.Future] = {}
-        firsts: dict[int, asyncio.Event] = {}
-        loop = asyncio.get_running_loop()
-        for index, request in self.subs:
-            group, j = divmod(index, self.n)
-            if j == 0:
-                firsts[group] = asyncio.Event()
-                gates[index] = loop.create_future()
-            after = firsts[group] if j > 0 else None
-            self._spawn(index, request, gates.get(index), firsts[group] if j == 0 else None, after)
-        for index, gate in gates.items():
-            ended = await gate
-            if ended is not None and not ended.ok:
-                await self.cancel()
-                return ended
-        return None
-
-    def _spawn(
-        self,
-        index: int,
-        request: pb.GenerateRequest,
-        gate: asyncio.Future | None,
-        first: asyncio.Event | None,
-        after: asyncio.Event | None,
-    ) -> None:
-        def routed() -> None:
-            if gate is not None and not gate.done():
-                gate.set_result(None)
-
-        async def emit(response: pb.GenerateResponse) -> None:
-            if first is not None:
-                first.set()
-            self.queue.put_nowait((index, response))
-
-        async def one() -> None:
-            ended = Ended(Outcome.CANCELLED, "cancelled")
-            try:
-                if after is not None:
-                    await after.wait()
-                ended = await self.path.run(
-                    request, emit, carrier=self.carrier, door=self.door, fill_max_tokens=self.chat, on_routed=routed
-                )
-            finally:
-                if gate is not None and not gate.done():
-                    gate.set_result(ended)
-                if first is not None:
-                    first.set()  # an ended first choice lets the others go (they will fail or run alone)
-                self.queue.put_nowait((index, ended))
-
-        task = asyncio.create_task(one(), name=f"http-{request.request_id}")
-        self.tasks.append(task)
-        self._all_tasks.add(task)
-        task.add_done_callback(self._all_tasks.discard)
-
-    async def events(self) -> AsyncIterator[tuple[_Choice, pb.GenerateResponse | Ended]]:
-        """Every response and every end, in arrival order, until each choice has ended."""
-        while self.pending:
-            index, event = await self.queue.get()
-            choice = self.choices[index]
-            if isinstance(event, Ended):
-                self.pending -= 1
-                choice.ended = event
-            else:
-                self._record(choice, event)
-            yield choice, event
-
-    def _record(self, choice: _Choice, r: pb.GenerateResponse) -> None:
-        if r.text:
-            choice.text.append(r.text)
-        choice.logprobs.extend(r.logprobs)
-        if r.finish_reason:
-            choice.finish_reason = FINISH[r.finish_reason]
-            choice.stop_reason = r.stop_reason or None
-        if r.HasField("usage"):
-            choice.usage = r.usage
-
-    async def cancel(self) -> None:
-        """Cancel every choice still running and wait for each to end (the path cleans up on cancel)."""
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-    def usage(self) -> dict:
-        prompt = cached = completion = steps = proposed = accepted = 0
-        for c in self.choices.values():
-            if c.usage is None:
-                continue
-            completion += c.usage.completion_tokens
-            steps += c.usage.spec_verify_steps
-            proposed += c.usage.spec_proposed_tokens
-            accepted += c.usage.spec_accepted_tokens
-            if c.index % self.n == 0:  # a prompt counts once, whatever n; its cache hit is the first choice's
-                prompt += c.usage.prompt_tokens
-                cached += c.usage.cached_tokens
-        usage = {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-        }
-        if steps:  # speculative decoding: OpenAI's prediction counters, and tokens per verification step
-            usage["completion_tokens_details"] = {
-                "accepted_prediction_tokens": accepted,
-                "rejected_prediction_tokens": proposed - accepted,
-            }
-            usage["acceptance_length"] = round(1.0 + accepted / steps, 4)
-        return usage
 
 
 class HttpDoor:
@@ -377,7 +228,7 @@ class HttpDoor:
             raise HttpError(Outcome.INVALID_ARGUMENT, str(exc), exc.param) from None
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         door = Door("http", f"POST {endpoint}", {"http.request.method": "POST", "url.path": endpoint})
-        job = _Job(self.path, subs, body.n, door, dict(request.headers), chat, self.tasks)
+        job = Job(self.path, subs, body.n, door, dict(request.headers), chat, self.tasks)
         failed = await job.start()
         if failed is not None:
             return error_response(failed.outcome, failed.message, retry_after_ms=failed.retry_after_ms)
@@ -388,7 +239,7 @@ class HttpDoor:
             )
         return await self._complete(job, head, body, chat, request)
 
-    async def _complete(self, job: _Job, head: dict, body, chat: bool, request: Request) -> Response:
+    async def _complete(self, job: Job, head: dict, body, chat: bool, request: Request) -> Response:
         async def collect() -> Ended | None:
             async for choice, event in job.events():
                 if isinstance(event, Ended) and not event.ok:
@@ -433,7 +284,7 @@ class HttpDoor:
             }
         )
 
-    async def _stream(self, job: _Job, head: dict, body, chat: bool) -> AsyncIterator[bytes]:
+    async def _stream(self, job: Job, head: dict, body, chat: bool) -> AsyncIterator[bytes]:
         kind = "chat.completion.chunk" if chat else "text_completion"
         include_usage = body.include_usage
         try:
@@ -459,7 +310,7 @@ class HttpDoor:
             if job.pending:  # the client went away (or a choice failed): end every choice still running
                 await job.cancel()
 
-    def _chunk_choice(self, choice: _Choice, r: pb.GenerateResponse, body, chat: bool) -> dict | None:
+    def _chunk_choice(self, choice: Choice, r: pb.GenerateResponse, body, chat: bool) -> dict | None:
         finish = FINISH[r.finish_reason] if r.finish_reason else None
         if not r.text and finish is None and not r.logprobs and (choice.first_sent or not chat):
             return None

@@ -51,9 +51,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass, field
 
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -62,7 +61,9 @@ from common import telemetry as tm
 from common.contract import KVTransferFailedError, StreamChunk
 from common.telemetry import Tracing, TracingConfig, setup_tracing
 from router.attempts import Attempt, Run, retry_reason
+from router.cleanup import Cleanups
 from router.config import RequestPathConfig
+from router.delivery import GRPC_DOOR, Door, Emit, Ended, send_chunk
 from router.errors import (
     AdmissionError,
     NoHealthyWorkerError,
@@ -76,7 +77,7 @@ from router.errors import (
 )
 from router.membership import Membership
 from router.metrics import RouterMetrics
-from router.responses import RequestTrace, chunk_response
+from router.responses import RequestTrace
 from router.routing import Route
 from router.validation import RETRY_ID_MARKER, RequestValidator
 from router.workers import WorkerClient
@@ -86,33 +87,6 @@ log = logging.getLogger(__name__)
 # ending P's lease once D streams: behind a long engine step under load this can take seconds, and
 # nothing waits for it (the lease itself is the backstop), so it gets longer than other cleanup calls
 RELEASE_TIMEOUT_S = 60.0
-Emit = Callable[[pb.GenerateResponse], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class Door:
-    """A front door as the path's spans and metrics name it."""
-
-    name: str  # the `door` label of tandem_requests_total: "grpc" | "http"
-    span_name: str
-    span_attributes: Mapping[str, str] = field(default_factory=dict)
-
-
-GRPC_DOOR = Door("grpc", tm.SPAN_GENERATE, {tm.ATTR_RPC_SYSTEM: "grpc", tm.ATTR_RPC_METHOD: "Generate"})
-
-
-@dataclass(frozen=True)
-class Ended:
-    """How a request ended: the outcome, a one-line message for the client (empty when OK), and for
-    RESOURCE_EXHAUSTED how long to back off."""
-
-    outcome: Outcome
-    message: str = ""
-    retry_after_ms: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome is Outcome.OK
 
 
 class RequestPath:
@@ -140,7 +114,7 @@ class RequestPath:
         self._active: dict[str, Run] = {}
         self._idle = asyncio.Event()  # set while no request is in flight
         self._idle.set()
-        self._cleanups: set[asyncio.Task] = set()
+        self.cleanups = Cleanups(config.cleanup_timeout_s)
         membership.attempts_source = self._attempts
 
     @property
@@ -268,7 +242,7 @@ class RequestPath:
                 if run.attempt is not None:
                     self.router.close(run.attempt.rid)
                     if not run.finished:
-                        await self._cleanup(run.attempt)
+                        await self.cleanups.undo_now(run.attempt)
                 if run.undos:  # failed attempts' cleanups (each bounded): done before the id can be reused
                     await asyncio.shield(asyncio.gather(*run.undos, return_exceptions=True))
             finally:
@@ -332,7 +306,7 @@ class RequestPath:
                 failed_at = self._clock()
                 self.router.close(attempt.rid)
                 if attempt.prefill_sent or attempt.stream_sent:
-                    run.undos.append(self._background(self._undo(attempt)))
+                    run.undos.append(self.cleanups.background(self.cleanups.undo(attempt)))
                 run.trace.retries += 1
                 self.metrics.retries.labels(reason).inc()
                 (run.span or trace_api.get_current_span()).add_event(
@@ -429,8 +403,14 @@ class RequestPath:
         if not attempt.prior:  # a resumed attempt's hit covers tokens that are not the prompt's
             run.trace.cached_tokens = result.cached_tokens
         done = result.first.finished
-        await self._send(
-            emit, run, result.first, p.worker_id, prefill_worker=p.worker_id, decode_worker="" if done else d.worker_id
+        await send_chunk(
+            self._clock(),
+            emit,
+            run,
+            result.first,
+            p.worker_id,
+            prefill_worker=p.worker_id,
+            decode_worker="" if done else d.worker_id,
         )
         if done:
             return
@@ -485,43 +465,17 @@ class RequestPath:
                     # D streams only after every rank pulled the prompt's KV: P may free it now
                     attempt.kv_leased = False
                     if attempt.p is not None:
-                        self._background(self._quietly(attempt.p, "release", attempt.rid, RELEASE_TIMEOUT_S))
-                await self._send(emit, run, chunk, worker.worker_id, decode_worker=worker.worker_id)
+                        self.cleanups.background(
+                            self.cleanups.call(
+                                attempt.p.release, attempt.p.worker_id, "release", attempt.rid, RELEASE_TIMEOUT_S
+                            )
+                        )
+                await send_chunk(self._clock(), emit, run, chunk, worker.worker_id, decode_worker=worker.worker_id)
                 if run.finished:
                     return
         raise WorkerFailedError(
             f"worker {worker.worker_id} ended the stream before the request finished", worker.worker_id
         )
-
-    async def _send(
-        self,
-        emit: Emit,
-        run: Run,
-        chunk: StreamChunk,
-        worker_id: str,
-        prefill_worker: str = "",
-        decode_worker: str = "",
-    ) -> None:
-        response = chunk_response(chunk, worker_id)
-        response.request_id = run.request.request_id  # a retry's workers know it as "<id>~retry<n>"
-        if run.attempt is not None and run.attempt.prior:
-            chunk.cached_tokens = 0  # a resumed attempt's cache hit is over prompt + prior: not the prompt's
-        trace = run.trace
-        trace.count(chunk)
-        now = self._clock()
-        if trace.first_sent is None:
-            response.prefill_worker, response.decode_worker = prefill_worker, decode_worker
-            response.route = run.route.reason if run.route is not None else ""
-            (run.span or trace_api.get_current_span()).add_event(tm.EVENT_FIRST_TOKEN)
-        trace.sent(now, len(chunk.token_ids))
-        if chunk.finished:
-            trace.finish_reason = chunk.finish_reason or ""
-            trace.finish(response, now)
-            run.finished = True
-            if run.attempt is not None:
-                run.attempt.kv_leased = False
-        run.output_ids.extend(chunk.token_ids)
-        await emit(response)
 
     def _observe(self, run: Run, outcome: Outcome, door: Door) -> None:
         """One request's metrics, once, when it ends (any way)."""
@@ -530,66 +484,16 @@ class RequestPath:
             local = run.route is not None and run.route.local
             self.metrics.observe_request(run.trace, local, outcome.value, door.name)
 
-    # -- cleanup ----------------------------------------------------------------------------------
-
-    async def _cleanup(self, attempt: Attempt) -> None:
-        await asyncio.shield(self._background(self._undo(attempt)))
-
-    def _background(self, coro) -> asyncio.Task:
-        """A task that outlives the request's own (cancellation of the request must not stop it)."""
-        task = asyncio.create_task(coro)
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
-        return task
-
-    async def _undo(self, attempt: Attempt) -> None:
-        rid = attempt.rid
-        if attempt.d is not None and attempt.stream_sent:
-            await self._quietly(attempt.d, "abort", rid)
-        if attempt.p is not None and attempt.prefill_sent and not attempt.prefill_done:
-            await self._quietly(attempt.p, "abort", rid)
-        elif attempt.p is not None and attempt.kv_leased:
-            await self._quietly(attempt.p, "release", rid)
-
-    async def _quietly(self, worker: WorkerClient, method: str, rid: str, timeout_s: float | None = None) -> None:
-        timeout_s = self.config.cleanup_timeout_s if timeout_s is None else timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                await getattr(worker, method)(rid)
-        except TimeoutError:  # the call stays queued on the worker (behind an engine step) and lands later:
-            # expected under overload (seen in the soak), so not a warning; a worker that never answers
-            # is found by the health check
-            log.info(
-                "cleanup of %s: %s on %s not answered within %g s (a busy worker applies it later; "
-                "a lease ends at expiry anyway)",
-                rid,
-                method,
-                worker.worker_id,
-                timeout_s,
-            )
-        except Exception as exc:  # noqa: BLE001 - cleanup never raises
-            log.warning(
-                "cleanup of %s: %s(%s) on %s failed: %s: %s",
-                rid,
-                method,
-                rid,
-                worker.worker_id,
-                type(exc).__name__,
-                exc,
-            )
-
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once no request is in flight here and every cleanup has run; False after timeout_s."""
         try:
             async with asyncio.timeout(timeout_s):
                 await self._idle.wait()
-                if self._cleanups:
-                    await asyncio.gather(*self._cleanups, return_exceptions=True)
+                await self.cleanups.wait()
             return True
         except TimeoutError:
             return False
 
     async def close(self) -> None:
         """Waits for the cleanups still running (each bounded by `cleanup_timeout_s`)."""
-        if self._cleanups:
-            await asyncio.gather(*self._cleanups, return_exceptions=True)
+        await self.cleanups.wait()

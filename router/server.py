@@ -28,12 +28,13 @@ from grpc_health.v1 import health, health_pb2
 
 from common.telemetry import Tracing
 from router.config import RequestPathConfig
+from router.delivery import Ended
 from router.errors import status_for
 from router.grpc_port import SERVICE_NAME, Undecodable
 from router.membership import Membership
 from router.metrics import RouterMetrics
 from router.pools import WorkerPool, WorkerReport
-from router.request_path import Ended, RequestPath
+from router.request_path import RequestPath
 from router.responses import ServerFacts, server_info
 from router.routing import RoutingConfig
 from router.validation import RequestValidator

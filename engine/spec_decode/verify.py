@@ -18,12 +18,18 @@ stop landing mid-proposal ends the request exactly where a plain run ends it):
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from engine.outputs import StepOutput
+from engine.outputs import StepOutput, merge_step_outputs
 from engine.sampler import Sampler, TokenLogprobs
+
+if TYPE_CHECKING:
+    from engine.kv_cache_manager import KVCacheManager
+    from engine.model_runner import StepBatch
+    from engine.spec_decode.proposer import Proposer
 
 Emit = Callable[[int, "TokenLogprobs | None"], StepOutput]
 
@@ -78,3 +84,46 @@ def verify(
         if out.finished or not ok:
             break
     return accepted, outs
+
+
+def verify_step(
+    sampler: Sampler,
+    kv_manager: KVCacheManager,
+    proposer: Proposer | None,
+    k_max: int,
+    append: Callable[..., StepOutput],
+    batch: StepBatch,
+    logits: torch.Tensor,
+    offsets: list[int],
+    now: float,
+) -> tuple[list[StepOutput], int, int, int]:
+    """The requests of one step that verified proposals: accept, emit (`append(req, tid, lp, now=)`, the
+    engine's append), advance their computed tokens, adapt their next proposal length. `offsets[i]`: the
+    first logits row of `batch.sample[i]`. Returns the outputs and this step's (steps, proposed, accepted)."""
+    greedy_ids = None
+    todo = [(i, s.request) for i, s in enumerate(batch.sample) if s.request.spec_token_ids]
+    if any(r.params.greedy and not r.params.penalized for _, r in todo):
+        greedy_ids = logits.argmax(dim=-1).tolist()
+    outputs = []
+    proposed = accepted_total = 0
+    for i, req in todo:
+        lo, hi = offsets[i], offsets[i + 1]
+        k = len(req.spec_token_ids)
+        start = req.num_computed_tokens
+        req.spec_steps += 1
+        req.spec_proposed += k
+        plain_greedy = greedy_ids is not None and req.params.greedy and not req.params.penalized
+        fast = greedy_ids[lo:hi] if greedy_ids is not None and plain_greedy else None
+        accepted, outs = verify(sampler, req, logits[lo:hi], fast, functools.partial(append, req, now=now))
+        proposed += k
+        accepted_total += accepted
+        # the next proposal's length follows this one's fate: all accepted -> twice as many (up to
+        # num_speculative_tokens), else one more than were accepted: rejected rows cost a step time
+        req.spec_k = min(k_max, 2 * k) if accepted == k else accepted + 1
+        if not req.status.finished:
+            req.num_computed_tokens = start + 1 + accepted
+            kv_manager.commit(req.request_id, req.token_ids, req.num_computed_tokens)
+            if proposer is not None:
+                proposer.verified(req, k, accepted)
+        outputs.append(merge_step_outputs(outs))
+    return outputs, len(todo), proposed, accepted_total
