@@ -19,7 +19,7 @@ import itertools
 import logging
 import numbers
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -47,7 +47,13 @@ log = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, source: ModelSource | None = None, executor=None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        source: ModelSource | None = None,
+        executor=None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """`executor`: a DistributedExecutor for a tp x pp worker (its ranks already started, caches
         allocated); None builds the whole model here (tp = pp = 1)."""
         self.config = config
@@ -75,7 +81,8 @@ class EngineCore:
         num_blocks = self.kv_spec.num_blocks
         cc = config.cache
         self.kv_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_manager)
+        self.clock = clock  # every timestamp the engine takes (arrival, first schedule, first token)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, clock)
         spec = config.speculative
         self.scheduler.spec_tokens = spec.num_speculative_tokens if spec.enabled else 0
         self.scheduler.spec_disable_batch_size = spec.disable_batch_size
@@ -169,6 +176,7 @@ class EngineCore:
     ) -> Request:
         req = Request(
             request_id=rid,
+            arrival_time=self.clock(),
             prompt_token_ids=tokens,
             params=params,
             sampling=SamplingState.create(params, tokens),
@@ -191,7 +199,7 @@ class EngineCore:
             )
         vocab = self.model_config.vocab_size
         handoff, req.kv_handoff = req.kv_handoff, False  # a replayed token never hands the KV off
-        now = time.monotonic()
+        now = self.clock()
         try:
             for tid in prior_output_ids:
                 if not 0 <= tid < vocab:
@@ -292,7 +300,7 @@ class EngineCore:
         )
         self.scheduler.add_remote(req)
         req.sampling.advance(self.model_config.vocab_size, self.device)
-        return self._append_token(req, int(first_token), None, time.monotonic())
+        return self._append_token(req, int(first_token), None, self.clock())
 
     def allocate_remote_kv(self, request_id: str) -> tuple[list[int], int] | None:
         """Decode role: blocks for the prompt's KV, minus what the local prefix cache holds.
@@ -382,7 +390,7 @@ class EngineCore:
             self.kv_manager.commit(req.request_id, req.token_ids, req.num_computed_tokens)
         outputs = []
         if batch.sample:
-            now = time.monotonic()
+            now = self.clock()
             offsets = [0]
             for n in batch.sample_rows:
                 offsets.append(offsets[-1] + n)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
 from collections.abc import AsyncIterator, Callable
 
 import msgspec
@@ -171,7 +170,7 @@ class WorkerHost:
             dtype=str(self.core.dtype).removeprefix("torch."),
             transfers_in_flight=transfers_in_flight,
             incarnation=self.publisher.epoch,
-            perf=self.engine.step_times.estimate(time.monotonic()),
+            perf=self.engine.step_times.estimate(self.core.clock()),
         )
 
     async def kv_snapshot(self) -> KVSnapshot:

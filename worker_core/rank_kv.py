@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -42,9 +43,11 @@ class RankKV:
         backend: str = "UCX",
         progress_thread: bool = False,
         staging_bytes: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from kv_transfer import KVLayout, NixlSettings, NixlTransport
 
+        self.clock = clock  # the pull's deadline
         self.cache = cache
         self.layout = KVLayout.from_cache(cache, spec, fingerprint)
         row = spec.head_dim * cache.element_size()
@@ -119,13 +122,13 @@ class RankKV:
         rounds = self.plan(leader_agent).bind(
             src_blocks, dst_blocks, num_tokens, first_token, 0 if self.staging is None else self.staging.numel()
         )
-        deadline = time.monotonic() + timeout_s
+        deadline = self.clock() + timeout_s
         moved = 0
         for rnd in rounds:
             handles = [self.transport.submit(plan, TransferOp.READ, agents[src]) for src, plan in rnd.reads]
             try:
                 states = [self.transport.poll(h) for h in handles]
-                while TransferState.PENDING in states and time.monotonic() < deadline:
+                while TransferState.PENDING in states and self.clock() < deadline:
                     time.sleep(POLL_S)
                     states = [self.transport.poll(h) for h in handles]
             finally:
