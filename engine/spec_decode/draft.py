@@ -7,7 +7,9 @@ so the draft needs no block pool of its own and its KV lives and dies with the r
 Per request, `draft_computed` counts the positions whose draft KV is valid. One proposal:
 
     pass 1     the draft computes tokens [draft_computed, N) (N = tokens so far; usually the 1-2
-               tokens the last verification produced, the whole prompt the first time) -> d1
+               tokens the last verification produced, the whole prompt the first time) -> d1;
+               at most the token budget per step over all requests: one far behind catches up
+               over several steps (no proposal until it has), like a chunked prefill
     pass 2..k  one decode row per request: d_i at position N - 1 + i -> d_{i+1}
     verified   a of k accepted: draft KV is valid for N + min(a, k - 1) positions
 
@@ -64,6 +66,10 @@ class DraftProposer:
         self.runner = ModelRunner(LocalExecutor(self.shard), self.shard.kv_spec, device)
         self.sampler = Sampler(generator)
         self.device = device
+        # tokens the draft catches up on per step, over all requests (the target's token budget): a long
+        # prompt's catch-up (on a decode worker, after a prefix hit or preemption) is spread over steps
+        # like chunked prefill instead of stalling one step; a request proposes once it has caught up
+        self.catchup_budget = config.scheduler.max_num_batched_tokens
 
     def propose(self, slots) -> None:
         items = [(s.request, s.spec_slots, s.block_ids) for s in slots if s.spec_slots > 0]
@@ -72,12 +78,27 @@ class DraftProposer:
         props: dict[int, list[int]] = {}
         probs: dict[int, list[torch.Tensor]] = {}
         spans = []
-        for req, _, blocks in items:
+        ready = []
+        budget = self.catchup_budget
+        for req, k, blocks in items:
             n_tok = req.num_tokens
             start = min(req.draft_computed, n_tok - 1)
-            spans.append(Span(req, req.token_ids, start, n_tok - start, blocks, n_tok - start == 1, 1))
-            req.draft_computed = n_tok
-        self._draw(spans, props, probs)
+            need = n_tok - start
+            if need <= budget:  # caught up in this pass: it proposes
+                spans.append(Span(req, req.token_ids, start, need, blocks, need == 1, 1))
+                req.draft_computed = n_tok
+                ready.append((req, k, blocks))
+                budget -= need
+            elif budget > 0:  # part of the way this step, no proposal yet
+                spans.append(Span(req, req.token_ids, start, budget, blocks, budget == 1, 0))
+                req.draft_computed = start + budget
+                budget = 0
+            req.spec_token_ids, req.spec_draft_probs = [], None
+        if spans:
+            self._draw(spans, props, probs)
+        items = ready
+        if not items:
+            return
         for i in range(1, max(k for _, k, _ in items)):
             spans = [
                 Span(req, req.token_ids + props[id(req)], req.num_tokens - 1 + i, 1, blocks, True, 1)

@@ -283,3 +283,25 @@ def test_seeded_request_does_not_depend_on_the_batch(target_dir):
     crowd = [(f"g{i}", p, GREEDY) for i, p in enumerate(_prompts(11, seed=22))]
     among = _run(_engine(target_dir, spec), [("s", prompt, seeded), *crowd])["s"]["tokens"]
     assert among == alone
+
+
+def test_draft_catch_up_is_spread_over_steps(target_dir, draft_dir, plain):
+    """A draft that starts behind (every request's prompt) catches up at most the token budget per step,
+    over all requests, and proposes once caught up; tokens still equal the plain engine's."""
+    prompts = _prompts(4, seed=31)
+    reqs = [(f"c{i}", p * 2, GREEDY) for i, p in enumerate(prompts)]  # 16..90 tokens each
+    ref = _run(plain, reqs)
+    spec = _engine(target_dir, _spec("draft-other", target_dir, draft_dir), budget=16)
+    proposer = spec.proposer
+    passes: list[int] = []
+    prepare = proposer.runner.prepare_spans
+
+    def recording(spans):
+        passes.append(sum(s.n for s in spans if not (s.rows and s.n == 1 and s.num_logits == 1 and s.start > 0)))
+        return prepare(spans)
+
+    proposer.runner.prepare_spans = recording
+    got = _run(spec, reqs)
+    for rid, _, _ in reqs:
+        assert got[rid]["tokens"] == ref[rid]["tokens"]
+    assert max(passes) <= 16 and spec.spec_steps > 0
