@@ -56,7 +56,8 @@ from common.perf_model import PerfEstimate
 from common.sampling_params import MAX_LOGPROBS, SamplingParams
 
 __all__ = [
-    "WIRE_VERSION", "Role", "Health", "WireVersionError", "check_wire_version", "WorkerAPI", "PromptTokenizer",
+    "WIRE_VERSION", "acceptance_length", "Role", "Health", "WireVersionError", "check_wire_version", "WorkerAPI",
+    "PromptTokenizer",
     "LogprobEntry", "StreamChunk", "KVHandle", "PrefillResult", "WorkerStatus", "KVEventsReply", "ModelInfo",
     "PerfEstimate", "SamplingParams", "MAX_LOGPROBS", "KVEventBatch", "KVSnapshot", "KVEventDecodeError",
     "AllCleared", "BlockRemoved", "BlockStored", "decode_event_batch", "first_gap",
@@ -92,6 +93,12 @@ def check_wire_version(theirs: int, who: str = "a worker") -> None:
             f"{who} speaks wire version {theirs or '< 4'}, this router {WIRE_VERSION}: run one "
             "Tandem version on every node (common/contract.py)"
         )
+
+
+def acceptance_length(steps: int, accepted: int) -> float | None:
+    """Speculative decoding: tokens produced per verification step (each step's accepted proposals plus
+    the target's own token), 1 + accepted / steps; None before any verification."""
+    return 1.0 + accepted / steps if steps else None
 
 
 class PromptTokenizer(Protocol):

@@ -39,8 +39,7 @@ from engine.request import FinishReason, Request, RequestStatus
 from engine.sampler import Sampler, SamplingState
 from engine.scheduler import Scheduler
 from engine.shard import ModelShard
-from engine.spec_decode import make_proposer
-from engine.spec_decode.verify import verify_step
+from engine.spec_decode import describe, make_proposer, verify_step
 from engine.stop_checker import find_stop
 
 log = logging.getLogger(__name__)
@@ -328,15 +327,8 @@ class EngineCore:
         self.scheduler.resume_remote(req)
 
     def speculative_description(self) -> str:
-        """What this engine speculates with, in one comparable string ("" when off): the workers of one
-        cluster must agree (checked when they start and when one joins)."""
-        spec = self.config.speculative
-        if not spec.enabled:
-            return ""
-        desc = f"{spec.method} k={spec.num_speculative_tokens} off_above={spec.disable_batch_size}"
-        if spec.method == "ngram":
-            return f"{desc} lookup={spec.prompt_lookup_min}..{spec.prompt_lookup_max}"
-        return f"{desc} draft={getattr(self.proposer, 'fingerprint', '')}"
+        """What this engine speculates with ("" when off): the workers of one cluster must agree."""
+        return describe(self.config.speculative, self.proposer)
 
     def counts(self) -> tuple[int, int, int]:
         """(running, waiting incl. waiting for remote KV, leased) requests."""
@@ -388,33 +380,43 @@ class EngineCore:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
             self.kv_manager.commit(req.request_id, req.token_ids, req.num_computed_tokens)
-        outputs = []
-        if batch.sample:
+        outputs: list[StepOutput] = []
+        if batch.sample and not any(s.request.spec_token_ids for s in spec):  # one logits row per request
             now = self.clock()
-            offsets = [0]
-            for n in batch.sample_rows:
-                offsets.append(offsets[-1] + n)
-            plain = [i for i, s in enumerate(batch.sample) if not s.request.spec_token_ids]
-            if plain:
-                rows = logits if len(plain) == len(batch.sample) else logits[[offsets[i] for i in plain]]
-                sampled = self.sampler(rows, [batch.sample[i].request.sampling for i in plain], vocab_limit=None)
-                for i, tid, lp in zip(plain, sampled.token_ids, sampled.logprobs):
-                    outputs.append(self._append_token(batch.sample[i].request, tid, lp, now))
-            if len(plain) < len(batch.sample):
-                verified, steps, proposed, accepted = verify_step(
-                    self.sampler, self.kv_manager, self.proposer, self.scheduler.spec_tokens, self._append_token,
-                    batch, logits, offsets, now,
-                )  # fmt: skip
-                outputs.extend(verified)
-                self.spec_steps += steps
-                self.spec_proposed += proposed
-                self.spec_accepted += accepted
+            sampled = self.sampler(logits, [s.request.sampling for s in batch.sample], vocab_limit=None)
+            for s, tid, lp in zip(batch.sample, sampled.token_ids, sampled.logprobs):
+                outputs.append(self._append_token(s.request, tid, lp, now))
+        elif batch.sample:
+            outputs = self._sample_and_verify(batch, logits)
         for s in spec:
             req = s.request
             req.spec_token_ids, req.spec_draft_probs = [], None
             if not req.status.finished:  # blocks only rejected proposals reached go back to the pool
                 self.kv_manager.trim(req.request_id, req.num_tokens)
         return outputs
+
+    def _sample_and_verify(self, batch, logits: torch.Tensor) -> list[StepOutput]:
+        """Some requests verify proposals (k + 1 logits rows, spec_decode.verify_step); the rest sample."""
+        now = self.clock()
+        offsets = [0]
+        for n in batch.sample_rows:
+            offsets.append(offsets[-1] + n)
+        plain = [i for i, s in enumerate(batch.sample) if not s.request.spec_token_ids]
+        outputs = []
+        if plain:  # one row each
+            sampled = self.sampler(
+                logits[[offsets[i] for i in plain]], [batch.sample[i].request.sampling for i in plain]
+            )
+            for i, tid, lp in zip(plain, sampled.token_ids, sampled.logprobs):
+                outputs.append(self._append_token(batch.sample[i].request, tid, lp, now))
+        verified, steps, proposed, accepted = verify_step(
+            self.sampler, self.kv_manager, self.proposer, self.scheduler.spec_tokens, self._append_token,
+            batch, logits, offsets, now,
+        )  # fmt: skip
+        self.spec_steps += steps
+        self.spec_proposed += proposed
+        self.spec_accepted += accepted
+        return outputs + verified
 
     def _append_token(self, req: Request, tid: int, lp, now: float) -> StepOutput:
         """Append one sampled token and decide whether the request stops.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.contract import acceptance_length
 from engine.sampler import TokenLogprobs
 
 
@@ -32,7 +33,7 @@ class StepOutput:
 
     @property
     def acceptance_length(self) -> float | None:
-        return 1.0 + self.spec_accepted / self.spec_steps if self.spec_steps else None
+        return acceptance_length(self.spec_steps, self.spec_accepted)
 
 
 def merge_step_outputs(outs: list[StepOutput]) -> StepOutput:

@@ -26,6 +26,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from common.contract import acceptance_length
 from common.sampling_params import SamplingParams
 from engine.detokenizer import IncrementalDetokenizer
 from engine.sampler import SamplingState, TokenLogprobs
@@ -90,8 +91,7 @@ class Request:
 
     @property
     def acceptance_length(self) -> float | None:
-        """Mean tokens produced per verification step (1 + accepted / steps); None before any."""
-        return 1.0 + self.spec_accepted / self.spec_steps if self.spec_steps else None
+        return acceptance_length(self.spec_steps, self.spec_accepted)
 
     @property
     def num_prompt_tokens(self) -> int:

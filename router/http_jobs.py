@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from common.contract import acceptance_length
 from router.delivery import Door, Ended
 from router.errors import Outcome
 from router.request_path import RequestPath
@@ -167,5 +168,5 @@ class Job:
                 "accepted_prediction_tokens": accepted,
                 "rejected_prediction_tokens": proposed - accepted,
             }
-            usage["acceptance_length"] = round(1.0 + accepted / steps, 4)
+            usage["acceptance_length"] = round(acceptance_length(steps, accepted) or 0.0, 4)
         return usage

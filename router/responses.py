@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from common.contract import Health, LogprobEntry, StreamChunk
+from common.contract import Health, LogprobEntry, StreamChunk, acceptance_length
 from router.errors import WorkerFailedError, one_line
 from router.pools import WorkerReport
 from tandem_api.v1 import generation_pb2 as pb
@@ -101,7 +101,7 @@ class RequestTrace:
     @property
     def acceptance_length(self) -> float:
         steps, _, accepted = self.spec
-        return 1.0 + accepted / steps if steps else 0.0
+        return acceptance_length(steps, accepted) or 0.0
 
     def sent(self, now: float, tokens: int) -> None:
         """A response with `tokens` tokens was handed to gRPC at `now`. Tokens that arrive with the first

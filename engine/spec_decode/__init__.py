@@ -10,6 +10,7 @@
 See `proposer.py` for the interface, `ngram.py` and `draft.py` for the two proposers.
 """
 
-from engine.spec_decode.proposer import Proposer, make_proposer
+from engine.spec_decode.proposer import Proposer, describe, make_proposer
+from engine.spec_decode.verify import verify_step
 
-__all__ = ["Proposer", "make_proposer"]
+__all__ = ["Proposer", "describe", "make_proposer", "verify_step"]

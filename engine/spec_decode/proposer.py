@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 if TYPE_CHECKING:
     import torch
 
-    from engine.config import EngineConfig
+    from engine.config import EngineConfig, SpeculativeConfig
     from engine.request import Request
     from engine.scheduler import ScheduledRequest
 
@@ -27,6 +27,17 @@ class Proposer(Protocol):
     def propose(self, slots: Sequence[ScheduledRequest]) -> None: ...
 
     def verified(self, req: Request, num_proposed: int, num_accepted: int) -> None: ...
+
+
+def describe(spec: SpeculativeConfig, proposer: Proposer | None) -> str:
+    """The speculative config in one comparable string ("" when off); checked equal on every worker of a
+    cluster when they start and when one joins. A draft is named by its weights' fingerprint."""
+    if not spec.enabled:
+        return ""
+    desc = f"{spec.method} k={spec.num_speculative_tokens} off_above={spec.disable_batch_size}"
+    if spec.method == "ngram":
+        return f"{desc} lookup={spec.prompt_lookup_min}..{spec.prompt_lookup_max}"
+    return f"{desc} draft={getattr(proposer, 'fingerprint', '')}"
 
 
 def make_proposer(
