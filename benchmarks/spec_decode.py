@@ -2,7 +2,7 @@
 
 Tandem's variants (plain, n-gram, n-gram without the batch cut-off) share one engine and process and run
 interleaved, request by request at batch 1 and group by group above, rotating the order (this VM's
-speed drifts by 20-30% between minutes, which a process per configuration mistakes for an effect).
+speed drifts between minutes, which a process per configuration mistakes for an effect).
 vLLM runs one process per configuration, one after the other. Tokens are timed as the engine emits
 them (EngineCore.step); a step that emits n tokens of a request after a gap g counts n inter-token
 latencies of g / n (as `tandem bench` counts tokens that arrive together). Greedy, EOS ignored, 128 output tokens.
