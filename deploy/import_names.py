@@ -33,6 +33,7 @@ TOP_LEVEL = (
     "router",
     "deploy",
     "tandem_api",
+    "planner",
 )
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,5 +9,5 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 # type check (pyproject.toml [tool.mypy]) of every product package (tests, benchmarks and scripts are not)
-.venv/bin/mypy common engine kv_transfer worker_core prefill_worker decode_worker router deploy tandem_api
+.venv/bin/mypy common engine kv_transfer worker_core prefill_worker decode_worker router deploy tandem_api planner
 exec .venv/bin/python -m pytest "$@"

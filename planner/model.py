@@ -1,0 +1,229 @@
+"""The performance model the simulator and the planner run on: what one engine step of a worker costs.
+
+One engine step computes some prompt tokens (prefill chunks) and some decode rows together. Its time is
+linear in five features of what it computes:
+
+    t = base
+      + per_prefill_token * prompt tokens computed          (projections and MLP of every new token)
+      + per_attn_pair     * sum over chunks of n * (ctx + (n + 1) / 2)   (attention: each new token
+                                                             against the context before it and the
+                                                             chunk's earlier tokens)
+      + per_decode_seq    * decode rows                      (weights streamed once per step, a row's
+                                                             sampling and bookkeeping)
+      + per_context_token * sum of the decode rows' context lengths   (attention reading the cache)
+
+The same formula covers prefill-only, decode-only and mixed (chunked prefill beside decodes) steps, so a
+model measured on a prefill worker and a decode worker of one shape is one model. `fit_step_model` fits it
+by non-negative least squares on relative error (a 20 ms decode step and a 2 s prefill weigh alike): every
+subset of the features is fitted and the best fit with no negative coefficient wins, so a feature the
+samples do not exercise gets 0 rather than a wild value.
+
+`TransferModel`: moving a request's KV from a prefill to a decode worker, `base + per_block * blocks`.
+
+Pure Python, no torch, no numpy: workers refine the same model from their live steps, and the planner
+runs where only the client is installed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+
+import msgspec
+
+FEATURES = ("prefill_tokens", "attn_pairs", "decode_seqs", "decode_context")
+
+
+class StepShape(msgspec.Struct, frozen=True, array_like=True):
+    """What one engine step computed (the model's features)."""
+
+    prefill_tokens: int = 0
+    attn_pairs: float = 0.0
+    decode_seqs: int = 0
+    decode_context: int = 0
+
+    @staticmethod
+    def of(chunks: Iterable[tuple[int, int]] = (), decode_contexts: Iterable[int] = ()) -> StepShape:
+        """From the step's prefill chunks as (new tokens, tokens before them) and its decode rows' contexts."""
+        tokens = 0
+        pairs = 0.0
+        for n, ctx in chunks:
+            tokens += n
+            pairs += attn_pairs(n, ctx)
+        seqs = 0
+        context = 0
+        for c in decode_contexts:
+            seqs += 1
+            context += c
+        return StepShape(tokens, pairs, seqs, context)
+
+    def features(self) -> tuple[float, float, float, float, float]:
+        return (1.0, float(self.prefill_tokens), self.attn_pairs, float(self.decode_seqs), float(self.decode_context))
+
+
+def attn_pairs(new_tokens: int, context: int) -> float:
+    """Query-key pairs of a chunk of `new_tokens` after `context` tokens (causal within the chunk)."""
+    return new_tokens * (context + (new_tokens + 1) / 2.0)
+
+
+class StepSample(msgspec.Struct, frozen=True, array_like=True):
+    shape: StepShape
+    seconds: float
+
+
+class StepModel(msgspec.Struct, frozen=True):
+    """Seconds of one engine step as a linear function of its StepShape (see the module docstring)."""
+
+    base_s: float = 0.0
+    per_prefill_token_s: float = 0.0
+    per_attn_pair_s: float = 0.0
+    per_decode_seq_s: float = 0.0
+    per_context_token_s: float = 0.0
+    samples: int = 0  # steps the fit used
+    rel_error_p50: float = 0.0  # |predicted - measured| / measured over those steps
+    rel_error_p90: float = 0.0
+
+    def coefficients(self) -> tuple[float, float, float, float, float]:
+        return (
+            self.base_s,
+            self.per_prefill_token_s,
+            self.per_attn_pair_s,
+            self.per_decode_seq_s,
+            self.per_context_token_s,
+        )
+
+    def step_s(self, shape: StepShape) -> float:
+        return sum(c * f for c, f in zip(self.coefficients(), shape.features(), strict=True))
+
+    def prefill_s(self, tokens: int, cached: int = 0) -> float:
+        """One step computing `tokens` prompt tokens after `cached` ones already in the cache."""
+        return self.step_s(StepShape(tokens, attn_pairs(tokens, cached), 0, 0))
+
+    def decode_step_s(self, batch: int, mean_context: float) -> float:
+        """One step decoding `batch` sequences of `mean_context` tokens each."""
+        return self.step_s(StepShape(0, 0.0, batch, int(batch * mean_context)))
+
+    @property
+    def ready(self) -> bool:
+        return self.samples > 0
+
+
+class TransferModel(msgspec.Struct, frozen=True):
+    """Seconds to move one request's KV (prefill worker -> decode worker), from submit to landed."""
+
+    base_s: float = 0.0
+    per_block_s: float = 0.0
+    samples: int = 0
+
+    def transfer_s(self, blocks: int) -> float:
+        return self.base_s + self.per_block_s * blocks
+
+
+class ModelFitError(ValueError):
+    """Too few or degenerate samples to fit a model; the message says what to measure."""
+
+
+def fit_step_model(samples: Sequence[StepSample]) -> StepModel:
+    """Non-negative least squares on relative error over every feature subset (5 features: 31 subsets)."""
+    rows = [(s.shape.features(), s.seconds) for s in samples if s.seconds > 0]
+    if len(rows) < 2:
+        raise ModelFitError(f"a step model needs at least 2 timed steps, got {len(rows)}")
+    best: tuple[float, list[float]] | None = None
+    n_features = len(FEATURES) + 1
+    for k in range(1, n_features + 1):
+        for subset in itertools.combinations(range(n_features), k):
+            coef = _weighted_lstsq(rows, subset)
+            if coef is None or any(c < 0 for c in coef):
+                continue
+            full = [0.0] * n_features
+            for i, c in zip(subset, coef, strict=True):
+                full[i] = c
+            sse = sum(((_dot(full, x) - y) / y) ** 2 for x, y in rows)
+            if best is None or sse < best[0] * (1 - 1e-12):
+                best = (sse, full)
+    if best is None:
+        raise ModelFitError("no non-negative fit of the step samples (are the step times all equal to zero?)")
+    coef = best[1]
+    errors = sorted(abs(_dot(coef, x) - y) / y for x, y in rows)
+    return StepModel(
+        base_s=coef[0],
+        per_prefill_token_s=coef[1],
+        per_attn_pair_s=coef[2],
+        per_decode_seq_s=coef[3],
+        per_context_token_s=coef[4],
+        samples=len(rows),
+        rel_error_p50=_quantile(errors, 0.5),
+        rel_error_p90=_quantile(errors, 0.9),
+    )
+
+
+def fit_transfer_model(points: Sequence[tuple[int, float]]) -> TransferModel:
+    """(blocks, seconds) pairs -> base + per_block * blocks, both >= 0 (relative least squares)."""
+    rows = [((1.0, float(b)), s) for b, s in points if s > 0]
+    if not rows:
+        raise ModelFitError("a transfer model needs at least one timed transfer")
+    best: tuple[float, list[float]] | None = None
+    for subset in ((0, 1), (0,), (1,)):
+        coef = _weighted_lstsq(rows, subset)
+        if coef is None or any(c < 0 for c in coef):
+            continue
+        full = [0.0, 0.0]
+        for i, c in zip(subset, coef, strict=True):
+            full[i] = c
+        sse = sum(((_dot(full, x) - y) / y) ** 2 for x, y in rows)
+        if best is None or sse < best[0]:
+            best = (sse, full)
+    assert best is not None  # the base alone always fits with a non-negative mean
+    return TransferModel(best[1][0], best[1][1], samples=len(rows))
+
+
+def _dot(a: Sequence[float], b: Sequence[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def _weighted_lstsq(rows: Sequence[tuple[Sequence[float], float]], subset: Sequence[int]) -> list[float] | None:
+    """min sum ((x_S . c - y) / y)^2 by the normal equations; None when they are singular."""
+    k = len(subset)
+    ata = [[0.0] * k for _ in range(k)]
+    atb = [0.0] * k
+    for x, y in rows:
+        w = 1.0 / (y * y)
+        xs = [x[i] for i in subset]
+        for i in range(k):
+            atb[i] += w * xs[i] * y
+            for j in range(i, k):
+                ata[i][j] += w * xs[i] * xs[j]
+    for i in range(k):
+        for j in range(i):
+            ata[i][j] = ata[j][i]
+    return _solve(ata, atb)
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting on scaled columns; None if singular."""
+    n = len(b)
+    scale = [math.sqrt(a[i][i]) if a[i][i] > 0 else 0.0 for i in range(n)]
+    if any(s == 0 for s in scale):
+        return None
+    m = [[a[i][j] / (scale[i] * scale[j]) for j in range(n)] + [b[i] / scale[i]] for i in range(n)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-10:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(n):
+            if r != col and m[r][col] != 0:
+                f = m[r][col] / m[col][col]
+                for c in range(col, n + 1):
+                    m[r][c] -= f * m[col][c]
+    return [m[i][n] / m[i][i] / scale[i] for i in range(n)]
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    pos = (len(sorted_values) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)

@@ -1,0 +1,443 @@
+"""A discrete-event model of a Tandem cluster: the load `tandem bench` sends, the router, the workers' queues,
+steps, KV caches and transfers, in simulated time. `simulate(...)` returns the same per-request records the
+benchmark client keeps, so `tandem simulate` writes the same `summary.json` as `tandem bench`.
+
+The path of a request, as the served cluster runs it (../shared/DESIGN.md, section 1):
+
+    send ─> router: decode worker D, then remote prefill on P (or local on D, conditional disaggregation)
+    P: waits, prefills in token-budget steps (chunked), samples token 1, keeps the blocks leased
+    D: admits it when its cache has room for the prompt (it waits otherwise), pulls the blocks it lacks
+       (TransferModel), streams token 1, then decodes one token per step in its running batch
+    aggregated mode: one worker does all of it, prefill chunks and decode rows sharing steps
+
+Times come from the profile: each worker's `StepModel` prices every step it schedules, the `TransferModel`
+every pull, and `ServedOverhead` what the served path adds (to the first token; to each decode step).
+
+What it leaves out (each small on the profiled machine, docs/BENCHMARKS.md measures the whole): network
+time between client and router, the router's own queueing, KV event delay (the router sees caches as
+they are), speculative decoding, and failures.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from planner.profile import Profile, ProfileError
+from planner.sim_worker import SimRequest, SimWorker, StepPlan
+from tandem_api.bench.datasets import Dataset, Prompt, PromptMaker, Unit
+from tandem_api.bench.metrics import OK, RequestRecord
+from tandem_api.bench.runner import LoadConfig, arrival_times
+
+POLICIES = ("kv", "round-robin", "least-loaded")
+MODES = ("disaggregated", "aggregated")
+
+
+class SimError(ValueError):
+    """A cluster the profile cannot describe, or bad simulator parameters; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    mode: str = "disaggregated"  # or "aggregated"
+    prefill: int = 1  # workers (aggregated mode: the workers of its one pool)
+    decode: int = 1
+    prefill_shape: str | None = None  # Shape.key() in the profile; None: the profiled config's pool shape
+    decode_shape: str | None = None
+    policy: str = "kv"
+    conditional_prefill_threshold: int = 0  # tokens: an uncached prompt this short prefills on D (0: never)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise SimError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.policy.replace("_", "-") not in POLICIES:
+            raise SimError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.prefill < 1 or (self.mode == "disaggregated" and self.decode < 1):
+            raise SimError(f"a cluster needs at least one worker per pool, got {self.prefill} and {self.decode}")
+
+    def describe(self) -> str:
+        if self.mode == "aggregated":
+            return f"{self.prefill} aggregated"
+        return f"{self.prefill}P+{self.decode}D"
+
+
+# -- prompts as segments ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegPrompt(Prompt):
+    """A prompt as content segments (see sim_worker): exact lengths, no token ids, no text."""
+
+    segments: tuple[tuple[int, int], ...] = ()
+
+    def __add__(self, other: Prompt) -> SegPrompt:
+        return SegPrompt(None, "", self.segments + _segments(other))
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(n for _, n in self.segments)
+
+
+def _segments(p: Prompt) -> tuple[tuple[int, int], ...]:
+    if isinstance(p, SegPrompt):
+        return p.segments
+    raise TypeError(f"the simulator's datasets are made of SegPrompt, got {type(p).__name__}")
+
+
+_SEGMENT_IDS = itertools.count(1)  # one numbering per process: segments of different makers never collide
+
+
+class SegmentPromptMaker(PromptMaker):
+    """Makes the bench's datasets (same seeds, same lengths and groups) out of fresh segments."""
+
+    def __init__(self) -> None:  # no corpus, no tokenizer: lengths are exact by construction
+        self.tokenizer = None
+        self.vocab_size = None
+        self.corpus_ids = None
+
+    @property
+    def exact(self) -> bool:
+        return True
+
+    def make(self, n: int, rng: Any) -> Prompt:
+        return self.fresh(n)
+
+    def fresh(self, n: int) -> SegPrompt:
+        return SegPrompt(None, "", ((next(_SEGMENT_IDS), n),))
+
+    def head(self, prompt: Prompt, n: int) -> Prompt:
+        out: list[tuple[int, int]] = []
+        for sid, k in _segments(prompt):
+            if n <= 0:
+                break
+            out.append((sid, min(k, n)))
+            n -= k
+        return SegPrompt(None, "", tuple(out))
+
+
+# -- the cluster -------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimResult:
+    records: list[RequestRecord]
+    duration_s: float
+    workers: list[dict[str, Any]] = field(default_factory=list)  # per worker: role, busy share, preemptions
+    events: int = 0
+
+
+class Cluster:
+    def __init__(self, profile: Profile, spec: ClusterSpec) -> None:
+        self.profile = profile
+        self.spec = spec
+        over = profile.overhead
+        self.first_token_s = over.first_token_s
+        self.transfer = profile.transfer
+        self.policy = spec.policy.replace("_", "-")
+        self.prefill_index: dict[int, set[int]] = {}  # block hash -> workers caching it (the router's indexer)
+        self.decode_index: dict[int, set[int]] = {}
+        if spec.mode == "aggregated":
+            shape = spec.prefill_shape or profile.pools.get("aggregated") or profile.pools.get("decode")
+            wp = _worker_profile(profile, shape, "aggregated")
+            self.prefill_pool: list[SimWorker] = []
+            self.decode_pool = [
+                SimWorker(i, "aggregated", wp, over.per_token_s, self.decode_index) for i in range(spec.prefill)
+            ]
+        else:
+            pp = _worker_profile(profile, spec.prefill_shape or profile.pools.get("prefill"), "prefill")
+            dp = _worker_profile(profile, spec.decode_shape or profile.pools.get("decode"), "decode")
+            self.prefill_pool = [SimWorker(i, "prefill", pp, 0.0, self.prefill_index) for i in range(spec.prefill)]
+            self.decode_pool = [
+                SimWorker(i, "decode", dp, over.per_token_s, self.decode_index) for i in range(spec.decode)
+            ]
+        self._rr = {"prefill": 0, "decode": 0}
+        self.admitting: dict[int, deque[SimRequest]] = {w.wid: deque() for w in self.decode_pool}
+
+    # -- routing ---------------------------------------------------------------------------------------
+
+    def _pick(self, pool: list[SimWorker], kind: str, req: SimRequest) -> SimWorker:
+        if self.policy == "round-robin" or len(pool) == 1:
+            w = pool[self._rr[kind] % len(pool)]
+            self._rr[kind] += 1
+            return w
+        if self.policy == "least-loaded":
+            return min(pool, key=lambda w: (w.load + len(self.admitting.get(w.wid, ())), w.wid))
+        # kv: prompt tokens the worker would compute, behind what it has queued (decode: plus its batch); only
+        # workers caching the prompt's first block can save any, the others compete on load alone
+        bs = pool[0].cache.block_size
+        lookable = (req.prompt_len - 1) // bs
+        hashes = req.hashes_upto(lookable, bs) if lookable > 0 else []
+        admitting = self.admitting
+        if kind == "decode":
+
+            def load(w: SimWorker) -> int:
+                return w.queued_prefill_tokens + (len(w.running) + len(admitting.get(w.wid, ()))) * bs
+
+        else:
+
+            def load(w: SimWorker) -> int:
+                return w.queued_prefill_tokens
+
+        best = min(pool, key=load)
+        best_cost = load(best) + req.prompt_len
+        index = self.decode_index if kind == "decode" else self.prefill_index
+        for wid in sorted(index.get(hashes[0], ())) if hashes else ():
+            w = pool[wid]
+            cost = load(w) + req.prompt_len - w.cache.cached_prefix(hashes) * bs
+            if cost < best_cost or (cost == best_cost and wid < best.wid):
+                best, best_cost = w, cost
+        return best
+
+    def route(self, req: SimRequest) -> SimWorker:
+        """The worker the request starts on; sets its placement fields."""
+        if self.spec.mode == "aggregated":
+            w = self._pick(self.decode_pool, "decode", req)
+            req.route, req.decode_worker, req.prefill_worker = "aggregated", w.wid, w.wid
+            return w
+        d = self._pick(self.decode_pool, "decode", req)
+        req.decode_worker = d.wid
+        threshold = self.spec.conditional_prefill_threshold
+        if threshold > 0:
+            bs = d.cache.block_size
+            lookable = (req.prompt_len - 1) // bs
+            hit = d.cache.cached_prefix(req.hashes_upto(lookable, bs)) if lookable > 0 else 0
+            if req.prompt_len - hit * bs <= threshold:
+                req.route = "local"
+                return d
+        p = self._pick(self.prefill_pool, "prefill", req)
+        req.route, req.prefill_worker, req.handoff = "remote", p.wid, True
+        return p
+
+
+def _worker_profile(profile: Profile, key: str | None, pool: str):
+    try:
+        return profile.worker(key)
+    except ProfileError as e:
+        raise SimError(f"{pool} pool: {e}") from None
+
+
+class Simulation:
+    """The event loop: a heap of (time, order, action)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.now = 0.0
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()
+        self.events = 0
+        self.on_finish: Callable[[SimRequest], None] = lambda r: None
+
+    def at(self, t: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._heap, (t, next(self._order), action))
+
+    def run(self) -> None:
+        collecting = gc.isenabled()
+        gc.disable()  # millions of small objects that live to the end: the collector would rescan them all
+        try:
+            while self._heap:
+                t, _, action = heapq.heappop(self._heap)
+                self.now = t
+                self.events += 1
+                action()
+        finally:
+            if collecting:
+                gc.enable()
+
+    # -- requests --------------------------------------------------------------------------------------
+
+    def send(self, req: SimRequest) -> None:
+        w = self.cluster.route(req)
+        if req.prompt_len + req.output_len > w.cache.num_blocks * w.cache.block_size:
+            req.route = "too-long"
+            self.on_finish(req)
+            return
+        w.add(req)
+        self.kick(w)
+
+    def kick(self, w: SimWorker) -> None:
+        if w.busy_until is not None or not w.has_work():
+            return
+        plan = w.schedule()
+        if plan is None:
+            return  # blocked on KV: a release kicks it again
+        w.busy_until = self.now + plan.seconds
+        self.at(w.busy_until, lambda: self._step_end(w, plan))
+
+    def _step_end(self, w: SimWorker, plan: StepPlan) -> None:
+        w.busy_until = None
+        freed = False
+        for req in w.finish_step(plan):
+            req.emitted += 1
+            if req.handoff and w.role == "prefill":
+                w.pin(req)
+                self._hand_off(w, req)
+                continue
+            self._deliver(req, first=req.emitted == 1)
+            if req.emitted >= req.output_len:
+                w.remove(req)
+                freed = True
+                self._finish(req)
+        self.kick(w)
+        if freed and w.role == "decode":
+            self._admit(w)
+
+    def _deliver(self, req: SimRequest, first: bool) -> None:
+        req.token_times.append(self.now + (self.cluster.first_token_s if first else 0.0))
+
+    def _finish(self, req: SimRequest) -> None:
+        req.finished_s = req.token_times[-1]
+        self.on_finish(req)
+
+    def _hand_off(self, p: SimWorker, req: SimRequest) -> None:
+        d = self.cluster.decode_pool[req.decode_worker]
+        self.cluster.admitting[d.wid].append(req)
+        self._admit(d)
+
+    def _admit(self, d: SimWorker) -> None:
+        """D takes waiting hand-offs in order while its cache has room for their prompts; each pulls."""
+        queue = self.cluster.admitting[d.wid]
+        bs = d.cache.block_size
+        while queue:
+            req = queue[0]
+            lookable = req.prompt_len // bs
+            hit = d.cache.cached_prefix(req.hashes_upto(lookable, bs)) if lookable > 0 else 0
+            if hit:
+                d.cache.take_prefix(req, req.hashes[:hit])
+            if not d.cache.allocate(req, req.prompt_len + 1):
+                if hit:
+                    d.cache.release(req)
+                return
+            queue.popleft()
+            blocks = -(-req.prompt_len // bs) - hit
+            seconds = self.cluster.transfer.transfer_s(blocks)
+            self.at(self.now + seconds, functools.partial(self._landed, d, req))
+
+    def _landed(self, d: SimWorker, req: SimRequest) -> None:
+        p = self.cluster.prefill_pool[req.prefill_worker]
+        p.remove(req)  # the lease ends: P's blocks go back to its cache
+        self.kick(p)
+        req.computed = req.prompt_len
+        d.cache.commit(req, req.prompt_len)
+        self._deliver(req, first=True)
+        if req.emitted >= req.output_len:
+            d.remove(req)
+            self._finish(req)
+            self._admit(d)
+            return
+        d.waiting.append(req)  # joins the batch at the next step (decode rows: no prefill left)
+        self.kick(d)
+
+
+# -- the load ----------------------------------------------------------------------------------------
+
+
+def simulate(profile: Profile, spec: ClusterSpec, dataset: Dataset, cfg: LoadConfig) -> SimResult:
+    """One load at one rate, as `tandem_api.bench.runner.run_load` drives it, on a simulated cluster."""
+    cluster = Cluster(profile, spec)
+    sim = Simulation(cluster)
+    prompts = SegmentPromptMaker()
+    records: list[RequestRecord] = []
+    by_req: dict[SimRequest, RequestRecord] = {}
+    slots_free = cfg.max_concurrency or math.inf
+    held: deque[tuple[Unit, float, int]] = deque()  # units waiting for a --max-concurrency slot
+    conversations: dict[int, tuple[Unit, int, list[tuple[Prompt, Prompt]], int]] = {}
+    workers = cluster.prefill_pool + cluster.decode_pool
+
+    def start_turn(unit: Unit, k: int, history: list[tuple[Prompt, Prompt]], turns: int, send_s: float) -> None:
+        turn = unit.turns[k]
+        parts: list[Prompt] = [unit.system] if unit.system is not None else []
+        for asked, answered in history:
+            parts.extend((asked, answered))
+        parts.append(turn.user)
+        segments = tuple(s for p in parts for s in _segments(p))
+        reply = prompts.fresh(turn.output_tokens)
+        prompt_len = sum(n for _, n in segments)
+        req = SimRequest(len(records), send_s, segments + reply.segments, prompt_len, turn.output_tokens)
+        record = RequestRecord(
+            index=len(records),
+            request_id=f"sim-{unit.index}-{k}",
+            arrival_s=send_s,
+            send_s=send_s,
+            input_tokens=prompt_len,
+            expected_output_tokens=turn.output_tokens,
+            prefix_group=unit.prefix_group,
+            conversation=unit.index if len(unit.turns) > 1 else None,
+            turn=k if len(unit.turns) > 1 else None,
+        )
+        records.append(record)
+        by_req[req] = record
+        conversations[req.index] = (unit, k, history + [(turn.user, reply)], turns)
+        sim.send(req)
+
+    def on_finish(req: SimRequest) -> None:
+        nonlocal slots_free
+        record = by_req.pop(req)
+        unit, k, history, turns = conversations.pop(req.index)
+        if req.route == "too-long":
+            record.status = "INVALID_ARGUMENT"
+            record.error = "prompt and output exceed the worker's KV capacity"
+        else:
+            record.status = OK
+            record.chunks = [(t, 1) for t in req.token_times]
+            record.output_tokens = req.emitted
+            record.cached_tokens = max(req.cached, 0)
+            record.route = req.route
+            record.prefill_worker = f"prefill-{req.prefill_worker}" if req.route == "remote" else ""
+            pool = "aggregated" if req.route == "aggregated" else "decode"
+            record.decode_worker = f"{pool}-{req.decode_worker}"
+        if record.ok and k + 1 < turns:
+            start_turn(unit, k + 1, history, turns, sim.now if not req.token_times else req.token_times[-1])
+            return
+        slots_free += 1
+        if held:
+            unit, arrival, turns = held.popleft()
+            slots_free -= 1
+            start_turn(unit, 0, [], turns, max(sim.now, arrival))
+
+    sim.on_finish = on_finish
+    if cfg.num_requests is None and cfg.duration_s is None and dataset.size is None:
+        raise SimError("give --num-requests or --duration: the dataset is endless")
+    arrivals: Iterator[float] = arrival_times(dataset, cfg)
+    planned = 0
+    for unit in dataset.units:
+        for turn in unit.turns:
+            _segments(turn.user)  # a dataset made with SegmentPromptMaker (TypeError otherwise)
+        if cfg.num_requests is not None and planned >= cfg.num_requests:
+            break
+        arrival = next(arrivals, None)
+        if arrival is None or (cfg.duration_s is not None and arrival >= cfg.duration_s):
+            break
+        turns = unit.requests if cfg.num_requests is None else min(unit.requests, cfg.num_requests - planned)
+        planned += turns
+
+        def release(unit: Unit = unit, arrival: float = arrival, turns: int = turns) -> None:
+            nonlocal slots_free
+            if slots_free <= 0:
+                held.append((unit, arrival, turns))
+                return
+            slots_free -= 1
+            start_turn(unit, 0, [], turns, arrival)
+
+        sim.at(arrival, release)
+    sim.run()
+    for record in by_req.values():  # cannot happen in a consistent model; kept visible if it does
+        record.status, record.error = "SIM_STALLED", "the simulated cluster never served this request"
+    end = max((t for r in records for t, _ in r.chunks), default=0.0)
+    stats = [
+        {
+            "role": w.role,
+            "worker": w.wid,
+            "steps": w.steps,
+            "busy_share": w.busy_s / end if end > 0 else 0.0,
+            "preemptions": w.preemptions,
+        }
+        for w in workers
+    ]
+    return SimResult(records, end, stats, sim.events)
