@@ -42,6 +42,7 @@ class _Ordered(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     from deploy.admin_cli import add_admin_parser
     from deploy.serve_cli import add_serve_parser, add_speculative_flags
+    from planner.cli import add_plan_parser, add_simulate_parser
     from tandem_api.bench.cli import add_bench_parser
     from tandem_api.connection import add_connection_flags
 
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_admin_parser(sub)
     add_bench_parser(sub)
+    add_simulate_parser(sub)
+    add_plan_parser(sub)
     g = sub.add_parser("generate", help="generate completions")
     where = g.add_mutually_exclusive_group()
     where.add_argument("--offline", action="store_true", help="run the engine in this process (no cluster)")
@@ -238,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         from tandem_api.bench.cli import main as bench_main
 
         return bench_main(argv[1:], prog="tandem bench")
+    if argv[:1] in (["simulate"], ["plan"]):  # torch-free too (planner/)
+        from planner.cli import main as planner_main
+
+        return planner_main(argv)
     from deploy.import_names import ImportNameCollision, check_import_names
 
     try:

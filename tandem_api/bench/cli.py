@@ -63,7 +63,24 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="gRPC: send chat messages (the server renders its template) where the dataset has them",
     )
     add_connection_flags(p)
+    add_workload_arguments(p)
+    add_load_arguments(p)
 
+    slo = p.add_argument_group("SLO and search")
+    slo.add_argument("--slo", default=None, metavar="KEY=MS,...", help="targets: ttft_ms, tpot_ms, itl_ms, e2el_ms")
+    slo.add_argument(
+        "--find-max-rate",
+        action="store_true",
+        help="search the highest rate whose SLO attainment stays >= --attainment (starts at --request-rate)",
+    )
+    slo.add_argument("--attainment", type=float, default=0.9)
+    slo.add_argument("--search-probes", type=int, default=8, help="runs the search may spend")
+    slo.add_argument("--search-tolerance", type=float, default=0.1, help="stop when the bracket is within 10%%")
+    add_output_arguments(p)
+
+
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """The dataset flags (shared with `tandem simulate` and `tandem plan`)."""
     data = p.add_argument_group("workload")
     data.add_argument("--dataset", default="random", help=f"one of {', '.join(DATASETS)} (default random)")
     data.add_argument("--input-len", type=int, default=256, help="median prompt tokens (shared-prefix: the question)")
@@ -95,6 +112,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--ignore-eos", action="store_true", help="generate exactly the output lengths")
     data.add_argument("--temperature", type=float, default=0.0)
 
+
+def add_load_arguments(p: argparse.ArgumentParser) -> None:
+    """The arrival-process flags (shared with `tandem simulate`)."""
     load = p.add_argument_group("load")
     load.add_argument(
         "--num-requests",
@@ -121,17 +141,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     load.add_argument("--seed", type=int, default=0, help="same seed, same requests and arrival times")
     load.add_argument("--request-timeout", type=float, default=None, metavar="S", help="deadline of each request")
 
-    slo = p.add_argument_group("SLO and search")
-    slo.add_argument("--slo", default=None, metavar="KEY=MS,...", help="targets: ttft_ms, tpot_ms, itl_ms, e2el_ms")
-    slo.add_argument(
-        "--find-max-rate",
-        action="store_true",
-        help="search the highest rate whose SLO attainment stays >= --attainment (starts at --request-rate)",
-    )
-    slo.add_argument("--attainment", type=float, default=0.9)
-    slo.add_argument("--search-probes", type=int, default=8, help="runs the search may spend")
-    slo.add_argument("--search-tolerance", type=float, default=0.1, help="stop when the bracket is within 10%%")
 
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--output", metavar="DIR", help="summary.json, requests.jsonl and PNG plots")
     out.add_argument("--label", default="", help="a name for this configuration (kept in metadata)")
@@ -293,18 +304,7 @@ async def _sweep(
             ),
             file=sys.stderr,
         )
-    options = DatasetOptions(
-        input_len=args.input_len,
-        output_len=args.output_len,
-        spread=args.spread,
-        num_groups=args.num_groups,
-        prefix_len=args.prefix_len,
-        turns=args.turns,
-        common_prefix_len=args.common_prefix_len,
-        trace_file=args.trace_file,
-        max_model_len=server.get("max_model_len") or None,
-        num_requests=args.num_requests or DEFAULT_NUM_REQUESTS,
-    )
+    options = dataset_options(args, server.get("max_model_len") or None)
     num_requests = (
         args.num_requests
         if args.num_requests is not None
@@ -369,7 +369,7 @@ async def _sweep(
         result = await run_load(
             target, dataset, cfg, stop=stop, progress=Progress(total, f"rate {rate_label(rate)}", args.quiet)
         )
-        run = _run_summary(result, slo, rate, dataset.name, dataset.params, base_meta, num_requests)
+        run = run_summary(result, slo, rate, dataset.name, dataset.params, base_meta, num_requests)
         runs.append(run)
         records.append(result.records)
         return run
@@ -417,7 +417,23 @@ async def _sweep(
     return 130 if stop.is_set() else 0
 
 
-def _run_summary(
+def dataset_options(args: argparse.Namespace, max_model_len: int | None) -> DatasetOptions:
+    """The workload flags as DatasetOptions."""
+    return DatasetOptions(
+        input_len=args.input_len,
+        output_len=args.output_len,
+        spread=args.spread,
+        num_groups=args.num_groups,
+        prefix_len=args.prefix_len,
+        turns=args.turns,
+        common_prefix_len=args.common_prefix_len,
+        trace_file=args.trace_file,
+        max_model_len=max_model_len,
+        num_requests=args.num_requests or DEFAULT_NUM_REQUESTS,
+    )
+
+
+def run_summary(
     result: LoadResult,
     slo: dict[str, float],
     rate: float | None,

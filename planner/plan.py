@@ -1,0 +1,279 @@
+"""`tandem plan`: the cheapest cluster that meets the SLO at a request rate, found by simulation.
+
+For every family the profile can describe (aggregated workers of each shape; disaggregated pools of each
+prefill shape x decode shape), the search:
+
+1. starts from a lower bound that queueing alone forces: prefill workers >= rate x prefill seconds per
+   request (a worker cannot be busy more than all the time), decode workers >= the requests decoding at
+   once (rate x decode time, Little's law) / what one worker holds (max_num_seqs, KV capacity);
+2. simulates, and grows the pool whose target is missed (TTFT: the pool that prefills; TPOT / ITL: the one
+   that decodes; both when both are missed) until the attainment target holds or the budget ends;
+3. shrinks each pool by one while the target still holds (the search's answer is then minimal in each
+   pool at that point, not just adequate).
+
+The family whose answer costs least wins; ties go to fewer workers, then to disaggregation (it scales
+its pools separately). Every simulation run is kept (`Candidate`) so the operator sees why.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from planner.profile import Profile, WorkerProfile
+from planner.simulator import ClusterSpec, SegmentPromptMaker, simulate
+from tandem_api.bench.datasets import Dataset, DatasetOptions, build_dataset
+from tandem_api.bench.metrics import summarize
+from tandem_api.bench.runner import LoadConfig
+
+TTFT_KEYS = ("ttft_ms",)
+DECODE_KEYS = ("tpot_ms", "itl_ms")
+
+
+@dataclass
+class Candidate:
+    spec: ClusterSpec
+    cost: float
+    summary: dict[str, Any]
+
+    @property
+    def attainment(self) -> float:
+        return self.summary["slo_attainment"] or 0.0
+
+    @property
+    def workers(self) -> int:
+        return self.spec.prefill + (self.spec.decode if self.spec.mode == "disaggregated" else 0)
+
+    def row(self) -> dict[str, Any]:
+        s = self.summary
+        return {
+            "cluster": self.spec.describe(),
+            "mode": self.spec.mode,
+            "prefill": self.spec.prefill,
+            "decode": self.spec.decode if self.spec.mode == "disaggregated" else 0,
+            "prefill_shape": self.spec.prefill_shape,
+            "decode_shape": self.spec.decode_shape,
+            "cost": self.cost,
+            "slo_attainment": self.attainment,
+            "goodput": s["goodput"],
+            "ttft_ms_p50": s["ttft_ms"]["p50"],
+            "ttft_ms_p99": s["ttft_ms"]["p99"],
+            "tpot_ms_p50": s["tpot_ms"]["p50"],
+            "itl_ms_p50": s["itl_ms"]["p50"],
+            "itl_ms_p99": s["itl_ms"]["p99"],
+        }
+
+
+@dataclass
+class PlanRequest:
+    rate: float
+    slo: dict[str, float]
+    dataset: str = "random"
+    options: DatasetOptions = field(default_factory=DatasetOptions)
+    attainment: float = 0.9
+    max_workers: int = 64
+    num_requests: int = 300
+    seed: int = 0
+    burstiness: float = 1.0
+    costs: dict[str, float] = field(default_factory=dict)  # shape key -> cost per worker (else the profile's)
+    modes: tuple[str, ...] = ("disaggregated", "aggregated")
+    policy: str = "kv"
+    max_simulations: int = 200
+
+
+@dataclass
+class Plan:
+    best: Candidate | None
+    per_family: list[Candidate]
+    tried: list[Candidate]
+    lower_bounds: dict[str, tuple[int, int]]
+    note: str = ""
+
+
+class Planner:
+    def __init__(self, profile: Profile, request: PlanRequest) -> None:
+        self.profile = profile
+        self.req = request
+        self.tried: list[Candidate] = []
+        self._cache: dict[tuple, Candidate] = {}
+
+    def cost_of(self, w: WorkerProfile) -> float:
+        return self.req.costs.get(w.shape.key(), w.cost)
+
+    def dataset(self) -> Dataset:
+        return build_dataset(self.req.dataset, self.req.options, SegmentPromptMaker(), self.req.seed)
+
+    def evaluate(self, spec: ClusterSpec) -> Candidate:
+        key = (spec.mode, spec.prefill, spec.decode, spec.prefill_shape, spec.decode_shape)
+        if key in self._cache:
+            return self._cache[key]
+        cfg = LoadConfig(
+            rate=self.req.rate, burstiness=self.req.burstiness, num_requests=self.req.num_requests, seed=self.req.seed
+        )
+        result = simulate(self.profile, spec, self.dataset(), cfg)
+        summary = summarize(result.records, result.duration_s, self.req.slo)
+        p = self.profile.worker(spec.prefill_shape)
+        if spec.mode == "aggregated":
+            cost = spec.prefill * self.cost_of(p)
+        else:
+            cost = spec.prefill * self.cost_of(p) + spec.decode * self.cost_of(self.profile.worker(spec.decode_shape))
+        cand = Candidate(spec, cost, summary)
+        self._cache[key] = cand
+        self.tried.append(cand)
+        return cand
+
+    def passes(self, c: Candidate) -> bool:
+        return c.attainment >= self.req.attainment
+
+    def misses(self, c: Candidate, keys: tuple[str, ...]) -> float:
+        """The share of completed requests that miss any target among `keys` (0 when none is set)."""
+        targets = {k: v for k, v in self.req.slo.items() if k in keys}
+        if not targets:
+            return 0.0
+        dist = c.summary
+        ratios = []
+        for k, v in targets.items():
+            p = dist[k]["p50" if self.req.attainment <= 0.5 else "p90"]
+            ratios.append((p or 0.0) / v)
+        return max(ratios) - 1.0
+
+    # -- lower bounds ------------------------------------------------------------------------------------
+
+    def lower_bounds(self, prefill: WorkerProfile, decode: WorkerProfile, mode: str) -> tuple[int, int]:
+        units = list(_take(self.dataset().units, 200))
+        lengths = [
+            (t.user.n_tokens + (u.system.n_tokens if u.system else 0), t.output_tokens) for u in units for t in u.turns
+        ]
+        mean_in = statistics.fmean(i for i, _ in lengths)
+        mean_out = statistics.fmean(o for _, o in lengths)
+        chunk = min(prefill.max_num_batched_tokens, max(int(mean_in), 1))
+        steps = math.ceil(mean_in / chunk)
+        prefill_s = steps * prefill.step.prefill_s(chunk, int(mean_in / 2))
+        seats = max(1, min(decode.max_num_seqs, decode.kv_tokens // max(int(mean_in + mean_out), 1)))
+        decode_s = mean_out * decode.step.decode_step_s(seats, mean_in + mean_out / 2)
+        busy_prefill = self.req.rate * prefill_s
+        concurrent = self.req.rate * decode_s
+        if mode == "aggregated":
+            return max(1, math.ceil(busy_prefill + concurrent / seats)), 0
+        return max(1, math.ceil(busy_prefill)), max(1, math.ceil(concurrent / seats))
+
+    # -- search ------------------------------------------------------------------------------------------
+
+    def _budget_left(self) -> bool:
+        return len(self.tried) < self.req.max_simulations
+
+    def search_aggregated(self, shape: str) -> Candidate | None:
+        w = self.profile.worker(shape)
+        n0, _ = self.lower_bounds(w, w, "aggregated")
+        make = lambda n: ClusterSpec(  # noqa: E731
+            mode="aggregated", prefill=n, decode=0, prefill_shape=shape, policy=self.req.policy
+        )
+        return self._minimal_1d(make, n0, self.req.max_workers)
+
+    def _minimal_1d(self, make: Callable[[int], ClusterSpec], start: int, limit: int) -> Candidate | None:
+        """The smallest n in [1, limit] whose simulation passes: doubling up from `start`, then bisection."""
+        lo, n = 0, max(1, min(start, limit))  # lo: largest known failing
+        hit: Candidate | None = None
+        while self._budget_left():
+            c = self.evaluate(make(n))
+            if self.passes(c):
+                hit = c
+                break
+            lo = n
+            if n >= limit:
+                return None
+            n = min(limit, n * 2)
+        if hit is None:
+            return None
+        hi = n
+        while hi - lo > 1 and self._budget_left():
+            mid = (lo + hi) // 2
+            c = self.evaluate(make(mid))
+            if self.passes(c):
+                hi, hit = mid, c
+            else:
+                lo = mid
+        return hit
+
+    def search_disaggregated(self, pshape: str, dshape: str) -> Candidate | None:
+        pw, dw = self.profile.worker(pshape), self.profile.worker(dshape)
+        n, m = self.lower_bounds(pw, dw, "disaggregated")
+        limit = self.req.max_workers
+
+        def spec(n: int, m: int) -> ClusterSpec:
+            return ClusterSpec(prefill=n, decode=m, prefill_shape=pshape, decode_shape=dshape, policy=self.req.policy)
+
+        c: Candidate | None = None
+        while self._budget_left():  # grow the pool whose target is missed
+            if n + m > limit:
+                return None
+            c = self.evaluate(spec(n, m))
+            if self.passes(c):
+                break
+            ttft, dec = self.misses(c, TTFT_KEYS), self.misses(c, DECODE_KEYS)
+            grow_p = ttft > 0 or (ttft <= 0 and dec <= 0)
+            grow_d = dec > 0 or (ttft <= 0 and dec <= 0)
+            if grow_p:
+                n += max(1, math.ceil(n * min(ttft, 1.0) / 2)) if ttft > 0 else 1
+            if grow_d:
+                m += max(1, math.ceil(m * min(dec, 1.0) / 2)) if dec > 0 else 1
+        else:
+            return None
+        if c is None or not self.passes(c):
+            return None
+        best = c
+        for pool in ("prefill", "decode", "prefill"):  # shrink while it holds
+            while self._budget_left():
+                n2 = best.spec.prefill - (pool == "prefill")
+                m2 = best.spec.decode - (pool == "decode")
+                if n2 < 1 or m2 < 1:
+                    break
+                trial = self.evaluate(spec(n2, m2))
+                if not self.passes(trial):
+                    break
+                best = trial
+        return best
+
+    def run(self) -> Plan:
+        families: list[Candidate] = []
+        bounds: dict[str, tuple[int, int]] = {}
+        keys = self.profile.keys()
+        if "aggregated" in self.req.modes:
+            for k in keys:
+                w = self.profile.worker(k)
+                bounds[f"aggregated {k}"] = self.lower_bounds(w, w, "aggregated")
+                c = self.search_aggregated(k)
+                if c is not None:
+                    families.append(c)
+        if "disaggregated" in self.req.modes:
+            for pk in keys:
+                for dk in keys:
+                    bounds[f"{pk} -> {dk}"] = self.lower_bounds(
+                        self.profile.worker(pk), self.profile.worker(dk), "disaggregated"
+                    )
+                    c = self.search_disaggregated(pk, dk)
+                    if c is not None:
+                        families.append(c)
+        families.sort(key=lambda c: (c.cost, c.workers, c.spec.mode != "disaggregated", -c.attainment))
+        note = ""
+        if not families:
+            note = (
+                f"no cluster of at most {self.req.max_workers} workers meets the SLO at {self.req.rate:g} req/s "
+                f"for {self.req.attainment:.0%} of requests "
+                "(raise --max-workers, relax --slo, or profile a faster shape)"
+            )
+        elif not self._budget_left():
+            note = f"the search stopped at --max-simulations {self.req.max_simulations}: the answer may not be minimal"
+        return Plan(families[0] if families else None, families, self.tried, bounds, note)
+
+
+def _take(it, n: int) -> list:
+    out = []
+    for x in it:
+        out.append(x)
+        if len(out) >= n:
+            break
+    return out

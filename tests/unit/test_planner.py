@@ -1,0 +1,341 @@
+"""The planner package: the step model's fit, the simulator against queueing theory, the planner's choices."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+from collections import Counter
+
+import pytest
+
+from planner.cli import main as planner_main
+from planner.model import (
+    ModelFitError,
+    StepModel,
+    StepSample,
+    StepShape,
+    TransferModel,
+    attn_pairs,
+    fit_step_model,
+    fit_transfer_model,
+)
+from planner.plan import Planner, PlanRequest
+from planner.profile import Profile, ProfileError, ServedOverhead, Shape, WorkerProfile, load_profile, save_profile
+from planner.sim_worker import BlockCache, SimRequest, block_hashes
+from planner.simulator import ClusterSpec, SegmentPromptMaker, SimError, simulate
+from tandem_api.bench.datasets import Dataset, DatasetOptions, Turn, Unit, build_dataset
+from tandem_api.bench.metrics import summarize
+from tandem_api.bench.runner import LoadConfig
+
+TRUE = StepModel(
+    base_s=0.02, per_prefill_token_s=0.0012, per_attn_pair_s=2e-8, per_decode_seq_s=0.0015, per_context_token_s=3e-7
+)
+
+
+def profile_of(step: StepModel, num_blocks: int = 20000, max_num_seqs: int = 64, budget: int = 2048, **kw) -> Profile:
+    w = WorkerProfile(
+        shape=Shape(), step=step, num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget
+    )
+    key = w.shape.key()
+    return Profile(model="m", workers=[w], pools={"prefill": key, "decode": key, "aggregated": key}, **kw)
+
+
+# -- the step model --------------------------------------------------------------------------------------
+
+
+def synthetic_samples(rng: random.Random, noise: float) -> list[StepSample]:
+    samples = []
+    for _ in range(60):  # prefill steps, some after a cached prefix
+        n, ctx = rng.choice([16, 64, 256, 512, 1024, 2048]), rng.choice([0, 0, 512, 1024])
+        shape = StepShape.of([(n, ctx)])
+        samples.append(StepSample(shape, TRUE.step_s(shape) * (1 + rng.uniform(-noise, noise))))
+    for _ in range(60):  # decode steps
+        b, c = rng.choice([1, 2, 4, 8, 16, 32, 64]), rng.choice([128, 512, 1024])
+        shape = StepShape.of([], [c] * b)
+        samples.append(StepSample(shape, TRUE.step_s(shape) * (1 + rng.uniform(-noise, noise))))
+    return samples
+
+
+def test_fit_recovers_the_coefficients_of_noiseless_steps():
+    fit = fit_step_model(synthetic_samples(random.Random(0), 0.0))
+    for got, want in zip(fit.coefficients(), TRUE.coefficients(), strict=True):
+        assert got == pytest.approx(want, rel=1e-6)
+    assert fit.rel_error_p90 < 1e-9 and fit.samples == 120
+
+
+def test_fit_with_noise_predicts_within_the_noise():
+    rng = random.Random(1)
+    fit = fit_step_model(synthetic_samples(rng, 0.05))
+    assert fit.rel_error_p50 < 0.05
+    for shape in (StepShape.of([(512, 0)]), StepShape.of([], [512] * 16), StepShape.of([(256, 0)], [300] * 8)):
+        assert fit.step_s(shape) == pytest.approx(TRUE.step_s(shape), rel=0.05)
+
+
+def test_a_feature_the_samples_never_exercise_gets_zero_not_a_wild_value():
+    rng = random.Random(2)
+    decode_only = [s for s in synthetic_samples(rng, 0.02) if s.shape.prefill_tokens == 0]
+    fit = fit_step_model(decode_only)
+    assert fit.per_prefill_token_s == 0 and fit.per_attn_pair_s == 0
+    assert all(c >= 0 for c in fit.coefficients())
+
+
+def test_fit_refuses_too_few_samples_with_a_message():
+    with pytest.raises(ModelFitError, match="at least 2"):
+        fit_step_model([StepSample(StepShape(16, 136.0, 0, 0), 0.1)])
+
+
+def test_transfer_fit_and_attention_pairs():
+    t = fit_transfer_model([(b, 0.004 + 0.0003 * b) for b in (1, 2, 8, 32, 64)])
+    assert t.base_s == pytest.approx(0.004) and t.per_block_s == pytest.approx(0.0003)
+    assert attn_pairs(4, 0) == 4 * 2.5 and attn_pairs(1, 100) == 101
+
+
+# -- the profile file --------------------------------------------------------------------------------------
+
+
+def test_profile_round_trip_and_clear_errors(tmp_path):
+    p = profile_of(TRUE, transfer=TransferModel(0.01, 0.001, 3), overhead=ServedOverhead(0.02, 0.001, 5))
+    path = tmp_path / "profile.json"
+    save_profile(p, path)
+    back = load_profile(path)
+    assert back.worker(pool="decode").step == TRUE and back.transfer.samples == 3
+    with pytest.raises(ProfileError, match="no shape"):
+        back.worker("tp9-pp1-bs16-float32-cpu-t1")
+    (tmp_path / "bad.json").write_text(json.dumps({"model": "m", "workers": [], "version": 99}))
+    with pytest.raises(ProfileError, match="version 99"):
+        load_profile(tmp_path / "bad.json")
+    with pytest.raises(ProfileError, match="No such file"):
+        load_profile(tmp_path / "missing.json")
+
+
+# -- the block cache ---------------------------------------------------------------------------------------
+
+
+def test_block_cache_shares_equal_prefixes_and_evicts_lru_only_when_needed():
+    cache = BlockCache(num_blocks=4, block_size=4)
+    a = SimRequest(0, 0.0, ((1, 8), (2, 4)), 12, 1)
+    b = SimRequest(1, 0.0, ((1, 8), (3, 4)), 12, 1)
+    assert cache.allocate(a, 12)
+    cache.commit(a, 12)
+    cache.release(a)
+    assert cache.used == 0 and len(cache.lru) == 3
+    hashes = b.hashes_upto(2, 4)
+    assert cache.cached_prefix(hashes) == 2  # the shared 8 tokens
+    cache.take_prefix(b, hashes)
+    assert cache.allocate(b, 12) and cache.blocks_of(b) == 3
+    assert len(cache.lru) == 1  # a's third block: still cached, nobody needed its room
+    c = SimRequest(2, 0.0, ((4, 4),), 4, 1)
+    assert cache.allocate(c, 4) and len(cache.lru) == 0  # now evicted for c
+    assert not cache.allocate(b, 24)  # more than the pool holds: refused, nothing changed
+    assert cache.blocks_of(b) == 3 and cache.used == 4
+    cache.release(b)
+    cache.release(c)
+    assert cache.used == 0 and len(cache.lru) == 2  # b's two hashed blocks stay cached; private ones are freed
+    assert block_hashes(((1, 8),), 4, 2) != block_hashes(((1, 4), (5, 4)), 4, 2)
+
+
+# -- the simulator against queueing theory -------------------------------------------------------------------
+
+
+def single_server(service: StepModel, prompts: list[int], rate: float) -> list[float]:
+    """One aggregated worker serving one request at a time (max_num_seqs 1), one output token each:
+    a FIFO single-server queue whose service time is the prompt's one prefill step."""
+    maker = SegmentPromptMaker()
+    units = (Unit(i, [Turn(maker.fresh(n), 1)]) for i, n in enumerate(prompts))
+    dataset = Dataset("exp", {}, units, size=len(prompts))
+    p = profile_of(service, max_num_seqs=1, budget=1 << 20, num_blocks=1 << 20)
+    result = simulate(p, ClusterSpec(mode="aggregated", prefill=1), dataset, LoadConfig(rate=rate, seed=3))
+    return [r.ttft_s or 0.0 for r in result.records]
+
+
+def test_simulator_matches_m_m_1():
+    rng = random.Random(7)
+    per_token = 1e-2
+    mean_tokens = 100  # service ~ Exp(mean 1 s), in whole tokens
+    prompts = [max(1, round(rng.expovariate(1 / mean_tokens))) for _ in range(20000)]
+    lam = 0.7
+    times = single_server(StepModel(per_prefill_token_s=per_token), prompts, lam)
+    mu = 1 / (per_token * statistics.fmean(prompts))
+    assert statistics.fmean(times[1000:]) == pytest.approx(1 / (mu - lam), rel=0.08)
+
+
+def test_simulator_matches_m_d_1():
+    service = StepModel(base_s=0.5)
+    rho = 0.6
+    times = single_server(service, [64] * 20000, rho / 0.5)
+    expected = 0.5 + rho * 0.5 / (2 * (1 - rho))  # Pollaczek-Khinchine: S + rho S / (2 (1 - rho))
+    assert statistics.fmean(times[1000:]) == pytest.approx(expected, rel=0.05)
+
+
+def test_light_load_latency_is_the_sum_of_its_steps():
+    p = profile_of(TRUE, transfer=TransferModel(0.01, 0.0), overhead=ServedOverhead(0.005, 0.0))
+    maker = SegmentPromptMaker()
+    dataset = Dataset("one", {}, iter([Unit(0, [Turn(maker.fresh(512), 4)])]), size=1)
+    r = simulate(p, ClusterSpec(), dataset, LoadConfig(rate=1.0)).records[0]
+    prefill = TRUE.prefill_s(512)
+    assert r.ttft_s == pytest.approx(prefill + 0.01 + 0.005)  # P's step, the pull, the served overhead
+    itl = [b - a for (a, _), (b, _) in zip(r.chunks, r.chunks[1:], strict=False)]
+    assert itl[0] == pytest.approx(TRUE.decode_step_s(1, 513) - 0.005, rel=1e-6)  # first gap: no overhead twice
+    assert itl[1] == pytest.approx(TRUE.step_s(StepShape.of([], [514])))
+    assert r.route == "remote" and r.n_output == 4
+
+
+def test_shared_prefixes_hit_the_cache_and_kv_routing_keeps_groups_together():
+    p = profile_of(TRUE)
+    opts = DatasetOptions(input_len=64, output_len=8, num_groups=4, prefix_len=512, num_requests=80)
+    base = {}
+    for policy in ("kv", "round-robin"):
+        d = build_dataset("shared-prefix", opts, SegmentPromptMaker(), 0)
+        spec = ClusterSpec(prefill=4, decode=2, policy=policy)
+        res = simulate(p, spec, d, LoadConfig(rate=2.0, num_requests=80))
+        s = summarize(res.records, res.duration_s, {})
+        assert s["completed"] == 80
+        base[policy] = s["cached_tokens"]
+        if policy == "kv":
+            homes: dict[int | None, Counter[str]] = {}
+            for r in res.records:
+                homes.setdefault(r.prefix_group, Counter())[r.prefill_worker] += 1
+            # most of a group's requests prefill where its prefix is cached (a busy home spills over)
+            assert sum(h.most_common(1)[0][1] for h in homes.values()) >= 0.8 * 80
+    assert base["kv"] > base["round-robin"] > 0
+
+
+def test_preemption_when_the_decode_cache_is_too_small_and_nothing_is_lost():
+    p = profile_of(TRUE, num_blocks=40, budget=512)  # 640 tokens of KV per worker
+    d = build_dataset("random", DatasetOptions(input_len=200, output_len=100, spread=0), SegmentPromptMaker(), 0)
+    res = simulate(p, ClusterSpec(mode="aggregated", prefill=1), d, LoadConfig(rate=math.inf, num_requests=12))
+    assert all(r.ok and r.n_output == 100 for r in res.records)
+    assert res.workers[0]["preemptions"] > 0
+
+
+def test_multi_turn_turns_follow_their_replies_and_reuse_their_cache():
+    d = build_dataset(
+        "multi-turn", DatasetOptions(input_len=64, output_len=16, turns=3, spread=0), SegmentPromptMaker(), 0
+    )
+    res = simulate(profile_of(TRUE), ClusterSpec(mode="aggregated", prefill=1), d, LoadConfig(rate=0.5, num_requests=9))
+    by_conv = {}
+    for r in res.records:
+        by_conv.setdefault(r.conversation, []).append(r)
+    for turns in by_conv.values():
+        for prev, nxt in zip(turns, turns[1:], strict=False):
+            assert nxt.send_s == pytest.approx(prev.chunks[-1][0])
+            assert nxt.cached_tokens >= (prev.input_tokens + 16 - 1) // 16 * 16 - 16
+            assert nxt.input_tokens == prev.input_tokens + 16 + 64
+
+
+def test_bad_cluster_specs_are_refused():
+    with pytest.raises(SimError, match="--mode"):
+        ClusterSpec(mode="split")
+    with pytest.raises(SimError, match="at least one worker"):
+        ClusterSpec(prefill=0)
+    with pytest.raises(SimError, match="prefill pool"):
+        d = build_dataset("random", DatasetOptions(), SegmentPromptMaker(), 0)
+        simulate(profile_of(TRUE), ClusterSpec(prefill_shape="nope"), d, LoadConfig(rate=1.0, num_requests=2))
+
+
+# -- the planner -----------------------------------------------------------------------------------------------
+
+
+def plan_for(rate: float, slo: dict[str, float], **kw) -> tuple[Planner, object]:
+    req = PlanRequest(
+        rate=rate,
+        slo=slo,
+        options=DatasetOptions(input_len=256, output_len=32, spread=0.3),
+        num_requests=150,
+        max_workers=16,
+        **kw,
+    )
+    planner = Planner(profile_of(TRUE), req)
+    return planner, planner.run()
+
+
+def test_plan_meets_the_slo_and_is_minimal_in_each_pool():
+    planner, plan = plan_for(3.0, {"ttft_ms": 1500, "tpot_ms": 60})
+    best = plan.best
+    assert best is not None and best.attainment >= 0.9
+    spec = best.spec
+    if spec.mode == "disaggregated":
+        for n, m in ((spec.prefill - 1, spec.decode), (spec.prefill, spec.decode - 1)):
+            if n >= 1 and m >= 1:
+                smaller = planner.evaluate(
+                    ClusterSpec(prefill=n, decode=m, prefill_shape=spec.prefill_shape, decode_shape=spec.decode_shape)
+                )
+                assert smaller.attainment < 0.9
+    else:
+        if spec.prefill > 1:
+            smaller = planner.evaluate(
+                ClusterSpec(mode="aggregated", prefill=spec.prefill - 1, prefill_shape=spec.prefill_shape)
+            )
+            assert smaller.attainment < 0.9
+    assert all(best.cost <= c.cost for c in plan.per_family)
+
+
+def test_plan_grows_with_the_rate_and_reports_an_impossible_target():
+    _, light = plan_for(0.5, {"ttft_ms": 3000, "tpot_ms": 100})
+    _, heavy = plan_for(6.0, {"ttft_ms": 3000, "tpot_ms": 100})
+    assert light.best is not None and heavy.best is not None
+    assert heavy.best.cost > light.best.cost
+    _, impossible = plan_for(1.0, {"ttft_ms": 10})  # a 256-token prefill alone takes > 300 ms
+    assert impossible.best is None and "no cluster" in impossible.note
+
+
+def test_plan_cli_and_simulate_cli(tmp_path, capsys):
+    path = tmp_path / "p.json"
+    save_profile(profile_of(TRUE, transfer=TransferModel(0.005, 0.0001, 2)), path)
+    out = tmp_path / "sim"
+    rc = planner_main(
+        [
+            "simulate",
+            "--profile",
+            str(path),
+            "--request-rate",
+            "0.5,1",
+            "--num-requests",
+            "30",
+            "--input-len",
+            "128",
+            "--output-len",
+            "16",
+            "--slo",
+            "ttft_ms=2000",
+            "--output",
+            str(out),
+            "--no-plots",
+        ]
+    )
+    assert rc == 0
+    runs = json.loads((out / "summary.json").read_text())
+    assert [r["metadata"]["request_rate"] for r in runs] == [0.5, 1.0]
+    assert runs[0]["completed"] == 30 and runs[0]["metadata"]["target"]["kind"] == "simulator"
+    assert (out / "requests.jsonl").read_text().count("\n") == 60
+    rc = planner_main(
+        [
+            "plan",
+            "--profile",
+            str(path),
+            "--request-rate",
+            "1",
+            "--slo",
+            "ttft_ms=2000,tpot_ms=80",
+            "--input-len",
+            "128",
+            "--output-len",
+            "16",
+            "--num-requests",
+            "60",
+            "--max-workers",
+            "6",
+            "--output",
+            str(tmp_path / "plan"),
+        ]
+    )
+    assert rc == 0
+    doc = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert doc["recommended"]["slo_attainment"] >= 0.9
+    assert "recommended:" in capsys.readouterr().out
+    assert planner_main(["plan", "--profile", str(path), "--request-rate", "1", "--slo", "ttft=5"]) == 2
+    assert planner_main(["simulate", "--profile", str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown target 'ttft'" in err and "none.json" in err
