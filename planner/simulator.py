@@ -5,9 +5,11 @@ benchmark client keeps, so `tandem simulate` writes the same `summary.json` as `
 The path of a request, as the served cluster runs it (../shared/DESIGN.md, section 1):
 
     send ─> router: decode worker D, then remote prefill on P (or local on D, conditional disaggregation)
-    P: waits, prefills in token-budget steps (chunked), samples token 1, keeps the blocks leased
+    P: waits, prefills in token-budget steps (chunked), samples token 1 (the router streams it: TTFT),
+       keeps the blocks leased
     D: admits it when its cache has room for the prompt (it waits otherwise), pulls the blocks it lacks
-       (TransferModel), streams token 1, then decodes one token per step in its running batch
+       (TransferModel), then decodes one token per step in its running batch (the pull is in token 2's
+       latency, as in the served cluster: router/responses.py, RequestTrace)
     aggregated mode: one worker does all of it, prefill chunks and decode rows sharing steps
 
 Times come from the profile: each worker's `StepModel` prices every step it schedules, the `TransferModel`
@@ -296,6 +298,13 @@ class Simulation:
         self.on_finish(req)
 
     def _hand_off(self, p: SimWorker, req: SimRequest) -> None:
+        """P sampled token 1: the router streams it at once (TTFT), then asks D to take the request."""
+        self._deliver(req, first=True)
+        if req.emitted >= req.output_len:  # a one-token reply: no decode, P's lease ends
+            p.remove(req)
+            self.kick(p)
+            self._finish(req)
+            return
         d = self.cluster.decode_pool[req.decode_worker]
         self.cluster.admitting[d.wid].append(req)
         self._admit(d)
@@ -325,12 +334,6 @@ class Simulation:
         self.kick(p)
         req.computed = req.prompt_len
         d.cache.commit(req, req.prompt_len)
-        self._deliver(req, first=True)
-        if req.emitted >= req.output_len:
-            d.remove(req)
-            self._finish(req)
-            self._admit(d)
-            return
         d.waiting.append(req)  # joins the batch at the next step (decode rows: no prefill left)
         self.kick(d)
 

@@ -175,9 +175,9 @@ def test_light_load_latency_is_the_sum_of_its_steps():
     dataset = Dataset("one", {}, iter([Unit(0, [Turn(maker.fresh(512), 4)])]), size=1)
     r = simulate(p, ClusterSpec(), dataset, LoadConfig(rate=1.0)).records[0]
     prefill = TRUE.prefill_s(512)
-    assert r.ttft_s == pytest.approx(prefill + 0.01 + 0.005)  # P's step, the pull, the served overhead
+    assert r.ttft_s == pytest.approx(prefill + 0.005)  # P's step and the served overhead: token 1 comes from P
     itl = [b - a for (a, _), (b, _) in zip(r.chunks, r.chunks[1:], strict=False)]
-    assert itl[0] == pytest.approx(TRUE.decode_step_s(1, 513) - 0.005, rel=1e-6)  # first gap: no overhead twice
+    assert itl[0] == pytest.approx(0.01 + TRUE.decode_step_s(1, 513) - 0.005, rel=1e-6)  # the pull, D's first step
     assert itl[1] == pytest.approx(TRUE.step_s(StepShape.of([], [514])))
     assert r.route == "remote" and r.n_output == 4
 
