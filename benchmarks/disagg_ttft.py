@@ -100,6 +100,7 @@ def run_shape(args, shape: str) -> dict:
                 stamps, last = [], None
                 for last in client.generate(token_ids=ids, max_tokens=2, temperature=0.0, ignore_eos=True):
                     stamps.append(time.perf_counter() - t0)
+                assert last is not None  # the server always sends at least one response
                 t = last.timings
                 samples.append(
                     (

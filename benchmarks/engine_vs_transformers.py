@@ -38,7 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -324,7 +324,9 @@ def run_dtype(args, dtype_name: str, path: str, bandwidth: float, vocab: int) ->
         row(f"(b) output tok/s, {args.num_requests} requests", b_ours, b_hf, ">= 3x", 3.0),
         row(f"(c) prefill tok/s, {args.prefill_tokens} tokens", c_ours, c_hf, ">= 1.0x", 1.0),
     ]
-    llm = hf = None  # drop both models before the next dtype loads (a del would hide them from the lambdas above)
+    # drop both models before the next dtype loads (a del would hide them from the lambdas above, for the
+    # linter); llm stays typed LLM, as the lambdas need: this None only frees it, nothing reads it after
+    llm = hf = None  # type: ignore[assignment]
     gc.collect()
     return {
         "dtype": dtype_name,
@@ -389,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     bandwidth_end = read_bandwidth(args.bandwidth_mib)
-    meta = {
+    meta: dict[str, Any] = {
         "command": " ".join([".venv/bin/python", "benchmarks/engine_vs_transformers.py", *(argv or sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),

@@ -62,13 +62,14 @@ def worker(engine: str, model: str, dtype: str, seed: int) -> dict:
             params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
             return [o.token_ids for o in llm.generate(batch, params)]
     else:
-        from vllm import LLM, SamplingParams
+        from vllm import LLM as VllmLLM
+        from vllm import SamplingParams as VllmSamplingParams
 
-        llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=2048, seed=seed)
+        vllm_llm = VllmLLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=2048, seed=seed)
 
         def generate(batch: list[list[int]], max_tokens: int) -> list[list[int]]:
-            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-            outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+            params = VllmSamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            outs = vllm_llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
             return [list(o.outputs[0].token_ids) for o in outs]
 
     def timed(batch, max_tokens):

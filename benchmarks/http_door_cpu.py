@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,6 +29,7 @@ from router.errors import Outcome  # noqa: E402
 from router.http_app import HttpDoor  # noqa: E402
 from router.http_server import HttpServer  # noqa: E402
 from router.metrics import RouterMetrics  # noqa: E402
+from router.request_path import RequestPath  # noqa: E402
 from router.responses import ServerFacts  # noqa: E402
 from tandem_api.v1 import generation_pb2 as pb  # noqa: E402
 
@@ -67,7 +69,9 @@ class EmittingPath:
 
 
 async def main(a: argparse.Namespace) -> None:
-    server = HttpServer(HttpDoor(EmittingPath(a.chunks), lambda: FACTS), "127.0.0.1", 0)
+    # a stand-in, not a RequestPath: it has what HttpDoor uses (membership, metrics, validator, run)
+    path = cast(RequestPath, EmittingPath(a.chunks))
+    server = HttpServer(HttpDoor(path, lambda: FACTS), "127.0.0.1", 0)
     server.server.config.http = a.http
     await server.start()
     body = json.dumps({"model": "m", "prompt": "x", "max_tokens": a.chunks, "stream": True})

@@ -134,6 +134,12 @@ def main() -> int:
               f"{'rounds':>6} {'bind ms':>7} {'convert GB/s':>12} {'copy GB/s':>9} {'ratio':>6} {'scatter GB/s':>12} "
               f"{'backend':>7}")  # fmt: skip
     print(header)
+    # each case's buffers, set to None at its end
+    src_caches: list[torch.Tensor] | None
+    dst_caches: list[torch.Tensor] | None
+    stagings: list[torch.Tensor] | None
+    a: torch.Tensor | None
+    b: torch.Tensor | None
     for name in args.cases.split(","):
         heads, p_shape, d_shape = CASES[name]
         extra = 4

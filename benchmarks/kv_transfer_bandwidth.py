@@ -33,14 +33,16 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from kv_transfer import KVLayout, NixlTransport, TransferOp, TransferState, plan_transfer
 from kv_transfer.testing import PeerSpec, RemotePeer, make_cache, wait_done
 
-SMOLLM2 = dict(model_fingerprint="smollm2-135m", total_layers=30, layer_start=0, num_layers=30, total_kv_heads=3,
-               head_start=0, num_kv_heads=3, head_dim=64, block_size=16, dtype="bfloat16", order="NHD")  # fmt: skip
+SMOLLM2: dict[str, Any] = dict(model_fingerprint="smollm2-135m", total_layers=30, layer_start=0, num_layers=30,
+                               total_kv_heads=3, head_start=0, num_kv_heads=3, head_dim=64, block_size=16,
+                               dtype="bfloat16", order="NHD")  # fmt: skip
 RESULTS = Path(__file__).parent / "results" / "kv_transfer_bandwidth.json"
 
 

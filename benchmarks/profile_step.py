@@ -87,7 +87,7 @@ def make_prompt(n: int, seed: int) -> list[int]:
 def timed_steps(llm: LLM, prompt: list[int], steps: int, decode: bool) -> dict:
     """Run steps with the phases of EngineCore.step() timed one by one."""
     core = llm.engine
-    phases = {"schedule": [], "prepare": [], "forward": [], "sampler": [], "rest": []}
+    phases: dict[str, list[float]] = {"schedule": [], "prepare": [], "forward": [], "sampler": [], "rest": []}
     params = SamplingParams(max_tokens=steps + 2 if decode else 1, temperature=0.0, ignore_eos=True)
     n = 0
     while n < steps:

@@ -41,6 +41,7 @@ import random
 import statistics
 import time
 from pathlib import Path
+from typing import cast
 
 from common.block_hash import hash_full_blocks
 from common.contract import WorkerStatus
@@ -49,11 +50,17 @@ from router.indexer import Indexer
 from router.indexer_reference import NaiveIndexer
 from router.pools import WorkerPool
 from router.routing import Router, RoutingConfig
+from router.workers import WorkerClient
 
 
 class SimWorker:  # routing makes no calls: an id is all a simulated worker needs
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
+
+
+def sim_client(worker_id: str) -> WorkerClient:
+    """A SimWorker in a pool: not a whole WorkerClient, but Router.route reads only `worker_id`."""
+    return cast(WorkerClient, SimWorker(worker_id))
 
 
 RESULTS = Path(__file__).parent / "results" / "router_indexer.json"
@@ -184,8 +191,8 @@ def main() -> int:
 def time_route(args, idx: Indexer, prompts: list[list[int]], rng: random.Random) -> list[int]:
     """Router.route + close per prompt over the built index (32 prefill + 8 decode simulated workers)."""
     bs = args.block_size
-    prefill = WorkerPool("prefill", [SimWorker(w) for w in idx.workers()], "kv", block_size=bs)
-    decode = WorkerPool("decode", [SimWorker(f"d{i}") for i in range(args.decode_workers)], "kv", block_size=bs)
+    prefill = WorkerPool("prefill", [sim_client(w) for w in idx.workers()], "kv", block_size=bs)
+    decode = WorkerPool("decode", [sim_client(f"d{i}") for i in range(args.decode_workers)], "kv", block_size=bs)
     for slot in prefill.slots:
         slot.prefill_tokens = rng.randrange(0, 8192)
     for slot in decode.slots:
@@ -209,6 +216,7 @@ def time_route(args, idx: Indexer, prompts: list[list[int]], rng: random.Random)
             ),
         )
     router = Router(decode, prefill, RoutingConfig(conditional_prefill_threshold=256), random.Random(args.seed))
+    assert router.prefill is not None  # built with a prefill pool
     router.prefill.indexer = idx
     clock = time.perf_counter_ns
     out: list[int] = []

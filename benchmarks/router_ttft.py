@@ -324,7 +324,7 @@ def drive(args, address: str, policy: str, rnd: int, workload: dict):
     systems, users = workload["systems"], workload["users"]
     n_sys = len(systems)
     ready = deque(workload["order"])
-    history = {c: [] for c in range(args.conversations)}  # (user + reply) tokens so far
+    history: dict[int, list[int]] = {c: [] for c in range(args.conversations)}  # (user + reply) tokens so far
     next_turn = dict.fromkeys(range(args.conversations), 0)
     state = {"in_flight": 0}
     cond = threading.Condition()

@@ -55,7 +55,8 @@ def offline(a: argparse.Namespace) -> dict:
     core = llm.engine
     rng = random.Random(a.seed)
     params = SamplingParams(max_tokens=a.output_len, temperature=0.0, ignore_eos=True)
-    ttft, itl = [], []
+    ttft: list[float] = []
+    itl: list[float] = []
     for i in range(a.requests + 1):  # the first is a warm-up
         prompt = [rng.randrange(17, 40000) for _ in range(a.input_len)]
         t0 = time.perf_counter()

@@ -164,6 +164,7 @@ def run_soak(o: SoakOptions, log: Log = lambda msg: None) -> SoakResult:
             f"{o.requests} requests over {o.concurrency} streams"
         )
         kill: dict[str, Any] = {}
+        driver: StreamDriver  # on_dispatch reads it: the driver calls it only once running
         driver = StreamDriver(
             serving.address,
             plans,

@@ -191,7 +191,7 @@ class StreamDriver:
     def _one(self, client: TandemClient, out: Outcome) -> None:
         p = out.plan
         try:
-            stream = client.generate(
+            stream = client.generate(  # a generator: closing it cancels the call
                 token_ids=p.prompt,
                 request_id=p.request_id,
                 max_tokens=p.max_tokens,

@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import TypedDict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -151,6 +152,16 @@ def timed_run(add, step, unfinished, group: list[list[int]]) -> tuple[list[float
 TANDEM_VARIANTS = {"plain": (0, 0), "ngram": (4, 8), "ngram-always": (4, 0)}  # (spec tokens, disable batch size)
 
 
+class VariantTotals(TypedDict):
+    """One variant's measurements over every run of `tandem_worker`."""
+
+    itl: list[float]
+    tpot: list[float]
+    wall: float
+    tokens: int
+    spec: list[int]  # spec steps, proposed, accepted
+
+
 def tandem_worker(dtype: str, max_tokens: int, batch: int, prompts: list[list[int]], reps: int) -> dict:
     """Every Tandem variant on ONE engine (n-gram proposer, k=4, lookup 2..4), interleaved request by request
     (batch 1) or group by group, rotating the order: the machine's slow and fast phases hit all alike.
@@ -178,7 +189,9 @@ def tandem_worker(dtype: str, max_tokens: int, batch: int, prompts: list[list[in
 
     timed_run(add, step, core.has_unfinished_requests, [prompts[0]])  # warm-up
     variants = [v for v in TANDEM_VARIANTS if batch > 1 or v != "ngram-always"]
-    acc = {v: {"itl": [], "tpot": [], "wall": 0.0, "tokens": 0, "spec": [0, 0, 0]} for v in variants}
+    acc: dict[str, VariantTotals] = {
+        v: {"itl": [], "tpot": [], "wall": 0.0, "tokens": 0, "spec": [0, 0, 0]} for v in variants
+    }
     groups = [[p] for p in prompts] * reps if batch == 1 else [[prompts[i % len(prompts)] for i in range(batch)]] * reps
     for i, group in enumerate(groups):
         for v in variants[i % len(variants) :] + variants[: i % len(variants)]:

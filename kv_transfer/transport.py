@@ -119,8 +119,15 @@ class Transport(Protocol):
     TransportVersionError or IncompatiblePeerError before touching the backend.
     """
 
-    name: str  # implementation name ("inproc", "nixl"): travels in the handshake
-    agent_name: str  # unique name of this endpoint
+    @property
+    def name(self) -> str:
+        """Implementation name ("inproc", "nixl"): travels in the handshake."""
+        ...
+
+    @property
+    def agent_name(self) -> str:
+        """Unique name of this endpoint."""
+        ...
 
     def register(self, kv_cache: torch.Tensor, layout: KVLayout, staging: torch.Tensor | None = None) -> None: ...
 

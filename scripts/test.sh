@@ -8,6 +8,7 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # lint and format first (pyproject.toml [tool.ruff]): a finding fails the run before any test
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-# type check (pyproject.toml [tool.mypy]) of every product package (tests, benchmarks and scripts are not)
-.venv/bin/mypy common engine kv_transfer worker_core prefill_worker decode_worker router deploy tandem_api planner
+# type check (pyproject.toml [tool.mypy]) of the whole tree: every product package, tests, benchmarks, scripts
+.venv/bin/mypy common engine kv_transfer worker_core prefill_worker decode_worker router deploy tandem_api planner \
+  tests benchmarks scripts
 exec .venv/bin/python -m pytest "$@"

@@ -18,7 +18,7 @@ retry on its own. `timeout` (seconds) becomes the call's gRPC deadline.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -110,7 +110,7 @@ class TandemClient:
         request_id: str = "",
         timeout: float | None = None,
         **sampling: Any,
-    ) -> Iterator[pb.GenerateResponse]:
+    ) -> Generator[pb.GenerateResponse, None, None]:
         """Streams the responses of one request; the last has finish_reason, usage and timings.
 
         Closing the iterator early (or dropping it) cancels the call on the server.
@@ -181,7 +181,7 @@ class TandemClient:
         raise TimeoutError(f"{self.target} did not report SERVING within {timeout} s")
 
 
-def _responses(call: Any) -> Iterator[pb.GenerateResponse]:
+def _responses(call: Any) -> Generator[pb.GenerateResponse, None, None]:
     try:
         yield from call
     finally:

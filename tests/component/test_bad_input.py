@@ -14,6 +14,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -27,7 +28,8 @@ from common.errors import (
     UnsupportedModelError,
 )
 from common.sampling_params import SamplingParams
-from engine.llm import LLM
+from engine.llm import LLM, PromptInput
+from engine.request import Request
 from tests.helpers.tiny_models import make_tiny_gguf_model, make_tiny_hf_model
 
 CONTEXT = 256
@@ -67,6 +69,11 @@ def assert_engine_clean_and_correct(llm: LLM, reference: list[int]) -> None:
 
 def long_ids(n: int) -> list[int]:
     return [(7 * i + 3) % VOCAB for i in range(n)]
+
+
+def batch(*prompts: PromptInput) -> list[PromptInput]:
+    """A batch that mixes text and token-id prompts."""
+    return list(prompts)
 
 
 # (id, bad call, error type, substrings the message must contain)
@@ -131,7 +138,8 @@ CASES: list[tuple[str, BadCall, type[EngineError], tuple[str, ...]]] = [
     ),
     ("token-id-too-big", lambda llm: llm.generate([1, 2, VOCAB]), InvalidRequestError, (str(VOCAB), "vocabulary")),
     ("token-id-negative", lambda llm: llm.generate([[5, -1, 6]]), InvalidRequestError, ("-1", "vocabulary")),
-    ("token-id-not-int", lambda llm: llm.generate([[5, 2.5, 6]]), InvalidRequestError, ("token ids",)),
+    # a float among the token ids: ill-typed on purpose (cast), the engine must refuse it
+    ("token-id-not-int", lambda llm: llm.generate(cast(Any, [[5, 2.5, 6]])), InvalidRequestError, ("token ids",)),
     (
         "engine-token-id-bool",
         lambda llm: llm.engine.add_request([True, 6], GREEDY),
@@ -146,17 +154,22 @@ CASES: list[tuple[str, BadCall, type[EngineError], tuple[str, ...]]] = [
     ),
     (
         "batch-last-too-long",
-        lambda llm: llm.generate(["hello there", REF_PROMPT, long_ids(CONTEXT + 1)], GREEDY),
+        lambda llm: llm.generate(batch("hello there", REF_PROMPT, long_ids(CONTEXT + 1)), GREEDY),
         PromptTooLongError,
         ("shorten",),
     ),
     (
         "batch-last-bad-token",
-        lambda llm: llm.generate([REF_PROMPT, "fine", [3, VOCAB + 7]], GREEDY),
+        lambda llm: llm.generate(batch(REF_PROMPT, "fine", [3, VOCAB + 7]), GREEDY),
         InvalidRequestError,
         (str(VOCAB + 7), "vocabulary"),
     ),
-    ("batch-last-empty", lambda llm: llm.generate([REF_PROMPT, [4, 5], ""], GREEDY), InvalidRequestError, ("empty",)),
+    (
+        "batch-last-empty",
+        lambda llm: llm.generate(batch(REF_PROMPT, [4, 5], ""), GREEDY),
+        InvalidRequestError,
+        ("empty",),
+    ),
 ]
 
 
@@ -171,7 +184,12 @@ def test_bad_request_raises_typed_error_and_admits_nothing(
 ) -> None:
     admitted: list[str] = []
     real_add = llm.engine.scheduler.add
-    monkeypatch.setattr(llm.engine.scheduler, "add", lambda req: (admitted.append(req.request_id), real_add(req)))
+
+    def recording_add(req: Request) -> None:
+        admitted.append(req.request_id)
+        real_add(req)
+
+    monkeypatch.setattr(llm.engine.scheduler, "add", recording_add)
     with pytest.raises(error) as info:
         bad(llm)
     message = str(info.value)
@@ -194,6 +212,7 @@ def test_duplicate_request_id_is_refused_and_first_request_unharmed(llm: LLM, re
     engine = llm.engine
     engine.add_request(REF_PROMPT, GREEDY, request_id="dup")
     first = engine.get_request("dup")
+    assert first is not None
     with pytest.raises(InvalidRequestError, match="'dup' is already in use"):
         engine.add_request([9, 8, 7], GREEDY, request_id="dup")
     assert engine.get_request("dup") is first and len(engine.scheduler.requests) == 1
@@ -298,6 +317,7 @@ def test_numpy_integer_token_ids_are_accepted_as_ints(llm: LLM, reference: list[
 
     rid = llm.engine.add_request(list(np.array(REF_PROMPT, dtype=np.int64)), GREEDY)  # np.int64 items
     req = llm.engine.get_request(rid)
+    assert req is not None
     assert all(type(t) is int for t in req.prompt_token_ids)
     while llm.engine.has_unfinished_requests():
         llm.engine.step()

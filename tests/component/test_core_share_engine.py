@@ -41,9 +41,11 @@ def test_steps_widen_onto_an_idle_peer_and_narrow_when_it_works(tiny, tmp_path, 
     async def generate(engine: AsyncEngine, rid: str) -> list[int]:
         stream = engine.open_stream(rid)
         await engine.call(lambda c: c.add_request(list(range(3, 300)), params, rid))  # a long prompt
-        tokens = []
+        tokens: list[int] = []
         while True:
             out = await stream.get()
+            if isinstance(out, BaseException):  # the engine failed the request
+                raise out
             tokens += out.new_token_ids
             if out.finished:
                 engine.close_stream(rid)

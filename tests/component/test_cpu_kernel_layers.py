@@ -14,6 +14,7 @@ from common.sampling_params import SamplingParams
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.engine_core import EngineCore
 from engine.model import cpu_kernels
+from engine.model_runner import StepBatch
 from tests.helpers.tiny_models import make_tiny_hf_model
 
 pytestmark = pytest.mark.skipif(
@@ -46,7 +47,12 @@ def _run(core: EngineCore, kernels: bool) -> tuple[dict[str, list[int]], list[to
             layer._k = None
     logits: list[torch.Tensor] = []
     execute = core.runner.execute
-    core.runner.execute = lambda batch: logits.append(execute(batch)) or logits[-1]
+
+    def recording(batch: StepBatch) -> torch.Tensor:
+        logits.append(execute(batch))
+        return logits[-1]
+
+    setattr(core.runner, "execute", recording)  # a spy on this runner's forward pass, undone below
     try:
         params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
         shared = list(range(40, 60))
@@ -63,7 +69,7 @@ def _run(core: EngineCore, kernels: bool) -> tuple[dict[str, list[int]], list[to
                 tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
         return tokens, logits
     finally:
-        core.runner.execute = execute
+        setattr(core.runner, "execute", execute)
         for layer, k in zip(_layers(core), saved):
             layer._k = k
 

@@ -9,14 +9,15 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 import pytest
 
+from common.sampling_params import SamplingParams
 from router.attempts import Attempt, Run
 from router.pools import WorkerPool
 from router.responses import RequestTrace
 from router.server import GenerationService
+from router.validation import ValidatedRequest
 from tests.helpers.fake_workers import FakeWorker
 from tests.helpers.inprocess_workers import InProcessClient, new_worker
 from tests.helpers.tiny_models import make_tiny_hf_model
@@ -34,25 +35,23 @@ def recording(tiny: str, wid: str) -> FakeWorker:
     return FakeWorker(wid, "prefill", inner=InProcessClient(new_worker(tiny, wid)))
 
 
-@dataclass
-class Req:
-    request_id: str
-
-
 def service_with(p0: FakeWorker, p1: FakeWorker) -> GenerationService:
     # d0: a decode worker; these tests make no call to it
     return GenerationService(
         validator=None,
         prefill=WorkerPool("prefill", [p0, p1], "kv", block_size=4),
         decode=WorkerPool("decode", [FakeWorker("d0")], "kv", block_size=4),
-        info_source=lambda: None,
         cleanup_timeout_s=0.2,
     )
 
 
 def run_on(service: GenerationService, rid: str, p, d, prefill_done: bool) -> None:
     attempt = Attempt(rid, [], p=p, d=d, prefill_sent=True, prefill_done=prefill_done, kv_leased=prefill_done)
-    run = Run(Req(rid), RequestTrace(received=0.0, prompt_tokens=8), attempt=attempt)
+    run = Run(
+        ValidatedRequest(rid, [], SamplingParams(), "token_ids"),
+        RequestTrace(received=0.0, prompt_tokens=8),
+        attempt=attempt,
+    )
     service._active[rid] = run
 
 

@@ -38,7 +38,7 @@ def _config(model: str, tp: int, pp: int, device: str) -> EngineConfig:
 def _greedy(core: EngineCore) -> list[list[int]]:
     params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
     ids = [core.add_request(p, params) for p in PROMPTS]
-    out = {i: [] for i in ids}
+    out: dict[str, list[int]] = {i: [] for i in ids}
     while core.has_unfinished_requests():
         for o in core.step():
             out[o.request_id] += o.new_token_ids

@@ -56,7 +56,9 @@ def _disaggregated(p: EngineCore, d: EngineCore, prompt, params, rid="r", prior=
     assert p.get_request(rid) is None and p.leases[rid].status is RequestStatus.KV_LEASED
     replay = d.add_remote_request(prompt, params, rid, first.new_token_ids[0], prior)
     assert replay.new_text == first.new_text and not replay.finished
-    dst, start = d.allocate_remote_kv(rid)
+    allocated = d.allocate_remote_kv(rid)
+    assert allocated is not None  # the pool has room for the prompt
+    dst, start = allocated
     src = first.kv_block_ids[start:]
     assert len(src) == len(dst)
     d.kv_cache[:, :, dst] = p.kv_cache[:, :, src]  # the transport's job

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from common.sampling_params import SamplingParams
 from engine.llm import LLM
+from engine.model_runner import StepBatch
 from tests.helpers.tiny_models import make_tiny_hf_model
 
 VOCAB = 1024
@@ -67,13 +68,13 @@ class LogitsSpy:
         runner = llm.engine.runner
         inner = runner.execute
 
-        def execute(batch):
+        def execute(batch: StepBatch) -> torch.Tensor:
             logits = inner(batch)
             for s, row in zip(batch.sample, logits):
                 self.rows.setdefault(s.request.request_id, []).append(row.clone())
             return logits
 
-        runner.execute = execute
+        setattr(runner, "execute", execute)
         self._undo = lambda: setattr(runner, "execute", inner)
 
     def close(self) -> None:

@@ -46,6 +46,7 @@ class Setup:
 
     @property
     def ix(self) -> PoolIndex:
+        assert self.router.prefill is not None  # setup() builds a disaggregated router
         return self.router.prefill
 
     async def run(self, wid: str, rid: str, prompt: list[int], max_tokens: int) -> list[int]:
@@ -79,7 +80,7 @@ async def setup(workers: list[PrefillWorker], follow: bool = True) -> AsyncItera
     s = Setup(clients, router, feed, downs)
     try:
         if follow:
-            feed.follow_pool(router.prefill)
+            feed.follow_pool(s.ix)
         yield s
     finally:
         await feed.close()
@@ -112,10 +113,12 @@ def test_events_fill_the_index_and_the_status(tiny: str) -> None:
             assert s.holds_exactly("A", (await s.clients["A"].kv_snapshot()).block_hashes)
             await s.feed.wait_until(lambda: all(sl.status is not None for sl in s.ix.pool.slots), WAIT_S)
             st = s.ix.pool.slot("A").status
+            assert st is not None
             assert (st.worker_id, st.role, st.health, st.block_size) == ("A", "prefill", "SERVING", BS)
             assert st.kv_blocks_total == NUM_BLOCKS and st.max_num_seqs > 0
             # and routing sees it: the same prompt goes to A, its cached blocks in the formula
             route = s.router.route("again", prompt)
+            assert route.prefill is not None
             assert route.prefill.worker_id == "A"
             # A holds the 5 blocks of r1 (its 64-block cache 8% full); the prompt adds no new block there
             assert (

@@ -11,7 +11,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.trace import SpanKind
 
 from common import telemetry
-from common.telemetry import TracingConfig, extract, setup_tracing
+from common.telemetry import Exporter, OtlpProtocol, TracingConfig, extract, setup_tracing
 from tests.helpers.otlp_receiver import OtlpHttpReceiver, OtlpReceiver, ReceivedSpan
 
 GATEWAY_TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
@@ -69,12 +69,12 @@ def test_otlp_grpc(endpoint: str) -> None:
     with OtlpReceiver() as receiver:
         if endpoint == "url":  # http:// scheme: plaintext
             config = TracingConfig(
-                exporter="otlp", protocol="grpc", endpoint=receiver.url, service_name="tandem-router"
+                exporter=Exporter.OTLP, protocol=OtlpProtocol.GRPC, endpoint=receiver.url, service_name="tandem-router"
             )
         else:  # a bare host:port is TLS unless told otherwise
             config = TracingConfig(
-                exporter="otlp",
-                protocol="grpc",
+                exporter=Exporter.OTLP,
+                protocol=OtlpProtocol.GRPC,
                 endpoint=receiver.endpoint,
                 insecure=True,
                 service_name="tandem-router",

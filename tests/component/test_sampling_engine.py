@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from common.sampling_params import SamplingParams
-from engine.llm import LLM
+from engine.llm import LLM, PromptInput
 from engine.outputs import CompletionOutput
 from tests.helpers.tiny_models import make_tiny_hf_model
 
@@ -56,7 +56,7 @@ def test_seeded_request_is_reproducible_alone_and_in_any_batch(llm: LLM) -> None
     assert len(alone.token_ids) == 16
     assert one(llm, PROMPT, SEEDED).token_ids == alone.token_ids
 
-    others = [
+    others: list[tuple[PromptInput, SamplingParams]] = [
         ("Hello there", SamplingParams(seed=1, temperature=0.8, top_p=0.9, max_tokens=16, ignore_eos=True)),
         ([5, 6, 7, 8, 9, 10, 11], SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)),  # unseeded
         (PROMPT, SamplingParams(seed=8, temperature=0.8, top_p=0.9, max_tokens=16, ignore_eos=True)),  # same prompt
@@ -98,7 +98,7 @@ def _stop_string(text: str) -> tuple[str, int]:
 
 def test_stop_string_cuts_the_text(llm: LLM, greedy_run: CompletionOutput) -> None:
     stop, at = _stop_string(greedy_run.text)
-    out = one(llm, PROMPT, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, stop=[stop]))
+    out = one(llm, PROMPT, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, stop=(stop,)))
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == greedy_run.text[:at]
     assert out.token_ids == greedy_run.token_ids[: len(out.token_ids)] and len(out.token_ids) < 32
@@ -109,7 +109,7 @@ def test_include_stop_str_in_output_keeps_it(llm: LLM, greedy_run: CompletionOut
     out = one(
         llm,
         PROMPT,
-        SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, stop=[stop], include_stop_str_in_output=True),
+        SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, stop=(stop,), include_stop_str_in_output=True),
     )
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == greedy_run.text[: at + len(stop)]
@@ -118,7 +118,7 @@ def test_include_stop_str_in_output_keeps_it(llm: LLM, greedy_run: CompletionOut
 def test_stop_token_id_stops_with_that_id(llm: LLM, greedy_run: CompletionOutput) -> None:
     ids = greedy_run.token_ids
     k = next(i for i in range(3, len(ids)) if ids.index(ids[i]) == i)  # first occurrence, not at the start
-    out = one(llm, PROMPT, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, stop_token_ids=[ids[k]]))
+    out = one(llm, PROMPT, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, stop_token_ids=(ids[k],)))
     assert out.token_ids == ids[: k + 1]  # the stop token itself is kept in the ids
     assert out.finish_reason == "stop" and out.stop_reason == ids[k]
 

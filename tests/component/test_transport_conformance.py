@@ -13,6 +13,7 @@ import itertools
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import pytest
@@ -54,8 +55,9 @@ _names = itertools.count()
 
 
 def layout(num_blocks: int = 16, dtype: str = "bfloat16", device: str = "cpu", **kw) -> KVLayout:
-    base = dict(model_fingerprint="tiny", total_layers=2, layer_start=0, num_layers=2, total_kv_heads=2,
-                head_start=0, num_kv_heads=2, head_dim=8, block_size=4, order="NHD")  # fmt: skip
+    base: dict[str, Any] = dict(model_fingerprint="tiny", total_layers=2, layer_start=0, num_layers=2,
+                                total_kv_heads=2, head_start=0, num_kv_heads=2, head_dim=8, block_size=4,
+                                order="NHD")  # fmt: skip
     return KVLayout(**(base | kw), num_blocks=num_blocks, dtype=dtype, device=device)
 
 
@@ -78,7 +80,8 @@ class Pair:
         return wait_done(self.local, handle, TIMEOUT_S, pump=[self.remote])
 
     def remote_notifications(self, want: int = 1) -> list[tuple[str, bytes]]:
-        got, deadline = [], time.monotonic() + TIMEOUT_S
+        got: list[tuple[str, bytes]] = []
+        deadline = time.monotonic() + TIMEOUT_S
         while len(got) < want and time.monotonic() < deadline:
             self.local.progress()  # both sides must make progress (transport.py, liveness)
             got += self.remote.notifications()
@@ -87,10 +90,12 @@ class Pair:
 
 class Factory:
     def __init__(self, kind: str) -> None:
-        self.kind, self.registry, self.made = kind, InProcessRegistry(), []
+        self.kind, self.registry = kind, InProcessRegistry()
+        self.made: list[Transport] = []
 
     def transport(self, role: str) -> Transport:
         name = f"{role}{next(_names)}"
+        t: Transport
         if self.kind == "nixl":
             t = NixlTransport(name, NixlSettings())
         elif self.kind == "faulty":

@@ -298,11 +298,11 @@ def test_a_stalled_decode_worker_is_left_for_another(cluster, reference):
 @pytest.mark.parametrize(
     "seed, plan, retries",
     [
-        (21, FaultPlan(fail_polls={1}), 1),  # the READ completes with an error
-        (22, FaultPlan(fail_submits={1}), 1),  # the READ is refused at submit
-        (23, FaultPlan(stall_polls={1}), 1),  # never completes: the pull's deadline (lease-bound) ends it
+        (21, FaultPlan(fail_polls=frozenset({1})), 1),  # the READ completes with an error
+        (22, FaultPlan(fail_submits=frozenset({1})), 1),  # the READ is refused at submit
+        (23, FaultPlan(stall_polls=frozenset({1})), 1),  # never completes: the pull's deadline (lease-bound) ends it
         (24, FaultPlan(delay_polls=200), 0),  # late, but within the deadline: no retry
-        (25, FaultPlan(fail_polls={1, 2}), 2),  # from both prefill workers: the third attempt prefills on D
+        (25, FaultPlan(fail_polls=frozenset({1, 2})), 2),  # from both prefill workers: the third attempt prefills on D
     ],
     ids=["fail", "refused", "stall", "late", "every-prefill-worker"],
 )

@@ -142,13 +142,14 @@ def test_a_real_prometheus_scrapes_the_cluster(cluster, tmp_path):
         proc.wait(30)
 
 
-def _query_until(web_port: int, promql: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> list:
+def _query_until(web_port: int, promql: str, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> list:
     """Ask Prometheus until the query returns data (it scrapes every second); an external process gives
     no event to wait on, so this polls its HTTP API under a deadline."""
     url = f"http://127.0.0.1:{web_port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
+            assert proc.stderr is not None  # started with stderr=PIPE
             raise AssertionError(f"prometheus exited: {proc.stderr.read().decode()[-2000:]}")
         try:
             body = json.loads(urllib.request.urlopen(url, timeout=5).read())

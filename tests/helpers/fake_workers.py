@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,11 +154,11 @@ class FakeWorker:
             return True
         raise AssertionError(f"{self!r}: {method} was called with nothing scripted")
 
-    def _stream(self, method: str, *args: Any) -> AsyncIterator[StreamChunk]:
+    def _stream(self, method: str, *args: Any) -> AsyncGenerator[StreamChunk, None]:
         self.calls.append(Call(method, args))  # recorded when called; the rest runs when first iterated
         return self._play(method, args)
 
-    async def _play(self, method: str, args: tuple[Any, ...]) -> AsyncIterator[StreamChunk]:
+    async def _play(self, method: str, args: tuple[Any, ...]) -> AsyncGenerator[StreamChunk, None]:
         outcome = await self._answer(method)
         if outcome is PASS:
             if self.inner is None:
@@ -193,7 +193,7 @@ class FakeWorker:
         prefill: PrefillResult,
         trace_ctx: dict[str, str] | None = None,
         prior_ids: Sequence[int] = (),
-    ) -> AsyncIterator[StreamChunk]:
+    ) -> AsyncGenerator[StreamChunk, None]:
         return self._stream("decode", request_id, prompt_ids, params, prefill, trace_ctx, prior_ids)
 
     def generate(
@@ -203,7 +203,7 @@ class FakeWorker:
         params: SamplingParams,
         trace_ctx: dict[str, str] | None = None,
         prior_ids: Sequence[int] = (),
-    ) -> AsyncIterator[StreamChunk]:
+    ) -> AsyncGenerator[StreamChunk, None]:
         return self._stream("generate", request_id, prompt_ids, params, trace_ctx, prior_ids)
 
     async def abort(self, request_id: str) -> bool:

@@ -9,9 +9,9 @@ to fail every call the way a dead Ray actor does.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
-from common.contract import KVEventsReply, StreamChunk, WorkerStatus
+from common.contract import KVEventsReply, PrefillResult, StreamChunk, WorkerStatus
 from common.kv_events import KVSnapshot
 from common.sampling_params import SamplingParams
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -44,7 +44,8 @@ def new_worker(
 
 class InProcessClient:
     """The router's WorkerClient over a worker object in this process; `down` makes every call fail
-    the way a dead Ray actor does (WorkerUnavailableError)."""
+    the way a dead Ray actor does (WorkerUnavailableError). The worker is a prefill worker: `decode`
+    is the one call it cannot answer (an AssertionError)."""
 
     def __init__(self, worker: PrefillWorker) -> None:
         self.worker = worker
@@ -56,6 +57,28 @@ class InProcessClient:
         if self.down:
             raise WorkerUnavailableError(f"worker {self.worker_id} is unavailable: actor died (test)", self.worker_id)
 
+    async def prefill(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: Sequence[int] = (),
+    ) -> PrefillResult:
+        await self._check()
+        return await self.worker.prefill(request_id, list(prompt_ids), params, trace_ctx, list(prior_ids))
+
+    def decode(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        prefill: PrefillResult,
+        trace_ctx: dict[str, str] | None = None,
+        prior_ids: Sequence[int] = (),
+    ) -> AsyncGenerator[StreamChunk, None]:
+        raise AssertionError(f"{self.worker_id} is a prefill worker: it has no decode")
+
     async def generate(
         self,
         request_id: str,
@@ -63,7 +86,7 @@ class InProcessClient:
         params: SamplingParams,
         trace_ctx: dict[str, str] | None = None,
         prior_ids: Sequence[int] = (),
-    ) -> AsyncIterator[StreamChunk]:
+    ) -> AsyncGenerator[StreamChunk, None]:
         await self._check()
         async for chunk in self.worker.generate(request_id, list(prompt_ids), params, trace_ctx, list(prior_ids)):
             yield chunk

@@ -17,7 +17,7 @@ from common.block_hash import hash_full_blocks
 from common.contract import WorkerStatus
 from common.kv_events import KVEventBatch
 from engine.block_pool import BlockPool
-from router.pools import WorkerPool
+from router.pools import Policy, WorkerPool
 from router.routing import Router, RoutingConfig
 from tests.helpers.fake_workers import FakeWorker
 
@@ -89,7 +89,7 @@ class SimPool:
             "prefill", [FakeWorker(w, "prefill") for w in self.workers], pool_policy, block_size=self.block_size
         )
         decode = WorkerPool("decode", [FakeWorker("d0")], pool_policy, block_size=self.block_size)
-        self.router = Router(decode, prefill, RoutingConfig(policy=self.policy), random.Random(self.seed))
+        self.router = Router(decode, prefill, RoutingConfig(policy=Policy.parse(self.policy)), random.Random(self.seed))
         for w in self.workers.values():
             prefill.set_status(w.worker_id, w.status())
         self._seq = 0
@@ -97,6 +97,7 @@ class SimPool:
     def run(self, request_id: str, prompt: Sequence[int]) -> tuple[str, int]:
         """Route one prompt, prefill it on the chosen worker, deliver its KV events; (worker, blocks hit)."""
         route = self.router.route(request_id, prompt)
+        assert route.prefill is not None and self.router.prefill is not None  # local prefill is off (threshold 0)
         worker = self.workers[route.prefill.worker_id]
         hit = worker.prefill(prompt)
         self.router.prefill.indexer.apply(KVEventBatch(worker.worker_id, worker.pool.take_events()))

@@ -118,9 +118,14 @@ def test_incremental_equals_full(tokens: list[int], block_size: int, cut: int) -
 def test_incremental_hashes_only_new_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     import common.block_hash as bh
 
-    calls = []
+    calls: list[int] = []
     real = bh._digest
-    monkeypatch.setattr(bh, "_digest", lambda p, data: calls.append(1) or real(p, data))
+
+    def counting_digest(parent: bh.BlockHash | None, packed: bytes | memoryview) -> bh.BlockHash:
+        calls.append(1)
+        return real(parent, packed)
+
+    monkeypatch.setattr(bh, "_digest", counting_digest)
     tokens = list(range(64))
     prior = hash_full_blocks(tokens[:60], 4)
     calls.clear()

@@ -88,6 +88,7 @@ def test_lru_eviction_order_and_block_removed() -> None:
     assert second is blocks[0]
     events = pool.take_events()
     assert [type(e) for e in events] == [BlockRemoved, BlockRemoved]
+    assert isinstance(events[0], BlockRemoved) and isinstance(events[1], BlockRemoved)
     assert events[0].block_hashes == [hashes[2]] and events[1].block_hashes == [hashes[0]]
     pool.free_blocks([first, second])
     pool.leak_check()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import ray
@@ -83,10 +84,15 @@ def fake_ray(monkeypatch):
     return killed
 
 
+def _actor(w: FakeWorker) -> ray.actor.ActorHandle[Any]:
+    """The fake in the place of the worker's Ray actor handle: it answers `handle.method.remote(...)` as one."""
+    return cast("ray.actor.ActorHandle[Any]", w)
+
+
 def _cluster(prefill: list[FakeWorker], decode: list[FakeWorker]) -> Cluster:
     c = Cluster(ServeConfig())
-    c.prefill = [WorkerHandle(w.wid, "prefill", w) for w in prefill]
-    c.decode = [WorkerHandle(w.wid, "decode", w) for w in decode]
+    c.prefill = [WorkerHandle(w.wid, "prefill", _actor(w)) for w in prefill]
+    c.decode = [WorkerHandle(w.wid, "decode", _actor(w)) for w in decode]
     return c
 
 

@@ -277,7 +277,7 @@ def test_dashboard_shape():
         assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"]), panel["title"]
 
 
-def test_dashboard_panels_do_not_overlap():
+def test_dashboard_panels_do_not_overlap() -> None:
     cells: dict[tuple[int, int], str] = {}
     for panel in load_dashboard()["panels"]:
         g = panel["gridPos"]

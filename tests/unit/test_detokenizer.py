@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import Decoder, IncrementalDetokenizer
 
 END = "<|end|>"
 SENTENCES = [
@@ -75,7 +75,7 @@ BPE_TOK = _bpe_tokenizer()
 META_TOK = _metaspace_tokenizer()
 
 
-def _stream(tok: object, ids: Sequence[int], prompt: Sequence[int] = (), skip: bool = True) -> tuple[list[str], str]:
+def _stream(tok: Decoder, ids: Sequence[int], prompt: Sequence[int] = (), skip: bool = True) -> tuple[list[str], str]:
     detok = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip)
     deltas = [detok.push(t) for t in ids]
     tail = detok.flush()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from common.contract import StreamChunk
+from common.contract import KVHandle, PrefillResult, StreamChunk
 from common.kv_events import decode_event_batch
 from common.sampling_params import SamplingParams
 from router.errors import WorkerFailedError, WorkerUnavailableError
@@ -18,6 +18,11 @@ PARAMS = SamplingParams(max_tokens=2)
 
 def chunk(rid: str, *ids: int, finished: bool = False) -> StreamChunk:
     return StreamChunk(rid, list(ids), "", finished=finished)
+
+
+def prefilled(rid: str) -> PrefillResult:
+    """What a prefill worker hands to decode (the fake only records it)."""
+    return PrefillResult(chunk(rid, 1), KVHandle("p0", [0], 1, 30.0), 0.01, "p0")
 
 
 async def drain(stream) -> list[int]:
@@ -57,10 +62,10 @@ def test_streams_failures_and_down() -> None:
             [chunk("r", 1), chunk("r", 2, finished=True)],
             [chunk("r", 1), WorkerFailedError("mid-stream", "d0")],
         )
-        assert await drain(w.decode("r", [5], PARAMS, None)) == [1, 2]
+        assert await drain(w.decode("r", [5], PARAMS, prefilled("r"))) == [1, 2]
         got: list[int] = []
         with pytest.raises(WorkerFailedError, match="mid-stream"):
-            async for c in w.decode("r", [5], PARAMS, None):
+            async for c in w.decode("r", [5], PARAMS, prefilled("r")):
                 got += c.token_ids
         assert got == [1]
         stream = w.generate("g", [5], PARAMS)

@@ -9,7 +9,7 @@ It is shown able to fail: indexers with a planted bug must make it report a mism
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -174,20 +174,20 @@ def differential_mismatch(seed: int, make_indexer: Callable[[int], Indexer] = In
             both("remove_worker", s.name)
             what += " remove_worker"
         elif r < 0.94:  # a misconfigured worker: the whole batch is refused
-            c = rng.choice(chains)
-            bad = KVEventBatch(s.name, [BlockStored(s.next_seq, c[:1], None, [0] * 8, 8)])
+            ch = rng.choice(chains)
+            bad = KVEventBatch(s.name, [BlockStored(s.next_seq, ch[:1], None, [0] * 8, 8)])
             for idx in (real, ref):
                 with pytest.raises(ValueError, match="block_size"):
                     idx.apply(bad)
             what += " bad block_size"
         else:  # raw mutations
             w = rng.choice(names)
-            c = rng.choice(chains)
+            ch = rng.choice(chains)
             op = rng.random()
             if op < 0.4:
-                both("store", w, c[: rng.randint(1, len(c))])
+                both("store", w, ch[: rng.randint(1, len(ch))])
             elif op < 0.8:
-                both("remove", w, rng.sample(c, rng.randint(1, len(c))))
+                both("remove", w, rng.sample(ch, rng.randint(1, len(ch))))
             else:
                 both("clear", w)
             what += " raw"
@@ -215,7 +215,7 @@ class IgnoresAllCleared(Indexer):
 class CountsAnyHeld(Indexer):
     """find_matches counts every held hash of the query, not only the leading run."""
 
-    def find_matches(self, hashes):
+    def find_matches(self, hashes: Sequence[bytes]) -> dict[str, int]:
         out: dict[str, int] = {}
         for h in hashes:
             for w in self.workers():
@@ -236,7 +236,7 @@ class NoOverlapSkip(Indexer):
 def test_harness_catches_planted_bugs(broken: type[Indexer]) -> None:
     found = [differential_mismatch(seed, broken) for seed in range(5)]
     assert all(found), found  # every seed finds it
-    assert "reference" in found[0]
+    assert found[0] is not None and "reference" in found[0]
 
 
 # ---- golden cases ----------------------------------------------------------------
@@ -271,6 +271,7 @@ def test_gap_marks_stale_and_drops_entries() -> None:
     assert idx.apply(batch("a", BlockRemoved(2, [h[2]]))) is True  # seq 1 was lost
     assert idx.is_stale("a") and idx.num_blocks("a") == 0
     reason = idx.stale_reason("a")
+    assert reason is not None
     assert (reason.expected_seq, reason.got_seq, reason.reason) == (1, 2, "lost events")
     assert idx.find_matches(h) == {"b": 1}  # other workers untouched
     assert "a" in idx.workers()
@@ -308,7 +309,8 @@ def test_overlap_events_after_snapshot_are_skipped_then_smaller_seq_is_a_restart
     assert idx.apply(batch("a", BlockRemoved(9, [h[0]]), stored(10, h[3:4]), stored(11, h[4:]))) is False
     assert idx.find_matches(h) == {"a": 5} and idx.expected_seq("a") == 12
     assert idx.apply(batch("a", stored(9, h[:1]))) is True  # past the snapshot now: a replay or restart
-    assert idx.stale_reason("a").reason == "restart or replay"
+    reason = idx.stale_reason("a")
+    assert reason is not None and reason.reason == "restart or replay"
 
 
 def test_restart_seq_back_to_zero_marks_stale() -> None:
@@ -318,6 +320,7 @@ def test_restart_seq_back_to_zero_marks_stale() -> None:
     assert idx.apply(batch("a", stored(0, h[:1]))) is True  # the restarted pool starts at 0 again
     assert idx.is_stale("a") and idx.num_blocks("a") == 0
     r = idx.stale_reason("a")
+    assert r is not None
     assert (r.expected_seq, r.got_seq) == (2, 0) and "expected seq 2, got 0" in r.describe()
 
 

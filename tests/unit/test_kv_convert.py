@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ from kv_transfer import (
 )
 from kv_transfer.testing import worker_layouts
 
-INT_OF = {"float32": np.int32, "bfloat16": np.int16}
+INT_OF: dict[str, type[np.signedinteger[Any]]] = {"float32": np.int32, "bfloat16": np.int16}
 
 
 def model(**kw) -> dict:

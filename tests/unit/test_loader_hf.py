@@ -9,9 +9,11 @@ import json
 import pickle
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from common.errors import ModelLoadError, UnsupportedModelError
 from engine.config import RopeScaling
@@ -90,7 +92,7 @@ def test_sharded_checkpoint_streams_file_by_file(models: dict[str, Path], monkey
     events: list[str] = []
     real_safe_open = hf_dir.safe_open
 
-    def recording_safe_open(path: str, **kwargs: object):  # type: ignore[no-untyped-def]
+    def recording_safe_open(path: str, **kwargs: Any) -> safe_open:
         events.append(f"open {Path(path).name}")
         return real_safe_open(path, **kwargs)
 

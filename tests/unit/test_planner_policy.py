@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -35,8 +36,8 @@ def profile() -> Profile:
     )
 
 
-def config(**kw) -> PolicyConfig:
-    base = dict(
+def config(**kw: Any) -> PolicyConfig:
+    base: dict[str, Any] = dict(
         slo={"ttft_ms": 1500, "tpot_ms": 80},
         interval_s=30,
         cooldown_s=90,

@@ -11,7 +11,7 @@ from router.pools import Candidate, Policy, WorkerPool
 from tests.helpers.fake_workers import FakeWorker
 
 
-def pool(n: int, policy: str) -> WorkerPool:  # choosing only reads worker_id; no calls are made
+def pool(n: int, policy: Policy | str) -> WorkerPool:  # choosing only reads worker_id; no calls are made
     return WorkerPool("decode", [FakeWorker(f"d{i}") for i in range(n)], policy)
 
 

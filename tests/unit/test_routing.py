@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from typing import Any
 
 import msgspec
 import pytest
@@ -29,7 +30,7 @@ from router.costs import (
 )
 from router.errors import NoHealthyWorkerError
 from router.pools import Decision, Policy, WorkerPool
-from router.routing import KVDecision, Route, Router, RoutingConfig
+from router.routing import KVDecision, PoolIndex, Route, Router, RoutingConfig
 from tests.helpers.fake_workers import FakeWorker
 
 BS = 16
@@ -54,7 +55,7 @@ def status(wid: str, total: int, free: int, max_num_seqs: int = 8) -> WorkerStat
 
 
 def make_router(
-    n_prefill: int = 2, n_decode: int = 1, policy: str = "kv", seed: int = 0, aggregated: bool = False, **cfg
+    n_prefill: int = 2, n_decode: int = 1, policy: str = "kv", seed: int = 0, aggregated: bool = False, **cfg: Any
 ) -> Router:
     pool_policy = "least_loaded" if policy == "kv" else policy
     decode = WorkerPool("decode", [FakeWorker(f"d{i}") for i in range(n_decode)], pool_policy, block_size=BS)
@@ -63,20 +64,33 @@ def make_router(
         if aggregated
         else WorkerPool("prefill", [FakeWorker(f"p{i}") for i in range(n_prefill)], pool_policy, block_size=BS)
     )
-    return Router(decode, prefill, RoutingConfig(policy=policy, **cfg), random.Random(seed))
+    return Router(decode, prefill, RoutingConfig(policy=Policy.parse(policy), **cfg), random.Random(seed))
 
 
 def tokens(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(3, 49_000) for _ in range(n)]
 
 
-def formula_of(decision: KVDecision, worker_id: str) -> str:
+def formula_of(decision: KVDecision | Decision | None, worker_id: str) -> str:
+    assert isinstance(decision, KVDecision), decision
     (f,) = [f for f in decision.formulas if f.startswith(f"{worker_id}: ")]
     return f
 
 
+def prefill_ix(r: Router) -> PoolIndex:
+    """The prefill pool's index of a disaggregated router."""
+    assert r.prefill is not None, "an aggregated router has no prefill pool"
+    return r.prefill
+
+
+def prefill_id(route: Route) -> str:
+    """The prefill worker of a remote route."""
+    assert route.prefill is not None, f"{route.request_id} was routed for local prefill: {route.reason}"
+    return route.prefill.worker_id
+
+
 def prefill_loads(r: Router) -> dict[str, int]:
-    return {s.worker_id: s.prefill_tokens for s in r.prefill.pool.slots}
+    return {s.worker_id: s.prefill_tokens for s in prefill_ix(r).pool.slots}
 
 
 # ---- 1. prefill cost --------------------------------------------------------------------------------------------
@@ -264,10 +278,11 @@ def test_prefix_affinity_and_its_crossover(weights: CostWeights) -> None:
     prompt = list(range(1000, 1100))  # 100 tokens, 6 full blocks
     hashes = hash_full_blocks(prompt, BS)
     r = make_router(weights=weights)
+    assert r.prefill is not None
     r.prefill.indexer.store("p1", hashes[:4])  # p1 holds the first 4 blocks (64 tokens)
 
     route = r.route("warm", prompt)
-    assert route.prefill.worker_id == "p1"
+    assert prefill_id(route) == "p1"
     wu, wq = f"{weights.uncached:g}", f"{weights.queued:g}"
     text = route.describe()
     assert f"p0: {wu}*uncached 100 (100 - 0 blocks cached) + {wq}*queued 0 = {weights.uncached * 100:g}" in text
@@ -287,10 +302,10 @@ def test_prefix_affinity_and_its_crossover(weights: CostWeights) -> None:
 
     def choice(queued_on_p1: int, seed: int = 0) -> str:
         r.rng = random.Random(seed)
-        r.prefill.pool.slot("p1").prefill_tokens = queued_on_p1
+        prefill_ix(r).pool.slot("p1").prefill_tokens = queued_on_p1
         route = r.route("probe", prompt)
         r.close("probe")
-        return route.prefill.worker_id
+        return prefill_id(route)
 
     assert choice(q_tie - 1) == "p1"
     assert choice(q_tie + 1) == "p0"
@@ -305,10 +320,10 @@ def test_prefix_affinity_and_its_crossover(weights: CostWeights) -> None:
     for i in range(1000):
         if r.prefill.pool.slot("p1").prefill_tokens > q_tie:
             break
-        assert r.route(f"long{i}", tokens(rng, 40)).prefill.worker_id == "p1"
+        assert prefill_id(r.route(f"long{i}", tokens(rng, 40))) == "p1"
     r.prefill.pool.slot("p0").draining = False
     r.rng = random.Random(0)
-    assert r.route("again", prompt).prefill.worker_id == "p0"
+    assert prefill_id(r.route("again", prompt)) == "p0"
 
 
 # ---- 5. burst balance -------------------------------------------------------------------------------------------
@@ -317,9 +332,11 @@ def test_prefix_affinity_and_its_crossover(weights: CostWeights) -> None:
 class RouterWithoutQueueBooking(Router):
     """The failure mode: nothing remembers the prefill tokens just routed (a router that waits for reports)."""
 
-    def route(self, request_id: str, prompt_ids: Sequence[int]) -> Route:
-        route = super().route(request_id, prompt_ids)
-        for s in self.prefill.pool.slots:
+    def route(
+        self, request_id: str, prompt_ids: Sequence[int], exclude: Collection[str] = (), retry: bool = False
+    ) -> Route:
+        route = super().route(request_id, prompt_ids, exclude, retry)
+        for s in prefill_ix(self).pool.slots:
             s.prefill_tokens = 0
         return route
 
@@ -327,9 +344,11 @@ class RouterWithoutQueueBooking(Router):
 class RouterWithoutPredictions(Router):
     """Books queued tokens but not the blocks the request will leave on its worker."""
 
-    def route(self, request_id: str, prompt_ids: Sequence[int]) -> Route:
-        route = super().route(request_id, prompt_ids)
-        self.prefill.predicted.drop(request_id)
+    def route(
+        self, request_id: str, prompt_ids: Sequence[int], exclude: Collection[str] = (), retry: bool = False
+    ) -> Route:
+        route = super().route(request_id, prompt_ids, exclude, retry)
+        prefill_ix(self).predicted.drop(request_id)
         self.decode.predicted.drop(request_id)
         return route
 
@@ -341,23 +360,24 @@ def burst(router_cls: type[Router] = Router, seed: int = 11) -> tuple[Router, li
     assert len({tuple(p) for p in prompts}) == 64
     decode = WorkerPool("decode", [FakeWorker("d0")], block_size=BS)
     prefill = WorkerPool("prefill", [FakeWorker(f"p{i}") for i in range(4)], block_size=BS)
-    r = router_cls(decode, prefill, RoutingConfig(policy="kv", temperature=0.0), random.Random(seed))
+    r = router_cls(decode, prefill, RoutingConfig(policy=Policy.KV, temperature=0.0), random.Random(seed))
     routes = [r.route(f"r{i}", p) for i, p in enumerate(prompts)]  # back to back, no completion
     return r, routes
 
 
 def test_burst_sharing_a_prefix_spreads_evenly() -> None:
     r, routes = burst()
-    counts = Counter(rt.prefill.worker_id for rt in routes)
+    assert r.prefill is not None
+    counts = Counter(prefill_id(rt) for rt in routes)
     assert counts == {"p0": 16, "p1": 16, "p2": 16, "p3": 16}
     # requests 1..4 each land on a worker without the prefix (one holding it costs 32 + 544 queued > 544)
-    first = [rt.prefill.worker_id for rt in routes[:4]]
+    first = [prefill_id(rt) for rt in routes[:4]]
     assert sorted(first) == ["p0", "p1", "p2", "p3"]
     for rt in routes[:4]:
-        assert "(544 - 0 blocks cached)" in formula_of(rt.prefill_decision, rt.prefill.worker_id)
+        assert "(544 - 0 blocks cached)" in formula_of(rt.prefill_decision, prefill_id(rt))
     # from request 5 on, every worker is predicted to hold the prefix: only the 32-token suffix is uncached
     for rt in routes[4:]:
-        f = formula_of(rt.prefill_decision, rt.prefill.worker_id)
+        f = formula_of(rt.prefill_decision, prefill_id(rt))
         assert "1*uncached 32 (544 - 32 blocks cached)" in f, f
     # every round of 4 gives each worker one request: 544 + 15 * 32 queued tokens each
     assert prefill_loads(r) == {"p0": 1024, "p1": 1024, "p2": 1024, "p3": 1024}
@@ -370,15 +390,16 @@ def test_burst_sharing_a_prefix_spreads_evenly() -> None:
 
 def test_burst_without_queue_booking_piles_onto_one_worker() -> None:
     _, routes = burst(RouterWithoutQueueBooking)
-    counts = Counter(rt.prefill.worker_id for rt in routes)
+    counts = Counter(prefill_id(rt) for rt in routes)
     assert len(counts) == 1 and sum(counts.values()) == 64  # the prefix attracts the whole burst
 
 
 def test_burst_without_predictions_recomputes_the_prefix_everywhere() -> None:
     r, routes = burst(RouterWithoutPredictions)
-    assert Counter(rt.prefill.worker_id for rt in routes) == {"p0": 16, "p1": 16, "p2": 16, "p3": 16}
+    assert r.prefill is not None
+    assert Counter(prefill_id(rt) for rt in routes) == {"p0": 16, "p1": 16, "p2": 16, "p3": 16}
     for rt in routes:  # no request sees the prefix it just sent to its worker
-        assert "(544 - 0 blocks cached)" in formula_of(rt.prefill_decision, rt.prefill.worker_id)
+        assert "(544 - 0 blocks cached)" in formula_of(rt.prefill_decision, prefill_id(rt))
     assert sum(prefill_loads(r).values()) == 64 * 544  # vs 4 * 544 + 60 * 32 = 4096 with predictions
 
 
@@ -387,25 +408,26 @@ def test_burst_without_predictions_recomputes_the_prefix_everywhere() -> None:
 
 def test_route_books_and_progress_releases_exactly_that() -> None:
     r = make_router(n_prefill=2, n_decode=2)
+    assert r.prefill is not None
     a = list(range(500, 600))  # 100 tokens: 6 full blocks, 7 blocks of KV
     b = list(range(700, 740))  # 40 tokens: 2 full blocks, 3 blocks of KV
     ra = r.route("a", a)
-    p_a, d_a = r.prefill.pool.slot(ra.prefill.worker_id), r.decode.pool.slot(ra.decode.worker_id)
+    p_a, d_a = r.prefill.pool.slot(prefill_id(ra)), r.decode.pool.slot(ra.decode.worker_id)
     assert p_a.prefill_tokens == 100 and d_a.kv_blocks_in == 7 and d_a.prefill_tokens == 0
     assert r.prefill.predicted.find_matches(hash_full_blocks(a, BS)) == {p_a.worker_id: 6}
     assert r.decode.predicted.find_matches(hash_full_blocks(a, BS)) == {d_a.worker_id: 6}
     rb = r.route("b", b)
-    p_b = r.prefill.pool.slot(rb.prefill.worker_id)
+    p_b = r.prefill.pool.slot(prefill_id(rb))
     assert p_b is not p_a  # p_a has 100 queued
     assert r.open_tickets == 2
 
     def booked() -> tuple[int, int, int, int, int, int]:
-        ps, ds = r.prefill.pool.slots, r.decode.pool.slots
+        ps, ds = prefill_ix(r).pool.slots, r.decode.pool.slots
         return (
             sum(s.prefill_tokens for s in ps),
             sum(s.kv_blocks_in for s in ds),
             sum(s.prefill_tokens for s in ds),
-            len(r.prefill.predicted),
+            len(prefill_ix(r).predicted),
             len(r.decode.predicted),
             r.open_tickets,
         )
@@ -434,6 +456,7 @@ def test_route_books_and_progress_releases_exactly_that() -> None:
 
 def test_local_route_books_prefill_tokens_on_decode() -> None:
     r = make_router(n_decode=1, conditional_prefill_threshold=64)
+    assert r.prefill is not None
     prompt = list(range(40))
     route = r.route("x", prompt)
     assert route.local and route.prefill is None
@@ -470,6 +493,7 @@ def test_route_without_a_prefill_worker_prefills_locally() -> None:
     """Threshold 0 (always remote) and every prefill worker down or draining: D prefills the request itself
     (a request never fails for want of P while a decode worker can run it); P is chosen again once back."""
     r = make_router(n_prefill=2, n_decode=1)
+    assert r.prefill is not None
     r.prefill.pool.set_health("p0", False)
     r.prefill.pool.drain("p1")
     prompt = list(range(50))
@@ -479,19 +503,20 @@ def test_route_without_a_prefill_worker_prefills_locally() -> None:
     r.close("x")
     assert_nothing_booked(r)
     r.prefill.pool.set_health("p0", True)
-    assert r.route("x", prompt).prefill.worker_id == "p0"
+    assert prefill_id(r.route("x", prompt)) == "p0"
 
 
 def test_route_excludes_workers_that_failed_the_request() -> None:
     """A retry names the workers that already failed it: they are not chosen, whatever their cost;
     with every prefill worker excluded the retry prefills on D; with every D excluded it fails, booking nothing."""
     r = make_router(n_prefill=2, n_decode=2)
+    assert r.prefill is not None
     prompt = list(range(50))
     r.prefill.indexer.store("p0", hash_full_blocks(prompt, BS))  # p0 would win on cost
-    assert r.route("a", prompt).prefill.worker_id == "p0"
+    assert prefill_id(r.route("a", prompt)) == "p0"
     r.close("a")
     route = r.route("b", prompt, exclude={"p0"})
-    assert route.prefill.worker_id == "p1"
+    assert prefill_id(route) == "p1"
     r.close("b")
     route = r.route("c", prompt, exclude={"p0", "p1", "d0"})
     assert route.local and route.decode.worker_id == "d1" and route.kind == "no_prefill_worker"
@@ -507,7 +532,7 @@ def test_route_excludes_workers_that_failed_the_request() -> None:
         rr = make_router(n_prefill=2, n_decode=2, policy=policy)
         for i in range(4):
             route = rr.route(f"r{i}", prompt, exclude={"p1", "d0"})
-            assert (route.prefill.worker_id, route.decode.worker_id) == ("p0", "d1")
+            assert (prefill_id(route), route.decode.worker_id) == ("p0", "d1")
             rr.close(f"r{i}")
 
 
@@ -557,6 +582,7 @@ def test_uncached_part_over_the_threshold_goes_remote() -> None:
 
 def test_no_eligible_prefill_worker_means_local() -> None:
     r, _ = cd_router(16)
+    assert r.prefill is not None
     r.prefill.pool.set_health("p0", False)
     r.prefill.pool.drain("p1")
     route = r.route("x", list(range(5000, 5100)))
@@ -566,11 +592,12 @@ def test_no_eligible_prefill_worker_means_local() -> None:
 
 def test_saturated_prefill_pool_means_local() -> None:
     r, _ = cd_router(16, max_prefill_queue_tokens=1000)
+    assert r.prefill is not None
     prompt = list(range(5000, 5100))
     r.prefill.pool.slot("p0").prefill_tokens = 1000
     r.prefill.pool.slot("p1").prefill_tokens = 999  # one below the limit: still remote, to p1
     route = r.route("a", prompt)
-    assert not route.local and route.prefill.worker_id == "p1"
+    assert not route.local and prefill_id(route) == "p1"
     r.close("a")
     r.prefill.pool.slot("p1").prefill_tokens = 1200
     route = r.route("b", prompt)
@@ -600,28 +627,32 @@ def test_aggregated_is_always_local_and_prefers_the_cached_prefix() -> None:
 def test_round_robin_ignores_the_prefix_index() -> None:
     prompt = list(range(100))
     r = make_router(n_prefill=2, policy="round_robin")
+    assert r.prefill is not None
     r.prefill.indexer.store("p1", hash_full_blocks(prompt, BS))
     routes = [r.route(f"r{i}", prompt) for i in range(4)]
-    assert [rt.prefill.worker_id for rt in routes] == ["p0", "p1", "p0", "p1"]
+    assert [prefill_id(rt) for rt in routes] == ["p0", "p1", "p0", "p1"]
     assert isinstance(routes[0].prefill_decision, Decision)
     assert routes[0].prefill_decision.policy is Policy.ROUND_ROBIN
     assert routes[0].prefill_decision.describe() == "prefill round_robin: p0=0 p1=0 -> p0"
     # the same index under the kv policy attracts every request to p1
     kv = make_router(n_prefill=2)
+    assert kv.prefill is not None
     kv.prefill.indexer.store("p1", hash_full_blocks(prompt, BS))
-    assert [kv.route(f"r{i}", prompt).prefill.worker_id for i in range(4)] == ["p1"] * 4
+    assert [prefill_id(kv.route(f"r{i}", prompt)) for i in range(4)] == ["p1"] * 4
 
 
 def test_least_loaded_ignores_the_prefix_index() -> None:
     prompt = list(range(100))
     r = make_router(n_prefill=2, policy="least_loaded")
+    assert r.prefill is not None
     r.prefill.indexer.store("p1", hash_full_blocks(prompt, BS))
     with r.prefill.pool.track("p1"):
         route = r.route("a", prompt)
-        assert route.prefill.worker_id == "p0"
+        assert prefill_id(route) == "p0"
+        assert route.prefill_decision is not None
         assert route.prefill_decision.describe() == "prefill least_loaded: p0=0 p1=1 -> p0"
     with r.prefill.pool.track("p0"):
-        assert r.route("b", prompt).prefill.worker_id == "p1"
+        assert prefill_id(r.route("b", prompt)) == "p1"
 
 
 # ---- 9. drain ---------------------------------------------------------------------------------------------------
@@ -630,21 +661,23 @@ def test_least_loaded_ignores_the_prefix_index() -> None:
 def test_draining_workers_are_never_chosen() -> None:
     prompt = list(range(100))
     r = make_router(n_prefill=2, n_decode=2)
+    assert r.prefill is not None
     r.prefill.indexer.store("p1", hash_full_blocks(prompt, BS))  # p1 is by far the cheapest
     r.decode.indexer.store("d1", hash_full_blocks(prompt, BS))
     for d in ("d0", "d1"):
         r.decode.pool.set_status(d, status(d, total=100, free=100))
-    assert r.route("warm", prompt).prefill.worker_id == "p1"
+    assert prefill_id(r.route("warm", prompt)) == "p1"
     r.close("warm")
     r.prefill.pool.drain("p1")
     r.decode.pool.drain("d1")
     for i in range(20):
         route = r.route(f"r{i}", prompt)
-        assert (route.prefill.worker_id, route.decode.worker_id) == ("p0", "d0")
+        assert (prefill_id(route), route.decode.worker_id) == ("p0", "d0")
         assert "p1:" not in route.describe()  # not even a candidate
     rr = make_router(n_prefill=3, policy="round_robin")
+    assert rr.prefill is not None
     rr.prefill.pool.drain("p1")
-    assert [rr.route(f"r{i}", prompt).prefill.worker_id for i in range(4)] == ["p0", "p2", "p0", "p2"]
+    assert [prefill_id(rr.route(f"r{i}", prompt)) for i in range(4)] == ["p0", "p2", "p0", "p2"]
 
 
 def test_wait_drained_returns_when_the_last_tracked_request_ends() -> None:
@@ -775,15 +808,16 @@ def perf_status(wid: str, role: str, busy: float = 0.0, ready: bool = True) -> W
     )
 
 
-def slo_router(**statuses) -> Router:
+def slo_router(**statuses: WorkerStatus) -> Router:
     r = make_router(n_prefill=1, n_decode=1, slo_ttft_s=4.0, slo_tpot_s=0.2)
+    assert r.prefill is not None
     for wid, st in statuses.items():
         pool = r.prefill.pool if wid.startswith("p") else r.decode.pool
         pool.set_status(wid, st)
     return r
 
 
-def test_slo_placement_uses_an_idle_prefill_worker_for_the_whole_request():
+def test_slo_placement_uses_an_idle_prefill_worker_for_the_whole_request() -> None:
     r = slo_router(p0=perf_status("p0", "prefill"), d0=perf_status("d0", "decode"))
     r.decode.pool.slot("d0").in_flight = 4  # D decodes 4 requests; P is idle
     route = r.route("a", list(range(1000, 1500)))
@@ -799,21 +833,22 @@ def test_slo_placement_uses_an_idle_prefill_worker_for_the_whole_request():
     assert prefill_loads(r) == {"p0": 0}
 
 
-def test_slo_placement_keeps_decode_off_a_busy_prefill_worker_and_prefills_locally_past_a_queue():
+def test_slo_placement_keeps_decode_off_a_busy_prefill_worker_and_prefills_locally_past_a_queue() -> None:
     busy = slo_router(p0=perf_status("p0", "prefill", busy=0.9), d0=perf_status("d0", "decode"))
     route = busy.route("a", list(range(1000, 1500)))
-    assert route.prefill.worker_id == "p0" and route.kind == "slo_remote"  # TPOT on P: 30 ms / (1 - 0.9)
+    assert prefill_id(route) == "p0" and route.kind == "slo_remote"  # TPOT on P: 30 ms / (1 - 0.9)
     queued = slo_router(p0=perf_status("p0", "prefill"), d0=perf_status("d0", "decode"))
+    assert queued.prefill is not None
     queued.prefill.pool.slot("p0").prefill_tokens = 3000  # 9 s of queue on P; D is idle
     route = queued.route("b", list(range(1000, 1500)))
     assert route.local and route.decode.worker_id == "d0" and route.kind == "slo_local"
 
 
-def test_slo_placement_waits_for_ready_models_and_a_threshold_keeps_the_fixed_placement():
+def test_slo_placement_waits_for_ready_models_and_a_threshold_keeps_the_fixed_placement() -> None:
     r = slo_router(p0=perf_status("p0", "prefill", ready=False), d0=perf_status("d0", "decode"))
     r.decode.pool.slot("d0").in_flight = 4
     route = r.route("a", list(range(1000, 1500)))
-    assert route.prefill.worker_id == "p0" and route.kind == "disabled"
+    assert prefill_id(route) == "p0" and route.kind == "disabled"
     fixed = make_router(n_prefill=1, n_decode=1, slo_ttft_s=4.0, slo_tpot_s=0.2, conditional_prefill_threshold=64)
     assert not fixed.config.slo_placement
 
@@ -822,6 +857,7 @@ def test_reuse_is_measured_once_per_request_not_per_retry() -> None:
     """A retry re-routes the same prompt: it must not count as a repeated prefix (that would pull the share up
     whenever a worker dies with requests in flight); a first try counts once it is booked."""
     r = make_router(n_prefill=2)
+    assert r.prefill is not None
     rng = random.Random(5)
     prompt = tokens(rng, 8 * BS)
     r.route("a", prompt)

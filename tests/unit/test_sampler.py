@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -11,11 +12,11 @@ from common.sampling_params import SamplingParams
 from engine.sampler import Sampler, SamplingState
 
 
-def _states(n: int, **kwargs: object) -> list[SamplingState]:
+def _states(n: int, **kwargs: Any) -> list[SamplingState]:
     return [SamplingState.create(SamplingParams(**kwargs)) for _ in range(n)]
 
 
-def _draw(logits_row: torch.Tensor, n: int, seed: int = 0, **kwargs: object) -> torch.Tensor:
+def _draw(logits_row: torch.Tensor, n: int, seed: int = 0, **kwargs: Any) -> torch.Tensor:
     """n independent draws from one row of logits (one unseeded request per batch row)."""
     sampler = Sampler(generator=torch.Generator().manual_seed(seed))
     out = sampler(logits_row.unsqueeze(0).expand(n, -1).contiguous(), _states(n, **kwargs))
@@ -226,7 +227,9 @@ def test_logprobs_from_raw_logits_and_ordered() -> None:
         assert [t for t, _ in lp.top] == ref[row].topk(n).indices.tolist()
         for t, v in lp.top:
             assert v == pytest.approx(ref[row, t].item(), abs=1e-5)
-    assert out.logprobs[2].logprob == pytest.approx(ref[2].max().item(), abs=1e-5)
+    greedy_lp = out.logprobs[2]
+    assert greedy_lp is not None
+    assert greedy_lp.logprob == pytest.approx(ref[2].max().item(), abs=1e-5)
 
 
 def test_logprobs_of_greedy_fast_path_and_vocab_limit() -> None:
@@ -309,7 +312,9 @@ def test_penalties_arithmetic_and_raw_logprobs() -> None:
     assert penalized[1].tolist() == logits[1].tolist()
     out = Sampler()(logits, [state, plain])
     assert out.token_ids == [0, 3]  # 4.0 became 0.75: token 0 (1.0) wins the penalized row
-    assert out.logprobs[0].logprob == pytest.approx(logits[0].log_softmax(-1)[0].item())
+    lp = out.logprobs[0]
+    assert lp is not None
+    assert lp.logprob == pytest.approx(logits[0].log_softmax(-1)[0].item())
 
 
 def test_negative_penalties_favour_repeats_and_counts_start_empty() -> None:

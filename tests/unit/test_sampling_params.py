@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -69,7 +70,7 @@ BAD = [
 
 
 @pytest.mark.parametrize(("field", "value"), BAD, ids=[f"{f}={v!r}" for f, v in BAD])
-def test_bad_value_raises_with_field_name(field: str, value: object) -> None:
+def test_bad_value_raises_with_field_name(field: str, value: Any) -> None:
     with pytest.raises(InvalidSamplingParamsError) as info:
         SamplingParams(**{field: value})
     assert field in str(info.value)
@@ -85,7 +86,7 @@ def test_bad_value_raises_with_field_name(field: str, value: object) -> None:
         ("top_k", -3, "top_k must be >= 0 (0 disables it), got -3"),
     ],
 )
-def test_messages_say_what_to_change(field: str, value: object, expected_text: str) -> None:
+def test_messages_say_what_to_change(field: str, value: Any, expected_text: str) -> None:
     with pytest.raises(InvalidSamplingParamsError, match=expected_text.replace("(", r"\(").replace(")", r"\)")):
         SamplingParams(**{field: value})
 
@@ -125,10 +126,13 @@ def test_good_values_accepted(kwargs: dict) -> None:
 
 
 def test_sequences_normalised_to_tuples_and_hashable() -> None:
-    p = SamplingParams(stop=["a", "bc"], stop_token_ids=[3, 4])
+    # lists and a bare string, as a decoded JSON body gives them (the fields are typed as the stored tuples)
+    body: dict[str, Any] = {"stop": ["a", "bc"], "stop_token_ids": [3, 4]}
+    p = SamplingParams(**body)
     assert p.stop == ("a", "bc")
     assert p.stop_token_ids == (3, 4)
-    assert SamplingParams(stop="x").stop == ("x",)
+    bare: dict[str, Any] = {"stop": "x"}
+    assert SamplingParams(**bare).stop == ("x",)
     assert hash(p) == hash(SamplingParams(stop=("a", "bc"), stop_token_ids=(3, 4)))
 
 

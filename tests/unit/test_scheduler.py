@@ -20,7 +20,7 @@ from engine.config import SchedulerConfig
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import FinishReason, Request, RequestStatus
 from engine.sampler import SamplingState
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 
 BLOCK = 4
 
@@ -30,10 +30,10 @@ def make_request(rid: str, prompt: list[int], max_tokens: int) -> Request:
     return Request(rid, prompt, params, SamplingState.create(params), None)
 
 
-def fake_step(sched: Scheduler, rng: random.Random, vocab: int = 8) -> list[Request]:
-    """One engine step without a model. Returns requests that finished."""
+def fake_step(sched: Scheduler, rng: random.Random, vocab: int = 8) -> tuple[SchedulerOutput, list[Request]]:
+    """One engine step without a model. Returns its schedule and the requests that finished."""
     out = sched.schedule()
-    finished = []
+    finished: list[Request] = []
     for s in out.scheduled:
         req = s.request
         assert s.block_ids == sched.kv.block_ids(req.request_id)

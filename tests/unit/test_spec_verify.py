@@ -17,7 +17,7 @@ import torch
 
 from common.sampling_params import SamplingParams
 from engine.outputs import StepOutput
-from engine.sampler import Sampler, SamplingState
+from engine.sampler import Sampler, SamplingState, TokenLogprobs
 from engine.spec_decode.ngram import ngram_lookup
 from engine.spec_decode.verify import verify
 
@@ -80,34 +80,36 @@ def test_point_mass_proposals_keep_target_distribution():
 
 
 @pytest.mark.parametrize("drafts, emitted", [([1, 3], [1, 3, 2]), ([1, 0], [1, 3]), ([4, 3], [1]), ([], [1])])
-def test_greedy_acceptance(drafts, emitted):
+def test_greedy_acceptance(drafts: list[int], emitted: list[int]) -> None:
     state = SamplingState.create(SamplingParams(temperature=0.0))
     req = SimpleNamespace(
         spec_token_ids=drafts, spec_draft_probs=None, params=state.params, sampling=state, spec_accepted=0
     )
     out: list[int] = []
+
+    def emit(tok: int, lp: TokenLogprobs | None) -> StepOutput:
+        out.append(tok)
+        return StepOutput("r", [tok], "", finished=False)
+
     rows = P[: len(drafts) + 1].log()
     for greedy_ids in (rows.argmax(-1).tolist(), None):  # the batched argmax and the per-row sampler agree
         out.clear()
-        accepted, _ = verify(
-            Sampler(),
-            req,
-            rows,
-            greedy_ids,
-            lambda tok, lp: (out.append(tok), StepOutput("r", [tok], "", finished=False))[1],
-        )
+        accepted, _ = verify(Sampler(), req, rows, greedy_ids, emit)
         assert out == emitted and accepted == len(emitted) - 1
 
 
-def test_greedy_stops_when_a_token_finishes():
+def test_greedy_stops_when_a_token_finishes() -> None:
     state = SamplingState.create(SamplingParams(temperature=0.0))
     req = SimpleNamespace(
         spec_token_ids=[1, 3], spec_draft_probs=None, params=state.params, sampling=state, spec_accepted=0
     )
     out: list[int] = []
-    accepted, outs = verify(
-        Sampler(), req, P.log(), None, lambda tok, lp: (out.append(tok), StepOutput("r", [tok], "", finished=True))[1]
-    )
+
+    def emit(tok: int, lp: TokenLogprobs | None) -> StepOutput:
+        out.append(tok)
+        return StepOutput("r", [tok], "", finished=True)
+
+    accepted, outs = verify(Sampler(), req, P.log(), None, emit)
     assert out == [1] and accepted == 1 and len(outs) == 1
 
 

@@ -22,7 +22,7 @@ GATEWAY_TRACEPARENT = f"00-{GATEWAY_TRACE:032x}-{GATEWAY_SPAN:016x}-01"
 
 @pytest.fixture
 def memory() -> Iterator[telemetry.Tracing]:
-    tracing = setup_tracing(TracingConfig(exporter="memory", service_name="tandem-test"))
+    tracing = setup_tracing(TracingConfig(exporter=Exporter.MEMORY, service_name="tandem-test"))
     yield tracing
     tracing.shutdown()
 
@@ -50,8 +50,8 @@ def test_env_is_read() -> None:
         }
     )
     assert config == TracingConfig(
-        exporter="otlp",
-        protocol="http/protobuf",
+        exporter=Exporter.OTLP,
+        protocol=OtlpProtocol.HTTP_PROTOBUF,
         endpoint="http://collector:4318/v1/traces",
         service_name="tandem-router",
         sample_ratio=0.25,
@@ -158,7 +158,7 @@ def test_none_loads_no_sdk() -> None:
 
 
 def test_console_exporter_writes_spans(capfd: pytest.CaptureFixture[str]) -> None:
-    tracing = setup_tracing(TracingConfig(exporter="console", service_name="tandem-console"))
+    tracing = setup_tracing(TracingConfig(exporter=Exporter.CONSOLE, service_name="tandem-console"))
     with tracing.tracer.start_as_current_span(telemetry.SPAN_DECODE):
         pass
     tracing.shutdown()
@@ -175,11 +175,12 @@ def test_parent_and_child_share_a_trace(memory: telemetry.Tracing) -> None:
             child.set_attribute(telemetry.ATTR_ROUTE_REASON, "prefix_hit")
     route, generate = memory.finished_spans()  # children end first
     assert route.context.trace_id == generate.context.trace_id == parent.get_span_context().trace_id
+    assert route.parent is not None and route.attributes is not None
     assert route.parent.span_id == generate.context.span_id and generate.parent is None
     assert route.attributes[telemetry.ATTR_ROUTE_REASON] == "prefix_hit"
     assert generate.resource.attributes["service.name"] == "tandem-test"
     assert generate.resource.attributes["service.version"] == telemetry.tandem_version() != ""
-    assert generate.instrumentation_scope.name == "tandem"
+    assert generate.instrumentation_scope is not None and generate.instrumentation_scope.name == "tandem"
 
 
 def test_inject_extract_round_trip(memory: telemetry.Tracing) -> None:
@@ -190,6 +191,7 @@ def test_inject_extract_round_trip(memory: telemetry.Tracing) -> None:
         pass
     prefill = memory.finished_spans()[-1]
     assert prefill.context.trace_id == sender.get_span_context().trace_id
+    assert prefill.parent is not None
     assert prefill.parent.span_id == sender.get_span_context().span_id and prefill.parent.is_remote
 
 
@@ -217,6 +219,7 @@ def test_extract_from_grpc_metadata(memory: telemetry.Tracing, metadata) -> None
         pass
     (span,) = memory.finished_spans()
     assert span.context.trace_id == GATEWAY_TRACE
+    assert span.parent is not None
     assert span.parent.span_id == GATEWAY_SPAN and span.parent.is_remote
 
 
@@ -245,7 +248,7 @@ def test_empty_carrier_is_an_empty_context(carrier) -> None:
 
 
 def test_sampling_is_parent_based() -> None:
-    tracing = setup_tracing(TracingConfig(exporter="memory", sample_ratio=0.0))
+    tracing = setup_tracing(TracingConfig(exporter=Exporter.MEMORY, sample_ratio=0.0))
     try:
         with tracing.tracer.start_as_current_span("root-dropped"):
             pass

@@ -4,6 +4,7 @@ and unwrapped with the plan, and a worker not started for fault injection refuse
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -42,11 +43,13 @@ def test_a_new_plan_releases_held_requests_and_rewraps_the_transport() -> None:
     async def scenario() -> None:
         faults, kv = WorkerFaults(True), KV()
         real = kv.transport
-        faults.set_plan(WorkerFaultPlan(holds=(Hold("prefill"),), transport=FaultPlan(fail_polls={1})), kv)
+        faults.set_plan(
+            WorkerFaultPlan(holds=(Hold(FaultPoint.PREFILL),), transport=FaultPlan(fail_polls=frozenset({1}))), kv
+        )
         assert isinstance(kv.transport, FaultyTransport) and kv.transport._inner is real
         held = asyncio.create_task(faults.at(FaultPoint.PREFILL))
         assert await faults.wait_reached(FaultPoint.PREFILL, 5)
-        faults.set_plan(WorkerFaultPlan(transport=FaultPlan(stall_polls={1})), kv)
+        faults.set_plan(WorkerFaultPlan(transport=FaultPlan(stall_polls=frozenset({1}))), kv)
         await asyncio.wait_for(held, 5)
         assert kv.transport._inner is real  # never a wrapper around a wrapper
         faults.set_plan(WorkerFaultPlan(), kv)
@@ -58,7 +61,8 @@ def test_a_new_plan_releases_held_requests_and_rewraps_the_transport() -> None:
 def test_bad_plans_are_refused() -> None:
     with pytest.raises(ValueError, match="1-based"):
         Hold(FaultPoint.STREAM, nth=0)
+    nowhere: Any = "nowhere"  # an unchecked name, as a plan sent from outside may carry
     with pytest.raises(ValueError):
-        Hold("nowhere")
+        Hold(nowhere)
     with pytest.raises(ValueError, match="aggregated"):
         WorkerFaults(True).set_plan(WorkerFaultPlan(transport=FaultPlan()), None)
