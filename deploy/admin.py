@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import msgspec
@@ -72,6 +73,7 @@ class AdminService(apb_grpc.AdminServicer):
         # the replicas the config file said last: a reload scales only the pools whose count changed in
         # the file, so workers added or removed through this service are not undone by an unrelated SIGHUP
         self._file_replicas = {name: getattr(cluster.config, name).replicas for name in POOLS}
+        self.planner: Any = None  # deploy/planner_loop.PlannerLoop when `planner.mode` is sla
 
     # -- operations (each one a task this service owns: a caller that goes away does not cut it in half) ----
 

@@ -180,6 +180,24 @@ class SpeculativeSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True
         )
 
 
+class PlannerSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The SLA planner (planner/policy.py, deploy/planner_loop.py): `sla` sizes the pools while serving."""
+
+    mode: Literal["none", "sla"] = "none"
+    profile: str = ""  # profile.json from `tandem profile` (needed for sla)
+    slo: str = ""  # KEY=MS,... as `tandem plan --slo`; empty: router.slo_ttft_ms / slo_itl_ms
+    attainment: float = 0.9  # share of requests that must meet the targets
+    interval_s: float = 30.0  # one observation and decision this often
+    horizon_s: float = 60.0  # plan for the rate predicted this far ahead (a worker's start-up)
+    max_workers: int = 0  # prefill + decode at most (0: what the Ray cluster's CPUs / GPUs hold)
+    min_prefill: int = 1
+    min_decode: int = 1
+    cooldown_s: float = 120.0  # after a change: no scale-down and no reactive step for this long
+    warmup_s: float = 120.0  # a worker's first seconds: its step times are not used
+    down_after: int = 3  # intervals in a row wanting fewer workers before one is removed
+    drain_timeout_s: float = 60.0  # a removed worker's running requests may take this long
+
+
 class TracingSection(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """OpenTelemetry tracing; a field left unset comes from the standard OTEL_* variables, then the default."""
 
@@ -199,6 +217,7 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     router: RouterConfig = RouterConfig()
     tracing: TracingSection = TracingSection()
     speculative: SpeculativeSection = SpeculativeSection()
+    planner: PlannerSection = PlannerSection()
     ray_address: str | None = None  # None: start a local Ray in-process (or RAY_ADDRESS if set)
     ray_namespace: str = "tandem"
     seed: int = 0
@@ -276,7 +295,43 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for name in ("lease_s", "transfer_timeout_s", "admission_timeout_s"):
             if getattr(self.transport, name) <= 0:
                 raise ConfigError(f"transport.{name} must be > 0")
+        self._validate_planner()
         return self
+
+    def _validate_planner(self) -> None:
+        p = self.planner
+        if p.mode == "none":
+            return
+        if self.mode != "disaggregated":
+            raise ConfigError("planner.mode sla sizes prefill and decode pools: it needs mode disaggregated")
+        if not p.profile:
+            raise ConfigError("planner.mode sla needs planner.profile (--planner-profile FILE, from `tandem profile`)")
+        if not self.planner_slo():
+            raise ConfigError(
+                "planner.mode sla needs targets: planner.slo (--planner-slo ttft_ms=X,itl_ms=Y) "
+                "or router.slo_ttft_ms / router.slo_itl_ms"
+            )
+        for name in ("interval_s", "horizon_s", "cooldown_s", "warmup_s", "drain_timeout_s"):
+            if not getattr(p, name) >= 0 or (name == "interval_s" and p.interval_s <= 0):
+                raise ConfigError(f"planner.{name} must be {'> 0' if name == 'interval_s' else '>= 0'}")
+        if not 0 < p.attainment <= 1:
+            raise ConfigError(f"planner.attainment must be in (0, 1], got {p.attainment}")
+        if p.min_prefill < 1 or p.min_decode < 1 or p.down_after < 1 or p.max_workers < 0:
+            raise ConfigError("planner.min_prefill, min_decode and down_after must be >= 1, max_workers >= 0")
+        if p.max_workers and p.max_workers < p.min_prefill + p.min_decode:
+            raise ConfigError(f"planner.max_workers {p.max_workers} < min_prefill + min_decode")
+
+    def planner_slo(self) -> dict[str, float]:
+        """The planner's targets (ms): planner.slo, else the router's placement targets."""
+        if self.planner.slo:
+            from tandem_api.bench.metrics import SloError, parse_slo
+
+            try:
+                return parse_slo(self.planner.slo)
+            except SloError as e:
+                raise ConfigError(f"planner.slo: {e}") from None
+        r = self.router
+        return {k: v for k, v in (("ttft_ms", r.slo_ttft_ms), ("tpot_ms", r.slo_itl_ms)) if v > 0}
 
 
 def load_config(path: str | Path) -> ServeConfig:
@@ -310,6 +365,7 @@ def with_overrides(cfg: ServeConfig, **changes) -> ServeConfig:
         "transport": {},
         "tracing": {},
         "speculative": {},
+        "planner": {},
     }
     for key, value in changes.items():
         if value is None:

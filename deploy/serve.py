@@ -182,6 +182,10 @@ async def run_server(
     await membership.refresh_health()  # every worker's status and process, before the first request
     await membership.start_feeds()
     await membership.set_serving()
+    if cfg.planner.mode == "sla":  # sizes the pools from the targets (deploy/planner_loop.py)
+        from deploy.planner_loop import PlannerLoop
+
+        admin.planner = PlannerLoop(cfg, service, admin)
     on_ready(server.tandem_port, service, admin)
     log.info("serving tandem.v1.Generation on %s:%d (%s)", cfg.router.host, server.tandem_port, cluster.topology())
 
@@ -204,6 +208,9 @@ async def run_server(
 
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(refresh()), loop.create_task(reloader())]
+    if admin.planner is not None:
+        tasks.append(loop.create_task(admin.planner.run(stop)))
+        log.info("SLA planner on: every %g s, targets %s", cfg.planner.interval_s, cfg.planner_slo())
     try:
         await stop.wait()
     finally:

@@ -145,6 +145,16 @@ def add_serve_parser(sub) -> None:
         help="join an existing Ray cluster (default: $RAY_ADDRESS, else start a local one)",
     )
     add_speculative_flags(s)
+    pl = s.add_argument_group("SLA planner (planner/policy.py)")
+    pl.add_argument(
+        "--planner",
+        choices=["none", "sla"],
+        help="sla: size the prefill and decode pools from the targets while serving (default none)",
+    )
+    pl.add_argument("--planner-profile", metavar="FILE", help="profile.json written by `tandem profile`")
+    pl.add_argument("--planner-slo", metavar="KEY=MS,...", help="targets, e.g. ttft_ms=2000,itl_ms=100")
+    pl.add_argument("--planner-interval", type=float, metavar="S", help="seconds between decisions (default 30)")
+    pl.add_argument("--planner-max-workers", type=int, metavar="N", help="prefill + decode workers at most")
     s.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     s.add_argument("-v", "--verbose", action="store_true")
 
@@ -185,6 +195,11 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
                 for field in ("tp", "pp", "block_size", "kv_order")
             },
             **speculative_overrides(args),
+            "planner.mode": args.planner,
+            "planner.profile": args.planner_profile,
+            "planner.slo": args.planner_slo,
+            "planner.interval_s": args.planner_interval,
+            "planner.max_workers": args.planner_max_workers,
         },
     )
 
@@ -204,6 +219,10 @@ def run_serve(args: argparse.Namespace) -> int:
             TlsFiles(r.tls_cert, r.tls_key, r.tls_client_ca).credentials()
         if r.auth_token_file:
             read_tokens(r.auth_token_file)
+        if config.planner.mode == "sla":  # a bad profile fails here, not after the workers started
+            from planner.profile import load_profile
+
+            load_profile(config.planner.profile)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from router.load_window import LoadWindow
+
 if TYPE_CHECKING:
     from router.responses import RequestTrace
 
@@ -171,6 +173,7 @@ class RouterMetrics:
             registry=r,
         )
         self.in_flight = Gauge("tandem_requests_in_flight", "Requests in flight through the router", registry=r)
+        self.window = LoadWindow()  # recent arrivals and ended requests, for the SLA planner
         # () -> [(role, worker id, last WorkerStatus or None, eligible)], called at scrape time (the service sets it)
         self.workers_source: Callable[[], Iterable[tuple[str, str, object, bool]]] = list
         r.register(_WorkerCollector(self))
@@ -179,6 +182,7 @@ class RouterMetrics:
         """One ended request (call once): its count by finish reason, outcome and door, and, if it sent a
         token, its latencies and token counts from the router's clock readings."""
         self.requests.labels(t.finish_reason or "none", code, door).inc()
+        self.window.ended(t, code, t.last_sent or t.first_sent or t.received)
         if t.first_sent is None:
             return  # refused or failed before its first token: counted above, nothing else to time
         kind = "local" if local else "remote"

@@ -211,6 +211,7 @@ class RequestPath:
             }
         )
         run = Run(req, RequestTrace(received=received, prompt_tokens=len(req.prompt_token_ids)), span=span)
+        self.metrics.window.arrived(received)
         self._active[req.request_id] = run
         self._idle.clear()
         limit = self.config.request_timeout_s if deadline_s is None else min(deadline_s, self.config.request_timeout_s)
