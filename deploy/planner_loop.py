@@ -21,9 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-from prometheus_client import Counter, Gauge
+from typing import TYPE_CHECKING
 
 from planner.policy import Decision, Observation, PolicyConfig, SlaPolicy, WorkerLive, decision_text
 from planner.profile import load_profile
@@ -81,28 +79,6 @@ def meets(e: EndedRequest, slo: dict[str, float]) -> tuple[bool, bool]:
     return ttft_ok, decode_ok
 
 
-class PlannerMetrics:
-    def __init__(self, registry: Any) -> None:
-        self.decisions = Counter(
-            "tandem_planner_decisions_total", "SLA planner decisions", ["action", "pool"], registry=registry
-        )
-        self.wanted = Gauge(
-            "tandem_planner_wanted_workers", "Workers the planner sizes each pool to", ["pool"], registry=registry
-        )
-        self.rate = Gauge(
-            "tandem_planner_request_rate",
-            "Arrival rate the planner saw / predicts (req/s)",
-            ["kind"],
-            registry=registry,
-        )
-        self.attainment = Gauge(
-            "tandem_planner_slo_attainment",
-            "SLO attainment the planner observed / predicts for its choice",
-            ["kind"],
-            registry=registry,
-        )
-
-
 class PlannerLoop:
     def __init__(
         self,
@@ -124,7 +100,7 @@ class PlannerLoop:
             policy = SlaPolicy(profile, policy_config(config, machine_workers(config)))
         self.policy = policy
         self.slo = policy.config.slo
-        self.metrics = PlannerMetrics(service.metrics.registry)
+        self.metrics = service.metrics  # tandem_planner_* (router/metrics.py)
         self._last = clock()
         self.router_clock = router_clock
         self._last_router = router_clock()
@@ -183,17 +159,19 @@ class PlannerLoop:
         obs = self.observation()
         decisions = await asyncio.to_thread(self.policy.observe, obs)
         rate = obs.arrivals / obs.window_s
-        self.metrics.rate.labels("observed").set(rate)
-        self.metrics.rate.labels("predicted").set(self.policy.predictor.predict(self.policy.config.horizon_s))
+        self.metrics.planner_rate.labels("observed").set(rate)
+        self.metrics.planner_rate.labels("predicted").set(self.policy.predictor.predict(self.policy.config.horizon_s))
         if obs.slo_attainment is not None:
-            self.metrics.attainment.labels("observed").set(obs.slo_attainment)
+            self.metrics.planner_attainment.labels("observed").set(obs.slo_attainment)
         if self.policy.last_predicted:
-            self.metrics.attainment.labels("predicted").set(self.policy.last_predicted.get("slo_attainment") or 0.0)
+            self.metrics.planner_attainment.labels("predicted").set(
+                self.policy.last_predicted.get("slo_attainment") or 0.0
+            )
         if self.policy.last_plan is not None:
-            self.metrics.wanted.labels("prefill").set(self.policy.last_plan[0])
-            self.metrics.wanted.labels("decode").set(self.policy.last_plan[1])
+            self.metrics.planner_wanted.labels("prefill").set(self.policy.last_plan[0])
+            self.metrics.planner_wanted.labels("decode").set(self.policy.last_plan[1])
         for d in decisions:
-            self.metrics.decisions.labels(d.action, d.pool or "none").inc()
+            self.metrics.planner_decisions.labels(d.action, d.pool or "none").inc()
             (log.info if d.action != "hold" else log.debug)("planner: %s", decision_text(d))
             try:
                 await self.apply(d)

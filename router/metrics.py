@@ -82,6 +82,7 @@ METRIC_NAMES = {
     "tandem_request_retries_total",
     "tandem_worker_spec_tokens_total",
     "tandem_worker_spec_verify_steps_total",
+    "tandem_planner_decisions_total",
     # gauges
     "tandem_requests_in_flight",
     "tandem_worker_requests_running",
@@ -91,6 +92,9 @@ METRIC_NAMES = {
     "tandem_worker_kv_leases",
     "tandem_worker_prefix_cache_hit_ratio",
     "tandem_worker_up",
+    "tandem_planner_wanted_workers",
+    "tandem_planner_request_rate",
+    "tandem_planner_slo_attainment",
 }
 
 
@@ -174,6 +178,25 @@ class RouterMetrics:
         )
         self.in_flight = Gauge("tandem_requests_in_flight", "Requests in flight through the router", registry=r)
         self.window = LoadWindow()  # recent arrivals and ended requests, for the SLA planner
+        # set by the SLA planner (deploy/planner_loop.py) when it runs; absent from a scrape otherwise
+        self.planner_decisions = Counter(
+            "tandem_planner_decisions_total", "SLA planner decisions", ["action", "pool"], registry=r
+        )
+        self.planner_wanted = Gauge(
+            "tandem_planner_wanted_workers", "Workers the SLA planner sizes each pool to", ["pool"], registry=r
+        )
+        self.planner_rate = Gauge(
+            "tandem_planner_request_rate",
+            "Arrival rate the SLA planner observed / predicts (req/s)",
+            ["kind"],
+            registry=r,
+        )
+        self.planner_attainment = Gauge(
+            "tandem_planner_slo_attainment",
+            "SLO attainment the SLA planner observed / predicts for its choice",
+            ["kind"],
+            registry=r,
+        )
         # () -> [(role, worker id, last WorkerStatus or None, eligible)], called at scrape time (the service sets it)
         self.workers_source: Callable[[], Iterable[tuple[str, str, object, bool]]] = list
         r.register(_WorkerCollector(self))
