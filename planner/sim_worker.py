@@ -195,8 +195,9 @@ class BlockCache:
 
 
 def is_decode_row(req: SimRequest, n: int) -> bool:
-    """A row computing only the last token produced (not a prompt, nor a recomputation after preemption)."""
-    return req.emitted > 0 and n == 1 and req.computed == req.tokens_now() - 1
+    """A row computing one token: a decode step (or a prompt chunk of one token, which the engine batches as a
+    decode row too: engine/scheduler.py, SchedulerOutput.features)."""
+    return n == 1
 
 
 def prefill_left(req: SimRequest) -> int:
@@ -231,6 +232,8 @@ class SimWorker:
         self.busy_until: float | None = None  # a step in flight ends then
         self.per_step_overhead_s = per_step_overhead_s
         self.queued_prefill_tokens = 0  # router's load figure: prompt tokens waiting or in progress
+        self.assigned = 0  # requests the router sent here (as their decode / aggregated worker), not finished
+        self.booked_blocks = 0  # prompt blocks routed here and not landed yet (the router's KV in flight)
         self.busy_s = 0.0
         self.steps = 0
         self.preemptions = 0
@@ -315,9 +318,9 @@ class SimWorker:
         (their prompt is computed: a prefill finished, or a decode row)."""
         produced = []
         for req, n in plan.rows:
-            if not is_decode_row(req, n):
-                self.queued_prefill_tokens -= n
+            before = prefill_left(req)
             req.computed += n
+            self.queued_prefill_tokens -= before - prefill_left(req)
             self.cache.commit(req, req.computed)
             if req.computed >= req.tokens_now():
                 produced.append(req)

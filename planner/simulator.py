@@ -170,41 +170,55 @@ class Cluster:
             self._rr[kind] += 1
             return w
         if self.policy == "least-loaded":
-            return min(pool, key=lambda w: (w.load + len(self.admitting.get(w.wid, ())), w.wid))
-        # kv: prompt tokens the worker would compute, behind what it has queued (decode: plus its batch); only
-        # workers caching the prompt's first block can save any, the others compete on load alone
+            return min(pool, key=lambda w: (w.assigned if kind == "decode" else w.load, w.wid))
         bs = pool[0].cache.block_size
         lookable = (req.prompt_len - 1) // bs
         hashes = req.hashes_upto(lookable, bs) if lookable > 0 else []
-        admitting = self.admitting
-        if kind == "decode":
-
-            def load(w: SimWorker) -> int:
-                return w.queued_prefill_tokens + (len(w.running) + len(admitting.get(w.wid, ()))) * bs
-
-        else:
-
-            def load(w: SimWorker) -> int:
-                return w.queued_prefill_tokens
-
-        best = min(pool, key=load)
-        best_cost = load(best) + req.prompt_len
         index = self.decode_index if kind == "decode" else self.prefill_index
-        for wid in sorted(index.get(hashes[0], ())) if hashes else ():
+        holders = sorted(index.get(hashes[0], ())) if hashes else []
+        if kind == "prefill":
+            # prompt tokens the worker would compute, behind what it has queued; only workers caching the
+            # prompt's first block can save any, the others compete on their queues alone
+            best = min(pool, key=lambda w: w.queued_prefill_tokens)
+            best_cost = best.queued_prefill_tokens + req.prompt_len
+            for wid in holders:
+                w = pool[wid]
+                tokens = w.queued_prefill_tokens + req.prompt_len - w.cache.cached_prefix(hashes) * bs
+                if tokens < best_cost or (tokens == best_cost and wid < best.wid):
+                    best, best_cost = w, tokens
+            return best
+        # decode, as router/costs.py decode_cost: KV the worker holds, has booked and would need (share of its
+        # cache), plus its requests (share of its seats); aggregated workers add their queued prompt tokens
+        need = -(-req.prompt_len // bs)
+        agg = self.spec.mode == "aggregated"
+
+        def cost(w: SimWorker, hit: int = 0) -> float:
+            p = w.profile
+            c = (w.cache.used + w.booked_blocks + need - hit) / p.num_blocks + w.assigned / p.max_num_seqs
+            if agg:
+                c += w.queued_prefill_tokens / p.max_num_batched_tokens
+            return c
+
+        chosen = min(pool, key=cost)
+        lowest = cost(chosen)
+        for wid in holders:
             w = pool[wid]
-            cost = load(w) + req.prompt_len - w.cache.cached_prefix(hashes) * bs
-            if cost < best_cost or (cost == best_cost and wid < best.wid):
-                best, best_cost = w, cost
-        return best
+            c = cost(w, w.cache.cached_prefix(hashes))
+            if c < lowest or (c == lowest and wid < chosen.wid):
+                chosen, lowest = w, c
+        return chosen
 
     def route(self, req: SimRequest) -> SimWorker:
         """The worker the request starts on; sets its placement fields."""
         if self.spec.mode == "aggregated":
             w = self._pick(self.decode_pool, "decode", req)
             req.route, req.decode_worker, req.prefill_worker = "aggregated", w.wid, w.wid
+            w.assigned += 1
             return w
         d = self._pick(self.decode_pool, "decode", req)
         req.decode_worker = d.wid
+        d.assigned += 1
+        d.booked_blocks += -(-req.prompt_len // d.cache.block_size)
         threshold = self.spec.conditional_prefill_threshold
         if threshold > 0:
             bs = d.cache.block_size
@@ -212,6 +226,7 @@ class Cluster:
             hit = d.cache.cached_prefix(req.hashes_upto(lookable, bs)) if lookable > 0 else 0
             if req.prompt_len - hit * bs <= threshold:
                 req.route = "local"
+                d.booked_blocks -= -(-req.prompt_len // bs)
                 return d
         p = self._pick(self.prefill_pool, "prefill", req)
         req.route, req.prefill_worker, req.handoff = "remote", p.wid, True
@@ -257,6 +272,10 @@ class Simulation:
     def send(self, req: SimRequest) -> None:
         w = self.cluster.route(req)
         if req.prompt_len + req.output_len > w.cache.num_blocks * w.cache.block_size:
+            d = self.cluster.decode_pool[req.decode_worker]
+            d.assigned -= 1
+            if req.route == "remote":
+                d.booked_blocks -= -(-req.prompt_len // d.cache.block_size)
             req.route = "too-long"
             self.on_finish(req)
             return
@@ -295,12 +314,16 @@ class Simulation:
 
     def _finish(self, req: SimRequest) -> None:
         req.finished_s = req.token_times[-1]
+        if req.decode_worker >= 0 and self.cluster.decode_pool:
+            self.cluster.decode_pool[req.decode_worker].assigned -= 1
         self.on_finish(req)
 
     def _hand_off(self, p: SimWorker, req: SimRequest) -> None:
         """P sampled token 1: the router streams it at once (TTFT), then asks D to take the request."""
         self._deliver(req, first=True)
         if req.emitted >= req.output_len:  # a one-token reply: no decode, P's lease ends
+            d = self.cluster.decode_pool[req.decode_worker]
+            d.booked_blocks -= -(-req.prompt_len // d.cache.block_size)
             p.remove(req)
             self.kick(p)
             self._finish(req)
@@ -329,6 +352,7 @@ class Simulation:
             self.at(self.now + seconds, functools.partial(self._landed, d, req))
 
     def _landed(self, d: SimWorker, req: SimRequest) -> None:
+        d.booked_blocks -= -(-req.prompt_len // d.cache.block_size)
         p = self.cluster.prefill_pool[req.prefill_worker]
         p.remove(req)  # the lease ends: P's blocks go back to its cache
         self.kick(p)

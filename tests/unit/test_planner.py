@@ -339,3 +339,15 @@ def test_plan_cli_and_simulate_cli(tmp_path, capsys):
     assert planner_main(["simulate", "--profile", str(tmp_path / "none.json")]) == 2
     err = capsys.readouterr().err
     assert "unknown target 'ttft'" in err and "none.json" in err
+
+
+@pytest.mark.parametrize("policy", ["kv", "least-loaded", "round-robin"])
+def test_decode_choice_counts_requests_still_in_prefill(policy):
+    """A burst routed while its prompts are still prefilling spreads over the decode pool (the router books
+    KV and requests at routing time), instead of piling onto the worker that looked idle."""
+    d = build_dataset("random", DatasetOptions(input_len=256, output_len=16), SegmentPromptMaker(), 0)
+    res = simulate(
+        profile_of(TRUE), ClusterSpec(prefill=4, decode=4, policy=policy), d, LoadConfig(rate=math.inf, num_requests=80)
+    )
+    share = Counter(r.decode_worker for r in res.records)
+    assert len(share) == 4 and max(share.values()) <= 30, share
