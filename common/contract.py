@@ -7,7 +7,8 @@
 What crosses (Ray pickles it between processes; msgspec Structs and dataclasses, no torch, so the
 router can import all of it):
 
-- the worker's remote methods: `WorkerAPI` (what `router/workers.py` calls, by name, typed);
+- the worker's remote methods: `WorkerAPI` (what `router/workers.py` calls, by name, typed; deploy
+  calls `profile` with a `ProfilePlan` and gets `StepTiming`s back);
 - messages: `StreamChunk`, `PrefillResult` (+ `KVHandle`), `WorkerStatus`, `KVEventsReply`,
   `ModelInfo` (below), KV events and snapshots (`KVEventBatch`, `KVSnapshot`, from
   common/kv_events.py), `SamplingParams` (common/sampling_params.py), the tokenizer (`PromptTokenizer`:
@@ -57,7 +58,7 @@ from common.sampling_params import MAX_LOGPROBS, SamplingParams
 
 __all__ = [
     "WIRE_VERSION", "acceptance_length", "Role", "Health", "WireVersionError", "check_wire_version", "WorkerAPI",
-    "PromptTokenizer",
+    "PromptTokenizer", "ProfilePlan", "StepTiming",
     "LogprobEntry", "StreamChunk", "KVHandle", "PrefillResult", "WorkerStatus", "KVEventsReply", "ModelInfo",
     "PerfEstimate", "SamplingParams", "MAX_LOGPROBS", "KVEventBatch", "KVSnapshot", "KVEventDecodeError",
     "AllCleared", "BlockRemoved", "BlockStored", "decode_event_batch", "first_gap",
@@ -65,10 +66,11 @@ __all__ = [
     "ConfigError", "WorkerError", "KVTransferFailedError", "AdmissionTimeoutError", "WorkerShuttingDownError",
 ]  # fmt: skip
 
-WIRE_VERSION = 4  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVHandle.issued_at, prior_ids (issue 7)
+WIRE_VERSION = 5  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVHandle.issued_at, prior_ids (issue 7)
 #                  3: WorkerStatus.perf (issue 16)
 #                  4: speculative counters on StreamChunk / WorkerStatus, ModelInfo.speculative and .wire_version
 #                     (issue 19); checked when workers start and join (deploy.cluster.check_workers_agree)
+#                  5: WorkerAPI.profile, ProfilePlan, StepTiming (issue 20)
 
 
 class Role(enum.StrEnum):
@@ -223,6 +225,43 @@ class ModelInfo(msgspec.Struct, frozen=True):
     wire_version: int = 0  # the worker's WIRE_VERSION (0: older than version 4, which added this field)
 
 
+# One engine step as `tandem profile` measured it: (prompt tokens, attention pairs, decode rows, decode context,
+# seconds); the first four are planner.model.StepShape's fields (engine.scheduler.SchedulerOutput.features).
+StepTiming = tuple[int, float, int, int, float]
+
+
+class ProfilePlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a worker's `profile` measures (worker_core/profiling.py runs it; the module says how).
+
+    Every size is capped by the worker: its token budget (max_num_batched_tokens), max_num_seqs, the
+    model's context and its KV capacity; points that cannot fit are left out, not shrunk silently.
+    """
+
+    warmup_steps: int = 3  # steps of a first short request, run and not recorded
+    prefill_lengths: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048)  # prompts alone, one chunk each
+    prefill_repeats: int = 2  # each prompt length this many times (distinct prompts)
+    cached: tuple[tuple[int, int], ...] = ((256, 64), (1024, 32), (1024, 256), (1920, 128))  # (cached, new)
+    decode_contexts: tuple[int, ...] = (64, 512, 1536)  # tokens each decode row's prompt holds
+    decode_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # requests decoding together
+    decode_steps: int = 4  # steps timed per (context, batch)
+    mixed: tuple[tuple[int, int], ...] = ((4, 512), (16, 128), (32, 32))  # (decode batch, prompt beside it)
+    seed: int = 0  # of the synthetic token ids
+
+    @classmethod
+    def quick(cls) -> ProfilePlan:
+        """A few points of each kind, for tests and a first look (`tandem profile --quick`)."""
+        return cls(
+            warmup_steps=2,
+            prefill_lengths=(16, 64, 256),
+            prefill_repeats=1,
+            cached=((128, 32),),
+            decode_contexts=(32, 256),
+            decode_batches=(1, 4, 8),
+            decode_steps=2,
+            mixed=((4, 64),),
+        )
+
+
 class WorkerAPI(Protocol):
     """The remote methods of a worker actor (worker_core/actor.py and the role classes) that the router and
     deploy call; `router/workers.py` calls them through Ray by these names. Decode and generate stream
@@ -268,6 +307,8 @@ class WorkerAPI(Protocol):
     async def kv_snapshot(self) -> KVSnapshot: ...
 
     async def wait_idle(self, timeout_s: float) -> bool: ...
+
+    async def profile(self, plan: ProfilePlan) -> list[StepTiming]: ...
 
     async def model_info(self) -> ModelInfo: ...
 

@@ -6,6 +6,8 @@
     tandem generate --server HOST:PORT [--prompt TEXT | --chat TEXT]... [sampling flags] [--json] [--timeout S]
     tandem serve [--model PATH] [--port N] [--mode disaggregated|aggregated] [...]   (deploy/serve_cli.py)
     tandem admin [--server HOST:PORT] add|remove|scale ...                          (deploy/admin_cli.py)
+    tandem profile [--config FILE] [--model PATH] --output profile.json [--append] [--quick]
+                                                                     (deploy/profile_cli.py)
     tandem bench --server HOST:PORT | --openai-url URL [...]                        (tandem_api/bench/cli.py)
 
 --offline runs every prompt (`--prompt` and `--chat` may repeat and mix) together
@@ -41,6 +43,7 @@ class _Ordered(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     from deploy.admin_cli import add_admin_parser
+    from deploy.profile_cli import add_profile_parser
     from deploy.serve_cli import add_serve_parser, add_speculative_flags
     from planner.cli import add_plan_parser, add_simulate_parser
     from tandem_api.bench.cli import add_bench_parser
@@ -50,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)
     add_admin_parser(sub)
+    add_profile_parser(sub)
     add_bench_parser(sub)
     add_simulate_parser(sub)
     add_plan_parser(sub)
@@ -272,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
             from deploy.admin_cli import run_admin
 
             return run_admin(args)
+        if args.command == "profile":
+            from deploy.profile_cli import run_profile
+
+            return run_profile(args)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

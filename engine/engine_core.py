@@ -86,6 +86,8 @@ class EngineCore:
         self.scheduler.spec_tokens = spec.num_speculative_tokens if spec.enabled else 0
         self.scheduler.spec_disable_batch_size = spec.disable_batch_size
         self.last_step_shape: tuple[int, int] = (0, 0)  # (prompt tokens, decode sequences) of the last step
+        # ... as (prompt tokens, attention pairs, decode rows, decode context): SchedulerOutput.features
+        self.last_step_features: tuple[int, float, int, int] = (0, 0.0, 0, 0)
         self.runner = ModelRunner(executor, self.kv_spec, self.device)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(config.seed)
@@ -360,18 +362,16 @@ class EngineCore:
     def step(self) -> list[StepOutput]:
         out = self.scheduler.schedule()
         if not out.scheduled:
-            self.last_step_shape = (0, 0)
+            self.last_step_shape, self.last_step_features = (0, 0), (0, 0.0, 0, 0)
             return []
         spec = [s for s in out.scheduled if s.spec_slots]
         if spec and self.proposer is not None:  # slots are only handed out when speculation is configured
             self.proposer.propose(spec)
             for s in spec:
                 s.num_new_tokens = 1 + len(s.request.spec_token_ids)
-        # (prompt tokens computed, decode sequences): what the worker's performance model times this step by
-        self.last_step_shape = (
-            sum(s.num_new_tokens for s in out.scheduled if s.num_new_tokens > 1 and not s.spec_slots),
-            sum(1 for s in out.scheduled if s.num_new_tokens == 1 or s.spec_slots),
-        )
+        # what the performance models time this step by (the worker's StepTimes; `tandem profile`)
+        self.last_step_features = out.features()
+        self.last_step_shape = (self.last_step_features[0], out.num_decoding)
         batch = self.runner.prepare(out)
         logits = self.runner.execute(batch)
         for s in batch.order:

@@ -52,6 +52,32 @@ class SchedulerOutput:
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
 
+    @property
+    def num_decoding(self) -> int:
+        """Requests computing one token (decoding, or a prompt with one token left) or verifying proposals."""
+        return sum(1 for s in self.scheduled if s.num_new_tokens == 1 or s.spec_slots)
+
+    def features(self) -> tuple[int, float, int, int]:
+        """What the step computes, as the features of the performance model (planner.model.StepShape; the
+        engine does not import the planner): (prompt tokens, attention pairs, decode rows, decode context).
+
+        Call once proposals are attached (num_new_tokens final). A prefill chunk of n tokens after ctx
+        computed ones adds n prompt tokens and n * (ctx + (n + 1) / 2) query-key pairs. A request computing
+        one token, and each token of a verification (1 + proposed tokens, each its own row attending to the
+        cache up to its position), is a decode row, as the model runner batches them; a row's context is
+        the tokens its attention reads, itself included (position + 1, as planner/sim_worker.py counts)."""
+        tokens = rows = context = 0
+        pairs = 0.0
+        for s in self.scheduled:
+            n, ctx = s.num_new_tokens, s.request.num_computed_tokens
+            if n == 1 or s.spec_slots:
+                rows += n
+                context += n * ctx + n * (n + 1) // 2
+            else:
+                tokens += n
+                pairs += n * (ctx + (n + 1) / 2)
+        return tokens, pairs, rows, context
+
 
 class Scheduler:
     def __init__(

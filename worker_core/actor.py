@@ -7,7 +7,7 @@ role's request life cycle; deploy wraps them with `ray.remote`. Imports no ray i
 
 from __future__ import annotations
 
-from common.contract import KVEventsReply, ModelInfo, WorkerStatus
+from common.contract import KVEventsReply, ModelInfo, ProfilePlan, StepTiming, WorkerStatus
 from common.kv_events import KVSnapshot
 from worker_core.faults import FaultPoint
 from worker_core.host import WorkerHost
@@ -72,6 +72,11 @@ class WorkerActor:
 
     async def check_integrity(self) -> None:
         await self.host.check_integrity()
+
+    async def profile(self, plan: ProfilePlan) -> list[StepTiming]:
+        """`tandem profile`: time synthetic engine steps over `plan` (worker_core/profiling.py). The worker
+        must be idle (ProfileBusyError otherwise); it serves nothing until the measurement ends."""
+        return await self.host.profile(plan)
 
     async def leak_check(self) -> None:
         await self.host.leak_check()

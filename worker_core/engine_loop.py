@@ -38,12 +38,14 @@ from typing import Any, TypeVar
 
 import torch
 
+from common.contract import ProfilePlan, StepTiming
 from common.kv_events import KVEvent
 from common.perf_model import StepTimes
 from common.sampling_params import SamplingParams
 from engine.engine_core import EngineCore
 from engine.outputs import StepOutput
 from worker_core.core_share import CoreShare
+from worker_core.profiling import profile_steps
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -236,6 +238,12 @@ class AsyncEngine:
             core.leak_check()
 
         await self.call(check)
+
+    async def profile(self, plan: ProfilePlan) -> list[StepTiming]:
+        """worker_core.profiling.profile_steps: synthetic requests stepped and timed on this engine, as one
+        command (every other command and request waits until it ends: seconds to minutes). Refused
+        (ProfileBusyError) while the engine holds a request or lease; leaves the block pool empty."""
+        return await self.call(lambda core: profile_steps(core, plan))
 
     async def abort(self, request_id: str) -> bool:
         """EngineCore.abort_request: abort a request in any state; an open stream gets a final "abort"

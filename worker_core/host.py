@@ -28,7 +28,17 @@ import ray
 import torch
 
 from common import telemetry as tm
-from common.contract import WIRE_VERSION, Health, LogprobEntry, ModelInfo, Role, StreamChunk, WorkerStatus
+from common.contract import (
+    WIRE_VERSION,
+    Health,
+    LogprobEntry,
+    ModelInfo,
+    ProfilePlan,
+    Role,
+    StepTiming,
+    StreamChunk,
+    WorkerStatus,
+)
 from common.kv_events import KVSnapshot
 from common.sampling_params import SamplingParams
 from common.telemetry import setup_tracing
@@ -242,6 +252,11 @@ class WorkerHost:
     async def leak_check(self) -> None:
         await self.start()
         await self.engine.leak_check()
+
+    async def profile(self, plan: ProfilePlan) -> list[StepTiming]:
+        """AsyncEngine.profile: this engine's step times over `plan` (refused while it holds work)."""
+        await self.start()
+        return await self.engine.profile(plan)
 
     async def wait_idle(self, timeout_s: float, extra_busy: Callable[[], bool] = lambda: False) -> bool:
         """True once the engine holds no request and no lease (and extra_busy() is False)."""

@@ -1,0 +1,236 @@
+"""`tandem profile`: measure the configured cluster's workers and served path; write profile.json.
+
+    tandem profile [--config FILE] [--model PATH] [--mode disaggregated|aggregated] --output profile.json
+                   [--append] [--quick] [-v]
+
+    config -> Serving (the cluster and its router, as `tandem serve` starts them; gRPC on a free port
+              of 127.0.0.1, no HTTP door, no TLS or tokens)
+      1. per distinct worker shape of the pools (planner.profile.Shape), one worker runs the step sweep
+         (WorkerAPI.profile, worker_core/profiling.py), one worker at a time on an idle cluster
+         -> planner.model.fit_step_model -> WorkerProfile (KV blocks and dtype from the worker's status)
+      2. sequential requests through the router (prompts of ServedPlan.blocks decode blocks, random
+         token ids, ignore_eos): the decode worker's kv_transfer_s -> fit_transfer_model, and the
+         client's TTFT and inter-token gaps -> ServedOverhead (deploy/profiling.py)
+    -> planner.profile.Profile (merged into the existing file with --append) -> save_profile
+
+`--quick` runs a few points of each kind (tests, a first look). Bad input (an unreadable config or
+profile, a missing output directory) prints one line and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from common.contract import ProfilePlan, WorkerStatus
+    from deploy.config import ServeConfig
+    from deploy.profiling import ServedPlan, ServedRecord
+    from deploy.serve import Serving
+    from planner.profile import Profile
+
+log = logging.getLogger(__name__)
+
+PROFILE_TIMEOUT_S = 1800.0  # one worker's step sweep (the default plan takes ~1.5 min on 1 CPU thread)
+REQUEST_TIMEOUT_S = 300.0
+
+
+def add_profile_parser(sub) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="measure the workers' step times, KV capacity, transfer and served-path overhead (profile.json)",
+    )
+    p.add_argument("--config", help="YAML/JSON/TOML ServeConfig file: the pools to profile (default: tandem serve's)")
+    p.add_argument("--model", help="HF directory or .gguf file (default: the shipped SmolLM2-135M-Instruct)")
+    p.add_argument("--mode", choices=["disaggregated", "aggregated"])
+    p.add_argument("--output", "-o", required=True, metavar="FILE", help="where to write the profile (JSON)")
+    p.add_argument("--append", action="store_true", help="merge into FILE's profile (its other shapes are kept)")
+    p.add_argument("--quick", action="store_true", help="a few points of each kind (seconds, not minutes)")
+    p.add_argument(
+        "--ray-address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="profile on an existing Ray cluster (default: $RAY_ADDRESS, else a local one)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def profile_config(args: argparse.Namespace) -> tuple[ServeConfig, list[str]]:
+    """The ServeConfig profiled: the file and flags, with the router on a free local port, gRPC only, no TLS
+    and no tokens (it serves only this command); and a note when that changed the served path."""
+    from msgspec.structs import replace
+
+    from deploy.config import ServeConfig, load_config, with_overrides
+
+    base = load_config(args.config) if args.config else ServeConfig()
+    config = with_overrides(
+        base,
+        model=args.model,
+        mode=args.mode,
+        ray_address=args.ray_address,
+        **{"router.host": "127.0.0.1", "router.port": 0, "router.http": False},
+    )
+    r = config.router
+    if not (r.tls_cert or r.auth_token_file):
+        return config, []
+    r = replace(r, tls_cert=None, tls_key=None, tls_client_ca=None, auth_token_file=None)
+    return replace(config, router=r), ["the served path was measured without the TLS and tokens the config sets"]
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from planner.profile import ProfileError, load_profile, save_profile
+
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        print(f"error: --output {out}: directory {out.parent} does not exist", file=sys.stderr)
+        return 2
+    existing = None
+    if args.append and out.exists():
+        try:
+            existing = load_profile(out)
+        except ProfileError as e:
+            print(f"error: --append: {e}", file=sys.stderr)
+            return 2
+    config, notes = profile_config(args)  # ConfigError: exit 2 in deploy.cli.main
+    from common.contract import ProfilePlan
+    from deploy.profiling import ServedPlan, format_table
+    from deploy.serve import Serving
+    from planner.model import ModelFitError
+
+    plan, served = (ProfilePlan.quick(), ServedPlan.quick()) if args.quick else (ProfilePlan(), ServedPlan())
+    t0 = time.perf_counter()
+    with Serving(config) as serving:
+        try:
+            profile = measure(serving, plan, served)
+        except ModelFitError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    profile.notes.extend(notes)
+    if existing is not None:
+        try:
+            profile = existing.merged(profile)
+        except ProfileError as e:
+            print(f"error: --append: {e}", file=sys.stderr)
+            return 2
+    save_profile(profile, out)
+    print(format_table(profile))
+    print(f"tandem: profile written to {out} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return 0
+
+
+def measure(serving: Serving, plan: ProfilePlan, served: ServedPlan) -> Profile:
+    """Steps of one worker per distinct shape, then the served path; a Profile (deploy/profiling.py)."""
+    import ray
+
+    from deploy.cluster import CALL_TIMEOUT_S
+    from deploy.profiling import served_overhead, shape_of, transfer_model, worker_profile
+    from planner.model import TransferModel
+    from planner.profile import Profile
+    from tandem_api.bench.report import machine_info
+
+    cluster = serving.cluster
+    cfg = cluster.config
+    workers: dict = {}
+    pools: dict[str, str] = {}
+    notes = [
+        f"the first {plan.warmup_steps} engine steps of each worker's sweep were warm-up, not fitted",
+        "decode steps: the rows of one batch share a cached context prefix (set-up cost C, not B x C tokens)",
+    ]
+    for name, pool, handles in (("prefill", cfg.prefill, cluster.prefill), ("decode", cfg.decode, cluster.decode)):
+        handle = handles[0]
+        status = cast("WorkerStatus", ray.get(handle.actor.status.remote(), timeout=CALL_TIMEOUT_S))
+        key = shape_of(pool, status).key()
+        pools[name] = key
+        if key in workers:
+            first = workers[key]
+            if (first.num_blocks, first.max_num_seqs, first.max_num_batched_tokens) != (
+                status.kv_blocks_total,
+                pool.max_num_seqs,
+                pool.max_num_batched_tokens,
+            ):
+                notes.append(f"pool {name} has shape {key} with other limits than the pool profiled with it")
+            continue
+        print(f"tandem: profiling {handle.worker_id} ({key}) ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        timings = ray.get(handle.actor.profile.remote(plan), timeout=PROFILE_TIMEOUT_S)
+        workers[key] = worker_profile(pool, status, timings, plan.warmup_steps)
+        log.info("%s: %d steps in %.1f s", handle.worker_id, len(timings), time.perf_counter() - t0)
+    if cfg.mode == "aggregated":
+        pools["aggregated"] = pools["decode"]
+    by_pool = {name: workers[key] for name, key in pools.items()}
+    print("tandem: measuring the served path ...", file=sys.stderr, flush=True)
+    records = served_requests(serving.address, cluster, served, by_pool["decode"].shape.block_size)
+    disagg = cfg.mode == "disaggregated"
+    transfer = transfer_model(records, by_pool["decode"].shape.block_size) if disagg else None
+    if transfer is None:
+        notes.append("aggregated mode: no KV transfer, the transfer model is left at its default")
+    elif not transfer.samples:
+        notes.append("no request reported a KV transfer: the transfer model is left at its default")
+    notes.append(
+        "served path: sequential requests, the first left out as warm-up; TTFT less the step model's "
+        "prefill (the transfer is in token 2's latency, not TTFT), inter-token gaps after token 2 less "
+        "the step model's decode step"
+    )
+    notes.append(
+        "not measured: preemption, queueing under load, speculative proposals (unless configured), "
+        "prefix-cache hits on the served path"
+    )
+    machine = machine_info()
+    machine["torch_threads"] = {name: workers[key].shape.num_threads for name, key in pools.items()}
+    return Profile(
+        model=cluster.model.name if cluster.model is not None else cfg.model,
+        workers=list(workers.values()),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        machine=machine,
+        transfer=transfer if transfer is not None else TransferModel(),
+        overhead=served_overhead(records, by_pool),
+        pools=pools,
+        notes=notes,
+    )
+
+
+def served_requests(address: str, cluster, plan: ServedPlan, block_size: int) -> list[ServedRecord]:
+    """ServedPlan's requests one after the other through the router (the first: warm-up, left out)."""
+    from deploy.profiling import ServedRecord
+    from tandem_api.client import TandemClient
+
+    info = cluster.model
+    limit = min(info.max_model_len, info.kv_capacity_tokens) - plan.max_tokens - 1
+    rng = random.Random(1)
+    sizes = [b for _ in range(plan.repeats) for b in plan.blocks]
+    records: list[ServedRecord] = []
+    with TandemClient(address) as client:
+        for i, blocks in enumerate([1, *sizes]):
+            tokens = min(max(1, blocks * block_size - block_size // 2), limit)
+            prompt = [rng.randrange(info.vocab_size) for _ in range(tokens)]
+            times: list[float] = []
+            first = last = None
+            t0 = time.perf_counter()
+            for last in client.generate(
+                token_ids=prompt,
+                max_tokens=plan.max_tokens,
+                temperature=0.0,
+                ignore_eos=True,
+                timeout=REQUEST_TIMEOUT_S,
+            ):
+                first = first or last
+                times.extend([time.perf_counter() - t0] * len(last.token_ids))
+            if i == 0 or first is None or last is None or not times:
+                continue
+            records.append(
+                ServedRecord(
+                    prompt_tokens=last.usage.prompt_tokens or tokens,
+                    ttft_s=times[0],
+                    token_times=times,
+                    kv_transfer_s=last.timings.kv_transfer_s,
+                    prefill_pool=cluster.pool_name(first.prefill_worker or first.decode_worker),
+                    decode_pool=cluster.pool_name(first.decode_worker),
+                )
+            )
+    return records

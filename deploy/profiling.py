@@ -1,0 +1,159 @@
+"""What `tandem profile` computes from what it measured (deploy/profile_cli.py measures): pure functions.
+
+    worker steps (common.contract.StepTiming)  -> fit_step_model -> WorkerProfile (shape from the pool
+                                                  config and the worker's status)
+    served requests (ServedRecord, sequential)  -> fit_transfer_model on (blocks, kv_transfer_s)
+                                                -> ServedOverhead: what TTFT and inter-token time hold
+                                                   beyond the step model's steps
+
+The served path's figures, per request:
+
+    first token   client TTFT - the step model's prefill of the prompt (the chunks the token budget cuts
+                  it into). In Tandem token 1 comes from the prefill worker, so the KV transfer is in token
+                  2's latency, not in TTFT (router/responses.py): it is not subtracted.
+    per token     mean client gap from token 2 to the last - decode_step_s(1, mean context): the gap
+                  1 -> 2 holds the transfer and is left out (the transfer model covers it).
+
+Both are medians over the requests, clamped at 0. Needs no torch and no Ray.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+from common.contract import StepTiming, WorkerStatus
+from deploy.config import PoolConfig
+from planner.model import (
+    ModelFitError,
+    StepModel,
+    StepSample,
+    StepShape,
+    TransferModel,
+    attn_pairs,
+    fit_step_model,
+    fit_transfer_model,
+)
+from planner.profile import Profile, ServedOverhead, Shape, WorkerProfile
+
+
+@dataclass(frozen=True)
+class ServedPlan:
+    """The sequential requests sent through the router: prompts of `blocks` decode-pool blocks each."""
+
+    blocks: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    repeats: int = 2
+    max_tokens: int = 16
+
+    @classmethod
+    def quick(cls) -> ServedPlan:
+        return cls(blocks=(1, 4, 16), repeats=1)
+
+
+@dataclass
+class ServedRecord:
+    """One request as the client saw it (times in seconds from sending it)."""
+
+    prompt_tokens: int
+    ttft_s: float
+    token_times: list[float] = field(default_factory=list)  # arrival of each token (a chunk's share one)
+    kv_transfer_s: float = 0.0  # the decode worker's pull (0: none, e.g. aggregated)
+    prefill_pool: str = "decode"  # the pool whose worker computed the prompt
+    decode_pool: str = "decode"
+
+
+def shape_of(pool: PoolConfig, status: WorkerStatus) -> Shape:
+    """A worker's shape: parallelism and threads from its pool, block size and dtype as it resolved them."""
+    return Shape(
+        tp=pool.tp,
+        pp=pool.pp,
+        block_size=status.block_size,
+        dtype=status.dtype,
+        device=pool.device,
+        num_threads=pool.num_threads or max(1, int(pool.num_cpus)),
+    )
+
+
+def worker_profile(pool: PoolConfig, status: WorkerStatus, timings: list[StepTiming], warmup: int) -> WorkerProfile:
+    """The fitted step model of one worker and its capacity and limits (ModelFitError: too few steps)."""
+    samples = [StepSample(StepShape(int(p), float(a), int(d), int(c)), float(s)) for p, a, d, c, s in timings]
+    return WorkerProfile(
+        shape=shape_of(pool, status),
+        step=fit_step_model(samples),
+        num_blocks=status.kv_blocks_total,
+        max_num_seqs=pool.max_num_seqs,
+        max_num_batched_tokens=pool.max_num_batched_tokens,
+        enable_prefix_caching=pool.enable_prefix_caching,
+        cost=float(pool.world_size),
+        warmup_excluded=warmup,
+        samples=samples,
+    )
+
+
+def prefill_s(model: StepModel, tokens: int, budget: int) -> float:
+    """The step model's time to compute a `tokens` prompt alone, in chunks of at most `budget` tokens."""
+    total, done = 0.0, 0
+    while done < tokens:
+        n = min(budget, tokens - done)
+        total += model.step_s(StepShape(n, attn_pairs(n, done), 0, 0))
+        done += n
+    return total
+
+
+def transfer_model(records: list[ServedRecord], block_size: int) -> TransferModel:
+    """(blocks, kv_transfer_s) of every request that pulled its KV -> TransferModel (default if none did)."""
+    points = [(-(-r.prompt_tokens // block_size), r.kv_transfer_s) for r in records if r.kv_transfer_s > 0]
+    try:
+        return fit_transfer_model(points)
+    except ModelFitError:
+        return TransferModel()
+
+
+def served_overhead(records: list[ServedRecord], models: dict[str, WorkerProfile]) -> ServedOverhead:
+    """Median TTFT and inter-token time beyond the step model (module docstring); `models` by pool name."""
+    first: list[float] = []
+    per_token: list[float] = []
+    for r in records:
+        p = models[r.prefill_pool]
+        first.append(r.ttft_s - prefill_s(p.step, r.prompt_tokens, p.max_num_batched_tokens))
+        n = len(r.token_times)
+        if n >= 3:
+            itl = (r.token_times[-1] - r.token_times[1]) / (n - 2)
+            context = r.prompt_tokens + (n + 1) / 2  # rows computing tokens 3..n read prompt + 2 .. prompt + n - 1
+            per_token.append(itl - models[r.decode_pool].step.decode_step_s(1, context))
+    if not first:
+        return ServedOverhead()
+    return ServedOverhead(
+        first_token_s=max(0.0, statistics.median(first)),
+        per_token_s=max(0.0, statistics.median(per_token)) if per_token else 0.0,
+        samples=len(records),
+    )
+
+
+def format_table(profile: Profile) -> str:
+    """The fitted coefficients and fit errors, one line per shape, then the served path's figures."""
+    head = (
+        f"{'shape':<32} {'base ms':>8} {'us/tok':>8} {'ns/pair':>8} {'ms/seq':>8} {'us/ctx':>8} "
+        f"{'steps':>6} {'err p50':>8} {'err p90':>8} {'blocks':>7}"
+    )
+    lines = [head]
+    for w in profile.workers:
+        m = w.step
+        lines.append(
+            f"{w.shape.key():<32} {m.base_s * 1e3:>8.2f} {m.per_prefill_token_s * 1e6:>8.1f} "
+            f"{m.per_attn_pair_s * 1e9:>8.2f} {m.per_decode_seq_s * 1e3:>8.3f} {m.per_context_token_s * 1e6:>8.3f} "
+            f"{m.samples:>6} {m.rel_error_p50:>8.1%} {m.rel_error_p90:>8.1%} {w.num_blocks:>7}"
+        )
+    pools = ", ".join(f"{name}: {key}" for name, key in sorted(profile.pools.items()))
+    t, o = profile.transfer, profile.overhead
+    lines.append(f"pools: {pools}")
+    lines.append(
+        f"transfer: {t.base_s * 1e3:.2f} ms + {t.per_block_s * 1e3:.3f} ms/block ({t.samples} transfers)"
+        if t.samples
+        else "transfer: not measured"
+    )
+    lines.append(
+        f"served path: first token +{o.first_token_s * 1e3:.2f} ms, per token +{o.per_token_s * 1e3:.2f} ms "
+        f"({o.samples} requests)"
+    )
+    return "\n".join(lines)
