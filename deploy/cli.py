@@ -9,6 +9,8 @@
     tandem profile [--config FILE] [--model PATH] --output profile.json [--append] [--quick]
                                                                      (deploy/profile_cli.py)
     tandem bench --server HOST:PORT | --openai-url URL [...]                        (tandem_api/bench/cli.py)
+    tandem simulate --profile profile.json --prefill N --decode M [bench workload flags] (planner/cli.py)
+    tandem plan --profile profile.json --request-rate R --slo ttft_ms=X,itl_ms=Y [--max-workers K]
 
 --offline runs every prompt (`--prompt` and `--chat` may repeat and mix) together
 as one batch in this process. --server sends them, one after the other, to a

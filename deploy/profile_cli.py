@@ -29,6 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+import msgspec
+
 if TYPE_CHECKING:
     from common.contract import ProfilePlan, WorkerStatus
     from deploy.config import ServeConfig
@@ -165,7 +167,10 @@ def measure(serving: Serving, plan: ProfilePlan, served: ServedPlan) -> Profile:
         pools["aggregated"] = pools["decode"]
     by_pool = {name: workers[key] for name, key in pools.items()}
     print("tandem: measuring the served path ...", file=sys.stderr, flush=True)
+    cpu0 = time.process_time()  # the router and this client run in this process (deploy.serve.Serving)
     records = served_requests(serving.address, cluster, served, by_pool["decode"].shape.block_size)
+    router_cpu = time.process_time() - cpu0
+    tokens = sum(len(r.token_times) for r in records) or 1
     disagg = cfg.mode == "disaggregated"
     transfer = transfer_model(records, by_pool["decode"].shape.block_size) if disagg else None
     if transfer is None:
@@ -181,6 +186,23 @@ def measure(serving: Serving, plan: ProfilePlan, served: ServedPlan) -> Profile:
         "not measured: preemption, queueing under load, speculative proposals (unless configured), "
         "prefix-cache hits on the served path"
     )
+    overhead = served_overhead(records, by_pool)
+    corun = measure_contention(cluster, plan.warmup_steps > 2)
+    if corun is not None:
+        overhead = msgspec.structs.replace(overhead, contention=corun[0], workers_per_host=corun[1])
+        notes.append(
+            "contention: each role's steps measured while a worker of the same host ran a longer sweep "
+            f"(decode beside prefill, prefill beside decode): {corun[0]}"
+        )
+    else:
+        notes.append("contention: not measured (the workers do not share a host, or there is one worker)")
+    overhead = msgspec.structs.replace(
+        overhead, router_cpu_per_token_s=router_cpu / tokens, host_cores=float(os.cpu_count() or 1)
+    )
+    notes.append(
+        "router_cpu_per_token_s: CPU seconds of the router and the client per streamed token, over the "
+        "served-path requests (one process); host_cores: this host's"
+    )
     machine = machine_info()
     machine["torch_threads"] = {name: workers[key].shape.num_threads for name, key in pools.items()}
     return Profile(
@@ -189,10 +211,48 @@ def measure(serving: Serving, plan: ProfilePlan, served: ServedPlan) -> Profile:
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         machine=machine,
         transfer=transfer if transfer is not None else TransferModel(),
-        overhead=served_overhead(records, by_pool),
+        overhead=overhead,
         pools=pools,
         notes=notes,
     )
+
+
+def measure_contention(cluster, full: bool) -> tuple[dict[str, float], int] | None:
+    """(slowdown per busy neighbour by role, workers on the host) from two co-runs of a prefill-pool and a
+    decode-pool worker on one node (aggregated: two workers of the pool); None if no two share a node."""
+    import ray
+
+    from deploy.cluster import CALL_TIMEOUT_S
+    from deploy.profiling import BUSY_DECODE, BUSY_PREFILL, CORUN_DECODE, CORUN_PREFILL, contention
+
+    cfg = cluster.config
+    pair = (cluster.prefill[0], cluster.decode[0]) if cfg.mode == "disaggregated" else tuple(cluster.decode[:2])
+    if len(pair) < 2 or not full:
+        return None
+    statuses = [ray.get(h.actor.status.remote(), timeout=CALL_TIMEOUT_S) for h in cluster.workers]
+    nodes = [st.node_id for st in statuses]
+    a, b = pair
+    node_a = ray.get(a.actor.status.remote(), timeout=CALL_TIMEOUT_S).node_id
+    if ray.get(b.actor.status.remote(), timeout=CALL_TIMEOUT_S).node_id != node_a:
+        return None
+    print("tandem: measuring contention between workers of one host ...", file=sys.stderr, flush=True)
+    # each sweep alone, then beside the neighbour's longer sweep: decode on b while a prefills, prefill on a
+    # while b decodes; the step-by-step ratio is the slowdown (no model error in it)
+    d_alone = ray.get(b.actor.profile.remote(CORUN_DECODE), timeout=PROFILE_TIMEOUT_S)
+    _, d_beside = ray.get(
+        [a.actor.profile.remote(BUSY_PREFILL), b.actor.profile.remote(CORUN_DECODE)], timeout=PROFILE_TIMEOUT_S
+    )
+    p_alone = ray.get(a.actor.profile.remote(CORUN_PREFILL), timeout=PROFILE_TIMEOUT_S)
+    p_beside, _ = ray.get(
+        [a.actor.profile.remote(CORUN_PREFILL), b.actor.profile.remote(BUSY_DECODE)], timeout=PROFILE_TIMEOUT_S
+    )
+    found = {
+        "decode": contention(d_alone, d_beside, CORUN_DECODE.warmup_steps),
+        "prefill": contention(p_alone, p_beside, CORUN_PREFILL.warmup_steps),
+    }
+    if cfg.mode == "aggregated":
+        found["aggregated"] = max(found.values())
+    return found, sum(1 for n in nodes if n == node_a)
 
 
 def served_requests(address: str, cluster, plan: ServedPlan, block_size: int) -> list[ServedRecord]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-from common.contract import StepTiming, WorkerStatus
+from common.contract import ProfilePlan, StepTiming, WorkerStatus
 from deploy.config import PoolConfig
 from planner.model import (
     ModelFitError,
@@ -157,3 +157,50 @@ def format_table(profile: Profile) -> str:
         f"({o.samples} requests)"
     )
     return "\n".join(lines)
+
+
+# Contention: the measured worker runs a short sweep while a neighbour on the same host runs a longer one, so
+# every measured step overlaps the neighbour's work (tandem profile, after the sweeps of each shape).
+CORUN_DECODE = ProfilePlan(
+    warmup_steps=1,
+    prefill_lengths=(),
+    cached=(),
+    decode_contexts=(256,),
+    decode_batches=(1, 4, 16),
+    decode_steps=20,
+    mixed=(),
+)
+CORUN_PREFILL = ProfilePlan(
+    warmup_steps=1,
+    prefill_lengths=(256, 512),
+    prefill_repeats=3,
+    cached=(),
+    decode_contexts=(),
+    decode_batches=(),
+    mixed=(),
+)
+BUSY_PREFILL = ProfilePlan(  # the neighbour while decode steps are measured (outlasts CORUN_DECODE)
+    warmup_steps=0,
+    prefill_lengths=(1024,),
+    prefill_repeats=6,
+    cached=(),
+    decode_contexts=(),
+    decode_batches=(),
+    mixed=(),
+)
+BUSY_DECODE = ProfilePlan(  # the neighbour while prefill steps are measured (outlasts CORUN_PREFILL)
+    warmup_steps=0,
+    prefill_lengths=(),
+    cached=(),
+    decode_contexts=(256,),
+    decode_batches=(8,),
+    decode_steps=120,
+    mixed=(),
+)
+
+
+def contention(alone: list[StepTiming], beside: list[StepTiming], warmup: int) -> float:
+    """How much longer the same sweep's steps ran beside a busy neighbour than alone: the median of the
+    step-by-step ratios, less 1, at least 0 (the same plan gives the same steps in the same order)."""
+    ratios = [b[4] / a[4] for a, b in zip(alone[warmup:], beside[warmup:], strict=False) if a[4] > 0 and a[:4] == b[:4]]
+    return max(0.0, statistics.median(ratios) - 1.0) if ratios else 0.0

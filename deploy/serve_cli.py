@@ -13,6 +13,8 @@
                  [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]] [--auth-token-file FILE]
                  [--speculative ngram|draft [--num-speculative-tokens K] [--draft-model PATH]
                   [--prompt-lookup-min N] [--prompt-lookup-max N] [--speculative-disable-batch-size N]]
+                 [--planner none|sla --planner-profile FILE [--planner-slo KEY=MS,...]
+                  [--planner-interval S] [--planner-max-workers N]]
                  [--ray-address HOST:PORT] [--print-config]
 
 Flags override the file; the file overrides the defaults (deploy/config.py).

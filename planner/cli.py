@@ -272,9 +272,12 @@ def _print_plan(plan: Plan, request: PlanRequest, wall_s: float) -> None:
             f"{_fmt(r['itl_ms_p99'], 1):>7}"
         )
     if plan.best is not None:
-        print(f"recommended: {plan.best.spec.describe()} (cost {plan.best.cost:g})")
+        print(f"recommended: {plan.best.full.describe()} (cost {plan.best.cost:g})")
     if plan.note:
         print(f"note: {plan.note}")
+    sliced = sorted({c.scale for c in plan.per_family if c.scale > 1})
+    if sliced:
+        print(f"large families simulated as proportional slices (1/{', 1/'.join(f'{x:.3g}' for x in sliced)})")
     print(f"{len(plan.tried)} simulations in {wall_s:.1f} s")
 
 

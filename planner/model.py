@@ -125,26 +125,28 @@ class ModelFitError(ValueError):
 
 
 def fit_step_model(samples: Sequence[StepSample]) -> StepModel:
-    """Non-negative least squares on relative error over every feature subset (5 features: 31 subsets)."""
+    """Non-negative least squares on relative error (the module docstring), in two stages when the samples
+    allow: base, per-row and per-context from the decode-only steps (many, short, and what ITL is made of),
+    then the prompt-token and attention terms from the other steps with those held. One joint fit over every
+    feature subset otherwise. Both stages pick the best non-negative fit over their features' subsets."""
     rows = [(s.shape.features(), s.seconds) for s in samples if s.seconds > 0]
     if len(rows) < 2:
         raise ModelFitError(f"a step model needs at least 2 timed steps, got {len(rows)}")
-    best: tuple[float, list[float]] | None = None
     n_features = len(FEATURES) + 1
-    for k in range(1, n_features + 1):
-        for subset in itertools.combinations(range(n_features), k):
-            coef = _weighted_lstsq(rows, subset)
-            if coef is None or any(c < 0 for c in coef):
-                continue
-            full = [0.0] * n_features
-            for i, c in zip(subset, coef, strict=True):
-                full[i] = c
-            sse = sum(((_dot(full, x) - y) / y) ** 2 for x, y in rows)
-            if best is None or sse < best[0] * (1 - 1e-12):
-                best = (sse, full)
-    if best is None:
+    decode = [(x, y) for x, y in rows if x[1] == 0 and x[3] > 0]
+    other = [(x, y) for x, y in rows if not (x[1] == 0 and x[3] > 0)]
+    coef: list[float] | None = None
+    if len(decode) >= 3 and other:
+        first = _best_subset(decode, (0, 3, 4), [0.0] * len(decode), n_features)
+        if first is not None:
+            offsets = [_dot(first, x) for x, _ in other]
+            second = _best_subset(other, (1, 2), offsets, n_features)
+            if second is not None:
+                coef = [a + b for a, b in zip(first, second, strict=True)]
+    if coef is None:
+        coef = _best_subset(rows, tuple(range(n_features)), [0.0] * len(rows), n_features)
+    if coef is None:
         raise ModelFitError("no non-negative fit of the step samples (are the step times all equal to zero?)")
-    coef = best[1]
     errors = sorted(abs(_dot(coef, x) - y) / y for x, y in rows)
     return StepModel(
         base_s=coef[0],
@@ -156,6 +158,27 @@ def fit_step_model(samples: Sequence[StepSample]) -> StepModel:
         rel_error_p50=_quantile(errors, 0.5),
         rel_error_p90=_quantile(errors, 0.9),
     )
+
+
+def _best_subset(
+    rows: Sequence[tuple[Sequence[float], float]], features: Sequence[int], offsets: Sequence[float], width: int
+) -> list[float] | None:
+    """min sum ((x_S . c + offset - y) / y)^2 with c >= 0, over every subset S of `features`; full-width
+    coefficients (0 outside S), or None when no subset has a non-negative solution."""
+    best: tuple[float, list[float]] | None = None
+    shifted = [(x, y - o, y) for (x, y), o in zip(rows, offsets, strict=True)]
+    for k in range(1, len(features) + 1):
+        for subset in itertools.combinations(features, k):
+            coef = _weighted_lstsq([(x, t) for x, t, _ in shifted], subset, [y for _, _, y in shifted])
+            if coef is None or any(c < 0 for c in coef):
+                continue
+            full = [0.0] * width
+            for i, c in zip(subset, coef, strict=True):
+                full[i] = c
+            sse = sum(((_dot(full, x) - t) / y) ** 2 for x, t, y in shifted)
+            if best is None or sse < best[0] * (1 - 1e-12):
+                best = (sse, full)
+    return best[1] if best is not None else None
 
 
 def fit_transfer_model(points: Sequence[tuple[int, float]]) -> TransferModel:
@@ -182,13 +205,17 @@ def _dot(a: Sequence[float], b: Sequence[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True))
 
 
-def _weighted_lstsq(rows: Sequence[tuple[Sequence[float], float]], subset: Sequence[int]) -> list[float] | None:
-    """min sum ((x_S . c - y) / y)^2 by the normal equations; None when they are singular."""
+def _weighted_lstsq(
+    rows: Sequence[tuple[Sequence[float], float]], subset: Sequence[int], scale: Sequence[float] | None = None
+) -> list[float] | None:
+    """min sum ((x_S . c - y) / s)^2 by the normal equations (s: `scale`, else y itself: relative error);
+    None when they are singular."""
     k = len(subset)
     ata = [[0.0] * k for _ in range(k)]
     atb = [0.0] * k
-    for x, y in rows:
-        w = 1.0 / (y * y)
+    for j, (x, y) in enumerate(rows):
+        s = scale[j] if scale is not None else y
+        w = 1.0 / (s * s)
         xs = [x[i] for i in subset]
         for i in range(k):
             atb[i] += w * xs[i] * y

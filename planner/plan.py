@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from planner.profile import Profile, WorkerProfile
@@ -35,30 +35,46 @@ DECODE_KEYS = ("tpot_ms", "itl_ms")
 
 @dataclass
 class Candidate:
-    spec: ClusterSpec
-    cost: float
+    spec: ClusterSpec  # as simulated: a 1 / scale slice of the cluster when scale > 1
+    cost: float  # of the whole cluster
     summary: dict[str, Any]
+    scale: float = 1.0
 
     @property
     def attainment(self) -> float:
         return self.summary["slo_attainment"] or 0.0
 
     @property
+    def full(self) -> ClusterSpec:
+        """The whole cluster this candidate stands for (the slice scaled up, rounded up)."""
+        if self.scale == 1.0:
+            return self.spec
+        return replace(
+            self.spec,
+            prefill=math.ceil(self.spec.prefill * self.scale - 1e-9),
+            decode=math.ceil(self.spec.decode * self.scale - 1e-9) if self.spec.mode == "disaggregated" else 0,
+        )
+
+    @property
     def workers(self) -> int:
-        return self.spec.prefill + (self.spec.decode if self.spec.mode == "disaggregated" else 0)
+        full = self.full
+        return full.prefill + (full.decode if full.mode == "disaggregated" else 0)
 
     def row(self) -> dict[str, Any]:
         s = self.summary
+        full = self.full
         return {
-            "cluster": self.spec.describe(),
-            "mode": self.spec.mode,
-            "prefill": self.spec.prefill,
-            "decode": self.spec.decode if self.spec.mode == "disaggregated" else 0,
+            "cluster": full.describe(),
+            "mode": full.mode,
+            "prefill": full.prefill,
+            "decode": full.decode if full.mode == "disaggregated" else 0,
+            "simulated_slice": self.spec.describe() if self.scale != 1.0 else None,
+            "slice_scale": self.scale,
             "prefill_shape": self.spec.prefill_shape,
             "decode_shape": self.spec.decode_shape,
             "cost": self.cost,
             "slo_attainment": self.attainment,
-            "goodput": s["goodput"],
+            "goodput": s["goodput"] * self.scale,
             "ttft_ms_p50": s["ttft_ms"]["p50"],
             "ttft_ms_p99": s["ttft_ms"]["p99"],
             "tpot_ms_p50": s["tpot_ms"]["p50"],
@@ -82,6 +98,7 @@ class PlanRequest:
     modes: tuple[str, ...] = ("disaggregated", "aggregated")
     policy: str = "kv"
     max_simulations: int = 200
+    slice_workers: int = 24  # a family whose lower bound exceeds this is simulated as a proportional slice
 
 
 @dataclass
@@ -99,6 +116,7 @@ class Planner:
         self.req = request
         self.tried: list[Candidate] = []
         self._cache: dict[tuple, Candidate] = {}
+        self.scale = 1.0  # the family being searched is simulated as a 1 / scale slice (plan.py docstring)
 
     def cost_of(self, w: WorkerProfile) -> float:
         return self.req.costs.get(w.shape.key(), w.cost)
@@ -107,20 +125,24 @@ class Planner:
         return build_dataset(self.req.dataset, self.req.options, SegmentPromptMaker(), self.req.seed)
 
     def evaluate(self, spec: ClusterSpec) -> Candidate:
-        key = (spec.mode, spec.prefill, spec.decode, spec.prefill_shape, spec.decode_shape)
+        """Simulate `spec` (in slice units when self.scale > 1) at the request's rate (divided by the scale)."""
+        key = (spec.mode, spec.prefill, spec.decode, spec.prefill_shape, spec.decode_shape, self.scale)
         if key in self._cache:
             return self._cache[key]
-        cfg = LoadConfig(
-            rate=self.req.rate, burstiness=self.req.burstiness, num_requests=self.req.num_requests, seed=self.req.seed
-        )
+        rate = self.req.rate / self.scale
+        requests = self.req.num_requests if self.scale == 1.0 else max(200, round(self.req.num_requests / self.scale))
+        cfg = LoadConfig(rate=rate, burstiness=self.req.burstiness, num_requests=requests, seed=self.req.seed)
         result = simulate(self.profile, spec, self.dataset(), cfg)
         summary = summarize(result.records, result.duration_s, self.req.slo)
+        cand = Candidate(spec, 0.0, summary, self.scale)
+        full = cand.full
         p = self.profile.worker(spec.prefill_shape)
         if spec.mode == "aggregated":
-            cost = spec.prefill * self.cost_of(p)
+            cand.cost = full.prefill * self.cost_of(p)
         else:
-            cost = spec.prefill * self.cost_of(p) + spec.decode * self.cost_of(self.profile.worker(spec.decode_shape))
-        cand = Candidate(spec, cost, summary)
+            cand.cost = full.prefill * self.cost_of(p) + full.decode * self.cost_of(
+                self.profile.worker(spec.decode_shape)
+            )
         self._cache[key] = cand
         self.tried.append(cand)
         return cand
@@ -144,6 +166,7 @@ class Planner:
 
     def lower_bounds(self, prefill: WorkerProfile, decode: WorkerProfile, mode: str) -> tuple[int, int]:
         units = list(_take(self.dataset().units, 200))
+        rate = self.req.rate  # of the whole cluster (the bounds are in whole-cluster workers)
         lengths = [
             (t.user.n_tokens + (u.system.n_tokens if u.system else 0), t.output_tokens) for u in units for t in u.turns
         ]
@@ -154,8 +177,8 @@ class Planner:
         prefill_s = steps * prefill.step.prefill_s(chunk, int(mean_in / 2))
         seats = max(1, min(decode.max_num_seqs, decode.kv_tokens // max(int(mean_in + mean_out), 1)))
         decode_s = mean_out * decode.step.decode_step_s(seats, mean_in + mean_out / 2)
-        busy_prefill = self.req.rate * prefill_s
-        concurrent = self.req.rate * decode_s
+        busy_prefill = rate * prefill_s
+        concurrent = rate * decode_s
         if mode == "aggregated":
             return max(1, math.ceil(busy_prefill + concurrent / seats)), 0
         return max(1, math.ceil(busy_prefill)), max(1, math.ceil(concurrent / seats))
@@ -165,13 +188,20 @@ class Planner:
     def _budget_left(self) -> bool:
         return len(self.tried) < self.req.max_simulations
 
+    def _slice(self, bound: int) -> None:
+        """Simulate this family as a 1 / scale slice when its lower bound is large (a balanced pool behind
+        one router serves about the same latencies at N workers and rate R as at N / k and R / k)."""
+        limit = self.req.slice_workers
+        self.scale = bound / limit if limit and bound > limit else 1.0
+
     def search_aggregated(self, shape: str) -> Candidate | None:
         w = self.profile.worker(shape)
         n0, _ = self.lower_bounds(w, w, "aggregated")
+        self._slice(n0)
         make = lambda n: ClusterSpec(  # noqa: E731
             mode="aggregated", prefill=n, decode=0, prefill_shape=shape, policy=self.req.policy
         )
-        return self._minimal_1d(make, n0, self.req.max_workers)
+        return self._minimal_1d(make, max(1, round(n0 / self.scale)), int(self.req.max_workers / self.scale))
 
     def _minimal_1d(self, make: Callable[[int], ClusterSpec], start: int, limit: int) -> Candidate | None:
         """The smallest n in [1, limit] whose simulation passes: doubling up from `start`, then bisection."""
@@ -201,7 +231,9 @@ class Planner:
     def search_disaggregated(self, pshape: str, dshape: str) -> Candidate | None:
         pw, dw = self.profile.worker(pshape), self.profile.worker(dshape)
         n, m = self.lower_bounds(pw, dw, "disaggregated")
-        limit = self.req.max_workers
+        self._slice(n + m)
+        n, m = max(1, round(n / self.scale)), max(1, round(m / self.scale))
+        limit = int(self.req.max_workers / self.scale)
 
         def spec(n: int, m: int) -> ClusterSpec:
             return ClusterSpec(prefill=n, decode=m, prefill_shape=pshape, decode_shape=dshape, policy=self.req.policy)
@@ -257,6 +289,7 @@ class Planner:
                     c = self.search_disaggregated(pk, dk)
                     if c is not None:
                         families.append(c)
+        self.scale = 1.0
         families.sort(key=lambda c: (c.cost, c.workers, c.spec.mode != "disaggregated", -c.attainment))
         note = ""
         if not families:

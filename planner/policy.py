@@ -214,6 +214,7 @@ class SlaPolicy:
             num_requests=int(min(max(c.sim_requests, rate * c.sim_seconds), 5000)),
             modes=("disaggregated",),
             max_simulations=40,
+            slice_workers=0,  # one machine or a small cluster: simulate it whole
         )
         return Planner(profile, request)
 

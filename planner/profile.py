@@ -60,8 +60,16 @@ class ServedOverhead(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What the served path adds on top of engine steps, measured through a running cluster."""
 
     first_token_s: float = 0.0  # TTFT minus queueing, steps and transfer: gRPC, router, Ray calls
-    per_token_s: float = 0.0  # each inter-token interval minus the decode step: streaming back
+    per_token_s: float = 0.0  # per decode row of a step: its token streamed back (measured at batch 1)
     samples: int = 0
+    # workers sharing a host slow each other (cores, memory bandwidth, caches): a step runs this much longer
+    # per other worker of its host busy when it starts, by the role of the slowed worker (0: not measured)
+    contention: dict[str, float] = {}
+    workers_per_host: int = 0  # how many workers the profiled host ran (0: every worker has its own host)
+    # the router (and client) share the first host: CPU seconds per streamed token; with the busy workers'
+    # threads they can ask more than the host's cores, and then every step there stretches (0: not measured)
+    router_cpu_per_token_s: float = 0.0
+    host_cores: float = 0.0
 
 
 class Profile(msgspec.Struct, forbid_unknown_fields=True):

@@ -236,6 +236,9 @@ class SimWorker:
         self.booked_blocks = 0  # prompt blocks routed here and not landed yet (the router's KV in flight)
         self.busy_s = 0.0
         self.steps = 0
+        self.contention = 0.0  # step slowdown per busy neighbour (ServedOverhead.contention of its role)
+        self.neighbours: list[SimWorker] = []  # the other workers of its host
+        self.router_host = False  # it shares its host with the router (planner/simulator.py, _cpu_stretch)
         self.preemptions = 0
 
     @property
@@ -299,7 +302,7 @@ class SimWorker:
         chunks = [(n, r.computed) for r, n in rows if not is_decode_row(r, n)]
         decodes = [r.computed + 1 for r, n in rows if is_decode_row(r, n)]
         shape = StepShape.of(chunks, decodes)
-        seconds = self.profile.step.step_s(shape) + (self.per_step_overhead_s if decodes else 0.0)
+        seconds = self.profile.step.step_s(shape) + self.per_step_overhead_s * len(decodes)
         return StepPlan(rows, seconds)
 
     def _preempt(self, req: SimRequest) -> None:

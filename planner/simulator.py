@@ -161,6 +161,29 @@ class Cluster:
             ]
         self._rr = {"prefill": 0, "decode": 0}
         self.admitting: dict[int, deque[SimRequest]] = {w.wid: deque() for w in self.decode_pool}
+        self.router_cpu = over.router_cpu_per_token_s if over.host_cores > 0 else 0.0
+        self.host_cores = over.host_cores
+        self._place_on_hosts(over.workers_per_host, over.contention)
+
+    def _place_on_hosts(self, per_host: int, contention: dict[str, float]) -> None:
+        """Workers share hosts as on the profiled machine: prefill i and decode i together (aggregated: in
+        order), `per_host` to a host; each worker slows by its role's contention per busy neighbour."""
+        workers = self.prefill_pool + self.decode_pool
+        for w in workers:
+            w.contention = contention.get(w.role, contention.get("decode", 0.0) if w.role == "aggregated" else 0.0)
+        if per_host < 2:
+            return
+        if self.prefill_pool:
+            order: list[SimWorker] = []
+            for i in range(max(len(self.prefill_pool), len(self.decode_pool))):
+                order += [pool[i] for pool in (self.prefill_pool, self.decode_pool) if i < len(pool)]
+        else:
+            order = list(self.decode_pool)
+        for start in range(0, len(order), per_host):
+            host = order[start : start + per_host]
+            for w in host:
+                w.neighbours = [n for n in host if n is not w]
+                w.router_host = start == 0 and self.router_cpu > 0
 
     # -- routing ---------------------------------------------------------------------------------------
 
@@ -250,6 +273,7 @@ class Simulation:
         self._order = itertools.count()
         self.events = 0
         self.on_finish: Callable[[SimRequest], None] = lambda r: None
+        self._streamed: deque[float] = deque()  # when tokens were streamed in the last second (router CPU)
 
     def at(self, t: float, action: Callable[[], None]) -> None:
         heapq.heappush(self._heap, (t, next(self._order), action))
@@ -288,7 +312,13 @@ class Simulation:
         plan = w.schedule()
         if plan is None:
             return  # blocked on KV: a release kicks it again
-        w.busy_until = self.now + plan.seconds
+        seconds = plan.seconds
+        if w.neighbours and w.contention:
+            seconds *= 1.0 + w.contention * sum(1 for n in w.neighbours if n.busy_until is not None)
+        if w.router_host:
+            seconds *= self._cpu_stretch(w)
+        w.busy_until = self.now + seconds
+        w.busy_s += seconds - plan.seconds
         self.at(w.busy_until, lambda: self._step_end(w, plan))
 
     def _step_end(self, w: SimWorker, plan: StepPlan) -> None:
@@ -311,6 +341,20 @@ class Simulation:
 
     def _deliver(self, req: SimRequest, first: bool) -> None:
         req.token_times.append(self.now + (self.cluster.first_token_s if first else 0.0))
+        if self.cluster.router_cpu:
+            self._streamed.append(self.now)
+
+    def _cpu_stretch(self, w: SimWorker) -> float:
+        """A step on the router's host while the host is oversubscribed: busy workers' threads plus the router's
+        CPU for the tokens it streams (over the last second) against the host's cores."""
+        c = self.cluster
+        while self._streamed and self._streamed[0] < self.now - 1.0:
+            self._streamed.popleft()
+        threads = w.profile.shape.num_threads + sum(
+            n.profile.shape.num_threads for n in w.neighbours if n.busy_until is not None
+        )
+        demand = threads + c.router_cpu * len(self._streamed)
+        return max(1.0, demand / c.host_cores)
 
     def _finish(self, req: SimRequest) -> None:
         req.finished_s = req.token_times[-1]

@@ -351,3 +351,53 @@ def test_decode_choice_counts_requests_still_in_prefill(policy):
     )
     share = Counter(r.decode_worker for r in res.records)
     assert len(share) == 4 and max(share.values()) <= 30, share
+
+
+def test_contention_slows_a_step_only_while_its_host_neighbour_is_busy():
+    slow = {"decode": 0.5}
+    over = ServedOverhead(0.0, 0.0, 1, contention=slow, workers_per_host=2)
+    maker = SegmentPromptMaker()
+    units = [Unit(0, [Turn(maker.fresh(64), 200)]), Unit(1, [Turn(maker.fresh(2000), 2)])]
+    timeline = {}
+    for name, overhead in (("shared", over), ("alone", ServedOverhead(0.0, 0.0, 1))):
+        p = profile_of(TRUE, overhead=overhead, transfer=TransferModel(0.0, 0.0))
+        ds = Dataset("two", {}, iter(list(units)), size=2)
+        res = simulate(p, ClusterSpec(), ds, LoadConfig(rate=math.inf))
+        timeline[name] = res.records
+    a_alone, b = timeline["alone"][0], timeline["shared"][1]
+    a_shared = timeline["shared"][0]
+    prefill_b = (b.send_s or 0.0, b.chunks[0][0])  # B's prompt occupies P over this window
+    step = TRUE.decode_step_s(1, 64 + 5)
+    gaps_alone = [t1 - t0 for (t0, _), (t1, _) in zip(a_alone.chunks, a_alone.chunks[1:], strict=False)]
+    gaps_shared = [(t0, t1 - t0) for (t0, _), (t1, _) in zip(a_shared.chunks, a_shared.chunks[1:], strict=False)]
+    inside = [g for t0, g in gaps_shared[2:] if prefill_b[0] + 0.2 < t0 < prefill_b[1] - 0.2]
+    assert inside and all(g == pytest.approx(1.5 * gaps_alone[5], rel=0.05) for g in inside)
+    assert gaps_alone[5] == pytest.approx(step, rel=0.05)
+    after = [g for t0, g in gaps_shared if t0 > prefill_b[1] + 0.2]
+    assert after and all(g < 1.1 * gaps_alone[5] * 1.05 for g in after)  # B has left P: full speed again
+
+
+def test_a_large_plan_is_simulated_as_a_proportional_slice():
+    req = PlanRequest(
+        rate=40.0,
+        slo={"ttft_ms": 2000, "tpot_ms": 100},
+        options=DatasetOptions(input_len=256, output_len=32, spread=0.3),
+        num_requests=400,
+        max_workers=400,
+        modes=("disaggregated",),
+        slice_workers=8,
+    )
+    plan = Planner(profile_of(TRUE), req).run()
+    best = plan.best
+    assert best is not None and best.scale > 1
+    full = best.full
+    assert full.prefill >= best.spec.prefill * best.scale - 1e-6 and full.decode >= best.spec.decode * best.scale - 1e-6
+    row = best.row()
+    assert row["simulated_slice"] == best.spec.describe() and row["goodput"] == pytest.approx(
+        best.summary["goodput"] * best.scale
+    )
+    whole = Planner(profile_of(TRUE), PlanRequest(**{**req.__dict__, "slice_workers": 0})).run().best
+    assert whole is not None
+    unit = math.ceil(best.scale)  # one slice worker stands for `scale` workers: the answer's granularity
+    assert whole.spec.prefill - unit <= full.prefill <= whole.spec.prefill + 2 * unit
+    assert whole.spec.decode - unit <= full.decode <= whole.spec.decode + 2 * unit
