@@ -31,12 +31,14 @@ from tandem_api.bench.cli import (
     add_output_arguments,
     add_workload_arguments,
     dataset_options,
+    load_config,
+    planned_requests,
     run_summary,
 )
 from tandem_api.bench.datasets import DATASETS, DatasetError, build_dataset
 from tandem_api.bench.metrics import SloError, parse_slo
 from tandem_api.bench.report import json_rate, print_table, write_outputs
-from tandem_api.bench.runner import LoadConfig, LoadResult
+from tandem_api.bench.runner import LoadResult
 
 DEFAULT_SIM_REQUESTS = 200
 
@@ -118,24 +120,13 @@ def run_simulate(args: argparse.Namespace) -> int:
         policy=args.policy,
         conditional_prefill_threshold=args.conditional_prefill_threshold,
     )
-    num_requests = (
-        args.num_requests
-        if args.num_requests is not None
-        else (None if args.duration is not None else DEFAULT_SIM_REQUESTS)
-    )
+    num_requests = planned_requests(args, DEFAULT_SIM_REQUESTS)
     options = dataset_options(args, None)
     runs: list[dict[str, Any]] = []
     records = []
     for i, rate in enumerate(rates):
         dataset = build_dataset(args.dataset, options, SegmentPromptMaker(), args.seed, salt=i)
-        cfg = LoadConfig(
-            rate=rate,
-            burstiness=args.burstiness,
-            max_concurrency=args.max_concurrency,
-            num_requests=num_requests,
-            duration_s=args.duration,
-            seed=args.seed,
-        )
+        cfg = load_config(args, rate, num_requests)
         t0 = time.perf_counter()
         result = simulate(profile, spec, dataset, cfg)
         wall = time.perf_counter() - t0

@@ -3,9 +3,10 @@
 For every family the profile can describe (aggregated workers of each shape; disaggregated pools of each
 prefill shape x decode shape), the search:
 
-1. starts from a lower bound that queueing alone forces: prefill workers >= rate x prefill seconds per
-   request (a worker cannot be busy more than all the time), decode workers >= the requests decoding at
-   once (rate x decode time, Little's law) / what one worker holds (max_num_seqs, KV capacity);
+1. starts from a queueing estimate: prefill workers = rate x prefill seconds per request (a worker cannot
+   be busy more than all the time), decode workers = the requests decoding at once (rate x decode time,
+   Little's law) / what one worker holds (max_num_seqs, KV capacity); it ignores prefix-cache hits, so
+   with shared prefixes the answer can be below it;
 2. simulates, and grows the pool whose target is missed (TTFT: the pool that prefills; TPOT / ITL: the one
    that decodes; both when both are missed) until the attainment target holds or the budget ends;
 3. shrinks each pool by one while the target still holds (the search's answer is then minimal in each
@@ -130,7 +131,7 @@ class Planner:
         if key in self._cache:
             return self._cache[key]
         rate = self.req.rate / self.scale
-        requests = self.req.num_requests if self.scale == 1.0 else max(200, round(self.req.num_requests / self.scale))
+        requests = self.req.num_requests if self.scale == 1.0 else max(1000, round(self.req.num_requests / self.scale))
         cfg = LoadConfig(rate=rate, burstiness=self.req.burstiness, num_requests=requests, seed=self.req.seed)
         result = simulate(self.profile, spec, self.dataset(), cfg)
         summary = summarize(result.records, result.duration_s, self.req.slo)

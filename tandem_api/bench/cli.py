@@ -305,11 +305,7 @@ async def _sweep(
             file=sys.stderr,
         )
     options = dataset_options(args, server.get("max_model_len") or None)
-    num_requests = (
-        args.num_requests
-        if args.num_requests is not None
-        else (None if args.duration is not None else DEFAULT_NUM_REQUESTS)
-    )
+    num_requests = planned_requests(args, DEFAULT_NUM_REQUESTS)
     build_dataset(args.dataset, options, prompts, args.seed)  # bad parameters / trace lines fail before any load
     base_meta = {
         **tandem_version(),
@@ -352,16 +348,7 @@ async def _sweep(
 
     async def run_rate(rate: float | None) -> dict[str, Any]:
         dataset = build_dataset(args.dataset, options, prompts, args.seed, salt=len(runs))
-        cfg = LoadConfig(
-            rate=rate,
-            burstiness=args.burstiness,
-            max_concurrency=args.max_concurrency,
-            num_requests=num_requests,
-            duration_s=args.duration,
-            seed=args.seed,
-            ignore_eos=args.ignore_eos,
-            temperature=args.temperature,
-        )
+        cfg = load_config(args, rate, num_requests)
         total = num_requests
         if dataset.size is not None:
             available = dataset.size * dataset.requests_per_unit
@@ -415,6 +402,27 @@ async def _sweep(
             print(message, file=sys.stderr)
         print(f"wrote {Path(args.output) / 'summary.json'} and requests.jsonl" + ("" if args.no_plots else ", plots"))
     return 130 if stop.is_set() else 0
+
+
+def planned_requests(args: argparse.Namespace, default: int) -> int | None:
+    """Requests per rate: --num-requests, else unlimited under --duration, else `default`."""
+    if args.num_requests is not None:
+        return args.num_requests
+    return None if args.duration is not None else default
+
+
+def load_config(args: argparse.Namespace, rate: float | None, num_requests: int | None) -> LoadConfig:
+    """The load flags as the LoadConfig of one rate."""
+    return LoadConfig(
+        rate=rate,
+        burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency,
+        num_requests=num_requests,
+        duration_s=args.duration,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+        temperature=args.temperature,
+    )
 
 
 def dataset_options(args: argparse.Namespace, max_model_len: int | None) -> DatasetOptions:

@@ -22,24 +22,15 @@ from planner.model import (
     fit_transfer_model,
 )
 from planner.plan import Planner, PlanRequest
-from planner.profile import Profile, ProfileError, ServedOverhead, Shape, WorkerProfile, load_profile, save_profile
+from planner.profile import ProfileError, ServedOverhead, load_profile, save_profile
 from planner.sim_worker import BlockCache, SimRequest, block_hashes
 from planner.simulator import ClusterSpec, SegmentPromptMaker, SimError, simulate
 from tandem_api.bench.datasets import Dataset, DatasetOptions, Turn, Unit, build_dataset
 from tandem_api.bench.metrics import summarize
 from tandem_api.bench.runner import LoadConfig
+from tests.helpers.planner_profiles import STEP, profile_of
 
-TRUE = StepModel(
-    base_s=0.02, per_prefill_token_s=0.0012, per_attn_pair_s=2e-8, per_decode_seq_s=0.0015, per_context_token_s=3e-7
-)
-
-
-def profile_of(step: StepModel, num_blocks: int = 20000, max_num_seqs: int = 64, budget: int = 2048, **kw) -> Profile:
-    w = WorkerProfile(
-        shape=Shape(), step=step, num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget
-    )
-    key = w.shape.key()
-    return Profile(model="m", workers=[w], pools={"prefill": key, "decode": key, "aggregated": key}, **kw)
+TRUE = STEP
 
 
 # -- the step model --------------------------------------------------------------------------------------

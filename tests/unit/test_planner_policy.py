@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from planner.model import StepModel, TransferModel
+from planner.model import TransferModel
 from planner.policy import (
     LoadPredictor,
     Observation,
@@ -17,23 +17,12 @@ from planner.policy import (
     decision_text,
     speed_factors,
 )
-from planner.profile import Profile, ServedOverhead, Shape, WorkerProfile
-
-STEP = StepModel(
-    base_s=0.02, per_prefill_token_s=0.0012, per_attn_pair_s=2e-8, per_decode_seq_s=0.0015, per_context_token_s=3e-7
-)
+from planner.profile import Profile, ServedOverhead
+from tests.helpers.planner_profiles import STEP, profile_of
 
 
 def profile() -> Profile:
-    w = WorkerProfile(shape=Shape(), step=STEP, num_blocks=20000)
-    key = w.shape.key()
-    return Profile(
-        model="m",
-        workers=[w],
-        transfer=TransferModel(0.005, 0.0001, 3),
-        overhead=ServedOverhead(0.01, 0.001, 3),
-        pools={"prefill": key, "decode": key},
-    )
+    return profile_of(STEP, transfer=TransferModel(0.005, 0.0001, 3), overhead=ServedOverhead(0.01, 0.001, 3))
 
 
 def config(**kw: Any) -> PolicyConfig:
