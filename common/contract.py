@@ -66,11 +66,12 @@ __all__ = [
     "ConfigError", "WorkerError", "KVTransferFailedError", "AdmissionTimeoutError", "WorkerShuttingDownError",
 ]  # fmt: skip
 
-WIRE_VERSION = 5  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVHandle.issued_at, prior_ids (issue 7)
+WIRE_VERSION = 6  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVHandle.issued_at, prior_ids (issue 7)
 #                  3: WorkerStatus.perf (issue 16)
 #                  4: speculative counters on StreamChunk / WorkerStatus, ModelInfo.speculative and .wire_version
 #                     (issue 19); checked when workers start and join (deploy.cluster.check_workers_agree)
 #                  5: WorkerAPI.profile, ProfilePlan, StepTiming (issue 20)
+#                  6: WorkerStatus.live_step / live_steps: the step model refitted from live steps (issue 20)
 
 
 class Role(enum.StrEnum):
@@ -204,6 +205,10 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     spec_accepted: int = 0
     incarnation: str = ""  # this worker process (its KV publisher epoch): a new one means Ray restarted it
     perf: PerfEstimate = msgspec.field(default_factory=PerfEstimate)  # step times measured while serving
+    # the planner's step model (planner/model.py StepModel coefficients: base, per prompt token, per attention
+    # pair, per decode row, per context token) refitted from this worker's steps after its warm-up; () until then
+    live_step: tuple[float, ...] = ()
+    live_steps: int = 0  # steps behind live_step
 
 
 class KVEventsReply(msgspec.Struct, frozen=True):

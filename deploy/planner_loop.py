@@ -138,6 +138,7 @@ class PlannerLoop:
                         mean_ctx,
                         perf.per_token_s if perf is not None and perf.prefill_ready else 0.0,
                         draining=slot.draining or not slot.healthy,
+                        live_step=slot.status.live_step if slot.status is not None else (),
                     )
                 )
         return Observation(

@@ -254,3 +254,57 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+class LiveFit:
+    """A worker's step model refitted from its own live steps (worker_core/engine_loop.py feeds it).
+
+    Steps in the first `warmup_s` after the first one are left out (allocation, first-touch page faults,
+    a cold cache: what a new worker's first minutes look like, not its speed), and so are steps that
+    computed nothing. The last `window` steps are kept; `model()` refits them at most every `refit_every`
+    new steps (the two-stage fit of `fit_step_model`, a few milliseconds), and returns None until there are
+    `min_steps` of them. The engine thread observes while the event loop reads: a lock keeps them apart.
+    """
+
+    def __init__(self, warmup_s: float = 120.0, window: int = 512, refit_every: int = 64, min_steps: int = 32):
+        import threading
+        from collections import deque
+
+        self.warmup_s = warmup_s
+        self.refit_every = refit_every
+        self.min_steps = min_steps
+        self._samples: deque[StepSample] = deque(maxlen=window)
+        self._first: float | None = None
+        self._new = 0
+        self._model: StepModel | None = None
+        self.excluded = 0  # steps left out as warm-up
+        self._lock = threading.Lock()
+
+    def observe(self, features: tuple[int, float, int, int], seconds: float, now: float) -> None:
+        with self._lock:
+            if self._first is None:
+                self._first = now
+            if now - self._first < self.warmup_s:
+                self.excluded += 1
+                return
+            if seconds <= 0 or (features[0] == 0 and features[2] == 0):
+                return
+            self._samples.append(StepSample(StepShape(*features), seconds))
+            self._new += 1
+
+    def model(self) -> StepModel | None:
+        with self._lock:
+            if len(self._samples) < self.min_steps:
+                return None
+            if self._model is None or self._new >= self.refit_every:
+                samples = list(self._samples)
+                self._new = 0
+            else:
+                return self._model
+        try:
+            fitted = fit_step_model(samples)
+        except ModelFitError:
+            return self._model
+        with self._lock:
+            self._model = fitted
+        return fitted

@@ -36,13 +36,15 @@ from typing import Any
 
 import msgspec
 
-from planner.model import StepModel
+from planner.model import StepModel, StepShape
 from planner.plan import Candidate, Planner, PlanRequest
 from planner.profile import Profile, ProfileError
 from planner.simulator import ClusterSpec
 from tandem_api.bench.datasets import DatasetOptions
 
 POOLS = ("prefill", "decode")
+TYPICAL_DECODE = StepShape(0, 0.0, 8, 8 * 512)  # what a decode worker's speed is compared on
+TYPICAL_PREFILL = StepShape(512, 512 * 256.5, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class WorkerLive:
     decode_context: float = 0.0
     prefill_s_per_token: float = 0.0
     draining: bool = False
+    live_step: tuple[float, ...] = ()  # the worker's own refitted StepModel coefficients (WorkerStatus.live_step)
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,13 @@ def speed_factors(profile: Profile, workers: tuple[WorkerLive, ...], warmup_s: f
                 continue
             if w.age_s < warmup_s:
                 cold += 1
+                continue
+            if len(w.live_step) == 5:  # the worker's own five-feature model: compare on a typical step
+                live = StepModel(*w.live_step)
+                typical = TYPICAL_DECODE if pool == "decode" else TYPICAL_PREFILL
+                predicted = step.step_s(typical)
+                if predicted > 0 and live.step_s(typical) > 0:
+                    ratios.append(live.step_s(typical) / predicted)
                 continue
             if pool == "decode" and w.decode_step_s > 0:
                 predicted = step.decode_step_s(w.decode_batch, w.decode_context)

@@ -44,6 +44,7 @@ from common.perf_model import StepTimes
 from common.sampling_params import SamplingParams
 from engine.engine_core import EngineCore
 from engine.outputs import StepOutput
+from planner.model import LiveFit
 from worker_core.core_share import CoreShare
 from worker_core.profiling import profile_steps
 
@@ -104,6 +105,7 @@ class AsyncEngine:
         # (a 2048-token prefill can take seconds)
         self.stats: EngineStats = self._read_stats()
         self.step_times = StepTimes()  # this worker's performance model, from its own steps (engine thread writes)
+        self.live_fit = LiveFit()  # the planner's five-feature step model, refitted from live steps (warm only)
         # a worker of several ranks tells them it is alive well within their collective timeout
         world = core.config.parallel.world_size
         self.keepalive_s = core.config.parallel.collective_timeout_s / 4 if world > 1 else None
@@ -304,6 +306,7 @@ class AsyncEngine:
                     outputs = self.core.step()
                     t1 = self.core.clock()
                     self.step_times.observe(*self.core.last_step_shape, t1 - t0, now=t1)
+                    self.live_fit.observe(self.core.last_step_features, t1 - t0, t1)
                     self._publish(loop)
                     freed = len(self.core.scheduler.requests) < before or any(o.finished for o in outputs)
                     if outputs or freed:

@@ -181,6 +181,8 @@ class WorkerHost:
             transfers_in_flight=transfers_in_flight,
             incarnation=self.publisher.epoch,
             perf=self.engine.step_times.estimate(self.core.clock()),
+            live_step=live.coefficients() if (live := self.engine.live_fit.model()) is not None else (),
+            live_steps=live.samples if live is not None else 0,
         )
 
     async def kv_snapshot(self) -> KVSnapshot:

@@ -50,6 +50,12 @@ def test_router_and_client_never_load_torch() -> None:
     assert "ray" not in loaded  # router.workers imports ray only when classifying a Ray error
 
 
+def test_the_planner_needs_neither_torch_nor_ray() -> None:
+    """`tandem simulate` and `tandem plan` run where the benchmark client runs (planner/README.md)."""
+    loaded = loaded_after(all_modules("planner"))
+    assert "torch" not in loaded and "ray" not in loaded
+
+
 def test_the_benchmark_client_needs_neither_torch_nor_ray() -> None:
     """`tandem bench` installs without the serving stack: its modules, its targets' libraries, the
     plotting library and the tokenizer it loads from a GGUF file, and `tandem`'s CLI module."""

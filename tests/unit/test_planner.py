@@ -392,3 +392,28 @@ def test_a_large_plan_is_simulated_as_a_proportional_slice():
     unit = math.ceil(best.scale)  # one slice worker stands for `scale` workers: the answer's granularity
     assert whole.spec.prefill - unit <= full.prefill <= whole.spec.prefill + 2 * unit
     assert whole.spec.decode - unit <= full.decode <= whole.spec.decode + 2 * unit
+
+
+def test_live_fit_leaves_out_the_warm_up_and_refits_from_live_steps():
+    from planner.model import LiveFit
+
+    live = LiveFit(warmup_s=60.0, window=200, refit_every=50, min_steps=40)
+    rng = random.Random(3)
+    t = 0.0
+    slow = StepModel(*(c * 3 for c in TRUE.coefficients()))  # a cold worker's first minute: 3x slower
+    for _ in range(100):
+        shape = StepShape.of([], [rng.choice([128, 512])] * rng.choice([1, 4, 16]))
+        live.observe(
+            (shape.prefill_tokens, shape.attn_pairs, shape.decode_seqs, shape.decode_context), slow.step_s(shape), t
+        )
+        t += 0.5
+    assert live.model() is None and live.excluded > 0  # all of it in the warm-up: nothing fitted yet
+    for s in synthetic_samples(rng, 0.0) * 2:
+        live.observe(
+            (s.shape.prefill_tokens, s.shape.attn_pairs, s.shape.decode_seqs, s.shape.decode_context), s.seconds, t
+        )
+        t += 0.5
+    model = live.model()
+    assert model is not None
+    for got, want in zip(model.coefficients(), TRUE.coefficients(), strict=True):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-12)  # the warm-up's slow steps are not in it

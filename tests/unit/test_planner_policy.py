@@ -183,3 +183,12 @@ def test_holds_while_an_admin_operation_runs_or_a_pool_is_empty():
     policy = SlaPolicy(profile(), config())
     assert policy.observe(obs(30.0, 9.0, 1, 1, pending=1))[0].action == "hold"
     assert policy.observe(obs(60.0, 9.0, 0, 1))[0].action == "hold"
+
+
+def test_a_warm_workers_own_live_model_sets_its_pools_speed():
+    prof = profile()
+    twice = tuple(2 * c for c in STEP.coefficients())
+    warm = (WorkerLive("decode-0", "decode", 500.0, live_step=twice),)
+    young = (WorkerLive("decode-1", "decode", 5.0, live_step=tuple(10 * c for c in STEP.coefficients())),)
+    factors, cold = speed_factors(prof, warm + young, warmup_s=60.0)
+    assert factors["decode"] == pytest.approx(2.0) and factors["prefill"] == 1.0 and cold == 1
