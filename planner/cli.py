@@ -24,7 +24,8 @@ from typing import Any
 
 from planner.plan import Plan, Planner, PlanRequest
 from planner.profile import Profile, ProfileError, load_profile
-from planner.simulator import MODES, POLICIES, ClusterSpec, SegmentPromptMaker, SimError, simulate
+from planner.sim_prompts import SegmentPromptMaker
+from planner.simulator import MODES, POLICIES, ClusterSpec, SimError, simulate
 from tandem_api.bench.arrivals import parse_rates
 from tandem_api.bench.cli import (
     add_load_arguments,

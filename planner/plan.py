@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from planner.profile import Profile, WorkerProfile
-from planner.simulator import ClusterSpec, SegmentPromptMaker, simulate
+from planner.sim_prompts import SegmentPromptMaker
+from planner.simulator import ClusterSpec, simulate
 from tandem_api.bench.datasets import Dataset, DatasetOptions, build_dataset
 from tandem_api.bench.metrics import summarize
 from tandem_api.bench.runner import LoadConfig

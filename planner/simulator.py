@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from planner.profile import Profile, ProfileError
+from planner.sim_prompts import SegmentPromptMaker, segments_of
 from planner.sim_worker import SimRequest, SimWorker, StepPlan
-from tandem_api.bench.datasets import Dataset, Prompt, PromptMaker, Unit
+from tandem_api.bench.datasets import Dataset, Prompt, Unit
 from tandem_api.bench.metrics import OK, RequestRecord
 from tandem_api.bench.runner import LoadConfig, arrival_times
 
@@ -68,60 +69,6 @@ class ClusterSpec:
         if self.mode == "aggregated":
             return f"{self.prefill} aggregated"
         return f"{self.prefill}P+{self.decode}D"
-
-
-# -- prompts as segments ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SegPrompt(Prompt):
-    """A prompt as content segments (see sim_worker): exact lengths, no token ids, no text."""
-
-    segments: tuple[tuple[int, int], ...] = ()
-
-    def __add__(self, other: Prompt) -> SegPrompt:
-        return SegPrompt(None, "", self.segments + _segments(other))
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(n for _, n in self.segments)
-
-
-def _segments(p: Prompt) -> tuple[tuple[int, int], ...]:
-    if isinstance(p, SegPrompt):
-        return p.segments
-    raise TypeError(f"the simulator's datasets are made of SegPrompt, got {type(p).__name__}")
-
-
-_SEGMENT_IDS = itertools.count(1)  # one numbering per process: segments of different makers never collide
-
-
-class SegmentPromptMaker(PromptMaker):
-    """Makes the bench's datasets (same seeds, same lengths and groups) out of fresh segments."""
-
-    def __init__(self) -> None:  # no corpus, no tokenizer: lengths are exact by construction
-        self.tokenizer = None
-        self.vocab_size = None
-        self.corpus_ids = None
-
-    @property
-    def exact(self) -> bool:
-        return True
-
-    def make(self, n: int, rng: Any) -> Prompt:
-        return self.fresh(n)
-
-    def fresh(self, n: int) -> SegPrompt:
-        return SegPrompt(None, "", ((next(_SEGMENT_IDS), n),))
-
-    def head(self, prompt: Prompt, n: int) -> Prompt:
-        out: list[tuple[int, int]] = []
-        for sid, k in _segments(prompt):
-            if n <= 0:
-                break
-            out.append((sid, min(k, n)))
-            n -= k
-        return SegPrompt(None, "", tuple(out))
 
 
 # -- the cluster -------------------------------------------------------------------------------------
@@ -427,7 +374,7 @@ def simulate(profile: Profile, spec: ClusterSpec, dataset: Dataset, cfg: LoadCon
         for asked, answered in history:
             parts.extend((asked, answered))
         parts.append(turn.user)
-        segments = tuple(s for p in parts for s in _segments(p))
+        segments = tuple(s for p in parts for s in segments_of(p))
         reply = prompts.fresh(turn.output_tokens)
         prompt_len = sum(n for _, n in segments)
         req = SimRequest(len(records), send_s, segments + reply.segments, prompt_len, turn.output_tokens)
@@ -479,7 +426,7 @@ def simulate(profile: Profile, spec: ClusterSpec, dataset: Dataset, cfg: LoadCon
     planned = 0
     for unit in dataset.units:
         for turn in unit.turns:
-            _segments(turn.user)  # a dataset made with SegmentPromptMaker (TypeError otherwise)
+            segments_of(turn.user)  # a dataset made with SegmentPromptMaker (TypeError otherwise)
         if cfg.num_requests is not None and planned >= cfg.num_requests:
             break
         arrival = next(arrivals, None)

@@ -23,8 +23,9 @@ from planner.model import (
 )
 from planner.plan import Planner, PlanRequest
 from planner.profile import ProfileError, ServedOverhead, load_profile, save_profile
+from planner.sim_prompts import SegmentPromptMaker
 from planner.sim_worker import BlockCache, SimRequest, block_hashes
-from planner.simulator import ClusterSpec, SegmentPromptMaker, SimError, simulate
+from planner.simulator import ClusterSpec, SimError, simulate
 from tandem_api.bench.datasets import Dataset, DatasetOptions, Turn, Unit, build_dataset
 from tandem_api.bench.metrics import summarize
 from tandem_api.bench.runner import LoadConfig
