@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from planner.policy import Decision, Observation, PolicyConfig, SlaPolicy, WorkerLive, decision_text
 from planner.profile import load_profile
 from router.load_window import EndedRequest
+from tandem_api.bench.metrics import meets_targets
 
 if TYPE_CHECKING:
     from deploy.admin import AdminService
@@ -70,13 +71,8 @@ def meets(e: EndedRequest, slo: dict[str, float]) -> tuple[bool, bool]:
     """(TTFT target held, decode targets held) for one ended request; a failed request holds neither."""
     if not e.ok:
         return False, False
-    ttft_ok = "ttft_ms" not in slo or (e.ttft_s is not None and e.ttft_s * 1000 <= slo["ttft_ms"])
-    decode_ok = True
-    if "tpot_ms" in slo and e.tpot_s is not None:
-        decode_ok = e.tpot_s * 1000 <= slo["tpot_ms"]
-    if "itl_ms" in slo and e.itl_p99_s is not None:
-        decode_ok = decode_ok and e.itl_p99_s * 1000 <= slo["itl_ms"]
-    return ttft_ok, decode_ok
+    seconds = {"ttft_ms": e.ttft_s, "tpot_ms": e.tpot_s, "itl_ms": e.itl_p99_s}
+    return meets_targets(slo, seconds, ("ttft_ms",)), meets_targets(slo, seconds, ("tpot_ms", "itl_ms"))
 
 
 class PlannerLoop:

@@ -26,11 +26,9 @@ from common.contract import ProfilePlan, StepTiming, WorkerStatus
 from deploy.config import PoolConfig
 from planner.model import (
     ModelFitError,
-    StepModel,
     StepSample,
     StepShape,
     TransferModel,
-    attn_pairs,
     fit_step_model,
     fit_transfer_model,
 )
@@ -90,16 +88,6 @@ def worker_profile(pool: PoolConfig, status: WorkerStatus, timings: list[StepTim
     )
 
 
-def prefill_s(model: StepModel, tokens: int, budget: int) -> float:
-    """The step model's time to compute a `tokens` prompt alone, in chunks of at most `budget` tokens."""
-    total, done = 0.0, 0
-    while done < tokens:
-        n = min(budget, tokens - done)
-        total += model.step_s(StepShape(n, attn_pairs(n, done), 0, 0))
-        done += n
-    return total
-
-
 def transfer_model(records: list[ServedRecord], block_size: int) -> TransferModel:
     """(blocks, kv_transfer_s) of every request that pulled its KV -> TransferModel (default if none did)."""
     points = [(-(-r.prompt_tokens // block_size), r.kv_transfer_s) for r in records if r.kv_transfer_s > 0]
@@ -115,7 +103,7 @@ def served_overhead(records: list[ServedRecord], models: dict[str, WorkerProfile
     per_token: list[float] = []
     for r in records:
         p = models[r.prefill_pool]
-        first.append(r.ttft_s - prefill_s(p.step, r.prompt_tokens, p.max_num_batched_tokens))
+        first.append(r.ttft_s - p.step.prefill_s(r.prompt_tokens, budget=p.max_num_batched_tokens))
         n = len(r.token_times)
         if n >= 3:
             itl = (r.token_times[-1] - r.token_times[1]) / (n - 2)

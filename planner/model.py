@@ -96,9 +96,16 @@ class StepModel(msgspec.Struct, frozen=True):
     def step_s(self, shape: StepShape) -> float:
         return sum(c * f for c, f in zip(self.coefficients(), shape.features(), strict=True))
 
-    def prefill_s(self, tokens: int, cached: int = 0) -> float:
-        """One step computing `tokens` prompt tokens after `cached` ones already in the cache."""
-        return self.step_s(StepShape(tokens, attn_pairs(tokens, cached), 0, 0))
+    def prefill_s(self, tokens: int, cached: int = 0, budget: int | None = None) -> float:
+        """Computing `tokens` prompt tokens after `cached` ones already in the cache: one step, or with a token
+        `budget` (max_num_batched_tokens) one step per chunk of at most `budget` tokens."""
+        chunk = tokens if budget is None else max(1, budget)
+        total, done = 0.0, 0
+        while done < tokens:
+            n = min(chunk, tokens - done)
+            total += self.step_s(StepShape(n, attn_pairs(n, cached + done), 0, 0))
+            done += n
+        return total
 
     def decode_step_s(self, batch: int, mean_context: float) -> float:
         """One step decoding `batch` sequences of `mean_context` tokens each."""

@@ -174,9 +174,7 @@ class Planner:
         ]
         mean_in = statistics.fmean(i for i, _ in lengths)
         mean_out = statistics.fmean(o for _, o in lengths)
-        chunk = min(prefill.max_num_batched_tokens, max(int(mean_in), 1))
-        steps = math.ceil(mean_in / chunk)
-        prefill_s = steps * prefill.step.prefill_s(chunk, int(mean_in / 2))
+        prefill_s = prefill.step.prefill_s(max(int(mean_in), 1), budget=prefill.max_num_batched_tokens)
         seats = max(1, min(decode.max_num_seqs, decode.kv_tokens // max(int(mean_in + mean_out), 1)))
         decode_s = mean_out * decode.step.decode_step_s(seats, mean_in + mean_out / 2)
         busy_prefill = rate * prefill_s

@@ -307,9 +307,9 @@ class SlaPolicy:
                 inputs=inputs,
                 predicted=self.last_predicted,
             )
-            out = [d for d in out if d.action != "hold"] + self._emit(more)
+            out = [d for d in out if d.action != "hold"] + [more]
             self.last_change = obs.now
-        return out
+        return self._emit(*out)
 
     def _full_split(self, planner: Planner) -> tuple[int, int, str]:
         """No cluster within max_workers meets the target: the best split of the whole machine, and the pool
@@ -389,7 +389,7 @@ class SlaPolicy:
                 )
         if out:
             self.last_change = now
-            return self._emit(*out)
+            return out
         for pool in POOLS:  # shrink with care: one worker, after a streak, never while settling
             if want[pool] < have[pool] and have[pool] > c.min_workers.get(pool, 1):
                 self.want_fewer[pool] += 1
@@ -399,7 +399,7 @@ class SlaPolicy:
             if self.want_fewer[pool] < c.down_after:
                 continue
             if cooling:
-                return self._emit(
+                return _listed(
                     Decision(
                         now, "hold", pool, reason="fewer would do, but the last change is still settling", inputs=inputs
                     )
@@ -414,7 +414,7 @@ class SlaPolicy:
                 predicted = cand.row()
                 if cand.attainment < min(1.0, c.attainment + c.margin):
                     self.want_fewer[pool] = 0
-                    return self._emit(
+                    return _listed(
                         Decision(
                             now,
                             "hold",
@@ -430,7 +430,7 @@ class SlaPolicy:
                 predicted = {}
             self.want_fewer[pool] = 0
             self.last_change = now
-            return self._emit(
+            return _listed(
                 Decision(
                     now,
                     "remove",
@@ -441,13 +441,17 @@ class SlaPolicy:
                     predicted=predicted,
                 )
             )
-        return self._emit(
+        return _listed(
             Decision(now, "hold", reason="the pools fit the load", inputs=inputs, predicted=self.last_predicted)
         )
 
     def _emit(self, *decisions: Decision) -> list[Decision]:
         self.decisions.extend(decisions)
         return list(decisions)
+
+
+def _listed(*decisions: Decision) -> list[Decision]:
+    return list(decisions)
 
 
 def decision_text(d: Decision) -> str:

@@ -44,9 +44,7 @@ class LoadWindow:
             ttft = trace.first_sent - trace.received
             if trace.completion_tokens > 1 and trace.last_sent is not None:
                 tpot = (trace.last_sent - trace.first_sent) / (trace.completion_tokens - 1)
-            gaps = sorted(gap / tokens for gap, tokens in trace.token_gaps for _ in range(tokens) if tokens > 0)
-            if gaps:
-                itl = gaps[min(len(gaps) - 1, int(0.99 * (len(gaps) - 1) + 0.5))]
+            itl = _p99_per_token(trace.token_gaps)
         self._ended.append(
             EndedRequest(
                 now,
@@ -65,3 +63,19 @@ class LoadWindow:
     def since(self, t0: float) -> tuple[int, list[EndedRequest]]:
         """(requests admitted after t0, requests that ended after t0)."""
         return sum(1 for t in self._arrivals if t > t0), [e for e in self._ended if e.ended > t0]
+
+
+def _p99_per_token(gaps: list[tuple[float, int]]) -> float | None:
+    """The 99th-percentile inter-token time (nearest rank) of chunks `(seconds since the last, tokens)`, each
+    token of a chunk counted at gap / tokens, without expanding the chunks into one entry per token."""
+    per_token = sorted((gap / n, n) for gap, n in gaps if n > 0)
+    total = sum(n for _, n in per_token)
+    if not total:
+        return None
+    rank = min(total - 1, int(0.99 * (total - 1) + 0.5))
+    seen = 0
+    for value, n in per_token:
+        seen += n
+        if seen > rank:
+            return value
+    return per_token[-1][0]

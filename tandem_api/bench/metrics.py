@@ -66,6 +66,14 @@ def parse_slo(text: str | None) -> dict[str, float]:
     return slo
 
 
+def meets_targets(
+    slo: Mapping[str, float], seconds: Mapping[str, float | None], keys: Sequence[str] = SLO_KEYS
+) -> bool:
+    """Every target of `slo` among `keys` holds for these latencies (seconds, by target name); a latency that
+    cannot be judged (None, or not given) holds. The one rule `tandem bench` and the SLA planner judge by."""
+    return all((v := seconds.get(k)) is None or v * 1000.0 <= target for k, target in slo.items() if k in keys)
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Linear interpolation between order statistics (numpy's default); None without values."""
     if not values:
@@ -162,7 +170,7 @@ class RequestRecord:
             "e2el_ms": self.e2el_s,
             "itl_ms": percentile(self.itl_s(), 99),
         }
-        return all((v := checks[k]) is None or v * 1000.0 <= target for k, target in slo.items())
+        return meets_targets(slo, checks)
 
     def to_json(self) -> dict[str, Any]:
         """The requests.jsonl line: every token's arrival time and the derived latencies in ms."""

@@ -70,23 +70,23 @@ def _disaggregated(p: EngineCore, d: EngineCore, prompt, params, rid="r", prior=
     return tokens, text
 
 
+PARAMS = [  # greedy, seeded random, and penalties over the output so far (which a resume must carry)
+    SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+    SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=7, ignore_eos=True),
+    SamplingParams(
+        max_tokens=12,
+        temperature=0.0,
+        ignore_eos=True,
+        repetition_penalty=1.5,
+        frequency_penalty=0.7,
+        presence_penalty=0.4,
+    ),
+]
+PARAM_IDS = ["greedy", "seeded", "penalized"]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize(
-    "params",
-    [
-        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
-        SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=7, ignore_eos=True),
-        SamplingParams(
-            max_tokens=12,
-            temperature=0.0,
-            ignore_eos=True,
-            repetition_penalty=1.5,
-            frequency_penalty=0.7,
-            presence_penalty=0.4,
-        ),
-    ],
-    ids=["greedy", "seeded", "penalized"],
-)
+@pytest.mark.parametrize("params", PARAMS, ids=PARAM_IDS)
 def test_disaggregated_equals_one_engine(model_dir, params, device):
     """Each prompt alone on one engine vs P+D. Alone, not batched: on CUDA a batch of 4 picks other
     GEMM kernels than a batch of 1, and a random tiny model's close logits then flip greedy picks."""
@@ -109,22 +109,7 @@ def test_disaggregated_equals_one_engine(model_dir, params, device):
         e.leak_check()
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
-        SamplingParams(max_tokens=12, temperature=0.9, top_k=50, seed=7, ignore_eos=True),
-        SamplingParams(
-            max_tokens=12,
-            temperature=0.0,
-            ignore_eos=True,
-            repetition_penalty=1.5,
-            frequency_penalty=0.7,
-            presence_penalty=0.4,
-        ),
-    ],
-    ids=["greedy", "seeded", "penalized"],
-)
+@pytest.mark.parametrize("params", PARAMS, ids=PARAM_IDS)
 def test_resumed_request_continues_exactly(model_dir, params):
     """A request resumed with the first k tokens it produced (its worker died) continues with exactly
     the tokens and text deltas of an undisturbed run: on one engine, and prefilled on P, decoded on D."""

@@ -192,3 +192,10 @@ def test_a_warm_workers_own_live_model_sets_its_pools_speed():
     young = (WorkerLive("decode-1", "decode", 5.0, live_step=tuple(10 * c for c in STEP.coefficients())),)
     factors, cold = speed_factors(prof, warm + young, warmup_s=60.0)
     assert factors["decode"] == pytest.approx(2.0) and factors["prefill"] == 1.0 and cold == 1
+
+
+def test_an_unmeetable_target_records_one_resource_request_and_no_hold():
+    policy = SlaPolicy(profile(), config(max_workers=2))
+    out = policy.observe(obs(30.0, 20.0, 1, 1))
+    assert [d.action for d in out] == ["request_resources"]
+    assert [d.action for d in policy.decisions] == ["request_resources"]  # what is logged is what is returned

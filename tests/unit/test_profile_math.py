@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from deploy.profiling import ServedRecord, prefill_s, served_overhead, transfer_model
+from deploy.profiling import ServedRecord, served_overhead, transfer_model
 from engine.scheduler import ScheduledRequest, SchedulerOutput
 from planner.model import StepModel, StepShape
 from planner.profile import Shape, WorkerProfile
@@ -45,8 +45,8 @@ def test_a_long_prompt_is_prefilled_in_budget_sized_chunks():
     model = StepModel(base_s=0.01, per_prefill_token_s=1e-3, per_attn_pair_s=1e-6)
     whole = model.prefill_s(300)
     chunked = model.prefill_s(256) + model.prefill_s(44, cached=256)
-    assert prefill_s(model, 300, 2048) == pytest.approx(whole)
-    assert prefill_s(model, 300, 256) == pytest.approx(chunked)
+    assert model.prefill_s(300, budget=2048) == pytest.approx(whole)
+    assert model.prefill_s(300, budget=256) == pytest.approx(chunked)
 
 
 def test_the_transfer_model_is_fitted_on_the_requests_that_pulled():
