@@ -59,6 +59,9 @@ LATENCY_BUCKETS = (
 )
 FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
+# the terms of a worker's live step model, in StepModel.coefficients() order (planner/model.py)
+STEP_TERMS = ("base", "prefill_token", "attn_pair", "decode_row", "decode_context")
+
 TTFT_PARTS = ("queue", "route", "prefill", "return")  # sum = TTFT (see RequestTrace.ttft_parts)
 
 METRIC_NAMES = {
@@ -92,6 +95,8 @@ METRIC_NAMES = {
     "tandem_worker_kv_leases",
     "tandem_worker_prefix_cache_hit_ratio",
     "tandem_worker_up",
+    "tandem_worker_step_model_seconds",
+    "tandem_worker_step_model_steps",
     "tandem_planner_wanted_workers",
     "tandem_planner_request_rate",
     "tandem_planner_slo_attainment",
@@ -274,6 +279,15 @@ class _WorkerCollector:
             labels=labels,
         )
         up = GaugeMetricFamily("tandem_worker_up", "1 if the router may send the worker requests", labels=labels)
+        step_model = GaugeMetricFamily(
+            "tandem_worker_step_model_seconds",
+            "The worker's step model refitted from its live steps after its warm-up (planner/model.py LiveFit): "
+            "seconds per step (base) or per unit of each term",
+            labels=[*labels, "term"],
+        )
+        step_steps = GaugeMetricFamily(
+            "tandem_worker_step_model_steps", "Live steps behind tandem_worker_step_model_seconds", labels=labels
+        )
         for role, wid, s, healthy in self.metrics.worker_states():
             lv = [role, wid]
             up.add_metric(lv, 1.0 if healthy else 0.0)
@@ -289,4 +303,8 @@ class _WorkerCollector:
             spec_tokens.add_metric([*lv, "proposed"], s.spec_proposed)
             spec_tokens.add_metric([*lv, "accepted"], s.spec_accepted)
             spec_steps.add_metric(lv, s.spec_steps)
-        yield from (running, waiting, blocks, usage, leases, hits, spec_tokens, spec_steps, up)
+            if len(s.live_step) == len(STEP_TERMS):
+                for term, value in zip(STEP_TERMS, s.live_step, strict=True):
+                    step_model.add_metric([*lv, term], value)
+                step_steps.add_metric(lv, s.live_steps)
+        yield from (running, waiting, blocks, usage, leases, hits, spec_tokens, spec_steps, up, step_model, step_steps)

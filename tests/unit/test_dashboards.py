@@ -215,6 +215,8 @@ def _fresh_registry_samples() -> dict[str, set[str]]:
         dtype="float32",
         prefix_query_tokens=10,
         prefix_hit_tokens=5,
+        live_step=(0.015, 0.0015, 1e-6, 0.002, 7e-6),
+        live_steps=300,
     )
     rows = [("decode", "d0", status, True)]
     if hasattr(metrics, "set_workers"):
@@ -238,6 +240,22 @@ def test_registry_exposes_exactly_metric_names():
     for name, samples in exposed.items():
         for sample in samples:
             assert base_name(sample) in known, (name, sample)
+
+
+def test_worker_step_model_gauges_carry_the_live_fit_term_by_term():
+    metrics = RouterMetrics()
+    common = dict(role="prefill", health="SERVING", kv_blocks_total=100, kv_blocks_free=100, running=0, waiting=0)
+    common |= dict(leased=0, node_id="n0", device="cpu", block_size=16, dtype="float32")
+    live = WorkerStatus(worker_id="p0", **common, live_step=(0.015, 0.0015, 1e-6, 0.002, 7e-6), live_steps=300)
+    cold = WorkerStatus(worker_id="p1", **common)  # in its warm-up: no live model yet
+    metrics.workers_source = lambda: [("prefill", "p0", live, True), ("prefill", "p1", cold, True)]
+    get = metrics.registry.get_sample_value
+    terms = ("base", "prefill_token", "attn_pair", "decode_row", "decode_context")
+    got = [get("tandem_worker_step_model_seconds", {"role": "prefill", "worker": "p0", "term": t}) for t in terms]
+    assert got == [0.015, 0.0015, 1e-6, 0.002, 7e-6]
+    assert get("tandem_worker_step_model_steps", {"role": "prefill", "worker": "p0"}) == 300
+    assert get("tandem_worker_step_model_steps", {"role": "prefill", "worker": "p1"}) is None
+    assert get("tandem_worker_step_model_seconds", {"role": "prefill", "worker": "p1", "term": "base"}) is None
 
 
 def test_dashboard_series_are_ones_the_registry_exposes():
