@@ -2,6 +2,7 @@
 
     tandem profile [--config FILE] [--model PATH] [--mode disaggregated|aggregated] --output profile.json
                    [--append] [--quick] [-v]
+    tandem profile --refit --output profile.json
 
     config -> Serving (the cluster and its router, as `tandem serve` starts them; gRPC on a free port
               of 127.0.0.1, no HTTP door, no TLS or tokens)
@@ -13,7 +14,9 @@
          client's TTFT and inter-token gaps -> ServedOverhead (deploy/profiling.py)
     -> planner.profile.Profile (merged into the existing file with --append) -> save_profile
 
-`--quick` runs a few points of each kind (tests, a first look). Bad input (an unreadable config or
+`--quick` runs a few points of each kind (tests, a first look). `--refit` starts no cluster: it refits each
+worker's step model (and its decode grid) from the step samples the file holds, after a change to the model
+code; the served-path figures are kept as measured. Bad input (an unreadable config or
 profile, a missing output directory) prints one line and exits with 2.
 """
 
@@ -56,6 +59,9 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--append", action="store_true", help="merge into FILE's profile (its other shapes are kept)")
     p.add_argument("--quick", action="store_true", help="a few points of each kind (seconds, not minutes)")
     p.add_argument(
+        "--refit", action="store_true", help="refit FILE's step models from the samples it holds (no cluster)"
+    )
+    p.add_argument(
         "--ray-address",
         default=os.environ.get("RAY_ADDRESS"),
         help="profile on an existing Ray cluster (default: $RAY_ADDRESS, else a local one)",
@@ -92,6 +98,8 @@ def run_profile(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         print(f"error: --output {out}: directory {out.parent} does not exist", file=sys.stderr)
         return 2
+    if args.refit:
+        return refit_profile(out)
     existing = None
     if args.append and out.exists():
         try:
@@ -123,6 +131,35 @@ def run_profile(args: argparse.Namespace) -> int:
     save_profile(profile, out)
     print(format_table(profile))
     print(f"tandem: profile written to {out} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return 0
+
+
+def refit_profile(path: Path) -> int:
+    """`--refit`: every worker's step model fitted again from its stored samples; the file rewritten."""
+    from deploy.profiling import format_table
+    from planner.model import ModelFitError, fit_step_model, with_decode_grid
+    from planner.profile import ProfileError, load_profile, save_profile
+
+    try:
+        profile = load_profile(path)
+    except ProfileError as e:
+        print(f"error: --refit: {e}", file=sys.stderr)
+        return 2
+    workers = []
+    for w in profile.workers:
+        if not w.samples:
+            print(f"error: --refit: {w.shape.key()} holds no step samples to refit", file=sys.stderr)
+            return 2
+        try:
+            workers.append(msgspec.structs.replace(w, step=with_decode_grid(fit_step_model(w.samples), w.samples)))
+        except ModelFitError as e:
+            print(f"error: --refit: {w.shape.key()}: {e}", file=sys.stderr)
+            return 1
+    profile.workers = workers
+    profile.notes.append("step models refitted from the stored samples (tandem profile --refit)")
+    save_profile(profile, path)
+    print(format_table(profile))
+    print(f"tandem: profile refitted in {path}", flush=True)
     return 0
 
 

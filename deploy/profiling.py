@@ -31,6 +31,7 @@ from planner.model import (
     TransferModel,
     fit_step_model,
     fit_transfer_model,
+    with_decode_grid,
 )
 from planner.profile import Profile, ServedOverhead, Shape, WorkerProfile
 
@@ -77,7 +78,7 @@ def worker_profile(pool: PoolConfig, status: WorkerStatus, timings: list[StepTim
     samples = [StepSample(StepShape(int(p), float(a), int(d), int(c)), float(s)) for p, a, d, c, s in timings]
     return WorkerProfile(
         shape=shape_of(pool, status),
-        step=fit_step_model(samples),
+        step=with_decode_grid(fit_step_model(samples), samples),
         num_blocks=status.kv_blocks_total,
         max_num_seqs=pool.max_num_seqs,
         max_num_batched_tokens=pool.max_num_batched_tokens,

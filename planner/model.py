@@ -18,6 +18,13 @@ by non-negative least squares on relative error (a 20 ms decode step and a 2 s p
 subset of the features is fitted and the best fit with no negative coefficient wins, so a feature the
 samples do not exercise gets 0 rather than a wild value.
 
+On a CPU the decode part is not linear in the batch: a few rows run a GEMV-like kernel that streams the
+weights once per row group, larger batches a GEMM whose efficiency grows with the rows (on this project's
+2-core host a decode step of 8 rows costs 4x one of 4). So a profile also keeps its decode-only steps as a
+`DecodeGrid` (median step time per batch size, per context length), and the model answers decode rows from
+that grid where it has one: linear between measured batch sizes, then between measured contexts. The five
+coefficients stay what a worker refits live (`LiveFit`) and what plans fall back on without a grid.
+
 `TransferModel`: moving a request's KV from a prefill to a decode worker, `base + per_block * blocks`.
 
 Pure Python, no torch, no numpy: workers refine the same model from their live steps, and the planner
@@ -72,8 +79,39 @@ class StepSample(msgspec.Struct, frozen=True, array_like=True):
     seconds: float
 
 
+class DecodeGrid(msgspec.Struct, frozen=True):
+    """Decode-only step times as measured (`fit_decode_grid`), in groups of one swept context length each: per
+    group, the batch sizes measured (ascending), the median step seconds at each, and the median context per
+    row it was measured at (a sweep grows its rows by a token a step, so each batch has its own)."""
+
+    rows: tuple[tuple[int, ...], ...]
+    seconds: tuple[tuple[float, ...], ...]
+    contexts: tuple[tuple[float, ...], ...]
+
+    def at(self, rows: int, context: float) -> float:
+        """One decode-only step of `rows` rows of `context` tokens each: piecewise linear in the batch within
+        each group, then in the context between the groups; extended linearly above the largest batch and
+        context, held at the smallest."""
+        points = sorted(
+            (_interp(r, c, rows), _interp(r, s, rows))
+            for r, s, c in zip(self.rows, self.seconds, self.contexts, strict=True)
+        )
+        return _interp([c for c, _ in points], [s for _, s in points], context)
+
+
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise linear through (xs, ys) (xs ascending, at least 2), linear beyond the last point, held below
+    the first; never below the smallest y (a step takes at least what the cheapest one measured did)."""
+    if x <= xs[0]:
+        return ys[0]
+    i = next((k for k in range(1, len(xs)) if x <= xs[k]), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return max(min(ys), y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
 class StepModel(msgspec.Struct, frozen=True):
-    """Seconds of one engine step as a linear function of its StepShape (see the module docstring)."""
+    """Seconds of one engine step as a linear function of its StepShape (see the module docstring), with decode
+    rows answered from `decode_grid` where a profile measured one."""
 
     base_s: float = 0.0
     per_prefill_token_s: float = 0.0
@@ -83,6 +121,13 @@ class StepModel(msgspec.Struct, frozen=True):
     samples: int = 0  # steps the fit used
     rel_error_p50: float = 0.0  # |predicted - measured| / measured over those steps
     rel_error_p90: float = 0.0
+    decode_grid: DecodeGrid | None = None
+
+    @classmethod
+    def of_coefficients(cls, values: Sequence[float]) -> StepModel:
+        """The model of five coefficients in `coefficients()` order (a worker's live fit on the wire)."""
+        base, prefill_token, attn_pair, decode_seq, context_token = values
+        return cls(base, prefill_token, attn_pair, decode_seq, context_token)
 
     def coefficients(self) -> tuple[float, float, float, float, float]:
         return (
@@ -94,6 +139,10 @@ class StepModel(msgspec.Struct, frozen=True):
         )
 
     def step_s(self, shape: StepShape) -> float:
+        grid = self.decode_grid
+        if grid is not None and shape.decode_seqs > 0:  # decode rows as measured, prompt work on top
+            decode = grid.at(shape.decode_seqs, shape.decode_context / shape.decode_seqs)
+            return decode + self.per_prefill_token_s * shape.prefill_tokens + self.per_attn_pair_s * shape.attn_pairs
         return sum(c * f for c, f in zip(self.coefficients(), shape.features(), strict=True))
 
     def prefill_s(self, tokens: int, cached: int = 0, budget: int | None = None) -> float:
@@ -165,6 +214,49 @@ def fit_step_model(samples: Sequence[StepSample]) -> StepModel:
         rel_error_p50=_quantile(errors, 0.5),
         rel_error_p90=_quantile(errors, 0.9),
     )
+
+
+def fit_decode_grid(samples: Sequence[StepSample], gap: float = 1.25) -> DecodeGrid | None:
+    """The decode-only steps as a DecodeGrid: grouped by context per row (a new group where the sorted contexts
+    jump by more than `gap` x: a profile's sweep grows each context by a token per step), the median time and
+    context per batch size in each group. None unless two groups have at least two batch sizes each."""
+    points = sorted(
+        (s.shape.decode_context / s.shape.decode_seqs, s.shape.decode_seqs, s.seconds)
+        for s in samples
+        if s.shape.prefill_tokens == 0 and s.shape.decode_seqs > 0 and s.seconds > 0
+    )
+    groups: list[list[tuple[float, int, float]]] = []
+    for p in points:
+        if groups and p[0] <= groups[-1][-1][0] * gap:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    rows: list[tuple[int, ...]] = []
+    seconds: list[tuple[float, ...]] = []
+    contexts: list[tuple[float, ...]] = []
+    for g in groups:
+        by_rows: dict[int, list[tuple[float, float]]] = {}
+        for c, r, t in g:
+            by_rows.setdefault(r, []).append((c, t))
+        if len(by_rows) < 2:
+            continue
+        batch = sorted(by_rows)
+        rows.append(tuple(batch))
+        seconds.append(tuple(_quantile(sorted(t for _, t in by_rows[r]), 0.5) for r in batch))
+        contexts.append(tuple(_quantile(sorted(c for c, _ in by_rows[r]), 0.5) for r in batch))
+    if len(rows) < 2:
+        return None
+    return DecodeGrid(tuple(rows), tuple(seconds), tuple(contexts))
+
+
+def with_decode_grid(model: StepModel, samples: Sequence[StepSample]) -> StepModel:
+    """`model` with the samples' DecodeGrid (when they make one), its errors recomputed as it now predicts."""
+    grid = fit_decode_grid(samples)
+    if grid is None:
+        return model
+    model = msgspec.structs.replace(model, decode_grid=grid)
+    errors = sorted(abs(model.step_s(s.shape) - s.seconds) / s.seconds for s in samples if s.seconds > 0)
+    return msgspec.structs.replace(model, rel_error_p50=_quantile(errors, 0.5), rel_error_p90=_quantile(errors, 0.9))
 
 
 def _best_subset(

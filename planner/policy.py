@@ -155,7 +155,7 @@ def speed_factors(profile: Profile, workers: tuple[WorkerLive, ...], warmup_s: f
                 cold += 1
                 continue
             if len(w.live_step) == 5:  # the worker's own five-feature model: compare on a typical step
-                live = StepModel(*w.live_step)
+                live = StepModel.of_coefficients(w.live_step)
                 typical = TYPICAL_DECODE if pool == "decode" else TYPICAL_PREFILL
                 predicted = step.step_s(typical)
                 if predicted > 0 and live.step_s(typical) > 0:

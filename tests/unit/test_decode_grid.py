@@ -1,0 +1,143 @@
+"""The step model's decode grid (planner/model.py DecodeGrid): decode steps whose time is not linear in the batch.
+
+On a CPU a decode step of a few rows runs one kernel and a larger batch another (the measured profile of this
+project's host: 17, 24, 58, 94 ms at 1, 4, 8, 16 rows), so the five-coefficient linear model misses the middle
+batches by 40 % or more. The grid keeps the measured medians and interpolates between them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+
+from deploy.cli import main
+from planner.model import (
+    DecodeGrid,
+    StepModel,
+    StepSample,
+    StepShape,
+    attn_pairs,
+    fit_decode_grid,
+    fit_step_model,
+    with_decode_grid,
+)
+from planner.profile import load_profile, save_profile
+from tests.helpers.planner_profiles import profile_of
+
+ROWS = (1, 2, 4, 8, 16, 32)
+CONTEXTS = (64, 512)
+
+
+def decode_truth(rows: int, context: float) -> float:
+    """A kernel for up to 4 rows, a GEMM with a start-up cost beyond: a knee the linear model cannot fit."""
+    weights = 0.002 * rows if rows <= 4 else 0.035 + 0.0015 * rows
+    return 0.015 + weights + 2e-5 * rows * context
+
+
+def prefill_truth(tokens: int, context: int = 0) -> float:
+    return 0.015 + 0.0014 * tokens + 1e-6 * attn_pairs(tokens, context)
+
+
+def profile_samples() -> list[StepSample]:
+    """What a profile's sweep records: prompts alone, then per context every batch for 4 steps, each step
+    one token longer (largest batch first, as worker_core/profiling.py runs them)."""
+    samples = [StepSample(StepShape.of([(n, 0)]), prefill_truth(n)) for n in (16, 64, 256, 1024)]
+    for context in CONTEXTS:
+        grown = 0
+        for rows in reversed(ROWS):
+            for _ in range(4):
+                c = context + 1 + grown
+                samples.append(StepSample(StepShape.of([], [c] * rows), decode_truth(rows, c)))
+                grown += 1
+    return samples
+
+
+def test_the_linear_model_misses_the_knee_and_the_grid_does_not():
+    samples = profile_samples()
+    linear = fit_step_model(samples)
+    gridded = with_decode_grid(linear, samples)
+    assert gridded.decode_grid is not None
+    assert gridded.coefficients() == linear.coefficients()  # what workers refit live stays the same five terms
+    middle = StepShape.of([], [300] * 8)
+    assert abs(linear.step_s(middle) / decode_truth(8, 300) - 1) > 0.1
+    assert gridded.step_s(middle) == pytest.approx(decode_truth(8, 300), rel=0.05)
+    assert gridded.rel_error_p90 < linear.rel_error_p90 / 3
+
+
+def test_grid_holds_the_measured_medians_one_group_per_swept_context():
+    grid = fit_decode_grid(profile_samples())
+    assert grid is not None
+    assert len(grid.rows) == 2 and all(r == ROWS for r in grid.rows)
+    # each context's steps grew a token per step: each batch keeps the context it was measured at
+    for base, contexts in zip(CONTEXTS, grid.contexts, strict=True):
+        assert all(base < c <= base + 4 * len(ROWS) for c in contexts) and list(contexts) == sorted(contexts)[::-1]
+    for rows, seconds, contexts in zip(grid.rows, grid.seconds, grid.contexts, strict=True):
+        for r, s, c in zip(rows, seconds, contexts, strict=True):
+            assert s == pytest.approx(decode_truth(r, c), rel=1e-9)
+
+
+def test_interpolation_linear_between_points_extended_above_held_below():
+    grid = DecodeGrid(
+        rows=((1, 4, 8), (1, 4, 8)), seconds=((1.0, 4.0, 12.0), (2.0, 8.0, 20.0)), contexts=((100.0,) * 3, (500.0,) * 3)
+    )
+    assert grid.at(4, 100) == 4.0 and grid.at(6, 100) == 8.0  # between 4 and 8 rows
+    assert grid.at(4, 300) == pytest.approx(6.0)  # halfway between the two contexts
+    assert grid.at(12, 100) == pytest.approx(20.0)  # past the largest batch: the last segment's slope
+    assert grid.at(4, 900) == pytest.approx(12.0)  # past the largest context: extended linearly
+    assert grid.at(4, 10) == 4.0  # below the smallest context: held, never extrapolated towards zero
+    assert grid.at(1, 100) == 1.0
+
+
+def test_a_mixed_step_is_the_grid_plus_the_prompt_terms_without_a_second_base():
+    samples = profile_samples()
+    model = with_decode_grid(fit_step_model(samples), samples)
+    assert model.decode_grid is not None
+    decode = StepShape.of([], [300] * 4)
+    mixed = StepShape.of([(128, 0)], [300] * 4)
+    prompt = model.per_prefill_token_s * 128 + model.per_attn_pair_s * attn_pairs(128, 0)
+    assert model.step_s(mixed) == pytest.approx(model.step_s(decode) + prompt)
+    assert model.step_s(StepShape.of([(512, 0)])) == pytest.approx(prefill_truth(512), rel=0.02)  # linear path
+    assert model.decode_step_s(8, 300) == model.step_s(StepShape(0, 0.0, 8, 8 * 300))
+
+
+@pytest.mark.parametrize(
+    "samples",
+    [
+        [StepSample(StepShape.of([], [64 + i] * 4), 0.02) for i in range(4)],  # one batch size only
+        [StepSample(StepShape.of([], [64] * r), 0.01 * r) for r in (1, 2, 4)],  # one context only
+    ],
+    ids=["one-batch", "one-context"],
+)
+def test_no_grid_from_samples_that_do_not_span_two_batches_at_two_contexts(samples):
+    assert fit_decode_grid(samples) is None
+    model = StepModel(base_s=0.01, per_decode_seq_s=0.002, samples=4)
+    assert with_decode_grid(model, samples) is model
+
+
+def test_profile_with_a_grid_round_trips_and_refit_adds_one(tmp_path, capsys):
+    samples = profile_samples()
+    linear = fit_step_model(samples)
+    profile = profile_of(linear)
+    profile.workers = [msgspec.structs.replace(w, samples=samples) for w in profile.workers]
+    path = tmp_path / "profile.json"
+    save_profile(profile, path)
+    assert load_profile(path).worker().step.decode_grid is None  # measured before grids existed
+
+    assert main(["profile", "--refit", "--output", str(path)]) == 0
+    refit = load_profile(path)
+    step = refit.worker().step
+    assert step.decode_grid == fit_decode_grid(samples)
+    assert step.step_s(StepShape.of([], [300] * 8)) == pytest.approx(decode_truth(8, 300), rel=0.05)
+    assert any("refitted" in note for note in refit.notes)
+    assert "refitted" in capsys.readouterr().out
+    assert json.loads(path.read_text())["workers"][0]["step"]["decode_grid"]["rows"][0] == list(ROWS)
+
+
+def test_refit_of_a_profile_without_samples_is_one_line_and_exit_2(tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    save_profile(profile_of(StepModel(base_s=0.01, samples=3)), path)
+    assert main(["profile", "--refit", "--output", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds no step samples" in err and len(err.splitlines()) == 1
