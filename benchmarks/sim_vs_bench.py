@@ -158,8 +158,11 @@ def live_fit_rows(profiled: StepModel, live: dict[str, dict], after_sweep: int) 
     for worker, f in sorted(live.items()):
         steps = {}
         for name, shape in TYPICAL_STEPS.items():
-            p, m = profiled.step_s(shape), f["model"].step_s(shape)
+            # like with like: a live fit is the five-term model, so against the profile's five terms (the
+            # profile's decode grid, what the simulator prices decode rows with, is kept beside them)
+            p, m = profiled.linear().step_s(shape), f["model"].step_s(shape)
             steps[name] = {"profile_ms": p * 1e3, "live_ms": m * 1e3, "ratio": m / p if p else None}
+            steps[name]["profile_grid_ms"] = profiled.step_s(shape) * 1e3
         coefficients = dict(zip(STEP_TERMS, f["model"].coefficients(), strict=True))
         rows.append(
             {"after_sweep": after_sweep, "worker": worker, "role": f["role"], "steps": f.get("steps", 0)}
@@ -261,8 +264,8 @@ def main() -> None:
     ap.add_argument(
         "--resimulate",
         action="store_true",
-        help="keep OUT's real runs (real/, real-2/, ... and the live fits) and rerun only the simulation: after a "
-        "change to the simulator or `tandem profile --refit`",
+        help="keep OUT's real runs (real/, real-2/, ... and the live fits) and rerun only the simulation (with the "
+        "stored run's bench flags and repeats): after a change to the simulator or `tandem profile --refit`",
     )
     ap.add_argument("bench", nargs=argparse.REMAINDER, help="-- then `tandem bench` flags (dataset, rates, SLO, seed)")
     args = ap.parse_args()
@@ -270,6 +273,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     profile = Path(args.profile) if args.profile else out / "profile.json"
+    if args.resimulate:  # the stored run's own sweep and repeats, whatever this command line says
+        stored = json.loads((out / "compare.json").read_text())
+        bench = stored.get("bench_args", bench)
+        args.repeats = stored.get("repeats", args.repeats)
     real_dirs = [out / ("real" if i == 0 else f"real-{i + 1}") for i in range(args.repeats)]
     if args.resimulate:
         commands, live_rows = resimulation_inputs(out, load_profile(profile).worker().step)
@@ -287,7 +294,8 @@ def main() -> None:
     rows = compare(real, sim, args.tolerance)
     print_table(rows)
     print_live_fit(live_rows)
-    doc = {"commands": commands, "tolerance": args.tolerance, "repeats": args.repeats, "rows": rows}
+    doc = {"commands": commands, "tolerance": args.tolerance, "repeats": args.repeats, "bench_args": bench}
+    doc["rows"] = rows
     (out / "compare.json").write_text(json.dumps(doc, indent=2))
     live_doc = {"profile": profiled.coefficients(), "profile_grid": profiled.decode_grid is not None, "rows": live_rows}
     (out / "live_fit.json").write_text(json.dumps(live_doc, indent=2))

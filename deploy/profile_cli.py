@@ -156,7 +156,10 @@ def refit_profile(path: Path) -> int:
             print(f"error: --refit: {w.shape.key()}: {e}", file=sys.stderr)
             return 1
     profile.workers = workers
-    profile.notes.append("step models refitted from the stored samples (tandem profile --refit)")
+    profile.notes.append(
+        "step models refitted from the stored samples (tandem profile --refit); the served path's per-token "
+        "figure was derived from the earlier model's batch-1 decode step and is kept as it was"
+    )
     save_profile(profile, path)
     print(format_table(profile))
     print(f"tandem: profile refitted in {path}", flush=True)

@@ -90,22 +90,31 @@ class DecodeGrid(msgspec.Struct, frozen=True):
 
     def at(self, rows: int, context: float) -> float:
         """One decode-only step of `rows` rows of `context` tokens each: piecewise linear in the batch within
-        each group, then in the context between the groups; extended linearly above the largest batch and
-        context, held at the smallest."""
+        each group, then in the context between the groups; time extended linearly above the largest batch
+        and context and held at the smallest; a group's context held beyond its measured batches."""
         points = sorted(
-            (_interp(r, c, rows), _interp(r, s, rows))
+            (_interp(r, c, rows, extend=False), _interp(r, s, rows))
             for r, s, c in zip(self.rows, self.seconds, self.contexts, strict=True)
         )
         return _interp([c for c, _ in points], [s for _, s in points], context)
 
+    def scaled(self, factor: float) -> DecodeGrid:
+        """Every step `factor` times as long (the planner's live speed correction)."""
+        return DecodeGrid(self.rows, tuple(tuple(t * factor for t in s) for s in self.seconds), self.contexts)
 
-def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
-    """Piecewise linear through (xs, ys) (xs ascending, at least 2), linear beyond the last point, held below
-    the first; never below the smallest y (a step takes at least what the cheapest one measured did)."""
+
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float, extend: bool = True) -> float:
+    """Piecewise linear through (xs, ys) (xs ascending, at least 2), held below the first point, and beyond
+    the last extended linearly (`extend`) or held; never below the smallest y (a step takes at least what
+    the cheapest one measured did)."""
     if x <= xs[0]:
         return ys[0]
+    if x >= xs[-1] and not extend:
+        return ys[-1]
     i = next((k for k in range(1, len(xs)) if x <= xs[k]), len(xs) - 1)
     x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    if x1 <= x0:  # equal abscissae (two groups measured at one context): no slope to follow
+        return max(min(ys), y1)
     return max(min(ys), y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
 
@@ -128,6 +137,10 @@ class StepModel(msgspec.Struct, frozen=True):
         """The model of five coefficients in `coefficients()` order (a worker's live fit on the wire)."""
         base, prefill_token, attn_pair, decode_seq, context_token = values
         return cls(base, prefill_token, attn_pair, decode_seq, context_token)
+
+    def linear(self) -> StepModel:
+        """The five-term model alone (what a worker's live fit is: compare like with like)."""
+        return msgspec.structs.replace(self, decode_grid=None) if self.decode_grid is not None else self
 
     def coefficients(self) -> tuple[float, float, float, float, float]:
         return (
@@ -218,16 +231,17 @@ def fit_step_model(samples: Sequence[StepSample]) -> StepModel:
 
 def fit_decode_grid(samples: Sequence[StepSample], gap: float = 1.25) -> DecodeGrid | None:
     """The decode-only steps as a DecodeGrid: grouped by context per row (a new group where the sorted contexts
-    jump by more than `gap` x: a profile's sweep grows each context by a token per step), the median time and
-    context per batch size in each group. None unless two groups have at least two batch sizes each."""
+    jump by more than `gap` x or reach double the group's first: a profile's sweep grows each context by a
+    token per step), the median time and context per batch size in each group. None unless two groups have at
+    least two batch sizes each."""
     points = sorted(
         (s.shape.decode_context / s.shape.decode_seqs, s.shape.decode_seqs, s.seconds)
         for s in samples
         if s.shape.prefill_tokens == 0 and s.shape.decode_seqs > 0 and s.seconds > 0
     )
     groups: list[list[tuple[float, int, float]]] = []
-    for p in points:
-        if groups and p[0] <= groups[-1][-1][0] * gap:
+    for p in points:  # a step of more than `gap` x, or double the group's first context, starts a group
+        if groups and p[0] <= groups[-1][-1][0] * gap and p[0] <= groups[-1][0][0] * 2:
             groups[-1].append(p)
         else:
             groups.append([p])

@@ -157,7 +157,7 @@ def speed_factors(profile: Profile, workers: tuple[WorkerLive, ...], warmup_s: f
             if len(w.live_step) == 5:  # the worker's own five-feature model: compare on a typical step
                 live = StepModel.of_coefficients(w.live_step)
                 typical = TYPICAL_DECODE if pool == "decode" else TYPICAL_PREFILL
-                predicted = step.step_s(typical)
+                predicted = step.linear().step_s(typical)  # like with like: a live fit has no decode grid
                 if predicted > 0 and live.step_s(typical) > 0:
                     ratios.append(live.step_s(typical) / predicted)
                 continue
@@ -172,6 +172,7 @@ def speed_factors(profile: Profile, workers: tuple[WorkerLive, ...], warmup_s: f
 
 
 def scaled(step: StepModel, factor: float) -> StepModel:
+    """Every step `factor` times as long: the five coefficients and the decode grid alike."""
     return msgspec.structs.replace(
         step,
         base_s=step.base_s * factor,
@@ -179,6 +180,7 @@ def scaled(step: StepModel, factor: float) -> StepModel:
         per_attn_pair_s=step.per_attn_pair_s * factor,
         per_decode_seq_s=step.per_decode_seq_s * factor,
         per_context_token_s=step.per_context_token_s * factor,
+        decode_grid=step.decode_grid.scaled(factor) if step.decode_grid is not None else None,
     )
 
 

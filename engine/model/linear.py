@@ -33,7 +33,8 @@ from engine.model.parallel import SINGLE_RANK, ParallelContext
 # oneDNN's bf16 dot products. Chosen on whole decode steps, where the weights come from memory, not on one weight
 # in cache (there oneDNN wins from 8 rows, `cpu_kernels_micro.py`): `benchmarks/bf16_crossover.py` (2026-12-06
 # 21:33, AVX512-BF16 EPYC, 1 thread, 288-token rows), step ms at 4 / 12 as the threshold: 5 rows 68.1 / 42.9,
-# 8 rows 72.3 / 59.9, 12 rows 97.8 / 87.5, 16 rows 146 / 145, 24 rows 211 / 193
+# 8 rows 72.3 / 59.9, 12 rows 97.8 / 87.5, 16 rows 146 / 145, 24 rows 211 / 193. Measured at one thread (a
+# worker's default); with more threads per worker the crossover was not re-measured
 BF16_KERNEL_MAX_ROWS = 12
 # (so in bf16 a row's logits can differ by bf16 rounding with the size of its batch; float32 is batch-invariant)
 

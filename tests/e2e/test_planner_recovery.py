@@ -4,14 +4,14 @@ The shipped SmolLM2 in float32, 1 prefill + 1 decode worker of one thread each, 
 and the bench's own open-loop generator (`tandem_api.bench.runner.run_load`): Poisson arrivals of prompts
 of PROMPT tokens that ask for OUTPUT tokens. Decode is almost free at that length, so the load is
 prefill-bound. The test first measures one prompt's prefill alone (`Calibration`) and sets the arrival rate
-to LOAD = 1.4x what one prefill worker computes (0.7x of two) and the TTFT target to TARGET prefill times, so
-the scenario holds on a faster or slower machine. That is the one case where an added worker adds compute
-on a 2-core machine (the decode worker's core is idle most of the time), so the recovery here is measured,
-not simulated.
+to LOAD = 1.25x what one prefill worker computes and the TTFT target to TARGET prefill times, so the
+scenario scales with the machine's speed (a worker's start does not: the load allows WORKER_START_S). That
+is the one case where an added worker adds compute on a 2-core machine (the decode worker's core is idle
+most of the time), so the recovery here is measured, not simulated.
 
 1. Overload: the planner's interval runs once ARRIVALS_BEFORE_STEP requests have been sent (the generator
    counts them; nothing waits on a timer); it sees the arrival rate against its profile and adds a prefill
-   worker through the admin path. Requests that arrived before the new worker served miss the TTFT target.
+   worker through the admin path. Requests that arrive while the new worker starts miss the TTFT target.
 2. Recovery: requests that arrive more than RECOVERY prefill times after the worker joined meet the target
    (the TTFT attainment the issue asks to recover, within a bounded time); the new worker prefills part of
    them.
@@ -53,7 +53,8 @@ LOAD = 1.25
 TARGET = 4.5  # the TTFT target, in prefills of one prompt alone
 ARRIVALS_BEFORE_STEP = 20  # arrivals before the planner's interval runs (about 16 prefill times of overload)
 RECOVERY = 35.0  # in prefill times after the new worker joined: requests arriving later must meet the target
-LOAD_LENGTH = 110.0  # the whole load, in prefill times (arrivals are seeded: the same times on every run)
+AFTER = 25.0  # prefill times of arrivals after that, to judge the recovery on
+WORKER_START_S = 40.0  # what the load allows for a worker's start (about 18 s here), whatever the prefill time
 VOCAB = 49152
 
 
@@ -172,7 +173,9 @@ async def _overload_then_recover(cluster, cal: Calibration) -> tuple[list, list[
     )
     target = CountingTarget(cluster.address, ARRIVALS_BEFORE_STEP)
     await target.open()
-    total = int(cal.rate * LOAD_LENGTH * cal.prefill_s)
+    # arrivals are seeded (the same times on every run): enough for the overload, a worker's start and the
+    # recovery window with AFTER prefill times of arrivals in it
+    total = ARRIVALS_BEFORE_STEP + int(cal.rate * (WORKER_START_S + (RECOVERY + AFTER) * cal.prefill_s))
     load = asyncio.create_task(run_load(target, dataset, LoadConfig(rate=cal.rate, num_requests=total, seed=11)))
     t0 = time.perf_counter()  # run_load's clock starts within a millisecond of this
     await target.reached.wait()
@@ -201,17 +204,17 @@ def test_overload_adds_a_prefill_worker_and_ttft_attainment_recovers(cluster):
 
     table = _table(records, joined, cal)
     assert all(r.ok and r.n_output == OUTPUT for r in records), table  # nothing lost or failed
-    before = sorted((r for r in records if r.arrival_s < joined), key=lambda r: r.arrival_s)[-10:]
+    before = [r for r in records if stepped <= r.arrival_s < joined]
     after = [r for r in records if r.arrival_s >= joined + RECOVERY * cal.prefill_s]
-    assert stepped < before[0].arrival_s and len(after) >= 20, table
-    # the overload was real: the last arrivals before the new worker served missed the target
+    assert len(before) >= 5 and len(after) >= 15, table
+    # the overload was real: the arrivals while the planner added the worker missed the target
     assert _attainment(before, cal) < 0.5, table
     # and attainment recovered within RECOVERY prefill times of the added worker serving, which took its share
     assert _attainment(after, cal) >= 0.9, table
     assert sum(r.prefill_worker == new for r in after) >= len(after) // 4, table
     print(  # shown with pytest -rP: the figures docs/BENCHMARKS.md quotes
         f"{table.splitlines()[0]}; worker joined {joined - stepped:.1f} s after the interval; TTFT attainment "
-        f"{_attainment(before, cal):.0%} of the last {len(before)} arrivals before it, "
+        f"{_attainment(before, cal):.0%} of the {len(before)} arrivals while it started, "
         f"{_attainment(after, cal):.0%} of {len(after)} arriving {RECOVERY * cal.prefill_s:.0f} s or more after"
     )
 

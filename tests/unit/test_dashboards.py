@@ -19,7 +19,8 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from common.contract import WorkerStatus
-from router.metrics import METRIC_NAMES, RouterMetrics
+from planner.model import StepModel
+from router.metrics import METRIC_NAMES, STEP_TERMS, RouterMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 OBSERVABILITY = REPO / "deploy" / "observability"
@@ -251,6 +252,7 @@ def test_worker_step_model_gauges_carry_the_live_fit_term_by_term():
     metrics.workers_source = lambda: [("prefill", "p0", live, True), ("prefill", "p1", cold, True)]
     get = metrics.registry.get_sample_value
     terms = ("base", "prefill_token", "attn_pair", "decode_row", "decode_context")
+    assert STEP_TERMS == terms and len(terms) == len(StepModel().coefficients())  # the planner's coefficient order
     got = [get("tandem_worker_step_model_seconds", {"role": "prefill", "worker": "p0", "term": t}) for t in terms]
     assert got == [0.015, 0.0015, 1e-6, 0.002, 7e-6]
     assert get("tandem_worker_step_model_steps", {"role": "prefill", "worker": "p0"}) == 300

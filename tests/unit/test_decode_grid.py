@@ -141,3 +141,44 @@ def test_refit_of_a_profile_without_samples_is_one_line_and_exit_2(tmp_path, cap
     assert main(["profile", "--refit", "--output", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "holds no step samples" in err and len(err.splitlines()) == 1
+
+
+def test_groups_whose_contexts_meet_or_cross_never_divide_by_zero():
+    # contexts fall with the batch in one group and rise in the other: held beyond the measured batches
+    grid = DecodeGrid(
+        rows=((1, 2), (1, 2)), seconds=((0.05, 0.06), (0.07, 0.08)), contexts=((100.0, 110.0), (160.0, 150.0))
+    )
+    for rows in (1, 2, 5, 6, 50):
+        for context in (10.0, 120.0, 150.0, 200.0, 1000.0):
+            assert 0.05 <= grid.at(rows, context) < 10.0
+    same = DecodeGrid(
+        rows=((1, 2), (1, 2)), seconds=((0.05, 0.06), (0.07, 0.08)), contexts=((100.0,) * 2, (100.0,) * 2)
+    )
+    assert same.at(1, 100.0) in (0.05, 0.07) and same.at(1, 500.0) >= 0.05
+
+
+def test_the_planners_live_speed_factor_scales_the_grid_too():
+    from planner.policy import scaled
+
+    samples = profile_samples()
+    model = with_decode_grid(fit_step_model(samples), samples)
+    slow = scaled(model, 2.0)
+    for shape in (StepShape.of([], [300] * 8), StepShape.of([(128, 0)], [300] * 4), StepShape.of([(512, 0)])):
+        assert slow.step_s(shape) == pytest.approx(2 * model.step_s(shape))
+    assert model.linear().decode_grid is None and model.linear().coefficients() == model.coefficients()
+
+
+def test_a_worker_as_fast_as_its_profile_gets_factor_one_even_with_a_grid():
+    from planner.policy import WorkerLive, speed_factors
+
+    samples = profile_samples()
+    model = with_decode_grid(fit_step_model(samples), samples)
+    assert model.step_s(StepShape(0, 0.0, 8, 8 * 512)) != model.linear().step_s(StepShape(0, 0.0, 8, 8 * 512))
+    same = tuple(model.coefficients())
+    twice = tuple(2 * c for c in model.coefficients())
+    workers = (
+        WorkerLive("d0", "decode", 600.0, live_step=same),
+        WorkerLive("p0", "prefill", 600.0, live_step=twice),
+    )
+    factors, cold = speed_factors(profile_of(model), workers, warmup_s=120.0)
+    assert factors["decode"] == pytest.approx(1.0) and factors["prefill"] == pytest.approx(2.0) and cold == 0
