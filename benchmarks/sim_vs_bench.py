@@ -243,8 +243,8 @@ def resimulation_inputs(out: Path, profiled: StepModel) -> tuple[dict[str, str],
     rows: list[dict] = []
     for r in live["rows"]:
         model = StepModel.of_coefficients([r["coefficients"][t] for t in STEP_TERMS])
-        rows += live_fit_rows(profiled, {r["worker"]: {"role": r["role"], "steps": r["steps"], "model": model}}, 0)
-        rows[-1]["after_sweep"] = r["after_sweep"]
+        one = {r["worker"]: {"role": r["role"], "steps": r["steps"], "model": model}}
+        rows += live_fit_rows(profiled, one, r["after_sweep"])
     commands = {k: v for k, v in earlier["commands"].items() if k in ("profile", "bench", "simulate")}
     return commands, rows
 

@@ -150,42 +150,28 @@ def format_table(profile: Profile) -> str:
 
 # Contention: the measured worker runs a short sweep while a neighbour on the same host runs a longer one, so
 # every measured step overlaps the neighbour's work (tandem profile, after the sweeps of each shape).
-CORUN_DECODE = ProfilePlan(
-    warmup_steps=1,
-    prefill_lengths=(),
-    cached=(),
-    decode_contexts=(256,),
-    decode_batches=(1, 4, 16),
-    decode_steps=20,
-    mixed=(),
-)
-CORUN_PREFILL = ProfilePlan(
-    warmup_steps=1,
-    prefill_lengths=(256, 512),
-    prefill_repeats=3,
-    cached=(),
-    decode_contexts=(),
-    decode_batches=(),
-    mixed=(),
-)
-BUSY_PREFILL = ProfilePlan(  # the neighbour while decode steps are measured (outlasts CORUN_DECODE)
-    warmup_steps=0,
-    prefill_lengths=(1024,),
-    prefill_repeats=6,
-    cached=(),
-    decode_contexts=(),
-    decode_batches=(),
-    mixed=(),
-)
-BUSY_DECODE = ProfilePlan(  # the neighbour while prefill steps are measured (outlasts CORUN_PREFILL)
-    warmup_steps=0,
-    prefill_lengths=(),
-    cached=(),
-    decode_contexts=(256,),
-    decode_batches=(8,),
-    decode_steps=120,
-    mixed=(),
-)
+def _prefills(lengths: tuple[int, ...], repeats: int, warmup_steps: int) -> ProfilePlan:
+    """A sweep of prompts alone and nothing else."""
+    return ProfilePlan(warmup_steps, lengths, repeats, cached=(), decode_contexts=(), decode_batches=(), mixed=())
+
+
+def _decodes(batches: tuple[int, ...], steps: int, warmup_steps: int) -> ProfilePlan:
+    """A sweep of decode steps at 256 tokens of context and nothing else."""
+    return ProfilePlan(
+        warmup_steps,
+        prefill_lengths=(),
+        cached=(),
+        decode_contexts=(256,),
+        decode_batches=batches,
+        decode_steps=steps,
+        mixed=(),
+    )
+
+
+CORUN_DECODE = _decodes((1, 4, 16), steps=20, warmup_steps=1)
+CORUN_PREFILL = _prefills((256, 512), repeats=3, warmup_steps=1)
+BUSY_PREFILL = _prefills((1024,), repeats=6, warmup_steps=0)  # the neighbour while decode steps are measured
+BUSY_DECODE = _decodes((8,), steps=120, warmup_steps=0)  # the neighbour while prefill steps are measured
 
 
 def contention(alone: list[StepTiming], beside: list[StepTiming], warmup: int) -> float:
