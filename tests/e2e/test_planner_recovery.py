@@ -48,7 +48,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
 PROMPT, OUTPUT = 384, 4
 # the arrival rate against what one prefill worker computes alone: 1.25x one worker; two on this 2-core host
-# compute about 1.6x one (they share the cores with the router, the client, Ray and the decode worker)
+# compute well under 2x one (they share the cores with the router, the client, Ray and the decode worker)
 LOAD = 1.25
 TARGET = 4.5  # the TTFT target, in prefills of one prompt alone
 ARRIVALS_BEFORE_STEP = 20  # arrivals before the planner's interval runs (about 16 prefill times of overload)
