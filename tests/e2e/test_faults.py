@@ -126,11 +126,20 @@ def _start_held(s, wids, hold: Hold, ids: list[int], max_tokens: int) -> tuple[S
     return stream, held
 
 
-def _restarted_and_rejoined(s, wid: str) -> None:
+def _kill(s, wid: str) -> str:
+    """Kill `wid`'s process (Ray restarts it); returns the incarnation the router had taken into service."""
+    pool = _pool_name(wid)
+    before = s.on_router(lambda svc: getattr(svc, pool).slot(wid).incarnation)
+    assert before, f"the router knows no incarnation of {wid}"
+    ray.kill(_actor(s, wid), no_restart=False)
+    return before
+
+
+def _restarted_and_rejoined(s, wid: str, before: str) -> None:
     """Wait for Ray to bring `wid` back, then run the router's health check: the new process is
     re-handshaken and taken back into its pool. (Ray refuses calls while the actor restarts, so
     this polls the restart: the one wait here on another process's progress.)"""
-    _seen_down(s, wid)  # ray.kill returns at once: until the router saw it die, the old process may answer
+    _seen_down(s, wid, before)  # ray.kill returns at once: until the router saw it die, the old process may answer
     deadline = time.monotonic() + WAIT_S
     while True:
         try:
@@ -141,33 +150,42 @@ def _restarted_and_rejoined(s, wid: str) -> None:
             time.sleep(0.2)
     s.on_router(lambda svc: svc.refresh_health(), timeout_s=WAIT_S)
     assert s.on_router(lambda svc: svc.wait_rejoins(WAIT_S), timeout_s=WAIT_S + 5)
-    pool = "prefill" if wid.startswith("prefill") else "decode"
+    pool = _pool_name(wid)
     assert s.on_router(lambda svc: getattr(svc, pool).healthy(wid)), f"{wid} did not rejoin"
 
 
-def _kill_held(s, reference, wids, hold: Hold, ids: list[int], max_tokens: int) -> tuple[list, str]:
+def _kill_held(s, reference, wids, hold: Hold, ids: list[int], max_tokens: int) -> tuple[list, str, str]:
     """Start a stream held at `hold` on one of `wids`, kill that worker (Ray restarts it), and return the
     stream's responses, checked (no error, tokens equal to the reference model's), and the worker."""
     stream, victim = _start_held(s, wids, hold, ids, max_tokens)
-    ray.kill(_actor(s, victim), no_restart=False)
+    before = _kill(s, victim)
     got = stream.rest()
     assert stream.error is None, stream.error
     assert _tokens_of(got) == hf_greedy(reference, ids, max_tokens)
-    return got, victim
+    return got, victim, before
 
 
-def _seen_down(s, wid: str) -> None:
-    """Until the router has marked `wid` down: its KV event feed's long poll failed (no sleep)."""
-    pool = "prefill" if wid.startswith("prefill") else "decode"
-    s.on_router(
-        lambda svc: svc.feed.wait_until(lambda: not getattr(svc, pool).healthy(wid), WAIT_S), timeout_s=WAIT_S + 5
-    )
+def _pool_name(wid: str) -> str:
+    return "prefill" if wid.startswith("prefill") else "decode"
+
+
+def _seen_down(s, wid: str, before: str) -> None:
+    """Until the router has seen process `before` of `wid` go: marked down (its KV event feed's long poll
+    failed), or already taken the restarted process into service (the periodic health check can do both
+    before the test looks). No sleep."""
+    pool = _pool_name(wid)
+
+    def gone(svc) -> bool:
+        slot = getattr(svc, pool).slot(wid)
+        return not slot.healthy or slot.incarnation != before
+
+    s.on_router(lambda svc: svc.feed.wait_until(lambda: gone(svc), WAIT_S), timeout_s=WAIT_S + 5)
 
 
 @contextmanager
 def _only(s, wid: str):
     """Route every new request of `wid`'s pool to it (the others draining) for the block."""
-    pool = "prefill" if wid.startswith("prefill") else "decode"
+    pool = _pool_name(wid)
 
     def drain(svc, on: bool):
         for slot in getattr(svc, pool).slots:
@@ -204,9 +222,9 @@ DECODE = ("decode-0", "decode-1")
 
 def test_prefill_worker_killed_mid_prefill_is_retried_on_another(cluster, reference):
     s = cluster
-    got, victim = _kill_held(s, reference, PREFILL, Hold(FaultPoint.PREFILL), _tokens(30, 1), 10)
+    got, victim, before = _kill_held(s, reference, PREFILL, Hold(FaultPoint.PREFILL), _tokens(30, 1), 10)
     assert got[0].prefill_worker != victim and got[-1].retries == 1
-    _restarted_and_rejoined(s, victim)
+    _restarted_and_rejoined(s, victim, before)
     with _only(s, victim):  # the restarted process serves: D pulls from its new NIXL agent
         tokens, responses = _greedy(s, _tokens(20, 2), 6)
     assert responses[0].prefill_worker == victim and tokens == hf_greedy(reference, _tokens(20, 2), 6)
@@ -222,15 +240,15 @@ def test_prefill_worker_killed_mid_transfer_resumes_after_token_one(cluster, ref
     first = stream.next()
     victim = first.prefill_worker
     assert first.decode_worker == held_on and len(first.token_ids) == 1
-    ray.kill(_actor(s, victim), no_restart=False)
-    _seen_down(s, victim)  # the process is gone (its KV feed's call failed), not just asked to go
+    before = _kill(s, victim)
+    _seen_down(s, victim, before)  # the process is gone (its KV feed's call failed), not just asked to go
     ray.get(_actor(s, held_on).release_faults.remote())
     got = [first, *stream.rest()]
     assert stream.error is None
     assert _tokens_of(got) == hf_greedy(reference, ids, 10)  # token 1 once, nothing missing
     assert got[-1].retries == 1
     _disarm(s, [held_on])
-    _restarted_and_rejoined(s, victim)
+    _restarted_and_rejoined(s, victim, before)
     _pools_intact(s)
 
 
@@ -238,11 +256,11 @@ def test_decode_worker_killed_mid_stream_migrates(cluster, reference):
     """D dies after streaming some tokens: the request moves to the other D, prefilled as prompt +
     the tokens sent, and the client's stream goes on exactly as an undisturbed run."""
     s = cluster
-    got, victim = _kill_held(s, reference, DECODE, Hold(FaultPoint.STREAM), _tokens(30, 4), 16)
+    got, victim, before = _kill_held(s, reference, DECODE, Hold(FaultPoint.STREAM), _tokens(30, 4), 16)
     assert got[0].decode_worker == victim and got[-1].retries == 1
     assert got[-1].usage.completion_tokens == 16
     assert {r.request_id for r in got} == {got[0].request_id}
-    _restarted_and_rejoined(s, victim)
+    _restarted_and_rejoined(s, victim, before)
     _pools_intact(s)
 
 
@@ -256,8 +274,8 @@ def test_the_only_decode_worker_dies_and_the_stream_waits_for_its_restart(cluste
         _arm(s, [victim], WorkerFaultPlan(holds=(Hold(FaultPoint.STREAM),)))
         stream = Stream(TandemClient(s.address), ids, 12)
         assert _held(s, [victim], FaultPoint.STREAM) == victim
-        ray.kill(_actor(s, victim), no_restart=False)
-        _restarted_and_rejoined(s, victim)
+        before = _kill(s, victim)
+        _restarted_and_rejoined(s, victim, before)
         got = stream.rest()
     assert stream.error is None
     assert _tokens_of(got) == hf_greedy(reference, ids, 12) and got[-1].retries == 1
@@ -395,7 +413,7 @@ def test_aggregated_worker_killed_mid_stream_migrates(tiny_dir, reference):
         **{"both.block_size": BS},
     ) as s:
         workers = tuple(h.worker_id for h in s.cluster.workers)
-        got, victim = _kill_held(s, reference, workers, Hold(FaultPoint.STREAM), _tokens(30, 14), 14)
+        got, victim, before = _kill_held(s, reference, workers, Hold(FaultPoint.STREAM), _tokens(30, 14), 14)
         assert got[0].decode_worker == victim and got[-1].retries == 1
-        _restarted_and_rejoined(s, victim)
+        _restarted_and_rejoined(s, victim, before)
         _pools_intact(s)
