@@ -178,6 +178,7 @@ class AdminService(apb_grpc.AdminServicer):
         """Follow a re-read config (SIGHUP): a pool whose `replicas` changed in the file is scaled to it;
         anything else that differs from the running config is reported as needing a restart."""
         running = self.cluster.config
+        config = config.with_devices_of(running)
         added: list[str] = []
         removed: list[str] = []
         for pool_name in POOLS:

@@ -80,8 +80,15 @@ class Cluster:
     def start(cls, config: ServeConfig) -> Cluster:
         config = config.validate()
         check_pools(config, load_model_source(config.model).config)
+        started_ray = _init_ray(config)
+        try:
+            config = _resolve_devices(config)
+        except BaseException:
+            if started_ray:
+                ray.shutdown()
+            raise
         cluster = cls(config)
-        cluster.started_ray = _init_ray(config)
+        cluster.started_ray = started_ray
         try:
             cluster._create_workers()
             cluster._wait_ready()
@@ -405,6 +412,16 @@ def _worker_env(cfg: ServeConfig) -> dict[str, str]:
         if key in os.environ and key not in env:
             env[key] = os.environ[key]
     return env
+
+
+def _resolve_devices(cfg: ServeConfig) -> ServeConfig:
+    """Pools with device "auto" go on GPUs when the Ray cluster has any (a GPU machine, a KubeRay GPU group)."""
+    if "auto" not in (cfg.prefill.device, cfg.decode.device):
+        return cfg
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    resolved = cfg.with_devices(gpus)
+    log.info("device auto: %s (the Ray cluster has %g GPU(s))", resolved.decode.device, gpus)
+    return resolved
 
 
 def _init_ray(cfg: ServeConfig) -> bool:

@@ -73,7 +73,9 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     block_size: int = 16
     kv_order: Literal["NHD", "HND"] = "NHD"  # layout inside a KV block: slot-major or head-major
     dtype: str = "auto"
-    device: str = "cpu"  # "cuda" puts each worker on one GPU (num_gpus defaults to 1 then)
+    # "auto": cuda where the Ray cluster has a GPU, else cpu (resolved once Ray is up: ServeConfig.with_devices);
+    # "cuda" puts each worker on one GPU (num_gpus defaults to 1 then)
+    device: str = "auto"
     kv_cache_memory: int | str = "512MiB"  # per rank (each rank caches its layers and heads only)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -223,6 +225,26 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seed: int = 0
     fault_injection: bool = False  # workers accept a fault plan (worker_core/faults.py): tests and chaos drills
 
+    def with_devices(self, cluster_gpus: float) -> ServeConfig:
+        """Pools with device "auto" on cuda when the Ray cluster has a GPU (`cluster_gpus`: its GPU resource),
+        else on cpu; explicit devices are kept."""
+        device = "cuda" if cluster_gpus >= 1 else "cpu"
+        pools = {
+            name: msgspec.structs.replace(pool, device=device)
+            for name, pool in (("prefill", self.prefill), ("decode", self.decode))
+            if pool.device == "auto"
+        }
+        return msgspec.structs.replace(self, **pools) if pools else self
+
+    def with_devices_of(self, running: ServeConfig) -> ServeConfig:
+        """A re-read config's "auto" devices as the running config resolved them."""
+        pools = {
+            name: msgspec.structs.replace(getattr(self, name), device=getattr(running, name).device)
+            for name in ("prefill", "decode")
+            if getattr(self, name).device == "auto"
+        }
+        return msgspec.structs.replace(self, **pools) if pools else self
+
     def validate(self) -> ServeConfig:
         for name, pool in (("prefill", self.prefill), ("decode", self.decode)):
             if pool.replicas < 1:
@@ -231,6 +253,8 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(f"{name}.block_size must be a power of two, got {pool.block_size}")
             if pool.dtype not in ("auto", "float32", "bfloat16", "float16"):
                 raise ConfigError(f"{name}.dtype must be auto, float32, bfloat16 or float16, got {pool.dtype!r}")
+            if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", pool.device):
+                raise ConfigError(f"{name}.device must be auto, cpu or cuda, got {pool.device!r}")
             if pool.num_cpus < 0 or pool.gpus < 0:
                 raise ConfigError(f"{name}.num_cpus and num_gpus must be >= 0")
             if pool.max_restarts < 0:

