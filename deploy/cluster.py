@@ -38,6 +38,7 @@ from common.errors import ConfigError
 from deploy.config import PoolConfig, ServeConfig, tracing_config
 from deploy.topology import check_pools, pool_engine_config
 from engine.loader import load_model_source
+from kv_transfer.ucx_net import TransportInfo, pair_route
 from worker_core.host import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Cluster:
     tokenizer: object = None
     started_ray: bool = False
     placement_groups: dict[str, object] = field(default_factory=dict)  # worker id -> its placement group
+    kv_routes: list[str] = field(default_factory=list)  # what carries each P -> D pair's KV, checked at start
     _next_index: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
     # rejoin_worker and remove_worker run on threads (the health check's, the admin's): one at a time, so
     # that a removal never interleaves with a rejoin re-adding the removed worker's agents on its peers
@@ -94,6 +96,9 @@ class Cluster:
             cluster._wait_ready()
             if config.mode == "disaggregated":
                 cluster._handshake()
+                cluster.kv_routes = cluster.transport_routes(cluster.prefill, cluster.decode)
+                for route in cluster.kv_routes:
+                    log.info("KV transfer: %s", route)
         except BaseException:
             cluster.shutdown()
             raise
@@ -141,6 +146,15 @@ class Cluster:
                 s.dtype,
             )
 
+    def transport_routes(self, prefill: list[WorkerHandle], decode: list[WorkerHandle]) -> list[str]:
+        """What carries the KV of each prefill -> decode pair (the start-up check, kv_transfer/ucx_net.py);
+        ConfigError for a pair on two hosts whose UCX cannot reach the other (loopback only)."""
+        handles = {h.worker_id: h for h in (*prefill, *decode)}
+        infos: dict[str, TransportInfo] = dict(
+            zip(handles, ray.get([h.actor.transport_info.remote() for h in handles.values()]), strict=True)
+        )
+        return [pair_route(infos[p.worker_id], infos[d.worker_id]) for p in prefill for d in decode]
+
     def _handshake(self) -> None:
         p_payloads: list[bytes] = ray.get([p.actor.handshake_payload.remote() for p in self.prefill])
         d_payloads: list[bytes] = ray.get([d.actor.handshake_payload.remote() for d in self.decode])
@@ -170,6 +184,9 @@ class Cluster:
                     [w.actor.add_peer.remote(mine) for w in peers] + [handle.actor.add_peer.remote(t) for t in theirs],
                     timeout=CALL_TIMEOUT_S,
                 )
+                pairs = ([handle], peers) if pool_name == "prefill" else (peers, [handle])
+                for route in self.transport_routes(*pairs):
+                    log.info("KV transfer: %s", route)
         except BaseException:
             self._stop(handle)
             self._forget_peer(handle.worker_id, peers)  # peers that did add it drop it again

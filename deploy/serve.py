@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 ADMIN_SERVICE = apb.DESCRIPTOR.services_by_name["Admin"].full_name  # "tandem.v1.Admin"
 STOP_GRACE_S = 5.0
+MAX_ROUTES_SHOWN = 8  # P -> D pairs printed at start-up (every pair is logged)
 
 
 def _version(dist: str) -> str:
@@ -256,6 +257,11 @@ async def _main(cluster: Cluster, reload: Callable[[], ServeConfig] | None = Non
             f"tandem: serving {name} ({cluster.topology()}) on {cfg.router.host}:{port}; Ctrl-C to stop",
             flush=True,
         )
+        shown = cluster.kv_routes[:MAX_ROUTES_SHOWN]
+        for route in shown:
+            print(f"tandem: KV transfer {route}", flush=True)
+        if len(cluster.kv_routes) > len(shown):
+            print(f"tandem: KV transfer: {len(cluster.kv_routes) - len(shown)} more pairs (log level INFO)", flush=True)
         if service.http_port is not None:
             scheme = "https" if cfg.router.tls_cert else "http"
             print(f"tandem: OpenAI API on {scheme}://{cfg.router.host}:{service.http_port}/v1", flush=True)

@@ -17,8 +17,9 @@ in its environment, and its spawned peer inherits them).
   messages), and on a GPU host a set without a cuda transport is refused by NIXL
   ("Invalid UCX_TLS=tcp,sm,self for NIXL UCX backend: NVIDIA GPU(s) are present, but
   this setting does not enable CUDA memory support. Add cuda_copy ...").
-- UCX_NET_DEVICES=lo keeps this single-host setup on loopback. Across hosts set
-  `ucx_net_devices=None` (or export UCX_NET_DEVICES) so UCX may use real NICs.
+- UCX_NET_DEVICES: workers choose it from the Ray cluster's hosts (kv_transfer/ucx_net.py:
+  loopback on one host, RDMA ports or the node IP's interface across hosts); "lo" is the
+  default of a bare NixlSettings (tests, benchmarks on one host).
 - UCX_CUDA_IPC_ENABLE_GET_ZCOPY=y (unless set): without NVLink (one PCIe GPU) UCX
   disables CUDA-IPC reads ("cuda-ipc get zcopy disabled as no nvlinks detected") and a
   VRAM READ falls back to tcp "software emulation": ~0.45 GB/s instead of ~640 GB/s
@@ -43,7 +44,7 @@ class NixlSettings:
     backend: str = "UCX"
     enable_prog_thread: bool = False
     ucx_tls: str | None = None  # None: leave UCX_TLS to UCX
-    ucx_net_devices: str | None = "lo"  # None across hosts
+    ucx_net_devices: str | None = "lo"  # workers pass kv_transfer/ucx_net.py's choice; None: UCX's (every device)
     ucx_cuda_ipc_get_zcopy: str | None = "y"  # READ of VRAM by CUDA IPC even without NVLink
     num_threads: int = 0  # backend worker threads; 0 = NIXL's default
 

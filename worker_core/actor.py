@@ -43,6 +43,10 @@ class WorkerActor:
     async def handshake_payload(self) -> bytes:
         return await self.host.handshake_payload()
 
+    async def transport_info(self):
+        """The UCX devices and transports this worker's KV agent started with (deploy's start-up check)."""
+        return await self.host.transport_info()
+
     async def add_peer(self, payload: bytes) -> str:
         """Every rank of a peer worker; refuses an impossible pair, naming both sides and the field."""
         return await self.host.add_peer(payload)

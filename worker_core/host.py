@@ -209,6 +209,11 @@ class WorkerHost:
     async def layouts(self) -> list:
         return await rank_layouts(self._need_kv(), self._rank_actors)
 
+    async def transport_info(self):
+        """Rank 0's KV transport as its agent started (kv_transfer/ucx_net.py TransportInfo): the start-up check."""
+        node_ip = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        return self._need_kv().transport_info(self.worker_id, node_ip)
+
     async def add_peer(self, payload: bytes) -> str:
         """Add every rank of a peer worker to every rank of ours; returns the peer's leader agent.
 

@@ -19,13 +19,18 @@ lease lives on P's leader): the router releases P's lease once D streams.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from common.errors import KVTransferFailedError
 from engine.kv_cache import KVCacheSpec
+
+if TYPE_CHECKING:
+    from kv_transfer.ucx_net import TransportInfo
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +59,11 @@ class RankKV:
         staging_bytes -= staging_bytes % row
         # uninitialised: pages are only touched by the conversions that use them
         self.staging = torch.empty(staging_bytes, dtype=torch.uint8, device=cache.device) if staging_bytes else None
-        self.transport = NixlTransport(agent_name, NixlSettings(backend=backend, enable_prog_thread=progress_thread))
+        from worker_core.net import ucx_net_devices
+
+        self.net_devices, self.net_why = ucx_net_devices()  # before the agent starts: UCX reads it then
+        settings = NixlSettings(backend=backend, enable_prog_thread=progress_thread, ucx_net_devices=self.net_devices)
+        self.transport = NixlTransport(agent_name, settings)
         self.transport.register(cache, self.layout, self.staging)
         self._workers: dict[str, list[str]] = {}  # peer worker's leader agent -> its ranks' agents
         self._plans: dict[str, object] = {}  # peer worker's leader agent -> ConversionPlan for this rank
@@ -65,6 +74,20 @@ class RankKV:
 
     def handshake_payload(self) -> bytes:
         return self.transport.handshake_payload()
+
+    def transport_info(self, worker_id: str, node_ip: str) -> TransportInfo:
+        """The UCX devices and transports this agent started with, and where its KV lives."""
+        from kv_transfer.ucx_net import TransportInfo, rdma_ports
+
+        return TransportInfo(
+            worker_id=worker_id,
+            node_ip=node_ip,
+            net_devices=os.environ.get("UCX_NET_DEVICES", ""),
+            why=self.net_why,
+            ucx_tls=os.environ.get("UCX_TLS", ""),
+            memory="VRAM" if self.cache.is_cuda else "DRAM",
+            rdma_ports=rdma_ports(),
+        )
 
     def add_peer_worker(self, payloads: list[bytes]) -> list[str]:
         """Add every rank of a peer worker (rank order); refuses a peer whose model can never match."""

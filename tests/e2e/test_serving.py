@@ -63,6 +63,10 @@ def test_disaggregated_equals_aggregated_equals_transformers(disagg, agg, refere
     assert all(p > 0 for p in pulls)  # every prompt's KV really moved P -> D
     disagg.cluster.check_pools()
     agg.cluster.check_pools()
+    # the start-up check: one host, so UCX stays on loopback and host memory moves by cma
+    host = disagg.cluster.kv_routes[0].split("same host ")[1].split(",")[0]
+    assert disagg.cluster.kv_routes == [f"prefill-0 -> decode-0: same host {host}, DRAM->DRAM by cma / shared memory"]
+    assert agg.cluster.kv_routes == []
 
 
 def test_text_chat_stop_and_seeded_sampling_match_between_modes(disagg, agg):
