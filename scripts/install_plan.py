@@ -155,12 +155,16 @@ def plan(environ: dict[str, str] | None = None) -> InstallPlan:
     return InstallPlan("cuda", reason, f"torch=={TORCH}+{variant}", index, nixl, f"{cuda[0]}.{cuda[1]}")
 
 
-def rewrite_requirements(text: str, nixl: str) -> str:
-    """A requirements file's text with its NIXL pin replaced by the plan's (CUDA 13 hosts: nixl-cu13)."""
-    if nixl == DEFAULT_NIXL:
+def rewrite_requirements(text: str, p: InstallPlan) -> str:
+    """A requirements file's text for plan `p`: its NIXL pin replaced by the plan's (CUDA 13 hosts: nixl-cu13),
+    and on CUDA without the triton pin (the CUDA torch build requires the triton it was built with)."""
+    if p.device == "cpu" and p.nixl == DEFAULT_NIXL:
         return text
     lines = [line for line in text.splitlines() if not line.strip().startswith("nixl-cu12==")]
-    return "\n".join([*lines, nixl]) + "\n"
+    if p.device == "cuda":
+        lines = [line for line in lines if not line.strip().startswith("triton==")]
+    had_nixl = any(line.strip().startswith("nixl-cu12==") for line in text.splitlines())
+    return "\n".join([*lines, *([p.nixl] if had_nixl else [])]) + "\n"
 
 
 def _with_reason(p: InstallPlan, reason: str) -> InstallPlan:
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.requirements:
         with open(args.requirements, encoding="utf-8") as f:
-            sys.stdout.write(rewrite_requirements(f.read(), p.nixl))
+            sys.stdout.write(rewrite_requirements(f.read(), p))
     else:
         print(p.explain() if args.explain else "\n".join(p.lines()))
     return 0

@@ -22,12 +22,17 @@ A step's tokens arrive flattened, decode-like requests first:
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from engine.kv_cache import KVOrder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -129,8 +134,15 @@ def paged_attention(
     t, heads, dim = q.shape
     kv_heads = k.shape[1]
     groups = md.decode_groups
+    triton = triton_kernels(q.device)
+    nhd = order is KVOrder.NHD
 
     def decode(g: DecodeGroup) -> torch.Tensor:
+        if triton is not None:
+            lens = g.lens if g.lens is not None else g.mask.view(g.end - g.start, -1).sum(-1)
+            return triton.paged_decode(
+                q[g.start : g.end], cache_k, cache_v, g.block_table, lens.to(q.device), scale, nhd
+            )
         if kernels is not None and q_rows is not None:
             return _decode_attention_kernel(
                 kernels, q_rows[g.start : g.end], cache_k, cache_v, g, order, scale, heads, kv_heads, dim
@@ -143,6 +155,11 @@ def paged_attention(
     for g in groups:
         out[g.start : g.end] = decode(g).view(g.end - g.start, heads, dim)
     for c in md.prefills:
+        if triton is not None and c.block_ids is not None:  # after a prefix or an earlier chunk: blocks in place
+            out[c.start : c.end] = triton.paged_prefill(
+                q[c.start : c.end], cache_k, cache_v, c.block_ids, c.context_len, scale, nhd
+            )
+            continue
         qc = q[c.start : c.end].transpose(0, 1).unsqueeze(0)  # [1, heads, q, d]
         if c.block_ids is None:
             kc = k[c.start : c.end].transpose(0, 1).unsqueeze(0)
@@ -195,3 +212,67 @@ def _decode_attention(
     vd = _gather(cache_v, group.block_table, order)
     od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=scale)
     return od.reshape(b, heads, dim)
+
+
+# ---- the Triton kernels on CUDA ------------------------------------------------------------------------------------
+
+_TRITON: dict[torch.device, object] = {}  # device -> engine/model/triton_attention (None: the gather path)
+ATTENTION_ENV = "TANDEM_PAGED_ATTENTION"  # auto (default), triton (on any device; fail if it cannot run), gather
+
+
+def triton_kernels(device: torch.device):
+    """engine/model/triton_attention for `device`, or None for the gather path (and the CPU kernels).
+
+    auto (default): the Triton kernels on CUDA, when Triton imports and they agree with the gather path on a
+    self-check at first use, else the gather path with a warning; never on CPU. triton: on any device (CPU runs
+    them in Triton's interpreter, TRITON_INTERPRET=1: tests), an error if they cannot run. gather: never."""
+    if device in _TRITON:
+        return _TRITON[device]
+    choice = os.environ.get(ATTENTION_ENV, "auto").strip().lower()
+    if choice not in ("auto", "triton", "gather"):
+        raise ValueError(f"{ATTENTION_ENV}={choice!r}: use auto, triton or gather")
+    module = None
+    if choice == "triton" or (choice == "auto" and device.type == "cuda"):
+        try:
+            from engine.model import triton_attention
+
+            _self_check(triton_attention, device)
+            module = triton_attention
+        except Exception as exc:
+            if choice == "triton":
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            log.warning(
+                "paged attention on %s: the gather path (Triton kernels unusable: %s: %s)",
+                device,
+                type(exc).__name__,
+                first,
+            )
+    _TRITON[device] = module
+    return module
+
+
+def _self_check(kernels, device: torch.device) -> None:
+    """The kernels against the gather path on a small random paged cache (GQA, a prefix, both orders)."""
+    gen = torch.Generator().manual_seed(0)
+    bs, kv_heads, heads, dim = 16, 2, 4, 64
+    for order in KVOrder:
+        shape = (8, bs, kv_heads, dim) if order is KVOrder.NHD else (8, kv_heads, bs, dim)
+        ck, cv = (torch.randn(shape, generator=gen).to(device) for _ in range(2))
+        table = torch.tensor([[5, 2, 7, 0], [1, 6, 3, 4]], device=device)
+        lens = torch.tensor([40, 61], device=device)
+        q = torch.randn(2, heads, dim, generator=gen).to(device)
+        mask = (torch.arange(4 * bs, device=device)[None, :] < lens[:, None]).view(2, 1, 1, -1)
+        group = DecodeGroup(0, 2, table, mask, lens)
+        want = _decode_attention(q, ck, cv, group, order, 1 / math.sqrt(dim), kv_heads)
+        got = kernels.paged_decode(q, ck, cv, table, lens, 1 / math.sqrt(dim), order is KVOrder.NHD)
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+        qp = torch.randn(21, heads, dim, generator=gen).to(device)  # the last 21 of 61 positions
+        kd = _gather(ck, table[1], order)[:, :61]
+        vd = _gather(cv, table[1], order)[:, :61]
+        causal = torch.ones(21, 61, dtype=torch.bool, device=device).tril(40)
+        want_p = F.scaled_dot_product_attention(
+            qp.transpose(0, 1)[None], kd[None], vd[None], attn_mask=causal, scale=1 / math.sqrt(dim), enable_gqa=True
+        )[0].transpose(0, 1)
+        got_p = kernels.paged_prefill(qp, ck, cv, table[1], 61, 1 / math.sqrt(dim), order is KVOrder.NHD)
+        torch.testing.assert_close(got_p, want_p, atol=1e-3, rtol=1e-3)

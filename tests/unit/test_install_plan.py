@@ -100,13 +100,18 @@ def test_overrides(tmp_path):
         plan(_env(None, TANDEM_DEVICE="cuda", TANDEM_CUDA_VERSION="twelve"))
 
 
-def test_requirements_get_the_plans_nixl_wheel():
-    text = (ROOT / "requirements/runtime.txt").read_text()
-    assert rewrite_requirements(text, install_plan.DEFAULT_NIXL) == text
-    cu13 = rewrite_requirements(text, "nixl-cu13==1.5.1").splitlines()
-    assert "nixl-cu13==1.5.1" in cu13 and not any(line.startswith("nixl-cu12") for line in cu13)
-    assert len(cu13) == len(text.splitlines())  # one line replaced, nothing else lost
-    assert install_plan.DEFAULT_NIXL in text.splitlines()  # the default names what the file pins
+def test_requirements_get_the_plans_nixl_wheel_and_cuda_keeps_torchs_triton():
+    runtime, test = (ROOT / "requirements/runtime.txt").read_text(), (ROOT / "requirements/test.txt").read_text()
+    cpu = plan(_env())
+    assert rewrite_requirements(runtime, cpu) == runtime and rewrite_requirements(test, cpu) == test
+    cu13 = plan(_env(None, TANDEM_DEVICE="cuda", TANDEM_CUDA_VERSION="13.0"))
+    lines = rewrite_requirements(runtime, cu13).splitlines()
+    assert "nixl-cu13==1.5.1" in lines and not any(line.startswith("nixl-cu12") for line in lines)
+    assert len(lines) == len(runtime.splitlines())  # one line replaced, nothing else lost
+    assert install_plan.DEFAULT_NIXL in runtime.splitlines()  # the default names what the file pins
+    cu12_test = rewrite_requirements(test, plan(_env(None, TANDEM_DEVICE="cuda", TANDEM_CUDA_VERSION="12.8")))
+    assert any(line.startswith("triton==") for line in test.splitlines())  # CPU tests run Triton's interpreter
+    assert not any(line.startswith("triton==") for line in cu12_test.splitlines())
 
 
 def _dry_run(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
