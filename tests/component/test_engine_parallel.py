@@ -24,14 +24,14 @@ PROMPTS = [list(range(5, 45)), list(range(100, 107))]
 NEW = 10
 
 
-def _config(model: str, tp: int, pp: int, device: str) -> EngineConfig:
+def _config(model: str, tp: int, pp: int, device: str, backend: str = "gloo") -> EngineConfig:
     return EngineConfig(
         model=model,
         dtype="float32",
         device=device,
         cache=CacheConfig(num_blocks=64, block_size=8),
         scheduler=SchedulerConfig(max_num_batched_tokens=24),  # the long prompt is chunked
-        parallel=ParallelConfig(tp, pp, backend="gloo", collective_timeout_s=120),
+        parallel=ParallelConfig(tp, pp, backend=backend, collective_timeout_s=120),
     )
 
 
@@ -45,16 +45,19 @@ def _greedy(core: EngineCore) -> list[list[int]]:
     return [out[i] for i in ids]
 
 
-def _rank(rank: int, model: str, tp: int, pp: int, device: str, init: str, results) -> None:
+def _rank(rank: int, model: str, tp: int, pp: int, device: str, init: str, results, backend: str = "gloo") -> None:
     from engine.distributed import DistEnv, DistributedExecutor, serve_rank
     from engine.loader import load_model_source
     from engine.model.parallel import RankPosition
     from engine.shard import ModelShard
 
     torch.set_num_threads(1)
-    cfg = _config(model, tp, pp, device)
+    if backend == "nccl":  # NCCL ranks each own a GPU
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(rank)
+    cfg = _config(model, tp, pp, device, backend)
     pos = RankPosition.of(rank, tp, pp)
-    env = DistEnv(pos, init, "gloo", 120)
+    env = DistEnv(pos, init, backend, 120)
     source = load_model_source(model)
     shard = ModelShard(cfg, source, pos, env.parallel_context(), dtype=torch.float32)
     shard.allocate(64)
@@ -68,13 +71,13 @@ def _rank(rank: int, model: str, tp: int, pp: int, device: str, init: str, resul
         core.close()
 
 
-def _run(model: str, tp: int, pp: int, device: str) -> list[list[int]]:
+def _run(model: str, tp: int, pp: int, device: str, backend: str = "gloo") -> list[list[int]]:
     ctx = mp.get_context("spawn")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, model, tp, pp, device, init, results)) for r in range(tp * pp)]
+    procs = [ctx.Process(target=_rank, args=(r, model, tp, pp, device, init, results, backend)) for r in range(tp * pp)]
     for p in procs:
         p.start()
     try:
@@ -112,3 +115,11 @@ def test_one_rank_config_refuses_a_parallel_shape_without_ranks(tiny):
 def test_parallel_engine_on_cuda_equals_one_rank(tiny, tp, pp):
     want = _greedy(EngineCore(_config(tiny, 1, 1, "cuda")))
     assert _run(tiny, tp, pp, "cuda") == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (each NCCL rank owns one)")
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
+def test_parallel_engine_over_nccl_equals_one_rank(tiny, tp, pp):
+    want = _greedy(EngineCore(_config(tiny, 1, 1, "cuda")))
+    assert _run(tiny, tp, pp, "cuda", backend="nccl") == want
