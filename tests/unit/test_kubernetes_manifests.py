@@ -6,8 +6,9 @@
   (`structural_to_jsonschema`): unknown fields are rejected as kubectl's strict field validation rejects
   them, metadata is checked as ObjectMeta. CEL rules (x-kubernetes-validations) are not evaluated.
 - Consistency (`consistency_problems`): the ConfigMap's cluster.yaml loads with deploy.config; its ports
-  are the Services' and the head container's; each pool is pinned to a worker group that offers its
-  resources (GPU pools to the GPU group only) and has room for it; the Services select the head pod by
+  are the Services' and the head container's; each pool is pinned to worker groups that offer its
+  resources (a GPU pool only to groups whose pods get a GPU, a CPU pool only to groups whose pods get
+  none) and whose pods have room for its ranks beside the other pool's; the Services select the head pod by
   the labels KubeRay puts on it; the RayJob's entrypoint parses as deploy.job's flags and reads the file
   the head mounts; the image is the one README.md builds; and the operator's own checks that no schema
   carries (KubeRay v1.7.0, ray-operator/controllers/ray/utils/validation.go).
@@ -412,6 +413,8 @@ def consistency_problems(objs: Objects, image: str) -> list[str]:
 
     # -- pools on worker groups
     cfg = cfg.with_devices(sum(w.ray.get("GPU", 0.0) * w.replicas for w in workers))
+    free = {(w.name, i): dict(w.ray) for w in workers for i in range(w.replicas)}  # what each pod has left
+    placed_on: dict[str, set[str]] = {}  # group -> the pools with ranks on its pods
     for pool_name, pool in (("prefill", cfg.prefill), ("decode", cfg.decode)):
         if not pool.resources and not pool.label_selector:
             problems.append(f"{pool_name}: not pinned (give it the resources or label_selector of a worker group)")
@@ -422,16 +425,29 @@ def consistency_problems(objs: Objects, image: str) -> list[str]:
         if not fitting:
             problems.append(f"{pool_name}: no worker group offers {pool.resources or pool.label_selector}")
             continue
-        for w in fitting:
+        for w in fitting:  # a GPU pool only on pods that get a GPU, a CPU pool only on pods that do not
             if pool.gpus > 0 and not w.gpus:
                 problems.append(f"{pool_name} runs on {pool.device}: its pinning admits {w.name}, which has no GPU")
             if pool.gpus == 0 and w.gpus:
                 problems.append(f"{pool_name} runs on CPU: its pinning admits the GPU group {w.name}")
+            # a CPU pool's KV caches live in the pod's memory; a GPU pool's in its GPU's, which no manifest states
             if pool.gpus == 0 and w.memory and pool.kv_cache_bytes * ranks_per_node(pool, w) >= w.memory:
                 problems.append(f"{pool_name}: the KV caches of one {w.name} pod exceed its memory")
-        room = sum(ranks_per_node(pool, w) * w.replicas for w in fitting)
-        if room < pool.replicas * pool.world_size:
-            problems.append(f"{pool_name}: {pool.replicas * pool.world_size} ranks, room for {room} on its groups")
+        # room: each rank takes its CPUs, GPUs and custom resources from a pod of its groups (first fit, prefill
+        # first), so two pools pinned to the same pods are counted against each other
+        needs = {k: v for k, v in {"CPU": pool.num_cpus, "GPU": pool.gpus, **pool.resources}.items() if v > 0}
+        ranks, room = pool.replicas * pool.world_size, 0
+        for w in fitting:
+            for i in range(w.replicas):
+                node = free[(w.name, i)]
+                while room < ranks and all(node.get(k, 0.0) >= v for k, v in needs.items()):
+                    node.update({k: node.get(k, 0.0) - v for k, v in needs.items()})
+                    room += 1
+                    placed_on.setdefault(w.name, set()).add(pool_name)
+        if room < ranks:
+            others = sorted({p for w in fitting for p in placed_on.get(w.name, set())} - {pool_name})
+            taken = f", the rest taken by {', '.join(others)}" if others else ""
+            problems.append(f"{pool_name}: {ranks} ranks, room for {room} on its groups{taken}")
 
     # -- pods: GPU requests, shared memory, one image
     for w in workers:
@@ -715,8 +731,10 @@ def test_the_configmap_is_a_real_serve_config(tmp_path):
         8000,
         9464,
     )
-    assert cfg.prefill.gpus == 1 and cfg.decode.gpus == 0 and cfg.ray_address is None
-    assert parse_size(cfg.prefill.kv_cache_memory) > 0
+    assert cfg.ray_address is None
+    for pool in (cfg.prefill, cfg.decode):  # both pools on GPUs, one dtype (a P/D pair must agree on it)
+        assert (pool.device, pool.gpus, pool.dtype) == ("cuda", 1, "bfloat16")
+        assert parse_size(pool.kv_cache_memory) > 0
 
 
 def _edit(mutate: Callable[[Objects], None]) -> list[str]:
@@ -734,8 +752,57 @@ def _cfg_edit(old: str, new: str) -> Callable[[Objects], None]:
     return mutate
 
 
+def _pool_edit(pool: str, **values: Any) -> Callable[[Objects], None]:
+    """Set keys of one pool of the ConfigMap's cluster.yaml (None: remove the key); comments are lost."""
+
+    def mutate(objs: Objects) -> None:
+        data = one(objs, "ConfigMap")["data"]
+        cfg = yaml.safe_load(data[CONFIG_KEY])
+        for key, value in values.items():
+            assert value is not None or key in cfg[pool], key
+            if value is None:
+                del cfg[pool][key]
+            else:
+                cfg[pool][key] = value
+        data[CONFIG_KEY] = yaml.safe_dump(cfg, sort_keys=False)
+
+    return mutate
+
+
 def _cluster(path: str, value: Any) -> Callable[[Objects], None]:
     return lambda objs: _set(path, value)(one(objs, "RayCluster"))
+
+
+def _worker_group(name: str) -> Callable[[Objects], dict[str, Any]]:
+    def find(objs: Objects) -> dict[str, Any]:
+        found = [g for g in one(objs, "RayCluster")["spec"]["workerGroupSpecs"] if g["groupName"] == name]
+        assert len(found) == 1, name
+        return found[0]
+
+    return find
+
+
+def _without_gpus(group: dict[str, Any]) -> None:
+    """A worker group made CPU-only: no nvidia.com/gpu, no GPU node selector or toleration."""
+    pod = group["template"]["spec"]
+    for container in pod["containers"]:
+        for kind in ("requests", "limits"):
+            container["resources"][kind].pop("nvidia.com/gpu")
+    pod["nodeSelector"].pop("nvidia.com/gpu.present")
+    pod.pop("tolerations")
+
+
+def _add_cpu_group_offering(resource: str) -> Callable[[Objects], None]:
+    """A second, CPU-only, worker group offering `resource` too (a copy of gpu-decode without its GPU)."""
+
+    def mutate(objs: Objects) -> None:
+        group = copy.deepcopy(_worker_group("gpu-decode")(objs))
+        group["groupName"] = "cpu-extra"
+        group["rayStartParams"]["resources"] = f"'{json.dumps({resource: 1})}'"
+        _without_gpus(group)
+        one(objs, "RayCluster")["spec"]["workerGroupSpecs"].append(group)
+
+    return mutate
 
 
 INCONSISTENT = {  # mutation of a copy of the manifests -> a phrase of the problem it must raise
@@ -744,10 +811,16 @@ INCONSISTENT = {  # mutation of a copy of the manifests -> a phrase of the probl
     "bad config": (_cfg_edit("replicas: 1", "replicas: 0"), "replicas must be >= 1"),
     "unknown config key": (_cfg_edit("mode: disaggregated", "mode: disaggregated\nmodes: 1"), "modes"),
     "pool pinned to nothing": (_cfg_edit("{decode_node: 1}", "{decode_nodes: 1}"), "no worker group offers"),
-    "GPU pool on the CPU group": (_cfg_edit("{prefill_node: 1}", "{decode_node: 1}"), "which has no GPU"),
-    "CPU pool on the GPU group": (_cfg_edit("{decode_node: 1}", "{prefill_node: 1}"), "GPU group gpu-workers"),
-    "more workers than pods": (_cfg_edit("replicas: 1\n  device: cpu", "replicas: 2\n  device: cpu"), "room for 1"),
-    "unpinned pool": (_cfg_edit("resources: {decode_node: 1}", "num_threads: 6"), "not pinned"),
+    "GPU pool on a group without GPUs": (
+        lambda objs: _without_gpus(_worker_group("gpu-decode")(objs)),
+        "admits gpu-decode, which has no GPU",
+    ),
+    "GPU pool also on a CPU group": (_add_cpu_group_offering("prefill_node"), "admits cpu-extra, which has no GPU"),
+    "CPU pool on a GPU group": (_pool_edit("decode", device="cpu"), "admits the GPU group gpu-decode"),
+    "both pools on one group's pods": (_pool_edit("prefill", resources={"decode_node": 1}), "taken by prefill"),
+    "more workers than pods": (_pool_edit("decode", replicas=2), "decode: 2 ranks, room for 1"),
+    "more CPUs than a pod has": (_pool_edit("prefill", num_cpus=9), "prefill: 1 ranks, room for 0"),
+    "unpinned pool": (_pool_edit("decode", resources=None), "not pinned"),
     "service on another port": (
         lambda objs: _set("spec.ports.0.port", 80)(objs[("Service", "tandem-http")]),
         "expose the router's own port",
@@ -818,6 +891,25 @@ def test_an_inconsistent_copy_is_caught(case):
     mutate, phrase = INCONSISTENT[case]
     problems = _edit(mutate)
     assert any(phrase in p for p in problems), problems
+
+
+def test_the_documented_no_gpu_variant_is_consistent():
+    """deploy/kubernetes/README.md's "No GPUs" edits, applied to a copy, leave nothing to catch."""
+    cpu_image = documented_image("deploy/docker/Dockerfile.cpu")
+    howto = (K8S / "README.md").read_text(encoding="utf-8")
+    for step in (cpu_image, f"newTag: {cpu_image.split(':')[1]}", "nvidia.com/gpu.present", "`device: cpu`"):
+        assert step in howto, step
+    objs = copy.deepcopy(load_objects())
+    _pool_edit("prefill", device="cpu")(objs)
+    _pool_edit("decode", device="cpu")(objs)
+    cluster = one(objs, "RayCluster")
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        _without_gpus(group)
+    for g in groups(cluster):  # kustomization.yaml's newTag, as kustomize applies it
+        for container in g.spec["template"]["spec"]["containers"]:
+            container["image"] = cpu_image
+    assert consistency_problems(objs, cpu_image) == []
+    assert consistency_problems(objs, documented_image())  # the CUDA image is no longer the one deployed
 
 
 def test_kustomize_renders_the_same_objects_with_the_documented_image():
