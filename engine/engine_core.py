@@ -27,9 +27,9 @@ from common.errors import ConfigError, InvalidRequestError, OutOfKVCacheError, P
 from common.sampling_params import SamplingParams
 from engine.config import EngineConfig
 from engine.cpu_memory import keep_freed_memory
+from engine.cuda_graphs import one_rank_executor
 from engine.detokenizer import IncrementalDetokenizer
 from engine.device import resolve_device
-from engine.distributed import LocalExecutor
 from engine.kv_cache_manager import KVCacheManager
 from engine.loader import load_model_source
 from engine.loader.source import ModelSource
@@ -72,7 +72,7 @@ class EngineCore:
             torch.manual_seed(config.seed)
             shard = ModelShard(config, self.source, device=device)
             shard.allocate(shard.max_blocks())
-            executor = LocalExecutor(shard)
+            executor = one_rank_executor(shard, cfg.max_position_embeddings)
         self.executor = executor
         self.device = executor.shard.device
         self.dtype = executor.shard.dtype
