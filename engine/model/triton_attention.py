@@ -25,6 +25,23 @@ import triton.language as tl
 
 
 @triton.jit
+def _kv_addr(bt_row, pos, ok, kvh, stride_kb, stride_ks, stride_kh, BS: tl.constexpr):
+    """Element offsets of positions `pos` of KV head `kvh`, each in the block its block-table row names."""
+    blk = tl.load(bt_row + pos // BS, mask=ok, other=0).to(tl.int64)
+    return blk * stride_kb + (pos % BS) * stride_ks + kvh * stride_kh
+
+
+@triton.jit
+def _online_softmax(m, den, s):
+    """One tile of scores `s` [rows, keys] into the running max `m` and denominator `den`:
+    (new max, the tile's probabilities, the factor that rescales what was accumulated, new denominator)."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    return m_new, p, alpha, den * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
 def _paged_decode_kernel(
     Q,
     K,
@@ -64,16 +81,12 @@ def _paged_decode_kernel(
     for start in range(0, length, BLOCK_N):
         pos = start + offs_n
         ok = pos < length
-        blk = tl.load(BT + row * stride_bt + pos // BS, mask=ok, other=0).to(tl.int64)
-        addr = blk * stride_kb + (pos % BS) * stride_ks + kvh * stride_kh
+        addr = _kv_addr(BT + row * stride_bt, pos, ok, kvh, stride_kb, stride_ks, stride_kh, BS)
         kv_mask = ok[:, None] & d_ok[None, :]
         k = tl.load(K + addr[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G_PAD, BLOCK_N]
         s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        den = den * alpha + tl.sum(p, axis=1)
+        m_new, p, alpha, den = _online_softmax(m, den, s)
         v = tl.load(V + addr[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m = m_new
@@ -126,8 +139,7 @@ def _paged_prefill_kernel(
     for start in range(0, hi, BLOCK_N):
         pos = start + offs_n
         ok = pos < hi
-        blk = tl.load(BT + pos // BS, mask=ok, other=0).to(tl.int64)
-        addr = blk * stride_kb + (pos % BS) * stride_ks + kvh * stride_kh
+        addr = _kv_addr(BT, pos, ok, kvh, stride_kb, stride_ks, stride_kh, BS)
         kv_mask = ok[:, None] & d_ok[None, :]
         k = tl.load(K + addr[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         if IEEE:
@@ -136,10 +148,7 @@ def _paged_prefill_kernel(
             s = tl.dot(q, tl.trans(k))
         s = s * scale
         s = tl.where((pos[None, :] <= q_pos[:, None]) & ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        den = den * alpha + tl.sum(p, axis=1)
+        m_new, p, alpha, den = _online_softmax(m, den, s)
         v = tl.load(V + addr[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         if IEEE:
             pv = tl.dot(p, v, input_precision="ieee")
