@@ -131,7 +131,7 @@ def _paged_prefill_kernel(
     before = context_len - q_len  # tokens cached before this chunk
     q_pos = before + offs_m  # each query's position in the sequence
     q_ptr = Q + offs_m[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptr, mask=m_ok[:, None] & d_ok[None, :])
+    q = tl.load(q_ptr, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     den = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
