@@ -40,6 +40,7 @@ from deploy.topology import check_pools, pool_engine_config
 from engine.loader import load_model_source
 from kv_transfer.ucx_net import TransportInfo, pair_route
 from worker_core.host import WorkerSettings
+from worker_core.net import JOINED_ENV
 
 log = logging.getLogger(__name__)
 
@@ -425,6 +426,8 @@ def _worker_env(cfg: ServeConfig) -> dict[str, str]:
         env["UCX_TLS"] = t.ucx_tls
     if t.ucx_net_devices:
         env["UCX_NET_DEVICES"] = t.ucx_net_devices
+    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):  # a joined cluster may gain hosts: not loopback
+        env[JOINED_ENV] = "1"
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "UCX_TLS", "UCX_NET_DEVICES"):
         if key in os.environ and key not in env:
             env[key] = os.environ[key]
@@ -437,7 +440,15 @@ def _resolve_devices(cfg: ServeConfig) -> ServeConfig:
         return cfg
     gpus = float(ray.cluster_resources().get("GPU", 0.0))
     resolved = cfg.with_devices(gpus)
-    log.info("device auto: %s (the Ray cluster has %g GPU(s))", resolved.decode.device, gpus)
+    p, d = resolved.prefill, resolved.decode
+    log.info(
+        "device auto (the Ray cluster has %g GPU(s)): prefill on %s (%g GPU per rank), decode on %s (%g)",
+        gpus,
+        p.device,
+        p.gpus,
+        d.device,
+        d.gpus,
+    )
     return resolved
 
 

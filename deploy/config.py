@@ -227,14 +227,35 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def with_devices(self, cluster_gpus: float) -> ServeConfig:
         """Pools with device "auto" on cuda when the Ray cluster has a GPU (`cluster_gpus`: its GPU resource),
-        else on cpu; explicit devices are kept."""
-        device = "cuda" if cluster_gpus >= 1 else "cpu"
-        pools = {
-            name: msgspec.structs.replace(pool, device=device)
-            for name, pool in (("prefill", self.prefill), ("decode", self.decode))
-            if pool.device == "auto"
+        else on cpu; explicit devices are kept. When the auto pools' ranks (one GPU each unless num_gpus says)
+        outnumber the GPUs, those without num_gpus share them: each asks for GPUs / ranks (e.g. 0.5 for the
+        default one prefill and one decode worker on one GPU)."""
+        names = [name for name in ("prefill", "decode") if getattr(self, name).device == "auto"]
+        if not names:
+            return self
+        if cluster_gpus < 1:
+            return msgspec.structs.replace(
+                self, **{name: msgspec.structs.replace(getattr(self, name), device="cpu") for name in names}
+            )
+        pools = {name: getattr(self, name) for name in names}
+        fixed = sum(p.gpus * p.replicas * p.world_size for p in pools.values() if p.num_gpus is not None)
+        shared = sum(p.replicas * p.world_size for p in pools.values() if p.num_gpus is None)
+        share = None
+        if shared and shared > cluster_gpus - fixed:
+            share = max(cluster_gpus - fixed, 0.0) / shared
+            if share <= 0:
+                raise ConfigError(
+                    f"the pools' num_gpus take all {cluster_gpus:g} GPUs of the Ray cluster and "
+                    f"{shared} more ranks need one; lower num_gpus or set device: cpu on a pool"
+                )
+            share = min(1.0, int(share * 100) / 100)  # Ray takes fractions of a GPU to two decimals
+        resolved = {
+            name: msgspec.structs.replace(
+                p, device="cuda", num_gpus=p.num_gpus if p.num_gpus is not None or share is None else share
+            )
+            for name, p in pools.items()
         }
-        return msgspec.structs.replace(self, **pools) if pools else self
+        return msgspec.structs.replace(self, **resolved)
 
     def with_devices_of(self, running: ServeConfig) -> ServeConfig:
         """A re-read config's "auto" devices as the running config resolved them."""

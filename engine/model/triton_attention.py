@@ -12,12 +12,16 @@ orders (NHD and HND differ only in the slot and head strides):
   one program per (tile of BLOCK_M queries, query head); causal mask shifted by the context
   before the chunk; tl.dot on tiles, fp32 accumulation.
 
-Float32 dots use IEEE precision (no TF32), so the float path stays close to the reference.
+Float32 dots use IEEE precision (no TF32), so the float path stays close to the reference; bf16 and fp16
+dots use the tensor cores with fp32 accumulation (in Triton's interpreter they run in float32 instead: its
+bf16 tl.dot is wrong, so the half-precision dot is checked only by the `gpu` tests).
 Triton is imported lazily: CPU engines never need it. Tests run the same kernels on CPU with
 TRITON_INTERPRET=1 (tests/unit/test_triton_attention.py); `gpu`-marked tests run them compiled.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -143,7 +147,7 @@ def _paged_prefill_kernel(
         kv_mask = ok[:, None] & d_ok[None, :]
         k = tl.load(K + addr[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
         s = s * scale
@@ -151,7 +155,7 @@ def _paged_prefill_kernel(
         m_new, p, alpha, den = _online_softmax(m, den, s)
         v = tl.load(V + addr[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         if IEEE:
-            pv = tl.dot(p, v, input_precision="ieee")
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
@@ -170,6 +174,12 @@ def _cache_strides(cache: torch.Tensor, nhd: bool) -> tuple[int, int, int, int]:
     if nhd:
         return sb, s1, s2, cache.shape[1]
     return sb, s2, s1, cache.shape[2]
+
+
+def _interpreting() -> bool:
+    """Triton's interpreter (CPU tests) computes a bf16/fp16 tl.dot wrongly (numpy has no bf16): there the dots
+    run in float32, which the GPU path does only for float32 inputs."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
 
 
 def _pow2(n: int, floor: int = 1) -> int:
@@ -272,6 +282,6 @@ def paged_prefill(
         BS=bs,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32 or _interpreting(),
     )
     return out

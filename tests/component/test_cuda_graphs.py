@@ -59,6 +59,7 @@ def test_padded_decode_from_static_buffers_equals_transformers(model):
     _check(llm, ref, _graphed(llm, capture=eager_capture, sizes=(1, 2, 4, 8)))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors need Triton's interpreter (tests/conftest.py)")
 def test_padded_decode_over_the_triton_kernels(model, monkeypatch):
     pytest.importorskip("triton", reason="triton is not installed (requirements/test.txt pins it)")
     monkeypatch.setenv(attention.ATTENTION_ENV, "triton")
@@ -66,6 +67,31 @@ def test_padded_decode_over_the_triton_kernels(model, monkeypatch):
     path, ref = model
     llm = LLM(str(path), dtype="float32", block_size=4, num_blocks=128)
     _check(llm, ref, _graphed(llm, capture=eager_capture, sizes=(1, 2, 4, 8)))
+
+
+def test_warm_up_captures_every_size_before_any_request(model):
+    path, ref = model
+    llm = LLM(str(path), dtype="float32", block_size=4, num_blocks=128)
+    ex = _graphed(llm, capture=eager_capture, sizes=(1, 2, 4, 8))
+    ex.warm_up()
+    assert sorted(ex._graphs) == [1, 2, 4, 8] and ex.enabled
+    llm.engine.leak_check()  # the dummy rows hold no block
+    _check(llm, ref, ex)
+
+
+def test_a_capture_that_fails_turns_graphs_off(model):
+    path, ref = model
+    llm = LLM(str(path), dtype="float32", block_size=4, num_blocks=128)
+
+    def broken(forward, static, pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    ex = _graphed(llm, capture=broken, sizes=(1, 2, 4, 8))
+    ex.warm_up()
+    assert not ex.enabled and not ex._graphs
+    prompts = _prompts()
+    outs = llm.generate(prompts, SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == [hf_greedy(ref, p, NEW) for p in prompts]  # eager steps
 
 
 def test_a_capture_that_disagrees_turns_graphs_off(model):
@@ -87,9 +113,13 @@ def test_steps_that_cannot_be_graphed_run_eagerly(model):
     llm = LLM(str(path), dtype="float32", block_size=4, num_blocks=128)
     ex = _graphed(llm, capture=eager_capture, sizes=(1, 2))  # 5 rows: above the largest size
     prompts = _prompts()
-    outs = llm.generate(prompts, SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True))
+    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(prompts, params)
     assert [o.token_ids for o in outs] == [hf_greedy(ref, p, NEW) for p in prompts]
     assert ex.replays == 0
+    ex.max_blocks = 2  # one row, but its context is wider than the graphs' table (8 positions)
+    (out,) = llm.generate([prompts[3]], params)
+    assert out.token_ids == hf_greedy(ref, prompts[3], NEW) and ex.replays == 0 and ex.enabled
 
 
 @pytest.mark.gpu

@@ -67,6 +67,7 @@ def serve(model: str, **overrides):
         "both.kv_cache_memory": "64MiB",
         "both.dtype": "float32",
         "both.num_cpus": 0.5,
+        "both.device": "cpu",  # the CPU suite stays on CPU on a GPU host too (tests/e2e/test_gpu_serving.py: auto)
         "model": model,
     }
     return Serving(with_overrides(ServeConfig(), **{**base, **overrides}))

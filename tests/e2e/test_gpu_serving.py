@@ -16,10 +16,11 @@ NEW = 8
 
 
 def test_one_gpu_cluster_equals_transformers(tiny_dir, reference):
-    pools = {"both.device": "auto", "both.num_gpus": 0.5, "both.dtype": "float32", "both.block_size": 4}
+    pools = {"both.device": "auto", "both.dtype": "float32", "both.block_size": 4}
     with serve(str(tiny_dir), **pools) as s:
         cfg = s.cluster.config
         assert (cfg.prefill.device, cfg.decode.device) == ("cuda", "cuda")  # auto: the Ray cluster has the GPU
+        assert cfg.prefill.gpus + cfg.decode.gpus <= 1.0  # one GPU: the two workers share it
         assert len(s.cluster.kv_routes) == 1 and s.cluster.kv_routes[0].endswith(
             "VRAM->VRAM by CUDA IPC (NVLink or PCIe)"
         ), s.cluster.kv_routes

@@ -51,6 +51,16 @@ def test_device_auto_is_the_default_and_follows_the_ray_cluster():
     on_gpus, on_cpus = cfg.with_devices(8.0), cfg.with_devices(0.0)
     assert (on_gpus.prefill.device, on_gpus.decode.device, on_gpus.decode.gpus) == ("cuda", "cuda", 1.0)
     assert (on_cpus.prefill.device, on_cpus.decode.device, on_cpus.decode.gpus) == ("cpu", "cpu", 0.0)
+    one = cfg.with_devices(1.0)  # the default 1 + 1 workers on one GPU: they share it
+    assert (one.prefill.device, one.prefill.gpus, one.decode.gpus) == ("cuda", 0.5, 0.5)
+    tp2 = parse("--decode-tp", "2").with_devices(2.0)  # 3 ranks, 2 GPUs
+    assert (tp2.prefill.gpus, tp2.decode.gpus) == (0.66, 0.66)
+    import msgspec
+
+    greedy = msgspec.structs.replace(cfg, prefill=msgspec.structs.replace(cfg.prefill, num_gpus=1.0))
+    assert greedy.with_devices(1.5).decode.gpus == 0.5  # what the pinned pool leaves
+    with pytest.raises(ConfigError, match="take all 1 GPUs of the Ray cluster and 1 more ranks need one"):
+        greedy.with_devices(1.0)
     explicit = parse("--device", "cpu")
     assert explicit.with_devices(8.0) == explicit  # an explicit device is kept on a GPU cluster
     reread = parse().with_devices_of(on_gpus)  # SIGHUP: a re-read "auto" is what the running config resolved

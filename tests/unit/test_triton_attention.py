@@ -15,6 +15,8 @@ triton = pytest.importorskip("triton", reason="triton is not installed (requirem
 from engine.model import triton_attention as kernels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/conftest.py)
+# CPU tensors through the kernels need the interpreter, which a CUDA host does not run (tests/conftest.py)
+interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors need Triton's interpreter")
 
 
 def _cache(num_blocks: int, bs: int, kv_heads: int, dim: int, nhd: bool, dtype, device: str):
@@ -90,6 +92,14 @@ def test_prefill_after_a_prefix_and_in_chunks(bs, heads, kv_heads, dim, nhd):
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("nhd", [True, False])
+def test_a_bfloat16_cache(nhd):
+    """bf16 loads, fp32 accumulation, bf16 stores (the interpreter's dots run in float32: see the module)."""
+    for case in (_decode_case, _prefill_case):
+        for got, want in case(kernels, 16, 6, 2, 64, nhd, dtype=torch.bfloat16, device=DEVICE):
+            torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
+
+
 def test_bad_shapes_are_refused():
     ck, cv = _cache(4, 4, 2, 16, True, torch.float32, "cpu")
     with pytest.raises(ValueError, match="5 query heads do not group under 2 KV heads"):
@@ -108,6 +118,7 @@ def test_compiled_kernels_in_bfloat16_on_gpu(bs, heads, kv_heads, dim, nhd):
             torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
 
 
+@interpreter
 def test_the_engine_chooses_the_kernels_by_device_and_setting(monkeypatch):
     from engine.model import attention
 
@@ -122,17 +133,19 @@ def test_the_engine_chooses_the_kernels_by_device_and_setting(monkeypatch):
         attention.triton_kernels(torch.device("cpu"))
 
 
-def test_the_self_check_refuses_kernels_that_disagree():
+@interpreter
+@pytest.mark.parametrize(("dtype", "dim", "bs"), [(torch.float32, 64, 16), (torch.bfloat16, 40, 4)])
+def test_the_self_check_runs_in_the_served_geometry_and_refuses_kernels_that_disagree(dtype, dim, bs):
     from engine.model import attention
 
-    attention._self_check(kernels, torch.device("cpu"))
+    attention._self_check(kernels, torch.device("cpu"), dtype, dim, bs)
 
     class Wrong:
         paged_prefill = staticmethod(kernels.paged_prefill)
 
         @staticmethod
         def paged_decode(q, *args, **kwargs):
-            return kernels.paged_decode(q, *args, **kwargs) * 1.01
+            return kernels.paged_decode(q, *args, **kwargs) * 1.1
 
     with pytest.raises(AssertionError, match="Tensor-likes are not close"):
-        attention._self_check(Wrong, torch.device("cpu"))
+        attention._self_check(Wrong, torch.device("cpu"), dtype, dim, bs)

@@ -17,6 +17,13 @@ def test_one_host_stays_on_loopback():
     assert choose_net_devices(IB, {"10.0.0.5"})[0] == "lo"
 
 
+def test_a_joined_cluster_on_one_host_may_grow_so_it_keeps_a_nic():
+    devices, why = choose_net_devices(ETH, {"10.0.0.5"}, may_grow=True)
+    assert devices == "eth0" and "may grow" in why
+    on_loopback = HostNet("127.0.0.1", ETH.interfaces)  # a test cluster bound to 127.0.0.1
+    assert choose_net_devices(on_loopback, {"127.0.0.1"}, may_grow=True)[0] == "lo"
+
+
 def test_several_hosts_use_rdma_ports_or_the_node_ips_interface():
     hosts = {"10.0.0.5", "10.0.0.6", "10.0.0.7"}
     assert choose_net_devices(IB, hosts) == ("mlx5_0:1,mlx5_1:1,eth0", "3 hosts: RDMA ports and eth0")
@@ -51,16 +58,23 @@ def test_loopback_across_hosts_is_refused_with_what_to_change():
         pair_route(_info("prefill-0", "10.0.0.5", "eth0"), _info("decode-1", "10.0.0.6", "lo"))
 
 
-def test_probe_reads_active_rdma_ports_and_interfaces(tmp_path):
-    for dev, port, state in (("mlx5_0", "1", "4: ACTIVE"), ("mlx5_0", "2", "1: DOWN"), ("mlx5_1", "1", "4: ACTIVE")):
-        (tmp_path / f"class/infiniband/{dev}/ports/{port}").mkdir(parents=True)
-        (tmp_path / f"class/infiniband/{dev}/ports/{port}/state").write_text(state + "\n")
-    assert rdma_ports(str(tmp_path)) == ("mlx5_0:1", "mlx5_1:1")
-    (tmp_path / "class/net/lo").mkdir(parents=True)
-    (tmp_path / "class/net/lo/operstate").write_text("unknown\n")  # loopback reports unknown, and is up
-    (tmp_path / "class/net/eth9").mkdir()
-    (tmp_path / "class/net/eth9/operstate").write_text("down\n")
-    host = probe_host("127.0.0.1", str(tmp_path))
+def test_probe_reads_usable_active_rdma_ports_and_interfaces(tmp_path):
+    sys_root, dev_root = tmp_path / "sys", tmp_path / "dev"
+    ports = (("mlx5_0", "1", "4: ACTIVE"), ("mlx5_0", "2", "1: DOWN"), ("mlx5_1", "1", "4: ACTIVE"))
+    for dev, port, state in (*ports, ("mlx5_2", "1", "4: ACTIVE")):
+        (sys_root / f"class/infiniband/{dev}/ports/{port}").mkdir(parents=True)
+        (sys_root / f"class/infiniband/{dev}/ports/{port}/state").write_text(state + "\n")
+    for dev, node in (("mlx5_0", "uverbs0"), ("mlx5_1", "uverbs1"), ("mlx5_2", "uverbs2")):
+        (sys_root / f"class/infiniband/{dev}/device/infiniband_verbs/{node}").mkdir(parents=True)
+    (dev_root / "infiniband").mkdir(parents=True)
+    for node in ("uverbs0", "uverbs1"):  # mlx5_2's node is not mounted here (a container without the device)
+        (dev_root / "infiniband" / node).write_text("")
+    assert rdma_ports(str(sys_root), str(dev_root)) == ("mlx5_0:1", "mlx5_1:1")
+    (sys_root / "class/net/lo").mkdir(parents=True)
+    (sys_root / "class/net/lo/operstate").write_text("unknown\n")  # loopback reports unknown, and is up
+    (sys_root / "class/net/eth9").mkdir()
+    (sys_root / "class/net/eth9/operstate").write_text("down\n")
+    host = probe_host("127.0.0.1", str(sys_root), str(dev_root))
     assert host == HostNet("127.0.0.1", (("lo", "127.0.0.1"),), ("mlx5_0:1", "mlx5_1:1"))
     assert rdma_ports(str(tmp_path / "none")) == ()
 
