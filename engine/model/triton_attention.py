@@ -194,10 +194,10 @@ def paged_decode(
     lens: torch.Tensor,
     scale: float,
     nhd: bool = True,
-    block_n: int = 32,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """q: [rows, heads, dim], one query token per row; block_table: [rows, max_blocks]; lens: [rows] context
-    lengths (>= 1) -> [rows, heads, dim], in q's dtype."""
+    lengths (>= 1) -> [rows, heads, dim], in q's dtype. `block_n`: keys per tile (None: sized to the heads)."""
     rows, heads, dim = q.shape
     kv_heads = cache_k.shape[2] if nhd else cache_k.shape[1]
     if heads % kv_heads:
@@ -209,6 +209,8 @@ def paged_decode(
         q = q.contiguous()
     out = torch.empty_like(q)
     g = heads // kv_heads
+    if block_n is None:  # the [G, keys, dim] product in registers: about 8K floats per program
+        block_n = max(8, min(64, _pow2(8192 // (_pow2(g) * _pow2(dim)))))
     _paged_decode_kernel[(rows, kv_heads)](
         q,
         cache_k,
