@@ -67,7 +67,7 @@ def reference(tiny_dir):
 def workers(tiny_dir):
     """Every shape above, started the way deploy starts workers; handshakes P <-> D all pairs."""
     cfg = ServeConfig(model=str(tiny_dir), ray_namespace="tandem-tests")
-    base = PoolConfig(dtype="float32", kv_cache_memory="4MiB", num_cpus=0.25, max_num_batched_tokens=256)
+    base = PoolConfig(dtype="float32", device="cpu", kv_cache_memory="4MiB", num_cpus=0.25, max_num_batched_tokens=256)
     started, groups = {}, []
     try:
         for names, role in ((PREFILL, "prefill"), (DECODE, "decode")):

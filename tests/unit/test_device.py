@@ -28,6 +28,13 @@ def test_cuda_refused_without_a_device():
         dev.resolve_device("meta")
 
 
+def test_auto_device_is_what_the_process_sees(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dev.resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dev.resolve_device("auto") == torch.device("cuda")
+
+
 def test_auto_without_bf16_instructions_is_float32(monkeypatch):
     dev._measure_cpu_dtype.cache_clear()
     monkeypatch.setattr(dev, "_cpu_has_bf16_dot", lambda: False)
