@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--logprobs", type=int, default=None)
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", default="auto", help="auto (cuda where a GPU is visible, else cpu), cpu or cuda")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory", type=int, default=1 << 30, help="KV cache budget in bytes")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt per line")

@@ -8,7 +8,8 @@
 #
 # then run `scripts/gpu_check.sh` there with `.whl` carried. It runs the gpu-marked engine tests that need no
 # Ray (the Triton kernels compiled against a dense reference in float32 and bf16, the engine with them equal to
-# transformers, CUDA float32 equal to CPU), then benchmarks/paged_attention.py. Results go to $OUT.
+# transformers, CUDA float32 equal to CPU, CUDA-graph decode equal to eager, TP/PP ranks on CUDA), then
+# benchmarks/paged_attention.py. Results go to $OUT.
 set -uo pipefail
 out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
@@ -19,5 +20,8 @@ fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TANDEM_PAGED_ATTENTION=auto
 nvidia-smi -L | tee "$out/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" tests/unit/test_triton_attention.py \
-  tests/component/test_engine_triton_attention.py tests/component/test_gpu.py 2>&1 | tee "$out/tests.log"
+  tests/component/test_engine_triton_attention.py tests/component/test_gpu.py tests/component/test_cuda_graphs.py \
+  2>&1 | tee "$out/tests.log"
+python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" tests/component/test_engine_parallel.py -k "cuda or nccl" \
+  2>&1 | tee -a "$out/tests.log"
 python3 benchmarks/paged_attention.py --out "$out" 2>&1 | tee "$out/bench.log"
