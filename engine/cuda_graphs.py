@@ -1,4 +1,4 @@
-"""Decode steps replayed from CUDA graphs: one graph per padded batch size, captured at first use.
+"""Decode steps replayed from CUDA graphs: one graph per padded batch size, captured when the engine is built.
 
 A decode-only step launches a few hundred small kernels whose launch cost, not their work, bounds a
 small batch on a GPU. `GraphedExecutor` runs such a step as one graph replay:
