@@ -135,7 +135,9 @@ def paged_attention(
     kv_heads = k.shape[1]
     groups = md.decode_groups
     nhd = order is KVOrder.NHD
-    triton = triton_kernels(q.device, q.dtype, dim, cache_k.shape[1] if nhd else cache_k.shape[2])
+    triton = None
+    if q.is_cuda or TRITON_ON_CPU:  # on CPU the layers' own path, with no lookup per layer
+        triton = triton_kernels(q.device, q.dtype, dim, cache_k.shape[1] if nhd else cache_k.shape[2])
 
     def decode(g: DecodeGroup) -> torch.Tensor:
         if triton is not None:
@@ -219,6 +221,8 @@ def _decode_attention(
 # (device, dtype, head dim, block size) -> engine/model/triton_attention, None: the gather path
 _TRITON: dict[tuple[torch.device, torch.dtype, int, int], object] = {}
 ATTENTION_ENV = "TANDEM_PAGED_ATTENTION"  # auto (default), triton (on any device; fail if it cannot run), gather
+# CPU tensors go to the kernels only when forced (Triton's interpreter: tests); read once, at import
+TRITON_ON_CPU = os.environ.get(ATTENTION_ENV, "auto").strip().lower() == "triton"
 
 
 def triton_kernels(device: torch.device, dtype: torch.dtype = torch.float32, head_dim: int = 64, block_size: int = 16):

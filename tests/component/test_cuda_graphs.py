@@ -63,6 +63,7 @@ def test_padded_decode_from_static_buffers_equals_transformers(model):
 def test_padded_decode_over_the_triton_kernels(model, monkeypatch):
     pytest.importorskip("triton", reason="triton is not installed (requirements/test.txt pins it)")
     monkeypatch.setenv(attention.ATTENTION_ENV, "triton")
+    monkeypatch.setattr(attention, "TRITON_ON_CPU", True)  # what the variable does when set before the import
     monkeypatch.setattr(attention, "_TRITON", {})
     path, ref = model
     llm = LLM(str(path), dtype="float32", block_size=4, num_blocks=128)

@@ -30,6 +30,7 @@ def model(tmp_path_factory):
 @pytest.fixture
 def triton_attention(monkeypatch):
     monkeypatch.setenv(attention.ATTENTION_ENV, "triton")
+    monkeypatch.setattr(attention, "TRITON_ON_CPU", True)  # what the variable does when set before the import
     monkeypatch.setattr(attention, "_TRITON", {})  # choose again, with the variable set
 
 
