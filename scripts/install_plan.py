@@ -28,7 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 TORCH = "2.13.0"
 NIXL = "1.5.1"
@@ -135,7 +135,7 @@ def plan(environ: dict[str, str] | None = None) -> InstallPlan:
         raise PlanError(f"TANDEM_DEVICE={wanted!r}: use cpu, cuda or auto")
     cpu = InstallPlan("cpu", "", f"torch=={TORCH}", "", DEFAULT_NIXL)
     if wanted == "cpu":
-        return _with_reason(cpu, "TANDEM_DEVICE=cpu")
+        return replace(cpu, reason="TANDEM_DEVICE=cpu")
     given = env.get("TANDEM_CUDA_VERSION", "").strip()
     detected, seen = (None, "TANDEM_DEVICE=cuda") if wanted == "cuda" and given else detect_gpu(env.get("PATH"))
     if given:
@@ -148,7 +148,7 @@ def plan(environ: dict[str, str] | None = None) -> InstallPlan:
             "set TANDEM_CUDA_VERSION=MAJOR.MINOR (e.g. 12.8) to build without a driver"
         )
     else:
-        return _with_reason(cpu, seen)
+        return replace(cpu, reason=seen)
     variant = torch_variant(cuda)
     index = env.get("TANDEM_TORCH_INDEX_URL", "").strip() or TORCH_INDEX.format(variant=variant)
     nixl = f"nixl-cu{cuda[0]}=={NIXL}" if cuda[0] in (12, 13) else f"nixl-cu13=={NIXL}"
@@ -165,10 +165,6 @@ def rewrite_requirements(text: str, p: InstallPlan) -> str:
         lines = [line for line in lines if not line.strip().startswith("triton==")]
     had_nixl = any(line.strip().startswith("nixl-cu12==") for line in text.splitlines())
     return "\n".join([*lines, *([p.nixl] if had_nixl else [])]) + "\n"
-
-
-def _with_reason(p: InstallPlan, reason: str) -> InstallPlan:
-    return InstallPlan(p.device, reason, p.torch, p.torch_index, p.nixl, p.cuda_version)
 
 
 def main(argv: list[str] | None = None) -> int:
