@@ -9,8 +9,8 @@ attention  decode attention, 9 query / 3 KV heads of 64, over random blocks of a
 
 .venv/bin/python benchmarks/cpu_kernels_micro.py --threads 1
 .venv/bin/python benchmarks/cpu_kernels_micro.py --threads 2 --dtype bfloat16
-# another build of the same source, e.g. for a CPU without AVX-512:
-gcc -O3 -march=x86-64-v3 -fopenmp -fPIC -shared -Wno-psabi engine/model/csrc/cpu_kernels.c -o /tmp/v3.so
+# another build of the same source, e.g. the AVX2 variant on an AVX-512 CPU:
+gcc -O3 -march=x86-64-v3 -fopenmp -fPIC -shared engine/model/csrc/cpu_kernels.c -o /tmp/v3.so
 .venv/bin/python benchmarks/cpu_kernels_micro.py --lib /tmp/v3.so --only linear
 """
 

@@ -8,11 +8,12 @@ cache shared between machines never hands one CPU another's code. The build
 takes well under a second; it is written to a temporary name and renamed, so
 workers starting together never load a half-written file.
 
-Nothing here is required: on a CPU without AVX-512 (the 16-lane vectors the
-kernels are written in become code 9-27x slower than torch's there: a
-`-march=x86-64-v3` build through `benchmarks/cpu_kernels_micro.py --lib`), without a compiler, with a failed build,
-or with `TANDEM_CPU_KERNELS=0`, `cpu_kernels()` returns None (logged once) and the
-layers keep torch's ops (the same results within float32 rounding).
+The kernels are written over vectors as wide as the CPU's registers: 16 float
+lanes with AVX-512, 8 with AVX2 + FMA (x86-64-v3); the packed weight layout
+follows (blocks of 64 or 32 outputs, which the library reports). Nothing here is
+required: on a CPU with neither (or not x86), without a compiler, with a failed
+build, or with `TANDEM_CPU_KERNELS=0`, `cpu_kernels()` returns None (logged once)
+and the layers keep torch's ops (the same results within float32 rounding).
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
-BLOCK = 64  # outputs per packed block; must match NB in the C source
-ABI = 4
+ABI = 5
 
 _lock = threading.Lock()
 _kernel: "CpuKernels | None | bool" = False  # False: not tried yet
@@ -50,6 +50,16 @@ def _cpu_flags() -> str:
     return ""
 
 
+def vector_isa(flags: str | None = None) -> str | None:
+    """The vector ISA the kernels are built for on this CPU: "avx512", "avx2", or None (torch's ops then)."""
+    have = set((_cpu_flags() if flags is None else flags).split())
+    if "avx512f" in have:
+        return "avx512"
+    if {"avx2", "fma"} <= have:
+        return "avx2"
+    return None
+
+
 def _compiler() -> str | None:
     for cand in (os.environ.get("CC"), "gcc", "cc"):
         if cand and shutil.which(cand):
@@ -57,10 +67,12 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, march: str = "native") -> Path:
+    """Build (or find in the cache) the library for `march`: the host CPU by default; tests also build
+    `x86-64-v3` (AVX2 + FMA) to check that variant on AVX-512 hosts."""
     src = SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+    flags = ["-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared"]
     digest = hashlib.sha256(src + version.encode() + _cpu_flags().encode() + " ".join(flags).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TANDEM_KERNEL_CACHE") or Path.home() / ".cache" / "tandem" / "kernels")
     lib = cache / f"cpu_kernels-{digest}.so"
@@ -99,6 +111,7 @@ class CpuKernels:
         dll = ctypes.CDLL(str(path))
         if dll.tandem_cpu_kernels_abi() != ABI:
             raise RuntimeError(f"{path}: kernel ABI {dll.tandem_cpu_kernels_abi()} != {ABI}")
+        self.block = int(dll.tandem_cpu_kernels_block())  # outputs per packed weight block: 4 vectors
 
         def bind(name, *argtypes):
             fn = getattr(dll, name)
@@ -136,14 +149,14 @@ class CpuKernels:
             for dt, sfx in _SUFFIX.items()
         }
 
-    @staticmethod
-    def pack(weight: torch.Tensor) -> torch.Tensor:
-        """[N, K] float32 or bfloat16 -> [ceil(N / 64), K, 64], zero rows past N (see csrc/cpu_kernels.c)."""
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """[N, K] float32 or bfloat16 -> [ceil(N / B), K, B], zero rows past N (B = self.block; csrc/cpu_kernels.c)."""
         n, k = weight.shape
-        nb = -(-n // BLOCK)
-        padded = weight.new_zeros(nb * BLOCK, k)
+        blk = self.block
+        nb = -(-n // blk)
+        padded = weight.new_zeros(nb * blk, k)
         padded[:n] = weight
-        return padded.view(nb, BLOCK, k).transpose(1, 2).contiguous()
+        return padded.view(nb, blk, k).transpose(1, 2).contiguous()
 
     def linear(
         self,
@@ -265,8 +278,8 @@ def cpu_kernels() -> CpuKernels | None:
             log.info("TANDEM_CPU_KERNELS=0: CPU layers use torch's ops")
             _kernel = None
             return None
-        if "avx512f" not in _cpu_flags().split():
-            log.info("CPU without AVX-512: CPU layers use torch's ops (the native kernels need 16-lane vectors)")
+        if vector_isa() is None:
+            log.info("CPU without AVX-512 or AVX2 + FMA: CPU layers use torch's ops")
             _kernel = None
             return None
         cc = _compiler()

@@ -12,10 +12,10 @@ only changes the `ParallelContext` handed in.
 
 After loading, `finalize()` picks the fastest matmul form for the device and
 dtype. On CPU in float32 that is Tandem's own kernel (`cpu_kernels.py`): the weight is
-packed into blocks of 64 outputs that stream sequentially, which reads weights at the
-core's full bandwidth for decode-sized batches (issue 17: 26 GB/s on one thread where
-`x @ W[in, out]` reached 17.6 and `F.linear` 11) and is level with oneDNN at prefill
-sizes. Without a compiler, fp32 falls back to `x @ W` in the [in, out] layout
+packed into blocks of 64 (AVX-512) or 32 (AVX2) outputs that stream sequentially, which
+reads weights at the core's full bandwidth for decode-sized batches (issue 17: 26 GB/s on one
+thread where `x @ W[in, out]` reached 17.6 and `F.linear` 11) and is level with oneDNN at
+prefill sizes on AVX-512 (on AVX2 within 1.0-1.2x of it, docs/BENCHMARKS.md). Without a compiler, fp32 falls back to `x @ W` in the [in, out] layout
 (`benchmarks/gemv_bandwidth.py`). bf16 keeps the stored [out, in] weight for F.linear (oneDNN's
 bf16 dot products win at prefill sizes) and a packed copy for decode-sized batches.
 """

@@ -7,6 +7,8 @@ skip and the fallback tests still run (the layers then use torch's matmul).
 from __future__ import annotations
 
 import logging
+import platform
+import subprocess
 
 import pytest
 import torch
@@ -18,8 +20,8 @@ from engine.model.linear import MergedColumnLinear, QKVLinear
 
 KERNEL = cpu_kernels.cpu_kernels()
 needs_kernel = pytest.mark.skipif(
-    cpu_kernels._compiler() is None or "avx512f" not in cpu_kernels._cpu_flags().split(),
-    reason="no C compiler or no AVX-512: the CPU kernels are not used here",
+    cpu_kernels._compiler() is None or cpu_kernels.vector_isa() is None,
+    reason="no C compiler, or neither AVX-512 nor AVX2 + FMA: the CPU kernels are not used here",
 )
 
 
@@ -39,7 +41,9 @@ def fresh_kernel_state(monkeypatch, tmp_path):
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("m,k,n", [(1, 576, 1536), (3, 64, 65), (4, 7, 1), (5, 130, 64), (17, 576, 200), (0, 16, 8)])
+@pytest.mark.parametrize(
+    "m,k,n", [(1, 576, 1536), (3, 64, 65), (4, 7, 1), (5, 130, 64), (17, 576, 200), (200, 300, 70), (0, 16, 8)]
+)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_packed_linear_matches_torch(threads, m, k, n, with_bias):
     g = torch.Generator().manual_seed(m * 1000 + k + n)
@@ -57,19 +61,105 @@ def test_packed_linear_matches_torch(threads, m, k, n, with_bias):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4 * (k**0.5))
 
 
+def _assert_batch_invariant(kernel: cpu_kernels.CpuKernels) -> None:
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(300, 576, generator=g), torch.randn(200, 576, generator=g)
+    packed = kernel.pack(w)
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            full = kernel.linear(x, packed, None, 300)  # 200 rows: x interleaved, K in chunks, two row super-groups
+            nine = kernel.linear(x[:9], packed, None, 300)
+            for i in (0, 1, 2, 5, 8, 97, 150, 199):
+                one = kernel.linear(x[i : i + 1], packed, None, 300)[0]  # one row: x read in place, K in one pass
+                assert torch.equal(one, full[i])
+                if i < 9:
+                    assert torch.equal(one, nine[i])
+    finally:
+        torch.set_num_threads(old)
+
+
 @needs_kernel
 def test_packed_linear_is_batch_invariant():
-    """A row's result does not depend on the other rows of the batch or on the thread count."""
-    g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(300, 576, generator=g), torch.randn(9, 576, generator=g)
-    packed = KERNEL.pack(w)
-    full = KERNEL.linear(x, packed, None, 300)
-    old = torch.get_num_threads()
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        for i in range(9):
-            assert torch.equal(KERNEL.linear(x[i : i + 1], packed, None, 300)[0], full[i])
-    torch.set_num_threads(old)
+    """A row's result does not depend on the other rows of the batch or on the thread count: every path (one
+    row, a group of 6, x interleaved and K in chunks) sums each output in k order with fused multiply-adds."""
+    _assert_batch_invariant(KERNEL)
+
+
+def _isa_marches() -> list:
+    have = cpu_kernels.vector_isa()
+    return [
+        pytest.param(
+            march,
+            block,
+            marks=pytest.mark.skipif(
+                cpu_kernels._compiler() is None or have is None or (isa == "avx512" and have != "avx512"),
+                reason=f"this CPU cannot run the {isa} build (or no C compiler)",
+            ),
+        )
+        for march, isa, block in (("x86-64-v3", "avx2", 32), ("x86-64-v4", "avx512", 64))
+    ]
+
+
+@pytest.mark.parametrize("march,block", _isa_marches())
+def test_each_isa_build_matches_torch(march, block, tmp_path, monkeypatch):
+    """The AVX2 build (8 lanes) and the AVX-512 one (16 lanes), each where this CPU runs it: on an AVX-512 host
+    both, so the variant that AVX2-only machines use is checked there too."""
+    monkeypatch.setenv("TANDEM_KERNEL_CACHE", str(tmp_path))
+    cc = cpu_kernels._compiler()
+    assert cc is not None
+    kernel = cpu_kernels.CpuKernels(cpu_kernels._build(cc, march))
+    assert kernel.block == block
+    g = torch.Generator().manual_seed(1)
+    for m, k, n, dtype in (
+        (1, 576, 200, torch.float32),
+        (4, 130, 65, torch.float32),
+        (50, 300, 70, torch.float32),
+        (3, 130, 65, torch.bfloat16),
+        (30, 200, 33, torch.bfloat16),
+    ):
+        w, x, b = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+        y = kernel.linear(x.to(dtype), kernel.pack(w.to(dtype)), b.to(dtype), n)
+        ref = F.linear(x.to(dtype).double(), w.to(dtype).double(), b.to(dtype).double())
+        tol = dict(rtol=1e-5, atol=1e-4 * k**0.5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-6 * k**0.5)
+        torch.testing.assert_close(y.double(), ref, **tol)
+    x = torch.randn(5, 100, generator=g)
+    wn = torch.randn(100, generator=g)
+    ref = F.rms_norm(x, (100,), wn, eps=1e-5)
+    torch.testing.assert_close(kernel.rms_norm(x, wn, 1e-5), ref, rtol=1e-5, atol=1e-5)
+    _assert_batch_invariant(kernel)
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v4"])
+def test_the_source_compiles_for_each_isa(march, tmp_path):
+    """Both vector widths compile on any x86 host with gcc, whichever one this CPU runs."""
+    cc = cpu_kernels._compiler()
+    if (
+        platform.machine() != "x86_64"
+        or cc is None
+        or "gcc" not in subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.lower()
+    ):
+        pytest.skip("needs gcc (x86-64-v3/v4 -march names)")
+    out = tmp_path / "k.o"
+    proc = subprocess.run(
+        [
+            cc,
+            "-O1",
+            f"-march={march}",
+            "-fopenmp",
+            "-fPIC",
+            "-Wall",
+            "-Werror",
+            "-c",
+            str(cpu_kernels.SOURCE),
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
 
 
 @needs_kernel
@@ -282,8 +372,15 @@ def test_bf16_paged_decode_attention_is_close_to_sdpa():
     torch.testing.assert_close(out.float().view(heads, d), ref.view(heads, d), rtol=2**-7, atol=2**-8)
 
 
-def test_cpus_without_avx512_keep_torchs_ops(fresh_kernel_state, monkeypatch):
-    """On AVX2 the kernels' 16-lane vectors compile to code about 10x slower than torch's: not used there."""
-    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "fpu sse2 avx avx2 fma")
+def test_cpus_without_avx2_fma_keep_torchs_ops(fresh_kernel_state, monkeypatch):
+    """The kernels need 8-lane FMA (AVX2) or 16-lane (AVX-512) vectors; an AVX-only CPU keeps torch's ops."""
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "fpu sse2 avx f16c")
     assert cpu_kernels.cpu_kernels() is None
     assert not list(fresh_kernel_state.iterdir())  # nothing was built
+
+
+def test_vector_isa_follows_the_cpu_flags():
+    assert cpu_kernels.vector_isa("fpu sse2 avx avx2 fma avx512f avx512bw") == "avx512"
+    assert cpu_kernels.vector_isa("fpu sse2 avx avx2 fma") == "avx2"
+    assert cpu_kernels.vector_isa("fpu sse2 avx avx2") is None  # AVX2 without FMA (no such CPU ships, but)
+    assert cpu_kernels.vector_isa("fp asimd evtstrm aes") is None  # aarch64: torch's ops

@@ -1,56 +1,69 @@
-/* Tandem's CPU kernels (float32), loaded by engine/model/cpu_kernels.py.
+/* Tandem's CPU kernels (float32 and bfloat16), loaded by engine/model/cpu_kernels.py.
+ *
+ * Written once over GCC vector extensions of VL float lanes, the width of the CPU's vector registers:
+ * 16 with AVX-512, 8 with AVX2 + FMA. (Vectors wider than the registers are emulated by GCC about 10x
+ * slower than torch, so the width follows the ISA the library is built for, -march=native.)
  *
  * The linear: y[M, N] = x[M, K] . W[N, K]^T (+ bias[N]) (+ residual[M, N]).
  *
- * The weight is packed once at load time into column blocks of 64 outputs:
+ * The weight is packed once at load time into column blocks of NB = 4 * VL outputs (64 with AVX-512,
+ * 32 with AVX2; tandem_cpu_kernels_block() tells the loader):
  *
- *     packed[b][k][j] = W[b * 64 + j][k]      (b < ceil(N / 64), rows past N are zero)
+ *     packed[b][k][j] = W[b * NB + j][k]      (b < ceil(N / NB), rows past N are zero)
  *
- * so one block is a single sequential stream of K * 64 floats. Each step of k
- * broadcasts x[m][k] against 64 consecutive weights (four 16-lane vectors) and
- * accumulates into registers; up to 6 rows of x share every weight load. For
- * decode (M = 1..16) this streams the weights at the core's read bandwidth,
- * where the BLAS GEMV paths reach 45-65% of it (docs/BENCHMARKS.md, issue 17).
- * Blocks are split over OpenMP threads (the caller passes torch's thread count;
- * the library links the same libgomp that torch loaded, so one thread pool).
+ * so one block is a single sequential stream of K * NB values. Each step of k broadcasts x[m][k]
+ * against NB consecutive weights (four vectors) and accumulates into registers; up to MB = 6 rows of x
+ * share every weight load (group_pass: how they fit the registers of each ISA). For decode (M = 1..16) this streams the weights at the core's read bandwidth, where the
+ * BLAS GEMV paths reach 45-65% of it (docs/BENCHMARKS.md, issue 17). Blocks are split over OpenMP
+ * threads (the caller passes torch's thread count; the library links the same libgomp that torch
+ * loaded, so one thread pool).
  *
- * Each output is summed in k order (k = 0, 1, ..., K-1) in float32: a plain
- * dot product, deterministic, independent of M, of the thread count and of the
- * other rows in the batch.
+ * Each output is summed in k order (k = 0, 1, ..., K-1) in float32 with fused multiply-adds: a plain
+ * dot product, deterministic, independent of M, of the thread count and of the other rows in the batch.
  *
  * The residual, when given, is added after the dot product and the bias, as `h + linear(x)` would.
- *
- * Built by engine/model/cpu_kernels.py with the host compiler and -march=native.
- * The 16-lane vectors are AVX-512 registers; without AVX-512 GCC emulates them about 10x slower than
- * torch, so cpu_kernels.py does not use this library there.
  */
 #include <stddef.h>
+#include <stdlib.h>
 
-#define NB 64 /* outputs per packed block */
-#define MB 6  /* rows of x sharing one pass over a block: 24 accumulators + 4 weight vectors fit 32 registers */
+#define MB 6 /* rows of x sharing the weight loads of a block */
+#if defined(__AVX512F__)
+#define VL 16
+#define FULL_ROWS 6 /* see group_pass */
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VL 8
+#define FULL_ROWS 2
+#else
+#error "Tandem's CPU kernels need AVX-512 or AVX2 with FMA (cpu_kernels.py checks before building)"
+#endif
+#define NB (4 * VL) /* outputs per packed block */
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef float vf __attribute__((vector_size(4 * VL)));
+/* Unaligned access types, as the compilers' own intrinsics headers define them: a dereference is one vmovups.
+ * (A __builtin_memcpy into a vector is not: GCC tuned for Zen 3 copies it through the stack in 16-byte pieces,
+ * which made the AVX2 build of these kernels 3-7x slower than torch.) */
+typedef float vf_u __attribute__((vector_size(4 * VL), aligned(1), may_alias));
 
-static inline v16 load16(const float *p) { v16 v; __builtin_memcpy(&v, p, sizeof v); return v; }
-static inline void store16(float *p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
+static inline vf loadv(const float *p) { return *(const vf_u *)p; }
+static inline void storev(float *p, vf v) { *(vf_u *)p = v; }
 
 /* ---------------------------------------------------------------------------------------------------------------
  * The same linear for bfloat16 weights and activations, for decode-sized batches: weights packed the same way
- * ([ceil(N/64)][K][64] of bf16), widened to float32 in registers (a bf16 is the top half of a float32), products
+ * ([ceil(N/NB)][K][NB] of bf16), widened to float32 in registers (a bf16 is the top half of a float32), products
  * summed in float32 in k order, the bias added in float32, the result rounded once to bf16 (round to nearest
  * even) as oneDNN's bf16 linear does; a residual is added to that rounded result in float32 and rounded again,
  * as torch's `h + linear(x)` in bf16 does. Half the bytes of float32, so decode streams twice the weights per
  * second; at prefill sizes oneDNN's bf16 dot-product kernels are faster and the layer uses them instead.
  * ------------------------------------------------------------------------------------------------------------- */
 typedef unsigned short bf16_t;
-typedef unsigned int v16u __attribute__((vector_size(64), aligned(4)));
-typedef unsigned short v16h __attribute__((vector_size(32), aligned(2)));
+typedef unsigned int vu __attribute__((vector_size(4 * VL)));
+typedef unsigned short vh __attribute__((vector_size(2 * VL)));
+typedef unsigned short vh_u __attribute__((vector_size(2 * VL), aligned(1), may_alias));
 
-static inline v16 load16_bf16(const bf16_t *p)
+static inline vf loadv_bf16(const bf16_t *p)
 {
-    v16h h;
-    __builtin_memcpy(&h, p, sizeof h);
-    return (v16)(__builtin_convertvector(h, v16u) << 16);
+    const vh h = *(const vh_u *)p;
+    return (vf)(__builtin_convertvector(h, vu) << 16);
 }
 
 static inline float bf16_to_f32(bf16_t v)
@@ -70,10 +83,10 @@ static inline bf16_t f32_to_bf16(float f)
     return (bf16_t)(u >> 16);
 }
 
-/* Widen 16 weights (float32 or bf16) to float32 lanes; is_bf16 is a constant at every inlined call site. */
-static inline __attribute__((always_inline)) v16 load_w16(const void *p, long i, const int is_bf16)
+/* Widen VL weights (float32 or bf16) to float32 lanes; is_bf16 is a constant at every inlined call site. */
+static inline __attribute__((always_inline)) vf load_wv(const void *p, long i, const int is_bf16)
 {
-    return is_bf16 ? load16_bf16((const bf16_t *)p + i) : load16((const float *)p + i);
+    return is_bf16 ? loadv_bf16((const bf16_t *)p + i) : loadv((const float *)p + i);
 }
 
 static inline __attribute__((always_inline)) float load_1(const void *p, long i, const int is_bf16)
@@ -81,60 +94,120 @@ static inline __attribute__((always_inline)) float load_1(const void *p, long i,
     return is_bf16 ? bf16_to_f32(((const bf16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* One pass over a packed block for R rows of x; R is a constant at every call site, so the accumulators stay
- * in registers (a loop with a runtime count spilled them). */
-static inline __attribute__((always_inline)) void block_pass(const void *xb, const void *wb, long K,
-                                                             v16 acc[MB][4], const int R, const int is_bf16)
+/* One pass over K rows of a packed block for R rows of x, over CV of its 4 vectors of outputs from vector c.
+ * x element (m, k) is at xb[m * ldm + k * ldk]: the caller's rows (ldm = K, ldk = 1, dtype of the weights) or a
+ * float32 copy interleaved by k (ldm = 1, ldk = MB; x_f32), whose one pointer leaves the registers to the
+ * accumulators. R and CV are constants at every call site, so the accumulators stay in registers (a loop with a
+ * runtime count spilled them). */
+static inline __attribute__((always_inline)) void block_pass(const void *xb, long ldm, long ldk, const void *wb,
+                                                             long K, vf acc[MB][4], const int R, const int CV,
+                                                             const int c, const int x_f32, const int is_bf16)
 {
     for (long k = 0; k < K; k++) {
-        const long wk = k * NB;
-        const v16 w0 = load_w16(wb, wk, is_bf16), w1 = load_w16(wb, wk + 16, is_bf16),
-                  w2 = load_w16(wb, wk + 32, is_bf16), w3 = load_w16(wb, wk + 48, is_bf16);
+        const long wk = k * NB + c * VL;
+        vf w[4];
+        for (int q = 0; q < CV; q++) w[q] = load_wv(wb, wk + q * VL, is_bf16);
         for (int m = 0; m < R; m++) {
-            const float xv = load_1(xb, m * K + k, is_bf16);
-            acc[m][0] += w0 * xv;
-            acc[m][1] += w1 * xv;
-            acc[m][2] += w2 * xv;
-            acc[m][3] += w3 * xv;
+            const float xv = load_1(xb, m * ldm + k * ldk, is_bf16 && !x_f32);
+            for (int q = 0; q < CV; q++) acc[m][c + q] += w[q] * xv;
         }
     }
 }
 
-int tandem_cpu_kernels_abi(void) { return 4; }
+/* Up to FULL_ROWS rows: the caller's x, all 4 vectors of the block per pass (AVX-512: 24 accumulators + 4
+ * weight vectors of 32 registers; AVX2: 8 + 4 of 16). More rows: the interleaved float32 copy of x, two passes
+ * of 2 vectors each on AVX2 (12 accumulators, 2 weight vectors and a broadcast: the 16 registers; 6 rows x 4
+ * vectors would spill, 3 x 4 reloads every weight per row). */
+#define ROWS_SWITCH(XB, LDM, LDK, CV, c, XF)                                                                       \
+    switch (rows) {                                                                                                \
+    case 1: block_pass(XB, LDM, LDK, wb, K, acc, 1, CV, c, XF, is_bf16); break;                                    \
+    case 2: block_pass(XB, LDM, LDK, wb, K, acc, 2, CV, c, XF, is_bf16); break;                                    \
+    case 3: block_pass(XB, LDM, LDK, wb, K, acc, 3, CV, c, XF, is_bf16); break;                                    \
+    case 4: block_pass(XB, LDM, LDK, wb, K, acc, 4, CV, c, XF, is_bf16); break;                                    \
+    case 5: block_pass(XB, LDM, LDK, wb, K, acc, 5, CV, c, XF, is_bf16); break;                                    \
+    default: block_pass(XB, LDM, LDK, wb, K, acc, 6, CV, c, XF, is_bf16); break;                                   \
+    }
+
+static inline __attribute__((always_inline)) void group_pass(const void *xb, long ldx, const float *xi,
+                                                             const void *wb, long K, vf acc[MB][4], long rows,
+                                                             const int is_bf16)
+{
+    if (!xi) {
+        ROWS_SWITCH(xb, ldx, 1, 4, 0, 0)
+    } else if (FULL_ROWS >= MB) {
+        ROWS_SWITCH(xi, 1, MB, 4, 0, 1)
+    } else {
+        ROWS_SWITCH(xi, 1, MB, 2, 0, 1)
+        ROWS_SWITCH(xi, 1, MB, 2, 2, 1)
+    }
+}
+
+int tandem_cpu_kernels_abi(void) { return 5; }
+
+/* Outputs per packed weight block (the loader packs with it). */
+int tandem_cpu_kernels_block(void) { return NB; }
+
+/* Prefill-sized batches: SG row groups take turns over one K chunk of a block (KC rows of k, 16 KiB of
+ * float32 weights) while it sits in L1, instead of each streaming the whole block from L2. Partial sums wait
+ * in float32 between chunks, so every output is still one chain of fused multiply-adds in k order: the same
+ * bits as one pass. */
+#ifndef SG
+#define SG 16
+#endif
+#ifndef KC
+#define KC (16384 / (NB * 4))
+#endif
 
 /* The linear for both dtypes (see the top of this file); is_bf16 is a constant in each exported wrapper. */
 static inline __attribute__((always_inline)) void linear_packed(const void *x, const void *packed, const void *bias,
                                                                 const void *residual, void *y, long M, long K,
                                                                 long N, int nthreads, const int is_bf16)
 {
-    const long nblk = (N + NB - 1) / NB, ngroups = (M + MB - 1) / MB;
+    const long nblk = (N + NB - 1) / NB, ngroups = (M + MB - 1) / MB, nsuper = (ngroups + SG - 1) / SG;
     const long esize = is_bf16 ? 2 : 4;
-    /* (block, row group) pairs in block-major order: a thread's share is a contiguous run, so it keeps
-     * re-reading the same weight block from its cache; and small-N layers still split evenly at prefill sizes */
+    /* More rows than one pass holds: x copied once as float32, interleaved by k within each group of MB rows
+     * (xi[g][k][m], rows past M zero) */
+    float *xi = NULL;
+    if (M > FULL_ROWS) {
+        xi = malloc(sizeof(float) * ngroups * K * MB);
+        if (!xi) abort();
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (long g = 0; g < ngroups; g++)
+            for (long k = 0; k < K; k++)
+                for (long m = 0; m < MB; m++)
+                    xi[(g * K + k) * MB + m] = g * MB + m < M ? load_1(x, (g * MB + m) * K + k, is_bf16) : 0.f;
+    }
+    /* (row super-group, block) pairs, super-group-major: a thread's share is a contiguous run, so the super
+     * group's rows of x (at most SG * MB * K floats) stay in its L2 while the weight blocks stream past; and
+     * small-N layers still split evenly at prefill sizes */
 #pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
-    for (long b = 0; b < nblk; b++) {
-        for (long g = 0; g < ngroups; g++) {
+    for (long s = 0; s < nsuper; s++) {
+        for (long b = 0; b < nblk; b++) {
             const char *wb = (const char *)packed + b * K * NB * esize;
             const long n0 = b * NB;
             const long cols = N - n0 < NB ? N - n0 : NB;
-            const long m0 = g * MB;
-            const long rows = M - m0 < MB ? M - m0 : MB;
-            const char *xb = (const char *)x + m0 * K * esize;
-            v16 acc[MB][4];
-            for (long m = 0; m < MB; m++)
-                for (int q = 0; q < 4; q++) acc[m][q] = (v16){0};
-            switch (rows) {
-            case 1: block_pass(xb, wb, K, acc, 1, is_bf16); break;
-            case 2: block_pass(xb, wb, K, acc, 2, is_bf16); break;
-            case 3: block_pass(xb, wb, K, acc, 3, is_bf16); break;
-            case 4: block_pass(xb, wb, K, acc, 4, is_bf16); break;
-            case 5: block_pass(xb, wb, K, acc, 5, is_bf16); break;
-            default: block_pass(xb, wb, K, acc, 6, is_bf16); break;
+            const long g0 = s * SG, g1 = ngroups < g0 + SG ? ngroups : g0 + SG;
+            const long kc = g1 - g0 > 1 ? KC : K; /* one group reuses nothing: it streams the block once */
+            float part[SG * MB][NB];
+            for (long k0 = 0; k0 < K; k0 += kc) {
+                const long kn = K - k0 < kc ? K - k0 : kc;
+                for (long g = g0; g < g1; g++) {
+                    const long m0 = g * MB;
+                    const long rows = M - m0 < MB ? M - m0 : MB;
+                    float(*pg)[NB] = part + (g - g0) * MB;
+                    vf acc[MB][4];
+                    for (long m = 0; m < MB; m++)
+                        for (int q = 0; q < 4; q++) acc[m][q] = k0 && m < rows ? loadv(pg[m] + VL * q) : (vf){0};
+                    group_pass((const char *)x + (m0 * K + k0) * esize, K, xi ? xi + (g * K + k0) * MB : NULL,
+                               wb + k0 * NB * esize, kn, acc, rows, is_bf16);
+                    for (long m = 0; m < rows; m++)
+                        for (int q = 0; q < 4; q++) storev(pg[m] + VL * q, acc[m][q]);
+                }
             }
-            for (long m = 0; m < rows; m++) {
-                float out[NB];
-                for (int q = 0; q < 4; q++) store16(out + 16 * q, acc[m][q]);
-                const long row = (m0 + m) * N + n0;
+            const long nrows = M - g0 * MB < (g1 - g0) * MB ? M - g0 * MB : (g1 - g0) * MB;
+            for (long m = 0; m < nrows; m++) {
+                const float *out = part[m];
+                const long row = (g0 * MB + m) * N + n0;
                 for (long j = 0; j < cols; j++) {
                     float o = bias ? out[j] + load_1(bias, n0 + j, is_bf16) : out[j];
                     if (is_bf16) {
@@ -148,6 +221,7 @@ static inline __attribute__((always_inline)) void linear_packed(const void *x, c
             }
         }
     }
+    free(xi);
 }
 
 void tandem_linear_packed_f32(const float *x, const float *packed, const float *bias, const float *residual,
@@ -171,17 +245,17 @@ void tandem_linear_packed_bf16(const bf16_t *x, const bf16_t *packed, const bf16
  * ------------------------------------------------------------------------------------------------------------- */
 #include <math.h>
 
-static inline v16 round16_bf16(v16 v)
+static inline vf roundv_bf16(vf v)
 {
-    v16u u = (v16u)v;
+    vu u = (vu)v;
     u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even (finite values; NaN inputs are not expected) */
-    return (v16)(u & 0xffff0000u);
+    return (vf)(u & 0xffff0000u);
 }
 
 /* Round to bf16 where the dtype is bf16 (a no-op for float32). */
-static inline __attribute__((always_inline)) v16 round_as(v16 v, const int is_bf16)
+static inline __attribute__((always_inline)) vf round_as(vf v, const int is_bf16)
 {
-    return is_bf16 ? round16_bf16(v) : v;
+    return is_bf16 ? roundv_bf16(v) : v;
 }
 
 static inline __attribute__((always_inline)) float round1_as(float v, const int is_bf16)
@@ -189,13 +263,13 @@ static inline __attribute__((always_inline)) float round1_as(float v, const int 
     return is_bf16 ? bf16_to_f32(f32_to_bf16(v)) : v;
 }
 
-static inline __attribute__((always_inline)) void store_as(void *p, long i, v16 v, const int is_bf16)
+static inline __attribute__((always_inline)) void store_as(void *p, long i, vf v, const int is_bf16)
 {
     if (is_bf16) {
-        const v16h h = __builtin_convertvector((v16u)round16_bf16(v) >> 16, v16h);
-        __builtin_memcpy((bf16_t *)p + i, &h, sizeof h);
+        const vh h = __builtin_convertvector((vu)roundv_bf16(v) >> 16, vh);
+        *(vh_u *)((bf16_t *)p + i) = h;
     } else {
-        store16((float *)p + i, v);
+        storev((float *)p + i, v);
     }
 }
 
@@ -214,18 +288,18 @@ static inline __attribute__((always_inline)) void rms_norm(const void *x, const 
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (T > 8)
     for (long t = 0; t < T; t++) {
         const long row = t * H;
-        v16 acc = (v16){0};
+        vf acc = (vf){0};
         long i = 0;
-        for (; i + 16 <= H; i += 16) {
-            const v16 v = load_w16(x, row + i, is_bf16);
+        for (; i + VL <= H; i += VL) {
+            const vf v = load_wv(x, row + i, is_bf16);
             acc += v * v;
         }
         float ss = 0.f;
-        for (int j = 0; j < 16; j++) ss += acc[j];
+        for (int j = 0; j < VL; j++) ss += acc[j];
         for (; i < H; i++) ss += load_1(x, row + i, is_bf16) * load_1(x, row + i, is_bf16);
         const float r = 1.f / sqrtf(ss / (float)H + eps);
-        for (i = 0; i + 16 <= H; i += 16)
-            store_as(out, row + i, load_w16(w, i, is_bf16) * round_as(load_w16(x, row + i, is_bf16) * r, is_bf16),
+        for (i = 0; i + VL <= H; i += VL)
+            store_as(out, row + i, load_wv(w, i, is_bf16) * round_as(load_wv(x, row + i, is_bf16) * r, is_bf16),
                      is_bf16);
         for (; i < H; i++)
             store1_as(out, row + i, load_1(w, i, is_bf16) * round1_as(load_1(x, row + i, is_bf16) * r, is_bf16),
@@ -233,29 +307,29 @@ static inline __attribute__((always_inline)) void rms_norm(const void *x, const 
     }
 }
 
-/* exp(x) on 16 lanes: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, and Cephes' degree-7
+/* exp(x) on VL lanes: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, and Cephes' degree-7
  * polynomial for e^r (about 1 ulp, as libm's expf); inputs clamped to the float range. */
-typedef int v16i __attribute__((vector_size(64), aligned(4)));
-static inline v16 select16(v16i mask, v16 a, v16 b) { return (v16)(((v16i)a & mask) | ((v16i)b & ~mask)); }
+typedef int vi __attribute__((vector_size(4 * VL)));
+static inline vf selectv(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
-static inline v16 exp16(v16 x)
+static inline vf expv(vf x)
 {
-    const v16 hi = (v16){0} + 88.3762626647949f, lo = (v16){0} - 87.3365447504019f;
-    x = select16(x < hi, x, hi);
-    x = select16(x > lo, x, lo);
-    const v16 magic = (v16){0} + 12582912.f; /* 1.5 * 2^23: adding it rounds to the nearest integer */
-    v16 n = x * 1.44269504088896341f + magic;
-    const v16i ni = (v16i)n - (v16i)magic;
+    const vf hi = (vf){0} + 88.3762626647949f, lo = (vf){0} - 87.3365447504019f;
+    x = selectv(x < hi, x, hi);
+    x = selectv(x > lo, x, lo);
+    const vf magic = (vf){0} + 12582912.f; /* 1.5 * 2^23: adding it rounds to the nearest integer */
+    vf n = x * 1.44269504088896341f + magic;
+    const vi ni = (vi)n - (vi)magic;
     n -= magic;
-    v16 r = x - n * 0.693359375f;
+    vf r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
-    v16 y = r * 1.9875691500E-4f + 1.3981999507E-3f;
+    vf y = r * 1.9875691500E-4f + 1.3981999507E-3f;
     y = y * r + 8.3334519073E-3f;
     y = y * r + 4.1665795894E-2f;
     y = y * r + 1.6666665459E-1f;
     y = y * r + 5.0000001201E-1f;
     y = y * r * r + r + 1.f;
-    return (v16)((v16i)y + (ni << 23)); /* y * 2^n */
+    return (vf)((vi)y + (ni << 23)); /* y * 2^n */
 }
 
 /* out[t, i] = silu(gu[t, i]) * gu[t, I + i]   (gate | up fused in one row of 2I). */
@@ -266,9 +340,9 @@ static inline __attribute__((always_inline)) void silu_mul(const void *gu, void 
     for (long t = 0; t < T; t++) {
         const long g = t * 2 * I, u = g + I, o = t * I;
         long i = 0;
-        for (; i + 16 <= I; i += 16) {
-            const v16 gv = load_w16(gu, g + i, is_bf16);
-            store_as(out, o + i, round_as(gv / (1.f + exp16(-gv)), is_bf16) * load_w16(gu, u + i, is_bf16), is_bf16);
+        for (; i + VL <= I; i += VL) {
+            const vf gv = load_wv(gu, g + i, is_bf16);
+            store_as(out, o + i, round_as(gv / (1.f + expv(-gv)), is_bf16) * load_wv(gu, u + i, is_bf16), is_bf16);
         }
         for (; i < I; i++) {
             const float gv = load_1(gu, g + i, is_bf16);
@@ -288,9 +362,9 @@ static inline __attribute__((always_inline)) void rope(void *x, long row, const 
         for (long h = 0; h < heads; h++) {
             const long x1 = t * row + h * D, x2 = x1 + half, cs = t * half;
             long i = 0;
-            for (; i + 16 <= half; i += 16) {
-                const v16 a = load_w16(x, x1 + i, is_bf16), b = load_w16(x, x2 + i, is_bf16);
-                const v16 c = load_w16(cos_t, cs + i, is_bf16), sn = load_w16(sin_t, cs + i, is_bf16);
+            for (; i + VL <= half; i += VL) {
+                const vf a = load_wv(x, x1 + i, is_bf16), b = load_wv(x, x2 + i, is_bf16);
+                const vf c = load_wv(cos_t, cs + i, is_bf16), sn = load_wv(sin_t, cs + i, is_bf16);
                 store_as(x, x1 + i, a * c - b * sn, is_bf16);
                 store_as(x, x2 + i, b * c + a * sn, is_bf16);
             }
@@ -375,10 +449,10 @@ static inline __attribute__((always_inline)) void paged_decode_attention(
                         const long kv = blocks[t / block_size] * sb + (t % block_size) * ss + kh * sh;
                         float dot = 0.f;
                         long i = 0;
-                        if (D >= 16) {
-                            v16 part = (v16){0};
-                            for (; i + 16 <= D; i += 16) part += load16(qv + i) * load_w16(cache_k, kv + i, is_bf16);
-                            for (int r = 0; r < 16; r++) dot += part[r];
+                        if (D >= VL) {
+                            vf part = (vf){0};
+                            for (; i + VL <= D; i += VL) part += loadv(qv + i) * load_wv(cache_k, kv + i, is_bf16);
+                            for (int r = 0; r < VL; r++) dot += part[r];
                         }
                         for (; i < D; i++) dot += qv[i] * load_1(cache_k, kv + i, is_bf16);
                         sc[j] = dot * scale;
@@ -394,7 +468,7 @@ static inline __attribute__((always_inline)) void paged_decode_attention(
                         l += p;
                         const long vv = blocks[t / block_size] * sb + (t % block_size) * ss + kh * sh;
                         long i = 0;
-                        for (; i + 16 <= D; i += 16) store16(o + i, load16(o + i) + load_w16(cache_v, vv + i, is_bf16) * p);
+                        for (; i + VL <= D; i += VL) storev(o + i, loadv(o + i) + load_wv(cache_v, vv + i, is_bf16) * p);
                         for (; i < D; i++) o[i] += p * load_1(cache_v, vv + i, is_bf16);
                     }
                     m = nm;
