@@ -112,6 +112,7 @@ class CpuKernels:
         if dll.tandem_cpu_kernels_abi() != ABI:
             raise RuntimeError(f"{path}: kernel ABI {dll.tandem_cpu_kernels_abi()} != {ABI}")
         self.block = int(dll.tandem_cpu_kernels_block())  # outputs per packed weight block: 4 vectors
+        self.lanes = self.block // 4  # float32 lanes per vector: 16 (AVX-512) or 8 (AVX2)
 
         def bind(name, *argtypes):
             fn = getattr(dll, name)

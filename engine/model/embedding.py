@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.cpu_kernels import CpuKernels, cpu_kernels
-from engine.model.linear import BF16_KERNEL_MAX_ROWS, LinearBase
+from engine.model.linear import LinearBase, kernel_max_rows
 from engine.model.parallel import SINGLE_RANK, ParallelContext
 
 
@@ -61,7 +61,7 @@ class ParallelLMHead(VocabParallelEmbedding):
             kernel = cpu_kernels()
             if kernel is not None:
                 self._kernel, self._packed = kernel, kernel.pack(w.data)
-                self._kernel_max_rows = float("inf") if w.dtype == torch.float32 else BF16_KERNEL_MAX_ROWS
+                self._kernel_max_rows = kernel_max_rows(kernel, w.dtype)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         packed = self._packed

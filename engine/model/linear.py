@@ -15,9 +15,11 @@ dtype. On CPU in float32 that is Tandem's own kernel (`cpu_kernels.py`): the wei
 packed into blocks of 64 (AVX-512) or 32 (AVX2) outputs that stream sequentially, which
 reads weights at the core's full bandwidth for decode-sized batches (issue 17: 26 GB/s on one
 thread where `x @ W[in, out]` reached 17.6 and `F.linear` 11) and is level with oneDNN at
-prefill sizes on AVX-512 (on AVX2 within 1.0-1.2x of it, docs/BENCHMARKS.md). Without a compiler, fp32 falls back to `x @ W` in the [in, out] layout
-(`benchmarks/gemv_bandwidth.py`). bf16 keeps the stored [out, in] weight for F.linear (oneDNN's
-bf16 dot products win at prefill sizes) and a packed copy for decode-sized batches.
+prefill sizes on AVX-512 (on AVX2 oneDNN is 1.1-1.3x faster there, so float32 keeps a second,
+[in, out] copy for batches over F32_AVX2_KERNEL_MAX_ROWS). Without a compiler, fp32 falls back to
+`x @ W` in the [in, out] layout (`benchmarks/gemv_bandwidth.py`). bf16 keeps the stored [out, in]
+weight for F.linear (oneDNN's bf16 dot products win at prefill sizes) and a packed copy for
+decode-sized batches.
 """
 
 from __future__ import annotations
@@ -36,7 +38,20 @@ from engine.model.parallel import SINGLE_RANK, ParallelContext
 # 8 rows 72.3 / 59.9, 12 rows 97.8 / 87.5, 16 rows 146 / 145, 24 rows 211 / 193. Measured at one thread (a
 # worker's default); with more threads per worker the crossover was not re-measured
 BF16_KERNEL_MAX_ROWS = 12
-# (so in bf16 a row's logits can differ by bf16 rounding with the size of its batch; float32 is batch-invariant)
+# (so in bf16 a row's logits can differ by bf16 rounding with the size of its batch)
+# float32 with the 8-lane (AVX2) kernels: batches of at most this many rows use the packed kernel, larger ones
+# oneDNN (`x @ W[in, out]`, a second copy of the weights): at prefill sizes oneDNN's AVX2 GEMM is 1.1-1.3x the
+# kernel's speed (`cpu_kernels_micro.py`, docs/BENCHMARKS.md). With AVX-512 the kernel is level with oneDNN at
+# every size and float32 keeps the packed copy only. Rows of one request get the same bits either way only where
+# both paths sum alike, so float32 on AVX2 is batch-invariant up to this many rows, as bf16 is up to its threshold.
+F32_AVX2_KERNEL_MAX_ROWS = 32
+
+
+def kernel_max_rows(kernel: CpuKernels, dtype: torch.dtype) -> float:
+    """Rows up to which a linear of `dtype` runs the packed kernel; above it, oneDNN over a second weight copy."""
+    if dtype == torch.bfloat16:
+        return BF16_KERNEL_MAX_ROWS
+    return float("inf") if kernel.lanes >= 16 else F32_AVX2_KERNEL_MAX_ROWS
 
 
 class LinearBase(nn.Module):
@@ -62,12 +77,12 @@ class LinearBase(nn.Module):
         if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
             return
         kernel = cpu_kernels()
-        if w.dtype == torch.bfloat16:
-            if kernel is not None:  # decode-sized batches on the kernel, prefill on oneDNN's bf16 (both layouts kept)
-                self._kernel, self._packed, self._kernel_max_rows = kernel, kernel.pack(w.data), BF16_KERNEL_MAX_ROWS
-            return
-        if kernel is not None:
+        if kernel is not None:  # decode-sized batches on the kernel; prefill too, or on oneDNN (both layouts kept)
             self._kernel, self._packed = kernel, kernel.pack(w.data)
+            self._kernel_max_rows = kernel_max_rows(kernel, w.dtype)
+        if w.dtype == torch.bfloat16:
+            return
+        if kernel is not None and self._kernel_max_rows == float("inf"):
             # the packed copy is the only one kept: the parameter becomes an empty placeholder
             self.weight = nn.Parameter(w.new_empty(0), requires_grad=False)
             return

@@ -319,6 +319,36 @@ def test_bf16_layers_use_the_kernel_only_for_decode_sized_batches():
 
 
 @needs_kernel
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_f32_layers_by_vector_width(lanes, monkeypatch):
+    """AVX2 (8 lanes): the packed kernel up to F32_AVX2_KERNEL_MAX_ROWS rows, oneDNN over an [in, out] copy above
+    (faster there); AVX-512 (16 lanes): the packed copy alone, at every size. The LM head follows the same rule."""
+    from engine.model.linear import F32_AVX2_KERNEL_MAX_ROWS
+
+    monkeypatch.setattr(KERNEL, "lanes", lanes)
+    g = torch.Generator().manual_seed(4)
+    full = torch.randn(192, 64, generator=g)
+    layer = MergedColumnLinear(64, [96, 96], dtype=torch.float32, device="cpu")
+    layer.weight.data.copy_(full)
+    head = ParallelLMHead(192, 64, dtype=torch.float32, device="cpu")
+    head.weight.data.copy_(full)
+    layer.finalize()
+    head.finalize()
+    small = torch.randn(F32_AVX2_KERNEL_MAX_ROWS, 64, generator=g)
+    big = torch.randn(F32_AVX2_KERNEL_MAX_ROWS + 1, 64, generator=g)
+    packed = KERNEL.linear(big, layer._packed, None, 192)
+    assert torch.equal(layer(small), KERNEL.linear(small, layer._packed, None, 192))
+    assert torch.equal(head(small), layer(small))
+    if lanes == 8:
+        assert layer._weight_t is not None and torch.equal(layer.weight, full)
+        assert torch.equal(layer(big), big @ layer._weight_t)
+        assert torch.equal(head(big), F.linear(big, full))
+    else:
+        assert layer._weight_t is None and layer.weight.numel() == 0  # one copy of the weights: the packed one
+        assert torch.equal(layer(big), packed) and torch.equal(head(big), packed)
+
+
+@needs_kernel
 @pytest.mark.parametrize("t", [1, 33])
 def test_bf16_layer_ops_match_torchs_bf16_path(t):
     """RMSNorm and SiLU * up round where torch's bf16 path rounds (equal); rope and attention round once (close)."""

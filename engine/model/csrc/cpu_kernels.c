@@ -163,7 +163,9 @@ static inline __attribute__((always_inline)) void linear_packed(const void *x, c
                                                                 const void *residual, void *y, long M, long K,
                                                                 long N, int nthreads, const int is_bf16)
 {
-    const long nblk = (N + NB - 1) / NB, ngroups = (M + MB - 1) / MB, nsuper = (ngroups + SG - 1) / SG;
+    const long nblk = (N + NB - 1) / NB, ngroups = (M + MB - 1) / MB;
+    /* super groups of at most SG row groups, equal in size (to the group), so that threads get equal work */
+    const long nsuper = (ngroups + SG - 1) / SG, sg = (ngroups + nsuper - 1) / nsuper;
     const long esize = is_bf16 ? 2 : 4;
     /* More rows than one pass holds: x copied once as float32, interleaved by k within each group of MB rows
      * (xi[g][k][m], rows past M zero) */
@@ -172,10 +174,16 @@ static inline __attribute__((always_inline)) void linear_packed(const void *x, c
         xi = malloc(sizeof(float) * ngroups * K * MB);
         if (!xi) abort();
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (long g = 0; g < ngroups; g++)
-            for (long k = 0; k < K; k++)
-                for (long m = 0; m < MB; m++)
-                    xi[(g * K + k) * MB + m] = g * MB + m < M ? load_1(x, (g * MB + m) * K + k, is_bf16) : 0.f;
+        for (long g = 0; g < ngroups; g++) {
+            float *dst = xi + g * K * MB;
+            for (long m = 0; m < MB; m++) { /* row by row: one sequential read, stores 6 floats apart (in L1) */
+                const long row = g * MB + m;
+                if (row < M)
+                    for (long k = 0; k < K; k++) dst[k * MB + m] = load_1(x, row * K + k, is_bf16);
+                else
+                    for (long k = 0; k < K; k++) dst[k * MB + m] = 0.f;
+            }
+        }
     }
     /* (row super-group, block) pairs, super-group-major: a thread's share is a contiguous run, so the super
      * group's rows of x (at most SG * MB * K floats) stay in its L2 while the weight blocks stream past; and
@@ -186,7 +194,7 @@ static inline __attribute__((always_inline)) void linear_packed(const void *x, c
             const char *wb = (const char *)packed + b * K * NB * esize;
             const long n0 = b * NB;
             const long cols = N - n0 < NB ? N - n0 : NB;
-            const long g0 = s * SG, g1 = ngroups < g0 + SG ? ngroups : g0 + SG;
+            const long g0 = s * sg, g1 = ngroups < g0 + sg ? ngroups : g0 + sg;
             const long kc = g1 - g0 > 1 ? KC : K; /* one group reuses nothing: it streams the block once */
             float part[SG * MB][NB];
             for (long k0 = 0; k0 < K; k0 += kc) {
