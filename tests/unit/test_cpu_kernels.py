@@ -252,10 +252,16 @@ def test_rms_norm_silu_mul_and_rope_match_torch(t):
 @needs_kernel
 @pytest.mark.parametrize("order", ["NHD", "HND"])
 @pytest.mark.parametrize("lens", [[1], [5, 16, 17, 300], [600, 2]])
-def test_paged_decode_attention_matches_sdpa_over_gathered_blocks(order, lens):
+@pytest.mark.parametrize(
+    "heads,kv_heads,d",
+    # query heads per KV head 3 (SmolLM2), 1, 4 and 8 (tiles of 3 on AVX2, 6 on AVX-512, and their remainders);
+    # head dims in whole 4-vector blocks, with one-vector remainders (80), and with a scalar tail (36)
+    [(6, 2, 32), (9, 3, 64), (2, 2, 128), (8, 2, 80), (16, 2, 36)],
+)
+def test_paged_decode_attention_matches_sdpa_over_gathered_blocks(order, lens, heads, kv_heads, d):
     """Random block tables over a shared cache, contexts shorter and longer than one scratch chunk (256)."""
-    g = torch.Generator().manual_seed(sum(lens))
-    heads, kv_heads, d, bs, nb = 6, 2, 32, 16, 96
+    g = torch.Generator().manual_seed(sum(lens) + d)
+    bs, nb = 16, 96
     shape = (nb, bs, kv_heads, d) if order == "NHD" else (nb, kv_heads, bs, d)
     ck, cv = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     b = len(lens)

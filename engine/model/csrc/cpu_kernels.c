@@ -427,10 +427,114 @@ void tandem_rope_bf16(bf16_t *x, long row, const bf16_t *cos_t, const bf16_t *si
  * table:  [B, max_blocks] block ids; lens: [B] context lengths (tokens visible, the current one included)
  * out:    [B, heads * D]
  *
- * Per (row, KV head): scores of its G query heads against every context token, softmax in float32 with the
- * maximum subtracted, then the weighted sum of V. Scratch for the scores comes from the stack in chunks. */
+ * Per (row, KV head), its G query heads in tiles of up to GT: each K row is loaded once for the tile's dot
+ * products, scores go to a stack chunk, softmax runs in float32 with the running maximum subtracted (exp over
+ * whole vectors of scores), and each V row is loaded once for the tile's weighted sums, which stay in registers
+ * over the chunk (GT heads x 4 vectors of D: 12 accumulators of AVX2's 16 registers, 24 of AVX-512's 32). */
 #define ATT_CHUNK 256
 #define MAX_HEAD_DIM 512 /* a head's query and output live in stack buffers */
+#define GT (VL == 16 ? 6 : 3)
+
+static inline float hsum(vf v)
+{
+    float s = 0.f;
+    for (int r = 0; r < VL; r++) s += v[r];
+    return s;
+}
+
+/* o[g][i0 .. i0 + NV * VL) += sum_j p[g][j] * v_j[i0 ...] for the GN heads of a tile, over n tokens. */
+static inline __attribute__((always_inline)) void att_pv(float (*o)[MAX_HEAD_DIM], float (*p)[ATT_CHUNK],
+                                                         const void *cache_v, const long *restrict blocks, long c0,
+                                                         long n, long block_size, long sb, long ss, long hoff,
+                                                         long i0, const int NV, const int GN, const int is_bf16)
+{
+    vf acc[GT][4];
+    for (int g = 0; g < GN; g++)
+        for (int v = 0; v < NV; v++) acc[g][v] = loadv(o[g] + i0 + v * VL);
+    for (long j = 0; j < n; j++) {
+        const long t = c0 + j;
+        const long vv = blocks[t / block_size] * sb + (t % block_size) * ss + hoff + i0;
+        for (int v = 0; v < NV; v++) {
+            const vf row = load_wv(cache_v, vv + v * VL, is_bf16);
+            for (int g = 0; g < GN; g++) acc[g][v] += row * p[g][j];
+        }
+    }
+    for (int g = 0; g < GN; g++)
+        for (int v = 0; v < NV; v++) storev(o[g] + i0 + v * VL, acc[g][v]);
+}
+
+/* One tile of GN query heads (hq0 .. hq0 + GN) of KV head kh, row b. */
+static inline __attribute__((always_inline)) void att_tile(const void *q, long q_row, const void *cache_k,
+                                                           const void *cache_v, long sb, long ss, long hoff,
+                                                           const long *restrict blocks, long L, long block_size,
+                                                           void *out, long b, long heads, long hq0, long D,
+                                                           float scale, const int GN, const int is_bf16)
+{
+    float qv[GT][MAX_HEAD_DIM], o[GT][MAX_HEAD_DIM], p[GT][ATT_CHUNK], m[GT], l[GT];
+    for (int g = 0; g < GN; g++) {
+        for (long i = 0; i < D; i++) {
+            qv[g][i] = load_1(q, b * q_row + (hq0 + g) * D + i, is_bf16);
+            o[g][i] = 0.f;
+        }
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+    }
+    for (long c0 = 0; c0 < L; c0 += ATT_CHUNK) {
+        const long n = L - c0 < ATT_CHUNK ? L - c0 : ATT_CHUNK;
+        for (long j = 0; j < n; j++) { /* scores: one load of each K vector for the whole tile */
+            const long t = c0 + j;
+            const long kv = blocks[t / block_size] * sb + (t % block_size) * ss + hoff;
+            vf part[GT];
+            for (int g = 0; g < GN; g++) part[g] = (vf){0};
+            long i = 0;
+            for (; i + VL <= D; i += VL) {
+                const vf kr = load_wv(cache_k, kv + i, is_bf16);
+                for (int g = 0; g < GN; g++) part[g] += loadv(qv[g] + i) * kr;
+            }
+            for (int g = 0; g < GN; g++) {
+                float dot = hsum(part[g]);
+                for (long r = i; r < D; r++) dot += qv[g][r] * load_1(cache_k, kv + r, is_bf16);
+                p[g][j] = dot * scale;
+            }
+        }
+        for (int g = 0; g < GN; g++) { /* online softmax: rescale what came before, exponentiate this chunk */
+            float cm = -INFINITY;
+            for (long j = 0; j < n; j++) cm = p[g][j] > cm ? p[g][j] : cm;
+            const float nm = cm > m[g] ? cm : m[g];
+            const float corr = expf(m[g] - nm); /* 0 on the first chunk (m = -inf) */
+            for (long i = 0; i < D; i++) o[g][i] *= corr;
+            long j = 0;
+            for (; j + VL <= n; j += VL) storev(p[g] + j, expv(loadv(p[g] + j) - nm));
+            for (; j < n; j++) p[g][j] = expf(p[g][j] - nm);
+            float sum = 0.f;
+            for (j = 0; j < n; j++) sum += p[g][j];
+            l[g] = l[g] * corr + sum;
+            m[g] = nm;
+        }
+        long i0 = 0; /* weighted sum of V: one load of each V vector for the whole tile */
+        for (; i0 + 4 * VL <= D; i0 += 4 * VL)
+            att_pv(o, p, cache_v, blocks, c0, n, block_size, sb, ss, hoff, i0, 4, GN, is_bf16);
+        for (; i0 + VL <= D; i0 += VL)
+            att_pv(o, p, cache_v, blocks, c0, n, block_size, sb, ss, hoff, i0, 1, GN, is_bf16);
+        for (; i0 < D; i0++)
+            for (long j = 0; j < n; j++) {
+                const long t = c0 + j;
+                const float v = load_1(cache_v, blocks[t / block_size] * sb + (t % block_size) * ss + hoff + i0,
+                                       is_bf16);
+                for (int g = 0; g < GN; g++) o[g][i0] += p[g][j] * v;
+            }
+    }
+    for (int g = 0; g < GN; g++) {
+        const float inv = 1.f / l[g];
+        const long od = b * heads * D + (hq0 + g) * D;
+        for (long i = 0; i < D; i++) {
+            if (is_bf16)
+                ((bf16_t *)out)[od + i] = f32_to_bf16(o[g][i] * inv);
+            else
+                ((float *)out)[od + i] = o[g][i] * inv;
+        }
+    }
+}
 
 static inline __attribute__((always_inline)) void paged_decode_attention(
     const void *q, long q_row, const void *cache_k, const void *cache_v, long sb, long ss, long sh,
@@ -441,54 +545,23 @@ static inline __attribute__((always_inline)) void paged_decode_attention(
 #pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
     for (long b = 0; b < B; b++) {
         for (long kh = 0; kh < kv_heads; kh++) {
-            const long L = lens[b];
             const long *blocks = table + b * max_blocks;
-            for (long g = 0; g < G; g++) {
-                const long hq = kh * G + g;
-                float qv[MAX_HEAD_DIM], o[MAX_HEAD_DIM];
-                for (long i = 0; i < D; i++) { qv[i] = load_1(q, b * q_row + hq * D + i, is_bf16); o[i] = 0.f; }
-                float m = -INFINITY, l = 0.f;
-                float sc[ATT_CHUNK];
-                for (long c0 = 0; c0 < L; c0 += ATT_CHUNK) {
-                    const long n = L - c0 < ATT_CHUNK ? L - c0 : ATT_CHUNK;
-                    float cm = -INFINITY;
-                    for (long j = 0; j < n; j++) {
-                        const long t = c0 + j;
-                        const long kv = blocks[t / block_size] * sb + (t % block_size) * ss + kh * sh;
-                        float dot = 0.f;
-                        long i = 0;
-                        if (D >= VL) {
-                            vf part = (vf){0};
-                            for (; i + VL <= D; i += VL) part += loadv(qv + i) * load_wv(cache_k, kv + i, is_bf16);
-                            for (int r = 0; r < VL; r++) dot += part[r];
-                        }
-                        for (; i < D; i++) dot += qv[i] * load_1(cache_k, kv + i, is_bf16);
-                        sc[j] = dot * scale;
-                        cm = sc[j] > cm ? sc[j] : cm;
-                    }
-                    const float nm = cm > m ? cm : m;
-                    const float corr = expf(m - nm); /* 0 on the first chunk (m = -inf) */
-                    l *= corr;
-                    for (long i = 0; i < D; i++) o[i] *= corr;
-                    for (long j = 0; j < n; j++) {
-                        const long t = c0 + j;
-                        const float p = expf(sc[j] - nm);
-                        l += p;
-                        const long vv = blocks[t / block_size] * sb + (t % block_size) * ss + kh * sh;
-                        long i = 0;
-                        for (; i + VL <= D; i += VL) storev(o + i, loadv(o + i) + load_wv(cache_v, vv + i, is_bf16) * p);
-                        for (; i < D; i++) o[i] += p * load_1(cache_v, vv + i, is_bf16);
-                    }
-                    m = nm;
+            for (long g0 = 0; g0 < G; g0 += GT) {
+                const long gn = G - g0 < GT ? G - g0 : GT;
+#define ATT_TILE(GN)                                                                                               \
+    att_tile(q, q_row, cache_k, cache_v, sb, ss, kh * sh, blocks, lens[b], block_size, out, b, heads, kh * G + g0, D, \
+             scale, GN, is_bf16)
+                switch (gn) {
+                case 1: ATT_TILE(1); break;
+                case 2: ATT_TILE(2); break;
+#if GT > 3
+                case 3: ATT_TILE(3); break;
+                case 4: ATT_TILE(4); break;
+                case 5: ATT_TILE(5); break;
+#endif
+                default: ATT_TILE(GT); break;
                 }
-                const float inv = 1.f / l;
-                const long od = b * heads * D + hq * D;
-                for (long i = 0; i < D; i++) {
-                    if (is_bf16)
-                        ((bf16_t *)out)[od + i] = f32_to_bf16(o[i] * inv);
-                    else
-                        ((float *)out)[od + i] = o[i] * inv;
-                }
+#undef ATT_TILE
             }
         }
     }
