@@ -78,17 +78,21 @@ class LinearBase(nn.Module):
             return
         kernel = cpu_kernels()
         if kernel is not None:  # decode-sized batches on the kernel; prefill too, or on oneDNN (both layouts kept)
-            self._kernel, self._packed = kernel, kernel.pack(w.data)
-            self._kernel_max_rows = kernel_max_rows(kernel, w.dtype)
+            self._kernel, self._kernel_max_rows = kernel, kernel_max_rows(kernel, w.dtype)
         if w.dtype == torch.bfloat16:
+            if kernel is not None:
+                self._packed = kernel.pack(w.data)
             return
         if kernel is not None and self._kernel_max_rows == float("inf"):
+            self._packed = kernel.pack(w.data)
             # the packed copy is the only one kept: the parameter becomes an empty placeholder
             self.weight = nn.Parameter(w.new_empty(0), requires_grad=False)
             return
         self._weight_t = w.t().contiguous()
         # keep the [out, in] parameter as a transposed view of the same storage (no double memory)
         self.weight = nn.Parameter(self._weight_t.t(), requires_grad=False)
+        if kernel is not None:  # float32 on AVX2: packed from the [in, out] copy, runs of a block's width
+            self._packed = kernel.pack_t(self._weight_t)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T + bias, plus `residual` when given (fused into the CPU kernel's output pass)."""

@@ -81,6 +81,21 @@ def _assert_batch_invariant(kernel: cpu_kernels.CpuKernels) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(1, 3), (31, 5), (32, 7), (65, 9), (200, 37)])
+def test_pack_layout(n, k, dtype):
+    """packed[b][k][j] = W[b * B + j][k], zero past N; the same from W [N, K] and from a contiguous W^T [K, N]."""
+    w = torch.randn(n, k).to(dtype)
+    blk = KERNEL.block
+    nb = -(-n // blk)
+    ref = torch.zeros(nb * blk, k, dtype=dtype)
+    ref[:n] = w
+    ref = torch.stack([ref[b * blk : (b + 1) * blk].t() for b in range(nb)])
+    assert torch.equal(KERNEL.pack(w), ref)
+    assert torch.equal(KERNEL.pack_t(w.t().contiguous()), ref)
+
+
+@needs_kernel
 def test_packed_linear_is_batch_invariant():
     """A row's result does not depend on the other rows of the batch or on the thread count: every path (one
     row, a group of 6, x interleaved and K in chunks) sums each output in k order with fused multiply-adds."""
