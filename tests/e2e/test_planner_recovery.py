@@ -52,7 +52,7 @@ PROMPT, OUTPUT = 384, 4
 # at 1.25x the recovered pair ran near saturation on a host without AVX-512 (docs/BENCHMARKS.md)
 LOAD = 1.15
 # the TTFT target, in prefills of one prompt alone (4.5 at 1.25x held on hosts whose float32 layers run Tandem's
-# AVX-512 kernels, not on one without them: docs/BENCHMARKS.md)
+# AVX-512 kernels, not on one whose float32 layers ran torch's ops: docs/BENCHMARKS.md)
 TARGET = 6.0
 RECOVERED = 0.8  # the TTFT attainment the arrivals after RECOVERY must reach (those while the worker starts: < 0.5)
 ARRIVALS_BEFORE_STEP = 20  # arrivals before the planner's interval runs (about 16 prefill times of overload)
@@ -214,8 +214,8 @@ def test_overload_adds_a_prefill_worker_and_ttft_attainment_recovers(cluster):
     # the overload was real: the arrivals while the planner added the worker missed the target
     assert _attainment(before, cal) < 0.5, table
     # and attainment recovered within RECOVERY prefill times of the added worker serving, which took its share
-    # (0.8, not 0.9: on a host without AVX-512 the recovered pair runs near saturation and one Poisson burst
-    # cost a full-suite run 7 of 56 arrivals: docs/BENCHMARKS.md)
+    # (0.8, not 0.9: on a host running torch's ops (no AVX-512, before the AVX2 kernels) the recovered pair ran near
+    # saturation and one Poisson burst cost a full-suite run 7 of 56 arrivals: docs/BENCHMARKS.md)
     assert _attainment(after, cal) >= RECOVERED, table
     assert sum(r.prefill_worker == new for r in after) >= len(after) // 4, table
     print(  # shown with pytest -rP: the figures docs/BENCHMARKS.md quotes

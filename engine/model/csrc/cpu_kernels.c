@@ -47,6 +47,14 @@ typedef float vf_u __attribute__((vector_size(4 * VL), aligned(1), may_alias));
 static inline vf loadv(const float *p) { return *(const vf_u *)p; }
 static inline void storev(float *p, vf v) { *(vf_u *)p = v; }
 
+/* The sum of a vector's lanes. */
+static inline float hsum(vf v)
+{
+    float s = 0.f;
+    for (int r = 0; r < VL; r++) s += v[r];
+    return s;
+}
+
 /* ---------------------------------------------------------------------------------------------------------------
  * The same linear for bfloat16 weights and activations, for decode-sized batches: weights packed the same way
  * ([ceil(N/NB)][K][NB] of bf16), widened to float32 in registers (a bf16 is the top half of a float32), products
@@ -151,12 +159,8 @@ int tandem_cpu_kernels_block(void) { return NB; }
  * float32 weights) while it sits in L1, instead of each streaming the whole block from L2. Partial sums wait
  * in float32 between chunks, so every output is still one chain of fused multiply-adds in k order: the same
  * bits as one pass. */
-#ifndef SG
 #define SG 16
-#endif
-#ifndef KC
 #define KC (16384 / (NB * 4))
-#endif
 
 /* The linear for both dtypes (see the top of this file); is_bf16 is a constant in each exported wrapper. */
 static inline __attribute__((always_inline)) void linear_packed(const void *x, const void *packed, const void *bias,
@@ -168,11 +172,9 @@ static inline __attribute__((always_inline)) void linear_packed(const void *x, c
     const long nsuper = (ngroups + SG - 1) / SG, sg = (ngroups + nsuper - 1) / nsuper;
     const long esize = is_bf16 ? 2 : 4;
     /* More rows than one pass holds: x copied once as float32, interleaved by k within each group of MB rows
-     * (xi[g][k][m], rows past M zero) */
-    float *xi = NULL;
-    if (M > FULL_ROWS) {
-        xi = malloc(sizeof(float) * ngroups * K * MB);
-        if (!xi) abort();
+     * (xi[g][k][m], rows past M zero). Without memory for it, x is read in place (the same sums, slower). */
+    float *xi = M > FULL_ROWS ? malloc(sizeof(float) * ngroups * K * MB) : NULL;
+    if (xi) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (long g = 0; g < ngroups; g++) {
             float *dst = xi + g * K * MB;
@@ -302,8 +304,7 @@ static inline __attribute__((always_inline)) void rms_norm(const void *x, const 
             const vf v = load_wv(x, row + i, is_bf16);
             acc += v * v;
         }
-        float ss = 0.f;
-        for (int j = 0; j < VL; j++) ss += acc[j];
+        float ss = hsum(acc);
         for (; i < H; i++) ss += load_1(x, row + i, is_bf16) * load_1(x, row + i, is_bf16);
         const float r = 1.f / sqrtf(ss / (float)H + eps);
         for (i = 0; i + VL <= H; i += VL)
@@ -434,13 +435,6 @@ void tandem_rope_bf16(bf16_t *x, long row, const bf16_t *cos_t, const bf16_t *si
 #define ATT_CHUNK 256
 #define MAX_HEAD_DIM 512 /* a head's query and output live in stack buffers */
 #define GT (VL == 16 ? 6 : 3)
-
-static inline float hsum(vf v)
-{
-    float s = 0.f;
-    for (int r = 0; r < VL; r++) s += v[r];
-    return s;
-}
 
 /* o[g][i0 .. i0 + NV * VL) += sum_j p[g][j] * v_j[i0 ...] for the GN heads of a tile, over n tokens. */
 static inline __attribute__((always_inline)) void att_pv(float (*o)[MAX_HEAD_DIM], float (*p)[ATT_CHUNK],
