@@ -15,7 +15,7 @@ dtype. On CPU in float32 that is Tandem's own kernel (`cpu_kernels.py`): the wei
 packed into blocks of 64 (AVX-512) or 32 (AVX2) outputs that stream sequentially, which
 reads weights at the core's full bandwidth for decode-sized batches (issue 17: 26 GB/s on one
 thread where `x @ W[in, out]` reached 17.6 and `F.linear` 11) and is level with oneDNN at
-prefill sizes on AVX-512 (on AVX2 oneDNN is 1.1-1.3x faster there, so float32 keeps a second,
+prefill sizes on AVX-512 (on AVX2 oneDNN is 1.05-1.4x faster there, so float32 keeps a second,
 [in, out] copy for batches over F32_AVX2_KERNEL_MAX_ROWS). Without a compiler, fp32 falls back to
 `x @ W` in the [in, out] layout (`benchmarks/gemv_bandwidth.py`). bf16 keeps the stored [out, in]
 weight for F.linear (oneDNN's bf16 dot products win at prefill sizes) and a packed copy for
@@ -40,7 +40,7 @@ from engine.model.parallel import SINGLE_RANK, ParallelContext
 BF16_KERNEL_MAX_ROWS = 12
 # (so in bf16 a row's logits can differ by bf16 rounding with the size of its batch)
 # float32 with the 8-lane (AVX2) kernels: batches of at most this many rows use the packed kernel, larger ones
-# oneDNN (`x @ W[in, out]`, a second copy of the weights): at prefill sizes oneDNN's AVX2 GEMM is 1.1-1.3x the
+# oneDNN (`x @ W[in, out]`, a second copy of the weights): at prefill sizes oneDNN's AVX2 GEMM is 1.05-1.4x the
 # kernel's speed (`cpu_kernels_micro.py`, docs/BENCHMARKS.md). With AVX-512 the kernel is level with oneDNN at
 # every size and float32 keeps the packed copy only. Rows of one request get the same bits either way only where
 # both paths sum alike, so float32 on AVX2 is batch-invariant up to this many rows, as bf16 is up to its threshold.
