@@ -203,6 +203,8 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     spec_steps: int = 0  # speculative decoding since start: verification steps, tokens proposed, accepted
     spec_proposed: int = 0
     spec_accepted: int = 0
+    widened_steps: int = 0  # steps run on cores other workers on the host left idle or lent, since start
+    lent_s: float = 0.0  # seconds this worker paused so a peer's prefill could use its core, since start
     incarnation: str = ""  # this worker process (its KV publisher epoch): a new one means Ray restarted it
     perf: PerfEstimate = msgspec.field(default_factory=PerfEstimate)  # step times measured while serving
     # the planner's step model (planner/model.py StepModel coefficients: base, per prompt token, per attention

@@ -350,6 +350,7 @@ def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tu
     """
     t = cfg.transport
     env = _worker_env(cfg)
+    borrow, lend_ms = pool.core_sharing(role, cfg.router.slo_itl_ms)
     resources = dict(num_cpus=pool.num_cpus, num_gpus=pool.gpus, resources=dict(pool.resources) or None)
     settings = WorkerSettings(
         worker_id=wid,
@@ -362,7 +363,8 @@ def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tu
         transfer_timeout_s=t.transfer_timeout_s,
         admission_timeout_s=t.admission_timeout_s,
         num_threads=pool.num_threads,
-        borrow_idle_cores=pool.borrow_idle_cores,
+        borrow_idle_cores=borrow,
+        lend_core_tpot_ms=lend_ms,
         rank_options=dict(resources, runtime_env={"env_vars": env}),
         tracing=tracing_config(cfg, role),
         fault_injection=cfg.fault_injection,

@@ -66,6 +66,9 @@ def parse_size(value: int | str) -> int:
     return n
 
 
+DEFAULT_LEND_TPOT_MS = 200.0  # a disaggregated decode worker lends its core while requests keep this TPOT
+
+
 class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     replicas: int = 1
     tp: int = 1  # tensor-parallel ranks per worker
@@ -84,9 +87,14 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_gpus: float | None = None  # per rank; None: 1 when device is cuda, else 0
     placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # a worker's ranks
     num_threads: int | None = None  # torch threads; None: Ray's OMP_NUM_THREADS (= num_cpus)
-    # CPU: a prefill step may also use the cores of idle workers on the host (worker_core/core_share.py);
-    # off by default: on the goodput sweep it did not pay (docs/BENCHMARKS.md, "Borrowing idle cores")
-    borrow_idle_cores: bool = False
+    # CPU, one rank per worker (worker_core/core_share.py; docs/BENCHMARKS.md, "Lending the decode core"):
+    # a step with a long prompt left also uses the cores other workers on the host leave idle or lend.
+    # None: on for a disaggregated prefill pool, off otherwise
+    borrow_idle_cores: bool | None = None
+    # ... and a worker pauses between its steps while a peer runs such a step, as long as its running requests
+    # keep this time per output token (ms; 0: never). None: for a disaggregated decode pool router.slo_itl_ms
+    # when set, else DEFAULT_LEND_TPOT_MS; 0 otherwise
+    lend_core_tpot_ms: float | None = None
     resources: dict[str, float] = {}  # custom Ray resources, e.g. {"prefill_node": 1} pins to such nodes
     label_selector: dict[str, str] = {}  # Ray node labels the workers must match
     max_restarts: int = 3  # Ray restarts a dead worker this often; it then re-handshakes and rejoins its pool
@@ -94,6 +102,15 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def kv_cache_bytes(self) -> int:
         return parse_size(self.kv_cache_memory)
+
+    def core_sharing(self, role: str, slo_itl_ms: float = 0.0) -> tuple[bool, float]:
+        """(borrow idle cores, lend this worker's core up to this TPOT in ms) for a worker of `role`."""
+        borrow = self.borrow_idle_cores if self.borrow_idle_cores is not None else role == "prefill"
+        if self.lend_core_tpot_ms is not None:
+            lend = self.lend_core_tpot_ms
+        else:
+            lend = (slo_itl_ms or DEFAULT_LEND_TPOT_MS) if role == "decode" else 0.0
+        return borrow, lend
 
     @property
     def world_size(self) -> int:
@@ -284,6 +301,11 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 )
             if pool.tp < 1 or pool.pp < 1:
                 raise ConfigError(f"{name}.tp and {name}.pp must be >= 1, got tp={pool.tp} pp={pool.pp}")
+            if pool.lend_core_tpot_ms is not None and not pool.lend_core_tpot_ms >= 0:
+                raise ConfigError(
+                    f"{name}.lend_core_tpot_ms must be >= 0 (a TPOT target in ms; 0: never lend), "
+                    f"got {pool.lend_core_tpot_ms}"
+                )
             pool.kv_cache_bytes  # noqa: B018 - raises ConfigError for a bad size
         if not 0 <= self.router.port < 65536:
             raise ConfigError(f"router.port must be in 0..65535 (0 = any free port), got {self.router.port}")

@@ -85,6 +85,8 @@ METRIC_NAMES = {
     "tandem_request_retries_total",
     "tandem_worker_spec_tokens_total",
     "tandem_worker_spec_verify_steps_total",
+    "tandem_worker_widened_steps_total",
+    "tandem_worker_core_lent_seconds_total",
     "tandem_planner_decisions_total",
     # gauges
     "tandem_requests_in_flight",
@@ -288,6 +290,16 @@ class _WorkerCollector:
         step_steps = GaugeMetricFamily(
             "tandem_worker_step_model_steps", "Live steps behind tandem_worker_step_model_seconds", labels=labels
         )
+        widened = CounterMetricFamily(
+            "tandem_worker_widened_steps",
+            "Steps the worker ran on cores idle or lent by other workers on its host (worker_core/core_share.py)",
+            labels=labels,
+        )
+        lent = CounterMetricFamily(
+            "tandem_worker_core_lent_seconds",
+            "Seconds the worker paused between its steps so a peer's prefill could use its core",
+            labels=labels,
+        )
         for role, wid, s, healthy in self.metrics.worker_states():
             lv = [role, wid]
             up.add_metric(lv, 1.0 if healthy else 0.0)
@@ -303,8 +315,11 @@ class _WorkerCollector:
             spec_tokens.add_metric([*lv, "proposed"], s.spec_proposed)
             spec_tokens.add_metric([*lv, "accepted"], s.spec_accepted)
             spec_steps.add_metric(lv, s.spec_steps)
+            widened.add_metric(lv, s.widened_steps)
+            lent.add_metric(lv, s.lent_s)
             if len(s.live_step) == len(STEP_TERMS):
                 for term, value in zip(STEP_TERMS, s.live_step, strict=True):
                     step_model.add_metric([*lv, term], value)
                 step_steps.add_metric(lv, s.live_steps)
-        yield from (running, waiting, blocks, usage, leases, hits, spec_tokens, spec_steps, up, step_model, step_steps)
+        yield from (running, waiting, blocks, usage, leases, hits, spec_tokens, spec_steps, widened, lent, up)
+        yield from (step_model, step_steps)

@@ -21,9 +21,18 @@ until that step ends (at most one chunk of the token budget); the next step is b
 disaggregated pair a decode worker only gets a request after its prompt's prefill, so a lone
 request's prefill gets the whole host.
 
-Off by default (`PoolConfig.borrow_idle_cores`): on the goodput sweep in docs/BENCHMARKS.md
-("Borrowing idle cores") it lowered TTFT p50 at 0.2 req/s by 12% but not goodput, which it lowered
-at three of four rates.
+Borrowing alone seldom finds an idle core: a decode worker with running requests steps without a
+break. So a decode worker may also *lend* its core (`lend`), pausing between two of its steps while a
+peer runs a widened prefill step, as long as its running requests keep their time-per-output-token
+target: the engine loop computes the pause their slack allows (`LendBudget`) and publishes whether it
+may lend at all (`offer`). A worker about to widen announces it (`widen` sets WANT) and waits up to
+LEND_WAIT_S for a busy peer that may lend to pause; the peer pauses until nobody wants its core or its
+allowed pause is spent, whichever comes first. Pausing decode steps for a prefill step is what a single
+engine with chunked prefill does anyway (a step holding a 512-token chunk delays every decode in it);
+here the pause is bounded by the decode requests' own target.
+
+Off by default (`PoolConfig.borrow_idle_cores`, `PoolConfig.lend_core_tpot_ms`): docs/BENCHMARKS.md
+("Borrowing idle cores", "Lending the decode core") has what each did to goodput.
 """
 
 from __future__ import annotations
@@ -33,18 +42,24 @@ import logging
 import mmap
 import os
 import struct
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 SLOTS = 64
-_SLOT = struct.Struct("<qqq")  # pid, busy (0/1), base threads
+_SLOT = struct.Struct("<qqqq")  # pid, state, base threads, flags
 _SIZE = SLOTS * _SLOT.size
+IDLE, BUSY, LENDING = 0, 1, 2  # state: nothing to run; stepping; has work but paused for a peer's step
+WANT, MAY_LEND = 1, 2  # flags: about to run a step on borrowed cores; would pause for one now
+LEND_WAIT_S = 0.1  # a widening worker waits at most this long for a busy peer that may lend (~2 decode steps)
+POLL_S = 0.001  # while waiting or lending: how often the table is read again
 
 
 def default_path() -> Path:
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
-    return base / f"tandem-cores-{os.getuid()}"
+    return base / f"tandem-cores2-{os.getuid()}"  # 2: the four-field slot (older builds used three)
 
 
 def host_cpus() -> int:
@@ -69,7 +84,16 @@ def _alive(pid: int) -> bool:
 class CoreShare:
     """This process's slot in the host's table. `threads(busy)` is called by the engine thread only."""
 
-    def __init__(self, base: int, path: Path | None = None, cpus: int | None = None, pid: int | None = None) -> None:
+    def __init__(
+        self,
+        base: int,
+        path: Path | None = None,
+        cpus: int | None = None,
+        pid: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        """`clock` and `sleep`: injected by tests (waiting and lending poll the table every POLL_S)."""
         if base < 1:
             raise ValueError(f"base threads must be >= 1, got {base}")
         self.base, self.cpus = base, cpus if cpus is not None else host_cpus()
@@ -85,13 +109,15 @@ class CoreShare:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-        self._busy = -1
-        self._write(busy=0)
+        self.clock, self.sleep = clock, sleep
+        self._state, self._flags = -1, 0
+        self._write(IDLE, 0)
+        self.lent_s = 0.0  # seconds this worker paused for peers, since start
 
     def _claim(self) -> int:
         free = None
         for i in range(SLOTS):
-            pid, _, _ = _SLOT.unpack_from(self._map, i * _SLOT.size)
+            pid = _SLOT.unpack_from(self._map, i * _SLOT.size)[0]
             if pid == self.pid:
                 return i
             if free is None and not _alive(pid):
@@ -100,34 +126,133 @@ class CoreShare:
             raise RuntimeError(f"{self.path}: all {SLOTS} worker slots are taken by live processes")
         return free
 
-    def _write(self, busy: int) -> None:
-        if busy != self._busy:
-            _SLOT.pack_into(self._map, self.slot * _SLOT.size, self.pid, busy, self.base)
-            self._busy = busy
+    def _write(self, state: int, flags: int) -> None:
+        if (state, flags) != (self._state, self._flags):
+            _SLOT.pack_into(self._map, self.slot * _SLOT.size, self.pid, state, self.base, flags)
+            self._state, self._flags = state, flags
 
-    def threads(self, busy: bool = True) -> int:
-        """Mark this worker busy (or idle) and return how many threads its next step may use."""
-        if self._map.closed:
-            return self.base
-        self._write(1 if busy else 0)
-        if not busy:
-            return self.base
-        claimed, idle = 0, 0
+    def _peers(self):
+        """(state, base, flags) of every other live worker on the host."""
         for i in range(SLOTS):
             if i == self.slot:
                 continue
-            pid, peer_busy, base = _SLOT.unpack_from(self._map, i * _SLOT.size)
+            pid, state, base, flags = _SLOT.unpack_from(self._map, i * _SLOT.size)
             if pid <= 0 or pid == self.pid or not _alive(pid):  # a dead worker's cores are nobody's
                 continue
+            yield state, base, flags
+
+    def _spare(self) -> tuple[int, bool]:
+        """Threads the next step may use, and whether a busy peer would lend its core if asked."""
+        claimed, free, lender = 0, 0, False
+        for state, base, flags in self._peers():
             claimed += base
-            if not peer_busy:
-                idle += base
+            if state != BUSY:  # idle, or paused for a widened step
+                free += base
+            elif flags & MAY_LEND:
+                lender = True
         unclaimed = max(0, self.cpus - self.base - claimed)
-        return max(self.base, min(self.cpus, self.base + idle + unclaimed))
+        return max(self.base, min(self.cpus, self.base + free + unclaimed)), lender
+
+    def threads(self, busy: bool = True) -> int:
+        """Mark this worker busy (or idle), asking nobody to lend, and return how many threads its next step may
+        use: its base plus the cores of idle peers and cores nobody claimed."""
+        if self._map.closed:
+            return self.base
+        self._write(BUSY if busy else IDLE, self._flags & MAY_LEND)
+        return self._spare()[0] if busy else self.base
+
+    def widen(self, wait_s: float = LEND_WAIT_S) -> int:
+        """Before a step that would use more threads: ask peers to lend (WANT), wait up to `wait_s` while a busy
+        peer that may lend has not paused yet, and return the threads the step may use. The WANT stays up
+        for the whole widened step (until the next `threads` or `widen` call); a step left at the base
+        threads drops it at once."""
+        if self._map.closed:
+            return self.base
+        self._write(BUSY, (self._flags & MAY_LEND) | WANT)
+        deadline = self.clock() + wait_s
+        threads, lender = self._spare()
+        while lender and self.clock() < deadline:
+            self.sleep(POLL_S)
+            threads, lender = self._spare()
+        if threads == self.base:  # nobody lent in time: no peer should pause for a step on one core
+            self._write(BUSY, self._flags & MAY_LEND)
+        return threads
+
+    def offer(self, may_lend: bool) -> None:
+        """Say whether this worker would pause for a peer's widened step now (its requests have slack)."""
+        if not self._map.closed:
+            self._write(self._state, (self._flags & ~MAY_LEND) | (MAY_LEND if may_lend else 0))
+
+    def peer_wants(self) -> bool:
+        """Does another worker on the host want cores for its next step?"""
+        return not self._map.closed and any(flags & WANT for _, _, flags in self._peers())
+
+    def lend(self, max_s: float, stop: Callable[[], bool] = lambda: False) -> float:
+        """Pause (state LENDING) while a peer wants cores, at most `max_s`; return the seconds paused. The
+        caller checks `peer_wants()` first: a pause that finds nobody waiting returns at once."""
+        if self._map.closed or max_s <= 0:
+            return 0.0
+        state, flags = self._state, self._flags & ~WANT
+        self._write(LENDING, flags)
+        start = self.clock()
+        try:
+            while self.peer_wants() and self.clock() - start < max_s and not stop():
+                self.sleep(POLL_S)
+        finally:
+            self._write(state, flags)
+        paused = self.clock() - start
+        self.lent_s += paused
+        return paused
 
     def close(self) -> None:
         """Free the slot (a process that dies without it frees its slot by dying)."""
         if self._map.closed:
             return
-        _SLOT.pack_into(self._map, self.slot * _SLOT.size, 0, 0, 0)
+        _SLOT.pack_into(self._map, self.slot * _SLOT.size, 0, 0, 0, 0)
         self._map.close()
+
+
+LEND_MIN_S = 1.0  # offer to lend only with at least this much pause allowed: a lender that resumes in the middle
+# of a peer's widened step oversubscribes it (a 512-token prefill takes ~1 s on two threads of this VM)
+LEND_SAFETY = 0.5  # pause at most this share of the smallest slack (the step-time estimate and finish are guesses)
+LEND_HORIZON_TOKENS = 128  # a request is assumed to end within this many more tokens (or at its max_tokens)
+
+
+class LendBudget:
+    """How long a decode worker may pause before its next step without any of its requests missing the
+    time-per-output-token target, as a client measures it: (last token - first token) / (tokens - 1).
+
+    For a request with `out` tokens whose TPOT clock started at `start` and that ends at `end` tokens
+    (max_tokens, or LEND_HORIZON_TOKENS more when that is sooner):
+
+        slack = tpot * (end - 1) - (now - start) - (end - out) * step
+        pause = LEND_SAFETY * min over requests of slack
+
+    `step` is a moving average of this worker's pure decode steps. A request still waiting for its own
+    first token (a local prefill) has a TTFT this worker cannot judge: no pause then.
+    """
+
+    def __init__(self, tpot_s: float, min_s: float = LEND_MIN_S) -> None:
+        """`min_s`: the least pause worth offering (LEND_MIN_S)."""
+        if tpot_s <= 0:
+            raise ValueError(f"the TPOT target must be > 0 s, got {tpot_s}")
+        self.tpot_s, self.min_s = tpot_s, min_s
+        self.step_s = 0.0
+
+    def observe(self, seconds: float, prompt_tokens: int, decoding: int) -> None:
+        """One step of this worker: only pure decode steps refine the estimate."""
+        if prompt_tokens == 0 and decoding > 0:
+            self.step_s = seconds if self.step_s == 0.0 else 0.8 * self.step_s + 0.2 * seconds
+
+    def allowed(self, now: float, requests: list[tuple[float, int, int]]) -> float:
+        """Seconds of pause allowed now; `requests`: (TPOT clock start, output tokens, max_tokens) of each
+        request on the worker, output tokens 0 for one still waiting for its first token."""
+        slack = float("inf")
+        for start, out, max_tokens in requests:
+            if out == 0:
+                return 0.0
+            end = min(max_tokens, out + LEND_HORIZON_TOKENS)
+            if end <= out:
+                continue  # finishes with this step
+            slack = min(slack, self.tpot_s * (end - 1) - (now - start) - (end - out) * self.step_s)
+        return 0.0 if slack == float("inf") else max(0.0, LEND_SAFETY * slack)

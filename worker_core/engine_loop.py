@@ -45,7 +45,7 @@ from common.sampling_params import SamplingParams
 from engine.engine_core import EngineCore
 from engine.outputs import StepOutput
 from planner.model import LiveFit
-from worker_core.core_share import CoreShare
+from worker_core.core_share import CoreShare, LendBudget
 from worker_core.profiling import profile_steps
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,20 @@ class AsyncEngine:
         name: str = "engine",
         on_kv_events: Callable[[list[KVEvent]], None] | None = None,
         core_share: CoreShare | None = None,
+        borrow: bool = True,
+        lend: LendBudget | None = None,
     ) -> None:
-        """`core_share`: borrow idle workers' cores step by step (worker_core/core_share.py); None: the
-        torch thread count stays as the process set it."""
+        """`core_share`: this worker's slot in the host's table (worker_core/core_share.py); with `borrow`, a
+        step with a long prompt left runs on the cores peers leave idle or lend; with `lend`, the worker pauses
+        between its steps while a peer wants its core and the budget allows. None: the torch thread count
+        stays as the process set it."""
         self.core = core
         self.core_share = core_share
+        self.borrow = borrow and core_share is not None
+        self.lend = lend if core_share is not None else None
         self._threads = torch.get_num_threads()
         self.widened_steps = 0  # steps that ran on borrowed cores
+        self.lends = 0  # pauses for a peer's widened step
         self.on_kv_events = on_kv_events
         self.name = name
         self.healthy = True
@@ -302,10 +309,14 @@ class AsyncEngine:
                 if self.core.has_unfinished_requests():
                     before = len(self.core.scheduler.requests)
                     self._widen(True)
+                    if self._lend():
+                        continue  # commands came in during the pause: run them, then pause again or step
                     t0 = self.core.clock()
                     outputs = self.core.step()
                     t1 = self.core.clock()
                     self.step_times.observe(*self.core.last_step_shape, t1 - t0, now=t1)
+                    if self.lend is not None:
+                        self.lend.observe(t1 - t0, *self.core.last_step_shape)
                     self.live_fit.observe(self.core.last_step_features, t1 - t0, t1)
                     self._publish(loop)
                     freed = len(self.core.scheduler.requests) < before or any(o.finished for o in outputs)
@@ -333,14 +344,39 @@ class AsyncEngine:
         barrier (benchmarks measured a 4x576 @ 576x1536 matmul 18x slower on two threads of a busy host)."""
         if self.core_share is None:
             return
-        threads = self.core_share.threads(busy)
-        if busy and self.core.pending_prefill_tokens() < WIDEN_MIN_PREFILL_TOKENS:
+        if busy and self.borrow and self.core.pending_prefill_tokens() >= WIDEN_MIN_PREFILL_TOKENS:
+            threads = self.core_share.widen()
+        else:
+            self.core_share.threads(busy)
             threads = self.core_share.base
         if busy and threads != self._threads:
             torch.set_num_threads(threads)
             self._threads = threads
         if busy and threads > self.core_share.base:
             self.widened_steps += 1
+
+    def _lend(self) -> bool:
+        """Engine thread, before a step: publish whether this worker may pause for a peer (its requests' TPOT
+        slack, LendBudget) and pause while a peer wants its core. True when commands interrupted the pause."""
+        if self.lend is None or self.core_share is None:
+            return False
+        core = self.core
+        clocks = [
+            (
+                r.first_token_time if r.first_token_time is not None else r.arrival_time,
+                r.num_output_tokens,
+                r.params.max_tokens,
+            )
+            for r in core.scheduler.requests.values()
+        ]
+        allowed = self.lend.allowed(core.clock(), clocks)
+        may = allowed >= self.lend.min_s and allowed > 0
+        self.core_share.offer(may)
+        if not may or not self.core_share.peer_wants():
+            return False
+        self.lends += 1
+        self.core_share.lend(allowed, stop=lambda: self._stop or not self._commands.empty())
+        return not self._stop and not self._commands.empty()
 
     @property
     def threads(self) -> int:

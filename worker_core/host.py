@@ -47,7 +47,7 @@ from engine.engine_core import EngineCore
 from engine.loader import load_model_source
 from engine.outputs import StepOutput
 from kv_transfer import TransportVersionError, check_pair
-from worker_core.core_share import CoreShare
+from worker_core.core_share import CoreShare, LendBudget
 from worker_core.engine_loop import AsyncEngine, EngineDeadError, EngineStats
 from worker_core.faults import FaultPoint, WorkerFaults
 from worker_core.kv_publisher import KVEventPublisher
@@ -118,10 +118,20 @@ class WorkerHost:
         self.tracer = self.tracing.tracer
         self.publisher = KVEventPublisher(settings.worker_id)
         self.faults = WorkerFaults(settings.fault_injection)
-        share = None
-        if settings.borrow_idle_cores and settings.engine.parallel.world_size == 1 and self.core.device.type == "cpu":
+        share, lend = None, None
+        sharing = settings.borrow_idle_cores or settings.lend_core_tpot_ms > 0
+        if sharing and settings.engine.parallel.world_size == 1 and self.core.device.type == "cpu":
             share = CoreShare(settings.num_threads or torch.get_num_threads())
-        self.engine = AsyncEngine(self.core, settings.worker_id, on_kv_events=self.publisher.publish, core_share=share)
+            if settings.lend_core_tpot_ms > 0:
+                lend = LendBudget(settings.lend_core_tpot_ms / 1000)
+        self.engine = AsyncEngine(
+            self.core,
+            settings.worker_id,
+            on_kv_events=self.publisher.publish,
+            core_share=share,
+            borrow=settings.borrow_idle_cores,
+            lend=lend,
+        )
         self.node_id = _node_id()
         self._started = False
 
@@ -174,6 +184,8 @@ class WorkerHost:
             spec_steps=st.spec_steps,
             spec_proposed=st.spec_proposed,
             spec_accepted=st.spec_accepted,
+            widened_steps=self.engine.widened_steps,
+            lent_s=self.engine.core_share.lent_s if self.engine.core_share is not None else 0.0,
             node_id=self.node_id,
             device=str(self.core.device),
             block_size=spec.block_size,

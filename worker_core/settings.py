@@ -38,6 +38,7 @@ class WorkerSettings:
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
     borrow_idle_cores: bool = False  # CPU, one rank, one worker per process: widen a step onto cores idle workers
     # on the host leave (worker_core/core_share.py); deploy passes PoolConfig.borrow_idle_cores
+    lend_core_tpot_ms: float = 0.0  # CPU, one rank: pause for a peer's widened step while requests keep this TPOT
     env: dict[str, str] = field(default_factory=dict)  # set before the engine starts (UCX_*, OMP_*)
     kv_staging_bytes: int = 32 << 20  # decode: landing buffer per rank for KV that must be rearranged
     rank_options: dict = field(default_factory=dict)  # Ray options of ranks 1..n-1 (num_cpus, num_gpus, ...)

@@ -1,5 +1,6 @@
-"""The engine thread widens its steps onto an idle peer's core and narrows back once the peer works
-(worker_core/core_share.py through worker_core/engine_loop.py), with tokens unchanged."""
+"""The engine thread widens its steps onto an idle peer's core and narrows back once the peer works, and a
+decode engine pauses between its steps while a peer wants its core (worker_core/core_share.py through
+worker_core/engine_loop.py), with tokens unchanged."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from common.sampling_params import SamplingParams
 from engine.config import CacheConfig, EngineConfig
 from engine.engine_core import EngineCore
 from tests.helpers.tiny_models import make_tiny_hf_model
-from worker_core.core_share import CoreShare
+from worker_core.core_share import CoreShare, LendBudget
 from worker_core.engine_loop import AsyncEngine
 
 
@@ -30,26 +31,33 @@ def peer():
     proc.wait()
 
 
+PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+def _core(model: str) -> EngineCore:
+    return EngineCore(EngineConfig(model=model, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=256)))
+
+
+async def generate(engine: AsyncEngine, rid: str) -> list[int]:
+    stream = engine.open_stream(rid)
+    await engine.call(lambda c: c.add_request(list(range(3, 300)), PARAMS, rid))  # a long prompt
+    tokens: list[int] = []
+    while True:
+        out = await stream.get()
+        if isinstance(out, BaseException):  # the engine failed the request
+            raise out
+        tokens += out.new_token_ids
+        if out.finished:
+            engine.close_stream(rid)
+            return tokens
+
+
 def test_steps_widen_onto_an_idle_peer_and_narrow_when_it_works(tiny, tmp_path, peer):
     table = tmp_path / "cores"
     other = CoreShare(1, table, cpus=2, pid=peer)  # another worker on the host, idle
-    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
     def core() -> EngineCore:
-        return EngineCore(EngineConfig(model=tiny, dtype="float32", cache=CacheConfig(block_size=4, num_blocks=256)))
-
-    async def generate(engine: AsyncEngine, rid: str) -> list[int]:
-        stream = engine.open_stream(rid)
-        await engine.call(lambda c: c.add_request(list(range(3, 300)), params, rid))  # a long prompt
-        tokens: list[int] = []
-        while True:
-            out = await stream.get()
-            if isinstance(out, BaseException):  # the engine failed the request
-                raise out
-            tokens += out.new_token_ids
-            if out.finished:
-                engine.close_stream(rid)
-                return tokens
+        return _core(tiny)
 
     async def scenario():
         shared = AsyncEngine(core(), "shared", core_share=CoreShare(1, table, cpus=2))
@@ -73,3 +81,47 @@ def test_steps_widen_onto_an_idle_peer_and_narrow_when_it_works(tiny, tmp_path, 
     assert n_idle >= 1 and n_busy == 0  # the prefill borrowed the idle core; not once the peer worked
     assert widened == narrowed == reference  # two threads or one: the same tokens
     other.close()
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.now += s
+
+
+def test_a_decode_engine_pauses_for_a_peer_that_wants_its_core(tiny, tmp_path, peer):
+    table = tmp_path / "cores"
+    prefill = CoreShare(1, table, cpus=2, pid=peer)  # a prefill worker on the host
+    t = FakeTime()  # the pauses run on a fake clock: each lasts its whole budget, instantly
+    share = CoreShare(1, table, cpus=2, clock=t.clock, sleep=t.sleep)
+
+    async def scenario():
+        lender = AsyncEngine(_core(tiny), "decode", core_share=share, borrow=False, lend=LendBudget(1.0, min_s=0.0))
+        alone = AsyncEngine(_core(tiny), "alone")
+        lender.start()
+        alone.start()
+        try:
+            quiet = await generate(lender, "a")  # nobody wants its core
+            lends_quiet, paused_quiet = lender.lends, share.lent_s
+            assert lender.threads == 1  # borrow=False: its own prompt's steps never widen
+            assert prefill.widen(wait_s=0.0) == 2  # the decode engine is idle: its core is free, WANT stays up
+            paused = await generate(lender, "b")
+            lends = lender.lends
+            reference = await generate(alone, "c")
+        finally:
+            lender.stop()
+            alone.stop()
+        return quiet, lends_quiet, paused_quiet, paused, lends, reference
+
+    quiet, lends_quiet, paused_quiet, paused, lends, reference = asyncio.run(scenario())
+    assert lends_quiet == 0 and paused_quiet == 0.0
+    # no pause before the prompt's own step (a request waiting for its first token), one before each later step
+    assert 1 <= lends <= PARAMS.max_tokens - 1
+    assert share.lent_s > 0
+    assert quiet == paused == reference
+    prefill.close()

@@ -203,3 +203,28 @@ def test_workers_must_agree_on_model_speculation_and_wire_version():
         ConfigError, match=r"worker decode-3 and the cluster run different speculative .*\['ngram k=4', 'off'\]"
     ):
         check_workers_agree([info(spec="ngram k=4"), info()], joining="decode-3")
+
+
+def test_core_sharing_keys_from_a_config_file_and_a_bad_lending_target_is_refused(tmp_path):
+    import msgspec
+
+    from deploy.config import PoolConfig
+
+    cfg = parse()
+    # by default a disaggregated prefill worker borrows, a decode worker lends up to 200 ms per output token
+    # (or the router's TPOT target), and aggregated workers do neither
+    assert cfg.prefill.core_sharing("prefill") == (True, 0.0)
+    assert cfg.decode.core_sharing("decode") == (False, 200.0)
+    assert cfg.decode.core_sharing("decode", slo_itl_ms=120.0) == (False, 120.0)
+    assert cfg.prefill.core_sharing("aggregated") == cfg.decode.core_sharing("aggregated") == (False, 0.0)
+    off = PoolConfig(borrow_idle_cores=False, lend_core_tpot_ms=0.0)
+    assert off.core_sharing("prefill") == off.core_sharing("decode", 120.0) == (False, 0.0)
+    lending = msgspec.structs.replace(cfg, decode=msgspec.structs.replace(cfg.decode, lend_core_tpot_ms=200.0))
+    assert lending.validate().decode.lend_core_tpot_ms == 200.0
+    bad = msgspec.structs.replace(cfg, decode=msgspec.structs.replace(cfg.decode, lend_core_tpot_ms=-1.0))
+    with pytest.raises(ConfigError, match=r"decode.lend_core_tpot_ms must be >= 0 \(a TPOT target in ms; 0: never"):
+        bad.validate()
+    path = tmp_path / "lend.yaml"
+    path.write_text("prefill:\n  borrow_idle_cores: true\ndecode:\n  lend_core_tpot_ms: 150\n")
+    from_file = parse("--config", str(path))
+    assert from_file.prefill.borrow_idle_cores and from_file.decode.core_sharing("decode") == (False, 150.0)
