@@ -31,8 +31,9 @@ allowed pause is spent, whichever comes first. Pausing decode steps for a prefil
 engine with chunked prefill does anyway (a step holding a 512-token chunk delays every decode in it);
 here the pause is bounded by the decode requests' own target.
 
-Off by default (`PoolConfig.borrow_idle_cores`, `PoolConfig.lend_core_tpot_ms`): docs/BENCHMARKS.md
-("Borrowing idle cores", "Lending the decode core") has what each did to goodput.
+By default a disaggregated prefill worker borrows and a disaggregated decode worker lends, up to 200 ms
+per output token or the router's TPOT target (`PoolConfig.core_sharing`); aggregated workers do neither.
+docs/BENCHMARKS.md ("Borrowing idle cores", "Lending the decode core") has what each did to goodput.
 """
 
 from __future__ import annotations
