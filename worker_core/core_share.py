@@ -6,7 +6,8 @@ at an idle 1 prefill + 1 decode cluster was prefilled by one thread while the ot
 `CoreShare` lets a worker widen for one step at a time, and only while the others are idle:
 
     threads for the next step = base + the bases of the idle workers + cores nobody claimed,
-                                at most the cores this process may run on
+                                at most the cores this process may run on,
+                                and just base when the workers' bases already exceed the cores
 
 Every worker on the host has one slot in a small shared table (a file in /dev/shm, one per user):
 its pid, whether it has work, its base. A worker marks itself busy before each step and idle when
@@ -151,7 +152,11 @@ class CoreShare:
                 free += base
             elif flags & MAY_LEND:
                 lender = True
-        unclaimed = max(0, self.cpus - self.base - claimed)
+        if self.base + claimed > self.cpus:
+            # more workers' threads than cores already (2 prefill + 1 decode on 2 cores): a widened step would
+            # run beside a peer that wakes up with nowhere to go, and OpenMP stalls at every barrier
+            return self.base, False
+        unclaimed = self.cpus - self.base - claimed
         return max(self.base, min(self.cpus, self.base + free + unclaimed)), lender
 
     def threads(self, busy: bool = True) -> int:

@@ -105,6 +105,11 @@ def cluster(tmp_path_factory):
         "",
         **{
             "both.kv_cache_memory": "128MiB",
+            # one thread per worker, as the calibration assumes: with core sharing (the CPU default) the one
+            # prefill worker already prefills on the decode worker's idle core, so on 2 cores a second one
+            # adds no compute, and 3 workers on 2 cores share none (worker_core/core_share.py)
+            "prefill.borrow_idle_cores": False,
+            "decode.lend_core_tpot_ms": 0.0,
             "planner.mode": "sla",
             "planner.profile": str(profile),
             "planner.slo": "ttft_ms=5000,tpot_ms=1000",  # replaced once the machine is measured (_policy)

@@ -58,6 +58,23 @@ def test_never_more_than_the_host_and_unclaimed_cores_count(table, pids):
         s.close()
 
 
+def test_nobody_widens_on_a_host_whose_workers_already_claim_every_core(table, pids):
+    gen = _live_pids(1)
+    [third] = next(gen)
+    p0, p1 = CoreShare(1, table, cpus=2, pid=pids[0]), CoreShare(1, table, cpus=2, pid=pids[1])
+    assert p0.threads(True) == 2  # two workers on two cores: the idle one's core is free
+    d = CoreShare(1, table, cpus=2, pid=third)  # a third worker joins (the planner added one): 3 bases, 2 cores
+    d.offer(True)
+    d.threads(busy=True)
+    t = FakeTime()
+    p0.clock, p0.sleep = t.clock, t.sleep
+    assert p0.widen(wait_s=1.0) == 1 and t.sleeps == 0  # p1 idle, d may lend: still one thread, and no waiting
+    assert not d.peer_wants()
+    for s in (p0, p1, d):
+        s.close()
+    next(gen, None)
+
+
 def test_a_dead_workers_slot_is_reused_and_lends_nothing(table):
     gen = _live_pids(1)
     [pid] = next(gen)
