@@ -66,12 +66,13 @@ __all__ = [
     "ConfigError", "WorkerError", "KVTransferFailedError", "AdmissionTimeoutError", "WorkerShuttingDownError",
 ]  # fmt: skip
 
-WIRE_VERSION = 6  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVHandle.issued_at, prior_ids (issue 7)
+WIRE_VERSION = 7  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVHandle.issued_at, prior_ids (issue 7)
 #                  3: WorkerStatus.perf (issue 16)
 #                  4: speculative counters on StreamChunk / WorkerStatus, ModelInfo.speculative and .wire_version
 #                     (issue 19); checked when workers start and join (deploy.cluster.check_workers_agree)
 #                  5: WorkerAPI.profile, ProfilePlan, StepTiming (issue 20)
 #                  6: WorkerStatus.live_step / live_steps: the step model refitted from live steps (issue 20)
+#                  7: WorkerStatus.widened_steps, lent_s, tpot_slack_s: sharing a host's cores (issue 16)
 
 
 class Role(enum.StrEnum):
@@ -205,6 +206,9 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     spec_accepted: int = 0
     widened_steps: int = 0  # steps run on cores other workers on the host left idle or lent, since start
     lent_s: float = 0.0  # seconds this worker paused so a peer's prefill could use its core, since start
+    # a lending decode worker (worker_core/core_share.py LendBudget): the smallest TPOT slack of its running
+    # requests (s; TPOT_SLACK_IDLE_S when none runs); None where the worker does not judge it
+    tpot_slack_s: float | None = None
     incarnation: str = ""  # this worker process (its KV publisher epoch): a new one means Ray restarted it
     perf: PerfEstimate = msgspec.field(default_factory=PerfEstimate)  # step times measured while serving
     # the planner's step model (planner/model.py StepModel coefficients: base, per prompt token, per attention

@@ -4,10 +4,12 @@
     a prefill step:                     t = prefill_base + per_token * prompt tokens (+ the decode line's
                                         per_seq * sequences when decode sequences share the step)
 
-`StepTimes.observe(prefill_tokens, decode_seqs, seconds, now)` after every step. Each line is a
+`StepTimes.observe(prefill_tokens, decode_seqs, seconds, now, widened)` after every step. Each line is a
 least-squares fit with exponential forgetting (recent steps weigh more: a worker's speed changes
 with what else runs on the machine). The first `warmup_steps` steps are ignored (allocation,
-first-touch page faults), and so are prefill steps of fewer than `min_prefill_tokens` tokens.
+first-touch page faults), and so are prefill steps of fewer than `min_prefill_tokens` tokens and
+steps that ran `widened` on cores a peer left idle or lent (worker_core/core_share.py): the lines are
+the worker's speed on its own cores, which is all a prediction can count on (a lender may be busy).
 A line is `ready` after a few steps of its kind; a prefill worker in a disaggregated pool never
 decodes and a decode worker may never prefill, so `PerfEstimate.completed_by` lends the missing
 line from another worker of the same model.
@@ -128,19 +130,22 @@ class StepTimes:
         self._first: float | None = None
         self._lock = threading.Lock()
 
-    def observe(self, prefill_tokens: int, decode_seqs: int, seconds: float, now: float | None = None) -> None:
-        """One step's shape and duration; `now` (its end, monotonic seconds) feeds prefill_busy."""
+    def observe(
+        self, prefill_tokens: int, decode_seqs: int, seconds: float, now: float | None = None, widened: bool = False
+    ) -> None:
+        """One step's shape and duration; `now` (its end, monotonic seconds) feeds prefill_busy; a `widened`
+        step counts there but not in the lines."""
         with self._lock:
-            self._observe(prefill_tokens, decode_seqs, seconds, now)
+            self._observe(prefill_tokens, decode_seqs, seconds, now, widened)
 
-    def _observe(self, prefill_tokens: int, decode_seqs: int, seconds: float, now: float | None) -> None:
+    def _observe(self, prefill_tokens: int, decode_seqs: int, seconds: float, now: float | None, widened: bool) -> None:
         if now is not None:
             if self._first is None:
                 self._first = now - seconds
             if prefill_tokens > 0:
                 self._busy.append((now, seconds))
         self.steps += 1
-        if self.steps <= self.warmup_steps or seconds <= 0:
+        if self.steps <= self.warmup_steps or seconds <= 0 or widened:
             return
         if prefill_tokens == 0:
             if decode_seqs > 0:

@@ -67,6 +67,10 @@ def parse_size(value: int | str) -> int:
 
 
 DEFAULT_LEND_TPOT_MS = 200.0  # a disaggregated decode worker lends its core while requests keep this TPOT
+# placement by SLO on by default: loose targets, so the router leaves the pools' intent (remote prefill) only
+# to rescue a request predicted to miss them (router/placement.py); 0 and 0 turn it off
+DEFAULT_SLO_TTFT_MS = 4000.0
+DEFAULT_SLO_ITL_MS = DEFAULT_LEND_TPOT_MS
 
 
 class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -145,11 +149,11 @@ class RouterConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     temperature: float = 0.0  # kv policy: 0 = cheapest worker; > 0 samples among near-equal ones
     conditional_prefill_threshold: int = 0  # tokens; a prompt this short uncached on D prefills there (0: never)
     max_prefill_queue_tokens: int = 16384  # prefill worker "saturated" at this many queued tokens (local prefill)
-    # placement by SLO (router/routing.py, place_by_slo): each request runs remote, local on D or whole on P,
-    # whichever the workers' measured step times predict meets these best; 0 and 0: the fixed placement
-    # (conditional_prefill_threshold); a threshold > 0 also keeps the fixed placement
-    slo_ttft_ms: float = 0.0
-    slo_itl_ms: float = 0.0  # judged as time per output token
+    # placement by SLO (router/placement.py): remote prefill while the workers' measured step times predict
+    # it meets these targets, else local on D or whole on P when that is predicted to meet them; 0 and 0: the
+    # fixed placement (conditional_prefill_threshold); a threshold > 0 also keeps the fixed placement
+    slo_ttft_ms: float = DEFAULT_SLO_TTFT_MS
+    slo_itl_ms: float = DEFAULT_SLO_ITL_MS  # judged as time per output token
     drain_timeout_s: float = 60.0  # removing a worker: how long its running requests may take to finish
     metrics_port: int | None = None  # Prometheus /metrics of the whole cluster on router.host (0: any free port)
     http: bool = True  # the OpenAI-compatible HTTP door (router/http_app.py) beside gRPC; false: gRPC only

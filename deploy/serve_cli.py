@@ -115,10 +115,17 @@ def add_serve_parser(sub) -> None:
         "--slo-ttft-ms",
         type=float,
         metavar="MS",
-        help="placement by SLO: run each request remote, local on decode or whole on a prefill worker, "
-        "whichever measured step times predict meets this TTFT (and --slo-itl-ms) best",
+        help="placement by SLO: prefill remotely while measured step times predict this TTFT (and "
+        "--slo-itl-ms) is met, else locally on decode or whole on a prefill worker when that is predicted to "
+        "meet them (default 4000; 0 with --slo-itl-ms 0: fixed placement)",
     )
-    s.add_argument("--slo-itl-ms", type=float, metavar="MS", help="placement by SLO: time per output token target")
+    s.add_argument(
+        "--slo-itl-ms",
+        type=float,
+        metavar="MS",
+        help="placement by SLO: time per output token target (default 200; also what a decode worker lends "
+        "its core within)",
+    )
     s.add_argument(
         "--metrics-port",
         type=int,

@@ -1,5 +1,11 @@
 """Placement by SLO: remote, local on D, or the whole request on a prefill worker, from the workers'
-measured step times (common/perf_model.py). `Router._place` builds the options; this module scores them.
+measured step times (common/perf_model.py). `Router._place` builds the options; this module chooses.
+
+The pools are the operator's statement of intent, so the intent (remote) stands unless it is predicted to
+miss a target; the router then crosses the pools only for an option predicted to meet both targets with a
+margin (SLO_MARGIN) without taking more than STALL_SAFETY of the slack the decode worker's running requests
+have left. When nothing is predicted to meet them (overload), the intent stands: a local prefill there
+would stall every decode for a request that misses anyway.
 """
 
 from __future__ import annotations
@@ -8,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 REMAINING_TOKENS = 64  # placement by SLO: output tokens a running request is assumed to have left
+SLO_MARGIN = 0.8  # cross the pools only for an option predicted within this share of both targets
+STALL_SAFETY = 0.5  # ... and whose prefill stalls the decode worker for at most this share of its requests' slack
 
 
 @dataclass(frozen=True)
@@ -22,7 +30,8 @@ class PlacementOption:
     (local only: remote and whole both prefill on P). With r = ttft / its target and t = tpot / its target,
     score = r + t + stalled * stall_s / (REMAINING_TOKENS * tpot target) + 10 * max(0, max(r, t) - 1):
     the slack left on both targets, the TPOT taken from the others, and a steep price for a missed target.
-    The lowest score wins; ties keep the order remote, whole, local.
+    slack_s: the smallest TPOT slack of the requests running where the option prefills beside them, as
+    that worker last reported it (WorkerStatus.tpot_slack_s); None when it does not report one.
     """
 
     kind: str
@@ -31,6 +40,22 @@ class PlacementOption:
     tpot_s: float
     stall_s: float = 0.0
     stalled: int = 0
+    slack_s: float | None = None
+
+    def meets(self, ttft_target: float, tpot_target: float, margin: float = SLO_MARGIN) -> bool:
+        """Predicted within `margin` of both targets, its stall included: within STALL_SAFETY of the running
+        requests' reported slack, or (no report) spread over their REMAINING_TOKENS within the TPOT target."""
+        if ttft_target and self.ttft_s > margin * ttft_target:
+            return False
+        if not tpot_target:
+            return True
+        if self.tpot_s > margin * tpot_target:
+            return False
+        if not (self.stalled and self.stall_s):
+            return True
+        if self.slack_s is not None:
+            return self.stall_s <= STALL_SAFETY * self.slack_s
+        return self.tpot_s + self.stall_s / REMAINING_TOKENS <= margin * tpot_target
 
     def score(self, ttft_target: float, tpot_target: float) -> float:
         r = self.ttft_s / ttft_target if ttft_target else 0.0
@@ -40,6 +65,8 @@ class PlacementOption:
 
     def describe(self, ttft_target: float, tpot_target: float) -> str:
         stall = f", stalls {self.stalled} for {self.stall_s * 1000:.0f} ms" if self.stalled and self.stall_s else ""
+        if stall and self.slack_s is not None:
+            stall += f" of {self.slack_s * 1000:.0f} ms slack"
         return (
             f"{self.kind} on {self.worker_id}: TTFT {self.ttft_s * 1000:.0f} ms, TPOT {self.tpot_s * 1000:.0f} ms"
             f"{stall} = {self.score(ttft_target, tpot_target):.2f}"
@@ -47,5 +74,10 @@ class PlacementOption:
 
 
 def place_by_slo(options: Sequence[PlacementOption], ttft_target: float, tpot_target: float) -> PlacementOption:
-    """The option with the lowest score (see PlacementOption); the first on ties."""
-    return min(options, key=lambda o: o.score(ttft_target, tpot_target))
+    """The first option (the pools' intent) while it meets the targets; else the lowest-scoring other option
+    that meets them; else, when none does, the intent (see the module docstring)."""
+    intent, *others = options
+    if intent.meets(ttft_target, tpot_target):
+        return intent
+    rescue = [o for o in others if o.meets(ttft_target, tpot_target)]
+    return min(rescue, key=lambda o: o.score(ttft_target, tpot_target)) if rescue else intent

@@ -355,11 +355,13 @@ class Router:
             pd.tpot_s(d_run + 1),
             stall_s=pd.prefill_s(d_uncached),
             stalled=d_run,
+            slack_s=d_slot.status.tpot_slack_s,
         )
         options = (remote, whole, local)
         chosen = place_by_slo(options, cfg.slo_ttft_s, cfg.slo_tpot_s)
         why = "; ".join(o.describe(cfg.slo_ttft_s, cfg.slo_tpot_s) for o in options)
-        return chosen, f"SLO placement ({why}) -> {chosen.kind}"
+        verdict = "meets" if chosen.meets(cfg.slo_ttft_s, cfg.slo_tpot_s) else "nothing meets the targets"
+        return chosen, f"SLO placement ({why}) -> {chosen.kind} ({verdict})"
 
     def _local_reason(self, d_id: str, d_uncached: int, exclude: Collection[str] = ()) -> tuple[str, str] | None:
         """(kind, reason) when D prefills locally, else None. With no prefill worker to take it (all

@@ -222,6 +222,7 @@ LEND_MIN_S = 1.0  # offer to lend only with at least this much pause allowed: a 
 # of a peer's widened step oversubscribes it (a 512-token prefill takes ~1 s on two threads of this VM)
 LEND_SAFETY = 0.5  # pause at most this share of the smallest slack (the step-time estimate and finish are guesses)
 LEND_HORIZON_TOKENS = 128  # a request is assumed to end within this many more tokens (or at its max_tokens)
+TPOT_SLACK_IDLE_S = 3600.0  # the slack a lending worker reports when no running request limits it
 
 
 class LendBudget:
@@ -250,15 +251,21 @@ class LendBudget:
         if prompt_tokens == 0 and decoding > 0:
             self.step_s = seconds if self.step_s == 0.0 else 0.8 * self.step_s + 0.2 * seconds
 
+    def slack(self, now: float, requests: list[tuple[float, int, int]]) -> float:
+        """The smallest slack (s, may be negative) of the requests with a TPOT clock running (at least one
+        output token); inf when none has one. `requests` as for `allowed`."""
+        slack = float("inf")
+        for start, out, max_tokens in requests:
+            end = min(max_tokens, out + LEND_HORIZON_TOKENS)
+            if out == 0 or end <= out:
+                continue  # no TPOT clock yet, or finishes with this step
+            slack = min(slack, self.tpot_s * (end - 1) - (now - start) - (end - out) * self.step_s)
+        return slack
+
     def allowed(self, now: float, requests: list[tuple[float, int, int]]) -> float:
         """Seconds of pause allowed now; `requests`: (TPOT clock start, output tokens, max_tokens) of each
         request on the worker, output tokens 0 for one still waiting for its first token."""
-        slack = float("inf")
-        for start, out, max_tokens in requests:
-            if out == 0:
-                return 0.0
-            end = min(max_tokens, out + LEND_HORIZON_TOKENS)
-            if end <= out:
-                continue  # finishes with this step
-            slack = min(slack, self.tpot_s * (end - 1) - (now - start) - (end - out) * self.step_s)
+        if any(out == 0 for _, out, _ in requests):
+            return 0.0
+        slack = self.slack(now, requests)
         return 0.0 if slack == float("inf") else max(0.0, LEND_SAFETY * slack)

@@ -45,7 +45,7 @@ from common.sampling_params import SamplingParams
 from engine.engine_core import EngineCore
 from engine.outputs import StepOutput
 from planner.model import LiveFit
-from worker_core.core_share import CoreShare, LendBudget
+from worker_core.core_share import TPOT_SLACK_IDLE_S, CoreShare, LendBudget
 from worker_core.profiling import profile_steps
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,9 @@ class AsyncEngine:
         self._threads = torch.get_num_threads()
         self.widened_steps = 0  # steps that ran on borrowed cores
         self.lends = 0  # pauses for a peer's widened step
+        # the smallest TPOT slack of the running requests, as of the last step (LendBudget.slack; lenders only):
+        # what the router weighs a local prefill on this worker against (router/placement.py)
+        self.tpot_slack_s: float | None = TPOT_SLACK_IDLE_S if self.lend is not None else None
         self.on_kv_events = on_kv_events
         self.name = name
         self.healthy = True
@@ -314,16 +317,21 @@ class AsyncEngine:
                     t0 = self.core.clock()
                     outputs = self.core.step()
                     t1 = self.core.clock()
-                    self.step_times.observe(*self.core.last_step_shape, t1 - t0, now=t1)
+                    # a widened step ran on cores a peer left idle or lent: the models keep this worker's own speed
+                    widened = self.core_share is not None and self._threads > self.core_share.base
+                    self.step_times.observe(*self.core.last_step_shape, t1 - t0, now=t1, widened=widened)
                     if self.lend is not None:
                         self.lend.observe(t1 - t0, *self.core.last_step_shape)
-                    self.live_fit.observe(self.core.last_step_features, t1 - t0, t1)
+                    if not widened:
+                        self.live_fit.observe(self.core.last_step_features, t1 - t0, t1)
                     self._publish(loop)
                     freed = len(self.core.scheduler.requests) < before or any(o.finished for o in outputs)
                     if outputs or freed:
                         loop.call_soon_threadsafe(self._deliver, outputs, freed)
                 else:
                     self._widen(False)
+                    if self.lend is not None:
+                        self.tpot_slack_s = TPOT_SLACK_IDLE_S
                     if not self._wake.wait(self.keepalive_s) and not self._stop:
                         self.core.executor.keepalive()  # idle tp x pp ranks wait on a collective with a timeout
                     self._wake.clear()
@@ -369,7 +377,9 @@ class AsyncEngine:
             )
             for r in core.scheduler.requests.values()
         ]
-        allowed = self.lend.allowed(core.clock(), clocks)
+        now = core.clock()
+        self.tpot_slack_s = min(self.lend.slack(now, clocks), TPOT_SLACK_IDLE_S)
+        allowed = self.lend.allowed(now, clocks)
         may = allowed >= self.lend.min_s and allowed > 0
         self.core_share.offer(may)
         if not may or not self.core_share.peer_wants():

@@ -186,6 +186,7 @@ class WorkerHost:
             spec_accepted=st.spec_accepted,
             widened_steps=self.engine.widened_steps,
             lent_s=self.engine.core_share.lent_s if self.engine.core_share is not None else 0.0,
+            tpot_slack_s=self.engine.tpot_slack_s,
             node_id=self.node_id,
             device=str(self.core.device),
             block_size=spec.block_size,

@@ -110,6 +110,10 @@ def cluster(tmp_path_factory):
             # adds no compute, and 3 workers on 2 cores share none (worker_core/core_share.py)
             "prefill.borrow_idle_cores": False,
             "decode.lend_core_tpot_ms": 0.0,
+            # the fixed placement: the load step must reach the prefill pool the planner sizes, not be relieved
+            # by local prefills on the decode worker (placement by SLO, on by default)
+            "router.slo_ttft_ms": 0.0,
+            "router.slo_itl_ms": 0.0,
             "planner.mode": "sla",
             "planner.profile": str(profile),
             "planner.slo": "ttft_ms=5000,tpot_ms=1000",  # replaced once the machine is measured (_policy)

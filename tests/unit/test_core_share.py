@@ -191,3 +191,13 @@ def test_lend_budget_golden_cases():
     assert b.allowed(10.5, [(10.0, 128, 128)]) == 0.0  # finishing: no constraint, and nothing else runs
     with pytest.raises(ValueError, match="TPOT target must be > 0"):
         LendBudget(0.0)
+
+
+def test_the_slack_a_lender_reports_to_the_router():
+    b = LendBudget(tpot_s=0.2)
+    b.step_s = 0.04
+    assert b.slack(10.0, []) == float("inf")  # nothing runs: nothing limits a local prefill
+    # the same tightest request as above; one waiting for its first token has no TPOT clock and is left out
+    # (it forbids a pause, not a prefill queued behind its own)
+    assert b.slack(27.0, [(26.5, 10, 128), (10.0, 100, 128), (26.9, 0, 128)]) == pytest.approx(7.28)
+    assert b.slack(31.0, [(10.0, 10, 128)]) == pytest.approx(25.4 - 21 - 4.72)  # behind its target: negative

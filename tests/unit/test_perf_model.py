@@ -62,3 +62,16 @@ def test_prefill_busy_is_the_share_of_the_window_spent_in_prefill_steps():
     assert est.prefill_busy == pytest.approx(0.5, abs=0.06)
     assert est.tpot_s(2) == pytest.approx(est.decode_step_s(2) / (1 - est.prefill_busy))
     assert st.estimate(now=t + 60).prefill_busy == 0.0  # nothing in the last window
+
+
+def test_widened_steps_count_as_busy_but_stay_out_of_the_lines():
+    """A prefill step run on cores a peer lent is faster than this worker alone: the router predicts from
+    the worker's own speed, since the lender may be busy next time."""
+    st = StepTimes(warmup_steps=0, window_s=10.0)
+    for i, tokens in enumerate((100, 200, 400)):
+        st.observe(tokens, 0, 0.01 + 0.002 * tokens, now=1.0 + i)
+    st.observe(800, 0, 0.81, now=10.0, widened=True)  # half the time on two cores
+    est = st.estimate(now=10.0)
+    assert est.prefill_steps == 3 and est.prefill_s(800) == pytest.approx(1.61)
+    # busy: all four steps over the 9.21 s since the first one began (1.0 - 0.21)
+    assert est.prefill_busy == pytest.approx((0.21 + 0.41 + 0.81 + 0.81) / 9.21)

@@ -817,16 +817,28 @@ def slo_router(**statuses: WorkerStatus) -> Router:
     return r
 
 
-def test_slo_placement_uses_an_idle_prefill_worker_for_the_whole_request() -> None:
+def test_slo_placement_keeps_the_pools_intent_while_it_meets_the_targets() -> None:
     r = slo_router(p0=perf_status("p0", "prefill"), d0=perf_status("d0", "decode"))
-    r.decode.pool.slot("d0").in_flight = 4  # D decodes 4 requests; P is idle
+    r.decode.pool.slot("d0").in_flight = 4  # D decodes 4 requests; P is idle: remote is predicted to meet both
+    route = r.route("a", list(range(1000, 1500)))
+    assert prefill_id(route) == "p0" and route.decode.worker_id == "d0" and route.kind == "slo_remote"
+    assert route.reason == (
+        "remote: SLO placement (remote on d0: TTFT 1520 ms, TPOT 70 ms = 0.73; "
+        "whole on p0: TTFT 1520 ms, TPOT 30 ms = 0.53; "
+        "local on d0: TTFT 1560 ms, TPOT 70 ms, stalls 4 for 1520 ms = 1.21) -> remote (meets)"
+    )
+
+
+def test_slo_placement_runs_the_whole_request_on_an_idle_prefill_worker_when_decode_would_miss() -> None:
+    r = slo_router(p0=perf_status("p0", "prefill"), d0=perf_status("d0", "decode"))
+    r.decode.pool.slot("d0").in_flight = 14  # TPOT on D 170 ms > 0.8 x 200 ms
     route = r.route("a", list(range(1000, 1500)))
     assert route.prefill is None and route.decode.worker_id == "p0"
     assert route.kind == "slo_whole"
     assert route.reason == (
-        "whole on p0: SLO placement (remote on d0: TTFT 1520 ms, TPOT 70 ms = 0.73; "
+        "whole on p0: SLO placement (remote on d0: TTFT 1520 ms, TPOT 170 ms = 1.23; "
         "whole on p0: TTFT 1520 ms, TPOT 30 ms = 0.53; "
-        "local on d0: TTFT 1560 ms, TPOT 70 ms, stalls 4 for 1520 ms = 1.21) -> whole"
+        "local on d0: TTFT 1660 ms, TPOT 170 ms, stalls 14 for 1520 ms = 2.93) -> whole (meets)"
     )
     assert prefill_loads(r) == {"p0": 500}  # its prefill is booked on P, like a remote one
     r.close("a")
@@ -842,6 +854,29 @@ def test_slo_placement_keeps_decode_off_a_busy_prefill_worker_and_prefills_local
     queued.prefill.pool.slot("p0").prefill_tokens = 3000  # 9 s of queue on P; D is idle
     route = queued.route("b", list(range(1000, 1500)))
     assert route.local and route.decode.worker_id == "d0" and route.kind == "slo_local"
+    assert route.reason.endswith("-> local (meets)")
+
+
+@pytest.mark.parametrize(
+    "slack_s, kind, stall",
+    [
+        (1.0, "slo_remote", "stalls 4 for 1520 ms of 1000 ms slack"),  # 1.52 s > half the slack: nothing meets
+        (5.0, "slo_local", "stalls 4 for 1520 ms of 5000 ms slack"),  # within half of it
+        (None, "slo_local", "stalls 4 for 1520 ms"),  # no report: 70 ms + 1520 / 64 ms <= 160 ms
+    ],
+)
+def test_a_local_prefill_past_a_queue_takes_at_most_half_the_decode_workers_reported_slack(
+    slack_s: float | None, kind: str, stall: str
+) -> None:
+    d = msgspec.structs.replace(perf_status("d0", "decode"), tpot_slack_s=slack_s)
+    r = slo_router(p0=perf_status("p0", "prefill"), d0=d)
+    assert r.prefill is not None
+    r.prefill.pool.slot("p0").prefill_tokens = 3000  # remote and whole: TTFT 10.5 s
+    r.decode.pool.slot("d0").in_flight = 4
+    route = r.route("a", list(range(1000, 1500)))
+    assert route.kind == kind and f"local on d0: TTFT 1560 ms, TPOT 70 ms, {stall} = " in route.reason
+    verdict = "(nothing meets the targets)" if kind == "slo_remote" else "(meets)"
+    assert route.reason.endswith(verdict)
 
 
 def test_slo_placement_waits_for_ready_models_and_a_threshold_keeps_the_fixed_placement() -> None:

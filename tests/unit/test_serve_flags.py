@@ -87,6 +87,11 @@ def test_router_flags_as_pinned_by_the_routing_issue():
     from router.pools import Policy
 
     assert parse().router.policy == "kv" and parse().router.conditional_prefill_threshold == 0
+    # placement by SLO is on by default with loose targets; 0 and 0 (or a threshold) keep the fixed placement
+    assert routing_config(parse()).slo_placement
+    assert (routing_config(parse()).slo_ttft_s, routing_config(parse()).slo_tpot_s) == (4.0, 0.2)
+    assert not routing_config(parse("--slo-ttft-ms", "0", "--slo-itl-ms", "0")).slo_placement
+    assert not routing_config(parse("--conditional-prefill-threshold", "64")).slo_placement
     for flag, policy in (("kv", Policy.KV), ("round-robin", Policy.ROUND_ROBIN), ("least-loaded", Policy.LEAST_LOADED)):
         cfg = parse("--router-policy", flag, "--conditional-prefill-threshold", "128")
         assert routing_config(cfg).policy is policy and routing_config(cfg).conditional_prefill_threshold == 128
