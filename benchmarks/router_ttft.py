@@ -206,6 +206,8 @@ def run_policy(args, policy: str, rnd: int, workload: dict) -> dict:
             "decode.replicas": 1,
             "router.policy": policy,
             "router.conditional_prefill_threshold": 0,
+            "router.slo_ttft_ms": 0,  # every prompt to the prefill pool: the policies see the same placement
+            "router.slo_itl_ms": 0,
             "router.port": free_port(),
             "router.http_port": 0,
             "prefill.kv_cache_memory": args.prefill_kv_memory,

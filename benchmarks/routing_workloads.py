@@ -148,6 +148,11 @@ def main() -> None:
                 policy,
                 "--conditional-prefill-threshold",
                 "0",
+                # every prompt to the prefill pool: the policies are compared on the same placement
+                "--slo-ttft-ms",
+                "0",
+                "--slo-itl-ms",
+                "0",
             ]
             config = out / "pools.yaml"
             config.write_text(

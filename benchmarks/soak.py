@@ -129,6 +129,8 @@ def serve_config(o: SoakOptions) -> ServeConfig:
             "decode.replicas": o.decode_replicas,
             "router.max_inflight": max(256, 4 * o.concurrency),
             "router.conditional_prefill_threshold": o.conditional_prefill_threshold,
+            "router.slo_ttft_ms": 0,  # the fixed placement: threshold 0 sends every prompt through a pull
+            "router.slo_itl_ms": 0,
             "prefill.kv_cache_memory": o.prefill_kv_memory,
             "decode.kv_cache_memory": o.decode_kv_memory,
             "both.dtype": o.dtype,

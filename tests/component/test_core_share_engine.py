@@ -13,6 +13,7 @@ import pytest
 from common.sampling_params import SamplingParams
 from engine.config import CacheConfig, EngineConfig
 from engine.engine_core import EngineCore
+from tests.helpers.fake_time import FakeTime
 from tests.helpers.tiny_models import make_tiny_hf_model
 from worker_core.core_share import CoreShare, LendBudget
 from worker_core.engine_loop import AsyncEngine
@@ -81,17 +82,6 @@ def test_steps_widen_onto_an_idle_peer_and_narrow_when_it_works(tiny, tmp_path, 
     assert n_idle >= 1 and n_busy == 0  # the prefill borrowed the idle core; not once the peer worked
     assert widened == narrowed == reference  # two threads or one: the same tokens
     other.close()
-
-
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, s: float) -> None:
-        self.now += s
 
 
 def test_a_decode_engine_pauses_for_a_peer_that_wants_its_core(tiny, tmp_path, peer):

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 
+from tests.helpers.fake_time import FakeTime
 from worker_core.core_share import LEND_HORIZON_TOKENS, LEND_SAFETY, SLOTS, CoreShare, LendBudget
 
 
@@ -66,7 +67,7 @@ def test_nobody_widens_on_a_host_whose_workers_already_claim_every_core(table, p
     d = CoreShare(1, table, cpus=2, pid=third)  # a third worker joins (the planner added one): 3 bases, 2 cores
     d.offer(True)
     d.threads(busy=True)
-    t = FakeTime()
+    t = FakeTime(100.0)
     p0.clock, p0.sleep = t.clock, t.sleep
     assert p0.widen(wait_s=1.0) == 1 and t.sleeps == 0  # p1 idle, d may lend: still one thread, and no waiting
     assert not d.peer_wants()
@@ -96,21 +97,6 @@ def test_the_table_fills_up_with_a_clear_error(table, pids):
         CoreShare(1, table, cpus=2, pid=os.getpid())
 
 
-class FakeTime:
-    """A clock that only moves when the code under test sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.sleeps = 0
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, s: float) -> None:
-        self.sleeps += 1
-        self.now += s
-
-
 def test_a_widening_worker_waits_for_a_busy_peer_that_may_lend(table, pids):
     lending = threading.Event()
     p = CoreShare(1, table, cpus=2, pid=pids[0], sleep=lambda s: lending.wait(30))  # waits for d's pause
@@ -138,7 +124,7 @@ def test_a_widening_worker_waits_for_a_busy_peer_that_may_lend(table, pids):
 
 
 def test_nobody_lends_in_time_the_step_stays_narrow_and_asks_no_pause(table, pids):
-    t = FakeTime()
+    t = FakeTime(100.0)
     p = CoreShare(1, table, cpus=2, pid=pids[0], clock=t.clock, sleep=t.sleep)
     d = CoreShare(1, table, cpus=2, pid=pids[1])
     d.threads(busy=True)
@@ -154,7 +140,7 @@ def test_nobody_lends_in_time_the_step_stays_narrow_and_asks_no_pause(table, pid
 
 
 def test_an_idle_peer_is_borrowed_at_once_and_a_pause_is_bounded(table, pids):
-    t = FakeTime()
+    t = FakeTime(100.0)
     p = CoreShare(1, table, cpus=2, pid=pids[0])
     d = CoreShare(1, table, cpus=2, pid=pids[1], clock=t.clock, sleep=t.sleep)
     assert d.lend(5.0) == 0.0  # nobody wants: no pause
