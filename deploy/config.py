@@ -28,6 +28,7 @@ from typing import Literal
 import msgspec
 
 from common.errors import ConfigError
+from router.placement import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS  # on by default: loose targets (0 and 0: off)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -67,10 +68,6 @@ def parse_size(value: int | str) -> int:
 
 
 DEFAULT_LEND_TPOT_MS = 200.0  # a disaggregated decode worker lends its core while requests keep this TPOT
-# placement by SLO on by default: loose targets, so the router leaves the pools' intent (remote prefill) only
-# to rescue a request predicted to miss them (router/placement.py); 0 and 0 turn it off
-DEFAULT_SLO_TTFT_MS = 4000.0
-DEFAULT_SLO_ITL_MS = DEFAULT_LEND_TPOT_MS
 
 
 class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -26,6 +26,7 @@ from planner.plan import Plan, Planner, PlanRequest
 from planner.profile import Profile, ProfileError, load_profile
 from planner.sim_prompts import SegmentPromptMaker
 from planner.simulator import MODES, POLICIES, ClusterSpec, SimError, simulate
+from router.placement import DEFAULT_SLO_ITL_MS, DEFAULT_SLO_TTFT_MS
 from tandem_api.bench.arrivals import parse_rates
 from tandem_api.bench.cli import (
     add_load_arguments,
@@ -66,6 +67,21 @@ def add_simulate_parser(sub: Any) -> None:
     add_workload_arguments(p)
     add_load_arguments(p)
     p.add_argument("--slo", default=None, metavar="KEY=MS,...", help="targets: ttft_ms, tpot_ms, itl_ms, e2el_ms")
+    p.add_argument(
+        "--slo-ttft-ms",
+        type=float,
+        default=DEFAULT_SLO_TTFT_MS,
+        metavar="MS",
+        help="the router's placement by SLO, as `tandem serve --slo-ttft-ms` (default %(default)g; 0 with "
+        "--slo-itl-ms 0: the fixed placement)",
+    )
+    p.add_argument(
+        "--slo-itl-ms",
+        type=float,
+        default=DEFAULT_SLO_ITL_MS,
+        metavar="MS",
+        help="its time per output token target, as `tandem serve --slo-itl-ms` (default %(default)g)",
+    )
     add_output_arguments(p)
 
 
@@ -120,6 +136,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         decode_shape=args.decode_shape,
         policy=args.policy,
         conditional_prefill_threshold=args.conditional_prefill_threshold,
+        slo_ttft_s=args.slo_ttft_ms / 1000,
+        slo_tpot_s=args.slo_itl_ms / 1000,
     )
     num_requests = planned_requests(args, DEFAULT_SIM_REQUESTS)
     options = dataset_options(args, None)

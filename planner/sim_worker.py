@@ -240,6 +240,19 @@ class SimWorker:
         self.neighbours: list[SimWorker] = []  # the other workers of its host
         self.router_host = False  # it shares its host with the router (planner/simulator.py, _cpu_stretch)
         self.preemptions = 0
+        self.step_started = 0.0  # when the step in flight began
+        self.first_step_s: float | None = None
+        self.prefill_steps: deque[tuple[float, float]] = deque()  # (end, seconds) of steps with prompt tokens
+
+    def prefill_busy(self, now: float, window_s: float) -> float:
+        """The share of the last `window_s` seconds spent in steps that computed prompt tokens (as the worker
+        reports it: common/perf_model.py, StepTimes.busy)."""
+        while self.prefill_steps and self.prefill_steps[0][0] < now - window_s:
+            self.prefill_steps.popleft()
+        if self.first_step_s is None:
+            return 0.0
+        span = min(window_s, max(now - self.first_step_s, 1e-3))
+        return min(1.0, sum(sec for _, sec in self.prefill_steps) / span)
 
     @property
     def load(self) -> int:

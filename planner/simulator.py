@@ -4,7 +4,8 @@ benchmark client keeps, so `tandem simulate` writes the same `summary.json` as `
 
 The path of a request, as the served cluster runs it (../shared/DESIGN.md, section 1):
 
-    send ─> router: decode worker D, then remote prefill on P (or local on D, conditional disaggregation)
+    send ─> router: decode worker D, then remote prefill on P (or local on D, conditional disaggregation;
+       or, with placement by SLO, local on D or the whole request on P when remote is predicted to miss)
     P: waits, prefills in token-budget steps (chunked), samples token 1 (the router streams it: TTFT),
        keeps the blocks leased
     D: admits it when its cache has room for the prompt (it waits otherwise), pulls the blocks it lacks
@@ -15,9 +16,14 @@ The path of a request, as the served cluster runs it (../shared/DESIGN.md, secti
 Times come from the profile: each worker's `StepModel` prices every step it schedules, the `TransferModel`
 every pull, and `ServedOverhead` what the served path adds (to the first token; to each decode step).
 
+Placement by SLO (`ClusterSpec.slo_ttft_s` / `slo_tpot_s`) decides with the router's own rule
+(router/placement.py) from the profile's step model where the router uses the workers' live lines.
+
 What it leaves out (each small on the profiled machine, docs/BENCHMARKS.md measures the whole): network
 time between client and router, the router's own queueing, KV event delay (the router sees caches as
-they are), speculative decoding, and failures.
+they are), speculative decoding, failures, and CPU core sharing (a prefill step widened onto a decode
+worker's lent core, worker_core/core_share.py): the decode worker reports no TPOT slack here, so a local
+prefill's stall is judged by the router's fallback (spread over the requests' remaining tokens).
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from planner.model import StepShape
 from planner.profile import Profile, ProfileError
 from planner.sim_prompts import SegmentPromptMaker, segments_of
-from planner.sim_worker import SimRequest, SimWorker, StepPlan
+from planner.sim_worker import SimRequest, SimWorker, StepPlan, is_decode_row
+from router.placement import PlacementOption, place_by_slo
 from tandem_api.bench.datasets import Dataset, Prompt, Unit
 from tandem_api.bench.metrics import OK, RequestRecord
 from tandem_api.bench.runner import LoadConfig, arrival_times
@@ -56,6 +64,18 @@ class ClusterSpec:
     decode_shape: str | None = None
     policy: str = "kv"
     conditional_prefill_threshold: int = 0  # tokens: an uncached prompt this short prefills on D (0: never)
+    # placement by SLO, as `tandem serve --slo-ttft-ms/--slo-itl-ms` (seconds; 0 and 0: the fixed placement,
+    # and a threshold > 0 keeps it too)
+    slo_ttft_s: float = 0.0
+    slo_tpot_s: float = 0.0
+
+    @property
+    def slo_placement(self) -> bool:
+        return (
+            self.mode == "disaggregated"
+            and (self.slo_ttft_s > 0 or self.slo_tpot_s > 0)
+            and self.conditional_prefill_threshold == 0
+        )
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -64,6 +84,8 @@ class ClusterSpec:
             raise SimError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.prefill < 1 or (self.mode == "disaggregated" and self.decode < 1):
             raise SimError(f"a cluster needs at least one worker per pool, got {self.prefill} and {self.decode}")
+        if self.slo_ttft_s < 0 or self.slo_tpot_s < 0:
+            raise SimError(f"SLO placement targets must be >= 0 (0: none), got {self.slo_ttft_s} and {self.slo_tpot_s}")
 
     def describe(self) -> str:
         if self.mode == "aggregated":
@@ -178,7 +200,7 @@ class Cluster:
                 chosen, lowest = w, c
         return chosen
 
-    def route(self, req: SimRequest) -> SimWorker:
+    def route(self, req: SimRequest, now: float = 0.0) -> SimWorker:
         """The worker the request starts on; sets its placement fields."""
         if self.spec.mode == "aggregated":
             w = self._pick(self.decode_pool, "decode", req)
@@ -199,8 +221,82 @@ class Cluster:
                 d.booked_blocks -= -(-req.prompt_len // bs)
                 return d
         p = self._pick(self.prefill_pool, "prefill", req)
+        kind = self._place(req, d, p, now) if self.spec.slo_placement else "remote"
+        if kind == "local":
+            req.route = "local"
+            d.booked_blocks -= -(-req.prompt_len // d.cache.block_size)
+            return d
+        if kind == "whole":  # all of it on P, which decodes it: D gives its booking back
+            d.assigned -= 1
+            d.booked_blocks -= -(-req.prompt_len // d.cache.block_size)
+            req.route, req.prefill_worker, req.decode_worker = "whole", p.wid, -1
+            p.assigned += 1
+            return p
         req.route, req.prefill_worker, req.handoff = "remote", p.wid, True
         return p
+
+    def unroute(self, req: SimRequest) -> None:
+        """Undo what `route` booked, for a request that is refused (too long for the worker's cache)."""
+        if req.route == "whole":
+            self.prefill_pool[req.prefill_worker].assigned -= 1
+            return
+        d = self.decode_pool[req.decode_worker]
+        d.assigned -= 1
+        if req.route == "remote":
+            d.booked_blocks -= -(-req.prompt_len // d.cache.block_size)
+
+    # -- placement by SLO ----------------------------------------------------------------------------
+    def _place(self, req: SimRequest, d: SimWorker, p: SimWorker, now: float) -> str:
+        """remote, local or whole, as router/routing.py `Router._place` builds the options and
+        router/placement.py chooses, with the profile's step model for the workers' measured lines."""
+        spec = self.spec
+        ctx = req.prompt_len
+        d_run = d.assigned - 1  # the router counts the requests D runs before this one
+        p_run = p.assigned
+        p_ttft = _prefill_s(p, p.queued_prefill_tokens + _uncached(p, req))
+        d_uncached = _uncached(d, req)
+        d_per_seq = _decode_s(d, 2, ctx) - _decode_s(d, 1, ctx)
+        options = (
+            PlacementOption("remote", "", p_ttft, _tpot_s(d, d_run + 1, ctx, now)),
+            PlacementOption(
+                "whole",
+                "",
+                p_ttft + (_decode_s(p, 2, ctx) - _decode_s(p, 1, ctx)) * p_run,
+                _tpot_s(p, p_run + 1, ctx, now),
+            ),
+            PlacementOption(
+                "local",
+                "",
+                _prefill_s(d, d.queued_prefill_tokens + d_uncached) + d_per_seq * d_run,
+                _tpot_s(d, d_run + 1, ctx, now),
+                stall_s=_prefill_s(d, d_uncached),
+                stalled=d_run,
+            ),
+        )
+        return place_by_slo(options, spec.slo_ttft_s, spec.slo_tpot_s).kind
+
+
+PREFILL_BUSY_WINDOW_S = 30.0  # common/perf_model.py StepTimes.window_s: the share of time in prefill steps
+
+
+def _uncached(w: SimWorker, req: SimRequest) -> int:
+    bs = w.cache.block_size
+    lookable = (req.prompt_len - 1) // bs
+    hit = w.cache.cached_prefix(req.hashes_upto(lookable, bs)) if lookable > 0 else 0
+    return req.prompt_len - hit * bs
+
+
+def _prefill_s(w: SimWorker, tokens: int) -> float:
+    return w.profile.step.step_s(StepShape.of([(tokens, 0)])) if tokens > 0 else 0.0
+
+
+def _decode_s(w: SimWorker, seqs: int, context: int) -> float:
+    return w.profile.step.step_s(StepShape.of((), [context] * max(seqs, 1)))
+
+
+def _tpot_s(w: SimWorker, seqs: int, context: int, now: float) -> float:
+    """As common/perf_model.py `PerfEstimate.tpot_s`: the decode step over the share of time not in prefills."""
+    return _decode_s(w, seqs, context) / max(1.0 - w.prefill_busy(now, PREFILL_BUSY_WINDOW_S), 0.05)
 
 
 def _worker_profile(profile: Profile, key: str | None, pool: str):
@@ -241,12 +337,9 @@ class Simulation:
     # -- requests --------------------------------------------------------------------------------------
 
     def send(self, req: SimRequest) -> None:
-        w = self.cluster.route(req)
+        w = self.cluster.route(req, self.now)
         if req.prompt_len + req.output_len > w.cache.num_blocks * w.cache.block_size:
-            d = self.cluster.decode_pool[req.decode_worker]
-            d.assigned -= 1
-            if req.route == "remote":
-                d.booked_blocks -= -(-req.prompt_len // d.cache.block_size)
+            self.cluster.unroute(req)
             req.route = "too-long"
             self.on_finish(req)
             return
@@ -265,11 +358,16 @@ class Simulation:
         if w.router_host:
             seconds *= self._cpu_stretch(w)
         w.busy_until = self.now + seconds
+        w.step_started = self.now
+        if w.first_step_s is None:
+            w.first_step_s = self.now
         w.busy_s += seconds - plan.seconds
         self.at(w.busy_until, lambda: self._step_end(w, plan))
 
     def _step_end(self, w: SimWorker, plan: StepPlan) -> None:
         w.busy_until = None
+        if any(not is_decode_row(r, n) for r, n in plan.rows):
+            w.prefill_steps.append((self.now, self.now - w.step_started))
         freed = False
         for req in w.finish_step(plan):
             req.emitted += 1
@@ -305,7 +403,9 @@ class Simulation:
 
     def _finish(self, req: SimRequest) -> None:
         req.finished_s = req.token_times[-1]
-        if req.decode_worker >= 0 and self.cluster.decode_pool:
+        if req.route == "whole":
+            self.cluster.prefill_pool[req.prefill_worker].assigned -= 1
+        elif req.decode_worker >= 0 and self.cluster.decode_pool:
             self.cluster.decode_pool[req.decode_worker].assigned -= 1
         self.on_finish(req)
 
@@ -408,8 +508,11 @@ def simulate(profile: Profile, spec: ClusterSpec, dataset: Dataset, cfg: LoadCon
             record.cached_tokens = max(req.cached, 0)
             record.route = req.route
             record.prefill_worker = f"prefill-{req.prefill_worker}" if req.route == "remote" else ""
-            pool = "aggregated" if req.route == "aggregated" else "decode"
-            record.decode_worker = f"{pool}-{req.decode_worker}"
+            if req.route == "whole":  # as the served cluster reports it: the prefill worker decoded it
+                record.decode_worker = f"prefill-{req.prefill_worker}"
+            else:
+                pool = "aggregated" if req.route == "aggregated" else "decode"
+                record.decode_worker = f"{pool}-{req.decode_worker}"
         if record.ok and k + 1 < turns:
             start_turn(unit, k + 1, history, turns, sim.now if not req.token_times else req.token_times[-1])
             return

@@ -13,6 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# the default targets (`tandem serve`, `tandem simulate`): loose, so the router leaves the pools' intent only
+# to rescue a request predicted to miss them
+DEFAULT_SLO_TTFT_MS = 4000.0
+DEFAULT_SLO_ITL_MS = 200.0
 REMAINING_TOKENS = 64  # placement by SLO: output tokens a running request is assumed to have left
 SLO_MARGIN = 0.8  # cross the pools only for an option predicted within this share of both targets
 STALL_SAFETY = 0.5  # ... and whose prefill stalls the decode worker for at most this share of its requests' slack

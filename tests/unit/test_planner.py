@@ -227,6 +227,43 @@ def test_bad_cluster_specs_are_refused():
         simulate(profile_of(TRUE), ClusterSpec(prefill_shape="nope"), d, LoadConfig(rate=1.0, num_requests=2))
 
 
+def burst(n: int, prompt: int, output: int) -> Dataset:
+    maker = SegmentPromptMaker()
+    return Dataset("burst", {}, iter([Unit(i, [Turn(maker.fresh(prompt), output)]) for i in range(n)]), size=n)
+
+
+def test_simulated_placement_by_slo_rescues_a_request_queued_on_p_and_keeps_the_intent_otherwise():
+    """As router/placement.py: remote while predicted to meet the targets; local on an idle D when P's queue
+    would make remote miss the TTFT target; remote again when nothing is predicted to meet it."""
+    p = profile_of(TRUE)
+    cfg = LoadConfig(rate=math.inf, num_requests=4)
+    slo = ClusterSpec(slo_ttft_s=4.0, slo_tpot_s=0.2)
+    placed = simulate(p, slo, burst(4, 2000, 8), cfg)
+    fixed = simulate(p, ClusterSpec(), burst(4, 2000, 8), cfg)
+    # a 2000-token prefill is 2.46 s: the first fits 0.8 x 4 s on P, the second would wait behind it on P
+    # (4.9 s) and fits on the idle D; the third fits nowhere (P or D behind 2000 queued tokens): remote
+    assert [r.route for r in placed.records] == ["remote", "local", "remote", "remote"]
+    assert [r.route for r in fixed.records] == ["remote"] * 4
+    assert placed.records[1].decode_worker == "decode-0" and placed.records[1].prefill_worker == ""
+    assert placed.records[1].ttft_s < fixed.records[1].ttft_s
+    assert all(r.ok and r.n_output == 8 for r in placed.records)
+    assert not ClusterSpec(slo_ttft_s=4.0, conditional_prefill_threshold=64).slo_placement  # a threshold: fixed
+    assert not ClusterSpec(mode="aggregated", slo_ttft_s=4.0).slo_placement
+    with pytest.raises(SimError, match="SLO placement targets must be >= 0"):
+        ClusterSpec(slo_tpot_s=-1.0)
+
+
+def test_simulated_placement_runs_whole_requests_on_p_when_decode_would_miss_the_tpot_target():
+    step = StepModel(base_s=0.02, per_prefill_token_s=0.0012, per_decode_seq_s=0.01)  # 15 rows: 170 ms > 160 ms
+    p = profile_of(step)
+    res = simulate(p, ClusterSpec(slo_ttft_s=4.0, slo_tpot_s=0.2), burst(20, 64, 30), LoadConfig(rate=math.inf))
+    routes = Counter(r.route for r in res.records)
+    assert routes["whole"] > 0 and routes["remote"] >= 14, routes
+    whole = [r for r in res.records if r.route == "whole"]
+    assert all(r.decode_worker == "prefill-0" and r.prefill_worker == "" for r in whole)
+    assert all(r.ok and r.n_output == 30 for r in res.records)
+
+
 # -- the planner -----------------------------------------------------------------------------------------------
 
 
