@@ -72,7 +72,8 @@ WIRE_VERSION = 7  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVH
 #                     (issue 19); checked when workers start and join (deploy.cluster.check_workers_agree)
 #                  5: WorkerAPI.profile, ProfilePlan, StepTiming (issue 20)
 #                  6: WorkerStatus.live_step / live_steps: the step model refitted from live steps (issue 20)
-#                  7: WorkerStatus.widened_steps, lent_s, tpot_slack_s: sharing a host's cores (issue 16)
+#                  7: WorkerStatus.widened_steps, lent_s, tpot_slack_s, ProfilePlan.threads: sharing a host's
+#                     cores (issue 16)
 
 
 class Role(enum.StrEnum):
@@ -257,6 +258,9 @@ class ProfilePlan(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     decode_steps: int = 4  # steps timed per (context, batch)
     mixed: tuple[tuple[int, int], ...] = ((4, 512), (16, 128), (32, 32))  # (decode batch, prompt beside it)
     seed: int = 0  # of the synthetic token ids
+    # torch threads of the sweep (0: the worker's own): more than its own measures a step widened onto cores a
+    # peer lends (worker_core/core_share.py); the caller makes sure they are idle
+    threads: int = 0
 
     @classmethod
     def quick(cls) -> ProfilePlan:

@@ -229,11 +229,18 @@ def measure(serving: Serving, plan: ProfilePlan, served: ServedPlan) -> Profile:
     overhead = served_overhead(records, by_pool)
     corun = measure_contention(cluster, plan.warmup_steps > 2)
     if corun is not None:
-        overhead = msgspec.structs.replace(overhead, contention=corun[0], workers_per_host=corun[1])
+        found, per_host, sharing = corun
+        overhead = msgspec.structs.replace(overhead, contention=found, workers_per_host=per_host, **sharing)
         notes.append(
             "contention: each role's steps measured while a worker of the same host ran a longer sweep "
-            f"(decode beside prefill, prefill beside decode): {corun[0]}"
+            f"(decode beside prefill, prefill beside decode): {found}"
         )
+        if sharing:
+            notes.append(
+                f"core sharing: the prefill sweep on {sharing['widen_threads']} threads (the decode worker idle) "
+                f"against its own, step by step: {sharing['widened_prefill_speedup']:.2f}x; the decode pool lends "
+                f"within {sharing['lend_tpot_s'] * 1000:.0f} ms per output token"
+            )
     else:
         notes.append("contention: not measured (the workers do not share a host, or there is one worker)")
     overhead = msgspec.structs.replace(
@@ -257,13 +264,15 @@ def measure(serving: Serving, plan: ProfilePlan, served: ServedPlan) -> Profile:
     )
 
 
-def measure_contention(cluster, full: bool) -> tuple[dict[str, float], int] | None:
-    """(slowdown per busy neighbour by role, workers on the host) from two co-runs of a prefill-pool and a
-    decode-pool worker on one node (aggregated: two workers of the pool); None if no two share a node."""
+def measure_contention(cluster, full: bool) -> tuple[dict[str, float], int, dict] | None:
+    """(slowdown per busy neighbour by role, workers on the host, core sharing) from two co-runs of a
+    prefill-pool and a decode-pool worker on one node (aggregated: two workers of the pool); None if no two
+    share a node. Core sharing (ServedOverhead fields; empty when the pools do not share cores): the prefill
+    sweep again on the host's cores, the decode worker idle, as a widened step runs."""
     import ray
 
     from deploy.cluster import CALL_TIMEOUT_S
-    from deploy.profiling import BUSY_DECODE, BUSY_PREFILL, CORUN_DECODE, CORUN_PREFILL, contention
+    from deploy.profiling import BUSY_DECODE, BUSY_PREFILL, CORUN_DECODE, CORUN_PREFILL, contention, widening
 
     cfg = cluster.config
     pair = (cluster.prefill[0], cluster.decode[0]) if cfg.mode == "disaggregated" else tuple(cluster.decode[:2])
@@ -292,7 +301,22 @@ def measure_contention(cluster, full: bool) -> tuple[dict[str, float], int] | No
     }
     if cfg.mode == "aggregated":
         found["aggregated"] = max(found.values())
-    return found, sum(1 for n in nodes if n == node_a)
+    sharing: dict = {}
+    borrow, _ = cfg.prefill.core_sharing("prefill", cfg.router.slo_itl_ms)
+    _, lend_ms = cfg.decode.core_sharing("decode", cfg.router.slo_itl_ms)
+    threads = os.cpu_count() or 1
+    bases = sum(pool.replicas * (pool.num_threads or 1) for pool in (cfg.prefill, cfg.decode))
+    cpu = cfg.prefill.device == "cpu" and cfg.prefill.world_size == 1
+    if cfg.mode == "disaggregated" and borrow and cpu and bases <= threads and threads > (cfg.prefill.num_threads or 1):
+        print(f"tandem: measuring a prefill widened onto {threads} threads ...", file=sys.stderr, flush=True)
+        wide = msgspec.structs.replace(CORUN_PREFILL, threads=threads)
+        p_wide = ray.get(a.actor.profile.remote(wide), timeout=PROFILE_TIMEOUT_S)
+        sharing = {
+            "widened_prefill_speedup": widening(p_alone, p_wide, CORUN_PREFILL.warmup_steps),
+            "widen_threads": threads,
+            "lend_tpot_s": lend_ms / 1000,
+        }
+    return found, sum(1 for n in nodes if n == node_a), sharing
 
 
 def served_requests(address: str, cluster, plan: ServedPlan, block_size: int) -> list[ServedRecord]:

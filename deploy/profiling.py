@@ -174,6 +174,13 @@ BUSY_PREFILL = _prefills((1024,), repeats=6, warmup_steps=0)  # the neighbour wh
 BUSY_DECODE = _decodes((8,), steps=120, warmup_steps=0)  # the neighbour while prefill steps are measured
 
 
+def widening(alone: list[StepTiming], wide: list[StepTiming], warmup: int) -> float:
+    """How many times faster the same sweep's steps ran on more threads: the median of the step-by-step
+    ratios (0 when no step pairs up)."""
+    ratios = [a[4] / w[4] for a, w in zip(alone[warmup:], wide[warmup:], strict=False) if w[4] > 0 and a[:4] == w[:4]]
+    return statistics.median(ratios) if ratios else 0.0
+
+
 def contention(alone: list[StepTiming], beside: list[StepTiming], warmup: int) -> float:
     """How much longer the same sweep's steps ran beside a busy neighbour than alone: the median of the
     step-by-step ratios, less 1, at least 0 (the same plan gives the same steps in the same order)."""

@@ -70,6 +70,13 @@ class ServedOverhead(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # threads they can ask more than the host's cores, and then every step there stretches (0: not measured)
     router_cpu_per_token_s: float = 0.0
     host_cores: float = 0.0
+    # core sharing on a CPU host (worker_core/core_share.py): a prefill step of at least WIDEN_MIN_TOKENS
+    # prompt tokens runs on `widen_threads` threads when the host's decode worker is idle or lends its core,
+    # this many times faster than on the worker's own (0: not measured, or the pools share no host); the
+    # decode worker lends while its requests keep `lend_tpot_s` per output token (0: it does not lend)
+    widened_prefill_speedup: float = 0.0
+    widen_threads: int = 0
+    lend_tpot_s: float = 0.0
 
 
 class Profile(msgspec.Struct, forbid_unknown_fields=True):

@@ -241,6 +241,8 @@ class SimWorker:
         self.router_host = False  # it shares its host with the router (planner/simulator.py, _cpu_stretch)
         self.preemptions = 0
         self.step_started = 0.0  # when the step in flight began
+        self.paused_until: float | None = None  # a decode worker lending its core: no step before then
+        self.lent_s = 0.0
         self.first_step_s: float | None = None
         self.prefill_steps: deque[tuple[float, float]] = deque()  # (end, seconds) of steps with prompt tokens
 

@@ -19,11 +19,19 @@ every pull, and `ServedOverhead` what the served path adds (to the first token; 
 Placement by SLO (`ClusterSpec.slo_ttft_s` / `slo_tpot_s`) decides with the router's own rule
 (router/placement.py) from the profile's step model where the router uses the workers' live lines.
 
+Core sharing on a CPU host (worker_core/core_share.py), when the profile measured it
+(`ServedOverhead.widened_prefill_speedup`): a prefill worker's step, while it has at least
+WIDEN_MIN_PREFILL_TOKENS prompt tokens left, runs that many times faster when its host's decode worker is
+idle, or lends: the decode worker's requests allow a pause of at least LEND_MIN_S (LEND_SAFETY of their
+smallest TPOT slack against `lend_tpot_s`, none while one waits for its first token) and its step in flight
+ends within LEND_WAIT_S. The lender then starts no step until the widened step ends or its allowed pause
+runs out. A decode worker that gets work while its idle core is borrowed runs beside the widened step at
+the usual contention (the widened step is not slowed: optimistic). The router's local-prefill check reads
+the same slack (WorkerStatus.tpot_slack_s).
+
 What it leaves out (each small on the profiled machine, docs/BENCHMARKS.md measures the whole): network
 time between client and router, the router's own queueing, KV event delay (the router sees caches as
-they are), speculative decoding, failures, and CPU core sharing (a prefill step widened onto a decode
-worker's lent core, worker_core/core_share.py): the decode worker reports no TPOT slack here, so a local
-prefill's stall is judged by the router's fallback (spread over the requests' remaining tokens).
+they are), speculative decoding, and failures.
 """
 
 from __future__ import annotations
@@ -133,6 +141,10 @@ class Cluster:
         self.router_cpu = over.router_cpu_per_token_s if over.host_cores > 0 else 0.0
         self.host_cores = over.host_cores
         self._place_on_hosts(over.workers_per_host, over.contention)
+        # core sharing: only where it was measured, for disaggregated pools sharing hosts
+        shared = spec.mode == "disaggregated" and over.workers_per_host >= 2
+        self.widen_speedup = over.widened_prefill_speedup if shared and over.widened_prefill_speedup > 1 else 0.0
+        self.lend_tpot_s = over.lend_tpot_s if self.widen_speedup else 0.0
 
     def _place_on_hosts(self, per_host: int, contention: dict[str, float]) -> None:
         """Workers share hosts as on the profiled machine: prefill i and decode i together (aggregated: in
@@ -271,12 +283,42 @@ class Cluster:
                 _tpot_s(d, d_run + 1, ctx, now),
                 stall_s=_prefill_s(d, d_uncached),
                 stalled=d_run,
+                slack_s=min(tpot_slack_s(d, now, self.lend_tpot_s), TPOT_SLACK_IDLE_S) if self.lend_tpot_s else None,
             ),
         )
         return place_by_slo(options, spec.slo_ttft_s, spec.slo_tpot_s).kind
 
 
 PREFILL_BUSY_WINDOW_S = 30.0  # common/perf_model.py StepTimes.window_s: the share of time in prefill steps
+# core sharing, as worker_core/engine_loop.py and worker_core/core_share.py run it (tests/unit/test_planner.py
+# checks these against them)
+WIDEN_MIN_PREFILL_TOKENS = 128
+LEND_MIN_S = 1.0
+LEND_SAFETY = 0.5
+LEND_HORIZON_TOKENS = 128
+LEND_WAIT_S = 0.1
+TPOT_SLACK_IDLE_S = 3600.0
+
+
+def tpot_slack_s(d: SimWorker, now: float, tpot_s: float) -> float:
+    """LendBudget.slack of a decode worker: the smallest TPOT slack of its requests that have a first token
+    (inf when none has)."""
+    step = _decode_s(d, len(d.running), max((r.tokens_now() for r in d.running), default=1))
+    slack = math.inf
+    for r in (*d.running, *d.waiting):
+        end = min(r.output_len, r.emitted + LEND_HORIZON_TOKENS)
+        if r.emitted == 0 or end <= r.emitted:
+            continue
+        slack = min(slack, tpot_s * (end - 1) - (now - r.token_times[0]) - (end - r.emitted) * step)
+    return slack
+
+
+def lend_allowed_s(d: SimWorker, now: float, tpot_s: float) -> float:
+    """LendBudget.allowed: the pause a decode worker's requests allow now."""
+    if any(r.emitted == 0 for r in (*d.running, *d.waiting)):
+        return 0.0  # a local prefill waits for its first token
+    slack = tpot_slack_s(d, now, tpot_s)
+    return 0.0 if slack == math.inf else max(0.0, LEND_SAFETY * slack)
 
 
 def _uncached(w: SimWorker, req: SimRequest) -> int:
@@ -349,20 +391,53 @@ class Simulation:
     def kick(self, w: SimWorker) -> None:
         if w.busy_until is not None or not w.has_work():
             return
+        if w.paused_until is not None:
+            if self.now < w.paused_until:
+                return  # lending its core: a kick comes when the pause ends
+            w.paused_until = None
         plan = w.schedule()
         if plan is None:
             return  # blocked on KV: a release kicks it again
         seconds = plan.seconds
-        if w.neighbours and w.contention:
+        start = self.now
+        widened = self._widen(w)
+        if widened is not None:
+            start, seconds = widened, seconds / self.cluster.widen_speedup
+        elif w.neighbours and w.contention:
             seconds *= 1.0 + w.contention * sum(1 for n in w.neighbours if n.busy_until is not None)
         if w.router_host:
             seconds *= self._cpu_stretch(w)
-        w.busy_until = self.now + seconds
-        w.step_started = self.now
+        w.busy_until = start + seconds
+        if widened is not None:
+            for n in w.neighbours:
+                if n.role == "decode" and n.has_work():  # it lends: no step until the widened one ends
+                    allowed = lend_allowed_s(n, self.now, self.cluster.lend_tpot_s)
+                    n.paused_until = min(w.busy_until, start + allowed)
+                    n.lent_s += n.paused_until - start
+                    self.at(n.paused_until, functools.partial(self.kick, n))
+        w.step_started = start
         if w.first_step_s is None:
             w.first_step_s = self.now
         w.busy_s += seconds - plan.seconds
         self.at(w.busy_until, lambda: self._step_end(w, plan))
+
+    def _widen(self, w: SimWorker) -> float | None:
+        """When a prefill worker's next step runs widened (see the module docstring): the time it starts (after
+        the lender's step in flight), else None."""
+        c = self.cluster
+        if not c.widen_speedup or w.role != "prefill" or w.queued_prefill_tokens < WIDEN_MIN_PREFILL_TOKENS:
+            return None
+        start = self.now
+        for n in w.neighbours:
+            if n.role != "decode" or not (n.busy_until is not None or n.has_work()):
+                continue  # idle: its core is borrowed
+            if not c.lend_tpot_s or lend_allowed_s(n, self.now, c.lend_tpot_s) < LEND_MIN_S:
+                return None
+            if n.busy_until is not None:
+                if n.busy_until - self.now > LEND_WAIT_S:
+                    return None
+                start = max(start, n.busy_until)
+        return start
 
     def _step_end(self, w: SimWorker, plan: StepPlan) -> None:
         w.busy_until = None
@@ -558,6 +633,7 @@ def simulate(profile: Profile, spec: ClusterSpec, dataset: Dataset, cfg: LoadCon
             "steps": w.steps,
             "busy_share": w.busy_s / end if end > 0 else 0.0,
             "preemptions": w.preemptions,
+            "lent_s": w.lent_s,
         }
         for w in workers
     ]

@@ -254,8 +254,19 @@ class AsyncEngine:
     async def profile(self, plan: ProfilePlan) -> list[StepTiming]:
         """worker_core.profiling.profile_steps: synthetic requests stepped and timed on this engine, as one
         command (every other command and request waits until it ends: seconds to minutes). Refused
-        (ProfileBusyError) while the engine holds a request or lease; leaves the block pool empty."""
-        return await self.call(lambda core: profile_steps(core, plan))
+        (ProfileBusyError) while the engine holds a request or lease; leaves the block pool empty.
+        `plan.threads` > 0: the sweep runs on that many torch threads, then the engine's own count again."""
+
+        def run(core: EngineCore) -> list[StepTiming]:
+            if plan.threads <= 0 or plan.threads == self._threads:
+                return profile_steps(core, plan)
+            torch.set_num_threads(plan.threads)
+            try:
+                return profile_steps(core, plan)
+            finally:
+                torch.set_num_threads(self._threads)
+
+        return await self.call(run)
 
     async def abort(self, request_id: str) -> bool:
         """EngineCore.abort_request: abort a request in any state; an open stream gets a final "abort"

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 
+import msgspec
 import pytest
+import torch
 
 from common.contract import ProfilePlan, WorkerAPI
 from common.sampling_params import SamplingParams
@@ -149,7 +151,7 @@ def test_a_prefill_worker_profiles_through_its_actor_method(tiny):
     engine = worker.host.engine
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
-    async def scenario() -> list:
+    async def scenario() -> tuple[list, list]:
         try:
             await worker.status()  # starts the engine thread
             stream = engine.open_stream("r")
@@ -161,12 +163,19 @@ def test_a_prefill_worker_profiles_through_its_actor_method(tiny):
             assert await worker.release("r")
             samples = await worker.profile(ProfilePlan.quick())
             await worker.leak_check()
-            return samples
+            # a widened sweep (tandem profile measures a prefill on a lent core so): the same steps, on two
+            # threads, and the engine thread's own count afterwards
+            own = await engine.call(lambda core: torch.get_num_threads())
+            wide = await worker.profile(msgspec.structs.replace(ProfilePlan.quick(), threads=own + 1))
+            assert await engine.call(lambda core: torch.get_num_threads()) == own
+            await worker.leak_check()
+            return samples, wide
         finally:
             await worker.shutdown()
 
-    samples = asyncio.run(scenario())
+    samples, wide = asyncio.run(scenario())
     assert samples and all(len(s) == 5 and s[4] > 0 for s in samples)
+    assert [s[:4] for s in wide] == [s[:4] for s in samples]
 
 
 def test_both_roles_answer_profile_as_the_contract_declares():

@@ -8,6 +8,7 @@ import random
 import statistics
 from collections import Counter
 
+import msgspec
 import pytest
 
 from planner.cli import main as planner_main
@@ -262,6 +263,63 @@ def test_simulated_placement_runs_whole_requests_on_p_when_decode_would_miss_the
     whole = [r for r in res.records if r.route == "whole"]
     assert all(r.decode_worker == "prefill-0" and r.prefill_worker == "" for r in whole)
     assert all(r.ok and r.n_output == 30 for r in res.records)
+
+
+SHARING = ServedOverhead(workers_per_host=2, widened_prefill_speedup=2.0, widen_threads=2, lend_tpot_s=0.2)
+
+
+def timed(prompts: list[tuple[int, int, float]]) -> Dataset:
+    """(prompt tokens, output tokens, arrival s) per request."""
+    maker = SegmentPromptMaker()
+    units = [Unit(i, [Turn(maker.fresh(n), out)]) for i, (n, out, _) in enumerate(prompts)]
+    return Dataset("timed", {}, iter(units), timestamps=[t for _, _, t in prompts], size=len(units))
+
+
+def test_the_simulated_prefill_widens_onto_an_idle_decode_core():
+    one = [(2000, 4, 0.0)]
+    alone = simulate(profile_of(TRUE), ClusterSpec(), timed(one), LoadConfig(rate=None)).records[0]
+    shared = simulate(profile_of(TRUE, overhead=SHARING), ClusterSpec(), timed(one), LoadConfig(rate=None)).records[0]
+    assert alone.ttft_s == pytest.approx(TRUE.prefill_s(2000))
+    assert shared.ttft_s == pytest.approx(TRUE.prefill_s(2000) / 2)
+
+
+@pytest.mark.parametrize("lend_tpot_s, lends", [(0.2, True), (0.02, False)])
+def test_a_simulated_decode_worker_lends_only_what_its_requests_can_spare(lend_tpot_s: float, lends: bool):
+    """A request decoding on D when a long prompt arrives: D pauses for P's widened step while its requests
+    keep their TPOT target (LendBudget), else P prefills on its own core beside D's steps."""
+    overhead = msgspec.structs.replace(SHARING, lend_tpot_s=lend_tpot_s)
+    res = simulate(
+        profile_of(TRUE, overhead=overhead),
+        ClusterSpec(),
+        timed([(64, 300, 0.0), (2000, 4, 5.0)]),
+        LoadConfig(rate=None),
+    )
+    decoding, long = res.records
+    gaps = [b - a for (a, _), (b, _) in zip(decoding.chunks, decoding.chunks[1:], strict=False)]
+    d_stats = next(w for w in res.workers if w["role"] == "decode")
+    narrow = TRUE.prefill_s(2000)
+    assert long.ttft_s is not None
+    if lends:
+        assert long.ttft_s < 0.6 * narrow  # widened, after at most one of D's steps
+        assert max(gaps) == pytest.approx(long.ttft_s, rel=0.1)  # D stood still while P ran on both cores
+        assert d_stats["lent_s"] > 0.9 * narrow / 2
+    else:  # 20 ms per token, below its step: no slack to lend: D keeps stepping, P prefills alone
+        assert long.ttft_s >= narrow
+        assert max(gaps) < 0.1 and d_stats["lent_s"] == 0.0
+    assert decoding.ok and decoding.n_output == 300 and long.ok
+
+
+def test_the_simulators_core_sharing_constants_are_the_workers():
+    from planner import simulator
+    from worker_core import core_share, engine_loop
+
+    assert simulator.WIDEN_MIN_PREFILL_TOKENS == engine_loop.WIDEN_MIN_PREFILL_TOKENS
+    assert (simulator.LEND_MIN_S, simulator.LEND_SAFETY) == (core_share.LEND_MIN_S, core_share.LEND_SAFETY)
+    assert simulator.LEND_HORIZON_TOKENS == core_share.LEND_HORIZON_TOKENS
+    assert (simulator.LEND_WAIT_S, simulator.TPOT_SLACK_IDLE_S) == (
+        core_share.LEND_WAIT_S,
+        core_share.TPOT_SLACK_IDLE_S,
+    )
 
 
 # -- the planner -----------------------------------------------------------------------------------------------

@@ -73,3 +73,17 @@ def test_the_served_overhead_is_what_the_steps_do_not_explain():
     assert over.per_token_s == pytest.approx(0.002)
     fast = [ServedRecord(100, 0.0, [0.0, 0.001, 0.002, 0.003], 0.0, "decode", "decode")]
     assert served_overhead(fast, models).first_token_s == 0.0  # clamped: never negative
+
+
+def test_co_run_ratios_pair_the_same_steps_of_the_same_sweep():
+    """contention: how much slower beside a busy neighbour; widening: how much faster on more threads; both the
+    median step-by-step ratio over steps of the same shape, after the warm-up."""
+    from deploy.profiling import contention, widening
+
+    alone = [(256, 0.0, 0, 0, 9.0), (256, 0.0, 0, 0, 0.40), (512, 0.0, 0, 0, 0.80), (512, 0.0, 0, 0, 0.84)]
+    wide = [(256, 0.0, 0, 0, 1.0), (256, 0.0, 0, 0, 0.25), (512, 0.0, 0, 0, 0.50), (512, 0.0, 0, 0, 0.50)]
+    assert widening(alone, wide, warmup=1) == pytest.approx(1.6)  # ratios 1.6, 1.6, 1.68
+    beside = [(s[0], s[1], s[2], s[3], s[4] * 1.25) for s in alone]
+    assert contention(alone, beside, warmup=1) == pytest.approx(0.25)
+    other = [(128, 0.0, 0, 0, 0.1)] * 4  # different steps: nothing pairs up
+    assert widening(alone, other, warmup=0) == 0.0 and contention(alone, other, warmup=0) == 0.0
