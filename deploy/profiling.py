@@ -145,6 +145,11 @@ def format_table(profile: Profile) -> str:
         f"served path: first token +{o.first_token_s * 1e3:.2f} ms, per token +{o.per_token_s * 1e3:.2f} ms "
         f"({o.samples} requests)"
     )
+    if o.widened_prefill_speedup:
+        lines.append(
+            f"core sharing: a prefill on {o.widen_threads} threads {o.widened_prefill_speedup:.2f}x faster; "
+            f"decode lends within {o.lend_tpot_s * 1e3:.0f} ms per output token"
+        )
     return "\n".join(lines)
 
 
