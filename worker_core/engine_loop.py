@@ -255,12 +255,14 @@ class AsyncEngine:
         """worker_core.profiling.profile_steps: synthetic requests stepped and timed on this engine, as one
         command (every other command and request waits until it ends: seconds to minutes). Refused
         (ProfileBusyError) while the engine holds a request or lease; leaves the block pool empty.
-        `plan.threads` > 0: the sweep runs on that many torch threads, then the engine's own count again."""
+        The sweep runs on `plan.threads` torch threads when that is > 0, else on the worker's own (its base
+        in the host's core table: the last step may have run widened), then on the engine's count again."""
+        threads = plan.threads if plan.threads > 0 else self.core_share.base if self.core_share is not None else 0
 
         def run(core: EngineCore) -> list[StepTiming]:
-            if plan.threads <= 0 or plan.threads == self._threads:
+            if threads <= 0 or threads == self._threads:
                 return profile_steps(core, plan)
-            torch.set_num_threads(plan.threads)
+            torch.set_num_threads(threads)
             try:
                 return profile_steps(core, plan)
             finally:

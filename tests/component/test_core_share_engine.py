@@ -117,3 +117,35 @@ def test_a_decode_engine_pauses_for_a_peer_that_wants_its_core(tiny, tmp_path, p
     assert share.lent_s > 0
     assert quiet == paused == reference
     prefill.close()
+
+
+def test_a_profile_sweep_runs_on_the_workers_own_threads_after_a_widened_step(tiny, tmp_path, monkeypatch):
+    """`tandem profile` measures a worker's own speed: a sweep after a widened step (the engine thread then
+    still holds the borrowed threads) runs on the base, and `ProfilePlan.threads` asks for more explicitly."""
+    import torch
+
+    from common.contract import ProfilePlan
+    from worker_core import engine_loop
+
+    seen: list[int] = []
+    monkeypatch.setattr(engine_loop, "profile_steps", lambda core, plan: seen.append(torch.get_num_threads()) or [])
+    engine = AsyncEngine(_core(tiny), "p", core_share=CoreShare(1, tmp_path / "cores", cpus=2))
+
+    async def scenario():
+        engine.start()
+        try:
+            await generate(engine, "a")  # a 297-token prompt on an idle host: widened onto the free core
+            widened = engine.widened_steps
+            await engine.call(lambda core: torch.set_num_threads(2))  # as a widened step leaves the thread
+            engine._threads = 2
+            await engine.profile(ProfilePlan.quick())
+            await engine.profile(ProfilePlan(threads=2))
+            after = await engine.call(lambda core: torch.get_num_threads())
+        finally:
+            engine.stop()
+        return widened, after
+
+    widened, after = asyncio.run(scenario())
+    assert widened >= 1
+    assert seen == [1, 2]  # the base, then the threads the plan asked for
+    assert after == 2  # the engine's own count is put back
