@@ -265,7 +265,11 @@ class LendBudget:
     def allowed(self, now: float, requests: list[tuple[float, int, int]]) -> float:
         """Seconds of pause allowed now; `requests`: (TPOT clock start, output tokens, max_tokens) of each
         request on the worker, output tokens 0 for one still waiting for its first token."""
-        if any(out == 0 for _, out, _ in requests):
+        return self.pause(self.slack(now, requests), requests)
+
+    @staticmethod
+    def pause(slack: float, requests: list[tuple[float, int, int]]) -> float:
+        """`allowed` from a slack already computed for the same requests."""
+        if slack == float("inf") or any(out == 0 for _, out, _ in requests):
             return 0.0
-        slack = self.slack(now, requests)
-        return 0.0 if slack == float("inf") else max(0.0, LEND_SAFETY * slack)
+        return max(0.0, LEND_SAFETY * slack)

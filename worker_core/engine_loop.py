@@ -391,8 +391,9 @@ class AsyncEngine:
             for r in core.scheduler.requests.values()
         ]
         now = core.clock()
-        self.tpot_slack_s = min(self.lend.slack(now, clocks), TPOT_SLACK_IDLE_S)
-        allowed = self.lend.allowed(now, clocks)
+        slack = self.lend.slack(now, clocks)  # once per step: the router's figure and this pause both use it
+        self.tpot_slack_s = min(slack, TPOT_SLACK_IDLE_S)
+        allowed = self.lend.pause(slack, clocks)
         may = allowed >= self.lend.min_s and allowed > 0
         self.core_share.offer(may)
         if not may or not self.core_share.peer_wants():
