@@ -57,17 +57,22 @@ def offline(a: argparse.Namespace) -> dict:
     params = SamplingParams(max_tokens=a.output_len, temperature=0.0, ignore_eos=True)
     ttft: list[float] = []
     itl: list[float] = []
-    for i in range(a.requests + 1):  # the first is a warm-up
-        prompt = [rng.randrange(17, 40000) for _ in range(a.input_len)]
+    for i in range(a.requests // a.batch + 1):  # the first round is a warm-up
         t0 = time.perf_counter()
-        core.add_request(prompt, params, f"r{i}")
-        stamps = []
+        for j in range(a.batch):
+            prompt = [rng.randrange(17, 40000) for _ in range(a.input_len)]
+            core.add_request(prompt, params, f"r{i}.{j}")
+        stamps: dict[str, list[float]] = {}
         while core.has_unfinished_requests():
-            if core.step():
-                stamps.append(time.perf_counter())
+            outputs = core.step()
+            now = time.perf_counter()
+            for o in outputs:
+                if o.new_token_ids:
+                    stamps.setdefault(o.request_id, []).append(now)
         if i:
-            ttft.append((stamps[0] - t0) * 1e3)
-            itl.extend((b - a_) * 1e3 for a_, b in zip(stamps, stamps[1:]))
+            for st in stamps.values():
+                ttft.append((st[0] - t0) * 1e3)
+                itl.extend((b - a_) * 1e3 for a_, b in zip(st, st[1:]))
     return {
         "ttft_ms_p50": statistics.median(ttft),
         "itl_ms_p50": statistics.median(itl),
@@ -98,7 +103,7 @@ def served(name: str, a: argparse.Namespace, out_dir: Path) -> dict:
             "--num-requests",
             str(a.requests),
             "--max-concurrency",
-            "1",
+            str(a.batch),
             "--request-rate",
             "inf",
             "--warmup",
@@ -110,12 +115,57 @@ def served(name: str, a: argparse.Namespace, out_dir: Path) -> dict:
             "--no-plots",
             "--quiet",
         ]
+        before = cpu_seconds()
         subprocess.run(cmd, cwd=REPO, check=True, timeout=3600)
+        cpu = cpu_delta(before, cpu_seconds())
     finally:
         stop(proc)
     summary = json.loads((run_dir / "summary.json").read_text())
     s = summary[0] if isinstance(summary, list) else summary
-    return {"ttft_ms_p50": s["ttft_ms"]["p50"], "itl_ms_p50": s["itl_ms"]["p50"], "itl_ms_p99": s["itl_ms"]["p99"]}
+    return {
+        "ttft_ms_p50": s["ttft_ms"]["p50"],
+        "itl_ms_p50": s["itl_ms"]["p50"],
+        "itl_ms_p99": s["itl_ms"]["p99"],
+        "duration_s": s.get("duration_s"),
+        "cpu_s": cpu,
+    }
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of every process on this machine, by pid, with a label from its command."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        out[int(d.name)] = (process_label(cmd), (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def process_label(cmd: str) -> str:
+    if not cmd:
+        return "kernel / other"
+    if "ray::" in cmd:
+        return cmd.split("ray::", 1)[1].split()[0].split(".")[0]  # the actor class: PrefillWorker, DecodeWorker...
+    for key, label in (("tandem bench", "bench client"), ("tandem serve", "tandem serve (router)")):
+        if key in cmd:
+            return label
+    return Path(cmd.split()[0]).name
+
+
+def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each kind of process used between two snapshots (processes started between them: all of it)."""
+    used: dict[str, float] = {}
+    for pid, (label, secs) in after.items():
+        spent = secs - before[pid][1] if pid in before else secs
+        if spent > 0:
+            used[label] = used.get(label, 0.0) + spent
+    return dict(sorted(((k, round(v, 2)) for k, v in used.items() if v >= 0.05), key=lambda kv: -kv[1]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--requests", type=int, default=6)
+    p.add_argument(
+        "--batch", type=int, default=1, help="requests at once (offline: added together; served: --max-concurrency)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--offline-child", action="store_true", help=argparse.SUPPRESS)
@@ -151,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             results[name] = served(name, a, Path(tmp))
     off = results["offline"]
     print(
-        f"\nbatch 1, {a.input_len} prompt tokens, {a.output_len} output tokens, {a.requests} requests "
+        f"\nbatch {a.batch}, {a.input_len} prompt tokens, {a.output_len} output tokens, {a.requests} requests "
         f"(tandem flags: {a.tandem_flags or 'none'}; offline threads {a.threads})"
     )
     print("| | TTFT p50 | ITL p50 | ITL p99 | decode tok/s (1 / ITL p50) | served / offline decode | TTFT - offline |")
@@ -164,6 +217,11 @@ def main(argv: list[str] | None = None) -> None:
             f"| {name} | {r['ttft_ms_p50']:.0f} ms | {r['itl_ms_p50']:.1f} ms | {r['itl_ms_p99']:.1f} ms | "
             f"{rate:.1f} | {rel} | {dt} |"
         )
+    for name, r in results.items():
+        if r.get("cpu_s"):
+            wall = r.get("duration_s") or 0.0
+            shares = ", ".join(f"{k} {v:.1f}" + (f" ({v / wall:.0%})" if wall else "") for k, v in r["cpu_s"].items())
+            print(f"{name}: CPU seconds during the bench ({wall:.0f} s of wall time): {shares}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(
         json.dumps(

@@ -13,13 +13,16 @@ model's context and the KV capacity, and a point that cannot fit is left out):
     prefill   prompts of each length alone, each one chunk (lengths above the token budget are dropped)
     cached    the first ctx tokens of an earlier prompt (cached) plus n new ones: a chunk attending to a
               context (attention pairs apart from prompt tokens)
-    decode    per context C: a prompt of C tokens is prefilled (and cached); B requests then share it as
-              prefix, each with one token of its own (so their first step is already a decode step), and
+    decode    per context C: B requests of C distinct tokens each are admitted the way a decode worker
+              admits requests prefilled elsewhere (EngineCore.add_remote_request, allocate_remote_kv,
+              finish_remote_kv), so each row owns its C tokens' blocks without B x C tokens of prefill;
+              the blocks hold what the pool held (zeros, or an earlier prompt's values), which a step
+              reads at the same speed as its own. Their first step is already a decode step, and
               `decode_steps` steps are timed at each batch size, largest first (the excess requests are
-              aborted between sizes). Sharing the prefix keeps the set-up at C prompt tokens instead of
-              B x C; the rows still read C tokens each (on CPU, shared and distinct contexts measured
-              within noise of each other). Tails of several tokens would make one step of B tiny
-              chunks, each its own attention call: a per-chunk cost the model has no feature for
+              aborted between sizes); a batch whose rows' blocks do not fit the pool is left out, as a
+              served worker could never run it. Rows sharing one cached prefix (how this sweep set up
+              its rows before) read the same blocks, which stay in the CPU's caches: at 16 rows of 512
+              tokens a step measured 131 against 163 ms with rows of their own (docs/BENCHMARKS.md)
     mixed     at the batch sizes `mixed` names, a fresh prompt joins the decodes: one mixed step
 
 Every step after the warm-up is recorded with the features the engine computed for it
@@ -125,16 +128,12 @@ class _Sweep:
         max_tokens = plan.decode_steps * points + 4  # never finishes before the sweep aborts it
         if context + 1 + max_tokens > self.max_len - 1:
             return
-        per_request = _blocks(context + 1 + max_tokens, bs) - context // bs  # its own blocks
-        room = self.num_blocks - context // bs - 2  # the shared prefix, and slack for a mixed prompt's tail
+        per_request = _blocks(context + 1 + max_tokens, bs)
+        room = self.num_blocks - 2  # slack for a mixed prompt's tail
         batches = sorted({b for b in plan.decode_batches if 0 < b <= self.max_seqs and b * per_request <= room})
         if not batches:
             return
-        prefix = self.fresh(context)
-        self.add(prefix, 1)
-        self.drain()
-        # the shared prefix is cached: each computes its own last token only
-        live = [self.add(prefix + self.fresh(1), max_tokens) for _ in range(batches[-1])]
+        live = [self.add(self.fresh(context), max_tokens, prefilled=True) for _ in range(batches[-1])]
         while self.core.pending_prefill_tokens() > 0:
             self.step()
         for batch in reversed(batches):
@@ -161,11 +160,19 @@ class _Sweep:
         """A request of `tokens` tokens is valid here and fits the cache beside a few blocks of others."""
         return tokens <= self.max_len - 1 and _blocks(tokens, self.block_size) <= self.num_blocks - 2
 
-    def add(self, prompt: list[int], max_tokens: int) -> str:
+    def add(self, prompt: list[int], max_tokens: int, prefilled: bool = False) -> str:
+        """A request of `prompt`, computed by the engine's steps; or, `prefilled`, admitted with its KV in
+        blocks of its own as if prefilled elsewhere, its first token drawn at random: its next step decodes."""
         rid = f"profile-{len(self.ids)}"
         self.ids.append(rid)
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        self.core.add_request(prompt, params, rid)
+        if not prefilled:
+            self.core.add_request(prompt, params, rid)
+            return rid
+        self.core.add_remote_request(prompt, params, rid, self.rng.randrange(self.vocab))
+        if self.core.allocate_remote_kv(rid) is None:  # decode() only asks for rows that fit the pool
+            raise RuntimeError(f"profiling: {len(prompt)} tokens of KV do not fit beside the sweep's other rows")
+        self.core.finish_remote_kv(rid)
         return rid
 
     def step(self) -> None:

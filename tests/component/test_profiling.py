@@ -109,15 +109,35 @@ def test_points_that_do_not_fit_are_left_out(core):
         prefill_lengths=(16, 512, 4096),  # 512: above the token budget; 4096: above the context (2048)
         prefill_repeats=1,
         cached=((2000, 100),),
-        decode_contexts=(960,),  # 8 rows do not fit beside a 960-token prefix in 256 blocks of 4: fewer do
+        decode_contexts=(960,),  # 8 rows of 960 tokens do not fit 256 blocks of 4: one does
         decode_batches=(1, 8),
         decode_steps=1,
         mixed=(),
     )
     samples = profile_steps(core, plan, clock=ModelClock(core))
     prefills = [s[0] for s in samples if not s[2]]
-    assert prefills == [16, 256, 256, 256, 192]  # the prompt of 16, the decode sweep's prefix in chunks
+    assert prefills == [16]  # the decode sweep's rows are admitted with their KV, not prefilled
     assert {s[2] for s in samples if not s[0]} == {1}
+    assert_empty(core)
+
+
+def test_decode_rows_read_blocks_of_their_own(core):
+    """Rows sharing one cached prefix would read the same blocks (hot in the CPU's caches): a served decode
+    worker's rows each read their own, and so must the sweep's."""
+    real_step, checked = core.step, []
+
+    def step():
+        running = [r.request_id for r in core.scheduler.running]
+        if len(running) > 1:
+            blocks = [core.kv_manager.block_ids(rid) for rid in running]
+            assert len({b for bl in blocks for b in bl}) == sum(len(bl) for bl in blocks)
+            checked.append(len(running))
+        return real_step()
+
+    core.step = step
+    samples = profile_steps(core, ProfilePlan.quick(), clock=ModelClock(core))
+    assert max(checked) == 8
+    assert any(32 <= s[3] / s[2] < 48 for s in samples if s[2] == 8 and not s[0])  # 8 rows of 32 tokens and up
     assert_empty(core)
 
 
