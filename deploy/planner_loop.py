@@ -48,7 +48,16 @@ def policy_config(cfg: ServeConfig, max_workers: int) -> PolicyConfig:
         down_after=p.down_after,
         cooldown_s=p.cooldown_s,
         warmup_s=p.warmup_s,
+        placement_slo_s=placement_slo_s(cfg),
     )
+
+
+def placement_slo_s(cfg: ServeConfig) -> tuple[float, float]:
+    """The router's placement targets as the simulator takes them: (0, 0) where the placement is fixed."""
+    r = cfg.router
+    if cfg.mode != "disaggregated" or r.conditional_prefill_threshold > 0:
+        return (0.0, 0.0)
+    return (r.slo_ttft_ms / 1000, r.slo_itl_ms / 1000)
 
 
 def machine_workers(cfg: ServeConfig) -> int:

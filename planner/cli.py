@@ -61,12 +61,7 @@ def _cluster_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--conditional-prefill-threshold", type=int, default=0, metavar="TOKENS")
 
 
-def add_simulate_parser(sub: Any) -> None:
-    p = sub.add_parser("simulate", help="simulate a cluster from a profile (same summary.json as bench)")
-    _cluster_arguments(p)
-    add_workload_arguments(p)
-    add_load_arguments(p)
-    p.add_argument("--slo", default=None, metavar="KEY=MS,...", help="targets: ttft_ms, tpot_ms, itl_ms, e2el_ms")
+def _placement_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--slo-ttft-ms",
         type=float,
@@ -82,6 +77,15 @@ def add_simulate_parser(sub: Any) -> None:
         metavar="MS",
         help="its time per output token target, as `tandem serve --slo-itl-ms` (default %(default)g)",
     )
+
+
+def add_simulate_parser(sub: Any) -> None:
+    p = sub.add_parser("simulate", help="simulate a cluster from a profile (same summary.json as bench)")
+    _cluster_arguments(p)
+    add_workload_arguments(p)
+    add_load_arguments(p)
+    p.add_argument("--slo", default=None, metavar="KEY=MS,...", help="targets: ttft_ms, tpot_ms, itl_ms, e2el_ms")
+    _placement_arguments(p)
     add_output_arguments(p)
 
 
@@ -99,6 +103,7 @@ def add_plan_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-requests", type=int, default=None, help="requests per simulation (default: 60 s of load)")
     p.add_argument("--max-simulations", type=int, default=200)
+    _placement_arguments(p)
     add_workload_arguments(p)
     p.add_argument("--output", metavar="DIR", help="plan.json")
 
@@ -215,6 +220,7 @@ def run_plan(args: argparse.Namespace) -> int:
         modes=modes,
         policy=args.policy,
         max_simulations=args.max_simulations,
+        placement_slo_s=(args.slo_ttft_ms / 1000, args.slo_itl_ms / 1000),
     )
     t0 = time.perf_counter()
     plan = Planner(profile, request).run()

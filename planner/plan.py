@@ -101,6 +101,9 @@ class PlanRequest:
     policy: str = "kv"
     max_simulations: int = 200
     slice_workers: int = 24  # a family whose lower bound exceeds this is simulated as a proportional slice
+    # the router's placement by SLO in a disaggregated cluster (seconds: TTFT, time per output token), as
+    # `tandem serve --slo-ttft-ms/--slo-itl-ms`; (0, 0): the fixed placement
+    placement_slo_s: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -236,7 +239,16 @@ class Planner:
         limit = int(self.req.max_workers / self.scale)
 
         def spec(n: int, m: int) -> ClusterSpec:
-            return ClusterSpec(prefill=n, decode=m, prefill_shape=pshape, decode_shape=dshape, policy=self.req.policy)
+            ttft_s, tpot_s = self.req.placement_slo_s
+            return ClusterSpec(
+                prefill=n,
+                decode=m,
+                prefill_shape=pshape,
+                decode_shape=dshape,
+                policy=self.req.policy,
+                slo_ttft_s=ttft_s,
+                slo_tpot_s=tpot_s,
+            )
 
         c: Candidate | None = None
         while self._budget_left():  # grow the pool whose target is missed

@@ -64,6 +64,8 @@ class PolicyConfig:
     spread: float = 0.5  # lognormal spread of lengths assumed around the observed means
     sim_requests: int = 300
     sim_seconds: float = 60.0
+    # the served router's placement by SLO (seconds: TTFT, time per output token; (0, 0): fixed placement)
+    placement_slo_s: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,7 @@ class SlaPolicy:
             modes=("disaggregated",),
             max_simulations=40,
             slice_workers=0,  # one machine or a small cluster: simulate it whole
+            placement_slo_s=c.placement_slo_s,
         )
         return Planner(profile, request)
 
@@ -236,6 +239,8 @@ class SlaPolicy:
             decode=m,
             prefill_shape=self.profile.pools.get("prefill"),
             decode_shape=self.profile.pools.get("decode"),
+            slo_ttft_s=self.config.placement_slo_s[0],
+            slo_tpot_s=self.config.placement_slo_s[1],
         )
 
     def _predict(self, planner: Planner, n: int, m: int) -> Candidate:

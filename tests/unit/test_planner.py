@@ -355,6 +355,23 @@ def test_plan_meets_the_slo_and_is_minimal_in_each_pool():
     assert all(best.cost <= c.cost for c in plan.per_family)
 
 
+def test_plan_and_the_online_policy_simulate_the_routers_placement():
+    """A served disaggregated cluster places by SLO unless told otherwise: the clusters a plan simulates do
+    too, with the router's targets (not the plan's), and the online policy takes them from the config."""
+    from deploy.config import ServeConfig, with_overrides
+    from deploy.planner_loop import placement_slo_s
+
+    _, plan = plan_for(3.0, {"ttft_ms": 1500, "tpot_ms": 60}, placement_slo_s=(4.0, 0.2))
+    disagg = [c.spec for c in plan.tried if c.spec.mode == "disaggregated"]
+    assert disagg and all(s.slo_placement and (s.slo_ttft_s, s.slo_tpot_s) == (4.0, 0.2) for s in disagg)
+    _, fixed = plan_for(3.0, {"ttft_ms": 1500, "tpot_ms": 60})
+    assert not any(c.spec.slo_placement for c in fixed.tried)
+    cfg = ServeConfig()
+    assert placement_slo_s(cfg) == (cfg.router.slo_ttft_ms / 1000, cfg.router.slo_itl_ms / 1000) != (0.0, 0.0)
+    assert placement_slo_s(with_overrides(cfg, **{"router.conditional_prefill_threshold": 64})) == (0.0, 0.0)
+    assert placement_slo_s(with_overrides(cfg, mode="aggregated")) == (0.0, 0.0)
+
+
 def test_plan_grows_with_the_rate_and_reports_an_impossible_target():
     _, light = plan_for(0.5, {"ttft_ms": 3000, "tpot_ms": 100})
     _, heavy = plan_for(6.0, {"ttft_ms": 3000, "tpot_ms": 100})
