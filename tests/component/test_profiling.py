@@ -204,4 +204,6 @@ def test_both_roles_answer_profile_as_the_contract_declares():
 
     declared = list(inspect.signature(WorkerAPI.profile).parameters)
     for actor in (PrefillWorker, DecodeWorker):
-        assert list(inspect.signature(actor.profile).parameters) == declared
+        # Ray adds `_ray_trace_ctx` to actor methods once tracing is set up in this process (an e2e test before)
+        params = [n for n in inspect.signature(actor.profile).parameters if n != "_ray_trace_ctx"]
+        assert params == declared
