@@ -249,6 +249,41 @@ def resimulation_inputs(out: Path, profiled: StepModel) -> tuple[dict[str, str],
     return commands, rows
 
 
+def simulate_refined(
+    args: argparse.Namespace, profile: Path, live_rows: list[dict], sim_bench: list[str], repeats: list, out: Path
+) -> dict:
+    """`--refine-after K`: the profile as `tandem serve --planner sla` refines it online (planner.policy:
+    each pool's step model scaled by its workers' live / profiled ratio on a typical step), from the live fits
+    read after real sweep K, simulated and compared with the median of the later sweeps only."""
+    from planner.policy import WorkerLive, refined_profile, speed_factors
+    from planner.profile import save_profile
+
+    k = args.refine_after
+    if not 0 < k < len(repeats):
+        raise SystemExit(f"--refine-after {k}: needs 1 <= K < --repeats ({len(repeats)}) to leave later sweeps")
+    workers = tuple(
+        WorkerLive(r["worker"], r["role"], float("inf"), live_step=tuple(r["coefficients"][t] for t in STEP_TERMS))
+        for r in live_rows
+        if r["after_sweep"] == k
+    )
+    base = load_profile(profile)
+    factors, _ = speed_factors(base, workers, warmup_s=0.0)
+    refined_path = out / f"profile_refined_{k}.json"
+    save_profile(refined_profile(base, factors), refined_path)
+    cmd = [*TANDEM, "simulate", "--profile", str(refined_path), *shlex.split(args.sim_flags), *sim_bench]
+    cmd += ["--output", str(out / "sim-refined"), "--no-plots"]
+    run(cmd, out / "simulate-refined.log")
+    later = repeats[k:]
+    real = median_runs(later) if len(later) > 1 else later[0]
+    rows = compare(real, json.loads((out / "sim-refined" / "summary.json").read_text()), args.tolerance)
+    print(
+        f"\nrefined by the live step models after sweep {k} (speed factors {factors}), against sweeps {k + 1}-"
+        f"{len(repeats)}:"
+    )
+    print_table(rows)
+    return {"after_sweep": k, "speed_factors": factors, "command": shlex.join(cmd), "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
@@ -266,6 +301,14 @@ def main() -> None:
         action="store_true",
         help="keep OUT's real runs (real/, real-2/, ... and the live fits) and rerun only the simulation (with the "
         "stored run's bench flags and repeats): after a change to the simulator or `tandem profile --refit`",
+    )
+    ap.add_argument(
+        "--refine-after",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also simulate on the profile as the online planner refines it from the workers' live step models "
+        "read after real sweep K, against the median of the sweeps after K (out of sample; needs --repeats > K)",
     )
     ap.add_argument("bench", nargs=argparse.REMAINDER, help="-- then `tandem bench` flags (dataset, rates, SLO, seed)")
     args = ap.parse_args()
@@ -296,6 +339,8 @@ def main() -> None:
     print_live_fit(live_rows)
     doc = {"commands": commands, "tolerance": args.tolerance, "repeats": args.repeats, "bench_args": bench}
     doc["rows"] = rows
+    if args.refine_after:
+        doc["refined"] = simulate_refined(args, profile, live_rows, sim_bench, repeats, out)
     (out / "compare.json").write_text(json.dumps(doc, indent=2))
     live_doc = {"profile": profiled.coefficients(), "profile_grid": profiled.decode_grid is not None, "rows": live_rows}
     (out / "live_fit.json").write_text(json.dumps(live_doc, indent=2))

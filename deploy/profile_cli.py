@@ -171,7 +171,7 @@ def measure(serving: Serving, plan: ProfilePlan, served: ServedPlan) -> Profile:
     import ray
 
     from deploy.cluster import CALL_TIMEOUT_S
-    from deploy.profiling import served_overhead, shape_of, transfer_model, worker_profile
+    from deploy.profiling import CORUN_ROUNDS, served_overhead, shape_of, transfer_model, worker_profile
     from planner.model import TransferModel
     from planner.profile import Profile
     from tandem_api.bench.report import machine_info
@@ -182,7 +182,8 @@ def measure(serving: Serving, plan: ProfilePlan, served: ServedPlan) -> Profile:
     pools: dict[str, str] = {}
     notes = [
         f"the first {plan.warmup_steps} engine steps of each worker's sweep were warm-up, not fitted",
-        "decode steps: the rows of one batch share a cached context prefix (set-up cost C, not B x C tokens)",
+        "decode steps: each row owns its context's KV blocks, admitted as if prefilled elsewhere (no B x C tokens of "
+        "prefill, and no shared prefix kept hot in the CPU's caches)",
     ]
     for name, pool, handles in (("prefill", cfg.prefill, cluster.prefill), ("decode", cfg.decode, cluster.decode)):
         handle = handles[0]
@@ -233,7 +234,7 @@ def measure(serving: Serving, plan: ProfilePlan, served: ServedPlan) -> Profile:
         overhead = msgspec.structs.replace(overhead, contention=found, workers_per_host=per_host, **sharing)
         notes.append(
             "contention: each role's steps measured while a worker of the same host ran a longer sweep "
-            f"(decode beside prefill, prefill beside decode): {found}"
+            f"(decode beside prefill, prefill beside decode), {CORUN_ROUNDS} rounds pooled: {found}"
         )
         if sharing:
             notes.append(
@@ -265,14 +266,22 @@ def measure(serving: Serving, plan: ProfilePlan, served: ServedPlan) -> Profile:
 
 
 def measure_contention(cluster, full: bool) -> tuple[dict[str, float], int, dict] | None:
-    """(slowdown per busy neighbour by role, workers on the host, core sharing) from two co-runs of a
+    """(slowdown per busy neighbour by role, workers on the host, core sharing) from CORUN_ROUNDS pairs of co-runs of a
     prefill-pool and a decode-pool worker on one node (aggregated: two workers of the pool); None if no two
     share a node. Core sharing (ServedOverhead fields; empty when the pools do not share cores): the prefill
     sweep again on the host's cores, the decode worker idle, as a widened step runs."""
     import ray
 
     from deploy.cluster import CALL_TIMEOUT_S
-    from deploy.profiling import BUSY_DECODE, BUSY_PREFILL, CORUN_DECODE, CORUN_PREFILL, contention, widening
+    from deploy.profiling import (
+        BUSY_DECODE,
+        BUSY_PREFILL,
+        CORUN_DECODE,
+        CORUN_PREFILL,
+        CORUN_ROUNDS,
+        contention,
+        widening,
+    )
 
     cfg = cluster.config
     pair = (cluster.prefill[0], cluster.decode[0]) if cfg.mode == "disaggregated" else tuple(cluster.decode[:2])
@@ -284,35 +293,46 @@ def measure_contention(cluster, full: bool) -> tuple[dict[str, float], int, dict
     node_a = ray.get(a.actor.status.remote(), timeout=CALL_TIMEOUT_S).node_id
     if ray.get(b.actor.status.remote(), timeout=CALL_TIMEOUT_S).node_id != node_a:
         return None
-    print("tandem: measuring contention between workers of one host ...", file=sys.stderr, flush=True)
-    # each sweep alone, then beside the neighbour's longer sweep: decode on b while a prefills, prefill on a
-    # while b decodes; the step-by-step ratio is the slowdown (no model error in it)
-    d_alone = ray.get(b.actor.profile.remote(CORUN_DECODE), timeout=PROFILE_TIMEOUT_S)
-    _, d_beside = ray.get(
-        [a.actor.profile.remote(BUSY_PREFILL), b.actor.profile.remote(CORUN_DECODE)], timeout=PROFILE_TIMEOUT_S
-    )
-    p_alone = ray.get(a.actor.profile.remote(CORUN_PREFILL), timeout=PROFILE_TIMEOUT_S)
-    p_beside, _ = ray.get(
-        [a.actor.profile.remote(CORUN_PREFILL), b.actor.profile.remote(BUSY_DECODE)], timeout=PROFILE_TIMEOUT_S
-    )
-    found = {
-        "decode": contention(d_alone, d_beside, CORUN_DECODE.warmup_steps),
-        "prefill": contention(p_alone, p_beside, CORUN_PREFILL.warmup_steps),
-    }
-    if cfg.mode == "aggregated":
-        found["aggregated"] = max(found.values())
     sharing: dict = {}
     borrow, _ = cfg.prefill.core_sharing("prefill", cfg.router.slo_itl_ms)
     _, lend_ms = cfg.decode.core_sharing("decode", cfg.router.slo_itl_ms)
     threads = os.cpu_count() or 1
     bases = sum(pool.replicas * (pool.num_threads or 1) for pool in (cfg.prefill, cfg.decode))
     cpu = cfg.prefill.device == "cpu" and cfg.prefill.world_size == 1
-    if cfg.mode == "disaggregated" and borrow and cpu and bases <= threads and threads > (cfg.prefill.num_threads or 1):
-        print(f"tandem: measuring a prefill widened onto {threads} threads ...", file=sys.stderr, flush=True)
-        wide = msgspec.structs.replace(CORUN_PREFILL, threads=threads)
-        p_wide = ray.get(a.actor.profile.remote(wide), timeout=PROFILE_TIMEOUT_S)
+    widen = cfg.mode == "disaggregated" and borrow and cpu and bases <= threads
+    widen = widen and threads > (cfg.prefill.num_threads or 1)
+    wide = msgspec.structs.replace(CORUN_PREFILL, threads=threads)
+    also = f" and a prefill widened onto {threads} threads" if widen else ""
+    print(
+        f"tandem: measuring contention between workers of one host{also} ({CORUN_ROUNDS} rounds) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    # each sweep alone, then beside the neighbour's longer sweep: decode on b while a prefills, prefill on a
+    # while b decodes (and the prefill on the host's threads, b idle); the step-by-step ratio is the slowdown
+    # (no model error in it). CORUN_ROUNDS rounds, the ratios of all pooled: one pair of sweeps falls in one
+    # window of a shared VM, whose speed under load moves between minutes (docs/BENCHMARKS.md)
+    d_skip, p_skip = CORUN_DECODE.warmup_steps, CORUN_PREFILL.warmup_steps
+    d_alone, d_beside, p_alone, p_beside, p_wide = [], [], [], [], []
+    for _ in range(CORUN_ROUNDS):
+        d_alone += ray.get(b.actor.profile.remote(CORUN_DECODE), timeout=PROFILE_TIMEOUT_S)[d_skip:]
+        _, beside = ray.get(
+            [a.actor.profile.remote(BUSY_PREFILL), b.actor.profile.remote(CORUN_DECODE)], timeout=PROFILE_TIMEOUT_S
+        )
+        d_beside += beside[d_skip:]
+        p_alone += ray.get(a.actor.profile.remote(CORUN_PREFILL), timeout=PROFILE_TIMEOUT_S)[p_skip:]
+        beside, _ = ray.get(
+            [a.actor.profile.remote(CORUN_PREFILL), b.actor.profile.remote(BUSY_DECODE)], timeout=PROFILE_TIMEOUT_S
+        )
+        p_beside += beside[p_skip:]
+        if widen:
+            p_wide += ray.get(a.actor.profile.remote(wide), timeout=PROFILE_TIMEOUT_S)[p_skip:]
+    found = {"decode": contention(d_alone, d_beside, 0), "prefill": contention(p_alone, p_beside, 0)}
+    if cfg.mode == "aggregated":
+        found["aggregated"] = max(found.values())
+    if widen:
         sharing = {
-            "widened_prefill_speedup": widening(p_alone, p_wide, CORUN_PREFILL.warmup_steps),
+            "widened_prefill_speedup": widening(p_alone, p_wide, 0),
             "widen_threads": threads,
             "lend_tpot_s": lend_ms / 1000,
         }

@@ -177,6 +177,7 @@ CORUN_DECODE = _decodes((1, 4, 16), steps=20, warmup_steps=1)
 CORUN_PREFILL = _prefills((256, 512), repeats=3, warmup_steps=1)
 BUSY_PREFILL = _prefills((1024,), repeats=6, warmup_steps=0)  # the neighbour while decode steps are measured
 BUSY_DECODE = _decodes((8,), steps=120, warmup_steps=0)  # the neighbour while prefill steps are measured
+CORUN_ROUNDS = 2  # alone / beside (/ widened) rounds, their step ratios pooled
 
 
 def widening(alone: list[StepTiming], wide: list[StepTiming], warmup: int) -> float:
