@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.host_probes import cpu_delta, cpu_seconds  # noqa: E402
 from benchmarks.serving_compare import BUILTIN, TANDEM, start, stop  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "served_overhead.json"
@@ -129,43 +130,6 @@ def served(name: str, a: argparse.Namespace, out_dir: Path) -> dict:
         "duration_s": s.get("duration_s"),
         "cpu_s": cpu,
     }
-
-
-def cpu_seconds() -> dict[int, tuple[str, float]]:
-    """CPU seconds (user + system) of every process on this machine, by pid, with a label from its command."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out: dict[int, tuple[str, float]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        out[int(d.name)] = (process_label(cmd), (int(fields[11]) + int(fields[12])) / tick)
-    return out
-
-
-def process_label(cmd: str) -> str:
-    if not cmd:
-        return "kernel / other"
-    if "ray::" in cmd:
-        return cmd.split("ray::", 1)[1].split()[0].split(".")[0]  # the actor class: PrefillWorker, DecodeWorker...
-    for key, label in (("tandem bench", "bench client"), ("tandem serve", "tandem serve (router)")):
-        if key in cmd:
-            return label
-    return Path(cmd.split()[0]).name
-
-
-def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
-    """CPU seconds each kind of process used between two snapshots (processes started between them: all of it)."""
-    used: dict[str, float] = {}
-    for pid, (label, secs) in after.items():
-        spent = secs - before[pid][1] if pid in before else secs
-        if spent > 0:
-            used[label] = used.get(label, 0.0) + spent
-    return dict(sorted(((k, round(v, 2)) for k, v in used.items() if v >= 0.05), key=lambda kv: -kv[1]))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -249,6 +249,14 @@ def resimulation_inputs(out: Path, profiled: StepModel) -> tuple[dict[str, str],
     return commands, rows
 
 
+def simulate(args: argparse.Namespace, profile: Path, sim_bench: list[str], out_dir: Path, log: Path) -> list[str]:
+    """`tandem simulate` of the sweep on `profile` into `out_dir`; returns the command it ran."""
+    cmd = [*TANDEM, "simulate", "--profile", str(profile), *shlex.split(args.sim_flags), *sim_bench]
+    cmd += ["--output", str(out_dir), "--no-plots"]
+    run(cmd, log)
+    return cmd
+
+
 def simulate_refined(
     args: argparse.Namespace, profile: Path, live_rows: list[dict], sim_bench: list[str], repeats: list, out: Path
 ) -> dict:
@@ -270,9 +278,7 @@ def simulate_refined(
     factors, _ = speed_factors(base, workers, warmup_s=0.0)
     refined_path = out / f"profile_refined_{k}.json"
     save_profile(refined_profile(base, factors), refined_path)
-    cmd = [*TANDEM, "simulate", "--profile", str(refined_path), *shlex.split(args.sim_flags), *sim_bench]
-    cmd += ["--output", str(out / "sim-refined"), "--no-plots"]
-    run(cmd, out / "simulate-refined.log")
+    cmd = simulate(args, refined_path, sim_bench, out / "sim-refined", out / "simulate-refined.log")
     later = repeats[k:]
     real = median_runs(later) if len(later) > 1 else later[0]
     rows = compare(real, json.loads((out / "sim-refined" / "summary.json").read_text()), args.tolerance)
@@ -327,10 +333,8 @@ def main() -> None:
         commands, live_rows = measure(args, bench, out, profile, real_dirs)
     profiled = load_profile(profile).worker().step
     sim_bench = [a for a in bench if a != "--ignore-eos"]  # the simulator always generates the full lengths
-    cmd = [*TANDEM, "simulate", "--profile", str(profile), *shlex.split(args.sim_flags), *sim_bench]
-    cmd += ["--output", str(out / "sim"), "--no-plots"]
+    cmd = simulate(args, profile, sim_bench, out / "sim", out / "simulate.log")
     commands["simulate" if not args.resimulate else "resimulate"] = shlex.join(cmd)
-    run(cmd, out / "simulate.log")
     repeats = [json.loads((d / "summary.json").read_text()) for d in real_dirs]
     real = median_runs(repeats) if len(repeats) > 1 else repeats[0]
     sim = json.loads((out / "sim" / "summary.json").read_text())
