@@ -53,12 +53,11 @@ def policy_config(cfg: ServeConfig, max_workers: int) -> PolicyConfig:
 
 
 def placement_slo_s(cfg: ServeConfig) -> tuple[float, float]:
-    """The served router's placement targets as the simulator takes them: (0, 0) where the placement is fixed
-    (the router's own rule, RoutingConfig.slo_placement; an aggregated cluster has no pools to cross)."""
-    from deploy.serve import routing_config
-
-    rc = routing_config(cfg)
-    return (rc.slo_ttft_s, rc.slo_tpot_s) if cfg.mode == "disaggregated" and rc.slo_placement else (0.0, 0.0)
+    """The router's placement targets as the simulator takes them: (0, 0) where the placement is fixed."""
+    r = cfg.router
+    if cfg.mode != "disaggregated" or r.conditional_prefill_threshold > 0:
+        return (0.0, 0.0)
+    return (r.slo_ttft_ms / 1000, r.slo_itl_ms / 1000)
 
 
 def machine_workers(cfg: ServeConfig) -> int:
