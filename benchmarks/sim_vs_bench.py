@@ -148,6 +148,8 @@ def live_models(metrics_url: str) -> dict[str, dict]:
                 found.setdefault(worker, {})["role"] = sample.labels["role"]
             elif sample.name == "tandem_worker_step_model_steps":
                 found.setdefault(worker, {})["steps"] = int(sample.value)
+            elif sample.name == "tandem_worker_step_model_busy_neighbours":
+                found.setdefault(worker, {})["busy"] = sample.value
     for worker, t in terms.items():
         found[worker]["model"] = StepModel.of_coefficients([t[name] for name in STEP_TERMS])
     return {w: f for w, f in found.items() if "model" in f}
@@ -166,20 +168,24 @@ def live_fit_rows(profiled: StepModel, live: dict[str, dict], after_sweep: int) 
         coefficients = dict(zip(STEP_TERMS, f["model"].coefficients(), strict=True))
         rows.append(
             {"after_sweep": after_sweep, "worker": worker, "role": f["role"], "steps": f.get("steps", 0)}
+            | {"busy_neighbours": f.get("busy", 0.0)}
             | {"typical": steps, "coefficients": coefficients}
         )
     return rows
 
 
 def print_live_fit(rows: list[dict]) -> None:
-    print(f"{'sweep':>5} {'worker':>12} {'steps':>6} " + " ".join(f"{n + ' ms':>26}" for n in TYPICAL_STEPS))
-    print(" " * 26 + " ".join(f"{'profile / live (ratio)':>26}" for _ in TYPICAL_STEPS))
+    print(
+        f"{'sweep':>5} {'worker':>12} {'steps':>6} {'busy':>5} " + " ".join(f"{n + ' ms':>26}" for n in TYPICAL_STEPS)
+    )
+    print(" " * 32 + " ".join(f"{'profile / live (ratio)':>26}" for _ in TYPICAL_STEPS))
     for r in rows:
         cells = [
             f"{c['profile_ms']:.1f} / {c['live_ms']:.1f} ({c['ratio']:.2f})" if c["ratio"] is not None else "-"
             for c in r["typical"].values()
         ]
-        print(f"{r['after_sweep']:>5} {r['worker']:>12} {r['steps']:>6} " + " ".join(f"{c:>26}" for c in cells))
+        head = f"{r['after_sweep']:>5} {r['worker']:>12} {r['steps']:>6} {r.get('busy_neighbours', 0.0):>5.2f} "
+        print(head + " ".join(f"{c:>26}" for c in cells))
 
 
 def plot(out: Path, rows: list[dict]) -> None:
@@ -243,7 +249,8 @@ def resimulation_inputs(out: Path, profiled: StepModel) -> tuple[dict[str, str],
     rows: list[dict] = []
     for r in live["rows"]:
         model = StepModel.of_coefficients([r["coefficients"][t] for t in STEP_TERMS])
-        one = {r["worker"]: {"role": r["role"], "steps": r["steps"], "model": model}}
+        one = {r["worker"]: {"role": r["role"], "steps": r["steps"], "busy": r.get("busy_neighbours", 0.0)}}
+        one[r["worker"]]["model"] = model
         rows += live_fit_rows(profiled, one, r["after_sweep"])
     commands = {k: v for k, v in earlier["commands"].items() if k in ("profile", "bench", "simulate")}
     return commands, rows
@@ -270,7 +277,13 @@ def simulate_refined(
     if not 0 < k < len(repeats):
         raise SystemExit(f"--refine-after {k}: needs 1 <= K < --repeats ({len(repeats)}) to leave later sweeps")
     workers = tuple(
-        WorkerLive(r["worker"], r["role"], float("inf"), live_step=tuple(r["coefficients"][t] for t in STEP_TERMS))
+        WorkerLive(
+            r["worker"],
+            r["role"],
+            float("inf"),
+            live_step=tuple(r["coefficients"][t] for t in STEP_TERMS),
+            live_busy=r.get("busy_neighbours", 0.0),
+        )
         for r in live_rows
         if r["after_sweep"] == k
     )

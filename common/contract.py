@@ -66,7 +66,7 @@ __all__ = [
     "ConfigError", "WorkerError", "KVTransferFailedError", "AdmissionTimeoutError", "WorkerShuttingDownError",
 ]  # fmt: skip
 
-WIRE_VERSION = 7  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVHandle.issued_at, prior_ids (issue 7)
+WIRE_VERSION = 8  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVHandle.issued_at, prior_ids (issue 7)
 #                  3: WorkerStatus.perf (issue 16)
 #                  4: speculative counters on StreamChunk / WorkerStatus, ModelInfo.speculative and .wire_version
 #                     (issue 19); checked when workers start and join (deploy.cluster.check_workers_agree)
@@ -74,6 +74,7 @@ WIRE_VERSION = 7  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVH
 #                  6: WorkerStatus.live_step / live_steps: the step model refitted from live steps (issue 20)
 #                  7: WorkerStatus.widened_steps, lent_s, tpot_slack_s, ProfilePlan.threads: sharing a host's
 #                     cores (issue 16)
+#                  8: WorkerStatus.live_busy: the host's load beside live_step's steps (issue 20)
 
 
 class Role(enum.StrEnum):
@@ -216,6 +217,9 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     # pair, per decode row, per context token) refitted from this worker's steps after its warm-up; () until then
     live_step: tuple[float, ...] = ()
     live_steps: int = 0  # steps behind live_step
+    # other workers of this host stepping while those steps ran (mean per step): live_step includes
+    # their contention, which a planner that models contention itself takes out again (planner/policy.py)
+    live_busy: float = 0.0
 
 
 class KVEventsReply(msgspec.Struct, frozen=True):

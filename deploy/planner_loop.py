@@ -144,6 +144,7 @@ class PlannerLoop:
                         perf.per_token_s if perf is not None and perf.prefill_ready else 0.0,
                         draining=slot.draining or not slot.healthy,
                         live_step=slot.status.live_step if slot.status is not None else (),
+                        live_busy=slot.status.live_busy if slot.status is not None else 0.0,
                     )
                 )
         return Observation(

@@ -387,13 +387,17 @@ class LiveFit:
         self.refit_every = refit_every
         self.min_steps = min_steps
         self._samples: deque[StepSample] = deque(maxlen=window)
+        self._busy: deque[float] = deque(maxlen=window)  # per kept step: other workers of the host busy meanwhile
         self._first: float | None = None
         self._new = 0
         self._model: StepModel | None = None
         self.excluded = 0  # steps left out as warm-up
         self._lock = threading.Lock()
 
-    def observe(self, features: tuple[int, float, int, int], seconds: float, now: float) -> None:
+    def observe(self, features: tuple[int, float, int, int], seconds: float, now: float, busy: float = 0.0) -> None:
+        """`busy`: how many other workers of the host were running steps meanwhile (mean of its start and end;
+        worker_core/core_share.py). The fit keeps the step as it ran; `busy_neighbours()` says how loaded the
+        host was, so that a planner can tell this worker's own speed from its neighbours' load."""
         with self._lock:
             if self._first is None:
                 self._first = now
@@ -403,7 +407,14 @@ class LiveFit:
             if seconds <= 0 or (features[0] == 0 and features[2] == 0):
                 return
             self._samples.append(StepSample(StepShape(*features), seconds))
+            self._busy.append(busy)
             self._new += 1
+
+    def busy_neighbours(self) -> float:
+        """Mean busy neighbours over the kept steps, each step counted once as the fit counts it (relative
+        error): with one neighbour, the share of the steps it was stepping beside; 0.0 without steps."""
+        with self._lock:
+            return sum(self._busy) / len(self._busy) if self._busy else 0.0
 
     def model(self) -> StepModel | None:
         with self._lock:

@@ -81,6 +81,7 @@ class WorkerLive:
     prefill_s_per_token: float = 0.0
     draining: bool = False
     live_step: tuple[float, ...] = ()  # the worker's own refitted StepModel coefficients (WorkerStatus.live_step)
+    live_busy: float = 0.0  # other workers of its host stepping beside those steps (WorkerStatus.live_busy)
 
 
 @dataclass(frozen=True)
@@ -138,9 +139,24 @@ class LoadPredictor:
         return max(0.0, self.level + self.trend * ahead_s)
 
 
+def contention_share(profile: Profile, pool: str, busy: float) -> float:
+    """How much longer a live step ran than alone because `busy` other workers of its host stepped beside it
+    on average, as the simulator models it (planner/simulator.py: 1 + contention x busy neighbours); 1.0
+    where the profile measured no contention or gives every worker its own host."""
+    over = profile.overhead
+    if over.workers_per_host <= 0 or busy <= 0:
+        return 1.0
+    return 1.0 + over.contention.get(pool, 0.0) * busy
+
+
 def speed_factors(profile: Profile, workers: tuple[WorkerLive, ...], warmup_s: float) -> tuple[dict[str, float], int]:
     """Per pool: median over warm workers of live / profiled step time (1.0 without evidence), and how
-    many cold workers were left out."""
+    many cold workers were left out.
+
+    A live step ran beside whatever its neighbours on the host were doing, and the simulator slows a step by
+    the profile's contention per busy neighbour on top of the refined profile: so each worker's ratio is
+    divided by the contention its own steps ran under (`contention_share`), and the factor is the worker's
+    own speed against the profile's, not the host's load counted twice."""
     factors: dict[str, float] = {}
     cold = 0
     for pool in POOLS:
@@ -161,14 +177,16 @@ def speed_factors(profile: Profile, workers: tuple[WorkerLive, ...], warmup_s: f
                 typical = TYPICAL_DECODE if pool == "decode" else TYPICAL_PREFILL
                 predicted = step.linear().step_s(typical)  # like with like: a live fit has no decode grid
                 if predicted > 0 and live.step_s(typical) > 0:
-                    ratios.append(live.step_s(typical) / predicted)
+                    ratios.append(live.step_s(typical) / predicted / contention_share(profile, pool, w.live_busy))
                 continue
             if pool == "decode" and w.decode_step_s > 0:
                 predicted = step.decode_step_s(w.decode_batch, w.decode_context)
                 if predicted > 0:
-                    ratios.append(w.decode_step_s / predicted)
+                    ratios.append(w.decode_step_s / predicted / contention_share(profile, pool, w.live_busy))
             elif pool == "prefill" and w.prefill_s_per_token > 0 and step.per_prefill_token_s > 0:
-                ratios.append(w.prefill_s_per_token / step.per_prefill_token_s)
+                ratios.append(
+                    w.prefill_s_per_token / step.per_prefill_token_s / contention_share(profile, pool, w.live_busy)
+                )
         factors[pool] = statistics.median(ratios) if ratios else 1.0
     return factors, cold
 
@@ -490,6 +508,7 @@ __all__ = [
     "SlaPolicy",
     "WorkerLive",
     "decision_text",
+    "contention_share",
     "refined_profile",
     "speed_factors",
 ]

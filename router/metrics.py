@@ -99,6 +99,7 @@ METRIC_NAMES = {
     "tandem_worker_up",
     "tandem_worker_step_model_seconds",
     "tandem_worker_step_model_steps",
+    "tandem_worker_step_model_busy_neighbours",
     "tandem_planner_wanted_workers",
     "tandem_planner_request_rate",
     "tandem_planner_slo_attainment",
@@ -290,6 +291,12 @@ class _WorkerCollector:
         step_steps = GaugeMetricFamily(
             "tandem_worker_step_model_steps", "Live steps behind tandem_worker_step_model_seconds", labels=labels
         )
+        step_busy = GaugeMetricFamily(
+            "tandem_worker_step_model_busy_neighbours",
+            "Other workers of the worker's host stepping beside the steps behind tandem_worker_step_model_seconds "
+            "(mean per step): the contention those steps include",
+            labels=labels,
+        )
         widened = CounterMetricFamily(
             "tandem_worker_widened_steps",
             "Steps the worker ran on cores idle or lent by other workers on its host (worker_core/core_share.py)",
@@ -321,5 +328,6 @@ class _WorkerCollector:
                 for term, value in zip(STEP_TERMS, s.live_step, strict=True):
                     step_model.add_metric([*lv, term], value)
                 step_steps.add_metric(lv, s.live_steps)
+                step_busy.add_metric(lv, s.live_busy)
         yield from (running, waiting, blocks, usage, leases, hits, spec_tokens, spec_steps, widened, lent, up)
-        yield from (step_model, step_steps)
+        yield from (step_model, step_steps, step_busy)

@@ -189,6 +189,12 @@ class CoreShare:
         if not self._map.closed:
             self._write(self._state, (self._flags & ~MAY_LEND) | (MAY_LEND if may_lend else 0))
 
+    def busy_peers(self) -> int:
+        """How many other workers on the host are running a step now (lending or idle ones are not)."""
+        if self._map.closed:
+            return 0
+        return sum(1 for state, _, _ in self._peers() if state == BUSY)
+
     def peer_wants(self) -> bool:
         """Does another worker on the host want cores for its next step?"""
         return not self._map.closed and any(flags & WANT for _, _, flags in self._peers())

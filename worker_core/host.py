@@ -119,8 +119,10 @@ class WorkerHost:
         self.publisher = KVEventPublisher(settings.worker_id)
         self.faults = WorkerFaults(settings.fault_injection)
         share, lend = None, None
-        sharing = settings.borrow_idle_cores or settings.lend_core_tpot_ms > 0
-        if sharing and settings.engine.parallel.world_size == 1 and self.core.device.type == "cpu":
+        if settings.engine.parallel.world_size == 1 and self.core.device.type == "cpu":
+            # a slot in the host's table even where this worker neither borrows nor lends: it says when this
+            # worker is stepping (a borrowing peer leaves its core alone then) and how often its neighbours
+            # were, which the planner needs to tell this worker's speed from the host's load
             share = CoreShare(settings.num_threads or torch.get_num_threads())
             if settings.lend_core_tpot_ms > 0:
                 lend = LendBudget(settings.lend_core_tpot_ms / 1000)
@@ -196,6 +198,7 @@ class WorkerHost:
             perf=self.engine.step_times.estimate(self.core.clock()),
             live_step=live.coefficients() if (live := self.engine.live_fit.model()) is not None else (),
             live_steps=live.samples if live is not None else 0,
+            live_busy=self.engine.live_fit.busy_neighbours(),
         )
 
     async def kv_snapshot(self) -> KVSnapshot:

@@ -47,6 +47,29 @@ def test_a_worker_widens_only_onto_idle_peers(table, pids):
     p.close()
 
 
+def test_busy_peers_counts_the_others_stepping_not_idle_or_lending_ones(table):
+    gen = _live_pids(3)
+    pids = next(gen)
+    me, a, b = (CoreShare(1, table, cpus=4, pid=pid) for pid in pids)
+    assert me.busy_peers() == 0
+    a.threads(busy=True)
+    me.threads(busy=True)  # this worker's own state is not a neighbour's
+    assert me.busy_peers() == 1 and a.busy_peers() == 1
+    b.threads(busy=True)
+    assert me.busy_peers() == 2
+    b.widen(wait_s=0.0)
+    a.lend(0.0)  # a zero budget: no pause
+    assert me.busy_peers() == 2
+    a.threads(busy=False)
+    assert me.busy_peers() == 1
+    b.close()
+    assert me.busy_peers() == 0
+    me.close()
+    assert me.busy_peers() == 0  # a closed slot reads nothing
+    a.close()
+    next(gen, None)  # kills the stand-in processes
+
+
 def test_never_more_than_the_host_and_unclaimed_cores_count(table, pids):
     alone = CoreShare(2, table, cpus=8, pid=pids[0])
     assert alone.threads(True) == 8  # nobody claims the other 6

@@ -247,7 +247,8 @@ def test_worker_step_model_gauges_carry_the_live_fit_term_by_term():
     metrics = RouterMetrics()
     common = dict(role="prefill", health="SERVING", kv_blocks_total=100, kv_blocks_free=100, running=0, waiting=0)
     common |= dict(leased=0, node_id="n0", device="cpu", block_size=16, dtype="float32")
-    live = WorkerStatus(worker_id="p0", **common, live_step=(0.015, 0.0015, 1e-6, 0.002, 7e-6), live_steps=300)
+    live_step = (0.015, 0.0015, 1e-6, 0.002, 7e-6)
+    live = WorkerStatus(worker_id="p0", **common, live_step=live_step, live_steps=300, live_busy=0.4)
     cold = WorkerStatus(worker_id="p1", **common)  # in its warm-up: no live model yet
     metrics.workers_source = lambda: [("prefill", "p0", live, True), ("prefill", "p1", cold, True)]
     get = metrics.registry.get_sample_value
@@ -257,6 +258,8 @@ def test_worker_step_model_gauges_carry_the_live_fit_term_by_term():
     assert got == [0.015, 0.0015, 1e-6, 0.002, 7e-6]
     assert get("tandem_worker_step_model_steps", {"role": "prefill", "worker": "p0"}) == 300
     assert get("tandem_worker_step_model_steps", {"role": "prefill", "worker": "p1"}) is None
+    assert get("tandem_worker_step_model_busy_neighbours", {"role": "prefill", "worker": "p0"}) == 0.4
+    assert get("tandem_worker_step_model_busy_neighbours", {"role": "prefill", "worker": "p1"}) is None
     assert get("tandem_worker_step_model_seconds", {"role": "prefill", "worker": "p1", "term": "base"}) is None
 
 

@@ -199,3 +199,40 @@ def test_an_unmeetable_target_records_one_resource_request_and_no_hold():
     out = policy.observe(obs(30.0, 20.0, 1, 1))
     assert [d.action for d in out] == ["request_resources"]
     assert [d.action for d in policy.decisions] == ["request_resources"]  # what is logged is what is returned
+
+
+def test_live_steps_slowed_by_busy_neighbours_are_not_counted_as_a_slower_worker():
+    """The simulator slows a step by the profile's contention per busy neighbour on top of the refined profile:
+    a worker whose live steps ran at the profile's speed plus that contention keeps factor 1.0, and one that is
+    itself 1.5x slower gets 1.5, however busy its host was (the double count issue 20's check found)."""
+    from planner.model import LiveFit, StepShape
+
+    shared = ServedOverhead(0.01, 0.001, 3, contention={"prefill": 0.1, "decode": 0.3}, workers_per_host=2)
+    prof = profile_of(STEP, overhead=shared)
+    rng = random.Random(5)
+
+    def live(own: float, busy_share: float) -> WorkerLive:
+        fit = LiveFit(warmup_s=0.0, window=400, refit_every=50, min_steps=40)
+        for i in range(400):
+            shape = StepShape.of([], [rng.choice([128, 256, 512])] * rng.choice([1, 2, 4, 8, 16]))
+            busy = 1.0 if i < busy_share * 400 else 0.0  # the share exactly; shapes are drawn independently
+            seconds = own * STEP.step_s(shape) * (1 + 0.3 * busy)
+            features = (shape.prefill_tokens, shape.attn_pairs, shape.decode_seqs, shape.decode_context)
+            fit.observe(features, seconds, i, busy)
+        model = fit.model()
+        assert model is not None
+        return WorkerLive("decode-0", "decode", 500.0, live_step=model.coefficients(), live_busy=fit.busy_neighbours())
+
+    for own in (1.0, 1.5):
+        for busy_share in (0.0, 0.5, 1.0):
+            w = live(own, busy_share)
+            factors, _ = speed_factors(prof, (w,), warmup_s=60.0)
+            assert factors["decode"] == pytest.approx(own, rel=0.05), (own, busy_share, w.live_busy)
+    crowded = live(1.0, 1.0)
+    assert crowded.live_busy == pytest.approx(1.0)
+    # a profile that gives every worker its own host simulates no contention: nothing to take out
+    alone = profile_of(STEP, overhead=ServedOverhead(0.01, 0.001, 3, contention={"decode": 0.3}))
+    assert speed_factors(alone, (crowded,), warmup_s=60.0)[0]["decode"] == pytest.approx(1.3, rel=0.03)
+    # without the busy figure (an older worker) the contention stays in the factor, as before
+    blind = WorkerLive("decode-0", "decode", 500.0, live_step=crowded.live_step)
+    assert speed_factors(prof, (blind,), warmup_s=60.0)[0]["decode"] == pytest.approx(1.3, rel=0.03)
