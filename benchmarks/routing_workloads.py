@@ -13,6 +13,14 @@ started, driven by `tandem bench` with each workload in turn (same order; worklo
     no-shared        random prompts, Poisson arrivals
     multi-turn       conversations of 4 turns (each turn re-sends the conversation), after a common header
 
+The open-loop workloads' arrival rates are fixed (above), set on a faster VM than some this runs on; where
+they overload the pool, TTFT grows with the queue and the comparison is noise. `--load L` sets them from
+this machine instead: before the first workload, one prefill of CALIBRATION_TOKENS random tokens, sent alone
+CALIBRATION_REQUESTS times, gives the seconds per prompt token, and each open-loop workload's rate becomes
+L / (those seconds x the workload's mean prompt tokens, none cached): L = 1 is what one prefill worker
+computes with no cache hit (on 2 cores, beside a decode worker, about what the pool computes too). The
+rates are the same for every policy and repetition, and written to the JSON.
+
 Prints per workload the client TTFT p50 / p99 of every configuration, kv / round-robin and the issue's
 targets (kv's p50 and p99 at most round-robin's within 5% on every workload, p50 at most half where
 prefixes repeat), and writes JSON (every run's summary.json is kept under --out). With `--seeds N` the
@@ -23,6 +31,7 @@ met each target on their own.
     python benchmarks/routing_workloads.py                       # both pool sizes (~40 min on 2 cores)
     python benchmarks/routing_workloads.py --sizes 2 --workloads sequential-docs no-shared
     python benchmarks/routing_workloads.py --sizes 2 --seeds 3 --workloads bursty prefix-heavy multi-turn
+    python benchmarks/routing_workloads.py --sizes 2 --seeds 3 --load 0.6   # rates from this machine's speed
 """
 
 from __future__ import annotations
@@ -41,6 +50,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving_compare import REPO, TANDEM, start, stop  # noqa: E402 - the script's own folder is on sys.path
 
 REPEATING = {"sequential-docs", "prefix-heavy", "multi-turn"}  # where kv must reach <= 0.5x round-robin's p50
+CALIBRATION_TOKENS = 512  # --load: the prompt whose prefill alone sets the machine's seconds per token
+CALIBRATION_REQUESTS = 5  # ... sent one at a time; the median TTFT counts
+
+
+def flag(args: list[str], name: str, default: float = 0.0) -> float:
+    return float(args[args.index(name) + 1]) if name in args else default
+
+
+def mean_prompt_tokens(args: list[str]) -> float:
+    """A workload's mean prompt length in tokens, as its `tandem bench` flags define it."""
+    common, inp = flag(args, "--common-prefix-len"), flag(args, "--input-len")
+    dataset = args[args.index("--dataset") + 1]
+    if dataset == "shared-prefix":
+        return common + flag(args, "--prefix-len") + inp
+    if dataset == "multi-turn":  # turn k re-sends k inputs and the k - 1 answers before it
+        turns, out = flag(args, "--turns", 1), flag(args, "--output-len")
+        return common + inp * (turns + 1) / 2 + out * (turns - 1) / 2
+    return common + inp
+
+
+def with_load(args: list[str], load: float, seconds_per_token: float) -> list[str]:
+    """An open-loop workload's flags with its rate set to `load` x one prefill worker's compute here."""
+    if "--request-rate" not in args:
+        return args  # closed loop (sequential-docs): one request at a time whatever the machine
+    rate = load / (seconds_per_token * mean_prompt_tokens(args))
+    i = args.index("--request-rate")
+    return [*args[: i + 1], f"{rate:.3g}", *args[i + 2 :]]
+
+
+def calibrate(target: list[str], out: Path) -> dict:
+    """One prefill of CALIBRATION_TOKENS random tokens, alone, CALIBRATION_REQUESTS times: seconds per token."""
+    run_dir = out / "calibration"
+    cmd = [*TANDEM, "bench", *target, "--dataset", "random", "--input-len", str(CALIBRATION_TOKENS)]
+    cmd += ["--output-len", "1", "--num-requests", str(CALIBRATION_REQUESTS), "--max-concurrency", "1"]
+    cmd += ["--ignore-eos", "--seed", "999", "--quiet", "--no-plots", "--output", str(run_dir)]
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    (run,) = json.loads((run_dir / "summary.json").read_text())
+    ttft_s = run["ttft_ms"]["p50"] / 1e3
+    print(f"calibration: {CALIBRATION_TOKENS}-token prefill alone {ttft_s * 1e3:.0f} ms (TTFT p50)", flush=True)
+    return {"ttft_p50_s": ttft_s, "seconds_per_token": ttft_s / CALIBRATION_TOKENS, "command": shlex.join(cmd)}
 
 
 def workloads(size: int) -> dict[str, list[str]]:
@@ -144,7 +193,15 @@ def main() -> None:
         "and the verdict is on each cell's median",
     )
     ap.add_argument("--out", default="benchmarks/results/routing_workloads")
+    ap.add_argument(
+        "--load",
+        type=float,
+        help="set the open-loop workloads' rates to this share of one prefill worker's compute, measured here "
+        "(default: the fixed rates in the table)",
+    )
     args = ap.parse_args()
+    if args.load is not None and args.load <= 0:
+        raise SystemExit(f"--load must be > 0, got {args.load}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"when": time.strftime("%Y-%m-%d %H:%M"), "config": vars(args), "runs": {}}
@@ -189,13 +246,20 @@ def serve_and_run(args: argparse.Namespace, out: Path, size: int, policy: str, r
     print(f"\n=== {tag}: starting", flush=True)
     proc, target = start(name, flags, server_args, out / f"{tag}.server.log")
     try:
+        if args.load is not None and "calibration" not in results:
+            results["calibration"] = calibrate(target, out)
         for k, workload in enumerate(args.workloads):
             run_dir = out / tag / workload
+            flags = workloads(size)[workload]
+            if args.load is not None:
+                flags = with_load(flags, args.load, results["calibration"]["seconds_per_token"])
+                rate = flags[flags.index("--request-rate") + 1] if "--request-rate" in flags else "closed loop"
+                results.setdefault("rates", {})[workload] = rate
             cmd = [
                 *TANDEM,
                 "bench",
                 *target,
-                *workloads(size)[workload],
+                *flags,
                 "--ignore-eos",
                 "--seed",
                 str(args.seed + k + 100 * rep),
