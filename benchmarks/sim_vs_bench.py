@@ -150,6 +150,8 @@ def live_models(metrics_url: str) -> dict[str, dict]:
                 found.setdefault(worker, {})["steps"] = int(sample.value)
             elif sample.name == "tandem_worker_step_model_busy_neighbours":
                 found.setdefault(worker, {})["busy"] = sample.value
+            elif sample.name == "tandem_worker_step_model_decode_shape":
+                found.setdefault(worker, {}).setdefault("decode_shape", {})[sample.labels["dim"]] = sample.value
     for worker, t in terms.items():
         found[worker]["model"] = StepModel.of_coefficients([t[name] for name in STEP_TERMS])
     return {w: f for w, f in found.items() if "model" in f}
@@ -160,15 +162,15 @@ def live_fit_rows(profiled: StepModel, live: dict[str, dict], after_sweep: int) 
     for worker, f in sorted(live.items()):
         steps = {}
         for name, shape in TYPICAL_STEPS.items():
-            # like with like: a live fit is the five-term model, so against the profile's five terms (the
-            # profile's decode grid, what the simulator prices decode rows with, is kept beside them)
-            p, m = profiled.linear().step_s(shape), f["model"].step_s(shape)
+            # against the step as the simulator prices it (the profile's decode grid for decode rows), as the
+            # online policy compares them (planner.policy.speed_factors); the profile's five terms beside it
+            p, m = profiled.step_s(shape), f["model"].step_s(shape)
             steps[name] = {"profile_ms": p * 1e3, "live_ms": m * 1e3, "ratio": m / p if p else None}
-            steps[name]["profile_grid_ms"] = profiled.step_s(shape) * 1e3
+            steps[name]["profile_linear_ms"] = profiled.linear().step_s(shape) * 1e3
         coefficients = dict(zip(STEP_TERMS, f["model"].coefficients(), strict=True))
         rows.append(
             {"after_sweep": after_sweep, "worker": worker, "role": f["role"], "steps": f.get("steps", 0)}
-            | {"busy_neighbours": f.get("busy", 0.0)}
+            | {"busy_neighbours": f.get("busy", 0.0), "decode_shape": f.get("decode_shape", {})}
             | {"typical": steps, "coefficients": coefficients}
         )
     return rows
@@ -250,7 +252,7 @@ def resimulation_inputs(out: Path, profiled: StepModel) -> tuple[dict[str, str],
     for r in live["rows"]:
         model = StepModel.of_coefficients([r["coefficients"][t] for t in STEP_TERMS])
         one = {r["worker"]: {"role": r["role"], "steps": r["steps"], "busy": r.get("busy_neighbours", 0.0)}}
-        one[r["worker"]]["model"] = model
+        one[r["worker"]] |= {"model": model, "decode_shape": r.get("decode_shape", {})}
         rows += live_fit_rows(profiled, one, r["after_sweep"])
     commands = {k: v for k, v in earlier["commands"].items() if k in ("profile", "bench", "simulate")}
     return commands, rows
@@ -262,6 +264,12 @@ def simulate(args: argparse.Namespace, profile: Path, sim_bench: list[str], out_
     cmd += ["--output", str(out_dir), "--no-plots"]
     run(cmd, log)
     return cmd
+
+
+def served_decode(row: dict) -> tuple[float, ...]:
+    """A live-fit row's typical decode step as WorkerLive.live_decode: (rows, context per row), or ()."""
+    shape = row.get("decode_shape", {})
+    return (shape["rows"], shape["context"]) if "rows" in shape and "context" in shape else ()
 
 
 def simulate_refined(
@@ -283,6 +291,7 @@ def simulate_refined(
             float("inf"),
             live_step=tuple(r["coefficients"][t] for t in STEP_TERMS),
             live_busy=r.get("busy_neighbours", 0.0),
+            live_decode=served_decode(r),
         )
         for r in live_rows
         if r["after_sweep"] == k

@@ -74,7 +74,8 @@ WIRE_VERSION = 8  # 1: first version (issue 3); 2: WorkerStatus.incarnation, KVH
 #                  6: WorkerStatus.live_step / live_steps: the step model refitted from live steps (issue 20)
 #                  7: WorkerStatus.widened_steps, lent_s, tpot_slack_s, ProfilePlan.threads: sharing a host's
 #                     cores (issue 16)
-#                  8: WorkerStatus.live_busy: the host's load beside live_step's steps (issue 20)
+#                  8: WorkerStatus.live_busy, live_decode: the host's load beside live_step's steps and the
+#                     decode step they typically were (issue 20)
 
 
 class Role(enum.StrEnum):
@@ -220,6 +221,8 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     # other workers of this host stepping while those steps ran (mean per step): live_step includes
     # their contention, which a planner that models contention itself takes out again (planner/policy.py)
     live_busy: float = 0.0
+    # (rows, context per row): the median decode-only step behind live_step, where the fit has its steps; ()
+    live_decode: tuple[float, ...] = ()
 
 
 class KVEventsReply(msgspec.Struct, frozen=True):

@@ -145,6 +145,7 @@ class PlannerLoop:
                         draining=slot.draining or not slot.healthy,
                         live_step=slot.status.live_step if slot.status is not None else (),
                         live_busy=slot.status.live_busy if slot.status is not None else 0.0,
+                        live_decode=slot.status.live_decode if slot.status is not None else (),
                     )
                 )
         return Observation(

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 
 import msgspec
@@ -409,6 +410,17 @@ class LiveFit:
             self._samples.append(StepSample(StepShape(*features), seconds))
             self._busy.append(busy)
             self._new += 1
+
+    def served_decode(self, at_least: int = 8) -> tuple[int, float] | None:
+        """The decode-only step this worker typically ran in its window: (median rows, median context per row);
+        None with fewer than `at_least` such steps. Where a planner compares the live fit with the profile:
+        the fit is right where it has steps, and may be far off elsewhere."""
+        with self._lock:
+            decode = [s.shape for s in self._samples if s.shape.prefill_tokens == 0 and s.shape.decode_seqs > 0]
+        if len(decode) < at_least:
+            return None
+        rows = round(statistics.median(d.decode_seqs for d in decode))
+        return max(rows, 1), statistics.median(d.decode_context / d.decode_seqs for d in decode)
 
     def busy_neighbours(self) -> float:
         """Mean busy neighbours over the kept steps, each step counted once as the fit counts it (relative

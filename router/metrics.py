@@ -100,6 +100,7 @@ METRIC_NAMES = {
     "tandem_worker_step_model_seconds",
     "tandem_worker_step_model_steps",
     "tandem_worker_step_model_busy_neighbours",
+    "tandem_worker_step_model_decode_shape",
     "tandem_planner_wanted_workers",
     "tandem_planner_request_rate",
     "tandem_planner_slo_attainment",
@@ -297,6 +298,12 @@ class _WorkerCollector:
             "(mean per step): the contention those steps include",
             labels=labels,
         )
+        step_decode = GaugeMetricFamily(
+            "tandem_worker_step_model_decode_shape",
+            "The decode-only step the worker typically ran behind tandem_worker_step_model_seconds: median rows "
+            "(dim=rows) and context tokens per row (dim=context); the planner compares the fit with its profile there",
+            labels=[*labels, "dim"],
+        )
         widened = CounterMetricFamily(
             "tandem_worker_widened_steps",
             "Steps the worker ran on cores idle or lent by other workers on its host (worker_core/core_share.py)",
@@ -329,5 +336,8 @@ class _WorkerCollector:
                     step_model.add_metric([*lv, term], value)
                 step_steps.add_metric(lv, s.live_steps)
                 step_busy.add_metric(lv, s.live_busy)
+                if len(s.live_decode) == 2:
+                    step_decode.add_metric([*lv, "rows"], s.live_decode[0])
+                    step_decode.add_metric([*lv, "context"], s.live_decode[1])
         yield from (running, waiting, blocks, usage, leases, hits, spec_tokens, spec_steps, widened, lent, up)
-        yield from (step_model, step_steps, step_busy)
+        yield from (step_model, step_steps, step_busy, step_decode)

@@ -199,6 +199,7 @@ class WorkerHost:
             live_step=live.coefficients() if (live := self.engine.live_fit.model()) is not None else (),
             live_steps=live.samples if live is not None else 0,
             live_busy=self.engine.live_fit.busy_neighbours(),
+            live_decode=served if (served := self.engine.live_fit.served_decode()) is not None else (),
         )
 
     async def kv_snapshot(self) -> KVSnapshot:

@@ -218,6 +218,7 @@ def _fresh_registry_samples() -> dict[str, set[str]]:
         prefix_hit_tokens=5,
         live_step=(0.015, 0.0015, 1e-6, 0.002, 7e-6),
         live_steps=300,
+        live_decode=(4.0, 300.0),
     )
     rows = [("decode", "d0", status, True)]
     if hasattr(metrics, "set_workers"):
@@ -248,7 +249,9 @@ def test_worker_step_model_gauges_carry_the_live_fit_term_by_term():
     common = dict(role="prefill", health="SERVING", kv_blocks_total=100, kv_blocks_free=100, running=0, waiting=0)
     common |= dict(leased=0, node_id="n0", device="cpu", block_size=16, dtype="float32")
     live_step = (0.015, 0.0015, 1e-6, 0.002, 7e-6)
-    live = WorkerStatus(worker_id="p0", **common, live_step=live_step, live_steps=300, live_busy=0.4)
+    live = WorkerStatus(
+        worker_id="p0", **common, live_step=live_step, live_steps=300, live_busy=0.4, live_decode=(6.0, 300.5)
+    )
     cold = WorkerStatus(worker_id="p1", **common)  # in its warm-up: no live model yet
     metrics.workers_source = lambda: [("prefill", "p0", live, True), ("prefill", "p1", cold, True)]
     get = metrics.registry.get_sample_value
@@ -260,6 +263,11 @@ def test_worker_step_model_gauges_carry_the_live_fit_term_by_term():
     assert get("tandem_worker_step_model_steps", {"role": "prefill", "worker": "p1"}) is None
     assert get("tandem_worker_step_model_busy_neighbours", {"role": "prefill", "worker": "p0"}) == 0.4
     assert get("tandem_worker_step_model_busy_neighbours", {"role": "prefill", "worker": "p1"}) is None
+    shape = [get("tandem_worker_step_model_decode_shape", {"role": "prefill", "worker": "p0", "dim": d}) for d in "rc"]
+    assert shape == [None, None]  # dims are named in full
+    rows = get("tandem_worker_step_model_decode_shape", {"role": "prefill", "worker": "p0", "dim": "rows"})
+    context = get("tandem_worker_step_model_decode_shape", {"role": "prefill", "worker": "p0", "dim": "context"})
+    assert (rows, context) == (6.0, 300.5)
     assert get("tandem_worker_step_model_seconds", {"role": "prefill", "worker": "p1", "term": "base"}) is None
 
 

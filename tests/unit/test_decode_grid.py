@@ -169,16 +169,57 @@ def test_the_planners_live_speed_factor_scales_the_grid_too():
 
 
 def test_a_worker_as_fast_as_its_profile_gets_factor_one_even_with_a_grid():
-    from planner.policy import WorkerLive, speed_factors
+    """A decode worker serving batches of 6-10 rows at the profile's measured speed fits a linear model that is
+    right where it serves and nothing like the profile's linear part (fitted over 1-32 rows): it is compared
+    with the step as the simulator prices it, the grid, and gets 1.0; twice as slow gets 2.0."""
+    from planner.policy import TYPICAL_DECODE, WorkerLive, speed_factors
 
     samples = profile_samples()
     model = with_decode_grid(fit_step_model(samples), samples)
-    assert model.step_s(StepShape(0, 0.0, 8, 8 * 512)) != model.linear().step_s(StepShape(0, 0.0, 8, 8 * 512))
-    same = tuple(model.coefficients())
-    twice = tuple(2 * c for c in model.coefficients())
+    assert model.linear().step_s(TYPICAL_DECODE) < 0.9 * model.step_s(TYPICAL_DECODE)  # the knee: linear is off
+
+    def served(slow: float) -> tuple[float, ...]:
+        steps = []
+        for i in range(120):
+            rows, context = 6 + i % 5, 400 + 7 * i
+            steps.append(StepSample(StepShape.of([], [context] * rows), slow * decode_truth(rows, context)))
+            if i % 10 == 0:  # now and then a prompt prefilled locally
+                steps.append(StepSample(StepShape.of([(256, 0)]), slow * prefill_truth(256)))
+        return tuple(fit_step_model(steps).coefficients())
+
+    assert served(1.0) != pytest.approx(tuple(model.coefficients()), rel=0.05)  # a different linear fit
     workers = (
-        WorkerLive("d0", "decode", 600.0, live_step=same),
-        WorkerLive("p0", "prefill", 600.0, live_step=twice),
+        WorkerLive("d0", "decode", 600.0, live_step=served(1.0)),
+        WorkerLive("p0", "prefill", 600.0, live_step=tuple(2 * c for c in model.coefficients())),
     )
     factors, cold = speed_factors(profile_of(model), workers, warmup_s=120.0)
-    assert factors["decode"] == pytest.approx(1.0) and factors["prefill"] == pytest.approx(2.0) and cold == 0
+    assert factors["decode"] == pytest.approx(1.0, rel=0.05) and factors["prefill"] == pytest.approx(2.0)
+    assert cold == 0
+    slow = (WorkerLive("d0", "decode", 600.0, live_step=served(2.0)),)
+    assert speed_factors(profile_of(model), slow, warmup_s=120.0)[0]["decode"] == pytest.approx(2.0, rel=0.05)
+
+
+def test_the_live_fit_is_compared_with_the_profile_where_it_has_its_steps():
+    """A decode worker under light load runs 1-3 rows: its linear fit knows nothing of the knee at 4 rows, so at
+    the default typical step (8 rows) it says 'faster than the profile'. The worker's own typical decode step
+    (LiveFit.served_decode, reported as WorkerStatus.live_decode) is where the two are compared."""
+    from planner.model import LiveFit
+    from planner.policy import TYPICAL_DECODE, WorkerLive, speed_factors
+
+    samples = profile_samples()
+    model = with_decode_grid(fit_step_model(samples), samples)
+    live = LiveFit(warmup_s=0.0, window=300, refit_every=50, min_steps=40)
+    for i in range(200):
+        rows, context = 1 + i % 3, 250 + i % 60
+        shape = StepShape.of([], [context] * rows)
+        live.observe((0, 0.0, shape.decode_seqs, shape.decode_context), decode_truth(rows, context), float(i))
+    fit = live.model()
+    served = live.served_decode()
+    assert fit is not None and served is not None
+    assert served[0] == 2 and 250 <= served[1] < 310  # the median step: 2 rows of the contexts served
+    assert fit.step_s(TYPICAL_DECODE) < 0.8 * model.step_s(TYPICAL_DECODE)  # extrapolated past the knee
+    blind = WorkerLive("d0", "decode", 600.0, live_step=fit.coefficients())
+    assert speed_factors(profile_of(model), (blind,), warmup_s=120.0)[0]["decode"] < 0.8
+    aware = WorkerLive("d0", "decode", 600.0, live_step=fit.coefficients(), live_decode=served)
+    assert speed_factors(profile_of(model), (aware,), warmup_s=120.0)[0]["decode"] == pytest.approx(1.0, rel=0.05)
+    assert LiveFit(warmup_s=0.0).served_decode() is None  # no decode steps yet: the default typical step
