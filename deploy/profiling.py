@@ -142,7 +142,7 @@ def format_table(profile: Profile) -> str:
         else "transfer: not measured"
     )
     lines.append(
-        f"served path: first token +{o.first_token_s * 1e3:.2f} ms, per token +{o.per_token_s * 1e3:.2f} ms "
+        f"served path: first token +{o.first_token_s * 1e3:.2f} ms, per decode step +{o.per_token_s * 1e3:.2f} ms "
         f"({o.samples} requests)"
     )
     if o.widened_prefill_speedup:

@@ -60,7 +60,9 @@ class ServedOverhead(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What the served path adds on top of engine steps, measured through a running cluster."""
 
     first_token_s: float = 0.0  # TTFT minus queueing, steps and transfer: gRPC, router, Ray calls
-    per_token_s: float = 0.0  # per decode row of a step: its token streamed back (measured at batch 1)
+    # per decode step, whatever its rows: served ITL beyond the step model, measured at batch 1 (8-row steps
+    # served are as fast as offline ones, so this is not charged per row; the name is the file format's)
+    per_token_s: float = 0.0
     samples: int = 0
     # workers sharing a host slow each other (cores, memory bandwidth, caches): a step runs this much longer
     # per other worker of its host busy when it starts, by the role of the slowed worker (0: not measured)

@@ -317,7 +317,7 @@ class SimWorker:
         chunks = [(n, r.computed) for r, n in rows if not is_decode_row(r, n)]
         decodes = [r.computed + 1 for r, n in rows if is_decode_row(r, n)]
         shape = StepShape.of(chunks, decodes)
-        seconds = self.profile.step.step_s(shape) + self.per_step_overhead_s * len(decodes)
+        seconds = self.profile.step.step_s(shape) + (self.per_step_overhead_s if decodes else 0.0)
         return StepPlan(rows, seconds)
 
     def _preempt(self, req: SimRequest) -> None:

@@ -477,6 +477,24 @@ def test_contention_slows_a_step_only_while_its_host_neighbour_is_busy():
     assert after and all(g < 1.1 * gaps_alone[5] * 1.05 for g in after)  # B has left P: full speed again
 
 
+def test_the_served_paths_decode_overhead_is_paid_once_per_step_not_per_row():
+    """ServedOverhead.per_token_s is measured at batch 1 (served ITL beyond the step model). The served path
+    adds it per step: 8-row steps served run as fast as offline ones (docs/BENCHMARKS.md, served_overhead.py
+    --batch 8); charged per row, a few noisy milliseconds became tens per 8-row step."""
+    base, per_row, extra = 0.010, 0.002, 0.004
+    step = StepModel(base_s=base, per_prefill_token_s=1e-4, per_decode_seq_s=per_row)  # exact plateaus per batch
+    p = profile_of(step, overhead=ServedOverhead(0.0, extra, 1), transfer=TransferModel(0.0, 0.0))
+    maker = SegmentPromptMaker()
+    units = [Unit(i, [Turn(maker.fresh(64), 40)]) for i in range(8)]
+    res = simulate(p, ClusterSpec(), Dataset("eight", {}, iter(units), size=8), LoadConfig(rate=math.inf))
+    rows = set()
+    for r in res.records:  # each gap after the first (the pull) is one decode step of D's batch at the time
+        for (a, _), (b, _) in zip(r.chunks[1:], r.chunks[2:], strict=False):
+            rows.add((b - a - base - extra) / per_row)
+    assert 8 in {round(n) for n in rows} <= set(range(1, 9))  # batches of up to 8 rows, each paying `extra` once
+    assert all(n == pytest.approx(round(n), abs=1e-6) for n in rows)
+
+
 def test_a_large_plan_is_simulated_as_a_proportional_slice():
     req = PlanRequest(
         rate=40.0,
