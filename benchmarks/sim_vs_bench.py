@@ -278,7 +278,7 @@ def simulate_refined(
     """`--refine-after K`: the profile as `tandem serve --planner sla` refines it online (planner.policy:
     each pool's step model scaled by its workers' live / profiled ratio on a typical step), from the live fits
     read after real sweep K, simulated and compared with the median of the later sweeps only."""
-    from planner.policy import WorkerLive, refined_profile, speed_factors
+    from planner.live_speed import WorkerLive, refined_profile, speed_factors
     from planner.profile import save_profile
 
     k = args.refine_after

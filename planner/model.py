@@ -396,9 +396,10 @@ class LiveFit:
         self._lock = threading.Lock()
 
     def observe(self, features: tuple[int, float, int, int], seconds: float, now: float, busy: float = 0.0) -> None:
-        """`busy`: how many other workers of the host were running steps meanwhile (mean of its start and end;
-        worker_core/core_share.py). The fit keeps the step as it ran; `busy_neighbours()` says how loaded the
-        host was, so that a planner can tell this worker's own speed from its neighbours' load."""
+        """`busy`: how many other workers of the host were running steps as it started (the simulator's
+        contention counts those; worker_core/core_share.py). The fit keeps the step as it ran;
+        `busy_neighbours()` says how loaded the host was, so that a planner can tell this worker's own speed
+        from its neighbours' load."""
         with self._lock:
             if self._first is None:
                 self._first = now

@@ -327,8 +327,8 @@ class AsyncEngine:
                     self._widen(True)
                     if self._lend():
                         continue  # commands came in during the pause: run them, then pause again or step
-                    share = self.core_share
-                    busy0 = share.busy_peers() if share is not None else 0
+                    # neighbours stepping as this step starts: what the simulator's contention counts
+                    busy = self.core_share.busy_peers() if self.core_share is not None else 0
                     t0 = self.core.clock()
                     outputs = self.core.step()
                     t1 = self.core.clock()
@@ -338,7 +338,6 @@ class AsyncEngine:
                     if self.lend is not None:
                         self.lend.observe(t1 - t0, *self.core.last_step_shape)
                     if not widened:  # with the host's load beside it: the planner tells speed from contention
-                        busy = (busy0 + share.busy_peers()) / 2 if share is not None else 0.0
                         self.live_fit.observe(self.core.last_step_features, t1 - t0, t1, busy)
                     self._publish(loop)
                     freed = len(self.core.scheduler.requests) < before or any(o.finished for o in outputs)

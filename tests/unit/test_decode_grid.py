@@ -158,7 +158,7 @@ def test_groups_whose_contexts_meet_or_cross_never_divide_by_zero():
 
 
 def test_the_planners_live_speed_factor_scales_the_grid_too():
-    from planner.policy import scaled
+    from planner.live_speed import scaled
 
     samples = profile_samples()
     model = with_decode_grid(fit_step_model(samples), samples)
@@ -172,7 +172,7 @@ def test_a_worker_as_fast_as_its_profile_gets_factor_one_even_with_a_grid():
     """A decode worker serving batches of 6-10 rows at the profile's measured speed fits a linear model that is
     right where it serves and nothing like the profile's linear part (fitted over 1-32 rows): it is compared
     with the step as the simulator prices it, the grid, and gets 1.0; twice as slow gets 2.0."""
-    from planner.policy import TYPICAL_DECODE, WorkerLive, speed_factors
+    from planner.live_speed import TYPICAL_DECODE, WorkerLive, speed_factors
 
     samples = profile_samples()
     model = with_decode_grid(fit_step_model(samples), samples)
@@ -203,8 +203,8 @@ def test_the_live_fit_is_compared_with_the_profile_where_it_has_its_steps():
     """A decode worker under light load runs 1-3 rows: its linear fit knows nothing of the knee at 4 rows, so at
     the default typical step (8 rows) it says 'faster than the profile'. The worker's own typical decode step
     (LiveFit.served_decode, reported as WorkerStatus.live_decode) is where the two are compared."""
+    from planner.live_speed import TYPICAL_DECODE, WorkerLive, speed_factors
     from planner.model import LiveFit
-    from planner.policy import TYPICAL_DECODE, WorkerLive, speed_factors
 
     samples = profile_samples()
     model = with_decode_grid(fit_step_model(samples), samples)
