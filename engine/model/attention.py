@@ -12,10 +12,13 @@ A step's tokens arrive flattened, decode-like requests first:
   are grouped under their KV head, so one SDPA call over (B, kv_heads) with the
   G = heads / kv_heads query heads as the "query length" does all of them with no
   repeat of K/V. Padding beyond each context is masked.
-* Prefill chunks: one SDPA call per chunk (a loop over requests, not tokens). A
-  chunk that starts at position 0 attends to its own fresh K/V with is_causal; a
-  chunk after a cached prefix or an earlier chunk gathers its context blocks and
-  uses a causal mask shifted by the context length.
+* Prefill chunks: one call per chunk (a loop over requests, not tokens). With the
+  CPU kernels (engine/model/cpu_kernels.py) a native causal kernel reads the
+  chunk's K/V in place: a fresh prompt's own rows, or the context blocks after a
+  cached prefix or an earlier chunk. Otherwise SDPA: a chunk that starts at
+  position 0 attends to its own fresh K/V with is_causal; a chunk after a cached
+  prefix or an earlier chunk gathers its context blocks and uses a causal mask
+  shifted by the context length.
 
 `AttentionMetadata` is built once per step by the runner; every layer reuses it.
 """
@@ -128,8 +131,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, heads, dim]; k, v: [T, kv_heads, dim] (already written to the cache) -> [T, heads * dim].
 
-    With `kernels` (engine/model/cpu_kernels.py, float32 or bf16 on CPU) decode rows are attended by the native kernel,
-    which reads the cache blocks in place; `q_rows` [T, row] is then the tensor whose rows start with q.
+    With `kernels` (engine/model/cpu_kernels.py, float32 or bf16 on CPU) decode rows and prefill chunks are attended by
+    the native kernels, which read the cache blocks (or a fresh prompt's own K/V rows) in place; `q_rows` [T, row] is
+    then the tensor whose rows start with q.
     """
     t, heads, dim = q.shape
     kv_heads = k.shape[1]
@@ -162,6 +166,11 @@ def paged_attention(
                 q[c.start : c.end], cache_k, cache_v, c.block_ids, c.context_len, scale, nhd
             )
             continue
+        if kernels is not None and q_rows is not None:
+            oc = _prefill_attention_kernel(kernels, q, k, v, cache_k, cache_v, c, order, scale)
+            if oc is not None:
+                out[c.start : c.end] = oc.view(c.end - c.start, heads, dim)
+                continue
         qc = q[c.start : c.end].transpose(0, 1).unsqueeze(0)  # [1, heads, q, d]
         if c.block_ids is None:
             kc = k[c.start : c.end].transpose(0, 1).unsqueeze(0)
@@ -174,6 +183,38 @@ def paged_attention(
         )
         out[c.start : c.end] = oc.squeeze(0).transpose(0, 1)
     return out.view(t, heads * dim)
+
+
+def _prefill_attention_kernel(
+    kernels,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    c: PrefillChunk,
+    order: KVOrder,
+    scale: float,
+) -> torch.Tensor | None:
+    """The native prefill attention (causal, K/V read in place): [q_len, heads * dim], or None where the chunk's
+    K/V are not laid out as the kernel reads them (torch's path then)."""
+    qc = q[c.start : c.end]
+    if c.block_ids is None:  # a fresh prompt: its own K/V rows, one block of q_len tokens
+        kc, vc = k[c.start : c.end], v[c.start : c.end]
+        if kc.stride() != vc.stride() or kc.stride(2) != 1:
+            return None
+        blocks = torch.zeros(1, dtype=torch.int64)
+        return kernels.paged_prefill_attention(
+            qc, kc, vc, (0, kc.stride(0), kc.stride(1)), blocks, c.end - c.start, c.context_len, k.shape[1], scale
+        )
+    nhd = order is KVOrder.NHD
+    sb, s1, s2 = cache_k.stride(0), cache_k.stride(1), cache_k.stride(2)
+    strides = (sb, s1, s2) if nhd else (sb, s2, s1)  # (block, slot, head)
+    block_size = cache_k.shape[1] if nhd else cache_k.shape[2]
+    blocks = c.block_ids if c.block_ids.dtype == torch.int64 else c.block_ids.long()
+    return kernels.paged_prefill_attention(
+        qc, cache_k, cache_v, strides, blocks.contiguous(), block_size, c.context_len, k.shape[1], scale
+    )
 
 
 def _decode_attention_kernel(

@@ -33,7 +33,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
-ABI = 5
+ABI = 6
 
 _lock = threading.Lock()
 _kernel: "CpuKernels | None | bool" = False  # False: not tried yet
@@ -141,6 +141,30 @@ class CpuKernels:
                 _L,
                 _P,
                 _L,
+                _L,
+                _L,
+                _L,
+                _F,
+                _I,
+            )
+            for dt, sfx in _SUFFIX.items()
+        }
+
+        self._prefill_attn = {
+            dt: bind(
+                f"tandem_paged_prefill_attention_{sfx}",
+                _P,
+                _L,
+                _P,
+                _P,
+                _L,
+                _L,
+                _L,
+                _P,
+                _L,
+                _L,
+                _L,
+                _P,
                 _L,
                 _L,
                 _L,
@@ -272,6 +296,69 @@ class CpuKernels:
             scale,
             torch.get_num_threads(),
         )
+        return out
+
+    def paged_prefill_attention(
+        self,
+        q: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        strides: tuple[int, int, int],
+        blocks: torch.Tensor,
+        block_size: int,
+        context_len: int,
+        kv_heads: int,
+        scale: float,
+    ) -> torch.Tensor:
+        """Causal attention of one prompt chunk: q [T, heads, dim] (rows of any stride, heads and dims packed)
+        at positions context_len - T .. context_len - 1 -> [T, heads * dim].
+
+        K/V are read in place: element (block, slot, head, d) of cache_k / cache_v at the pointers' offset
+        block * strides[0] + slot * strides[1] + head * strides[2] + d, blocks[token // block_size] holding each
+        token of the context (int64). A fresh prompt's own K/V rows pass as one block: strides (0, row, head).
+        """
+        t, heads, dim = q.shape
+        if (
+            cache_k.dtype != q.dtype
+            or cache_v.dtype != q.dtype
+            or heads % kv_heads
+            or q.stride(2) != 1
+            or q.stride(1) != dim
+            or blocks.dtype != torch.int64
+            or not blocks.is_contiguous()
+        ):
+            raise ValueError(
+                f"prefill attention kernel: q {q.dtype} [T, heads, dim] with packed heads, K/V of the same dtype "
+                f"(got {cache_k.dtype}, {cache_v.dtype}), heads divisible by kv_heads ({heads}, {kv_heads}) and "
+                f"contiguous int64 blocks (got {blocks.dtype}) are required"
+            )
+        if context_len < t or blocks.numel() * block_size < context_len:
+            raise ValueError(
+                f"prefill attention kernel: {t} queries need a context of at least as many tokens (got "
+                f"{context_len}), and {blocks.numel()} blocks of {block_size} must cover it"
+            )
+        out = q.new_empty(t, heads * dim)
+        if t:
+            sb, ss, sh = strides
+            self._prefill_attn[q.dtype](
+                q.data_ptr(),
+                q.stride(0),
+                cache_k.data_ptr(),
+                cache_v.data_ptr(),
+                sb,
+                ss,
+                sh,
+                blocks.data_ptr(),
+                block_size,
+                context_len,
+                t,
+                out.data_ptr(),
+                heads,
+                kv_heads,
+                dim,
+                scale,
+                torch.get_num_threads(),
+            )
         return out
 
 

@@ -423,6 +423,94 @@ def test_bf16_paged_decode_attention_is_close_to_sdpa():
     torch.testing.assert_close(out.float().view(heads, d), ref.view(heads, d), rtol=2**-7, atol=2**-8)
 
 
+def _causal_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
+    """q [T, heads, d] at positions context - T ..; k, v [context, kv_heads, d] -> [T, heads * d] (float32 SDPA)."""
+    t, heads, d = q.shape
+    kv_heads = k.shape[1]
+    visible = torch.arange(context)[None, :] <= torch.arange(context - t, context)[:, None]
+    out = F.scaled_dot_product_attention(
+        q.float().transpose(0, 1),
+        k.float().transpose(0, 1).repeat_interleave(heads // kv_heads, 0),
+        v.float().transpose(0, 1).repeat_interleave(heads // kv_heads, 0),
+        attn_mask=visible,
+        scale=d**-0.5,
+    )
+    return out.transpose(0, 1).reshape(t, heads * d)
+
+
+@needs_kernel
+@pytest.mark.parametrize("order", ["NHD", "HND"])
+@pytest.mark.parametrize(
+    "q_len,context",
+    # a fresh prompt (context = q_len) from one token to more than two key chunks (64); a chunk after a prefix
+    # (a cache hit or an earlier chunk), starting inside a block or on its edge; one token after a long prefix
+    [(1, 1), (7, 7), (130, 130), (37, 100), (64, 200), (16, 48), (1, 300), (200, 201)],
+)
+@pytest.mark.parametrize(
+    "heads,kv_heads,d",
+    # query heads per KV head 3 (SmolLM2: tiles of 16 or 32 rows hold no whole number of positions), 1, 4, 8;
+    # head dims in whole passes of the value product (6 or 12), and with remainders
+    [(9, 3, 64), (2, 2, 128), (8, 2, 80), (16, 2, 36), (4, 1, 20)],
+)
+def test_paged_prefill_attention_matches_causal_sdpa(order, q_len, context, heads, kv_heads, d):
+    """The chunk's context read from random blocks of a shared cache, in place, against SDPA with the causal mask
+    shifted by the context before the chunk."""
+    g = torch.Generator().manual_seed(q_len * 1000 + context + d)
+    bs, nb = 16, 40
+    shape = (nb, bs, kv_heads, d) if order == "NHD" else (nb, kv_heads, bs, d)
+    ck, cv = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    blocks = torch.randperm(nb, generator=g)[: -(-context // bs)]
+    if order == "NHD":
+        k, v = (c[blocks].reshape(-1, kv_heads, d)[:context] for c in (ck, cv))
+        strides = (ck.stride(0), ck.stride(1), ck.stride(2))
+    else:
+        k, v = (c[blocks].transpose(1, 2).reshape(-1, kv_heads, d)[:context] for c in (ck, cv))
+        strides = (ck.stride(0), ck.stride(2), ck.stride(1))
+    q = torch.randn(q_len, heads, d, generator=g)
+    out = KERNEL.paged_prefill_attention(q, ck, cv, strides, blocks, bs, context, kv_heads, d**-0.5)
+    torch.testing.assert_close(out, _causal_reference(q, k, v, context), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_prefill_attention_reads_a_fresh_prompts_rows_of_the_fused_qkv(dtype):
+    """A fresh prompt: q, k and v are column slices of one [T, (heads + 2 kv_heads) d] row each (the layer's qkv),
+    passed as one block; the result does not depend on the thread count."""
+    g = torch.Generator().manual_seed(3)
+    t, heads, kv_heads, d = 150, 9, 3, 64
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
+    q = qkv[:, : heads * d].view(t, heads, d)
+    k = qkv[:, heads * d : (heads + kv_heads) * d].view(t, kv_heads, d)
+    v = qkv[:, (heads + kv_heads) * d :].view(t, kv_heads, d)
+    one = torch.zeros(1, dtype=torch.int64)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(
+                KERNEL.paged_prefill_attention(q, k, v, (0, k.stride(0), k.stride(1)), one, t, t, kv_heads, 0.125)
+            )
+    finally:
+        torch.set_num_threads(threads)
+    assert outs[0].dtype == dtype and torch.equal(outs[0], outs[1])
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 2**-8}
+    torch.testing.assert_close(outs[0].float(), _causal_reference(q, k, v, t), **tol)
+
+
+@needs_kernel
+def test_paged_prefill_attention_rejects_what_it_cannot_read():
+    q = torch.randn(4, 6, 32)
+    ck = torch.randn(8, 16, 2, 32)
+    strides = (ck.stride(0), ck.stride(1), ck.stride(2))
+    with pytest.raises(ValueError, match="must cover it"):  # 4 queries after 36 tokens: 40 > 2 blocks of 16
+        KERNEL.paged_prefill_attention(q, ck, ck, strides, torch.tensor([0, 1]), 16, 40, 2, 0.1)
+    with pytest.raises(ValueError, match="at least as many"):
+        KERNEL.paged_prefill_attention(q, ck, ck, strides, torch.tensor([0]), 16, 3, 2, 0.1)
+    with pytest.raises(ValueError, match="same dtype"):
+        KERNEL.paged_prefill_attention(q.bfloat16(), ck, ck, strides, torch.tensor([0]), 16, 4, 2, 0.1)
+
+
 def test_cpus_without_avx2_fma_keep_torchs_ops(fresh_kernel_state, monkeypatch):
     """The kernels need 8-lane FMA (AVX2) or 16-lane (AVX-512) vectors; an AVX-only CPU keeps torch's ops."""
     monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "fpu sse2 avx f16c")

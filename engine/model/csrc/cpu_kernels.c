@@ -150,7 +150,7 @@ static inline __attribute__((always_inline)) void group_pass(const void *xb, lon
     }
 }
 
-int tandem_cpu_kernels_abi(void) { return 5; }
+int tandem_cpu_kernels_abi(void) { return 6; }
 
 /* Outputs per packed weight block (the loader packs with it). */
 int tandem_cpu_kernels_block(void) { return NB; }
@@ -577,4 +577,185 @@ void tandem_paged_decode_attention_bf16(const bf16_t *q, long q_row, const bf16_
 {
     paged_decode_attention(q, q_row, cache_k, cache_v, sb, ss, sh, table, max_blocks, lens, block_size, out, B,
                            heads, kv_heads, D, scale, nthreads, 1);
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Prefill attention, causal, over keys read in place: one prompt chunk of T queries after a context of L - T
+ * tokens (a cached prefix or earlier chunks; 0 for a fresh prompt), so query t sits at position L - T + t and
+ * sees keys 0 .. L - T + t.
+ *
+ * q:      T rows, each heads * D values at q + t * q_row
+ * k, v:   element (block, slot, head, d) at block * sb + slot * ss + head * sh + d, blocks[t / block_size] holding
+ *         token t (a fresh prompt's own K/V rows pass as one block: sb = 0, block_size >= T)
+ * out:    [T, heads * D]
+ *
+ * The work is two small matrix products per chunk of PK keys, both vectorised over query rows: a tile is PR
+ * = 2 vectors of rows, a row being one (position, query head) pair of one KV head (rows in position-major
+ * order, so the G heads of a position share K and V loads and G need not divide the tile). The tile's queries
+ * are transposed once into qt[d][row] (scaled), so S^T[key][row] = sum_d k[key][d] * qt[d][row] broadcasts
+ * one cache value against two vectors of rows (JG keys x 2 vectors of accumulators), reading each K row of
+ * the cache in place. Softmax is online and vectorised over rows (running maximum and sum per row); the
+ * outputs stay transposed, ot[d][row] += sum_key v[key][d] * p[key][row], DG dims x 2 vectors at a time, each
+ * V value read in place and broadcast. Keys past a row's position are masked only in the chunks that reach
+ * past the tile's first position. Tiles over (KV head, rows) run on OpenMP threads, the longest first. */
+#define PR (2 * VL)            /* query rows per tile */
+#define PK 64                  /* keys per chunk */
+#ifndef JG
+#define JG (VL == 16 ? 12 : 6) /* keys per pass of the score product: JG x 2 accumulators */
+#endif
+#ifndef DG
+#define DG (VL == 16 ? 12 : 6) /* head dims per pass of the value product */
+#endif
+
+static inline __attribute__((always_inline)) void prefill_tile(const void *q, long q_row, const void *cache_k,
+                                                               const void *cache_v, long sb, long ss, long hoff,
+                                                               const long *restrict blocks, long block_size,
+                                                               long L, long T, void *out, long heads, long kh,
+                                                               long G, long D, float scale, long r0,
+                                                               const int is_bf16)
+{
+    const long rows = T * G - r0 < PR ? T * G - r0 : PR;
+    const long first = L - T + r0 / G;              /* position of the tile's first row */
+    const long last = L - T + (r0 + rows - 1) / G;  /* ... and of its last */
+    float qt[D][PR], ot[D][PR], s[PK][PR], pos[PR];
+    for (long i = 0; i < PR; i++) {
+        const long r = r0 + (i < rows ? i : rows - 1); /* padding rows repeat the last one; never stored */
+        const long t = r / G, hq = kh * G + r % G;
+        pos[i] = (float)(L - T + t);
+        for (long d = 0; d < D; d++) {
+            qt[d][i] = load_1(q, t * q_row + hq * D + d, is_bf16) * scale;
+            ot[d][i] = 0.f;
+        }
+    }
+    const vf pos0 = loadv(pos), pos1 = loadv(pos + VL);
+    vf m0 = (vf){0} - INFINITY, m1 = m0, l0 = (vf){0}, l1 = l0;
+    long kp[PK], vp[PK];
+    for (long c0 = 0; c0 <= last; c0 += PK) {
+        const long n = last + 1 - c0 < PK ? last + 1 - c0 : PK;
+        for (long j = 0; j < n; j++) {
+            const long t = c0 + j;
+            kp[j] = vp[j] = blocks[t / block_size] * sb + (t % block_size) * ss + hoff;
+        }
+        long j = 0; /* scores: S^T[key][row] */
+        for (; j + JG <= n; j += JG) {
+            vf a[JG][2];
+            for (int u = 0; u < JG; u++) a[u][0] = a[u][1] = (vf){0};
+            for (long d = 0; d < D; d++) {
+                const vf qa = loadv(qt[d]), qb = loadv(qt[d] + VL);
+                for (int u = 0; u < JG; u++) {
+                    const float kd = load_1(cache_k, kp[j + u] + d, is_bf16);
+                    a[u][0] += qa * kd;
+                    a[u][1] += qb * kd;
+                }
+            }
+            for (int u = 0; u < JG; u++) {
+                storev(s[j + u], a[u][0]);
+                storev(s[j + u] + VL, a[u][1]);
+            }
+        }
+        for (; j < n; j++) {
+            vf a0 = (vf){0}, a1 = (vf){0};
+            for (long d = 0; d < D; d++) {
+                const float kd = load_1(cache_k, kp[j] + d, is_bf16);
+                a0 += loadv(qt[d]) * kd;
+                a1 += loadv(qt[d] + VL) * kd;
+            }
+            storev(s[j], a0);
+            storev(s[j] + VL, a1);
+        }
+        if (c0 + n - 1 > first) /* the causal mask: keys past a row's position */
+            for (j = 0; j < n; j++) {
+                const vf t = (vf){0} + (float)(c0 + j), ninf = (vf){0} - INFINITY;
+                storev(s[j], selectv(t > pos0, ninf, loadv(s[j])));
+                storev(s[j] + VL, selectv(t > pos1, ninf, loadv(s[j] + VL)));
+            }
+        vf c_0 = m0, c_1 = m1; /* online softmax per row */
+        for (j = 0; j < n; j++) {
+            const vf x0 = loadv(s[j]), x1 = loadv(s[j] + VL);
+            c_0 = selectv(x0 > c_0, x0, c_0);
+            c_1 = selectv(x1 > c_1, x1, c_1);
+        }
+        /* every row sees key 0, so after the first chunk each running maximum is finite */
+        const vf corr0 = expv(m0 - c_0), corr1 = expv(m1 - c_1);
+        m0 = c_0;
+        m1 = c_1;
+        vf sum0 = (vf){0}, sum1 = (vf){0};
+        for (j = 0; j < n; j++) {
+            const vf p0 = expv(loadv(s[j]) - m0), p1 = expv(loadv(s[j] + VL) - m1);
+            storev(s[j], p0);
+            storev(s[j] + VL, p1);
+            sum0 += p0;
+            sum1 += p1;
+        }
+        l0 = l0 * corr0 + sum0;
+        l1 = l1 * corr1 + sum1;
+        long d0 = 0; /* outputs: ot[d][row] = ot * corr + sum_key v[key][d] * p[key][row] */
+        for (; d0 + DG <= D; d0 += DG) {
+            vf a[DG][2];
+            for (int u = 0; u < DG; u++) {
+                a[u][0] = loadv(ot[d0 + u]) * corr0;
+                a[u][1] = loadv(ot[d0 + u] + VL) * corr1;
+            }
+            for (j = 0; j < n; j++) {
+                const vf pa = loadv(s[j]), pb = loadv(s[j] + VL);
+                for (int u = 0; u < DG; u++) {
+                    const float vd = load_1(cache_v, vp[j] + d0 + u, is_bf16);
+                    a[u][0] += pa * vd;
+                    a[u][1] += pb * vd;
+                }
+            }
+            for (int u = 0; u < DG; u++) {
+                storev(ot[d0 + u], a[u][0]);
+                storev(ot[d0 + u] + VL, a[u][1]);
+            }
+        }
+        for (; d0 < D; d0++) {
+            vf a0 = loadv(ot[d0]) * corr0, a1 = loadv(ot[d0] + VL) * corr1;
+            for (j = 0; j < n; j++) {
+                const float vd = load_1(cache_v, vp[j] + d0, is_bf16);
+                a0 += loadv(s[j]) * vd;
+                a1 += loadv(s[j] + VL) * vd;
+            }
+            storev(ot[d0], a0);
+            storev(ot[d0] + VL, a1);
+        }
+    }
+    float inv[PR];
+    storev(inv, 1.f / l0);
+    storev(inv + VL, 1.f / l1);
+    for (long i = 0; i < rows; i++) {
+        const long r = r0 + i, t = r / G, hq = kh * G + r % G;
+        for (long d = 0; d < D; d++) store1_as(out, t * heads * D + hq * D + d, ot[d][i] * inv[i], is_bf16);
+    }
+}
+
+static inline __attribute__((always_inline)) void paged_prefill_attention(
+    const void *q, long q_row, const void *cache_k, const void *cache_v, long sb, long ss, long sh,
+    const long *restrict blocks, long block_size, long L, long T, void *out, long heads, long kv_heads, long D,
+    float scale, int nthreads, const int is_bf16)
+{
+    const long G = heads / kv_heads, tiles = (T * G + PR - 1) / PR;
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(dynamic, 1)
+    for (long i = 0; i < tiles; i++)
+        for (long kh = 0; kh < kv_heads; kh++) /* the last tiles see the most keys: they go first */
+            prefill_tile(q, q_row, cache_k, cache_v, sb, ss, kh * sh, blocks, block_size, L, T, out, heads, kh, G, D,
+                         scale, (tiles - 1 - i) * PR, is_bf16);
+}
+
+void tandem_paged_prefill_attention_f32(const float *q, long q_row, const float *cache_k, const float *cache_v,
+                                        long sb, long ss, long sh, const long *blocks, long block_size, long L,
+                                        long T, float *out, long heads, long kv_heads, long D, float scale,
+                                        int nthreads)
+{
+    paged_prefill_attention(q, q_row, cache_k, cache_v, sb, ss, sh, blocks, block_size, L, T, out, heads, kv_heads,
+                            D, scale, nthreads, 0);
+}
+
+void tandem_paged_prefill_attention_bf16(const bf16_t *q, long q_row, const bf16_t *cache_k, const bf16_t *cache_v,
+                                         long sb, long ss, long sh, const long *blocks, long block_size, long L,
+                                         long T, bf16_t *out, long heads, long kv_heads, long D, float scale,
+                                         int nthreads)
+{
+    paged_prefill_attention(q, q_row, cache_k, cache_v, sb, ss, sh, blocks, block_size, L, T, out, heads, kv_heads,
+                            D, scale, nthreads, 1);
 }
