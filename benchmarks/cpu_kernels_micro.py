@@ -5,7 +5,10 @@ linear     x [M, K] times every weight of a 540 MB (float32) / 270 MB (bf16) set
            and `F.linear(x, W[out, in])`; microseconds per call for the 576x3072 (gate|up) and 1536x576
            (down) shapes, and read GB/s over the whole set at M = 1
 attention  decode attention, 9 query / 3 KV heads of 64, over random blocks of a paged cache: the kernel
-           (in place) against the torch path (block gather + SDPA, engine/model/attention.py)
+           (in place) against the torch path (block gather + SDPA, engine/model/attention.py); then prefill
+           attention of a fresh prompt read from the fused qkv rows (the layer's layout), the causal kernel
+           against SDPA with is_causal, and of a chunk after a cached prefix, the kernel over the context
+           blocks in place against the gather + shifted mask + SDPA of the torch path
 
 .venv/bin/python benchmarks/cpu_kernels_micro.py --threads 1
 .venv/bin/python benchmarks/cpu_kernels_micro.py --threads 2 --dtype bfloat16
@@ -29,7 +32,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.kv_cache import KVOrder  # noqa: E402
 from engine.model import cpu_kernels  # noqa: E402
-from engine.model.attention import DecodeGroup, _decode_attention  # noqa: E402
+from engine.model.attention import (  # noqa: E402
+    AttentionMetadata,  # noqa: E402
+    DecodeGroup,
+    PrefillChunk,
+    _decode_attention,
+    paged_attention,
+)
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # (K, N) of qkv, o, gate|up, down
 
@@ -107,6 +116,67 @@ def bench_attention(k, dtype: torch.dtype) -> None:
         print(f"  batch {b} x {n} tokens: kernel {kern:.1f} us, gather + SDPA {ref:.1f} us ({ref / kern:.1f}x)")
 
 
+def median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[reps // 2] * 1e3
+
+
+def bench_prefill_attention(k, dtype: torch.dtype) -> None:
+    heads, kv_heads, d, bs = 9, 3, 64, 16
+    row = (heads + 2 * kv_heads) * d
+    print(f"\nprefill attention, {dtype}, {torch.get_num_threads()} thread(s), 9/3 heads of 64, medians of 15 calls")
+    for t in (128, 512, 1024):  # a fresh prompt: its own K/V rows in the fused qkv, passed as one block
+        qkv = torch.randn(t, row).to(dtype)
+        q = qkv[:, : heads * d].view(t, heads, d)
+        kr = qkv[:, heads * d : (heads + kv_heads) * d].view(t, kv_heads, d)
+        vr = qkv[:, (heads + kv_heads) * d :].view(t, kv_heads, d)
+        one = torch.zeros(1, dtype=torch.int64)
+
+        def sdpa(q=q, kr=kr, vr=vr):
+            qc, kc, vc = (x.transpose(0, 1).unsqueeze(0) for x in (q, kr, vr))  # as engine/model/attention.py calls it
+            return F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, scale=d**-0.5, enable_gqa=True)
+
+        kern = median_ms(
+            lambda q=q, kr=kr, vr=vr, t=t, one=one: k.paged_prefill_attention(
+                q, kr, vr, (0, kr.stride(0), kr.stride(1)), one, t, t, kv_heads, d**-0.5
+            ),
+            15,
+        )
+        ref = median_ms(sdpa, 15)
+        print(f"  fresh {t} tokens: kernel {kern:.2f} ms, SDPA is_causal {ref:.2f} ms ({ref / kern:.2f}x)")
+    nb = 400
+    ck, cv = torch.randn(nb, bs, kv_heads, d).to(dtype), torch.randn(nb, bs, kv_heads, d).to(dtype)
+    for prefix, t in ((512, 64), (1024, 256)):  # a chunk after a cached prefix: the context blocks in place
+        ctx = prefix + t
+        blocks = torch.randperm(nb)[: -(-ctx // bs)]
+        qkv = torch.randn(t, row).to(dtype)
+        q = qkv[:, : heads * d].view(t, heads, d)
+        kr = qkv[:, heads * d : (heads + kv_heads) * d].view(t, kv_heads, d)
+        vr = qkv[:, (heads + kv_heads) * d :].view(t, kv_heads, d)
+        mask = torch.arange(ctx)[None, :] <= torch.arange(prefix, ctx)[:, None]
+        md = AttentionMetadata(
+            torch.zeros(t, dtype=torch.long),
+            torch.zeros(t, dtype=torch.long),
+            torch.zeros(t, dtype=torch.long),
+            0,
+            prefills=[PrefillChunk(0, t, ctx, blocks, mask)],
+        )
+
+        def run(kernels, q=q, kr=kr, vr=vr, md=md):
+            return paged_attention(q, kr, vr, ck, cv, md, KVOrder.NHD, d**-0.5, kernels=kernels, q_rows=qkv)
+
+        kern = median_ms(lambda: run(k), 15)
+        ref = median_ms(lambda: run(None), 15)
+        print(
+            f"  {t} tokens after {prefix}: kernel {kern:.2f} ms, gather + mask + SDPA {ref:.2f} ms ({ref / kern:.2f}x)"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1)
@@ -123,6 +193,7 @@ def main() -> None:
         bench_linear(k, dtype)
     if a.only in (None, "attention"):
         bench_attention(k, dtype)
+        bench_prefill_attention(k, dtype)
 
 
 if __name__ == "__main__":

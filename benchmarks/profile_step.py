@@ -34,7 +34,14 @@ from engine.llm import LLM  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "profile_step.json")
 
-NATIVE = ("linear", "rms_norm", "silu_mul", "rope_", "paged_decode_attention")  # engine/model/cpu_kernels.py
+NATIVE = (
+    "linear",
+    "rms_norm",
+    "silu_mul",
+    "rope_",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+)  # engine/model/cpu_kernels.py
 
 # op name -> kind; the first matching prefix wins
 KINDS = [
@@ -43,6 +50,7 @@ KINDS = [
         "attention",
         (
             "tandem::paged_decode_attention",
+            "tandem::paged_prefill_attention",
             "aten::_scaled_dot_product",
             "aten::scaled_dot_product",
             "aten::index_select",
