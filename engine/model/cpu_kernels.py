@@ -33,7 +33,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.c"
-ABI = 6
+ABI = 7
 
 _lock = threading.Lock()
 _kernel: "CpuKernels | None | bool" = False  # False: not tried yet
@@ -170,6 +170,15 @@ class CpuKernels:
                 _L,
                 _F,
                 _I,
+            )
+            for dt, sfx in _SUFFIX.items()
+        }
+
+        self._decode_layers = {
+            dt: bind(
+                f"tandem_decode_layers_{sfx}",
+                *(_P, _L, _P, _L, _L, _L, _L, _L, _L, _F, _P, _P, _P, _P, _L, _L, _L, _P, _L, _P, _L),
+                *(_P, _P, _P, _P, _P, _F, _I),
             )
             for dt, sfx in _SUFFIX.items()
         }
@@ -360,6 +369,72 @@ class CpuKernels:
                 torch.get_num_threads(),
             )
         return out
+
+    def decode_layers(
+        self,
+        ptrs: torch.Tensor,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slot_block: torch.Tensor,
+        slot_offset: torch.Tensor,
+        strides: tuple[int, int, int],
+        table: torch.Tensor,
+        lens: torch.Tensor,
+        block_size: int,
+        heads: int,
+        kv_heads: int,
+        dim: int,
+        intermediate: int,
+        eps: float,
+        scale: float,
+    ) -> None:
+        """A decode-only step through consecutive layers, h [B, H] updated in place (csrc: tandem_decode_layers).
+
+        ptrs: [layers, 12] int64 addresses (norm weights, packed weights and biases, the layer's K and V cache);
+        cos, sin: [B, D/2]; slot_block, slot_offset, lens: [B] int64; table: [B, max_blocks] int64; strides:
+        (block, slot, head) element strides of every layer's K and V cache.
+        """
+        b, hidden = h.shape
+        for name, t in (("slot_block", slot_block), ("slot_offset", slot_offset), ("table", table), ("lens", lens)):
+            if t.dtype != torch.int64 or not t.is_contiguous():
+                raise ValueError(f"decode layers: {name} must be contiguous int64, got {t.dtype}")
+        if not h.is_contiguous() or ptrs.dtype != torch.int64 or ptrs.shape[1:] != (12,) or not ptrs.is_contiguous():
+            raise ValueError("decode layers: h contiguous and ptrs a contiguous [layers, 12] int64 tensor are required")
+        row = (heads + 2 * kv_heads) * dim
+        normed, qkv, attn = h.new_empty(b, hidden), h.new_empty(b, row), h.new_empty(b, heads * dim)
+        gu, act = h.new_empty(b, 2 * intermediate), h.new_empty(b, intermediate)
+        sb, ss, sh = strides
+        self._decode_layers[h.dtype](
+            ptrs.data_ptr(),
+            ptrs.shape[0],
+            h.data_ptr(),
+            b,
+            hidden,
+            heads,
+            kv_heads,
+            dim,
+            intermediate,
+            eps,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            slot_block.data_ptr(),
+            slot_offset.data_ptr(),
+            sb,
+            ss,
+            sh,
+            table.data_ptr(),
+            table.shape[1],
+            lens.data_ptr(),
+            block_size,
+            normed.data_ptr(),
+            qkv.data_ptr(),
+            attn.data_ptr(),
+            gu.data_ptr(),
+            act.data_ptr(),
+            scale,
+            torch.get_num_threads(),
+        )
 
 
 def cpu_kernels() -> CpuKernels | None:

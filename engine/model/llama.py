@@ -13,8 +13,9 @@ Per layer, per step (T tokens flattened):
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Iterable
+from typing import Iterable, cast
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from torch import nn
 from common.errors import ModelLoadError
 from engine.config import ModelConfig
 from engine.kv_cache import KVOrder
-from engine.model.attention import AttentionMetadata, paged_attention, write_kv
+from engine.model.attention import AttentionMetadata, DecodeGroup, paged_attention, write_kv
 from engine.model.cpu_kernels import MAX_HEAD_DIM, CpuKernels, cpu_kernels
 from engine.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.model.linear import LinearBase, MergedColumnLinear, QKVLinear, RowParallelLinear
@@ -42,6 +43,20 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # HF normalises in float32, casts back, then scales in the model dtype
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+
+
+NATIVE_DECODE_ENV = "TANDEM_NATIVE_DECODE"  # 0: decode steps run layer by layer in Python (the same kernels and bits)
+
+
+def _one_table(groups: list[DecodeGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode groups' block tables and context lengths as one [rows, max_blocks] table and [rows] lengths."""
+    groups = sorted(groups, key=lambda g: g.start)
+    lens = [g.lens if g.lens is not None else g.mask.view(g.end - g.start, -1).sum(-1) for g in groups]
+    if len(groups) == 1:
+        return groups[0].block_table.long().contiguous(), lens[0].long().contiguous()
+    width = max(g.block_table.shape[1] for g in groups)
+    table = torch.cat([F.pad(g.block_table, (0, width - g.block_table.shape[1])) for g in groups])
+    return table.long().contiguous(), torch.cat(lens).long().contiguous()
 
 
 class DecoderLayer(nn.Module):
@@ -156,6 +171,86 @@ class LlamaModel(nn.Module):
         if self.lm_head is not None and cfg.tie_word_embeddings and self.embed_tokens is not None:
             self.lm_head.tie_to(self.embed_tokens)
         self.rope = RotaryEmbedding(cfg, dtype, device)
+        self._native: torch.Tensor | None | bool = False  # the decode-layers call's weight addresses; False: unchecked
+
+    def _decoder_layers(self) -> list[DecoderLayer]:
+        return [cast(DecoderLayer, m) for m in self.layers]
+
+    def _native_weights(self) -> torch.Tensor | None:
+        """[layers, 12] int64 weight addresses for `CpuKernels.decode_layers` (columns 10, 11, the caches, filled per
+        step), or None where a decode step cannot run its layers in one native call: no CPU kernels, tensor
+        parallelism, a linear without a packed weight, or NATIVE_DECODE_ENV=0."""
+        if self._native is not False:
+            return self._native  # type: ignore[return-value]
+        layers = self._decoder_layers()
+        self._native = None
+        if os.environ.get(NATIVE_DECODE_ENV, "1") == "0" or not layers:
+            return None
+        k = layers[0]._k
+        if k is None or any(layer._k is not k or layer.qkv_proj.pc.tp_size != 1 for layer in layers):
+            return None
+        rows = []
+        for layer in layers:
+            linears = (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)
+            if any(lin._packed is None or lin._kernel is None for lin in linears):
+                return None
+            addr = [layer.input_layernorm.weight.data_ptr()]
+            for i, lin in enumerate(linears):
+                if i == 2:
+                    addr.append(layer.post_attention_layernorm.weight.data_ptr())
+                assert lin._packed is not None
+                addr += [lin._packed.data_ptr(), lin.bias.data_ptr() if lin.bias is not None else 0]
+            rows.append(addr + [0, 0])
+        self._native = torch.tensor(rows, dtype=torch.int64)
+        return self._native
+
+    def _native_decode(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: AttentionMetadata,
+        order,
+    ) -> bool:
+        """Run a decode-only step's layers in one native call, h updated in place; False where it does not apply (a
+        prefill chunk in the step, more rows than the packed kernel takes): the per-layer path runs instead."""
+        t = h.shape[0]
+        if md.prefills or md.num_decode != t or not md.decode_groups or h.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        weights = self._native_weights()
+        if weights is None:
+            return False
+        first = self._decoder_layers()[0]
+        if t > first.qkv_proj._kernel_max_rows or not h.is_contiguous():
+            return False
+        ptrs = weights.clone()
+        for i in range(len(self.layers)):
+            ptrs[i, 10], ptrs[i, 11] = kv_cache[i][0].data_ptr(), kv_cache[i][1].data_ptr()
+        table, lens = _one_table(md.decode_groups)
+        ck = kv_cache[0][0]
+        nhd = order is KVOrder.NHD
+        strides = (ck.stride(0), ck.stride(1), ck.stride(2)) if nhd else (ck.stride(0), ck.stride(2), ck.stride(1))
+        assert first._k is not None
+        first._k.decode_layers(
+            ptrs,
+            h,
+            cos,
+            sin,
+            md.slot_block,
+            md.slot_offset,
+            strides,
+            table,
+            lens,
+            ck.shape[1] if nhd else ck.shape[2],
+            first.num_heads,
+            first.num_kv_heads,
+            first.head_dim,
+            first.down_proj.in_features,
+            first.eps,
+            first.scale,
+        )
+        return True
 
     @torch.inference_mode()
     def forward(
@@ -173,8 +268,9 @@ class LlamaModel(nn.Module):
         """
         h = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs  # None: not the first stage
         cos, sin = self.rope.tables(positions)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, kv_cache[i], md, order)
+        if not (h.device.type == "cpu" and self._native_decode(h, cos, sin, kv_cache, md, order)):
+            for i, layer in enumerate(self.layers):
+                h = layer(h, cos, sin, kv_cache[i], md, order)
         if self.norm is None or self.lm_head is None:  # not the last stage
             return h
         if logits_indices is not None:

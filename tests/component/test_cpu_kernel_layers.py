@@ -38,9 +38,10 @@ def _layers(core: EngineCore):
     return core.runner.executor.shard.model.layers
 
 
-def _run(core: EngineCore, kernels: bool) -> tuple[dict[str, list[int]], list[torch.Tensor]]:
+def _run(core: EngineCore, kernels: bool, wide: bool = False) -> tuple[dict[str, list[int]], list[torch.Tensor]]:
     """Three requests: two share a prefix (a hit once the first is cached), one long (chunked over steps);
-    they are added at different steps so that decode rows and prefill chunks share steps."""
+    they are added at different steps so that decode rows and prefill chunks share steps. `wide`: then four
+    short ones, so that decode steps have rows of short and long contexts (two decode groups)."""
     saved = [layer._k for layer in _layers(core)]
     if not kernels:
         for layer in _layers(core):
@@ -61,6 +62,9 @@ def _run(core: EngineCore, kernels: bool) -> tuple[dict[str, list[int]], list[to
         core.add_request(list(range(100, 160)), params, "long")
         core.step()
         core.add_request(shared + [11, 12], params, "b")
+        if wide:
+            for i in range(4):
+                core.add_request([200 + i, 300 + i, 400 + i], params, f"short{i}")
         tokens: dict[str, list[int]] = {}
         for _ in range(200):
             if not core.has_unfinished_requests():
@@ -97,3 +101,50 @@ def test_kernel_layers_match_torch_layers(tmp_path, arch, dtype, order):
         assert got_tokens == want_tokens
     with_kernels.leak_check()
     without.leak_check()
+
+
+@pytest.mark.parametrize(
+    "arch, dtype, order",
+    [("llama", "float32", "NHD"), ("qwen2", "float32", "HND"), ("llama", "bfloat16", "NHD")],
+)
+def test_native_decode_steps_equal_the_layer_by_layer_kernels(tmp_path, arch, dtype, order, monkeypatch):
+    """A decode-only step runs its layers in one native call (CpuKernels.decode_layers): the same kernels in the same
+    order as the per-layer path, so the same bits, on every step of the scenario above (decode steps with one and
+    with several decode groups, next to steps with prefill chunks, which stay layer by layer)."""
+    model_dir = make_tiny_hf_model(tmp_path, arch, vocab_size=512, num_attention_heads=8, num_key_value_heads=2)
+    native, per_layer = _engine(model_dir, dtype, order), _engine(model_dir, dtype, order)
+    per_layer.runner.executor.shard.model._native = None  # what TANDEM_NATIVE_DECODE=0 makes of it
+    model = native.runner.executor.shard.model
+    calls = []
+    decode = model._native_decode
+
+    groups = set()
+
+    def counting(h, cos, sin, kv_cache, md, order):
+        ran = decode(h, cos, sin, kv_cache, md, order)
+        calls.append(ran)
+        if ran:
+            groups.add(len(md.decode_groups))
+        return ran
+
+    monkeypatch.setattr(model, "_native_decode", counting)
+    got_tokens, got_logits = _run(native, kernels=True, wide=True)
+    want_tokens, want_logits = _run(per_layer, kernels=True, wide=True)
+    assert sum(calls) >= 5 and not all(calls), calls  # decode steps went native, steps with a prefill did not
+    assert groups == {1, 2}, groups  # one decode group, and two merged into one table
+    assert got_tokens == want_tokens
+    assert len(got_logits) == len(want_logits)
+    for got, want in zip(got_logits, want_logits):
+        assert torch.equal(got, want)
+    native.leak_check()
+    per_layer.leak_check()
+
+
+def test_native_decode_is_off_by_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("TANDEM_NATIVE_DECODE", "0")
+    model_dir = make_tiny_hf_model(tmp_path, "llama", vocab_size=512, num_attention_heads=8, num_key_value_heads=2)
+    core = _engine(model_dir, "float32", "NHD")
+    assert core.runner.executor.shard.model._native_weights() is None
+    monkeypatch.delenv("TANDEM_NATIVE_DECODE")
+    core.runner.executor.shard.model._native = False  # checked again
+    assert core.runner.executor.shard.model._native_weights() is not None
