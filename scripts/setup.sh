@@ -58,9 +58,12 @@ if [ "$want_test" = 1 ] && ! command -v prometheus >/dev/null && [ "$(id -u)" = 
 then
   # A real Prometheus server for tests/e2e/test_metrics.py (Debian's package; the test skips,
   # saying why, where it cannot be installed). Installing does not start the service.
+  # In the background, beside pip's downloads (it needs none of them); waited for on exit.
   apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; }
-  apt_install || { apt-get update -q >/dev/null 2>&1 && apt_install; } \
-    || echo "[setup] could not install prometheus (apt); its test will be skipped" >&2
+  ( apt_install || { apt-get update -q >/dev/null 2>&1 && apt_install; } \
+    || echo "[setup] could not install prometheus (apt); its test will be skipped" >&2 ) &
+  apt_pid=$!
+  trap 'wait "$apt_pid" || true' EXIT
 fi
 if [ -f "$stamp" ] && [ -x .venv/bin/tandem ]; then
   exit 0

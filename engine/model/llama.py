@@ -313,6 +313,7 @@ class LlamaModel(nn.Module):
         for m in self.modules():
             if isinstance(m, (LinearBase, ParallelLMHead, DecoderLayer)):
                 m.finalize()
+        self._native = False  # finalize() made new packed weights: the decode call's addresses are taken again
 
     def _route(self, name: str):
         if name == "model.embed_tokens.weight":
