@@ -197,7 +197,8 @@ def _prefill_attention_kernel(
     scale: float,
 ) -> torch.Tensor | None:
     """The native prefill attention (causal, K/V read in place): [q_len, heads * dim], or None where the chunk's
-    K/V are not laid out as the kernel reads them (torch's path then)."""
+    K/V are not laid out as the kernel reads them (torch's path then). The kernel applies the causal mask shifted
+    by the context itself: `c.mask` is always exactly that (model_runner.py builds no other)."""
     qc = q[c.start : c.end]
     if c.block_ids is None:  # a fresh prompt: its own K/V rows, one block of q_len tokens
         kc, vc = k[c.start : c.end], v[c.start : c.end]

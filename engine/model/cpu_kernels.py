@@ -335,9 +335,11 @@ class CpuKernels:
             or q.stride(1) != dim
             or blocks.dtype != torch.int64
             or not blocks.is_contiguous()
+            or dim > MAX_HEAD_DIM
         ):
             raise ValueError(
-                f"prefill attention kernel: q {q.dtype} [T, heads, dim] with packed heads, K/V of the same dtype "
+                f"prefill attention kernel: head_dim <= {MAX_HEAD_DIM} (got {dim}), "
+                f"q {q.dtype} [T, heads, dim] with packed heads, K/V of the same dtype "
                 f"(got {cache_k.dtype}, {cache_v.dtype}), heads divisible by kv_heads ({heads}, {kv_heads}) and "
                 f"contiguous int64 blocks (got {blocks.dtype}) are required"
             )
@@ -397,10 +399,20 @@ class CpuKernels:
         """
         b, hidden = h.shape
         for name, t in (("slot_block", slot_block), ("slot_offset", slot_offset), ("table", table), ("lens", lens)):
-            if t.dtype != torch.int64 or not t.is_contiguous():
-                raise ValueError(f"decode layers: {name} must be contiguous int64, got {t.dtype}")
+            if t.dtype != torch.int64 or not t.is_contiguous() or t.shape[0] != b:
+                raise ValueError(
+                    f"decode layers: {name} must be contiguous int64 with {b} rows, got {t.dtype} {t.shape}"
+                )
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t.dtype != h.dtype or not t.is_contiguous() or t.numel() != b * (dim // 2):
+                raise ValueError(f"decode layers: {name} must be contiguous {h.dtype} [{b}, {dim // 2}], got {t.shape}")
         if not h.is_contiguous() or ptrs.dtype != torch.int64 or ptrs.shape[1:] != (12,) or not ptrs.is_contiguous():
             raise ValueError("decode layers: h contiguous and ptrs a contiguous [layers, 12] int64 tensor are required")
+        if dim > MAX_HEAD_DIM or heads % kv_heads or not bool(ptrs[:, [0, 1, 3, 5, 6, 8, 10, 11]].all()):
+            raise ValueError(
+                f"decode layers: head_dim <= {MAX_HEAD_DIM} (got {dim}), heads divisible by kv_heads ({heads}, "
+                f"{kv_heads}) and every norm, packed weight and cache address set are required"
+            )
         row = (heads + 2 * kv_heads) * dim
         normed, qkv, attn = h.new_empty(b, hidden), h.new_empty(b, row), h.new_empty(b, heads * dim)
         gu, act = h.new_empty(b, 2 * intermediate), h.new_empty(b, intermediate)

@@ -24,7 +24,7 @@ from torch import nn
 from common.errors import ModelLoadError
 from engine.config import ModelConfig
 from engine.kv_cache import KVOrder
-from engine.model.attention import AttentionMetadata, DecodeGroup, paged_attention, write_kv
+from engine.model.attention import TRITON_ON_CPU, AttentionMetadata, DecodeGroup, paged_attention, write_kv
 from engine.model.cpu_kernels import MAX_HEAD_DIM, CpuKernels, cpu_kernels
 from engine.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.model.linear import LinearBase, MergedColumnLinear, QKVLinear, RowParallelLinear
@@ -178,7 +178,8 @@ class LlamaModel(nn.Module):
 
     def _native_weights(self) -> torch.Tensor | None:
         """[layers, 12] int64 weight addresses for `CpuKernels.decode_layers` (columns 10, 11, the caches, filled per
-        step), or None where a decode step cannot run its layers in one native call: no CPU kernels, tensor
+        step), taken once after load_weights (whatever replaces a packed weight or a layer's kernels later must set
+        `_native = False` again), or None where a decode step cannot run its layers in one native call: no CPU kernels, tensor
         parallelism, a linear without a packed weight, or NATIVE_DECODE_ENV=0."""
         if self._native is not False:
             return self._native  # type: ignore[return-value]
@@ -217,6 +218,8 @@ class LlamaModel(nn.Module):
         prefill chunk in the step, more rows than the packed kernel takes): the per-layer path runs instead."""
         t = h.shape[0]
         if md.prefills or md.num_decode != t or not md.decode_groups or h.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        if TRITON_ON_CPU:  # TANDEM_PAGED_ATTENTION=triton: decode rows go to the Triton kernels, layer by layer
             return False
         weights = self._native_weights()
         if weights is None:

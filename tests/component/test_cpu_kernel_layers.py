@@ -87,11 +87,21 @@ def _run(core: EngineCore, kernels: bool, wide: bool = False) -> tuple[dict[str,
         ("llama", "bfloat16", "HND"),
     ],
 )
-def test_kernel_layers_match_torch_layers(tmp_path, arch, dtype, order):
+def test_kernel_layers_match_torch_layers(tmp_path, arch, dtype, order, monkeypatch):
     model_dir = make_tiny_hf_model(tmp_path, arch, vocab_size=512, num_attention_heads=8, num_key_value_heads=2)
     with_kernels, without = _engine(model_dir, dtype, order), _engine(model_dir, dtype, order)
     assert all(layer._k is not None for layer in _layers(with_kernels))
+    prefills: list[int] = []  # context blocks per prefill-kernel call: 0 for a fresh prompt's own rows
+    attend = cpu_kernels.CpuKernels.paged_prefill_attention
+
+    def counting(self, q, cache_k, cache_v, strides, blocks, *rest):
+        prefills.append(0 if strides[0] == 0 else blocks.numel())
+        return attend(self, q, cache_k, cache_v, strides, blocks, *rest)
+
+    monkeypatch.setattr(cpu_kernels.CpuKernels, "paged_prefill_attention", counting)
     got_tokens, got_logits = _run(with_kernels, kernels=True)
+    # prefill chunks went to the native kernel: fresh prompts, and chunks after a prefix hit or an earlier chunk
+    assert 0 in prefills and any(prefills), prefills
     want_tokens, want_logits = _run(without, kernels=False)
     assert len(got_logits) == len(want_logits)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == "float32" else dict(rtol=0.05, atol=0.05)

@@ -671,13 +671,16 @@ static inline __attribute__((always_inline)) void prefill_tile(const void *q, lo
             c_0 = selectv(x0 > c_0, x0, c_0);
             c_1 = selectv(x1 > c_1, x1, c_1);
         }
-        /* every row sees key 0, so after the first chunk each running maximum is finite */
-        const vf corr0 = expv(m0 - c_0), corr1 = expv(m1 - c_1);
+        /* every row sees key 0, so after the first chunk each running maximum is finite; on the first, nothing
+         * came before to rescale (0, not expv's clamped tiny value); masked keys weigh exactly 0 */
+        const vf zero = (vf){0}, ninf = zero - INFINITY;
+        const vf corr0 = selectv(m0 > ninf, expv(m0 - c_0), zero), corr1 = selectv(m1 > ninf, expv(m1 - c_1), zero);
         m0 = c_0;
         m1 = c_1;
         vf sum0 = (vf){0}, sum1 = (vf){0};
         for (j = 0; j < n; j++) {
-            const vf p0 = expv(loadv(s[j]) - m0), p1 = expv(loadv(s[j] + VL) - m1);
+            const vf x0 = loadv(s[j]), x1 = loadv(s[j] + VL);
+            const vf p0 = selectv(x0 > ninf, expv(x0 - m0), zero), p1 = selectv(x1 > ninf, expv(x1 - m1), zero);
             storev(s[j], p0);
             storev(s[j] + VL, p1);
             sum0 += p0;
