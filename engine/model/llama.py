@@ -46,6 +46,10 @@ class RMSNorm(nn.Module):
 
 
 NATIVE_DECODE_ENV = "TANDEM_NATIVE_DECODE"  # 0: decode steps run layer by layer in Python (the same kernels and bits)
+# float32 decode steps of up to this many rows run in the native call on the packed kernel even where the per-layer
+# path sends them to oneDNN (over F32_AVX2_KERNEL_MAX_ROWS on AVX2): 13-17 % faster at 48-96 rows there
+# (docs/BENCHMARKS.md, "A decode step in one native call"); the packed kernel's sums do not depend on the batch
+NATIVE_DECODE_F32_MAX_ROWS = 96
 
 
 def _one_table(groups: list[DecodeGroup]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +219,10 @@ class LlamaModel(nn.Module):
         order,
     ) -> bool:
         """Run a decode-only step's layers in one native call, h updated in place; False where it does not apply (a
-        prefill chunk in the step, more rows than the packed kernel takes): the per-layer path runs instead."""
+        prefill chunk in the step, more rows than the packed kernel takes: 12 in bf16, NATIVE_DECODE_F32_MAX_ROWS or
+        more in float32): the per-layer path runs instead. Up to the per-layer path's own kernel limit the two give
+        the same bits; above it (float32 on AVX2, 33 to 96 rows) the native call keeps the packed kernel where the
+        per-layer path uses oneDNN, so the logits differ by float32 rounding."""
         t = h.shape[0]
         if md.prefills or md.num_decode != t or not md.decode_groups or h.dtype not in (torch.float32, torch.bfloat16):
             return False
@@ -225,7 +232,10 @@ class LlamaModel(nn.Module):
         if weights is None:
             return False
         first = self._decoder_layers()[0]
-        if t > first.qkv_proj._kernel_max_rows or not h.is_contiguous():
+        limit = first.qkv_proj._kernel_max_rows
+        if h.dtype == torch.float32:
+            limit = max(limit, NATIVE_DECODE_F32_MAX_ROWS)
+        if t > limit or not h.is_contiguous():
             return False
         ptrs = weights.clone()
         for i in range(len(self.layers)):

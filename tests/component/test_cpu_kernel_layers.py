@@ -158,3 +158,53 @@ def test_native_decode_is_off_by_env(tmp_path, monkeypatch):
     monkeypatch.delenv("TANDEM_NATIVE_DECODE")
     core.runner.executor.shard.model._native = False  # checked again
     assert core.runner.executor.shard.model._native_weights() is not None
+
+
+def test_native_decode_takes_float32_steps_over_the_per_layer_kernel_limit(tmp_path, monkeypatch):
+    """A 40-row float32 decode step where the per-layer path would send the linears to oneDNN (limit 32, as on AVX2):
+    the native call takes it on the packed kernel; the tokens equal the per-layer path's, logits within rounding."""
+    from engine.model import linear, llama
+
+    monkeypatch.setattr(linear, "F32_AVX2_KERNEL_MAX_ROWS", 32)
+    monkeypatch.setattr(linear, "kernel_max_rows", lambda kernel, dtype: 32)
+    model_dir = make_tiny_hf_model(tmp_path, "llama", vocab_size=512, num_attention_heads=8, num_key_value_heads=2)
+
+    def engine() -> EngineCore:
+        return EngineCore(
+            EngineConfig(
+                model=str(model_dir),
+                dtype="float32",
+                cache=CacheConfig(block_size=4, num_blocks=400),
+                scheduler=SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=64),
+            )
+        )
+
+    results = []
+    for native in (True, False):
+        core = engine()
+        model = core.runner.executor.shard.model
+        assert model._decoder_layers()[0].qkv_proj._kernel_max_rows == 32
+        if not native:
+            model._native = None
+        rows: list[int] = []
+        decode = model._native_decode
+
+        def counting(h, *rest, _decode=decode, _rows=rows):
+            ran = _decode(h, *rest)
+            if ran:
+                _rows.append(h.shape[0])
+            return ran
+
+        monkeypatch.setattr(model, "_native_decode", counting)
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        for i in range(40):
+            core.add_request([3 + i, 50 + i, 100 + i, 7], params, f"r{i}")
+        tokens: dict[str, list[int]] = {}
+        while core.has_unfinished_requests():
+            for out in core.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        core.leak_check()
+        results.append((tokens, rows))
+    (native_tokens, native_rows), (plain_tokens, plain_rows) = results
+    assert 40 in native_rows and llama.NATIVE_DECODE_F32_MAX_ROWS >= 40 and plain_rows == []
+    assert native_tokens == plain_tokens
