@@ -71,7 +71,7 @@ def pad_decode(inputs: ModelInputs, size: int, max_blocks: int, block_size: int,
         if width > max_blocks:
             raise ValueError(f"a decode row spans {width} blocks, more than the graph's {max_blocks}")
         table[g.start : g.end, :width] = g.block_table
-        lens[g.start : g.end] = g.lens if g.lens is not None else g.mask.view(g.end - g.start, -1).sum(-1)
+        lens[g.start : g.end] = g.context_lens()
     table, lens = table[take], lens[take]
     if mask:
         attend = (torch.arange(max_blocks * block_size, device=dev)[None, :] < lens[:, None]).view(size, 1, 1, -1)

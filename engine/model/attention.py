@@ -57,6 +57,10 @@ class DecodeGroup:
     mask: torch.Tensor  # [rows, 1, 1, max_blocks * block_size] bool, True = attend
     lens: torch.Tensor | None = None  # [rows] int64 context lengths (the CPU kernel reads these, not the mask)
 
+    def context_lens(self) -> torch.Tensor:
+        """[rows] context lengths: `lens`, or counted from the mask where the runner gave none."""
+        return self.lens if self.lens is not None else self.mask.view(self.end - self.start, -1).sum(-1)
+
 
 @dataclass
 class AttentionMetadata:
@@ -104,6 +108,17 @@ def write_kv(
         cache_v[md.slot_block, :, md.slot_offset] = v
 
 
+def cache_geometry(cache: torch.Tensor, order: KVOrder) -> tuple[tuple[int, int, int], int]:
+    """((block, slot, head) element strides, block size) of one K or V cache: what the native kernels index by."""
+    sb, s1, s2 = cache.stride(0), cache.stride(1), cache.stride(2)
+    if order is KVOrder.NHD:
+        return (sb, s1, s2), cache.shape[1]
+    return (sb, s2, s1), cache.shape[2]
+
+
+_ONE_BLOCK = torch.zeros(1, dtype=torch.int64)  # a fresh prompt's own K/V rows, passed as block 0
+
+
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor, order: KVOrder) -> torch.Tensor:
     """Blocks -> [..., kv_heads, tokens, dim] (tokens = n_blocks * block_size)."""
     # index_select over flattened blocks: one contiguous copy per block (~4x faster than cache[block_ids])
@@ -145,9 +160,8 @@ def paged_attention(
 
     def decode(g: DecodeGroup) -> torch.Tensor:
         if triton is not None:
-            lens = g.lens if g.lens is not None else g.mask.view(g.end - g.start, -1).sum(-1)
             return triton.paged_decode(
-                q[g.start : g.end], cache_k, cache_v, g.block_table, lens.to(q.device), scale, nhd
+                q[g.start : g.end], cache_k, cache_v, g.block_table, g.context_lens().to(q.device), scale, nhd
             )
         if kernels is not None and q_rows is not None:
             return _decode_attention_kernel(
@@ -204,14 +218,10 @@ def _prefill_attention_kernel(
         kc, vc = k[c.start : c.end], v[c.start : c.end]
         if kc.stride() != vc.stride() or kc.stride(2) != 1:
             return None
-        blocks = torch.zeros(1, dtype=torch.int64)
         return kernels.paged_prefill_attention(
-            qc, kc, vc, (0, kc.stride(0), kc.stride(1)), blocks, c.end - c.start, c.context_len, k.shape[1], scale
+            qc, kc, vc, (0, kc.stride(0), kc.stride(1)), _ONE_BLOCK, c.end - c.start, c.context_len, k.shape[1], scale
         )
-    nhd = order is KVOrder.NHD
-    sb, s1, s2 = cache_k.stride(0), cache_k.stride(1), cache_k.stride(2)
-    strides = (sb, s1, s2) if nhd else (sb, s2, s1)  # (block, slot, head)
-    block_size = cache_k.shape[1] if nhd else cache_k.shape[2]
+    strides, block_size = cache_geometry(cache_k, order)
     blocks = c.block_ids if c.block_ids.dtype == torch.int64 else c.block_ids.long()
     return kernels.paged_prefill_attention(
         qc, cache_k, cache_v, strides, blocks.contiguous(), block_size, c.context_len, k.shape[1], scale
@@ -231,12 +241,19 @@ def _decode_attention_kernel(
     dim: int,
 ) -> torch.Tensor:
     """The native decode attention: [rows, heads * dim], no gather of the blocks, no padding."""
-    sb, s1, s2 = cache_k.stride(0), cache_k.stride(1), cache_k.stride(2)
-    strides = (sb, s1, s2) if order is KVOrder.NHD else (sb, s2, s1)  # (block, slot, head)
-    block_size = cache_k.shape[1] if order is KVOrder.NHD else cache_k.shape[2]
-    lens = group.lens if group.lens is not None else group.mask.view(group.end - group.start, -1).sum(-1)
+    strides, block_size = cache_geometry(cache_k, order)
     return kernels.paged_decode_attention(
-        q_rows, cache_k, cache_v, strides, group.block_table, lens, block_size, heads, kv_heads, dim, scale
+        q_rows,
+        cache_k,
+        cache_v,
+        strides,
+        group.block_table,
+        group.context_lens(),
+        block_size,
+        heads,
+        kv_heads,
+        dim,
+        scale,
     )
 
 

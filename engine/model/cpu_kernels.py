@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -121,67 +122,31 @@ class CpuKernels:
 
         self._linear = bind("tandem_linear_packed_f32", _P, _P, _P, _P, _P, _L, _L, _L, _I)
         self._linear_bf16 = bind("tandem_linear_packed_bf16", _P, _P, _P, _P, _P, _L, _L, _L, _I)
-        # the fused layer ops, by dtype
-        self._rms_norm = {dt: bind(f"tandem_rms_norm_{sfx}", _P, _P, _P, _L, _L, _F, _I) for dt, sfx in _SUFFIX.items()}
-        self._silu_mul = {dt: bind(f"tandem_silu_mul_{sfx}", _P, _P, _L, _L, _I) for dt, sfx in _SUFFIX.items()}
-        self._rope = {dt: bind(f"tandem_rope_{sfx}", _P, _L, _P, _P, _L, _L, _L, _I) for dt, sfx in _SUFFIX.items()}
-        self._decode_attn = {
-            dt: bind(
-                f"tandem_paged_decode_attention_{sfx}",
-                _P,
-                _L,
-                _P,
-                _P,
-                _L,
-                _L,
-                _L,
-                _P,
-                _L,
-                _P,
-                _L,
-                _P,
-                _L,
-                _L,
-                _L,
-                _L,
-                _F,
-                _I,
-            )
-            for dt, sfx in _SUFFIX.items()
-        }
 
-        self._prefill_attn = {
-            dt: bind(
-                f"tandem_paged_prefill_attention_{sfx}",
-                _P,
-                _L,
-                _P,
-                _P,
-                _L,
-                _L,
-                _L,
-                _P,
-                _L,
-                _L,
-                _L,
-                _P,
-                _L,
-                _L,
-                _L,
-                _F,
-                _I,
-            )
-            for dt, sfx in _SUFFIX.items()
-        }
+        def by_dtype(name: str, *argtypes) -> dict[torch.dtype, Any]:
+            """`name`_f32 and `name`_bf16, by the dtype they take."""
+            return {dt: bind(f"{name}_{sfx}", *argtypes) for dt, sfx in _SUFFIX.items()}
 
-        self._decode_layers = {
-            dt: bind(
-                f"tandem_decode_layers_{sfx}",
-                *(_P, _L, _P, _L, _L, _L, _L, _L, _L, _F, _P, _P, _P, _P, _L, _L, _L, _P, _L, _P, _L),
-                *(_P, _P, _P, _P, _P, _F, _I),
-            )
-            for dt, sfx in _SUFFIX.items()
-        }
+        # the fused layer ops, attention and the whole decode step, by dtype
+        self._rms_norm = by_dtype("tandem_rms_norm", _P, _P, _P, _L, _L, _F, _I)
+        self._silu_mul = by_dtype("tandem_silu_mul", _P, _P, _L, _L, _I)
+        self._rope = by_dtype("tandem_rope", _P, _L, _P, _P, _L, _L, _L, _I)
+        # q, q_row, cache k, v, (block, slot, head) strides, table, max_blocks, lens, block_size, out, B, heads,
+        # kv_heads, D, scale, threads
+        self._decode_attn = by_dtype(
+            "tandem_paged_decode_attention", _P, _L, _P, _P, _L, _L, _L, _P, _L, _P, _L, _P, _L, _L, _L, _L, _F, _I
+        )
+        # q, q_row, k, v, (block, slot, head) strides, blocks, block_size, context, T, out, heads, kv_heads, D, scale,
+        # threads
+        self._prefill_attn = by_dtype(
+            "tandem_paged_prefill_attention", _P, _L, _P, _P, _L, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L, _F, _I
+        )
+        # csrc DECODE_LAYERS_ARGS
+        self._decode_layers = by_dtype(
+            "tandem_decode_layers",
+            *(_P, _L, _P, _L, _L, _L, _L, _L, _L, _F, _P, _P, _P, _P, _L, _L, _L, _P, _L, _P, _L),
+            *(_P, _P, _P, _P, _P, _F, _I),
+        )
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """[N, K] float32 or bfloat16 -> [ceil(N / B), K, B], zero rows past N (B = self.block; csrc/cpu_kernels.c)."""

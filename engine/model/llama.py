@@ -24,7 +24,14 @@ from torch import nn
 from common.errors import ModelLoadError
 from engine.config import ModelConfig
 from engine.kv_cache import KVOrder
-from engine.model.attention import TRITON_ON_CPU, AttentionMetadata, DecodeGroup, paged_attention, write_kv
+from engine.model.attention import (
+    TRITON_ON_CPU,
+    AttentionMetadata,
+    DecodeGroup,
+    cache_geometry,
+    paged_attention,
+    write_kv,
+)
 from engine.model.cpu_kernels import MAX_HEAD_DIM, CpuKernels, cpu_kernels
 from engine.model.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.model.linear import LinearBase, MergedColumnLinear, QKVLinear, RowParallelLinear
@@ -55,7 +62,7 @@ NATIVE_DECODE_F32_MAX_ROWS = 96
 def _one_table(groups: list[DecodeGroup]) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode groups' block tables and context lengths as one [rows, max_blocks] table and [rows] lengths."""
     groups = sorted(groups, key=lambda g: g.start)
-    lens = [g.lens if g.lens is not None else g.mask.view(g.end - g.start, -1).sum(-1) for g in groups]
+    lens = [g.context_lens() for g in groups]
     if len(groups) == 1:
         return groups[0].block_table.long().contiguous(), lens[0].long().contiguous()
     width = max(g.block_table.shape[1] for g in groups)
@@ -176,6 +183,7 @@ class LlamaModel(nn.Module):
             self.lm_head.tie_to(self.embed_tokens)
         self.rope = RotaryEmbedding(cfg, dtype, device)
         self._native: torch.Tensor | None | bool = False  # the decode-layers call's weight addresses; False: unchecked
+        self._native_ptrs: tuple[int, torch.Tensor] | None = None  # (the KV cache's address, its full address table)
 
     def _decoder_layers(self) -> list[DecoderLayer]:
         return [cast(DecoderLayer, m) for m in self.layers]
@@ -231,19 +239,20 @@ class LlamaModel(nn.Module):
         weights = self._native_weights()
         if weights is None:
             return False
-        first = self._decoder_layers()[0]
+        first = cast(DecoderLayer, self.layers[0])
         limit = first.qkv_proj._kernel_max_rows
         if h.dtype == torch.float32:
             limit = max(limit, NATIVE_DECODE_F32_MAX_ROWS)
         if t > limit or not h.is_contiguous():
             return False
-        ptrs = weights.clone()
-        for i in range(len(self.layers)):
-            ptrs[i, 10], ptrs[i, 11] = kv_cache[i][0].data_ptr(), kv_cache[i][1].data_ptr()
+        if self._native_ptrs is None or self._native_ptrs[0] != kv_cache.data_ptr():  # once per KV cache
+            ptrs = weights.clone()
+            ptrs[:, 10] = torch.tensor([kv_cache[i][0].data_ptr() for i in range(len(self.layers))])
+            ptrs[:, 11] = torch.tensor([kv_cache[i][1].data_ptr() for i in range(len(self.layers))])
+            self._native_ptrs = (kv_cache.data_ptr(), ptrs)
+        ptrs = self._native_ptrs[1]
         table, lens = _one_table(md.decode_groups)
-        ck = kv_cache[0][0]
-        nhd = order is KVOrder.NHD
-        strides = (ck.stride(0), ck.stride(1), ck.stride(2)) if nhd else (ck.stride(0), ck.stride(2), ck.stride(1))
+        strides, block_size = cache_geometry(kv_cache[0][0], order)
         assert first._k is not None
         first._k.decode_layers(
             ptrs,
@@ -255,7 +264,7 @@ class LlamaModel(nn.Module):
             strides,
             table,
             lens,
-            ck.shape[1] if nhd else ck.shape[2],
+            block_size,
             first.num_heads,
             first.num_kv_heads,
             first.head_dim,
@@ -326,7 +335,7 @@ class LlamaModel(nn.Module):
         for m in self.modules():
             if isinstance(m, (LinearBase, ParallelLMHead, DecoderLayer)):
                 m.finalize()
-        self._native = False  # finalize() made new packed weights: the decode call's addresses are taken again
+        self._native, self._native_ptrs = False, None  # finalize() made new packed weights: addresses taken again
 
     def _route(self, name: str):
         if name == "model.embed_tokens.weight":

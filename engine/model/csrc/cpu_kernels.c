@@ -624,13 +624,14 @@ static inline __attribute__((always_inline)) void prefill_tile(const void *q, lo
         }
     }
     const vf pos0 = loadv(pos), pos1 = loadv(pos + VL);
-    vf m0 = (vf){0} - INFINITY, m1 = m0, l0 = (vf){0}, l1 = l0;
-    long kp[PK], vp[PK];
+    const vf zero = (vf){0}, ninf = zero - INFINITY;
+    vf m0 = ninf, m1 = m0, l0 = zero, l1 = l0;
+    long off[PK]; /* each key's K (and V) row in the cache */
     for (long c0 = 0; c0 <= last; c0 += PK) {
         const long n = last + 1 - c0 < PK ? last + 1 - c0 : PK;
         for (long j = 0; j < n; j++) {
             const long t = c0 + j;
-            kp[j] = vp[j] = blocks[t / block_size] * sb + (t % block_size) * ss + hoff;
+            off[j] = blocks[t / block_size] * sb + (t % block_size) * ss + hoff;
         }
         long j = 0; /* scores: S^T[key][row] */
         for (; j + JG <= n; j += JG) {
@@ -639,7 +640,7 @@ static inline __attribute__((always_inline)) void prefill_tile(const void *q, lo
             for (long d = 0; d < D; d++) {
                 const vf qa = loadv(qt[d]), qb = loadv(qt[d] + VL);
                 for (int u = 0; u < JG; u++) {
-                    const float kd = load_1(cache_k, kp[j + u] + d, is_bf16);
+                    const float kd = load_1(cache_k, off[j + u] + d, is_bf16);
                     a[u][0] += qa * kd;
                     a[u][1] += qb * kd;
                 }
@@ -652,7 +653,7 @@ static inline __attribute__((always_inline)) void prefill_tile(const void *q, lo
         for (; j < n; j++) {
             vf a0 = (vf){0}, a1 = (vf){0};
             for (long d = 0; d < D; d++) {
-                const float kd = load_1(cache_k, kp[j] + d, is_bf16);
+                const float kd = load_1(cache_k, off[j] + d, is_bf16);
                 a0 += loadv(qt[d]) * kd;
                 a1 += loadv(qt[d] + VL) * kd;
             }
@@ -661,7 +662,7 @@ static inline __attribute__((always_inline)) void prefill_tile(const void *q, lo
         }
         if (c0 + n - 1 > first) /* the causal mask: keys past a row's position */
             for (j = 0; j < n; j++) {
-                const vf t = (vf){0} + (float)(c0 + j), ninf = (vf){0} - INFINITY;
+                const vf t = zero + (float)(c0 + j);
                 storev(s[j], selectv(t > pos0, ninf, loadv(s[j])));
                 storev(s[j] + VL, selectv(t > pos1, ninf, loadv(s[j] + VL)));
             }
@@ -673,7 +674,6 @@ static inline __attribute__((always_inline)) void prefill_tile(const void *q, lo
         }
         /* every row sees key 0, so after the first chunk each running maximum is finite; on the first, nothing
          * came before to rescale (0, not expv's clamped tiny value); masked keys weigh exactly 0 */
-        const vf zero = (vf){0}, ninf = zero - INFINITY;
         const vf corr0 = selectv(m0 > ninf, expv(m0 - c_0), zero), corr1 = selectv(m1 > ninf, expv(m1 - c_1), zero);
         m0 = c_0;
         m1 = c_1;
@@ -698,7 +698,7 @@ static inline __attribute__((always_inline)) void prefill_tile(const void *q, lo
             for (j = 0; j < n; j++) {
                 const vf pa = loadv(s[j]), pb = loadv(s[j] + VL);
                 for (int u = 0; u < DG; u++) {
-                    const float vd = load_1(cache_v, vp[j] + d0 + u, is_bf16);
+                    const float vd = load_1(cache_v, off[j] + d0 + u, is_bf16);
                     a[u][0] += pa * vd;
                     a[u][1] += pb * vd;
                 }
@@ -711,7 +711,7 @@ static inline __attribute__((always_inline)) void prefill_tile(const void *q, lo
         for (; d0 < D; d0++) {
             vf a0 = loadv(ot[d0]) * corr0, a1 = loadv(ot[d0] + VL) * corr1;
             for (j = 0; j < n; j++) {
-                const float vd = load_1(cache_v, vp[j] + d0, is_bf16);
+                const float vd = load_1(cache_v, off[j] + d0, is_bf16);
                 a0 += loadv(s[j]) * vd;
                 a1 += loadv(s[j] + VL) * vd;
             }
