@@ -600,7 +600,7 @@ void tandem_paged_decode_attention_bf16(const bf16_t *q, long q_row, const bf16_
  * past the tile's first position. Tiles over (KV head, rows) run on OpenMP threads, the longest first. */
 #define PR (2 * VL)            /* query rows per tile */
 #define PK 64                  /* keys per chunk */
-#define JG (VL == 16 ? 12 : 6) /* keys per pass of the score product: JG x 2 accumulators (4 and 5 were no faster) */
+#define JG (VL == 16 ? 12 : 6) /* keys per pass of the score product: JG x 2 accumulators */
 #define DG (VL == 16 ? 12 : 6) /* head dims per pass of the value product */
 
 static inline __attribute__((always_inline)) void prefill_tile(const void *q, long q_row, const void *cache_k,
@@ -730,7 +730,7 @@ static inline __attribute__((always_inline)) void prefill_tile(const void *q, lo
 
 /* The tiles over OpenMP threads, the last ones (which see the most keys) first. A macro, so that each dtype's entry
  * point has its own outlined parallel region with is_bf16 a constant (GCC outlines a region before inlining: one
- * region shared by both dtypes tested the dtype in every inner loop, about 10 % slower). */
+ * region shared by both dtypes tested the dtype in every inner loop). */
 #define PAGED_PREFILL_ATTENTION(IS_BF16)                                                                            \
     const long G = heads / kv_heads, tiles = (T * G + PR - 1) / PR;                                                 \
     _Pragma("omp parallel for collapse(2) num_threads(nthreads) schedule(dynamic, 1)")                            \
