@@ -67,6 +67,10 @@ def parse_size(value: int | str) -> int:
     return n
 
 
+# a CPU step costs about 34 ms beyond its prompt tokens (one pass over the weights) and 3.4 ms per prompt token
+# (SmolLM2, one thread: docs/BENCHMARKS.md): batching saves one such pass per joined prompt and delays the
+# prompts ahead by the joined tokens, a gain only for prompts of a few dozen tokens
+CPU_PREFILL_JOIN_TOKENS = 32
 DEFAULT_LEND_TPOT_MS = 200.0  # a disaggregated decode worker lends its core while requests keep this TPOT
 
 
@@ -83,6 +87,11 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kv_cache_memory: int | str = "512MiB"  # per rank (each rank caches its layers and heads only)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # TTFT first (common/prefill_share.py): a step prefills its oldest prompt and later prompts join it only
+    # whole and within this many prompt tokens (0: one prompt per step; max_num_batched_tokens: batch them).
+    # None: CPU_PREFILL_JOIN_TOKENS on a CPU, where a step's time grows with its tokens; the filled budget on
+    # a GPU, which a few prompt tokens do not saturate
+    prefill_join_tokens: int | None = None
     enable_prefix_caching: bool = True
     num_cpus: float = 1.0  # Ray resources of each rank (a worker reserves tp * pp of them)
     num_gpus: float | None = None  # per rank; None: 1 when device is cuda, else 0
@@ -103,6 +112,13 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def kv_cache_bytes(self) -> int:
         return parse_size(self.kv_cache_memory)
+
+    @property
+    def join_tokens(self) -> int | None:
+        """The scheduler's prefill_join_tokens for this pool's workers (the field, or its device's default)."""
+        if self.prefill_join_tokens is not None:
+            return self.prefill_join_tokens
+        return CPU_PREFILL_JOIN_TOKENS if self.device == "cpu" else None
 
     def core_sharing(self, role: str, slo_itl_ms: float = 0.0) -> tuple[bool, float]:
         """(borrow idle cores, lend this worker's core up to this TPOT in ms) for a worker of `role`."""
@@ -306,6 +322,11 @@ class ServeConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 raise ConfigError(
                     f"{name}.lend_core_tpot_ms must be >= 0 (a TPOT target in ms; 0: never lend), "
                     f"got {pool.lend_core_tpot_ms}"
+                )
+            if pool.prefill_join_tokens is not None and pool.prefill_join_tokens < 0:
+                raise ConfigError(
+                    f"{name}.prefill_join_tokens must be >= 0 (0: one prompt per step) or unset (the device's "
+                    f"default), got {pool.prefill_join_tokens}"
                 )
             pool.kv_cache_bytes  # noqa: B018 - raises ConfigError for a bad size
         if not 0 <= self.router.port < 65536:

@@ -192,10 +192,11 @@ def measure(serving: Serving, plan: ProfilePlan, served: ServedPlan) -> Profile:
         pools[name] = key
         if key in workers:
             first = workers[key]
-            if (first.num_blocks, first.max_num_seqs, first.max_num_batched_tokens) != (
+            if (first.num_blocks, first.max_num_seqs, first.max_num_batched_tokens, first.prefill_join_tokens) != (
                 status.kv_blocks_total,
                 pool.max_num_seqs,
                 pool.max_num_batched_tokens,
+                pool.join_tokens,
             ):
                 notes.append(f"pool {name} has shape {key} with other limits than the pool profiled with it")
             continue

@@ -82,6 +82,7 @@ def worker_profile(pool: PoolConfig, status: WorkerStatus, timings: list[StepTim
         num_blocks=status.kv_blocks_total,
         max_num_seqs=pool.max_num_seqs,
         max_num_batched_tokens=pool.max_num_batched_tokens,
+        prefill_join_tokens=pool.join_tokens,
         enable_prefix_caching=pool.enable_prefix_caching,
         cost=float(pool.world_size),
         warmup_excluded=warmup,

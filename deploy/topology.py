@@ -50,7 +50,11 @@ def pool_engine_config(model: str, pool: PoolConfig, seed: int = 0, speculative=
             enable_prefix_caching=pool.enable_prefix_caching,
             kv_order=pool.kv_order,
         ),
-        scheduler=SchedulerConfig(max_num_batched_tokens=pool.max_num_batched_tokens, max_num_seqs=pool.max_num_seqs),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=pool.max_num_batched_tokens,
+            max_num_seqs=pool.max_num_seqs,
+            prefill_join_tokens=pool.join_tokens,
+        ),
         parallel=ParallelConfig(tensor_parallel_size=pool.tp, pipeline_parallel_size=pool.pp),
     )
 

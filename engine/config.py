@@ -95,12 +95,21 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     enable_chunked_prefill: bool = True
+    # TTFT first (engine/scheduler.py): a step prefills its oldest prompt alone, up to the token budget, and a
+    # later prompt joins that step only whole and while the step's prompt tokens stay within this many.
+    # None: prompts fill the budget (throughput first: the offline LLM's default)
+    prefill_join_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.prefill_join_tokens is not None and self.prefill_join_tokens < 0:
+            raise ConfigError(
+                f"prefill_join_tokens must be >= 0 (0: one prompt per step) or None (fill the budget), "
+                f"got {self.prefill_join_tokens}"
+            )
 
 
 @dataclass(frozen=True)

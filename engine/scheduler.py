@@ -14,6 +14,9 @@ Order of a step:
    remain. The first schedule of a request looks up its prefix in the cache;
    with chunked prefill a long prompt takes what budget is left and continues
    next step. A waiting request that does not fit stops admission (FCFS).
+With `prefill_join_tokens` set (served workers), prompt tokens in both stages
+go to the oldest prompt first and later prompts join only whole and short
+(common/prefill_share.py: TTFT first); decode rows are not affected.
 
 The scheduler never touches tensors; the runner executes its output.
 """
@@ -25,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from common.prefill_share import PrefillShare
 from engine.config import SchedulerConfig
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import FinishReason, Request, RequestStatus
@@ -157,14 +161,22 @@ class Scheduler:
         kept: list[Request] = []
         queue = list(self.running)
         k_max = self._spec_tokens_this_step()
+        prompts = PrefillShare(self.config.prefill_join_tokens)
         while queue and budget > 0:
             req = queue.pop(0)
             left = req.num_tokens - req.num_computed_tokens
-            # a seeded random request speculates whatever the batch: its draws (hence its tokens) then depend
-            # on its seed and prompt only, never on how many others were decoding beside it
-            k_req = self.spec_tokens if req.params.seed is not None and not req.params.greedy else k_max
-            k = self._spec_slots(req, k_req, budget) if k_req and left == 1 else 0
-            n = min(left + k, budget)
+            k = 0
+            if left > 1:  # a chunked prompt continues
+                n = prompts.take(left, budget)
+                if not n:
+                    kept.append(req)  # still running: its prompt continues in a later step
+                    continue
+            else:
+                # a seeded random request speculates whatever the batch: its draws (hence its tokens) then
+                # depend on its seed and prompt only, never on how many others were decoding beside it
+                k_req = self.spec_tokens if req.params.seed is not None and not req.params.greedy else k_max
+                k = self._spec_slots(req, k_req, budget) if k_req else 0
+                n = min(left + k, budget)
             while True:
                 blocks = self.kv.allocate(req.request_id, req.token_ids, req.num_computed_tokens, n)
                 if blocks is not None:
@@ -190,7 +202,9 @@ class Scheduler:
             left = req.num_tokens - computed
             if left > budget and not self.config.enable_chunked_prefill:
                 break
-            n = min(left, budget)
+            n = prompts.take(left, budget) if left > 1 else 1
+            if not n:
+                break
             blocks = self.kv.allocate(req.request_id, req.token_ids, computed, n, prefix_hit=hit)
             if blocks is None:
                 break

@@ -46,6 +46,7 @@ class WorkerProfile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_blocks: int  # KV capacity of one worker, in blocks of shape.block_size tokens
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    prefill_join_tokens: int | None = None  # the scheduler's TTFT-first rule (common/prefill_share.py); None: off
     enable_prefix_caching: bool = True
     cost: float = 1.0  # per worker and hour, in the operator's unit (default: ranks x 1)
     warmup_excluded: int = 0  # first steps of the measurement left out of the fit (allocation, page faults)

@@ -9,7 +9,8 @@ latency: blocks, not bytes; steps, not ops.
 - A step, as `Scheduler.schedule` builds it: running requests oldest first (a decode row takes 1 token,
   a prefill continues its chunk) under `max_num_batched_tokens`; the newest running request is preempted
   (blocks freed, recomputed from the start later) when the cache cannot hold the step; then waiting
-  requests first come first served while budget and `max_num_seqs` allow, a long prompt chunked.
+  requests first come first served while budget and `max_num_seqs` allow, a long prompt chunked; with
+  the profile's `prefill_join_tokens` set, prompt tokens go oldest prompt first (common/prefill_share.py).
 - Its duration is the profile's `StepModel` of the step's shape.
 
 Requests carry their content as segments `(segment id, tokens)` instead of token ids: a block's hash is
@@ -23,6 +24,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from common.prefill_share import PrefillShare
 from planner.model import StepShape
 from planner.profile import WorkerProfile
 
@@ -274,9 +276,14 @@ class SimWorker:
         rows: list[tuple[SimRequest, int]] = []
         queue = list(self.running)
         kept: list[SimRequest] = []
+        prompts = PrefillShare(self.profile.prefill_join_tokens)
         while queue and budget > 0:
             req = queue.pop(0)
-            n = min(req.tokens_now() - req.computed, budget)
+            left = req.tokens_now() - req.computed
+            n = prompts.take(left, budget) if left > 1 else 1
+            if not n:
+                kept.append(req)  # its prompt continues in a later step
+                continue
             ok = self.cache.allocate(req, req.computed + n)
             while not ok:
                 victim = queue.pop() if queue else req
@@ -297,7 +304,10 @@ class SimWorker:
                 lookable = (req.tokens_now() - 1) // bs  # the last token is always computed
                 hit_blocks = self.cache.cached_prefix(req.hashes_upto(lookable, bs)) if lookable > 0 else 0
             computed = hit_blocks * bs if req.computed == 0 else req.computed
-            n = min(req.tokens_now() - computed, budget)
+            left = req.tokens_now() - computed
+            n = prompts.take(left, budget) if left > 1 else 1
+            if not n:
+                break
             if hit_blocks:
                 self.cache.take_prefix(req, req.hashes[:hit_blocks])
             if not self.cache.allocate(req, computed + n):

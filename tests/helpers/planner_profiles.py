@@ -14,11 +14,21 @@ STEP = StepModel(
 
 
 def profile_of(
-    step: StepModel = STEP, num_blocks: int = 20000, max_num_seqs: int = 64, budget: int = 2048, **kw: Any
+    step: StepModel = STEP,
+    num_blocks: int = 20000,
+    max_num_seqs: int = 64,
+    budget: int = 2048,
+    join_tokens: int | None = None,
+    **kw: Any,
 ) -> Profile:
     """One shape serving every pool; `kw`: Profile fields (transfer, overhead, ...)."""
     w = WorkerProfile(
-        shape=Shape(), step=step, num_blocks=num_blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget
+        shape=Shape(),
+        step=step,
+        num_blocks=num_blocks,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=budget,
+        prefill_join_tokens=join_tokens,
     )
     key = w.shape.key()
     return Profile(model="m", workers=[w], pools={"prefill": key, "decode": key, "aggregated": key}, **kw)

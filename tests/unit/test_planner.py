@@ -132,13 +132,16 @@ def test_block_cache_shares_equal_prefixes_and_evicts_lru_only_when_needed():
 # -- the simulator against queueing theory -------------------------------------------------------------------
 
 
-def single_server(service: StepModel, prompts: list[int], rate: float) -> list[float]:
-    """One aggregated worker serving one request at a time (max_num_seqs 1), one output token each:
-    a FIFO single-server queue whose service time is the prompt's one prefill step."""
+def single_server(
+    service: StepModel, prompts: list[int], rate: float, seats: int = 1, join: int | None = None
+) -> list[float]:
+    """One aggregated worker serving one request at a time (max_num_seqs 1, or prompts served oldest first:
+    `join` 0), one output token each: a FIFO single-server queue whose service time is the prompt's one
+    prefill step."""
     maker = SegmentPromptMaker()
     units = (Unit(i, [Turn(maker.fresh(n), 1)]) for i, n in enumerate(prompts))
     dataset = Dataset("exp", {}, units, size=len(prompts))
-    p = profile_of(service, max_num_seqs=1, budget=1 << 20, num_blocks=1 << 20)
+    p = profile_of(service, max_num_seqs=seats, budget=1 << 20, num_blocks=1 << 20, join_tokens=join)
     result = simulate(p, ClusterSpec(mode="aggregated", prefill=1), dataset, LoadConfig(rate=rate, seed=3))
     return [r.ttft_s or 0.0 for r in result.records]
 
@@ -152,6 +155,19 @@ def test_simulator_matches_m_m_1():
     times = single_server(StepModel(per_prefill_token_s=per_token), prompts, lam)
     mu = 1 / (per_token * statistics.fmean(prompts))
     assert statistics.fmean(times[1000:]) == pytest.approx(1 / (mu - lam), rel=0.08)
+
+
+def test_prompts_served_oldest_first_are_a_fifo_queue_and_a_filled_budget_is_not():
+    """With 64 seats and TTFT first (prefill_join_tokens 0, the served CPU default) the worker is M/M/1
+    again; filling the budget with every waiting prompt makes each wait for its whole batch."""
+    rng = random.Random(7)
+    per_token, lam = 1e-2, 0.7
+    prompts = [max(1, round(rng.expovariate(1 / 100))) for _ in range(20000)]
+    mu = 1 / (per_token * statistics.fmean(prompts))
+    serial = single_server(StepModel(per_prefill_token_s=per_token), prompts, lam, seats=64, join=0)
+    assert statistics.fmean(serial[1000:]) == pytest.approx(1 / (mu - lam), rel=0.08)
+    filled = single_server(StepModel(per_prefill_token_s=per_token), prompts, lam, seats=64)
+    assert statistics.fmean(filled[1000:]) > 1.2 * statistics.fmean(serial[1000:])
 
 
 def test_simulator_matches_m_d_1():

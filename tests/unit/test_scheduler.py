@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from common.errors import ConfigError
 from common.sampling_params import SamplingParams
 from engine.config import SchedulerConfig
 from engine.kv_cache_manager import KVCacheManager
@@ -51,10 +52,12 @@ def fake_step(sched: Scheduler, rng: random.Random, vocab: int = 8) -> tuple[Sch
 
 
 class SchedulerMachine(RuleBasedStateMachine):
+    join_tokens: int | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self.rng = random.Random(0)
-        self.cfg = SchedulerConfig(max_num_batched_tokens=24, max_num_seqs=5)
+        self.cfg = SchedulerConfig(max_num_batched_tokens=24, max_num_seqs=5, prefill_join_tokens=self.join_tokens)
         self.kv = KVCacheManager(num_blocks=14, block_size=BLOCK)
         self.sched = Scheduler(self.cfg, self.kv)
         self.n = 0
@@ -113,10 +116,85 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.kv.leak_check()
 
 
+class TtftFirstSchedulerMachine(SchedulerMachine):
+    """The same invariants with prompts served oldest first (prefill_join_tokens): no starvation either."""
+
+    join_tokens = 6
+
+
 TestSchedulerMachine = SchedulerMachine.TestCase
-TestSchedulerMachine.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+TestTtftFirstSchedulerMachine = TtftFirstSchedulerMachine.TestCase
+for _case in (TestSchedulerMachine, TestTtftFirstSchedulerMachine):
+    _case.settings = settings(
+        max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+
+
+def _first_token_steps(join: int | None, prompts: list[int], budget: int = 64) -> dict[str, int]:
+    """The step at which each prompt (all added at once, named p0, p1, ...) gets its first token."""
+    kv = KVCacheManager(num_blocks=64, block_size=BLOCK)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, prefill_join_tokens=join), kv)
+    reqs = [make_request(f"p{i}", [i + 1] * n, 2) for i, n in enumerate(prompts)]
+    for r in reqs:
+        sched.add(r)
+    rng, first, step = random.Random(5), {}, 0
+    while sched.has_unfinished():
+        step += 1
+        out, _ = fake_step(sched, rng)
+        assert out.num_tokens <= budget
+        for r in reqs:
+            if r.num_output_tokens and r.request_id not in first:
+                first[r.request_id] = step
+    kv.leak_check()
+    return first
+
+
+def test_ttft_first_prefills_the_oldest_prompt_alone() -> None:
+    """Three prompts that fit one step: filled, all three wait for it; TTFT first, one per step, in order,
+    and the step's prompt tokens are the first prompt's alone."""
+    assert _first_token_steps(None, [20, 15, 12]) == {"p0": 1, "p1": 1, "p2": 1}
+    assert _first_token_steps(0, [20, 15, 12]) == {"p0": 1, "p1": 2, "p2": 3}
+    assert _first_token_steps(8, [20, 15, 12]) == {"p0": 1, "p1": 2, "p2": 3}  # none short enough to join
+
+
+def test_ttft_first_joins_short_prompts_whole_and_in_order() -> None:
+    """Later prompts join whole while the step's prompt tokens stay within join_tokens; the first refused
+    closes the step, so a shorter prompt behind it does not overtake it."""
+    kv = KVCacheManager(num_blocks=64, block_size=BLOCK)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, prefill_join_tokens=8), kv)
+    for i, n in enumerate([2, 3, 4, 1, 2]):
+        sched.add(make_request(f"p{i}", [i + 1] * n, 2))
+    out, _ = fake_step(sched, random.Random(6))
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("p0", 2), ("p1", 3)]
+    assert [r.request_id for r in sched.waiting] == ["p2", "p3", "p4"]
+
+
+def test_ttft_first_chunks_a_long_prompt_and_keeps_decoding() -> None:
+    """A prompt longer than the budget is chunked as before; decode rows run in every step beside it, and a
+    chunked prompt continues before a newer one starts."""
+    kv = KVCacheManager(num_blocks=64, block_size=BLOCK)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=10, prefill_join_tokens=0), kv)
+    rng = random.Random(7)
+    sched.add(make_request("d", [9, 9], 6))
+    fake_step(sched, rng)  # d prefilled: decodes from now on
+    sched.add(make_request("long", list(range(20)), 2))
+    sched.add(make_request("next", [5, 6, 7], 2))
+    steps = []
+    while sched.has_unfinished():
+        out, _ = fake_step(sched, rng)
+        steps.append([(s.request.request_id, s.num_new_tokens) for s in out.scheduled])
+    assert steps[:4] == [
+        [("d", 1), ("long", 9)],
+        [("d", 1), ("long", 9)],
+        [("d", 1), ("long", 2)],  # the rest of the long prompt; "next" does not join it
+        [("d", 1), ("long", 1), ("next", 3)],
+    ]
+    kv.leak_check()
+
+
+def test_prefill_join_tokens_must_not_be_negative() -> None:
+    with pytest.raises(ConfigError, match="prefill_join_tokens must be >= 0"):
+        SchedulerConfig(prefill_join_tokens=-1)
 
 
 def test_preemption_then_recompute_frees_and_finishes() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.errors import ConfigError
-from deploy.config import PoolConfig, ServeConfig
+from deploy.config import CPU_PREFILL_JOIN_TOKENS, PoolConfig, ServeConfig
 from deploy.topology import (
     MATRIX_BEGIN,
     MATRIX_END,
@@ -93,3 +93,18 @@ def test_support_matrix_doc_is_generated_from_the_validation_code():
     text = (REPO / "docs" / "SUPPORT_MATRIX.md").read_text()
     start, end = text.index(MATRIX_BEGIN), text.index(MATRIX_END) + len(MATRIX_END)
     assert text[start:end] == support_matrix(), "run: python -m deploy.topology --write docs/SUPPORT_MATRIX.md"
+
+
+@pytest.mark.parametrize(
+    ("device", "field", "expected"),
+    [("cpu", None, CPU_PREFILL_JOIN_TOKENS), ("cuda", None, None), ("cpu", 0, 0), ("cuda", 256, 256)],
+)
+def test_a_pools_prefill_join_tokens_reach_its_engine(device, field, expected):
+    """TTFT first by default on a CPU pool, the filled budget on a GPU one; an explicit value wins."""
+    pool = msgspec.structs.replace(PoolConfig(), device=device, prefill_join_tokens=field)
+    assert pool_engine_config("", pool).scheduler.prefill_join_tokens == expected
+
+
+def test_a_negative_prefill_join_tokens_is_refused_with_what_to_write():
+    with pytest.raises(ConfigError, match=r"prefill\.prefill_join_tokens must be >= 0"):
+        pools({"prefill_join_tokens": -1}, {}).validate()
