@@ -1,4 +1,5 @@
-"""TTFT first: how a step's token budget is shared between the prompts waiting to be prefilled.
+"""TTFT first: how a step's token budget is shared between the prompts waiting to be prefilled, and which
+waiting prompt goes first under a TTFT target.
 
 The engine's scheduler (engine/scheduler.py) and the simulator's (planner/sim_worker.py) both use it, so the
 simulated worker orders prefills as the real one does.
@@ -12,9 +13,16 @@ closes the step to the prompts behind it (first come, first served). Every promp
 token no later than in the filled step, less the few batched tokens' saving: what a step costs beyond its
 tokens (one pass over the weights) is shared only by prompts short enough that it dominates them.
 `join_tokens` None keeps the filled budget (throughput first).
+
+`meetable_first` is the order of the waiting prompts under a TTFT target (SLO triage).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class PrefillShare:
@@ -43,3 +51,24 @@ class PrefillShare:
             return left
         self._closed = True
         return 0
+
+
+OVERDUE_TARGETS = 4.0  # SLO triage: a request waiting this many TTFT targets goes first again, lost or not
+
+
+def hopeless(waited_s: float, compute_s: float, ttft_target_s: float) -> bool:
+    """SLO triage: a request without its first token that, started now, would miss its TTFT target (having
+    waited `waited_s`, with `compute_s` of prefill left), unless it has waited OVERDUE_TARGETS targets: then
+    it is served in its turn again, so that overload delays a lost request, never starves it."""
+    return ttft_target_s > 0 and ttft_target_s < waited_s + compute_s and waited_s <= OVERDUE_TARGETS * ttft_target_s
+
+
+def meetable_first(waiting: Sequence[T], lost: Callable[[T], bool]) -> int:
+    """SLO triage: the index of the first waiting request that is not `lost` (see `hopeless`), 0 when all are.
+    Under overload first come, first served makes every request wait for the backlog and miss; serving those
+    that can still make it first keeps them within the target, and the lost ones run when nothing that can
+    make it waits, or when overdue. A request that has its first token is never lost: its TTFT is settled."""
+    for i, req in enumerate(waiting):
+        if not lost(req):
+            return i
+    return 0

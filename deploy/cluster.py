@@ -355,7 +355,7 @@ def create_worker(cfg: ServeConfig, wid: str, role: str, pool: PoolConfig) -> tu
     settings = WorkerSettings(
         worker_id=wid,
         role=role,
-        engine=pool_engine_config(cfg.model, pool, cfg.seed, cfg.speculative),
+        engine=pool_engine_config(cfg.model, pool, cfg.seed, cfg.speculative, cfg.router.slo_ttft_ms),
         transport="nixl" if role != Role.AGGREGATED else "none",
         nixl_backend=t.nixl_backend,
         nixl_progress_thread=t.progress_thread,

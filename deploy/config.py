@@ -92,6 +92,9 @@ class PoolConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # None: CPU_PREFILL_JOIN_TOKENS on a CPU, where a step's time grows with its tokens; the filled budget on
     # a GPU, which a few prompt tokens do not saturate
     prefill_join_tokens: int | None = None
+    # SLO triage (common/prefill_share.py): with router.slo_ttft_ms set, a waiting prompt that would miss it
+    # yields its turn to one that can still meet it (false: first come, first served)
+    slo_triage: bool = True
     enable_prefix_caching: bool = True
     num_cpus: float = 1.0  # Ray resources of each rank (a worker reserves tp * pp of them)
     num_gpus: float | None = None  # per rank; None: 1 when device is cuda, else 0

@@ -33,9 +33,12 @@ from engine.model.parallel import RankPosition, check_shape
 from engine.shard import rank_kv_spec
 
 
-def pool_engine_config(model: str, pool: PoolConfig, seed: int = 0, speculative=None) -> EngineConfig:
+def pool_engine_config(
+    model: str, pool: PoolConfig, seed: int = 0, speculative=None, slo_ttft_ms: float = 0.0
+) -> EngineConfig:
     """The engine config of one worker of `pool` (the one place pool fields map to engine fields);
-    `speculative`: the config's SpeculativeSection (None: off)."""
+    `speculative`: the config's SpeculativeSection (None: off); `slo_ttft_ms`: the router's TTFT target, which
+    the scheduler's SLO triage keeps unless the pool turns it off (`slo_triage`)."""
     from engine.config import SchedulerConfig, SpeculativeConfig
 
     return EngineConfig(
@@ -54,6 +57,7 @@ def pool_engine_config(model: str, pool: PoolConfig, seed: int = 0, speculative=
             max_num_batched_tokens=pool.max_num_batched_tokens,
             max_num_seqs=pool.max_num_seqs,
             prefill_join_tokens=pool.join_tokens,
+            ttft_target_s=slo_ttft_ms / 1000 if pool.slo_triage else 0.0,
         ),
         parallel=ParallelConfig(tensor_parallel_size=pool.tp, pipeline_parallel_size=pool.pp),
     )

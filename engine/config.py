@@ -99,12 +99,17 @@ class SchedulerConfig:
     # later prompt joins that step only whole and while the step's prompt tokens stay within this many.
     # None: prompts fill the budget (throughput first: the offline LLM's default)
     prefill_join_tokens: int | None = None
+    # SLO triage (common/prefill_share.py): with a TTFT target, a waiting prompt predicted to miss it yields its
+    # turn to a later one that can still meet it (0: first come, first served)
+    ttft_target_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
             raise ConfigError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if not self.ttft_target_s >= 0:
+            raise ConfigError(f"ttft_target_s must be >= 0 (0: first come, first served), got {self.ttft_target_s}")
         if self.prefill_join_tokens is not None and self.prefill_join_tokens < 0:
             raise ConfigError(
                 f"prefill_join_tokens must be >= 0 (0: one prompt per step) or None (fill the budget), "

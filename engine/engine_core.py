@@ -37,7 +37,7 @@ from engine.model_runner import ModelRunner
 from engine.outputs import StepOutput
 from engine.request import FinishReason, Request, RequestStatus
 from engine.sampler import Sampler, SamplingState
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.shard import ModelShard
 from engine.spec_decode import describe, make_proposer, verify_step
 from engine.stop_checker import find_stop
@@ -360,10 +360,16 @@ class EngineCore:
     # ---- one step ------------------------------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
+        t0 = self.clock()
         out = self.scheduler.schedule()
         if not out.scheduled:
             self.last_step_shape, self.last_step_features = (0, 0), (0, 0.0, 0, 0)
             return []
+        outputs = self._run_step(out)
+        self.scheduler.observe_prefill(self.last_step_features[0], self.clock() - t0)
+        return outputs
+
+    def _run_step(self, out: SchedulerOutput) -> list[StepOutput]:
         spec = [s for s in out.scheduled if s.spec_slots]
         if spec and self.proposer is not None:  # slots are only handed out when speculation is configured
             self.proposer.propose(spec)

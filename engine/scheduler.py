@@ -16,7 +16,10 @@ Order of a step:
    next step. A waiting request that does not fit stops admission (FCFS).
 With `prefill_join_tokens` set (served workers), prompt tokens in both stages
 go to the oldest prompt first and later prompts join only whole and short
-(common/prefill_share.py: TTFT first); decode rows are not affected.
+(common/prefill_share.py: TTFT first); decode rows are not affected. With
+`ttft_target_s` set, a waiting prompt that would miss it (by this worker's
+measured prefill speed) yields its turn to one that can still meet it (SLO
+triage, ibid.).
 
 The scheduler never touches tensors; the runner executes its output.
 """
@@ -28,10 +31,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from common.prefill_share import PrefillShare
+from common.prefill_share import PrefillShare, hopeless, meetable_first
 from engine.config import SchedulerConfig
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import FinishReason, Request, RequestStatus
+
+PREFILL_SPEED_MIN_TOKENS = 64  # SLO triage: prefill steps with fewer prompt tokens do not set its speed
 
 
 @dataclass
@@ -97,6 +102,9 @@ class Scheduler:
         self.spec_disable_batch_size = 0  # ... unless more requests than this are decoding (0: never off)
         self.prefix_query_tokens = 0  # prompt tokens looked up in the prefix cache (first schedule), since start
         self.prefix_hit_tokens = 0  # ... of which found there
+        # SLO triage: seconds per prompt token of this worker's recent prefill steps (EngineCore measures them;
+        # 0 until then: only a request already past its target counts as lost)
+        self.prefill_token_s = 0.0
 
     def count_prefix_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
         self.prefix_query_tokens += prompt_tokens
@@ -193,7 +201,15 @@ class Scheduler:
         # running requests left unscheduled (budget ran out) stay running
         self.running = kept + [r for r in queue]
 
+        target = self.config.ttft_target_s
+        now = self.clock() if target else 0.0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            if target:  # SLO triage: a prompt that can still meet the target goes before those that cannot
+                i = meetable_first(self.waiting, lambda r: self._lost(r, now, target))
+                if i:
+                    chosen = self.waiting[i]
+                    del self.waiting[i]
+                    self.waiting.appendleft(chosen)
             req = self.waiting[0]
             hit = None
             if req.num_computed_tokens == 0:
@@ -219,6 +235,20 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, n, blocks))
             budget -= n
         return out
+
+    def observe_prefill(self, prompt_tokens: int, seconds: float) -> None:
+        """A step that computed `prompt_tokens` prompt tokens took `seconds` (EngineCore, after each step): the
+        triage's speed, an average over recent steps of at least PREFILL_SPEED_MIN_TOKENS prompt tokens."""
+        if prompt_tokens >= PREFILL_SPEED_MIN_TOKENS and seconds > 0:
+            rate = seconds / prompt_tokens
+            self.prefill_token_s = rate if not self.prefill_token_s else 0.7 * self.prefill_token_s + 0.3 * rate
+
+    def _lost(self, req: Request, now: float, target: float) -> bool:
+        if req.num_output_tokens:
+            return False
+        return hopeless(
+            now - req.arrival_time, (req.num_tokens - req.num_computed_tokens) * self.prefill_token_s, target
+        )
 
     def _spec_tokens_this_step(self) -> int:
         """Proposal slots per decoding request this step: 0 when speculation is off or the decode batch is large."""

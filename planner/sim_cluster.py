@@ -38,6 +38,7 @@ class ClusterSpec:
     # and a threshold > 0 keeps it too)
     slo_ttft_s: float = 0.0
     slo_tpot_s: float = 0.0
+    slo_triage: bool = True  # the workers order their prompts by slo_ttft_s (PoolConfig.slo_triage)
 
     @property
     def slo_placement(self) -> bool:
@@ -98,6 +99,9 @@ class Cluster:
             self.decode_pool = [
                 SimWorker(i, "decode", dp, over.per_token_s, self.decode_index) for i in range(spec.decode)
             ]
+        if spec.slo_triage:
+            for w in [*self.prefill_pool, *self.decode_pool]:
+                w.ttft_target_s = spec.slo_ttft_s
         self._rr = {"prefill": 0, "decode": 0}
         self.admitting: dict[int, deque[SimRequest]] = {w.wid: deque() for w in self.decode_pool}
         self.router_cpu = over.router_cpu_per_token_s if over.host_cores > 0 else 0.0

@@ -10,7 +10,8 @@ latency: blocks, not bytes; steps, not ops.
   a prefill continues its chunk) under `max_num_batched_tokens`; the newest running request is preempted
   (blocks freed, recomputed from the start later) when the cache cannot hold the step; then waiting
   requests first come first served while budget and `max_num_seqs` allow, a long prompt chunked; with
-  the profile's `prefill_join_tokens` set, prompt tokens go oldest prompt first (common/prefill_share.py).
+  the profile's `prefill_join_tokens` set, prompt tokens go oldest prompt first (common/prefill_share.py);
+  with a TTFT target (SLO triage) a waiting prompt that would miss it yields to one that can meet it.
 - Its duration is the profile's `StepModel` of the step's shape.
 
 Requests carry their content as segments `(segment id, tokens)` instead of token ids: a block's hash is
@@ -24,7 +25,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from common.prefill_share import PrefillShare
+from common.prefill_share import PrefillShare, hopeless, meetable_first
 from planner.model import StepShape
 from planner.profile import WorkerProfile
 
@@ -240,6 +241,7 @@ class SimWorker:
         self.steps = 0
         self.contention = 0.0  # step slowdown per busy neighbour (ServedOverhead.contention of its role)
         self.neighbours: list[SimWorker] = []  # the other workers of its host
+        self.ttft_target_s = 0.0  # SLO triage (ClusterSpec.slo_triage): the TTFT target it orders prompts by
         self.router_host = False  # it shares its host with the router (planner/simulator.py, _cpu_stretch)
         self.preemptions = 0
         self.step_started = 0.0  # when the step in flight began
@@ -269,8 +271,14 @@ class SimWorker:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> StepPlan | None:
-        """The next step as `Scheduler.schedule` builds it; None when there is nothing to run."""
+    def _lost(self, req: SimRequest, now: float) -> bool:
+        if req.emitted:
+            return False
+        left = req.tokens_now() - req.computed
+        return hopeless(now - req.arrival_s, self.profile.step.prefill_s(left), self.ttft_target_s)
+
+    def schedule(self, now: float = 0.0) -> StepPlan | None:
+        """The next step as `Scheduler.schedule` builds it at `now`; None when there is nothing to run."""
         bs = self.cache.block_size
         budget = self.profile.max_num_batched_tokens
         rows: list[tuple[SimRequest, int]] = []
@@ -298,6 +306,12 @@ class SimWorker:
             budget -= n
         self.running = kept + queue
         while self.waiting and budget > 0 and len(self.running) < self.profile.max_num_seqs:
+            if self.ttft_target_s:  # SLO triage, as the engine's scheduler
+                i = meetable_first(self.waiting, lambda r: self._lost(r, now))
+                if i:
+                    chosen = self.waiting[i]
+                    del self.waiting[i]
+                    self.waiting.appendleft(chosen)
             req = self.waiting[0]
             hit_blocks = 0
             if req.computed == 0:

@@ -110,7 +110,7 @@ class Simulation:
             if self.now < w.paused_until:
                 return  # lending its core: a kick comes when the pause ends
             w.paused_until = None
-        plan = w.schedule()
+        plan = w.schedule(self.now)
         if plan is None:
             return  # blocked on KV: a release kicks it again
         seconds = plan.seconds

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from common.errors import ConfigError
+from common.prefill_share import OVERDUE_TARGETS, hopeless
 from common.sampling_params import SamplingParams
 from engine.config import SchedulerConfig
 from engine.kv_cache_manager import KVCacheManager
@@ -271,3 +272,92 @@ def test_abort_at_any_point_frees_blocks(when: str) -> None:
     assert req.status is RequestStatus.FINISHED_ABORTED and req.finish_reason is FinishReason.ABORT
     assert not sched.has_unfinished()
     kv.leak_check()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _triage_scheduler(target_s: float, token_s: float) -> tuple[Scheduler, _Clock]:
+    clock = _Clock()
+    kv = KVCacheManager(num_blocks=64, block_size=BLOCK)
+    cfg = SchedulerConfig(max_num_batched_tokens=64, prefill_join_tokens=0, ttft_target_s=target_s)
+    sched = Scheduler(cfg, kv, clock)
+    sched.prefill_token_s = token_s
+    return sched, clock
+
+
+def _arrive(sched: Scheduler, clock: _Clock, rid: str, tokens: int) -> Request:
+    req = make_request(rid, [len(rid)] * tokens, 2)
+    req.arrival_time = clock.t
+    sched.add(req)
+    return req
+
+
+def test_slo_triage_serves_a_prompt_that_can_still_make_its_target_before_a_lost_one() -> None:
+    """Target 10 s, 0.1 s per prompt token. At t=5 the prompt that came at t=0 would end at 5 + 10 s > 10 s
+    after its arrival (lost); the one that just came (2 s of prefill) can make it, and goes first. Once lost
+    prompts have waited OVERDUE_TARGETS targets they are served in their turn again."""
+    sched, clock = _triage_scheduler(10.0, 0.1)
+    _arrive(sched, clock, "old", 100)
+    clock.t = 5.0
+    _arrive(sched, clock, "new", 20)
+    out = sched.schedule()
+    assert [s.request.request_id for s in out.scheduled] == ["new"]
+    assert [r.request_id for r in sched.waiting] == ["old"]
+
+    sched, clock = _triage_scheduler(10.0, 0.1)
+    _arrive(sched, clock, "old", 100)
+    clock.t = 4 * 10.0 + 1  # overdue: first come, first served again
+    _arrive(sched, clock, "new", 20)
+    assert [s.request.request_id for s in sched.schedule().scheduled] == ["old"]
+
+
+def test_slo_triage_keeps_first_come_first_served_while_all_can_or_none_can_make_it() -> None:
+    sched, clock = _triage_scheduler(10.0, 0.01)  # fast: both can make it
+    _arrive(sched, clock, "a", 100)
+    clock.t = 5.0
+    _arrive(sched, clock, "b", 20)
+    assert [s.request.request_id for s in sched.schedule().scheduled] == ["a"]
+
+    sched, clock = _triage_scheduler(10.0, 1.0)  # slow: neither can
+    _arrive(sched, clock, "a", 100)
+    clock.t = 5.0
+    _arrive(sched, clock, "b", 20)
+    assert [s.request.request_id for s in sched.schedule().scheduled] == ["a"]
+
+    sched, clock = _triage_scheduler(0.0, 0.1)  # no target: no triage
+    _arrive(sched, clock, "a", 100)
+    clock.t = 50.0
+    _arrive(sched, clock, "b", 20)
+    assert [s.request.request_id for s in sched.schedule().scheduled] == ["a"]
+
+
+def test_slo_triage_speed_is_measured_from_long_prefill_steps_only() -> None:
+    sched, _ = _triage_scheduler(10.0, 0.0)
+    sched.observe_prefill(8, 5.0)  # too few prompt tokens: a decode-dominated step says nothing
+    assert sched.prefill_token_s == 0.0
+    sched.observe_prefill(100, 1.0)
+    assert sched.prefill_token_s == pytest.approx(0.01)
+    sched.observe_prefill(100, 2.0)
+    assert sched.prefill_token_s == pytest.approx(0.7 * 0.01 + 0.3 * 0.02)
+
+
+@pytest.mark.parametrize(
+    ("waited", "compute", "target", "lost"),
+    [
+        (0.0, 3.0, 4.0, False),  # can make it
+        (1.0, 3.0, 4.0, False),  # exactly on time
+        (1.5, 3.0, 4.0, True),  # would end 0.5 s late
+        (16.0, 3.0, 4.0, True),  # waited OVERDUE_TARGETS targets: still lost, not yet overdue
+        (16.1, 3.0, 4.0, False),  # overdue: served in its turn again
+        (30.0, 3.0, 0.0, False),  # no target: nothing is lost
+    ],
+)
+def test_hopeless_golden_cases(waited: float, compute: float, target: float, lost: bool) -> None:
+    assert OVERDUE_TARGETS == 4.0
+    assert hopeless(waited, compute, target) is lost

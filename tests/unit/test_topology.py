@@ -108,3 +108,10 @@ def test_a_pools_prefill_join_tokens_reach_its_engine(device, field, expected):
 def test_a_negative_prefill_join_tokens_is_refused_with_what_to_write():
     with pytest.raises(ConfigError, match=r"prefill\.prefill_join_tokens must be >= 0"):
         pools({"prefill_join_tokens": -1}, {}).validate()
+
+
+def test_the_routers_ttft_target_reaches_the_schedulers_triage_unless_the_pool_turns_it_off():
+    assert pool_engine_config("", PoolConfig(), slo_ttft_ms=4000).scheduler.ttft_target_s == 4.0
+    off = msgspec.structs.replace(PoolConfig(), slo_triage=False)
+    assert pool_engine_config("", off, slo_ttft_ms=4000).scheduler.ttft_target_s == 0.0
+    assert pool_engine_config("", PoolConfig()).scheduler.ttft_target_s == 0.0
