@@ -19,7 +19,8 @@ def test_engine_timestamps_come_from_the_injected_clock(tmp_path):
     )  # fmt: skip
     core.add_request([5, 6, 7, 8, 9], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), "r")
     first = core.step()[0]
-    assert (first.arrival_time, first.first_scheduled_time, first.first_token_time) == (100.0, 101.0, 102.0)
+    # 101: the step's start (its duration is the SLO triage's prefill speed), then first schedule, first token
+    assert (first.arrival_time, first.first_scheduled_time, first.first_token_time) == (100.0, 102.0, 103.0)
     while core.has_unfinished_requests():
         core.step()
     core.leak_check()
