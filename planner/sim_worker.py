@@ -288,10 +288,13 @@ class SimWorker:
         while queue and budget > 0:
             req = queue.pop(0)
             left = req.tokens_now() - req.computed
-            n = prompts.take(left, budget) if left > 1 else 1
-            if not n:
-                kept.append(req)  # its prompt continues in a later step
-                continue
+            if left > 1:
+                n = prompts.take(left, budget)
+                if not n:
+                    kept.append(req)  # its prompt continues in a later step
+                    continue
+            else:  # a decode row, or 0: its prompt just ended in the step that is ending (a re-entrant kick)
+                n = min(left, budget)
             ok = self.cache.allocate(req, req.computed + n)
             while not ok:
                 victim = queue.pop() if queue else req

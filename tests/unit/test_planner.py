@@ -193,6 +193,20 @@ def test_slo_triage_keeps_more_requests_within_the_ttft_target_under_overload():
     assert max(triage) <= (OVERDUE_TARGETS + 2) * 3.0
 
 
+@pytest.mark.parametrize("join", [None, 32])
+def test_a_prompt_ending_beside_a_one_token_reply_is_handed_off_once(join):
+    """A one-token reply ends its lease inside the step's end and kicks P again before the other prompt that
+    ended in the same step is handed off; that prompt must not be scheduled again as a 1-token row (it once
+    was, with TTFT first: a second token 1, a second hand-off and the request finished twice)."""
+    maker = SegmentPromptMaker()
+    # the first prompt keeps P busy while the other two arrive; a filled budget then prefills both in one step
+    turns = [Turn(maker.fresh(1000), 2), Turn(maker.fresh(64), 1), Turn(maker.fresh(40), 3)]
+    units = iter([Unit(i, [t]) for i, t in enumerate(turns)])
+    p = profile_of(TRUE, join_tokens=join)
+    records = simulate(p, ClusterSpec(), Dataset("three", {}, units, size=3), LoadConfig(rate=math.inf)).records
+    assert [(r.status, r.output_tokens) for r in records] == [("OK", 2), ("OK", 1), ("OK", 3)]
+
+
 def test_simulator_matches_m_d_1():
     service = StepModel(base_s=0.5)
     rho = 0.6
