@@ -14,12 +14,13 @@ token no later than in the filled step, less the few batched tokens' saving: wha
 tokens (one pass over the weights) is shared only by prompts short enough that it dominates them.
 `join_tokens` None keeps the filled budget (throughput first).
 
-`meetable_first` is the order of the waiting prompts under a TTFT target (SLO triage).
+`meetable_first` orders the waiting prompts under a TTFT target (SLO triage).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -63,12 +64,15 @@ def hopeless(waited_s: float, compute_s: float, ttft_target_s: float) -> bool:
     return ttft_target_s > 0 and ttft_target_s < waited_s + compute_s and waited_s <= OVERDUE_TARGETS * ttft_target_s
 
 
-def meetable_first(waiting: Sequence[T], lost: Callable[[T], bool]) -> int:
-    """SLO triage: the index of the first waiting request that is not `lost` (see `hopeless`), 0 when all are.
-    Under overload first come, first served makes every request wait for the backlog and miss; serving those
-    that can still make it first keeps them within the target, and the lost ones run when nothing that can
-    make it waits, or when overdue. A request that has its first token is never lost: its TTFT is settled."""
+def meetable_first(waiting: deque[T], lost: Callable[[T], bool]) -> None:
+    """SLO triage: move the first waiting request that is not `lost` (see `hopeless`) to the front; the order
+    stays when the first is not lost or all are. Under overload first come, first served makes every request
+    wait for the backlog and miss; serving those that can still make it first keeps them within the target,
+    and the lost ones run when nothing that can make it waits, or when overdue. A request that has its first
+    token is never lost: its TTFT is settled."""
     for i, req in enumerate(waiting):
         if not lost(req):
-            return i
-    return 0
+            if i:
+                del waiting[i]
+                waiting.appendleft(req)
+            return

@@ -67,10 +67,8 @@ def parse_size(value: int | str) -> int:
     return n
 
 
-# a CPU step costs about 34 ms beyond its prompt tokens (one pass over the weights) and 3.4 ms per prompt token
-# (the step line `tandem profile` fitted for the default cluster, SmolLM2 float32, one thread per worker):
-# batching saves one such pass per joined prompt and delays the prompts ahead by the joined tokens, a gain
-# only for prompts of a few dozen tokens
+# a CPU step costs ~34 ms beyond its prompt tokens and 3.4 ms per prompt token (`tandem profile`, default
+# cluster, float32): joining saves one step's 34 ms and delays the prompts ahead, a gain for short prompts only
 CPU_PREFILL_JOIN_TOKENS = 32
 DEFAULT_LEND_TPOT_MS = 200.0  # a disaggregated decode worker lends its core while requests keep this TPOT
 

@@ -37,7 +37,7 @@ from engine.model_runner import ModelRunner
 from engine.outputs import StepOutput
 from engine.request import FinishReason, Request, RequestStatus
 from engine.sampler import Sampler, SamplingState
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduler import Scheduler
 from engine.shard import ModelShard
 from engine.spec_decode import describe, make_proposer, verify_step
 from engine.stop_checker import find_stop
@@ -365,11 +365,6 @@ class EngineCore:
         if not out.scheduled:
             self.last_step_shape, self.last_step_features = (0, 0), (0, 0.0, 0, 0)
             return []
-        outputs = self._run_step(out)
-        self.scheduler.observe_prefill(self.last_step_features[0], self.clock() - t0)
-        return outputs
-
-    def _run_step(self, out: SchedulerOutput) -> list[StepOutput]:
         spec = [s for s in out.scheduled if s.spec_slots]
         if spec and self.proposer is not None:  # slots are only handed out when speculation is configured
             self.proposer.propose(spec)
@@ -399,6 +394,7 @@ class EngineCore:
             req.spec_token_ids, req.spec_draft_probs = [], None
             if not req.status.finished:  # blocks only rejected proposals reached go back to the pool
                 self.kv_manager.trim(req.request_id, req.num_tokens)
+        self.scheduler.observe_prefill(self.last_step_features[0], self.clock() - t0)  # the SLO triage's speed
         return outputs
 
     def _sample_and_verify(self, batch, logits: torch.Tensor) -> list[StepOutput]:

@@ -205,11 +205,7 @@ class Scheduler:
         now = self.clock() if target else 0.0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             if target:  # SLO triage: a prompt that can still meet the target goes before those that cannot
-                i = meetable_first(self.waiting, lambda r: self._lost(r, now, target))
-                if i:
-                    chosen = self.waiting[i]
-                    del self.waiting[i]
-                    self.waiting.appendleft(chosen)
+                meetable_first(self.waiting, lambda r: self._lost(r, now, target))
             req = self.waiting[0]
             hit = None
             if req.num_computed_tokens == 0:

@@ -310,11 +310,7 @@ class SimWorker:
         self.running = kept + queue
         while self.waiting and budget > 0 and len(self.running) < self.profile.max_num_seqs:
             if self.ttft_target_s:  # SLO triage, as the engine's scheduler
-                i = meetable_first(self.waiting, lambda r: self._lost(r, now))
-                if i:
-                    chosen = self.waiting[i]
-                    del self.waiting[i]
-                    self.waiting.appendleft(chosen)
+                meetable_first(self.waiting, lambda r: self._lost(r, now))
             req = self.waiting[0]
             hit_blocks = 0
             if req.computed == 0:
